@@ -1,0 +1,10 @@
+"""SMLM: Segmented Multi-LoRA Multiplication (Triton kernels + torch references).
+
+Model code imports only the op layer: ``lora_linear``, ``SMLMMeta``, ``ModuleLoRA``.
+"""
+
+from .meta import SMLMMeta
+from .ops import backend_for, force_backend, lora_linear
+from .weights import ModuleLoRA
+
+__all__ = ["ModuleLoRA", "SMLMMeta", "backend_for", "force_backend", "lora_linear"]

@@ -1,0 +1,123 @@
+"""The op layer: what model code calls. Base GEMM + SMLM over one packed batch.
+
+The hidden state travels as two tensors: the training rows (``x_train``, requires grad) and
+every other row (``x_rest``, no grad). One base GEMM and one SMLM launch per target module
+serve both; autograd sees only the training rows, so backward never touches inference rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .meta import SMLMMeta
+from .weights import ModuleLoRA
+
+LoRAPart = tuple[ModuleLoRA, int]  # (module storage, column offset in a fused output)
+
+
+class _Backend:
+    def __init__(self, shrink: Callable[..., torch.Tensor], expand: Callable[..., None],
+                 backward: Callable[..., torch.Tensor], name: str) -> None:
+        self.shrink, self.expand, self.backward, self.name = shrink, expand, backward, name
+
+
+_REFERENCE = _Backend(reference.shrink_ref, reference.expand_ref, reference.backward_ref, "reference")
+_forced: str | None = None
+
+
+def _triton_backend() -> _Backend | None:
+    try:
+        from . import smlm
+    except ImportError:
+        return None
+    return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton")
+
+
+def backend_for(device: torch.device) -> _Backend:
+    """Triton on CUDA, and on CPU under TRITON_INTERPRET=1; the torch reference otherwise."""
+    choice = _forced
+    if choice is None:
+        use_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        choice = "triton" if use_triton else "reference"
+    if choice == "triton":
+        triton_backend = _triton_backend()
+        if triton_backend is not None:
+            return triton_backend
+    return _REFERENCE
+
+
+def force_backend(name: str | None) -> None:
+    """Pin the SMLM backend ("triton" | "reference"), or None for the automatic choice."""
+    global _forced
+    if name not in (None, "triton", "reference"):
+        raise ValueError(f"unknown SMLM backend {name!r}")
+    _forced = name
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             loras: Sequence[LoRAPart], meta: SMLMMeta | None,
+             backend: _Backend) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    y = F.linear(x, weight, bias)  # [T, out_total]
+    vs: list[torch.Tensor] = []
+    if meta is not None and meta.num_segments:
+        for lora, offset in loras:
+            v = backend.shrink(x, lora, meta)  # [T, max_rank] fp32
+            backend.expand(y, v, lora, meta, offset)
+            vs.append(v)
+    return y, vs
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, loras: Sequence[LoRAPart], meta: SMLMMeta | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_train = x_train.shape[0]
+        backend = backend_for(x_train.device)
+        y, vs = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend)
+        # Only the training slice is kept for backward.
+        ctx.save_for_backward(x_train, weight, *[v[:n_train] for v in vs])
+        ctx.loras, ctx.meta, ctx.backend = loras, meta, backend
+        ctx.mark_non_differentiable(y[n_train:])
+        return y[:n_train], y[n_train:]
+
+    @staticmethod
+    def backward(ctx: Any, g_train: torch.Tensor, _g_rest: torch.Tensor) -> tuple[Any, ...]:
+        x_train, weight, *vs = ctx.saved_tensors
+        dx = g_train @ weight  # [n_train, in]
+        if vs:
+            lora_dx = torch.zeros(dx.shape, dtype=torch.float32, device=dx.device)
+            for (lora, offset), v in zip(ctx.loras, vs, strict=True):
+                lora_dx += ctx.backend.backward(g_train, x_train, v, lora, ctx.meta, offset)
+            dx = (dx.float() + lora_dx).to(dx.dtype)
+        return dx, None, None, None, None, None
+
+
+def lora_linear(x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, loras: Sequence[LoRAPart] = (),
+                meta: SMLMMeta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics:
+        x = cat([x_train, x_rest])                       # [T, in], rows [train | rest]
+        y = x @ weight.T + bias                          # [T, out_total], one GEMM
+        for lora, off in loras: y[:, off:off+lora.out] += SMLM(x, lora, meta)
+        return y[:n_train], y[n_train:]
+    Gradients flow to ``x_train`` only; LoRA gradients of training slots are accumulated into
+    ``lora.grad_a`` / ``lora.grad_b`` (side effect of backward). The base weight is frozen.
+    """
+    if meta is not None and meta.num_tokens != x_train.shape[0] + x_rest.shape[0]:
+        raise ValueError(f"meta covers {meta.num_tokens} rows, batch has {x_train.shape[0] + x_rest.shape[0]}")
+    if meta is not None and meta.num_train_tokens != x_train.shape[0]:
+        raise ValueError(f"meta has {meta.num_train_tokens} training rows, x_train has {x_train.shape[0]}")
+    if x_train.requires_grad and torch.is_grad_enabled():
+        y_train, y_rest = _LoRALinear.apply(x_train, x_rest, weight, bias, tuple(loras), meta)
+        return y_train, y_rest
+    with torch.no_grad():
+        n_train = x_train.shape[0]
+        y, _ = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend_for(x_train.device))
+        return y[:n_train], y[n_train:]

@@ -1,0 +1,113 @@
+"""Process settings, read from the environment (``LOQUETIER_<GROUP>__<FIELD>``).
+
+These are *process* settings: where the broker and database are, what a worker is
+called, how often it heartbeats. Engine limits that the compute core validates live in
+frozen dataclasses in ``loquetier.engine``; the worker converts ``EngineSettings`` into
+them at the boundary (STYLE.md habit 3).
+
+Example::
+
+    LOQUETIER_KAFKA__BOOTSTRAP=localhost:9092
+    LOQUETIER_DATABASE__URL=postgresql+asyncpg://postgres@localhost:5432/loquetier
+    LOQUETIER_ENGINE__MAX_NUM_SEQS=64
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loquetier"
+
+
+class KafkaSettings(BaseModel):
+    """Broker address and topic names. ``bootstrap=None`` means: start an embedded broker."""
+
+    bootstrap: str | None = None
+    requests_topic: str = "loquetier.requests"
+    training_topic: str = "loquetier.training"
+    control_topic: str = "loquetier.control"
+    results_topic: str = "loquetier.results"
+    dlq_topic: str = "loquetier.dlq"
+    num_partitions: PositiveInt = 4
+    replication_factor: PositiveInt = 1
+    group_id: str = "loquetier-workers"
+    client_id: str = "loquetier"
+    max_record_bytes: PositiveInt = 4 * 1024 * 1024
+
+    def topics(self) -> list[str]:
+        return [
+            self.requests_topic,
+            self.training_topic,
+            self.control_topic,
+            self.results_topic,
+            self.dlq_topic,
+        ]
+
+
+class DatabaseSettings(BaseModel):
+    """PostgreSQL URL (``postgresql+asyncpg://...``). ``url=None`` means: start an embedded one."""
+
+    url: str | None = None
+    pool_size: PositiveInt = 5
+    max_overflow: int = Field(default=5, ge=0)
+    pool_timeout_s: PositiveFloat = 30.0
+    echo: bool = False
+
+
+class EngineSettings(BaseModel):
+    """Knobs the worker turns into the engine's frozen config dataclasses."""
+
+    model_dir: Path | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_num_seqs: PositiveInt = 64
+    max_num_batched_tokens: PositiveInt = 4096
+    num_kv_blocks: int | None = Field(default=None, gt=0)
+    block_size: PositiveInt = 16
+    max_adapter_slots: PositiveInt = 8
+    max_lora_rank: PositiveInt = 64
+    max_prompt_tokens: PositiveInt = 32768
+    default_ttft_ms: PositiveFloat | None = None
+    default_tpot_ms: PositiveFloat | None = None
+
+
+class WorkerSettings(BaseModel):
+    """Identity and timing of one worker process."""
+
+    id: str = Field(default_factory=lambda: f"{socket.gethostname()}-worker")
+    max_inflight: PositiveInt = 256
+    heartbeat_s: PositiveFloat = 5.0
+    lease_s: PositiveFloat = 30.0
+    progress_every_s: PositiveFloat = 2.0
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    checkpoint_storage: Literal["db", "uri"] = "db"
+    checkpoint_dir: Path = DEFAULT_CACHE_DIR / "checkpoints"
+    adapter_dir: Path = DEFAULT_CACHE_DIR / "adapters"
+
+
+class Settings(BaseSettings):
+    """All process settings. Read once per process through :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOQUETIER_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    cache_dir: Path = DEFAULT_CACHE_DIR
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; ``get_settings.cache_clear()`` re-reads the environment."""
+    return Settings()
