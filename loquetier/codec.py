@@ -1,0 +1,176 @@
+"""The wire base: what every record is, how it is packed, and how a bad one fails.
+
+Holds the record base classes, msgpack packing, :class:`Limits` and :class:`RecordError`.
+The concrete records live in :mod:`loquetier.messages` (inputs, ``decode_record``) and
+:mod:`loquetier.results` (outputs and dead letters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_ID_CHARS = 256
+_MAX_ERRORS_SHOWN = 5
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+Int32 = Annotated[int, Field(ge=-(2**31), lt=2**31)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: frozen, strict, closed; ``schema`` on the wire."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        strict=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+
+class Record(WireModel):
+    """A top-level record; carries the schema version."""
+
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits enforced on decode; oversized input is rejected, never truncated."""
+
+    max_record_bytes: int = 4 * 1024 * 1024
+    max_prompt_chars: int = 1_000_000
+    max_prompt_tokens: int = 131_072
+    max_new_tokens: int = 131_072
+    max_stop_sequences: int = 16
+    max_inline_examples: int = 100_000
+    max_list_items: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"Limits.{name} must be > 0, got {value}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class RecordError(ValueError):
+    """The one error a bad record raises.
+
+    ``code`` is machine-readable (documented in docs/wire-format.md); ``message`` is for
+    humans; ``request_id`` / ``job_id`` are set when they could be read from the record,
+    so the worker can publish an "error" result for it.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.job_id = job_id
+
+    def with_ids(self, ids: tuple[str | None, str | None]) -> RecordError:
+        return RecordError(self.code, self.message, *ids)
+
+
+def encode(model: BaseModel) -> bytes:
+    """A model as a msgpack map (field names as on the wire, nulls included)."""
+    packed: bytes = msgpack.packb(model.model_dump(mode="python", by_alias=True), use_bin_type=True)
+    return packed
+
+
+def unpack_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Bytes -> a msgpack map with string keys, or RecordError."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RecordError("undecodable", f"record value must be bytes, got {type(data).__name__}")
+    if len(data) > limits.max_record_bytes:
+        raise RecordError("too_large", f"record is {len(data)} bytes, the limit is {limits.max_record_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_array_len=limits.max_list_items,
+            max_map_len=limits.max_list_items,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise RecordError("undecodable", f"not a msgpack value: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RecordError("not_a_map", f"record must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+def ids_of(obj: object) -> tuple[str | None, str | None]:
+    """(request_id, job_id) when present and plausible, else None each."""
+    if not isinstance(obj, dict):
+        return None, None
+
+    def pick(name: str) -> str | None:
+        value = obj.get(name)
+        ok = isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
+        return value if ok else None
+
+    return pick("request_id"), pick("job_id")
+
+
+def peek_ids(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str | None, str | None]:
+    """Best-effort (request_id, job_id) of a record that may be invalid; never raises."""
+    try:
+        return ids_of(unpack_map(data, limits))
+    except RecordError:
+        return None, None
+
+
+def _code_for(error_type: str) -> str:
+    if error_type == "missing":
+        return "missing_field"
+    if error_type == "extra_forbidden":
+        return "unknown_field"
+    if error_type.endswith("_type") or error_type in {"union_tag_invalid", "union_tag_not_found"}:
+        return "wrong_type"
+    return "invalid_value"
+
+
+def from_validation_error(exc: ValidationError, obj: dict[str, Any]) -> RecordError:
+    """Collapse pydantic's error list into one RecordError (code from the first error)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = []
+    for err in errors[:_MAX_ERRORS_SHOWN]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<record>"
+        parts.append(f"{loc}: {err['msg']}")
+    if len(errors) > _MAX_ERRORS_SHOWN:
+        parts.append(f"... and {len(errors) - _MAX_ERRORS_SHOWN} more")
+    code = _code_for(errors[0]["type"]) if errors else "invalid_value"
+    return RecordError(code, "; ".join(parts), *ids_of(obj))
+
+
+def check_schema(obj: dict[str, Any], supported: frozenset[int]) -> None:
+    """Reject a missing or unknown ``schema`` before anything else is judged."""
+    if "schema" not in obj:
+        raise RecordError("missing_field", "schema: Field required", *ids_of(obj))
+    version = obj["schema"]
+    if not isinstance(version, int) or isinstance(version, bool) or version not in supported:
+        raise RecordError(
+            "unsupported_schema",
+            f"schema version {version!r} is not supported (supported: {sorted(supported)})",
+            *ids_of(obj),
+        )
