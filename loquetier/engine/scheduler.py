@@ -1,0 +1,549 @@
+"""SLO-aware scheduler: one step's mix of decode rows, prefill chunks and training/eval tokens.
+
+Each ``schedule(now)``:
+
+1. **Decode** — every running sequence past its prefill gets one row (TPOT first; decode never
+   starves). A row that cannot get a KV slot preempts by recompute the least important unscheduled
+   running sequence (lowest priority, then latest arrival), possibly itself.
+2. **Training floors** — each job with work keeps ``ceil(min_share * max_num_batched_tokens)``
+   tokens (and jobs together at least ``min_train_tokens_per_step``), even under inference pressure.
+3. **Prefill** — running-but-prefilling and waiting sequences in order of weighted TTFT slack
+   (requests still able to meet their deadline first, then late ones by deadline; late ones are still
+   served and reported as misses). A chunk is bounded by ``max_prefill_chunk``, the step's token
+   budget and the time budget of the running decodes (at least ``min_prefill_tokens_per_step`` so
+   prefill always progresses). Admission needs a free sequence slot, KV for the chunk
+   (``KVAllocator``) and a GPU slot for the adapter (``AdapterSlots``).
+4. **Training/eval** — the rest of the step, shared among jobs by ``FairShare`` (weight
+   ``1 + priority``). With no inference in the system, training takes the whole token budget. With
+   inference, it gets ``TrainScale × (time budget − predicted step time)``, converted to tokens by
+   the online ``StepTimeModel``. The time budget is the tightest of: running decodes' TPOT
+   (× ``tpot_headroom``) and each scheduled prefill's remaining TTFT slack per remaining step.
+
+``postprocess(batch, result)`` feeds the measured step time to the step model, advances sequences,
+records SLO events, finishes sequences (EOS / stop ids / max_tokens) and runs the AIMD update.
+
+Pure: no I/O, no clocks (``now`` is passed in, seconds), no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loquetier.engine.budget import FairShare, JobDemand, TrainScale
+from loquetier.engine.sequence import (
+    PrefillChunk,
+    ScheduledBatch,
+    Sequence,
+    SequenceStatus,
+    StepResult,
+    TrainChunk,
+    TrainWork,
+)
+from loquetier.engine.slo import RequestMetrics, SchedulerMetrics, SloTracker, StepRecord
+from loquetier.engine.step_model import StepCost, StepFeatures, StepTimeModel
+
+
+class KVAllocator(Protocol):
+    """KV memory, implemented by the block manager. Token counts are per sequence, appended."""
+
+    def can_allocate(self, seq_id: str, num_new_tokens: int) -> bool: ...
+
+    def allocate(self, seq_id: str, num_new_tokens: int) -> None: ...
+
+    def free(self, seq_id: str) -> None: ...
+
+    @property
+    def num_free_blocks(self) -> int: ...
+
+
+class AdapterSlots(Protocol):
+    """GPU adapter slots, implemented by the adapter manager.
+
+    ``ensure_loaded`` is called once when a sequence is admitted (WAITING/PREEMPTED -> RUNNING);
+    True means the adapter has a slot now and is pinned for that sequence (a reference count);
+    ``release`` is called once when that sequence finishes, is aborted or is preempted. The base
+    model (``adapter_id`` None) never calls either.
+    """
+
+    def ensure_loaded(self, adapter_id: str) -> bool: ...
+
+    def release(self, adapter_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Engine limits of the scheduler (validated). Times in ms, shares in [0, 1]."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per-step token ceiling (decode rows + prefill + train + eval)
+    max_prefill_chunk: int = 512
+    min_prefill_tokens_per_step: int = 16
+    default_ttft_ms: float = 1000.0
+    default_tpot_ms: float = 100.0
+    tpot_headroom: float = 0.9  # plan steps to this fraction of the tightest target
+    slo_window: int = 256  # SLO events in the attainment window
+    slo_target: float = 0.95  # window attainment below which training stops growing
+    min_train_tokens_per_step: int = 0
+    train_decrease: float = 0.5
+    train_increase: float = 0.05
+    min_train_scale: float = 0.05
+    step_model_window: int = 128
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode row each)")
+        if not 1 <= self.max_prefill_chunk <= self.max_num_batched_tokens:
+            raise ValueError("max_prefill_chunk must be in [1, max_num_batched_tokens]")
+        if not 0 <= self.min_prefill_tokens_per_step <= self.max_prefill_chunk:
+            raise ValueError("min_prefill_tokens_per_step must be in [0, max_prefill_chunk]")
+        if self.default_ttft_ms <= 0 or self.default_tpot_ms <= 0:
+            raise ValueError("default SLO targets must be > 0")
+        if not 0.0 < self.tpot_headroom <= 1.0:
+            raise ValueError("tpot_headroom must be in (0, 1]")
+        if self.slo_window < 1:
+            raise ValueError("slo_window must be >= 1")
+        if not 0.0 <= self.slo_target <= 1.0:
+            raise ValueError("slo_target must be in [0, 1]")
+        if not 0 <= self.min_train_tokens_per_step <= self.max_num_batched_tokens:
+            raise ValueError("min_train_tokens_per_step must be in [0, max_num_batched_tokens]")
+        if self.step_model_window < 2:
+            raise ValueError("step_model_window must be >= 2")
+        # TrainScale validates the AIMD parameters.
+        TrainScale(self.train_decrease, self.train_increase, self.min_train_scale)
+
+
+@dataclass
+class StepEvents:
+    """What ``postprocess`` changed: new tokens (seq_id, token), finished sequences + their metrics."""
+
+    step: StepRecord
+    new_tokens: list[tuple[str, int]] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+    request_metrics: list[RequestMetrics] = field(default_factory=list)
+
+
+def _weight(priority: int) -> float:
+    return 1.0 + priority
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVAllocator,
+        adapters: AdapterSlots | None = None,
+        *,
+        step_model: StepTimeModel | None = None,
+        prior_cost: StepCost | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.adapters = adapters
+        self.step_model = step_model or StepTimeModel(prior_cost, window=config.step_model_window)
+        self.eos_token_id = eos_token_id
+        self.waiting: list[Sequence] = []  # WAITING or PREEMPTED
+        self.running: list[Sequence] = []  # RUNNING (prefilling or decoding)
+        self.jobs: dict[str, TrainWork] = {}
+        self.fair_share = FairShare()
+        self.train_scale = TrainScale(config.train_decrease, config.train_increase, config.min_train_scale)
+        self.slo = SloTracker(config.slo_window)
+        self.metrics = SchedulerMetrics()
+        self._seqs: dict[str, Sequence] = {}
+        self._order: dict[str, int] = {}  # admission order: the last tie-break of importance
+        self._num_added = 0
+        self._step_id = 0
+
+    # ---- requests and jobs ---------------------------------------------------------------------
+
+    def add_request(self, seq: Sequence) -> None:
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"duplicate seq_id {seq.seq_id!r}")
+        if seq.status is not SequenceStatus.WAITING:
+            raise ValueError(f"sequence {seq.seq_id!r} must be WAITING, is {seq.status}")
+        if seq.ttft_ms is None:
+            seq.ttft_ms = self.config.default_ttft_ms
+        if seq.tpot_ms is None:
+            seq.tpot_ms = self.config.default_tpot_ms
+        self._seqs[seq.seq_id] = seq
+        self._order[seq.seq_id] = self._num_added
+        self._num_added += 1
+        self.waiting.append(seq)
+        self.metrics.num_requests_added += 1
+
+    def abort(self, seq_id: str, now: float) -> RequestMetrics | None:
+        """Abort a request wherever it is; frees its KV and adapter pin. None if unknown/finished."""
+        return self.finish(seq_id, "abort", now)
+
+    def finish(self, seq_id: str, reason: str, now: float) -> RequestMetrics | None:
+        """Finish a request from outside (``"stop"`` on a stop string, ``"abort"``)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return None
+        return self._finish(seq, reason, now)
+
+    def get(self, seq_id: str) -> Sequence | None:
+        return self._seqs.get(seq_id)
+
+    def add_job(self, job: TrainWork) -> None:
+        if job.job_id in self.jobs:
+            raise ValueError(f"duplicate job_id {job.job_id!r}")
+        if job.priority < 0:
+            raise ValueError(f"job {job.job_id!r}: priority must be >= 0")
+        if not 0.0 <= job.min_share <= 1.0:
+            raise ValueError(f"job {job.job_id!r}: min_share must be in [0, 1]")
+        self.jobs[job.job_id] = job
+
+    def remove_job(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        self.fair_share.forget(job_id)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> ScheduledBatch:
+        cfg = self.config
+        cost = self.step_model.cost
+        batch = ScheduledBatch(step_id=self._step_id, now=now)
+        self._step_id += 1
+        scheduled: set[str] = set()
+
+        # 1. Decode rows, most important first; victims come from the unscheduled tail.
+        for seq in sorted(self.running, key=self._importance, reverse=True):
+            if seq.is_prefilling or seq.status is not SequenceStatus.RUNNING:
+                continue
+            if not self._make_room(seq, 1, scheduled, batch, allow_self=True):
+                continue
+            self.kv.allocate(seq.seq_id, 1)
+            batch.decode_seqs.append(seq)
+            scheduled.add(seq.seq_id)
+        tokens_left = cfg.max_num_batched_tokens - batch.num_decode_rows
+        time_budget: float | None = None
+        if batch.decode_seqs:
+            time_budget = min(_tpot_s(s) for s in batch.decode_seqs)
+
+        # 2. Training floors (min_share and min_train_tokens_per_step).
+        demands = self._job_demands(cost)
+        reserved = min(tokens_left, self._reserved_train_tokens(demands))
+        tokens_left -= reserved
+
+        # 3. Prefill by weighted slack.
+        predicted = self._predict(batch, cost) + reserved * cost.train_token_s
+        prefill_budget = tokens_left
+        for seq in self._prefill_order(now, cost):
+            if prefill_budget <= 0:
+                break
+            if seq.seq_id in scheduled or seq in batch.preempted:
+                continue  # a sequence preempted in this step is not readmitted in the same step
+            allowance = prefill_budget
+            if time_budget is not None:
+                spare = time_budget * cfg.tpot_headroom - predicted
+                by_time = math.floor(max(0.0, spare) / max(cost.prefill_token_s, 1e-12))
+                if not batch.prefill_chunks:
+                    by_time = max(by_time, cfg.min_prefill_tokens_per_step)
+                allowance = min(allowance, by_time)
+            length = min(seq.num_uncomputed_tokens, cfg.max_prefill_chunk, allowance)
+            if length <= 0:
+                break
+            if not self._grant_prefill(seq, length, scheduled, batch):
+                continue
+            chunk = PrefillChunk(seq, seq.num_computed_tokens, length)
+            batch.prefill_chunks.append(chunk)
+            scheduled.add(seq.seq_id)
+            prefill_budget -= length
+            predicted += length * cost.prefill_token_s + (chunk.start + length) * cost.kv_token_s
+        tokens_left = prefill_budget
+
+        # 4. Training/eval fill what is left.
+        has_inference = bool(self.running or self.waiting)
+        train_time: float | None = None
+        if has_inference:
+            limit = self._prefill_time_limit(batch, now)
+            if time_budget is None or (limit is not None and limit < time_budget):
+                time_budget = limit
+            if time_budget is None:  # inference waits on memory or slots: keep steps short anyway
+                time_budget = cfg.default_tpot_ms / 1e3
+            spare = max(0.0, time_budget * cfg.tpot_headroom - predicted)
+            train_time = self.train_scale.value * spare + reserved * cost.train_token_s
+        else:
+            self.train_scale.reset()
+        grants = self.fair_share.allocate(demands, reserved + tokens_left, train_time)
+        for job_id, num_tokens in grants.items():
+            chunk_list = batch.eval_chunks if self.jobs[job_id].is_eval else batch.train_chunks
+            chunk_list.append(TrainChunk(job_id, num_tokens))
+        batch.time_budget_s = time_budget
+        batch.predicted_time_s = self.step_model.predict(_features(batch))
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, result: StepResult) -> StepEvents:
+        now = result.now
+        train_used = result.train_tokens
+        if train_used is None:
+            train_used = {c.job_id: c.num_tokens for c in batch.train_chunks}
+        eval_used = result.eval_tokens
+        if eval_used is None:
+            eval_used = {c.job_id: c.num_tokens for c in batch.eval_chunks}
+        features = StepFeatures(
+            prefill_tokens=batch.num_prefill_tokens,
+            decode_rows=batch.num_decode_rows,
+            train_tokens=sum(train_used.values()),
+            eval_tokens=sum(eval_used.values()),
+            kv_tokens_read=batch.num_kv_tokens_read,
+        )
+        self.step_model.observe(features, result.step_time_s)
+        events = StepEvents(step=self._record(batch, result, features))
+        misses_before = self.slo.num_event_misses
+
+        for chunk in batch.prefill_chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != chunk.start:
+                continue  # aborted or preempted after scheduling
+            seq.num_computed_tokens += chunk.length
+            if chunk.is_final:
+                self._append_token(seq, _sampled(result, seq), now, events)
+        for seq in batch.decode_seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += 1
+            self._append_token(seq, _sampled(result, seq), now, events)
+
+        for used, by_job in (
+            (train_used, self.metrics.train_tokens_by_job),
+            (eval_used, self.metrics.eval_tokens_by_job),
+        ):
+            for job_id, num_tokens in used.items():
+                self.fair_share.charge(job_id, num_tokens)
+                by_job[job_id] = by_job.get(job_id, 0) + num_tokens
+
+        overran = batch.time_budget_s is not None and result.step_time_s > batch.time_budget_s
+        self.metrics.num_step_overruns += int(overran)
+        if self.running or self.waiting:
+            violated = overran or self.slo.num_event_misses > misses_before
+            self.train_scale.update(
+                violated=violated, attainment=self.slo.window_attainment, target=self.config.slo_target
+            )
+        return events
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _importance(self, seq: Sequence) -> tuple[int, float, int]:
+        """Higher is more important: priority, then earlier arrival, then earlier add_request."""
+        return (seq.priority, -seq.arrival_time, -self._order[seq.seq_id])
+
+    def _make_room(
+        self, seq: Sequence, num_tokens: int, scheduled: set[str], batch: ScheduledBatch, allow_self: bool
+    ) -> bool:
+        """Preempt less important unscheduled running sequences until ``seq`` fits; False if it can't."""
+        while not self.kv.can_allocate(seq.seq_id, num_tokens):
+            candidates = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
+            if not allow_self:
+                candidates = [s for s in candidates if self._importance(s) < self._importance(seq)]
+            if not candidates:
+                if allow_self:
+                    self._preempt(seq, batch)
+                return False
+            self._preempt(min(candidates, key=self._importance), batch)
+        return True
+
+    def _grant_prefill(self, seq: Sequence, length: int, scheduled: set[str], batch: ScheduledBatch) -> bool:
+        if seq.status is SequenceStatus.RUNNING:
+            if not self._make_room(seq, length, scheduled, batch, allow_self=False):
+                return False
+            self.kv.allocate(seq.seq_id, length)
+            return True
+        # Admission of a WAITING / PREEMPTED sequence.
+        if len(self.running) >= self.config.max_num_seqs or not self.kv.can_allocate(seq.seq_id, length):
+            return False
+        if seq.adapter_id is not None and self.adapters is not None:
+            if not self.adapters.ensure_loaded(seq.adapter_id):
+                return False
+        self.kv.allocate(seq.seq_id, length)
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = SequenceStatus.RUNNING
+        return True
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self._release(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.append(seq)
+        batch.preempted.append(seq)
+        self.metrics.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the KV and the adapter pin of a RUNNING sequence."""
+        self.kv.free(seq.seq_id)
+        if seq.adapter_id is not None and self.adapters is not None:
+            self.adapters.release(seq.adapter_id)
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> RequestMetrics | None:
+        if seq.status is SequenceStatus.FINISHED:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self._release(seq)
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = now
+        del self._seqs[seq.seq_id]
+        del self._order[seq.seq_id]
+        assert seq.ttft_ms is not None and seq.tpot_ms is not None
+        m = RequestMetrics.of(seq, seq.ttft_ms, seq.tpot_ms)
+        self.slo.record_request(m)
+        if reason == "abort":
+            self.metrics.num_requests_aborted += 1
+        else:
+            self.metrics.num_requests_finished += 1
+        return m
+
+    def _append_token(self, seq: Sequence, token: int, now: float, events: StepEvents) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.slo.record_event(now - seq.arrival_time <= _ttft_s(seq))
+        else:
+            assert seq.last_token_time is not None
+            met = now - seq.last_token_time <= _tpot_s(seq)
+            seq.num_tpot_misses += int(not met)
+            self.slo.record_event(met)
+        seq.last_token_time = now
+        seq.output_token_ids.append(token)
+        events.new_tokens.append((seq.seq_id, token))
+        sp = seq.sampling
+        reason: str | None = None
+        if token in sp.stop_token_ids or (token == self.eos_token_id and not sp.ignore_eos):
+            reason = "stop"
+        elif seq.num_output_tokens >= sp.max_tokens:
+            reason = "length"
+        if reason is not None:
+            m = self._finish(seq, reason, now)
+            assert m is not None
+            events.finished.append(seq)
+            events.request_metrics.append(m)
+
+    def _prefill_order(self, now: float, cost: StepCost) -> list[Sequence]:
+        """Weighted slack: feasible requests by slack/weight, then late ones by slack*weight."""
+
+        def key(seq: Sequence) -> tuple[int, float, float]:
+            slack = _deadline(seq) - now - seq.num_uncomputed_tokens * cost.prefill_token_s
+            w = _weight(seq.priority)
+            if slack >= 0:
+                return (0, slack / w, seq.arrival_time)
+            return (1, slack * w, seq.arrival_time)
+
+        candidates = [s for s in self.running if s.is_prefilling] + self.waiting
+        return sorted(candidates, key=key)
+
+    def _prefill_time_limit(self, batch: ScheduledBatch, now: float) -> float | None:
+        """Tightest per-step time that keeps each scheduled prefill on its TTFT deadline."""
+        limit: float | None = None
+        for chunk in batch.prefill_chunks:
+            seq = chunk.seq
+            remaining = seq.num_uncomputed_tokens - chunk.length
+            steps = 1 + math.ceil(remaining / self.config.max_prefill_chunk)
+            slack = _deadline(seq) - now
+            per_step = slack / steps if slack > 0 else _tpot_s(seq)
+            limit = per_step if limit is None else min(limit, per_step)
+        return limit
+
+    def _job_demands(self, cost: StepCost) -> list[JobDemand]:
+        cfg = self.config
+        demands = []
+        for job in self.jobs.values():
+            cap = min(job.num_ready_tokens(), cfg.max_num_batched_tokens)
+            if cap <= 0:
+                continue
+            demands.append(
+                JobDemand(
+                    job_id=job.job_id,
+                    weight=_weight(job.priority),
+                    floor_tokens=min(cap, math.ceil(job.min_share * cfg.max_num_batched_tokens)),
+                    cap_tokens=cap,
+                    token_cost_s=cost.eval_token_s if job.is_eval else cost.train_token_s,
+                )
+            )
+        return demands
+
+    def _reserved_train_tokens(self, demands: list[JobDemand]) -> int:
+        floors = sum(d.floor_tokens for d in demands)
+        caps = sum(d.cap_tokens for d in demands)
+        return min(caps, max(floors, self.config.min_train_tokens_per_step if demands else 0))
+
+    def _predict(self, batch: ScheduledBatch, cost: StepCost) -> float:
+        return cost.predict(_features(batch))
+
+    def _record(self, batch: ScheduledBatch, result: StepResult, f: StepFeatures) -> StepRecord:
+        m = self.metrics
+        m.num_steps += 1
+        m.busy_time_s += result.step_time_s
+        m.num_prefill_tokens += f.prefill_tokens
+        m.num_decode_tokens += f.decode_rows
+        m.num_train_tokens += f.train_tokens
+        m.num_eval_tokens += f.eval_tokens
+        m.last_step = StepRecord(
+            step_id=batch.step_id,
+            now=result.now,
+            step_time_s=result.step_time_s,
+            predicted_time_s=batch.predicted_time_s,
+            time_budget_s=batch.time_budget_s,
+            num_decode_rows=f.decode_rows,
+            num_prefill_tokens=f.prefill_tokens,
+            num_train_tokens=f.train_tokens,
+            num_eval_tokens=f.eval_tokens,
+            num_kv_tokens_read=f.kv_tokens_read,
+            train_scale=self.train_scale.value,
+        )
+        return m.last_step
+
+
+def _ttft_s(seq: Sequence) -> float:
+    assert seq.ttft_ms is not None
+    return seq.ttft_ms / 1e3
+
+
+def _tpot_s(seq: Sequence) -> float:
+    assert seq.tpot_ms is not None
+    return seq.tpot_ms / 1e3
+
+
+def _deadline(seq: Sequence) -> float:
+    """Next latency deadline: TTFT before the first token, else the next token's TPOT deadline."""
+    if seq.last_token_time is None:
+        return seq.arrival_time + _ttft_s(seq)
+    return seq.last_token_time + _tpot_s(seq)
+
+
+def _features(batch: ScheduledBatch) -> StepFeatures:
+    return StepFeatures(
+        prefill_tokens=batch.num_prefill_tokens,
+        decode_rows=batch.num_decode_rows,
+        train_tokens=batch.num_train_tokens,
+        eval_tokens=batch.num_eval_tokens,
+        kv_tokens_read=batch.num_kv_tokens_read,
+    )
+
+
+def _sampled(result: StepResult, seq: Sequence) -> int:
+    try:
+        return result.sampled_token_ids[seq.seq_id]
+    except KeyError:
+        raise KeyError(f"runner returned no sampled token for sequence {seq.seq_id!r}") from None

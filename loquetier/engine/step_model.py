@@ -1,0 +1,160 @@
+"""Online step-time model: a linear cost model fitted by ridge least squares over recent steps.
+
+Semantics::
+
+    time_s ≈ c0 + c1·prefill_tokens + c2·decode_rows + c3·train_tokens + c4·eval_tokens + c5·kv_tokens_read
+
+``train_tokens`` are forward+backward tokens, ``kv_tokens_read`` the KV positions attended over
+(see ``ScheduledBatch.num_kv_tokens_read``). The fit is ridge regression *towards the prior*
+coefficients with one pseudo-observation per feature, scaled to that feature's magnitude, so a
+feature never seen (e.g. eval tokens before any eval job) keeps its prior and a collinear window
+(e.g. only training for a while) stays well posed. Coefficients are clamped to >= 0 (and the token
+costs to a small floor) so the budget inversion never divides by zero.
+
+Pure Python (6x6 normal equations): no numpy/torch, no clocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+NUM_FEATURES = 6
+FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read")
+
+
+@dataclass(frozen=True)
+class StepFeatures:
+    prefill_tokens: int = 0
+    decode_rows: int = 0
+    train_tokens: int = 0
+    eval_tokens: int = 0
+    kv_tokens_read: int = 0
+
+    def vector(self) -> tuple[float, ...]:
+        return (
+            1.0,
+            float(self.prefill_tokens),
+            float(self.decode_rows),
+            float(self.train_tokens),
+            float(self.eval_tokens),
+            float(self.kv_tokens_read),
+        )
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Coefficients in seconds (per step, per token, per row)."""
+
+    const_s: float = 5e-3
+    prefill_token_s: float = 1e-4
+    decode_row_s: float = 2e-4
+    train_token_s: float = 3e-4
+    eval_token_s: float = 1e-4
+    kv_token_s: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if min(self.as_tuple()) < 0:
+            raise ValueError(f"step cost coefficients must be >= 0: {self}")
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return (
+            self.const_s,
+            self.prefill_token_s,
+            self.decode_row_s,
+            self.train_token_s,
+            self.eval_token_s,
+            self.kv_token_s,
+        )
+
+    def predict(self, f: StepFeatures) -> float:
+        return sum(c * x for c, x in zip(self.as_tuple(), f.vector(), strict=True))
+
+
+class StepTimeModel:
+    """Fits ``StepCost`` online from ``observe(features, measured_s)``; ``cost`` is the current fit."""
+
+    def __init__(
+        self,
+        prior: StepCost | None = None,
+        window: int = 128,
+        prior_weight: float = 1.0,
+        min_token_cost_s: float = 1e-7,
+    ) -> None:
+        if window < 2:
+            raise ValueError("window must be >= 2")
+        if prior_weight <= 0:
+            raise ValueError("prior_weight must be > 0")
+        self.prior = prior or StepCost()
+        self.cost = self.prior
+        self.window = window
+        self.prior_weight = prior_weight
+        self.min_token_cost_s = min_token_cost_s
+        self._samples: deque[tuple[tuple[float, ...], float]] = deque()
+        # Running sums of X^T X and X^T y over the window (updated incrementally: O(36) per step).
+        self._xtx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
+        self._xty = [0.0] * NUM_FEATURES
+        self.num_observed = 0
+
+    def predict(self, f: StepFeatures) -> float:
+        return self.cost.predict(f)
+
+    def observe(self, f: StepFeatures, measured_s: float) -> None:
+        if measured_s < 0:
+            raise ValueError("measured step time must be >= 0")
+        x = f.vector()
+        self._samples.append((x, measured_s))
+        self._accumulate(x, measured_s, 1.0)
+        if len(self._samples) > self.window:
+            old_x, old_y = self._samples.popleft()
+            self._accumulate(old_x, old_y, -1.0)
+        self.num_observed += 1
+        self.cost = self._fit()
+
+    def _accumulate(self, x: tuple[float, ...], y: float, sign: float) -> None:
+        for i in range(NUM_FEATURES):
+            if x[i] == 0.0:
+                continue
+            self._xty[i] += sign * x[i] * y
+            row = self._xtx[i]
+            for j in range(NUM_FEATURES):
+                row[j] += sign * x[i] * x[j]
+
+    def _fit(self) -> StepCost:
+        n = len(self._samples)
+        prior = self.prior.as_tuple()
+        xtx = [row[:] for row in self._xtx]
+        xty = self._xty[:]
+        for i in range(NUM_FEATURES):
+            # One pseudo-observation per feature at the feature's typical magnitude, pulling to the prior.
+            scale = xtx[i][i] / n if xtx[i][i] > 1e-12 else 1.0
+            lam = self.prior_weight * scale
+            xtx[i][i] += lam
+            xty[i] += lam * prior[i]
+        beta = _solve(xtx, xty)
+        floors = (0.0,) + (self.min_token_cost_s,) * (NUM_FEATURES - 1)
+        clamped = [max(b, lo) for b, lo in zip(beta, floors, strict=True)]
+        clamped[5] = max(beta[5], 0.0)  # kv cost may legitimately be ~0
+        return StepCost(*clamped)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (a is symmetric positive definite after ridge)."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        p = m[col][col]
+        if p == 0.0:
+            continue
+        for r in range(col + 1, n):
+            factor = m[r][col] / p
+            if factor != 0.0:
+                for c in range(col, n + 1):
+                    m[r][c] -= factor * m[col][c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        s = m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))
+        x[r] = s / m[r][r] if m[r][r] != 0.0 else 0.0
+    return x
