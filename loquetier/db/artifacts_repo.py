@@ -1,0 +1,118 @@
+"""Checkpoints and adapter versions: bytes in the database or a URI plus sha256.
+
+Functions run in the caller's transaction and never commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loquetier.db.models import AdapterRow, CheckpointRow
+
+
+def _payload(
+    data: bytes | None, uri: str | None, sha256: str | None, size_bytes: int | None
+) -> dict[str, Any]:
+    if (data is None) == (uri is None):
+        raise ValueError("give exactly one of data (bytes) or uri")
+    if data is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if sha256 is not None and sha256 != digest:
+            raise ValueError("sha256 does not match data")
+        return {"data": data, "uri": None, "sha256": digest, "size_bytes": len(data)}
+    if sha256 is None or size_bytes is None:
+        raise ValueError("a uri needs its sha256 and size_bytes")
+    return {"data": None, "uri": uri, "sha256": sha256, "size_bytes": size_bytes}
+
+
+async def save_checkpoint(
+    session: AsyncSession,
+    *,
+    job_id: str,
+    step: int,
+    data: bytes | None = None,
+    uri: str | None = None,
+    sha256: str | None = None,
+    size_bytes: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> CheckpointRow:
+    """Store (or replace) the checkpoint of ``job_id`` at ``step``."""
+    values = {"job_id": job_id, "step": step, "meta": meta or {}, **_payload(data, uri, sha256, size_bytes)}
+    stmt = insert(CheckpointRow).values(**values)
+    replace = {k: stmt.excluded[k] for k in ("data", "uri", "sha256", "size_bytes", "meta")}
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[CheckpointRow.job_id, CheckpointRow.step],
+        set_=replace | {"created_at": func.now()},
+    ).returning(CheckpointRow)
+    result = await session.execute(upsert.execution_options(populate_existing=True))
+    return result.scalar_one()
+
+
+async def latest_checkpoint(session: AsyncSession, job_id: str) -> CheckpointRow | None:
+    query = (
+        select(CheckpointRow)
+        .where(CheckpointRow.job_id == job_id)
+        .order_by(CheckpointRow.step.desc())
+        .limit(1)
+    )
+    return await session.scalar(query)
+
+
+async def register_adapter(
+    session: AsyncSession,
+    *,
+    adapter_id: str,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    source_kind: str,
+    source: str | None = None,
+    use_rslora: bool = False,
+    job_id: str | None = None,
+    data: bytes | None = None,
+    uri: str | None = None,
+    sha256: str | None = None,
+    size_bytes: int | None = None,
+    status: str = "ready",
+) -> AdapterRow:
+    """Add the next version of ``adapter_id`` (1, 2, ...); concurrent callers serialize."""
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"adapter:{adapter_id}"}
+    )
+    latest = await session.scalar(
+        select(func.max(AdapterRow.version)).where(AdapterRow.adapter_id == adapter_id)
+    )
+    row = AdapterRow(
+        adapter_id=adapter_id,
+        version=(latest or 0) + 1,
+        status=status,
+        rank=rank,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=target_modules,
+        source_kind=source_kind,
+        source=source,
+        job_id=job_id,
+        **_payload(data, uri, sha256, size_bytes),
+    )
+    session.add(row)
+    await session.flush()
+    await session.refresh(row)
+    return row
+
+
+async def get_adapter(
+    session: AsyncSession, adapter_id: str, version: int | None = None
+) -> AdapterRow | None:
+    """A given version, or the latest ``ready`` one."""
+    query = select(AdapterRow).where(AdapterRow.adapter_id == adapter_id)
+    if version is not None:
+        query = query.where(AdapterRow.version == version)
+    else:
+        query = query.where(AdapterRow.status == "ready").order_by(AdapterRow.version.desc()).limit(1)
+    return await session.scalar(query)

@@ -1,0 +1,47 @@
+"""The queries the worker needs, in one namespace: ``from loquetier.db import repo``.
+
+Every function takes an ``AsyncSession`` and runs inside the caller's transaction; none
+commits. Typical use::
+
+    async with sessions.begin() as s:
+        job = await repo.claim_job(s, worker_id, lease_s=30)
+"""
+
+from __future__ import annotations
+
+from loquetier.db.artifacts_repo import get_adapter, latest_checkpoint, register_adapter, save_checkpoint
+from loquetier.db.jobs_repo import (
+    FINAL_JOB_STATUSES,
+    claim_job,
+    finish_job,
+    get_job,
+    insert_job_idempotent,
+    release_job,
+    renew_lease,
+    set_job_status,
+    update_job_progress,
+)
+from loquetier.db.requests_repo import finish_request, get_request, insert_request_idempotent, start_request
+from loquetier.db.workers_repo import heartbeat_worker, upsert_worker
+
+__all__ = [
+    "FINAL_JOB_STATUSES",
+    "claim_job",
+    "finish_job",
+    "finish_request",
+    "get_adapter",
+    "get_job",
+    "get_request",
+    "heartbeat_worker",
+    "insert_job_idempotent",
+    "insert_request_idempotent",
+    "latest_checkpoint",
+    "register_adapter",
+    "release_job",
+    "renew_lease",
+    "save_checkpoint",
+    "set_job_status",
+    "start_request",
+    "update_job_progress",
+    "upsert_worker",
+]

@@ -1,0 +1,54 @@
+"""Worker rows: register on start, heartbeat while alive, mark stopped on exit.
+
+Functions run in the caller's transaction and never commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loquetier.db.models import WorkerRow
+
+
+async def upsert_worker(
+    session: AsyncSession,
+    *,
+    worker_id: str,
+    host: str,
+    pid: int,
+    device: str,
+    capacity: dict[str, Any] | None = None,
+    status: str = "running",
+) -> None:
+    """Register (or re-register after a restart) a worker."""
+    values = {
+        "worker_id": worker_id,
+        "host": host,
+        "pid": pid,
+        "device": device,
+        "capacity": capacity or {},
+        "status": status,
+    }
+    stmt = insert(WorkerRow).values(**values)
+    fresh = {k: stmt.excluded[k] for k in ("host", "pid", "device", "capacity", "status")}
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[WorkerRow.worker_id],
+        set_=fresh | {"heartbeat_at": func.now(), "started_at": func.now(), "stopped_at": None},
+    )
+    await session.execute(stmt)
+
+
+async def heartbeat_worker(session: AsyncSession, worker_id: str, *, status: str | None = None) -> bool:
+    """Refresh ``heartbeat_at`` (and optionally the status; ``stopped`` sets ``stopped_at``)."""
+    values: dict[str, Any] = {"heartbeat_at": func.now()}
+    if status is not None:
+        values["status"] = status
+        if status == "stopped":
+            values["stopped_at"] = func.now()
+    stmt = update(WorkerRow).where(WorkerRow.worker_id == worker_id).values(**values)
+    stmt = stmt.returning(WorkerRow.worker_id)
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
