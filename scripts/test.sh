@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The test command: installs everything, makes sure PostgreSQL runs, then lint, types, tests.
+# The Kafka-protocol broker (tansu) and, if no PostgreSQL is reachable, an embedded
+# PostgreSQL are started by the test session itself (tests/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+# shellcheck disable=SC1091
+. "${LOQUETIER_VENV:-.venv}/bin/activate"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TRITON_INTERPRET=1
+
+# The machine's PostgreSQL, when this machine has one; tests fall back to an embedded one.
+if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    fi
+fi
+
+echo "== ruff"
+ruff check .
+echo "== mypy (service side, strict)"
+mypy loquetier/settings.py loquetier/messages.py loquetier/db workers producers
+echo "== compose"
+if ! command -v docker-compose >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null) || echo "docker-compose unavailable"
+fi
+if command -v docker-compose >/dev/null; then
+    docker-compose -f compose.yaml config -q
+fi
+echo "== pytest"
+python -m pytest -q -p no:cacheprovider --timeout=600 "$@"
