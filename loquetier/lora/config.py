@@ -1,0 +1,130 @@
+"""The configuration of one LoRA adapter (what PEFT calls a ``LoraConfig``, cut to what we run)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .pool import TARGET_MODULES
+
+
+class AdapterError(ValueError):
+    """An adapter (config, weights, files or id) that Loquetier cannot use, with the reason."""
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """rank ``r``, ``alpha``, ``dropout``, the targeted linears and the rsLoRA flag.
+
+    ``scale`` is what the kernels multiply ``x @ A.T @ B.T`` by: ``alpha / r``, or
+    ``alpha / sqrt(r)`` with rsLoRA. ``layers`` None targets every layer (PEFT's
+    ``layers_to_transform``, kept for round-trips).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    use_rslora: bool = False
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience; order is normalised so equal configs compare equal.
+        modules = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        unknown = sorted(set(modules) - set(TARGET_MODULES))
+        if unknown:
+            raise AdapterError(f"unknown LoRA target modules {unknown}; supported: {list(TARGET_MODULES)}")
+        if not modules:
+            raise AdapterError("target_modules must name at least one module")
+        object.__setattr__(self, "target_modules", tuple(m for m in TARGET_MODULES if m in set(modules)))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise AdapterError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise AdapterError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.layers is not None:
+            layers = tuple(sorted(set(self.layers)))
+            if not layers or layers[0] < 0:
+                raise AdapterError(f"layers must be non-empty and >= 0, got {self.layers!r}")
+            object.__setattr__(self, "layers", layers)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    def targets_layer(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict[str, object]:
+        """``adapter_config.json`` content that HF PEFT (and vLLM) read as this adapter."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": list(self.target_modules),
+            "use_rslora": self.use_rslora,
+            "use_dora": False,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "layers_to_transform": None if self.layers is None else list(self.layers),
+            "layers_pattern": None,
+            "layer_replication": None,
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "inference_mode": True,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, cfg: dict[str, object]) -> LoRAConfig:
+        """Parse ``adapter_config.json``; unsupported PEFT options raise :class:`AdapterError`."""
+        peft_type = cfg.get("peft_type")
+        if peft_type != "LORA":
+            raise AdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters are")
+        unsupported = {
+            "use_dora": bool,
+            "layer_replication": lambda v: v is not None,
+            "modules_to_save": bool,
+            "rank_pattern": bool,
+            "alpha_pattern": bool,
+            "fan_in_fan_out": bool,
+            "lora_bias": bool,
+            "bias": lambda v: v not in (None, "none"),
+            "use_qalora": bool,
+            "target_parameters": bool,
+            "trainable_token_indices": bool,
+            "exclude_modules": bool,
+            "layers_pattern": lambda v: bool(v) and v not in ("layers", ["layers"]),
+            "alora_invocation_tokens": bool,
+        }
+        for key, is_set in unsupported.items():
+            if key in cfg and is_set(cfg[key]):
+                raise AdapterError(f"adapter_config.json: {key}={cfg[key]!r} is not supported")
+        targets = cfg.get("target_modules")
+        if targets == "all-linear":
+            targets = list(TARGET_MODULES)
+        elif isinstance(targets, str):
+            raise AdapterError(f"target_modules as a pattern ({targets!r}) is not supported; list them")
+        if not isinstance(targets, list | tuple):
+            raise AdapterError(f"target_modules must be a list, got {targets!r}")
+        layers = cfg.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        rank, alpha = cfg.get("r"), cfg.get("lora_alpha", 8)
+        if not isinstance(rank, int) or not isinstance(alpha, int | float):
+            raise AdapterError(f"r and lora_alpha must be numbers, got {rank!r} and {alpha!r}")
+        dropout = cfg.get("lora_dropout", 0.0)
+        return cls(
+            rank=rank,
+            alpha=float(alpha),
+            dropout=float(dropout) if isinstance(dropout, int | float) else -1.0,
+            target_modules=tuple(str(t) for t in targets),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            layers=None if layers is None else tuple(int(x) for x in layers),  # type: ignore[union-attr]
+        )
