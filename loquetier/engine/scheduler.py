@@ -8,11 +8,12 @@ Each ``schedule(now)``:
 2. **Training floors** — each job with work keeps ``ceil(min_share * max_num_batched_tokens)``
    tokens (and jobs together at least ``min_train_tokens_per_step``), even under inference pressure.
 3. **Prefill** — running-but-prefilling and waiting sequences in order of weighted TTFT slack
-   (requests still able to meet their deadline first, then late ones by deadline; late ones are still
-   served and reported as misses). A chunk is bounded by ``max_prefill_chunk``, the step's token
-   budget and the time budget of the running decodes (at least ``min_prefill_tokens_per_step`` so
-   prefill always progresses). Admission needs a free sequence slot, KV for the chunk
-   (``KVAllocator``) and a GPU slot for the adapter (``AdapterSlots``).
+   (requests still able to meet their deadline first, then late ones; see ``_prefill_order``; late
+   ones are still served and reported as misses). A chunk is bounded by ``max_prefill_chunk``, the
+   step's token budget and the time budget of the running decodes (at least
+   ``min_prefill_tokens_per_step`` so prefill always progresses). Admission needs a free sequence
+   slot, KV for the chunk (``KVAllocator``) and a GPU slot for the adapter (``AdapterSlots``); a
+   waiting request never preempts a running one (a running prefill may preempt less important ones).
 4. **Training/eval** — the rest of the step, shared among jobs by ``FairShare`` (weight
    ``1 + priority``). With no inference in the system, training takes the whole token budget. With
    inference, it gets ``TrainScale × (time budget − predicted step time)``, converted to tokens by
@@ -441,14 +442,23 @@ class Scheduler:
             events.request_metrics.append(m)
 
     def _prefill_order(self, now: float, cost: StepCost) -> list[Sequence]:
-        """Weighted slack: feasible requests by slack/weight, then late ones by slack*weight."""
+        """Requests that can still meet their deadline first, then late ones; each group by weighted slack.
 
-        def key(seq: Sequence) -> tuple[int, float, float]:
-            slack = _deadline(seq) - now - seq.num_uncomputed_tokens * cost.prefill_token_s
+        Slack is the time left to the deadline (EDF order); priority weights it (``slack / w`` while
+        positive, ``slack * w`` once late), so a heavier request looks more urgent. Ties go to a prefill
+        already in progress, then to the earlier request. Whether a request can still make it uses the
+        predicted time of its remaining prefill. Ordering by time left, not by laxity (time left minus
+        remaining work), keeps chunked prefill finishing requests one after another instead of
+        spreading progress over all of them.
+        """
+
+        def key(seq: Sequence) -> tuple[int, float, int, int]:
+            slack = _deadline(seq) - now
             w = _weight(seq.priority)
-            if slack >= 0:
-                return (0, slack / w, seq.arrival_time)
-            return (1, slack * w, seq.arrival_time)
+            is_late = slack - seq.num_uncomputed_tokens * cost.prefill_token_s < 0
+            weighted = slack * w if slack < 0 else slack / w
+            started = 0 if seq.status is SequenceStatus.RUNNING else 1
+            return (int(is_late), weighted, started, self._order[seq.seq_id])
 
         candidates = [s for s in self.running if s.is_prefilling] + self.waiting
         return sorted(candidates, key=key)

@@ -78,7 +78,7 @@ class StepTimeModel:
         self,
         prior: StepCost | None = None,
         window: int = 128,
-        prior_weight: float = 1.0,
+        prior_weight: float = 0.1,
         min_token_cost_s: float = 1e-7,
     ) -> None:
         if window < 2:

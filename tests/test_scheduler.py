@@ -1,0 +1,477 @@
+"""Scheduler tests against a synthetic cost model (no torch, no model): fast and deterministic."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from loquetier.engine.budget import FairShare, JobDemand, TrainScale
+from loquetier.engine.scheduler import Scheduler, SchedulerConfig
+from loquetier.engine.sequence import (
+    SamplingParams,
+    ScheduledBatch,
+    Sequence,
+    SequenceStatus,
+    StepResult,
+    TrainWork,
+)
+from loquetier.engine.slo import RequestMetrics
+from loquetier.engine.step_model import StepCost, StepFeatures, StepTimeModel
+
+# The "hardware": what a step really costs. The scheduler starts from a prior that is off by ~2x.
+TRUE_COST = StepCost(
+    const_s=5e-3,
+    prefill_token_s=5e-5,
+    decode_row_s=2e-4,
+    train_token_s=1.5e-4,
+    eval_token_s=5e-5,
+    kv_token_s=2e-7,
+)
+PRIOR = StepCost(
+    const_s=2e-3,
+    prefill_token_s=1e-4,
+    decode_row_s=1e-4,
+    train_token_s=3e-4,
+    eval_token_s=1e-4,
+    kv_token_s=1e-6,
+)
+TOKEN = 7
+
+
+class FakeKV:
+    """Paged KV accounting: ``num_blocks`` blocks of ``block_size`` tokens."""
+
+    def __init__(self, num_blocks: int = 10_000, block_size: int = 16) -> None:
+        self.total_blocks = num_blocks
+        self.block_size = block_size
+        self.tokens: dict[str, int] = {}
+
+    def _blocks(self, n: int) -> int:
+        return math.ceil(n / self.block_size)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.total_blocks - sum(self._blocks(n) for n in self.tokens.values())
+
+    def can_allocate(self, seq_id: str, num_new_tokens: int) -> bool:
+        have = self.tokens.get(seq_id, 0)
+        return self._blocks(have + num_new_tokens) - self._blocks(have) <= self.num_free_blocks
+
+    def allocate(self, seq_id: str, num_new_tokens: int) -> None:
+        assert self.can_allocate(seq_id, num_new_tokens)
+        self.tokens[seq_id] = self.tokens.get(seq_id, 0) + num_new_tokens
+
+    def free(self, seq_id: str) -> None:
+        del self.tokens[seq_id]
+
+
+class FakeSlots:
+    """``capacity`` GPU slots with reference-counted pins; unpinned adapters are evicted on demand."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.refs: dict[str, int] = {}
+
+    def ensure_loaded(self, adapter_id: str) -> bool:
+        if adapter_id not in self.refs:
+            idle = [a for a, n in self.refs.items() if n == 0]
+            if len(self.refs) >= self.capacity:
+                if not idle:
+                    return False
+                del self.refs[idle[0]]
+            self.refs[adapter_id] = 0
+        self.refs[adapter_id] += 1
+        return True
+
+    def release(self, adapter_id: str) -> None:
+        self.refs[adapter_id] -= 1
+        assert self.refs[adapter_id] >= 0
+
+
+@dataclass
+class FakeJob:
+    job_id: str
+    priority: int = 0
+    min_share: float = 0.0
+    is_eval: bool = False
+    ready: int = 1_000_000
+
+    def num_ready_tokens(self) -> int:
+        return self.ready
+
+
+@dataclass
+class Sim:
+    """Drives a scheduler on a virtual clock with the synthetic cost model."""
+
+    sched: Scheduler
+    now: float = 0.0
+    batches: list[ScheduledBatch] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+    metrics: list[RequestMetrics] = field(default_factory=list)
+    noise: float = 0.0
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def step(self) -> ScheduledBatch:
+        batch = self.sched.schedule(self.now)
+        f = StepFeatures(
+            batch.num_prefill_tokens,
+            batch.num_decode_rows,
+            batch.num_train_tokens,
+            batch.num_eval_tokens,
+            batch.num_kv_tokens_read,
+        )
+        t = (
+            TRUE_COST.predict(f) * (1.0 + self.noise * self.rng.uniform(-1, 1))
+            if not batch.is_empty
+            else 1e-3
+        )
+        self.now += t
+        sampled = {s.seq_id: TOKEN for s in batch.decode_seqs}
+        sampled |= {c.seq.seq_id: TOKEN for c in batch.prefill_chunks if c.is_final}
+        events = self.sched.postprocess(
+            batch, StepResult(now=self.now, step_time_s=t, sampled_token_ids=sampled)
+        )
+        self.finished.extend(events.finished)
+        self.metrics.extend(events.request_metrics)
+        self.batches.append(batch)
+        return batch
+
+    def run(self, num_steps: int) -> None:
+        for _ in range(num_steps):
+            self.step()
+
+    def add(self, seq_id: str, prompt_len: int = 64, **kw: object) -> Sequence:
+        sampling = kw.pop("sampling", SamplingParams(max_tokens=16))
+        seq = Sequence(seq_id, [1] * prompt_len, sampling=sampling, arrival_time=self.now, **kw)  # type: ignore[arg-type]
+        self.sched.add_request(seq)
+        return seq
+
+
+def make_sim(
+    kv: FakeKV | None = None, slots: FakeSlots | None = None, noise: float = 0.0, **cfg: object
+) -> Sim:
+    config = SchedulerConfig(
+        **{"max_num_batched_tokens": 2048, "max_prefill_chunk": 512, "default_tpot_ms": 50.0, **cfg}  # type: ignore[arg-type]
+    )
+    return Sim(Scheduler(config, kv or FakeKV(), slots, prior_cost=PRIOR), noise=noise)
+
+
+# ---- dataclasses and config ---------------------------------------------------------------------
+
+
+def test_sampling_params_validation() -> None:
+    sp = SamplingParams(max_tokens=4, temperature=0.0, stop=["\n"], stop_token_ids=[2])  # type: ignore[arg-type]
+    assert sp.stop == ("\n",) and sp.stop_token_ids == (2,) and sp.is_greedy
+    hash(sp)
+    for bad in (
+        {"max_tokens": 0},
+        {"temperature": -1.0},
+        {"top_p": 0.0},
+        {"top_k": -1},
+        {"stop": [""]},
+        {"stop_token_ids": [-1]},
+    ):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)  # type: ignore[arg-type]
+
+
+def test_config_and_sequence_validation() -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32)
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_prefill_chunk=0)
+    with pytest.raises(ValueError):
+        SchedulerConfig(train_decrease=1.5)
+    with pytest.raises(ValueError):
+        Sequence("s", [])
+    with pytest.raises(ValueError):
+        Sequence("s", [1], priority=-1)
+    assert isinstance(FakeJob("j"), TrainWork)
+
+
+def test_step_model_learns_true_costs() -> None:
+    rng = random.Random(1)
+    model = StepTimeModel(PRIOR, window=64)
+    for _ in range(200):
+        f = StepFeatures(
+            rng.randint(0, 512), rng.randint(0, 64), rng.randint(0, 2048), 0, rng.randint(0, 20_000)
+        )
+        model.observe(f, TRUE_COST.predict(f))
+    c = model.cost
+    assert c.train_token_s == pytest.approx(TRUE_COST.train_token_s, rel=0.02)
+    assert c.prefill_token_s == pytest.approx(TRUE_COST.prefill_token_s, rel=0.05)
+    assert c.eval_token_s == PRIOR.eval_token_s  # never observed: stays at the prior
+    probe = StepFeatures(100, 8, 500, 0, 4000)
+    assert model.predict(probe) == pytest.approx(TRUE_COST.predict(probe), rel=0.05)
+
+
+# ---- the step -----------------------------------------------------------------------------------
+
+
+def test_training_fills_idle_capacity() -> None:
+    sim = make_sim()
+    sim.sched.add_job(FakeJob("a"))
+    sim.sched.add_job(FakeJob("b", is_eval=True))
+    sim.run(20)
+    for b in sim.batches:
+        assert b.num_train_tokens + b.num_eval_tokens >= 0.9 * 2048
+    assert sim.sched.metrics.train_tokens_by_job["a"] > 0
+    assert sim.sched.metrics.eval_tokens_by_job["b"] > 0
+
+
+def test_decode_never_starves() -> None:
+    sim = make_sim(max_num_seqs=32)
+    sim.sched.add_job(FakeJob("train", min_share=0.05))
+    seqs = [sim.add(f"r{i}", prompt_len=300, sampling=SamplingParams(max_tokens=40)) for i in range(48)]
+    for _ in range(200):
+        decoding = [s for s in sim.sched.running if not s.is_prefilling]
+        batch = sim.step()
+        # Every sequence that was decoding got a row, however much prefill and training is waiting.
+        assert all(s in batch.decode_seqs for s in decoding)
+        if not sim.sched.has_unfinished_requests:
+            break
+    assert all(s.is_finished and s.num_output_tokens == 40 for s in seqs)
+    # Once decoding, a sequence gets a token every step: no gaps between its decode rows.
+    for s in seqs:
+        rows = [i for i, b in enumerate(sim.batches) if s in b.decode_seqs]
+        assert rows == list(range(rows[0], rows[0] + len(rows)))
+
+
+def test_burst_drops_training_and_attainment_recovers() -> None:
+    sim = make_sim(noise=0.05, max_num_seqs=64)
+    sim.sched.add_job(FakeJob("train"))
+    sim.run(30)
+    assert sim.batches[-1].num_train_tokens == 2048
+    burst_step = len(sim.batches)
+    seqs = [
+        sim.add(f"b{i}", prompt_len=128, ttft_ms=2000.0, sampling=SamplingParams(max_tokens=64))
+        for i in range(32)
+    ]
+    sim.run(400)
+    after = sim.batches[burst_step : burst_step + 3]
+    assert min(b.num_train_tokens for b in after) < 0.5 * 2048
+    assert all(s.is_finished for s in seqs)
+    # Attainment recovers: the end of the burst meets TPOT, and almost every request met its SLO.
+    assert sim.sched.slo.window_attainment >= 0.95
+    assert sim.sched.slo.request_attainment >= 0.9
+    # When inference is gone, training takes the whole step again.
+    assert sim.batches[-1].num_train_tokens == 2048
+
+
+def test_decode_step_time_tracks_tpot_with_training() -> None:
+    sim = make_sim(max_num_seqs=16)
+    sim.sched.add_job(FakeJob("train"))
+    for i in range(16):
+        sim.add(f"r{i}", prompt_len=32, tpot_ms=40.0, sampling=SamplingParams(max_tokens=200))
+    sim.run(150)
+    steady = [b for b in sim.batches[50:] if b.decode_seqs and not b.prefill_chunks]
+    assert steady
+    train = [b.num_train_tokens for b in steady]
+    assert min(train) > 0  # training uses the slack left by decodes...
+    times = [
+        TRUE_COST.predict(StepFeatures(0, b.num_decode_rows, b.num_train_tokens, 0, b.num_kv_tokens_read))
+        for b in steady
+    ]
+    assert max(times) <= 0.040  # ...without pushing the step past the TPOT target
+
+
+def test_priorities_order_prefill() -> None:
+    # Only one prefill fits a step: the high-priority request goes first even though it came later.
+    sim = make_sim(max_num_batched_tokens=512, max_prefill_chunk=512, max_num_seqs=4)
+    low = sim.add("low", prompt_len=500, priority=0)
+    high = sim.add("high", prompt_len=500, priority=3)
+    first = sim.step()
+    assert first.prefill_chunks[0].seq is high and first.prefill_chunks[0].length == 500
+    assert high.num_output_tokens == 1 and low.num_output_tokens == 0
+
+
+def test_earliest_deadline_prefilled_first() -> None:
+    sim = make_sim(max_num_batched_tokens=512, max_prefill_chunk=512, max_num_seqs=4)
+    relaxed = sim.add("relaxed", prompt_len=500, ttft_ms=5000.0)
+    urgent = sim.add("urgent", prompt_len=500, ttft_ms=200.0)
+    first = sim.step().prefill_chunks
+    assert first[0].seq is urgent and first[0].length == 500
+    assert urgent.num_output_tokens == 1 and relaxed.num_output_tokens == 0
+
+
+def test_job_priorities_weight_token_shares() -> None:
+    sim = make_sim()
+    sim.sched.add_job(FakeJob("low", priority=0))
+    sim.sched.add_job(FakeJob("high", priority=1))
+    sim.run(50)
+    by_job = sim.sched.metrics.train_tokens_by_job
+    assert by_job["high"] / by_job["low"] == pytest.approx(2.0, rel=0.02)
+
+
+def test_equal_priority_jobs_get_equal_shares() -> None:
+    sim = make_sim(noise=0.05)
+    for name in ("a", "b", "c"):
+        sim.sched.add_job(FakeJob(name, priority=2))
+    rng = random.Random(3)
+    for step in range(300):
+        if rng.random() < 0.1:
+            sim.add(
+                f"r{step}",
+                prompt_len=rng.randint(16, 400),
+                sampling=SamplingParams(max_tokens=rng.randint(1, 30)),
+            )
+        sim.step()
+    by_job = sim.sched.metrics.train_tokens_by_job
+    mean = sum(by_job.values()) / 3
+    assert all(v == pytest.approx(mean, rel=0.01) for v in by_job.values()), by_job
+
+
+def test_late_joining_job_does_not_get_banked_credit() -> None:
+    sim = make_sim()
+    sim.sched.add_job(FakeJob("early"))
+    sim.run(20)
+    sim.sched.add_job(FakeJob("late"))
+    before = dict(sim.sched.metrics.train_tokens_by_job)
+    sim.run(20)
+    gained = {k: v - before.get(k, 0) for k, v in sim.sched.metrics.train_tokens_by_job.items()}
+    assert gained["early"] == pytest.approx(gained["late"], rel=0.01)
+
+
+def test_min_share_honoured_under_inference_pressure() -> None:
+    sim = make_sim(max_num_seqs=64)
+    sim.sched.add_job(FakeJob("floor", min_share=0.1))
+    sim.sched.add_job(FakeJob("best_effort"))
+    for i in range(64):
+        sim.add(f"r{i}", prompt_len=200, tpot_ms=10.0, sampling=SamplingParams(max_tokens=50))
+    sim.run(60)
+    floor = math.ceil(0.1 * 2048)
+    for b in sim.batches:
+        grant = {c.job_id: c.num_tokens for c in b.train_chunks}
+        assert grant.get("floor", 0) >= floor
+    by_job = sim.sched.metrics.train_tokens_by_job
+    assert by_job["floor"] > by_job.get("best_effort", 0)
+
+
+def test_fair_share_unit() -> None:
+    fs = FairShare()
+    demands = [JobDemand("a", 1.0, 0, 10_000, 1e-4), JobDemand("b", 3.0, 0, 10_000, 1e-4)]
+    assert fs.allocate(demands, 400, None) == {"a": 100, "b": 300}
+    # A capped job leaves its share to the other; floors are granted even past the time budget.
+    capped = [JobDemand("a", 1.0, 0, 50, 1e-4), JobDemand("b", 1.0, 0, 10_000, 1e-4)]
+    assert FairShare().allocate(capped, 400, None) == {"a": 50, "b": 350}
+    floors = [JobDemand("a", 1.0, 64, 10_000, 1e-4), JobDemand("b", 1.0, 0, 10_000, 1e-4)]
+    assert FairShare().allocate(floors, 400, 0.0) == {"a": 64}
+    scale = TrainScale(0.5, 0.1, 0.05)
+    assert scale.update(violated=True, attainment=1.0, target=0.9) == 0.5
+    assert scale.update(violated=False, attainment=0.5, target=0.9) == 0.5
+    assert scale.update(violated=False, attainment=0.95, target=0.9) == pytest.approx(0.6)
+
+
+# ---- memory, slots, abort, misses ---------------------------------------------------------------
+
+
+def test_preemption_by_recompute_and_resume() -> None:
+    kv = FakeKV(num_blocks=12, block_size=16)  # 192 tokens for everyone
+    sim = make_sim(kv=kv, max_num_seqs=4)
+    vip = sim.add("vip", prompt_len=60, priority=1, sampling=SamplingParams(max_tokens=60))
+    low = sim.add("low", prompt_len=60, priority=0, sampling=SamplingParams(max_tokens=60))
+    preempted_at = None
+    for i in range(400):
+        batch = sim.step()
+        assert kv.num_free_blocks >= 0
+        if low in batch.preempted and preempted_at is None:
+            preempted_at = i
+            assert low.status is SequenceStatus.PREEMPTED and low.num_computed_tokens == 0
+            assert "low" not in kv.tokens
+            assert vip not in batch.preempted
+        if not sim.sched.has_unfinished_requests:
+            break
+    assert preempted_at is not None
+    assert low.num_preemptions >= 1 and vip.num_preemptions == 0
+    # The preempted sequence was recomputed (prompt + its outputs so far) and finished in full.
+    recompute = [c for b in sim.batches[preempted_at + 1 :] for c in b.prefill_chunks if c.seq is low]
+    assert recompute and recompute[0].start == 0 and sum(c.length for c in recompute) > 60
+    assert low.is_finished and low.num_output_tokens == 60 and low.finish_reason == "length"
+    assert vip.is_finished and vip.num_output_tokens == 60
+    assert kv.tokens == {} and sim.sched.metrics.num_preemptions >= 1
+
+
+def test_abort_frees_kv_and_adapter() -> None:
+    kv = FakeKV(num_blocks=100)
+    slots = FakeSlots(capacity=2)
+    sim = make_sim(kv=kv, slots=slots)
+    running = sim.add("running", prompt_len=100, adapter_id="x", sampling=SamplingParams(max_tokens=100))
+    sim.run(3)
+    assert running.status is SequenceStatus.RUNNING and kv.num_free_blocks < 100 and slots.refs["x"] == 1
+    waiting = sim.add("waiting", prompt_len=10)
+    m = sim.sched.abort("running", sim.now)
+    assert m is not None and m.finish_reason == "abort"
+    assert kv.num_free_blocks == 100 and slots.refs["x"] == 0
+    assert sim.sched.abort("waiting", sim.now) is not None and waiting.is_finished
+    assert sim.sched.abort("waiting", sim.now) is None and sim.sched.abort("nope", sim.now) is None
+    assert not sim.sched.has_unfinished_requests
+    assert sim.sched.metrics.num_requests_aborted == 2 and sim.sched.slo.num_requests == 0
+    sim.run(2)  # nothing left to run, nothing breaks
+
+
+def test_abort_between_schedule_and_postprocess() -> None:
+    sim = make_sim()
+    seq = sim.add("s", prompt_len=10, sampling=SamplingParams(max_tokens=5))
+    batch = sim.sched.schedule(sim.now)
+    sim.sched.abort("s", sim.now)
+    events = sim.sched.postprocess(
+        batch, StepResult(now=1.0, step_time_s=0.01, sampled_token_ids={"s": TOKEN})
+    )
+    assert events.new_tokens == [] and seq.num_output_tokens == 0
+
+
+def test_adapter_slots_gate_admission() -> None:
+    slots = FakeSlots(capacity=1)
+    sim = make_sim(slots=slots)
+    a = sim.add("a", adapter_id="A", sampling=SamplingParams(max_tokens=5))
+    b = sim.add("b", adapter_id="B", sampling=SamplingParams(max_tokens=5))
+    base = sim.add("base", sampling=SamplingParams(max_tokens=5))
+    sim.step()
+    assert a.status is SequenceStatus.RUNNING and base.status is SequenceStatus.RUNNING
+    assert b.status is SequenceStatus.WAITING  # slot busy with A: B waits, base bypasses
+    sim.run(20)
+    assert a.is_finished and b.is_finished and base.is_finished and slots.refs == {"B": 0}
+
+
+def test_late_request_is_served_and_counted_as_miss() -> None:
+    sim = make_sim()
+    sim.sched.add_job(FakeJob("train"))
+    late = sim.add("late", prompt_len=1000, ttft_ms=1.0, sampling=SamplingParams(max_tokens=4))
+    ok = sim.add("ok", prompt_len=10, ttft_ms=5000.0, sampling=SamplingParams(max_tokens=4))
+    sim.run(30)
+    assert late.is_finished and late.num_output_tokens == 4 and ok.is_finished
+    metrics = {m.seq_id: m for m in sim.metrics}
+    assert not metrics["late"].met_ttft and not metrics["late"].met_slo
+    assert metrics["ok"].met_slo
+    assert sim.sched.slo.num_ttft_misses == 1 and sim.sched.slo.request_attainment == 0.5
+
+
+def test_stop_tokens_eos_and_external_finish() -> None:
+    config = SchedulerConfig(max_num_batched_tokens=256, max_prefill_chunk=128)
+    sim = Sim(Scheduler(config, FakeKV(), eos_token_id=TOKEN, prior_cost=PRIOR))
+    eos = sim.add("eos", sampling=SamplingParams(max_tokens=10))
+    ignore = sim.add("ignore", sampling=SamplingParams(max_tokens=3, ignore_eos=True))
+    stop_id = sim.add(
+        "stop_id", sampling=SamplingParams(max_tokens=10, stop_token_ids=(TOKEN,), ignore_eos=True)
+    )
+    stop = sim.add("stop", sampling=SamplingParams(max_tokens=10, ignore_eos=True))
+    sim.step()
+    assert eos.finish_reason == "stop" and eos.num_output_tokens == 1
+    assert stop_id.finish_reason == "stop" and stop_id.num_output_tokens == 1
+    assert sim.sched.finish("stop", "stop", sim.now) is not None and stop.finish_reason == "stop"
+    sim.run(5)
+    assert ignore.finish_reason == "length" and ignore.num_output_tokens == 3
+
+
+def test_chunked_prefill_splits_long_prompt() -> None:
+    sim = make_sim(max_prefill_chunk=128, max_num_batched_tokens=256)
+    seq = sim.add("long", prompt_len=300, sampling=SamplingParams(max_tokens=2))
+    chunks = []
+    while not seq.is_finished:
+        chunks += [(c.start, c.length) for c in sim.step().prefill_chunks]
+    assert chunks == [(0, 128), (128, 128), (256, 44)]
+    assert seq.ttft_s is not None and seq.num_output_tokens == 2
