@@ -11,6 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
+# Row-block schedules read by the Triton kernels: every block lies inside one segment and holds at
+# most this many rows. One program (per column tile) walks one block, so a segment's A/B tile is
+# read once per block, never once per row; a kernel whose BLOCK_M is smaller loops inside a block.
+FWD_BLOCK_ROWS = 64
+GRAD_BLOCK_ROWS = 256  # grad_a/grad_b kernels: fewer, longer blocks mean fewer fp32 atomics
+
+
+def _row_blocks(segments: Sequence[tuple[int, int, int]], block_rows: int) -> list[tuple[int, int, int]]:
+    """(row_start, row_end, slot) for each block of at most ``block_rows`` rows of each segment."""
+    return [
+        (row, min(row + block_rows, start + n), slot)
+        for start, n, slot in segments
+        for row in range(start, start + n, block_rows)
+    ]
+
 
 @dataclass(frozen=True)
 class SMLMMeta:
@@ -26,10 +41,15 @@ class SMLMMeta:
     seg_starts: torch.Tensor  # [S] int32, first row of each segment
     seg_lens: torch.Tensor  # [S] int32
     seg_slots: torch.Tensor  # [S] int32, slot of each segment (always >= 0)
+    blocks: torch.Tensor  # [NB, 3] int32 (row_start, row_end, slot), FWD_BLOCK_ROWS rows at most
+    grad_blocks: torch.Tensor  # [NGB, 3] int32, the same over training segments, GRAD_BLOCK_ROWS
     num_tokens: int
     num_train_tokens: int
     num_train_segments: int
     max_seg_len: int
+    num_blocks: int  # rows of `blocks` (the forward kernels' grid size)
+    num_train_blocks: int  # blocks[:num_train_blocks] cover the training rows
+    num_grad_blocks: int  # rows of `grad_blocks` (the grad_a/grad_b kernels' grid size)
     # host copies, for reference paths and the scheduler's bookkeeping (never read on the hot path)
     host_segments: tuple[tuple[int, int, int], ...]  # (start, length, slot)
 
@@ -63,18 +83,30 @@ class SMLMMeta:
                     num_train_segments += 1
             start = end
         dev = torch.device(device)
+        blocks = _row_blocks(segments, FWD_BLOCK_ROWS)
+        num_train_blocks = len(_row_blocks(segments[:num_train_segments], FWD_BLOCK_ROWS))
+        grad_blocks = _row_blocks(segments[:num_train_segments], GRAD_BLOCK_ROWS)
         token_t = torch.tensor(slots, dtype=torch.int32)
         seg_t = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3)
-        host = torch.cat([token_t, seg_t[:, 0], seg_t[:, 1], seg_t[:, 2]]).to(dev, non_blocking=True)
-        n, s = len(slots), len(segments)
+        blk_t = torch.tensor(blocks + grad_blocks, dtype=torch.int32).reshape(-1)
+        host = torch.cat([token_t, seg_t[:, 0], seg_t[:, 1], seg_t[:, 2], blk_t])
+        host = host.pin_memory() if dev.type == "cuda" else host
+        host = host.to(dev, non_blocking=True)  # one transfer, no sync
+        n, s, nb, ngb = len(slots), len(segments), len(blocks), len(grad_blocks)
+        b0 = n + 3 * s
         return cls(
             token_slots=host[:n],
             seg_starts=host[n : n + s],
             seg_lens=host[n + s : n + 2 * s],
-            seg_slots=host[n + 2 * s : n + 3 * s],
+            seg_slots=host[n + 2 * s : b0],
+            blocks=host[b0 : b0 + 3 * nb].view(nb, 3),
+            grad_blocks=host[b0 + 3 * nb : b0 + 3 * (nb + ngb)].view(ngb, 3),
             num_tokens=n,
             num_train_tokens=num_train_tokens,
             num_train_segments=num_train_segments,
             max_seg_len=max((length for _, length, _ in segments), default=0),
+            num_blocks=nb,
+            num_train_blocks=num_train_blocks,
+            num_grad_blocks=ngb,
             host_segments=tuple(segments),
         )

@@ -60,7 +60,7 @@ def force_backend(name: str | None) -> None:
     _forced = name
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0917
              loras: Sequence[LoRAPart], meta: SMLMMeta | None,
              backend: _Backend) -> tuple[torch.Tensor, list[torch.Tensor]]:
     y = F.linear(x, weight, bias)  # [T, out_total]
@@ -75,7 +75,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tensor,
+    def forward(ctx: Any, x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tensor,  # noqa: PLR0917
                 bias: torch.Tensor | None, loras: Sequence[LoRAPart], meta: SMLMMeta | None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         n_train = x_train.shape[0]
@@ -91,15 +91,12 @@ class _LoRALinear(torch.autograd.Function):
     def backward(ctx: Any, g_train: torch.Tensor, _g_rest: torch.Tensor) -> tuple[Any, ...]:
         x_train, weight, *vs = ctx.saved_tensors
         dx = g_train @ weight  # [n_train, in]
-        if vs:
-            lora_dx = torch.zeros(dx.shape, dtype=torch.float32, device=dx.device)
-            for (lora, offset), v in zip(ctx.loras, vs, strict=True):
-                lora_dx += ctx.backend.backward(g_train, x_train, v, lora, ctx.meta, offset)
-            dx = (dx.float() + lora_dx).to(dx.dtype)
+        for (lora, offset), v in zip(ctx.loras, vs, strict=True):
+            ctx.backend.backward(g_train, x_train, v, lora, ctx.meta, offset, dx)  # dx += LoRA term
         return dx, None, None, None, None, None
 
 
-def lora_linear(x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tensor,
+def lora_linear(x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tensor,  # noqa: PLR0917
                 bias: torch.Tensor | None, loras: Sequence[LoRAPart] = (),
                 meta: SMLMMeta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantics:
@@ -111,7 +108,8 @@ def lora_linear(x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tenso
     ``lora.grad_a`` / ``lora.grad_b`` (side effect of backward). The base weight is frozen.
     """
     if meta is not None and meta.num_tokens != x_train.shape[0] + x_rest.shape[0]:
-        raise ValueError(f"meta covers {meta.num_tokens} rows, batch has {x_train.shape[0] + x_rest.shape[0]}")
+        num_rows = x_train.shape[0] + x_rest.shape[0]
+        raise ValueError(f"meta covers {meta.num_tokens} rows, batch has {num_rows}")
     if meta is not None and meta.num_train_tokens != x_train.shape[0]:
         raise ValueError(f"meta has {meta.num_train_tokens} training rows, x_train has {x_train.shape[0]}")
     if x_train.requires_grad and torch.is_grad_enabled():

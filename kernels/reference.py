@@ -27,7 +27,9 @@ def shrink_ref(x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> torch.Tenso
     return v
 
 
-def expand_ref(y: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta, out_offset: int = 0) -> None:
+def expand_ref(
+    y: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta, out_offset: int = 0
+) -> None:
     """Semantics (in place):
         for (start, n, s) in segments: r = ranks[s]
             y[start:start+n, out_offset:out_offset+out] += scales[s] * v[start:start+n, :r] @ b[s, :r]
@@ -44,13 +46,14 @@ def expand_ref(y: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMet
             rows.copy_((rows.float() + delta).to(y.dtype))
 
 
-def backward_ref(
+def backward_ref(  # noqa: PLR0917
     g: torch.Tensor,
     x: torch.Tensor,
     v: torch.Tensor,
     lora: ModuleLoRA,
     meta: SMLMMeta,
     out_offset: int = 0,
+    dx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Semantics, over the training segments only (rows [0, num_train_tokens)):
         dx = zeros(n_train, in)
@@ -61,8 +64,12 @@ def backward_ref(
             grad_a[s, :r] += dv.T @ x[start:start+n]                   # accumulated, fp32
             grad_b[s, :r] += c * v[start:start+n, :r].T @ gs           # accumulated, fp32
     g: [n_train, out_total] grad of the layer output, x: [n_train, in] layer input,
-    v: [n_train, max_rank] fp32 shrink output. Returns dx: [n_train, in] fp32.
+    v: [n_train, max_rank] fp32 shrink output. Returns dx: [n_train, in] fp32; when ``dx`` is given
+    (any float dtype) the LoRA term is added into it in place and it is returned instead.
     """
+    if dx is not None:
+        dx.copy_(dx.float() + backward_ref(g, x, v, lora, meta, out_offset))
+        return dx
     n_train = meta.num_train_tokens
     dx = torch.zeros(n_train, lora.in_features, dtype=torch.float32, device=g.device)
     if lora.grad_a is None or lora.grad_b is None:

@@ -1,0 +1,178 @@
+"""SMLM launchers: the Triton twins of ``kernels/reference.py`` (same signatures, same semantics).
+
+Each launcher asserts shapes and dtypes, picks block sizes from host-side sizes only (the metadata's
+host ints, never a device read), and launches one kernel of ``kernels/smlm_jit.py`` over the
+row-block schedule that ``SMLMMeta.build`` copied to the device. Nothing here syncs with the GPU,
+so a forward can be captured in a CUDA graph.
+
+Kernel count per call: ``shrink`` 1, ``expand`` 1, ``backward`` 4 (dv, dx, grad_a, grad_b), each
+covering every adapter of the batch at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .meta import SMLMMeta
+from .smlm_jit import expand_kernel, grad_kernel, shrink_kernel
+from .weights import ModuleLoRA
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_RANK_STEP = 16  # expand's loop step over the rank: the smallest tl.dot K
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    block_m: int
+    block_n: int  # output columns (expand, grad) or the K step (shrink)
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: few programs, but enough that split-K is exercised
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _block_m(max_rows: int) -> int:
+    return 16 if max_rows <= 16 else 32 if max_rows <= 32 else 64
+
+
+def _block_r(max_rank: int) -> int:
+    return max(16, triton.next_power_of_2(max_rank))
+
+
+def _dot_kwargs(w: torch.Tensor) -> dict[str, object]:
+    return {"UPCAST": INTERPRET, "PREC": "ieee" if w.dtype == torch.float32 else "tf32"}
+
+
+def _check(lora: ModuleLoRA, x: torch.Tensor, k: int) -> None:
+    assert x.dim() == 2 and x.shape[1] == k, f"expected [T, {k}], got {tuple(x.shape)}"
+    assert lora.a.stride(2) == 1 and lora.b.stride(2) == 1, "LoRA weights must be contiguous per row"
+    assert lora.ranks.dtype == torch.int32 and lora.scales.dtype == torch.float32
+    assert lora.max_rank <= 128, "ranks above 128 need a wider accumulator tile"
+
+
+def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
+                 blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool) -> None:
+    """v[rows, :r] = (scale *) x[rows] @ w[slot, :r].T over ``blocks`` (v zero-initialised)."""
+    k = x.shape[1]
+    block_m, block_r = _block_m(max_rows), _block_r(lora.max_rank)
+    block_k = 128 if block_m * block_r <= 64 * 64 else 64
+    # Split K across programs when the blocks alone cannot fill the GPU (decode): each slot's
+    # A tile is still read once per block, just by several programs.
+    split_k = max(1, min(triton.cdiv(4 * _num_sms(x.device), num_blocks), triton.cdiv(k, 2 * block_k)))
+    shrink_kernel[(num_blocks, split_k)](
+        x, x.stride(0), x.stride(1),
+        w, w.stride(0), w.stride(1), w.stride(2),
+        v, v.stride(0),
+        lora.ranks, lora.scales, blocks,
+        k,
+        HAS_SCALE=with_scale, SPLIT_K=split_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=4, num_stages=3, **_dot_kwargs(w),
+    )
+
+
+def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
+                 blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool) -> None:
+    """y[rows] += (scale *) v[rows, :r] @ w[slot, :r] over ``blocks``, in place."""
+    n = y.shape[1]
+    block_m = _block_m(max_rows)
+    block_n = 128 if INTERPRET or block_m >= 32 else 256
+    grid = (num_blocks, triton.cdiv(n, block_n))
+    expand_kernel[grid](
+        y, y.stride(0), y.stride(1),
+        v, v.stride(0),
+        w, w.stride(0), w.stride(1), w.stride(2),
+        lora.ranks, lora.scales, blocks,
+        n,
+        HAS_SCALE=with_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
+        num_warps=4, num_stages=2, **_dot_kwargs(w),
+    )
+
+
+def _grad_into(grad: torch.Tensor, left: torch.Tensor, x: torch.Tensor, lora: ModuleLoRA, *,
+               meta: SMLMMeta, with_scale: bool) -> None:
+    """grad[slot, :r] += (scale *) left[rows, :r].T @ x[rows] over the training blocks (atomics)."""
+    n = x.shape[1]
+    assert grad.stride(2) == 1 and grad.dtype == torch.float32
+    block_n = 128
+    grid = (meta.num_grad_blocks, triton.cdiv(n, block_n))
+    grad_kernel[grid](
+        grad, grad.stride(0), grad.stride(1),
+        left, left.stride(0),
+        x, x.stride(0), x.stride(1),
+        lora.ranks, lora.scales, meta.grad_blocks,
+        n,
+        HAS_SCALE=with_scale,
+        BLOCK_M=64, BLOCK_N=block_n, BLOCK_R=_block_r(lora.max_rank),
+        num_warps=4, num_stages=3, **_dot_kwargs(x),
+    )
+
+
+def shrink(x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> torch.Tensor:
+    """Semantics: see ``reference.shrink_ref``. x: [T, in]; returns v: [T, max_rank] fp32."""
+    _check(lora, x, lora.in_features)
+    assert x.dtype == lora.a.dtype, f"x is {x.dtype}, lora.a is {lora.a.dtype}"
+    v = torch.zeros(x.shape[0], lora.max_rank, dtype=torch.float32, device=x.device)
+    if meta.num_blocks:
+        _shrink_into(v, x, lora.a, lora, blocks=meta.blocks, num_blocks=meta.num_blocks,
+                     max_rows=meta.max_seg_len, with_scale=False)
+    return v
+
+
+def expand(y: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta, out_offset: int = 0) -> None:
+    """Semantics: see ``reference.expand_ref``. y: [T, out_total] (any strides), v: [T, max_rank] fp32."""
+    out = lora.out_features
+    assert y.dim() == 2 and 0 <= out_offset and out_offset + out <= y.shape[1]
+    assert v.dtype == torch.float32 and v.shape == (y.shape[0], lora.max_rank) and v.stride(1) == 1
+    if meta.num_blocks:
+        _expand_into(y.narrow(1, out_offset, out), v, lora.b, lora, blocks=meta.blocks,
+                     num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True)
+
+
+def _check_train_slots(lora: ModuleLoRA, meta: SMLMMeta) -> None:
+    """Host-only check that every training segment of a targeted adapter is a training slot."""
+    ranks = lora.host_ranks
+    for _, _, slot in meta.host_segments[: meta.num_train_segments]:
+        if slot >= lora.num_train_slots and (ranks is None or ranks[slot] > 0):
+            raise ValueError(f"slot {slot} holds training rows but is not a training slot")
+
+
+def backward(  # noqa: PLR0917
+    g: torch.Tensor, x: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta,
+             out_offset: int = 0, dx: torch.Tensor | None = None) -> torch.Tensor:
+    """Semantics: see ``reference.backward_ref``; dx, when given ([n_train, in], any float dtype),
+    is accumulated into in place and returned instead of a fresh fp32 buffer.
+    g: [n_train, out_total], x: [n_train, in], v: [n_train, max_rank] fp32 (shrink's training rows).
+    """
+    n_train = meta.num_train_tokens
+    if dx is None:
+        dx = torch.zeros(n_train, lora.in_features, dtype=torch.float32, device=g.device)
+    assert dx.shape == (n_train, lora.in_features)
+    if not meta.num_train_segments:
+        return dx
+    if lora.grad_a is None or lora.grad_b is None:
+        raise ValueError("training rows present but this module has no gradient storage")
+    _check(lora, x, lora.in_features)
+    assert g.shape[0] == n_train and v.shape == (n_train, lora.max_rank) and v.dtype == torch.float32
+    assert x.dtype == g.dtype == lora.a.dtype
+    _check_train_slots(lora, meta)
+    gs = g.narrow(1, out_offset, lora.out_features)  # [n_train, out]
+    max_rows = min(meta.max_seg_len, 64)
+    dv = torch.zeros(n_train, lora.max_rank, dtype=torch.float32, device=g.device)
+    train = {"blocks": meta.blocks, "num_blocks": meta.num_train_blocks, "max_rows": max_rows}
+    _shrink_into(dv, gs, lora.b, lora, **train, with_scale=True)  # dv = c * g @ b.T
+    _expand_into(dx, dv, lora.a, lora, **train, with_scale=False)  # dx += dv @ a
+    _grad_into(lora.grad_a, dv, x, lora, meta=meta, with_scale=False)  # grad_a += dv.T @ x
+    _grad_into(lora.grad_b, v, gs, lora, meta=meta, with_scale=True)  # grad_b += c * v.T @ g
+    return dx

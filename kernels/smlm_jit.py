@@ -1,0 +1,156 @@
+"""The three Triton kernels behind SMLM. Launch them only through ``kernels/smlm.py``.
+
+Every kernel walks a row-block schedule (``SMLMMeta.blocks`` / ``train_blocks``): program ``pid0``
+owns the rows ``[row_start, row_end)`` of one segment, all using adapter ``slot``. A program whose
+slot has rank 0 does nothing; ranks bound the loops and the masks, so an adapter of rank 8 moves
+(and in ``expand`` multiplies) rank-8 tiles even when the pool's ``max_rank`` is 64.
+
+``UPCAST`` (the interpreter) runs every ``tl.dot`` in fp32: the interpreter's bf16/fp16 dot is wrong.
+On the GPU, ``tl.dot`` takes the weights' dtype and accumulates in fp32; fp32 weights use IEEE fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def shrink_kernel(  # noqa: PLR0917
+    x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input (or of the output grad)
+    w_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] a (or b in backward), model dtype
+    v_ptr, stride_vm,  # [T, R] fp32, zero-initialised; columns [0, rank) are written
+    ranks_ptr, scales_ptr, blocks_ptr,
+    K,
+    HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """v[rows, :r] (+)= (scale[slot] *) x[rows] @ w[slot, :r].T for one block, one K split."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    row_end = tl.where(r > 0, row_end, row_start)  # rank 0: the row loop runs zero times
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + slot.to(tl.int64) * stride_ws
+    w_rows = w_base + offs_r[:, None] * stride_wr  # [BLOCK_R, 1]
+    r_mask = offs_r < r
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scales_ptr + slot)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < k_hi
+            xt = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_rows + ks[None, :] * stride_wk, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = _dot(xt, tl.trans(wt), acc, UPCAST, PREC)
+        acc = acc * scale
+        v_tile = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :]
+        v_mask = m_mask[:, None] & r_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(v_tile, acc, mask=v_mask)
+        else:
+            tl.atomic_add(v_tile, acc, mask=v_mask, sem="relaxed")
+
+
+@triton.jit
+def expand_kernel(  # noqa: PLR0917
+    y_ptr, stride_ym, stride_yn,  # [T, N] a column slice of the base output (any strides), in place
+    v_ptr, stride_vm,  # [T, R] fp32
+    w_ptr, stride_ws, stride_wr, stride_wn,  # [S, R, N] b (or a in backward), model dtype
+    ranks_ptr, scales_ptr, blocks_ptr,
+    N,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, one column tile."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    row_end = tl.where(r > 0, row_end, row_start)
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scales_ptr + slot)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    w_base = w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, r, BLOCK_R):  # rank-aware: rank 8 runs one 16-wide step, rank 64 four
+            rs = r0 + offs_r
+            rr_mask = rs < r
+            vt = tl.load(v_rows + rs[None, :], mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
+            wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, PREC)
+        y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        y_mask = m_mask[:, None] & n_mask[None, :]
+        yt = tl.load(y_tile, mask=y_mask, other=0.0)
+        tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
+
+
+@triton.jit
+def grad_kernel(  # noqa: PLR0917
+    grad_ptr, stride_gs, stride_gr,  # [S_train, R, N] fp32, accumulated with atomics
+    l_ptr, stride_lm,  # [T_train, R] fp32 (dv for grad_a, v for grad_b)
+    x_ptr, stride_xm, stride_xn,  # [T_train, N] model dtype (x for grad_a, the grad slice for grad_b)
+    ranks_ptr, scales_ptr, blocks_ptr,
+    N,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """grad[slot, :r, cols] += (scale[slot] *) l[rows, :r].T @ x[rows, cols] for one block, one tile."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    if r > 0:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < r
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < row_end
+            rows = offs_m.to(tl.int64)
+            lt = tl.load(l_ptr + rows[None, :] * stride_lm + offs_r[:, None],
+                         mask=r_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_M]
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_n[None, :] * stride_xn,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_N]
+            acc = _dot(lt.to(xt.dtype), xt, acc, UPCAST, PREC)
+        if HAS_SCALE:
+            acc = acc * tl.load(scales_ptr + slot)
+        g_tile = grad_ptr + slot.to(tl.int64) * stride_gs + offs_r[:, None] * stride_gr + offs_n[None, :]
+        tl.atomic_add(g_tile, acc, mask=r_mask[:, None] & n_mask[None, :], sem="relaxed")
