@@ -44,9 +44,10 @@ TOKEN = 7
 class FakeKV:
     """Paged KV accounting: ``num_blocks`` blocks of ``block_size`` tokens."""
 
-    def __init__(self, num_blocks: int = 10_000, block_size: int = 16) -> None:
+    def __init__(self, num_blocks: int = 10_000, block_size: int = 16, prefix_hit: int = 0) -> None:
         self.total_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_hit = prefix_hit  # tokens "found" in a prefix cache at admission
         self.tokens: dict[str, int] = {}
 
     def _blocks(self, n: int) -> int:
@@ -60,9 +61,11 @@ class FakeKV:
         have = self.tokens.get(seq_id, 0)
         return self._blocks(have + num_new_tokens) - self._blocks(have) <= self.num_free_blocks
 
-    def allocate(self, seq_id: str, num_new_tokens: int) -> None:
+    def allocate(self, seq_id: str, num_new_tokens: int) -> int:
         assert self.can_allocate(seq_id, num_new_tokens)
+        is_admission = seq_id not in self.tokens
         self.tokens[seq_id] = self.tokens.get(seq_id, 0) + num_new_tokens
+        return min(self.prefix_hit, num_new_tokens - 1) if is_admission else 0
 
     def free(self, seq_id: str) -> None:
         del self.tokens[seq_id]
@@ -475,3 +478,13 @@ def test_chunked_prefill_splits_long_prompt() -> None:
         chunks += [(c.start, c.length) for c in sim.step().prefill_chunks]
     assert chunks == [(0, 128), (128, 128), (256, 44)]
     assert seq.ttft_s is not None and seq.num_output_tokens == 2
+
+
+def test_prefix_cache_hits_skip_prefill() -> None:
+    sim = make_sim(kv=FakeKV(prefix_hit=48))
+    seq = sim.add("s", prompt_len=100, sampling=SamplingParams(max_tokens=2))
+    chunk = sim.step().prefill_chunks[0]
+    assert (chunk.start, chunk.length) == (48, 52) and seq.num_output_tokens == 1
+    short = sim.add("short", prompt_len=10, sampling=SamplingParams(max_tokens=1))
+    chunk = sim.step().prefill_chunks[0]
+    assert chunk.seq is short and (chunk.start, chunk.length) == (9, 1)  # at least one token computed

@@ -4,7 +4,7 @@ Each ``schedule(now)``:
 
 1. **Decode** — every running sequence past its prefill gets one row (TPOT first; decode never
    starves). A row that cannot get a KV slot preempts by recompute the least important unscheduled
-   running sequence (lowest priority, then latest arrival), possibly itself.
+   running sequence (lowest priority, then latest arrival; prefilling ones included), possibly itself.
 2. **Training floors** — each job with work keeps ``ceil(min_share * max_num_batched_tokens)``
    tokens (and jobs together at least ``min_train_tokens_per_step``), even under inference pressure.
 3. **Prefill** — running-but-prefilling and waiting sequences in order of weighted TTFT slack
@@ -13,7 +13,8 @@ Each ``schedule(now)``:
    step's token budget and the time budget of the running decodes (at least
    ``min_prefill_tokens_per_step`` so prefill always progresses). Admission needs a free sequence
    slot, KV for the chunk (``KVAllocator``) and a GPU slot for the adapter (``AdapterSlots``); a
-   waiting request never preempts a running one (a running prefill may preempt less important ones).
+   waiting request never preempts a running one. KV for the whole sequence is reserved at admission
+   (prefix-cache hits skip ahead), so later chunks need no allocation.
 4. **Training/eval** — the rest of the step, shared among jobs by ``FairShare`` (weight
    ``1 + priority``). With no inference in the system, training takes the whole token budget. With
    inference, it gets ``TrainScale × (time budget − predicted step time)``, converted to tokens by
@@ -47,11 +48,24 @@ from loquetier.engine.step_model import StepCost, StepFeatures, StepTimeModel
 
 
 class KVAllocator(Protocol):
-    """KV memory, implemented by the block manager. Token counts are per sequence, appended."""
+    """KV memory, implemented by the block manager (through a thin adapter). Counts are per sequence.
+
+    The scheduler calls ``allocate`` in two ways:
+
+    - **admission** (the sequence holds nothing yet): ``allocate(seq_id, seq.num_tokens)`` reserves
+      the whole prompt (plus outputs so far, after a preemption). It returns how many leading tokens
+      already have K/V (prefix-cache hits, at most ``num_tokens - 1``; 0 without a prefix cache); the
+      scheduler starts the prefill there. Chunked prefill then needs no further allocation.
+    - **decode**: ``allocate(seq_id, 1)`` makes room for ``seq.token_ids[-1]`` (the token fed this
+      step, at position ``seq.num_computed_tokens``), i.e. ``BlockManager.append(seq_id, [token])``.
+
+    ``can_allocate`` is asked first with the same arguments; ``free`` releases everything (finish,
+    abort, preemption). The adapter can look sequences up with ``Scheduler.get(seq_id)``.
+    """
 
     def can_allocate(self, seq_id: str, num_new_tokens: int) -> bool: ...
 
-    def allocate(self, seq_id: str, num_new_tokens: int) -> None: ...
+    def allocate(self, seq_id: str, num_new_tokens: int) -> int: ...
 
     def free(self, seq_id: str) -> None: ...
 
@@ -228,7 +242,7 @@ class Scheduler:
         for seq in sorted(self.running, key=self._importance, reverse=True):
             if seq.is_prefilling or seq.status is not SequenceStatus.RUNNING:
                 continue
-            if not self._make_room(seq, 1, scheduled, batch, allow_self=True):
+            if not self._make_room(seq, scheduled, batch):
                 continue
             self.kv.allocate(seq.seq_id, 1)
             batch.decode_seqs.append(seq)
@@ -258,11 +272,11 @@ class Scheduler:
                 if not batch.prefill_chunks:
                     by_time = max(by_time, cfg.min_prefill_tokens_per_step)
                 allowance = min(allowance, by_time)
-            length = min(seq.num_uncomputed_tokens, cfg.max_prefill_chunk, allowance)
-            if length <= 0:
+            if allowance <= 0:
                 break
-            if not self._grant_prefill(seq, length, scheduled, batch):
+            if seq.status is not SequenceStatus.RUNNING and not self._admit(seq):
                 continue
+            length = min(seq.num_uncomputed_tokens, cfg.max_prefill_chunk, allowance)
             chunk = PrefillChunk(seq, seq.num_computed_tokens, length)
             batch.prefill_chunks.append(chunk)
             scheduled.add(seq.seq_id)
@@ -346,34 +360,28 @@ class Scheduler:
         """Higher is more important: priority, then earlier arrival, then earlier add_request."""
         return (seq.priority, -seq.arrival_time, -self._order[seq.seq_id])
 
-    def _make_room(
-        self, seq: Sequence, num_tokens: int, scheduled: set[str], batch: ScheduledBatch, allow_self: bool
-    ) -> bool:
-        """Preempt less important unscheduled running sequences until ``seq`` fits; False if it can't."""
-        while not self.kv.can_allocate(seq.seq_id, num_tokens):
+    def _make_room(self, seq: Sequence, scheduled: set[str], batch: ScheduledBatch) -> bool:
+        """Preempt the least important unscheduled running sequences until ``seq`` can decode one more
+        token; when none is left, ``seq`` itself is preempted and False returned."""
+        while not self.kv.can_allocate(seq.seq_id, 1):
             candidates = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
-            if not allow_self:
-                candidates = [s for s in candidates if self._importance(s) < self._importance(seq)]
             if not candidates:
-                if allow_self:
-                    self._preempt(seq, batch)
+                self._preempt(seq, batch)
                 return False
             self._preempt(min(candidates, key=self._importance), batch)
         return True
 
-    def _grant_prefill(self, seq: Sequence, length: int, scheduled: set[str], batch: ScheduledBatch) -> bool:
-        if seq.status is SequenceStatus.RUNNING:
-            if not self._make_room(seq, length, scheduled, batch, allow_self=False):
-                return False
-            self.kv.allocate(seq.seq_id, length)
-            return True
-        # Admission of a WAITING / PREEMPTED sequence.
-        if len(self.running) >= self.config.max_num_seqs or not self.kv.can_allocate(seq.seq_id, length):
+    def _admit(self, seq: Sequence) -> bool:
+        """WAITING / PREEMPTED -> RUNNING: a sequence slot, KV for all its tokens, an adapter slot."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        if not self.kv.can_allocate(seq.seq_id, seq.num_tokens):
             return False
         if seq.adapter_id is not None and self.adapters is not None:
             if not self.adapters.ensure_loaded(seq.adapter_id):
                 return False
-        self.kv.allocate(seq.seq_id, length)
+        num_cached = self.kv.allocate(seq.seq_id, seq.num_tokens)
+        seq.num_computed_tokens = max(0, min(num_cached, seq.num_tokens - 1))
         self.waiting.remove(seq)
         self.running.append(seq)
         seq.status = SequenceStatus.RUNNING
