@@ -1,0 +1,60 @@
+"""Engine limits: one frozen, validated dataclass (process settings live in loquetier.settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_num_seqs: int = 64  # running inference sequences
+    max_num_batched_tokens: int = 2048  # rows in one step: decode + prefill + train + eval
+    max_prefill_chunk: int = 512
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped at 8192)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_memory_gb
+    kv_memory_gb: float = 1.0
+    max_adapter_slots: int = 8  # GPU slots, training slots included
+    num_train_slots: int = 4  # slots [0, num_train_slots) carry gradients
+    max_lora_rank: int = 64
+    adapter_cache_bytes: int = 2 << 30  # CPU registry bound (LRU)
+    enable_prefix_caching: bool = True
+    gradient_checkpointing: bool = False
+    default_ttft_ms: float = 1000.0
+    default_tpot_ms: float = 100.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "block_size",
+                     "max_adapter_slots", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ValueError("max_prefill_chunk must be <= max_num_batched_tokens")
+        if not 0 <= self.num_train_slots <= self.max_adapter_slots:
+            raise ValueError("num_train_slots must be in [0, max_adapter_slots]")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")
+        if self.kv_memory_gb <= 0:
+            raise ValueError("kv_memory_gb must be > 0")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine limits {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
