@@ -1,0 +1,306 @@
+"""Replay an arrival trace through the scheduler on a synthetic cost model (no model, no GPU).
+
+    python benchmarks/sim_scheduler.py                       # all three traces
+    python benchmarks/sim_scheduler.py --trace burst --rate 6 --jobs 2 --duration 120
+
+Traces: ``poisson`` (constant rate), ``burst`` (a base rate with periodic bursts of ``--burst-x``
+times the rate), ``step`` (the rate steps 0.25x -> 1x -> 2x -> 0.5x over four equal phases).
+Each request draws its prompt and output lengths from the given ranges; ``--jobs`` training jobs
+(equal priority unless ``--job-priorities``) keep work ready all the time. The step time comes from
+``SyntheticCost`` (a linear model with multiplicative noise); the scheduler starts from a prior that is
+off by 2x and fits the truth online.
+
+Prints, per trace: SLO attainment (requests, and the final token-level window), TTFT and TPOT
+percentiles, training tokens/s per job against training alone, preemptions and step overruns, then
+a per-phase table (attainment and training share over time) so recovery after load changes shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loquetier.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from loquetier.engine.sequence import SamplingParams, ScheduledBatch, Sequence, StepResult  # noqa: E402
+from loquetier.engine.slo import RequestMetrics  # noqa: E402
+from loquetier.engine.step_model import StepCost, StepFeatures  # noqa: E402
+
+# Roughly a 1B-parameter decoder on one modern GPU, in seconds.
+TRUE_COST = StepCost(
+    const_s=6e-3,
+    prefill_token_s=4e-5,
+    decode_row_s=1.5e-4,
+    train_token_s=1.2e-4,
+    eval_token_s=4e-5,
+    kv_token_s=3e-8,
+)
+PRIOR = StepCost(*(2.0 * c for c in TRUE_COST.as_tuple()))
+
+
+@dataclass
+class SimKV:
+    num_blocks: int
+    block_size: int = 16
+    tokens: dict[str, int] = field(default_factory=dict)
+    used: int = 0
+
+    def _blocks(self, n: int) -> int:
+        return -(-n // self.block_size)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.num_blocks - self.used
+
+    def can_allocate(self, seq_id: str, num_new_tokens: int) -> bool:
+        have = self.tokens.get(seq_id, 0)
+        return self._blocks(have + num_new_tokens) - self._blocks(have) <= self.num_free_blocks
+
+    def allocate(self, seq_id: str, num_new_tokens: int) -> int:
+        have = self.tokens.get(seq_id, 0)
+        self.used += self._blocks(have + num_new_tokens) - self._blocks(have)
+        self.tokens[seq_id] = have + num_new_tokens
+        return 0
+
+    def free(self, seq_id: str) -> None:
+        self.used -= self._blocks(self.tokens.pop(seq_id))
+
+
+@dataclass
+class SimJob:
+    job_id: str
+    priority: int = 0
+    min_share: float = 0.0
+    is_eval: bool = False
+
+    def num_ready_tokens(self) -> int:
+        return 1 << 30
+
+
+@dataclass(frozen=True)
+class Arrival:
+    time: float
+    prompt_len: int
+    max_tokens: int
+    priority: int
+
+
+def poisson_times(rng: random.Random, rate_at: object, duration: float, peak: float) -> Iterator[float]:
+    """Non-homogeneous Poisson arrivals by thinning: ``rate_at(t)`` <= ``peak``."""
+    assert callable(rate_at)
+    t = 0.0
+    while True:
+        t += rng.expovariate(peak)
+        if t >= duration:
+            return
+        if rng.random() * peak <= rate_at(t):
+            yield t
+
+
+def make_trace(name: str, args: argparse.Namespace, rng: random.Random) -> list[Arrival]:
+    rate, duration = args.rate, args.duration
+    if name == "poisson":
+
+        def rate_at(t: float) -> float:
+            return float(rate)
+
+        peak = rate
+    elif name == "burst":
+
+        def rate_at(t: float) -> float:
+            in_burst = (t % args.burst_every) < args.burst_len
+            return float(rate * args.burst_x if in_burst else rate)
+
+        peak = rate * args.burst_x
+    elif name == "step":
+        levels = (0.25, 1.0, 2.0, 0.5)
+
+        def rate_at(t: float) -> float:
+            return rate * levels[min(len(levels) - 1, int(4 * t / duration))]
+
+        peak = rate * max(levels)
+    else:
+        raise ValueError(f"unknown trace {name!r}")
+    return [
+        Arrival(
+            time=t,
+            prompt_len=rng.randint(*args.prompt_len),
+            max_tokens=rng.randint(*args.output_len),
+            priority=rng.choice(args.request_priorities),
+        )
+        for t in poisson_times(rng, rate_at, duration, peak)
+    ]
+
+
+@dataclass
+class Phase:
+    """Counters for one slice of simulated time."""
+
+    steps: int = 0
+    busy_s: float = 0.0
+    train_tokens: int = 0
+    batched_tokens: int = 0
+    requests: int = 0
+    requests_met: int = 0
+
+
+def simulate(name: str, args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    noise_rng = random.Random(args.seed + 1)
+    trace = make_trace(name, args, rng)
+    config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_prefill_chunk=args.max_prefill_chunk,
+        default_ttft_ms=args.ttft_ms,
+        default_tpot_ms=args.tpot_ms,
+    )
+    sched = Scheduler(config, SimKV(args.kv_blocks), prior_cost=PRIOR)
+    priorities = args.job_priorities or [0] * args.jobs
+    for i in range(args.jobs):
+        sched.add_job(SimJob(f"job{i}", priority=priorities[i % len(priorities)], min_share=args.min_share))
+
+    num_phases = args.phases
+    phases = [Phase() for _ in range(num_phases)]
+    finished: list[RequestMetrics] = []
+    now, next_arrival = 0.0, 0
+    while now < args.duration or sched.has_unfinished_requests:
+        while next_arrival < len(trace) and trace[next_arrival].time <= now:
+            a = trace[next_arrival]
+            sched.add_request(
+                Sequence(
+                    f"r{next_arrival}",
+                    [1] * a.prompt_len,
+                    sampling=SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
+                    priority=a.priority,
+                    arrival_time=a.time,
+                )
+            )
+            next_arrival += 1
+        batch = sched.schedule(now)
+        if batch.is_empty:  # nothing at all to do: jump to the next arrival
+            if next_arrival >= len(trace):
+                break
+            now = trace[next_arrival].time
+            continue
+        step_s = step_time(batch, noise_rng, args.noise)
+        now += step_s
+        sampled = {s.seq_id: 1 for s in batch.decode_seqs}
+        sampled |= {c.seq.seq_id: 1 for c in batch.prefill_chunks if c.is_final}
+        events = sched.postprocess(batch, StepResult(now=now, step_time_s=step_s, sampled_token_ids=sampled))
+        phase = phases[min(num_phases - 1, int(num_phases * (now - step_s) / args.duration))]
+        phase.steps += 1
+        phase.busy_s += step_s
+        phase.train_tokens += batch.num_train_tokens
+        phase.batched_tokens += batch.num_batched_tokens
+        for m in events.request_metrics:
+            finished.append(m)
+            p = phases[min(num_phases - 1, int(num_phases * m.arrival_time / args.duration))]
+            p.requests += 1
+            p.requests_met += int(m.met_slo)
+
+    report(name, args=args, sched=sched, finished=finished, phases=phases, end=now)
+
+
+def step_time(batch: ScheduledBatch, rng: random.Random, noise: float) -> float:
+    f = StepFeatures(
+        batch.num_prefill_tokens,
+        batch.num_decode_rows,
+        batch.num_train_tokens,
+        batch.num_eval_tokens,
+        batch.num_kv_tokens_read,
+    )
+    return TRUE_COST.predict(f) * (1.0 + noise * rng.uniform(-1.0, 1.0))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def report(
+    name: str,
+    *,
+    args: argparse.Namespace,
+    sched: Scheduler,
+    finished: list[RequestMetrics],
+    phases: list[Phase],
+    end: float,
+) -> None:
+    m = sched.metrics
+    ttft = [x.ttft_s * 1e3 for x in finished if x.ttft_s is not None]
+    tpot = [x.mean_tpot_s * 1e3 for x in finished if x.mean_tpot_s is not None]
+    alone = args.max_num_batched_tokens / TRUE_COST.predict(
+        StepFeatures(train_tokens=args.max_num_batched_tokens)
+    )
+    print(f"\n== trace {name}: {len(finished)} requests over {args.duration:.0f}s (ran to {end:.1f}s)")
+    print(
+        f"SLO attainment: requests {sched.slo.request_attainment:.3f}"
+        f"  (TTFT misses {sched.slo.num_ttft_misses}, TPOT misses {sched.slo.num_tpot_misses})"
+        f"  token-window {sched.slo.window_attainment:.3f}"
+    )
+    print(f"TTFT ms  p50 {pct(ttft, 0.5):8.1f}  p90 {pct(ttft, 0.9):8.1f}  p99 {pct(ttft, 0.99):8.1f}")
+    print(f"TPOT ms  p50 {pct(tpot, 0.5):8.1f}  p90 {pct(tpot, 0.9):8.1f}  p99 {pct(tpot, 0.99):8.1f}")
+    total = sum(m.train_tokens_by_job.values())
+    print(
+        f"training: {total / end:,.0f} tok/s total = {total / end / alone:.1%} of training alone"
+        f" ({alone:,.0f} tok/s); steps {m.num_steps}, preemptions {m.num_preemptions},"
+        f" overruns {m.num_step_overruns}"
+    )
+    for job_id, n in sorted(m.train_tokens_by_job.items()):
+        print(
+            f"  {job_id}: {n / end:,.0f} tok/s ({n / total:.1%} of training)" if total else f"  {job_id}: 0"
+        )
+    print("phase  requests  attainment  train-share-of-tokens  train tok/s")
+    width = args.duration / len(phases)
+    for i, p in enumerate(phases):
+        span = width if i < len(phases) - 1 else max(width, end - i * width)  # the last one runs to the end
+        att = p.requests_met / p.requests if p.requests else math.nan
+        share = p.train_tokens / p.batched_tokens if p.batched_tokens else math.nan
+        print(
+            f"{i * width:5.0f}s  {p.requests:8d}  {att:10.3f}  {share:21.3f}  {p.train_tokens / span:11,.0f}"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", choices=("poisson", "burst", "step", "all"), default="all")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
+    ap.add_argument("--rate", type=float, default=4.0, help="requests/s (base rate)")
+    ap.add_argument("--burst-x", type=float, default=8.0, help="rate multiplier inside a burst")
+    ap.add_argument("--burst-every", type=float, default=20.0)
+    ap.add_argument("--burst-len", type=float, default=3.0)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    ap.add_argument("--request-priorities", type=int, nargs="+", default=[0])
+    ap.add_argument("--ttft-ms", type=float, default=1000.0)
+    ap.add_argument("--tpot-ms", type=float, default=50.0)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--job-priorities", type=int, nargs="*", default=None)
+    ap.add_argument("--min-share", type=float, default=0.0)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-prefill-chunk", type=int, default=512)
+    ap.add_argument("--kv-blocks", type=int, default=4096)
+    ap.add_argument("--noise", type=float, default=0.05, help="relative step-time noise")
+    ap.add_argument("--phases", type=int, default=8, help="rows of the per-phase table")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    for name in ("poisson", "burst", "step") if args.trace == "all" else (args.trace,):
+        simulate(name, args)
+
+
+if __name__ == "__main__":
+    main()
