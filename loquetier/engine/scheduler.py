@@ -19,7 +19,9 @@ Each ``schedule(now)``:
    ``1 + priority``). With no inference in the system, training takes the whole token budget. With
    inference, it gets ``TrainScale × (time budget − predicted step time)``, converted to tokens by
    the online ``StepTimeModel``. The time budget is the tightest of: running decodes' TPOT
-   (× ``tpot_headroom``) and each scheduled prefill's remaining TTFT slack per remaining step.
+   (× ``tpot_headroom``) and each scheduled prefill's remaining TTFT slack per remaining step. While
+   requests wait un-admitted (no sequence slot, KV or adapter slot), training keeps only its floors:
+   longer steps would only delay the backlog.
 
 ``postprocess(batch, result)`` feeds the measured step time to the step model, advances sequences,
 records SLO events, finishes sequences (EOS / stop ids / max_tokens) and runs the AIMD update.
@@ -294,6 +296,10 @@ class Scheduler:
             if time_budget is None:  # inference waits on memory or slots: keep steps short anyway
                 time_budget = cfg.default_tpot_ms / 1e3
             spare = max(0.0, time_budget * cfg.tpot_headroom - predicted)
+            if self.waiting:
+                # A backlog that could not be admitted waits for running sequences to finish: a
+                # longer step only delays it, so training keeps its floors and nothing more.
+                spare = 0.0
             train_time = self.train_scale.value * spare + reserved * cost.train_token_s
         else:
             self.train_scale.reset()
