@@ -222,6 +222,14 @@ class DataStream:
         self.num_micro_batches += 1
         return batch
 
+    def peek_num_tokens(self) -> int:
+        """Tokens of the micro-batch :meth:`next` would return (0 when exhausted)."""
+        if self.is_exhausted:
+            return 0
+        order = self.order(self.cursor.epoch)
+        end = pack(self._lengths, order, self.cursor.index, self.micro_batch_tokens)
+        return sum(self._lengths[i] for i in order[self.cursor.index : end])
+
     def micro_batches_per_epoch(self, epoch: int) -> int:
         order, start, count = epoch_order(len(self.sequences), self.seed, epoch, self.shuffle), 0, 0
         while start < len(order):

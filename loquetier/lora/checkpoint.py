@@ -1,0 +1,100 @@
+"""Training checkpoints as bytes: tensors in safetensors, everything else in its JSON header.
+
+Tensors: ``master.{layer}.{module}.a`` / ``.bt`` (fp32, slot layout), ``opt.{i}.{name}`` (optimizer
+state of the i-th parameter, in the job's parameter order) and ``rng`` (the job's generator state).
+Header: job and adapter ids, LoRA config (PEFT dict), TrainingParams, step, data cursor, metrics
+and a fingerprint of the training data, checked on restore so a job never resumes on other data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import tensor_io
+from .adapter import LoRAAdapter
+from .config import AdapterError, LoRAConfig
+from .data import DataCursor, TrainSequence
+from .evaluate import EvalResult
+from .params import TrainingParams
+
+if TYPE_CHECKING:
+    from .job import TrainingJob
+    from .manager import AdapterManager
+
+FORMAT_VERSION = 1
+
+
+def data_fingerprint(sequences: Sequence[TrainSequence]) -> str:
+    h = hashlib.sha256()
+    for seq in sequences:
+        h.update(json.dumps([seq.token_ids, seq.labels]).encode())
+    return h.hexdigest()
+
+
+def dump(job: TrainingJob) -> bytes:
+    tensors: dict[str, torch.Tensor] = {"rng": job.generator.get_state()}
+    for (layer, module), (a, bt) in job.masters.items():
+        tensors[f"master.{layer}.{module}.a"] = a.detach()
+        tensors[f"master.{layer}.{module}.bt"] = bt.detach()
+    scalars: dict[str, dict[str, Any]] = {}
+    for i, state in job.optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{i}.{name}"] = value
+            elif value is not None:
+                scalars.setdefault(str(i), {})[name] = value
+    m = job.metrics
+    header = {
+        "kind": "checkpoint", "format": FORMAT_VERSION, "job_id": job.job_id, "adapter_id": job.adapter_id,
+        "config": job.config.to_peft_dict(), "params": dataclasses.asdict(job.params),
+        "step": job.step, "cursor": [job.stream.cursor.epoch, job.stream.cursor.index],
+        "num_micro_batches": job.stream.num_micro_batches, "optimizer_scalars": scalars,
+        "data_fingerprint": data_fingerprint(job.stream.sequences),
+        "metrics": {"losses": m.losses, "lrs": m.lrs, "num_tokens": m.num_tokens,
+                    "num_target_tokens": m.num_target_tokens,
+                    "evals": [[s, dataclasses.asdict(r)] for s, r in m.evals]},
+    }
+    return tensor_io.pack(tensors, header)
+
+
+def load(cls: type[TrainingJob], data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence],
+         eval_data: Sequence[TrainSequence] | None) -> TrainingJob:
+    from .job import JobMetrics
+
+    tensors, h = tensor_io.unpack(data)
+    if h.get("kind") != "checkpoint" or h.get("format") != FORMAT_VERSION:
+        raise AdapterError(f"not a training checkpoint (kind={h.get('kind')!r}, format={h.get('format')!r})")
+    if data_fingerprint(train_data) != h["data_fingerprint"]:
+        raise AdapterError("the training data differs from the data the checkpoint was taken on")
+    weights = {}
+    for key in tensors:
+        if key.startswith("master.") and key.endswith(".a"):
+            _, layer, module, _ = key.split(".")
+            bt = tensors[f"master.{layer}.{module}.bt"]
+            weights[(int(layer), module)] = (tensors[key], bt.T.contiguous())
+    init = LoRAAdapter(LoRAConfig.from_peft_dict(h["config"]), weights)
+    job = cls(h["job_id"], h["adapter_id"], manager, train_data, TrainingParams(**h["params"]),
+              init=init, eval_data=eval_data)
+    sd = job.optimizer.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    for i, extra in h["optimizer_scalars"].items():
+        state.setdefault(int(i), {}).update(extra)
+    sd["state"] = state
+    job.optimizer.load_state_dict(sd)
+    job.generator.set_state(tensors["rng"])
+    job._restore_state(h["step"], DataCursor(*h["cursor"]), h["num_micro_batches"])
+    mh = h["metrics"]
+    job.metrics = JobMetrics(losses=list(mh["losses"]), lrs=list(mh["lrs"]),
+                             evals=[(s, EvalResult(**r)) for s, r in mh["evals"]],
+                             num_tokens=mh["num_tokens"], num_target_tokens=mh["num_target_tokens"])
+    return job

@@ -1,0 +1,253 @@
+"""TrainingJob: one independent fine-tuning run of one adapter on the shared base model.
+
+The job owns a pinned training slot, fp32 master weights, its optimizer, LR schedule, gradient
+accumulation, clipping, seed and data order. The engine drives it without knowing its internals::
+
+    mb = job.next_micro_batch()               # whole sequences, packed up to micro_batch_tokens
+    ...  b.add_train(seq.token_ids, seq.labels, slot=job.slot, group=(job.job_id, mb.index))
+    ...  backward of loss_sum[group] / mb.num_target_tokens   (possibly over several steps)
+    job.on_micro_batch_done(loss_sum, mb.num_target_tokens)   # may run an optimizer step
+
+Gradients: backward accumulates fp32 LoRA gradients into ``ModuleLoRA.grad_a/grad_b[slot, :r]``.
+The masters' ``.grad`` ARE those slices (set once, zeroed in place), so the optimizer reads them
+directly. Masters are kept in slot layout: ``a`` = A [r, in], ``bt`` = B.T [r, out]; every update
+is elementwise or a global norm, so the layout changes nothing. At an accumulation boundary the
+summed per-micro-batch means are divided by the number of micro-batches (HF Trainer semantics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoint as ckpt
+from .adapter import LoRAAdapter
+from .config import AdapterError, LoRAConfig
+from .data import DataCursor, DataStream, MicroBatch, TrainSequence
+from .evaluate import EvalResult, EvaluationJob
+from .manager import AdapterManager
+from .params import TrainingParams
+from .schedule import lr_at
+
+
+@dataclass
+class JobMetrics:
+    losses: list[float] = field(default_factory=list)  # mean completion-token loss of each optimizer step
+    lrs: list[float] = field(default_factory=list)  # LR used by each optimizer step
+    evals: list[tuple[int, EvalResult]] = field(default_factory=list)  # (step, result)
+    num_tokens: int = 0  # tokens (prompt + completion) of finished micro-batches
+    num_target_tokens: int = 0  # completion tokens scored
+
+
+class TrainingJob:
+    def __init__(self, job_id: str, adapter_id: str, manager: AdapterManager,
+                 data: Sequence[TrainSequence], params: TrainingParams, *,
+                 lora: LoRAConfig | None = None, init: LoRAAdapter | None = None,
+                 eval_data: Sequence[TrainSequence] | None = None) -> None:
+        """Start a job. ``init`` (an existing adapter to continue from) or ``lora`` (a new
+        PEFT-initialised adapter drawn from ``params.seed``). Registers ``adapter_id`` with the
+        manager (replacing an idle adapter of that id) and takes a training slot."""
+        if init is None:
+            if lora is None:
+                raise AdapterError("a training job needs either `lora` (new adapter) or `init`")
+            init = LoRAAdapter.new(lora, manager.pool.dims, seed=params.seed)
+        if init.config.dropout:
+            raise AdapterError("LoRA dropout is not implemented by the SMLM kernels; use dropout=0")
+        self._job_id, self.adapter_id, self.manager, self.params = job_id, adapter_id, manager, params
+        self.config, self.eval_data = init.config, eval_data
+        self.stream = DataStream(data, micro_batch_tokens=params.micro_batch_tokens, seed=params.seed,
+                                 num_epochs=params.num_epochs)
+        self.total_steps = self._count_steps()
+        self.generator = torch.Generator().manual_seed(params.seed)  # for stochastic ops (none yet)
+        self.step, self.metrics = 0, JobMetrics()
+        self._running: MicroBatch | None = None
+        self._accum: list[tuple[float, int]] = []  # (loss_sum, num_target_tokens) since the last step
+        self._eval: EvaluationJob | None = None
+        self._last_checkpoint, self._last_eval = -1, -1
+        manager.load(adapter_id, init)
+        self.slot = manager.acquire_train_slot(adapter_id)
+        self._build_masters(init)
+
+    # --- the scheduler's TrainWork protocol ---------------------------------------------------
+
+    @property
+    def job_id(self) -> str:
+        return self._job_id
+
+    @property
+    def priority(self) -> int:
+        return self.params.priority
+
+    @property
+    def min_share(self) -> float:
+        return self.params.min_share
+
+    @property
+    def is_eval(self) -> bool:
+        return False
+
+    def num_ready_tokens(self) -> int:
+        """Tokens of the next micro-batch; 0 while one runs, an eval of this job runs, or when done."""
+        if self._running is not None or self.is_done or (self._eval is not None and not self._eval.is_done):
+            return 0
+        return self.stream.peek_num_tokens()
+
+    # --- driving the job -------------------------------------------------------------------------
+
+    @property
+    def is_done(self) -> bool:
+        if self.params.max_steps is not None and self.step >= self.params.max_steps:
+            return True
+        return self.stream.is_exhausted and self._running is None and not self._accum
+
+    def next_micro_batch(self) -> MicroBatch | None:
+        """The next micro-batch to run, or None when the job has no more data."""
+        if self._running is not None:
+            raise RuntimeError(f"{self._job_id}: micro-batch {self._running.index} is still running")
+        if self.is_done:
+            return None
+        self._running = self.stream.next()
+        return self._running
+
+    def on_micro_batch_done(self, loss_sum: float, num_target_tokens: int) -> bool:
+        """The running micro-batch's backward is complete (its gradients are in the slot).
+
+        ``loss_sum``: summed token cross-entropy of its completion tokens (for metrics only; the
+        gradient was already scaled by the engine). Returns True when an optimizer step ran.
+        """
+        mb = self._running
+        if mb is None:
+            raise RuntimeError(f"{self._job_id}: no micro-batch is running")
+        self._running = None
+        self._accum.append((float(loss_sum), int(num_target_tokens)))
+        self.metrics.num_tokens += mb.num_tokens
+        self.metrics.num_target_tokens += int(num_target_tokens)
+        boundary = len(self._accum) == self.params.grad_accum or self.stream.is_exhausted
+        if boundary:
+            self._optimizer_step()
+        return boundary
+
+    def _optimizer_step(self) -> None:
+        n = len(self._accum)
+        if n > 1:
+            for p in self._params:
+                p.grad.div_(n)  # type: ignore[union-attr]
+        if self.params.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.params.max_grad_norm)
+        lr = lr_at(self.step, base_lr=self.params.lr, schedule=self.params.lr_schedule,
+                   warmup_steps=self.params.warmup_steps, total_steps=self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self._sync_slot()
+        self.zero_grad()
+        self.metrics.losses.append(sum(s / max(1, c) for s, c in self._accum) / n)
+        self.metrics.lrs.append(lr)
+        self._accum.clear()
+        self.step += 1
+        self.manager.mark_updated(self.adapter_id)
+
+    def zero_grad(self) -> None:
+        for p in self._params:
+            p.grad.zero_()  # type: ignore[union-attr]
+
+    @property
+    def should_checkpoint(self) -> bool:
+        every = self.params.checkpoint_every
+        due = (every > 0 and self.step > 0 and self.step % every == 0) or self.is_done
+        return due and self._last_checkpoint != self.step and self._at_boundary
+
+    @property
+    def should_eval(self) -> bool:
+        if not self.eval_data or self._last_eval == self.step or not self._at_boundary:
+            return False
+        every = self.params.eval_every
+        return (every > 0 and self.step > 0 and self.step % every == 0) or self.is_done
+
+    def start_eval(self) -> EvaluationJob:
+        """An eval of the current weights; training waits (num_ready_tokens() == 0) until it is done."""
+        if not self.eval_data:
+            raise RuntimeError(f"{self._job_id}: no eval data")
+        step = self.step
+        self._last_eval = step
+        self._eval = EvaluationJob(f"{self._job_id}/eval@{step}", self.adapter_id, self.eval_data,
+                                   micro_batch_tokens=self.params.micro_batch_tokens,
+                                   priority=self.params.priority, min_share=self.params.min_share,
+                                   on_done=lambda r: self.metrics.evals.append((step, r)))
+        return self._eval
+
+    @property
+    def _at_boundary(self) -> bool:
+        return self._running is None and not self._accum
+
+    # --- weights ---------------------------------------------------------------------------------
+
+    def adapter(self) -> LoRAAdapter:
+        """A CPU snapshot of the current weights in PEFT layout (fp32)."""
+        weights = {key: (a.detach().cpu().clone(), bt.detach().T.cpu().contiguous())
+                   for key, (a, bt) in self.masters.items()}
+        return LoRAAdapter(self.config, weights)
+
+    def finish(self) -> LoRAAdapter:
+        """Release the training slot; the manager keeps the trained adapter (new version)."""
+        trained = self.adapter()
+        self.manager.release_train_slot(self.adapter_id, trained)
+        return trained
+
+    def _build_masters(self, init: LoRAAdapter) -> None:
+        device, r = self.manager.pool.device, self.config.rank
+        self.masters: dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+        self._params: list[torch.nn.Parameter] = []
+        for key, (a, b) in sorted(init.weights.items()):
+            lora = self.manager.pool.get(*key)
+            assert lora.grad_a is not None and lora.grad_b is not None
+            pa = torch.nn.Parameter(a.detach().to(device, torch.float32).clone())
+            pb = torch.nn.Parameter(b.detach().T.to(device, torch.float32).contiguous())
+            pa.grad, pb.grad = lora.grad_a[self.slot, :r], lora.grad_b[self.slot, :r]
+            self.masters[key] = (pa, pb)
+            self._params += [pa, pb]
+        self.zero_grad()
+        if self.params.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self._params, lr=self.params.lr, weight_decay=self.params.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self._params, lr=self.params.lr,
+                                             weight_decay=self.params.weight_decay)
+        self._sync_slot()
+
+    @torch.no_grad()
+    def _sync_slot(self) -> None:
+        r = self.config.rank
+        for key, (a, bt) in self.masters.items():
+            lora = self.manager.pool.get(*key)
+            lora.a[self.slot, :r].copy_(a)
+            lora.b[self.slot, :r].copy_(bt)
+
+    def _count_steps(self) -> int | None:
+        if self.params.num_epochs is None:
+            return self.params.max_steps
+        num_mb = sum(self.stream.micro_batches_per_epoch(e) for e in range(self.params.num_epochs))
+        steps = math.ceil(num_mb / self.params.grad_accum)
+        return steps if self.params.max_steps is None else min(steps, self.params.max_steps)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint(self) -> bytes:
+        """Weights + optimizer state + step + data cursor + RNG + metrics (safetensors + JSON)."""
+        if not self._at_boundary:
+            raise RuntimeError(f"{self._job_id}: checkpoint only between optimizer steps")
+        self._last_checkpoint = self.step
+        return ckpt.dump(self)
+
+    @classmethod
+    def restore(cls, data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence], *,
+                eval_data: Sequence[TrainSequence] | None = None) -> TrainingJob:
+        """Continue the run saved by :meth:`checkpoint` (same data required) in this engine."""
+        return ckpt.load(cls, data, manager, train_data, eval_data)
+
+    def _restore_state(self, step: int, cursor: DataCursor, num_micro_batches: int) -> None:
+        self.step, self._last_checkpoint = step, step
+        self.stream.cursor, self.stream.num_micro_batches = cursor, num_micro_batches
