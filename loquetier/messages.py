@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
 from loquetier.codec import (
     DEFAULT_LIMITS,
@@ -110,9 +110,26 @@ class TokenExample(WireModel):
     completion_token_ids: list[TokenId] = Field(min_length=1)
 
 
-Example = TextExample | TokenExample
+def _example_form(value: Any) -> str:
+    if isinstance(value, TokenExample):
+        return "tokens"
+    token_keys = {"prompt_token_ids", "completion_token_ids"}
+    return "tokens" if isinstance(value, dict) and token_keys & value.keys() else "text"
+
+
+def _data_form(value: Any) -> str:
+    return "path" if isinstance(value, str) else "inline"
+
+
+Example = Annotated[
+    Annotated[TextExample, Tag("text")] | Annotated[TokenExample, Tag("tokens")],
+    Discriminator(_example_form),
+]
 # Inline examples, or a path (local path or URI the worker can read) to a JSONL file of them.
-DataSpec = list[Example] | Annotated[str, Field(min_length=1)]
+DataSpec = Annotated[
+    Annotated[list[Example], Tag("inline")] | Annotated[str, Tag("path"), Field(min_length=1)],
+    Discriminator(_data_form),
+]
 
 
 class TrainingParamsSpec(WireModel):
@@ -130,11 +147,13 @@ class TrainingParamsSpec(WireModel):
     checkpoint_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
     eval_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
 
-    @model_validator(mode="after")
-    def _has_a_length(self) -> TrainingParamsSpec:
-        if self.epochs is None and self.max_steps is None:
-            return self.model_copy(update={"epochs": 1})
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _has_a_length(cls, data: Any) -> Any:
+        """Neither ``epochs`` nor ``max_steps``: one epoch."""
+        if isinstance(data, dict) and data.get("epochs") is None and data.get("max_steps") is None:
+            return {**data, "epochs": 1}
+        return data
 
 
 class TrainingJob(Record):

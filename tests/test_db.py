@@ -1,0 +1,226 @@
+"""Database: migrations up/down, no drift against the models, and the repo queries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from loquetier.db import migrate, repo
+from loquetier.db.models import Base
+from loquetier.db.session import async_url, create_engine, session_factory
+
+pytestmark = pytest.mark.postgres
+
+TABLES = {"inference_requests", "training_jobs", "adapters", "checkpoints", "workers"}
+
+
+async def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_head_and_downgrade_base(empty_database: str) -> None:
+    await migrate.upgrade_async(empty_database)
+    assert TABLES <= await _tables(empty_database)
+    assert await migrate.current_revision(empty_database) == migrate.head_revision()
+    await asyncio.to_thread(migrate.downgrade, empty_database)  # the blocking helper, off-loop
+    assert await _tables(empty_database) <= {"alembic_version"}
+    assert await migrate.current_revision(empty_database) is None
+    await asyncio.to_thread(migrate.upgrade, empty_database)
+    assert TABLES <= await _tables(empty_database)
+
+
+async def test_autogenerate_reports_no_drift(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(
+                lambda c: compare_metadata(
+                    MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata
+                )
+            )
+    finally:
+        await engine.dispose()
+    assert diff == []
+
+
+def test_async_url() -> None:
+    assert async_url("postgresql://u:p@h:1/d") == "postgresql+asyncpg://u:p@h:1/d"
+    assert async_url("postgres://u@h/d") == "postgresql+asyncpg://u@h/d"
+    with pytest.raises(ValueError):
+        async_url("sqlite:///x.db")
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("TRUNCATE " + ", ".join(sorted(TABLES)) + " CASCADE"))
+    yield session_factory(engine)
+    await engine.dispose()
+
+
+async def test_request_insert_is_idempotent(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions.begin() as s:
+        assert await repo.insert_request_idempotent(s, request_id="r1", adapter_id="a", kafka_offset=7)
+        assert not await repo.insert_request_idempotent(s, request_id="r1", adapter_id="b")
+        await repo.start_request(s, "r1", "w1", prompt_tokens=3)
+    result = {"type": "result", "request_id": "r1", "text": "hi"}
+    async with sessions.begin() as s:
+        assert await repo.finish_request(
+            s, "r1", status="succeeded", result=result, completion_tokens=2, ttft_ms=9.0
+        )
+        assert not await repo.finish_request(s, "r1", status="failed", error="late duplicate")
+    async with sessions() as s:
+        row = await repo.get_request(s, "r1")
+        assert row is not None and row.status == "succeeded" and row.adapter_id == "a"
+        assert row.result == result and row.prompt_tokens == 3 and row.kafka_offset == 7
+        assert row.finished_at is not None and row.started_at is not None and row.worker_id == "w1"
+        assert await repo.get_request(s, "nope") is None
+
+
+async def _add_jobs(sessions: async_sessionmaker[AsyncSession], *ids: str, priority: int = 0) -> None:
+    async with sessions.begin() as s:
+        for job_id in ids:
+            spec = {"job_id": job_id}
+            assert await repo.insert_job_idempotent(
+                s, job_id=job_id, kind="finetune", adapter_id="a", spec=spec, priority=priority
+            )
+            assert not await repo.insert_job_idempotent(
+                s, job_id=job_id, kind="finetune", adapter_id="a", spec={}
+            )
+
+
+async def test_concurrent_claims_get_different_jobs(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1", "j2")
+    await _add_jobs(sessions, "urgent", priority=5)
+    async with sessions() as s1, sessions() as s2, s1.begin(), s2.begin():
+        first = await repo.claim_job(s1, "w1", lease_s=30)
+        second = await repo.claim_job(s2, "w2", lease_s=30)  # j? locked by s1: skipped, not waited on
+        assert first is not None and second is not None
+        assert first.job_id == "urgent" and second.job_id == "j1"
+    async with sessions.begin() as s:
+        third = await repo.claim_job(s, "w3", lease_s=30)
+        assert third is not None and third.job_id == "j2"
+        assert await repo.claim_job(s, "w3", lease_s=30) is None  # all leased
+    async with sessions() as s:
+        row = await repo.get_job(s, "urgent")
+        assert row is not None and row.status == "running" and row.worker_id == "w1" and row.attempts == 1
+        assert row.lease_expires_at is not None and row.started_at is not None
+
+
+async def test_expired_lease_is_reclaimed(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:
+        job = await repo.claim_job(s, "w1", lease_s=0.05)
+        assert job is not None
+    await asyncio.sleep(0.1)
+    async with sessions.begin() as s:
+        job = await repo.claim_job(s, "w2", lease_s=30)
+        assert job is not None and job.worker_id == "w2" and job.attempts == 2
+    async with sessions.begin() as s:  # the old owner lost it: every owner-only update says so
+        assert not await repo.renew_lease(s, "j1", "w1", lease_s=30)
+        assert not await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=5)
+        assert not await repo.finish_job(s, "j1", status="succeeded", worker_id="w1")
+        assert await repo.renew_lease(s, "j1", "w2", lease_s=30)
+
+
+async def test_job_progress_release_and_finish(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j1") is not None
+        ok = await repo.update_job_progress(
+            s,
+            "j1",
+            "w1",
+            lease_s=30,
+            step=4,
+            epoch=0.5,
+            total_steps=8,
+            last_loss=1.25,
+            tokens_processed=1000,
+            metrics={"tokens_per_s": 10.0},
+        )
+        assert ok
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=5, metrics={"lr": 1e-4})
+        assert await repo.release_job(s, "j1", "w1", status="paused")
+        assert await repo.claim_job(s, "w2", lease_s=30) is None  # paused jobs are not claimable
+        assert await repo.set_job_status(s, "j1", "queued", from_statuses=("paused",))
+        assert await repo.claim_job(s, "w2", lease_s=30) is not None
+        assert await repo.finish_job(s, "j1", status="succeeded", worker_id="w2")
+        assert not await repo.finish_job(s, "j1", status="failed")  # final is final
+    async with sessions() as s:
+        row = await repo.get_job(s, "j1")
+        assert row is not None and row.status == "succeeded" and row.step == 5 and row.last_loss == 1.25
+        assert row.metrics == {"tokens_per_s": 10.0, "lr": 1e-4} and row.tokens_processed == 1000
+        assert row.finished_at is not None and row.lease_expires_at is None
+    with pytest.raises(ValueError):
+        async with sessions.begin() as s:
+            await repo.finish_job(s, "j1", status="running")
+
+
+async def test_checkpoints(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:
+        assert await repo.latest_checkpoint(s, "j1") is None
+        await repo.save_checkpoint(s, job_id="j1", step=2, data=b"two", meta={"cursor": 10})
+        await repo.save_checkpoint(s, job_id="j1", step=4, uri="file:///c/4", sha256="0" * 64, size_bytes=9)
+        replaced = await repo.save_checkpoint(s, job_id="j1", step=2, data=b"TWO")
+        assert replaced.sha256 == hashlib.sha256(b"TWO").hexdigest() and replaced.size_bytes == 3
+    async with sessions() as s:
+        latest = await repo.latest_checkpoint(s, "j1")
+        assert latest is not None and latest.step == 4 and latest.data is None and latest.uri == "file:///c/4"
+    with pytest.raises(ValueError):
+        async with sessions.begin() as s:
+            await repo.save_checkpoint(s, job_id="j1", step=5)
+
+
+async def test_adapters_are_versioned(sessions: async_sessionmaker[AsyncSession]) -> None:
+    common = {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "source_kind": "path"}
+    async with sessions.begin() as s:
+        v1 = await repo.register_adapter(s, adapter_id="a", data=b"w1", source="/x", **common)  # type: ignore[arg-type]
+        v2 = await repo.register_adapter(s, adapter_id="a", data=b"w2", status="training", **common)  # type: ignore[arg-type]
+        assert (v1.version, v2.version) == (1, 2)
+    async with sessions() as s:
+        latest_ready = await repo.get_adapter(s, "a")
+        assert latest_ready is not None and latest_ready.version == 1 and latest_ready.data == b"w1"
+        assert latest_ready.target_modules == ["q_proj", "v_proj"]
+        second = await repo.get_adapter(s, "a", version=2)
+        assert second is not None and second.status == "training"
+        assert await repo.get_adapter(s, "missing") is None
+
+
+async def test_workers(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions.begin() as s:
+        await repo.upsert_worker(s, worker_id="w1", host="h", pid=1, device="cpu", capacity={"slots": 4})
+        await repo.upsert_worker(s, worker_id="w1", host="h", pid=2, device="cuda:0")
+        assert await repo.heartbeat_worker(s, "w1")
+        assert await repo.heartbeat_worker(s, "w1", status="stopped")
+        assert not await repo.heartbeat_worker(s, "nobody")
+        row = (await s.execute(text("SELECT pid, device, status, stopped_at FROM workers"))).one()
+        assert (
+            row.pid == 2 and row.device == "cuda:0" and row.status == "stopped" and row.stopped_at is not None
+        )
+
+
+async def test_check_constraints_guard_statuses(sessions: async_sessionmaker[AsyncSession]) -> None:
+    with pytest.raises(IntegrityError, match="ck_training_jobs_status_valid"):
+        async with sessions.begin() as s:
+            await s.execute(
+                text(
+                    "INSERT INTO training_jobs (job_id, adapter_id, spec, status)"
+                    " VALUES ('x', 'a', '{}', 'lost')"
+                )
+            )

@@ -1,0 +1,204 @@
+"""Wire records: msgpack round trips, and one clear RecordError per kind of bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from loquetier.messages import (
+    CheckpointResult,
+    ControlCommand,
+    DeadLetter,
+    ErrorResult,
+    GenerateRequest,
+    GenerateResult,
+    JobDoneResult,
+    Limits,
+    LoRASpec,
+    ProgressResult,
+    RecordError,
+    SamplingSpec,
+    SLOSpec,
+    TextExample,
+    Timings,
+    TokenExample,
+    TokenResult,
+    TopicKind,
+    TrainingJob,
+    TrainingParamsSpec,
+    Usage,
+    decode_record,
+    encode_record,
+    peek_ids,
+)
+
+SHA = "ab" * 32
+
+SAMPLES: list[tuple[TopicKind, Any]] = [
+    ("requests", GenerateRequest(request_id="r1", prompt="Hello")),
+    (
+        "requests",
+        GenerateRequest(
+            request_id="r2",
+            adapter_id="support-bot",
+            prompt_token_ids=[1, 2, 3],
+            sampling=SamplingSpec(max_tokens=8, temperature=0.0, top_k=5, seed=7, stop=["\n"], logprobs=2),
+            slo=SLOSpec(ttft_ms=200, tpot_ms=50),
+            priority=3,
+            stream=True,
+        ),
+    ),
+    (
+        "training",
+        TrainingJob(
+            job_id="j1",
+            adapter_id="support-bot",
+            lora=LoRASpec(rank=16, alpha=32, dropout=0.05, target_modules=["q_proj"], use_rslora=True),
+            data=[
+                TextExample(prompt="Q: 2+2?", completion=" 4"),
+                TokenExample(prompt_token_ids=[5, 6], completion_token_ids=[7]),
+            ],
+            eval_data="/data/eval.jsonl",
+            params=TrainingParamsSpec(
+                optimizer="sgd", max_steps=10, lr_schedule="cosine", max_grad_norm=None
+            ),
+            priority=1,
+        ),
+    ),
+    ("training", TrainingJob(job_id="j2", kind="evaluate", adapter_id="a", data="s3://bucket/eval.jsonl")),
+    ("control", ControlCommand(action="load", target_id="support-bot", path="/adapters/support-bot")),
+    ("control", ControlCommand(action="load", target_id="b", source="db", worker_id="w1")),
+    ("control", ControlCommand(command_id="c1", action="cancel", target_id="j1")),
+    ("control", ControlCommand(action="drain", target_id="*")),
+    ("results", TokenResult(request_id="r1", index=0, token_ids=[9, 10], text="Hi", logprobs=[-0.1, -0.2])),
+    (
+        "results",
+        GenerateResult(
+            request_id="r1",
+            adapter_id=None,
+            token_ids=[9, 10],
+            text="Hi",
+            finish_reason="length",
+            usage=Usage(prompt_tokens=3, completion_tokens=2),
+            timings=Timings(queued_ms=1.5, ttft_ms=20.0, tpot_ms=5.0),
+        ),
+    ),
+    ("results", ErrorResult(request_id="r3", code="invalid_value", message="bad")),
+    ("results", ProgressResult(job_id="j1", step=3, total_steps=10, epoch=0.3, loss=2.5, lr=1e-4)),
+    ("results", CheckpointResult(job_id="j1", adapter_id="a", step=3, sha256=SHA, size_bytes=10)),
+    ("results", JobDoneResult(job_id="j1", adapter_id="a", status="succeeded", step=10, loss=1.0)),
+    (
+        "dlq",
+        DeadLetter(
+            topic="loquetier.requests", partition=0, offset=5, key=b"k", value=b"\xc1", code="x", reason="y"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "record"), SAMPLES, ids=lambda v: getattr(v, "type", None) or str(v)[:12])
+def test_round_trip(kind: TopicKind, record: Any) -> None:
+    data = encode_record(record)
+    assert isinstance(msgpack.unpackb(data), dict)
+    assert decode_record(kind, data) == record
+
+
+def test_wire_names_and_defaults() -> None:
+    raw = msgpack.unpackb(encode_record(GenerateRequest(request_id="r", prompt="p")))
+    assert raw["schema"] == 1 and "schema_version" not in raw
+    assert raw["sampling"]["max_tokens"] == 128 and raw["stream"] is False
+    minimal = msgpack.packb({"schema": 1, "request_id": "r", "prompt": "p"})
+    assert decode_record("requests", minimal) == GenerateRequest(request_id="r", prompt="p")
+    assert TrainingParamsSpec().epochs == 1  # neither epochs nor max_steps: one epoch
+
+
+def test_records_are_frozen() -> None:
+    record = GenerateRequest(request_id="r", prompt="p")
+    with pytest.raises(ValueError):
+        record.priority = 5  # type: ignore[misc]
+
+
+def _pack(**fields: Any) -> bytes:
+    return msgpack.packb({"schema": 1, **fields})
+
+
+REQ = {"request_id": "r9", "prompt": "hi"}
+JOB = {"job_id": "j9", "adapter_id": "a"}
+BAD: list[tuple[str, TopicKind, bytes, str]] = [
+    ("garbage", "requests", b"\xc1\xff\x00garbage", "undecodable"),
+    ("truncated", "requests", msgpack.packb({"schema": 1, "request_id": "r9"})[:-2], "undecodable"),
+    ("not a map", "requests", msgpack.packb([1, 2, 3]), "not_a_map"),
+    ("no schema", "requests", msgpack.packb(REQ), "missing_field"),
+    ("schema 2", "requests", msgpack.packb({"schema": 2, **REQ}), "unsupported_schema"),
+    ("schema str", "requests", msgpack.packb({"schema": "1", **REQ}), "unsupported_schema"),
+    ("missing request_id", "requests", _pack(prompt="hi"), "missing_field"),
+    ("request_id int", "requests", _pack(request_id=5, prompt="hi"), "wrong_type"),
+    ("prompt list of str", "requests", _pack(request_id="r9", prompt_token_ids=["1"]), "wrong_type"),
+    ("priority as str", "requests", _pack(**REQ, priority="1"), "wrong_type"),
+    ("stream as int", "requests", _pack(**REQ, stream=1), "wrong_type"),
+    ("both prompts", "requests", _pack(**REQ, prompt_token_ids=[1]), "invalid_value"),
+    ("neither prompt", "requests", _pack(request_id="r9"), "invalid_value"),
+    ("empty prompt ids", "requests", _pack(request_id="r9", prompt_token_ids=[]), "invalid_value"),
+    ("negative token", "requests", _pack(request_id="r9", prompt_token_ids=[-1]), "invalid_value"),
+    ("max_tokens 0", "requests", _pack(**REQ, sampling={"max_tokens": 0}), "invalid_value"),
+    ("max_tokens -3", "requests", _pack(**REQ, sampling={"max_tokens": -3}), "invalid_value"),
+    ("top_p 0", "requests", _pack(**REQ, sampling={"top_p": 0.0}), "invalid_value"),
+    ("unknown field", "requests", _pack(**REQ, temperature=0.5), "unknown_field"),
+    ("unknown nested", "requests", _pack(**REQ, sampling={"beam": 2}), "unknown_field"),
+    ("oversized record", "requests", _pack(**{**REQ, "prompt": "x" * 5000}), "too_large"),
+    ("long prompt", "requests", _pack(**{**REQ, "prompt": "x" * 300}), "too_large"),
+    ("long prompt ids", "requests", _pack(request_id="r9", prompt_token_ids=[1] * 65), "too_large"),
+    ("max_tokens over limit", "requests", _pack(**REQ, sampling={"max_tokens": 10_000}), "too_large"),
+    ("many stops", "requests", _pack(**REQ, sampling={"stop": ["a"] * 5}), "too_large"),
+    ("huge id", "requests", _pack(request_id="r" * 300, prompt="hi"), "invalid_value"),
+    ("job no data", "training", _pack(**JOB), "missing_field"),
+    ("job empty data", "training", _pack(**JOB, data=[]), "invalid_value"),
+    ("job bad example", "training", _pack(**JOB, data=[{"text": "x"}]), "missing_field"),
+    ("job example ids", "training", _pack(**JOB, data=[{"prompt_token_ids": [1]}]),
+     "missing_field"),
+    ("job bad kind", "training", _pack(**JOB, data="p", kind="rl"), "invalid_value"),
+    ("job many examples", "training", _pack(**JOB, data=[{"prompt": "", "completion": "c"}] * 9),
+     "too_large"),
+    ("job lr 0", "training", _pack(**JOB, data="p", params={"lr": 0.0}), "invalid_value"),
+    ("load without path", "control", _pack(action="load", target_id="a"), "invalid_value"),
+    ("cancel with path", "control", _pack(action="cancel", target_id="a", path="/x"), "invalid_value"),
+    ("unknown action", "control", _pack(action="explode", target_id="a"), "invalid_value"),
+    ("unknown result type", "results", _pack(type="weird", request_id="r9"), "wrong_type"),
+    ("result without type", "results", _pack(request_id="r9"), "wrong_type"),
+    ("error without id", "results", _pack(type="error", code="c", message="m"), "invalid_value"),
+    ("bad sha", "results", _pack(**JOB, type="checkpoint", step=1, sha256="x", size_bytes=1),
+     "invalid_value"),
+]
+LIMITS = Limits(
+    max_record_bytes=4096, max_prompt_chars=256, max_prompt_tokens=64, max_new_tokens=4096,
+    max_stop_sequences=4, max_inline_examples=8,
+)
+
+
+@pytest.mark.parametrize(("name", "kind", "data", "code"), BAD, ids=[b[0] for b in BAD])
+def test_bad_record_raises_one_clear_error(name: str, kind: TopicKind, data: bytes, code: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        decode_record(kind, data, LIMITS)
+    err = caught.value
+    assert err.code == code, err
+    assert err.message and "\n" not in err.message
+    assert str(err).startswith(code)
+
+
+def test_error_carries_ids_of_bad_records() -> None:
+    with pytest.raises(RecordError) as caught:
+        decode_record("requests", _pack(request_id="r9", prompt="hi", priority="high"))
+    assert caught.value.request_id == "r9" and "priority" in caught.value.message
+    with pytest.raises(RecordError) as caught:
+        decode_record("training", msgpack.packb({"schema": 7, "job_id": "j9"}))
+    assert caught.value.job_id == "j9" and caught.value.code == "unsupported_schema"
+    assert peek_ids(_pack(request_id="r9", sampling=5)) == ("r9", None)
+    assert peek_ids(b"\xc1garbage") == (None, None)
+    assert peek_ids(_pack(request_id=["not", "a", "str"])) == (None, None)
+
+
+def test_limits_validate() -> None:
+    with pytest.raises(ValueError):
+        Limits(max_record_bytes=0)
