@@ -1,0 +1,216 @@
+"""Attention by row type: packed varlen (train/eval, no cache) and paged (prefill chunks + decode).
+
+Implementations, chosen per call by ``impl``:
+
+- ``"reference"``: plain torch, one sequence at a time, fp32 softmax. The spec and the CPU path.
+- ``"sdpa"``: batched torch. Varlen: SDPA per sequence. Paged: gather each query group's keys
+  through its block table into a padded [S, max_ctx] layout, one masked SDPA. Runs on CPU too.
+- ``"flash"`` (CUDA): ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention) for varlen rows and,
+  where that torch accepts ``block_table``, for paged rows (bottom-right causal alignment).
+- ``"auto"``: ``flash`` on CUDA when available, else ``reference``.
+
+Masks follow HF: key ``j`` is visible from query ``i`` iff ``j <= i`` and, with a sliding window
+``W``, ``i - W < j``. Shapes: q [n, Hq, D], k/v [n, Hkv, D]; caches [num_blocks, block_size, Hkv, D].
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from .batch import PagedMeta, VarlenMeta
+
+IMPLS = ("reference", "sdpa", "flash", "auto")
+
+
+@cache
+def _varlen_attn() -> tuple[object | None, bool]:
+    """(varlen_attn, accepts block_table) or (None, False)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    return varlen_attn, "block_table" in inspect.signature(varlen_attn).parameters
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "flash" if device.type == "cuda" and _varlen_attn()[0] is not None else "reference"
+    if impl == "flash" and (device.type != "cuda" or _varlen_attn()[0] is None):
+        raise ValueError("attention impl 'flash' needs CUDA and torch.nn.attention.varlen")
+    return impl
+
+
+def attend_ref(  # noqa: PLR0917
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Semantics: out[i] = softmax_j(q[i]·k[j] * scale, visible(i, j)) @ v, with GQA head sharing.
+    q [n, Hq, D], k/v [m, Hkv, D], q_pos [n], k_pos [m] -> [n, Hq, D] in q's dtype."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)  # [m, Hq, D]
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale  # [Hq, n, m]
+    scores = scores.masked_fill(~_visible(q_pos, k_pos, window), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype)
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    mask = k_pos[None, :] <= q_pos[:, None]  # [n, m]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def varlen_attention(  # noqa: PLR0917
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: VarlenMeta,
+    scale: float,
+    window: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal attention within each packed sequence. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D].
+    Differentiable (used with autograd for training rows)."""
+    if q.shape[0] == 0:
+        return q.new_empty(q.shape)
+    impl = resolve_impl(impl, q.device)
+    if impl == "flash":
+        varlen_attn, _ = _varlen_attn()
+        left = -1 if window is None else window - 1
+        return varlen_attn(
+            q,
+            k,
+            v,
+            meta.cu_seqlens,
+            meta.cu_seqlens,
+            meta.max_seqlen,
+            meta.max_seqlen,  # type: ignore[operator]
+            scale=scale,
+            window_size=(left, 0),
+            enable_gqa=True,
+        )
+    outs, start = [], 0
+    for n in meta.host_seqlens:
+        qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
+        pos = torch.arange(n, device=q.device)
+        if impl == "sdpa":
+            mask = _visible(pos, pos, window)
+            o = F.scaled_dot_product_attention(
+                qs.transpose(0, 1),
+                ks.transpose(0, 1),
+                vs.transpose(0, 1),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=True,
+            )
+            outs.append(o.transpose(0, 1))
+        else:
+            outs.append(attend_ref(qs, ks, vs, pos, pos, scale, window))
+        start += n
+    return torch.cat(outs)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k_cache/v_cache [num_blocks, block_size, Hkv, D]; k/v [n, Hkv, D]; slot_mapping [n] int64."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(  # noqa: PLR0917
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedMeta,
+    scale: float,
+    window: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention of prefill chunks and decode rows over their cached context (this step's K/V already
+    written). q [P + D, Hq, D] -> [P + D, Hq, D]. Inference only."""
+    if q.shape[0] == 0:
+        return q.new_empty(q.shape)
+    impl = resolve_impl(impl, q.device)
+    if impl == "flash" and _varlen_attn()[1]:
+        varlen_attn, _ = _varlen_attn()
+        left = -1 if window is None else window - 1
+        return varlen_attn(
+            q,
+            k_cache,
+            v_cache,
+            meta.q_cu_seqlens,
+            None,
+            meta.max_q_len,  # type: ignore[operator]
+            meta.max_context_len,
+            scale=scale,
+            window_size=(left, 0),
+            enable_gqa=True,
+            seqused_k=meta.context_lens,
+            block_table=meta.block_tables,
+        )
+    if impl in ("sdpa", "flash"):
+        return _paged_sdpa(q, k_cache, v_cache, meta, scale, window)
+    bs = k_cache.shape[1]
+    outs, start = [], 0
+    for q_len, ctx, table in zip(
+        meta.host_q_lens, meta.host_context_lens, meta.host_block_tables, strict=True
+    ):
+        blocks = torch.tensor(table[: (ctx + bs - 1) // bs], dtype=torch.int64, device=q.device)
+        ks = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+        vs = v_cache[blocks].flatten(0, 1)[:ctx]
+        k_pos = torch.arange(ctx, device=q.device)
+        outs.append(attend_ref(q[start : start + q_len], ks, vs, k_pos[ctx - q_len :], k_pos, scale, window))
+        start += q_len
+    return torch.cat(outs)
+
+
+def _paged_sdpa(  # noqa: PLR0917
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedMeta,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Gather + one padded, masked SDPA over all query groups."""
+    bs, dev = k_cache.shape[1], q.device
+    num_seqs, max_q = meta.num_seqs, meta.max_q_len
+    width = (meta.max_context_len + bs - 1) // bs
+    tables = meta.block_tables[:, :width].long()  # [S, nb]
+    ks = k_cache[tables].flatten(1, 2)  # [S, nb * bs, Hkv, D]
+    vs = v_cache[tables].flatten(1, 2)
+    q_lens = meta.q_cu_seqlens[1:] - meta.q_cu_seqlens[:-1]  # [S]
+    row_seq = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens)  # [n]
+    row_idx = torch.arange(q.shape[0], device=dev) - meta.q_cu_seqlens[:-1].long()[row_seq]  # [n]
+    qp = q.new_zeros(num_seqs, max_q, *q.shape[1:])  # [S, max_q, Hq, D]
+    qp[row_seq, row_idx] = q
+    ctx = meta.context_lens.long()  # [S]
+    q_pos = ctx[:, None] - q_lens[:, None] + torch.arange(max_q, device=dev)[None]  # [S, max_q]
+    k_pos = torch.arange(ks.shape[1], device=dev)  # [K]
+    mask = (k_pos[None, None] <= q_pos[..., None]) & (k_pos[None, None] < ctx[:, None, None])
+    if window is not None:
+        mask &= k_pos[None, None] > q_pos[..., None] - window
+    mask |= ~mask.any(-1, keepdim=True)  # padded query rows: any finite row, discarded below
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),
+        ks.transpose(1, 2),
+        vs.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)[row_seq, row_idx]  # [n, Hq, D]
