@@ -150,7 +150,8 @@ def _check_train_slots(lora: ModuleLoRA, meta: SMLMMeta) -> None:
 
 def backward(  # noqa: PLR0917
     g: torch.Tensor, x: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta,
-             out_offset: int = 0, dx: torch.Tensor | None = None) -> torch.Tensor:
+    out_offset: int = 0, dx: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Semantics: see ``reference.backward_ref``; dx, when given ([n_train, in], any float dtype),
     is accumulated into in place and returned instead of a fresh fp32 buffer.
     g: [n_train, out_total], x: [n_train, in], v: [n_train, max_rank] fp32 (shrink's training rows).
