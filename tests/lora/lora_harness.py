@@ -12,18 +12,30 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from loquetier.kernels import SMLMMeta, lora_linear
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loquetier.kernels import SMLMMeta, lora_linear
 from loquetier.lora.data import IGNORE_INDEX, TrainSequence
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool, ModelDims
 
 
-def tiny_llama(seed: int = 0, vocab: int = 64) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab: int = 64, init_range: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        initializer_range=init_range,
+    )
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg).eval()
     for p in model.parameters():
@@ -33,8 +45,14 @@ def tiny_llama(seed: int = 0, vocab: int = 64) -> LlamaForCausalLM:
 
 def dims_of(model: LlamaForCausalLM) -> ModelDims:
     c = model.config
-    return ModelDims(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                     c.num_key_value_heads, c.head_dim)
+    return ModelDims(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+    )
 
 
 @dataclass
@@ -58,8 +76,9 @@ class _Wrapped(torch.nn.Module):
         slots = self.rows.slots if self.rows.slots is not None else [self.rows.default_slot] * n
         meta = SMLMMeta.build(slots, self.rows.num_train)
         k = self.rows.num_train
-        y_train, y_rest = lora_linear(flat[:k], flat[k:], self.base.weight, self.base.bias,
-                                      [(self.pool.get(*self.key), 0)], meta)
+        y_train, y_rest = lora_linear(
+            flat[:k], flat[k:], self.base.weight, self.base.bias, [(self.pool.get(*self.key), 0)], meta
+        )
         return torch.cat([y_train, y_rest]).reshape(*x.shape[:-1], -1)
 
 
@@ -70,9 +89,13 @@ class Engine:
         self.model, self.pool, self.rows = model, pool, Rows()
         for layer, block in enumerate(model.model.layers):
             for name in TARGET_MODULES:
-                parent = block.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else block.mlp
+                parent = (
+                    block.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else block.mlp
+                )
                 setattr(parent, name, _Wrapped(getattr(parent, name), pool, (layer, name), self.rows))
-        model.model.embed_tokens.register_forward_hook(lambda m, i, o: o.requires_grad_(torch.is_grad_enabled()))
+        model.model.embed_tokens.register_forward_hook(
+            lambda m, i, o: o.requires_grad_(torch.is_grad_enabled())
+        )
 
     def train_step(self, items: Sequence[tuple[TrainSequence, int, float]]) -> list[float]:
         """items: (sequence, slot, loss denominator), all of one length. Backprops
@@ -115,4 +138,4 @@ class Engine:
             ids.append(token)
             if token == eos:
                 break
-        return ids[len(prompt):]
+        return ids[len(prompt) :]

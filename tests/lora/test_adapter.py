@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from loquetier.kernels import force_backend
 from lora_harness import Engine, dims_of, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from loquetier.kernels import force_backend
 from loquetier.lora.adapter import LoRAAdapter, peft_key, resolve_adapter_dir
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.pool import LoRASlotPool
@@ -28,8 +28,9 @@ def _reference_backend():
 
 
 def random_adapter(dims, rank=4, modules=ALL, rslora=False, seed=0) -> LoRAAdapter:
-    adapter = LoRAAdapter.new(LoRAConfig(rank=rank, alpha=8, target_modules=modules, use_rslora=rslora), dims,
-                              seed=seed)
+    adapter = LoRAAdapter.new(
+        LoRAConfig(rank=rank, alpha=8, target_modules=modules, use_rslora=rslora), dims, seed=seed
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     for a, b in adapter.weights.values():
         b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
@@ -40,7 +41,9 @@ def random_adapter(dims, rank=4, modules=ALL, rslora=False, seed=0) -> LoRAAdapt
 def test_our_save_loads_in_peft_with_same_logits(tmp_path: Path, rslora: bool) -> None:
     model = tiny_llama()
     dims = dims_of(model)
-    adapter = random_adapter(dims, rank=4, modules=("q_proj", "v_proj", "down_proj", "up_proj"), rslora=rslora)
+    adapter = random_adapter(
+        dims, rank=4, modules=("q_proj", "v_proj", "down_proj", "up_proj"), rslora=rslora
+    )
     adapter.save(tmp_path / "a")
     ids = torch.tensor([[1, 5, 9, 17, 33, 2, 8]])
 
@@ -49,8 +52,10 @@ def test_our_save_loads_in_peft_with_same_logits(tmp_path: Path, rslora: bool) -
     with torch.no_grad():
         for (layer, module), (a, b) in adapter.weights.items():
             block = merged.model.layers[layer]
-            lin = getattr(block.self_attn if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else block.mlp,
-                          module)
+            lin = getattr(
+                block.self_attn if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else block.mlp,
+                module,
+            )
             lin.weight += adapter.scale * b @ a
         want = merged(input_ids=ids).logits
 
@@ -67,8 +72,13 @@ def test_our_save_loads_in_peft_with_same_logits(tmp_path: Path, rslora: bool) -
 
 def test_peft_save_loads_identically(tmp_path: Path) -> None:
     model = tiny_llama()
-    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "o_proj", "gate_proj"], init_lora_weights=False,
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=["q_proj", "o_proj", "gate_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(copy.deepcopy(model), cfg)
     peft_model.save_pretrained(tmp_path / "p")
     ours = LoRAAdapter.load(tmp_path / "p", dims_of(model))
@@ -91,7 +101,9 @@ def test_bytes_round_trip() -> None:
     adapter.extra["job_id"] = "j1"
     back = LoRAAdapter.from_bytes(adapter.to_bytes(), dims)
     assert back.config == adapter.config and back.extra == {"job_id": "j1"}
-    assert all(torch.equal(back.weights[k][i], adapter.weights[k][i]) for k in adapter.weights for i in (0, 1))
+    assert all(
+        torch.equal(back.weights[k][i], adapter.weights[k][i]) for k in adapter.weights for i in (0, 1)
+    )
     with pytest.raises(AdapterError):
         LoRAAdapter.from_bytes(b"garbage")
 
@@ -101,7 +113,9 @@ def test_new_adapter_is_peft_init_and_seeded() -> None:
     cfg = LoRAConfig(rank=4, target_modules=("q_proj",))
     one, two, other = (LoRAAdapter.new(cfg, dims, seed=s) for s in (7, 7, 8))
     a, b = one.weights[(0, "q_proj")]
-    assert torch.equal(a, two.weights[(0, "q_proj")][0]) and not torch.equal(a, other.weights[(0, "q_proj")][0])
+    assert torch.equal(a, two.weights[(0, "q_proj")][0]) and not torch.equal(
+        a, other.weights[(0, "q_proj")][0]
+    )
     assert torch.count_nonzero(b) == 0
     bound = 1 / dims.hidden_size**0.5  # kaiming_uniform(a=sqrt(5)) on fan_in
     assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
@@ -154,14 +168,31 @@ def test_rejects_bad_weights(tmp_path: Path) -> None:
     cfg, tensors = good(dims)
     cases = {
         "wrong shape": ({**tensors, peft_key(0, "q_proj", "A"): torch.zeros(2, 31)}, "do not fit"),
-        "no B": ({k: v for k, v in tensors.items() if not k.endswith(f"0.self_attn.q_proj.lora_B.weight")},
-                 "both be present"),
+        "no B": (
+            {k: v for k, v in tensors.items() if not k.endswith("0.self_attn.q_proj.lora_B.weight")},
+            "both be present",
+        ),
         "missing layer": ({k: v for k, v in tensors.items() if ".layers.1." not in k}, "missing weights"),
-        "extra module": ({**tensors, peft_key(0, "k_proj", "A"): torch.zeros(2, 32),
-                          peft_key(0, "k_proj", "B"): torch.zeros(16, 2)}, "not in target_modules"),
-        "too many layers": ({**tensors, peft_key(5, "q_proj", "A"): torch.zeros(2, 32),
-                             peft_key(5, "q_proj", "B"): torch.zeros(32, 2)}, "only 2 layers"),
-        "embedding": ({**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 32)}, "unsupported"),
+        "extra module": (
+            {
+                **tensors,
+                peft_key(0, "k_proj", "A"): torch.zeros(2, 32),
+                peft_key(0, "k_proj", "B"): torch.zeros(16, 2),
+            },
+            "not in target_modules",
+        ),
+        "too many layers": (
+            {
+                **tensors,
+                peft_key(5, "q_proj", "A"): torch.zeros(2, 32),
+                peft_key(5, "q_proj", "B"): torch.zeros(32, 2),
+            },
+            "only 2 layers",
+        ),
+        "embedding": (
+            {**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 32)},
+            "unsupported",
+        ),
     }
     for name, (bad, message) in cases.items():
         write_dir(tmp_path / name, cfg, bad)
@@ -188,7 +219,9 @@ def test_rejects_missing_files(tmp_path: Path) -> None:
         LoRAAdapter.load(tmp_path / "c", dims)
 
 
-@pytest.mark.parametrize("bad_id", ["../x", "a/../../x", "/etc", "a//b", ".hidden", "a\\b", "-rf", "", "a/./b"])
+@pytest.mark.parametrize(
+    "bad_id", ["../x", "a/../../x", "/etc", "a//b", ".hidden", "a\\b", "-rf", "", "a/./b"]
+)
 def test_rejects_escaping_adapter_ids(tmp_path: Path, bad_id: str) -> None:
     with pytest.raises(AdapterError):
         resolve_adapter_dir(tmp_path, bad_id)
@@ -197,7 +230,9 @@ def test_rejects_escaping_adapter_ids(tmp_path: Path, bad_id: str) -> None:
 def test_rejects_symlink_escape(tmp_path: Path) -> None:
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "link").symlink_to(tmp_path)
-    assert resolve_adapter_dir(tmp_path / "root", "org/name-1.v2") == (tmp_path / "root" / "org" / "name-1.v2")
+    assert resolve_adapter_dir(tmp_path / "root", "org/name-1.v2") == (
+        tmp_path / "root" / "org" / "name-1.v2"
+    )
     with pytest.raises(AdapterError, match="outside"):
         resolve_adapter_dir(tmp_path / "root", "link")
 
