@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,14 +23,6 @@ from .weights import ModuleLoRA
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _RANK_STEP = 16  # expand's loop step over the rank: the smallest tl.dot K
-
-
-@dataclass(frozen=True)
-class _Tiles:
-    block_m: int
-    block_n: int  # output columns (expand, grad) or the K step (shrink)
-    num_warps: int
-    num_stages: int
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,7 +41,7 @@ def _block_r(max_rank: int) -> int:
 
 
 def _dot_kwargs(w: torch.Tensor) -> dict[str, object]:
-    return {"UPCAST": INTERPRET, "PREC": "ieee" if w.dtype == torch.float32 else "tf32"}
+    return {"UPCAST": INTERPRET, "IEEE": w.dtype == torch.float32}
 
 
 def _check(lora: ModuleLoRA, x: torch.Tensor, k: int) -> None:
@@ -74,8 +65,8 @@ def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: Module
         w, w.stride(0), w.stride(1), w.stride(2),
         v, v.stride(0),
         lora.ranks, lora.scales, blocks,
-        k,
-        HAS_SCALE=with_scale, SPLIT_K=split_k,
+        k, split_k,
+        HAS_SCALE=with_scale, ATOMIC=split_k > 1,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=4, num_stages=3, **_dot_kwargs(w),
     )

@@ -6,7 +6,7 @@ slot has rank 0 does nothing; ranks bound the loops and the masks, so an adapter
 (and in ``expand`` multiplies) rank-8 tiles even when the pool's ``max_rank`` is 64.
 
 ``UPCAST`` (the interpreter) runs every ``tl.dot`` in fp32: the interpreter's bf16/fp16 dot is wrong.
-On the GPU, ``tl.dot`` takes the weights' dtype and accumulates in fp32; fp32 weights use IEEE fp32.
+On the GPU, ``tl.dot`` takes the weights' dtype and accumulates in fp32; fp32 weights use ``IEEE`` fp32.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=PREC)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -28,10 +30,10 @@ def shrink_kernel(  # noqa: PLR0917
     w_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] a (or b in backward), model dtype
     v_ptr, stride_vm,  # [T, R] fp32, zero-initialised; columns [0, rank) are written
     ranks_ptr, scales_ptr, blocks_ptr,
-    K,
-    HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    K, split_k,
+    HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """v[rows, :r] (+)= (scale[slot] *) x[rows] @ w[slot, :r].T for one block, one K split."""
     pid = tl.program_id(0)
@@ -41,7 +43,7 @@ def shrink_kernel(  # noqa: PLR0917
     slot = tl.load(blocks_ptr + pid * 3 + 2)
     r = tl.load(ranks_ptr + slot)
     row_end = tl.where(r > 0, row_end, row_start)  # rank 0: the row loop runs zero times
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
@@ -63,14 +65,14 @@ def shrink_kernel(  # noqa: PLR0917
             k_mask = ks < k_hi
             xt = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_rows + ks[None, :] * stride_wk, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _dot(xt, tl.trans(wt), acc, UPCAST, PREC)
+            acc = _dot(xt, tl.trans(wt), acc, UPCAST, IEEE)
         acc = acc * scale
         v_tile = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :]
         v_mask = m_mask[:, None] & r_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(v_tile, acc, mask=v_mask)
-        else:
+        if ATOMIC:  # K is split across programs
             tl.atomic_add(v_tile, acc, mask=v_mask, sem="relaxed")
+        else:
+            tl.store(v_tile, acc, mask=v_mask)
 
 
 @triton.jit
@@ -82,7 +84,7 @@ def expand_kernel(  # noqa: PLR0917
     N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, one column tile."""
     pid = tl.program_id(0)
@@ -110,7 +112,7 @@ def expand_kernel(  # noqa: PLR0917
             rr_mask = rs < r
             vt = tl.load(v_rows + rs[None, :], mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
             wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, PREC)
+            acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
         y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
         y_mask = m_mask[:, None] & n_mask[None, :]
         yt = tl.load(y_tile, mask=y_mask, other=0.0)
@@ -126,7 +128,7 @@ def grad_kernel(  # noqa: PLR0917
     N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """grad[slot, :r, cols] += (scale[slot] *) l[rows, :r].T @ x[rows, cols] for one block, one tile."""
     pid = tl.program_id(0)
@@ -149,7 +151,7 @@ def grad_kernel(  # noqa: PLR0917
                          mask=r_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_M]
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_n[None, :] * stride_xn,
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_N]
-            acc = _dot(lt.to(xt.dtype), xt, acc, UPCAST, PREC)
+            acc = _dot(lt.to(xt.dtype), xt, acc, UPCAST, IEEE)
         if HAS_SCALE:
             acc = acc * tl.load(scales_ptr + slot)
         g_tile = grad_ptr + slot.to(tl.int64) * stride_gs + offs_r[:, None] * stride_gr + offs_n[None, :]
