@@ -1,0 +1,57 @@
+"""Thin adapters from the scheduler's protocols to the block manager and the adapter manager."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from loquetier.engine.kv_cache import BlockManager
+from loquetier.engine.sequence import Sequence
+from loquetier.lora.manager import AdapterManager
+
+
+class BlockAllocator:
+    """``KVAllocator`` over ``BlockManager``: admission allocates the whole sequence (prefix hits
+    returned), a decode appends the token it feeds."""
+
+    def __init__(self, blocks: BlockManager, lookup: Callable[[str], Sequence | None],
+                 adapter_version: Callable[[str | None], int]) -> None:
+        self.blocks, self._lookup, self._version = blocks, lookup, adapter_version
+
+    def can_allocate(self, seq_id: str, num_new_tokens: int) -> bool:
+        if self.blocks.has_seq(seq_id):
+            return self.blocks.can_append(seq_id, num_new_tokens)
+        return self.blocks.can_allocate(num_new_tokens)
+
+    def allocate(self, seq_id: str, num_new_tokens: int) -> int:
+        seq = self._lookup(seq_id)
+        if seq is None:
+            raise KeyError(f"unknown sequence {seq_id!r}")
+        if self.blocks.has_seq(seq_id):
+            self.blocks.append(seq_id, seq.token_ids[-num_new_tokens:])
+            return 0
+        return self.blocks.allocate(seq_id, seq.token_ids, seq.adapter_id, self._version(seq.adapter_id))
+
+    def free(self, seq_id: str) -> None:
+        if self.blocks.has_seq(seq_id):
+            self.blocks.free(seq_id)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+
+class AdapterSlotGate:
+    """``AdapterSlots`` over ``AdapterManager``: admission takes a GPU slot and a reference."""
+
+    def __init__(self, manager: AdapterManager) -> None:
+        self.manager = manager
+
+    def ensure_loaded(self, adapter_id: str) -> bool:
+        if adapter_id not in self.manager or self.manager.acquire_slot(adapter_id) is None:
+            return False
+        self.manager.acquire(adapter_id)
+        return True
+
+    def release(self, adapter_id: str) -> None:
+        if adapter_id in self.manager:
+            self.manager.release(adapter_id)

@@ -1,0 +1,306 @@
+"""Engine: one frozen base model, many adapters, inference and fine-tuning in one step.
+
+    engine = Engine.from_pretrained(model_dir, device="cuda", dtype="bfloat16")
+    engine.load_adapter("pirate", "/adapters/pirate")
+    outs = engine.generate(["Hello"], adapter_ids=["pirate"], sampling=SamplingParams(max_tokens=16))
+    job_id = engine.add_training_job("mascot", data, TrainingParams(lr=1e-3, max_steps=50),
+                                     lora=dict(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    engine.run_until_idle()
+
+``step()`` is the spine: schedule → run one forward (+ backward of the training rows) → postprocess.
+No I/O happens here: the worker turns the returned events into Kafka records and database rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
+from loquetier.engine.config import EngineConfig
+from loquetier.engine.errors import EngineError
+from loquetier.engine.events import EngineEvent, RequestFailed
+from loquetier.engine.jobs import JobBook
+from loquetier.engine.kv_cache import BlockManager, KVCache
+from loquetier.engine.requests import GenerationOutput, RequestBook
+from loquetier.engine.runner import ModelRunner
+from loquetier.engine.scheduler import Scheduler, SchedulerConfig
+from loquetier.engine.sequence import SamplingParams, ScheduledBatch, Sequence as Seq, StepResult
+from loquetier.lora.adapter import LoRAAdapter
+from loquetier.lora.config import AdapterError
+from loquetier.lora.manager import AdapterManager
+from loquetier.lora.params import TrainingParams
+from loquetier.lora.pool import LoRASlotPool
+from loquetier.models.llama import LlamaModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, tokenizer: Any, config: EngineConfig) -> None:
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.device = model.device
+        cfg = model.cfg
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
+        pool = LoRASlotPool(model.dims, num_slots=config.max_adapter_slots, max_rank=config.max_lora_rank,
+                            num_train_slots=config.num_train_slots, dtype=cfg.dtype, device=self.device)
+        model.attach_lora_pool(pool)
+        self.adapters = AdapterManager(pool, max_cpu_bytes=config.adapter_cache_bytes)
+        per_block = KVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads,
+                                            cfg.head_dim, cfg.dtype)
+        num_blocks = config.num_kv_blocks or max(1, int(config.kv_memory_gb * (1 << 30)) // per_block)
+        self.kv = model.make_kv_cache(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        eos = set(cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_token_ids = tuple(sorted(eos))
+        sched_cfg = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_chunk=config.max_prefill_chunk, default_ttft_ms=config.default_ttft_ms,
+            default_tpot_ms=config.default_tpot_ms)
+        self.scheduler = Scheduler(
+            sched_cfg, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
+            AdapterSlotGate(self.adapters), eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
+        self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config)
+        self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
+        self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
+        self._clock = time.monotonic
+        self._backlog: list[EngineEvent] = []
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
+                        **limits: Any) -> Engine:
+        """Load a local Hugging Face Llama-family directory (Llama, Mistral, Qwen2, SmolLM)."""
+        config = EngineConfig.from_kwargs(device=device, dtype=dtype, **limits)
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError("no_device", f"device {config.device!r} requested but CUDA is not available")
+        path = Path(model_dir)
+        model = LlamaModel.from_pretrained(
+            path, dtype=_DTYPES[config.dtype], device=config.device,
+            gradient_checkpointing=config.gradient_checkpointing, max_model_len=config.max_model_len)
+        return cls(model, _load_tokenizer(path), config)
+
+    # ---- adapters --------------------------------------------------------------------------------
+
+    def load_adapter(self, adapter_id: str, source: str | Path | LoRAAdapter) -> int:
+        """Register (or reload) an adapter from a PEFT directory; returns its new version."""
+        _check_id(adapter_id, "adapter_id")
+        try:
+            return self.adapters.load(adapter_id, source)
+        except (AdapterError, OSError) as exc:
+            raise EngineError("bad_adapter", str(exc)) from exc
+
+    def load_adapter_bytes(self, adapter_id: str, data: bytes) -> int:
+        try:
+            adapter = LoRAAdapter.from_bytes(data, self.model.dims)
+        except (AdapterError, ValueError) as exc:
+            raise EngineError("bad_adapter", str(exc)) from exc
+        return self.load_adapter(adapter_id, adapter)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        if adapter_id not in self.adapters:
+            raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
+        try:
+            self.adapters.unload(adapter_id)
+        except AdapterError as exc:
+            raise EngineError("adapter_busy", str(exc)) from exc
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return adapter_id in self.adapters
+
+    def adapter_version(self, adapter_id: str) -> int:
+        return self.adapters.version(adapter_id)
+
+    def export_adapter(self, adapter_id: str) -> bytes:
+        """The adapter's current weights (a training adapter's live weights) as bytes."""
+        return self._adapter(adapter_id).to_bytes()
+
+    def save_adapter(self, adapter_id: str, peft_dir: str | Path) -> None:
+        """Write the adapter in the PEFT directory format (loadable by PEFT and vLLM)."""
+        self._adapter(adapter_id).save(peft_dir)
+
+    def _adapter(self, adapter_id: str) -> LoRAAdapter:
+        live = self.jobs.live_adapter(adapter_id)
+        if live is not None:
+            return live
+        if adapter_id not in self.adapters:
+            raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
+        return self.adapters.get(adapter_id)
+
+    def _adapter_version(self, adapter_id: str | None) -> int:
+        return 0 if adapter_id is None else self.adapters.version(adapter_id)
+
+    # ---- inference -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | None = None,
+                    prompt_token_ids: Sequence[int] | None = None, adapter_id: str | None = None,
+                    sampling: SamplingParams | None = None, priority: int = 0,
+                    ttft_ms: float | None = None, tpot_ms: float | None = None, stream: bool = False) -> None:
+        """Queue one request; raises EngineError (with a stable code) for input it cannot serve."""
+        _check_id(request_id, "request_id")
+        if self.requests.has(request_id):
+            raise EngineError("duplicate_request", f"request {request_id!r} is already running")
+        if adapter_id is not None and adapter_id not in self.adapters:
+            raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
+        if priority < 0:
+            raise EngineError("invalid_request", "priority must be >= 0")
+        sampling = sampling or SamplingParams()
+        ids = self.requests.prompt_ids(prompt, prompt_token_ids, self.model.cfg.vocab_size)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise EngineError("prompt_too_long", f"prompt of {len(ids)} tokens leaves no room in the "
+                              f"context of {self.max_model_len} tokens")
+        if self.blocks.blocks_needed(len(ids) + 1) > self.blocks.num_blocks:
+            raise EngineError("prompt_too_long", "the prompt does not fit in the KV cache")
+        sampling = self.requests.effective_sampling(sampling, room)
+        try:
+            seq = Seq(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
+        except ValueError as exc:
+            raise EngineError("invalid_request", str(exc)) from exc
+        self.requests.add(seq, stream)
+        self.scheduler.add_request(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its RequestFinished (finish_reason "abort") comes with the next step."""
+        metrics = self.scheduler.abort(request_id, self._clock())
+        seq = self.requests.seq(request_id)
+        if metrics is None or seq is None:
+            return False
+        self._backlog.append(self.requests.finished(seq, metrics))
+        return True
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]],
+                 adapter_ids: Sequence[str | None] | None = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        """Run ``prompts`` to completion (training jobs keep stepping meanwhile)."""
+        adapter_ids = list(adapter_ids) if adapter_ids is not None else [None] * len(prompts)
+        if len(adapter_ids) != len(prompts):
+            raise EngineError("invalid_request", "adapter_ids must align with prompts")
+        params = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, adapter_id, sp in zip(ids, prompts, adapter_ids, params, strict=True):
+            if isinstance(prompt, str):
+                self.add_request(rid, prompt=prompt, adapter_id=adapter_id, sampling=sp)
+            else:
+                self.add_request(rid, prompt_token_ids=list(prompt), adapter_id=adapter_id, sampling=sp)
+        done: dict[str, GenerationOutput] = {}
+        wanted = set(ids)
+        while len(done) < len(ids):
+            for event in self._step():
+                out = GenerationOutput.of(event) if getattr(event, "request_id", None) in wanted else None
+                if out is not None:
+                    done[out.request_id] = out
+                elif getattr(event, "request_id", None) in wanted and isinstance(event, RequestFailed):
+                    raise EngineError(event.code, event.message)
+                elif getattr(event, "request_id", None) not in wanted:
+                    self._backlog.append(event)
+        return [done[i] for i in ids]
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def add_training_job(self, adapter_id: str, data: Any, params: TrainingParams | Mapping[str, Any] | None = None,
+                         lora: Mapping[str, Any] | None = None, base_adapter: str | None = None,
+                         eval_data: Any = None, job_id: str | None = None, priority: int | None = None,
+                         kind: str = "finetune", checkpoint: bytes | None = None) -> str:
+        """Start a fine-tuning (or "evaluate") job; returns its job id. ``checkpoint`` resumes a run."""
+        job_id = job_id or f"job-{next(self._ids)}"
+        _check_id(job_id, "job_id")
+        _check_id(adapter_id, "adapter_id")
+        return self.jobs.add(job_id, adapter_id, data, params, lora=lora, base_adapter=base_adapter,
+                             eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint)
+
+    def cancel_job(self, job_id: str) -> bool:
+        event = self.jobs.cancel(job_id)
+        if event is not None:
+            self._backlog.append(event)
+        return event is not None
+
+    def pause_job(self, job_id: str) -> bool:
+        return self.jobs.set_paused(job_id, True)
+
+    def resume_job(self, job_id: str) -> bool:
+        return self.jobs.set_paused(job_id, False)
+
+    def evaluate(self, adapter_id: str | None, data: Any, micro_batch_tokens: int | None = None) -> dict[str, float]:
+        """Mean completion-token loss and token accuracy of an adapter (None = base) on ``data``."""
+        job_id = self.jobs.add_eval(f"eval-{next(self._ids)}", adapter_id, data, micro_batch_tokens)
+        while (result := self.jobs.eval_result(job_id)) is None:
+            self._backlog.extend(self._step())
+        self._backlog = [e for e in self._backlog if getattr(e, "job_id", None) != job_id]
+        return result
+
+    def run_until_idle(self, max_steps: int | None = None) -> list[EngineEvent]:
+        """Step until no request and no job is left; returns every event."""
+        events: list[EngineEvent] = []
+        for _ in itertools.count() if max_steps is None else range(max_steps):
+            if not self.has_work():
+                break
+            events += self.step()
+        return events
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self._backlog) or self.scheduler.has_unfinished_requests or self.jobs.has_work()
+
+    def step(self) -> list[EngineEvent]:
+        events, self._backlog = self._backlog, []
+        return events + self._step()
+
+    def _step(self) -> list[EngineEvent]:
+        self.adapters.new_step()
+        batch: ScheduledBatch = self.scheduler.schedule(self._clock())
+        if batch.is_empty:
+            return self.jobs.collect_idle()
+        self.requests.mark_scheduled(batch)
+        t0 = time.perf_counter()
+        run = self.runner.run(batch, self.jobs, self.requests)
+        step_time = time.perf_counter() - t0
+        self.num_steps += 1
+        result = StepResult(self._clock(), step_time, run.sampled, run.train_tokens, run.eval_tokens)
+        step_events = self.scheduler.postprocess(batch, result)
+        for seq in self.scheduler.running:
+            if self.blocks.has_seq(seq.seq_id):
+                self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
+        events = self.requests.events(step_events, run.logprobs, self.scheduler, self._clock)
+        events += self.jobs.after_step(run)
+        return events
+
+    def _lookup(self, seq_id: str) -> Seq | None:
+        return self.scheduler.get(seq_id)
+
+    def stats(self) -> dict[str, Any]:
+        m = self.scheduler.metrics
+        return {
+            "num_steps": self.num_steps,
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_blocks_free": self.blocks.num_free_blocks,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "adapters_loaded": len(self.adapters.adapter_ids),
+            "slo_attainment": self.scheduler.slo.window_attainment,
+            "jobs": self.jobs.stats(),
+            "scheduler": dataclasses.asdict(m) if dataclasses.is_dataclass(m) else {},
+        }
+
+
+def _check_id(value: object, name: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise EngineError("invalid_request", f"{name} must be a non-empty string of at most 256 characters")

@@ -1,0 +1,261 @@
+"""JobBook: the engine's training and evaluation jobs, and their events.
+
+Each fine-tuning job is independent (own slot, optimizer, schedule, data order); the scheduler
+only sees WorkRunners. Evaluations during training run as child eval jobs on the training slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from loquetier.engine.config import EngineConfig
+from loquetier.engine.errors import EngineError
+from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, JobFinished, JobProgress
+from loquetier.engine.scheduler import Scheduler
+from loquetier.engine.work import WorkRunner
+from loquetier.lora.adapter import LoRAAdapter
+from loquetier.lora.config import AdapterError, LoRAConfig
+from loquetier.lora.data import DataError, TrainSequence, tokenize_examples
+from loquetier.lora.evaluate import EvaluationJob
+from loquetier.lora.job import TrainingJob
+from loquetier.lora.manager import AdapterManager
+from loquetier.lora.params import TrainingParams
+
+if TYPE_CHECKING:
+    from loquetier.engine.runner import RunResult
+
+
+@dataclass
+class _Train:
+    job: TrainingJob
+    runner: WorkRunner
+    started: float
+    last_step: int
+    child: WorkRunner | None = None
+
+
+@dataclass
+class _Eval:
+    job: EvaluationJob
+    runner: WorkRunner
+    adapter_id: str | None
+    pinned: bool
+
+
+class JobBook:
+    def __init__(self, adapters: AdapterManager, scheduler: Scheduler, tokenizer: Any, vocab_size: int,
+                 config: EngineConfig) -> None:
+        self.adapters, self.scheduler, self.tokenizer = adapters, scheduler, tokenizer
+        self.vocab_size, self.config = vocab_size, config
+        self._train: dict[str, _Train] = {}
+        self._evals: dict[str, _Eval] = {}
+        self._runners: dict[str, WorkRunner] = {}
+        self.eval_results: dict[str, dict[str, float]] = {}
+
+    # ---- creation ----------------------------------------------------------------------------------
+
+    def _sequences(self, data: Any, max_tokens: int) -> list[TrainSequence]:
+        limit = min(max_tokens, self.config.max_num_batched_tokens)
+        try:
+            return tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit)
+        except (DataError, OSError, ValueError, TypeError) as exc:
+            raise EngineError("invalid_data", str(exc)) from exc
+
+    def _check_new(self, job_id: str) -> None:
+        if job_id in self._runners:
+            raise EngineError("duplicate_job", f"job {job_id!r} is already running")
+
+    def add(self, job_id: str, adapter_id: str, data: Any, params: TrainingParams | Mapping[str, Any] | None,
+            *, lora: Mapping[str, Any] | None, base_adapter: str | None, eval_data: Any,
+            priority: int | None, kind: str, checkpoint: bytes | None) -> str:
+        self._check_new(job_id)
+        if kind == "evaluate":
+            return self.add_eval(job_id, adapter_id, data, None)
+        if kind != "finetune":
+            raise EngineError("invalid_job", f"kind must be 'finetune' or 'evaluate', got {kind!r}")
+        try:
+            if params is None:
+                params = TrainingParams()
+            elif isinstance(params, Mapping):
+                params = TrainingParams(**params)
+            if priority is not None:
+                params = TrainingParams(**{**params.__dict__, "priority": priority})
+        except (TypeError, ValueError) as exc:
+            raise EngineError("invalid_job", f"bad training params: {exc}") from exc
+        seqs = self._sequences(data, params.micro_batch_tokens)
+        eval_seqs = self._sequences(eval_data, params.micro_batch_tokens) if eval_data is not None else None
+        try:
+            if checkpoint is not None:
+                job = TrainingJob.restore(checkpoint, self.adapters, seqs, eval_data=eval_seqs)
+                if job.job_id != job_id or job.adapter_id != adapter_id:
+                    self.adapters.release_train_slot(job.adapter_id)
+                    raise EngineError("invalid_job", f"checkpoint belongs to job {job.job_id!r} "
+                                      f"(adapter {job.adapter_id!r})")
+            else:
+                init, cfg = self._init(base_adapter, lora)
+                job = TrainingJob(job_id, adapter_id, self.adapters, seqs, params, lora=cfg, init=init,
+                                  eval_data=eval_seqs)
+        except AdapterError as exc:
+            raise EngineError("bad_adapter", str(exc)) from exc
+        except (TypeError, ValueError) as exc:
+            raise EngineError("invalid_job", str(exc)) from exc
+        runner = WorkRunner(job, job.slot)
+        self._train[job_id] = _Train(job, runner, time.perf_counter(), job.step)
+        self._register(runner)
+        return job_id
+
+    def _init(self, base_adapter: str | None, lora: Mapping[str, Any] | None) -> tuple[LoRAAdapter | None, LoRAConfig | None]:
+        if base_adapter is not None:
+            if base_adapter in self.adapters:
+                return self.adapters.get(base_adapter).clone(), None
+            return LoRAAdapter.load(base_adapter, self.adapters.pool.dims), None
+        spec = dict(lora or {})
+        if "target_modules" in spec:
+            spec["target_modules"] = tuple(spec["target_modules"])
+        return None, LoRAConfig(**spec)
+
+    def add_eval(self, job_id: str, adapter_id: str | None, data: Any, micro_batch_tokens: int | None) -> str:
+        self._check_new(job_id)
+        mbt = micro_batch_tokens or self.config.max_num_batched_tokens
+        seqs = self._sequences(data, mbt)
+        slot, pinned = -1, False
+        if adapter_id is not None:
+            if adapter_id not in self.adapters:
+                raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
+            found = self.adapters.acquire_slot(adapter_id)
+            if found is None:
+                raise EngineError("no_slot", "every adapter slot is busy; retry later")
+            self.adapters.pin(adapter_id)
+            slot, pinned = found, True
+        job = EvaluationJob(job_id, adapter_id, seqs, micro_batch_tokens=mbt)
+        runner = WorkRunner(job, slot)
+        self._evals[job_id] = _Eval(job, runner, adapter_id, pinned)
+        self._register(runner)
+        return job_id
+
+    def _register(self, runner: WorkRunner) -> None:
+        self._runners[runner.job_id] = runner
+        self.scheduler.add_job(runner)
+
+    def _unregister(self, job_id: str) -> None:
+        self._runners.pop(job_id, None)
+        self.scheduler.remove_job(job_id)
+
+    # ---- queries -----------------------------------------------------------------------------------
+
+    def runner(self, job_id: str) -> WorkRunner:
+        return self._runners[job_id]
+
+    def has_work(self) -> bool:
+        return bool(self._runners)
+
+    def live_adapter(self, adapter_id: str) -> LoRAAdapter | None:
+        for t in self._train.values():
+            if t.job.adapter_id == adapter_id:
+                return t.job.adapter()
+        return None
+
+    def eval_result(self, job_id: str) -> dict[str, float] | None:
+        return self.eval_results.pop(job_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        return {jid: {"step": t.job.step, "total_steps": t.job.total_steps, "paused": t.runner.paused,
+                      "tokens": t.job.metrics.num_tokens} for jid, t in self._train.items()}
+
+    # ---- control -----------------------------------------------------------------------------------
+
+    def set_paused(self, job_id: str, paused: bool) -> bool:
+        t = self._train.get(job_id)
+        if t is None:
+            return False
+        t.runner.paused = paused
+        return True
+
+    def cancel(self, job_id: str) -> JobFinished | None:
+        t = self._train.pop(job_id, None)
+        if t is not None:
+            if t.child is not None:
+                self._unregister(t.child.job_id)
+            self._unregister(job_id)
+            t.job.zero_grad()
+            self.adapters.release_train_slot(t.job.adapter_id)
+            return JobFinished(job_id, t.job.adapter_id, "cancelled", self._metrics(t.job))
+        e = self._evals.pop(job_id, None)
+        if e is not None:
+            self._end_eval(e)
+            return JobFinished(job_id, e.adapter_id or "", "cancelled")
+        return None
+
+    # ---- after each step ---------------------------------------------------------------------------
+
+    def after_step(self, run: RunResult) -> list[EngineEvent]:
+        for piece, loss_sum, count, correct in run.pieces:
+            piece.runner.complete(piece, loss_sum, count, correct)
+        return self.collect_idle()
+
+    def collect_idle(self) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        for job_id in list(self._train):
+            events += self._advance(self._train[job_id])
+        for job_id in list(self._evals):
+            e = self._evals[job_id]
+            if e.job.is_done:
+                del self._evals[job_id]
+                self._end_eval(e)
+                r = e.job.result
+                result = {"loss": r.loss, "token_accuracy": r.accuracy, "num_tokens": float(r.num_tokens)}
+                self.eval_results[job_id] = result
+                events.append(JobFinished(job_id, e.adapter_id or "", "succeeded", result))
+        return events
+
+    def _end_eval(self, e: _Eval) -> None:
+        self._unregister(e.runner.job_id)
+        if e.pinned and e.adapter_id is not None and e.adapter_id in self.adapters:
+            self.adapters.unpin(e.adapter_id)
+
+    def _advance(self, t: _Train) -> list[EngineEvent]:
+        job, events = t.job, []
+        if job.step != t.last_step:
+            t.last_step = job.step
+            elapsed = max(1e-9, time.perf_counter() - t.started)
+            events.append(JobProgress(job.job_id, job.step, job.total_steps or 0, job.stream.cursor.epoch,
+                                      job.metrics.losses[-1], job.metrics.lrs[-1], job.metrics.num_tokens,
+                                      job.metrics.num_tokens / elapsed))
+        if t.child is not None:
+            child = t.child.job
+            if not child.is_done:
+                return events
+            self._unregister(t.child.job_id)
+            t.child = None
+            r = child.result  # type: ignore[union-attr]
+            events.append(JobEvaluated(job.job_id, job.step, r.loss, r.accuracy))
+        if not t.runner.at_boundary:
+            return events
+        if job.should_eval:
+            ev = job.start_eval()
+            t.child = WorkRunner(ev, job.slot, parent=job.job_id)
+            self._register(t.child)
+            return events
+        if job.should_checkpoint:
+            events.append(JobCheckpoint(job.job_id, job.step, job.checkpoint()))
+        if job.is_done:
+            self._unregister(job.job_id)
+            del self._train[job.job_id]
+            trained = job.finish()
+            events.append(JobFinished(job.job_id, job.adapter_id, "succeeded", self._metrics(job),
+                                      adapter=trained.to_bytes()))
+        return events
+
+    @staticmethod
+    def _metrics(job: TrainingJob) -> dict[str, float]:
+        m = job.metrics
+        out = {"steps": float(job.step), "tokens": float(m.num_tokens)}
+        if m.losses:
+            out["loss"] = m.losses[-1]
+        if m.evals:
+            out["eval_loss"] = m.evals[-1][1].loss
+            out["eval_token_accuracy"] = m.evals[-1][1].accuracy
+        return out

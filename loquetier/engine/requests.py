@@ -1,0 +1,145 @@
+"""RequestBook: per-request engine state beside the scheduler's Sequence (detokenizer, stream
+flag, seeded generator, logprobs), and the conversion of scheduler results into events."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loquetier.engine.detokenizer import IncrementalDetokenizer
+from loquetier.engine.errors import EngineError
+from loquetier.engine.events import EngineEvent, RequestFinished, TokenEvent, Timings, Usage
+from loquetier.engine.scheduler import Scheduler, StepEvents
+from loquetier.engine.sequence import SamplingParams, ScheduledBatch
+from loquetier.engine.sequence import Sequence as Seq
+from loquetier.engine.slo import RequestMetrics
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None
+
+    @classmethod
+    def of(cls, event: object) -> GenerationOutput | None:
+        if not isinstance(event, RequestFinished):
+            return None
+        return cls(event.request_id, event.token_ids, event.text, event.finish_reason, event.logprobs)
+
+
+@dataclass
+class _Request:
+    seq: Seq
+    stream: bool
+    detok: IncrementalDetokenizer | None
+    logprobs: list[float] = field(default_factory=list)
+    first_scheduled: float | None = None
+
+
+class RequestBook:
+    def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int], seed: int, device: torch.device) -> None:
+        self.tokenizer, self.eos_token_ids, self.device = tokenizer, tuple(eos_token_ids), device
+        self._requests: dict[str, _Request] = {}
+        # Seeds for requests without one (the sampler's noise is counter-based, per request).
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def seq(self, request_id: str) -> Seq | None:
+        r = self._requests.get(request_id)
+        return None if r is None else r.seq
+
+    def wants_logprobs(self, request_id: str) -> bool:
+        return self._requests[request_id].seq.sampling.logprobs
+
+    def prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None, vocab_size: int) -> list[int]:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise EngineError("invalid_request", "give exactly one of prompt or prompt_token_ids")
+        if prompt is not None:
+            if self.tokenizer is None:
+                raise EngineError("invalid_request", "this model has no tokenizer: send prompt_token_ids")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = list(prompt_token_ids or [])
+        if not ids:
+            raise EngineError("invalid_request", "empty prompt")
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+            raise EngineError("invalid_request", f"prompt token ids must be ints in [0, {vocab_size})")
+        return ids
+
+    def effective_sampling(self, sampling: SamplingParams, room: int) -> SamplingParams:
+        """Cap max_tokens to the context left; every EOS id of the model stops the request."""
+        changes: dict[str, Any] = {}
+        if sampling.max_tokens > room:
+            changes["max_tokens"] = room
+        if not sampling.ignore_eos:
+            extra = tuple(t for t in self.eos_token_ids if t not in sampling.stop_token_ids)
+            if extra:
+                changes["stop_token_ids"] = sampling.stop_token_ids + extra
+        return dataclasses.replace(sampling, **changes) if changes else sampling
+
+    def add(self, seq: Seq, stream: bool) -> None:
+        sp = seq.sampling
+        detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None
+        self._requests[seq.seq_id] = _Request(seq, stream, detok)
+
+    def mark_scheduled(self, batch: ScheduledBatch) -> None:
+        for seq in [c.seq for c in batch.prefill_chunks] + batch.decode_seqs:
+            r = self._requests.get(seq.seq_id)
+            if r is not None and r.first_scheduled is None:
+                r.first_scheduled = batch.now
+
+    def events(self, step: StepEvents, logprobs: dict[str, float], scheduler: Scheduler,
+               clock: Callable[[], float]) -> list[EngineEvent]:
+        out: list[EngineEvent] = []
+        finished = {s.seq_id: (s, m) for s, m in zip(step.finished, step.request_metrics, strict=True)}
+        for seq_id, _token in step.new_tokens:
+            r = self._requests.get(seq_id)
+            if r is None:
+                continue
+            if seq_id in logprobs and r.seq.sampling.logprobs:
+                r.logprobs.append(logprobs[seq_id])
+            if r.detok is None or seq_id in finished:
+                continue
+            delta = r.detok.update(r.seq.output_token_ids)
+            if r.stream and delta:
+                out.append(TokenEvent(seq_id, [_token], delta))
+            if r.detok.stopped:
+                metrics = scheduler.finish(seq_id, "stop", clock())
+                if metrics is not None:
+                    finished[seq_id] = (r.seq, metrics)
+        for seq, metrics in finished.values():
+            r = self._requests.get(seq.seq_id)
+            if r is not None and r.stream and r.detok is not None and not r.detok.stopped:
+                tail = r.detok.finish(seq.output_token_ids)
+                if tail:
+                    out.append(TokenEvent(seq.seq_id, [], tail))
+            out.append(self.finished(seq, metrics))
+        return out
+
+    def finished(self, seq: Seq, metrics: RequestMetrics) -> RequestFinished:
+        r = self._requests.pop(seq.seq_id)
+        tokens = list(seq.output_token_ids)
+        if r.detok is not None:
+            r.detok.finish(tokens)
+            text = r.detok.text
+        else:
+            text = ""
+        queued = ((r.first_scheduled if r.first_scheduled is not None else (seq.finish_time or 0.0))
+                  - seq.arrival_time)
+        ttft, tpot = seq.ttft_s, seq.mean_tpot_s
+        return RequestFinished(
+            request_id=seq.seq_id, token_ids=tokens, text=text, finish_reason=seq.finish_reason or "abort",
+            usage=Usage(seq.num_prompt_tokens, len(tokens)),
+            timings=Timings(max(0.0, queued) * 1e3, None if ttft is None else ttft * 1e3,
+                            None if tpot is None else tpot * 1e3),
+            logprobs=list(r.logprobs) if seq.sampling.logprobs else None,
+            slo_met=getattr(metrics, "met_slo", None), adapter_id=seq.adapter_id)

@@ -1,0 +1,95 @@
+"""ModelRunner: turns a ScheduledBatch into one packed forward (+ backward over training rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from loquetier.engine.config import EngineConfig
+from loquetier.engine.kv_cache import BlockManager, KVCache
+from loquetier.engine.sampler import SamplingTensors, sample
+from loquetier.engine.sequence import ScheduledBatch
+from loquetier.engine.work import Piece
+from loquetier.lora.manager import AdapterManager
+from loquetier.models.batch import BatchBuilder
+from loquetier.models.llama import LlamaModel
+from loquetier.models.loss import weighted_loss
+
+if TYPE_CHECKING:
+    from loquetier.engine.jobs import JobBook
+    from loquetier.engine.requests import RequestBook
+
+
+@dataclass
+class RunResult:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, float] = field(default_factory=dict)
+    train_tokens: dict[str, int] = field(default_factory=dict)
+    eval_tokens: dict[str, int] = field(default_factory=dict)
+    pieces: list[tuple[Piece, float, int, int]] = field(default_factory=list)  # piece, loss_sum, count, correct
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, adapters: AdapterManager,
+                 config: EngineConfig) -> None:
+        self.model, self.kv, self.blocks, self.adapters, self.config = model, kv, blocks, adapters, config
+        self.num_backward_rows = 0  # rows that entered autograd, summed over steps (tests read it)
+
+    def _slot(self, adapter_id: str | None) -> int:
+        if adapter_id is None:
+            return -1
+        slot = self.adapters.slot_of(adapter_id)
+        if slot is None:
+            raise RuntimeError(f"adapter {adapter_id!r} is scheduled but holds no slot")
+        return slot
+
+    def run(self, batch: ScheduledBatch, jobs: JobBook, requests: RequestBook) -> RunResult:
+        res = RunResult()
+        b = BatchBuilder(self.config.block_size)
+        pieces: list[Piece] = []
+        for chunks, add, used in ((batch.train_chunks, b.add_train, res.train_tokens),
+                                  (batch.eval_chunks, b.add_eval, res.eval_tokens)):
+            for chunk in chunks:
+                piece = jobs.runner(chunk.job_id).take(chunk.num_tokens)
+                used[chunk.job_id] = 0
+                if piece is None:
+                    continue
+                pieces.append(piece)
+                for s in piece.sequences:
+                    add(s.token_ids, s.labels, slot=piece.runner.slot, group=piece.group)
+                    used[chunk.job_id] += s.num_tokens
+        for c in batch.prefill_chunks:
+            seq = c.seq
+            b.add_prefill(seq.seq_id, seq.token_ids[c.start : c.start + c.length], c.start,
+                          self.blocks.block_table(seq.seq_id), slot=self._slot(seq.adapter_id),
+                          needs_logits=c.is_final)
+        for seq in batch.decode_seqs:
+            b.add_decode(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
+                         self.blocks.block_table(seq.seq_id), slot=self._slot(seq.adapter_id))
+        fb = b.build(self.model.device)
+        training = fb.num_train > 0
+        with torch.enable_grad() if training else torch.no_grad():
+            out = self.model.forward(fb, self.kv)
+            if training and out.loss_sum is not None:
+                denoms = [max(1, p.micro_batch.num_target_tokens) if not p.runner.is_eval else 1 for p in pieces]
+                weighted_loss(out.loss_sum, torch.tensor(denoms, dtype=torch.float32)).backward()
+                self.num_backward_rows += fb.num_train
+        if out.loss_sum is not None and out.token_count is not None and out.correct is not None:
+            sums, counts, correct = (t.detach().tolist() for t in (out.loss_sum, out.token_count, out.correct))
+            res.pieces = [(p, sums[g], int(counts[g]), int(correct[g])) for g, p in enumerate(pieces)]
+        if out.logits is not None:
+            ids = [str(s) for s in fb.logits_seq_ids]
+            seqs = [requests.seq(i) for i in ids]
+            if any(s is None for s in seqs):
+                raise RuntimeError("a logits row belongs to no known request")
+            st = SamplingTensors.build([s.sampling for s in seqs if s is not None],
+                                       [s.num_output_tokens for s in seqs if s is not None],
+                                       out.logits.device, requests.generator)
+            want = any(s.sampling.logprobs for s in seqs if s is not None)
+            sampled = sample(out.logits, st, want_logprobs=want)
+            res.sampled = dict(zip(ids, sampled.token_ids.tolist(), strict=True))
+            if sampled.logprobs is not None:
+                res.logprobs = dict(zip(ids, sampled.logprobs.tolist(), strict=True))
+        return res

@@ -1,0 +1,100 @@
+"""WorkRunner: the engine's view of one training or evaluation job.
+
+A job hands out whole micro-batches; the scheduler grants tokens per step. The runner splits a
+micro-batch into sequence-granular pieces across steps: each piece's loss is
+``loss_sum / micro_batch.num_target_tokens``, so the summed gradient equals one pass over the
+whole micro-batch (the loss is a mean over the micro-batch's completion tokens).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from loquetier.lora.data import MicroBatch, TrainSequence
+from loquetier.lora.evaluate import EvaluationJob
+from loquetier.lora.job import TrainingJob
+
+
+@dataclass
+class Piece:
+    """The sequences of one micro-batch run in this step."""
+
+    runner: WorkRunner
+    sequences: list[TrainSequence]
+    micro_batch: MicroBatch
+    is_last: bool  # the micro-batch completes with this piece
+
+    @property
+    def group(self) -> tuple[str, int]:
+        return (self.runner.job_id, self.micro_batch.index)
+
+
+class WorkRunner:
+    """Implements the scheduler's ``TrainWork`` for a TrainingJob or an EvaluationJob."""
+
+    def __init__(self, job: TrainingJob | EvaluationJob, slot: int, *, parent: str | None = None) -> None:
+        self.job, self.slot, self.parent = job, slot, parent
+        self.paused = False
+        self._mb: MicroBatch | None = None
+        self._pending: deque[TrainSequence] = deque()
+        self.loss_sum, self.count, self.correct = 0.0, 0, 0
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def priority(self) -> int:
+        return self.job.priority
+
+    @property
+    def min_share(self) -> float:
+        return self.job.min_share
+
+    @property
+    def is_eval(self) -> bool:
+        return self.job.is_eval
+
+    def num_ready_tokens(self) -> int:
+        if self.paused:
+            return 0
+        if self._pending:
+            return sum(s.num_tokens for s in self._pending)
+        if self._mb is not None:
+            return 0  # the micro-batch's last piece is in flight
+        return self.job.num_ready_tokens()
+
+    def take(self, num_tokens: int) -> Piece | None:
+        """Whole sequences of the current micro-batch up to ``num_tokens`` (at least one)."""
+        if self._mb is None:
+            mb = self.job.next_micro_batch()
+            if mb is None:
+                return None
+            self._mb, self._pending = mb, deque(mb.sequences)
+            self.loss_sum, self.count, self.correct = 0.0, 0, 0
+        taken: list[TrainSequence] = []
+        used = 0
+        while self._pending and (not taken or used + self._pending[0].num_tokens <= num_tokens):
+            seq = self._pending.popleft()
+            taken.append(seq)
+            used += seq.num_tokens
+        return Piece(self, taken, self._mb, is_last=not self._pending)
+
+    def complete(self, piece: Piece, loss_sum: float, count: int, correct: int) -> bool:
+        """Account a finished piece; True when it closed its micro-batch (reported to the job)."""
+        self.loss_sum += loss_sum
+        self.count += count
+        self.correct += correct
+        if not piece.is_last:
+            return False
+        self._mb = None
+        if isinstance(self.job, EvaluationJob):
+            self.job.on_micro_batch_done(self.loss_sum, self.count, self.correct)
+        else:
+            self.job.on_micro_batch_done(self.loss_sum, self.count)
+        return True
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._mb is None
