@@ -39,6 +39,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.address
 
 
+@pytest.fixture(scope="session")
+def kafka_consumer_options(kafka_bootstrap: str) -> dict[str, int]:
+    """Extra AIOKafkaConsumer kwargs for group tests.
+
+    tansu numbers the first group generation 0, and aiokafka only sends LeaveGroup for
+    generations > 0, so a restarted consumer waits for the old member's session to expire.
+    Short timeouts keep that to ~1 s. A real Kafka (configured bootstrap) gets defaults,
+    since it rejects sessions below group.min.session.timeout.ms.
+    """
+    if os.environ.get("LOQUETIER_KAFKA__BOOTSTRAP"):
+        return {}
+    return {"session_timeout_ms": 1000, "heartbeat_interval_ms": 100, "rebalance_timeout_ms": 500}
+
+
 # --- services: PostgreSQL ---------------------------------------------------------------
 
 

@@ -6,96 +6,18 @@ from typing import Any
 
 import msgpack
 import pytest
+from wire_samples import SAMPLES
 
 from loquetier.messages import (
-    CheckpointResult,
-    ControlCommand,
-    DeadLetter,
-    ErrorResult,
     GenerateRequest,
-    GenerateResult,
-    JobDoneResult,
     Limits,
-    LoRASpec,
-    ProgressResult,
     RecordError,
-    SamplingSpec,
-    SLOSpec,
-    TextExample,
-    Timings,
-    TokenExample,
-    TokenResult,
     TopicKind,
-    TrainingJob,
     TrainingParamsSpec,
-    Usage,
     decode_record,
     encode_record,
     peek_ids,
 )
-
-SHA = "ab" * 32
-
-SAMPLES: list[tuple[TopicKind, Any]] = [
-    ("requests", GenerateRequest(request_id="r1", prompt="Hello")),
-    (
-        "requests",
-        GenerateRequest(
-            request_id="r2",
-            adapter_id="support-bot",
-            prompt_token_ids=[1, 2, 3],
-            sampling=SamplingSpec(max_tokens=8, temperature=0.0, top_k=5, seed=7, stop=["\n"], logprobs=2),
-            slo=SLOSpec(ttft_ms=200, tpot_ms=50),
-            priority=3,
-            stream=True,
-        ),
-    ),
-    (
-        "training",
-        TrainingJob(
-            job_id="j1",
-            adapter_id="support-bot",
-            lora=LoRASpec(rank=16, alpha=32, dropout=0.05, target_modules=["q_proj"], use_rslora=True),
-            data=[
-                TextExample(prompt="Q: 2+2?", completion=" 4"),
-                TokenExample(prompt_token_ids=[5, 6], completion_token_ids=[7]),
-            ],
-            eval_data="/data/eval.jsonl",
-            params=TrainingParamsSpec(
-                optimizer="sgd", max_steps=10, lr_schedule="cosine", max_grad_norm=None
-            ),
-            priority=1,
-        ),
-    ),
-    ("training", TrainingJob(job_id="j2", kind="evaluate", adapter_id="a", data="s3://bucket/eval.jsonl")),
-    ("control", ControlCommand(action="load", target_id="support-bot", path="/adapters/support-bot")),
-    ("control", ControlCommand(action="load", target_id="b", source="db", worker_id="w1")),
-    ("control", ControlCommand(command_id="c1", action="cancel", target_id="j1")),
-    ("control", ControlCommand(action="drain", target_id="*")),
-    ("results", TokenResult(request_id="r1", index=0, token_ids=[9, 10], text="Hi", logprobs=[-0.1, -0.2])),
-    (
-        "results",
-        GenerateResult(
-            request_id="r1",
-            adapter_id=None,
-            token_ids=[9, 10],
-            text="Hi",
-            finish_reason="length",
-            usage=Usage(prompt_tokens=3, completion_tokens=2),
-            timings=Timings(queued_ms=1.5, ttft_ms=20.0, tpot_ms=5.0),
-        ),
-    ),
-    ("results", ErrorResult(request_id="r3", code="invalid_value", message="bad")),
-    ("results", ProgressResult(job_id="j1", step=3, total_steps=10, epoch=0.3, loss=2.5, lr=1e-4)),
-    ("results", CheckpointResult(job_id="j1", adapter_id="a", step=3, sha256=SHA, size_bytes=10)),
-    ("results", JobDoneResult(job_id="j1", adapter_id="a", status="succeeded", step=10, loss=1.0)),
-    (
-        "dlq",
-        DeadLetter(
-            topic="loquetier.requests", partition=0, offset=5, key=b"k", value=b"\xc1", code="x", reason="y"
-        ),
-    ),
-]
 
 
 @pytest.mark.parametrize(("kind", "record"), SAMPLES, ids=lambda v: getattr(v, "type", None) or str(v)[:12])
@@ -156,11 +78,14 @@ BAD: list[tuple[str, TopicKind, bytes, str]] = [
     ("job no data", "training", _pack(**JOB), "missing_field"),
     ("job empty data", "training", _pack(**JOB, data=[]), "invalid_value"),
     ("job bad example", "training", _pack(**JOB, data=[{"text": "x"}]), "missing_field"),
-    ("job example ids", "training", _pack(**JOB, data=[{"prompt_token_ids": [1]}]),
-     "missing_field"),
+    ("job example ids", "training", _pack(**JOB, data=[{"prompt_token_ids": [1]}]), "missing_field"),
     ("job bad kind", "training", _pack(**JOB, data="p", kind="rl"), "invalid_value"),
-    ("job many examples", "training", _pack(**JOB, data=[{"prompt": "", "completion": "c"}] * 9),
-     "too_large"),
+    (
+        "job many examples",
+        "training",
+        _pack(**JOB, data=[{"prompt": "", "completion": "c"}] * 9),
+        "too_large",
+    ),
     ("job lr 0", "training", _pack(**JOB, data="p", params={"lr": 0.0}), "invalid_value"),
     ("load without path", "control", _pack(action="load", target_id="a"), "invalid_value"),
     ("cancel with path", "control", _pack(action="cancel", target_id="a", path="/x"), "invalid_value"),
@@ -168,12 +93,20 @@ BAD: list[tuple[str, TopicKind, bytes, str]] = [
     ("unknown result type", "results", _pack(type="weird", request_id="r9"), "wrong_type"),
     ("result without type", "results", _pack(request_id="r9"), "wrong_type"),
     ("error without id", "results", _pack(type="error", code="c", message="m"), "invalid_value"),
-    ("bad sha", "results", _pack(**JOB, type="checkpoint", step=1, sha256="x", size_bytes=1),
-     "invalid_value"),
+    (
+        "bad sha",
+        "results",
+        _pack(**JOB, type="checkpoint", step=1, sha256="x", size_bytes=1),
+        "invalid_value",
+    ),
 ]
 LIMITS = Limits(
-    max_record_bytes=4096, max_prompt_chars=256, max_prompt_tokens=64, max_new_tokens=4096,
-    max_stop_sequences=4, max_inline_examples=8,
+    max_record_bytes=4096,
+    max_prompt_chars=256,
+    max_prompt_tokens=64,
+    max_new_tokens=4096,
+    max_stop_sequences=4,
+    max_inline_examples=8,
 )
 
 
