@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from loquetier.kernels import force_backend
 from lora_harness import Engine, dims_of, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -18,13 +17,6 @@ from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.pool import LoRASlotPool
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    force_backend("reference")
-    yield
-    force_backend(None)
 
 
 def random_adapter(dims, rank=4, modules=ALL, rslora=False, seed=0) -> LoRAAdapter:

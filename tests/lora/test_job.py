@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loquetier.kernels import force_backend
 from lora_harness import Engine, dims_of, tiny_llama
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -18,13 +17,6 @@ from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import LoRASlotPool
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    force_backend("reference")
-    yield
-    force_backend(None)
 
 
 def setup(
