@@ -85,9 +85,7 @@ def test_gpu_worker_is_optional(compose: dict[str, Any]) -> None:
     assert gpu["profiles"] == ["gpu"]  # not started by a plain `docker compose up`
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert "worker" not in compose["services"]["worker"].get(
-        "profiles", ["worker"]
-    )  # default worker has none
+    assert "profiles" not in compose["services"]["worker"]  # the CPU worker always starts
 
 
 def test_dockerfile_copies_the_package_folders() -> None:
