@@ -16,6 +16,7 @@ Masks follow HF: key ``j`` is visible from query ``i`` iff ``j <= i`` and, with 
 from __future__ import annotations
 
 import inspect
+import warnings
 from functools import cache
 
 import torch
@@ -27,13 +28,36 @@ IMPLS = ("reference", "sdpa", "flash", "auto")
 
 
 @cache
-def _varlen_attn() -> tuple[object | None, bool]:
-    """(varlen_attn, accepts block_table) or (None, False)."""
+def _varlen_attn() -> tuple[object | None, frozenset[str]]:
+    """(varlen_attn, its keyword parameters) or (None, {}): the keywords differ across torch versions."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None, False
-    return varlen_attn, "block_table" in inspect.signature(varlen_attn).parameters
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_paged_flash_broken: list[str] = []  # set once if this torch's paged varlen_attn rejects our layout
+
+
+def _flash(  # noqa: PLR0917
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor | None,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    window: int | None,
+    **extra: object,
+) -> torch.Tensor:
+    fn, params = _varlen_attn()
+    kwargs: dict[str, object] = {"scale": scale, "window_size": (-1 if window is None else window - 1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    out: torch.Tensor = fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs, **extra)  # type: ignore[operator]
+    return out
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -88,20 +112,8 @@ def varlen_attention(  # noqa: PLR0917
         return q.new_empty(q.shape)
     impl = resolve_impl(impl, q.device)
     if impl == "flash":
-        varlen_attn, _ = _varlen_attn()
-        left = -1 if window is None else window - 1
-        return varlen_attn(
-            q,
-            k,
-            v,
-            meta.cu_seqlens,
-            meta.cu_seqlens,
-            meta.max_seqlen,
-            meta.max_seqlen,  # type: ignore[operator]
-            scale=scale,
-            window_size=(left, 0),
-            enable_gqa=True,
-        )
+        cu, n = meta.cu_seqlens, meta.max_seqlen
+        return _flash(q, k, v, cu, cu, n, n, scale, window)
     outs, start = [], 0
     for n in meta.host_seqlens:
         qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
@@ -145,23 +157,24 @@ def paged_attention(  # noqa: PLR0917
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
     impl = resolve_impl(impl, q.device)
-    if impl == "flash" and _varlen_attn()[1]:
-        varlen_attn, _ = _varlen_attn()
-        left = -1 if window is None else window - 1
-        return varlen_attn(
-            q,
-            k_cache,
-            v_cache,
-            meta.q_cu_seqlens,
-            None,
-            meta.max_q_len,  # type: ignore[operator]
-            meta.max_context_len,
-            scale=scale,
-            window_size=(left, 0),
-            enable_gqa=True,
-            seqused_k=meta.context_lens,
-            block_table=meta.block_tables,
-        )
+    if impl == "flash" and "block_table" in _varlen_attn()[1] and not _paged_flash_broken:
+        try:
+            return _flash(
+                q,
+                k_cache,
+                v_cache,
+                meta.q_cu_seqlens,
+                None,
+                meta.max_q_len,
+                meta.max_context_len,
+                scale,
+                window,
+                seqused_k=meta.context_lens,
+                block_table=meta.block_tables,
+            )
+        except RuntimeError as exc:  # e.g. a page size this FlashAttention build does not take
+            warnings.warn(f"paged varlen_attn unavailable ({exc}); using gather + SDPA", stacklevel=2)
+            _paged_flash_broken.append(str(exc))
     if impl in ("sdpa", "flash"):
         return _paged_sdpa(q, k_cache, v_cache, meta, scale, window)
     bs = k_cache.shape[1]
