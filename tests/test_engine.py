@@ -1,0 +1,243 @@
+"""The unified engine end to end on CPU: serving beside training, API behaviour, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loquetier import Engine, EngineError, SamplingParams, TrainingParams
+from loquetier.engine.events import JobCheckpoint, JobFinished, RequestFinished, TokenEvent
+from loquetier.kernels import force_backend
+from loquetier.lora.adapter import LoRAAdapter
+from loquetier.lora.config import LoRAConfig
+from tests.tiny import make_tiny_model
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+PROMPTS = ["the quick brown fox", "what is the capital", "a pirate says", "fine tuning and"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_backend():
+    force_backend("reference")  # the Triton interpreter is exercised by the kernel tests
+    yield
+    force_backend(None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def random_adapter(engine: Engine, seed: int, rank: int, targets: tuple[str, ...]) -> LoRAAdapter:
+    adapter = LoRAAdapter.new(LoRAConfig(rank=rank, alpha=2 * rank, target_modules=targets),
+                              engine.model.dims, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for a, b in adapter.weights.values():
+        b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+        a.mul_(2.0)
+    return adapter
+
+
+def make_engine(model_dir: Path, **limits) -> Engine:
+    base = dict(num_kv_blocks=96, block_size=8, max_num_batched_tokens=256, max_prefill_chunk=64,
+                max_adapter_slots=6, num_train_slots=2, max_lora_rank=16)
+    base.update(limits)
+    engine = Engine.from_pretrained(model_dir, **base)
+    engine.load_adapter("a", random_adapter(engine, 10, 4, ("q_proj", "v_proj")))
+    engine.load_adapter("b", random_adapter(engine, 20, 8, ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                           "gate_proj", "up_proj", "down_proj")))
+    return engine
+
+
+def train_data(offset: int) -> list[dict]:
+    return [{"prompt_token_ids": [1, 10 + i + offset, 11 + i], "completion_token_ids": [40 + i + offset, 41, 42 + i]}
+            for i in range(6)]
+
+
+def job_params(seed: int) -> TrainingParams:
+    return TrainingParams(optimizer="adamw", lr=5e-3, max_steps=6, micro_batch_tokens=20, seed=seed,
+                          checkpoint_every=2)
+
+
+LORA = dict(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+
+
+def test_base_generation_matches_transformers(model_dir: Path) -> None:
+    engine = make_engine(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    outs = engine.generate(PROMPTS, sampling=GREEDY)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        ref = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert out.token_ids == ref[: len(out.token_ids)]
+        assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_training_never_corrupts_serving_and_jobs_match_solo_runs(model_dir: Path) -> None:
+    adapters = ["a", None, "b", "a"]
+    expected = [o.token_ids for o in make_engine(model_dir).generate(PROMPTS, adapters, GREEDY)]
+
+    engine = make_engine(model_dir)
+    engine.add_training_job("t1", train_data(0), job_params(1), lora=LORA, job_id="j1")
+    engine.add_training_job("t2", train_data(3), job_params(2), lora=LORA, job_id="j2", priority=1)
+    for _ in range(3):
+        engine.step()  # the jobs are mid-run when the requests arrive
+    for i, (prompt, adapter) in enumerate(zip(PROMPTS, adapters, strict=True)):
+        engine.add_request(f"r{i}", prompt=prompt, adapter_id=adapter, sampling=GREEDY)
+    results: dict[str, list[int]] = {}
+    finished: dict[str, JobFinished] = {}
+    mixed_steps = 0
+    while engine.has_work():
+        before = engine.runner.num_backward_rows
+        events = engine.step()
+        mixed = engine.runner.num_backward_rows > before and len(results) < 4
+        mixed_steps += int(mixed)
+        for e in events:
+            if isinstance(e, RequestFinished):
+                results[e.request_id] = e.token_ids
+            if isinstance(e, JobFinished):
+                finished[e.job_id] = e
+    assert mixed_steps > 0, "serving and training never shared a step"
+    assert [results[f"r{i}"] for i in range(4)] == expected
+    assert {e.status for e in finished.values()} == {"succeeded"}
+
+    for job_id, adapter_id, offset, seed in (("j1", "t1", 0, 1), ("j2", "t2", 3, 2)):
+        solo = make_engine(model_dir)
+        solo.add_training_job(adapter_id, train_data(offset), job_params(seed), lora=LORA, job_id=job_id)
+        solo.run_until_idle()
+        together = LoRAAdapter.from_bytes(finished[job_id].adapter)
+        alone = solo.adapters.get(adapter_id)
+        for key, (a, b) in alone.weights.items():
+            torch.testing.assert_close(together.weights[key][0], a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(together.weights[key][1], b, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_covers_only_training_rows(model_dir: Path) -> None:
+    engine = make_engine(model_dir)
+    engine.add_training_job("t1", train_data(0), job_params(1), lora=LORA)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt=prompt, adapter_id="a", sampling=GREEDY)
+    trained_tokens = 0
+    while engine.has_work():
+        engine.step()
+        trained_tokens = sum(engine.scheduler.metrics.train_tokens_by_job.values())
+    assert engine.runner.num_backward_rows == trained_tokens > 0
+
+
+def test_checkpoint_resume_in_a_fresh_engine_matches_uninterrupted(model_dir: Path) -> None:
+    full = make_engine(model_dir)
+    full.add_training_job("t1", train_data(0), job_params(5), lora=LORA, job_id="j")
+    events = full.run_until_idle()
+    checkpoints = [e for e in events if isinstance(e, JobCheckpoint)]
+    assert [c.step for c in checkpoints] == [2, 4, 6]
+    final = next(e for e in events if isinstance(e, JobFinished))
+
+    resumed = make_engine(model_dir)
+    resumed.add_training_job("t1", train_data(0), job_params(5), lora=LORA, job_id="j",
+                             checkpoint=checkpoints[0].data)
+    again = next(e for e in resumed.run_until_idle() if isinstance(e, JobFinished))
+    for key, (a, b) in LoRAAdapter.from_bytes(final.adapter).weights.items():
+        other = LoRAAdapter.from_bytes(again.adapter).weights[key]
+        torch.testing.assert_close(other[0], a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other[1], b, rtol=1e-5, atol=1e-6)
+    assert again.metrics["loss"] == pytest.approx(final.metrics["loss"], rel=1e-5)
+
+
+def test_streaming_stop_strings_abort_and_kv_reclaimed(model_dir: Path) -> None:
+    engine = make_engine(model_dir)
+    total_blocks = engine.blocks.num_free_blocks
+    full = engine.generate(["the quick brown fox"], sampling=SamplingParams(max_tokens=12, temperature=0))[0]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    engine.add_request("s", prompt="the quick brown fox", sampling=SamplingParams(
+        max_tokens=12, temperature=0, stop=[stop]), stream=True)
+    engine.add_request("x", prompt="a pirate says", sampling=SamplingParams(max_tokens=50, temperature=0,
+                                                                            ignore_eos=True))
+    streamed, finals = "", {}
+    for step in range(200):
+        for e in engine.step():
+            if isinstance(e, TokenEvent):
+                assert e.request_id == "s"
+                streamed += e.text
+            elif isinstance(e, RequestFinished):
+                finals[e.request_id] = e
+        if step == 3:
+            assert engine.abort("x")
+        if not engine.has_work():
+            break
+    assert finals["s"].finish_reason == "stop" and finals["s"].text == full.text[:2] == streamed
+    assert finals["x"].finish_reason == "abort"
+    assert engine.blocks.num_free_blocks == total_blocks
+
+
+def test_preemption_under_kv_pressure_keeps_outputs(model_dir: Path) -> None:
+    roomy = make_engine(model_dir).generate(PROMPTS, sampling=SamplingParams(max_tokens=20, temperature=0))
+    tight = make_engine(model_dir, num_kv_blocks=9)
+    outs = tight.generate(PROMPTS, sampling=SamplingParams(max_tokens=20, temperature=0))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert tight.scheduler.metrics.num_preemptions > 0
+
+
+def test_seeded_sampling_and_logprobs(model_dir: Path) -> None:
+    engine = make_engine(model_dir)
+    sp = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=7, logprobs=True)
+    one = engine.generate(["the quick brown fox"], sampling=sp)[0]
+    crowd = engine.generate(["a pirate", "the quick brown fox", "what is"], sampling=[
+        SamplingParams(max_tokens=6, temperature=1.0), sp, SamplingParams(max_tokens=3)])[1]
+    assert one.token_ids == crowd.token_ids
+    assert one.logprobs is not None and len(one.logprobs) == len(one.token_ids)
+    assert all(lp <= 0 for lp in one.logprobs)
+
+
+@pytest.mark.parametrize(("kwargs", "code"), [
+    (dict(prompt="hi", prompt_token_ids=[1, 2]), "invalid_request"),
+    (dict(), "invalid_request"),
+    (dict(prompt_token_ids=[1, 99999]), "invalid_request"),
+    (dict(prompt="hi", adapter_id="nope"), "unknown_adapter"),
+    (dict(prompt_token_ids=[5] * 600), "prompt_too_long"),
+    (dict(prompt="hi", priority=-1), "invalid_request"),
+])
+def test_bad_requests_get_clear_errors(model_dir: Path, kwargs: dict, code: str) -> None:
+    engine = make_engine(model_dir)
+    with pytest.raises(EngineError) as info:
+        engine.add_request("r", **kwargs)
+    assert info.value.code == code
+    assert not engine.has_work()
+
+
+def test_bad_jobs_get_clear_errors(model_dir: Path) -> None:
+    engine = make_engine(model_dir)
+    with pytest.raises(EngineError, match="invalid_data"):
+        engine.add_training_job("t", [{"prompt": 3}], job_params(1), lora=LORA)
+    with pytest.raises(EngineError, match="invalid_job"):
+        engine.add_training_job("t", train_data(0), {"lr": -1}, lora=LORA)
+    with pytest.raises(EngineError, match="bad_adapter|invalid_job"):
+        engine.add_training_job("t", train_data(0), job_params(1), lora=dict(rank=4, target_modules=["wq"]))
+    engine.add_training_job("t", train_data(0), job_params(1), lora=LORA, job_id="j")
+    with pytest.raises(EngineError, match="duplicate_job"):
+        engine.add_training_job("t2", train_data(0), job_params(1), lora=LORA, job_id="j")
+    assert engine.cancel_job("j")
+    events = engine.step()
+    assert any(isinstance(e, JobFinished) and e.status == "cancelled" for e in events)
+    assert not engine.has_work()
+
+
+def test_pause_resume_and_evaluate(model_dir: Path) -> None:
+    engine = make_engine(model_dir)
+    engine.add_training_job("t", train_data(0), job_params(1), lora=LORA, job_id="j")
+    engine.step()
+    engine.pause_job("j")
+    step = engine.jobs.stats()["j"]["step"]
+    for _ in range(3):
+        engine.step()
+    assert engine.jobs.stats()["j"]["step"] == step
+    engine.resume_job("j")
+    engine.run_until_idle()
+    trained = engine.evaluate("t", train_data(0))
+    base = engine.evaluate(None, train_data(0))
+    assert trained["loss"] < base["loss"]
+    assert 0.0 <= trained["token_accuracy"] <= 1.0
