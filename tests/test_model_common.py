@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from loquetier.kernels import force_backend
 from transformers import (
@@ -15,7 +17,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-force_backend("reference")
+
+@pytest.fixture(autouse=True, scope="module")
+def reference_smlm() -> Iterator[None]:
+    """The torch reference SMLM backend for these modules (import this fixture into a test module)."""
+    force_backend("reference")
+    yield
+    force_backend(None)
+
 
 TINY = {
     "vocab_size": 128,

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_common import assert_close, hf_logits, make_hf_model, rand_tokens
+from test_model_common import (
+    assert_close,
+    hf_logits,
+    make_hf_model,
+    rand_tokens,
+    reference_smlm,  # noqa: F401
+)
 
 from loquetier.engine.kv_cache import BlockManager
 from loquetier.models import BatchBuilder, CheckpointError, LlamaModel, UnsupportedModelError

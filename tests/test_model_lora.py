@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from test_model_common import KINDS, assert_close, make_hf_model, rand_tokens
+from test_model_common import (
+    KINDS,
+    assert_close,
+    make_hf_model,
+    rand_tokens,
+    reference_smlm,  # noqa: F401
+)
 
 from loquetier.engine.kv_cache import BlockManager
 from loquetier.lora.pool import LoRASlotPool
