@@ -1,0 +1,242 @@
+"""The client library: publish requests, jobs and commands; read their results.
+
+    async with LoquetierClient("localhost:9092") as client:
+        rid = await client.submit_generate("Hello", adapter_id="pirate", stream=True)
+        async for record in client.results([rid]):
+            print(record.type, getattr(record, "text", ""))
+
+``results`` reads ``loquetier.results`` from where it stood when the client started (so a
+result of anything submitted through this client is never missed), or from a timestamp.
+It ends once every id reached a final record ("result"/"error" for a request,
+"job_done"/"error" for a job) unless ``follow`` is set. The worker delivers at least once:
+a result may arrive twice, identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from loquetier.codec import Record, RecordError
+from loquetier.messages import (
+    ControlCommand,
+    GenerateRequest,
+    SamplingSpec,
+    TrainingJob,
+    decode_record,
+    encode_record,
+)
+from loquetier.settings import KafkaSettings
+
+FINAL_TYPES = frozenset({"result", "error", "job_done"})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+class LoquetierClient:
+    def __init__(self, bootstrap: str, kafka: KafkaSettings | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.kafka = kafka or KafkaSettings(bootstrap=bootstrap)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=2,
+            max_request_size=self.kafka.max_record_bytes + 64 * 1024,
+        )
+        self._start_offsets: dict[TopicPartition, int] = {}
+
+    async def __aenter__(self) -> LoquetierClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self._start_offsets = await self._end_offsets()
+
+    async def close(self) -> None:
+        await self._producer.stop()
+
+    # --- publishing ------------------------------------------------------------------------
+
+    async def send(self, topic: str, record: Record, key: str | None) -> None:
+        await self._producer.send_and_wait(topic, encode_record(record), key=key.encode() if key else None)
+
+    async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        """Publish arbitrary bytes (tests, other encoders)."""
+        await self._producer.send_and_wait(topic, value, key=key)
+
+    async def submit_generate(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        adapter_id: str | None = None,
+        sampling: SamplingSpec | dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        ttft_ms: float | None = None,
+        tpot_ms: float | None = None,
+        priority: int = 0,
+        stream: bool = False,
+        request_id: str | None = None,
+    ) -> str:
+        """Publish a GenerateRequest; returns its request_id (the idempotency key)."""
+        spec = dict(sampling.model_dump() if isinstance(sampling, SamplingSpec) else (sampling or {}))
+        if max_tokens is not None:
+            spec["max_tokens"] = max_tokens
+        if temperature is not None:
+            spec["temperature"] = temperature
+        request_id = request_id or new_id("req")
+        slo = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms} if ttft_ms is not None or tpot_ms is not None else None
+        req = GenerateRequest.model_validate(
+            {
+                "request_id": request_id,
+                "adapter_id": adapter_id,
+                "prompt": prompt,
+                "prompt_token_ids": prompt_token_ids,
+                "sampling": spec,
+                "slo": slo,
+                "priority": priority,
+                "stream": stream,
+            },
+            strict=False,
+        )
+        await self.send(self.kafka.requests_topic, req, request_id)
+        return request_id
+
+    async def submit_training(self, job: TrainingJob | dict[str, Any]) -> str:
+        """Publish a TrainingJob (a dict gets a job_id when it has none); returns the job_id."""
+        if not isinstance(job, TrainingJob):
+            job = TrainingJob.model_validate({"job_id": new_id("job"), **job}, strict=False)
+        await self.send(self.kafka.training_topic, job, job.job_id)
+        return job.job_id
+
+    async def control(
+        self,
+        action: str,
+        target_id: str,
+        *,
+        path: str | None = None,
+        source: str | None = None,
+        worker_id: str | None = None,
+    ) -> str:
+        """Publish a ControlCommand (load/unload/cancel/pause/resume/drain); returns its command_id."""
+        command_id = new_id("cmd")
+        cmd = ControlCommand.model_validate(
+            {
+                "command_id": command_id,
+                "action": action,
+                "target_id": target_id,
+                "path": path,
+                "source": source,
+                "worker_id": worker_id,
+            },
+            strict=False,
+        )
+        await self.send(self.kafka.control_topic, cmd, target_id)
+        return command_id
+
+    # --- results ---------------------------------------------------------------------------
+
+    async def _end_offsets(self) -> dict[TopicPartition, int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(self.kafka.results_topic) or set()
+            if not parts:
+                await consumer.topics()  # refresh metadata once
+                parts = consumer.partitions_for_topic(self.kafka.results_topic) or set()
+            tps = [TopicPartition(self.kafka.results_topic, p) for p in parts]
+            return dict(await consumer.end_offsets(tps)) if tps else {}
+        finally:
+            await consumer.stop()
+
+    async def results(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        follow: bool = False,
+        since_ms: int | None = None,
+        from_beginning: bool = False,
+    ) -> AsyncIterator[Any]:
+        """Result records for ``ids`` (None: all), in arrival order; see the module doc."""
+        wanted = set(ids) if ids is not None else None
+        open_ids = set(wanted or ())
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=self.kafka.max_record_bytes + 64 * 1024,
+        )
+        await consumer.start()
+        try:
+            await self._position(consumer, since_ms, from_beginning)
+            while follow or open_ids or wanted is None:
+                batches = await consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    for msg in records:
+                        try:
+                            record = decode_record("results", msg.value)
+                        except RecordError:
+                            continue
+                        rid = getattr(record, "request_id", None) or getattr(record, "job_id", None)
+                        if wanted is not None and rid not in wanted:
+                            continue
+                        yield record
+                        if record.type in FINAL_TYPES:
+                            open_ids.discard(rid)
+                if wanted is not None and not open_ids and not follow:
+                    return
+        finally:
+            await consumer.stop()
+
+    async def _position(self, consumer: AIOKafkaConsumer, since_ms: int | None, from_beginning: bool) -> None:
+        topic = self.kafka.results_topic
+        parts: set[int] = set()
+        for _ in range(50):
+            parts = consumer.partitions_for_topic(topic) or set()
+            if parts:
+                break
+            await consumer.topics()
+            await asyncio.sleep(0.1)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        if from_beginning:
+            await consumer.seek_to_beginning(*tps)
+            return
+        if since_ms is not None:
+            found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+            for tp in tps:
+                hit = found.get(tp)
+                if hit is None:
+                    await consumer.seek_to_end(tp)
+                else:
+                    consumer.seek(tp, hit.offset)
+            return
+        for tp in tps:
+            consumer.seek(tp, self._start_offsets.get(tp, 0))
+
+    async def wait_result(self, request_id: str, timeout: float = 60.0) -> Any:
+        """The final record ("result" or "error") of one request."""
+
+        async def first() -> Any:
+            async for record in self.results([request_id]):
+                if record.type in FINAL_TYPES:
+                    return record
+            raise RuntimeError("results ended without a final record")
+
+        return await asyncio.wait_for(first(), timeout)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

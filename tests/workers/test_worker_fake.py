@@ -1,0 +1,63 @@
+"""The worker against a deterministic fake engine, a real broker and real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from loquetier.db import repo
+from loquetier.db.session import create_engine, session_factory
+from tests.fakes import FakeEngine
+from tests.workers.conftest import client_for, running_worker
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+async def row(database_url: str, request_id: str) -> Any:
+    engine = create_engine(database_url)
+    try:
+        async with session_factory(engine).begin() as s:
+            return await repo.get_request(s, request_id)
+    finally:
+        await engine.dispose()
+
+
+async def test_request_round_trip_and_redelivery(topics: Any, database_url: str) -> None:
+    settings = await topics()
+    engine = FakeEngine()
+    async with running_worker(engine, settings), client_for(settings) as client:
+        rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, stream=True)
+        records = [r async for r in client.results([rid])]
+        assert [r.type for r in records] == ["token"] * 4 + ["result"]
+        result = records[-1]
+        assert result.token_ids == [6, 7, 8, 6]
+        assert [t.token_ids[0] for t in records[:-1]] == result.token_ids
+        again = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, request_id=rid)
+        second = await client.wait_result(again, timeout=20)
+        assert second.type == "result"
+    assert engine.submitted_ids.count(rid) == 1
+    stored = await row(database_url, rid)
+    assert stored.status == "succeeded" and stored.completion_tokens == 4 and stored.ttft_ms == 2.0
+    assert second.model_dump() == result.model_dump()
+
+
+async def test_duplicates_in_flight_compute_once(topics: Any, database_url: str) -> None:
+    settings = await topics()
+    engine = FakeEngine()
+    async with running_worker(engine, settings), client_for(settings) as client:
+        rid = "dup-1"
+        for _ in range(3):
+            await client.submit_generate(prompt_token_ids=[1, 2], max_tokens=30, request_id=rid)
+        seen = []
+
+        async def collect() -> None:
+            async for r in client.results([rid], follow=True):
+                seen.append(r)
+                if len(seen) == 3:
+                    return
+
+        await asyncio.wait_for(collect(), 30)
+    assert engine.submitted_ids.count(rid) == 1
+    assert len({r.model_dump_json() for r in seen}) == 1

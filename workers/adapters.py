@@ -1,0 +1,115 @@
+"""Adapters on this worker, kept in step with the ``adapters`` table.
+
+Postgres is the registry every worker shares: a request naming an adapter this worker
+lacks loads its latest ready version lazily; a new version (a job finished, an operator
+loaded one) replaces the local copy at the next :meth:`AdapterSync.sync`; an archived
+adapter (control "unload") is dropped everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from loquetier.db import repo
+from loquetier.db.models import AdapterRow
+
+from . import store as q
+from .engine_client import EngineClient
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def read_payload(data: bytes | None, uri: str | None, sha256: str | None) -> bytes:
+    """A stored blob's bytes: inline, or read from a file URI and checked against sha256."""
+    if data is not None:
+        return data
+    if uri is None:
+        raise ValueError("the row has neither data nor uri")
+    payload = Path(uri.removeprefix("file://")).read_bytes()
+    if sha256 is not None and hashlib.sha256(payload).hexdigest() != sha256:
+        raise ValueError(f"{uri}: sha256 mismatch")
+    return payload
+
+
+def lora_fields(data: bytes, fallback: dict[str, Any]) -> dict[str, Any]:
+    """rank / alpha / target_modules / use_rslora of adapter bytes (or the job's lora spec)."""
+    try:
+        from loquetier.lora.adapter import LoRAAdapter
+
+        config = LoRAAdapter.from_bytes(data).config
+        return {
+            "rank": config.rank,
+            "alpha": config.alpha,
+            "target_modules": list(config.target_modules),
+            "use_rslora": config.use_rslora,
+        }
+    except Exception:  # not our adapter blob format (e.g. a test engine): trust the job's spec
+        return {
+            "rank": int(fallback.get("rank", 8)),
+            "alpha": float(fallback.get("alpha", 16.0)),
+            "target_modules": list(fallback.get("target_modules", [])),
+            "use_rslora": bool(fallback.get("use_rslora", False)),
+        }
+
+
+class AdapterSync:
+    def __init__(self, client: EngineClient, store: Store) -> None:
+        self._client = client
+        self._store = store
+        self.versions: dict[str, int | None] = {}  # adapter_id -> database version loaded here
+        self._lock = asyncio.Lock()
+
+    async def ensure(self, adapter_id: str) -> bool:
+        """Is ``adapter_id`` servable here, loading it from Postgres if needed?"""
+        if adapter_id in self.versions or await self._client.has_adapter(adapter_id):
+            self.versions.setdefault(adapter_id, None)
+            return True
+        row = await self._store.tx(lambda s: repo.get_adapter(s, adapter_id))
+        if row is None:
+            return False
+        await self.load_row(row)
+        return True
+
+    async def load_row(self, row: AdapterRow) -> None:
+        async with self._lock:
+            if self.versions.get(row.adapter_id) == row.version:
+                return
+            payload = await asyncio.to_thread(read_payload, row.data, row.uri, row.sha256)
+            await self._client.load_adapter_bytes(row.adapter_id, payload)
+            self.versions[row.adapter_id] = row.version
+            log.info("adapter loaded", extra={"adapter_id": row.adapter_id, "version": row.version})
+
+    async def load_latest(self, adapter_id: str) -> bool:
+        row = await self._store.tx(lambda s: repo.get_adapter(s, adapter_id))
+        if row is None:
+            return False
+        await self.load_row(row)
+        return True
+
+    async def unload(self, adapter_id: str) -> None:
+        self.versions.pop(adapter_id, None)
+        if await self._client.has_adapter(adapter_id):
+            await self._client.unload_adapter(adapter_id)
+
+    def mark_loaded(self, adapter_id: str, version: int | None) -> None:
+        self.versions[adapter_id] = version
+
+    async def sync(self) -> None:
+        """Reload adapters with a newer ready version; drop archived ones."""
+        known = list(self.versions)
+        if not known:
+            return
+        latest = await self._store.tx(lambda s: q.ready_versions(s, known))
+        for adapter_id in known:
+            version = latest.get(adapter_id)
+            loaded = self.versions.get(adapter_id)
+            if version is None:
+                if loaded is not None:  # it came from the table and is archived now
+                    await self.unload(adapter_id)
+            elif loaded is None or version > loaded:
+                await self.load_latest(adapter_id)

@@ -1,0 +1,183 @@
+"""One consumer in one group over the requests, training and control topics.
+
+Manual commits only (``enable_auto_commit=False``): each partition is committed up to the
+highest offset below which every record is done (:mod:`loquetier.workers.offsets`).
+Back-pressure pauses the request partitions while ``max_inflight`` requests are in the
+worker and resumes them when half have drained; paused records stay in Kafka, so nothing
+accepted is ever dropped. On a rebalance the revoked partitions are drained (their
+in-flight records finish and are committed) before the new owner starts; what does not
+finish in time keeps running here and the new owner waits for its row instead of
+computing it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from loquetier.messages import TopicKind
+from loquetier.settings import KafkaSettings
+
+from .metrics import PAUSED
+from .offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[TopicKind, Any, int], Awaitable[None]]  # (kind, ConsumerRecord, epoch)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: Consumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._owner.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._owner.on_assigned(set(assigned))
+
+
+class Consumer:
+    def __init__(
+        self,
+        bootstrap: str,
+        kafka: KafkaSettings,
+        handler: Handler,
+        *,
+        worker_id: str,
+        max_inflight: int,
+        inflight: Callable[[], int],
+        drain_timeout_s: float = 10.0,
+    ):
+        self._kafka = kafka
+        self._handler = handler
+        self._max_inflight = max_inflight
+        self._inflight = inflight
+        self._drain_timeout_s = drain_timeout_s
+        self._kinds: dict[str, TopicKind] = {
+            kafka.requests_topic: "requests",
+            kafka.training_topic: "training",
+            kafka.control_topic: "control",
+        }
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=kafka.group_id,
+            client_id=f"{kafka.client_id}-{worker_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=kafka.max_record_bytes + 64 * 1024,
+            fetch_max_bytes=max(kafka.max_record_bytes * 2, 52_428_800),
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            retry_backoff_ms=200,
+        )
+        self.is_paused = False
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        self.consumer.subscribe(list(self._kinds), listener=_Listener(self))
+        backoff = 0.2
+        while True:
+            try:
+                await self.consumer.start()
+                return
+            except KafkaError as exc:
+                log.warning("broker unavailable at start, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, 2.0)
+
+    def stop_consuming(self) -> None:
+        self._stopping.set()
+
+    def done(self, part: TopicPartition, offset: int, epoch: int | None = None) -> None:
+        self.tracker.done(part, offset, epoch)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Fetch, dispatch and commit until :meth:`stop_consuming`."""
+        while not self._stopping.is_set():
+            try:
+                batches = await self.consumer.getmany(timeout_ms=100, max_records=self._max_inflight)
+            except KafkaError as exc:
+                log.warning("fetch failed", extra={"error": repr(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for part, records in batches.items():
+                kind = self._kinds.get(part.topic)
+                for record in records:
+                    epoch = self.tracker.accept(part, record.offset)
+                    if kind is not None:
+                        await self._handler(kind, record, epoch)
+                    else:
+                        self.tracker.done(part, record.offset, epoch)
+            self._apply_backpressure()
+            await self.commit()
+
+    def _apply_backpressure(self) -> None:
+        inflight = self._inflight()
+        if not self.is_paused and inflight >= self._max_inflight:
+            self._set_paused(True)
+        elif self.is_paused and inflight <= self._max_inflight // 2:
+            self._set_paused(False)
+
+    def _request_parts(self) -> list[TopicPartition]:
+        return [p for p in self.consumer.assignment() if p.topic == self._kafka.requests_topic]
+
+    def _set_paused(self, paused: bool) -> None:
+        parts = self._request_parts()
+        if paused:
+            self.consumer.pause(*parts)
+        else:
+            self.consumer.resume(*parts)
+        self.is_paused = paused
+        PAUSED.set(len(parts) if paused else 0)
+        log.info("back-pressure", extra={"paused": paused, "inflight": self._inflight()})
+
+    async def commit(self, parts: set[TopicPartition] | None = None) -> bool:
+        points = self.tracker.commit_points(parts)
+        if not points:
+            return True
+        try:
+            await self.consumer.commit({p: OffsetAndMetadata(o, "") for p, o in points.items()})
+        except (CommitFailedError, KafkaError) as exc:  # rebalancing or broker away: retried next round
+            log.warning("commit failed", extra={"error": repr(exc)})
+            return False
+        self.tracker.mark_committed(points)
+        return True
+
+    # --- rebalance -----------------------------------------------------------------------
+
+    def _pending(self, parts: set[TopicPartition]) -> int:
+        return sum(self.tracker.num_pending(p) for p in parts)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        deadline = time.monotonic() + self._drain_timeout_s
+        while self._pending(revoked) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.commit(revoked)
+        left = self._pending(revoked)
+        self.tracker.forget(revoked)
+        log.info("partitions revoked", extra={"partitions": sorted(map(str, revoked)), "handed_over": left})
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.tracker.forget(assigned)  # fresh positions come from the group's committed offsets
+        if self.is_paused:
+            self.consumer.pause(*self._request_parts())
+        log.info("partitions assigned", extra={"partitions": sorted(map(str, assigned))})
+
+    async def close(self) -> None:
+        """Commit what is done and leave the group."""
+        for _ in range(3):
+            if await self.commit():
+                break
+            await asyncio.sleep(0.2)
+        await self.consumer.stop()

@@ -1,0 +1,133 @@
+"""Converters between the three vocabularies: wire records, engine values, engine events.
+
+They live at the worker boundary and nowhere else (ARCHITECTURE.md §1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from loquetier.engine.events import JobFinished, JobProgress, RequestFinished
+from loquetier.engine.sequence import SamplingParams
+from loquetier.lora.params import TrainingParams
+from loquetier.messages import (
+    GenerateRequest,
+    GenerateResult,
+    JobDoneResult,
+    ProgressResult,
+    ResultRecord,
+    SamplingSpec,
+    Timings,
+    TrainingJob,
+    Usage,
+)
+
+_RESULT = TypeAdapter[Any](ResultRecord)
+_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled", "cancelled": "cancelled"}
+
+
+def sampling_params(spec: SamplingSpec) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        seed=spec.seed,
+        stop=tuple(spec.stop),
+        logprobs=bool(spec.logprobs),
+    )
+
+
+def request_kwargs(req: GenerateRequest) -> dict[str, Any]:
+    """Keyword arguments of ``engine.add_request`` (the request_id goes separately).
+
+    The engine weights priorities as ``1 + priority`` and needs them >= 0; the wire allows
+    any int32, so lower values mean "no boost".
+    """
+    return {
+        "prompt": req.prompt,
+        "prompt_token_ids": list(req.prompt_token_ids) if req.prompt_token_ids is not None else None,
+        "adapter_id": req.adapter_id,
+        "sampling": sampling_params(req.sampling),
+        "priority": max(0, req.priority),
+        "ttft_ms": req.slo.ttft_ms if req.slo else None,
+        "tpot_ms": req.slo.tpot_ms if req.slo else None,
+        "stream": req.stream,
+    }
+
+
+def generate_result(ev: RequestFinished, adapter_id: str | None) -> GenerateResult:
+    t = ev.timings
+    return GenerateResult(
+        request_id=ev.request_id,
+        adapter_id=ev.adapter_id if ev.adapter_id is not None else adapter_id,
+        token_ids=list(ev.token_ids),
+        text=ev.text,
+        finish_reason=_FINISH_REASONS.get(ev.finish_reason, "stop"),  # type: ignore[arg-type]
+        usage=Usage(prompt_tokens=ev.usage.prompt_tokens, completion_tokens=ev.usage.completion_tokens),
+        timings=Timings(queued_ms=t.queued_ms, ttft_ms=t.ttft_ms, tpot_ms=t.tpot_ms),
+        logprobs=list(ev.logprobs) if ev.logprobs is not None else None,
+    )
+
+
+def stored(record: Any) -> dict[str, Any]:
+    """A result record as JSON-safe data for ``inference_requests.result``."""
+    data: dict[str, Any] = record.model_dump(mode="json", by_alias=True)
+    return data
+
+
+def from_stored(data: dict[str, Any]) -> Any:
+    """The record a finished request published, rebuilt from its row (for redeliveries)."""
+    return _RESULT.validate_python(data, strict=False)
+
+
+def training_params(job: TrainingJob) -> TrainingParams:
+    return TrainingParams(**job.params.model_dump(), priority=max(0, job.priority))
+
+
+def job_data(data: Any) -> Any:
+    """Inline examples as plain dicts, or the JSONL path as given."""
+    if isinstance(data, list):
+        return [example.model_dump() for example in data]
+    return data
+
+
+def job_spec(job: TrainingJob) -> dict[str, Any]:
+    """The whole wire record, stored in ``training_jobs.spec`` so that any worker can run it."""
+    spec: dict[str, Any] = job.model_dump(mode="json", by_alias=True)
+    return spec
+
+
+def job_from_spec(spec: dict[str, Any]) -> TrainingJob:
+    return TrainingJob.model_validate(spec, strict=False)
+
+
+def progress_result(ev: JobProgress, adapter_id: str, eval_loss: float | None = None) -> ProgressResult:
+    return ProgressResult(
+        job_id=ev.job_id,
+        adapter_id=adapter_id,
+        step=max(0, ev.step),
+        total_steps=max(0, ev.total_steps) if ev.total_steps is not None else None,
+        epoch=float(max(0, ev.epoch)),
+        loss=ev.loss,
+        eval_loss=eval_loss,
+        lr=ev.lr,
+        tokens_processed=max(0, ev.tokens_processed),
+        tokens_per_s=ev.tokens_per_s,
+    )
+
+
+def job_done_result(ev: JobFinished, step: int, version: int | None) -> JobDoneResult:
+    metrics = ev.metrics or {}
+    return JobDoneResult(
+        job_id=ev.job_id,
+        adapter_id=ev.adapter_id,
+        status=ev.status,  # type: ignore[arg-type]
+        step=max(0, step),
+        loss=metrics.get("loss"),
+        eval_loss=metrics.get("eval_loss"),
+        adapter_version=version,
+        error=ev.error,
+    )

@@ -1,0 +1,206 @@
+"""The only door from the asyncio side into the engine: an engine thread plus queues.
+
+The engine is synchronous and single-threaded. Its thread alternates between applying
+queued commands (submit, abort, load adapter, ...) and running ``engine.step()`` while
+there is work; step events travel back to the event loop through an ``asyncio.Queue``.
+Nothing here blocks the event loop, so Kafka and Postgres I/O keep flowing while a step
+runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineLike(Protocol):
+    """What the worker uses of ``loquetier.engine.engine.Engine`` (see issue 6)."""
+
+    def add_request(  # noqa: PLR0917
+        self,
+        request_id: str,
+        prompt: str | None = ...,
+        prompt_token_ids: list[int] | None = ...,
+        adapter_id: str | None = ...,
+        sampling: Any = ...,
+        priority: int = ...,
+        ttft_ms: float | None = ...,
+        tpot_ms: float | None = ...,
+        stream: bool = ...,
+    ) -> None: ...
+    def abort(self, request_id: str) -> bool: ...
+    def step(self) -> list[Any]: ...
+    def has_work(self) -> bool: ...
+    def load_adapter_bytes(self, adapter_id: str, data: bytes) -> int: ...
+    def load_adapter(self, adapter_id: str, path: Any) -> int: ...
+    def unload_adapter(self, adapter_id: str) -> None: ...
+    def has_adapter(self, adapter_id: str) -> bool: ...
+    def add_training_job(  # noqa: PLR0917
+        self,
+        adapter_id: str,
+        data: Any,
+        params: Any,
+        lora: dict[str, Any] | None = ...,
+        base_adapter: str | None = ...,
+        eval_data: Any = ...,
+        job_id: str | None = ...,
+        priority: int = ...,
+        kind: str = ...,
+        checkpoint: bytes | None = ...,
+    ) -> str: ...
+    def cancel_job(self, job_id: str) -> Any: ...
+    def pause_job(self, job_id: str) -> Any: ...
+    def resume_job(self, job_id: str) -> Any: ...
+    def export_adapter(self, adapter_id: str) -> bytes: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class StepFailed(Exception):
+    """``engine.step()`` raised: the engine state is unknown, the worker must stop."""
+
+
+StepHook = Callable[[float, list[Any]], None]
+
+
+class EngineClient:
+    """Async facade over an engine running in its own thread."""
+
+    def __init__(self, engine: EngineLike, *, on_step: StepHook | None = None, idle_wait_s: float = 0.02):
+        self._engine = engine
+        self._on_step = on_step
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue[tuple[Callable[[EngineLike], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._events: asyncio.Queue[list[Any] | BaseException] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.num_steps = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="loquetier-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 30.0)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- commands (applied between steps, on the engine thread) --------------------------
+
+    async def call(self, fn: Callable[[EngineLike], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread; its exception is raised here."""
+        if not self.is_running:
+            raise RuntimeError("the engine thread is not running")
+        done: Future[T] = Future()
+        self._commands.put((fn, done))
+        return await asyncio.wrap_future(done)
+
+    async def submit(self, request_id: str, **kwargs: Any) -> None:
+        await self.call(lambda e: e.add_request(request_id, **kwargs))
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.call(lambda e: e.abort(request_id))
+
+    async def add_job(self, adapter_id: str, data: Any, params: Any, **kwargs: Any) -> str:
+        return await self.call(lambda e: e.add_training_job(adapter_id, data, params, **kwargs))
+
+    async def cancel_job(self, job_id: str) -> None:
+        await self.call(lambda e: e.cancel_job(job_id))
+
+    async def pause_job(self, job_id: str) -> None:
+        await self.call(lambda e: e.pause_job(job_id))
+
+    async def resume_job(self, job_id: str) -> None:
+        await self.call(lambda e: e.resume_job(job_id))
+
+    async def has_adapter(self, adapter_id: str) -> bool:
+        return await self.call(lambda e: e.has_adapter(adapter_id))
+
+    async def load_adapter(self, adapter_id: str, path: str) -> int:
+        return await self.call(lambda e: e.load_adapter(adapter_id, path))
+
+    async def load_adapter_bytes(self, adapter_id: str, data: bytes) -> int:
+        return await self.call(lambda e: e.load_adapter_bytes(adapter_id, data))
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self.call(lambda e: e.unload_adapter(adapter_id))
+
+    async def export_adapter(self, adapter_id: str) -> bytes:
+        return await self.call(lambda e: e.export_adapter(adapter_id))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call(lambda e: e.stats())
+
+    # --- events ------------------------------------------------------------------------
+
+    async def next_events(self) -> list[Any]:
+        """The events of the next step that produced any; raises :class:`StepFailed`."""
+        item = await self._events.get()
+        if isinstance(item, BaseException):
+            raise StepFailed(str(item)) from item
+        return item
+
+    # --- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self._engine
+        while not self._stopping.is_set():
+            self._apply_commands(block=False)
+            if not engine.has_work():
+                self._apply_commands(block=True)
+                continue
+            started = time.perf_counter()
+            try:
+                events = engine.step()
+            except Exception as exc:  # an engine bug: report it and stop stepping
+                log.exception("engine step failed")
+                self._post(exc)
+                return
+            self.num_steps += 1
+            if self._on_step is not None:
+                self._on_step(time.perf_counter() - started, events)
+            if events:
+                self._post(events)
+        self._apply_commands(block=False)
+
+    def _apply_commands(self, *, block: bool) -> None:
+        while True:
+            try:
+                fn, done = (
+                    self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+                )
+            except queue.Empty:
+                return
+            block = False
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fn(self._engine))
+            except Exception as exc:  # handed to the awaiting coroutine
+                done.set_exception(exc)
+
+    def _post(self, item: list[Any] | BaseException) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._events.put_nowait, item)

@@ -1,0 +1,226 @@
+"""The request path: row first, then the engine, then the row again, then the result.
+
+1. Insert the ``inference_requests`` row idempotently (by request_id) before any work.
+2. A row that already finished: republish its stored result, no computation.
+   A row running on another live worker: wait for it to finish, then republish.
+   Otherwise (new, queued, or its worker is gone): start it in the engine.
+3. On the engine's finish: store result and timings in the row (first outcome wins),
+   publish the "result" record, and only then mark the Kafka record done.
+
+A duplicate that arrives while the request runs here attaches to it: one computation,
+one "result" record per Kafka record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loquetier.db import repo
+from loquetier.engine.events import RequestFailed, RequestFinished, TokenEvent
+from loquetier.messages import ErrorResult, GenerateRequest, TokenResult
+
+from . import convert
+from . import store as q
+from .adapters import AdapterSync
+from .engine_client import EngineClient
+from .metrics import QUEUE_DEPTH, REQUESTS
+from .publisher import Publisher
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+Source = tuple[Any, int, int]  # (partition, offset, epoch) of the Kafka record
+DoneHook = Callable[[Source], None]
+
+
+@dataclass
+class Inflight:
+    request: GenerateRequest
+    sources: list[Source]
+    num_streamed: int = 0
+    in_engine: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class Inference:
+    def __init__(
+        self,
+        client: EngineClient,
+        store: Store,
+        publisher: Publisher,
+        adapters: AdapterSync,
+        *,
+        worker_id: str,
+        on_done: DoneHook,
+        owner_timeout_s: float = 15.0,
+        poll_s: float = 0.25,
+    ):
+        self._client = client
+        self._store = store
+        self._publisher = publisher
+        self._adapters = adapters
+        self._worker_id = worker_id
+        self._on_done = on_done
+        self._owner_timeout_s = owner_timeout_s
+        self._poll_s = poll_s
+        self.inflight: dict[str, Inflight] = {}
+        self.num_computed = 0
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self.inflight)
+
+    def num_pending(self, parts: set[Any]) -> int:
+        return sum(1 for f in self.inflight.values() for s in f.sources if s[0] in parts)
+
+    # --- intake --------------------------------------------------------------------------
+
+    def accept(self, req: GenerateRequest, source: Source) -> asyncio.Task[None] | None:
+        """Take a decoded request; returns the task handling it (None: joined a running one)."""
+        running = self.inflight.get(req.request_id)
+        if running is not None:
+            running.sources.append(source)
+            return None
+        self.inflight[req.request_id] = Inflight(req, [source])
+        QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
+        return asyncio.create_task(self._start(req, source), name=f"request:{req.request_id}")
+
+    async def _start(self, req: GenerateRequest, source: Source) -> None:
+        rid = req.request_id
+        try:
+            part, offset, _ = source
+            is_new = await self._store.tx(
+                lambda s: repo.insert_request_idempotent(
+                    s,
+                    request_id=rid,
+                    adapter_id=req.adapter_id,
+                    priority=req.priority,
+                    prompt_tokens=len(req.prompt_token_ids) if req.prompt_token_ids else None,
+                    kafka_topic=getattr(part, "topic", None),
+                    kafka_partition=getattr(part, "partition", None),
+                    kafka_offset=offset,
+                )
+            )
+            if not is_new and not await self._take_over(rid):
+                return
+            if req.adapter_id is not None and not await self._adapters.ensure(req.adapter_id):
+                await self._fail(rid, "unknown_adapter", f"adapter {req.adapter_id!r} is not registered")
+                return
+            await self._store.tx(lambda s: repo.start_request(s, rid, self._worker_id))
+            try:
+                await self._client.submit(rid, **convert.request_kwargs(req))
+            except Exception as exc:  # EngineError(code, message) for bad input
+                await self._fail(rid, getattr(exc, "code", "engine_error"), getattr(exc, "message", str(exc)))
+                return
+            self.inflight[rid].in_engine = True
+            self.num_computed += 1
+            log.info(
+                "request started",
+                extra={"request_id": rid, "adapter_id": req.adapter_id, "worker_id": self._worker_id},
+            )
+        except Exception:
+            log.exception("request intake failed", extra={"request_id": rid})
+            await self._fail(rid, "internal", "the worker could not start this request")
+
+    async def _take_over(self, rid: str) -> bool:
+        """For an existing row: republish a finished one, wait for a live owner, or compute."""
+        while True:
+            row = await self._store.tx(lambda s: repo.get_request(s, rid))
+            if row is None:
+                return True
+            if row.finished_at is not None:
+                if row.result is not None:
+                    await self._deliver(rid, convert.from_stored(row.result))
+                else:
+                    await self._deliver(
+                        rid, ErrorResult(request_id=rid, code=row.status, message=row.error or "")
+                    )
+                log.info("request republished", extra={"request_id": rid, "status": row.status})
+                return False
+            owner = row.worker_id
+            if row.status != "running" or owner is None or owner == self._worker_id:
+                return True
+            alive = await self._store.tx(
+                lambda s: q.worker_is_alive(s, owner, within_s=self._owner_timeout_s)
+            )
+            if not alive:
+                log.info("request taken over", extra={"request_id": rid, "from_worker": owner})
+                return True
+            await asyncio.sleep(self._poll_s)
+
+    # --- engine events ----------------------------------------------------------------------
+
+    async def on_event(self, ev: TokenEvent | RequestFinished | RequestFailed) -> None:
+        if isinstance(ev, TokenEvent):
+            await self._stream(ev)
+        elif isinstance(ev, RequestFinished):
+            flight = self.inflight.get(ev.request_id)
+            adapter_id = flight.request.adapter_id if flight else None
+            result = convert.generate_result(ev, adapter_id)
+            t = result.timings
+            await self._store.tx(
+                lambda s: repo.finish_request(
+                    s,
+                    ev.request_id,
+                    status="cancelled" if result.finish_reason == "cancelled" else "succeeded",
+                    result=convert.stored(result),
+                    prompt_tokens=result.usage.prompt_tokens,
+                    completion_tokens=result.usage.completion_tokens,
+                    queued_ms=t.queued_ms,
+                    ttft_ms=t.ttft_ms,
+                    tpot_ms=t.tpot_ms,
+                )
+            )
+            REQUESTS.labels(result.finish_reason).inc()
+            await self._deliver(ev.request_id, result)
+        else:
+            await self._fail(ev.request_id, ev.code, ev.message)
+
+    async def _stream(self, ev: TokenEvent) -> None:
+        flight = self.inflight.get(ev.request_id)
+        if flight is None:
+            return
+        record = TokenResult(
+            request_id=ev.request_id, index=flight.num_streamed, token_ids=list(ev.token_ids), text=ev.text
+        )
+        flight.num_streamed += len(ev.token_ids)
+        await self._publisher.stream(record, ev.request_id)
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    async def _fail(self, rid: str, code: str, message: str) -> None:
+        error = ErrorResult(request_id=rid, code=code, message=message)
+        await self._store.tx(
+            lambda s: repo.finish_request(
+                s, rid, status="failed", result=convert.stored(error), error=f"{code}: {message}"
+            )
+        )
+        REQUESTS.labels("error").inc()
+        await self._deliver(rid, error)
+
+    async def _deliver(self, rid: str, record: Any) -> None:
+        """Publish ``record`` once per Kafka record waiting on ``rid``, then mark them done."""
+        flight = self.inflight.get(rid)
+        if flight is None:
+            return
+        while flight.sources:
+            source = flight.sources[0]
+            await self._publisher.publish(record, rid)
+            flight.sources.pop(0)
+            self._on_done(source)
+        del self.inflight[rid]
+        QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
+
+    async def abort_all(self) -> list[str]:
+        """Stop computing everything in the engine (shutdown past the drain timeout)."""
+        aborted = []
+        for rid, flight in list(self.inflight.items()):
+            if flight.in_engine:
+                await self._client.abort(rid)
+                aborted.append(rid)
+        return aborted

@@ -1,0 +1,312 @@
+"""Training and eval jobs: claimed from Postgres with a lease, run in the engine, recorded.
+
+Postgres is the source of truth once the job row exists. This worker claims queued jobs
+(or ones whose lease expired: their worker died) with ``FOR UPDATE SKIP LOCKED``, starts
+each from its latest checkpoint, renews the lease on every heartbeat and progress update,
+and stops a job as soon as a renewal fails (cancelled, paused, or taken by another
+worker). Checkpoints go to the ``checkpoints`` table (bytes, or a file URI plus sha256);
+a finished fine-tune registers its adapter in ``adapters`` and is served here at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loquetier.db import repo
+from loquetier.db.models import JobRow
+from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
+from loquetier.messages import CheckpointResult, JobDoneResult, ProgressResult, TrainingJob
+from loquetier.settings import WorkerSettings
+
+from . import convert
+from .adapters import AdapterSync, lora_fields, read_payload
+from .engine_client import EngineClient
+from .metrics import QUEUE_DEPTH
+from .publisher import Publisher
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+JobEvent = JobProgress | JobEvaluated | JobCheckpoint | JobFinished
+
+
+@dataclass
+class RunningJob:
+    job: TrainingJob
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    last_report: float = 0.0
+
+
+class JobRunner:
+    def __init__(
+        self,
+        client: EngineClient,
+        store: Store,
+        publisher: Publisher,
+        adapters: AdapterSync,
+        settings: WorkerSettings,
+        *,
+        worker_id: str,
+        max_jobs: int = 2,
+        poll_s: float = 1.0,
+    ):
+        self._client = client
+        self._store = store
+        self._publisher = publisher
+        self._adapters = adapters
+        self._settings = settings
+        self._worker_id = worker_id
+        self.max_jobs = max_jobs
+        self._poll_s = poll_s
+        self._wake = asyncio.Event()
+        self.accepting = True
+        self.running: dict[str, RunningJob] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim jobs while there is room, until :attr:`accepting` turns false."""
+        while self.accepting:
+            await self.claim_more()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+            except TimeoutError:
+                pass
+
+    async def claim_more(self) -> None:
+        while self.accepting and len(self.running) < self.max_jobs:
+            row = await self._store.tx(
+                lambda s: repo.claim_job(s, self._worker_id, lease_s=self._settings.lease_s)
+            )
+            if row is None:
+                return
+            await self._launch(row)
+        QUEUE_DEPTH.labels("jobs_running").set(len(self.running))
+
+    async def _launch(self, row: JobRow) -> None:
+        job_id = row.job_id
+        try:
+            job = convert.job_from_spec(row.spec)
+            ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
+            payload = (
+                await asyncio.to_thread(read_payload, ckpt.data, ckpt.uri, ckpt.sha256) if ckpt else None
+            )
+            base = job.base_adapter
+            if base is not None and not Path(base).is_dir():
+                await self._adapters.ensure(base)
+            await self._client.add_job(
+                job.adapter_id,
+                convert.job_data(job.data),
+                convert.training_params(job),
+                lora=job.lora.model_dump(),
+                base_adapter=base,
+                eval_data=convert.job_data(job.eval_data) if job.eval_data is not None else None,
+                job_id=job_id,
+                priority=max(0, job.priority),
+                kind=job.kind,
+                checkpoint=payload,
+            )
+        except Exception as exc:
+            error = str(exc)[:2000]
+            log.warning("job failed to start", extra={"job_id": job_id, "error": error})
+            await self._store.tx(
+                lambda s: repo.finish_job(s, job_id, status="failed", worker_id=self._worker_id, error=error)
+            )
+            done = JobDoneResult(
+                job_id=job_id, adapter_id=row.adapter_id, status="failed", step=row.step, error=error
+            )
+            await self._publisher.publish(done, job_id)
+            return
+        step = ckpt.step if ckpt else 0
+        self.running[job_id] = RunningJob(job, step=step, total_steps=row.total_steps)
+        log.info(
+            "job started",
+            extra={
+                "job_id": job_id,
+                "kind": job.kind,
+                "from_step": step,
+                "attempt": row.attempts,
+                "worker_id": self._worker_id,
+            },
+        )
+        await self._publisher.publish(
+            ProgressResult(job_id=job_id, adapter_id=job.adapter_id, step=step, total_steps=row.total_steps),
+            job_id,
+        )
+
+    # --- leases ----------------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        for job_id in list(self.running):
+            ours = await self._store.tx(
+                lambda s: repo.renew_lease(s, job_id, self._worker_id, lease_s=self._settings.lease_s)
+            )
+            if not ours:
+                await self._drop(job_id, "lease lost (cancelled, paused or taken over)")
+
+    async def _drop(self, job_id: str, why: str) -> None:
+        if self.running.pop(job_id, None) is not None:
+            await self._client.cancel_job(job_id)
+            log.info("job stopped here", extra={"job_id": job_id, "reason": why})
+
+    async def stop_local(self, job_id: str) -> bool:
+        """Stop a job in this engine (control cancel/pause); the row is changed by the caller."""
+        running = job_id in self.running
+        await self._drop(job_id, "control")
+        return running
+
+    async def release_all(self) -> None:
+        """Drain: stop every job here and give it back; another worker resumes it."""
+        self.accepting = False
+        self.wake()
+        for job_id in list(self.running):
+            await self._drop(job_id, "released")
+            await self._store.tx(lambda s: repo.release_job(s, job_id, self._worker_id))
+
+    # --- engine events -------------------------------------------------------------------
+
+    async def on_event(self, ev: JobEvent) -> None:
+        rj = self.running.get(ev.job_id)
+        if rj is None:
+            return  # a job we stopped; its late events mean nothing
+        if isinstance(ev, JobProgress):
+            rj.step, rj.total_steps, rj.loss = ev.step, ev.total_steps, ev.loss
+            now = time.monotonic()
+            if now - rj.last_report >= self._settings.progress_every_s or ev.step >= ev.total_steps:
+                rj.last_report = now
+                await self._report(ev.job_id, rj, ev)
+        elif isinstance(ev, JobEvaluated):
+            rj.eval_loss = ev.loss
+            metrics = {"eval_loss": ev.loss, "token_accuracy": ev.token_accuracy}
+            await self._update(ev.job_id, rj, metrics=metrics)
+            await self._publisher.publish(
+                ProgressResult(
+                    job_id=ev.job_id,
+                    adapter_id=rj.job.adapter_id,
+                    step=max(0, ev.step),
+                    total_steps=rj.total_steps,
+                    loss=rj.loss,
+                    eval_loss=ev.loss,
+                ),
+                ev.job_id,
+            )
+        elif isinstance(ev, JobCheckpoint):
+            await self._checkpoint(ev, rj)
+        else:
+            await self._finish(ev, rj)
+
+    async def _report(self, job_id: str, rj: RunningJob, ev: JobProgress) -> None:
+        await self._update(job_id, rj, epoch=float(ev.epoch), tokens_processed=ev.tokens_processed)
+        await self._publisher.publish(convert.progress_result(ev, rj.job.adapter_id, rj.eval_loss), job_id)
+
+    async def _update(self, job_id: str, rj: RunningJob, **extra: Any) -> None:
+        ours = await self._store.tx(
+            lambda s: repo.update_job_progress(
+                s,
+                job_id,
+                self._worker_id,
+                lease_s=self._settings.lease_s,
+                step=rj.step,
+                total_steps=rj.total_steps,
+                last_loss=rj.loss,
+                last_eval_loss=rj.eval_loss,
+                **extra,
+            )
+        )
+        if not ours:
+            await self._drop(job_id, "lease lost")
+
+    async def _store_blob(self, name: str, data: bytes) -> dict[str, Any]:
+        """Bytes for the table, or a file URI plus sha256 when configured for large blobs."""
+        if self._settings.checkpoint_storage == "db":
+            return {"data": data}
+        path = self._settings.checkpoint_dir / name
+        await asyncio.to_thread(_write_file, path, data)
+        return {"uri": f"file://{path}", "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
+
+    async def _checkpoint(self, ev: JobCheckpoint, rj: RunningJob) -> None:
+        blob = await self._store_blob(f"{ev.job_id}/step-{ev.step}.ckpt", ev.data)
+        row = await self._store.tx(
+            lambda s: repo.save_checkpoint(
+                s,
+                job_id=ev.job_id,
+                step=ev.step,
+                meta={"worker_id": self._worker_id, "loss": rj.loss},
+                **blob,
+            )
+        )
+        log.info("checkpoint stored", extra={"job_id": ev.job_id, "step": ev.step, "bytes": row.size_bytes})
+        await self._publisher.publish(
+            CheckpointResult(
+                job_id=ev.job_id,
+                adapter_id=rj.job.adapter_id,
+                step=ev.step,
+                uri=row.uri,
+                sha256=row.sha256,
+                size_bytes=row.size_bytes,
+            ),
+            ev.job_id,
+        )
+
+    async def _finish(self, ev: JobFinished, rj: RunningJob) -> None:
+        job, job_id = rj.job, ev.job_id
+        status = ev.status if ev.status in ("succeeded", "failed", "cancelled") else "failed"
+        adapter = ev.adapter if status == "succeeded" and job.kind == "finetune" else None
+        blob = await self._store_blob(f"{job_id}/adapter.bin", adapter) if adapter is not None else None
+        metrics = {k: float(v) for k, v in (ev.metrics or {}).items()}
+
+        async def record(s: Any) -> int | None:
+            await repo.update_job_progress(
+                s,
+                job_id,
+                self._worker_id,
+                lease_s=self._settings.lease_s,
+                step=rj.step,
+                metrics=metrics,
+                last_loss=metrics.get("loss"),
+                last_eval_loss=metrics.get("eval_loss"),
+            )
+            version = None
+            if adapter is not None and blob is not None:
+                fields = lora_fields(adapter, job.lora.model_dump())
+                row = await repo.register_adapter(
+                    s,
+                    adapter_id=job.adapter_id,
+                    source_kind="job",
+                    source=f"job:{job_id}",
+                    job_id=job_id,
+                    **fields,
+                    **blob,
+                )
+                version = row.version
+            await repo.finish_job(s, job_id, status=status, worker_id=self._worker_id, error=ev.error)
+            return version
+
+        version = await self._store.tx(record)
+        self.running.pop(job_id, None)
+        if adapter is not None:
+            if not await self._client.has_adapter(job.adapter_id):
+                await self._client.load_adapter_bytes(job.adapter_id, adapter)
+            self._adapters.mark_loaded(job.adapter_id, version)
+        log.info("job finished", extra={"job_id": job_id, "status": status, "adapter_version": version})
+        await self._publisher.publish(convert.job_done_result(ev, rj.step, version), job_id)
+        QUEUE_DEPTH.labels("jobs_running").set(len(self.running))
+        self.wake()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

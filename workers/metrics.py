@@ -1,0 +1,72 @@
+"""Prometheus metrics of one worker process (``settings.worker.metrics_port``; 0 = off).
+
+Names follow Prometheus conventions (``_seconds``, ``_total``); labels stay low-cardinality
+(row type, outcome), never a request or job id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from loquetier.engine.events import JobProgress, RequestFinished, TokenEvent
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+STEP_SECONDS = Histogram("loquetier_step_seconds", "Wall time of one engine step", buckets=_LATENCY_BUCKETS)
+TOKENS = Counter("loquetier_tokens_total", "Tokens processed, by row type", ["row_type"])
+TTFT = Histogram("loquetier_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS)
+TPOT = Histogram(
+    "loquetier_tpot_seconds", "Mean time per output token after the first", buckets=_LATENCY_BUCKETS
+)
+SLO = Counter("loquetier_slo_total", "Finished requests by SLO outcome", ["outcome"])
+REQUESTS = Counter("loquetier_requests_total", "Finished requests by outcome", ["outcome"])
+RECORDS = Counter(
+    "loquetier_records_total", "Consumed records by topic kind and outcome", ["kind", "outcome"]
+)
+QUEUE_DEPTH = Gauge("loquetier_queue_depth", "Work waiting or running, by queue", ["queue"])
+SLOTS_IN_USE = Gauge("loquetier_adapter_slots_in_use", "Adapter slots in use on the device")
+TRAIN_LOSS = Gauge("loquetier_training_loss", "Latest training loss reported by a job on this worker")
+PAUSED = Gauge("loquetier_partitions_paused", "Request partitions paused for back-pressure")
+
+
+def serve(port: int | None) -> bool:
+    """Start the HTTP endpoint; ``None`` or 0 leaves it off."""
+    if not port:
+        return False
+    start_http_server(port)
+    return True
+
+
+def observe_step(seconds: float, events: list[Any]) -> None:
+    """Called on the engine thread after every step (prometheus_client is thread-safe)."""
+    STEP_SECONDS.observe(seconds)
+    for ev in events:
+        if isinstance(ev, TokenEvent):
+            TOKENS.labels("decode").inc(len(ev.token_ids))
+        elif isinstance(ev, RequestFinished):
+            TOKENS.labels("prefill").inc(ev.usage.prompt_tokens)
+            if ev.timings.ttft_ms is not None:
+                TTFT.observe(ev.timings.ttft_ms / 1000)
+            if ev.timings.tpot_ms is not None:
+                TPOT.observe(ev.timings.tpot_ms / 1000)
+            if ev.slo_met is not None:
+                SLO.labels("met" if ev.slo_met else "missed").inc()
+        elif isinstance(ev, JobProgress):
+            TRAIN_LOSS.set(ev.loss)
+
+
+def observe_stats(stats: dict[str, Any]) -> None:
+    """Gauges from ``engine.stats()`` (keys the engine does not report are skipped)."""
+    for key, queue in (
+        ("num_waiting", "engine_waiting"),
+        ("num_running", "engine_running"),
+        ("num_jobs", "engine_jobs"),
+    ):
+        value = stats.get(key)
+        if isinstance(value, int | float):
+            QUEUE_DEPTH.labels(queue).set(value)
+    slots = stats.get("num_slots_in_use", stats.get("slots_in_use"))
+    if isinstance(slots, int | float):
+        SLOTS_IN_USE.set(slots)

@@ -1,0 +1,89 @@
+"""Publishing to ``loquetier.results`` and ``loquetier.dlq``, retried through broker outages.
+
+Results are keyed by request_id / job_id so that one request's records stay ordered on
+one partition. ``publish`` waits for the broker's acknowledgement (the caller marks the
+source record done only afterwards); ``stream`` only enqueues (token records are a
+best-effort preview, the "result" record is the one that counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from loquetier.codec import Record
+from loquetier.messages import DeadLetter, encode_record
+from loquetier.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, bootstrap: str, kafka: KafkaSettings, *, worker_id: str, max_backoff_s: float = 2.0):
+        self._kafka = kafka
+        self._worker_id = worker_id
+        self._max_backoff_s = max_backoff_s
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=f"{kafka.client_id}-{worker_id}",
+            acks="all",
+            linger_ms=2,
+            max_request_size=kafka.max_record_bytes + 64 * 1024,
+            request_timeout_ms=10_000,
+            retry_backoff_ms=200,
+        )
+        self.closing = False
+        self.num_published = 0
+        self.num_retries = 0
+
+    async def start(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._producer.start()
+                return
+            except KafkaError as exc:
+                if self.closing:
+                    raise
+                log.warning("broker unavailable at start, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, self._max_backoff_s)
+
+    async def stop(self) -> None:
+        self.closing = True
+        await self._producer.stop()
+
+    async def publish(self, record: Record, key: str | None, *, topic: str | None = None) -> None:
+        """Send and wait for the acknowledgement, retrying until the broker takes it."""
+        value = encode_record(record)
+        await self._send(topic or self._kafka.results_topic, key, value)
+
+    async def stream(self, record: Record, key: str) -> None:
+        """Enqueue without waiting for the acknowledgement (token previews)."""
+        try:
+            await self._producer.send(self._kafka.results_topic, encode_record(record), key=key.encode())
+        except KafkaError as exc:
+            log.warning("token record not sent", extra={"error": str(exc), "key": key})
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        await self.publish(
+            letter.model_copy(update={"worker_id": self._worker_id}), None, topic=self._kafka.dlq_topic
+        )
+
+    async def _send(self, topic: str, key: str | None, value: bytes) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._producer.send_and_wait(topic, value, key=key.encode() if key else None)
+                self.num_published += 1
+                return
+            except KafkaError as exc:
+                if self.closing:
+                    raise
+                self.num_retries += 1
+                log.warning("publish failed, retrying", extra={"topic": topic, "error": repr(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, self._max_backoff_s)

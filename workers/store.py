@@ -1,0 +1,127 @@
+"""Postgres from the worker's side: one transaction per call, retried through outages.
+
+``await store.tx(lambda s: repo.claim_job(s, ...))`` runs the function in a fresh
+transaction and, when the connection fails (server restart, network), retries it with
+exponential backoff until it succeeds or the worker stops. Every write the worker makes
+is idempotent (insert-on-conflict, "first outcome wins" updates), so a retry after a
+commit whose acknowledgement was lost is harmless. The few queries the worker needs
+beyond :mod:`loquetier.db.repo` are here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TypeVar
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from loquetier.db.models import AdapterRow, WorkerRow
+from loquetier.db.session import create_engine, session_factory
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection-level failures worth retrying (not constraint or programming errors)."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError | OSError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        name = type(exc.orig).__name__ if exc.orig is not None else ""
+        return any(word in name for word in ("Connection", "CannotConnect", "AdminShutdown", "Shutdown"))
+    return False
+
+
+class Store:
+    """Sessions for one worker process, with retries."""
+
+    def __init__(self, url: str, *, max_backoff_s: float = 2.0) -> None:
+        self.engine: AsyncEngine = create_engine(url)
+        self._sessions = session_factory(self.engine)
+        self._max_backoff_s = max_backoff_s
+        self.closing = False
+        self.num_retries = 0
+
+    async def close(self) -> None:
+        self.closing = True
+        await self.engine.dispose()
+
+    async def tx(self, fn: Callable[[AsyncSession], Awaitable[T]], *, attempts: int | None = None) -> T:
+        """``fn(session)`` in one transaction; retried on connection errors (``attempts``
+        None: until the store closes)."""
+        backoff = 0.05
+        tried = 0
+        while True:
+            tried += 1
+            try:
+                async with self._sessions.begin() as session:
+                    return await fn(session)
+            except Exception as exc:
+                if not is_transient(exc) or self.closing or (attempts is not None and tried >= attempts):
+                    raise
+                self.num_retries += 1
+                log.warning(
+                    "database unavailable, retrying", extra={"error": str(exc)[:200], "attempt": tried}
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff_s)
+
+
+# --- queries the worker needs beyond loquetier.db.repo ----------------------------------
+
+
+async def worker_status(session: AsyncSession, worker_id: str) -> str | None:
+    status: str | None = await session.scalar(
+        select(WorkerRow.status).where(WorkerRow.worker_id == worker_id)
+    )
+    return status
+
+
+async def worker_is_alive(session: AsyncSession, worker_id: str, *, within_s: float) -> bool:
+    """Did ``worker_id`` heartbeat within ``within_s`` seconds (database clock)?"""
+    beat: datetime | None = await session.scalar(
+        select(WorkerRow.heartbeat_at).where(
+            WorkerRow.worker_id == worker_id,
+            WorkerRow.status.in_(("starting", "running", "draining")),
+            WorkerRow.heartbeat_at > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, within_s),
+        )
+    )
+    return beat is not None
+
+
+async def drain_workers(session: AsyncSession, target: str) -> list[str]:
+    """Mark ``target`` (a worker_id, or "*" for all live ones) as draining."""
+    stmt = update(WorkerRow).where(WorkerRow.status.in_(("starting", "running"))).values(status="draining")
+    if target != "*":
+        stmt = stmt.where(WorkerRow.worker_id == target)
+    return list((await session.scalars(stmt.returning(WorkerRow.worker_id))).all())
+
+
+async def ready_versions(session: AsyncSession, adapter_ids: list[str]) -> dict[str, int]:
+    """Latest ready version of each adapter that has one."""
+    rows = await session.execute(
+        select(AdapterRow.adapter_id, func.max(AdapterRow.version))
+        .where(AdapterRow.adapter_id.in_(adapter_ids), AdapterRow.status == "ready")
+        .group_by(AdapterRow.adapter_id)
+    )
+    return {adapter_id: int(version) for adapter_id, version in rows.tuples()}
+
+
+async def archive_adapter(session: AsyncSession, adapter_id: str) -> int:
+    """Stop serving ``adapter_id`` everywhere: every ready version becomes archived."""
+    stmt = (
+        update(AdapterRow)
+        .where(AdapterRow.adapter_id == adapter_id, AdapterRow.status == "ready")
+        .values(status="archived")
+        .returning(AdapterRow.version)
+    )
+    return len((await session.scalars(stmt)).all())
