@@ -1,0 +1,192 @@
+"""What every benchmark script shares: the command line, run sizes per model, engine limits, setup.
+
+Sizes (``Profile``) are chosen so each script finishes in a few minutes on one H200 with the 8B shape
+(``--quick``: well under a minute of measuring) and in seconds on a CPU with the tiny shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import SPECS, ModelSpec, default_dtype
+
+
+@dataclass(frozen=True)
+class Profile:
+    # serving trace (runs 1, 2)
+    rate: float  # requests/s
+    duration_s: float
+    prompt_mean: float
+    output_mean: float
+    max_context: int
+    num_adapters: int
+    serve_limit_s: float  # wall limit of one engine replay
+    baseline_limit_s: float  # wall limit of one HF baseline replay
+    max_batch: int  # HF generate batch
+    decode_batch: int
+    decode_steps: int
+    decode_prompt_len: int
+    # unified trace (run 3)
+    unified_rate: float
+    unified_duration_s: float
+    unified_limit_s: float
+    train_only_s: float
+    # fine-tuning (runs 3, 4)
+    num_jobs: int
+    examples_per_job: int
+    micro_batch_tokens: int
+    finetune_limit_s: float
+    peft_train_limit_s: float
+    peft_batch_size: int
+    # engine limits
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_memory_gb: float
+
+
+PROFILES: dict[str, Profile] = {
+    "8b": Profile(rate=24.0, duration_s=12.0, prompt_mean=200, output_mean=200, max_context=2048,
+                  num_adapters=32, serve_limit_s=60.0, baseline_limit_s=30.0, max_batch=32,
+                  decode_batch=64, decode_steps=20, decode_prompt_len=128,
+                  unified_rate=6.0, unified_duration_s=30.0, unified_limit_s=60.0, train_only_s=20.0,
+                  num_jobs=4, examples_per_job=1500, micro_batch_tokens=1024, finetune_limit_s=30.0,
+                  peft_train_limit_s=30.0, peft_batch_size=4,
+                  max_num_seqs=256, max_num_batched_tokens=4096, kv_memory_gb=40.0),
+    "small": Profile(rate=48.0, duration_s=10.0, prompt_mean=200, output_mean=200, max_context=2048,
+                     num_adapters=32, serve_limit_s=40.0, baseline_limit_s=20.0, max_batch=32,
+                     decode_batch=64, decode_steps=20, decode_prompt_len=128,
+                     unified_rate=12.0, unified_duration_s=20.0, unified_limit_s=40.0, train_only_s=15.0,
+                     num_jobs=4, examples_per_job=1500, micro_batch_tokens=1024, finetune_limit_s=20.0,
+                     peft_train_limit_s=20.0, peft_batch_size=4,
+                     max_num_seqs=256, max_num_batched_tokens=4096, kv_memory_gb=8.0),
+    "tiny": Profile(rate=20.0, duration_s=0.3, prompt_mean=12, output_mean=6, max_context=96,
+                    num_adapters=4, serve_limit_s=20.0, baseline_limit_s=10.0, max_batch=4,
+                    decode_batch=4, decode_steps=3, decode_prompt_len=16,
+                    unified_rate=20.0, unified_duration_s=0.3, unified_limit_s=20.0, train_only_s=1.0,
+                    num_jobs=2, examples_per_job=6, micro_batch_tokens=64, finetune_limit_s=3.0,
+                    peft_train_limit_s=2.0, peft_batch_size=2,
+                    max_num_seqs=16, max_num_batched_tokens=256, kv_memory_gb=0.05),
+}
+
+
+def quick(p: Profile, model: str) -> Profile:
+    if model == "tiny":
+        return p
+    return replace(p, duration_s=p.duration_s / 3, serve_limit_s=p.serve_limit_s / 2,
+                   baseline_limit_s=p.baseline_limit_s / 3, decode_steps=8,
+                   unified_duration_s=p.unified_duration_s / 3, unified_limit_s=p.unified_limit_s / 2,
+                   train_only_s=p.train_only_s / 3, examples_per_job=p.examples_per_job // 4,
+                   finetune_limit_s=p.finetune_limit_s / 3, peft_train_limit_s=p.peft_train_limit_s / 3)
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", choices=sorted(SPECS), default="small")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "docs/benchmarks")))
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("LOQUETIER_BENCH_CACHE",
+                                                                      "/tmp/loquetier-bench")),
+                    help="where the random model and adapter directories are written (reused)")
+    ap.add_argument("--quick", action="store_true", help="a short run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra or overriding Engine.from_pretrained limit (repeatable)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the HF / PEFT baselines")
+    args = ap.parse_args(argv)
+    args.dtype = args.dtype or default_dtype(args.device)
+    args.spec = SPECS[args.model]
+    prof = PROFILES.get(args.model, PROFILES["small"])
+    args.profile = quick(prof, args.model) if args.quick else prof
+    args.command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    return args
+
+
+def engine_limits(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    p: Profile = args.profile
+    limits: dict[str, Any] = {
+        "max_num_seqs": p.max_num_seqs,
+        "max_num_batched_tokens": p.max_num_batched_tokens,
+        "max_prefill_chunk": min(512, p.max_num_batched_tokens),
+        "kv_memory_gb": p.kv_memory_gb,
+        "max_model_len": p.max_context,
+        "adapter_cache_bytes": 64 << 30,
+        "seed": args.seed,
+    }
+    limits.update(overrides)
+    for item in args.engine_arg:
+        key, _, raw = item.partition("=")
+        limits[key] = _parse_value(raw)
+    return limits
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def spec_of(args: argparse.Namespace) -> ModelSpec:
+    return args.spec  # type: ignore[no-any-return]
+
+
+def release(*objs: Any) -> None:
+    """Drop references and give the memory back before the next system runs."""
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(0) if str(args.device).startswith("cuda") and torch.cuda.is_available() \
+        else "cpu"
+    import peft
+    import transformers
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": gpu,
+        "command": args.command,
+        "model": args.model,
+        "dtype": args.dtype,
+        "quick": bool(args.quick),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "profile": asdict(args.profile),
+    }
+
+
+def attempt(label: str, errors: dict[str, str], logger: Any, fn: Any, /, *a: Any, **kw: Any) -> Any:
+    """``fn(*a, **kw)``, or None with the error recorded: one failing system must not lose the others."""
+    try:
+        return fn(*a, **kw)
+    except Exception as exc:
+        import traceback
+
+        errors[label] = f"{type(exc).__name__}: {exc}"
+        logger(f"FAILED {label}: {errors[label]}\n{traceback.format_exc()}")
+        release()
+        return None
+
+
+class Logger:
+    """Timestamped progress lines on stderr (stdout is kept for the final table)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,310 @@
+"""Drive our engine with a wall-clock trace replay (and optionally fine-tuning jobs) and measure it.
+
+Requests are added when their arrival time has passed, between steps; TTFT is measured on our own
+clock from the trace arrival (so time a request spent waiting for a step to end is counted) to the
+step that returned its first token. Admission time comes from the engine's ``queued_ms``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loquetier.engine.engine import Engine
+from loquetier.engine.events import JobFinished, JobProgress, RequestFailed, RequestFinished, TokenEvent
+from loquetier.engine.sequence import SamplingParams
+from loquetier.lora.params import TrainingParams
+
+from .metrics import RequestRecord, TrainingSummary, summarize_training, tpot_from_times
+from .models import TARGET_MODULES
+from .workload import Trace, example_length
+
+Log = Callable[[str], Any]
+
+
+def make_engine(model_dir: Path, device: str, dtype: str, limits: Mapping[str, Any], log: Log = print
+                ) -> Engine:
+    """``Engine.from_pretrained`` with ``limits``; limits the engine does not know are dropped (logged)."""
+    limits = dict(limits)
+    while True:
+        try:
+            t0 = time.perf_counter()
+            engine = Engine.from_pretrained(str(model_dir), device=device, dtype=dtype, **limits)
+            log(f"[engine] loaded in {time.perf_counter() - t0:.1f}s with {limits}")
+            return engine
+        except TypeError as exc:
+            bad = [k for k in limits if repr(k) in str(exc) or f"'{k}'" in str(exc)]
+            if not bad:
+                raise
+            log(f"[engine] dropping unknown limits {bad}: {exc}")
+            for k in bad:
+                limits.pop(k)
+
+
+def free_engine(engine: Engine | None) -> None:
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sampling_for(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+@dataclass
+class EngineRun:
+    """What one replay observed."""
+
+    records: list[RequestRecord]
+    window_s: float
+    training: TrainingSummary | None = None
+    num_steps: int = 0
+    step_times_s: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def add_training_jobs(engine: Engine, jobs: Sequence[tuple[str, list[dict[str, list[int]]]]], *,
+                      rank: int = 16, lr: float = 1e-4, micro_batch_tokens: int = 1024,
+                      max_steps: int | None = None, epochs: int | None = None) -> list[str]:
+    """One job per ``(adapter_id, examples)``: a fresh rank-``rank`` LoRA on all seven targets."""
+    job_ids = []
+    for adapter_id, examples in jobs:
+        params = TrainingParams(optimizer="adamw", lr=lr, micro_batch_tokens=micro_batch_tokens,
+                                max_steps=max_steps, epochs=epochs)
+        job_ids.append(engine.add_training_job(
+            adapter_id, examples, params, lora=dict(rank=rank, alpha=2 * rank, target_modules=list(TARGET_MODULES)),
+            job_id=f"job-{adapter_id}"))
+    return job_ids
+
+
+def replay_engine(engine: Engine, trace: Trace | None, *, time_limit_s: float,
+                  job_ids: Sequence[str] = (), stop_when_trace_done: bool = True,
+                  ttft_ms: float | None = None, tpot_ms: float | None = None,
+                  device: str = "cpu", log: Log = print, label: str = "engine") -> EngineRun:
+    """Replay ``trace`` (None: training only) until it is served, every job ends, or the time limit.
+
+    With jobs and a trace, the window ends when the trace is done (``stop_when_trace_done``); the
+    training tokens counted are those of micro-batches finished inside the window.
+    """
+    reqs = trace.requests if trace is not None else []
+    records = {r.request_id: RequestRecord(r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens,
+                                           r.adapter_id) for r in reqs}
+    token_times: dict[str, list[float]] = {r.request_id: [] for r in reqs}
+    added_at: dict[str, float] = {}
+    job_tokens: dict[str, int] = dict.fromkeys(job_ids, 0)
+    job_steps: dict[str, int] = dict.fromkeys(job_ids, 0)
+    jobs_live = set(job_ids)
+    run = EngineRun([], 0.0)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    train_tokens_before = _scheduler_counter(engine, "num_train_tokens")
+    start = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - start
+
+    nxt = num_done = 0
+    while True:
+        now = clock()
+        while nxt < len(reqs) and reqs[nxt].arrival_s <= now:
+            r = reqs[nxt]
+            engine.add_request(r.request_id, prompt_token_ids=r.prompt_token_ids, adapter_id=r.adapter_id,
+                               sampling=sampling_for(r.max_tokens), ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+                               stream=True)
+            added_at[r.request_id] = now
+            nxt += 1
+        if now >= time_limit_s:
+            break
+        trace_done = num_done >= len(reqs)
+        if trace_done and (not jobs_live or (reqs and stop_when_trace_done)):
+            break
+        if not engine.has_work():
+            if nxt >= len(reqs):
+                break
+            time.sleep(max(0.0, min(reqs[nxt].arrival_s - now, time_limit_s - now)))
+            continue
+        t0 = time.perf_counter()
+        events = engine.step()
+        t = clock()
+        run.step_times_s.append(time.perf_counter() - t0)
+        for ev in events:
+            if isinstance(ev, TokenEvent):
+                if ev.request_id in token_times:
+                    token_times[ev.request_id].extend([t] * len(ev.token_ids))
+            elif isinstance(ev, RequestFinished):
+                if ev.request_id in records:
+                    _finish(records[ev.request_id], ev, t, added_at[ev.request_id], token_times[ev.request_id])
+                    num_done += 1
+            elif isinstance(ev, RequestFailed):
+                run.failures.append(f"{ev.request_id}: {ev.code} {ev.message}")
+                if ev.request_id in records:
+                    num_done += 1
+            elif isinstance(ev, JobProgress):
+                job_tokens[ev.job_id] = max(job_tokens.get(ev.job_id, 0), ev.tokens_processed)
+                job_steps[ev.job_id] = max(job_steps.get(ev.job_id, 0), ev.step)
+            elif isinstance(ev, JobFinished):
+                jobs_live.discard(ev.job_id)
+                if ev.status != "succeeded":
+                    run.failures.append(f"{ev.job_id}: {ev.status} {ev.error}")
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    run.window_s = clock()
+    for r in reqs:
+        rec, times = records[r.request_id], token_times[r.request_id]
+        if rec.is_finished:
+            continue
+        if times:  # streamed tokens of a request cut off by the time limit
+            rec.first_token_s = times[0]
+            rec.tpot_s = tpot_from_times(times)
+        rec.num_output_tokens = max(len(times), _num_output_tokens(engine, r.request_id))
+    run.records = [records[r.request_id] for r in reqs if r.arrival_s <= run.window_s]
+    run.num_steps = len(run.step_times_s)
+    if job_ids:
+        # tokens the steps actually trained on (packed, no padding); JobProgress as a fallback
+        counted = _scheduler_counter(engine, "num_train_tokens") - train_tokens_before
+        real = counted if counted > 0 else sum(job_tokens.values())
+        run.training = summarize_training(real, run.window_s, optimizer_steps=sum(job_steps.values()))
+    try:
+        run.stats = _jsonable(engine.stats())
+    except Exception as exc:  # stats are informative only
+        run.stats = {"error": repr(exc)}
+    served = sum(r.num_output_tokens for r in run.records)
+    train = f", train {run.training.real_tokens} tokens" if run.training else ""
+    fails = f"; {len(run.failures)} failures: {run.failures[:3]}" if run.failures else ""
+    log(f"[{label}] {run.num_steps} steps, {num_done}/{len(reqs)} requests, {served} output tokens{train} "
+        f"in {run.window_s:.1f}s{fails}")
+    return run
+
+
+def _finish(rec: RequestRecord, ev: RequestFinished, t: float, added_at: float, times: list[float]) -> None:
+    """Fill a record from the finish event: TTFT/TPOT from the engine's timings (its clock starts at
+    ``add_request``, so the wait between the trace arrival and ``added_at`` is added back), else from
+    streamed token times."""
+    rec.finish_s = t
+    rec.num_output_tokens = len(ev.token_ids)
+    rec.admitted_s = added_at + ev.timings.queued_ms / 1000.0
+    if ev.timings.ttft_ms is not None:
+        rec.first_token_s = added_at + ev.timings.ttft_ms / 1000.0
+        rec.tpot_s = ev.timings.tpot_ms / 1000.0 if ev.timings.tpot_ms is not None else None
+    elif times:
+        rec.first_token_s = times[0]
+        rec.tpot_s = tpot_from_times(times + [t] * (len(ev.token_ids) - len(times)))
+    else:
+        rec.first_token_s = t
+
+
+def _scheduler_counter(engine: Engine, name: str) -> int:
+    try:
+        return int(engine.stats()["scheduler"].get(name, 0))
+    except Exception:
+        return 0
+
+
+def _num_output_tokens(engine: Engine, request_id: str) -> int:
+    """Tokens an unfinished request has so far (0 when the engine cannot tell)."""
+    try:
+        seq = engine.scheduler.get(request_id)
+    except Exception:
+        return 0
+    return 0 if seq is None else int(seq.num_output_tokens)
+
+
+def decode_step_times(engine: Engine, *, batch: int, prompt_len: int, num_steps: int, vocab_size: int,
+                      adapter_ids: Sequence[str | None], device: str, seed: int = 0
+                      ) -> tuple[list[float], int]:
+    """Wall time of steps that were pure decode at ``batch`` rows (checked with the scheduler's
+    counters: ``batch`` decode tokens and no prefill or training tokens in the step).
+
+    Returns (step times, mean context length during the measured steps).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    warm = 2
+    max_tokens = warm + num_steps + 8
+    for i in range(batch):
+        ids = torch.randint(3, vocab_size, (prompt_len,), generator=gen).tolist()
+        engine.add_request(f"decode-{seed}-{i}", prompt_token_ids=ids,
+                           adapter_id=adapter_ids[i % len(adapter_ids)] if adapter_ids else None,
+                           sampling=sampling_for(max_tokens))
+    times: list[float] = []
+    num_pure = 0
+    contexts: list[int] = []
+    for _ in range(10_000):
+        if len(times) >= num_steps or not engine.has_work():
+            break
+        before = engine.stats()["scheduler"]
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        after = engine.stats()["scheduler"]
+        pure = (after["num_decode_tokens"] - before["num_decode_tokens"] == batch
+                and after["num_prefill_tokens"] == before["num_prefill_tokens"]
+                and after["num_train_tokens"] == before["num_train_tokens"])
+        if pure:
+            num_pure += 1
+            if num_pure > warm:
+                times.append(dt)
+                contexts.append(prompt_len + num_pure)
+    while engine.has_work():
+        engine.step()
+    if not times:
+        raise RuntimeError(f"no pure decode step at batch {batch} was observed")
+    return times, int(sum(contexts) / len(contexts))
+
+
+def warmup(engine: Engine, vocab_size: int, adapter_ids: Sequence[str], *, training: bool,
+           micro_batch_tokens: int = 1024, log: Log = print) -> None:
+    """Untimed: one short generate per path (base, adapter) and, with ``training``, one training step,
+    so kernel compilation and allocator growth stay out of the measured windows."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab_size, (24,), generator=gen).tolist() for _ in range(2)]
+    ids: list[str | None] = [None, adapter_ids[0] if adapter_ids else None]
+    engine.generate(prompts, adapter_ids=ids, sampling=sampling_for(4))
+    if training:
+        n = max(2, micro_batch_tokens // 64)
+        examples = [{"prompt_token_ids": torch.randint(3, vocab_size, (16,), generator=gen).tolist(),
+                     "completion_token_ids": torch.randint(3, vocab_size, (16,), generator=gen).tolist()}
+                    for _ in range(n)]
+        add_training_jobs(engine, [("warmup-train", examples)], micro_batch_tokens=micro_batch_tokens,
+                          max_steps=2)
+        for _ in range(10_000):
+            if not engine.has_work():
+                break
+            engine.step()
+    log(f"[engine] warm-up in {time.perf_counter() - t0:.1f}s")
+
+
+def cancel_jobs(engine: Engine, job_ids: Sequence[str]) -> None:
+    """Cancel what is left of ``job_ids`` and drain the engine (their events are dropped)."""
+    for job_id in job_ids:
+        engine.cancel_job(job_id)
+    for _ in range(10_000):
+        if not engine.has_work():
+            break
+        engine.step()
+
+
+def training_real_tokens(examples: Sequence[dict[str, list[int]]]) -> int:
+    return sum(example_length(e) for e in examples)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    return repr(value)
