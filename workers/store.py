@@ -113,7 +113,7 @@ async def ready_versions(session: AsyncSession, adapter_ids: list[str]) -> dict[
         .where(AdapterRow.adapter_id.in_(adapter_ids), AdapterRow.status == "ready")
         .group_by(AdapterRow.adapter_id)
     )
-    return {adapter_id: int(version) for adapter_id, version in rows.tuples()}
+    return {adapter_id: int(version) for adapter_id, version in rows.all()}
 
 
 async def archive_adapter(session: AsyncSession, adapter_id: str) -> int:

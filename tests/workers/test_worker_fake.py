@@ -61,3 +61,37 @@ async def test_duplicates_in_flight_compute_once(topics: Any, database_url: str)
         await asyncio.wait_for(collect(), 30)
     assert engine.submitted_ids.count(rid) == 1
     assert len({r.model_dump_json() for r in seen}) == 1
+
+
+async def test_training_job_checkpoints_done_and_serves_the_adapter(topics: Any, database_url: str) -> None:
+    from sqlalchemy import select
+
+    from loquetier.db.models import AdapterRow, CheckpointRow
+
+    settings = await topics()
+    engine = FakeEngine()
+    job = {"adapter_id": "fake-a", "data": [{"prompt": "a b", "completion": "c"}],
+           "params": {"max_steps": 6, "checkpoint_every": 2, "seed": 3}}
+    async with running_worker(engine, settings), client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        records = [r async for r in client.results([job_id])]
+        types = [r.type for r in records]
+        assert types[-1] == "job_done" and "checkpoint" in types and "progress" in types
+        done = records[-1]
+        assert done.status == "succeeded" and done.step == 6 and done.adapter_version == 1
+        assert [r.step for r in records if r.type == "checkpoint"] == [2, 4]
+        rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=2, adapter_id="fake-a")
+        result = await client.wait_result(rid, timeout=20)
+        assert result.type == "result" and result.adapter_id == "fake-a"
+        missing = await client.submit_generate(prompt_token_ids=[5], max_tokens=2, adapter_id="nope")
+        error = await client.wait_result(missing, timeout=20)
+        assert error.type == "error" and error.code == "unknown_adapter"
+    db = create_engine(database_url)
+    async with session_factory(db).begin() as s:
+        ckpts = (await s.scalars(select(CheckpointRow.step).where(CheckpointRow.job_id == job_id))).all()
+        adapter = await s.scalar(select(AdapterRow).where(AdapterRow.adapter_id == "fake-a"))
+        job_row = await repo.get_job(s, job_id)
+    await db.dispose()
+    assert sorted(ckpts) == [2, 4]
+    assert adapter is not None and adapter.status == "ready" and adapter.data == b"adapter:fake-a:6:3"
+    assert job_row is not None and job_row.status == "succeeded" and job_row.step == 6

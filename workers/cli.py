@@ -1,0 +1,112 @@
+"""``loquetier worker --model DIR``: one worker process (broker and database from settings)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from loquetier.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "worker", help="run a worker: consume requests/jobs, serve and train on one device"
+    )
+    p.add_argument("--model", required=True, help="a local Hugging Face Llama-family model directory")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: settings, 'auto')")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: settings, 'auto')")
+    p.add_argument("--partitions", type=int, default=None, help="partitions of topics created at start")
+    p.add_argument("--worker-id", default=None, help="default: LOQUETIER_WORKER__ID or <host>-worker")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0 = off)")
+    p.add_argument("--max-jobs", type=int, default=2, help="training/eval jobs run at once here")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run_worker)
+
+
+def resolve_device(device: str | None, dtype: str | None, settings: Settings) -> tuple[str, str]:
+    device = device or settings.engine.device
+    dtype = dtype or settings.engine.dtype
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def engine_limits(settings: Settings) -> dict[str, Any]:
+    """EngineSettings -> ``Engine.from_pretrained`` keyword limits (unset ones keep the engine's)."""
+    e = settings.engine
+    limits: dict[str, Any] = {
+        "max_num_seqs": e.max_num_seqs,
+        "max_num_batched_tokens": e.max_num_batched_tokens,
+        "block_size": e.block_size,
+        "max_adapter_slots": e.max_adapter_slots,
+        "max_lora_rank": e.max_lora_rank,
+    }
+    optional = {
+        "num_kv_blocks": e.num_kv_blocks,
+        "default_ttft_ms": e.default_ttft_ms,
+        "default_tpot_ms": e.default_tpot_ms,
+    }
+    limits.update({k: v for k, v in optional.items() if v is not None})
+    return limits
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from loquetier import services
+
+    from . import logs, metrics
+
+    logs.configure(args.log_level)
+    settings = get_settings()
+    updates: dict[str, Any] = {}
+    if args.worker_id:
+        updates["id"] = args.worker_id
+    if args.metrics_port is not None:
+        updates["metrics_port"] = args.metrics_port
+    if updates:
+        settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=updates)})
+    bootstrap, database_url = settings.kafka.bootstrap, settings.database.url
+    if bootstrap is None or database_url is None:
+        print(
+            "set LOQUETIER_KAFKA__BOOTSTRAP and LOQUETIER_DATABASE__URL (or run `loquetier up`)",
+            file=sys.stderr,
+        )
+        return 2
+    partitions = args.partitions or settings.kafka.num_partitions
+    created = asyncio.run(
+        services.create_topics(
+            bootstrap,
+            settings.kafka.topics(),
+            num_partitions=partitions,
+            replication_factor=settings.kafka.replication_factor,
+        )
+    )
+    if created:
+        log.info("topics created", extra={"topics": created, "partitions": partitions})
+    device, dtype = resolve_device(args.device, args.dtype, settings)
+    from loquetier.engine.engine import Engine
+
+    engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, **engine_limits(settings))
+    metrics.serve(settings.worker.metrics_port)
+    asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device, max_jobs=args.max_jobs))
+    return 0
+
+
+async def _serve(
+    engine: Any, settings: Settings, bootstrap: str, database_url: str, *, device: str, max_jobs: int
+) -> None:
+    from .runtime import Worker
+
+    worker = Worker(
+        engine, settings, bootstrap=bootstrap, database_url=database_url, device=device, max_jobs=max_jobs
+    )
+    worker.install_signal_handlers()
+    await worker.run()
