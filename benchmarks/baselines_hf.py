@@ -58,14 +58,20 @@ def _left_pad(rows: Sequence[Sequence[int]], device: str | torch.device) -> tupl
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
-def generate_batch(model: Any, group: Sequence[TraceRequest], *, use_adapters: bool,
-                   clock: Callable[[], float], deadline: float, device: str | torch.device
-                   ) -> list[float]:
+def generate_batch(
+    model: Any,
+    group: Sequence[TraceRequest],
+    *,
+    use_adapters: bool,
+    clock: Callable[[], float],
+    deadline: float,
+    device: str | torch.device,
+) -> list[float]:
     """One ``generate`` call over ``group``; returns the time of each decode step (token k of every row)."""
     ids, mask = _left_pad([r.prompt_token_ids for r in group], device)
     max_new = max(r.max_tokens for r in group)
@@ -74,20 +80,38 @@ def generate_batch(model: Any, group: Sequence[TraceRequest], *, use_adapters: b
     if use_adapters:
         kwargs["adapter_names"] = [r.adapter_id or BASE_ADAPTER for r in group]
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                       do_sample=False, pad_token_id=PAD_ID, stopping_criteria=StoppingCriteriaList([timer]),
-                       **kwargs)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=PAD_ID,
+            stopping_criteria=StoppingCriteriaList([timer]),
+            **kwargs,
+        )
     return timer.times
 
 
-def replay_hf(model: Any, trace: Trace, *, max_batch: int = 32, use_adapters: bool,
-              time_limit_s: float, device: str | torch.device = "cpu", log: Callable[[str], Any] = print
-              ) -> tuple[list[RequestRecord], float]:
+def replay_hf(
+    model: Any,
+    trace: Trace,
+    *,
+    max_batch: int = 32,
+    use_adapters: bool,
+    time_limit_s: float,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], Any] = print,
+) -> tuple[list[RequestRecord], float]:
     """Serve ``trace`` with HF ``generate``; returns (records of requests that arrived, window seconds)."""
     model.eval()
     reqs = trace.requests
-    records = {r.request_id: RequestRecord(r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens,
-                                           r.adapter_id) for r in reqs}
+    records = {
+        r.request_id: RequestRecord(
+            r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens, r.adapter_id
+        )
+        for r in reqs
+    }
     waiting: deque[TraceRequest] = deque()
     start = time.perf_counter()
 
@@ -108,8 +132,9 @@ def replay_hf(model: Any, trace: Trace, *, max_batch: int = 32, use_adapters: bo
             time.sleep(max(0.0, min(reqs[nxt].arrival_s - now, time_limit_s - now)))
             continue
         group = [waiting.popleft() for _ in range(min(max_batch, len(waiting)))]
-        times = generate_batch(model, group, use_adapters=use_adapters, clock=clock, deadline=time_limit_s,
-                               device=device)
+        times = generate_batch(
+            model, group, use_adapters=use_adapters, clock=clock, deadline=time_limit_s, device=device
+        )
         num_batches += 1
         for r in group:
             rec = records[r.request_id]
@@ -122,8 +147,10 @@ def replay_hf(model: Any, trace: Trace, *, max_batch: int = 32, use_adapters: bo
                 rec.finish_s = mine[-1]
     window = clock()
     arrived = [records[r.request_id] for r in reqs if r.arrival_s <= window]
-    log(f"[hf] {'peft' if use_adapters else 'base'}: {num_batches} generate batches, "
-        f"{sum(r.num_output_tokens for r in arrived)} tokens in {window:.1f}s")
+    log(
+        f"[hf] {'peft' if use_adapters else 'base'}: {num_batches} generate batches, "
+        f"{sum(r.num_output_tokens for r in arrived)} tokens in {window:.1f}s"
+    )
     return arrived, window
 
 
@@ -150,23 +177,42 @@ class PeftJob:
         return self.cursor >= len(self.batches)
 
 
-def add_peft_job(peft_model: Any, adapter_name: str, examples: list[dict[str, list[int]]], *,
-                 rank: int, batch_size: int, lr: float) -> PeftJob:
-    """Add a fresh trainable LoRA (PEFT's default init) and an AdamW over its parameters."""
+def make_peft_jobs(
+    model: Any,
+    named_examples: Sequence[tuple[str, list[dict[str, list[int]]]]],
+    *,
+    rank: int,
+    batch_size: int,
+    lr: float,
+) -> tuple[Any, list[PeftJob]]:
+    """A fresh trainable LoRA per job (PEFT's default init and dtype handling) with its own AdamW.
+
+    ``model`` is a plain transformers model (wrapped with ``get_peft_model``) or a PeftModel.
+    """
+    from peft import PeftModel, get_peft_model
+
     from .models import lora_config
     from .workload import padded_batches
 
-    peft_model.add_adapter(adapter_name, lora_config(rank, random_init=False))
-    params = [p for n, p in peft_model.named_parameters() if f".{adapter_name}." in n]
-    for p in params:
-        p.requires_grad_(True)
-    job = PeftJob(adapter_name, examples, padded_batches(examples, batch_size), params=params)
-    job.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return job
+    jobs = []
+    for name, examples in named_examples:
+        cfg = lora_config(rank, random_init=False)
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, cfg)
+        else:
+            model = get_peft_model(model, cfg, adapter_name=name)
+        params = [p for n, p in model.named_parameters() if f".{name}." in n]
+        for p in params:
+            p.requires_grad_(True)
+        job = PeftJob(name, examples, padded_batches(examples, batch_size), params=params)
+        job.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        jobs.append(job)
+    return model, jobs
 
 
-def _padded_train_batch(examples: Sequence[dict[str, list[int]]], device: str | torch.device
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _padded_train_batch(
+    examples: Sequence[dict[str, list[int]]], device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, mask and HF labels (IGNORE on prompt and padding)."""
     lens = [example_length(e) for e in examples]
     width = max(lens)
@@ -177,12 +223,13 @@ def _padded_train_batch(examples: Sequence[dict[str, list[int]]], device: str | 
         p, c = ex["prompt_token_ids"], ex["completion_token_ids"]
         ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         mask[i, : len(p) + len(c)] = 1
-        labels[i, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        labels[i, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def peft_train_step(peft_model: Any, job: PeftJob, device: str | torch.device,
-                    max_grad_norm: float | None = 1.0) -> float:
+def peft_train_step(
+    peft_model: Any, job: PeftJob, device: str | torch.device, max_grad_norm: float | None = 1.0
+) -> float:
     """One optimizer step of ``job`` on its next padded batch; returns the loss."""
     batch = [job.examples[i] for i in job.batches[job.cursor]]
     job.cursor += 1
@@ -204,10 +251,21 @@ def peft_train_step(peft_model: Any, job: PeftJob, device: str | torch.device,
     return float(out.loss.detach().item())
 
 
-def peft_train_sequential(peft_model: Any, jobs: Sequence[PeftJob], *, time_limit_s: float,
-                          device: str | torch.device = "cpu", log: Callable[[str], Any] = print
-                          ) -> TrainingSummary:
-    """The jobs one after another (each gets an equal share of the time limit); real tokens/s."""
+def peft_train_sequential(
+    peft_model: Any,
+    jobs: Sequence[PeftJob],
+    *,
+    time_limit_s: float,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], Any] = print,
+) -> TrainingSummary:
+    """The jobs one after another (each gets an equal share of the time limit); real tokens/s.
+
+    One untimed step of the first job warms the kernels up first (its tokens are not counted).
+    """
+    if jobs and not jobs[0].is_done:
+        peft_train_step(peft_model, jobs[0], device)
+        jobs[0].steps = jobs[0].real_tokens = jobs[0].padded_tokens = 0
     sync(device)
     start = time.perf_counter()
     per_job = time_limit_s / max(1, len(jobs))
@@ -220,20 +278,34 @@ def peft_train_sequential(peft_model: Any, jobs: Sequence[PeftJob], *, time_limi
     seconds = time.perf_counter() - start
     real = sum(j.real_tokens for j in jobs)
     padded = sum(j.padded_tokens for j in jobs)
-    summary = summarize_training(real, seconds, padded_tokens=padded, optimizer_steps=sum(j.steps for j in jobs))
-    log(f"[hf] peft training: {summary.optimizer_steps} steps, {real} real / {padded} padded tokens "
-        f"in {seconds:.1f}s = {summary.real_tokens_per_s:.0f} real tokens/s")
+    summary = summarize_training(
+        real, seconds, padded_tokens=padded, optimizer_steps=sum(j.steps for j in jobs)
+    )
+    log(
+        f"[hf] peft training: {summary.optimizer_steps} steps, {real} real / {padded} padded tokens "
+        f"in {seconds:.1f}s = {summary.real_tokens_per_s:.0f} real tokens/s"
+    )
     return summary
 
 
-def replay_peft_unified(peft_model: Any, trace: Trace, jobs: Sequence[PeftJob], *, max_batch: int = 32,
-                        time_limit_s: float, device: str | torch.device = "cpu",
-                        log: Callable[[str], Any] = print
-                        ) -> tuple[list[RequestRecord], float, TrainingSummary]:
+def replay_peft_unified(
+    peft_model: Any,
+    trace: Trace,
+    jobs: Sequence[PeftJob],
+    *,
+    max_batch: int = 32,
+    time_limit_s: float,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], Any] = print,
+) -> tuple[list[RequestRecord], float, TrainingSummary]:
     """Alternate one training step (round-robin over unfinished jobs) and one PEFT generate batch."""
     reqs = trace.requests
-    records = {r.request_id: RequestRecord(r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens,
-                                           r.adapter_id) for r in reqs}
+    records = {
+        r.request_id: RequestRecord(
+            r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens, r.adapter_id
+        )
+        for r in reqs
+    }
     waiting: deque[TraceRequest] = deque()
     sync(device)
     start = time.perf_counter()
@@ -260,8 +332,9 @@ def replay_peft_unified(peft_model: Any, trace: Trace, jobs: Sequence[PeftJob], 
         if waiting:
             peft_model.eval()
             group = [waiting.popleft() for _ in range(min(max_batch, len(waiting)))]
-            times = generate_batch(peft_model, group, use_adapters=True, clock=clock, deadline=time_limit_s,
-                                   device=device)
+            times = generate_batch(
+                peft_model, group, use_adapters=True, clock=clock, deadline=time_limit_s, device=device
+            )
             for r in group:
                 rec = records[r.request_id]
                 mine = times[: r.max_tokens]
@@ -276,8 +349,14 @@ def replay_peft_unified(peft_model: Any, trace: Trace, jobs: Sequence[PeftJob], 
     window = clock()
     arrived = [records[r.request_id] for r in reqs if r.arrival_s <= window]
     real = sum(j.real_tokens for j in jobs)
-    training = summarize_training(real, window, padded_tokens=sum(j.padded_tokens for j in jobs),
-                                  optimizer_steps=sum(j.steps for j in jobs))
-    log(f"[hf] peft unified: {training.optimizer_steps} train steps ({train_s:.1f}s), "
-        f"{sum(r.num_output_tokens for r in arrived)} output tokens in {window:.1f}s")
+    training = summarize_training(
+        real,
+        window,
+        padded_tokens=sum(j.padded_tokens for j in jobs),
+        optimizer_steps=sum(j.steps for j in jobs),
+    )
+    log(
+        f"[hf] peft unified: {training.optimizer_steps} train steps ({train_s:.1f}s), "
+        f"{sum(r.num_output_tokens for r in arrived)} output tokens in {window:.1f}s"
+    )
     return arrived, window, training

@@ -53,11 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     n = prof.num_adapters
     ids16 = [f"r16-{i:02d}" for i in range(n)]
     ids_mixed = [f"mixed-{i:02d}" for i in range(n)]
-    trace = make_trace(pattern="poisson", rate=prof.rate, duration_s=prof.duration_s,
-                       vocab_size=spec.vocab_size, max_context=prof.max_context, prompt_mean=prof.prompt_mean,
-                       output_mean=prof.output_mean, adapter_ids=ids16, popularity="uniform", seed=args.seed)
+    trace = make_trace(
+        pattern="poisson",
+        rate=prof.rate,
+        duration_s=prof.duration_s,
+        vocab_size=spec.vocab_size,
+        max_context=prof.max_context,
+        prompt_mean=prof.prompt_mean,
+        output_mean=prof.output_mean,
+        adapter_ids=ids16,
+        popularity="uniform",
+        seed=args.seed,
+    )
     to_mixed = dict(zip(ids16, ids_mixed, strict=True))
-    mixed_trace = trace.with_adapters([to_mixed[r.adapter_id] if r.adapter_id else None for r in trace.requests])
+    mixed_trace = trace.with_adapters(
+        [to_mixed[r.adapter_id] if r.adapter_id else None for r in trace.requests]
+    )
     log(f"trace: {len(trace)} requests over {trace.duration_s:.1f}s, {trace.num_output_tokens} output tokens")
     runs: dict[str, tuple[list[RequestRecord], ServingSummary]] = {}
     errors: dict[str, str] = {}
@@ -66,23 +77,42 @@ def main(argv: list[str] | None = None) -> int:
         if got is not None:
             runs[label] = (got[0], summarize_serving(got[0], got[1]))
 
-    hf, model_dir = prepare_base(spec, args.cache, dev, dtype, args.seed, log)
+    hf, model_dir = prepare_base(spec, args.cache, dev, dtype, seed=args.seed, log=log)
     adapters16 = args.cache / f"adapters-{spec.name}-r16"
     adapters_mixed = args.cache / f"adapters-{spec.name}-mixed"
     hf_kw = {"max_batch": prof.max_batch, "time_limit_s": prof.baseline_limit_s, "device": dev, "log": log}
     if not args.no_baselines:
-        record(BASE_HF, common.attempt(BASE_HF, errors, log, replay_hf, hf, trace.without_adapters(),
-                                       use_adapters=False, **hf_kw))
+        record(
+            BASE_HF,
+            common.attempt(
+                BASE_HF, errors, log, replay_hf, hf, trace.without_adapters(), use_adapters=False, **hf_kw
+            ),
+        )
     peft_model = prepare_adapters(hf, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
-    prepare_adapters(hf, adapters_mixed, ids_mixed, adapter_ranks(n, True), seed=args.seed + 1,
-                     peft_model=peft_model, keep=False, log=log)
+    prepare_adapters(
+        hf,
+        adapters_mixed,
+        ids_mixed,
+        adapter_ranks(n, True),
+        seed=args.seed + 1,
+        peft_model=peft_model,
+        keep=False,
+        log=log,
+    )
     if not args.no_baselines:
-        record(PEFT, common.attempt(PEFT, errors, log, replay_hf, peft_model, trace, use_adapters=True, **hf_kw))
+        record(
+            PEFT, common.attempt(PEFT, errors, log, replay_hf, peft_model, trace, use_adapters=True, **hf_kw)
+        )
     del hf, peft_model
     common.release()
 
-    engine = make_engine(model_dir, dev, dtype, common.engine_limits(
-        args, max_adapter_slots=n, num_train_slots=0, max_lora_rank=64), log)
+    engine = make_engine(
+        model_dir,
+        dev,
+        dtype,
+        common.engine_limits(args, max_adapter_slots=n, num_train_slots=0, max_lora_rank=64),
+        log,
+    )
     for a in ids16:
         engine.load_adapter(a, adapters16 / a)
     warmup(engine, spec.vocab_size, ids16, training=False, log=log)
@@ -91,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         run = replay_engine(engine, tr, time_limit_s=prof.serve_limit_s, device=dev, log=log, label=label)
         return run.records, run.window_s
 
-    record(OURS_BASE, common.attempt(OURS_BASE, errors, log, serve, OURS_BASE,
-                                     trace.without_adapters().renamed("base")))
+    record(
+        OURS_BASE,
+        common.attempt(OURS_BASE, errors, log, serve, OURS_BASE, trace.without_adapters().renamed("base")),
+    )
     record(OURS_R16, common.attempt(OURS_R16, errors, log, serve, OURS_R16, trace.renamed("r16")))
 
     # decode steps at batch 64: no adapters, and every row on an adapter (32 adapters, 2 rows each)
@@ -101,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         got = common.attempt(f"decode {label}", errors, log, decode_step, engine, args, ids, len(decode))
         if got is not None:
             decode[label] = got
-            log(f"decode b={prof.decode_batch} {label}: {got['median_ms']:.2f} ms = "
-                f"{got['x_floor_weights']:.2f}x weight floor")
+            log(
+                f"decode b={prof.decode_batch} {label}: {got['median_ms']:.2f} ms = "
+                f"{got['x_floor_weights']:.2f}x weight floor"
+            )
 
     def swap_to_mixed() -> None:
         for a in ids16:
@@ -110,53 +144,99 @@ def main(argv: list[str] | None = None) -> int:
         for a in ids_mixed:
             engine.load_adapter(a, adapters_mixed / a)
 
-    if common.attempt("load mixed-rank adapters", errors, log, swap_to_mixed) is None and \
-            "load mixed-rank adapters" not in errors:
-        record(OURS_MIXED, common.attempt(OURS_MIXED, errors, log, serve, OURS_MIXED,
-                                          mixed_trace.renamed("mixed")))
+    if (
+        common.attempt("load mixed-rank adapters", errors, log, swap_to_mixed) is None
+        and "load mixed-rank adapters" not in errors
+    ):
+        record(
+            OURS_MIXED,
+            common.attempt(OURS_MIXED, errors, log, serve, OURS_MIXED, mixed_trace.renamed("mixed")),
+        )
     engine = None
     common.release()
 
     summaries = {k: v[1] for k, v in runs.items()}
     targets = serving_targets(summaries, decode)
     files = report.plot_serving(args.out, "serving", runs)
-    decode_rows = [[k, v["median_ms"], v["floor_weights_ms"], v["x_floor_weights"], v["floor_all_ms"],
-                    v["x_floor_all"]] for k, v in decode.items()]
+    decode_rows = [
+        [k, v["median_ms"], v["floor_weights_ms"], v["x_floor_weights"], v["floor_all_ms"], v["x_floor_all"]]
+        for k, v in decode.items()
+    ]
     sections = [
-        ("Trace", f"{len(trace)} requests, Poisson {prof.rate}/s for {prof.duration_s}s, {n} adapters uniform, "
-                  f"prompt/output log-normal means {prof.prompt_mean}/{prof.output_mean}; "
-                  f"SLO {DEFAULT_TTFT_S:.0f} s TTFT / {DEFAULT_TPOT_S * 1e3:.0f} ms TPOT; HF batch "
-                  f"{prof.max_batch}, HF wall limit {prof.baseline_limit_s}s."),
-        ("Serving (runs 1 and 2)",
-         report.markdown_table(report.SERVING_HEADERS, report.serving_rows(summaries))),
-        (f"Decode step at batch {prof.decode_batch}",
-         report.markdown_table(["rows", "median ms", "weight floor ms", "x weight floor",
-                                "floor incl. KV+LoRA ms", "x full floor"], decode_rows)
-         + f"\n\nFloor: bytes / {H200_BANDWIDTH_BPS / 1e12:.2f} TB/s (H200 copy bandwidth)."),
+        (
+            "Trace",
+            f"{len(trace)} requests, Poisson {prof.rate}/s for {prof.duration_s}s, {n} adapters uniform, "
+            f"prompt/output log-normal means {prof.prompt_mean}/{prof.output_mean}; "
+            f"SLO {DEFAULT_TTFT_S:.0f} s TTFT / {DEFAULT_TPOT_S * 1e3:.0f} ms TPOT; HF batch "
+            f"{prof.max_batch}, HF wall limit {prof.baseline_limit_s}s.",
+        ),
+        (
+            "Serving (runs 1 and 2)",
+            report.markdown_table(report.SERVING_HEADERS, report.serving_rows(summaries)),
+        ),
+        (
+            f"Decode step at batch {prof.decode_batch}",
+            report.markdown_table(
+                [
+                    "rows",
+                    "median ms",
+                    "weight floor ms",
+                    "x weight floor",
+                    "floor incl. KV+LoRA ms",
+                    "x full floor",
+                ],
+                decode_rows,
+            )
+            + f"\n\nFloor: bytes / {H200_BANDWIDTH_BPS / 1e12:.2f} TB/s (H200 copy bandwidth).",
+        ),
         ("Plots", report.images_section(files)),
     ]
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    results = {"serving": {k: s.to_dict() for k, s in summaries.items()}, "decode": decode,
-               "trace": trace.meta, "errors": errors}
-    text = report.write_report(args.out, "serving", "Serving: LoRA overhead and inference vs PEFT",
-                               common.environment(args), sections, targets, results)
+    results = {
+        "serving": {k: s.to_dict() for k, s in summaries.items()},
+        "decode": decode,
+        "trace": trace.meta,
+        "errors": errors,
+    }
+    text = report.write_report(
+        args.out,
+        "serving",
+        "Serving: LoRA overhead and inference vs PEFT",
+        env=common.environment(args),
+        sections=sections,
+        targets=targets,
+        results=results,
+    )
     print(text)
     return 1 if errors else 0
 
 
 def decode_step(engine: Any, args: Any, adapter_ids: list[str], seed: int) -> dict[str, float]:
     spec, prof = args.spec, args.profile
-    times, ctx = decode_step_times(engine, batch=prof.decode_batch, prompt_len=prof.decode_prompt_len,
-                                   num_steps=prof.decode_steps, vocab_size=spec.vocab_size,
-                                   adapter_ids=adapter_ids, device=args.device, seed=seed)
+    times, ctx = decode_step_times(
+        engine,
+        batch=prof.decode_batch,
+        prompt_len=prof.decode_prompt_len,
+        num_steps=prof.decode_steps,
+        vocab_size=spec.vocab_size,
+        adapter_ids=adapter_ids,
+        device=args.device,
+        seed=seed,
+    )
     floor_w = decode_floor_s(spec.decode_weight_bytes())
     kv = kv_bytes_read([ctx] * prof.decode_batch, spec.num_layers, spec.num_kv_heads, spec.head_dim)
     floor_all = decode_floor_s(spec.decode_weight_bytes(), kv + spec.lora_bytes(16) * len(set(adapter_ids)))
     med = statistics.median(times)
-    return {"median_ms": med * 1e3, "min_ms": min(times) * 1e3, "steps": len(times),
-            "floor_weights_ms": floor_w * 1e3, "floor_all_ms": floor_all * 1e3,
-            "x_floor_weights": med / floor_w, "x_floor_all": med / floor_all}
+    return {
+        "median_ms": med * 1e3,
+        "min_ms": min(times) * 1e3,
+        "steps": len(times),
+        "floor_weights_ms": floor_w * 1e3,
+        "floor_all_ms": floor_all * 1e3,
+        "x_floor_weights": med / floor_w,
+        "x_floor_all": med / floor_all,
+    }
 
 
 def serving_targets(s: dict[str, ServingSummary], decode: dict[str, Any]) -> list[report.Target]:
@@ -170,28 +250,59 @@ def serving_targets(s: dict[str, ServingSummary], decode: dict[str, Any]) -> lis
 
     ours = OURS_R16
     targets = [
-        report.Target("LoRA overhead: 32 adapters / no adapters, out tok/s", ">= 0.85x",
-                      ratio(tps(ours), tps(OURS_BASE)), 0.85),
-        report.Target("LoRA overhead, mixed ranks 8/16/64 / no adapters", ">= 0.85x (info)",
-                      ratio(tps(OURS_MIXED), tps(OURS_BASE)), 0.85),
-        report.Target("Inference vs PEFT mixed, out tok/s", ">= 100x at <= p99 TTFT",
-                      ratio(tps(ours), tps(PEFT)), 100.0, extra_ok=not p99(ours) > p99(PEFT),
-                      note=f"p99 TTFT {report.fmt(p99(ours), 2)} s vs {report.fmt(p99(PEFT), 2)} s"),
-        report.Target("Inference (32 adapters) vs transformers base, out tok/s", ">= 3x at <= p99 TTFT",
-                      ratio(tps(ours), tps(BASE_HF)), 3.0, extra_ok=not p99(ours) > p99(BASE_HF),
-                      note=f"p99 TTFT {report.fmt(p99(ours), 2)} s vs {report.fmt(p99(BASE_HF), 2)} s"),
+        report.Target(
+            "LoRA overhead: 32 adapters / no adapters, out tok/s",
+            ">= 0.85x",
+            ratio(tps(ours), tps(OURS_BASE)),
+            0.85,
+        ),
+        report.Target(
+            "LoRA overhead, mixed ranks 8/16/64 / no adapters",
+            ">= 0.85x (info)",
+            ratio(tps(OURS_MIXED), tps(OURS_BASE)),
+            0.85,
+        ),
+        report.Target(
+            "Inference vs PEFT mixed, out tok/s",
+            ">= 100x at <= p99 TTFT",
+            ratio(tps(ours), tps(PEFT)),
+            100.0,
+            extra_ok=not p99(ours) > p99(PEFT),
+            note=f"p99 TTFT {report.fmt(p99(ours), 2)} s vs {report.fmt(p99(PEFT), 2)} s",
+        ),
+        report.Target(
+            "Inference (32 adapters) vs transformers base, out tok/s",
+            ">= 3x at <= p99 TTFT",
+            ratio(tps(ours), tps(BASE_HF)),
+            3.0,
+            extra_ok=not p99(ours) > p99(BASE_HF),
+            note=f"p99 TTFT {report.fmt(p99(ours), 2)} s vs {report.fmt(p99(BASE_HF), 2)} s",
+        ),
     ]
     if "no adapters" in decode:
-        targets.append(report.Target("Decode step at batch 64 / weight floor", "<= 1.5x",
-                                     decode["no adapters"]["x_floor_weights"], 1.5, higher_is_better=False,
-                                     note=f"{decode['no adapters']['median_ms']:.2f} ms"))
+        targets.append(
+            report.Target(
+                "Decode step at batch 64 / weight floor",
+                "<= 1.5x",
+                decode["no adapters"]["x_floor_weights"],
+                1.5,
+                higher_is_better=False,
+                note=f"{decode['no adapters']['median_ms']:.2f} ms",
+            )
+        )
     if "32 adapters r16" in decode:
-        targets.append(report.Target("Decode step at batch 64, 32 adapters / weight floor", "<= 1.5x (info)",
-                                     decode["32 adapters r16"]["x_floor_weights"], 1.5, higher_is_better=False,
-                                     note=f"{decode['32 adapters r16']['median_ms']:.2f} ms"))
+        targets.append(
+            report.Target(
+                "Decode step at batch 64, 32 adapters / weight floor",
+                "<= 1.5x (info)",
+                decode["32 adapters r16"]["x_floor_weights"],
+                1.5,
+                higher_is_better=False,
+                note=f"{decode['32 adapters r16']['median_ms']:.2f} ms",
+            )
+        )
     return targets
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -55,38 +55,106 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "8b": Profile(rate=24.0, duration_s=12.0, prompt_mean=200, output_mean=200, max_context=2048,
-                  num_adapters=32, serve_limit_s=60.0, baseline_limit_s=30.0, max_batch=32,
-                  decode_batch=64, decode_steps=20, decode_prompt_len=128,
-                  unified_rate=6.0, unified_duration_s=30.0, unified_limit_s=60.0, train_only_s=20.0,
-                  num_jobs=4, examples_per_job=1500, micro_batch_tokens=1024, finetune_limit_s=30.0,
-                  peft_train_limit_s=30.0, peft_batch_size=4,
-                  max_num_seqs=256, max_num_batched_tokens=4096, kv_memory_gb=40.0),
-    "small": Profile(rate=48.0, duration_s=10.0, prompt_mean=200, output_mean=200, max_context=2048,
-                     num_adapters=32, serve_limit_s=40.0, baseline_limit_s=20.0, max_batch=32,
-                     decode_batch=64, decode_steps=20, decode_prompt_len=128,
-                     unified_rate=12.0, unified_duration_s=20.0, unified_limit_s=40.0, train_only_s=15.0,
-                     num_jobs=4, examples_per_job=1500, micro_batch_tokens=1024, finetune_limit_s=20.0,
-                     peft_train_limit_s=20.0, peft_batch_size=4,
-                     max_num_seqs=256, max_num_batched_tokens=4096, kv_memory_gb=8.0),
-    "tiny": Profile(rate=20.0, duration_s=0.3, prompt_mean=12, output_mean=6, max_context=96,
-                    num_adapters=4, serve_limit_s=20.0, baseline_limit_s=10.0, max_batch=4,
-                    decode_batch=4, decode_steps=3, decode_prompt_len=16,
-                    unified_rate=20.0, unified_duration_s=0.3, unified_limit_s=20.0, train_only_s=1.0,
-                    num_jobs=2, examples_per_job=6, micro_batch_tokens=64, finetune_limit_s=3.0,
-                    peft_train_limit_s=2.0, peft_batch_size=2,
-                    max_num_seqs=16, max_num_batched_tokens=256, kv_memory_gb=0.05),
+    "8b": Profile(
+        rate=32.0,
+        duration_s=10.0,
+        prompt_mean=200,
+        output_mean=200,
+        max_context=2048,
+        num_adapters=32,
+        serve_limit_s=45.0,
+        baseline_limit_s=30.0,
+        max_batch=32,
+        decode_batch=64,
+        decode_steps=20,
+        decode_prompt_len=128,
+        unified_rate=6.0,
+        unified_duration_s=30.0,
+        unified_limit_s=60.0,
+        train_only_s=20.0,
+        num_jobs=4,
+        examples_per_job=1500,
+        micro_batch_tokens=1024,
+        finetune_limit_s=30.0,
+        peft_train_limit_s=30.0,
+        peft_batch_size=4,
+        max_num_seqs=256,
+        max_num_batched_tokens=4096,
+        kv_memory_gb=40.0,
+    ),
+    "small": Profile(
+        rate=48.0,
+        duration_s=10.0,
+        prompt_mean=200,
+        output_mean=200,
+        max_context=2048,
+        num_adapters=32,
+        serve_limit_s=40.0,
+        baseline_limit_s=20.0,
+        max_batch=32,
+        decode_batch=64,
+        decode_steps=20,
+        decode_prompt_len=128,
+        unified_rate=12.0,
+        unified_duration_s=20.0,
+        unified_limit_s=40.0,
+        train_only_s=15.0,
+        num_jobs=4,
+        examples_per_job=1500,
+        micro_batch_tokens=1024,
+        finetune_limit_s=20.0,
+        peft_train_limit_s=20.0,
+        peft_batch_size=4,
+        max_num_seqs=256,
+        max_num_batched_tokens=4096,
+        kv_memory_gb=8.0,
+    ),
+    "tiny": Profile(
+        rate=20.0,
+        duration_s=0.3,
+        prompt_mean=12,
+        output_mean=6,
+        max_context=96,
+        num_adapters=4,
+        serve_limit_s=20.0,
+        baseline_limit_s=10.0,
+        max_batch=4,
+        decode_batch=4,
+        decode_steps=3,
+        decode_prompt_len=16,
+        unified_rate=20.0,
+        unified_duration_s=0.3,
+        unified_limit_s=20.0,
+        train_only_s=1.0,
+        num_jobs=2,
+        examples_per_job=6,
+        micro_batch_tokens=64,
+        finetune_limit_s=3.0,
+        peft_train_limit_s=2.0,
+        peft_batch_size=2,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+        kv_memory_gb=0.05,
+    ),
 }
 
 
 def quick(p: Profile, model: str) -> Profile:
     if model == "tiny":
         return p
-    return replace(p, duration_s=p.duration_s / 3, serve_limit_s=p.serve_limit_s / 2,
-                   baseline_limit_s=p.baseline_limit_s / 3, decode_steps=8,
-                   unified_duration_s=p.unified_duration_s / 3, unified_limit_s=p.unified_limit_s / 2,
-                   train_only_s=p.train_only_s / 3, examples_per_job=p.examples_per_job // 4,
-                   finetune_limit_s=p.finetune_limit_s / 3, peft_train_limit_s=p.peft_train_limit_s / 3)
+    return replace(
+        p,
+        duration_s=p.duration_s / 3,
+        serve_limit_s=p.serve_limit_s / 2,
+        baseline_limit_s=p.baseline_limit_s / 3,
+        decode_steps=8,
+        unified_duration_s=p.unified_duration_s / 3,
+        unified_limit_s=p.unified_limit_s / 2,
+        train_only_s=p.train_only_s / 3,
+        examples_per_job=p.examples_per_job // 4,
+        finetune_limit_s=p.finetune_limit_s / 3,
+        peft_train_limit_s=p.peft_train_limit_s / 3,
+    )
 
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,19 +163,46 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "docs/benchmarks")))
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("LOQUETIER_BENCH_CACHE",
-                                                                      "/tmp/loquetier-bench")),
-                    help="where the random model and adapter directories are written (reused)")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("LOQUETIER_BENCH_CACHE", "/tmp/loquetier-bench")),
+        help="where the random model and adapter directories are written (reused)",
+    )
     ap.add_argument("--quick", action="store_true", help="a short run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra or overriding Engine.from_pretrained limit (repeatable)")
+    ap.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra or overriding Engine.from_pretrained limit (repeatable)",
+    )
     ap.add_argument("--no-baselines", action="store_true", help="skip the HF / PEFT baselines")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a run-size field of the profile, e.g. --set rate=16 (repeatable)",
+    )
     args = ap.parse_args(argv)
     args.dtype = args.dtype or default_dtype(args.device)
     args.spec = SPECS[args.model]
     prof = PROFILES.get(args.model, PROFILES["small"])
-    args.profile = quick(prof, args.model) if args.quick else prof
+    prof = quick(prof, args.model) if args.quick else prof
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        if key not in Profile.__dataclass_fields__:
+            ap.error(f"--set: unknown field {key!r}; known: {sorted(Profile.__dataclass_fields__)}")
+        kind = type(getattr(prof, key))
+        prof = replace(prof, **{key: kind(raw)})
+    args.profile = prof
+    if args.device == "cpu":
+        # a CPU run is a smoke run: the torch reference, not Triton's interpreter (TRITON_INTERPRET=1)
+        from loquetier.kernels.ops import force_backend
+
+        force_backend("reference")
     args.command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     return args
 
@@ -150,8 +245,11 @@ def release(*objs: Any) -> None:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    gpu = torch.cuda.get_device_name(0) if str(args.device).startswith("cuda") and torch.cuda.is_available() \
+    gpu = (
+        torch.cuda.get_device_name(0)
+        if str(args.device).startswith("cuda") and torch.cuda.is_available()
         else "cpu"
+    )
     import peft
     import transformers
 

@@ -102,9 +102,14 @@ class ServingSummary:
         return asdict(self)
 
 
-def summarize_serving(records: Sequence[RequestRecord], duration_s: float, *,
-                      ttft_s: float = DEFAULT_TTFT_S, tpot_s: float = DEFAULT_TPOT_S,
-                      admit_s: float = DEFAULT_ADMIT_S) -> ServingSummary:
+def summarize_serving(
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    *,
+    ttft_s: float = DEFAULT_TTFT_S,
+    tpot_s: float = DEFAULT_TPOT_S,
+    admit_s: float = DEFAULT_ADMIT_S,
+) -> ServingSummary:
     """Summary over ``records`` (every request that arrived inside the window) and the window length.
 
     Throughput counts every output token generated inside the window (finished or not), so a baseline
@@ -157,8 +162,9 @@ class TrainingSummary:
         return asdict(self)
 
 
-def summarize_training(real_tokens: int, seconds: float, *, padded_tokens: int | None = None,
-                       optimizer_steps: int = 0) -> TrainingSummary:
+def summarize_training(
+    real_tokens: int, seconds: float, *, padded_tokens: int | None = None, optimizer_steps: int = 0
+) -> TrainingSummary:
     padded = real_tokens if padded_tokens is None else padded_tokens
     return TrainingSummary(
         real_tokens=real_tokens,
@@ -174,14 +180,16 @@ def summarize_training(real_tokens: int, seconds: float, *, padded_tokens: int |
 # floors
 
 
-def decode_floor_s(weight_bytes: float, extra_bytes: float = 0.0,
-                   bandwidth_bps: float = H200_BANDWIDTH_BPS) -> float:
+def decode_floor_s(
+    weight_bytes: float, extra_bytes: float = 0.0, bandwidth_bps: float = H200_BANDWIDTH_BPS
+) -> float:
     """Memory floor of one decode step: every weight byte (plus KV / adapter bytes) read once."""
     return (weight_bytes + extra_bytes) / bandwidth_bps
 
 
-def kv_bytes_read(context_lens: Iterable[int], num_layers: int, num_kv_heads: int, head_dim: int,
-                  dtype_bytes: int = 2) -> int:
+def kv_bytes_read(
+    context_lens: Iterable[int], num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2
+) -> int:
     """K and V bytes one decode step reads over the given context lengths."""
     per_token = 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
     return per_token * sum(context_lens)

@@ -133,41 +133,75 @@ def build_random_hf_model(spec: ModelSpec, device: str, dtype: str, seed: int = 
     return model
 
 
+SHARD_BYTES = 4 << 30
+
+
 def write_model_dir(model: torch.nn.Module, path: Path) -> None:
-    """``config.json`` + ``model.safetensors`` (the format our loader reads), then the marker."""
+    """``config.json`` + safetensors shards with an index (the HF layout our loader reads), then the
+    marker. Tensors go to the CPU one shard at a time, so host memory stays bounded."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).unlink(missing_ok=True)
-    config = model.config.to_dict()
-    (path / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / MARKER).write_text(json.dumps({"written": time.time()}))
+    for old in path.glob("model*.safetensors*"):
+        old.unlink()
+    (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1, default=str))
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tensor))
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in shard}
+        save_file(cpu, str(path / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in cpu.values())
+        weight_map.update(dict.fromkeys(cpu, fname))
+        del cpu
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (path / MARKER).write_text(json.dumps({"written": time.time(), "shards": len(shards)}))
 
 
 def load_hf_model(spec: ModelSpec, path: Path, device: str, dtype: str) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     model = _empty_hf_model(spec, device, dtype)
-    state = load_file(str(path / "model.safetensors"), device=str(device))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(path / fname), device=str(device)))
     model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in state.items()}, strict=True, assign=True)
+    _reset_rotary(model, device)
     model.requires_grad_(False)
     return model
 
 
 def _dir_matches(path: Path, spec: ModelSpec, dtype: str) -> bool:
-    if not (path / MARKER).is_file() or not (path / "config.json").is_file():
+    if not (path / MARKER).is_file() or not (path / "model.safetensors.index.json").is_file():
         return False
     raw = json.loads((path / "config.json").read_text())
     want = spec.hf_config_dict(dtype)
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "vocab_size")
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
     return all(raw.get(k) == want[k] for k in keys) and str(raw.get("dtype")).endswith(dtype)
 
 
-def prepare_base(spec: ModelSpec, root: Path, device: str, dtype: str, seed: int = 0,
-                 log: Any = print) -> tuple[torch.nn.Module, Path]:
+def prepare_base(
+    spec: ModelSpec, root: Path, device: str, dtype: str, *, seed: int = 0, log: Any = print
+) -> tuple[torch.nn.Module, Path]:
     """(HF model on ``device``, safetensors dir with the same weights), the dir cached under ``root``."""
     path = root / f"llama-{spec.name}-{dtype}"
     t0 = time.perf_counter()
@@ -199,8 +233,14 @@ def adapter_ranks(num_adapters: int, mixed: bool, rank: int = 16) -> list[int]:
 def lora_config(rank: int, *, random_init: bool = True) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TARGET_MODULES),
-                      init_lora_weights=not random_init, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        init_lora_weights=not random_init,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _randomize_adapter(peft_model: Any, name: str, seed: int) -> None:
@@ -211,14 +251,23 @@ def _randomize_adapter(peft_model: Any, name: str, seed: int) -> None:
             if f".{name}." in pname and (".lora_A." in pname or ".lora_B." in pname):
                 if param.device not in gens:
                     gens[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-                values = torch.randn(param.shape, generator=gens[param.device], dtype=torch.float32,
-                                     device=param.device)
+                values = torch.randn(
+                    param.shape, generator=gens[param.device], dtype=torch.float32, device=param.device
+                )
                 param.copy_(values * 0.01)
 
 
-def prepare_adapters(model: torch.nn.Module, root: Path, adapter_ids: Sequence[str],
-                     ranks: Sequence[int], *, seed: int = 0, peft_model: Any = None,
-                     keep: bool = True, log: Any = print) -> Any:
+def prepare_adapters(
+    model: torch.nn.Module,
+    root: Path,
+    adapter_ids: Sequence[str],
+    ranks: Sequence[int],
+    *,
+    seed: int = 0,
+    peft_model: Any = None,
+    keep: bool = True,
+    log: Any = print,
+) -> Any:
     """Make (or load) PEFT adapters ``adapter_ids`` under ``root``; returns the PEFT model holding them.
 
     With ``keep=False`` each adapter is deleted from the PEFT model after it is saved (only the
@@ -236,8 +285,9 @@ def prepare_adapters(model: torch.nn.Module, root: Path, adapter_ids: Sequence[s
             exists = False
         if exists:
             if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_id,
-                                                       autocast_adapter_dtype=False)
+                peft_model = PeftModel.from_pretrained(
+                    model, str(path), adapter_name=adapter_id, autocast_adapter_dtype=False
+                )
             else:
                 peft_model.load_adapter(str(path), adapter_name=adapter_id, autocast_adapter_dtype=False)
         else:
@@ -254,7 +304,8 @@ def prepare_adapters(model: torch.nn.Module, root: Path, adapter_ids: Sequence[s
             peft_model.delete_adapter(adapter_id)
     if peft_model is not None:
         peft_model.eval()
-    log(f"[models] {len(adapter_ids)} adapters under {root} ({num_made} made) in {time.perf_counter() - t0:.1f}s")
+    seconds = time.perf_counter() - t0
+    log(f"[models] {len(adapter_ids)} adapters under {root} ({num_made} made) in {seconds:.1f}s")
     return peft_model
 
 

@@ -28,8 +28,9 @@ from .workload import Trace, example_length
 Log = Callable[[str], Any]
 
 
-def make_engine(model_dir: Path, device: str, dtype: str, limits: Mapping[str, Any], log: Log = print
-                ) -> Engine:
+def make_engine(
+    model_dir: Path, device: str, dtype: str, limits: Mapping[str, Any], log: Log = print
+) -> Engine:
     """``Engine.from_pretrained`` with ``limits``; limits the engine does not know are dropped (logged)."""
     limits = dict(limits)
     while True:
@@ -71,32 +72,63 @@ class EngineRun:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def add_training_jobs(engine: Engine, jobs: Sequence[tuple[str, list[dict[str, list[int]]]]], *,
-                      rank: int = 16, lr: float = 1e-4, micro_batch_tokens: int = 1024,
-                      max_steps: int | None = None, epochs: int | None = None) -> list[str]:
+def add_training_jobs(
+    engine: Engine,
+    jobs: Sequence[tuple[str, list[dict[str, list[int]]]]],
+    *,
+    rank: int = 16,
+    lr: float = 1e-4,
+    micro_batch_tokens: int = 1024,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+) -> list[str]:
     """One job per ``(adapter_id, examples)``: a fresh rank-``rank`` LoRA on all seven targets."""
     job_ids = []
     for adapter_id, examples in jobs:
-        params = TrainingParams(optimizer="adamw", lr=lr, micro_batch_tokens=micro_batch_tokens,
-                                max_steps=max_steps, epochs=epochs)
-        job_ids.append(engine.add_training_job(
-            adapter_id, examples, params, lora=dict(rank=rank, alpha=2 * rank, target_modules=list(TARGET_MODULES)),
-            job_id=f"job-{adapter_id}"))
+        params = TrainingParams(
+            optimizer="adamw",
+            lr=lr,
+            micro_batch_tokens=micro_batch_tokens,
+            max_steps=max_steps,
+            epochs=epochs,
+        )
+        job_ids.append(
+            engine.add_training_job(
+                adapter_id,
+                examples,
+                params,
+                lora=dict(rank=rank, alpha=2 * rank, target_modules=list(TARGET_MODULES)),
+                job_id=f"job-{adapter_id}",
+            )
+        )
     return job_ids
 
 
-def replay_engine(engine: Engine, trace: Trace | None, *, time_limit_s: float,
-                  job_ids: Sequence[str] = (), stop_when_trace_done: bool = True,
-                  ttft_ms: float | None = None, tpot_ms: float | None = None,
-                  device: str = "cpu", log: Log = print, label: str = "engine") -> EngineRun:
+def replay_engine(
+    engine: Engine,
+    trace: Trace | None,
+    *,
+    time_limit_s: float,
+    job_ids: Sequence[str] = (),
+    stop_when_trace_done: bool = True,
+    ttft_ms: float | None = None,
+    tpot_ms: float | None = None,
+    device: str = "cpu",
+    log: Log = print,
+    label: str = "engine",
+) -> EngineRun:
     """Replay ``trace`` (None: training only) until it is served, every job ends, or the time limit.
 
     With jobs and a trace, the window ends when the trace is done (``stop_when_trace_done``); the
     training tokens counted are those of micro-batches finished inside the window.
     """
     reqs = trace.requests if trace is not None else []
-    records = {r.request_id: RequestRecord(r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens,
-                                           r.adapter_id) for r in reqs}
+    records = {
+        r.request_id: RequestRecord(
+            r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens, r.adapter_id
+        )
+        for r in reqs
+    }
     token_times: dict[str, list[float]] = {r.request_id: [] for r in reqs}
     added_at: dict[str, float] = {}
     job_tokens: dict[str, int] = dict.fromkeys(job_ids, 0)
@@ -112,13 +144,20 @@ def replay_engine(engine: Engine, trace: Trace | None, *, time_limit_s: float,
         return time.perf_counter() - start
 
     nxt = num_done = 0
+    jobs_done_s: float | None = None
     while True:
         now = clock()
         while nxt < len(reqs) and reqs[nxt].arrival_s <= now:
             r = reqs[nxt]
-            engine.add_request(r.request_id, prompt_token_ids=r.prompt_token_ids, adapter_id=r.adapter_id,
-                               sampling=sampling_for(r.max_tokens), ttft_ms=ttft_ms, tpot_ms=tpot_ms,
-                               stream=True)
+            engine.add_request(
+                r.request_id,
+                prompt_token_ids=r.prompt_token_ids,
+                adapter_id=r.adapter_id,
+                sampling=sampling_for(r.max_tokens),
+                ttft_ms=ttft_ms,
+                tpot_ms=tpot_ms,
+                stream=True,
+            )
             added_at[r.request_id] = now
             nxt += 1
         if now >= time_limit_s:
@@ -141,7 +180,9 @@ def replay_engine(engine: Engine, trace: Trace | None, *, time_limit_s: float,
                     token_times[ev.request_id].extend([t] * len(ev.token_ids))
             elif isinstance(ev, RequestFinished):
                 if ev.request_id in records:
-                    _finish(records[ev.request_id], ev, t, added_at[ev.request_id], token_times[ev.request_id])
+                    _finish(
+                        records[ev.request_id], ev, t, added_at[ev.request_id], token_times[ev.request_id]
+                    )
                     num_done += 1
             elif isinstance(ev, RequestFailed):
                 run.failures.append(f"{ev.request_id}: {ev.code} {ev.message}")
@@ -152,6 +193,8 @@ def replay_engine(engine: Engine, trace: Trace | None, *, time_limit_s: float,
                 job_steps[ev.job_id] = max(job_steps.get(ev.job_id, 0), ev.step)
             elif isinstance(ev, JobFinished):
                 jobs_live.discard(ev.job_id)
+                if job_ids and not jobs_live:
+                    jobs_done_s = t
                 if ev.status != "succeeded":
                     run.failures.append(f"{ev.job_id}: {ev.status} {ev.error}")
     if str(device).startswith("cuda"):
@@ -171,7 +214,9 @@ def replay_engine(engine: Engine, trace: Trace | None, *, time_limit_s: float,
         # tokens the steps actually trained on (packed, no padding); JobProgress as a fallback
         counted = _scheduler_counter(engine, "num_train_tokens") - train_tokens_before
         real = counted if counted > 0 else sum(job_tokens.values())
-        run.training = summarize_training(real, run.window_s, optimizer_steps=sum(job_steps.values()))
+        # jobs that ran out of data before the window ended are timed until they finished
+        seconds = jobs_done_s if jobs_done_s is not None else run.window_s
+        run.training = summarize_training(real, seconds, optimizer_steps=sum(job_steps.values()))
     try:
         run.stats = _jsonable(engine.stats())
     except Exception as exc:  # stats are informative only
@@ -179,8 +224,10 @@ def replay_engine(engine: Engine, trace: Trace | None, *, time_limit_s: float,
     served = sum(r.num_output_tokens for r in run.records)
     train = f", train {run.training.real_tokens} tokens" if run.training else ""
     fails = f"; {len(run.failures)} failures: {run.failures[:3]}" if run.failures else ""
-    log(f"[{label}] {run.num_steps} steps, {num_done}/{len(reqs)} requests, {served} output tokens{train} "
-        f"in {run.window_s:.1f}s{fails}")
+    log(
+        f"[{label}] {run.num_steps} steps, {num_done}/{len(reqs)} requests, {served} output tokens{train} "
+        f"in {run.window_s:.1f}s{fails}"
+    )
     return run
 
 
@@ -217,9 +264,17 @@ def _num_output_tokens(engine: Engine, request_id: str) -> int:
     return 0 if seq is None else int(seq.num_output_tokens)
 
 
-def decode_step_times(engine: Engine, *, batch: int, prompt_len: int, num_steps: int, vocab_size: int,
-                      adapter_ids: Sequence[str | None], device: str, seed: int = 0
-                      ) -> tuple[list[float], int]:
+def decode_step_times(
+    engine: Engine,
+    *,
+    batch: int,
+    prompt_len: int,
+    num_steps: int,
+    vocab_size: int,
+    adapter_ids: Sequence[str | None],
+    device: str,
+    seed: int = 0,
+) -> tuple[list[float], int]:
     """Wall time of steps that were pure decode at ``batch`` rows (checked with the scheduler's
     counters: ``batch`` decode tokens and no prefill or training tokens in the step).
 
@@ -230,9 +285,12 @@ def decode_step_times(engine: Engine, *, batch: int, prompt_len: int, num_steps:
     max_tokens = warm + num_steps + 8
     for i in range(batch):
         ids = torch.randint(3, vocab_size, (prompt_len,), generator=gen).tolist()
-        engine.add_request(f"decode-{seed}-{i}", prompt_token_ids=ids,
-                           adapter_id=adapter_ids[i % len(adapter_ids)] if adapter_ids else None,
-                           sampling=sampling_for(max_tokens))
+        engine.add_request(
+            f"decode-{seed}-{i}",
+            prompt_token_ids=ids,
+            adapter_id=adapter_ids[i % len(adapter_ids)] if adapter_ids else None,
+            sampling=sampling_for(max_tokens),
+        )
     times: list[float] = []
     num_pure = 0
     contexts: list[int] = []
@@ -248,9 +306,11 @@ def decode_step_times(engine: Engine, *, batch: int, prompt_len: int, num_steps:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         after = engine.stats()["scheduler"]
-        pure = (after["num_decode_tokens"] - before["num_decode_tokens"] == batch
-                and after["num_prefill_tokens"] == before["num_prefill_tokens"]
-                and after["num_train_tokens"] == before["num_train_tokens"])
+        pure = (
+            after["num_decode_tokens"] - before["num_decode_tokens"] == batch
+            and after["num_prefill_tokens"] == before["num_prefill_tokens"]
+            and after["num_train_tokens"] == before["num_train_tokens"]
+        )
         if pure:
             num_pure += 1
             if num_pure > warm:
@@ -263,8 +323,15 @@ def decode_step_times(engine: Engine, *, batch: int, prompt_len: int, num_steps:
     return times, int(sum(contexts) / len(contexts))
 
 
-def warmup(engine: Engine, vocab_size: int, adapter_ids: Sequence[str], *, training: bool,
-           micro_batch_tokens: int = 1024, log: Log = print) -> None:
+def warmup(
+    engine: Engine,
+    vocab_size: int,
+    adapter_ids: Sequence[str],
+    *,
+    training: bool,
+    micro_batch_tokens: int = 1024,
+    log: Log = print,
+) -> None:
     """Untimed: one short generate per path (base, adapter) and, with ``training``, one training step,
     so kernel compilation and allocator growth stay out of the measured windows."""
     t0 = time.perf_counter()
@@ -274,11 +341,16 @@ def warmup(engine: Engine, vocab_size: int, adapter_ids: Sequence[str], *, train
     engine.generate(prompts, adapter_ids=ids, sampling=sampling_for(4))
     if training:
         n = max(2, micro_batch_tokens // 64)
-        examples = [{"prompt_token_ids": torch.randint(3, vocab_size, (16,), generator=gen).tolist(),
-                     "completion_token_ids": torch.randint(3, vocab_size, (16,), generator=gen).tolist()}
-                    for _ in range(n)]
-        add_training_jobs(engine, [("warmup-train", examples)], micro_batch_tokens=micro_batch_tokens,
-                          max_steps=2)
+        examples = [
+            {
+                "prompt_token_ids": torch.randint(3, vocab_size, (16,), generator=gen).tolist(),
+                "completion_token_ids": torch.randint(3, vocab_size, (16,), generator=gen).tolist(),
+            }
+            for _ in range(n)
+        ]
+        add_training_jobs(
+            engine, [("warmup-train", examples)], micro_batch_tokens=micro_batch_tokens, max_steps=2
+        )
         for _ in range(10_000):
             if not engine.has_work():
                 break

@@ -57,22 +57,66 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-SERVING_HEADERS = ["system", "requests", "finished", "window s", "out tok/s", "req/s", "TTFT p50 s",
-                   "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms", "SLO att.", "admit<=6s att."]
+SERVING_HEADERS = [
+    "system",
+    "requests",
+    "finished",
+    "window s",
+    "out tok/s",
+    "req/s",
+    "TTFT p50 s",
+    "TTFT p99 s",
+    "TPOT p50 ms",
+    "TPOT p99 ms",
+    "SLO att.",
+    "admit<=6s att.",
+]
 
 
 def serving_rows(summaries: Mapping[str, ServingSummary]) -> list[list[Any]]:
-    return [[label, s.num_requests, s.num_finished, s.duration_s, s.output_tokens_per_s, s.requests_per_s,
-             s.ttft_p50_s, s.ttft_p99_s, s.tpot_p50_s * 1e3, s.tpot_p99_s * 1e3,
-             f"{s.slo_attainment:.1%}", f"{s.admit6_attainment:.1%}"] for label, s in summaries.items()]
+    return [
+        [
+            label,
+            s.num_requests,
+            s.num_finished,
+            s.duration_s,
+            s.output_tokens_per_s,
+            s.requests_per_s,
+            s.ttft_p50_s,
+            s.ttft_p99_s,
+            s.tpot_p50_s * 1e3,
+            s.tpot_p99_s * 1e3,
+            f"{s.slo_attainment:.1%}",
+            f"{s.admit6_attainment:.1%}",
+        ]
+        for label, s in summaries.items()
+    ]
 
 
-TRAINING_HEADERS = ["system", "real tokens", "padded tokens", "seconds", "real tok/s", "padding", "opt. steps"]
+TRAINING_HEADERS = [
+    "system",
+    "real tokens",
+    "padded tokens",
+    "seconds",
+    "real tok/s",
+    "padding",
+    "opt. steps",
+]
 
 
 def training_rows(summaries: Mapping[str, TrainingSummary]) -> list[list[Any]]:
-    return [[label, s.real_tokens, s.padded_tokens, s.seconds, s.real_tokens_per_s,
-             f"{s.padding_fraction:.1%}", s.optimizer_steps] for label, s in summaries.items()]
+    return [
+        [
+            label,
+            s.real_tokens,
+            s.padded_tokens,
+            s.seconds,
+            s.real_tokens_per_s,
+            f"{s.padding_fraction:.1%}",
+            s.optimizer_steps,
+        ]
+        for label, s in summaries.items()
+    ]
 
 
 TARGET_HEADERS = ["target (issue 9)", "goal", "measured", "status", "note"]
@@ -97,18 +141,37 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_report(out_dir: Path, name: str, title: str, env: Mapping[str, Any], sections: Sequence[tuple[str, str]],
-                 targets: Sequence[Target], results: Mapping[str, Any]) -> str:
+def write_report(
+    out_dir: Path,
+    name: str,
+    title: str,
+    *,
+    env: Mapping[str, Any],
+    sections: Sequence[tuple[str, str]],
+    targets: Sequence[Target],
+    results: Mapping[str, Any],
+) -> str:
     """Writes ``{name}.json`` and ``{name}.md``; returns the summary text to print last."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"env": env, "results": results, "targets": [
-        {"name": t.name, "goal": t.goal, "measured": t.measured, "ok": t.ok, "note": t.note} for t in targets]}
+    payload = {
+        "env": env,
+        "results": results,
+        "targets": [
+            {"name": t.name, "goal": t.goal, "measured": t.measured, "ok": t.ok, "note": t.note}
+            for t in targets
+        ],
+    }
     (out_dir / f"{name}.json").write_text(json.dumps(_clean(payload), indent=1, default=str))
-    head = [f"# {title}", "",
-            f"- date: {env.get('date')}", f"- device: {env.get('device')}",
-            f"- model: {env.get('model')} ({env.get('dtype')}), random weights",
-            f"- command: `{env.get('command')}`",
-            f"- torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}", ""]
+    head = [
+        f"# {title}",
+        "",
+        f"- date: {env.get('date')}",
+        f"- device: {env.get('device')}",
+        f"- model: {env.get('model')} ({env.get('dtype')}), random weights",
+        f"- command: `{env.get('command')}`",
+        f"- torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}",
+        "",
+    ]
     body: list[str] = []
     for heading, text in sections:
         body += [f"## {heading}", "", text, ""]
@@ -132,8 +195,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_serving(out_dir: Path, name: str, runs: Mapping[str, tuple[Sequence[RequestRecord], ServingSummary]]
-                 ) -> list[str]:
+def plot_serving(
+    out_dir: Path, name: str, runs: Mapping[str, tuple[Sequence[RequestRecord], ServingSummary]]
+) -> list[str]:
     """Output tokens/s per system (log scale) and the TTFT CDF; returns the files written."""
     plt = _pyplot()
     if plt is None or not runs:
@@ -165,8 +229,9 @@ def plot_serving(out_dir: Path, name: str, runs: Mapping[str, tuple[Sequence[Req
     return [path.name]
 
 
-def plot_bars(out_dir: Path, name: str, values: Mapping[str, float], xlabel: str, *, log: bool = False
-              ) -> list[str]:
+def plot_bars(
+    out_dir: Path, name: str, values: Mapping[str, float], xlabel: str, *, log: bool = False
+) -> list[str]:
     plt = _pyplot()
     if plt is None or not values:
         return []
@@ -188,8 +253,9 @@ def plot_bars(out_dir: Path, name: str, values: Mapping[str, float], xlabel: str
     return [path.name]
 
 
-def plot_timeline(out_dir: Path, name: str, runs: Mapping[str, Sequence[RequestRecord]], window_s: float
-                  ) -> list[str]:
+def plot_timeline(
+    out_dir: Path, name: str, runs: Mapping[str, Sequence[RequestRecord]], window_s: float
+) -> list[str]:
     """Per-second arrivals and TTFT over the run (how latency follows the step-rate pattern)."""
     plt = _pyplot()
     if plt is None or not runs:

@@ -62,8 +62,9 @@ class LengthDist:
         return LengthDist(math.log(mean) - self.sigma**2 / 2, self.sigma, self.min_tokens, self.max_tokens)
 
 
-def sharegpt_lengths(max_context: int, *, prompt_mean: float = 200.0, output_mean: float = 200.0,
-                     max_output: int | None = None) -> tuple[LengthDist, LengthDist]:
+def sharegpt_lengths(
+    max_context: int, *, prompt_mean: float = 200.0, output_mean: float = 200.0, max_output: int | None = None
+) -> tuple[LengthDist, LengthDist]:
     """(prompt, output) length distributions clipped so prompt + output fits ``max_context``.
 
     The prompt is clipped to half the context and the output to the rest (or ``max_output``).
@@ -93,9 +94,17 @@ def piecewise_poisson(segments: Sequence[tuple[float, float]], rng: np.random.Ge
     return np.asarray(times, dtype=np.float64)
 
 
-def arrival_times(pattern: str, rate: float, duration_s: float, rng: np.random.Generator, *,
-                  num_requests: int | None = None, burst_factor: float = 4.0, burst_s: float = 2.0,
-                  period_s: float = 10.0) -> np.ndarray:
+def arrival_times(
+    pattern: str,
+    rate: float,
+    duration_s: float,
+    rng: np.random.Generator,
+    *,
+    num_requests: int | None = None,
+    burst_factor: float = 4.0,
+    burst_s: float = 2.0,
+    period_s: float = 10.0,
+) -> np.ndarray:
     """Arrival times (sorted, seconds) for one of :data:`PATTERNS`."""
     if pattern == "offline":
         n = num_requests if num_requests is not None else int(round(rate * duration_s))
@@ -130,8 +139,9 @@ def arrival_times(pattern: str, rate: float, duration_s: float, rng: np.random.G
     return times
 
 
-def adapter_choices(n: int, adapter_ids: Sequence[str], popularity: str, rng: np.random.Generator,
-                    *, zipf_s: float = 1.1) -> list[str | None]:
+def adapter_choices(
+    n: int, adapter_ids: Sequence[str], popularity: str, rng: np.random.Generator, *, zipf_s: float = 1.1
+) -> list[str | None]:
     """Which adapter each of ``n`` requests uses: ``uniform``, ``zipf`` (rank-k weight k^-s) or ``none``."""
     if popularity == "none" or not adapter_ids:
         return [None] * n
@@ -184,25 +194,42 @@ class Trace:
         """The same arrivals and lengths with other adapters (e.g. ``[None] * n`` for the base model)."""
         if len(adapter_ids) != len(self.requests):
             raise ValueError("one adapter id per request")
-        reqs = [TraceRequest(r.request_id, r.arrival_s, r.prompt_token_ids, r.max_tokens, a)
-                for r, a in zip(self.requests, adapter_ids, strict=True)]
+        reqs = [
+            TraceRequest(r.request_id, r.arrival_s, r.prompt_token_ids, r.max_tokens, a)
+            for r, a in zip(self.requests, adapter_ids, strict=True)
+        ]
         return Trace(reqs, dict(self.meta))
 
     def renamed(self, prefix: str) -> Trace:
         """The same requests with ids ``{prefix}-{id}`` (one engine may replay a trace several times)."""
-        reqs = [TraceRequest(f"{prefix}-{r.request_id}", r.arrival_s, r.prompt_token_ids, r.max_tokens,
-                             r.adapter_id) for r in self.requests]
+        reqs = [
+            TraceRequest(
+                f"{prefix}-{r.request_id}", r.arrival_s, r.prompt_token_ids, r.max_tokens, r.adapter_id
+            )
+            for r in self.requests
+        ]
         return Trace(reqs, dict(self.meta))
 
     def without_adapters(self) -> Trace:
         return self.with_adapters([None] * len(self.requests))
 
 
-def make_trace(*, pattern: str = "poisson", rate: float = 4.0, duration_s: float = 30.0,
-               num_requests: int | None = None, vocab_size: int = 32000, max_context: int = 2048,
-               prompt_mean: float = 200.0, output_mean: float = 200.0, max_output: int | None = None,
-               adapter_ids: Sequence[str] = (), popularity: str = "uniform",
-               seed: int = 0, **pattern_kw: float) -> Trace:
+def make_trace(
+    *,
+    pattern: str = "poisson",
+    rate: float = 4.0,
+    duration_s: float = 30.0,
+    num_requests: int | None = None,
+    vocab_size: int = 32000,
+    max_context: int = 2048,
+    prompt_mean: float = 200.0,
+    output_mean: float = 200.0,
+    max_output: int | None = None,
+    adapter_ids: Sequence[str] = (),
+    popularity: str = "uniform",
+    seed: int = 0,
+    **pattern_kw: float,
+) -> Trace:
     """A reproducible request trace: arrivals x lengths x adapters, with random prompt token ids.
 
     Prompt token ids avoid the first 3 ids (commonly BOS/EOS/PAD) so no prompt ends early.
@@ -210,22 +237,34 @@ def make_trace(*, pattern: str = "poisson", rate: float = 4.0, duration_s: float
     rng = _rng(seed)
     times = arrival_times(pattern, rate, duration_s, rng, num_requests=num_requests, **pattern_kw)
     n = len(times)
-    prompt_dist, output_dist = sharegpt_lengths(max_context, prompt_mean=prompt_mean,
-                                                output_mean=output_mean, max_output=max_output)
+    prompt_dist, output_dist = sharegpt_lengths(
+        max_context, prompt_mean=prompt_mean, output_mean=output_mean, max_output=max_output
+    )
     prompt_lens = prompt_dist.sample(n, rng)
     output_lens = output_dist.sample(n, rng)
     adapters = adapter_choices(n, list(adapter_ids), popularity, rng)
     low = min(3, vocab_size - 1)
     requests = [
-        TraceRequest(f"req-{i:05d}", float(times[i]),
-                     rng.integers(low, vocab_size, size=int(prompt_lens[i])).tolist(),
-                     int(output_lens[i]), adapters[i])
+        TraceRequest(
+            f"req-{i:05d}",
+            float(times[i]),
+            rng.integers(low, vocab_size, size=int(prompt_lens[i])).tolist(),
+            int(output_lens[i]),
+            adapters[i],
+        )
         for i in range(n)
     ]
-    meta: dict[str, object] = {"pattern": pattern, "rate": rate, "duration_s": duration_s,
-                               "num_requests": n, "popularity": popularity,
-                               "num_adapters": len(adapter_ids), "seed": seed,
-                               "prompt_mean": prompt_mean, "output_mean": output_mean}
+    meta: dict[str, object] = {
+        "pattern": pattern,
+        "rate": rate,
+        "duration_s": duration_s,
+        "num_requests": n,
+        "popularity": popularity,
+        "num_adapters": len(adapter_ids),
+        "seed": seed,
+        "prompt_mean": prompt_mean,
+        "output_mean": output_mean,
+    }
     return Trace(requests, meta)
 
 
@@ -233,31 +272,41 @@ def make_trace(*, pattern: str = "poisson", rate: float = 4.0, duration_s: float
 # fine-tuning data
 
 
-def synthetic_examples(n: int, vocab_size: int, seed: int | np.random.Generator = 0, *,
-                       prompt_mean: float = 200.0, completion_mean: float = 200.0,
-                       max_tokens: int = 1024) -> list[dict[str, list[int]]]:
+def synthetic_examples(
+    n: int,
+    vocab_size: int,
+    seed: int | np.random.Generator = 0,
+    *,
+    prompt_mean: float = 200.0,
+    completion_mean: float = 200.0,
+    max_tokens: int = 1024,
+) -> list[dict[str, list[int]]]:
     """Instruction-style examples of random token ids: ``{"prompt_token_ids", "completion_token_ids"}``.
 
     Lengths follow the ShareGPT-like log-normals; each example fits ``max_tokens`` (the micro-batch)
     so packing never has to split one.
     """
     rng = _rng(seed)
-    prompt_dist, completion_dist = sharegpt_lengths(max_tokens, prompt_mean=prompt_mean,
-                                                    output_mean=completion_mean)
+    prompt_dist, completion_dist = sharegpt_lengths(
+        max_tokens, prompt_mean=prompt_mean, output_mean=completion_mean
+    )
     prompt_lens = prompt_dist.sample(n, rng)
     completion_lens = completion_dist.sample(n, rng)
     low = min(3, vocab_size - 1)
-    return [{"prompt_token_ids": rng.integers(low, vocab_size, size=int(p)).tolist(),
-             "completion_token_ids": rng.integers(low, vocab_size, size=int(c)).tolist()}
-            for p, c in zip(prompt_lens, completion_lens, strict=True)]
+    return [
+        {
+            "prompt_token_ids": rng.integers(low, vocab_size, size=int(p)).tolist(),
+            "completion_token_ids": rng.integers(low, vocab_size, size=int(c)).tolist(),
+        }
+        for p, c in zip(prompt_lens, completion_lens, strict=True)
+    ]
 
 
 def example_length(example: dict[str, list[int]]) -> int:
     return len(example["prompt_token_ids"]) + len(example["completion_token_ids"])
 
 
-def pack_micro_batches(examples: Sequence[dict[str, list[int]]], budget: int = 1024
-                       ) -> list[list[int]]:
+def pack_micro_batches(examples: Sequence[dict[str, list[int]]], budget: int = 1024) -> list[list[int]]:
     """Greedy in-order packing of example indices into micro-batches of at most ``budget`` tokens.
 
     Mirrors what the engine does with ``micro_batch_tokens`` (no padding, no splitting); an example
@@ -283,8 +332,9 @@ def padded_batches(examples: Sequence[dict[str, list[int]]], batch_size: int) ->
     return [list(range(i, min(i + batch_size, len(examples)))) for i in range(0, len(examples), batch_size)]
 
 
-def padding_stats(examples: Sequence[dict[str, list[int]]], batches: Sequence[Sequence[int]]
-                  ) -> tuple[int, int]:
+def padding_stats(
+    examples: Sequence[dict[str, list[int]]], batches: Sequence[Sequence[int]]
+) -> tuple[int, int]:
     """(real tokens, padded tokens) when each batch is padded to its longest example."""
     real = padded = 0
     for batch in batches:

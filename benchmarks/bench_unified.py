@@ -1,0 +1,253 @@
+"""Run 3 of issue 9: unified serving + fine-tuning, in one process.
+
+The inference trace follows the step-rate pattern (the rate steps up and back down) over 32 rank-16
+adapters; every request carries the TTFT / TPOT targets (1 s / 60 ms). Systems, in this order:
+
+1. PEFT alternating: one HF training step (jobs round-robin), then one PEFT ``generate`` batch;
+2. our engine, training only: the 4 jobs alone (the training ceiling);
+3. our engine, serving only: the trace alone;
+4. our engine, unified: the 4 jobs and the trace together; the window ends when the trace is served.
+
+    python -m benchmarks.bench_unified --model 8b --device cuda --out $OUT
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from . import common, report
+from .baselines_hf import make_peft_jobs, replay_peft_unified
+from .bench_finetune import LR, RANK, job_data
+from .metrics import (
+    DEFAULT_TPOT_S,
+    DEFAULT_TTFT_S,
+    RequestRecord,
+    ServingSummary,
+    TrainingSummary,
+    ratio,
+    summarize_serving,
+)
+from .models import adapter_ranks, prepare_adapters, prepare_base
+from .replay import add_training_jobs, cancel_jobs, make_engine, replay_engine, warmup
+from .workload import make_trace
+
+PEFT = "PEFT alternating (train step / generate batch)"
+TRAIN_ONLY = "loquetier training only"
+SERVE_ONLY = "loquetier serving only"
+UNIFIED = "loquetier unified"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = common.parse_args(__doc__.splitlines()[0], argv)
+    log = common.Logger()
+    spec, prof, dev, dtype = args.spec, args.profile, args.device, args.dtype
+    n = prof.num_adapters
+    ids16 = [f"r16-{i:02d}" for i in range(n)]
+    trace = make_trace(
+        pattern="step",
+        rate=prof.unified_rate,
+        duration_s=prof.unified_duration_s,
+        vocab_size=spec.vocab_size,
+        max_context=prof.max_context,
+        prompt_mean=prof.prompt_mean,
+        output_mean=prof.output_mean,
+        adapter_ids=ids16,
+        popularity="uniform",
+        seed=args.seed + 3,
+    )
+    data = job_data(args)
+    log(
+        f"trace: {len(trace)} requests over {trace.duration_s:.1f}s (step-rate pattern); "
+        f"{len(data)} jobs x {prof.examples_per_job} examples"
+    )
+    serving: dict[str, tuple[list[RequestRecord], ServingSummary]] = {}
+    training: dict[str, TrainingSummary] = {}
+    errors: dict[str, str] = {}
+    slo: dict[str, Any] = {"ttft_ms": DEFAULT_TTFT_S * 1e3, "tpot_ms": DEFAULT_TPOT_S * 1e3}
+
+    hf, model_dir = prepare_base(spec, args.cache, dev, dtype, seed=args.seed, log=log)
+    adapters16 = args.cache / f"adapters-{spec.name}-r16"
+    peft_model = prepare_adapters(hf, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
+    if not args.no_baselines:
+
+        def peft_run() -> None:
+            model, jobs = make_peft_jobs(
+                peft_model,
+                [(f"peft-{k}", ex) for k, ex in data],
+                rank=RANK,
+                batch_size=prof.peft_batch_size,
+                lr=LR,
+            )
+            records, window, train = replay_peft_unified(
+                model,
+                trace,
+                jobs,
+                max_batch=prof.max_batch,
+                time_limit_s=prof.unified_limit_s,
+                device=dev,
+                log=log,
+            )
+            serving[PEFT] = (records, summarize_serving(records, window))
+            training[PEFT] = train
+
+        common.attempt(PEFT, errors, log, peft_run)
+    hf = peft_model = None
+    common.release()
+
+    engine = make_engine(
+        model_dir,
+        dev,
+        dtype,
+        common.engine_limits(
+            args,
+            max_adapter_slots=n + prof.num_jobs,
+            num_train_slots=prof.num_jobs,
+            max_lora_rank=RANK,
+            max_num_batched_tokens=max(prof.max_num_batched_tokens, prof.num_jobs * prof.micro_batch_tokens),
+        ),
+        log,
+    )
+    for a in ids16:
+        engine.load_adapter(a, adapters16 / a)
+    warmup(engine, spec.vocab_size, ids16, training=True, micro_batch_tokens=prof.micro_batch_tokens, log=log)
+
+    def jobs(tag: str) -> list[str]:
+        return add_training_jobs(
+            engine,
+            [(f"{tag}-{name}", ex) for name, ex in data],
+            rank=RANK,
+            lr=LR,
+            micro_batch_tokens=prof.micro_batch_tokens,
+        )
+
+    def train_only() -> None:
+        job_ids = jobs("solo")
+        run = replay_engine(
+            engine,
+            None,
+            time_limit_s=prof.train_only_s,
+            job_ids=job_ids,
+            device=dev,
+            log=log,
+            label=TRAIN_ONLY,
+        )
+        cancel_jobs(engine, job_ids)
+        assert run.training is not None
+        training[TRAIN_ONLY] = run.training
+
+    def serve_only() -> None:
+        run = replay_engine(
+            engine,
+            trace.renamed("serve"),
+            time_limit_s=prof.unified_limit_s,
+            device=dev,
+            log=log,
+            label=SERVE_ONLY,
+            **slo,
+        )
+        serving[SERVE_ONLY] = (run.records, summarize_serving(run.records, run.window_s))
+
+    def unified() -> None:
+        job_ids = jobs("uni")
+        run = replay_engine(
+            engine,
+            trace.renamed("uni"),
+            time_limit_s=prof.unified_limit_s,
+            job_ids=job_ids,
+            device=dev,
+            log=log,
+            label=UNIFIED,
+            **slo,
+        )
+        cancel_jobs(engine, job_ids)
+        serving[UNIFIED] = (run.records, summarize_serving(run.records, run.window_s))
+        assert run.training is not None
+        training[UNIFIED] = run.training
+
+    for label, fn in ((TRAIN_ONLY, train_only), (SERVE_ONLY, serve_only), (UNIFIED, unified)):
+        common.attempt(label, errors, log, fn)
+    engine = None
+    common.release()
+
+    targets = unified_targets({k: v[1] for k, v in serving.items()}, training)
+    files = report.plot_timeline(
+        args.out, "unified_ttft", {k: v[0] for k, v in serving.items()}, max(trace.duration_s, 1.0)
+    )
+    files += report.plot_bars(
+        args.out, "unified_train", {k: v.real_tokens_per_s for k, v in training.items()}, "training tokens/s"
+    )
+    sections = [
+        (
+            "Workload",
+            f"{len(trace)} requests, step-rate pattern around {prof.unified_rate}/s for "
+            f"{prof.unified_duration_s}s, {n} rank-16 adapters uniform; SLO {DEFAULT_TTFT_S:.0f} s TTFT / "
+            f"{DEFAULT_TPOT_S * 1e3:.0f} ms TPOT; {prof.num_jobs} fine-tuning jobs (rank {RANK}, "
+            f"{prof.micro_batch_tokens}-token micro-batches).",
+        ),
+        (
+            "Serving",
+            report.markdown_table(
+                report.SERVING_HEADERS, report.serving_rows({k: v[1] for k, v in serving.items()})
+            ),
+        ),
+        ("Training", report.markdown_table(report.TRAINING_HEADERS, report.training_rows(training))),
+        ("Plots", report.images_section(files)),
+    ]
+    if errors:
+        sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
+    results = {
+        "serving": {k: v[1].to_dict() for k, v in serving.items()},
+        "training": {k: v.to_dict() for k, v in training.items()},
+        "trace": trace.meta,
+        "errors": errors,
+    }
+    print(
+        report.write_report(
+            args.out,
+            "unified",
+            "Unified serving + fine-tuning",
+            env=common.environment(args),
+            sections=sections,
+            targets=targets,
+            results=results,
+        )
+    )
+    return 1 if errors else 0
+
+
+def unified_targets(s: dict[str, ServingSummary], t: dict[str, TrainingSummary]) -> list[report.Target]:
+    nan = float("nan")
+    att = s[UNIFIED].slo_attainment if UNIFIED in s else nan
+    share = (
+        ratio(t[UNIFIED].real_tokens_per_s, t[TRAIN_ONLY].real_tokens_per_s)
+        if UNIFIED in t and TRAIN_ONLY in t
+        else nan
+    )
+    return [
+        report.Target("Unified: SLO attainment (1 s / 60 ms) with 4 jobs", ">= 0.99", att, 0.99),
+        report.Target("Unified: training tokens/s / training-only", ">= 0.5", share, 0.5),
+        report.Target(
+            "Unified: admitted-within-6 s attainment",
+            ">= 0.99 (info)",
+            s[UNIFIED].admit6_attainment if UNIFIED in s else nan,
+            0.99,
+        ),
+        report.Target(
+            "Serving only: SLO attainment",
+            "(info)",
+            s[SERVE_ONLY].slo_attainment if SERVE_ONLY in s else nan,
+            0.99,
+        ),
+        report.Target(
+            "PEFT alternating: SLO attainment",
+            "(report)",
+            s[PEFT].slo_attainment if PEFT in s else nan,
+            0.99,
+            note=f"admit<=6s {report.fmt(s[PEFT].admit6_attainment, 3) if PEFT in s else 'n/a'}",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

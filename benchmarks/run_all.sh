@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 9 benchmarks in one go on one GPU (~15 minutes for the 8B shape):
+#
+#   bash benchmarks/run_all.sh [OUT_DIR] [extra args for every script, e.g. --quick or --model small]
+#
+# OUT_DIR defaults to $OUT (the device machine's result folder), else docs/benchmarks. Each script
+# runs under its own time limit, so one failure or hang does not stop the others; logs go next to the
+# results (OUT_DIR/<name>.log). The random 8B model (16 GB safetensors) and the adapters are written
+# once under $LOQUETIER_BENCH_CACHE (default /tmp/loquetier-bench) and reused by the later scripts.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-docs/benchmarks}}
+shift || true
+EXTRA=("$@")
+MODEL_ARGS=(--model 8b --device cuda)
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+# loquetier.kernels lives in kernels/ (mapped by the package install); make it importable.
+if ! "$PY" -c "import loquetier.kernels" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || true
+fi
+LINKED=0
+if ! "$PY" -c "import loquetier.kernels" 2>/dev/null; then
+    ln -s ../kernels loquetier/kernels && LINKED=1
+fi
+cleanup() { if [ "$LINKED" = 1 ]; then rm -f loquetier/kernels; fi; }
+trap cleanup EXIT
+
+run() {  # name, time limit (s), module
+    local name=$1 limit=$2 module=$3
+    echo "== $name (limit ${limit}s): $PY -m $module ${MODEL_ARGS[*]} --out $OUT_DIR ${EXTRA[*]}"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" \
+        "$PY" -m "$module" "${MODEL_ARGS[@]}" --out "$OUT_DIR" "${EXTRA[@]}" >"$OUT_DIR/$name.out" 2>"$OUT_DIR/$name.log"
+    local rc=$?
+    echo "   $name: rc=$rc in $((SECONDS - t0))s"
+    cat "$OUT_DIR/$name.out"
+    if [ "$rc" != 0 ]; then tail -n 30 "$OUT_DIR/$name.log"; fi
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null | sed 's/^/   gpu memory after: /'
+}
+
+run serving 330 benchmarks.bench_serving
+run unified 270 benchmarks.bench_unified
+run finetune 180 benchmarks.bench_finetune
+echo "== results in $OUT_DIR:"
+ls -la "$OUT_DIR"
