@@ -1,8 +1,8 @@
-"""LoRA tests: the torch reference SMLM backend unless TRITON_INTERPRET=1 asks for the Triton one."""
+"""LoRA tests run on the torch reference SMLM backend; tests/test_smlm.py covers the Triton kernels
+(through the interpreter on CPU), so the job tests need not pay the interpreter's cost."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +11,6 @@ from loquetier.kernels import force_backend
 
 @pytest.fixture(autouse=True)
 def _smlm_backend() -> Iterator[None]:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        force_backend("reference")
+    force_backend("reference")
     yield
     force_backend(None)
