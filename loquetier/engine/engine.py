@@ -31,7 +31,8 @@ from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduler import Scheduler, SchedulerConfig
-from loquetier.engine.sequence import SamplingParams, ScheduledBatch, Sequence as Seq, StepResult
+from loquetier.engine.sequence import SamplingParams, ScheduledBatch, StepResult
+from loquetier.engine.sequence import Sequence as Seq
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError
 from loquetier.lora.manager import AdapterManager

@@ -107,7 +107,8 @@ class JobBook:
         self._register(runner)
         return job_id
 
-    def _init(self, base_adapter: str | None, lora: Mapping[str, Any] | None) -> tuple[LoRAAdapter | None, LoRAConfig | None]:
+    def _init(self, base_adapter: str | None,
+              lora: Mapping[str, Any] | None) -> tuple[LoRAAdapter | None, LoRAConfig | None]:
         if base_adapter is not None:
             if base_adapter in self.adapters:
                 return self.adapters.get(base_adapter).clone(), None

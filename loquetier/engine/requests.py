@@ -12,7 +12,7 @@ import torch
 
 from loquetier.engine.detokenizer import IncrementalDetokenizer
 from loquetier.engine.errors import EngineError
-from loquetier.engine.events import EngineEvent, RequestFinished, TokenEvent, Timings, Usage
+from loquetier.engine.events import EngineEvent, RequestFinished, Timings, TokenEvent, Usage
 from loquetier.engine.scheduler import Scheduler, StepEvents
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch
 from loquetier.engine.sequence import Sequence as Seq
