@@ -36,8 +36,14 @@ def make_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, num
                     hidden_size: int = 64, with_tokenizer: bool = True, tie_word_embeddings: bool = False,
                     **overrides: object) -> Path:
     """Save a tiny random ``arch`` ("llama" | "qwen2" | "mistral") checkpoint (+ tokenizer) to ``path``."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     path = Path(path)
     tokenizer = make_tokenizer() if with_tokenizer else None
