@@ -207,7 +207,10 @@ def replay_engine(
         if times:  # streamed tokens of a request cut off by the time limit
             rec.first_token_s = times[0]
             rec.tpot_s = tpot_from_times(times)
-        rec.num_output_tokens = max(len(times), _num_output_tokens(engine, r.request_id))
+        if r.request_id in added_at:
+            _fill_partial(engine, rec, added_at[r.request_id])
+            engine.abort(r.request_id)  # leave the engine clean for the next replay
+        rec.num_output_tokens = max(rec.num_output_tokens, len(times))
     run.records = [records[r.request_id] for r in reqs if r.arrival_s <= run.window_s]
     run.num_steps = len(run.step_times_s)
     if job_ids:
@@ -255,13 +258,19 @@ def _scheduler_counter(engine: Engine, name: str) -> int:
         return 0
 
 
-def _num_output_tokens(engine: Engine, request_id: str) -> int:
-    """Tokens an unfinished request has so far (0 when the engine cannot tell)."""
+def _fill_partial(engine: Engine, rec: RequestRecord, added_at: float) -> None:
+    """Tokens and first-token time of a request cut off by the time limit, read from the engine's
+    sequence (its clock starts at ``add_request``); left as is when the engine cannot tell."""
     try:
-        seq = engine.scheduler.get(request_id)
+        seq = engine.scheduler.get(rec.request_id)
     except Exception:
-        return 0
-    return 0 if seq is None else int(seq.num_output_tokens)
+        return
+    if seq is None:
+        return
+    rec.num_output_tokens = int(seq.num_output_tokens)
+    if seq.ttft_s is not None and rec.first_token_s is None:
+        rec.first_token_s = added_at + seq.ttft_s
+        rec.tpot_s = seq.mean_tpot_s
 
 
 def decode_step_times(

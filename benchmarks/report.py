@@ -217,7 +217,8 @@ def plot_serving(
         if ttfts and n:
             ax2.step(ttfts, [(i + 1) / n for i in range(len(ttfts))], where="post", label=label)
     ax2.set_xscale("log")
-    ax2.set_xlabel("TTFT s (log); curves end below 1 where requests were never served")
+    ax2.set_xlabel("TTFT s (log)")
+    ax2.set_title("curves end below 1: requests never served", fontsize=9)
     ax2.set_ylabel("fraction of requests")
     ax2.axvline(1.0, color="gray", ls="--", lw=0.8)
     ax2.legend(fontsize=8)
