@@ -107,7 +107,11 @@ class RequestBook:
                 continue
             if seq_id in logprobs and r.seq.sampling.logprobs:
                 r.logprobs.append(logprobs[seq_id])
-            if r.detok is None or seq_id in finished:
+            if r.detok is None:
+                if r.stream:  # token-id-only model: stream the ids, no text
+                    out.append(TokenEvent(seq_id, [_token], ""))
+                continue
+            if seq_id in finished:
                 continue
             delta = r.detok.update(r.seq.output_token_ids)
             if r.stream and delta:
