@@ -1,24 +1,19 @@
 """Fine-tune a LoRA adapter on the real demo model with the Python API and save it in PEFT format.
 
-    python examples/train_adapter.py pirate examples/adapters/pirate --steps 40
+    python examples/train_adapter.py pirate loquetier/data/pirate-adapter --steps 30
 
-This is how the repository's ready-made ``examples/adapters/pirate`` adapter was made.
+This is how the repository's ready-made ``loquetier/data/pirate-adapter`` adapter was made.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from chat import chat_examples, chat_prompt  # noqa: E402
-
-from loquetier import Engine, SamplingParams, TrainingParams  # noqa: E402
-from loquetier.engine.events import JobProgress  # noqa: E402
-from loquetier.models.gguf_convert import ensure_smollm2  # noqa: E402
+from loquetier import Engine, SamplingParams, TrainingParams
+from loquetier.chat import chat_examples, chat_prompt
+from loquetier.engine.events import JobProgress
+from loquetier.models.gguf_convert import ensure_smollm2
 
 
 def main() -> None:

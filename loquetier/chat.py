@@ -1,4 +1,4 @@
-"""Chat formatting shared by the examples and the demo: a question becomes a chat-template prompt."""
+"""Chat formatting for the demo and examples, and the demo's shipped data (``loquetier/data``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+PIRATE_ADAPTER = DATA_DIR / "pirate-adapter"  # made by examples/train_adapter.py
 
 
 def chat_prompt(tokenizer: Any, question: str) -> str:
@@ -16,7 +17,7 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
 
 
 def chat_examples(tokenizer: Any, name: str) -> list[dict[str, str]]:
-    """examples/data/<name>.jsonl as {prompt, completion} text examples in chat format.
+    """loquetier/data/<name>.jsonl as {prompt, completion} text examples in chat format.
 
     The engine appends the EOS token (``<|im_end|>`` for SmolLM2) after each completion.
     """
