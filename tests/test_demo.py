@@ -1,0 +1,56 @@
+"""The README's main job, reduced: real model, embedded broker and PostgreSQL, worker, scenario."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.kafka, pytest.mark.postgres]
+
+
+def _services() -> set[tuple[int, str]]:
+    """Broker, PostgreSQL and worker processes (the machine's own PostgreSQL included)."""
+    found = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(k in cmd for k in ("tansu", "postgres", "loquetier.cli worker")):
+            found.add((p.info["pid"], cmd[:120]))
+    return found
+
+
+def test_demo_scenario_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    cache = tmp_path / "cache"
+    shared_models = Path(os.environ.get("LOQUETIER_TEST_MODEL_CACHE", Path.home() / ".cache" / "loquetier"))
+    model = shared_models / "SmolLM2-135M-Instruct"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOQUETIER_")}
+    env.update(LOQUETIER_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if not (model / "model.safetensors").is_file():  # convert once, shared across runs
+        subprocess.run([sys.executable, "-m", "loquetier.models.gguf_convert"], check=True, env={
+            **env, "LOQUETIER_CACHE_DIR": str(shared_models)}, timeout=600)
+    report_path = tmp_path / "report.json"
+    before = _services()
+    proc = subprocess.run(
+        [sys.executable, "-m", "loquetier.cli", "demo", "--model", str(model), "--steps", "6",
+         "--requests", "3", "--report", str(report_path)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+
+    # The new adapter answers with the trained fact; the base model does not know it.
+    tuned, base = report["probe"]["mascot"].lower(), report["probe"]["base"].lower()
+    assert "octopus" in tuned and "lora" in tuned
+    assert "octopus" not in base
+    # The ready-made adapter served while the job trained.
+    pirate = [a["answer"] for a in report["answers"] if a["adapter"] == "pirate"]
+    assert pirate and all("arr" in a.lower() for a in pirate)
+    # Every job in PostgreSQL ended succeeded; nothing is left running.
+    assert report["jobs"] and {j["status"] for j in report["jobs"]} == {"succeeded"}
+    assert "worker and services stopped" in proc.stdout
+    assert _services() - before == set()
