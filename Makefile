@@ -2,7 +2,7 @@
 setup:
 	bash scripts/bootstrap.sh
 demo:
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(ARGS)
 test:
 	bash scripts/test.sh
 up: setup
