@@ -7,7 +7,10 @@ Implementations, chosen per call by ``impl``:
   through its block table into a padded [S, max_ctx] layout, one masked SDPA. Runs on CPU too.
 - ``"flash"`` (CUDA): ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention) for varlen rows and,
   where that torch accepts ``block_table``, for paged rows (bottom-right causal alignment).
-- ``"auto"``: ``flash`` on CUDA when available, else ``reference``.
+- ``"triton"``: paged decode rows (the q_len 1 groups after the prefill chunks) through the Triton
+  kernel of ``kernels/paged_attention.py``; everything else as ``"auto"``. Needs CUDA, or the Triton
+  interpreter (``TRITON_INTERPRET=1`` before the kernel module is first imported: tests).
+- ``"auto"``: ``flash`` on CUDA when available, else ``reference``; on CUDA, decode rows as ``"triton"``.
 
 Masks follow HF: key ``j`` is visible from query ``i`` iff ``j <= i`` and, with a sliding window
 ``W``, ``i - W < j``. Shapes: q [n, Hq, D], k/v [n, Hkv, D]; caches [num_blocks, block_size, Hkv, D].
@@ -18,13 +21,14 @@ from __future__ import annotations
 import inspect
 import warnings
 from functools import cache
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from .batch import PagedMeta, VarlenMeta
 
-IMPLS = ("reference", "sdpa", "flash", "auto")
+IMPLS = ("reference", "sdpa", "flash", "triton", "auto")
 
 
 @cache
@@ -60,10 +64,34 @@ def _flash(  # noqa: PLR0917
     return out
 
 
+@cache
+def _triton_decode() -> ModuleType | None:
+    """``kernels/paged_attention.py``, or None without Triton. Imported on first use, so a test can
+    set TRITON_INTERPRET before the kernel is defined."""
+    try:
+        from loquetier.kernels import paged_attention as mod
+    except ImportError:
+        return None
+    return mod
+
+
+def _decode_by_triton(impl: str, device: torch.device) -> bool:
+    """Whether this impl sends paged decode rows to the Triton kernel."""
+    if impl == "auto":
+        return device.type == "cuda" and _triton_decode() is not None
+    if impl != "triton":
+        return False
+    mod = _triton_decode()
+    if mod is None or (device.type != "cuda" and not mod.INTERPRET):
+        raise ValueError("attention impl 'triton' needs Triton and CUDA (or TRITON_INTERPRET=1)")
+    return True
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
+    """The impl of varlen rows and prefill chunks; decode rows: ``_decode_by_triton``."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
+    if impl in ("auto", "triton"):
         return "flash" if device.type == "cuda" and _varlen_attn()[0] is not None else "reference"
     if impl == "flash" and (device.type != "cuda" or _varlen_attn()[0] is None):
         raise ValueError("attention impl 'flash' needs CUDA and torch.nn.attention.varlen")
@@ -156,7 +184,54 @@ def paged_attention(  # noqa: PLR0917
     written). q [P + D, Hq, D] -> [P + D, Hq, D]. Inference only."""
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
-    impl = resolve_impl(impl, q.device)
+    rest = resolve_impl(impl, q.device)
+    num_pre = meta.num_prefill_seqs
+    if num_pre == meta.num_seqs or not _decode_by_triton(impl, q.device):
+        return _paged(q, k_cache, v_cache, meta, scale, window, rest)
+    pre_rows = sum(meta.host_q_lens[:num_pre])
+    dec = _triton_decode().paged_decode(  # type: ignore[union-attr]
+        q[pre_rows:].to(k_cache.dtype),
+        k_cache,
+        v_cache,
+        meta.block_tables[num_pre:],
+        meta.context_lens[num_pre:],
+        scale,
+        max(meta.host_context_lens[num_pre:]),
+        window,
+    ).to(q.dtype)  # [D, Hq, D]
+    if num_pre == 0:
+        return dec
+    pre = _paged(q[:pre_rows], k_cache, v_cache, _prefill_part(meta, num_pre), scale, window, rest)
+    return torch.cat([pre, dec])
+
+
+def _prefill_part(meta: PagedMeta, num_pre: int) -> PagedMeta:
+    """The first ``num_pre`` query groups (the prefill chunks) of ``meta`` alone; device views, no sync."""
+    rows = sum(meta.host_q_lens[:num_pre])
+    return PagedMeta(
+        q_cu_seqlens=meta.q_cu_seqlens[: num_pre + 1],
+        context_lens=meta.context_lens[:num_pre],
+        block_tables=meta.block_tables[:num_pre],
+        slot_mapping=meta.slot_mapping[:rows],
+        max_q_len=max(meta.host_q_lens[:num_pre]),
+        max_context_len=max(meta.host_context_lens[:num_pre]),
+        num_prefill_seqs=num_pre,
+        host_q_lens=meta.host_q_lens[:num_pre],
+        host_context_lens=meta.host_context_lens[:num_pre],
+        host_block_tables=meta.host_block_tables[:num_pre],
+    )
+
+
+def _paged(  # noqa: PLR0917
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedMeta,
+    scale: float,
+    window: int | None,
+    impl: str,
+) -> torch.Tensor:
+    """paged_attention over every query group with a resolved impl (reference, sdpa or flash)."""
     if impl == "flash" and "block_table" in _varlen_attn()[1] and not _paged_flash_broken:
         try:
             return _flash(
@@ -173,7 +248,7 @@ def paged_attention(  # noqa: PLR0917
                 block_table=meta.block_tables,
             )
         except RuntimeError as exc:  # e.g. a page size this FlashAttention build does not take
-            warnings.warn(f"paged varlen_attn unavailable ({exc}); using gather + SDPA", stacklevel=2)
+            warnings.warn(f"paged varlen_attn unavailable ({exc}); using gather + SDPA", stacklevel=3)
             _paged_flash_broken.append(str(exc))
     if impl in ("sdpa", "flash"):
         return _paged_sdpa(q, k_cache, v_cache, meta, scale, window)

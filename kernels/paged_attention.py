@@ -1,0 +1,219 @@
+"""Paged decode attention in Triton: one query token per sequence over its paged KV cache.
+
+The torch reference is ``loquetier.models.attention.paged_attention(..., impl="reference")`` on
+decode rows (q_len 1); the model reaches this kernel only through that function.
+
+Program ``(seq, kv_head, split)`` owns one sequence, one KV head and all query heads of its GQA
+group (padded to a ``tl.dot`` tile of 16 rows), and one contiguous partition of the sequence's
+visible keys. Keys are read token-wise through the block table, so any page size works; each K/V
+element of the visible context is read once per call. With ``num_splits > 1`` (flash-decoding, for
+few sequences) every partition writes its normalised partial output and log-sum-exp, and a second
+kernel combines them. Softmax is online in fp32 (base 2, the scale folded into the scores).
+
+Nothing here reads the GPU from the host: sizes come from the caller's host ints, so a decode step
+can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 32
+_MIN_SPLIT_TOKENS = 256  # a partition shorter than this costs more in the combine than it saves
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def paged_decode_kernel(  # noqa: PLR0917
+    q_ptr, stride_qn, stride_qh,  # [S, Hq, D] one query row per sequence
+    k_ptr, v_ptr, stride_cb, stride_ct, stride_ch,  # [num_blocks, block_size, Hkv, D] (k and v alike)
+    bt_ptr, stride_bt,  # [S, max_blocks] int32 block tables
+    ctx_ptr,  # [S] int32 context lengths (keys [0, ctx) incl. this step's)
+    o_ptr, stride_os, stride_op, stride_oh,  # [S, Hq, D] out, or [S, splits, Hq, D] fp32 partials
+    lse_ptr, stride_ls, stride_lp,  # [S, splits, Hq] fp32 base-2 log-sum-exp (IS_SPLIT only)
+    qk_scale, window, num_splits,  # scale * log2(e); window <= 0: none
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """out[s, h*G + g] = softmax_t(q[s, h*G + g] . k[t, h] * scale) @ v[:, h] over this program's
+    partition of the visible keys t in [max(0, ctx - window), ctx)."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + seq)
+    lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
+    per_split = tl.cdiv(tl.cdiv(ctx - lo, BLOCK_N), num_splits) * BLOCK_N
+    start = lo + part * per_split
+    end = tl.minimum(start + per_split, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g  # [BLOCK_G] query heads of this group
+    q_rows = q_ptr + seq.to(tl.int64) * stride_qn + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_rows, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    table = bt_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kvh.to(tl.int64) * stride_ch
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_N):  # every tile holds >= 1 visible key: m_i stays finite
+        toks = t0 + offs_n
+        t_mask = toks < end
+        blk = tl.load(table + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + head_off  # [BLOCK_N]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+        s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+        m_i = m_new
+
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # an empty partition (l = 0) writes zeros
+    o_rows = o_ptr + seq.to(tl.int64) * stride_os + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if IS_SPLIT:
+        lse = m_i + tl.log2(tl.maximum(l_i, 1e-30))  # -inf for an empty partition
+        tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + part * stride_lp + heads, lse, mask=g_mask)
+
+
+@triton.jit
+def paged_decode_combine_kernel(  # noqa: PLR0917
+    part_ptr, stride_ps, stride_pp, stride_ph,  # [S, splits, Hq, D] fp32 normalised partials
+    lse_ptr, stride_ls, stride_lp,  # [S, splits, Hq] fp32 base-2 log-sum-exp
+    o_ptr, stride_os, stride_oh,  # [S, Hq, D] out
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[s, h] = sum_p w_p * part[s, p, h] / sum_p w_p with w_p = 2 ** (lse[s, p, h] - max_p lse)."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    p_mask = offs_p < num_splits
+    lse = tl.load(lse_ptr + seq * stride_ls + offs_p * stride_lp + head, mask=p_mask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # partition 0 is never empty: the max is finite
+    rows = part_ptr + seq * stride_ps + offs_p[:, None] * stride_pp + head * stride_ph + offs_d[None, :]
+    parts = tl.load(rows, mask=p_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(o_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: few programs, so small batches exercise the split path
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def num_splits_for(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Context partitions per (sequence, KV head): enough programs for two waves over the SMs, each
+    partition at least ``_MIN_SPLIT_TOKENS`` keys long."""
+    programs = num_seqs * num_kv_heads
+    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+    return max(1, min(want, triton.cdiv(max_context_len, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+
+
+def paged_decode(  # noqa: PLR0917
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int,
+    window: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention: one query row per sequence over its paged K/V.
+
+    Semantics::
+
+        for s in range(S):
+            ctx = context_lens[s]; lo = max(0, ctx - window) if window else 0
+            keys = [k_cache[block_tables[s, t // bs], t % bs] for t in range(lo, ctx)]  # [n, Hkv, D]
+            vals = [v_cache[block_tables[s, t // bs], t % bs] for t in range(lo, ctx)]
+            for h in range(Hq):
+                g = h // (Hq // Hkv)
+                out[s, h] = softmax(q[s, h] @ keys[:, g].T * scale) @ vals[:, g]  # fp32, then q's dtype
+
+    q [S, Hq, D] (rows of the sequences in order; D contiguous); k_cache/v_cache [num_blocks,
+    block_size, Hkv, D] of one dtype, same strides; block_tables [S, >= ceil(max_ctx / bs)] int32;
+    context_lens [S] int32, each in [1, max_context_len] (host int: no device read). Blocks and
+    slots past a sequence's context are never read. Returns [S, Hq, D] in q's dtype.
+    ``num_splits``: context partitions (None: ``num_splits_for``).
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
+    assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the cache must share a dtype"
+    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    assert block_tables.shape[0] == num_seqs == context_lens.shape[0] and block_tables.stride(1) == 1
+    assert block_tables.shape[1] * k_cache.shape[1] >= max_context_len >= 1
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [S, Hq, D]
+    if num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    splits = num_splits or num_splits_for(num_seqs, num_kv_heads, max_context_len, q.device)
+    splits = max(1, min(splits, triton.cdiv(max_context_len, 16)))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 128 if INTERPRET else (64 if block_d <= 128 else 32)
+    if splits > 1:
+        parts = torch.empty(num_seqs, splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_seqs, splits, num_heads, dtype=torch.float32, device=q.device)
+        dst, o_strides, l_strides = parts, parts.stride()[:3], lse.stride()[:2]
+    else:
+        lse = out  # unused
+        dst, o_strides, l_strides = out, (out.stride(0), 0, out.stride(1)), (0, 0)
+    paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
+        q, q.stride(0), q.stride(1),
+        k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables, block_tables.stride(0),
+        context_lens,
+        dst, *o_strides,
+        lse, *l_strides,
+        scale * _LOG2E, window or 0, splits,
+        HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        IS_SPLIT=splits > 1, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if splits > 1:
+        paged_decode_combine_kernel[(num_seqs, num_heads)](
+            parts, *parts.stride()[:3],
+            lse, *lse.stride()[:2],
+            out, out.stride(0), out.stride(1),
+            splits,
+            HEAD_DIM=head_dim, BLOCK_P=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,152 @@
+"""Triton paged-decode kernel against the torch reference (``paged_attention(impl="reference")``).
+
+On a machine without CUDA the kernel runs in the Triton interpreter; the flag must be set before
+``loquetier.kernels.paged_attention`` defines its kernels, hence before the imports below.
+
+Every cache is poisoned: all blocks start NaN (unused blocks, slots past a sequence's context, and
+the padding of block tables, which points at block 0), so a kernel that reads one leaks NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from test_model_common import reference_smlm  # noqa: E402, F401
+from tiny import make_tiny_model  # noqa: E402
+
+from loquetier.engine.kv_cache import BlockManager  # noqa: E402
+from loquetier.kernels import paged_attention as pa  # noqa: E402
+from loquetier.models import BatchBuilder, LlamaModel  # noqa: E402
+from loquetier.models.attention import paged_attention, write_kv  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not pa.INTERPRET:
+    pytest.skip("paged_attention was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+# Max error allowed, relative to the largest magnitude of the reference output. bf16/fp16: the
+# probabilities are rounded to the cache dtype before the P @ V dot, as on the GPU.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+BS = 16
+
+
+def _case(  # noqa: PLR0913
+    ctx_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    prefill: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    """A NaN-poisoned cache with scattered blocks, random K/V for every visible slot, and q.
+    prefill: (q_len, context_len) chunks placed before the decode rows (one per ctx_lens entry)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    groups = [*prefill, *((1, c) for c in ctx_lens)]
+    need = [(c + BS - 1) // BS for _, c in groups]
+    num_blocks = sum(need) + 3  # spare blocks stay NaN
+    perm = list(range(num_blocks))
+    rng.shuffle(perm)
+    kc = torch.full((num_blocks, BS, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    b, used = BatchBuilder(BS), 0
+    slots: list[int] = []
+    for i, ((q_len, ctx), nb) in enumerate(zip(groups, need, strict=True)):
+        table = perm[used : used + nb]
+        used += nb
+        slots += [table[p // BS] * BS + p % BS for p in range(ctx)]
+        if i < len(prefill):
+            b.add_prefill(i, [0] * q_len, ctx - q_len, table)
+        else:
+            b.add_decode(i, 0, ctx - 1, table)
+    n = len(slots)
+    k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+    write_kv(kc, vc, k, v, torch.tensor(slots))
+    batch = b.build(DEVICE)
+    q = torch.randn(batch.num_prefill + batch.num_decode, num_heads, head_dim, generator=gen).to(dtype)
+    return q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), batch.paged
+
+
+def _check(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert not got.isnan().any(), "poisoned KV leaked into the output"
+    err = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err <= TOL[dtype], f"max relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+# (num_heads, num_kv_heads, head_dim): GQA 1 and 4, non-power-of-two head counts and head dim
+SHAPES = [(4, 4, 32), (8, 2, 32), (12, 3, 16), (6, 2, 40)]
+CONTEXTS = {
+    "one": [1, 1, 1],
+    "block-1": [BS - 1, BS - 1],
+    "blocks": [BS, 3 * BS + 5, 2 * BS],
+    "ragged": [1, BS - 1, BS + 1, 140, 7],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_matches_reference(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    ctx = CONTEXTS["ragged"] if dtype != torch.float32 else [c for v in CONTEXTS.values() for c in v]
+    q, kc, vc, meta = _case(ctx, *shape, dtype)
+    ref = paged_attention(q, kc, vc, meta, 0.3, impl="reference")
+    _check(paged_attention(q, kc, vc, meta, 0.3, impl="triton"), ref, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("window", [None, 9, 40])
+def test_split_context_and_window(num_splits: int, window: int | None) -> None:
+    """Flash-decoding partitions (some empty for short sequences) and sliding windows."""
+    q, kc, vc, meta = _case([1, BS - 1, 70, 161], 8, 2, 32, torch.float32, seed=1)
+    ref = paged_attention(q, kc, vc, meta, 0.2, window=window, impl="reference")
+    got = pa.paged_decode(q, kc, vc, meta.block_tables, meta.context_lens, 0.2, meta.max_context_len,
+                          window, num_splits)  # fmt: skip
+    _check(got, ref, torch.float32)
+    _check(paged_attention(q, kc, vc, meta, 0.2, window=window, impl="triton"), ref, torch.float32)
+
+
+def test_mixed_prefill_and_decode_rows() -> None:
+    """Prefill chunks take the reference path, decode rows the kernel, in one call."""
+    q, kc, vc, meta = _case([5, 33], 4, 2, 16, torch.float32, prefill=[(3, 10), (6, 6)], seed=2)
+    ref = paged_attention(q, kc, vc, meta, 0.25, window=8, impl="reference")
+    _check(paged_attention(q, kc, vc, meta, 0.25, window=8, impl="triton"), ref, torch.float32)
+
+
+def test_model_decode_logits_triton_vs_reference(tmp_path, reference_smlm) -> None:  # noqa: F811
+    """Whole model: prefill, then decode steps of three ragged sequences, logits of both paths."""
+    path = make_tiny_model(tmp_path, with_tokenizer=False, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaModel.from_pretrained(path, device=DEVICE)
+    bm, gen = BlockManager(32, BS), torch.Generator().manual_seed(3)
+    kv = {impl: model.make_kv_cache(32, BS) for impl in ("reference", "triton")}
+    tokens = {s: torch.randint(0, 128, (n,), generator=gen).tolist() for s, n in (("a", 5), ("b", 17), ("c", 31))}
+    b = BatchBuilder(BS)
+    for s, toks in tokens.items():
+        bm.allocate(s, toks)
+        b.add_prefill(s, toks, 0, bm.block_table(s))
+    for step in range(3):
+        if step:
+            b = BatchBuilder(BS)
+            for s, toks in tokens.items():
+                toks.append(7 + step)
+                bm.append(s, [toks[-1]])
+                b.add_decode(s, toks[-1], len(toks) - 1, bm.block_table(s))
+        batch, logits = b.build(DEVICE), {}
+        with torch.no_grad():
+            for impl in ("reference", "triton"):
+                model.attn_impl = impl
+                logits[impl] = model.forward(batch, kv[impl]).logits
+        torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)
+        for s, toks in tokens.items():
+            bm.mark_computed(s, len(toks))
