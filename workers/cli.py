@@ -14,9 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "worker", help="run a worker: consume requests/jobs, serve and train on one device"
-    )
+    p = subparsers.add_parser("worker", help="run a worker: consume requests/jobs, serve and train on one device")
     p.add_argument("--model", required=True, help="a local Hugging Face Llama-family model directory")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: settings, 'auto')")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: settings, 'auto')")
@@ -105,8 +103,6 @@ async def _serve(
 ) -> None:
     from .runtime import Worker
 
-    worker = Worker(
-        engine, settings, bootstrap=bootstrap, database_url=database_url, device=device, max_jobs=max_jobs
-    )
+    worker = Worker(engine, settings, bootstrap=bootstrap, database_url=database_url, device=device, max_jobs=max_jobs)
     worker.install_signal_handlers()
     await worker.run()

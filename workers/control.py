@@ -64,9 +64,7 @@ class Control:
     async def apply(self, cmd: ControlCommand) -> None:
         if cmd.worker_id is not None and cmd.action != "drain" and cmd.worker_id != self._worker_id:
             log.info("control command for another worker", extra={"action": cmd.action, "for": cmd.worker_id})
-        log.info(
-            "control", extra={"action": cmd.action, "target_id": cmd.target_id, "command_id": cmd.command_id}
-        )
+        log.info("control", extra={"action": cmd.action, "target_id": cmd.target_id, "command_id": cmd.command_id})
         handler: dict[str, Callable[[ControlCommand], Any]] = {
             "load": self._load,
             "unload": self._unload,
@@ -96,9 +94,7 @@ class Control:
             if job is None or job.adapter_id != adapter_id:
                 raise ControlError("not_found", f"{source} did not produce adapter {adapter_id!r}")
         if not await self._adapters.load_latest(adapter_id):
-            raise ControlError(
-                "unknown_adapter", f"no ready version of adapter {adapter_id!r} in the database"
-            )
+            raise ControlError("unknown_adapter", f"no ready version of adapter {adapter_id!r} in the database")
 
     async def _unload(self, cmd: ControlCommand) -> None:
         await self._store.tx(lambda s: q.archive_adapter(s, cmd.target_id))
@@ -126,9 +122,7 @@ class Control:
             await self._jobs.stop_local(target)
 
     async def _resume(self, cmd: ControlCommand) -> None:
-        if await self._store.tx(
-            lambda s: repo.set_job_status(s, cmd.target_id, "queued", from_statuses=("paused",))
-        ):
+        if await self._store.tx(lambda s: repo.set_job_status(s, cmd.target_id, "queued", from_statuses=("paused",))):
             self._jobs.wake()
 
     async def _drain(self, cmd: ControlCommand) -> None:

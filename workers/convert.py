@@ -5,6 +5,8 @@ They live at the worker boundary and nowhere else (ARCHITECTURE.md §1).
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -22,8 +24,11 @@ from loquetier.messages import (
     Timings,
     TrainingJob,
     Usage,
+    decode_record,
+    encode_record,
 )
 
+PACKED = "msgpack_b64"
 _RESULT = TypeAdapter[Any](ResultRecord)
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled", "cancelled": "cancelled"}
 
@@ -73,13 +78,23 @@ def generate_result(ev: RequestFinished, adapter_id: str | None) -> GenerateResu
 
 
 def stored(record: Any) -> dict[str, Any]:
-    """A result record as JSON-safe data for ``inference_requests.result``."""
+    """A result record as data for ``inference_requests.result`` (JSONB).
+
+    JSONB cannot hold U+0000, which a model may well generate; such a record is stored as
+    its msgpack bytes (base64) next to its type and id, so the republished record is still
+    byte-identical.
+    """
     data: dict[str, Any] = record.model_dump(mode="json", by_alias=True)
+    if "\\u0000" in json.dumps(data):
+        packed = base64.b64encode(encode_record(record)).decode()
+        return {"type": data.get("type"), "request_id": data.get("request_id"), PACKED: packed}
     return data
 
 
 def from_stored(data: dict[str, Any]) -> Any:
     """The record a finished request published, rebuilt from its row (for redeliveries)."""
+    if PACKED in data:
+        return decode_record("results", base64.b64decode(data[PACKED]))
     return _RESULT.validate_python(data, strict=False)
 
 
@@ -119,8 +134,10 @@ def progress_result(ev: JobProgress, adapter_id: str, eval_loss: float | None = 
     )
 
 
-def job_done_result(ev: JobFinished, step: int, version: int | None) -> JobDoneResult:
-    metrics = ev.metrics or {}
+def job_done_result(ev: JobFinished, step: int, version: int | None, kind: str = "finetune") -> JobDoneResult:
+    metrics = dict(ev.metrics or {})
+    if kind == "evaluate":  # an eval job's loss is an eval loss
+        metrics.setdefault("eval_loss", metrics.get("loss", float("nan")))
     return JobDoneResult(
         job_id=ev.job_id,
         adapter_id=ev.adapter_id,

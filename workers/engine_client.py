@@ -79,9 +79,7 @@ class EngineClient:
         self._engine = engine
         self._on_step = on_step
         self._idle_wait_s = idle_wait_s
-        self._commands: queue.SimpleQueue[tuple[Callable[[EngineLike], Any], Future[Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._commands: queue.SimpleQueue[tuple[Callable[[EngineLike], Any], Future[Any]]] = queue.SimpleQueue()
         self._events: asyncio.Queue[list[Any] | BaseException] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -187,9 +185,7 @@ class EngineClient:
     def _apply_commands(self, *, block: bool) -> None:
         while True:
             try:
-                fn, done = (
-                    self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
-                )
+                fn, done = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
             except queue.Empty:
                 return
             block = False

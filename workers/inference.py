@@ -137,17 +137,13 @@ class Inference:
                 if row.result is not None:
                     await self._deliver(rid, convert.from_stored(row.result))
                 else:
-                    await self._deliver(
-                        rid, ErrorResult(request_id=rid, code=row.status, message=row.error or "")
-                    )
+                    await self._deliver(rid, ErrorResult(request_id=rid, code=row.status, message=row.error or ""))
                 log.info("request republished", extra={"request_id": rid, "status": row.status})
                 return False
             owner = row.worker_id
             if row.status != "running" or owner is None or owner == self._worker_id:
                 return True
-            alive = await self._store.tx(
-                lambda s: q.worker_is_alive(s, owner, within_s=self._owner_timeout_s)
-            )
+            alive = await self._store.tx(lambda s: q.worker_is_alive(s, owner, within_s=self._owner_timeout_s))
             if not alive:
                 log.info("request taken over", extra={"request_id": rid, "from_worker": owner})
                 return True
@@ -163,7 +159,7 @@ class Inference:
             adapter_id = flight.request.adapter_id if flight else None
             result = convert.generate_result(ev, adapter_id)
             t = result.timings
-            await self._store.tx(
+            await self._record(
                 lambda s: repo.finish_request(
                     s,
                     ev.request_id,
@@ -195,13 +191,20 @@ class Inference:
 
     async def _fail(self, rid: str, code: str, message: str) -> None:
         error = ErrorResult(request_id=rid, code=code, message=message)
-        await self._store.tx(
-            lambda s: repo.finish_request(
-                s, rid, status="failed", result=convert.stored(error), error=f"{code}: {message}"
-            )
+        text = f"{code}: {message}".replace("\x00", "\\0")
+        await self._record(
+            lambda s: repo.finish_request(s, rid, status="failed", result=convert.stored(error), error=text)
         )
         REQUESTS.labels("error").inc()
         await self._deliver(rid, error)
+
+    async def _record(self, fn: Any) -> None:
+        """Store an outcome; a write the database refuses (not an outage) is logged and
+        the result still goes out, so a bad request never blocks its partition."""
+        try:
+            await self._store.tx(fn)
+        except Exception:
+            log.exception("could not store a request outcome")
 
     async def _deliver(self, rid: str, record: Any) -> None:
         """Publish ``record`` once per Kafka record waiting on ``rid``, then mark them done."""

@@ -117,9 +117,7 @@ class Intake:
             letter = letter.model_copy(update={"value": None})  # keep the DLQ record under the size limit
         await self._publisher.dead_letter(letter)
         if err.request_id is not None or err.job_id is not None:
-            error = ErrorResult(
-                request_id=err.request_id, job_id=err.job_id, code=err.code, message=err.message
-            )
+            error = ErrorResult(request_id=err.request_id, job_id=err.job_id, code=err.code, message=err.message)
             await self._publisher.publish(error, err.request_id or err.job_id)
         log.info(
             "record rejected",

@@ -86,9 +86,7 @@ class JobRunner:
 
     async def claim_more(self) -> None:
         while self.accepting and len(self.running) < self.max_jobs:
-            row = await self._store.tx(
-                lambda s: repo.claim_job(s, self._worker_id, lease_s=self._settings.lease_s)
-            )
+            row = await self._store.tx(lambda s: repo.claim_job(s, self._worker_id, lease_s=self._settings.lease_s))
             if row is None:
                 return
             await self._launch(row)
@@ -99,9 +97,7 @@ class JobRunner:
         try:
             job = convert.job_from_spec(row.spec)
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
-            payload = (
-                await asyncio.to_thread(read_payload, ckpt.data, ckpt.uri, ckpt.sha256) if ckpt else None
-            )
+            payload = await asyncio.to_thread(read_payload, ckpt.data, ckpt.uri, ckpt.sha256) if ckpt else None
             base = job.base_adapter
             if base is not None and not Path(base).is_dir():
                 await self._adapters.ensure(base)
@@ -123,9 +119,7 @@ class JobRunner:
             await self._store.tx(
                 lambda s: repo.finish_job(s, job_id, status="failed", worker_id=self._worker_id, error=error)
             )
-            done = JobDoneResult(
-                job_id=job_id, adapter_id=row.adapter_id, status="failed", step=row.step, error=error
-            )
+            done = JobDoneResult(job_id=job_id, adapter_id=row.adapter_id, status="failed", step=row.step, error=error)
             await self._publisher.publish(done, job_id)
             return
         step = ckpt.step if ckpt else 0
@@ -300,7 +294,7 @@ class JobRunner:
                 await self._client.load_adapter_bytes(job.adapter_id, adapter)
             self._adapters.mark_loaded(job.adapter_id, version)
         log.info("job finished", extra={"job_id": job_id, "status": status, "adapter_version": version})
-        await self._publisher.publish(convert.job_done_result(ev, rj.step, version), job_id)
+        await self._publisher.publish(convert.job_done_result(ev, rj.step, version, job.kind), job_id)
         QUEUE_DEPTH.labels("jobs_running").set(len(self.running))
         self.wake()
 

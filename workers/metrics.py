@@ -17,14 +17,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 STEP_SECONDS = Histogram("loquetier_step_seconds", "Wall time of one engine step", buckets=_LATENCY_BUCKETS)
 TOKENS = Counter("loquetier_tokens_total", "Tokens processed, by row type", ["row_type"])
 TTFT = Histogram("loquetier_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS)
-TPOT = Histogram(
-    "loquetier_tpot_seconds", "Mean time per output token after the first", buckets=_LATENCY_BUCKETS
-)
+TPOT = Histogram("loquetier_tpot_seconds", "Mean time per output token after the first", buckets=_LATENCY_BUCKETS)
 SLO = Counter("loquetier_slo_total", "Finished requests by SLO outcome", ["outcome"])
 REQUESTS = Counter("loquetier_requests_total", "Finished requests by outcome", ["outcome"])
-RECORDS = Counter(
-    "loquetier_records_total", "Consumed records by topic kind and outcome", ["kind", "outcome"]
-)
+RECORDS = Counter("loquetier_records_total", "Consumed records by topic kind and outcome", ["kind", "outcome"])
 QUEUE_DEPTH = Gauge("loquetier_queue_depth", "Work waiting or running, by queue", ["queue"])
 SLOTS_IN_USE = Gauge("loquetier_adapter_slots_in_use", "Adapter slots in use on the device")
 TRAIN_LOSS = Gauge("loquetier_training_loss", "Latest training loss reported by a job on this worker")

@@ -69,9 +69,7 @@ class Publisher:
             log.warning("token record not sent", extra={"error": str(exc), "key": key})
 
     async def dead_letter(self, letter: DeadLetter) -> None:
-        await self.publish(
-            letter.model_copy(update={"worker_id": self._worker_id}), None, topic=self._kafka.dlq_topic
-        )
+        await self.publish(letter.model_copy(update={"worker_id": self._worker_id}), None, topic=self._kafka.dlq_topic)
 
     async def _send(self, topic: str, key: str | None, value: bytes) -> None:
         backoff = 0.1

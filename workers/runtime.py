@@ -20,7 +20,7 @@ from typing import Any
 
 from loquetier.codec import Limits
 from loquetier.db import repo
-from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
+from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress, TokenEvent
 from loquetier.settings import Settings
 
 from . import metrics
@@ -182,27 +182,21 @@ class Worker:
             asyncio.create_task(self.jobs.run(), name="jobs"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
-        log.info(
-            "worker started", extra={"worker_id": self.worker_id, "device": self.device, "pid": os.getpid()}
-        )
+        log.info("worker started", extra={"worker_id": self.worker_id, "device": self.device, "pid": os.getpid()})
         self.started.set()
 
     async def stop(self) -> None:
         """Stop consuming, finish or hand back in-flight work, commit, release, stop the engine."""
         self.request_stop()
         with contextlib.suppress(Exception):
-            await self.store.tx(
-                lambda s: repo.heartbeat_worker(s, self.worker_id, status="draining"), attempts=3
-            )
+            await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id, status="draining"), attempts=3)
         await self.jobs.release_all()
         deadline = time.monotonic() + self.drain_timeout_s
         while self.inference.num_inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         aborted = await self.inference.abort_all()
         if aborted:
-            log.warning(
-                "in-flight requests handed back", extra={"request_ids": aborted[:20], "num": len(aborted)}
-            )
+            log.warning("in-flight requests handed back", extra={"request_ids": aborted[:20], "num": len(aborted)})
         for task in self._tasks:
             task.cancel()
         for task in [*self._tasks, *self.intake.tasks]:
@@ -211,9 +205,7 @@ class Worker:
         await self.consumer.close()
         await self.publisher.stop()
         with contextlib.suppress(Exception):
-            await self.store.tx(
-                lambda s: repo.heartbeat_worker(s, self.worker_id, status="stopped"), attempts=3
-            )
+            await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id, status="stopped"), attempts=3)
         await self.store.close()
         await self.client.stop()
         log.info("worker stopped", extra={"worker_id": self.worker_id})
@@ -226,11 +218,15 @@ class Worker:
         while True:
             events = await self.client.next_events()
             for ev in events:
-                owner = self.jobs.on_event(ev) if isinstance(ev, _JOB_EVENTS) else self.inference.on_event(ev)
+                if isinstance(ev, TokenEvent):
+                    await self.inference.on_event(ev)  # only enqueued: keeps tokens before the result
+                    continue
+                is_job = isinstance(ev, _JOB_EVENTS)
+                owner = self.jobs.on_event(ev) if is_job else self.inference.on_event(ev)
                 task = asyncio.create_task(_logged(owner))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-                if isinstance(ev, _JOB_EVENTS):
+                if is_job:
                     await task  # job events in order: a checkpoint before the job's end
 
     async def _heartbeat(self) -> None:

@@ -29,15 +29,35 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_TRANSIENT_NAMES = (
+    "ConnectionDoesNotExistError",
+    "CannotConnectNowError",
+    "AdminShutdownError",
+    "ConnectionFailureError",
+    "ConnectionRejectionError",
+    "TooManyConnectionsError",
+    "InterfaceError",
+    "InternalClientError",
+)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Connection-level failures worth retrying (not constraint or programming errors)."""
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError | OSError | asyncio.TimeoutError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
+    """Connection-level failures worth retrying (not constraint or programming errors).
+
+    Looks through the whole cause chain: SQLAlchemy wraps asyncpg's exceptions, which in
+    turn may wrap an ``OSError`` (connection refused while the server restarts).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OperationalError | InterfaceError | PoolTimeoutError | OSError | TimeoutError):
             return True
-        name = type(exc.orig).__name__ if exc.orig is not None else ""
-        return any(word in name for word in ("Connection", "CannotConnect", "AdminShutdown", "Shutdown"))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if type(current).__name__ in _TRANSIENT_NAMES:
+            return True
+        current = current.__cause__ or current.__context__
     return False
 
 
@@ -69,9 +89,7 @@ class Store:
                 if not is_transient(exc) or self.closing or (attempts is not None and tried >= attempts):
                     raise
                 self.num_retries += 1
-                log.warning(
-                    "database unavailable, retrying", extra={"error": str(exc)[:200], "attempt": tried}
-                )
+                log.warning("database unavailable, retrying", extra={"error": str(exc)[:200], "attempt": tried})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff_s)
 
@@ -80,9 +98,7 @@ class Store:
 
 
 async def worker_status(session: AsyncSession, worker_id: str) -> str | None:
-    status: str | None = await session.scalar(
-        select(WorkerRow.status).where(WorkerRow.worker_id == worker_id)
-    )
+    status: str | None = await session.scalar(select(WorkerRow.status).where(WorkerRow.worker_id == worker_id))
     return status
 
 

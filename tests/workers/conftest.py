@@ -75,3 +75,36 @@ async def client_for(settings: Settings) -> AsyncIterator[Any]:
     assert settings.kafka.bootstrap
     async with LoquetierClient(settings.kafka.bootstrap, settings.kafka) as client:
         yield client
+
+
+# --- the real engine on a tiny model ---------------------------------------------------------
+
+ENGINE_LIMITS: dict[str, Any] = {"num_kv_blocks": 256, "block_size": 8, "max_num_batched_tokens": 256,
+                                 "max_prefill_chunk": 64, "max_adapter_slots": 6, "num_train_slots": 2,
+                                 "max_lora_rank": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("worker-tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def reference_backend() -> Any:
+    from loquetier.kernels import force_backend
+
+    force_backend("reference")  # the Triton interpreter is exercised by the kernel tests
+    yield
+    force_backend(None)
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir: Any, reference_backend: Any) -> Callable[..., Any]:
+    from loquetier.engine.engine import Engine
+
+    def make(**limits: Any) -> Any:
+        return Engine.from_pretrained(tiny_model_dir, **(ENGINE_LIMITS | limits))
+
+    return make
