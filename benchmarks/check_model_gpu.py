@@ -4,11 +4,13 @@
     python benchmarks/check_model_gpu.py --device cpu --small                         # CPU smoke run
 
 1. Correctness: a random-weight Llama (GQA) built with transformers, saved, loaded by us. One mixed
-   batch (prefill chunks + decode rows) per attention impl (reference, sdpa, flash) vs HF's logits
+   batch (prefill chunks + decode rows) per attention impl (reference, sdpa, flash, triton) vs HF's logits
    for the same rows (bf16 and an fp32 copy of HF). Then training rows with two LoRA slots: loss and
    pool gradients for every impl vs the reference impl.
 2. Attention timing at the Llama-3-8B attention shape (32 q heads, 8 kv heads, head_dim 128):
-   varlen fwd+bwd (train rows), paged decode and chunked prefill over a paged cache; each variant
+   varlen fwd+bwd (train rows), paged decode (many rows, and few long rows) and chunked prefill over a
+   paged cache; decode also times the Triton launcher alone at forced context-partition counts
+   (``triton/N``, ``*`` = the count ``num_splits_for`` picks); each variant
    timed twice (median of CUDA-event runs) and reported as a multiple of its KV-read floor
    (bytes / 4.27 TB/s). Prints a table last and writes everything as JSON.
 """
@@ -51,8 +53,10 @@ def _time_ms(fn, device: torch.device, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def _impls(device: torch.device) -> list[str]:
-    return ["reference", "sdpa"] + (["flash"] if device.type == "cuda" else [])
+def _impls(device: torch.device, decode: bool = False) -> list[str]:
+    """Attention impls to compare; ``decode``: also ``triton`` (it differs from flash on decode rows only)."""
+    cuda = device.type == "cuda"
+    return ["reference", "sdpa"] + (["flash"] if cuda else []) + (["triton"] if cuda and decode else [])
 
 
 def check_correctness(device: torch.device, small: bool) -> dict:
@@ -77,7 +81,7 @@ def check_correctness(device: torch.device, small: bool) -> dict:
     with torch.no_grad():
         ref = {s: hf(torch.tensor([p], device=device)).logits[0, -1].float() for s, p in prompts.items()}
         ref32 = {s: hf32(torch.tensor([p], device=device)).logits[0, -1].float() for s, p in prompts.items()}
-    for impl in _impls(device):
+    for impl in _impls(device, decode=True):
         try:
             results[f"logits_{impl}"] = _mixed_step(model, impl, prompts, ref, ref32, device)
         except Exception as exc:  # report and go on: the lead reads every row
@@ -179,6 +183,7 @@ def time_attention(device: torch.device, small: bool) -> list[dict]:
                      "ms": [_time_ms(step, device) for _ in range(2)]})  # fmt: skip
     # paged: decode rows, and prefill chunks over a cached prefix
     cases = [("decode", 16 if small else 64, 1, 512 if small else 2048),
+             ("decode", 2 if small else 4, 1, 1023 if small else 8191),  # few rows: split-K territory
              ("prefill", 2 if small else 4, 64 if small else 512, 256 if small else 1536)]  # fmt: skip
     for name, num_seqs, q_len, cached in cases:
         ctx = cached + q_len
@@ -197,7 +202,9 @@ def time_attention(device: torch.device, small: bool) -> list[dict]:
         write_kv(kc, vc, rnd(num_seqs * q_len, hkv, d), rnd(num_seqs * q_len, hkv, d), paged.slot_mapping)
         floor_ms = 2 * num_seqs * ctx * hkv * d * kc.element_size() / HBM_BYTES_PER_S * 1e3
         ref = paged_attention(qp, kc, vc, paged, scale, impl="sdpa").float()
-        for impl in _impls(device):
+        if q_len == 1 and device.type == "cuda":
+            rows += _time_triton_splits(qp, kc, vc, paged, scale, ref, floor_ms, name, device)
+        for impl in _impls(device, decode=q_len == 1):
             try:
                 with torch.no_grad():
                     got = paged_attention(qp, kc, vc, paged, scale, impl=impl).float()
@@ -210,6 +217,34 @@ def time_attention(device: torch.device, small: bool) -> list[dict]:
             rows.append({"case": f"paged {name} {num_seqs}x(q={q_len}, ctx={ctx})", "impl": impl, "ms": ms,
                          "x_floor": statistics.mean(ms) / floor_ms,
                          "max_err_vs_sdpa": float((got - ref).abs().max())})  # fmt: skip
+    return rows
+
+
+def _time_triton_splits(  # noqa: PLR0917
+    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, paged, scale: float, ref: torch.Tensor,
+    floor_ms: float, name: str, device: torch.device,
+) -> list[dict]:
+    """The Triton decode launcher alone at forced context-partition counts (to tune ``num_splits_for``)."""
+    from loquetier.kernels.paged_attention import num_splits_for, paged_decode
+
+    auto = num_splits_for(paged.num_seqs, kc.shape[2], paged.max_context_len, device)
+    rows = []
+    for splits in sorted({1, 2, 4, 8, auto}):
+        def call(splits: int = splits) -> torch.Tensor:
+            return paged_decode(q, kc, vc, paged.block_tables, paged.context_lens, scale,
+                                paged.max_context_len, None, splits)  # fmt: skip
+
+        try:
+            with torch.no_grad():
+                got = call().float()
+                ms = [_time_ms(call, device) for _ in range(2)]
+        except Exception as exc:
+            rows.append({"case": f"paged {name}", "impl": f"triton/{splits}", "ms": [], "error": repr(exc)})
+            continue
+        rows.append({"case": f"paged {name} {paged.num_seqs}x(q=1, ctx={paged.max_context_len})",
+                     "impl": f"triton/{splits}" + ("*" if splits == auto else ""), "ms": ms,
+                     "x_floor": statistics.mean(ms) / floor_ms,
+                     "max_err_vs_sdpa": float((got - ref).abs().max())})  # fmt: skip
     return rows
 
 

@@ -18,6 +18,7 @@ Masks follow HF: key ``j`` is visible from query ``i`` iff ``j <= i`` and, with 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 from functools import cache
@@ -69,10 +70,9 @@ def _triton_decode() -> ModuleType | None:
     """``kernels/paged_attention.py``, or None without Triton. Imported on first use, so a test can
     set TRITON_INTERPRET before the kernel is defined."""
     try:
-        from loquetier.kernels import paged_attention as mod
+        return importlib.import_module("loquetier.kernels.paged_attention")
     except ImportError:
         return None
-    return mod
 
 
 def _decode_by_triton(impl: str, device: torch.device) -> bool:
@@ -189,8 +189,10 @@ def paged_attention(  # noqa: PLR0917
     if num_pre == meta.num_seqs or not _decode_by_triton(impl, q.device):
         return _paged(q, k_cache, v_cache, meta, scale, window, rest)
     pre_rows = sum(meta.host_q_lens[:num_pre])
-    dec = _triton_decode().paged_decode(  # type: ignore[union-attr]
-        q[pre_rows:].to(k_cache.dtype),
+    kernels = _triton_decode()
+    assert kernels is not None
+    dec: torch.Tensor = kernels.paged_decode(
+        q[pre_rows:].to(k_cache.dtype),  # [D, Hq, D], one row per decode sequence
         k_cache,
         v_cache,
         meta.block_tables[num_pre:],
@@ -198,7 +200,8 @@ def paged_attention(  # noqa: PLR0917
         scale,
         max(meta.host_context_lens[num_pre:]),
         window,
-    ).to(q.dtype)  # [D, Hq, D]
+    )
+    dec = dec.to(q.dtype)
     if num_pre == 0:
         return dec
     pre = _paged(q[:pre_rows], k_cache, v_cache, _prefill_part(meta, num_pre), scale, window, rest)
