@@ -71,9 +71,10 @@ class LoquetierClient:
     async def send(self, topic: str, record: Record, key: str | None) -> None:
         await self._producer.send_and_wait(topic, encode_record(record), key=key.encode() if key else None)
 
-    async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
-        """Publish arbitrary bytes (tests, other encoders)."""
-        await self._producer.send_and_wait(topic, value, key=key)
+    async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[Any]:
+        """Enqueue arbitrary bytes (tests, other encoders); await the result for the RecordMetadata."""
+        future: asyncio.Future[Any] = await self._producer.send(topic, value, key=key)
+        return future
 
     async def submit_generate(
         self,

@@ -61,6 +61,7 @@ class Intake:
         part, offset = _partition(record), record.offset
         try:
             decoded = decode_record(kind, record.value, self._limits)
+            _check_storable(decoded)
         except RecordError as err:
             RECORDS.labels(kind, "invalid").inc()
             await self._reject(record, err)
@@ -129,6 +130,15 @@ class Intake:
                 "job_id": err.job_id,
             },
         )
+
+
+def _check_storable(record: Any) -> None:
+    """Ids become Postgres text keys, which cannot hold NUL characters: refuse them here."""
+    for name in ("request_id", "job_id", "adapter_id", "base_adapter", "target_id"):
+        value = getattr(record, name, None)
+        if isinstance(value, str) and "\x00" in value:
+            ids = (getattr(record, "request_id", None), getattr(record, "job_id", None))
+            raise RecordError("invalid_value", f"{name}: must not contain NUL characters", *ids)
 
 
 def _partition(record: Any) -> Any:
