@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from loquetier.kernels import backend_for
 
 from loquetier.engine.kv_cache import BlockManager
+from loquetier.kernels import backend_for
 from loquetier.lora.pool import LoRASlotPool
 from loquetier.models import BatchBuilder, LlamaModel, weighted_loss
 from loquetier.models.attention import paged_attention, varlen_attention, write_kv

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from loquetier.kernels import force_backend
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loquetier import Engine, EngineError, SamplingParams, TrainingParams
 from loquetier.engine.events import JobCheckpoint, JobFinished, RequestFinished, TokenEvent
+from loquetier.kernels import force_backend
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import LoRAConfig
 from tests.tiny import make_tiny_model

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from loquetier.kernels import force_backend
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -16,6 +15,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from loquetier.kernels import force_backend
 
 
 @pytest.fixture(autouse=True, scope="module")

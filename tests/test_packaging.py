@@ -38,9 +38,10 @@ def test_loquetier_namespace_maps_the_folders() -> None:
 
 
 def test_transformers_imports_beside_our_kernels() -> None:
-    import loquetier.kernels  # noqa: F401
     import transformers
     from transformers.utils import import_utils
+
+    import loquetier.kernels  # noqa: F401
 
     assert transformers.__version__
     import_utils.is_kernels_available()  # the probe that a top-level `kernels` would fool

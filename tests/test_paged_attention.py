@@ -22,11 +22,11 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from loquetier.kernels import paged_attention as pa  # noqa: E402
 from test_model_common import reference_smlm  # noqa: E402, F401
 from tiny import make_tiny_model  # noqa: E402
 
 from loquetier.engine.kv_cache import BlockManager  # noqa: E402
+from loquetier.kernels import paged_attention as pa  # noqa: E402
 from loquetier.models import BatchBuilder, LlamaModel  # noqa: E402
 from loquetier.models.attention import paged_attention, write_kv  # noqa: E402
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from loquetier.kernels import SMLMMeta, lora_linear
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from loquetier.kernels import SMLMMeta, lora_linear
 from loquetier.lora.data import IGNORE_INDEX, TrainSequence
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool, ModelDims
 
