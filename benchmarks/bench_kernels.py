@@ -330,10 +330,10 @@ DOC_NOTES = """
 - Prefill: bound by reading x and reading + writing y; shrink's rank tile is `next_pow2(max_rank)`
   wide, so its tensor-core work is that of rank 64 even for rank-8 adapters (compute stays far under
   the memory time at these shapes).
-- Backward: 4 launches, no memset (dV = scale * g @ B^T as K-split partial slabs, dX += dV @ A,
-  grad_A += dV^T @ x, grad_B += scale * V^T @ g). g is read twice (dV and grad_B): fusing those
-  two passes is the next step if backward is off target. grad_A/grad_B accumulate with fp32
-  atomics (one per 256-row block per element), so gradients are not bit-reproducible run to run.
+- Backward: 4 launches, no memset (dV = scale * g @ B^T as K-split partial slabs, dX += dV @ A, grad_A += dV^T @ x, grad_B += scale *
+  V^T @ g). g is read twice (dV and grad_B): fusing those two passes is the next step if backward
+  is off target. grad_A/grad_B accumulate with fp32 atomics (one per 256-row block per element), so
+  gradients are not bit-reproducible run to run.
 - Block sizes are fixed heuristics (no autotune): BLOCK_M 16/32/64 from the longest segment,
   BLOCK_N 256 (decode) / 128, BLOCK_K 128 with 3 stages, 4 warps.
 """
