@@ -164,7 +164,7 @@ def _fused_into(y: torch.Tensor, x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMe
     n = y.shape[1]
     block_m = _block_m(meta.max_seg_len)
     block_r = _block_r(lora.max_rank)  # covers every slot's rank: no host rank needed
-    block_n = 64 if INTERPRET else 128  # interpreter: still >1 column tile at the tests' out sizes
+    block_n = 32 if INTERPRET else 128
     block_k = 128 if block_m * block_r <= 64 * 64 else 64
     # column groups per block: enough programs to fill the GPU, few enough that a's re-reads stay small
     n_split = max(1, min(triton.cdiv(n, block_n), triton.cdiv(2 * _num_sms(x.device), meta.num_blocks)))

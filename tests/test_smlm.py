@@ -277,8 +277,7 @@ def test_popularity(dtype: torch.dtype, popularity: str) -> None:
     num_tokens, num_train = (30, 12) if popularity == "distinct" else (96, 40)  # interpreter: per block
     slots = _train_slots(_segments_for(popularity, num_tokens, 6, rng), num_train, 3)
     case = _make_case(dtype, RANK_MIXES[mix], slots, num_train, seed=rng.randint(0, 999))
-    # interpreter time: the fused forward is checked here for fp32 and bf16 (fp16: test_rank_mix)
-    _run_case(case, dtype, fused_paths=() if dtype == torch.float16 else (True,))
+    _run_case(case, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
