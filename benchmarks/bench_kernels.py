@@ -14,7 +14,6 @@ L2 flushed between calls). Floor = max(bytes / 4.27 TB/s, FLOPs / 797 TFLOP/s) (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -34,7 +33,6 @@ PROJECTIONS = [("4096->4096 (q,o)", 4096, 4096), ("4096->1024 (k,v)", 4096, 1024
 FORWARD_BATCHES = [("decode 64 tok / 32 adapters", 64, 32), ("decode 256 tok / 32 adapters", 256, 32),
                    ("prefill 8192 tok / 8 adapters", 8192, 8)]
 BACKWARD_BATCH = ("train 4096 tok / 4 adapters", 4096, 4)
-DECODE_MAX_TOKENS = 256  # forward cases up to this size also time the forced fused / split paths
 TOL_BF16 = 3e-2  # max error relative to max |reference|, as in tests/test_smlm.py
 DEVICE = "cuda"
 
@@ -129,17 +127,6 @@ def _segments_by_adapter(num_tokens: int, num_adapters: int) -> list[int]:
     return [s for s in range(num_adapters) for _ in range(per)]
 
 
-@contextlib.contextmanager
-def _fused(smlm, mode: bool | None):
-    """Force lora_forward's path (True: fused shrink+expand, False: shrink + expand, None: automatic)."""
-    saved = smlm.FUSED
-    smlm.FUSED = mode
-    try:
-        yield
-    finally:
-        smlm.FUSED = saved
-
-
 def _floor(num_bytes: int, flops: int) -> float:
     return 1e6 * max(num_bytes / PEAK_BYTES_PER_S, flops / PEAK_FLOPS)
 
@@ -161,14 +148,10 @@ def bench_forward(env: Env, proj, batch, *, ranks_override: int | None = None) -
     num_bytes = 2 * (num_tokens * in_f + 2 * num_tokens * out_f + sum(used) * (in_f + out_f))
     flops = sum(2 * per * r * (in_f + out_f) for r in used)
 
-    y_ref = y.float()  # fp32 outputs: the check sees the kernels, not y's rounding
+    y_ours, y_ref = y.float(), y.float()  # fp32 outputs: the check sees the kernels, not y's rounding
+    smlm.expand(y_ours, smlm.shrink(x, lora, meta), lora, meta)
     ref.expand_ref(y_ref, ref.shrink_ref(x, lora, meta), lora, meta)
-    err = 0.0
-    for mode in (None, True, False):  # lora_forward's automatic choice, its fused and two-launch paths
-        y_ours = y.float()
-        with _fused(smlm, mode):
-            smlm.lora_forward(y_ours, x, lora, meta)
-        err = max(err, _rel_err(torch, y_ours - y.float(), y_ref - y.float()))
+    err = _rel_err(torch, y_ours - y.float(), y_ref - y.float())
 
     groups = []  # PEFT's mixed-batch forward: per adapter, gather rows, two GEMMs, scatter-add
     for s in range(num_adapters):
@@ -176,7 +159,7 @@ def bench_forward(env: Env, proj, batch, *, ranks_override: int | None = None) -
         groups.append((idx, lora.a[s, : ranks[s]], lora.b[s, : ranks[s]], float(lora.scales[s])))
 
     def ours() -> None:
-        smlm.lora_forward(y, x, lora, meta)
+        smlm.expand(y, smlm.shrink(x, lora, meta), lora, meta)
 
     def reference() -> None:
         ref.expand_ref(y, ref.shrink_ref(x, lora, meta), lora, meta)
@@ -193,14 +176,6 @@ def bench_forward(env: Env, proj, batch, *, ranks_override: int | None = None) -
         res.times_us["ours_graph"] = _graph_time(torch, do_bench, ours)
     except Exception as exc:  # a capture failure must not hide the other numbers
         print(f"  graph capture failed: {exc!r}", file=sys.stderr)
-    if num_tokens <= DECODE_MAX_TOKENS:  # both lora_forward paths, forced, to tune smlm.FUSED_MAX_*
-        for mode, name in ((True, "fused"), (False, "split")):
-            with _fused(smlm, mode):
-                res.times_us[name] = _time(torch, do_bench, ours)
-                try:
-                    res.times_us[name + "_graph"] = _graph_time(torch, do_bench, ours)
-                except Exception as exc:
-                    print(f"  graph capture failed ({name}): {exc!r}", file=sys.stderr)
     res.times_us["reference"] = _time(torch, do_bench, reference)
     res.times_us["peft_loop"] = _time(torch, do_bench, peft_loop)
     return res
@@ -265,14 +240,9 @@ def _fmt(t: float | None, floor: float) -> str:
     return "-" if t is None else f"{t:8.1f} ({t / floor:4.1f}x)"
 
 
-def _pair(a: float | None, b: float | None) -> str:
-    return "-" if a is None and b is None else f"{a or 0:.1f} / {b or 0:.1f}"
-
-
 def table(results: list[Result]) -> str:
     head = (f"| {'kind':8} | {'projection':21} | {'batch':36} | {'floor us':>8} | {'ours us (x floor)':>17} "
-            f"| {'graph us (x floor)':>18} | {'fused / split graph us':>22} "
-            f"| {'reference us':>12} | {'PEFT loop us':>12} | vs PEFT | err |")
+            f"| {'graph us (x floor)':>18} | {'reference us':>12} | {'PEFT loop us':>12} | vs PEFT | err |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in results:
         ours, peft = r.best("ours"), r.best("peft_loop")
@@ -281,7 +251,6 @@ def table(results: list[Result]) -> str:
         lines.append(
             f"| {r.kind:8} | {r.projection:21} | {r.batch:36} | {r.floor_us:8.1f} "
             f"| {_fmt(ours, r.floor_us):>17} | {_fmt(r.best('ours_graph'), r.floor_us):>18} "
-            f"| {_pair(r.best('fused_graph'), r.best('split_graph')):>22} "
             f"| {ref_t or 0:12.1f} | {peft or 0:12.1f} "
             f"| {speedup:>7} | {'ok' if r.correct else 'FAIL'} {r.max_rel_err:.0e} |")
     return "\n".join(lines)
@@ -316,21 +285,14 @@ DOC_NOTES = """
   step's metadata (`SMLMMeta.blocks`: <= 64 rows of one segment per block; `grad_blocks`: <= 256).
   Each program reads its adapter's A/B tile once per block, never once per row, and ranks bound the
   loads (shrink, grads) and the loop itself (expand), so a rank-8 adapter moves rank-8 tiles.
-- The forward is `smlm.lora_forward` (what the op layer calls): one launch of a fused
-  shrink+expand kernel for short segments whose largest used rank x in_features x 2 B is at most
-  `FUSED_MAX_A_BYTES` (256 KiB), else two launches (shrink, expand). Neither zero-fills a buffer:
-  shrink writes every entry of `v` its blocks own (zeros past the rank) as K-split partial slabs
-  that expand sums, so there are no atomics and no memset. "fused / split graph us" times both
-  paths forced (CUDA graph), to tune the threshold.
 - Decode: the floor is reading each adapter's A and B once (a few MB); the block count alone
-  (one per adapter) cannot fill 132 SMs, so shrink splits K across programs; the fused kernel
-  instead splits the output columns into groups, each re-reading its slot's A tile (L2 hits after
-  the first), which is why it is used only for small A tiles. The CUDA-graph column removes the
-  Python launch cost, which is how the engine should run decode.
+  (one per adapter) cannot fill 132 SMs, so shrink splits K across programs and adds with fp32
+  atomics. Eager timing also pays 3 launches (a memset of `v`, shrink, expand) of a few us each; the
+  CUDA-graph column removes the Python launch cost, which is how the engine should run decode.
 - Prefill: bound by reading x and reading + writing y; shrink's rank tile is `next_pow2(max_rank)`
   wide, so its tensor-core work is that of rank 64 even for rank-8 adapters (compute stays far under
   the memory time at these shapes).
-- Backward: 4 launches, no memset (dV = scale * g @ B^T as K-split partial slabs, dX += dV @ A, grad_A += dV^T @ x, grad_B += scale *
+- Backward: 4 launches (dV = scale * g @ B^T, dX += dV @ A, grad_A += dV^T @ x, grad_B += scale *
   V^T @ g). g is read twice (dV and grad_B): fusing those two passes is the next step if backward
   is off target. grad_A/grad_B accumulate with fp32 atomics (one per 256-row block per element), so
   gradients are not bit-reproducible run to run.
