@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -57,11 +56,6 @@ class SMLMMeta:
     @property
     def num_segments(self) -> int:
         return len(self.host_segments)
-
-    @cached_property
-    def used_slots(self) -> tuple[int, ...]:
-        """Distinct slots of the segments (host side; launchers size their tiles from them)."""
-        return tuple(sorted({slot for _, _, slot in self.host_segments}))
 
     @classmethod
     def build(

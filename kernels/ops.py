@@ -22,12 +22,12 @@ LoRAPart = tuple[ModuleLoRA, int]  # (module storage, column offset in a fused o
 
 
 class _Backend:
-    def __init__(self, forward: Callable[..., torch.Tensor | None],  # noqa: PLR0917
+    def __init__(self, shrink: Callable[..., torch.Tensor], expand: Callable[..., None],
                  backward: Callable[..., torch.Tensor], name: str) -> None:
-        self.forward, self.backward, self.name = forward, backward, name
+        self.shrink, self.expand, self.backward, self.name = shrink, expand, backward, name
 
 
-_REFERENCE = _Backend(reference.lora_forward_ref, reference.backward_ref, "reference")
+_REFERENCE = _Backend(reference.shrink_ref, reference.expand_ref, reference.backward_ref, "reference")
 _forced: str | None = None
 
 
@@ -36,7 +36,7 @@ def _triton_backend() -> _Backend | None:
         from . import smlm
     except ImportError:
         return None
-    return _Backend(smlm.lora_forward, smlm.backward, "triton")
+    return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton")
 
 
 def backend_for(device: torch.device) -> _Backend:
@@ -62,17 +62,14 @@ def force_backend(name: str | None) -> None:
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0917
              loras: Sequence[LoRAPart], meta: SMLMMeta | None,
-             backend: _Backend, need_v: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """y = base GEMM + every LoRA part in place; v ([T, max_rank] fp32) of each part when ``need_v``
-    (backward), else none. Rows of v in no segment are undefined and never read."""
+             backend: _Backend) -> tuple[torch.Tensor, list[torch.Tensor]]:
     y = F.linear(x, weight, bias)  # [T, out_total]
     vs: list[torch.Tensor] = []
     if meta is not None and meta.num_segments:
         for lora, offset in loras:
-            v = backend.forward(y, x, lora, meta, offset, need_v)  # one or two launches
-            if need_v:
-                assert v is not None
-                vs.append(v)
+            v = backend.shrink(x, lora, meta)  # [T, max_rank] fp32
+            backend.expand(y, v, lora, meta, offset)
+            vs.append(v)
     return y, vs
 
 
@@ -83,11 +80,9 @@ class _LoRALinear(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         n_train = x_train.shape[0]
         backend = backend_for(x_train.device)
-        need_v = meta is not None and meta.num_train_segments > 0
-        y, vs = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend, need_v)
-        # Only the training slice is kept for backward (nothing when no LoRA row trains).
+        y, vs = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend)
+        # Only the training slice is kept for backward.
         ctx.save_for_backward(x_train, weight, *[v[:n_train] for v in vs])
-        ctx.has_v = need_v
         ctx.loras, ctx.meta, ctx.backend = loras, meta, backend
         ctx.mark_non_differentiable(y[n_train:])
         return y[:n_train], y[n_train:]
@@ -96,8 +91,6 @@ class _LoRALinear(torch.autograd.Function):
     def backward(ctx: Any, g_train: torch.Tensor, _g_rest: torch.Tensor) -> tuple[Any, ...]:
         x_train, weight, *vs = ctx.saved_tensors
         dx = g_train @ weight  # [n_train, in]
-        if not ctx.has_v:  # no training segment: the LoRA terms add nothing to dx
-            return dx, None, None, None, None, None
         for (lora, offset), v in zip(ctx.loras, vs, strict=True):
             ctx.backend.backward(g_train, x_train, v, lora, ctx.meta, offset, dx)  # dx += LoRA term
         return dx, None, None, None, None, None
@@ -124,6 +117,5 @@ def lora_linear(x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tenso
         return y_train, y_rest
     with torch.no_grad():
         n_train = x_train.shape[0]
-        y, _ = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend_for(x_train.device),
-                        need_v=False)
+        y, _ = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend_for(x_train.device))
         return y[:n_train], y[n_train:]

@@ -46,19 +46,6 @@ def expand_ref(
             rows.copy_((rows.float() + delta).to(y.dtype))
 
 
-def lora_forward_ref(  # noqa: PLR0917
-    y: torch.Tensor, x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta, out_offset: int = 0,
-    need_v: bool = False,
-) -> torch.Tensor | None:
-    """Semantics (y in place):
-        v = shrink_ref(x, lora, meta); expand_ref(y, v, lora, meta, out_offset)
-        return v if need_v else None
-    """
-    v = shrink_ref(x, lora, meta)
-    expand_ref(y, v, lora, meta, out_offset)
-    return v if need_v else None
-
-
 def backward_ref(  # noqa: PLR0917
     g: torch.Tensor,
     x: torch.Tensor,

@@ -1,15 +1,12 @@
 """SMLM launchers: the Triton twins of ``kernels/reference.py`` (same signatures, same semantics).
 
 Each launcher asserts shapes and dtypes, picks block sizes from host-side sizes only (the metadata's
-host ints and the slot pool's host rank mirror, never a device read), and launches kernels of
-``kernels/smlm_jit.py`` over the row-block schedule that ``SMLMMeta.build`` copied to the device.
-Nothing here syncs with the GPU, so a forward can be captured in a CUDA graph.
+host ints, never a device read), and launches one kernel of ``kernels/smlm_jit.py`` over the
+row-block schedule that ``SMLMMeta.build`` copied to the device. Nothing here syncs with the GPU,
+so a forward can be captured in a CUDA graph.
 
-Kernel count per call: ``lora_forward`` 1 (fused shrink+expand, short segments) or 2 (shrink,
-expand); ``shrink`` 1, ``expand`` 1; ``backward`` 4 (dv, dx, grad_a, grad_b), each covering every
-adapter of the batch at once. No launcher zero-fills a scratch buffer: shrink writes every entry
-of ``v`` its blocks own (zeros past the slot's rank), as K-split partial slabs that the next kernel
-sums, and rows in no segment are never read.
+Kernel count per call: ``shrink`` 1, ``expand`` 1, ``backward`` 4 (dv, dx, grad_a, grad_b), each
+covering every adapter of the batch at once.
 """
 
 from __future__ import annotations
@@ -21,20 +18,11 @@ import torch
 import triton
 
 from .meta import SMLMMeta
-from .smlm_jit import expand_kernel, grad_kernel, shrink_expand_kernel, shrink_kernel
+from .smlm_jit import expand_kernel, grad_kernel, shrink_kernel
 from .weights import ModuleLoRA
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _RANK_STEP = 16  # expand's loop step over the rank: the smallest tl.dot K
-
-# lora_forward's choice between the fused kernel (one launch) and shrink + expand (two launches).
-# None: automatic (below); True / False: force it (tests, benchmarks). Env: LOQUETIER_SMLM_FUSED=1/0.
-FUSED: bool | None = {"1": True, "0": False}.get(os.environ.get("LOQUETIER_SMLM_FUSED", ""))
-# Automatic: fused when every block is one row tile (decode) and each program's re-read of its
-# slot's a tile (largest used rank x in_features x itemsize) is small, since every column group
-# of the fused grid reads it again (from L2) and one program streams it alone.
-FUSED_MAX_ROWS = 16
-FUSED_MAX_A_BYTES = 256 * 1024
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,50 +51,40 @@ def _check(lora: ModuleLoRA, x: torch.Tensor, k: int) -> None:
     assert lora.max_rank <= 128, "ranks above 128 need a wider accumulator tile"
 
 
-def _split_k(x: torch.Tensor, num_blocks: int, block_k: int) -> int:
-    """K splits when the blocks alone cannot fill the GPU (decode): each slot's a tile is still
-    read once per block, just by several programs."""
-    return max(1, min(triton.cdiv(4 * _num_sms(x.device), num_blocks), triton.cdiv(x.shape[1], 2 * block_k)))
-
-
-def _shrink_parts(x: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *, blocks: torch.Tensor,
-                  num_blocks: int, max_rows: int, with_scale: bool) -> torch.Tensor:
-    """[split_k, T, max_rank] fp32 partial sums over K splits: their sum over dim 0 is
-    (scale *) x[rows] @ w[slot, :r].T on every row of ``blocks`` (zeros past r); other rows are
-    undefined. Uninitialised buffer, plain stores."""
+def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
+                 blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool) -> None:
+    """v[rows, :r] = (scale *) x[rows] @ w[slot, :r].T over ``blocks`` (v zero-initialised)."""
     k = x.shape[1]
     block_m, block_r = _block_m(max_rows), _block_r(lora.max_rank)
     block_k = 128 if block_m * block_r <= 64 * 64 else 64
-    split_k = _split_k(x, num_blocks, block_k)
-    v = torch.empty(split_k, x.shape[0], lora.max_rank, dtype=torch.float32, device=x.device)
+    # Split K across programs when the blocks alone cannot fill the GPU (decode): each slot's
+    # A tile is still read once per block, just by several programs.
+    split_k = max(1, min(triton.cdiv(4 * _num_sms(x.device), num_blocks), triton.cdiv(k, 2 * block_k)))
     shrink_kernel[(num_blocks, split_k)](
         x, x.stride(0), x.stride(1),
         w, w.stride(0), w.stride(1), w.stride(2),
-        v, v.stride(0), v.stride(1),
+        v, v.stride(0),
         lora.ranks, lora.scales, blocks,
-        k, lora.max_rank, split_k,
-        HAS_SCALE=with_scale,
+        k, split_k,
+        HAS_SCALE=with_scale, ATOMIC=split_k > 1,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=4, num_stages=3, **_dot_kwargs(w),
     )
-    return v
 
 
 def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
                  blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool) -> None:
-    """y[rows] += (scale *) v[rows, :r] @ w[slot, :r] over ``blocks``, in place; v: [T, R] or
-    [split, T, R] partial sums."""
+    """y[rows] += (scale *) v[rows, :r] @ w[slot, :r] over ``blocks``, in place."""
     n = y.shape[1]
-    v = v if v.dim() == 3 else v.unsqueeze(0)
     block_m = _block_m(max_rows)
     block_n = 128 if INTERPRET or block_m >= 32 else 256
     grid = (num_blocks, triton.cdiv(n, block_n))
     expand_kernel[grid](
         y, y.stride(0), y.stride(1),
-        v, v.stride(0), v.stride(1),
+        v, v.stride(0),
         w, w.stride(0), w.stride(1), w.stride(2),
         lora.ranks, lora.scales, blocks,
-        n, v.shape[0],
+        n,
         HAS_SCALE=with_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
         num_warps=4, num_stages=2, **_dot_kwargs(w),
@@ -115,96 +93,32 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
 
 def _grad_into(grad: torch.Tensor, left: torch.Tensor, x: torch.Tensor, lora: ModuleLoRA, *,
                meta: SMLMMeta, with_scale: bool) -> None:
-    """grad[slot, :r] += (scale *) left[rows, :r].T @ x[rows] over the training blocks (atomics);
-    left: [T_train, R] or [split, T_train, R] partial sums."""
+    """grad[slot, :r] += (scale *) left[rows, :r].T @ x[rows] over the training blocks (atomics)."""
     n = x.shape[1]
-    left = left if left.dim() == 3 else left.unsqueeze(0)
     assert grad.stride(2) == 1 and grad.dtype == torch.float32
     block_n = 128
     grid = (meta.num_grad_blocks, triton.cdiv(n, block_n))
     grad_kernel[grid](
         grad, grad.stride(0), grad.stride(1),
-        left, left.stride(0), left.stride(1),
+        left, left.stride(0),
         x, x.stride(0), x.stride(1),
         lora.ranks, lora.scales, meta.grad_blocks,
-        n, left.shape[0],
+        n,
         HAS_SCALE=with_scale,
         BLOCK_M=64, BLOCK_N=block_n, BLOCK_R=_block_r(lora.max_rank),
         num_warps=4, num_stages=3, **_dot_kwargs(x),
     )
 
 
-def _reduce(parts: torch.Tensor) -> torch.Tensor:
-    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
-
-
 def shrink(x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> torch.Tensor:
-    """Semantics: see ``reference.shrink_ref``, except that rows in no segment are undefined (never
-    read by expand or backward). x: [T, in]; returns v: [T, max_rank] fp32."""
+    """Semantics: see ``reference.shrink_ref``. x: [T, in]; returns v: [T, max_rank] fp32."""
     _check(lora, x, lora.in_features)
     assert x.dtype == lora.a.dtype, f"x is {x.dtype}, lora.a is {lora.a.dtype}"
-    if not meta.num_blocks:
-        return torch.zeros(x.shape[0], lora.max_rank, dtype=torch.float32, device=x.device)
-    return _reduce(_shrink_parts(x, lora.a, lora, blocks=meta.blocks, num_blocks=meta.num_blocks,
-                                 max_rows=meta.max_seg_len, with_scale=False))
-
-
-def _use_fused(lora: ModuleLoRA, meta: SMLMMeta, x: torch.Tensor) -> bool:
-    if FUSED is not None:
-        return FUSED
-    if meta.max_seg_len > FUSED_MAX_ROWS:
-        return False
-    ranks = lora.host_ranks
-    rank = max((ranks[s] for s in meta.used_slots), default=0) if ranks is not None else lora.max_rank
-    return rank * x.shape[1] * x.element_size() <= FUSED_MAX_A_BYTES
-
-
-def _fused_into(y: torch.Tensor, x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta,
-                v: torch.Tensor | None) -> None:
-    n = y.shape[1]
-    block_m = _block_m(meta.max_seg_len)
-    block_r = _block_r(lora.max_rank)  # covers every slot's rank: no host rank needed
-    block_n = 32 if INTERPRET else 128
-    block_k = 128 if block_m * block_r <= 64 * 64 else 64
-    # column groups per block: enough programs to fill the GPU, few enough that a's re-reads stay small
-    n_split = max(1, min(triton.cdiv(n, block_n), triton.cdiv(2 * _num_sms(x.device), meta.num_blocks)))
-    vp = v if v is not None else y  # dummy pointer when v is not written
-    shrink_expand_kernel[(meta.num_blocks, n_split)](
-        x, x.stride(0), x.stride(1),
-        lora.a, lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
-        lora.b, lora.b.stride(0), lora.b.stride(1), lora.b.stride(2),
-        y, y.stride(0), y.stride(1),
-        vp, vp.stride(0),
-        lora.ranks, lora.scales, meta.blocks,
-        x.shape[1], n, lora.max_rank, n_split,
-        WRITE_V=v is not None,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=4, num_stages=3, **_dot_kwargs(lora.a),
-    )
-
-
-def lora_forward(y: torch.Tensor, x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta,  # noqa: PLR0917
-                 out_offset: int = 0, need_v: bool = False) -> torch.Tensor | None:
-    """Semantics: see ``reference.lora_forward_ref`` (shrink + expand in place, v returned when
-    ``need_v``), except that v's rows in no segment are undefined. One launch (fused) for short
-    segments with small a tiles (``_use_fused``), two otherwise; neither zero-fills anything.
-    y: [T, out_total] (any strides), x: [T, in]; returns v: [T, max_rank] fp32 or None."""
-    _check(lora, x, lora.in_features)
-    out = lora.out_features
-    assert x.dtype == lora.a.dtype, f"x is {x.dtype}, lora.a is {lora.a.dtype}"
-    assert y.dim() == 2 and y.shape[0] == x.shape[0] and 0 <= out_offset and out_offset + out <= y.shape[1]
-    if not meta.num_blocks:
-        return torch.zeros(x.shape[0], lora.max_rank, dtype=torch.float32, device=x.device) if need_v else None
-    ys = y.narrow(1, out_offset, out)
-    if _use_fused(lora, meta, x):
-        v = torch.empty(x.shape[0], lora.max_rank, dtype=torch.float32, device=x.device) if need_v else None
-        _fused_into(ys, x, lora, meta, v)
-        return v
-    parts = _shrink_parts(x, lora.a, lora, blocks=meta.blocks, num_blocks=meta.num_blocks,
-                          max_rows=meta.max_seg_len, with_scale=False)
-    _expand_into(ys, parts, lora.b, lora, blocks=meta.blocks, num_blocks=meta.num_blocks,
-                 max_rows=meta.max_seg_len, with_scale=True)
-    return _reduce(parts) if need_v else None
+    v = torch.zeros(x.shape[0], lora.max_rank, dtype=torch.float32, device=x.device)
+    if meta.num_blocks:
+        _shrink_into(v, x, lora.a, lora, blocks=meta.blocks, num_blocks=meta.num_blocks,
+                     max_rows=meta.max_seg_len, with_scale=False)
+    return v
 
 
 def expand(y: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta, out_offset: int = 0) -> None:
@@ -247,8 +161,9 @@ def backward(  # noqa: PLR0917
     _check_train_slots(lora, meta)
     gs = g.narrow(1, out_offset, lora.out_features)  # [n_train, out]
     max_rows = min(meta.max_seg_len, 64)
+    dv = torch.zeros(n_train, lora.max_rank, dtype=torch.float32, device=g.device)
     train = {"blocks": meta.blocks, "num_blocks": meta.num_train_blocks, "max_rows": max_rows}
-    dv = _shrink_parts(gs, lora.b, lora, **train, with_scale=True)  # sum(dv) = c * g @ b.T
+    _shrink_into(dv, gs, lora.b, lora, **train, with_scale=True)  # dv = c * g @ b.T
     _expand_into(dx, dv, lora.a, lora, **train, with_scale=False)  # dx += dv @ a
     _grad_into(lora.grad_a, dv, x, lora, meta=meta, with_scale=False)  # grad_a += dv.T @ x
     _grad_into(lora.grad_b, v, gs, lora, meta=meta, with_scale=True)  # grad_b += c * v.T @ g
