@@ -80,6 +80,7 @@ class Consumer:
             retry_backoff_ms=200,
         )
         self.is_paused = False
+        self.num_assignments = 0
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -144,6 +145,10 @@ class Consumer:
 
     async def commit(self, parts: set[TopicPartition] | None = None) -> bool:
         points = self.tracker.commit_points(parts)
+        for part, point in list(points.items()):
+            highwater = self.consumer.highwater(part) if part in self.consumer.assignment() else None
+            if highwater is not None and point > highwater:  # the log shrank under us: never commit past it
+                del points[part]
         if not points:
             return True
         try:
@@ -170,9 +175,28 @@ class Consumer:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.tracker.forget(assigned)  # fresh positions come from the group's committed offsets
+        await self._check_committed(assigned)
+        self.num_assignments += 1
         if self.is_paused:
             self.consumer.pause(*self._request_parts())
         log.info("partitions assigned", extra={"partitions": sorted(map(str, assigned))})
+
+    async def _check_committed(self, parts: set[TopicPartition]) -> None:
+        """A committed offset past the end of the log means the broker lost its data (an
+        in-memory broker restarted): read those partitions from the beginning instead of
+        skipping the new records. Reprocessing is safe, every handler is idempotent."""
+        try:
+            ends = await self.consumer.end_offsets(list(parts))
+            for part in parts:
+                committed = await self.consumer.committed(part)
+                if committed is not None and committed > ends.get(part, committed):
+                    log.warning(
+                        "committed offset beyond the log end, reading from the beginning",
+                        extra={"partition": str(part), "committed": committed, "end": ends.get(part)},
+                    )
+                    self.consumer.seek(part, 0)
+        except KafkaError as exc:
+            log.warning("could not check committed offsets", extra={"error": repr(exc)})
 
     async def close(self) -> None:
         """Commit what is done and leave the group."""

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-from loquetier.workers.convert import from_stored
 from sqlalchemy import select
 
 from loquetier.db import repo
@@ -14,6 +13,7 @@ from loquetier.db.models import AdapterRow, CheckpointRow
 from loquetier.db.session import create_engine, session_factory
 from loquetier.engine.sequence import SamplingParams
 from loquetier.lora.adapter import LoRAAdapter
+from loquetier.workers.convert import from_stored
 from tests.workers.conftest import client_for, running_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
