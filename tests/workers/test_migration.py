@@ -71,6 +71,10 @@ async def test_kill9_mid_training_resumes_elsewhere_with_identical_result(
         assert resumed and resumed[-1]["from_step"] >= step_at_kill  # lost work <= checkpoint_every steps
         adapter = await query(database_url, lambda s: s.scalar(
             select(AdapterRow).where(AdapterRow.adapter_id == "migrated")))
+        assert survivor.terminate() == 0  # SIGTERM: graceful stop
+        stopped = await query(database_url, lambda s: s.scalar(
+            select(WorkerRow.status).where(WorkerRow.worker_id == survivor.worker_id)))
+        assert stopped == "stopped"
     finally:
         for p in workers.values():
             p.terminate()
