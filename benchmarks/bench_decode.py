@@ -1,0 +1,104 @@
+"""Decode-step time at a fixed batch vs its memory floor, with and without 32 adapters.
+
+    python -m benchmarks.bench_decode --model 8b --device cuda --out DIR
+
+64 requests (200-token prompts) are prefilled, then pure decode steps (every row one token) are
+timed; the floor is the weight bytes one step must read / 4.27 TB/s. A torch profile of one decode
+step splits the time into GPU kernel time and the rest (host work: Python, launches, batch building).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.models import SPECS, prepare_base
+from loquetier import Engine, SamplingParams
+from loquetier.lora.adapter import LoRAAdapter
+from loquetier.lora.config import LoRAConfig
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HBM = 4.27e12
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int) -> dict[str, float]:
+    for i in range(batch):
+        prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
+        engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
+                           adapter_id=adapters[i % len(adapters)],
+                           sampling=SamplingParams(max_tokens=steps + 40, temperature=0.0, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        _sync()
+        t = time.perf_counter()
+        engine.step()
+        _sync()
+        times.append(time.perf_counter() - t)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        _sync()
+    averages = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in averages)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    for rid in list(engine.requests._requests):
+        engine.abort(rid)
+    engine.step()
+    return {"step_ms_median": statistics.median(times) * 1e3, "step_ms_min": min(times) * 1e3,
+            "gpu_kernel_ms_per_step": gpu_us / 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    spec = SPECS[args.model]
+    model, path = prepare_base(spec, Path("/tmp/loquetier-bench"), args.device, "bfloat16")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    kv_gb = 20.0 if args.device == "cuda" else 0.2
+    engine = Engine.from_pretrained(path, device=args.device, dtype="bfloat16", kv_memory_gb=kv_gb,
+                                    max_num_seqs=256, max_num_batched_tokens=8192, max_prefill_chunk=4096,
+                                    max_adapter_slots=32, num_train_slots=0, max_lora_rank=16, max_model_len=2048)
+    for i in range(32):
+        a = LoRAAdapter.new(LoRAConfig(rank=16, alpha=32, target_modules=TARGETS), engine.model.dims, seed=i)
+        for _, b in a.weights.values():
+            b.normal_(0, 0.01)
+        engine.load_adapter(f"a{i}", a)
+    floor_ms = spec.decode_weight_bytes() / HBM * 1e3
+    results = {"floor_ms": floor_ms}
+    for name, adapters in (("no adapters", [None]), ("32 adapters r16", [f"a{i}" for i in range(32)])):
+        r = run_case(engine, args.batch, adapters, args.steps)
+        r["x_floor"] = r["step_ms_median"] / floor_ms
+        results[name] = r
+        print(name, json.dumps(r), flush=True)
+    print("\n| case | decode step ms (median) | GPU kernel ms | floor ms | x floor |\n|---|---|---|---|---|")
+    for name in ("no adapters", "32 adapters r16"):
+        r = results[name]
+        print(f"| {name}, batch {args.batch} | {r['step_ms_median']:.2f} | {r['gpu_kernel_ms_per_step']:.2f} | "
+              f"{floor_ms:.2f} | {r['x_floor']:.2f} |")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "decode.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
