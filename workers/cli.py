@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("worker", help="run a worker: consume requests/jobs, serve and train on one device")
-    p.add_argument("--model", required=True, help="a local Hugging Face Llama-family model directory")
+    p.add_argument("--model", default=None,
+                   help="a local Hugging Face Llama-family model directory (default: LOQUETIER_ENGINE__MODEL_DIR)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: settings, 'auto')")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: settings, 'auto')")
     p.add_argument("--partitions", type=int, default=None, help="partitions of topics created at start")
@@ -92,7 +93,11 @@ def run_worker(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device, args.dtype, settings)
     from loquetier.engine.engine import Engine
 
-    engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, **engine_limits(settings))
+    model = args.model or settings.engine.model_dir
+    if model is None:
+        print("give --model DIR or set LOQUETIER_ENGINE__MODEL_DIR", file=sys.stderr)
+        return 2
+    engine = Engine.from_pretrained(model, device=device, dtype=dtype, **engine_limits(settings))
     metrics.serve(settings.worker.metrics_port)
     asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device, max_jobs=args.max_jobs))
     return 0
