@@ -157,12 +157,13 @@ def test_streaming_stop_strings_abort_and_kv_reclaimed(model_dir: Path) -> None:
         max_tokens=12, temperature=0, stop=[stop]), stream=True)
     engine.add_request("x", prompt="a pirate says", sampling=SamplingParams(max_tokens=50, temperature=0,
                                                                             ignore_eos=True))
-    streamed, finals = "", {}
+    streamed, streamed_ids, finals = "", [], {}
     for step in range(200):
         for e in engine.step():
             if isinstance(e, TokenEvent):
                 assert e.request_id == "s"
                 streamed += e.text
+                streamed_ids += e.token_ids
             elif isinstance(e, RequestFinished):
                 finals[e.request_id] = e
         if step == 3:
@@ -170,6 +171,7 @@ def test_streaming_stop_strings_abort_and_kv_reclaimed(model_dir: Path) -> None:
         if not engine.has_work():
             break
     assert finals["s"].finish_reason == "stop" and finals["s"].text == full.text[:2] == streamed
+    assert streamed_ids == finals["s"].token_ids
     assert finals["x"].finish_reason == "abort"
     assert engine.blocks.num_free_blocks == total_blocks
 

@@ -39,6 +39,7 @@ class _Request:
     seq: Seq
     stream: bool
     detok: IncrementalDetokenizer | None
+    num_streamed: int = 0  # output tokens already sent in TokenEvents
     logprobs: list[float] = field(default_factory=list)
     first_scheduled: float | None = None
 
@@ -101,31 +102,29 @@ class RequestBook:
                clock: Callable[[], float]) -> list[EngineEvent]:
         out: list[EngineEvent] = []
         finished = {s.seq_id: (s, m) for s, m in zip(step.finished, step.request_metrics, strict=True)}
-        for seq_id, _token in step.new_tokens:
+        for seq_id, token in step.new_tokens:
             r = self._requests.get(seq_id)
             if r is None:
                 continue
             if seq_id in logprobs and r.seq.sampling.logprobs:
                 r.logprobs.append(logprobs[seq_id])
-            if r.detok is None:
-                if r.stream:  # token-id-only model: stream the ids, no text
-                    out.append(TokenEvent(seq_id, [_token], ""))
-                continue
             if seq_id in finished:
-                continue
-            delta = r.detok.update(r.seq.output_token_ids)
-            if r.stream and delta:
-                out.append(TokenEvent(seq_id, [_token], delta))
-            if r.detok.stopped:
+                continue  # streamed with the final flush below
+            delta = r.detok.update(r.seq.output_token_ids) if r.detok is not None else ""
+            if r.stream:  # every token id is streamed, with the text it completes (possibly none yet)
+                out.append(TokenEvent(seq_id, [token], delta))
+                r.num_streamed += 1
+            if r.detok is not None and r.detok.stopped:
                 metrics = scheduler.finish(seq_id, "stop", clock())
                 if metrics is not None:
                     finished[seq_id] = (r.seq, metrics)
         for seq, metrics in finished.values():
             r = self._requests.get(seq.seq_id)
-            if r is not None and r.stream and r.detok is not None and not r.detok.stopped:
-                tail = r.detok.finish(seq.output_token_ids)
-                if tail:
-                    out.append(TokenEvent(seq.seq_id, [], tail))
+            if r is not None and r.stream:
+                rest = list(seq.output_token_ids[r.num_streamed :])
+                tail = r.detok.finish(seq.output_token_ids) if r.detok is not None else ""
+                if rest or tail:
+                    out.append(TokenEvent(seq.seq_id, rest, tail))
             out.append(self.finished(seq, metrics))
         return out
 
