@@ -29,7 +29,9 @@ def test_demo_scenario_end_to_end(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     shared_models = Path(os.environ.get("LOQUETIER_TEST_MODEL_CACHE", Path.home() / ".cache" / "loquetier"))
     model = shared_models / "SmolLM2-135M-Instruct"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOQUETIER_")}
+    # As a user runs it: no configured services, and real kernels (not the Triton interpreter
+    # that the test session turns on for the kernel tests).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOQUETIER_") and k != "TRITON_INTERPRET"}
     env.update(LOQUETIER_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     if not (model / "model.safetensors").is_file():  # convert once, shared across runs
         subprocess.run([sys.executable, "-m", "loquetier.models.gguf_convert"], check=True, env={
