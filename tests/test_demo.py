@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -24,9 +27,18 @@ def _services() -> set[tuple[int, str]]:
     return found
 
 
-def test_demo_scenario_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture
+def cache_dir() -> Iterator[Path]:
+    """A fresh cache (and so a fresh embedded PostgreSQL) that its service user can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="loquetier-demo-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_scenario_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     pytest.importorskip("gguf")
-    cache = tmp_path / "cache"
+    cache = cache_dir
     shared_models = Path(os.environ.get("LOQUETIER_TEST_MODEL_CACHE", Path.home() / ".cache" / "loquetier"))
     model = shared_models / "SmolLM2-135M-Instruct"
     # As a user runs it: no configured services, and real kernels (not the Triton interpreter
@@ -53,6 +65,7 @@ def test_demo_scenario_end_to_end(tmp_path: Path) -> None:
     pirate = [a["answer"] for a in report["answers"] if a["adapter"] == "pirate"]
     assert pirate and all("arr" in a.lower() for a in pirate)
     # Every job in PostgreSQL ended succeeded; nothing is left running.
+    assert report["job"]["status"] == "succeeded"
     assert report["jobs"] and {j["status"] for j in report["jobs"]} == {"succeeded"}
     assert "worker and services stopped" in proc.stdout
     assert _services() - before == set()
