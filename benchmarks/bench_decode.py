@@ -77,7 +77,8 @@ def main() -> None:
     kv_gb = 20.0 if args.device == "cuda" else 0.2
     engine = Engine.from_pretrained(path, device=args.device, dtype="bfloat16", kv_memory_gb=kv_gb,
                                     max_num_seqs=256, max_num_batched_tokens=8192, max_prefill_chunk=4096,
-                                    max_adapter_slots=32, num_train_slots=0, max_lora_rank=16, max_model_len=2048)
+                                    max_adapter_slots=32, num_train_slots=0, max_lora_rank=16, max_model_len=2048,
+                                    adapter_cache_bytes=16 << 30)
     for i in range(32):
         a = LoRAAdapter.new(LoRAConfig(rank=16, alpha=32, target_modules=TARGETS), engine.model.dims, seed=i)
         for _, b in a.weights.values():
