@@ -23,21 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .jit_common import dot as _dot
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
 _MIN_SPLIT_TOKENS = 256  # a partition shorter than this costs more in the combine than it saves
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit

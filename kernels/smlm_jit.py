@@ -14,16 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
+from .jit_common import dot as _dot
 
 
 @triton.jit
