@@ -19,8 +19,10 @@ import torch
 
 from benchmarks.models import SPECS, prepare_base
 from loquetier import Engine, SamplingParams
+from loquetier.engine.graphs import DecodeGraphs, DecodeRow
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import LoRAConfig
+from loquetier.models.batch import BatchBuilder
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HBM = 4.27e12
@@ -31,14 +33,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int) -> dict[str, float]:
-    for i in range(batch):
-        prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
-        engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
-                           adapter_id=adapters[i % len(adapters)],
-                           sampling=SamplingParams(max_tokens=steps + 40, temperature=0.0, ignore_eos=True))
-    while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
-        engine.step()
+def _timed_steps(engine: Engine, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         _sync()
@@ -46,19 +41,72 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int)
         engine.step()
         _sync()
         times.append(time.perf_counter() - t)
+    return times
+
+
+def _profiled_gpu_ms(engine: Engine) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step()
         _sync()
     averages = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in averages)
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    return sum(e.self_device_time_total for e in averages) / 1e3
+
+
+def _check_graph_logits(engine: Engine, graphs: DecodeGraphs) -> dict[str, float]:
+    """One decode step's logits from the captured graph vs the plain forward, same rows, same state
+    (both write the same K/V values at the same slots)."""
+    rows = []
+    b = BatchBuilder(engine.config.block_size)
+    for seq in engine.scheduler.running:
+        table = engine.blocks.block_table(seq.seq_id)
+        if len(table) * engine.config.block_size <= seq.num_computed_tokens:
+            continue  # its next block is allocated by the next scheduled step, not here
+        slot = engine.runner._slot(seq.adapter_id)
+        rows.append(DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens, table, slot))
+        b.add_decode(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens, table, slot=slot)
+    with torch.no_grad():
+        fb = b.build(engine.device)
+        plain = engine.model.forward(fb, engine.kv).logits
+        got, ids = graphs.run(rows)
+    assert plain is not None
+    order = {sid: i for i, sid in enumerate(fb.logits_seq_ids)}
+    plain = plain[[order[i] for i in ids]]
+    diff = (got - plain).abs().max().item()
+    scale = plain.abs().max().item()
+    agree = (got.argmax(-1) == plain.argmax(-1)).float().mean().item()
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "argmax_agreement": agree}
+
+
+def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int) -> dict[str, float]:
+    for i in range(batch):
+        prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
+        engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
+                           adapter_id=adapters[i % len(adapters)],
+                           sampling=SamplingParams(max_tokens=3 * steps + 40, temperature=0.0, ignore_eos=True))
+    graphs = engine.runner.graphs
+    engine.runner.graphs = None
+    while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    # first (every block table already holds the next position): captures this bucket's graph
+    check = _check_graph_logits(engine, graphs) if graphs is not None else {}
+    eager = _timed_steps(engine, steps)
+    eager_gpu = _profiled_gpu_ms(engine)
+    out: dict[str, float] = {"step_ms_median": statistics.median(eager) * 1e3, "step_ms_min": min(eager) * 1e3,
+                             "gpu_kernel_ms_per_step": eager_gpu}
+    if graphs is not None:
+        engine.runner.graphs = graphs
+        before = engine.runner.num_graph_steps
+        replayed = _timed_steps(engine, steps)
+        assert engine.runner.num_graph_steps - before == steps, "decode steps did not replay graphs"
+        out |= {"graph_step_ms_median": statistics.median(replayed) * 1e3, "graph_step_ms_min": min(replayed) * 1e3,
+                "graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine), **{f"graph_{k}": v for k, v in check.items()}}
     for rid in list(engine.requests._requests):
         engine.abort(rid)
     engine.step()
-    return {"step_ms_median": statistics.median(times) * 1e3, "step_ms_min": min(times) * 1e3,
-            "gpu_kernel_ms_per_step": gpu_us / 1e3}
+    return out
 
 
 def main() -> None:
@@ -68,6 +116,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cuda-graphs", default="auto", help="engine cuda_graphs: auto | on | off | eager")
     args = ap.parse_args()
     spec = SPECS[args.model]
     model, path = prepare_base(spec, Path("/tmp/loquetier-bench"), args.device, "bfloat16")
@@ -78,26 +127,40 @@ def main() -> None:
     engine = Engine.from_pretrained(path, device=args.device, dtype="bfloat16", kv_memory_gb=kv_gb,
                                     max_num_seqs=256, max_num_batched_tokens=8192, max_prefill_chunk=4096,
                                     max_adapter_slots=32, num_train_slots=0, max_lora_rank=16, max_model_len=2048,
-                                    adapter_cache_bytes=16 << 30)
+                                    adapter_cache_bytes=16 << 30, cuda_graphs=args.cuda_graphs)
     for i in range(32):
         a = LoRAAdapter.new(LoRAConfig(rank=16, alpha=32, target_modules=TARGETS), engine.model.dims, seed=i)
         for _, b in a.weights.values():
             b.normal_(0, 0.01)
         engine.load_adapter(f"a{i}", a)
     floor_ms = spec.decode_weight_bytes() / HBM * 1e3
-    results = {"floor_ms": floor_ms}
+    results: dict[str, object] = {"floor_ms": floor_ms, "gpu": torch.cuda.get_device_name() if args.device == "cuda"
+                                  else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     for name, adapters in (("no adapters", [None]), ("32 adapters r16", [f"a{i}" for i in range(32)])):
         r = run_case(engine, args.batch, adapters, args.steps)
         r["x_floor"] = r["step_ms_median"] / floor_ms
+        if "graph_step_ms_median" in r:
+            r["graph_x_floor"] = r["graph_step_ms_median"] / floor_ms
         results[name] = r
         print(name, json.dumps(r), flush=True)
-    print("\n| case | decode step ms (median) | GPU kernel ms | floor ms | x floor |\n|---|---|---|---|---|")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "decode.json").write_text(json.dumps(results, indent=1))
+    t = time.perf_counter()
+    captured = engine.capture_graphs()
+    results["capture_all"] = {"graphs": captured, "seconds": time.perf_counter() - t}
+    print("captured", results["capture_all"], flush=True)
+    print(f"\n| case, batch {args.batch} | path | decode step ms (median) | GPU kernel ms | floor ms | x floor |")
+    print("|---|---|---|---|---|---|")
     for name in ("no adapters", "32 adapters r16"):
         r = results[name]
-        print(f"| {name}, batch {args.batch} | {r['step_ms_median']:.2f} | {r['gpu_kernel_ms_per_step']:.2f} | "
+        assert isinstance(r, dict)
+        print(f"| {name} | eager | {r['step_ms_median']:.2f} | {r['gpu_kernel_ms_per_step']:.2f} | "
               f"{floor_ms:.2f} | {r['x_floor']:.2f} |")
+        if "graph_step_ms_median" in r:
+            print(f"| {name} | CUDA graph | {r['graph_step_ms_median']:.2f} | {r['graph_gpu_kernel_ms_per_step']:.2f}"
+                  f" | {floor_ms:.2f} | {r['graph_x_floor']:.2f} |")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "decode.json").write_text(json.dumps(results, indent=1))
 
 

@@ -364,7 +364,9 @@ def warmup(
             if not engine.has_work():
                 break
             engine.step()
-    log(f"[engine] warm-up in {time.perf_counter() - t0:.1f}s")
+    t1 = time.perf_counter()
+    captured = engine.capture_graphs()  # decode CUDA graphs of every batch bucket, before any timing
+    log(f"[engine] warm-up in {t1 - t0:.1f}s, {captured} decode CUDA graphs in {time.perf_counter() - t1:.1f}s")
 
 
 def cancel_jobs(engine: Engine, job_ids: Sequence[str]) -> None:

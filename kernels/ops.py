@@ -117,5 +117,6 @@ def lora_linear(x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tenso
         return y_train, y_rest
     with torch.no_grad():
         n_train = x_train.shape[0]
-        y, _ = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend_for(x_train.device))
+        x = x_rest if n_train == 0 else x_train if x_rest.shape[0] == 0 else torch.cat([x_train, x_rest])
+        y, _ = _forward(x, weight, bias, loras, meta, backend_for(x_train.device))  # no copy for one part
         return y[:n_train], y[n_train:]

@@ -9,7 +9,8 @@
 result of anything submitted through this client is never missed), or from a timestamp.
 It ends once every id reached a final record ("result"/"error" for a request,
 "job_done"/"error" for a job) unless ``follow`` is set. The worker delivers at least once:
-a result may arrive twice, identical.
+a result may arrive twice, identical. A results log that shrinks under the reader (a broker
+that lost its data and started over) is read again from its beginning.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ class LoquetierClient:
             await self._position(consumer, since_ms, from_beginning)
             while follow or open_ids or wanted is None:
                 batches = await consumer.getmany(timeout_ms=200)
+                if not batches:
+                    await self._rewind_shrunk(consumer)
                 for records in batches.values():
                     for msg in records:
                         try:
@@ -200,6 +203,14 @@ class LoquetierClient:
                     return
         finally:
             await consumer.stop()
+
+    @staticmethod
+    async def _rewind_shrunk(consumer: AIOKafkaConsumer) -> None:
+        """Seek to the start of every partition whose log end fell below our position."""
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            if end is not None and end < await consumer.position(tp):
+                consumer.seek(tp, 0)
 
     async def _position(self, consumer: AIOKafkaConsumer, since_ms: int | None, from_beginning: bool) -> None:
         topic = self.kafka.results_topic

@@ -14,6 +14,7 @@ from wire_samples import SAMPLES
 
 from loquetier.messages import (
     DeadLetter,
+    ErrorResult,
     GenerateRequest,
     RecordError,
     TopicKind,
@@ -182,3 +183,34 @@ async def test_dead_letter_records_round_trip(kafka_bootstrap: str, consume: Any
         await producer.stop()
     got = await consume(f"dlq-{uuid.uuid4().hex[:6]}", [topic], 1)
     assert decode_record("dlq", got[0].value or b"") == letter
+
+
+async def test_client_reads_a_results_log_that_started_over(kafka_bootstrap: str) -> None:
+    """A broker that lost its data (an in-memory broker restarted) starts the results log
+    over at offset 0, below where the client stood: the client reads it again from the start
+    instead of waiting forever past its end."""
+    from loquetier.producers.client import LoquetierClient
+    from loquetier.settings import KafkaSettings
+
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    kafka = KafkaSettings(bootstrap=kafka_bootstrap, results_topic=f"{prefix}.results", num_partitions=1)
+    await create_topics(kafka_bootstrap, [kafka.results_topic], num_partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        for i in range(3):
+            old = ErrorResult(request_id=f"old{i}", code="internal", message="before the restart")
+            await producer.send_and_wait(kafka.results_topic, encode_record(old), partition=0)
+        async with LoquetierClient(kafka_bootstrap, kafka) as client:  # stands at offset 3
+            await admin.delete_topics([kafka.results_topic])
+            assert await create_topics(kafka_bootstrap, [kafka.results_topic], num_partitions=1)
+            new = ErrorResult(request_id="new", code="internal", message="after the restart")
+            meta = await producer.send_and_wait(kafka.results_topic, encode_record(new), partition=0)
+            assert meta.offset == 0
+            got = await client.wait_result("new", timeout=20)
+            assert got.request_id == "new" and got.message == "after the restart"
+    finally:
+        await admin.close()
+        await producer.stop()

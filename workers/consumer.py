@@ -27,6 +27,7 @@ from loquetier.settings import KafkaSettings
 
 from .metrics import PAUSED
 from .offsets import OffsetTracker
+from .topics import forbid_auto_create
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class Consumer:
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
             retry_backoff_ms=200,
+            metadata_max_age_ms=5_000,  # a topic created after start is seen within seconds
         )
+        forbid_auto_create(self.consumer)
         self.is_paused = False
         self.num_assignments = 0
         self._stopping = asyncio.Event()

@@ -17,8 +17,8 @@ P = TypeVar("P")  # a partition key, e.g. aiokafka's TopicPartition
 class PartitionOffsets:
     """Offsets of one partition, accepted in increasing order, finished in any order."""
 
-    def __init__(self) -> None:
-        self.epoch = 0  # bumped when offsets go back (a reset or a broker that lost its log)
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch  # bumped when offsets go back (a reset or a broker that lost its log)
         self._pending: deque[int] = deque()  # accepted, in order; the head may be done
         self._done: set[int] = set()  # done but not yet below the commit point
         self._last_accepted: int | None = None
@@ -78,9 +78,15 @@ class OffsetTracker(Generic[P]):
 
     def __init__(self) -> None:
         self._parts: dict[P, PartitionOffsets] = {}
+        self._next_epoch: dict[P, int] = {}  # survives forget(): a re-assigned partition never reuses an epoch
 
     def accept(self, part: P, offset: int) -> int:
-        return self._parts.setdefault(part, PartitionOffsets()).accept(offset)
+        offsets = self._parts.get(part)
+        if offsets is None:
+            offsets = self._parts[part] = PartitionOffsets(self._next_epoch.get(part, 0))
+        epoch = offsets.accept(offset)
+        self._next_epoch[part] = epoch + 1
+        return epoch
 
     def done(self, part: P, offset: int, epoch: int | None = None) -> None:
         offsets = self._parts.get(part)
@@ -111,7 +117,10 @@ class OffsetTracker(Generic[P]):
                 offsets.mark_committed(position)
 
     def forget(self, parts: set[P] | list[P]) -> None:
-        """Drop revoked partitions; their pending records are redelivered to the new owner."""
+        """Drop revoked partitions; their pending records are redelivered to the new owner.
+
+        Records of a forgotten partition that finish later carry their old epoch, which a
+        re-assigned partition never reuses, so they cannot mark a new record done."""
         for part in parts:
             self._parts.pop(part, None)
 

@@ -18,6 +18,8 @@ from loquetier.codec import Record
 from loquetier.messages import DeadLetter, encode_record
 from loquetier.settings import KafkaSettings
 
+from .topics import forbid_auto_create
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,9 @@ class Publisher:
             max_request_size=kafka.max_record_bytes + 64 * 1024,
             request_timeout_ms=10_000,
             retry_backoff_ms=200,
+            metadata_max_age_ms=5_000,
         )
+        forbid_auto_create(self._producer)
         self.closing = False
         self.num_published = 0
         self.num_retries = 0
@@ -82,6 +86,6 @@ class Publisher:
                 if self.closing:
                     raise
                 self.num_retries += 1
-                log.warning("publish failed, retrying", extra={"topic": topic, "error": repr(exc)})
+                log.warning("publish failed, retrying: %s %r", topic, exc, extra={"topic": topic, "error": repr(exc)})
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, self._max_backoff_s)

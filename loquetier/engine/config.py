@@ -28,6 +28,10 @@ class EngineConfig:
     default_ttft_ms: float = 1000.0
     default_tpot_ms: float = 100.0
     seed: int = 0
+    # Decode-only steps replayed from CUDA graphs (engine/graphs.py): "auto" = on CUDA with the
+    # Triton paged-decode kernel; "on" = required; "off"; "eager" = the same static padded path
+    # without capturing (tests, debugging).
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -48,6 +52,8 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.kv_memory_gb <= 0:
             raise ValueError("kv_memory_gb must be > 0")
+        if self.cuda_graphs not in ("auto", "on", "off", "eager"):
+            raise ValueError(f"cuda_graphs must be 'auto', 'on', 'off' or 'eager', got {self.cuda_graphs!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
 

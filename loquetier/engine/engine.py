@@ -26,6 +26,7 @@ from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import EngineEvent, RequestFailed
+from loquetier.engine.graphs import DecodeGraphs
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
@@ -38,6 +39,7 @@ from loquetier.lora.config import AdapterError
 from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import LoRASlotPool
+from loquetier.models.attention import decode_uses_triton
 from loquetier.models.llama import LlamaModel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +66,8 @@ class Engine:
         per_block = KVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads,
                                             cfg.head_dim, cfg.dtype)
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_memory_gb * (1 << 30)) // per_block)
-        self.kv = model.make_kv_cache(num_blocks, config.block_size)
+        # one block more than the manager hands out: the scratch block of padded graph rows
+        self.kv = model.make_kv_cache(num_blocks + 1, config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         eos = set(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -77,13 +80,32 @@ class Engine:
         self.scheduler = Scheduler(
             sched_cfg, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
             AdapterSlotGate(self.adapters), eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
-        self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config)
+        self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config,
+                                  graphs=self._decode_graphs(model, config, num_blocks))
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
         self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
         self._clock = time.monotonic
         self._backlog: list[EngineEvent] = []
         self._ids = itertools.count()
         self.num_steps = 0
+
+    def _decode_graphs(self, model: LlamaModel, config: EngineConfig, scratch_block: int) -> DecodeGraphs | None:
+        mode = config.cuda_graphs
+        if mode == "off":
+            return None
+        capturable = self.device.type == "cuda" and decode_uses_triton(model.attn_impl, self.device)
+        if mode == "on" and not capturable:
+            raise EngineError("no_device", "cuda_graphs='on' needs CUDA and the Triton paged-decode kernel")
+        if mode == "auto" and not capturable:
+            return None
+        return DecodeGraphs(model, self.kv, config.max_num_seqs, self.max_model_len, scratch_block,
+                            mode="eager" if mode == "eager" else "capture")
+
+    def capture_graphs(self) -> int:
+        """Capture the decode CUDA graphs of every batch-size bucket now (a few seconds for an 8B
+        model) instead of on each bucket's first decode step; returns how many were captured."""
+        graphs = self.runner.graphs
+        return graphs.capture_all() if graphs is not None else 0
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from loquetier.engine.config import EngineConfig
+from loquetier.engine.graphs import DecodeGraphs, DecodeRow
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.sampler import SamplingTensors, sample
 from loquetier.engine.sequence import ScheduledBatch
@@ -32,10 +35,12 @@ class RunResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, adapters: AdapterManager,
-                 config: EngineConfig) -> None:
+    def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, adapters: AdapterManager,  # noqa: PLR0917
+                 config: EngineConfig, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.kv, self.blocks, self.adapters, self.config = model, kv, blocks, adapters, config
+        self.graphs = graphs
         self.num_backward_rows = 0  # rows that entered autograd, summed over steps (tests read it)
+        self.num_graph_steps = 0  # decode-only steps served by DecodeGraphs
 
     def _slot(self, adapter_id: str | None) -> int:
         if adapter_id is None:
@@ -45,8 +50,27 @@ class ModelRunner:
             raise RuntimeError(f"adapter {adapter_id!r} is scheduled but holds no slot")
         return slot
 
+    def _graph_step(self, batch: ScheduledBatch) -> bool:
+        g = self.graphs
+        return (g is not None and not batch.train_chunks and not batch.eval_chunks and not batch.prefill_chunks
+                and 0 < len(batch.decode_seqs) <= g.max_batch)
+
     def run(self, batch: ScheduledBatch, jobs: JobBook, requests: RequestBook) -> RunResult:
         res = RunResult()
+        if self._graph_step(batch):
+            assert self.graphs is not None
+            rows = [DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
+                              self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
+                    for seq in batch.decode_seqs]
+            try:
+                logits, seq_ids = self.graphs.run(rows)
+            except RuntimeError as exc:  # a capture this torch / driver cannot do: plain steps from now on
+                warnings.warn(f"decode CUDA graphs disabled: {exc}", stacklevel=2)
+                self.graphs = None
+            else:
+                self.num_graph_steps += 1
+                self._sample(res, logits, seq_ids, requests)
+                return res
         b = BatchBuilder(self.config.block_size)
         pieces: list[Piece] = []
         for chunks, add, used in ((batch.train_chunks, b.add_train, res.train_tokens),
@@ -80,16 +104,20 @@ class ModelRunner:
             sums, counts, correct = (t.detach().tolist() for t in (out.loss_sum, out.token_count, out.correct))
             res.pieces = [(p, sums[g], int(counts[g]), int(correct[g])) for g, p in enumerate(pieces)]
         if out.logits is not None:
-            ids = [str(s) for s in fb.logits_seq_ids]
-            seqs = [requests.seq(i) for i in ids]
-            if any(s is None for s in seqs):
-                raise RuntimeError("a logits row belongs to no known request")
-            st = SamplingTensors.build([s.sampling for s in seqs if s is not None],
-                                       [s.num_output_tokens for s in seqs if s is not None],
-                                       out.logits.device, requests.generator)
-            want = any(s.sampling.logprobs for s in seqs if s is not None)
-            sampled = sample(out.logits, st, want_logprobs=want)
-            res.sampled = dict(zip(ids, sampled.token_ids.tolist(), strict=True))
-            if sampled.logprobs is not None:
-                res.logprobs = dict(zip(ids, sampled.logprobs.tolist(), strict=True))
+            self._sample(res, out.logits, fb.logits_seq_ids, requests)
         return res
+
+    @staticmethod
+    def _sample(res: RunResult, logits: torch.Tensor, seq_ids: Sequence[Hashable], requests: RequestBook) -> None:
+        ids = [str(s) for s in seq_ids]
+        seqs = [requests.seq(i) for i in ids]
+        if any(s is None for s in seqs):
+            raise RuntimeError("a logits row belongs to no known request")
+        st = SamplingTensors.build([s.sampling for s in seqs if s is not None],
+                                   [s.num_output_tokens for s in seqs if s is not None],
+                                   logits.device, requests.generator)
+        want = any(s.sampling.logprobs for s in seqs if s is not None)
+        sampled = sample(logits, st, want_logprobs=want)
+        res.sampled = dict(zip(ids, sampled.token_ids.tolist(), strict=True))
+        if sampled.logprobs is not None:
+            res.logprobs = dict(zip(ids, sampled.logprobs.tolist(), strict=True))

@@ -87,6 +87,14 @@ def _decode_by_triton(impl: str, device: torch.device) -> bool:
     return True
 
 
+def decode_uses_triton(impl: str, device: torch.device) -> bool:
+    """Whether decode rows on ``device`` go to the Triton paged-decode kernel (no error raised)."""
+    try:
+        return _decode_by_triton(impl, device)
+    except ValueError:
+        return False
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The impl of varlen rows and prefill chunks; decode rows: ``_decode_by_triton``."""
     if impl not in IMPLS:

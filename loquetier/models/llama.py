@@ -146,14 +146,15 @@ class DecoderLayer(nn.Module):
         b, scale = st.batch, self.cfg.head_dim**-0.5
         q, k, v = self._split(qkv_r, st.cos_r, st.sin_r)
         ne = b.num_eval
-        outs = [varlen_attention(q[:ne], k[:ne], v[:ne], b.eval, scale, self.window, st.attn_impl)]
+        outs = [varlen_attention(q[:ne], k[:ne], v[:ne], b.eval, scale, self.window, st.attn_impl)] if ne else []
         if q.shape[0] > ne:
             if st.kv is None:
                 raise ValueError("prefill/decode rows need a KVCache")
             k_cache, v_cache = st.kv.k[self.index], st.kv.v[self.index]
             write_kv(k_cache, v_cache, k[ne:], v[ne:], b.paged.slot_mapping)
             outs.append(paged_attention(q[ne:], k_cache, v_cache, b.paged, scale, self.window, st.attn_impl))
-        return torch.cat(outs).reshape(q.shape[0], -1)  # [n_rest, Hq * D]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.reshape(q.shape[0], -1)  # [n_rest, Hq * D]
 
 
 class LlamaModel(nn.Module):

@@ -157,3 +157,18 @@ def test_random_against_a_reference(seed: int) -> None:
                 last_committed = point
         assert p.num_pending == len(offsets) - len(done)
     assert p.num_pending == 0
+
+
+def test_a_reassigned_partition_never_reuses_an_epoch() -> None:
+    """A partition revoked and assigned again (e.g. a broker that lost its log) starts over at
+    the same offsets: a late finish of the old record 0 must not mark the new record 0 done."""
+    t: OffsetTracker[tuple[str, int]] = OffsetTracker()
+    a = ("req", 0)
+    old = t.accept(a, 0)
+    t.forget([a])
+    new = t.accept(a, 0)
+    assert new != old
+    t.done(a, 0, old)
+    assert t.num_pending(a) == 1 and t.commit_points() == {}
+    t.done(a, 0, new)
+    assert t.commit_points() == {a: 1}

@@ -1,0 +1,137 @@
+"""Decode steps through DecodeGraphs' static, padded layout (engine/graphs.py).
+
+CUDA graphs cannot be captured on a CPU, so these tests run the same static buffers, padding
+rows, scratch KV block and fixed-size SMLM schedule eagerly (``cuda_graphs="eager"``) and check
+that the engine's output is the plain step's, token for token. With TRITON_INTERPRET=1 (CI) the
+Triton SMLM and paged-decode kernels run over the padded layout exactly as a captured graph
+would launch them; the GPU benchmark checks the captured graphs against eager steps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from loquetier import Engine, SamplingParams, TrainingParams
+from loquetier.engine.graphs import DecodeGraphs, DecodeRow, bucket_sizes
+from loquetier.kernels import force_backend
+from tests.test_engine import make_engine, train_data
+from tests.tiny import make_tiny_model
+
+PROMPTS = ["the quick brown fox", "what is the capital", "a pirate says", "fine tuning and",
+           "one two three", "hello there", "lorem ipsum dolor"]
+ADAPTERS = ["a", None, "b", "a", None, "b", "b"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-graphs") / "llama")
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request: pytest.FixtureRequest):
+    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+    force_backend(request.param)
+    yield request.param
+    force_backend(None)
+
+
+def graph_engine(model_dir: Path, backend: str, **limits) -> Engine:
+    engine = make_engine(model_dir, cuda_graphs="eager", **limits)
+    if backend == "triton":
+        engine.model.attn_impl = "triton"  # the paged-decode kernel, as on the GPU
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.max_num_seqs,
+                                            engine.max_model_len, engine.blocks.num_blocks, mode="eager")
+    return engine
+
+
+def test_bucket_sizes() -> None:
+    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert bucket_sizes(5) == [1, 2, 4, 5]
+    assert bucket_sizes(1) == [1]
+
+
+def test_decode_through_the_static_layout_matches_plain_steps(model_dir: Path, backend: str) -> None:
+    sampling = [SamplingParams(max_tokens=7, temperature=0.0, logprobs=True),
+                SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, seed=3)]
+    plain = make_engine(model_dir, cuda_graphs="off")
+    graphs = graph_engine(model_dir, backend)
+    assert plain.runner.graphs is None and graphs.runner.graphs is not None
+    want = plain.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling * 3 + sampling[:1])
+    got = graphs.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling * 3 + sampling[:1])
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for g, w in zip(got, want, strict=True):
+        if w.logprobs is not None:
+            assert g.logprobs is not None
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=2e-4, rtol=0)
+    assert graphs.runner.num_graph_steps >= 4  # 7 rows in a bucket of 8, then fewer as requests finish
+    # base-model rows alone go through the variant without SMLM launches
+    base = graphs.generate(PROMPTS[:3], sampling=SamplingParams(max_tokens=4, temperature=0.0))
+    assert [o.token_ids for o in base] == [
+        o.token_ids for o in plain.generate(PROMPTS[:3], sampling=SamplingParams(max_tokens=4, temperature=0.0))]
+
+
+def test_scratch_block_is_never_handed_out_and_padding_writes_only_there(model_dir: Path) -> None:
+    force_backend("reference")
+    try:
+        engine = make_engine(model_dir, cuda_graphs="eager", num_kv_blocks=40)
+        assert engine.kv.num_blocks == engine.blocks.num_blocks + 1 == 41
+        scratch = engine.blocks.num_blocks
+        live = engine.kv.k[0][:scratch].clone()
+        graphs = engine.runner.graphs
+        assert graphs is not None
+        engine.generate(["x y z"], sampling=SamplingParams(max_tokens=3, temperature=0.0))
+        assert graphs.bucket_for(1) == 1
+        # a request of 3 rows padded to 4: padding K/V land in the scratch block only
+        before = engine.kv.k[0][:scratch].clone()
+        engine.generate(PROMPTS[:3], sampling=SamplingParams(max_tokens=3, temperature=0.0))
+        assert not torch.equal(engine.kv.k[0][scratch], torch.zeros_like(engine.kv.k[0][scratch]))
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+        del live, before
+    finally:
+        force_backend(None)
+
+
+def test_mixed_steps_with_training_fall_back_to_the_plain_path(model_dir: Path) -> None:
+    force_backend("reference")
+    try:
+        plain = make_engine(model_dir, cuda_graphs="off")
+        graphs = make_engine(model_dir, cuda_graphs="eager")
+        params = TrainingParams(optimizer="adamw", lr=5e-3, max_steps=3, micro_batch_tokens=20, seed=1)
+        lora = dict(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+        outs = []
+        for engine in (plain, graphs):
+            engine.add_training_job("job", train_data(0), params, lora=lora)
+            outs.append(engine.generate(PROMPTS[:4], adapter_ids=ADAPTERS[:4],
+                                        sampling=SamplingParams(max_tokens=6, temperature=0.0)))
+            engine.run_until_idle()
+        assert [o.token_ids for o in outs[1]] == [o.token_ids for o in outs[0]]
+        w_plain = plain.adapters.export("job") if hasattr(plain.adapters, "export") else None
+        del w_plain
+    finally:
+        force_backend(None)
+
+
+def test_rows_are_checked() -> None:
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        from loquetier.engine.config import EngineConfig
+
+        EngineConfig(cuda_graphs="sometimes")
+
+
+def test_graph_rows_reject_a_short_block_table(model_dir: Path) -> None:
+    force_backend("reference")
+    try:
+        engine = make_engine(model_dir, cuda_graphs="eager")
+        graphs = engine.runner.graphs
+        assert graphs is not None
+        with pytest.raises(ValueError, match="cannot hold position"):
+            graphs.run([DecodeRow("s", 5, position=20, block_table=[0, 1], slot=-1)])  # 2 blocks of 8 < 21
+        with pytest.raises(ValueError, match="decode rows"):
+            graphs.run([])
+    finally:
+        force_backend(None)
