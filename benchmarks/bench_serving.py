@@ -35,7 +35,7 @@ from .metrics import (
     ratio,
     summarize_serving,
 )
-from .models import adapter_ranks, prepare_adapters, prepare_base
+from .models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
 from .replay import decode_step_times, make_engine, replay_engine, warmup
 from .workload import Trace, make_trace
 
@@ -89,16 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     peft_model = prepare_adapters(hf, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
-    prepare_adapters(
-        hf,
-        adapters_mixed,
-        ids_mixed,
-        adapter_ranks(n, True),
-        seed=args.seed + 1,
-        peft_model=peft_model,
-        keep=False,
-        log=log,
-    )
+    write_adapters(spec, adapters_mixed, ids_mixed, adapter_ranks(n, True), seed=args.seed + 1, log=log)
     if not args.no_baselines:
         record(
             PEFT, common.attempt(PEFT, errors, log, replay_hf, peft_model, trace, use_adapters=True, **hf_kw)

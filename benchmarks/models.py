@@ -309,6 +309,36 @@ def prepare_adapters(
     return peft_model
 
 
+def write_adapters(
+    spec: ModelSpec, root: Path, adapter_ids: Sequence[str], ranks: Sequence[int], *, seed: int = 0,
+    log: Any = print,
+) -> None:
+    """PEFT-format adapter directories written directly (no PEFT model: seconds, not minutes), for
+    runs where only our engine reads them. Random non-zero A and B as in ``_randomize_adapter``."""
+    from loquetier.lora.adapter import LoRAAdapter
+    from loquetier.lora.config import LoRAConfig
+    from loquetier.lora.pool import ModelDims
+
+    t0 = time.perf_counter()
+    dims = ModelDims(spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads,
+                     spec.num_kv_heads, spec.head_dim)
+    num_made = 0
+    for i, (adapter_id, rank) in enumerate(zip(adapter_ids, ranks, strict=True)):
+        path = root / adapter_id
+        config = path / "adapter_config.json"
+        if config.is_file() and json.loads(config.read_text()).get("r") == rank:
+            continue
+        adapter = LoRAAdapter.new(LoRAConfig(rank=rank, alpha=2 * rank, target_modules=list(TARGET_MODULES)),
+                                  dims, seed=seed * 100003 + i)
+        gen = torch.Generator().manual_seed(seed * 100003 + i)
+        for a, b in adapter.weights.values():
+            a.copy_(torch.randn(a.shape, generator=gen) * 0.01)
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
+        adapter.save(path)
+        num_made += 1
+    log(f"[models] {len(adapter_ids)} adapters under {root} ({num_made} written) in {time.perf_counter() - t0:.1f}s")
+
+
 def unwrap_peft(peft_model: Any) -> torch.nn.Module:
     """The base model with every LoRA layer removed (for runs after the PEFT baseline)."""
     return peft_model.unload()  # type: ignore[no-any-return]
