@@ -20,6 +20,7 @@ import torch
 from benchmarks.models import SPECS, prepare_base
 from loquetier import Engine, SamplingParams
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow
+from loquetier.kernels import fused
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import LoRAConfig
 from loquetier.models.batch import BatchBuilder
@@ -55,9 +56,9 @@ def _profiled_gpu_ms(engine: Engine) -> float:
     return sum(e.self_device_time_total for e in averages) / 1e3
 
 
-def _check_graph_logits(engine: Engine, graphs: DecodeGraphs) -> dict[str, float]:
-    """One decode step's logits from the captured graph vs the plain forward, same rows, same state
-    (both write the same K/V values at the same slots)."""
+def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool = False) -> dict[str, float]:
+    """One decode step's logits from the captured graph vs the plain forward (torch elementwise ops),
+    same rows, same state (both write the same K/V values at the same slots)."""
     rows = []
     b = BatchBuilder(engine.config.block_size)
     for seq in engine.scheduler.running:
@@ -67,10 +68,15 @@ def _check_graph_logits(engine: Engine, graphs: DecodeGraphs) -> dict[str, float
         slot = engine.runner._slot(seq.adapter_id)
         rows.append(DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens, table, slot))
         b.add_decode(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens, table, slot=slot)
+    if not rows:  # every row is about to cross into a new block: check at the next bucket capture
+        return {}
     with torch.no_grad():
         fb = b.build(engine.device)
+        fused.force(False)
         plain = engine.model.forward(fb, engine.kv).logits
+        fused.force(fused_graph)
         got, ids = graphs.run(rows)
+        fused.force(None)
     assert plain is not None
     order = {sid: i for i, sid in enumerate(fb.logits_seq_ids)}
     plain = plain[[order[i] for i in ids]]
@@ -103,6 +109,25 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int)
         assert engine.runner.num_graph_steps - before == steps, "decode steps did not replay graphs"
         out |= {"graph_step_ms_median": statistics.median(replayed) * 1e3, "graph_step_ms_min": min(replayed) * 1e3,
                 "graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine), **{f"graph_{k}": v for k, v in check.items()}}
+        # the same with the fused elementwise kernels (kernels/fused.py): eager steps, then a new graph
+        fused.force(True)
+        try:
+            engine.runner.graphs = None
+            out["fused_step_ms_median"] = statistics.median(_timed_steps(engine, steps)) * 1e3
+            fused_graphs = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
+                                        graphs.scratch_block, mode=graphs.mode)
+            check = _check_graph_logits(engine, fused_graphs, fused_graph=True)
+            fused.force(True)
+            engine.runner.graphs = fused_graphs
+            replayed = _timed_steps(engine, steps)
+            out |= {"fused_graph_step_ms_median": statistics.median(replayed) * 1e3,
+                    "fused_graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine),
+                    **{f"fused_graph_{k}": v for k, v in check.items()}}
+        except Exception as exc:  # noqa: BLE001 - an untried kernel must not lose the numbers above
+            out["fused_error"] = repr(exc)[:500]
+        finally:
+            fused.force(None)
+            engine.runner.graphs = graphs
     for rid in list(engine.requests._requests):
         engine.abort(rid)
     engine.step()
@@ -160,6 +185,12 @@ def main() -> None:
         if "graph_step_ms_median" in r:
             print(f"| {name} | CUDA graph | {r['graph_step_ms_median']:.2f} | {r['graph_gpu_kernel_ms_per_step']:.2f}"
                   f" | {floor_ms:.2f} | {r['graph_x_floor']:.2f} |")
+        if "fused_graph_step_ms_median" in r:
+            ms = r["fused_graph_step_ms_median"]
+            print(f"| {name} | eager + fused | {r['fused_step_ms_median']:.2f} | – | {floor_ms:.2f} | "
+                  f"{r['fused_step_ms_median'] / floor_ms:.2f} |")
+            print(f"| {name} | CUDA graph + fused | {ms:.2f} | {r['fused_graph_gpu_kernel_ms_per_step']:.2f} | "
+                  f"{floor_ms:.2f} | {ms / floor_ms:.2f} |")
     if args.out:
         Path(args.out, "decode.json").write_text(json.dumps(results, indent=1))
 

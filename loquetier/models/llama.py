@@ -15,8 +15,11 @@ Base weights are frozen (requires_grad False); only the LoRA slots of training a
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,21 @@ class _Step:
     cos_r: torch.Tensor  # [n_rest, D]
     sin_r: torch.Tensor
     attn_impl: str
+    fused: ModuleType | None = None  # kernels/fused.py when the inference rows go through it
+
+
+@cache
+def _fused_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("loquetier.kernels.fused")
+    except ImportError:  # no Triton
+        return None
+
+
+def _fused_for(device: torch.device) -> ModuleType | None:
+    """kernels/fused.py when it serves this device's inference rows (see its ``enabled``)."""
+    mod = _fused_module()
+    return mod if mod is not None and mod.enabled(device) else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -103,7 +121,7 @@ class DecoderLayer(nn.Module):
         eps = self.cfg.rms_norm_eps
         x_t = rms_norm(h_t, self.input_norm, eps)
         with torch.no_grad():
-            x_r = rms_norm(h_r, self.input_norm, eps)
+            x_r = st.fused.rms_norm(h_r, self.input_norm, eps) if st.fused else rms_norm(h_r, self.input_norm, eps)
         qkv_t, qkv_r = lora_linear(x_t, x_r, self.qkv_weight, self.qkv_bias, self.qkv_loras, meta)
         a_t = self._attn_train(qkv_t, st)
         with torch.no_grad():
@@ -111,14 +129,17 @@ class DecoderLayer(nn.Module):
         o_t, o_r = lora_linear(a_t, a_r, self.o_weight, self.o_bias, self.o_loras, meta)
         h_t = h_t + o_t
         with torch.no_grad():
-            h_r = h_r + o_r
-            x_r = rms_norm(h_r, self.post_norm, eps)
+            if st.fused:
+                h_r, x_r = st.fused.add_rms_norm(h_r, o_r, self.post_norm, eps)
+            else:
+                h_r = h_r + o_r
+                x_r = rms_norm(h_r, self.post_norm, eps)
         x_t = rms_norm(h_t, self.post_norm, eps)
         gu_t, gu_r = lora_linear(x_t, x_r, self.gate_up_weight, self.gate_up_bias, self.gate_up_loras, meta)
         inter = self.cfg.intermediate_size
         m_t = F.silu(gu_t[:, :inter]) * gu_t[:, inter:]
         with torch.no_grad():
-            m_r = F.silu(gu_r[:, :inter]) * gu_r[:, inter:]
+            m_r = st.fused.silu_mul(gu_r, inter) if st.fused else F.silu(gu_r[:, :inter]) * gu_r[:, inter:]
         d_t, d_r = lora_linear(m_t, m_r, self.down_weight, self.down_bias, self.down_loras, meta)
         with torch.no_grad():
             h_r = h_r + d_r
@@ -143,8 +164,12 @@ class DecoderLayer(nn.Module):
     def _attn_rest(self, qkv_r: torch.Tensor, st: _Step) -> torch.Tensor:
         if qkv_r.shape[0] == 0:
             return qkv_r.new_empty(0, self.cfg.q_size)
-        b, scale = st.batch, self.cfg.head_dim**-0.5
-        q, k, v = self._split(qkv_r, st.cos_r, st.sin_r)
+        b, scale, cfg = st.batch, self.cfg.head_dim**-0.5, self.cfg
+        if st.fused:
+            q, k = st.fused.rope_qk(qkv_r, st.cos_r, st.sin_r, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv_r[:, cfg.q_size + cfg.kv_size :].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        else:
+            q, k, v = self._split(qkv_r, st.cos_r, st.sin_r)
         ne = b.num_eval
         outs = [varlen_attention(q[:ne], k[:ne], v[:ne], b.eval, scale, self.window, st.attn_impl)] if ne else []
         if q.shape[0] > ne:
@@ -225,7 +250,7 @@ class LlamaModel(nn.Module):
         if self.inv_freq.device != emb.device:
             self.inv_freq = self.inv_freq.to(emb.device)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, dtype)  # [T, D]
-        st = _Step(batch, kv, cos[:n], sin[:n], cos[n:], sin[n:], self.attn_impl)
+        st = _Step(batch, kv, cos[:n], sin[:n], cos[n:], sin[n:], self.attn_impl, _fused_for(emb.device))
         checkpointing = self.gradient_checkpointing and h_t.requires_grad
         meta_t, meta_r = batch.split_metas() if checkpointing else (batch.meta, batch.meta)
         for layer in self.layers:
@@ -241,7 +266,7 @@ class LlamaModel(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head  # [V, H]
         eps = self.cfg.rms_norm_eps
         with torch.no_grad():
-            hn_r = rms_norm(h_r, self.norm, eps)
+            hn_r = st.fused.rms_norm(h_r, self.norm, eps) if st.fused else rms_norm(h_r, self.norm, eps)
             logits = (hn_r[batch.logits_indices] @ head.T).float() if batch.logits_indices.numel() else None
         if not batch.num_loss_groups:
             return ForwardOutput(logits, None, None, None)
