@@ -142,7 +142,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
     ap.add_argument("--cuda-graphs", default="auto", help="engine cuda_graphs: auto | on | off | eager")
+    ap.add_argument("--quick", action="store_true", help="8 timed steps per variant")
     args = ap.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 8)
     spec = SPECS[args.model]
     model, path = prepare_base(spec, Path("/tmp/loquetier-bench"), args.device, "bfloat16")
     del model

@@ -2,6 +2,10 @@
 # Issue 9 benchmarks in one go on one GPU (~15 minutes for the 8B shape):
 #
 #   bash benchmarks/run_all.sh [OUT_DIR] [extra args for every script, e.g. --quick or --model small]
+#   RUNS="decode serving" bash benchmarks/run_all.sh $OUT     # a subset (default: all four)
+#
+# One device call is limited to 10 minutes: run "decode serving" in one call and "unified finetune"
+# in the next on the same warm machine (the model and adapters under the cache are reused).
 #
 # OUT_DIR defaults to $OUT (the device machine's result folder), else docs/benchmarks. Each script
 # runs under its own time limit, so one failure or hang does not stop the others; logs go next to the
@@ -41,8 +45,15 @@ run() {  # name, time limit (s), module
     nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null | sed 's/^/   gpu memory after: /'
 }
 
-run serving 330 benchmarks.bench_serving
-run unified 270 benchmarks.bench_unified
-run finetune 180 benchmarks.bench_finetune
+RUNS=${RUNS:-decode serving unified finetune}
+for r in $RUNS; do
+    case $r in
+        decode) run decode 200 benchmarks.bench_decode ;;
+        serving) run serving 330 benchmarks.bench_serving ;;
+        unified) run unified 270 benchmarks.bench_unified ;;
+        finetune) run finetune 180 benchmarks.bench_finetune ;;
+        *) echo "unknown run $r (decode, serving, unified, finetune)"; exit 2 ;;
+    esac
+done
 echo "== results in $OUT_DIR:"
 ls -la "$OUT_DIR"
