@@ -75,6 +75,7 @@ class EngineSettings(BaseModel):
     max_prompt_tokens: PositiveInt = 32768
     default_ttft_ms: PositiveFloat | None = None
     default_tpot_ms: PositiveFloat | None = None
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"  # decode-only steps replayed from CUDA graphs
 
 
 class WorkerSettings(BaseModel):

@@ -48,6 +48,7 @@ def engine_limits(settings: Settings) -> dict[str, Any]:
         "block_size": e.block_size,
         "max_adapter_slots": e.max_adapter_slots,
         "max_lora_rank": e.max_lora_rank,
+        "cuda_graphs": e.cuda_graphs,
     }
     optional = {
         "num_kv_blocks": e.num_kv_blocks,
@@ -98,6 +99,9 @@ def run_worker(args: argparse.Namespace) -> int:
         print("give --model DIR or set LOQUETIER_ENGINE__MODEL_DIR", file=sys.stderr)
         return 2
     engine = Engine.from_pretrained(model, device=device, dtype=dtype, **engine_limits(settings))
+    captured = engine.capture_graphs()  # before the first request: no capture inside a served step
+    if captured:
+        log.info("decode CUDA graphs captured", extra={"graphs": captured})
     metrics.serve(settings.worker.metrics_port)
     asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device, max_jobs=args.max_jobs))
     return 0
