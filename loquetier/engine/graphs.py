@@ -18,6 +18,9 @@ What makes the forward replayable:
 - the LoRA slot pool never moves (loading copies into fixed slots), so the captured pointers
   stay valid across adapter loads.
 
+All graphs share one memory pool and write their logits into one [max_batch, vocab] buffer, so
+they hold about one forward's activations together, whatever the number of buckets.
+
 Rows are sorted by adapter slot before they are laid out, so each adapter's rows form one
 segment. ``mode="eager"`` runs the same static, padded forward without capturing (CPU tests
 and debugging); ``mode="capture"`` needs CUDA and the Triton paged-decode kernel.
@@ -96,6 +99,7 @@ class DecodeGraphs:
         self._no_rows = VarlenMeta(torch.zeros(1, dtype=i32, device=dev), 0, ())
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: object | None = None
+        self._logits: torch.Tensor | None = None
         self.num_replays = 0
         self.num_captures = 0
 
@@ -239,9 +243,14 @@ class DecodeGraphs:
             for _ in range(2):
                 self._forward(bucket, with_lora, None, [])
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        if self._logits is None:  # one output buffer for every graph, outside the graph pool
+            self._logits = torch.empty(self.max_batch, self.model.cfg.vocab_size, dtype=torch.float32,
+                                       device=self.model.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(bucket, with_lora, None, [])
+            self._logits[:bucket].copy_(self._forward(bucket, with_lora, None, []))
+        # the forward's own tensors are free again: the next capture reuses their pool memory, so
+        # the graphs together hold about one forward's activations, not one per bucket
         self._pool = graph.pool()
         self.num_captures += 1
-        return graph, logits
+        return graph, self._logits[:bucket]
