@@ -100,6 +100,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: object | None = None
         self._logits: torch.Tensor | None = None
+        self._host: tuple[list[int], list[list[int]]] = ([], [])  # last _fill's context lengths, tables
         self.num_replays = 0
         self.num_captures = 0
 
