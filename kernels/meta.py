@@ -18,13 +18,32 @@ FWD_BLOCK_ROWS = 64
 GRAD_BLOCK_ROWS = 256  # grad_a/grad_b kernels: fewer, longer blocks mean fewer fp32 atomics
 
 
-def _row_blocks(segments: Sequence[tuple[int, int, int]], block_rows: int) -> list[tuple[int, int, int]]:
+def row_blocks(segments: Sequence[tuple[int, int, int]], block_rows: int) -> list[tuple[int, int, int]]:
     """(row_start, row_end, slot) for each block of at most ``block_rows`` rows of each segment."""
     return [
         (row, min(row + block_rows, start + n), slot)
         for start, n, slot in segments
         for row in range(start, start + n, block_rows)
     ]
+
+
+def segments_of(slots: Sequence[int], num_train_tokens: int = 0) -> tuple[list[tuple[int, int, int]], int]:
+    """Maximal runs of one slot >= 0, as (start, length, slot), none straddling the training
+    boundary; and how many of them are training segments (they come first)."""
+    segments: list[tuple[int, int, int]] = []
+    num_train_segments = 0
+    start = 0
+    while start < len(slots):
+        end = start + 1
+        limit = num_train_tokens if start < num_train_tokens else len(slots)
+        while end < limit and slots[end] == slots[start]:
+            end += 1
+        if slots[start] >= 0:
+            segments.append((start, end - start, slots[start]))
+            if start < num_train_tokens:
+                num_train_segments += 1
+        start = end
+    return segments, num_train_segments
 
 
 @dataclass(frozen=True)
@@ -69,23 +88,11 @@ class SMLMMeta:
             raise ValueError(f"num_train_tokens={num_train_tokens} outside [0, {len(slots)}]")
         if any(s < -1 for s in slots):
             raise ValueError("adapter slots must be >= -1")
-        segments: list[tuple[int, int, int]] = []
-        num_train_segments = 0
-        start = 0
-        while start < len(slots):
-            end = start + 1
-            limit = num_train_tokens if start < num_train_tokens else len(slots)
-            while end < limit and slots[end] == slots[start]:
-                end += 1
-            if slots[start] >= 0:
-                segments.append((start, end - start, slots[start]))
-                if start < num_train_tokens:
-                    num_train_segments += 1
-            start = end
+        segments, num_train_segments = segments_of(slots, num_train_tokens)
         dev = torch.device(device)
-        blocks = _row_blocks(segments, FWD_BLOCK_ROWS)
-        num_train_blocks = len(_row_blocks(segments[:num_train_segments], FWD_BLOCK_ROWS))
-        grad_blocks = _row_blocks(segments[:num_train_segments], GRAD_BLOCK_ROWS)
+        blocks = row_blocks(segments, FWD_BLOCK_ROWS)
+        num_train_blocks = len(row_blocks(segments[:num_train_segments], FWD_BLOCK_ROWS))
+        grad_blocks = row_blocks(segments[:num_train_segments], GRAD_BLOCK_ROWS)
         token_t = torch.tensor(slots, dtype=torch.int32)
         seg_t = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3)
         blk_t = torch.tensor(blocks + grad_blocks, dtype=torch.int32).reshape(-1)

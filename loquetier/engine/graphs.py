@@ -35,7 +35,7 @@ import torch
 
 from loquetier.engine.kv_cache import KVCache
 from loquetier.kernels import SMLMMeta
-from loquetier.kernels.meta import FWD_BLOCK_ROWS
+from loquetier.kernels.meta import FWD_BLOCK_ROWS, row_blocks, segments_of
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
 from loquetier.models.llama import LlamaModel
@@ -165,17 +165,8 @@ class DecodeGraphs:
         tables = [t + [scratch] * (cols - len(t)) for t in tables] + [[scratch] * cols] * (bucket - n)
         mapping += [scratch * bs] * (bucket - n)
         ctx += [1] * (bucket - n)
-        segments: list[tuple[int, int, int]] = []
-        for i, s in enumerate(slots[:n]):
-            if s < 0:
-                continue
-            if segments and segments[-1][2] == s and segments[-1][0] + segments[-1][1] == i:
-                start, length, _ = segments[-1]
-                segments[-1] = (start, length + 1, s)
-            else:
-                segments.append((i, 1, s))
-        blocks = [(r0, min(r0 + FWD_BLOCK_ROWS, st + ln), sl) for st, ln, sl in segments
-                  for r0 in range(st, st + ln, FWD_BLOCK_ROWS)]
+        segments, _ = segments_of(slots[:n])
+        blocks = row_blocks(segments, FWD_BLOCK_ROWS)
         blocks += [(0, 0, 0)] * (bucket - len(blocks))
         host_i64 = torch.tensor([ids, pos, mapping], dtype=torch.int64)
         host_i32 = torch.tensor([ctx, slots], dtype=torch.int32)
