@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup(engine, spec.vocab_size, ids16, training=False, log=log)
 
     def serve(label: str, tr: Trace) -> tuple[list[RequestRecord], float]:
-        run = replay_engine(engine, tr, time_limit_s=prof.serve_limit_s, device=dev, log=log, label=label)
+        run = replay_engine(engine, tr, time_limit_s=prof.serve_limit_s, device=dev, log=log, label=label,
+                            ttft_ms=DEFAULT_TTFT_S * 1e3, tpot_ms=DEFAULT_TPOT_S * 1e3)
+        log(f"[{label}] scheduler: {run.stats.get('scheduler', {})}")
         return run.records, run.window_s
 
     record(

@@ -80,7 +80,9 @@ def main() -> None:
             b.normal_(0, 0.01)
         engine.load_adapter(f"a{i}", a)
     report = []
-    for name, adapters in (("decode b64, no adapters", [None]), ("decode b64, 32 adapters", [f"a{i}" for i in range(32)])):
+    cases: list[tuple[str, list[str | None]]] = [("decode b64, no adapters", [None]),
+                                                  ("decode b64, 32 adapters", [f"a{i}" for i in range(32)])]
+    for name, adapters in cases:
         _fill(engine, 64, adapters, name)
         while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
             engine.step()

@@ -101,7 +101,7 @@ def test_model_with_fused_inference_rows_matches(tmp_path: Path, monkeypatch: py
     try:
         for on in (False, True):
             fused.force(on)
-            engine = make_engine(model_dir)
+            engine = make_engine(model_dir, device=DEV)
             job = engine.add_training_job("j", train_data(0), job_params(3),
                                           lora=dict(rank=4, alpha=8, target_modules=["q_proj", "down_proj"]))
             outs.append([o.token_ids for o in engine.generate(PROMPTS, adapter_ids=["a", None, "b", "a"])])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
 
 import pytest
@@ -117,6 +118,8 @@ class Sim:
     metrics: list[RequestMetrics] = field(default_factory=list)
     noise: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
+    cost: StepCost = TRUE_COST
+    times: list[float] = field(default_factory=list)
 
     def step(self) -> ScheduledBatch:
         batch = self.sched.schedule(self.now)
@@ -126,13 +129,15 @@ class Sim:
             batch.num_train_tokens,
             batch.num_eval_tokens,
             batch.num_kv_tokens_read,
+            int(bool(batch.num_prefill_tokens or batch.num_train_tokens or batch.num_eval_tokens)),
         )
         t = (
-            TRUE_COST.predict(f) * (1.0 + self.noise * self.rng.uniform(-1, 1))
+            self.cost.predict(f) * (1.0 + self.noise * self.rng.uniform(-1, 1))
             if not batch.is_empty
             else 1e-3
         )
         self.now += t
+        self.times.append(t)
         sampled = {s.seq_id: TOKEN for s in batch.decode_seqs}
         sampled |= {c.seq.seq_id: TOKEN for c in batch.prefill_chunks if c.is_final}
         events = self.sched.postprocess(
@@ -155,12 +160,13 @@ class Sim:
 
 
 def make_sim(
-    kv: FakeKV | None = None, slots: FakeSlots | None = None, noise: float = 0.0, **cfg: object
+    kv: FakeKV | None = None, slots: FakeSlots | None = None, noise: float = 0.0,
+    cost: StepCost = TRUE_COST, prior: StepCost = PRIOR, **cfg: object
 ) -> Sim:
     config = SchedulerConfig(
         **{"max_num_batched_tokens": 2048, "max_prefill_chunk": 512, "default_tpot_ms": 50.0, **cfg}  # type: ignore[arg-type]
     )
-    return Sim(Scheduler(config, kv or FakeKV(), slots, prior_cost=PRIOR), noise=noise)
+    return Sim(Scheduler(config, kv or FakeKV(), slots, prior_cost=prior), noise=noise, cost=cost)
 
 
 # ---- dataclasses and config ---------------------------------------------------------------------
@@ -488,3 +494,144 @@ def test_prefix_cache_hits_skip_prefill() -> None:
     short = sim.add("short", prompt_len=10, sampling=SamplingParams(max_tokens=1))
     chunk = sim.step().prefill_chunks[0]
     assert chunk.seq is short and (chunk.start, chunk.length) == (9, 1)  # at least one token computed
+
+
+# ---- decode graphs: mean-TPOT banking, prefill coalescing, training in amortized chunks ------------
+
+# A GPU whose decode-only steps replay a CUDA graph (8 ms) while any other step runs eagerly and pays
+# a fixed 40 ms more; the scheduler's prior knows neither number.
+GRAPH_COST = StepCost(const_s=8e-3, prefill_token_s=2.5e-5, decode_row_s=3e-5, train_token_s=8e-5,
+                      eval_token_s=2.5e-5, kv_token_s=1e-8, mixed_s=4e-2)
+
+
+def _graph_sim(**cfg: object) -> Sim:
+    base = {"max_num_seqs": 128, "max_num_batched_tokens": 4096, "max_prefill_chunk": 2048,
+            "default_tpot_ms": 60.0, "default_ttft_ms": 1000.0, "decode_graphs": True}
+    return make_sim(cost=GRAPH_COST, prior=StepCost(), **{**base, **cfg})
+
+
+def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[Sequence]:
+    seqs = [sim.add(f"d{i}", prompt_len=64, sampling=SamplingParams(max_tokens=max_tokens)) for i in range(n)]
+    for _ in range(200):
+        if all(not s.is_prefilling and s.status is SequenceStatus.RUNNING for s in seqs):
+            break
+        sim.step()
+    return seqs
+
+
+@pytest.mark.parametrize("burst", [1.0, 4.0])
+def test_banked_tpot_lets_a_long_prompt_in_sooner_and_keeps_mean_tpot(burst: float) -> None:
+    results = {}
+    for b in (1.0, burst):
+        sim = _graph_sim(tpot_burst=b)
+        decoders = _decoders(sim, 32)
+        sim.run(30)  # the step model learns the decode-only cost; decoders run ahead of their mean
+        start = len(sim.times)
+        long = sim.add("long", prompt_len=3000, sampling=SamplingParams(max_tokens=4))
+        for _ in range(400):
+            if long.is_finished:
+                break
+            sim.step()
+        assert long.is_finished
+        sim.run(5)
+        for d in decoders:  # every decoder's mean TPOT so far is within target
+            assert d.mean_tpot_s is not None and d.mean_tpot_s <= 0.060, (b, d.mean_tpot_s)
+        assert long.ttft_s is not None
+        results[b] = long.ttft_s
+        if b == 1.0:  # without banking no step may pass one TPOT target once the model has learned
+            assert max(sim.times[start + 1 :]) <= 0.060 * 1.05  # the first one teaches it mixed_s
+    if burst > 1.0:
+        # banked time goes to the prompt: it is prefilled in far fewer, longer steps
+        assert results[burst] < 0.6 * results[1.0], results
+
+
+def _arrivals(sim: Sim, every_s: float, duration_s: float, tag: str) -> list[Sequence]:
+    """Short requests arriving every ``every_s`` on the virtual clock while the decoders run."""
+    seqs, next_at, end = [], sim.now, sim.now + duration_s
+    while sim.now < end:
+        while next_at <= sim.now:
+            seqs.append(sim.add(f"{tag}{len(seqs)}", prompt_len=96, sampling=SamplingParams(max_tokens=20)))
+            next_at += every_s
+        sim.step()
+    for _ in range(500):
+        if all(s.is_finished for s in seqs):
+            break
+        sim.step()
+    return seqs
+
+
+def test_prefill_coalescing_keeps_most_steps_decode_only() -> None:
+    out = {}
+    for coalesce in (0.0, 100.0):
+        sim = _graph_sim(tpot_burst=4.0, prefill_coalesce_ms=coalesce)
+        _decoders(sim, 32, max_tokens=2000)
+        start, t0 = len(sim.batches), sim.now
+        seqs = _arrivals(sim, every_s=0.015, duration_s=1.5, tag=f"c{coalesce}-")
+        window = sim.batches[start:]
+        mixed = sum(1 for b in window if b.prefill_chunks)
+        decoded = sum(b.num_decode_rows for b in window) / (sim.now - t0)
+        ttfts = [s.ttft_s for s in seqs]
+        assert all(s.is_finished for s in seqs) and all(t is not None for t in ttfts)
+        out[coalesce] = (mixed / len(window), decoded, max(ttfts))  # type: ignore[type-var]
+    plain, held = out[0.0], out[100.0]
+    # Every arrival taken at once turns every step mixed (40 ms more each): the decoders' TPOT leaves
+    # prefill a sliver per step and the queue grows. Held for up to 100 ms, arrivals are prefilled
+    # together: far fewer steps leave the graph path, over twice the decode tokens per second, and
+    # the worst TTFT is the hold plus one prefill step.
+    assert held[0] < 0.25 * plain[0], out
+    assert held[1] > 2.0 * plain[1], out
+    assert held[2] <= 0.100 + 0.150 < plain[2], out
+
+
+def test_hold_ends_at_the_coalesce_time_or_half_the_ttft() -> None:
+    sim = _graph_sim(tpot_burst=4.0, prefill_coalesce_ms=100.0)
+    _decoders(sim, 8)
+    sim.run(20)  # the step model learns what a decode-only step costs
+    urgent = sim.add("urgent", prompt_len=32, ttft_ms=150.0)  # half its TTFT (75 ms) < 100 ms
+    batch = sim.step()
+    assert not batch.prefill_chunks  # held: decode-only
+    for _ in range(20):
+        if sim.step().prefill_chunks:
+            break
+    # released with time for its ~50 ms prefill step to land inside the TTFT
+    assert urgent.ttft_s is not None and 0.030 <= urgent.ttft_s <= 0.150
+    tight = sim.add("tight", prompt_len=32, ttft_ms=90.0)  # no room for a wait and a mixed step
+    assert sim.step().prefill_chunks and tight.num_output_tokens == 1
+    big = [sim.add(f"big{i}", prompt_len=1500) for i in range(3)]  # more than a step's tokens wait
+    assert sim.step().prefill_chunks and big[0].status is SequenceStatus.RUNNING
+
+
+def test_training_leaves_the_graph_path_only_for_amortized_chunks() -> None:
+    sim = _graph_sim(tpot_burst=4.0)
+    decoders = _decoders(sim, 16, max_tokens=3000)
+    sim.sched.add_job(FakeJob("train"))
+    sim.run(300)
+    steady = sim.batches[-200:]
+    with_train = [b.num_train_tokens for b in steady if b.num_train_tokens]
+    cost = sim.sched.step_model.cost
+    assert cost.mixed_s == pytest.approx(GRAPH_COST.mixed_s, rel=0.25)  # learned online
+    # decode-only steps bank time, then one step trains on at least mixed_s worth of tokens
+    assert with_train and len(with_train) < len(steady)
+    assert statistics.median(with_train) * GRAPH_COST.train_token_s >= GRAPH_COST.mixed_s
+    assert min(with_train) * GRAPH_COST.train_token_s >= 0.5 * GRAPH_COST.mixed_s  # estimates settle
+    assert all(d.mean_tpot_s is not None and d.mean_tpot_s <= 0.060 for d in decoders)
+    trained = sum(with_train) / sum(sim.times[-200:])
+    assert trained > 0.3 / GRAPH_COST.train_token_s  # well over a third of the training-only rate
+
+
+def test_held_prompts_are_no_backlog_and_join_a_training_step() -> None:
+    sim = _graph_sim(tpot_burst=4.0, prefill_coalesce_ms=100.0)
+    decoders = _decoders(sim, 16, max_tokens=3000)
+    sim.sched.add_job(FakeJob("train"))
+    sim.run(100)
+    start, trained_before = len(sim.batches), sim.sched.metrics.train_tokens_by_job["train"]
+    t0 = sim.now
+    seqs = _arrivals(sim, every_s=0.02, duration_s=1.5, tag="u")
+    window = sim.batches[start:]
+    trained = sim.sched.metrics.train_tokens_by_job["train"] - trained_before
+    # training keeps going while prompts are held (they are no backlog)...
+    assert trained / (sim.now - t0) > 0.25 / GRAPH_COST.train_token_s
+    # ...and a step that trains anyway takes the held prompts along instead of a mixed step of its own
+    assert any(b.prefill_chunks and b.train_chunks for b in window)
+    assert all(s.is_finished and s.ttft_s is not None and s.ttft_s <= 1.0 for s in seqs)
+    assert all(d.mean_tpot_s is not None and d.mean_tpot_s <= 0.060 for d in decoders)

@@ -49,11 +49,13 @@ def engine_limits(settings: Settings) -> dict[str, Any]:
         "max_adapter_slots": e.max_adapter_slots,
         "max_lora_rank": e.max_lora_rank,
         "cuda_graphs": e.cuda_graphs,
+        "tpot_burst": e.tpot_burst,
     }
     optional = {
         "num_kv_blocks": e.num_kv_blocks,
         "default_ttft_ms": e.default_ttft_ms,
         "default_tpot_ms": e.default_tpot_ms,
+        "prefill_coalesce_ms": e.prefill_coalesce_ms,
     }
     limits.update({k: v for k, v in optional.items() if v is not None})
     return limits

@@ -32,6 +32,12 @@ class EngineConfig:
     # Triton paged-decode kernel; "on" = required; "off"; "eager" = the same static padded path
     # without capturing (tests, debugging).
     cuda_graphs: str = "auto"
+    # Mean-TPOT banking: a step may last up to this many TPOT targets while every decode row is ahead
+    # of its mean (scheduler ``tpot_burst``; 1 = every step within one target).
+    tpot_burst: float = 4.0
+    # Hold new prefills this long so arrivals are prefilled together and most steps stay decode-only
+    # (scheduler ``prefill_coalesce_ms``); None = 100 ms when decode steps replay CUDA graphs, else 0.
+    prefill_coalesce_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -54,6 +60,10 @@ class EngineConfig:
             raise ValueError("kv_memory_gb must be > 0")
         if self.cuda_graphs not in ("auto", "on", "off", "eager"):
             raise ValueError(f"cuda_graphs must be 'auto', 'on', 'off' or 'eager', got {self.cuda_graphs!r}")
+        if not 1.0 <= self.tpot_burst <= 100.0:
+            raise ValueError("tpot_burst must be in [1, 100]")
+        if self.prefill_coalesce_ms is not None and not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:
+            raise ValueError("prefill_coalesce_ms must be in [0, 60000] or None")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
 

@@ -34,6 +34,7 @@ from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduler import Scheduler, SchedulerConfig
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch, StepResult
 from loquetier.engine.sequence import Sequence as Seq
+from loquetier.engine.step_model import StepCost
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError
 from loquetier.lora.manager import AdapterManager
@@ -42,6 +43,7 @@ from loquetier.lora.pool import LoRASlotPool
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.llama import LlamaModel
 
+AUTO_PREFILL_COALESCE_MS = 100.0  # EngineConfig.prefill_coalesce_ms=None with captured decode graphs
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -73,15 +75,24 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
+        graphs = self._decode_graphs(model, config, num_blocks)
+        captured = graphs is not None and graphs.mode == "capture"
+        coalesce = config.prefill_coalesce_ms
+        if coalesce is None:  # worth it only where a decode-only step is much cheaper than a mixed one
+            coalesce = AUTO_PREFILL_COALESCE_MS if captured else 0.0
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk, default_ttft_ms=config.default_ttft_ms,
-            default_tpot_ms=config.default_tpot_ms)
+            default_tpot_ms=config.default_tpot_ms, tpot_burst=config.tpot_burst, prefill_coalesce_ms=coalesce,
+            decode_graphs=captured)
+        # With graphs, a step that is not decode-only runs eagerly: ~0.5 ms of launches per layer more
+        # (a prior; the step model fits the real price online).
+        prior = StepCost(mixed_s=5e-4 * cfg.num_layers) if captured else None
         self.scheduler = Scheduler(
             sched_cfg, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
-            AdapterSlotGate(self.adapters), eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
-        self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config,
-                                  graphs=self._decode_graphs(model, config, num_blocks))
+            AdapterSlotGate(self.adapters), prior_cost=prior,
+            eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
+        self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config, graphs=graphs)
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
         self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
         self._clock = time.monotonic

@@ -4,24 +4,35 @@ Each ``schedule(now)``:
 
 1. **Decode** — every running sequence past its prefill gets one row (TPOT first; decode never
    starves). A row that cannot get a KV slot preempts by recompute the least important unscheduled
-   running sequence (lowest priority, then latest arrival; prefilling ones included), possibly itself.
+   running sequence (lowest priority, then latest arrival; prefilling ones included), possibly
+   itself. TPOT is a mean over a request's tokens, so a sequence ahead of its target has banked
+   time: with ``tpot_burst > 1`` a step may last until the earliest sequence's mean would reach its
+   target, between one and ``tpot_burst`` targets (``_decode_budget``). Short decode-only steps (CUDA
+   graphs) bank time that an occasional long step (a big prefill chunk, a training micro-batch) spends.
 2. **Training floors** — each job with work keeps ``ceil(min_share * max_num_batched_tokens)``
    tokens (and jobs together at least ``min_train_tokens_per_step``), even under inference pressure.
 3. **Prefill** — running-but-prefilling and waiting sequences in order of weighted TTFT slack
    (requests still able to meet their deadline first, then late ones; see ``_prefill_order``; late
    ones are still served and reported as misses). A chunk is bounded by ``max_prefill_chunk``, the
    step's token budget and the time budget of the running decodes (at least
-   ``min_prefill_tokens_per_step`` so prefill always progresses). Admission needs a free sequence
-   slot, KV for the chunk (``KVAllocator``) and a GPU slot for the adapter (``AdapterSlots``); a
-   waiting request never preempts a running one. KV for the whole sequence is reserved at admission
-   (prefix-cache hits skip ahead), so later chunks need no allocation.
+   ``min_prefill_tokens_per_step`` so prefill always progresses). With ``prefill_coalesce_ms``, a
+   step that would otherwise be decode-only holds new requests back until the oldest has waited that
+   long (at most half its TTFT, and never past two prefill steps before its deadline) or a step's
+   worth of prompt tokens waits, so arrivals are prefilled together and most steps stay decode-only
+   (``_hold_new_prefills``). Admission needs a free sequence slot, KV for the chunk
+   (``KVAllocator``) and a GPU slot for the adapter (``AdapterSlots``); a waiting request never
+   preempts a running one. KV for the whole sequence is reserved at admission (prefix-cache hits
+   skip ahead), so later chunks need no allocation. With ``decode_graphs``, the step model's
+   ``mixed_s`` (the fixed price of a step that is not decode-only) is charged once, when a step
+   first takes non-decode rows.
 4. **Training/eval** — the rest of the step, shared among jobs by ``FairShare`` (weight
    ``1 + priority``). With no inference in the system, training takes the whole token budget. With
    inference, it gets ``TrainScale × (time budget − predicted step time)``, converted to tokens by
    the online ``StepTimeModel``. The time budget is the tightest of: running decodes' TPOT
    (× ``tpot_headroom``) and each scheduled prefill's remaining TTFT slack per remaining step. While
    requests wait un-admitted (no sequence slot, KV or adapter slot), training keeps only its floors:
-   longer steps would only delay the backlog.
+   longer steps would only delay the backlog. A step that would otherwise be decode-only takes
+   training only when the training time it can get is at least ``mixed_s``.
 
 ``postprocess(batch, result)`` feeds the measured step time to the step model, advances sequences,
 records SLO events, finishes sequences (EOS / stop ids / max_tokens) and runs the AIMD update.
@@ -107,6 +118,17 @@ class SchedulerConfig:
     train_increase: float = 0.05
     min_train_scale: float = 0.05
     step_model_window: int = 128
+    # A step may spend time decode rows banked by running ahead of their mean TPOT, up to this many
+    # TPOT targets (1: every step within one target, i.e. TPOT enforced per token gap).
+    tpot_burst: float = 1.0
+    # > 0: a decode-only step holds new prefills back until the oldest waited this long (see above).
+    prefill_coalesce_ms: float = 0.0
+    # Decode-only steps replay CUDA graphs: a step with other rows costs the step model's mixed_s
+    # more, which the prefill and training decisions then charge (see the module docstring).
+    decode_graphs: bool = False
+    # With decode_graphs: keep at least this many decode-only steps in the step model's window (a
+    # step now and then skips optional training), so mixed_s stays identifiable from const_s.
+    min_decode_only_samples: int = 8
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -129,6 +151,12 @@ class SchedulerConfig:
             raise ValueError("min_train_tokens_per_step must be in [0, max_num_batched_tokens]")
         if self.step_model_window < 2:
             raise ValueError("step_model_window must be >= 2")
+        if not 1.0 <= self.tpot_burst <= 100.0:
+            raise ValueError("tpot_burst must be in [1, 100]")
+        if not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:
+            raise ValueError("prefill_coalesce_ms must be in [0, 60000]")
+        if not 0 <= self.min_decode_only_samples < self.step_model_window:
+            raise ValueError("min_decode_only_samples must be in [0, step_model_window)")
         # TrainScale validates the AIMD parameters.
         TrainScale(self.train_decrease, self.train_increase, self.min_train_scale)
 
@@ -252,24 +280,34 @@ class Scheduler:
         tokens_left = cfg.max_num_batched_tokens - batch.num_decode_rows
         time_budget: float | None = None
         if batch.decode_seqs:
-            time_budget = min(_tpot_s(s) for s in batch.decode_seqs)
+            time_budget = min(self._decode_budget(s, now) for s in batch.decode_seqs)
 
         # 2. Training floors (min_share and min_train_tokens_per_step).
         demands = self._job_demands(cost)
         reserved = min(tokens_left, self._reserved_train_tokens(demands))
         tokens_left -= reserved
+        mixed = reserved > 0  # the step carries more than decode rows (no graph replay)
+        mixed_s = cost.mixed_s if cfg.decode_graphs else 0.0
 
         # 3. Prefill by weighted slack.
-        predicted = self._predict(batch, cost) + reserved * cost.train_token_s
+        predicted = self._predict(batch, cost) + reserved * cost.train_token_s + (mixed_s if mixed else 0.0)
         prefill_budget = tokens_left
+        hold_new = not mixed and self._hold_new_prefills(batch, now, tokens_left, cost, predicted + mixed_s)
+        if hold_new and demands and time_budget is not None:
+            # training will take this step off the graph path anyway: the held prompts join it
+            pre_spare = max(0.0, time_budget * cfg.tpot_headroom - predicted - mixed_s)
+            probe = self.step_model.num_decode_only < cfg.min_decode_only_samples
+            hold_new = probe or self.train_scale.value * pre_spare < mixed_s
         for seq in self._prefill_order(now, cost):
             if prefill_budget <= 0:
                 break
             if seq.seq_id in scheduled or seq in batch.preempted:
                 continue  # a sequence preempted in this step is not readmitted in the same step
+            if hold_new and seq.status is not SequenceStatus.RUNNING:
+                continue
             allowance = prefill_budget
             if time_budget is not None:
-                spare = time_budget * cfg.tpot_headroom - predicted
+                spare = time_budget * cfg.tpot_headroom - predicted - (0.0 if mixed else mixed_s)
                 by_time = math.floor(max(0.0, spare) / max(cost.prefill_token_s, 1e-12))
                 if not batch.prefill_chunks:
                     by_time = max(by_time, cfg.min_prefill_tokens_per_step)
@@ -284,6 +322,9 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             prefill_budget -= length
             predicted += length * cost.prefill_token_s + (chunk.start + length) * cost.kv_token_s
+            if not mixed:
+                predicted += mixed_s
+                mixed = True
         tokens_left = prefill_budget
 
         # 4. Training/eval fill what is left.
@@ -296,10 +337,18 @@ class Scheduler:
             if time_budget is None:  # inference waits on memory or slots: keep steps short anyway
                 time_budget = cfg.default_tpot_ms / 1e3
             spare = max(0.0, time_budget * cfg.tpot_headroom - predicted)
-            if self.waiting:
+            if self.waiting and not hold_new:
                 # A backlog that could not be admitted waits for running sequences to finish: a
-                # longer step only delays it, so training keeps its floors and nothing more.
+                # longer step only delays it, so training keeps its floors and nothing more. (Prompts
+                # held back to be prefilled together are no backlog.)
                 spare = 0.0
+            if cfg.decode_graphs and not mixed and batch.decode_seqs:
+                if self.step_model.num_decode_only < cfg.min_decode_only_samples:
+                    spare = 0.0  # a probe: this step stays decode-only, so the model sees that regime
+                # leaving the decode graph path costs mixed_s: worth it only for at least as much training
+                spare = max(0.0, spare - mixed_s)
+                if self.train_scale.value * spare < mixed_s:
+                    spare = 0.0
             train_time = self.train_scale.value * spare + reserved * cost.train_token_s
         else:
             self.train_scale.reset()
@@ -325,6 +374,7 @@ class Scheduler:
             train_tokens=sum(train_used.values()),
             eval_tokens=sum(eval_used.values()),
             kv_tokens_read=batch.num_kv_tokens_read,
+            mixed=int(bool(batch.num_prefill_tokens or any(train_used.values()) or any(eval_used.values()))),
         )
         self.step_model.observe(features, result.step_time_s)
         events = StepEvents(step=self._record(batch, result, features))
@@ -436,10 +486,14 @@ class Scheduler:
             seq.first_token_time = now
             self.slo.record_event(now - seq.arrival_time <= _ttft_s(seq))
         else:
-            assert seq.last_token_time is not None
-            met = now - seq.last_token_time <= _tpot_s(seq)
-            seq.num_tpot_misses += int(not met)
-            self.slo.record_event(met)
+            assert seq.last_token_time is not None and seq.first_token_time is not None
+            met_gap = now - seq.last_token_time <= _tpot_s(seq)
+            seq.num_tpot_misses += int(not met_gap)
+            if self.config.tpot_burst > 1.0:
+                # TPOT is the mean gap: met while the request's mean so far is within target
+                self.slo.record_event(now - seq.first_token_time <= seq.num_output_tokens * _tpot_s(seq))
+            else:
+                self.slo.record_event(met_gap)
         seq.last_token_time = now
         seq.output_token_ids.append(token)
         events.new_tokens.append((seq.seq_id, token))
@@ -476,6 +530,42 @@ class Scheduler:
 
         candidates = [s for s in self.running if s.is_prefilling] + self.waiting
         return sorted(candidates, key=key)
+
+    def _decode_budget(self, seq: Sequence, now: float) -> float:
+        """How long this step may last for ``seq``: one TPOT target, or with ``tpot_burst > 1`` the time
+        until its mean TPOT would exceed the target (time banked by earlier short steps), clamped to
+        [1, tpot_burst] targets."""
+        tpot = _tpot_s(seq)
+        if self.config.tpot_burst <= 1.0 or seq.first_token_time is None:
+            return tpot
+        # after this step's token the mean over num_output_tokens gaps must stay <= tpot
+        banked = seq.first_token_time + seq.num_output_tokens * tpot - now
+        return min(max(banked, tpot), self.config.tpot_burst * tpot)
+
+    def _hold_new_prefills(  # noqa: PLR0917
+        self, batch: ScheduledBatch, now: float, tokens_left: int, cost: StepCost, mixed_step_s: float
+    ) -> bool:
+        """Whether this step leaves waiting requests for a later one, so that it stays decode-only.
+
+        Held only while: coalescing is on, the step has decode rows, no admitted prefill is in flight
+        (that step is mixed anyway), their prompts would not fill the step's tokens, and every waiting
+        request has waited less than ``min(prefill_coalesce_ms, TTFT / 2)`` with more than two
+        prefill steps' worth of time (``mixed_step_s`` plus its prompt) left to its TTFT deadline.
+        """
+        wait_s = self.config.prefill_coalesce_ms / 1e3
+        if wait_s <= 0.0 or not batch.decode_seqs or not self.waiting:
+            return False
+        if any(s.is_prefilling for s in self.running):
+            return False
+        waiting_tokens = sum(s.num_uncomputed_tokens for s in self.waiting)
+        if waiting_tokens >= tokens_left:
+            return False
+        step_s = mixed_step_s + waiting_tokens * cost.prefill_token_s
+        for seq in self.waiting:
+            waited = now - seq.arrival_time
+            if waited >= min(wait_s, 0.5 * _ttft_s(seq)) or _deadline(seq) - now <= 2.0 * step_s:
+                return False
+        return True
 
     def _prefill_time_limit(self, batch: ScheduledBatch, now: float) -> float | None:
         """Tightest per-step time that keeps each scheduled prefill on its TTFT deadline."""
@@ -563,6 +653,7 @@ def _features(batch: ScheduledBatch) -> StepFeatures:
         train_tokens=batch.num_train_tokens,
         eval_tokens=batch.num_eval_tokens,
         kv_tokens_read=batch.num_kv_tokens_read,
+        mixed=int(bool(batch.num_prefill_tokens or batch.num_train_tokens or batch.num_eval_tokens)),
     )
 
 

@@ -3,9 +3,12 @@
 Semantics::
 
     time_s ≈ c0 + c1·prefill_tokens + c2·decode_rows + c3·train_tokens + c4·eval_tokens + c5·kv_tokens_read
+             + c6·mixed
 
 ``train_tokens`` are forward+backward tokens, ``kv_tokens_read`` the KV positions attended over
-(see ``ScheduledBatch.num_kv_tokens_read``). The fit is ridge regression *towards the prior*
+(see ``ScheduledBatch.num_kv_tokens_read``) and ``mixed`` is 1 for a step that carries anything but decode
+rows: such a step runs eagerly, while a decode-only step can replay a CUDA graph, so ``c6`` is the
+fixed price of leaving the graph path (about 0 without graphs). The fit is ridge regression *towards the prior*
 coefficients with one pseudo-observation per feature, scaled to that feature's magnitude, so a
 feature never seen (e.g. eval tokens before any eval job) keeps its prior and a collinear window
 (e.g. only training for a while) stays well posed. Coefficients are clamped to >= 0 (and the token
@@ -19,8 +22,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-NUM_FEATURES = 6
-FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read")
+NUM_FEATURES = 7
+FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read",
+                 "mixed")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class StepFeatures:
     train_tokens: int = 0
     eval_tokens: int = 0
     kv_tokens_read: int = 0
+    mixed: int = 0  # 1: prefill, training or eval rows in the step (no decode graph replay)
 
     def vector(self) -> tuple[float, ...]:
         return (
@@ -39,6 +44,7 @@ class StepFeatures:
             float(self.train_tokens),
             float(self.eval_tokens),
             float(self.kv_tokens_read),
+            float(self.mixed),
         )
 
 
@@ -52,6 +58,7 @@ class StepCost:
     train_token_s: float = 3e-4
     eval_token_s: float = 1e-4
     kv_token_s: float = 1e-6
+    mixed_s: float = 0.0  # fixed extra time of a step that cannot replay a decode graph
 
     def __post_init__(self) -> None:
         if min(self.as_tuple()) < 0:
@@ -65,6 +72,7 @@ class StepCost:
             self.train_token_s,
             self.eval_token_s,
             self.kv_token_s,
+            self.mixed_s,
         )
 
     def predict(self, f: StepFeatures) -> float:
@@ -95,6 +103,7 @@ class StepTimeModel:
         self._xtx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
         self._xty = [0.0] * NUM_FEATURES
         self.num_observed = 0
+        self.num_decode_only = 0  # samples in the window with mixed == 0 (the graph-replay regime)
 
     def predict(self, f: StepFeatures) -> float:
         return self.cost.predict(f)
@@ -105,9 +114,11 @@ class StepTimeModel:
         x = f.vector()
         self._samples.append((x, measured_s))
         self._accumulate(x, measured_s, 1.0)
+        self.num_decode_only += int(f.mixed == 0)
         if len(self._samples) > self.window:
             old_x, old_y = self._samples.popleft()
             self._accumulate(old_x, old_y, -1.0)
+            self.num_decode_only -= int(old_x[6] == 0.0)
         self.num_observed += 1
         self.cost = self._fit()
 
@@ -135,6 +146,7 @@ class StepTimeModel:
         floors = (0.0,) + (self.min_token_cost_s,) * (NUM_FEATURES - 1)
         clamped = [max(b, lo) for b, lo in zip(beta, floors, strict=True)]
         clamped[5] = max(beta[5], 0.0)  # kv cost may legitimately be ~0
+        clamped[6] = max(beta[6], 0.0)  # no graphs: mixed and decode-only steps cost the same
         return StepCost(*clamped)
 
 
