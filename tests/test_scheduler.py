@@ -574,13 +574,12 @@ def test_prefill_coalescing_keeps_most_steps_decode_only() -> None:
         assert all(s.is_finished for s in seqs) and all(t is not None for t in ttfts)
         out[coalesce] = (mixed / len(window), decoded, max(ttfts))  # type: ignore[type-var]
     plain, held = out[0.0], out[100.0]
-    # Every arrival taken at once turns every step mixed (40 ms more each): the decoders' TPOT leaves
-    # prefill a sliver per step and the queue grows. Held for up to 100 ms, arrivals are prefilled
-    # together: far fewer steps leave the graph path, over twice the decode tokens per second, and
-    # the worst TTFT is the hold plus one prefill step.
+    # Taken as they come, arrivals turn a step in three mixed (40 ms more each). Held for up to
+    # 100 ms, they are prefilled together: far fewer steps leave the graph path, more decode tokens
+    # per second, and the worst TTFT is the hold plus one prefill step.
     assert held[0] < 0.25 * plain[0], out
-    assert held[1] > 2.0 * plain[1], out
-    assert held[2] <= 0.100 + 0.150 < plain[2], out
+    assert held[1] > 1.3 * plain[1], out
+    assert held[2] <= 0.100 + 0.150, out
 
 
 def test_hold_ends_at_the_coalesce_time_or_half_the_ttft() -> None:
@@ -598,7 +597,11 @@ def test_hold_ends_at_the_coalesce_time_or_half_the_ttft() -> None:
     tight = sim.add("tight", prompt_len=32, ttft_ms=90.0)  # no room for a wait and a mixed step
     assert sim.step().prefill_chunks and tight.num_output_tokens == 1
     big = [sim.add(f"big{i}", prompt_len=1500) for i in range(3)]  # more than a step's tokens wait
-    assert sim.step().prefill_chunks and big[0].status is SequenceStatus.RUNNING
+    for _ in range(20):  # not held; a few decode-only steps bank time, then one large prefill step
+        batch = sim.step()
+        if batch.prefill_chunks:
+            break
+    assert batch.num_prefill_tokens >= 1024 and big[0].status is SequenceStatus.RUNNING
 
 
 def test_training_leaves_the_graph_path_only_for_amortized_chunks() -> None:

@@ -279,8 +279,10 @@ class Scheduler:
             scheduled.add(seq.seq_id)
         tokens_left = cfg.max_num_batched_tokens - batch.num_decode_rows
         time_budget: float | None = None
+        burst_cap = 0.0  # the longest step any decode row allows: tpot_burst targets
         if batch.decode_seqs:
             time_budget = min(self._decode_budget(s, now) for s in batch.decode_seqs)
+            burst_cap = min(_tpot_s(s) for s in batch.decode_seqs) * cfg.tpot_burst
 
         # 2. Training floors (min_share and min_train_tokens_per_step).
         demands = self._job_demands(cost)
@@ -309,10 +311,21 @@ class Scheduler:
             if time_budget is not None:
                 spare = time_budget * cfg.tpot_headroom - predicted - (0.0 if mixed else mixed_s)
                 by_time = math.floor(max(0.0, spare) / max(cost.prefill_token_s, 1e-12))
-                if not batch.prefill_chunks:
+                if self._prefill_is_urgent(seq, now, cost, predicted + (0.0 if mixed else mixed_s)):
+                    # its TTFT is at stake: up to the burst cap, even past what the decoders banked
+                    cap = burst_cap * cfg.tpot_headroom - predicted - (0.0 if mixed else mixed_s)
+                    by_time = max(by_time, math.floor(max(0.0, cap) / max(cost.prefill_token_s, 1e-12)),
+                                  cfg.min_prefill_tokens_per_step)
+                elif cfg.decode_graphs and not mixed and by_time * cost.prefill_token_s < mixed_s:
+                    # a sliver of prefill would take the step off the graph path for little progress:
+                    # decode-only steps bank time for one large prefill step instead
+                    by_time = 0
+                elif not batch.prefill_chunks:
                     by_time = max(by_time, cfg.min_prefill_tokens_per_step)
                 allowance = min(allowance, by_time)
             if allowance <= 0:
+                if cfg.decode_graphs:
+                    continue  # a later, urgent request may still need its prefill in this step
                 break
             if seq.status is not SequenceStatus.RUNNING and not self._admit(seq):
                 continue
@@ -541,6 +554,14 @@ class Scheduler:
         # after this step's token the mean over num_output_tokens gaps must stay <= tpot
         banked = seq.first_token_time + seq.num_output_tokens * tpot - now
         return min(max(banked, tpot), self.config.tpot_burst * tpot)
+
+    def _prefill_is_urgent(self, seq: Sequence, now: float, cost: StepCost, step_s: float) -> bool:
+        """With decode graphs: whether ``seq``'s first token is due within about two steps that would
+        prefill the rest of its prompt (``step_s``: the step so far, as a mixed step)."""
+        if not self.config.decode_graphs:
+            return False
+        prefill_s = step_s + seq.num_uncomputed_tokens * cost.prefill_token_s
+        return _deadline(seq) - now <= 2.0 * prefill_s
 
     def _hold_new_prefills(  # noqa: PLR0917
         self, batch: ScheduledBatch, now: float, tokens_left: int, cost: StepCost, mixed_step_s: float
