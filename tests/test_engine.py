@@ -243,3 +243,26 @@ def test_pause_resume_and_evaluate(model_dir: Path) -> None:
     base = engine.evaluate(None, train_data(0))
     assert trained["loss"] < base["loss"]
     assert 0.0 <= trained["token_accuracy"] <= 1.0
+
+
+def test_coalesced_prefill_and_banked_tpot_change_when_not_what(model_dir: Path) -> None:
+    """The scheduler's time knobs (prefill_coalesce_ms, tpot_burst) move prompts between steps but
+    never change a token: held prompts wait out the hold while decodes continue, then are served."""
+    adapters = ["a", None, "b", "a"]
+    expected = [o.token_ids for o in make_engine(model_dir).generate(PROMPTS, adapters, GREEDY)]
+    engine = make_engine(model_dir, prefill_coalesce_ms=1500.0, tpot_burst=4.0, default_ttft_ms=20_000.0)
+    assert engine.scheduler.config.prefill_coalesce_ms == 1500.0 and engine.scheduler.config.tpot_burst == 4.0
+    engine.add_request("r0", prompt=PROMPTS[0], adapter_id=adapters[0], sampling=GREEDY)
+    engine.step()  # nothing decoding yet: nothing to protect, no hold
+    for i in range(1, 4):
+        engine.add_request(f"r{i}", prompt=PROMPTS[i], adapter_id=adapters[i], sampling=GREEDY)
+    before = engine.scheduler.metrics.num_prefill_tokens
+    engine.step()
+    assert engine.scheduler.metrics.num_prefill_tokens == before  # held: a decode-only step
+    assert engine.scheduler.num_waiting == 3
+    results: dict[str, list[int]] = {}
+    while engine.has_work():
+        for e in engine.step():
+            if isinstance(e, RequestFinished):
+                results[e.request_id] = e.token_ids
+    assert [results[f"r{i}"] for i in range(4)] == expected

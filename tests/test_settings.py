@@ -68,9 +68,27 @@ def test_cached_accessor(monkeypatch: pytest.MonkeyPatch) -> None:
         ("LOQUETIER_ENGINE__DTYPE", "float8"),
         ("LOQUETIER_WORKER__CHECKPOINT_STORAGE", "s3"),
         ("LOQUETIER_WORKER__LEASE_S", "-1"),
+        ("LOQUETIER_ENGINE__TPOT_BURST", "0.5"),
+        ("LOQUETIER_ENGINE__PREFILL_COALESCE_MS", "-3"),
     ],
 )
 def test_invalid_values_fail_loudly(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_scheduler_knobs_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loquetier.engine.config import EngineConfig
+    from loquetier.workers.cli import engine_limits
+
+    assert "prefill_coalesce_ms" not in engine_limits(Settings())  # unset: the engine decides
+    monkeypatch.setenv("LOQUETIER_ENGINE__TPOT_BURST", "2.5")
+    monkeypatch.setenv("LOQUETIER_ENGINE__PREFILL_COALESCE_MS", "40")
+    limits = engine_limits(Settings())
+    assert limits["tpot_burst"] == 2.5 and limits["prefill_coalesce_ms"] == 40.0
+    config = EngineConfig.from_kwargs(**limits)
+    assert config.tpot_burst == 2.5 and config.prefill_coalesce_ms == 40.0
+    for bad in ({"tpot_burst": 0.9}, {"prefill_coalesce_ms": -1.0}):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)  # type: ignore[arg-type]
