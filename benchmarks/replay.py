@@ -70,6 +70,25 @@ class EngineRun:
     step_times_s: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    # per step: (wall s, decode rows, prefill tokens, training + eval tokens)
+    steps: list[tuple[float, int, int, int]] = field(default_factory=list)
+
+    def step_mix(self) -> dict[str, Any]:
+        """Decode-only vs mixed steps: count, total and median wall time, mean decode rows; the
+        slowest steps with what they carried."""
+        out: dict[str, Any] = {}
+        for name, rows in (("decode_only", [s for s in self.steps if not s[2] and not s[3]]),
+                           ("mixed", [s for s in self.steps if s[2] or s[3]])):
+            if rows:
+                times = sorted(r[0] for r in rows)
+                out[name] = {"steps": len(rows), "total_s": round(sum(times), 3),
+                             "median_ms": round(times[len(times) // 2] * 1e3, 2),
+                             "mean_decode_rows": round(sum(r[1] for r in rows) / len(rows), 1),
+                             "mean_prefill_tokens": round(sum(r[2] for r in rows) / len(rows), 1),
+                             "mean_train_tokens": round(sum(r[3] for r in rows) / len(rows), 1)}
+        slow = sorted(self.steps, reverse=True)[:6]
+        out["slowest"] = [[round(s[0] * 1e3, 1), *s[1:]] for s in slow]
+        return out
 
 
 def add_training_jobs(
@@ -174,6 +193,10 @@ def replay_engine(
         events = engine.step()
         t = clock()
         run.step_times_s.append(time.perf_counter() - t0)
+        last = engine.scheduler.metrics.last_step
+        if last is not None:
+            run.steps.append((run.step_times_s[-1], last.num_decode_rows, last.num_prefill_tokens,
+                              last.num_train_tokens + last.num_eval_tokens))
         for ev in events:
             if isinstance(ev, TokenEvent):
                 if ev.request_id in token_times:
@@ -224,6 +247,8 @@ def replay_engine(
         run.stats = _jsonable(engine.stats())
     except Exception as exc:  # stats are informative only
         run.stats = {"error": repr(exc)}
+    if run.steps:
+        log(f"[{label}] step mix: {run.step_mix()}")
     served = sum(r.num_output_tokens for r in run.records)
     train = f", train {run.training.real_tokens} tokens" if run.training else ""
     fails = f"; {len(run.failures)} failures: {run.failures[:3]}" if run.failures else ""

@@ -261,6 +261,7 @@ def plot_timeline(
     plt = _pyplot()
     if plt is None or not runs:
         return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(10, 4))
     for label, records in runs.items():
         pts = sorted((r.arrival_s, r.ttft_s) for r in records if math.isfinite(r.ttft_s))
