@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     peft_model = prepare_adapters(hf, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
-    write_adapters(spec, adapters_mixed, ids_mixed, adapter_ranks(n, True), seed=args.seed + 1, log=log)
+    if not args.no_mixed_ranks:
+        write_adapters(spec, adapters_mixed, ids_mixed, adapter_ranks(n, True), seed=args.seed + 1, log=log)
     if not args.no_baselines:
         record(
             PEFT, common.attempt(PEFT, errors, log, replay_hf, peft_model, trace, use_adapters=True, **hf_kw)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in ids_mixed:
             engine.load_adapter(a, adapters_mixed / a)
 
-    if (
+    if not args.no_mixed_ranks and (
         common.attempt("load mixed-rank adapters", errors, log, swap_to_mixed) is None
         and "load mixed-rank adapters" not in errors
     ):

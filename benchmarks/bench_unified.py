@@ -28,7 +28,7 @@ from .metrics import (
     ratio,
     summarize_serving,
 )
-from .models import adapter_ranks, prepare_adapters, prepare_base
+from .models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
 from .replay import add_training_jobs, cancel_jobs, make_engine, replay_engine, warmup
 from .workload import make_trace
 
@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
     hf, model_dir = prepare_base(spec, args.cache, dev, dtype, seed=args.seed, log=log)
     adapters16 = args.cache / f"adapters-{spec.name}-r16"
-    peft_model = prepare_adapters(hf, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
+    if args.no_baselines:  # our engine alone: adapters written directly, no PEFT model
+        peft_model = None
+        write_adapters(spec, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
+    else:
+        peft_model = prepare_adapters(hf, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
     if not args.no_baselines:
 
         def peft_run() -> None:

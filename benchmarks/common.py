@@ -179,6 +179,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         help="extra or overriding Engine.from_pretrained limit (repeatable)",
     )
     ap.add_argument("--no-baselines", action="store_true", help="skip the HF / PEFT baselines")
+    ap.add_argument("--no-mixed-ranks", action="store_true", help="bench_serving: skip the mixed-rank replay")
     ap.add_argument(
         "--set",
         action="append",

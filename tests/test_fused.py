@@ -96,7 +96,7 @@ def test_model_with_fused_inference_rows_matches(tmp_path: Path, monkeypatch: py
         return rope(*args, **kwargs)
 
     monkeypatch.setattr(fused, "rope_qk", counted)
-    force_backend("reference")
+    force_backend("reference" if DEV == "cpu" else None)  # the torch SMLM reference does not capture
     outs, losses = [], []
     try:
         for on in (False, True):

@@ -34,7 +34,7 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     # Mean-TPOT banking: a step may last up to this many TPOT targets while every decode row is ahead
     # of its mean (scheduler ``tpot_burst``; 1 = every step within one target).
-    tpot_burst: float = 4.0
+    tpot_burst: float = 8.0
     # Hold new prefills this long so arrivals are prefilled together and most steps stay decode-only
     # (scheduler ``prefill_coalesce_ms``); None = 100 ms when decode steps replay CUDA graphs, else 0.
     prefill_coalesce_ms: float | None = None

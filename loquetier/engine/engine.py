@@ -59,13 +59,15 @@ def _gpu_prior(model: LlamaModel, kv_bytes_per_token: float, captured: bool) -> 
     """A starting step-cost model for a GPU, from the model's size (the step model fits the real
     costs online; a prior in the right decade keeps its first decisions sane): weights read once per
     step at ~3 TB/s, 2 FLOP per parameter per token at ~300 TFLOP/s (training: 3x), KV read at
-    ~3 TB/s, and with decode graphs ~0.5 ms more per layer for a step that runs eagerly."""
+    ~3 TB/s, with decode graphs ~0.5 ms more per layer for a step that runs eagerly, and ~3 ms per
+    layer for a step's backward and optimizer launches."""
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     token_s = 2.0 * params / 3e14
     return StepCost(const_s=weight_bytes / 3e12 + 2e-3, prefill_token_s=token_s, decode_row_s=token_s,
                     train_token_s=3.0 * token_s, eval_token_s=token_s, kv_token_s=kv_bytes_per_token / 3e12,
-                    mixed_s=5e-4 * model.cfg.num_layers if captured else 0.0)
+                    mixed_s=5e-4 * model.cfg.num_layers if captured else 0.0,
+                    train_step_s=3e-3 * model.cfg.num_layers)
 
 
 class Engine:

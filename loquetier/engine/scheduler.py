@@ -292,7 +292,9 @@ class Scheduler:
         mixed_s = cost.mixed_s if cfg.decode_graphs else 0.0
 
         # 3. Prefill by weighted slack.
-        predicted = self._predict(batch, cost) + reserved * cost.train_token_s + (mixed_s if mixed else 0.0)
+        predicted = self._predict(batch, cost) + reserved * cost.train_token_s
+        if reserved:
+            predicted += mixed_s + cost.train_step_s
         prefill_budget = tokens_left
         hold_new = not mixed and self._hold_new_prefills(batch, now, tokens_left, cost, predicted + mixed_s)
         if hold_new and demands and time_budget is not None:
@@ -355,12 +357,16 @@ class Scheduler:
                 # longer step only delays it, so training keeps its floors and nothing more. (Prompts
                 # held back to be prefilled together are no backlog.)
                 spare = 0.0
-            if cfg.decode_graphs and not mixed and batch.decode_seqs:
-                if self.step_model.num_decode_only < cfg.min_decode_only_samples:
-                    spare = 0.0  # a probe: this step stays decode-only, so the model sees that regime
-                # leaving the decode graph path costs mixed_s: worth it only for at least as much training
-                spare = max(0.0, spare - mixed_s)
-                if self.train_scale.value * spare < mixed_s:
+            probe = cfg.decode_graphs and not mixed and batch.decode_seqs
+            if probe and self.step_model.num_decode_only < cfg.min_decode_only_samples:
+                spare = 0.0  # a probe: this step stays decode-only, so the model sees that regime
+            # Training here makes the step pay fixed prices: leaving the decode graph path (mixed_s)
+            # and, if no floor already did, the backward pass and optimizer launches (train_step_s).
+            # Worth it only for at least as much training work as that overhead.
+            fixed = (0.0 if mixed else mixed_s) + (0.0 if reserved else cost.train_step_s)
+            if fixed > 0.0 and batch.decode_seqs:
+                spare = max(0.0, spare - fixed)
+                if self.train_scale.value * spare < fixed:
                     spare = 0.0
             train_time = self.train_scale.value * spare + reserved * cost.train_token_s
         else:
@@ -388,6 +394,7 @@ class Scheduler:
             eval_tokens=sum(eval_used.values()),
             kv_tokens_read=batch.num_kv_tokens_read,
             mixed=int(bool(batch.num_prefill_tokens or any(train_used.values()) or any(eval_used.values()))),
+            training=int(bool(any(train_used.values()) or any(eval_used.values()))),
         )
         self.step_model.observe(features, result.step_time_s)
         events = StepEvents(step=self._record(batch, result, features))
@@ -570,12 +577,14 @@ class Scheduler:
 
         Held only while: coalescing is on, the step has decode rows, no admitted prefill is in flight
         (that step is mixed anyway), their prompts would not fill the step's tokens, and every waiting
-        request has waited less than ``min(prefill_coalesce_ms, TTFT / 2)`` with more than two
+        request has waited less than ``min(max(prefill_coalesce_ms, mixed_s), TTFT / 2)`` with more than two
         prefill steps' worth of time (``mixed_step_s`` plus its prompt) left to its TTFT deadline.
         """
         wait_s = self.config.prefill_coalesce_ms / 1e3
         if wait_s <= 0.0 or not batch.decode_seqs or not self.waiting:
             return False
+        # the dearer a mixed step, the more prompts it should carry: hold at least its price
+        wait_s = max(wait_s, cost.mixed_s if self.config.decode_graphs else 0.0)
         if any(s.is_prefilling for s in self.running):
             return False
         waiting_tokens = sum(s.num_uncomputed_tokens for s in self.waiting)
@@ -675,6 +684,7 @@ def _features(batch: ScheduledBatch) -> StepFeatures:
         eval_tokens=batch.num_eval_tokens,
         kv_tokens_read=batch.num_kv_tokens_read,
         mixed=int(bool(batch.num_prefill_tokens or batch.num_train_tokens or batch.num_eval_tokens)),
+        training=int(bool(batch.num_train_tokens or batch.num_eval_tokens)),
     )
 
 

@@ -3,14 +3,17 @@
 Semantics::
 
     time_s ≈ c0 + c1·prefill_tokens + c2·decode_rows + c3·train_tokens + c4·eval_tokens + c5·kv_tokens_read
-             + c6·mixed
+             + c6·mixed + c7·training
 
 ``train_tokens`` are forward+backward tokens, ``kv_tokens_read`` the KV positions attended over
 (see ``ScheduledBatch.num_kv_tokens_read``) and ``mixed`` is 1 for a step that carries anything but decode
 rows: such a step runs eagerly, while a decode-only step can replay a CUDA graph, so ``c6`` is the
-fixed price of leaving the graph path (about 0 without graphs). The fit is ridge regression *towards the prior*
-coefficients with one pseudo-observation per feature, scaled to that feature's magnitude, so a
-feature never seen (e.g. eval tokens before any eval job) keeps its prior and a collinear window
+fixed price of leaving the graph path (about 0 without graphs); ``training`` is 1 for a step with
+training or eval rows, whose fixed price ``c7`` is the backward pass's and the optimizers' launches
+(large and nearly independent of the token count when steps are host-bound). The fit is ridge
+regression *towards the prior* coefficients with one pseudo-observation per feature, scaled to that
+feature's magnitude, so a feature never seen (e.g. eval tokens before any eval job) keeps its prior
+(a feature seen before but not in the current window keeps its last fitted value) and a collinear window
 (e.g. only training for a while) stays well posed. Coefficients are clamped to >= 0 (and the token
 costs to a small floor) so the budget inversion never divides by zero.
 
@@ -22,9 +25,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-NUM_FEATURES = 7
+NUM_FEATURES = 8
 FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read",
-                 "mixed")
+                 "mixed", "training")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class StepFeatures:
     eval_tokens: int = 0
     kv_tokens_read: int = 0
     mixed: int = 0  # 1: prefill, training or eval rows in the step (no decode graph replay)
+    training: int = 0  # 1: training or eval rows in the step
 
     def vector(self) -> tuple[float, ...]:
         return (
@@ -45,6 +49,7 @@ class StepFeatures:
             float(self.eval_tokens),
             float(self.kv_tokens_read),
             float(self.mixed),
+            float(self.training),
         )
 
 
@@ -59,6 +64,7 @@ class StepCost:
     eval_token_s: float = 1e-4
     kv_token_s: float = 1e-6
     mixed_s: float = 0.0  # fixed extra time of a step that cannot replay a decode graph
+    train_step_s: float = 0.0  # fixed extra time of a step with training or eval rows
 
     def __post_init__(self) -> None:
         if min(self.as_tuple()) < 0:
@@ -73,6 +79,7 @@ class StepCost:
             self.eval_token_s,
             self.kv_token_s,
             self.mixed_s,
+            self.train_step_s,
         )
 
     def predict(self, f: StepFeatures) -> float:
@@ -104,6 +111,7 @@ class StepTimeModel:
         self._xty = [0.0] * NUM_FEATURES
         self.num_observed = 0
         self.num_decode_only = 0  # samples in the window with mixed == 0 (the graph-replay regime)
+        self._target = list(self.prior.as_tuple())  # ridge target per coefficient (see _fit)
 
     def predict(self, f: StepFeatures) -> float:
         return self.cost.predict(f)
@@ -133,11 +141,13 @@ class StepTimeModel:
 
     def _fit(self) -> StepCost:
         n = len(self._samples)
-        prior = self.prior.as_tuple()
+        # A feature the window has not seen (e.g. no prefill during a quiet spell) is pulled towards
+        # its last fitted value rather than the prior: a rare regime is remembered, not relearned.
+        prior = self._target
         xtx = [row[:] for row in self._xtx]
         xty = self._xty[:]
         for i in range(NUM_FEATURES):
-            # One pseudo-observation per feature at the feature's typical magnitude, pulling to the prior.
+            # One pseudo-observation per feature at the feature's typical magnitude, pulling to the target.
             scale = xtx[i][i] / n if xtx[i][i] > 1e-12 else 1.0
             lam = self.prior_weight * scale
             xtx[i][i] += lam
@@ -147,6 +157,9 @@ class StepTimeModel:
         clamped = [max(b, lo) for b, lo in zip(beta, floors, strict=True)]
         clamped[5] = max(beta[5], 0.0)  # kv cost may legitimately be ~0
         clamped[6] = max(beta[6], 0.0)  # no graphs: mixed and decode-only steps cost the same
+        clamped[7] = max(beta[7], 0.0)
+        self._target = [c if self._xtx[i][i] > 1e-12 else t
+                        for i, (c, t) in enumerate(zip(clamped, self._target, strict=True))]
         return StepCost(*clamped)
 
 
