@@ -366,9 +366,11 @@ def warmup(
     micro_batch_tokens: int = 1024,
     log: Log = print,
 ) -> None:
-    """Untimed: one short generate per path (base, adapter) and, with ``training``, one training step,
-    so kernel compilation and allocator growth stay out of the measured windows."""
+    """Untimed: ``Engine.warmup`` (every step shape once: kernel builds stay out of the measured
+    windows), one short generate on the benchmark's own adapters and, with ``training``, one
+    training step at the benchmark's micro-batch size; then every decode CUDA graph is captured."""
     t0 = time.perf_counter()
+    report = engine.warmup()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, vocab_size, (24,), generator=gen).tolist() for _ in range(2)]
     ids: list[str | None] = [None, adapter_ids[0] if adapter_ids else None]
@@ -391,7 +393,10 @@ def warmup(
             engine.step()
     t1 = time.perf_counter()
     captured = engine.capture_graphs()  # decode CUDA graphs of every batch bucket, before any timing
-    log(f"[engine] warm-up in {t1 - t0:.1f}s, {captured} decode CUDA graphs in {time.perf_counter() - t1:.1f}s")
+    log(
+        f"[engine] warm-up in {t1 - t0:.1f}s ({report['steps']} steps of Engine.warmup in "
+        f"{report['seconds']:.1f}s), {captured} decode CUDA graphs in {time.perf_counter() - t1:.1f}s"
+    )
 
 
 def cancel_jobs(engine: Engine, job_ids: Sequence[str]) -> None:

@@ -266,3 +266,24 @@ def test_coalesced_prefill_and_banked_tpot_change_when_not_what(model_dir: Path)
             if isinstance(e, RequestFinished):
                 results[e.request_id] = e.token_ids
     assert [results[f"r{i}"] for i in range(4)] == expected
+
+
+def test_warmup_leaves_the_engine_as_it_found_it(model_dir: Path) -> None:
+    """Engine.warmup runs prompts of several lengths and decode batches of several sizes, with and
+    without a temporary adapter, and one training step; afterwards nothing of it is left and the
+    engine serves the same tokens as one that never warmed up."""
+    adapters = ["a", None, "b", "a"]
+    expected = [o.token_ids for o in make_engine(model_dir).generate(PROMPTS, adapters, GREEDY)]
+    engine = make_engine(model_dir)
+    loaded = sorted(a for a in ("a", "b") if engine.has_adapter(a))
+    report = engine.warmup()
+    assert report["steps"] > 10 and report["adapters"] == 1 and report["training"]
+    assert not engine.has_work() and engine.scheduler.num_running == 0
+    assert not any(engine.has_adapter(a) for a in ("__loquetier_warmup__", "__loquetier_warmup_train__"))
+    assert sorted(a for a in ("a", "b") if engine.has_adapter(a)) == loaded
+    assert engine.scheduler.step_model.num_observed == 0  # compile-time steps teach it nothing
+    assert engine.blocks.num_free_blocks == make_engine(model_dir).blocks.num_free_blocks
+    assert [o.token_ids for o in engine.generate(PROMPTS, adapters, GREEDY)] == expected
+    engine.add_request("busy", prompt=PROMPTS[0], sampling=GREEDY)
+    with pytest.raises(EngineError, match="idle"):
+        engine.warmup()

@@ -101,6 +101,8 @@ def run_worker(args: argparse.Namespace) -> int:
         print("give --model DIR or set LOQUETIER_ENGINE__MODEL_DIR", file=sys.stderr)
         return 2
     engine = Engine.from_pretrained(model, device=device, dtype=dtype, **engine_limits(settings))
+    if engine.device.type == "cuda":  # kernel builds before the first request, not inside a served step
+        log.info("engine warmed up", extra=engine.warmup())
     captured = engine.capture_graphs()  # before the first request: no capture inside a served step
     if captured:
         log.info("decode CUDA graphs captured", extra={"graphs": captured})

@@ -34,15 +34,17 @@ from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduler import Scheduler, SchedulerConfig
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch, StepResult
 from loquetier.engine.sequence import Sequence as Seq
-from loquetier.engine.step_model import StepCost
+from loquetier.engine.step_model import StepCost, StepTimeModel
 from loquetier.lora.adapter import LoRAAdapter
-from loquetier.lora.config import AdapterError
+from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
-from loquetier.lora.pool import LoRASlotPool
+from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.llama import LlamaModel
 
+_WARMUP_ADAPTER = "__loquetier_warmup__"
+_WARMUP_TRAIN = "__loquetier_warmup_train__"
 AUTO_PREFILL_COALESCE_MS = 100.0  # EngineConfig.prefill_coalesce_ms=None with captured decode graphs
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,6 +126,59 @@ class Engine:
             return None
         return DecodeGraphs(model, self.kv, config.max_num_seqs, self.max_model_len, scratch_block,
                             mode="eager" if mode == "eager" else "capture")
+
+    def warmup(self) -> dict[str, Any]:
+        """Run every kind of step once before serving, so no served step waits for a kernel build.
+
+        On a GPU the first step of each new shape class compiles Triton kernel variants (SMLM block
+        sizes for short, medium and long adapter segments, split-K and paged-decode split variants,
+        the backward kernels) for up to a second or two each. This runs prompts of several lengths
+        and decode batches of several sizes, with no adapter and with a temporary adapter of the
+        pool's largest rank, plus (with training slots) one tiny training step. Then the temporary
+        adapters are unloaded and the scheduler forgets the warm-up's step times (compiles are no
+        step cost). Needs an idle engine; returns what ran. Tokens served afterwards do not change.
+        """
+        if self.has_work():
+            raise EngineError("busy", "warm-up needs an idle engine (no requests, no jobs)")
+        t0 = time.perf_counter()
+        steps0 = self.num_steps
+        gen = torch.Generator().manual_seed(20261129)
+        vocab, cfg = self.model.cfg.vocab_size, self.config
+
+        def tokens(n: int) -> list[int]:
+            return torch.randint(3, vocab, (max(1, min(n, self.max_model_len - 8)),), generator=gen).tolist()
+
+        targets = list(TARGET_MODULES)
+        temporary: list[str] = []
+        adapter_ids: list[str | None] = [None]
+        if cfg.max_adapter_slots > cfg.num_train_slots:
+            lora = LoRAConfig(rank=cfg.max_lora_rank, alpha=cfg.max_lora_rank, target_modules=targets)
+            self.load_adapter(_WARMUP_ADAPTER, LoRAAdapter.new(lora, self.model.dims))
+            temporary.append(_WARMUP_ADAPTER)
+            adapter_ids.append(_WARMUP_ADAPTER)
+        # segment lengths on both sides of the SMLM row-block sizes, and a prompt of several chunks
+        lengths = [1, 3, 17, 40, 200, cfg.max_prefill_chunk + 5]
+        greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        for group in sorted({1, 3, 17, min(70, cfg.max_num_seqs)}):
+            prompts = [tokens(lengths[i % len(lengths)]) for i in range(group)]
+            self.generate(prompts, [adapter_ids[i % len(adapter_ids)] for i in range(group)], greedy)
+        if cfg.num_train_slots > 0:
+            examples = [{"prompt_token_ids": tokens(8), "completion_token_ids": tokens(8)} for _ in range(4)]
+            job = self.add_training_job(
+                _WARMUP_TRAIN, examples, TrainingParams(max_steps=1, micro_batch_tokens=64),
+                lora=dict(rank=cfg.max_lora_rank, alpha=cfg.max_lora_rank, target_modules=targets),
+                job_id=_WARMUP_TRAIN)
+            self.run_until_idle()
+            self._backlog = [e for e in self._backlog if getattr(e, "job_id", None) != job]
+            temporary.append(_WARMUP_TRAIN)
+        for adapter_id in temporary:
+            if adapter_id in self.adapters:
+                self.adapters.unload(adapter_id)
+        sched = self.scheduler
+        sched.step_model = StepTimeModel(sched.step_model.prior, window=sched.step_model.window)
+        sched.train_scale.reset()
+        return {"seconds": time.perf_counter() - t0, "steps": self.num_steps - steps0,
+                "adapters": len(adapter_ids) - 1, "training": cfg.num_train_slots > 0}
 
     def capture_graphs(self) -> int:
         """Capture the decode CUDA graphs of every batch-size bucket now (a few seconds for an 8B
