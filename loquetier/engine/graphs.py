@@ -36,6 +36,7 @@ import torch
 from loquetier.engine.kv_cache import KVCache
 from loquetier.kernels import SMLMMeta
 from loquetier.kernels.meta import FWD_BLOCK_ROWS, row_blocks, segments_of
+from loquetier.kernels.ops import backend_for
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
 from loquetier.models.llama import LlamaModel
@@ -114,6 +115,10 @@ class DecodeGraphs:
         if bucket is None or not rows:
             raise ValueError(f"{len(rows)} decode rows: graphs hold 1..{self.max_batch}")
         ordered = sorted(rows, key=lambda r: r.slot)  # one segment per adapter
+        if self.mode == "capture" and any(r.slot >= 0 for r in ordered) and \
+                backend_for(self.model.device).name != "triton":
+            # the torch reference walks host segments, which a replayed graph would not update
+            raise RuntimeError("decode graphs with adapters need the Triton SMLM kernels")
         segments = self._fill(ordered, bucket)
         with_lora = bool(segments)
         if self.mode == "eager":
@@ -134,8 +139,9 @@ class DecodeGraphs:
             return 0
         before = self.num_captures
         self._fill([], self.max_batch)  # every row a padding row
+        variants = (True, False) if backend_for(self.model.device).name == "triton" else (False,)
         for bucket in reversed(self.buckets):
-            for with_lora in (True, False):
+            for with_lora in variants:
                 if (bucket, with_lora) not in self._graphs:
                     self._graphs[(bucket, with_lora)] = self._capture(bucket, with_lora)
         return self.num_captures - before
