@@ -249,6 +249,7 @@ def replay_engine(
         run.stats = {"error": repr(exc)}
     if run.steps:
         log(f"[{label}] step mix: {run.step_mix()}")
+        log(f"[{label}] fitted step cost: {run.stats.get('step_cost')}")
     served = sum(r.num_output_tokens for r in run.records)
     train = f", train {run.training.real_tokens} tokens" if run.training else ""
     fails = f"; {len(run.failures)} failures: {run.failures[:3]}" if run.failures else ""

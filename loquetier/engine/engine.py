@@ -400,6 +400,8 @@ class Engine:
             "slo_attainment": self.scheduler.slo.window_attainment,
             "jobs": self.jobs.stats(),
             "scheduler": dataclasses.asdict(m) if dataclasses.is_dataclass(m) else {},
+            # the step-time model's current fit, seconds per step / token / row (what plans the steps)
+            "step_cost": dataclasses.asdict(self.scheduler.step_model.cost),
         }
 
 
