@@ -45,7 +45,8 @@ def graph_engine(model_dir: Path, backend: str, **limits) -> Engine:
     if backend == "triton":
         engine.model.attn_impl = "triton"  # the paged-decode kernel, as on the GPU
         engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.max_num_seqs,
-                                            engine.max_model_len, engine.blocks.num_blocks, mode="eager")
+                                            engine.max_model_len, engine.blocks.num_blocks, mode="eager",
+                                            max_tokens=engine.config.max_num_batched_tokens)
     return engine
 
 
@@ -69,6 +70,7 @@ def test_decode_through_the_static_layout_matches_plain_steps(model_dir: Path, b
             assert g.logprobs is not None
             torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=2e-4, rtol=0)
     assert graphs.runner.num_graph_steps >= 4  # 7 rows in a bucket of 8, then fewer as requests finish
+    assert graphs.runner.num_graph_prefill_steps >= 1  # the prompts went through the graph layout too
     # base-model rows alone go through the variant without SMLM launches
     base = graphs.generate(PROMPTS[:3], sampling=SamplingParams(max_tokens=4, temperature=0.0))
     assert [o.token_ids for o in base] == [
@@ -131,7 +133,7 @@ def test_graph_rows_reject_a_short_block_table(model_dir: Path) -> None:
         assert graphs is not None
         with pytest.raises(ValueError, match="cannot hold position"):
             graphs.run([DecodeRow("s", 5, position=20, block_table=[0, 1], slot=-1)])  # 2 blocks of 8 < 21
-        with pytest.raises(ValueError, match="decode rows"):
+        with pytest.raises(ValueError, match="rows: graphs hold"):
             graphs.run([])
     finally:
         force_backend(None)
@@ -161,3 +163,43 @@ def _reloaded(engine: Engine):  # type: ignore[no-untyped-def]
     from tests.test_engine import random_adapter
 
     return random_adapter(engine, 99, 8, ("q_proj", "o_proj", "down_proj"))
+
+
+def test_prefill_chunks_through_the_graph_layout_match_plain_steps(model_dir: Path, backend: str) -> None:
+    """Prompt tokens laid out as graph rows (each attends over its own context through the paged
+    kernel): prompts of several chunks, prefix-cache hits, adapters and the base model mixed, against
+    plain steps token for token; a step whose prompt rows would read too many keys stays eager."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (3, 70, 130, 20, 64)]
+    prompts.append(prompts[2][:100] + [5, 6, 7])  # shares 96 tokens (12 blocks) with prompt 2
+    adapters = ["a", "b", None, "b", "a", None]
+    sampling = SamplingParams(max_tokens=6, temperature=0.0)
+    plain = make_engine(model_dir, cuda_graphs="off")
+    graphs = graph_engine(model_dir, backend)
+    want = plain.generate(prompts, adapter_ids=adapters, sampling=sampling)
+    got = graphs.generate(prompts, adapter_ids=adapters, sampling=sampling)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert graphs.runner.num_graph_prefill_steps >= 2  # 64-token chunks of the longer prompts
+    # one long prompt: 230 rows reading ~115 keys each on average is still a graph step; with the
+    # budget lowered to 16 keys per row it runs eagerly, with the same tokens
+    long = [torch.randint(3, 250, (230,), generator=gen).tolist()]
+    want = plain.generate(long, sampling=sampling)
+    import loquetier.engine.runner as runner_mod
+
+    before = graphs.runner.num_graph_prefill_steps
+    old = runner_mod.GRAPH_MAX_MEAN_CONTEXT
+    runner_mod.GRAPH_MAX_MEAN_CONTEXT = 16
+    try:
+        got = graphs.generate(long, sampling=sampling)
+    finally:
+        runner_mod.GRAPH_MAX_MEAN_CONTEXT = old
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert graphs.runner.num_graph_prefill_steps == before
+
+
+def test_token_buckets_past_the_batch() -> None:
+    sizes = bucket_sizes(64, 4096)
+    assert sizes[:11] == bucket_sizes(64) and sizes[-1] == 4096
+    past = sizes[10:]
+    assert all(1.3 <= b / a <= 2.0 for a, b in zip(past[:-1], past[1:], strict=False))  # ~1.5x steps
+    assert all(b % 64 == 0 for b in past[1:-1]) and len(sizes) == len(set(sizes))

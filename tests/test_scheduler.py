@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from loquetier.engine.budget import FairShare, JobDemand, TrainScale
-from loquetier.engine.scheduler import Scheduler, SchedulerConfig
+from loquetier.engine.scheduler import Scheduler, SchedulerConfig, _mixed
 from loquetier.engine.sequence import (
     SamplingParams,
     ScheduledBatch,
@@ -129,7 +129,8 @@ class Sim:
             batch.num_train_tokens,
             batch.num_eval_tokens,
             batch.num_kv_tokens_read,
-            int(bool(batch.num_prefill_tokens or batch.num_train_tokens or batch.num_eval_tokens)),
+            _mixed(self.sched.config, batch.num_prefill_tokens, batch.num_decode_rows,
+                   batch.num_train_tokens + batch.num_eval_tokens),
         )
         t = (
             self.cost.predict(f) * (1.0 + self.noise * self.rng.uniform(-1, 1))
@@ -656,3 +657,24 @@ def test_step_model_remembers_a_regime_the_window_no_longer_holds() -> None:
     assert model.num_decode_only == 32
     assert model.cost.mixed_s == pytest.approx(learned, rel=0.05)  # not back at the prior's 0
     assert model.cost.prefill_token_s == pytest.approx(GRAPH_COST.prefill_token_s, rel=0.1)
+
+
+def test_prefill_graph_steps_are_not_mixed_steps() -> None:
+    """With graph_max_rows, an inference step with prompt rows replays a graph too: the scheduler
+    neither charges it the eager price nor holds prompts back, so arrivals get their first token in
+    about one step while the decoders keep their TPOT."""
+    out = {}
+    for rows in (0, 4096):
+        sim = _graph_sim(tpot_burst=8.0, prefill_coalesce_ms=0.0, graph_max_rows=rows)
+        decoders = _decoders(sim, 32, max_tokens=2000)
+        start = len(sim.batches)
+        seqs = _arrivals(sim, every_s=0.015, duration_s=1.5, tag=f"g{rows}-")
+        window = sim.batches[start:]
+        assert all(d.mean_tpot_s is not None and d.mean_tpot_s <= 0.060 for d in decoders)
+        eager = sum(1 for b in window if _mixed(sim.sched.config, b.num_prefill_tokens, b.num_decode_rows, 0))
+        out[rows] = (max(s.ttft_s for s in seqs if s.ttft_s is not None), eager, sum(b.num_decode_rows for b in window))
+    assert out[4096][1] == 0 < out[0][1], out  # no step left the graph path
+    assert out[4096][0] < 0.5 * out[0][0], out  # first tokens far sooner
+    assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 60, 8, 0) == 1  # past the rows
+    assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 50, 8, 0) == 0
+    assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 0, 8, 5) == 1  # training rows

@@ -32,6 +32,9 @@ class EngineConfig:
     # Triton paged-decode kernel; "on" = required; "off"; "eager" = the same static padded path
     # without capturing (tests, debugging).
     cuda_graphs: str = "auto"
+    # Steps with prefill chunks replay graphs too, up to this many rows (None: max_num_batched_tokens;
+    # 0: only decode-only steps replay graphs).
+    graph_max_tokens: int | None = None
     # Mean-TPOT banking: a step may last up to this many TPOT targets while every decode row is ahead
     # of its mean (scheduler ``tpot_burst``; 1 = every step within one target).
     tpot_burst: float = 8.0
@@ -60,6 +63,8 @@ class EngineConfig:
             raise ValueError("kv_memory_gb must be > 0")
         if self.cuda_graphs not in ("auto", "on", "off", "eager"):
             raise ValueError(f"cuda_graphs must be 'auto', 'on', 'off' or 'eager', got {self.cuda_graphs!r}")
+        if self.graph_max_tokens is not None and self.graph_max_tokens < 0:
+            raise ValueError("graph_max_tokens must be >= 0 or None")
         if not 1.0 <= self.tpot_burst <= 100.0:
             raise ValueError("tpot_burst must be in [1, 100]")
         if self.prefill_coalesce_ms is not None and not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:

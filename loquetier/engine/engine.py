@@ -94,14 +94,15 @@ class Engine:
         self.eos_token_ids = tuple(sorted(eos))
         graphs = self._decode_graphs(model, config, num_blocks)
         captured = graphs is not None and graphs.mode == "capture"
+        graph_rows = graphs.max_tokens if captured and graphs.max_tokens > graphs.max_batch else 0
         coalesce = config.prefill_coalesce_ms
-        if coalesce is None:  # worth it only where a decode-only step is much cheaper than a mixed one
-            coalesce = AUTO_PREFILL_COALESCE_MS if captured else 0.0
+        if coalesce is None:  # worth it only where a prefill step costs much more than a decode step
+            coalesce = AUTO_PREFILL_COALESCE_MS if captured and not graph_rows else 0.0
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk, default_ttft_ms=config.default_ttft_ms,
             default_tpot_ms=config.default_tpot_ms, tpot_burst=config.tpot_burst, prefill_coalesce_ms=coalesce,
-            decode_graphs=captured)
+            decode_graphs=captured, graph_max_rows=graph_rows)
         prior = _gpu_prior(model, per_block / config.block_size, captured) if self.device.type == "cuda" else None
         self.scheduler = Scheduler(
             sched_cfg, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
@@ -124,8 +125,10 @@ class Engine:
             raise EngineError("no_device", "cuda_graphs='on' needs CUDA and the Triton paged-decode kernel")
         if mode == "auto" and not capturable:
             return None
+        max_tokens = config.max_num_batched_tokens if config.graph_max_tokens is None else config.graph_max_tokens
         return DecodeGraphs(model, self.kv, config.max_num_seqs, self.max_model_len, scratch_block,
-                            mode="eager" if mode == "eager" else "capture")
+                            mode="eager" if mode == "eager" else "capture",
+                            max_tokens=min(max_tokens, config.max_num_batched_tokens))
 
     def warmup(self) -> dict[str, Any]:
         """Run every kind of step once before serving, so no served step waits for a kernel build.

@@ -21,6 +21,15 @@ What makes the forward replayable:
 All graphs share one memory pool and write their logits into one [max_batch, vocab] buffer, so
 they hold about one forward's activations together, whatever the number of buckets.
 
+Inference steps with prefill chunks replay graphs too (``max_tokens`` > ``max_batch``): every
+prompt token is laid out as one more row with its own position and context length, exactly like a
+decode row, so the paged-decode kernel attends each one over the keys up to its position (the K/V of
+the whole step is written before attention in each layer). Buckets past ``max_batch`` grow by about
+1.5x up to ``max_tokens``; logits are taken only for rows that end a prompt or decode, through a
+static index buffer of ``max_batch`` rows. Per-row attention reads each token's whole context, so
+the runner keeps steps whose prompt rows average over ``GRAPH_MAX_MEAN_CONTEXT`` keys eager (long
+prompts are FlashAttention's job).
+
 Rows are sorted by adapter slot before they are laid out, so each adapter's rows form one
 segment. ``mode="eager"`` runs the same static, padded forward without capturing (CPU tests
 and debugging); ``mode="capture"`` needs CUDA and the Triton paged-decode kernel.
@@ -41,14 +50,28 @@ from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
 from loquetier.models.llama import LlamaModel
 
+_Group = tuple[Hashable, Sequence[int], int, Sequence[int], int, bool]  # seq, tokens, start, table, slot, logits
+
 _SEG_ROWS = 16  # the SMLM kernels' row tile for captured decode graphs (they loop over longer segments)
 
 
-def bucket_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8 up to ``max_batch`` (and ``max_batch`` itself)."""
+GRAPH_MAX_MEAN_CONTEXT = 256  # prompt rows of a graph step read at most this many keys each, on average
+
+
+def bucket_sizes(max_batch: int, max_tokens: int | None = None) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to ``max_batch`` (and ``max_batch`` itself); past it,
+    steps of about 1.5x (multiples of 64) up to ``max_tokens`` (and ``max_tokens`` itself)."""
     sizes = [b for b in (1, 2, 4) if b < max_batch]
     sizes += list(range(8, max_batch, 8))
-    return [*sizes, max_batch]
+    sizes.append(max_batch)
+    top = max_batch if max_tokens is None else max_tokens
+    size = max_batch
+    while size < top:
+        size = max(size + 64, -(-int(size * 1.5) // 64) * 64)
+        if size >= top or (top - size) * 4 < size:  # no bucket just under the top one
+            size = top
+        sizes.append(size)
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,23 @@ class DecodeRow:
     slot: int  # adapter slot, -1 = base model
 
 
+@dataclass(frozen=True)
+class PrefillRows:
+    """A prefill chunk: ``token_ids`` at positions ``start, start + 1, ...`` of one sequence."""
+
+    seq_id: Hashable
+    token_ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+    slot: int  # adapter slot, -1 = base model
+    needs_logits: bool  # the chunk ends the prompt: its last row is sampled
+
+
+def prefill_kv_reads(start: int, length: int) -> int:
+    """Keys the per-row attention reads for a chunk: sum of (position + 1) over its rows."""
+    return length * start + length * (length + 1) // 2
+
+
 class DecodeGraphs:
     def __init__(  # noqa: PLR0917
         self,
@@ -69,6 +109,7 @@ class DecodeGraphs:
         max_model_len: int,
         scratch_block: int,
         mode: str = "capture",
+        max_tokens: int | None = None,
     ) -> None:
         if mode not in ("capture", "eager"):
             raise ValueError(f"mode must be 'capture' or 'eager', got {mode!r}")
@@ -80,11 +121,12 @@ class DecodeGraphs:
         self._triton_decode = decode_uses_triton(model.attn_impl, model.device)
         if mode == "capture" and not self._triton_decode:
             raise ValueError("CUDA graphs need the Triton paged-decode kernel (attn_impl 'auto' or 'triton')")
-        self.buckets = bucket_sizes(max_batch)
+        self.max_tokens = max(max_batch, max_tokens or max_batch)  # rows of the largest bucket
+        self.buckets = bucket_sizes(max_batch, self.max_tokens)
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.block_size, self.scratch_block = kv.block_size, scratch_block
         self.max_blocks = -(-max_model_len // kv.block_size)
-        dev, n = model.device, max_batch
+        dev, n = model.device, self.max_tokens
         i32, i64 = torch.int32, torch.int64
         self.input_ids = torch.zeros(n, dtype=i64, device=dev)
         self.positions = torch.zeros(n, dtype=i64, device=dev)
@@ -94,7 +136,7 @@ class DecodeGraphs:
         self.token_slots = torch.full((n,), -1, dtype=i32, device=dev)
         self.blocks = torch.zeros(n, 3, dtype=i32, device=dev)  # (row_start, row_end, slot); empty = (0, 0, 0)
         self.q_cu = torch.arange(n + 1, dtype=i32, device=dev)
-        self.logits_rows = torch.arange(n, dtype=i64, device=dev)
+        self.logits_rows = torch.zeros(max_batch, dtype=i64, device=dev)  # rows whose logits are taken
         self._empty_i32 = torch.zeros(0, dtype=i32, device=dev)
         self._empty_i64 = torch.zeros(0, dtype=i64, device=dev)
         self._no_rows = VarlenMeta(torch.zeros(1, dtype=i32, device=dev), 0, ())
@@ -109,20 +151,23 @@ class DecodeGraphs:
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None)
 
-    def run(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, list[Hashable]]:
-        """Logits [len(rows), V] fp32 of a decode-only step, and the seq id of each logits row."""
-        bucket = self.bucket_for(len(rows))
-        if bucket is None or not rows:
-            raise ValueError(f"{len(rows)} decode rows: graphs hold 1..{self.max_batch}")
-        ordered = sorted(rows, key=lambda r: r.slot)  # one segment per adapter
-        if self.mode == "capture" and any(r.slot >= 0 for r in ordered) and \
+    def run(self, rows: Sequence[DecodeRow | PrefillRows]) -> tuple[torch.Tensor, list[Hashable]]:
+        """Logits [k, V] fp32 of an inference step (decode rows and prefill chunks), one row per
+        decode row and per chunk that ends its prompt, and the seq id of each logits row."""
+        groups = [_group(r) for r in rows]
+        num_rows = sum(len(g[1]) for g in groups)
+        bucket = self.bucket_for(num_rows)
+        if bucket is None or not num_rows:
+            raise ValueError(f"{num_rows} rows: graphs hold 1..{self.max_tokens}")
+        groups.sort(key=lambda g: g[4])  # one segment per adapter (stable: a chunk's rows stay in order)
+        if self.mode == "capture" and any(g[4] >= 0 for g in groups) and \
                 backend_for(self.model.device).name != "triton":
             # the torch reference walks host segments, which a replayed graph would not update
             raise RuntimeError("decode graphs with adapters need the Triton SMLM kernels")
-        segments = self._fill(ordered, bucket)
+        segments, seq_ids = self._fill(groups, bucket)
         with_lora = bool(segments)
         if self.mode == "eager":
-            logits = self._forward(bucket, with_lora, ordered, segments)
+            logits = self._forward(bucket, with_lora, True, segments)
         else:
             key = (bucket, with_lora)
             if key not in self._graphs:
@@ -130,7 +175,7 @@ class DecodeGraphs:
             graph, logits = self._graphs[key]
             graph.replay()
             self.num_replays += 1
-        return logits[: len(ordered)], [r.seq_id for r in ordered]
+        return logits[: len(seq_ids)], seq_ids
 
     def capture_all(self) -> int:
         """Capture every bucket, both variants, largest first (so the shared memory pool is sized by
@@ -138,7 +183,7 @@ class DecodeGraphs:
         if self.mode != "capture":
             return 0
         before = self.num_captures
-        self._fill([], self.max_batch)  # every row a padding row
+        self._fill([], self.max_tokens)  # every row a padding row
         variants = (True, False) if backend_for(self.model.device).name == "triton" else (False,)
         for bucket in reversed(self.buckets):
             for with_lora in variants:
@@ -147,50 +192,67 @@ class DecodeGraphs:
         return self.num_captures - before
 
     # -- layout ------------------------------------------------------------------------------------
-    def _fill(self, rows: Sequence[DecodeRow], bucket: int) -> list[tuple[int, int, int]]:
+    def _fill(self, groups: Sequence[_Group], bucket: int) -> tuple[list[tuple[int, int, int]], list[Hashable]]:
         """Write the rows (then padding up to ``bucket``) into the static buffers; one host-to-device
-        copy per buffer. Returns the adapter segments (start, length, slot)."""
-        n, bs, width = len(rows), self.block_size, self.max_blocks
-        scratch = self.scratch_block
-        ids = [r.token_id for r in rows] + [0] * (bucket - n)
-        pos = [r.position for r in rows] + [0] * (bucket - n)
-        slots = [r.slot for r in rows] + [-1] * (bucket - n)
-        mapping, ctx, tables = [], [], []
-        for r in rows:
-            if r.position >= self.max_model_len:
-                raise ValueError(f"position {r.position} is past max_model_len {self.max_model_len}")
-            used = r.position // bs + 1  # blocks holding keys [0, position]
-            table = list(r.block_table[:used])
-            if len(table) < used:
-                raise ValueError(f"block table of {len(table)} blocks cannot hold position {r.position}")
-            mapping.append(table[-1] * bs + r.position % bs)
-            ctx.append(r.position + 1)
-            tables.append(table)
+        copy per buffer. Returns the adapter segments (start, length, slot) and the seq id of each
+        logits row, in the order of the logits."""
+        bs, width, scratch = self.block_size, self.max_blocks, self.scratch_block
+        lens = [len(g[1]) for g in groups]
+        n = sum(lens)
+        ids = [t for g in groups for t in g[1]] + [0] * (bucket - n)
+        pos = [p for g in groups for p in range(g[2], g[2] + len(g[1]))] + [0] * (bucket - n)
+        slots = [g[4] for g in groups for _ in g[1]] + [-1] * (bucket - n)
+        tables: list[list[int]] = []
+        logit_rows: list[int] = []
+        seq_ids: list[Hashable] = []
+        row = 0
+        for (seq_id, tokens, start, block_table, _, needs_logits), length in zip(groups, lens, strict=True):
+            last = start + length - 1
+            if last >= self.max_model_len:
+                raise ValueError(f"position {last} is past max_model_len {self.max_model_len}")
+            used = last // bs + 1  # blocks holding keys [0, last]
+            if len(block_table) < used:
+                raise ValueError(f"block table of {len(block_table)} blocks cannot hold position {last}")
+            tables.append(list(block_table[:used]))
+            row += length
+            if needs_logits:
+                logit_rows.append(row - 1)
+                seq_ids.append(seq_id)
         # Only the first `cols` columns are written: a row never reads a column past its context.
         cols = min(width, max((len(t) for t in tables), default=1))
-        tables = [t + [scratch] * (cols - len(t)) for t in tables] + [[scratch] * cols] * (bucket - n)
-        mapping += [scratch * bs] * (bucket - n)
-        ctx += [1] * (bucket - n)
+        table_t = torch.full((len(groups) + 1, cols), scratch, dtype=torch.int32)  # last row: padding
+        for i, t in enumerate(tables):
+            table_t[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        row_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(lens, dtype=torch.int64)) \
+            if groups else torch.zeros(0, dtype=torch.int64)
+        row_group = torch.cat([row_group, torch.full((bucket - n,), len(groups), dtype=torch.int64)])
+        pos_t = torch.tensor(pos, dtype=torch.int64)
+        row_tables = table_t[row_group]  # [bucket, cols]
+        mapping = row_tables[torch.arange(bucket), torch.clamp(pos_t // bs, max=cols - 1)].long() * bs + pos_t % bs
+        ctx = pos_t + 1  # padding rows: position 0, context 1, the scratch block
+        num_logits = min(bucket, self.max_batch)
+        if len(logit_rows) > num_logits:
+            raise ValueError(f"{len(logit_rows)} rows need logits; graphs take at most {num_logits}")
         segments, _ = segments_of(slots[:n])
         blocks = row_blocks(segments, FWD_BLOCK_ROWS)
         blocks += [(0, 0, 0)] * (bucket - len(blocks))
-        host_i64 = torch.tensor([ids, pos, mapping], dtype=torch.int64)
-        host_i32 = torch.tensor([ctx, slots], dtype=torch.int32)
-        self.input_ids[:bucket].copy_(host_i64[0], non_blocking=True)
-        self.positions[:bucket].copy_(host_i64[1], non_blocking=True)
-        self.slot_mapping[:bucket].copy_(host_i64[2], non_blocking=True)
-        self.context_lens[:bucket].copy_(host_i32[0], non_blocking=True)
-        self.token_slots[:bucket].copy_(host_i32[1], non_blocking=True)
-        self.block_tables[:bucket, :cols].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.input_ids[:bucket].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+        self.positions[:bucket].copy_(pos_t, non_blocking=True)
+        self.slot_mapping[:bucket].copy_(mapping, non_blocking=True)
+        self.context_lens[:bucket].copy_(ctx.to(torch.int32), non_blocking=True)
+        self.token_slots[:bucket].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:bucket, :cols].copy_(row_tables, non_blocking=True)
         self.blocks[:bucket].copy_(torch.tensor(blocks, dtype=torch.int32), non_blocking=True)
-        self._host = (ctx, tables)
-        return segments
+        rows_t = torch.tensor(logit_rows + [0] * (num_logits - len(logit_rows)), dtype=torch.int64)
+        self.logits_rows[:num_logits].copy_(rows_t, non_blocking=True)
+        if self.mode == "eager":  # the reference attention reads host context lengths and tables
+            self._host = (ctx.tolist(), row_tables.tolist())
+        return segments, seq_ids
 
-    def _batch(self, bucket: int, with_lora: bool, rows: Sequence[DecodeRow] | None,
+    def _batch(self, bucket: int, with_lora: bool, eager: bool,
                segments: list[tuple[int, int, int]]) -> ForwardBatch:
         """A ForwardBatch over the static buffers. Host fields that size launches are fixed per bucket
-        when capturing; ``rows`` (eager mode) gives the reference paths the real host values."""
-        eager = rows is not None
+        when capturing; ``eager`` (eager mode) gives the reference paths the real host values."""
         host_segments = tuple(segments) if eager else ((0, 1, 0),) if with_lora else ()
         meta = SMLMMeta(
             token_slots=self.token_slots[:bucket],
@@ -221,14 +283,14 @@ class DecodeGraphs:
             num_train=0, num_eval=0, num_prefill=0, num_decode=bucket,
             train=self._no_rows, eval=self._no_rows, paged=paged,
             labels=self._empty_i64, loss_groups=self._empty_i64, group_keys=(),
-            logits_indices=self.logits_rows[:bucket],
-            logits_seq_ids=tuple(range(bucket)),
+            logits_indices=self.logits_rows[: min(bucket, self.max_batch)],
+            logits_seq_ids=tuple(range(min(bucket, self.max_batch))),
         )
 
-    def _forward(self, bucket: int, with_lora: bool, rows: Sequence[DecodeRow] | None,
+    def _forward(self, bucket: int, with_lora: bool, eager: bool,
                  segments: list[tuple[int, int, int]]) -> torch.Tensor:
         with torch.no_grad():
-            out = self.model.forward(self._batch(bucket, with_lora, rows, segments), self.kv)
+            out = self.model.forward(self._batch(bucket, with_lora, eager, segments), self.kv)
         assert out.logits is not None
         return out.logits
 
@@ -239,16 +301,25 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(bucket, with_lora, None, [])
+                self._forward(bucket, with_lora, False, [])
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         if self._logits is None:  # one output buffer for every graph, outside the graph pool
             self._logits = torch.empty(self.max_batch, self.model.cfg.vocab_size, dtype=torch.float32,
                                        device=self.model.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._logits[:bucket].copy_(self._forward(bucket, with_lora, None, []))
+            num_logits = min(bucket, self.max_batch)
+            self._logits[:num_logits].copy_(self._forward(bucket, with_lora, False, []))
         # the forward's own tensors are free again: the next capture reuses their pool memory, so
         # the graphs together hold about one forward's activations, not one per bucket
         self._pool = graph.pool()
         self.num_captures += 1
-        return graph, self._logits[:bucket]
+        return graph, self._logits[: min(bucket, self.max_batch)]
+
+
+def _group(row: DecodeRow | PrefillRows) -> _Group:
+    if isinstance(row, DecodeRow):
+        return (row.seq_id, (row.token_id,), row.position, row.block_table, row.slot, True)
+    if not row.token_ids:
+        raise ValueError(f"prefill chunk of {row.seq_id!r} has no tokens")
+    return (row.seq_id, row.token_ids, row.start, row.block_table, row.slot, row.needs_logits)

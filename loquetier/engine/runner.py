@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loquetier.engine.config import EngineConfig
-from loquetier.engine.graphs import DecodeGraphs, DecodeRow
+from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs, DecodeRow, PrefillRows, prefill_kv_reads
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.sampler import SamplingTensors, sample
 from loquetier.engine.sequence import ScheduledBatch
@@ -40,7 +40,8 @@ class ModelRunner:
         self.model, self.kv, self.blocks, self.adapters, self.config = model, kv, blocks, adapters, config
         self.graphs = graphs
         self.num_backward_rows = 0  # rows that entered autograd, summed over steps (tests read it)
-        self.num_graph_steps = 0  # decode-only steps served by DecodeGraphs
+        self.num_graph_steps = 0  # steps served by DecodeGraphs
+        self.num_graph_prefill_steps = 0  # of those, steps with prefill chunks
 
     def _slot(self, adapter_id: str | None) -> int:
         if adapter_id is None:
@@ -51,25 +52,39 @@ class ModelRunner:
         return slot
 
     def _graph_step(self, batch: ScheduledBatch) -> bool:
+        """An inference step the graphs hold: no training or eval rows, at most ``max_tokens`` rows
+        (decode rows at most ``max_batch``), prompt rows reading few enough keys each."""
         g = self.graphs
-        return (g is not None and not batch.train_chunks and not batch.eval_chunks and not batch.prefill_chunks
-                and 0 < len(batch.decode_seqs) <= g.max_batch)
+        if g is None or batch.train_chunks or batch.eval_chunks:
+            return False
+        num_prefill = sum(c.length for c in batch.prefill_chunks)
+        rows = num_prefill + len(batch.decode_seqs)
+        if not 0 < rows <= g.max_tokens or len(batch.decode_seqs) > g.max_batch:
+            return False
+        reads = sum(prefill_kv_reads(c.start, c.length) for c in batch.prefill_chunks)
+        return reads <= GRAPH_MAX_MEAN_CONTEXT * num_prefill
 
     def run(self, batch: ScheduledBatch, jobs: JobBook, requests: RequestBook) -> RunResult:
         res = RunResult()
         if self._graph_step(batch):
             assert self.graphs is not None
-            rows = [DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
-                              self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
-                    for seq in batch.decode_seqs]
+            rows: list[DecodeRow | PrefillRows] = [
+                PrefillRows(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.length], c.start,
+                            self.blocks.block_table(c.seq.seq_id), self._slot(c.seq.adapter_id), c.is_final)
+                for c in batch.prefill_chunks]
+            rows += [DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
+                               self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
+                     for seq in batch.decode_seqs]
             try:
                 logits, seq_ids = self.graphs.run(rows)
             except RuntimeError as exc:  # a capture this torch / driver cannot do: plain steps from now on
-                warnings.warn(f"decode CUDA graphs disabled: {exc}", stacklevel=2)
+                warnings.warn(f"CUDA graphs disabled: {exc}", stacklevel=2)
                 self.graphs = None
             else:
                 self.num_graph_steps += 1
-                self._sample(res, logits, seq_ids, requests)
+                self.num_graph_prefill_steps += int(bool(batch.prefill_chunks))
+                if seq_ids:
+                    self._sample(res, logits, seq_ids, requests)
                 return res
         b = BatchBuilder(self.config.block_size)
         pieces: list[Piece] = []

@@ -126,6 +126,9 @@ class SchedulerConfig:
     # Decode-only steps replay CUDA graphs: a step with other rows costs the step model's mixed_s
     # more, which the prefill and training decisions then charge (see the module docstring).
     decode_graphs: bool = False
+    # With decode_graphs: inference steps (prefill + decode rows, no training) of at most this many
+    # rows replay graphs too, so they are not "mixed" (0: only decode-only steps replay graphs).
+    graph_max_rows: int = 0
     # With decode_graphs: keep at least this many decode-only steps in the step model's window (a
     # step now and then skips optional training), so mixed_s stays identifiable from const_s.
     min_decode_only_samples: int = 8
@@ -310,21 +313,27 @@ class Scheduler:
             if hold_new and seq.status is not SequenceStatus.RUNNING:
                 continue
             allowance = prefill_budget
+            # rows this step can still take and stay a graph step (prefill graphs), else 0
+            graph_room = 0
+            if cfg.decode_graphs and not mixed and cfg.graph_max_rows:
+                graph_room = cfg.graph_max_rows - batch.num_decode_rows - batch.num_prefill_tokens
             if time_budget is not None:
-                spare = time_budget * cfg.tpot_headroom - predicted - (0.0 if mixed else mixed_s)
+                spare = time_budget * cfg.tpot_headroom - predicted - (0.0 if mixed or graph_room > 0 else mixed_s)
                 by_time = math.floor(max(0.0, spare) / max(cost.prefill_token_s, 1e-12))
                 if self._prefill_is_urgent(seq, now, cost, predicted + (0.0 if mixed else mixed_s)):
                     # its TTFT is at stake: up to the burst cap, even past what the decoders banked
                     cap = burst_cap * cfg.tpot_headroom - predicted - (0.0 if mixed else mixed_s)
                     by_time = max(by_time, math.floor(max(0.0, cap) / max(cost.prefill_token_s, 1e-12)),
                                   cfg.min_prefill_tokens_per_step)
-                elif cfg.decode_graphs and not mixed and by_time * cost.prefill_token_s < mixed_s:
+                elif cfg.decode_graphs and not mixed and graph_room <= 0 and by_time * cost.prefill_token_s < mixed_s:
                     # a sliver of prefill would take the step off the graph path for little progress:
                     # decode-only steps bank time for one large prefill step instead
                     by_time = 0
                 elif not batch.prefill_chunks:
                     by_time = max(by_time, cfg.min_prefill_tokens_per_step)
                 allowance = min(allowance, by_time)
+            if graph_room > 0:
+                allowance = min(allowance, graph_room)  # stay on the graph path
             if allowance <= 0:
                 if cfg.decode_graphs:
                     continue  # a later, urgent request may still need its prefill in this step
@@ -337,7 +346,7 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             prefill_budget -= length
             predicted += length * cost.prefill_token_s + (chunk.start + length) * cost.kv_token_s
-            if not mixed:
+            if not mixed and graph_room <= 0:
                 predicted += mixed_s
                 mixed = True
         tokens_left = prefill_budget
@@ -376,7 +385,7 @@ class Scheduler:
             chunk_list = batch.eval_chunks if self.jobs[job_id].is_eval else batch.train_chunks
             chunk_list.append(TrainChunk(job_id, num_tokens))
         batch.time_budget_s = time_budget
-        batch.predicted_time_s = self.step_model.predict(_features(batch))
+        batch.predicted_time_s = self.step_model.predict(_features(batch, cfg))
         return batch
 
     def postprocess(self, batch: ScheduledBatch, result: StepResult) -> StepEvents:
@@ -393,7 +402,8 @@ class Scheduler:
             train_tokens=sum(train_used.values()),
             eval_tokens=sum(eval_used.values()),
             kv_tokens_read=batch.num_kv_tokens_read,
-            mixed=int(bool(batch.num_prefill_tokens or any(train_used.values()) or any(eval_used.values()))),
+            mixed=_mixed(self.config, batch.num_prefill_tokens, batch.num_decode_rows,
+                         sum(train_used.values()) + sum(eval_used.values())),
             training=int(bool(any(train_used.values()) or any(eval_used.values()))),
         )
         self.step_model.observe(features, result.step_time_s)
@@ -633,7 +643,7 @@ class Scheduler:
         return min(caps, max(floors, self.config.min_train_tokens_per_step if demands else 0))
 
     def _predict(self, batch: ScheduledBatch, cost: StepCost) -> float:
-        return cost.predict(_features(batch))
+        return cost.predict(_features(batch, self.config))
 
     def _record(self, batch: ScheduledBatch, result: StepResult, f: StepFeatures) -> StepRecord:
         m = self.metrics
@@ -676,14 +686,24 @@ def _deadline(seq: Sequence) -> float:
     return seq.last_token_time + _tpot_s(seq)
 
 
-def _features(batch: ScheduledBatch) -> StepFeatures:
+def _mixed(cfg: SchedulerConfig, prefill_tokens: int, decode_rows: int, train_tokens: int) -> int:
+    """1 for a step that runs eagerly: training or eval rows, or prefill rows past the graphs' rows."""
+    if train_tokens:
+        return 1
+    if not prefill_tokens:
+        return 0
+    return int(not (cfg.decode_graphs and cfg.graph_max_rows) or prefill_tokens + decode_rows > cfg.graph_max_rows)
+
+
+def _features(batch: ScheduledBatch, cfg: SchedulerConfig) -> StepFeatures:
     return StepFeatures(
         prefill_tokens=batch.num_prefill_tokens,
         decode_rows=batch.num_decode_rows,
         train_tokens=batch.num_train_tokens,
         eval_tokens=batch.num_eval_tokens,
         kv_tokens_read=batch.num_kv_tokens_read,
-        mixed=int(bool(batch.num_prefill_tokens or batch.num_train_tokens or batch.num_eval_tokens)),
+        mixed=_mixed(cfg, batch.num_prefill_tokens, batch.num_decode_rows,
+                     batch.num_train_tokens + batch.num_eval_tokens),
         training=int(bool(batch.num_train_tokens or batch.num_eval_tokens)),
     )
 
