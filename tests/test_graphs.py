@@ -203,3 +203,33 @@ def test_token_buckets_past_the_batch() -> None:
     past = sizes[10:]
     assert all(1.3 <= b / a <= 2.0 for a, b in zip(past[:-1], past[1:], strict=False))  # ~1.5x steps
     assert all(b % 64 == 0 for b in past[1:-1]) and len(sizes) == len(set(sizes))
+
+
+def test_a_failing_prefill_graph_falls_back_to_decode_graphs(model_dir: Path) -> None:
+    """If a prefill bucket cannot be captured, prefill steps run eagerly from then on while decode
+    steps keep their graphs, and the scheduler stops pricing prefill steps as graph steps."""
+    force_backend("reference")
+    try:
+        engine = make_engine(model_dir, cuda_graphs="eager")
+        graphs = engine.runner.graphs
+        assert graphs is not None and graphs.max_tokens > graphs.max_batch
+        engine.scheduler.config = __import__("dataclasses").replace(
+            engine.scheduler.config, decode_graphs=True, graph_max_rows=graphs.max_tokens)
+        real_run = graphs.run
+
+        def failing(rows):  # type: ignore[no-untyped-def]
+            if any(not hasattr(r, "token_id") for r in rows):
+                raise RuntimeError("capture failed (simulated)")
+            return real_run(rows)
+
+        graphs.run = failing  # type: ignore[method-assign]
+        greedy = SamplingParams(max_tokens=5, temperature=0.0)
+        want = make_engine(model_dir, cuda_graphs="off").generate(PROMPTS, adapter_ids=ADAPTERS, sampling=greedy)
+        with pytest.warns(UserWarning, match="prefill steps disabled"):
+            got = engine.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=greedy)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert engine.runner.graphs is graphs and graphs.max_tokens == graphs.max_batch
+        assert engine.runner.num_graph_steps > 0  # decode steps still replayed
+        assert engine.scheduler.config.graph_max_rows == 0 and engine.scheduler.config.decode_graphs
+    finally:
+        force_backend(None)

@@ -378,6 +378,10 @@ class Engine:
         t0 = time.perf_counter()
         run = self.runner.run(batch, self.jobs, self.requests)
         step_time = time.perf_counter() - t0
+        graphs, cfg = self.runner.graphs, self.scheduler.config
+        if cfg.graph_max_rows and (graphs is None or graphs.max_tokens <= graphs.max_batch):
+            # prefill graphs were given up (a failed capture): price prefill steps as eager again
+            self.scheduler.config = dataclasses.replace(cfg, graph_max_rows=0, decode_graphs=graphs is not None)
         self.num_steps += 1
         result = StepResult(self._clock(), step_time, run.sampled, run.train_tokens, run.eval_tokens)
         step_events = self.scheduler.postprocess(batch, result)

@@ -148,6 +148,12 @@ class DecodeGraphs:
         self.num_captures = 0
 
     # -- public ------------------------------------------------------------------------------------
+    def decode_only(self) -> None:
+        """Stop serving prefill steps (their buckets are dropped; decode buckets and graphs stay)."""
+        self.max_tokens = self.max_batch
+        self.buckets = [b for b in self.buckets if b <= self.max_batch]
+        self._graphs = {k: v for k, v in self._graphs.items() if k[0] <= self.max_batch}
+
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None)
 

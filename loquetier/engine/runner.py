@@ -78,8 +78,12 @@ class ModelRunner:
             try:
                 logits, seq_ids = self.graphs.run(rows)
             except RuntimeError as exc:  # a capture this torch / driver cannot do: plain steps from now on
-                warnings.warn(f"CUDA graphs disabled: {exc}", stacklevel=2)
-                self.graphs = None
+                if batch.prefill_chunks and self.graphs.max_tokens > self.graphs.max_batch:
+                    warnings.warn(f"CUDA graphs for prefill steps disabled: {exc}", stacklevel=2)
+                    self.graphs.decode_only()  # decode-only steps keep their graphs
+                else:
+                    warnings.warn(f"CUDA graphs disabled: {exc}", stacklevel=2)
+                    self.graphs = None
             else:
                 self.num_graph_steps += 1
                 self.num_graph_prefill_steps += int(bool(batch.prefill_chunks))
