@@ -226,14 +226,11 @@ class DecodeGraphs:
                 seq_ids.append(seq_id)
         # Only the first `cols` columns are written: a row never reads a column past its context.
         cols = min(width, max((len(t) for t in tables), default=1))
-        table_t = torch.full((len(groups) + 1, cols), scratch, dtype=torch.int32)  # last row: padding
-        for i, t in enumerate(tables):
-            table_t[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        row_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(lens, dtype=torch.int64)) \
-            if groups else torch.zeros(0, dtype=torch.int64)
-        row_group = torch.cat([row_group, torch.full((bucket - n,), len(groups), dtype=torch.int64)])
+        padded = [t + [scratch] * (cols - len(t)) for t in tables]
+        table_t = torch.tensor([*padded, [scratch] * cols], dtype=torch.int32)  # last row: padding rows
+        row_group = [gi for gi, length in enumerate(lens) for _ in range(length)] + [len(groups)] * (bucket - n)
         pos_t = torch.tensor(pos, dtype=torch.int64)
-        row_tables = table_t[row_group]  # [bucket, cols]
+        row_tables = table_t[torch.tensor(row_group, dtype=torch.int64)]  # [bucket, cols]
         mapping = row_tables[torch.arange(bucket), torch.clamp(pos_t // bs, max=cols - 1)].long() * bs + pos_t % bs
         ctx = pos_t + 1  # padding rows: position 0, context 1, the scratch block
         num_logits = min(bucket, self.max_batch)
