@@ -133,8 +133,7 @@ class TrainingJob:
     def _optimizer_step(self) -> None:
         n = len(self._accum)
         if n > 1:
-            for p in self._params:
-                p.grad.div_(n)  # type: ignore[union-attr]
+            torch._foreach_div_(self._grads, n)  # one multi-tensor launch, not one per tensor
         if self.params.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.params.max_grad_norm)
         lr = lr_at(self.step, base_lr=self.params.lr, schedule=self.params.lr_schedule,
@@ -151,8 +150,7 @@ class TrainingJob:
         self.manager.mark_updated(self.adapter_id)
 
     def zero_grad(self) -> None:
-        for p in self._params:
-            p.grad.zero_()  # type: ignore[union-attr]
+        torch._foreach_zero_(self._grads)
 
     @property
     def should_checkpoint(self) -> bool:
@@ -209,6 +207,12 @@ class TrainingJob:
             pa.grad, pb.grad = lora.grad_a[self.slot, :r], lora.grad_b[self.slot, :r]
             self.masters[key] = (pa, pb)
             self._params += [pa, pb]
+        self._grads = [p.grad for p in self._params if p.grad is not None]
+        # the slot's weights in the pool, in master order: one multi-tensor copy per optimizer step
+        self._slot_views: list[torch.Tensor] = []
+        for key in self.masters:
+            lora = self.manager.pool.get(*key)
+            self._slot_views += [lora.a[self.slot, :r], lora.b[self.slot, :r]]
         self.zero_grad()
         if self.params.optimizer == "adamw":
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
@@ -220,11 +224,8 @@ class TrainingJob:
 
     @torch.no_grad()
     def _sync_slot(self) -> None:
-        r = self.config.rank
-        for key, (a, bt) in self.masters.items():
-            lora = self.manager.pool.get(*key)
-            lora.a[self.slot, :r].copy_(a)
-            lora.b[self.slot, :r].copy_(bt)
+        """The fp32 masters into the slot's pool weights (model dtype), one multi-tensor copy."""
+        torch._foreach_copy_(self._slot_views, [p.detach() for p in self._params])
 
     def _count_steps(self) -> int | None:
         if self.params.num_epochs is None:
