@@ -318,11 +318,12 @@ class Scheduler:
             if cfg.decode_graphs and not mixed and cfg.graph_max_rows:
                 graph_room = cfg.graph_max_rows - batch.num_decode_rows - batch.num_prefill_tokens
             if time_budget is not None:
-                spare = time_budget * cfg.tpot_headroom - predicted - (0.0 if mixed or graph_room > 0 else mixed_s)
+                extra = 0.0 if mixed or graph_room > 0 else mixed_s  # the eager price this chunk would add
+                spare = time_budget * cfg.tpot_headroom - predicted - extra
                 by_time = math.floor(max(0.0, spare) / max(cost.prefill_token_s, 1e-12))
-                if self._prefill_is_urgent(seq, now, cost, predicted + (0.0 if mixed else mixed_s)):
+                if self._prefill_is_urgent(seq, now, cost, predicted + extra):
                     # its TTFT is at stake: up to the burst cap, even past what the decoders banked
-                    cap = burst_cap * cfg.tpot_headroom - predicted - (0.0 if mixed else mixed_s)
+                    cap = burst_cap * cfg.tpot_headroom - predicted - extra
                     by_time = max(by_time, math.floor(max(0.0, cap) / max(cost.prefill_token_s, 1e-12)),
                                   cfg.min_prefill_tokens_per_step)
                 elif cfg.decode_graphs and not mixed and graph_room <= 0 and by_time * cost.prefill_token_s < mixed_s:
