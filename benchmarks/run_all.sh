@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/run_all.sh [OUT_DIR] [extra args for every script, e.g. --quick or --model small]
 #   RUNS="decode serving" bash benchmarks/run_all.sh $OUT     # a subset (default: all four)
+#   RUNS=quick bash benchmarks/run_all.sh $OUT                # serving + unified + GPU tests, one call
 #
 # One device call is limited to 10 minutes: run "decode serving" in one call and "unified finetune"
 # in the next on the same warm machine (the model and adapters under the cache are reused).
@@ -32,12 +33,13 @@ fi
 cleanup() { if [ "$LINKED" = 1 ]; then rm -f loquetier/kernels; fi; }
 trap cleanup EXIT
 
-run() {  # name, time limit (s), module
+run() {  # name, time limit (s), module, extra flags for this run
     local name=$1 limit=$2 module=$3
-    echo "== $name (limit ${limit}s): $PY -m $module ${MODEL_ARGS[*]} --out $OUT_DIR ${EXTRA[*]}"
+    shift 3
+    echo "== $name (limit ${limit}s): $PY -m $module ${MODEL_ARGS[*]} --out $OUT_DIR ${EXTRA[*]} $*"
     local t0=$SECONDS
     timeout --signal=INT --kill-after=20 "$limit" \
-        "$PY" -m "$module" "${MODEL_ARGS[@]}" --out "$OUT_DIR" "${EXTRA[@]}" >"$OUT_DIR/$name.out" 2>"$OUT_DIR/$name.log"
+        "$PY" -m "$module" "${MODEL_ARGS[@]}" --out "$OUT_DIR" "${EXTRA[@]}" "$@" >"$OUT_DIR/$name.out" 2>"$OUT_DIR/$name.log"
     local rc=$?
     echo "   $name: rc=$rc in $((SECONDS - t0))s"
     cat "$OUT_DIR/$name.out"
@@ -45,15 +47,33 @@ run() {  # name, time limit (s), module
     nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null | sed 's/^/   gpu memory after: /'
 }
 
+gpu_tests() {  # the tests that only mean something on a GPU (no broker or database: no conftest)
+    echo "== gpu-tests"
+    timeout 150 "$PY" -m pytest --noconftest -q -p no:cacheprovider tests/test_graphs.py tests/test_fused.py \
+        tests/test_smlm.py tests/test_paged_attention.py >"$OUT_DIR/gpu_tests.log" 2>&1
+    echo "   gpu-tests: rc=$?"; tail -n 5 "$OUT_DIR/gpu_tests.log"
+}
+
+# Presets that fit one 10-minute device call each (the model is built once per machine):
+#   RUNS="quick"  = serving without the mixed-rank replay + unified without its PEFT baseline + GPU tests
 RUNS=${RUNS:-decode serving unified finetune}
+[ "$RUNS" = quick ] && RUNS="serving-short unified-short gpu-tests"
 for r in $RUNS; do
     case $r in
         decode) run decode 200 benchmarks.bench_decode ;;
         serving) run serving 330 benchmarks.bench_serving ;;
+        serving-short) run serving 240 benchmarks.bench_serving --no-mixed-ranks ;;
         unified) run unified 270 benchmarks.bench_unified ;;
+        unified-short) run unified 200 benchmarks.bench_unified --no-baselines ;;
         finetune) run finetune 180 benchmarks.bench_finetune ;;
-        *) echo "unknown run $r (decode, serving, unified, finetune)"; exit 2 ;;
+        gpu-tests) gpu_tests ;;
+        *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, gpu-tests)"; exit 2 ;;
     esac
 done
 echo "== results in $OUT_DIR:"
 ls -la "$OUT_DIR"
+if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+    # a device call returns at most 8 files: pack them into one
+    (cd "$OUT" && tar czf /tmp/loquetier-results.tgz . && find . -mindepth 1 -delete && mv /tmp/loquetier-results.tgz results.tgz)
+    echo "== packed into $OUT/results.tgz"
+fi
