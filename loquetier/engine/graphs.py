@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -50,7 +51,17 @@ from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
 from loquetier.models.llama import LlamaModel
 
-_Group = tuple[Hashable, Sequence[int], int, Sequence[int], int, bool]  # seq, tokens, start, table, slot, logits
+
+class _Group(NamedTuple):
+    """One decode row or prefill chunk: consecutive rows of one sequence."""
+
+    seq_id: Hashable
+    tokens: Sequence[int]
+    start: int  # position of tokens[0]
+    block_table: Sequence[int]
+    slot: int
+    needs_logits: bool
+
 
 _SEG_ROWS = 16  # the SMLM kernels' row tile for captured decode graphs (they loop over longer segments)
 
@@ -154,6 +165,11 @@ class DecodeGraphs:
         self.buckets = [b for b in self.buckets if b <= self.max_batch]
         self._graphs = {k: v for k, v in self._graphs.items() if k[0] <= self.max_batch}
 
+    def _num_logits(self, bucket: int) -> int:
+        """Logits rows of a bucket: every row of a decode bucket, ``max_batch`` (one per sequence at
+        most) past it."""
+        return min(bucket, self.max_batch)
+
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None)
 
@@ -161,12 +177,12 @@ class DecodeGraphs:
         """Logits [k, V] fp32 of an inference step (decode rows and prefill chunks), one row per
         decode row and per chunk that ends its prompt, and the seq id of each logits row."""
         groups = [_group(r) for r in rows]
-        num_rows = sum(len(g[1]) for g in groups)
+        num_rows = sum(len(g.tokens) for g in groups)
         bucket = self.bucket_for(num_rows)
         if bucket is None or not num_rows:
             raise ValueError(f"{num_rows} rows: graphs hold 1..{self.max_tokens}")
-        groups.sort(key=lambda g: g[4])  # one segment per adapter (stable: a chunk's rows stay in order)
-        if self.mode == "capture" and any(g[4] >= 0 for g in groups) and \
+        groups.sort(key=lambda g: g.slot)  # one segment per adapter (stable: a chunk's rows stay in order)
+        if self.mode == "capture" and any(g.slot >= 0 for g in groups) and \
                 backend_for(self.model.device).name != "triton":
             # the torch reference walks host segments, which a replayed graph would not update
             raise RuntimeError("decode graphs with adapters need the Triton SMLM kernels")
@@ -203,11 +219,11 @@ class DecodeGraphs:
         copy per buffer. Returns the adapter segments (start, length, slot) and the seq id of each
         logits row, in the order of the logits."""
         bs, width, scratch = self.block_size, self.max_blocks, self.scratch_block
-        lens = [len(g[1]) for g in groups]
+        lens = [len(g.tokens) for g in groups]
         n = sum(lens)
-        ids = [t for g in groups for t in g[1]] + [0] * (bucket - n)
-        pos = [p for g in groups for p in range(g[2], g[2] + len(g[1]))] + [0] * (bucket - n)
-        slots = [g[4] for g in groups for _ in g[1]] + [-1] * (bucket - n)
+        ids = [t for g in groups for t in g.tokens] + [0] * (bucket - n)
+        pos = [p for g in groups for p in range(g.start, g.start + len(g.tokens))] + [0] * (bucket - n)
+        slots = [g.slot for g in groups for _ in g.tokens] + [-1] * (bucket - n)
         tables: list[list[int]] = []
         logit_rows: list[int] = []
         seq_ids: list[Hashable] = []
@@ -233,7 +249,7 @@ class DecodeGraphs:
         row_tables = table_t[torch.tensor(row_group, dtype=torch.int64)]  # [bucket, cols]
         mapping = row_tables[torch.arange(bucket), torch.clamp(pos_t // bs, max=cols - 1)].long() * bs + pos_t % bs
         ctx = pos_t + 1  # padding rows: position 0, context 1, the scratch block
-        num_logits = min(bucket, self.max_batch)
+        num_logits = self._num_logits(bucket)
         if len(logit_rows) > num_logits:
             raise ValueError(f"{len(logit_rows)} rows need logits; graphs take at most {num_logits}")
         segments, _ = segments_of(slots[:n])
@@ -286,8 +302,8 @@ class DecodeGraphs:
             num_train=0, num_eval=0, num_prefill=0, num_decode=bucket,
             train=self._no_rows, eval=self._no_rows, paged=paged,
             labels=self._empty_i64, loss_groups=self._empty_i64, group_keys=(),
-            logits_indices=self.logits_rows[: min(bucket, self.max_batch)],
-            logits_seq_ids=tuple(range(min(bucket, self.max_batch))),
+            logits_indices=self.logits_rows[: self._num_logits(bucket)],
+            logits_seq_ids=tuple(range(self._num_logits(bucket))),
         )
 
     def _forward(self, bucket: int, with_lora: bool, eager: bool,
@@ -311,18 +327,17 @@ class DecodeGraphs:
                                        device=self.model.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            num_logits = min(bucket, self.max_batch)
-            self._logits[:num_logits].copy_(self._forward(bucket, with_lora, False, []))
+            self._logits[: self._num_logits(bucket)].copy_(self._forward(bucket, with_lora, False, []))
         # the forward's own tensors are free again: the next capture reuses their pool memory, so
         # the graphs together hold about one forward's activations, not one per bucket
         self._pool = graph.pool()
         self.num_captures += 1
-        return graph, self._logits[: min(bucket, self.max_batch)]
+        return graph, self._logits[: self._num_logits(bucket)]
 
 
 def _group(row: DecodeRow | PrefillRows) -> _Group:
     if isinstance(row, DecodeRow):
-        return (row.seq_id, (row.token_id,), row.position, row.block_table, row.slot, True)
+        return _Group(row.seq_id, (row.token_id,), row.position, row.block_table, row.slot, True)
     if not row.token_ids:
         raise ValueError(f"prefill chunk of {row.seq_id!r} has no tokens")
-    return (row.seq_id, row.token_ids, row.start, row.block_table, row.slot, row.needs_logits)
+    return _Group(row.seq_id, row.token_ids, row.start, row.block_table, row.slot, row.needs_logits)

@@ -57,7 +57,7 @@ class ModelRunner:
         g = self.graphs
         if g is None or batch.train_chunks or batch.eval_chunks:
             return False
-        num_prefill = sum(c.length for c in batch.prefill_chunks)
+        num_prefill = batch.num_prefill_tokens
         rows = num_prefill + len(batch.decode_seqs)
         if not 0 < rows <= g.max_tokens or len(batch.decode_seqs) > g.max_batch:
             return False

@@ -293,6 +293,8 @@ class Scheduler:
         tokens_left -= reserved
         mixed = reserved > 0  # the step carries more than decode rows (no graph replay)
         mixed_s = cost.mixed_s if cfg.decode_graphs else 0.0
+        # too few decode-only steps in the step model's window: this one stays decode-only if it can
+        probe_due = self.step_model.num_decode_only < cfg.min_decode_only_samples
 
         # 3. Prefill by weighted slack.
         predicted = self._predict(batch, cost) + reserved * cost.train_token_s
@@ -303,8 +305,7 @@ class Scheduler:
         if hold_new and demands and time_budget is not None:
             # training will take this step off the graph path anyway: the held prompts join it
             pre_spare = max(0.0, time_budget * cfg.tpot_headroom - predicted - mixed_s)
-            probe = self.step_model.num_decode_only < cfg.min_decode_only_samples
-            hold_new = probe or self.train_scale.value * pre_spare < mixed_s
+            hold_new = probe_due or self.train_scale.value * pre_spare < mixed_s
         for seq in self._prefill_order(now, cost):
             if prefill_budget <= 0:
                 break
@@ -367,8 +368,7 @@ class Scheduler:
                 # longer step only delays it, so training keeps its floors and nothing more. (Prompts
                 # held back to be prefilled together are no backlog.)
                 spare = 0.0
-            probe = cfg.decode_graphs and not mixed and batch.decode_seqs
-            if probe and self.step_model.num_decode_only < cfg.min_decode_only_samples:
+            if probe_due and cfg.decode_graphs and not mixed and batch.decode_seqs:
                 spare = 0.0  # a probe: this step stays decode-only, so the model sees that regime
             # Training here makes the step pay fixed prices: leaving the decode graph path (mixed_s)
             # and, if no floor already did, the backward pass and optimizer launches (train_step_s).

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 NUM_FEATURES = 8
 FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read",
                  "mixed", "training")
+_MIXED, _TRAINING = FEATURE_NAMES.index("mixed"), FEATURE_NAMES.index("training")
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,16 @@ class StepTimeModel:
         self._xtx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
         self._xty = [0.0] * NUM_FEATURES
         self.num_observed = 0
-        self.num_decode_only = 0  # samples in the window with mixed == 0 (the graph-replay regime)
         self._target = list(self.prior.as_tuple())  # ridge target per coefficient (see _fit)
 
     def predict(self, f: StepFeatures) -> float:
         return self.cost.predict(f)
+
+    @property
+    def num_decode_only(self) -> int:
+        """Samples in the window with ``mixed == 0`` (the graph-replay regime). ``mixed`` is 0 or 1,
+        so the window's sum of its squares counts the mixed samples."""
+        return len(self._samples) - round(self._xtx[_MIXED][_MIXED])
 
     def observe(self, f: StepFeatures, measured_s: float) -> None:
         if measured_s < 0:
@@ -122,11 +128,9 @@ class StepTimeModel:
         x = f.vector()
         self._samples.append((x, measured_s))
         self._accumulate(x, measured_s, 1.0)
-        self.num_decode_only += int(f.mixed == 0)
         if len(self._samples) > self.window:
             old_x, old_y = self._samples.popleft()
             self._accumulate(old_x, old_y, -1.0)
-            self.num_decode_only -= int(old_x[6] == 0.0)
         self.num_observed += 1
         self.cost = self._fit()
 
@@ -156,8 +160,8 @@ class StepTimeModel:
         floors = (0.0,) + (self.min_token_cost_s,) * (NUM_FEATURES - 1)
         clamped = [max(b, lo) for b, lo in zip(beta, floors, strict=True)]
         clamped[5] = max(beta[5], 0.0)  # kv cost may legitimately be ~0
-        clamped[6] = max(beta[6], 0.0)  # no graphs: mixed and decode-only steps cost the same
-        clamped[7] = max(beta[7], 0.0)
+        clamped[_MIXED] = max(beta[_MIXED], 0.0)  # no graphs: mixed and decode-only steps cost the same
+        clamped[_TRAINING] = max(beta[_TRAINING], 0.0)
         self._target = [c if self._xtx[i][i] > 1e-12 else t
                         for i, (c, t) in enumerate(zip(clamped, self._target, strict=True))]
         return StepCost(*clamped)

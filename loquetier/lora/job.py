@@ -199,19 +199,20 @@ class TrainingJob:
         device, r = self.manager.pool.device, self.config.rank
         self.masters: dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
         self._params: list[torch.nn.Parameter] = []
+        # in master order, for one multi-tensor launch each: the gradient slices the kernels
+        # accumulate into, and the slot's weights in the pool that each optimizer step refreshes
+        self._grads: list[torch.Tensor] = []
+        self._slot_views: list[torch.Tensor] = []
         for key, (a, b) in sorted(init.weights.items()):
             lora = self.manager.pool.get(*key)
             assert lora.grad_a is not None and lora.grad_b is not None
             pa = torch.nn.Parameter(a.detach().to(device, torch.float32).clone())
             pb = torch.nn.Parameter(b.detach().T.to(device, torch.float32).contiguous())
-            pa.grad, pb.grad = lora.grad_a[self.slot, :r], lora.grad_b[self.slot, :r]
+            ga, gb = lora.grad_a[self.slot, :r], lora.grad_b[self.slot, :r]
+            pa.grad, pb.grad = ga, gb
             self.masters[key] = (pa, pb)
             self._params += [pa, pb]
-        self._grads = [p.grad for p in self._params if p.grad is not None]
-        # the slot's weights in the pool, in master order: one multi-tensor copy per optimizer step
-        self._slot_views: list[torch.Tensor] = []
-        for key in self.masters:
-            lora = self.manager.pool.get(*key)
+            self._grads += [ga, gb]
             self._slot_views += [lora.a[self.slot, :r], lora.b[self.slot, :r]]
         self.zero_grad()
         if self.params.optimizer == "adamw":
