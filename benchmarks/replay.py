@@ -70,15 +70,16 @@ class EngineRun:
     step_times_s: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
-    # per step: (wall s, decode rows, prefill tokens, training + eval tokens)
-    steps: list[tuple[float, int, int, int]] = field(default_factory=list)
+    # per step: (wall s, decode rows, prefill tokens, training + eval tokens, Triton kernels built)
+    steps: list[tuple[float, int, int, int, str]] = field(default_factory=list)
 
     def step_mix(self) -> dict[str, Any]:
-        """Decode-only vs mixed steps: count, total and median wall time, mean decode rows; the
-        slowest steps with what they carried."""
+        """Decode-only, prefill (no training) and training steps: count, total and median wall time,
+        mean rows; the slowest steps with what they carried and the steps that built kernels."""
         out: dict[str, Any] = {}
         for name, rows in (("decode_only", [s for s in self.steps if not s[2] and not s[3]]),
-                           ("mixed", [s for s in self.steps if s[2] or s[3]])):
+                           ("prefill", [s for s in self.steps if s[2] and not s[3]]),
+                           ("training", [s for s in self.steps if s[3]])):
             if rows:
                 times = sorted(r[0] for r in rows)
                 out[name] = {"steps": len(rows), "total_s": round(sum(times), 3),
@@ -88,7 +89,41 @@ class EngineRun:
                              "mean_train_tokens": round(sum(r[3] for r in rows) / len(rows), 1)}
         slow = sorted(self.steps, reverse=True)[:6]
         out["slowest"] = [[round(s[0] * 1e3, 1), *s[1:]] for s in slow]
+        built = [s for s in self.steps if s[4]]
+        out["steps_with_kernel_builds"] = {"steps": len(built), "total_s": round(sum(s[0] for s in built), 3)}
         return out
+
+
+class KernelBuilds:
+    """Names of the Triton kernels compiled since the last ``take()`` (through Triton's JIT cache
+    hook; empty where this Triton has no such hook). Kernel builds inside measured windows are what
+    ``Engine.warmup`` exists to prevent; the replay logs the steps that still had some."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._knobs: Any = None
+        try:
+            from triton import knobs  # type: ignore[attr-defined]
+
+            self._knobs = knobs.runtime
+            self._prev = self._knobs.jit_cache_hook
+            self._knobs.jit_cache_hook = self._hook
+        except Exception:  # no Triton, or one without knobs: nothing is recorded
+            self._knobs = None
+
+    def _hook(self, *args: Any, **kwargs: Any) -> bool:
+        fn = kwargs.get("fn")
+        self._names.append(getattr(fn, "name", "?"))
+        return False  # never skip the compile
+
+    def take(self) -> str:
+        names, self._names = self._names, []
+        return ",".join(sorted(set(names)))
+
+    def close(self) -> None:
+        if self._knobs is not None:
+            self._knobs.jit_cache_hook = self._prev
+            self._knobs = None
 
 
 def add_training_jobs(
@@ -164,6 +199,7 @@ def replay_engine(
 
     nxt = num_done = 0
     jobs_done_s: float | None = None
+    builds = KernelBuilds()
     while True:
         now = clock()
         while nxt < len(reqs) and reqs[nxt].arrival_s <= now:
@@ -196,7 +232,7 @@ def replay_engine(
         last = engine.scheduler.metrics.last_step
         if last is not None:
             run.steps.append((run.step_times_s[-1], last.num_decode_rows, last.num_prefill_tokens,
-                              last.num_train_tokens + last.num_eval_tokens))
+                              last.num_train_tokens + last.num_eval_tokens, builds.take()))
         for ev in events:
             if isinstance(ev, TokenEvent):
                 if ev.request_id in token_times:
@@ -220,6 +256,7 @@ def replay_engine(
                     jobs_done_s = t
                 if ev.status != "succeeded":
                     run.failures.append(f"{ev.job_id}: {ev.status} {ev.error}")
+    builds.close()
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     run.window_s = clock()

@@ -131,6 +131,7 @@ class Sim:
             batch.num_kv_tokens_read,
             _mixed(self.sched.config, batch.num_prefill_tokens, batch.num_decode_rows,
                    batch.num_train_tokens + batch.num_eval_tokens),
+            int(bool(batch.num_train_tokens or batch.num_eval_tokens)),
         )
         t = (
             self.cost.predict(f) * (1.0 + self.noise * self.rng.uniform(-1, 1))
@@ -678,3 +679,73 @@ def test_prefill_graph_steps_are_not_mixed_steps() -> None:
     assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 60, 8, 0) == 1  # past the rows
     assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 50, 8, 0) == 0
     assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 0, 8, 5) == 1  # training rows
+
+
+def test_lookahead_lets_young_sequences_repay_a_training_step() -> None:
+    """A dense stream of requests (20/s) always holds a sequence that has banked nothing yet. Without
+    lookahead it caps every step at one TPOT target, below a training step's fixed price, so training
+    barely runs; borrowing against the next tokens (repaid by graph-replayed decode steps) lets long
+    training steps in, and every request, run to its max_tokens, still ends within its mean TPOT."""
+    cost = StepCost(**{**vars(GRAPH_COST), "train_step_s": 0.1})  # an eager training step: 148 ms fixed
+    out = {}
+    for ahead in (0, 16):
+        sim = _graph_sim(tpot_burst=8.0, tpot_lookahead=ahead, graph_max_rows=4096)
+        sim.cost = cost
+        sim.sched.add_job(FakeJob("train"))
+        seqs, next_at = [], 0.0
+        while sim.now < 6.0:
+            while next_at <= sim.now:
+                seqs.append(sim.add(f"r{len(seqs)}", prompt_len=96, sampling=SamplingParams(max_tokens=100)))
+                next_at += 0.05
+            sim.step()
+        trained = sim.sched.metrics.train_tokens_by_job["train"] / sim.now
+        while not all(s.is_finished for s in seqs) and sim.now < 20.0:
+            sim.step()
+        done = [s for s in seqs if s.is_finished]
+        assert len(done) == len(seqs) and all(s.finish_reason == "length" for s in done)
+        assert all(s.mean_tpot_s is not None and s.mean_tpot_s <= 0.060 for s in done), ahead
+        assert all(s.ttft_s is not None and s.ttft_s <= 1.0 for s in done), ahead
+        out[ahead] = trained
+    assert out[16] > 5.0 * out[0], out
+    assert out[16] > 0.4 / cost.train_token_s, out  # over 40 % of the training-only token rate
+
+
+def test_lookahead_never_borrows_past_max_tokens() -> None:
+    sim = _graph_sim(tpot_burst=8.0, tpot_lookahead=16)
+    short = sim.add("short", sampling=SamplingParams(max_tokens=2))
+    long = sim.add("long", sampling=SamplingParams(max_tokens=200))
+    sim.step()  # both prefilled: one token each
+    assert short.first_token_time is not None and long.first_token_time is not None
+    now = short.first_token_time
+    # the short one has one token left: nothing to borrow against, one target it is
+    assert sim.sched._decode_budget(short, now, 0.008) == pytest.approx(0.060)
+    # the long one borrows 16 tokens' worth: 17 targets minus 16 decode steps, capped at the burst
+    assert sim.sched._decode_budget(long, now, 0.008) == pytest.approx(8 * 0.060)
+    assert sim.sched._decode_budget(long, now, 0.055) == pytest.approx(17 * 0.060 - 16 * 0.055)
+    with pytest.raises(ValueError):
+        SchedulerConfig(tpot_lookahead=-1)
+
+
+def test_step_model_shrugs_off_a_one_off_slow_step() -> None:
+    """A step that compiled a kernel (a second for one prompt token) must not price every prefill token
+    at a second, while a lasting change in cost is still learned."""
+    model = StepTimeModel(StepCost(), window=64)
+    rng = random.Random(3)
+
+    def step(prefill: int) -> StepFeatures:
+        return StepFeatures(prefill, rng.randint(8, 64), 0, 0, rng.randint(1000, 9000), 0)
+
+    for _ in range(64):
+        f = step(rng.choice((0, 0, rng.randint(50, 500))))
+        model.observe(f, GRAPH_COST.predict(f))
+    model.observe(step(1), 1.0)
+    assert model.num_clipped == 1
+    assert model.cost.prefill_token_s < 3 * GRAPH_COST.prefill_token_s
+    assert model.predict(step(200)) < 0.05
+    slower = StepCost(**{**vars(GRAPH_COST), "const_s": 0.03})  # every step now costs 22 ms more
+    for _ in range(64):
+        f = step(rng.choice((0, 0, rng.randint(50, 500))))
+        model.observe(f, slower.predict(f))
+    assert model.cost.const_s == pytest.approx(0.03, rel=0.1)
+    with pytest.raises(ValueError):
+        StepTimeModel(outlier_factor=0.5)

@@ -85,10 +85,11 @@ def test_scheduler_knobs_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> No
     assert "prefill_coalesce_ms" not in engine_limits(Settings())  # unset: the engine decides
     monkeypatch.setenv("LOQUETIER_ENGINE__TPOT_BURST", "2.5")
     monkeypatch.setenv("LOQUETIER_ENGINE__PREFILL_COALESCE_MS", "40")
+    monkeypatch.setenv("LOQUETIER_ENGINE__TPOT_LOOKAHEAD", "4")
     limits = engine_limits(Settings())
     assert limits["tpot_burst"] == 2.5 and limits["prefill_coalesce_ms"] == 40.0
     config = EngineConfig.from_kwargs(**limits)
-    assert config.tpot_burst == 2.5 and config.prefill_coalesce_ms == 40.0
-    for bad in ({"tpot_burst": 0.9}, {"prefill_coalesce_ms": -1.0}):
+    assert config.tpot_burst == 2.5 and config.prefill_coalesce_ms == 40.0 and config.tpot_lookahead == 4
+    for bad in ({"tpot_burst": 0.9}, {"prefill_coalesce_ms": -1.0}, {"tpot_lookahead": -1}):
         with pytest.raises(ValueError):
             EngineConfig(**bad)  # type: ignore[arg-type]

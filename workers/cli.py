@@ -50,6 +50,7 @@ def engine_limits(settings: Settings) -> dict[str, Any]:
         "max_lora_rank": e.max_lora_rank,
         "cuda_graphs": e.cuda_graphs,
         "tpot_burst": e.tpot_burst,
+        "tpot_lookahead": e.tpot_lookahead,
     }
     optional = {
         "num_kv_blocks": e.num_kv_blocks,

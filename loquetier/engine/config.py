@@ -38,6 +38,10 @@ class EngineConfig:
     # Mean-TPOT banking: a step may last up to this many TPOT targets while every decode row is ahead
     # of its mean (scheduler ``tpot_burst``; 1 = every step within one target).
     tpot_burst: float = 8.0
+    # With tpot_burst > 1, a sequence may also borrow against this many of its future tokens (at most
+    # what max_tokens leaves), priced at the predicted decode-only step (scheduler ``tpot_lookahead``;
+    # 0 = spend only time already banked).
+    tpot_lookahead: int = 16
     # Hold new prefills this long so arrivals are prefilled together and most steps stay decode-only
     # (scheduler ``prefill_coalesce_ms``); None = 100 ms when decode steps replay CUDA graphs, else 0.
     prefill_coalesce_ms: float | None = None
@@ -67,6 +71,8 @@ class EngineConfig:
             raise ValueError("graph_max_tokens must be >= 0 or None")
         if not 1.0 <= self.tpot_burst <= 100.0:
             raise ValueError("tpot_burst must be in [1, 100]")
+        if not 0 <= self.tpot_lookahead <= 4096:
+            raise ValueError("tpot_lookahead must be in [0, 4096]")
         if self.prefill_coalesce_ms is not None and not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:
             raise ValueError("prefill_coalesce_ms must be in [0, 60000] or None")
         if self.max_model_len is not None and self.max_model_len < 2:

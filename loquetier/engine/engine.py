@@ -101,7 +101,8 @@ class Engine:
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk, default_ttft_ms=config.default_ttft_ms,
-            default_tpot_ms=config.default_tpot_ms, tpot_burst=config.tpot_burst, prefill_coalesce_ms=coalesce,
+            default_tpot_ms=config.default_tpot_ms, tpot_burst=config.tpot_burst,
+            tpot_lookahead=config.tpot_lookahead, prefill_coalesce_ms=coalesce,
             decode_graphs=captured, graph_max_rows=graph_rows)
         prior = _gpu_prior(model, per_block / config.block_size, captured) if self.device.type == "cuda" else None
         self.scheduler = Scheduler(

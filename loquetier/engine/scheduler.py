@@ -9,6 +9,11 @@ Each ``schedule(now)``:
    time: with ``tpot_burst > 1`` a step may last until the earliest sequence's mean would reach its
    target, between one and ``tpot_burst`` targets (``_decode_budget``). Short decode-only steps (CUDA
    graphs) bank time that an occasional long step (a big prefill chunk, a training micro-batch) spends.
+   With ``tpot_lookahead = j > 0`` a sequence may also borrow against its next ``j`` tokens (at most
+   what ``max_tokens`` leaves), priced at the predicted decode-only step time: a young sequence,
+   which has banked nothing yet, no longer caps every step at one target while its remaining tokens
+   would bring its mean back under it. A sequence that then stops early (EOS, a stop string) may end
+   above its target; the SLO feedback (``TrainScale``) shrinks training if that happens often.
 2. **Training floors** — each job with work keeps ``ceil(min_share * max_num_batched_tokens)``
    tokens (and jobs together at least ``min_train_tokens_per_step``), even under inference pressure.
 3. **Prefill** — running-but-prefilling and waiting sequences in order of weighted TTFT slack
@@ -121,6 +126,9 @@ class SchedulerConfig:
     # A step may spend time decode rows banked by running ahead of their mean TPOT, up to this many
     # TPOT targets (1: every step within one target, i.e. TPOT enforced per token gap).
     tpot_burst: float = 1.0
+    # With tpot_burst > 1: tokens of a sequence's future (at most what max_tokens leaves) whose
+    # predicted decode-only steps may repay a longer step now (0: spend only what was banked).
+    tpot_lookahead: int = 0
     # > 0: a decode-only step holds new prefills back until the oldest waited this long (see above).
     prefill_coalesce_ms: float = 0.0
     # Decode-only steps replay CUDA graphs: a step with other rows costs the step model's mixed_s
@@ -156,6 +164,8 @@ class SchedulerConfig:
             raise ValueError("step_model_window must be >= 2")
         if not 1.0 <= self.tpot_burst <= 100.0:
             raise ValueError("tpot_burst must be in [1, 100]")
+        if not 0 <= self.tpot_lookahead <= 4096:
+            raise ValueError("tpot_lookahead must be in [0, 4096]")
         if not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:
             raise ValueError("prefill_coalesce_ms must be in [0, 60000]")
         if not 0 <= self.min_decode_only_samples < self.step_model_window:
@@ -203,6 +213,7 @@ class Scheduler:
         self.metrics = SchedulerMetrics()
         self._seqs: dict[str, Sequence] = {}
         self._order: dict[str, int] = {}  # admission order: the last tie-break of importance
+        self._repay_s = 0.0  # predicted decode-only step of the current decode rows (tpot_lookahead)
         self._num_added = 0
         self._step_id = 0
 
@@ -284,7 +295,8 @@ class Scheduler:
         time_budget: float | None = None
         burst_cap = 0.0  # the longest step any decode row allows: tpot_burst targets
         if batch.decode_seqs:
-            time_budget = min(self._decode_budget(s, now) for s in batch.decode_seqs)
+            self._repay_s = self._predict(batch, cost)  # a decode-only step of these rows: the repayment rate
+            time_budget = min(self._decode_budget(s, now, self._repay_s) for s in batch.decode_seqs)
             burst_cap = min(_tpot_s(s) for s in batch.decode_seqs) * cfg.tpot_burst
 
         # 2. Training floors (min_share and min_train_tokens_per_step).
@@ -521,8 +533,11 @@ class Scheduler:
             met_gap = now - seq.last_token_time <= _tpot_s(seq)
             seq.num_tpot_misses += int(not met_gap)
             if self.config.tpot_burst > 1.0:
-                # TPOT is the mean gap: met while the request's mean so far is within target
-                self.slo.record_event(now - seq.first_token_time <= seq.num_output_tokens * _tpot_s(seq))
+                # TPOT is the mean gap: met while the request's mean so far is within target, or could
+                # be brought back within it by the tokens the scheduler may borrow against
+                ahead = self._lookahead(seq)
+                repaid = ahead * (_tpot_s(seq) - self._repay_s)
+                self.slo.record_event(now - seq.first_token_time <= seq.num_output_tokens * _tpot_s(seq) + repaid)
             else:
                 self.slo.record_event(met_gap)
         seq.last_token_time = now
@@ -562,16 +577,23 @@ class Scheduler:
         candidates = [s for s in self.running if s.is_prefilling] + self.waiting
         return sorted(candidates, key=key)
 
-    def _decode_budget(self, seq: Sequence, now: float) -> float:
+    def _decode_budget(self, seq: Sequence, now: float, decode_s: float) -> float:
         """How long this step may last for ``seq``: one TPOT target, or with ``tpot_burst > 1`` the time
-        until its mean TPOT would exceed the target (time banked by earlier short steps), clamped to
-        [1, tpot_burst] targets."""
+        until its mean TPOT would exceed the target (time banked by earlier short steps, plus what its
+        next ``tpot_lookahead`` tokens would repay at ``decode_s`` a step), clamped to [1, tpot_burst]
+        targets."""
         tpot = _tpot_s(seq)
         if self.config.tpot_burst <= 1.0 or seq.first_token_time is None:
             return tpot
-        # after this step's token the mean over num_output_tokens gaps must stay <= tpot
-        banked = seq.first_token_time + seq.num_output_tokens * tpot - now
+        # after this step's token and j more at decode_s each, the mean over num_output_tokens + j
+        # gaps must stay <= tpot
+        ahead = self._lookahead(seq)
+        banked = seq.first_token_time + (seq.num_output_tokens + ahead) * tpot - ahead * decode_s - now
         return min(max(banked, tpot), self.config.tpot_burst * tpot)
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Future tokens of ``seq`` (after the one this step makes) a longer step may borrow against."""
+        return max(0, min(self.config.tpot_lookahead, seq.sampling.max_tokens - seq.num_output_tokens - 1))
 
     def _prefill_is_urgent(self, seq: Sequence, now: float, cost: StepCost, step_s: float) -> bool:
         """With decode graphs: whether ``seq``'s first token is due within about two steps that would

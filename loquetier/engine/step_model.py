@@ -17,6 +17,12 @@ feature's magnitude, so a feature never seen (e.g. eval tokens before any eval j
 (e.g. only training for a while) stays well posed. Coefficients are clamped to >= 0 (and the token
 costs to a small floor) so the budget inversion never divides by zero.
 
+Once the model has seen ``robust_after`` steps, a measurement is clipped to ``outlier_factor`` times the
+prediction plus ``outlier_slack_s`` before it enters the fit: one-off slow steps (a kernel compiled on
+first use, an allocator growing, a host hiccup) would otherwise be read as a huge per-token price of
+whatever feature the step happened to carry, and starve that kind of work for a whole window. A true
+change in cost still gets through: each clipped step pulls the fit up by up to that factor.
+
 Pure Python (6x6 normal equations): no numpy/torch, no clocks.
 """
 
@@ -96,16 +102,25 @@ class StepTimeModel:
         window: int = 128,
         prior_weight: float = 0.1,
         min_token_cost_s: float = 1e-7,
+        outlier_factor: float = 4.0,
+        outlier_slack_s: float = 0.02,
+        robust_after: int = 16,
     ) -> None:
         if window < 2:
             raise ValueError("window must be >= 2")
         if prior_weight <= 0:
             raise ValueError("prior_weight must be > 0")
+        if outlier_factor < 1.0 or outlier_slack_s < 0.0 or robust_after < 0:
+            raise ValueError("outlier_factor must be >= 1, outlier_slack_s and robust_after >= 0")
         self.prior = prior or StepCost()
         self.cost = self.prior
         self.window = window
         self.prior_weight = prior_weight
         self.min_token_cost_s = min_token_cost_s
+        self.outlier_factor = outlier_factor
+        self.outlier_slack_s = outlier_slack_s
+        self.robust_after = robust_after
+        self.num_clipped = 0  # measurements clipped as outliers (see the module docstring)
         self._samples: deque[tuple[tuple[float, ...], float]] = deque()
         # Running sums of X^T X and X^T y over the window (updated incrementally: O(36) per step).
         self._xtx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
@@ -125,6 +140,11 @@ class StepTimeModel:
     def observe(self, f: StepFeatures, measured_s: float) -> None:
         if measured_s < 0:
             raise ValueError("measured step time must be >= 0")
+        if self.num_observed >= self.robust_after:
+            limit = self.outlier_factor * self.cost.predict(f) + self.outlier_slack_s
+            if measured_s > limit:
+                measured_s = limit
+                self.num_clipped += 1
         x = f.vector()
         self._samples.append((x, measured_s))
         self._accumulate(x, measured_s, 1.0)
