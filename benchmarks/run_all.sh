@@ -64,7 +64,7 @@ for r in $RUNS; do
         serving) run serving 330 benchmarks.bench_serving ;;
         serving-short) run serving 240 benchmarks.bench_serving --no-mixed-ranks ;;
         unified) run unified 270 benchmarks.bench_unified ;;
-        unified-short) run unified 200 benchmarks.bench_unified --no-baselines ;;
+        unified-short) run unified 240 benchmarks.bench_unified --no-baselines ;;
         finetune) run finetune 180 benchmarks.bench_finetune ;;
         gpu-tests) gpu_tests ;;
         *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, gpu-tests)"; exit 2 ;;

@@ -123,3 +123,18 @@ def test_config_parsing() -> None:
     assert qwen.qkv_bias and qwen.sliding_windows == (None, 4)
     with pytest.raises(ValueError, match="rope type"):
         ModelConfig.from_dict({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_auto_attention_keeps_fp32_off_flash_attention() -> None:
+    """FlashAttention takes fp16/bf16 only: an fp32 model on CUDA attends its prompt rows through
+    SDPA, and asking for flash in fp32 is a clear error rather than a kernel failure mid-step."""
+    from loquetier.models.attention import _varlen_attn, resolve_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_impl("auto", cuda, torch.float32) == "sdpa"
+    assert resolve_impl("auto", cpu, torch.float32) == "reference"
+    assert resolve_impl("auto", cuda, torch.bfloat16) == ("flash" if _varlen_attn()[0] is not None else "sdpa")
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        resolve_impl("flash", cuda, torch.float32)
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        resolve_impl("fast", cuda, torch.float32)

@@ -719,6 +719,7 @@ def test_lookahead_never_borrows_past_max_tokens() -> None:
     now = short.first_token_time
     # the short one has one token left: nothing to borrow against, one target it is
     assert sim.sched._decode_budget(short, now, 0.008) == pytest.approx(0.060)
+    assert sim.sched._decode_budget(long, now) == pytest.approx(0.060)  # prefill does not borrow
     # the long one borrows 16 tokens' worth: 17 targets minus 16 decode steps, capped at the burst
     assert sim.sched._decode_budget(long, now, 0.008) == pytest.approx(8 * 0.060)
     assert sim.sched._decode_budget(long, now, 0.055) == pytest.approx(17 * 0.060 - 16 * 0.055)

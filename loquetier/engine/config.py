@@ -41,7 +41,7 @@ class EngineConfig:
     # With tpot_burst > 1, a sequence may also borrow against this many of its future tokens (at most
     # what max_tokens leaves), priced at the predicted decode-only step (scheduler ``tpot_lookahead``;
     # 0 = spend only time already banked).
-    tpot_lookahead: int = 16
+    tpot_lookahead: int = 0
     # Hold new prefills this long so arrivals are prefilled together and most steps stay decode-only
     # (scheduler ``prefill_coalesce_ms``); None = 100 ms when decode steps replay CUDA graphs, else 0.
     prefill_coalesce_ms: float | None = None

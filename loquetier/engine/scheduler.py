@@ -9,11 +9,12 @@ Each ``schedule(now)``:
    time: with ``tpot_burst > 1`` a step may last until the earliest sequence's mean would reach its
    target, between one and ``tpot_burst`` targets (``_decode_budget``). Short decode-only steps (CUDA
    graphs) bank time that an occasional long step (a big prefill chunk, a training micro-batch) spends.
-   With ``tpot_lookahead = j > 0`` a sequence may also borrow against its next ``j`` tokens (at most
-   what ``max_tokens`` leaves), priced at the predicted decode-only step time: a young sequence,
-   which has banked nothing yet, no longer caps every step at one target while its remaining tokens
-   would bring its mean back under it. A sequence that then stops early (EOS, a stop string) may end
-   above its target; the SLO feedback (``TrainScale``) shrinks training if that happens often.
+   With ``tpot_lookahead = j > 0`` training (not prefill) may also borrow against each sequence's
+   next ``j`` tokens (at most what ``max_tokens`` leaves), priced at the predicted decode-only step
+   time: a young sequence, which has banked nothing yet, no longer caps every training step at one
+   target while its remaining tokens would bring its mean back under it. A sequence that then stops
+   early (EOS, a stop string) may end above its target. Prefill never borrows: under saturation,
+   borrowed prefill steps keep every sequence at its limit, where any later urgent step breaks it.
 2. **Training floors** — each job with work keeps ``ceil(min_share * max_num_batched_tokens)``
    tokens (and jobs together at least ``min_train_tokens_per_step``), even under inference pressure.
 3. **Prefill** — running-but-prefilling and waiting sequences in order of weighted TTFT slack
@@ -127,7 +128,7 @@ class SchedulerConfig:
     # TPOT targets (1: every step within one target, i.e. TPOT enforced per token gap).
     tpot_burst: float = 1.0
     # With tpot_burst > 1: tokens of a sequence's future (at most what max_tokens leaves) whose
-    # predicted decode-only steps may repay a longer step now (0: spend only what was banked).
+    # predicted decode-only steps may repay a longer training step now (0: spend only what was banked).
     tpot_lookahead: int = 0
     # > 0: a decode-only step holds new prefills back until the oldest waited this long (see above).
     prefill_coalesce_ms: float = 0.0
@@ -294,9 +295,11 @@ class Scheduler:
         tokens_left = cfg.max_num_batched_tokens - batch.num_decode_rows
         time_budget: float | None = None
         burst_cap = 0.0  # the longest step any decode row allows: tpot_burst targets
+        train_budget: float | None = None  # the same with tpot_lookahead: what training may use
         if batch.decode_seqs:
             self._repay_s = self._predict(batch, cost)  # a decode-only step of these rows: the repayment rate
-            time_budget = min(self._decode_budget(s, now, self._repay_s) for s in batch.decode_seqs)
+            time_budget = min(self._decode_budget(s, now) for s in batch.decode_seqs)
+            train_budget = min(self._decode_budget(s, now, self._repay_s) for s in batch.decode_seqs)
             burst_cap = min(_tpot_s(s) for s in batch.decode_seqs) * cfg.tpot_burst
 
         # 2. Training floors (min_share and min_train_tokens_per_step).
@@ -369,6 +372,7 @@ class Scheduler:
         has_inference = bool(self.running or self.waiting)
         train_time: float | None = None
         if has_inference:
+            time_budget = train_budget
             limit = self._prefill_time_limit(batch, now)
             if time_budget is None or (limit is not None and limit < time_budget):
                 time_budget = limit
@@ -577,17 +581,18 @@ class Scheduler:
         candidates = [s for s in self.running if s.is_prefilling] + self.waiting
         return sorted(candidates, key=key)
 
-    def _decode_budget(self, seq: Sequence, now: float, decode_s: float) -> float:
+    def _decode_budget(self, seq: Sequence, now: float, decode_s: float | None = None) -> float:
         """How long this step may last for ``seq``: one TPOT target, or with ``tpot_burst > 1`` the time
-        until its mean TPOT would exceed the target (time banked by earlier short steps, plus what its
-        next ``tpot_lookahead`` tokens would repay at ``decode_s`` a step), clamped to [1, tpot_burst]
-        targets."""
+        until its mean TPOT would exceed the target (time banked by earlier short steps, plus, given
+        ``decode_s``, what its next ``tpot_lookahead`` tokens would repay at ``decode_s`` a step),
+        clamped to [1, tpot_burst] targets."""
         tpot = _tpot_s(seq)
         if self.config.tpot_burst <= 1.0 or seq.first_token_time is None:
             return tpot
         # after this step's token and j more at decode_s each, the mean over num_output_tokens + j
         # gaps must stay <= tpot
-        ahead = self._lookahead(seq)
+        ahead = 0 if decode_s is None else self._lookahead(seq)
+        decode_s = decode_s or 0.0
         banked = seq.first_token_time + (seq.num_output_tokens + ahead) * tpot - ahead * decode_s - now
         return min(max(banked, tpot), self.config.tpot_burst * tpot)
 

@@ -10,7 +10,8 @@ Implementations, chosen per call by ``impl``:
 - ``"triton"``: paged decode rows (the q_len 1 groups after the prefill chunks) through the Triton
   kernel of ``kernels/paged_attention.py``; everything else as ``"auto"``. Needs CUDA, or the Triton
   interpreter (``TRITON_INTERPRET=1`` before the kernel module is first imported: tests).
-- ``"auto"``: ``flash`` on CUDA when available, else ``reference``; on CUDA, decode rows as ``"triton"``.
+- ``"auto"``: ``flash`` on CUDA when available (fp16/bf16; ``sdpa`` for fp32), else ``reference``; on CUDA,
+  decode rows as ``"triton"``.
 
 Masks follow HF: key ``j`` is visible from query ``i`` iff ``j <= i`` and, with a sliding window
 ``W``, ``i - W < j``. Shapes: q [n, Hq, D], k/v [n, Hkv, D]; caches [num_blocks, block_size, Hkv, D].
@@ -95,14 +96,18 @@ def decode_uses_triton(impl: str, device: torch.device) -> bool:
         return False
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The impl of varlen rows and prefill chunks; decode rows: ``_decode_by_triton``."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The impl of varlen rows and prefill chunks; decode rows: ``_decode_by_triton``. FlashAttention
+    takes fp16/bf16 only: fp32 on CUDA goes to ``"sdpa"`` under ``"auto"``."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    half = dtype in (torch.float16, torch.bfloat16)
     if impl in ("auto", "triton"):
-        return "flash" if device.type == "cuda" and _varlen_attn()[0] is not None else "reference"
-    if impl == "flash" and (device.type != "cuda" or _varlen_attn()[0] is None):
-        raise ValueError("attention impl 'flash' needs CUDA and torch.nn.attention.varlen")
+        if device.type != "cuda":
+            return "reference"
+        return "flash" if half and _varlen_attn()[0] is not None else "sdpa"
+    if impl == "flash" and (device.type != "cuda" or _varlen_attn()[0] is None or not half):
+        raise ValueError("attention impl 'flash' needs CUDA, fp16/bf16 and torch.nn.attention.varlen")
     return impl
 
 
@@ -146,7 +151,7 @@ def varlen_attention(  # noqa: PLR0917
     Differentiable (used with autograd for training rows)."""
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
-    impl = resolve_impl(impl, q.device)
+    impl = resolve_impl(impl, q.device, q.dtype)
     if impl == "flash":
         cu, n = meta.cu_seqlens, meta.max_seqlen
         return _flash(q, k, v, cu, cu, n, n, scale, window)
@@ -192,7 +197,7 @@ def paged_attention(  # noqa: PLR0917
     written). q [P + D, Hq, D] -> [P + D, Hq, D]. Inference only."""
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
-    rest = resolve_impl(impl, q.device)
+    rest = resolve_impl(impl, q.device, q.dtype)
     num_pre = meta.num_prefill_seqs
     if num_pre == meta.num_seqs or not _decode_by_triton(impl, q.device):
         return _paged(q, k_cache, v_cache, meta, scale, window, rest)
