@@ -750,3 +750,60 @@ def test_step_model_shrugs_off_a_one_off_slow_step() -> None:
     assert model.cost.const_s == pytest.approx(0.03, rel=0.1)
     with pytest.raises(ValueError):
         StepTimeModel(outlier_factor=0.5)
+
+
+# What the 8B shape costs on one H200 (fitted by the benchmarks: docs/benchmarks/unified.md): graph
+# steps ~8 ms, an eager training step ~110 ms more than its tokens; and the engine's prior for it.
+H200_8B = StepCost(const_s=0.0075, prefill_token_s=4.4e-5, decode_row_s=1.8e-4, train_token_s=7.7e-5,
+                   eval_token_s=5e-5, kv_token_s=0.0, mixed_s=0.033, train_step_s=0.076)
+PRIOR_8B = StepCost(const_s=0.0073, prefill_token_s=5.3e-5, decode_row_s=5.3e-5, train_token_s=1.6e-4,
+                    eval_token_s=5.3e-5, kv_token_s=4e-8, mixed_s=0.016, train_step_s=0.096)
+
+
+class _FirstTrainingStepBuildsKernels:
+    """H200_8B, except that the first training step that carries decode rows also compiles kernels
+    (half a second more), as a shape the warm-up missed does."""
+
+    def __init__(self) -> None:
+        self.pending = True
+
+    def predict(self, f: StepFeatures) -> float:
+        t = H200_8B.predict(f)
+        if self.pending and f.train_tokens and f.decode_rows:
+            self.pending = False
+            t += 0.5
+        return t
+
+
+def test_a_training_probe_recovers_from_an_inflated_fixed_price() -> None:
+    """One slow training step makes the fitted fixed price of training larger than any step the
+    decoders allow; without probes no training step runs again with decoders present, so the price
+    is never corrected (the H200 unified run saw training fall to 3 % of its solo rate this way).
+    Probes measure it again, and training gets a large share back while the SLO holds."""
+    out = {}
+    for probe in (0.0, 2.0):
+        sim = make_sim(cost=H200_8B, prior=PRIOR_8B, max_num_seqs=256, max_num_batched_tokens=4096,
+                       max_prefill_chunk=512, default_tpot_ms=60.0, default_ttft_ms=1000.0, decode_graphs=True,
+                       graph_max_rows=4096, tpot_burst=8.0, train_probe_s=probe)
+        sim.cost = _FirstTrainingStepBuildsKernels()  # type: ignore[assignment]
+        sim.sched.add_job(FakeJob("train"))
+        rng = random.Random(7)
+        seqs, next_at = [], 0.0
+        while sim.now < 20.0:
+            while next_at <= sim.now:
+                seqs.append(sim.add(f"r{len(seqs)}", prompt_len=rng.randint(50, 500),
+                                    sampling=SamplingParams(max_tokens=rng.randint(20, 400))))
+                next_at += rng.expovariate(6.0)
+            sim.step()
+        trained = sim.sched.metrics.train_tokens_by_job["train"] / sim.now
+        while not all(s.is_finished for s in seqs) and sim.now < 60.0:
+            sim.step()
+        met = [s.ttft_s is not None and s.ttft_s <= 1.0 and s.mean_tpot_s is not None and s.mean_tpot_s <= 0.060
+               for s in seqs]
+        out[probe] = (trained, sum(met) / len(met))
+    solo = 4096 / H200_8B.predict(StepFeatures(0, 0, 4096, 0, 0, 1, 1))  # training alone: full steps
+    assert out[0.0][0] < 0.1 * solo, out  # starved
+    assert out[2.0][0] > 0.3 * solo, out
+    assert out[2.0][1] >= 0.97, out
+    with pytest.raises(ValueError):
+        SchedulerConfig(train_probe_s=-1.0)

@@ -38,7 +38,10 @@ Each ``schedule(now)``:
    (× ``tpot_headroom``) and each scheduled prefill's remaining TTFT slack per remaining step. While
    requests wait un-admitted (no sequence slot, KV or adapter slot), training keeps only its floors:
    longer steps would only delay the backlog. A step that would otherwise be decode-only takes
-   training only when the training time it can get is at least ``mixed_s``.
+   training only when the training time it can get is at least the fixed prices it triggers
+   (``mixed_s``, ``train_step_s``). When that rule has kept training out for ``train_probe_s``, one
+   step trains anyway on fewer tokens than usual: a fixed price inflated by one slow step would
+   otherwise never be measured again.
 
 ``postprocess(batch, result)`` feeds the measured step time to the step model, advances sequences,
 records SLO events, finishes sequences (EOS / stop ids / max_tokens) and runs the AIMD update.
@@ -130,6 +133,10 @@ class SchedulerConfig:
     # With tpot_burst > 1: tokens of a sequence's future (at most what max_tokens leaves) whose
     # predicted decode-only steps may repay a longer training step now (0: spend only what was banked).
     tpot_lookahead: int = 0
+    # When the step model says no training step fits the decoders' budget and no step has trained for
+    # this long, one step trains on what half the spare time buys anyway (0: never), so an
+    # overestimated fixed training price is measured again instead of starving training for good.
+    train_probe_s: float = 2.0
     # > 0: a decode-only step holds new prefills back until the oldest waited this long (see above).
     prefill_coalesce_ms: float = 0.0
     # Decode-only steps replay CUDA graphs: a step with other rows costs the step model's mixed_s
@@ -165,6 +172,8 @@ class SchedulerConfig:
             raise ValueError("step_model_window must be >= 2")
         if not 1.0 <= self.tpot_burst <= 100.0:
             raise ValueError("tpot_burst must be in [1, 100]")
+        if not 0.0 <= self.train_probe_s <= 3600.0:
+            raise ValueError("train_probe_s must be in [0, 3600]")
         if not 0 <= self.tpot_lookahead <= 4096:
             raise ValueError("tpot_lookahead must be in [0, 4096]")
         if not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:
@@ -214,6 +223,7 @@ class Scheduler:
         self.metrics = SchedulerMetrics()
         self._seqs: dict[str, Sequence] = {}
         self._order: dict[str, int] = {}  # admission order: the last tie-break of importance
+        self._last_train_at: float | None = None  # when a step last trained (see _train_probe_due)
         self._repay_s = 0.0  # predicted decode-only step of the current decode rows (tpot_lookahead)
         self._num_added = 0
         self._step_id = 0
@@ -391,13 +401,24 @@ class Scheduler:
             # Worth it only for at least as much training work as that overhead.
             fixed = (0.0 if mixed else mixed_s) + (0.0 if reserved else cost.train_step_s)
             if fixed > 0.0 and batch.decode_seqs:
-                spare = max(0.0, spare - fixed)
-                if self.train_scale.value * spare < fixed:
+                raw, spare = spare, max(0.0, spare - fixed)
+                # the work must amortize the fixed prices, in time and in the tokens the step has left
+                if min(self.train_scale.value * spare, tokens_left * cost.train_token_s) < fixed:
                     spare = 0.0
+                    if demands and self._train_probe_due(now):
+                        # The fitted fixed price says no training step fits; it may be wrong (a slow
+                        # step can inflate it, and a step never run never corrects it). Now and then
+                        # one step trains anyway, on the tokens half the time buys at the larger of
+                        # the fitted and the prior token price: fewer tokens than the full steps the
+                        # window holds, so the fixed and the per-token price come apart.
+                        token_s = max(cost.train_token_s, self.step_model.prior.train_token_s)
+                        spare = math.floor(0.5 * raw / token_s) * cost.train_token_s
             train_time = self.train_scale.value * spare + reserved * cost.train_token_s
         else:
             self.train_scale.reset()
         grants = self.fair_share.allocate(demands, reserved + tokens_left, train_time)
+        if any(grants.values()):
+            self._last_train_at = now
         for job_id, num_tokens in grants.items():
             chunk_list = batch.eval_chunks if self.jobs[job_id].is_eval else batch.train_chunks
             chunk_list.append(TrainChunk(job_id, num_tokens))
@@ -595,6 +616,15 @@ class Scheduler:
         decode_s = decode_s or 0.0
         banked = seq.first_token_time + (seq.num_output_tokens + ahead) * tpot - ahead * decode_s - now
         return min(max(banked, tpot), self.config.tpot_burst * tpot)
+
+    def _train_probe_due(self, now: float) -> bool:
+        """Whether training has waited ``train_probe_s`` for a step the step model says cannot fit."""
+        probe_s = self.config.train_probe_s
+        if probe_s <= 0.0:
+            return False
+        if self._last_train_at is None:
+            self._last_train_at = now  # the wait starts now
+        return now - self._last_train_at >= probe_s
 
     def _lookahead(self, seq: Sequence) -> int:
         """Future tokens of ``seq`` (after the one this step makes) a longer step may borrow against."""
