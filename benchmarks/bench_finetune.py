@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             log,
         )
         warmup(
-            engine, spec.vocab_size, [], training=True, micro_batch_tokens=prof.micro_batch_tokens, log=log
+            engine, spec.vocab_size, [], training=True, micro_batch_tokens=prof.micro_batch_tokens,
+            num_jobs=prof.num_jobs, log=log,
         )
         job_ids = add_training_jobs(
             engine, data, rank=RANK, lr=LR, micro_batch_tokens=prof.micro_batch_tokens

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for a in ids16:
         engine.load_adapter(a, adapters16 / a)
-    warmup(engine, spec.vocab_size, ids16, training=True, micro_batch_tokens=prof.micro_batch_tokens, log=log)
+    warmup(engine, spec.vocab_size, ids16, training=True, micro_batch_tokens=prof.micro_batch_tokens,
+           num_jobs=prof.num_jobs, log=log)
 
     def jobs(tag: str) -> list[str]:
         return add_training_jobs(

@@ -402,11 +402,13 @@ def warmup(
     *,
     training: bool,
     micro_batch_tokens: int = 1024,
+    num_jobs: int = 1,
     log: Log = print,
 ) -> None:
     """Untimed: ``Engine.warmup`` (every step shape once: kernel builds stay out of the measured
-    windows), one short generate on the benchmark's own adapters and, with ``training``, one
-    training step at the benchmark's micro-batch size; then every decode CUDA graph is captured."""
+    windows), one short generate on the benchmark's own adapters and, with ``training``, training
+    steps of ``num_jobs`` jobs at the benchmark's micro-batch size (a step's SMLM launches depend on
+    how many training segments it holds); then every decode CUDA graph is captured."""
     t0 = time.perf_counter()
     report = engine.warmup()
     gen = torch.Generator().manual_seed(1)
@@ -423,7 +425,8 @@ def warmup(
             for _ in range(n)
         ]
         add_training_jobs(
-            engine, [("warmup-train", examples)], micro_batch_tokens=micro_batch_tokens, max_steps=2
+            engine, [(f"warmup-train-{i}", examples) for i in range(num_jobs)],
+            micro_batch_tokens=micro_batch_tokens, max_steps=2,
         )
         for _ in range(10_000):
             if not engine.has_work():

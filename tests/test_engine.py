@@ -270,14 +270,24 @@ def test_coalesced_prefill_and_banked_tpot_change_when_not_what(model_dir: Path)
 
 def test_warmup_leaves_the_engine_as_it_found_it(model_dir: Path) -> None:
     """Engine.warmup runs prompts of several lengths and decode batches of several sizes, with and
-    without a temporary adapter, and one training step; afterwards nothing of it is left and the
-    engine serves the same tokens as one that never warmed up."""
+    without a temporary adapter, and training steps beside prompt and decode rows; afterwards nothing
+    of it is left and the engine serves the same tokens as one that never warmed up."""
     adapters = ["a", None, "b", "a"]
     expected = [o.token_ids for o in make_engine(model_dir).generate(PROMPTS, adapters, GREEDY)]
     engine = make_engine(model_dir)
     loaded = sorted(a for a in ("a", "b") if engine.has_adapter(a))
+    seen, run = [], engine.runner.run
+
+    def recording(batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((batch.num_train_tokens, batch.num_decode_rows, batch.num_prefill_tokens))
+        return run(batch, *args, **kwargs)
+
+    engine.runner.run = recording  # type: ignore[method-assign]
     report = engine.warmup()
+    engine.runner.run = run  # type: ignore[method-assign]
     assert report["steps"] > 10 and report["adapters"] == 1 and report["training"]
+    # training rows ran beside decode rows and beside prompt rows (eager steps with their own variants)
+    assert any(t and d for t, d, _ in seen) and any(t and p for t, _, p in seen)
     assert not engine.has_work() and engine.scheduler.num_running == 0
     assert not any(engine.has_adapter(a) for a in ("__loquetier_warmup__", "__loquetier_warmup_train__"))
     assert sorted(a for a in ("a", "b") if engine.has_adapter(a)) == loaded

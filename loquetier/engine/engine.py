@@ -138,7 +138,8 @@ class Engine:
         sizes for short, medium and long adapter segments, split-K and paged-decode split variants,
         the backward kernels) for up to a second or two each. This runs prompts of several lengths
         and decode batches of several sizes, with no adapter and with a temporary adapter of the
-        pool's largest rank, plus (with training slots) one tiny training step. Then the temporary
+        pool's largest rank, plus (with training slots) two tiny training steps beside prompt and
+        decode rows. Then the temporary
         adapters are unloaded and the scheduler forgets the warm-up's step times (compiles are no
         step cost). Needs an idle engine; returns what ran. Tokens served afterwards do not change.
         """
@@ -167,11 +168,21 @@ class Engine:
             prompts = [tokens(lengths[i % len(lengths)]) for i in range(group)]
             self.generate(prompts, [adapter_ids[i % len(adapter_ids)] for i in range(group)], greedy)
         if cfg.num_train_slots > 0:
-            examples = [{"prompt_token_ids": tokens(8), "completion_token_ids": tokens(8)} for _ in range(4)]
+            # Two training steps with prompt and decode rows beside them (a floor share keeps the
+            # training rows in every step): such a step runs eagerly with decode rows, whose
+            # attention and SMLM launches are variants of their own. A first one built while serving
+            # once cost 0.6 s on the H200, and the step model read that as the price of training.
+            examples = [{"prompt_token_ids": tokens(8), "completion_token_ids": tokens(8)} for _ in range(8)]
+            share = min(1.0, 64 / cfg.max_num_batched_tokens)
             job = self.add_training_job(
-                _WARMUP_TRAIN, examples, TrainingParams(max_steps=1, micro_batch_tokens=64),
+                _WARMUP_TRAIN, examples, TrainingParams(max_steps=2, micro_batch_tokens=64, min_share=share),
                 lora=dict(rank=cfg.max_lora_rank, alpha=cfg.max_lora_rank, target_modules=targets),
                 job_id=_WARMUP_TRAIN)
+            longer = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            for i, n in enumerate((17, 40, 3)):
+                self.add_request(f"__loquetier_warmup_{i}__", prompt_token_ids=tokens(n),
+                                 adapter_id=adapter_ids[i % len(adapter_ids)], sampling=longer,
+                                 ttft_ms=60_000.0, tpot_ms=60_000.0)
             self.run_until_idle()
             self._backlog = [e for e in self._backlog if getattr(e, "job_id", None) != job]
             temporary.append(_WARMUP_TRAIN)
