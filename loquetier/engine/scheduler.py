@@ -314,6 +314,8 @@ class Scheduler:
 
         # 2. Training floors (min_share and min_train_tokens_per_step).
         demands = self._job_demands(cost)
+        if not demands:
+            self._last_train_at = None  # a job that comes later waits train_probe_s from its start
         reserved = min(tokens_left, self._reserved_train_tokens(demands))
         tokens_left -= reserved
         mixed = reserved > 0  # the step carries more than decode rows (no graph replay)
