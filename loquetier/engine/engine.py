@@ -139,9 +139,9 @@ class Engine:
         the backward kernels) for up to a second or two each. This runs prompts of several lengths
         and decode batches of several sizes, with no adapter and with a temporary adapter of the
         pool's largest rank, plus (with training slots) two tiny training steps beside prompt and
-        decode rows. Then the temporary
-        adapters are unloaded and the scheduler forgets the warm-up's step times (compiles are no
-        step cost). Needs an idle engine; returns what ran. Tokens served afterwards do not change.
+        decode rows. Then the temporary adapters are unloaded and the scheduler forgets the warm-up's
+        step times (compiles are no step cost). Needs an idle engine; returns what ran. Tokens served
+        afterwards do not change.
         """
         if self.has_work():
             raise EngineError("busy", "warm-up needs an idle engine (no requests, no jobs)")

@@ -307,9 +307,11 @@ class Scheduler:
         burst_cap = 0.0  # the longest step any decode row allows: tpot_burst targets
         train_budget: float | None = None  # the same with tpot_lookahead: what training may use
         if batch.decode_seqs:
-            self._repay_s = self._predict(batch, cost)  # a decode-only step of these rows: the repayment rate
             time_budget = min(self._decode_budget(s, now) for s in batch.decode_seqs)
-            train_budget = min(self._decode_budget(s, now, self._repay_s) for s in batch.decode_seqs)
+            train_budget = time_budget
+            if cfg.tpot_lookahead:
+                self._repay_s = self._predict(batch, cost)  # a decode-only step of these rows: the repayment rate
+                train_budget = min(self._decode_budget(s, now, self._repay_s) for s in batch.decode_seqs)
             burst_cap = min(_tpot_s(s) for s in batch.decode_seqs) * cfg.tpot_burst
 
         # 2. Training floors (min_share and min_train_tokens_per_step).

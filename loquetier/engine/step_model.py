@@ -23,7 +23,7 @@ first use, an allocator growing, a host hiccup) would otherwise be read as a hug
 whatever feature the step happened to carry, and starve that kind of work for a whole window. A true
 change in cost still gets through: each clipped step pulls the fit up by up to that factor.
 
-Pure Python (6x6 normal equations): no numpy/torch, no clocks.
+Pure Python (8x8 normal equations): no numpy/torch, no clocks.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class StepTimeModel:
         self.robust_after = robust_after
         self.num_clipped = 0  # measurements clipped as outliers (see the module docstring)
         self._samples: deque[tuple[tuple[float, ...], float]] = deque()
-        # Running sums of X^T X and X^T y over the window (updated incrementally: O(36) per step).
+        # Running sums of X^T X and X^T y over the window (updated incrementally: O(64) per step).
         self._xtx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
         self._xty = [0.0] * NUM_FEATURES
         self.num_observed = 0

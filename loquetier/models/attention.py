@@ -96,7 +96,7 @@ def decode_uses_triton(impl: str, device: torch.device) -> bool:
         return False
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """The impl of varlen rows and prefill chunks; decode rows: ``_decode_by_triton``. FlashAttention
     takes fp16/bf16 only: fp32 on CUDA goes to ``"sdpa"`` under ``"auto"``."""
     if impl not in IMPLS:
