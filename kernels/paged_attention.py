@@ -31,7 +31,9 @@ _MAX_SPLITS = 32
 _MIN_SPLIT_TOKENS = 256  # a partition shorter than this costs more in the combine than it saves
 
 
-@triton.jit
+# The block-table width, the window and the split count vary from step to step: specialized (on 1 and
+# on multiples of 16) each would compile variants of its own while a step is served.
+@triton.jit(do_not_specialize=["stride_bt", "window", "num_splits"])
 def paged_decode_kernel(  # noqa: PLR0917
     q_ptr, stride_qn, stride_qh,  # [S, Hq, D] one query row per sequence
     k_ptr, v_ptr, stride_cb, stride_ct, stride_ch,  # [num_blocks, block_size, Hkv, D] (k and v alike)
@@ -94,7 +96,7 @@ def paged_decode_kernel(  # noqa: PLR0917
         tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + part * stride_lp + heads, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def paged_decode_combine_kernel(  # noqa: PLR0917
     part_ptr, stride_ps, stride_pp, stride_ph,  # [S, splits, Hq, D] fp32 normalised partials
     lse_ptr, stride_ls, stride_lp,  # [S, splits, Hq] fp32 base-2 log-sum-exp

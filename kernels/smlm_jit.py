@@ -17,7 +17,9 @@ import triton.language as tl
 from .jit_common import dot as _dot
 
 
-@triton.jit
+# split_k varies with the step's block count: specialized, its values 1 and multiples of 16 would each
+# compile a variant of their own, in the middle of a served step.
+@triton.jit(do_not_specialize=["split_k"])
 def shrink_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input (or of the output grad)
     w_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] a (or b in backward), model dtype

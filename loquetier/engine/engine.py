@@ -14,6 +14,7 @@ No I/O happens here: the worker turns the returned events into Kafka records and
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import time
 from collections.abc import Mapping, Sequence
@@ -192,6 +193,7 @@ class Engine:
         sched = self.scheduler
         sched.step_model = StepTimeModel(sched.step_model.prior, window=sched.step_model.window)
         sched.train_scale.reset()
+        _freeze_heap()
         return {"seconds": time.perf_counter() - t0, "steps": self.num_steps - steps0,
                 "adapters": len(adapter_ids) - 1, "training": cfg.num_train_slots > 0}
 
@@ -199,7 +201,9 @@ class Engine:
         """Capture the decode CUDA graphs of every batch-size bucket now (a few seconds for an 8B
         model) instead of on each bucket's first decode step; returns how many were captured."""
         graphs = self.runner.graphs
-        return graphs.capture_all() if graphs is not None else 0
+        captured = graphs.capture_all() if graphs is not None else 0
+        _freeze_heap()
+        return captured
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -427,3 +431,11 @@ class Engine:
 def _check_id(value: object, name: str) -> None:
     if not isinstance(value, str) or not value or len(value) > 256:
         raise EngineError("invalid_request", f"{name} must be a non-empty string of at most 256 characters")
+
+
+def _freeze_heap() -> None:
+    """Collect once, then move every object alive now (the model, the graphs, the warm-up's caches)
+    out of the collector's reach: a full collection that walks them all (tens of ms and more for a
+    large heap) would otherwise land in some served step."""
+    gc.collect()
+    gc.freeze()

@@ -321,7 +321,7 @@ class Scheduler:
         reserved = min(tokens_left, self._reserved_train_tokens(demands))
         tokens_left -= reserved
         mixed = reserved > 0  # the step carries more than decode rows (no graph replay)
-        mixed_s = cost.mixed_s if cfg.decode_graphs else 0.0
+        mixed_s = cost.mixed_s  # ~0 without graphs, but charged as fitted: predictions must add up
         # too few decode-only steps in the step model's window: this one stays decode-only if it can
         probe_due = self.step_model.num_decode_only < cfg.min_decode_only_samples
 

@@ -17,11 +17,23 @@ feature's magnitude, so a feature never seen (e.g. eval tokens before any eval j
 (e.g. only training for a while) stays well posed. Coefficients are clamped to >= 0 (and the token
 costs to a small floor) so the budget inversion never divides by zero.
 
+The fit keeps **one window per regime** (decode-only graph steps, graph steps with prompt rows,
+eager inference steps, steps with training rows, ...: ``_regime``), each of the last ``window`` steps of
+its kind and none older than ``max_age`` steps in all. With one shared window, graph steps (over 90 %
+of a served GPU's steps) pushed the rare regimes out: the window held a handful of training steps, and
+the prompt tokens some of them carried stood in for their cost (on the H200: 74 ms per prompt token,
+next to a training token price at its floor). The solve is bounded: a coefficient below its floor is
+pinned there and the others are solved again without it (``_solve_bounded``), never clamped after the
+fact.
+
 Once the model has seen ``robust_after`` steps, a measurement is clipped to ``outlier_factor`` times the
 prediction plus ``outlier_slack_s`` before it enters the fit: one-off slow steps (a kernel compiled on
 first use, an allocator growing, a host hiccup) would otherwise be read as a huge per-token price of
 whatever feature the step happened to carry, and starve that kind of work for a whole window. A true
-change in cost still gets through: each clipped step pulls the fit up by up to that factor.
+change in cost still gets through: each clipped step pulls the fit up by up to that factor. In the
+rare regimes, a lone step more than ``drop_ratio`` times its prediction while the regime's newest step
+is not is dropped from the window (``_drop_lone_outlier``): there it would otherwise weigh on a fit of a
+few samples for a long time.
 
 Pure Python (8x8 normal equations): no numpy/torch, no clocks.
 """
@@ -34,7 +46,7 @@ from dataclasses import dataclass
 NUM_FEATURES = 8
 FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read",
                  "mixed", "training")
-_MIXED, _TRAINING = FEATURE_NAMES.index("mixed"), FEATURE_NAMES.index("training")
+_KV, _MIXED, _TRAINING = (FEATURE_NAMES.index(n) for n in ("kv_tokens_read", "mixed", "training"))
 
 
 @dataclass(frozen=True)
@@ -105,23 +117,31 @@ class StepTimeModel:
         outlier_factor: float = 4.0,
         outlier_slack_s: float = 0.02,
         robust_after: int = 16,
+        max_age: int | None = None,
+        drop_ratio: float = 1.5,
     ) -> None:
         if window < 2:
             raise ValueError("window must be >= 2")
         if prior_weight <= 0:
             raise ValueError("prior_weight must be > 0")
-        if outlier_factor < 1.0 or outlier_slack_s < 0.0 or robust_after < 0:
-            raise ValueError("outlier_factor must be >= 1, outlier_slack_s and robust_after >= 0")
+        if outlier_factor < 1.0 or drop_ratio < 1.0 or outlier_slack_s < 0.0 or robust_after < 0:
+            raise ValueError("outlier_factor and drop_ratio must be >= 1, outlier_slack_s and robust_after >= 0")
         self.prior = prior or StepCost()
         self.cost = self.prior
         self.window = window
+        self.max_age = 8 * window if max_age is None else max_age
+        if self.max_age < window:
+            raise ValueError("max_age must be >= window")
         self.prior_weight = prior_weight
         self.min_token_cost_s = min_token_cost_s
         self.outlier_factor = outlier_factor
         self.outlier_slack_s = outlier_slack_s
         self.robust_after = robust_after
         self.num_clipped = 0  # measurements clipped as outliers (see the module docstring)
-        self._samples: deque[tuple[tuple[float, ...], float]] = deque()
+        self.num_dropped = 0  # lone outliers dropped from a rare regime's window (_drop_lone_outlier)
+        self.drop_ratio = drop_ratio
+        # One window per regime (see _regime): the rare regimes keep their samples while graph steps stream.
+        self._windows: dict[tuple[int, int, int], deque[tuple[int, tuple[float, ...], float]]] = {}
         # Running sums of X^T X and X^T y over the window (updated incrementally: O(64) per step).
         self._xtx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
         self._xty = [0.0] * NUM_FEATURES
@@ -133,9 +153,12 @@ class StepTimeModel:
 
     @property
     def num_decode_only(self) -> int:
-        """Samples in the window with ``mixed == 0`` (the graph-replay regime). ``mixed`` is 0 or 1,
-        so the window's sum of its squares counts the mixed samples."""
-        return len(self._samples) - round(self._xtx[_MIXED][_MIXED])
+        """Samples in the windows with ``mixed == 0`` (the graph-replay regime)."""
+        return sum(len(w) for key, w in self._windows.items() if key[0] == 0)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(w) for w in self._windows.values())
 
     def observe(self, f: StepFeatures, measured_s: float) -> None:
         if measured_s < 0:
@@ -146,12 +169,44 @@ class StepTimeModel:
                 measured_s = limit
                 self.num_clipped += 1
         x = f.vector()
-        self._samples.append((x, measured_s))
+        samples = self._windows.setdefault(_regime(f), deque())
+        samples.append((self.num_observed, x, measured_s))
         self._accumulate(x, measured_s, 1.0)
-        if len(self._samples) > self.window:
-            old_x, old_y = self._samples.popleft()
+        if len(samples) > self.window:
+            _, old_x, old_y = samples.popleft()
             self._accumulate(old_x, old_y, -1.0)
+        oldest = self.num_observed - self.max_age
+        for w in self._windows.values():
+            while w and w[0][0] <= oldest:
+                _, old_x, old_y = w.popleft()
+                self._accumulate(old_x, old_y, -1.0)
         self.num_observed += 1
+        self.cost = self._fit()
+        if len(samples) >= 4 and self.num_observed > self.robust_after and _regime(f) != _GRAPH_DECODE:
+            self._drop_lone_outlier(samples)
+
+    def _drop_lone_outlier(self, samples: deque[tuple[int, tuple[float, ...], float]]) -> None:
+        """Drop the sample of a rare regime that is furthest above the fit, if it is more than
+        ``drop_ratio`` times its prediction (and ``outlier_slack_s`` over it) while the newest sample
+        of the regime is not: a one-off (a kernel compiled, an allocator growing) that came before the
+        model could judge it, or that the few samples of the regime could not outvote, and that would
+        otherwise price every step of its kind for a whole window. A lasting change keeps the newest
+        sample above the fit too, so it is learned, not dropped."""
+        cost = self.cost
+
+        def excess(x: tuple[float, ...], y: float) -> float:
+            pred = sum(c * v for c, v in zip(cost.as_tuple(), x, strict=True))
+            return y - self.drop_ratio * pred - self.outlier_slack_s
+
+        *older, newest = samples
+        if excess(newest[1], newest[2]) > 0.0:
+            return
+        worst = max(older, key=lambda s: excess(s[1], s[2]))
+        if excess(worst[1], worst[2]) <= 0.0:
+            return
+        samples.remove(worst)
+        self._accumulate(worst[1], worst[2], -1.0)
+        self.num_dropped += 1
         self.cost = self._fit()
 
     def _accumulate(self, x: tuple[float, ...], y: float, sign: float) -> None:
@@ -164,7 +219,7 @@ class StepTimeModel:
                 row[j] += sign * x[i] * x[j]
 
     def _fit(self) -> StepCost:
-        n = len(self._samples)
+        n = self.num_samples
         # A feature the window has not seen (e.g. no prefill during a quiet spell) is pulled towards
         # its last fitted value rather than the prior: a rare regime is remembered, not relearned.
         prior = self._target
@@ -176,15 +231,46 @@ class StepTimeModel:
             lam = self.prior_weight * scale
             xtx[i][i] += lam
             xty[i] += lam * prior[i]
-        beta = _solve(xtx, xty)
-        floors = (0.0,) + (self.min_token_cost_s,) * (NUM_FEATURES - 1)
-        clamped = [max(b, lo) for b, lo in zip(beta, floors, strict=True)]
-        clamped[5] = max(beta[5], 0.0)  # kv cost may legitimately be ~0
-        clamped[_MIXED] = max(beta[_MIXED], 0.0)  # no graphs: mixed and decode-only steps cost the same
-        clamped[_TRAINING] = max(beta[_TRAINING], 0.0)
+        floors = [0.0] + [self.min_token_cost_s] * (NUM_FEATURES - 1)
+        floors[_KV] = 0.0  # kv cost may legitimately be ~0
+        floors[_MIXED] = 0.0  # no graphs: mixed and decode-only steps cost the same
+        floors[_TRAINING] = 0.0
+        clamped = _solve_bounded(xtx, xty, floors)
         self._target = [c if self._xtx[i][i] > 1e-12 else t
                         for i, (c, t) in enumerate(zip(clamped, self._target, strict=True))]
         return StepCost(*clamped)
+
+
+_GRAPH_DECODE = (0, 0, 0)  # the regime of decode-only steps (see _regime)
+
+
+def _regime(f: StepFeatures) -> tuple[int, int, int]:
+    """A step's kind: graph replay or eager, with training or eval rows, with prompt rows."""
+    return (f.mixed, f.training, int(f.prefill_tokens > 0))
+
+
+def _solve_bounded(a: list[list[float]], b: list[float], floors: list[float]) -> list[float]:
+    """Least squares with each coefficient at or above its floor: solve, pin the coefficients below
+    their floor at it, solve again for the others (their right-hand side less the pinned terms), until
+    none is below. Clamping one unconstrained solution instead would keep the others at values that
+    only made sense beside the clamped one's negative value (e.g. a negative price per training token
+    offset by an absurd price per prompt token when the two came together in the window's steps)."""
+    n = len(b)
+    pinned: dict[int, float] = {}
+    x = list(floors)
+    for _ in range(n):
+        free = [i for i in range(n) if i not in pinned]
+        rhs = [b[i] - sum(a[i][j] * v for j, v in pinned.items()) for i in free]
+        sol = _solve([[a[i][j] for j in free] for i in free], rhs)
+        below = [i for i, v in zip(free, sol, strict=True) if v < floors[i]]
+        for i, v in zip(free, sol, strict=True):
+            x[i] = v
+        if not below:
+            break
+        for i in below:
+            pinned[i] = floors[i]
+            x[i] = floors[i]
+    return [max(v, lo) for v, lo in zip(x, floors, strict=True)]
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
