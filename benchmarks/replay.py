@@ -7,7 +7,11 @@ step that returned its first token. Admission time comes from the engine's ``que
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
+import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +76,7 @@ class EngineRun:
     stats: dict[str, Any] = field(default_factory=dict)
     # per step: (wall s, decode rows, prefill tokens, training + eval tokens, Triton kernels built)
     steps: list[tuple[float, int, int, int, str]] = field(default_factory=list)
+    step_records: list[dict[str, Any]] = field(default_factory=list)  # StepRecord fields, wall_s, built
 
     def step_mix(self) -> dict[str, Any]:
         """Decode-only, prefill (no training) and training steps: count, total and median wall time,
@@ -233,6 +238,8 @@ def replay_engine(
         if last is not None:
             run.steps.append((run.step_times_s[-1], last.num_decode_rows, last.num_prefill_tokens,
                               last.num_train_tokens + last.num_eval_tokens, builds.take()))
+            run.step_records.append({**dataclasses.asdict(last), "wall_s": run.step_times_s[-1],
+                                     "built": run.steps[-1][4]})
         for ev in events:
             if isinstance(ev, TokenEvent):
                 if ev.request_id in token_times:
@@ -284,6 +291,12 @@ def replay_engine(
         run.stats = _jsonable(engine.stats())
     except Exception as exc:  # stats are informative only
         run.stats = {"error": repr(exc)}
+    dump = os.environ.get("LOQUETIER_BENCH_STEP_DUMP")
+    if dump and run.step_records:  # every step's composition, measured and predicted time (one JSON line each)
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        with open(Path(dump) / f"steps_{slug}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in run.step_records)
     if run.steps:
         log(f"[{label}] step mix: {run.step_mix()}")
         log(f"[{label}] fitted step cost: {run.stats.get('step_cost')}")

@@ -790,6 +790,23 @@ def test_step_model_fits_rare_regimes_beside_a_stream_of_graph_steps() -> None:
     assert 128 < model.num_decode_only <= 2 * 128  # graph steps with and without prompt rows
 
 
+def test_step_model_never_calls_training_tokens_free() -> None:
+    """Training steps of one size cannot tell the fixed price from the per-token one. Fitted alone, the
+    window may put it all on the fixed price (seen on the H200), and then no token count amortizes
+    it beside decode rows; the token price stays at a quarter of the prior's at least."""
+    model = StepTimeModel(PRIOR_8B, window=64)
+    rng = random.Random(2)
+    for i in range(200):
+        if i % 10 == 0:  # all-fixed-price training steps: 0.35 s whatever they carry
+            model.observe(StepFeatures(0, 0, rng.randint(3300, 3500), 0, 0, 1, 1), 0.35)
+        else:
+            model.observe(StepFeatures(0, rng.randint(8, 40), 0, 0, rng.randint(1000, 9000)), 0.009)
+    assert model.cost.train_token_s == pytest.approx(0.25 * PRIOR_8B.train_token_s)
+    assert model.predict(StepFeatures(0, 0, 3400, 0, 0, 1, 1)) == pytest.approx(0.35, rel=0.05)
+    with pytest.raises(ValueError):
+        StepTimeModel(token_floor=2.0)
+
+
 # What the 8B shape costs on one H200 (fitted by the benchmarks: docs/benchmarks/unified.md): graph
 # steps ~8 ms, an eager training step ~110 ms more than its tokens; and the engine's prior for it.
 H200_8B = StepCost(const_s=0.0075, prefill_token_s=4.4e-5, decode_row_s=1.8e-4, train_token_s=7.7e-5,

@@ -14,8 +14,11 @@ training or eval rows, whose fixed price ``c7`` is the backward pass's and the o
 regression *towards the prior* coefficients with one pseudo-observation per feature, scaled to that
 feature's magnitude, so a feature never seen (e.g. eval tokens before any eval job) keeps its prior
 (a feature seen before but not in the current window keeps its last fitted value) and a collinear window
-(e.g. only training for a while) stays well posed. Coefficients are clamped to >= 0 (and the token
-costs to a small floor) so the budget inversion never divides by zero.
+(e.g. only training for a while) stays well posed. Coefficients are kept >= 0, and the prices of a
+prompt, training and eval token at least ``token_floor`` (a quarter) of the prior's: a window whose
+steps all carry about as many training tokens cannot tell the fixed price from the per-token one, and a
+fit that called the tokens free and the step all fixed price kept training out of every step with decode
+rows on the H200 (no number of tokens could amortize it).
 
 The fit keeps **one window per regime** (decode-only graph steps, graph steps with prompt rows,
 eager inference steps, steps with training rows, ...: ``_regime``), each of the last ``window`` steps of
@@ -40,6 +43,7 @@ Pure Python (8x8 normal equations): no numpy/torch, no clocks.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -47,6 +51,7 @@ NUM_FEATURES = 8
 FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read",
                  "mixed", "training")
 _KV, _MIXED, _TRAINING = (FEATURE_NAMES.index(n) for n in ("kv_tokens_read", "mixed", "training"))
+_TOKEN_PRICES = tuple(FEATURE_NAMES.index(n) for n in ("prefill_tokens", "train_tokens", "eval_tokens"))
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class StepTimeModel:
         robust_after: int = 16,
         max_age: int | None = None,
         drop_ratio: float = 1.5,
+        token_floor: float = 0.25,
     ) -> None:
         if window < 2:
             raise ValueError("window must be >= 2")
@@ -134,6 +140,9 @@ class StepTimeModel:
             raise ValueError("max_age must be >= window")
         self.prior_weight = prior_weight
         self.min_token_cost_s = min_token_cost_s
+        if not 0.0 <= token_floor <= 1.0:
+            raise ValueError("token_floor must be in [0, 1]")
+        self.token_floor = token_floor
         self.outlier_factor = outlier_factor
         self.outlier_slack_s = outlier_slack_s
         self.robust_after = robust_after
@@ -182,28 +191,26 @@ class StepTimeModel:
                 self._accumulate(old_x, old_y, -1.0)
         self.num_observed += 1
         self.cost = self._fit()
-        if len(samples) >= 4 and self.num_observed > self.robust_after and _regime(f) != _GRAPH_DECODE:
+        if len(samples) >= 8 and self.num_observed > self.robust_after and _regime(f) != _GRAPH_DECODE:
             self._drop_lone_outlier(samples)
 
     def _drop_lone_outlier(self, samples: deque[tuple[int, tuple[float, ...], float]]) -> None:
-        """Drop the sample of a rare regime that is furthest above the fit, if it is more than
-        ``drop_ratio`` times its prediction (and ``outlier_slack_s`` over it) while the newest sample
-        of the regime is not: a one-off (a kernel compiled, an allocator growing) that came before the
-        model could judge it, or that the few samples of the regime could not outvote, and that would
-        otherwise price every step of its kind for a whole window. A lasting change keeps the newest
-        sample above the fit too, so it is learned, not dropped."""
+        """Drop the one sample of a rare regime that is more than ``drop_ratio`` times its prediction
+        (and ``outlier_slack_s`` over it), when it is the only such sample and not the newest: a
+        one-off (a kernel compiled, an allocator growing) that came before the model could judge it,
+        or that the few samples of the regime could not outvote, and that would otherwise price every
+        step of its kind for a whole window. A lasting change keeps the newest
+        sample above the fit too, and a fit that is off puts several samples above it: neither drops."""
         cost = self.cost
 
         def excess(x: tuple[float, ...], y: float) -> float:
             pred = sum(c * v for c, v in zip(cost.as_tuple(), x, strict=True))
             return y - self.drop_ratio * pred - self.outlier_slack_s
 
-        *older, newest = samples
-        if excess(newest[1], newest[2]) > 0.0:
-            return
-        worst = max(older, key=lambda s: excess(s[1], s[2]))
-        if excess(worst[1], worst[2]) <= 0.0:
-            return
+        above = [s for s in samples if excess(s[1], s[2]) > 0.0]
+        if len(above) != 1 or above[0] is samples[-1]:
+            return  # none, the newest (a change may be starting) or several (the fit is off, not them)
+        worst = above[0]
         samples.remove(worst)
         self._accumulate(worst[1], worst[2], -1.0)
         self.num_dropped += 1
@@ -235,6 +242,8 @@ class StepTimeModel:
         floors[_KV] = 0.0  # kv cost may legitimately be ~0
         floors[_MIXED] = 0.0  # no graphs: mixed and decode-only steps cost the same
         floors[_TRAINING] = 0.0
+        for i in _TOKEN_PRICES:  # a prompt, training or eval token is never close to free
+            floors[i] = max(floors[i], self.token_floor * self.prior.as_tuple()[i])
         clamped = _solve_bounded(xtx, xty, floors)
         self._target = [c if self._xtx[i][i] > 1e-12 else t
                         for i, (c, t) in enumerate(zip(clamped, self._target, strict=True))]
@@ -274,7 +283,16 @@ def _solve_bounded(a: list[list[float]], b: list[float], floors: list[float]) ->
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (a is symmetric positive definite after ridge)."""
+    """Solve ``a x = b`` for symmetric positive definite ``a``: Jacobi-scaled (features range from 1
+    to ~1e5 per step, so the normal equations span ~1e10 in scale), then Gaussian elimination with
+    partial pivoting."""
+    d = [math.sqrt(a[i][i]) if a[i][i] > 0.0 else 1.0 for i in range(len(b))]
+    x = _eliminate([[a[i][j] / (d[i] * d[j]) for j in range(len(b))] for i in range(len(b))],
+                   [b[i] / d[i] for i in range(len(b))])
+    return [x[i] / d[i] for i in range(len(b))]
+
+
+def _eliminate(a: list[list[float]], b: list[float]) -> list[float]:
     n = len(b)
     m = [row[:] + [b[i]] for i, row in enumerate(a)]
     for col in range(n):
