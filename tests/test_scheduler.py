@@ -679,6 +679,10 @@ def test_prefill_graph_steps_are_not_mixed_steps() -> None:
     assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 60, 8, 0) == 1  # past the rows
     assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 50, 8, 0) == 0
     assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 0, 8, 5) == 1  # training rows
+    # a prompt's tail far into its context runs eagerly: mean keys per prompt row past the limit
+    deep = SchedulerConfig(decode_graphs=True, graph_max_rows=64, graph_max_mean_context=256)
+    assert _mixed(deep, 2, 8, 0, prefill_reads=2 * 300) == 1
+    assert _mixed(deep, 40, 8, 0, prefill_reads=40 * 21) == 0
 
 
 def test_lookahead_lets_young_sequences_repay_a_training_step() -> None:

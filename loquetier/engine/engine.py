@@ -27,7 +27,7 @@ from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import EngineEvent, RequestFailed
-from loquetier.engine.graphs import DecodeGraphs
+from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
@@ -104,7 +104,7 @@ class Engine:
             max_prefill_chunk=config.max_prefill_chunk, default_ttft_ms=config.default_ttft_ms,
             default_tpot_ms=config.default_tpot_ms, tpot_burst=config.tpot_burst,
             tpot_lookahead=config.tpot_lookahead, prefill_coalesce_ms=coalesce,
-            decode_graphs=captured, graph_max_rows=graph_rows)
+            decode_graphs=captured, graph_max_rows=graph_rows, graph_max_mean_context=GRAPH_MAX_MEAN_CONTEXT)
         prior = _gpu_prior(model, per_block / config.block_size, captured) if self.device.type == "cuda" else None
         self.scheduler = Scheduler(
             sched_cfg, BlockAllocator(self.blocks, self._lookup, self._adapter_version),

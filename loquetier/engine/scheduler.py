@@ -145,6 +145,9 @@ class SchedulerConfig:
     # With decode_graphs: inference steps (prefill + decode rows, no training) of at most this many
     # rows replay graphs too, so they are not "mixed" (0: only decode-only steps replay graphs).
     graph_max_rows: int = 0
+    # With graph_max_rows: a step whose prompt rows read more keys than this each, on average, runs
+    # eagerly all the same (the runner's rule: graphs attend row by row; 0 = no such limit).
+    graph_max_mean_context: int = 0
     # With decode_graphs: keep at least this many decode-only steps in the step model's window (a
     # step now and then skips optional training), so mixed_s stays identifiable from const_s.
     min_decode_only_samples: int = 8
@@ -347,6 +350,11 @@ class Scheduler:
             graph_room = 0
             if cfg.decode_graphs and not mixed and cfg.graph_max_rows:
                 graph_room = cfg.graph_max_rows - batch.num_decode_rows - batch.num_prefill_tokens
+                if graph_room > 0 and cfg.graph_max_mean_context:
+                    # this chunk's rows read start + 1, start + 2, ... keys: a graph step while their
+                    # mean stays within the limit (a prompt's tail far into it runs eagerly)
+                    fit = 2 * (cfg.graph_max_mean_context - seq.num_computed_tokens) - 1
+                    graph_room = min(graph_room, max(0, fit))
             if time_budget is not None:
                 extra = 0.0 if mixed or graph_room > 0 else mixed_s  # the eager price this chunk would add
                 spare = time_budget * cfg.tpot_headroom - predicted - extra
@@ -445,7 +453,7 @@ class Scheduler:
             eval_tokens=sum(eval_used.values()),
             kv_tokens_read=batch.num_kv_tokens_read,
             mixed=_mixed(self.config, batch.num_prefill_tokens, batch.num_decode_rows,
-                         sum(train_used.values()) + sum(eval_used.values())),
+                         sum(train_used.values()) + sum(eval_used.values()), _prefill_reads(batch)),
             training=int(bool(any(train_used.values()) or any(eval_used.values()))),
         )
         self.step_model.observe(features, result.step_time_s)
@@ -748,13 +756,24 @@ def _deadline(seq: Sequence) -> float:
     return seq.last_token_time + _tpot_s(seq)
 
 
-def _mixed(cfg: SchedulerConfig, prefill_tokens: int, decode_rows: int, train_tokens: int) -> int:
-    """1 for a step that runs eagerly: training or eval rows, or prefill rows past the graphs' rows."""
+def _mixed(cfg: SchedulerConfig, prefill_tokens: int, decode_rows: int, train_tokens: int,
+           prefill_reads: int = 0) -> int:
+    """1 for a step that runs eagerly: training or eval rows, or prefill rows past the graphs' rows,
+    or prompt rows reading more than ``graph_max_mean_context`` keys each on average (``prefill_reads``:
+    the keys all of them read). A step counted as a graph step that ran eagerly would price the
+    eager step's fixed cost into its few prompt tokens (on the H200: 130 ms for a 2-token tail)."""
     if train_tokens:
         return 1
     if not prefill_tokens:
         return 0
-    return int(not (cfg.decode_graphs and cfg.graph_max_rows) or prefill_tokens + decode_rows > cfg.graph_max_rows)
+    if not (cfg.decode_graphs and cfg.graph_max_rows) or prefill_tokens + decode_rows > cfg.graph_max_rows:
+        return 1
+    return int(bool(cfg.graph_max_mean_context) and prefill_reads > cfg.graph_max_mean_context * prefill_tokens)
+
+
+def _prefill_reads(batch: ScheduledBatch) -> int:
+    """Keys the prompt rows of ``batch`` read, row by row (``graphs.prefill_kv_reads`` of each chunk)."""
+    return sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in batch.prefill_chunks)
 
 
 def _features(batch: ScheduledBatch, cfg: SchedulerConfig) -> StepFeatures:
@@ -765,7 +784,7 @@ def _features(batch: ScheduledBatch, cfg: SchedulerConfig) -> StepFeatures:
         eval_tokens=batch.num_eval_tokens,
         kv_tokens_read=batch.num_kv_tokens_read,
         mixed=_mixed(cfg, batch.num_prefill_tokens, batch.num_decode_rows,
-                     batch.num_train_tokens + batch.num_eval_tokens),
+                     batch.num_train_tokens + batch.num_eval_tokens, _prefill_reads(batch)),
         training=int(bool(batch.num_train_tokens or batch.num_eval_tokens)),
     )
 
