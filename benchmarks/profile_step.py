@@ -73,7 +73,8 @@ def main() -> None:
     engine = Engine.from_pretrained(path, device=args.device, dtype=dtype, kv_memory_gb=4.0 if args.device == "cuda"
                                     else 0.2, max_num_seqs=128, max_num_batched_tokens=4096, max_prefill_chunk=512,
                                     max_adapter_slots=32, num_train_slots=0, max_lora_rank=16, max_model_len=2048,
-                                    cuda_graphs="off", default_tpot_ms=10_000.0)
+                                    cuda_graphs="off", default_tpot_ms=10_000.0,
+                                    adapter_cache_bytes=16 << 30)  # 32 adapters of the 8B shape: 5.4 GB
     for i in range(32):
         a = LoRAAdapter.new(LoRAConfig(rank=16, alpha=32, target_modules=TARGETS), engine.model.dims, seed=i)
         for _, b in a.weights.values():
