@@ -106,11 +106,6 @@ class PrefillRows:
     needs_logits: bool  # the chunk ends the prompt: its last row is sampled
 
 
-def prefill_kv_reads(start: int, length: int) -> int:
-    """Keys the per-row attention reads for a chunk: sum of (position + 1) over its rows."""
-    return length * start + length * (length + 1) // 2
-
-
 class DecodeGraphs:
     def __init__(  # noqa: PLR0917
         self,

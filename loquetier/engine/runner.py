@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loquetier.engine.config import EngineConfig
-from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs, DecodeRow, PrefillRows, prefill_kv_reads
+from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs, DecodeRow, PrefillRows
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.sampler import SamplingTensors, sample
 from loquetier.engine.sequence import ScheduledBatch
@@ -61,8 +61,7 @@ class ModelRunner:
         rows = num_prefill + len(batch.decode_seqs)
         if not 0 < rows <= g.max_tokens or len(batch.decode_seqs) > g.max_batch:
             return False
-        reads = sum(prefill_kv_reads(c.start, c.length) for c in batch.prefill_chunks)
-        return reads <= GRAPH_MAX_MEAN_CONTEXT * num_prefill
+        return batch.num_prefill_row_reads <= GRAPH_MAX_MEAN_CONTEXT * num_prefill
 
     def run(self, batch: ScheduledBatch, jobs: JobBook, requests: RequestBook) -> RunResult:
         res = RunResult()

@@ -453,7 +453,7 @@ class Scheduler:
             eval_tokens=sum(eval_used.values()),
             kv_tokens_read=batch.num_kv_tokens_read,
             mixed=_mixed(self.config, batch.num_prefill_tokens, batch.num_decode_rows,
-                         sum(train_used.values()) + sum(eval_used.values()), _prefill_reads(batch)),
+                         sum(train_used.values()) + sum(eval_used.values()), batch.num_prefill_row_reads),
             training=int(bool(any(train_used.values()) or any(eval_used.values()))),
         )
         self.step_model.observe(features, result.step_time_s)
@@ -771,11 +771,6 @@ def _mixed(cfg: SchedulerConfig, prefill_tokens: int, decode_rows: int, train_to
     return int(bool(cfg.graph_max_mean_context) and prefill_reads > cfg.graph_max_mean_context * prefill_tokens)
 
 
-def _prefill_reads(batch: ScheduledBatch) -> int:
-    """Keys the prompt rows of ``batch`` read, row by row (``graphs.prefill_kv_reads`` of each chunk)."""
-    return sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in batch.prefill_chunks)
-
-
 def _features(batch: ScheduledBatch, cfg: SchedulerConfig) -> StepFeatures:
     return StepFeatures(
         prefill_tokens=batch.num_prefill_tokens,
@@ -784,7 +779,7 @@ def _features(batch: ScheduledBatch, cfg: SchedulerConfig) -> StepFeatures:
         eval_tokens=batch.num_eval_tokens,
         kv_tokens_read=batch.num_kv_tokens_read,
         mixed=_mixed(cfg, batch.num_prefill_tokens, batch.num_decode_rows,
-                     batch.num_train_tokens + batch.num_eval_tokens, _prefill_reads(batch)),
+                     batch.num_train_tokens + batch.num_eval_tokens, batch.num_prefill_row_reads),
         training=int(bool(batch.num_train_tokens or batch.num_eval_tokens)),
     )
 

@@ -192,6 +192,11 @@ class PrefillChunk:
         return self.start + self.length == self.seq.num_tokens
 
 
+def prefill_kv_reads(start: int, length: int) -> int:
+    """Keys a prompt chunk's rows read when attended row by row (graph steps): sum of (position + 1)."""
+    return length * start + length * (length + 1) // 2
+
+
 @dataclass(frozen=True)
 class TrainChunk:
     """A grant of up to ``num_tokens`` training (or eval) tokens to one job for one step."""
@@ -240,6 +245,11 @@ class ScheduledBatch:
         return sum(s.num_computed_tokens + 1 for s in self.decode_seqs) + sum(
             c.start + c.length for c in self.prefill_chunks
         )
+
+    @property
+    def num_prefill_row_reads(self) -> int:
+        """Keys the prompt rows read when attended row by row, as graph steps do (``prefill_kv_reads``)."""
+        return sum(prefill_kv_reads(c.start, c.length) for c in self.prefill_chunks)
 
     @property
     def num_batched_tokens(self) -> int:

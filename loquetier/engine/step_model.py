@@ -107,7 +107,10 @@ class StepCost:
         )
 
     def predict(self, f: StepFeatures) -> float:
-        return sum(c * x for c, x in zip(self.as_tuple(), f.vector(), strict=True))
+        return self.predict_vector(f.vector())
+
+    def predict_vector(self, x: tuple[float, ...]) -> float:
+        return sum(c * v for c, v in zip(self.as_tuple(), x, strict=True))
 
 
 class StepTimeModel:
@@ -199,13 +202,10 @@ class StepTimeModel:
         (and ``outlier_slack_s`` over it), when it is the only such sample and not the newest: a
         one-off (a kernel compiled, an allocator growing) that came before the model could judge it,
         or that the few samples of the regime could not outvote, and that would otherwise price every
-        step of its kind for a whole window. A lasting change keeps the newest
-        sample above the fit too, and a fit that is off puts several samples above it: neither drops."""
-        cost = self.cost
-
+        step of its kind for a whole window. A lasting change keeps the newest sample above the fit too,
+        and a fit that is off puts several samples above it: neither drops."""
         def excess(x: tuple[float, ...], y: float) -> float:
-            pred = sum(c * v for c, v in zip(cost.as_tuple(), x, strict=True))
-            return y - self.drop_ratio * pred - self.outlier_slack_s
+            return y - self.drop_ratio * self.cost.predict_vector(x) - self.outlier_slack_s
 
         above = [s for s in samples if excess(s[1], s[2]) > 0.0]
         if len(above) != 1 or above[0] is samples[-1]:
