@@ -1,21 +1,36 @@
-"""Where the host time of an eager (not graph-replayed) engine step goes: cProfile of a few steps.
+"""Where the time of an eager (not graph-replayed) engine step goes.
 
-    python -m benchmarks.profile_step --model small --device cuda [--out DIR]
+    python -m benchmarks.profile_step --model 8b --device cuda [--out DIR] [--cprofile]
 
-Cases: decode-only steps at batch 64 with no adapters and with 32 rank-16 adapters, and mixed steps
-(64 decode rows + a 512-token prefill chunk) with 32 adapters, all with CUDA graphs off. Prints the
-median wall time of each case and the top functions by own time; the profiles go to DIR when given.
+Cases, all with CUDA graphs off (the steps that cannot replay a graph): decode-only steps at batch 64
+with no adapters and with 32 rank-16 adapters; 64 decode rows + a 512-token prompt chunk deep into
+its context; 4 training jobs (1,024-token micro-batches) alone; the same beside 64 decode rows.
+For each case it prints the median wall time of a step and splits it:
+
+- host time per phase (scheduler, batch build, forward, backward, job bookkeeping and optimizer,
+  sampling), measured without syncs, so it is the time the host spends issuing the work;
+- GPU kernel time of one step (torch.profiler), the number of kernels launched and the top CUDA
+  and CPU ops;
+- with ``--cprofile``, the Python functions by own time.
+
+A step whose host time is well above its GPU kernel time is host-bound: the GPU idles between launches.
+Also times single launches (host only) of a Triton SMLM kernel and of a torch op.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
+import json
 import pstats
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +47,61 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class Phases:
+    """Host time per phase: wraps functions by attribute, adds their wall time (no sync) to a bucket.
+    Nested phases are subtracted from their parents (each bucket holds own time)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[list[float]] = []
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._stack.append([0.0])
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t
+                child = self._stack.pop()[0]
+                self.totals[name] += dt - child
+                self.calls[name] += 1
+                if self._stack:
+                    self._stack[-1][0] += dt
+
+        self._undo.append((owner, attr, fn))
+        setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.calls.clear()
+
+
+def _instrument(engine: Engine) -> Phases:
+    import loquetier.models.batch as batch_mod
+
+    ph = Phases()
+    ph.wrap(engine, "_step", "other (engine step)")
+    ph.wrap(engine.scheduler, "schedule", "schedule")
+    ph.wrap(engine.scheduler, "postprocess", "postprocess")
+    ph.wrap(batch_mod.BatchBuilder, "build", "batch build")
+    ph.wrap(engine.model, "forward", "forward")
+    ph.wrap(torch.autograd, "backward", "backward")
+    ph.wrap(engine.runner, "_sample", "sample")
+    ph.wrap(engine.jobs, "after_step", "jobs + optimizer")
+    return ph
+
+
 def _fill(engine: Engine, batch: int, adapters: list[str | None], tag: str, prompt_len: int = 128) -> None:
     for i in range(batch):
         prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (prompt_len,)).tolist()
@@ -39,76 +109,190 @@ def _fill(engine: Engine, batch: int, adapters: list[str | None], tag: str, prom
                            sampling=SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
 
 
-def _profile(engine: Engine, steps: int, before_step=None) -> tuple[float, str]:  # type: ignore[no-untyped-def]
+def _gpu_profile(engine: Engine) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    _sync()
+    with profile(activities=acts) as prof:
+        engine.step()
+        _sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, -1.0
+    for s, e in intervals:  # union of kernel intervals (us)
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    avg = prof.key_averages()
+    top_cuda = sorted(avg, key=lambda a: -getattr(a, "self_device_time_total", 0.0))[:12]
+    top_cpu = sorted(avg, key=lambda a: -a.self_cpu_time_total)[:15]
+    return {
+        "gpu_busy_ms": busy / 1e3,
+        "kernels": len(kernels),
+        "top_cuda": [(a.key[:60], a.count, round(getattr(a, "self_device_time_total", 0.0) / 1e3, 2))
+                     for a in top_cuda],
+        "top_cpu": [(a.key[:60], a.count, round(a.self_cpu_time_total / 1e3, 2)) for a in top_cpu],
+    }
+
+
+def _measure(engine: Engine, ph: Phases, name: str, steps: int, use_cprofile: bool,
+             before_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     times = []
-    prof = cProfile.Profile()
+    ph.reset()
     for i in range(steps):
         if before_step is not None:
             before_step(i)
         _sync()
         t = time.perf_counter()
+        engine.step()
+        _sync()
+        times.append(time.perf_counter() - t)
+    n = max(1, ph.calls["other (engine step)"])  # before_step may run steps of its own
+    phases = {k: round(v / n * 1e3, 2) for k, v in sorted(ph.totals.items(), key=lambda kv: -kv[1])}
+    if before_step is not None:
+        before_step(steps)
+    out: dict[str, Any] = {"case": name, "median_ms": round(statistics.median(times) * 1e3, 2),
+                           "host_ms_per_phase": phases}
+    out.update(_gpu_profile(engine))
+    if use_cprofile:
+        if before_step is not None:
+            before_step(steps + 1)
+        prof = cProfile.Profile()
         prof.enable()
         engine.step()
         _sync()
         prof.disable()
-        times.append(time.perf_counter() - t)
-    buf = io.StringIO()
-    stats = pstats.Stats(prof, stream=buf)
-    stats.sort_stats("tottime").print_stats(25)
-    stats.sort_stats("cumulative").print_stats(30)
-    return statistics.median(times) * 1e3, buf.getvalue()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        out["cprofile"] = buf.getvalue()
+    print(f"== {name}: median {out['median_ms']} ms/step, GPU busy {out['gpu_busy_ms']:.2f} ms, "
+          f"{out['kernels']} kernels; host ms/phase {phases}", flush=True)
+    return out
+
+
+def _launch_costs(engine: Engine) -> dict[str, float]:
+    """Host cost of one launch: a Triton SMLM shrink over 64 rows, a torch add, a cuBLAS GEMM."""
+    from loquetier.kernels import SMLMMeta
+    from loquetier.kernels.ops import backend_for
+
+    dev = engine.model.device
+    pool = engine.adapters.pool
+    lora = pool.get(0, "q_proj")
+    x = torch.randn(64, lora.in_features, device=dev, dtype=engine.model.cfg.dtype)
+    meta = SMLMMeta.build([i % 32 + engine.config.num_train_slots for i in range(64)], 0, dev)
+    res = {}
+    for label, fn in (("smlm shrink (64 rows, 32 adapters)", lambda: backend_for(dev).shrink(x, lora, meta)),
+                      ("torch add", lambda: x + x),
+                      ("torch mm 64x4096x4096", lambda: x @ engine.model.layers[0].o_weight.T)):
+        for _ in range(20):
+            fn()
+        _sync()
+        n = 500
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        res[label] = (time.perf_counter() - t) / n * 1e6
+        _sync()
+        print(f"   launch cost, {label}: {res[label]:.1f} us (host, no sync)", flush=True)
+    return res
+
+
+def _drain(engine: Engine) -> None:
+    for rid in list(engine.requests._requests):
+        engine.abort(rid)
+    for _ in range(3):
+        engine.step()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="small")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     spec = SPECS[args.model]
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     model, path = prepare_base(spec, Path("/tmp/loquetier-bench"), args.device, dtype)
     del model
-    engine = Engine.from_pretrained(path, device=args.device, dtype=dtype, kv_memory_gb=4.0 if args.device == "cuda"
-                                    else 0.2, max_num_seqs=128, max_num_batched_tokens=4096, max_prefill_chunk=512,
-                                    max_adapter_slots=32, num_train_slots=0, max_lora_rank=16, max_model_len=2048,
-                                    cuda_graphs="off", default_tpot_ms=10_000.0,
+    engine = Engine.from_pretrained(path, device=args.device, dtype=dtype, kv_memory_gb=8.0 if args.device == "cuda"
+                                    else 0.2, max_num_seqs=128, max_num_batched_tokens=4096 + 128,
+                                    max_prefill_chunk=512, max_adapter_slots=36, num_train_slots=4,
+                                    max_lora_rank=16, max_model_len=2048, cuda_graphs="off",
+                                    default_tpot_ms=100_000.0, default_ttft_ms=100_000.0,
                                     adapter_cache_bytes=16 << 30)  # 32 adapters of the 8B shape: 5.4 GB
+    t0 = time.perf_counter()
+    engine.warmup()
+    print(f"[profile] warm-up {time.perf_counter() - t0:.1f}s", flush=True)
     for i in range(32):
         a = LoRAAdapter.new(LoRAConfig(rank=16, alpha=32, target_modules=TARGETS), engine.model.dims, seed=i)
         for _, b in a.weights.values():
             b.normal_(0, 0.01)
         engine.load_adapter(f"a{i}", a)
-    report = []
-    cases: list[tuple[str, list[str | None]]] = [("decode b64, no adapters", [None]),
-                                                  ("decode b64, 32 adapters", [f"a{i}" for i in range(32)])]
-    for name, adapters in cases:
-        _fill(engine, 64, adapters, name)
+    adapters: list[str | None] = [f"a{i}" for i in range(32)]
+    ph = _instrument(engine)
+    report: list[dict[str, Any]] = []
+    launch = _launch_costs(engine)
+
+    def settle() -> None:
         while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
             engine.step()
         for _ in range(3):
             engine.step()
-        ms, text = _profile(engine, args.steps)
-        report.append(f"== {name}: median {ms:.2f} ms/step\n{text}")
-        print(report[-1].splitlines()[0], flush=True)
-        if name.endswith("32 adapters"):
-            adapters_ = adapters
 
-            def add_prefill(i: int) -> None:
-                _fill(engine, 1, adapters_, f"mixed-{i}", prompt_len=512)
+    for name, ids in (("decode b64, no adapters", [None]), ("decode b64, 32 adapters", adapters)):
+        _fill(engine, 64, ids, name)
+        settle()
+        report.append(_measure(engine, ph, name, args.steps, args.cprofile))
+        if ids is adapters:
+            def deep_prompt(i: int) -> None:  # a 1,536-token prompt: its last chunk reads ~1,300 keys/row
+                _fill(engine, 1, adapters, f"deep-{i}", prompt_len=1536)
+                engine.step()
+                engine.step()  # two chunks of 512 as their own steps; the timed step holds the third
 
-            ms, text = _profile(engine, args.steps, add_prefill)
-            report.append(f"== mixed: 64 decode rows + 512-token prefill, 32 adapters: median {ms:.2f} ms/step\n{text}")
-            print(report[-1].splitlines()[0], flush=True)
-        for rid in list(engine.requests._requests):
-            engine.abort(rid)
+            report.append(_measure(engine, ph, "64 decode + 512-token prompt chunk at context 1,536",
+                                   args.steps, args.cprofile, deep_prompt))
+        _drain(engine)
+
+    from benchmarks.replay import add_training_jobs
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = min(30000, engine.model.cfg.vocab_size)
+    examples = [{"prompt_token_ids": torch.randint(3, vocab, (96,), generator=gen).tolist(),
+                 "completion_token_ids": torch.randint(3, vocab, (160,), generator=gen).tolist()}
+                for _ in range(256)]
+    job_ids = add_training_jobs(engine, [(f"t{i}", examples) for i in range(4)], micro_batch_tokens=1024,
+                                max_steps=1000)
+    for _ in range(2):
         engine.step()
-    text = "\n".join(report)
+    report.append(_measure(engine, ph, "training: 4 jobs x 1,024 tokens", args.steps, args.cprofile))
+    _fill(engine, 64, adapters, "beside")
+    settle()
+    report.append(_measure(engine, ph, "training 4 x 1,024 + 64 decode rows", args.steps, args.cprofile))
+    for j in job_ids:
+        engine.cancel_job(j)
+    _drain(engine)
+    ph.restore()
+    lines = [f"# profile_step {args.model} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+             "", "| case | step (median) | GPU busy | kernels | host ms by phase |", "|---|---|---|---|---|"]
+    for r in report:
+        phases = ", ".join(f"{k} {v}" for k, v in r["host_ms_per_phase"].items())
+        lines.append(f"| {r['case']} | {r['median_ms']} ms | {r['gpu_busy_ms']:.2f} ms | {r['kernels']} | {phases} |")
+    lines += ["", "launch costs (host, us): " + ", ".join(f"{k} {v:.1f}" for k, v in launch.items()), ""]
+    for r in report:
+        lines += [f"## {r['case']}", "top CUDA (name, count, ms):"]
+        lines += [f"  {t}" for t in r["top_cuda"]]
+        lines += ["top CPU self (name, count, ms):"] + [f"  {t}" for t in r["top_cpu"]]
+        if "cprofile" in r:
+            lines += ["```", r["cprofile"], "```"]
+    text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "profile_step.txt").write_text(text)
+        Path(args.out, "profile_step.md").write_text(text)
+        Path(args.out, "profile_step.json").write_text(json.dumps({"launch_us": launch, "cases": report}, indent=1))
 
 
 if __name__ == "__main__":

@@ -66,8 +66,9 @@ for r in $RUNS; do
         unified) run unified 270 benchmarks.bench_unified ;;
         unified-short) run unified 240 benchmarks.bench_unified --no-baselines ;;
         finetune) run finetune 180 benchmarks.bench_finetune ;;
+        profile) run profile 240 benchmarks.profile_step --cprofile ;;
         gpu-tests) gpu_tests ;;
-        *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, gpu-tests)"; exit 2 ;;
+        *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, profile, gpu-tests)"; exit 2 ;;
     esac
 done
 echo "== results in $OUT_DIR:"

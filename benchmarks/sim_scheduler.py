@@ -18,6 +18,7 @@ a per-phase table (attainment and training share over time) so recovery after lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loquetier.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from loquetier.engine.scheduler import Scheduler, SchedulerConfig, _features  # noqa: E402
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch, Sequence, StepResult  # noqa: E402
 from loquetier.engine.slo import RequestMetrics  # noqa: E402
 from loquetier.engine.step_model import StepCost, StepFeatures  # noqa: E402
@@ -42,6 +43,19 @@ TRUE_COST = StepCost(
     kv_token_s=3e-8,
 )
 PRIOR = StepCost(*(2.0 * c for c in TRUE_COST.as_tuple()))
+# The Llama-3-8B shape on one H200 as the engine's step dumps fitted it (2026-11-29): decode-only and
+# small prompt steps replay CUDA graphs (~6 ms + rows); any other step runs eagerly at ~0.1 s more
+# (host-bound launches), and a training step pays ~0.08 s more for its backward and optimizers.
+H200_8B_COST = StepCost(
+    const_s=6e-3,
+    prefill_token_s=1.4e-5,
+    decode_row_s=5e-5,
+    train_token_s=5.4e-5,
+    eval_token_s=5e-5,
+    kv_token_s=1e-6,
+    mixed_s=0.10,
+    train_step_s=0.08,
+)
 
 
 @dataclass
@@ -105,6 +119,14 @@ def poisson_times(rng: random.Random, rate_at: object, duration: float, peak: fl
 
 def make_trace(name: str, args: argparse.Namespace, rng: random.Random) -> list[Arrival]:
     rate, duration = args.rate, args.duration
+    if name == "unified":  # bench_unified's trace itself (step-rate pattern, ShareGPT-like lengths)
+        from benchmarks.workload import make_trace as bench_trace
+
+        trace = bench_trace(pattern="step", rate=rate, duration_s=duration, max_context=2048, prompt_mean=200,
+                            output_mean=200, seed=args.seed + 3)
+        pri = args.request_priorities
+        return [Arrival(r.arrival_s, r.num_prompt_tokens, r.max_tokens, pri[i % len(pri)])
+                for i, r in enumerate(trace.requests)]
     if name == "poisson":
 
         def rate_at(t: float) -> float:
@@ -150,18 +172,26 @@ class Phase:
     requests_met: int = 0
 
 
+def _config(args: argparse.Namespace) -> tuple[SchedulerConfig, StepCost, StepCost]:
+    """(scheduler config, true cost, prior) of ``args.profile``."""
+    base = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_prefill_chunk=args.max_prefill_chunk, default_ttft_ms=args.ttft_ms,
+                default_tpot_ms=args.tpot_ms, tpot_lookahead=args.lookahead,
+                train_amortize=args.amortize)
+    if args.profile == "h200-8b":  # as the engine configures itself on a GPU with CUDA graphs
+        config = SchedulerConfig(**base, tpot_burst=8.0, prefill_coalesce_ms=100.0, decode_graphs=True,
+                                 graph_max_rows=256, graph_max_mean_context=256)
+        true = dataclasses.replace(H200_8B_COST, mixed_s=args.mixed_s)
+        return config, true, StepCost(*(1.5 * c for c in true.as_tuple()))
+    return SchedulerConfig(**base, tpot_burst=args.tpot_burst), TRUE_COST, PRIOR
+
+
 def simulate(name: str, args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     noise_rng = random.Random(args.seed + 1)
     trace = make_trace(name, args, rng)
-    config = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_prefill_chunk=args.max_prefill_chunk,
-        default_ttft_ms=args.ttft_ms,
-        default_tpot_ms=args.tpot_ms,
-    )
-    sched = Scheduler(config, SimKV(args.kv_blocks), prior_cost=PRIOR)
+    config, true_cost, prior = _config(args)
+    sched = Scheduler(config, SimKV(args.kv_blocks), prior_cost=prior)
     priorities = args.job_priorities or [0] * args.jobs
     for i in range(args.jobs):
         sched.add_job(SimJob(f"job{i}", priority=priorities[i % len(priorities)], min_share=args.min_share))
@@ -170,7 +200,7 @@ def simulate(name: str, args: argparse.Namespace) -> None:
     phases = [Phase() for _ in range(num_phases)]
     finished: list[RequestMetrics] = []
     now, next_arrival = 0.0, 0
-    while now < args.duration or sched.has_unfinished_requests:
+    while (now < args.duration or sched.has_unfinished_requests) and now < args.max_time:
         while next_arrival < len(trace) and trace[next_arrival].time <= now:
             a = trace[next_arrival]
             sched.add_request(
@@ -189,7 +219,7 @@ def simulate(name: str, args: argparse.Namespace) -> None:
                 break
             now = trace[next_arrival].time
             continue
-        step_s = step_time(batch, noise_rng, args.noise)
+        step_s = step_time(batch, config, true_cost, noise_rng, args.noise)
         now += step_s
         sampled = {s.seq_id: 1 for s in batch.decode_seqs}
         sampled |= {c.seq.seq_id: 1 for c in batch.prefill_chunks if c.is_final}
@@ -205,18 +235,14 @@ def simulate(name: str, args: argparse.Namespace) -> None:
             p.requests += 1
             p.requests_met += int(m.met_slo)
 
-    report(name, args=args, sched=sched, finished=finished, phases=phases, end=now)
+    unfinished = len(sched.running) + len(sched.waiting)
+    report(name, args=args, sched=sched, finished=finished, phases=phases, end=now, true_cost=true_cost,
+           unfinished=unfinished)
 
 
-def step_time(batch: ScheduledBatch, rng: random.Random, noise: float) -> float:
-    f = StepFeatures(
-        batch.num_prefill_tokens,
-        batch.num_decode_rows,
-        batch.num_train_tokens,
-        batch.num_eval_tokens,
-        batch.num_kv_tokens_read,
-    )
-    return TRUE_COST.predict(f) * (1.0 + noise * rng.uniform(-1.0, 1.0))
+def step_time(batch: ScheduledBatch, config: SchedulerConfig, cost: StepCost, rng: random.Random,
+              noise: float) -> float:
+    return cost.predict(_features(batch, config)) * (1.0 + noise * rng.uniform(-1.0, 1.0))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -234,14 +260,17 @@ def report(
     finished: list[RequestMetrics],
     phases: list[Phase],
     end: float,
+    true_cost: StepCost = TRUE_COST,
+    unfinished: int = 0,
 ) -> None:
     m = sched.metrics
     ttft = [x.ttft_s * 1e3 for x in finished if x.ttft_s is not None]
     tpot = [x.mean_tpot_s * 1e3 for x in finished if x.mean_tpot_s is not None]
-    alone = args.max_num_batched_tokens / TRUE_COST.predict(
-        StepFeatures(train_tokens=args.max_num_batched_tokens)
+    alone = args.max_num_batched_tokens / true_cost.predict(
+        StepFeatures(train_tokens=args.max_num_batched_tokens, mixed=1, training=1)
     )
-    print(f"\n== trace {name}: {len(finished)} requests over {args.duration:.0f}s (ran to {end:.1f}s)")
+    print(f"\n== trace {name}: {len(finished)} requests over {args.duration:.0f}s (ran to {end:.1f}s)"
+          + (f", {unfinished} unfinished" if unfinished else ""))
     print(
         f"SLO attainment: requests {sched.slo.request_attainment:.3f}"
         f"  (TTFT misses {sched.slo.num_ttft_misses}, TPOT misses {sched.slo.num_tpot_misses})"
@@ -272,7 +301,8 @@ def report(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", choices=("poisson", "burst", "step", "all"), default="all")
+    ap.add_argument("--trace", choices=("poisson", "burst", "step", "unified", "all"), default="all",
+                    help="unified: bench_unified's trace (use --rate 6 --duration 30)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
     ap.add_argument("--rate", type=float, default=4.0, help="requests/s (base rate)")
     ap.add_argument("--burst-x", type=float, default=8.0, help="rate multiplier inside a burst")
@@ -293,6 +323,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--noise", type=float, default=0.05, help="relative step-time noise")
     ap.add_argument("--phases", type=int, default=8, help="rows of the per-phase table")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", choices=("default", "h200-8b"), default="default",
+                    help="cost model and engine settings: a generic GPU, or the 8B shape on an H200 with graphs")
+    ap.add_argument("--lookahead", type=int, default=0, help="scheduler tpot_lookahead")
+    ap.add_argument("--amortize", type=float, default=1.0, help="scheduler train_amortize")
+    ap.add_argument("--mixed-s", type=float, default=0.10, help="h200-8b: the eager step's fixed price, s")
+    ap.add_argument("--tpot-burst", type=float, default=1.0, help="scheduler tpot_burst (default profile)")
+    ap.add_argument("--max-time", type=float, default=600.0, help="stop the simulation at this time")
     return ap.parse_args(argv)
 
 

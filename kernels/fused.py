@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _forced: bool | None = None
 
@@ -74,7 +76,7 @@ def _norm(
         assert delta.shape == x.shape and delta.stride(1) == 1 and delta.dtype == x.dtype
     if x.shape[0]:
         d = x if delta is None else delta
-        _rms_norm_kernel[(x.shape[0],)](
+        launch(_rms_norm_kernel, (x.shape[0],),
             x, x.stride(0), d, d.stride(0), h, h.stride(0), w, out, out.stride(0),
             x.shape[1], eps,
             HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
@@ -138,7 +140,7 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: 
     k = torch.empty(n, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if n:
         half = head_dim // 2
-        _rope_kernel[(n, num_heads + num_kv_heads)](
+        launch(_rope_kernel, (n, num_heads + num_kv_heads),
             qkv, qkv.stride(0), cos, sin, cos.stride(0), q, k, num_heads, num_kv_heads,
             HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(half), num_warps=1,
         )  # fmt: skip
@@ -163,7 +165,7 @@ def silu_mul(gu: torch.Tensor, inter: int) -> torch.Tensor:
     out = torch.empty(gu.shape[0], inter, dtype=gu.dtype, device=gu.device)
     if gu.shape[0]:
         block = 1024 if not INTERPRET else triton.next_power_of_2(inter)
-        _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](
+        launch(_silu_mul_kernel, (gu.shape[0], triton.cdiv(inter, block)),
             gu, gu.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return out

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .jit_common import dot as _dot
+from .launch import launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -31,14 +32,17 @@ _MAX_SPLITS = 32
 _MIN_SPLIT_TOKENS = 256  # a partition shorter than this costs more in the combine than it saves
 
 
-# The block-table width, the window and the split count vary from step to step: specialized (on 1 and
-# on multiples of 16) each would compile variants of its own while a step is served.
-@triton.jit(do_not_specialize=["stride_bt", "window", "num_splits"])
+# The block-table width, the window, the split count and the first row's offset vary from step to step:
+# specialized (on 1 and on multiples of 16) each would compile variants of its own while a step is
+# served. The tables come in whole with an offset, not sliced: a slice's address is 16-byte aligned
+# or not by the number of prefill rows before it, and that alignment would be specialized on too.
+@triton.jit(do_not_specialize=["stride_bt", "seq_offset", "window", "num_splits"])
 def paged_decode_kernel(  # noqa: PLR0917
     q_ptr, stride_qn, stride_qh,  # [S, Hq, D] one query row per sequence
     k_ptr, v_ptr, stride_cb, stride_ct, stride_ch,  # [num_blocks, block_size, Hkv, D] (k and v alike)
-    bt_ptr, stride_bt,  # [S, max_blocks] int32 block tables
-    ctx_ptr,  # [S] int32 context lengths (keys [0, ctx) incl. this step's)
+    bt_ptr, stride_bt,  # [seq_offset + S, max_blocks] int32 block tables
+    ctx_ptr,  # [seq_offset + S] int32 context lengths (keys [0, ctx) incl. this step's)
+    seq_offset,  # row s of q reads row seq_offset + s of the tables
     o_ptr, stride_os, stride_op, stride_oh,  # [S, Hq, D] out, or [S, splits, Hq, D] fp32 partials
     lse_ptr, stride_ls, stride_lp,  # [S, splits, Hq] fp32 base-2 log-sum-exp (IS_SPLIT only)
     qk_scale, window, num_splits,  # scale * log2(e); window <= 0: none
@@ -51,7 +55,7 @@ def paged_decode_kernel(  # noqa: PLR0917
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
-    ctx = tl.load(ctx_ptr + seq)
+    ctx = tl.load(ctx_ptr + seq_offset + seq)
     lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     per_split = tl.cdiv(tl.cdiv(ctx - lo, BLOCK_N), num_splits) * BLOCK_N
     start = lo + part * per_split
@@ -65,7 +69,7 @@ def paged_decode_kernel(  # noqa: PLR0917
     heads = kvh * GROUP + offs_g  # [BLOCK_G] query heads of this group
     q_rows = q_ptr + seq.to(tl.int64) * stride_qn + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_rows, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    table = bt_ptr + seq.to(tl.int64) * stride_bt
+    table = bt_ptr + (seq_offset + seq).to(tl.int64) * stride_bt
     head_off = kvh.to(tl.int64) * stride_ch
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
@@ -144,6 +148,7 @@ def paged_decode(  # noqa: PLR0917
     max_context_len: int,
     window: int | None = None,
     num_splits: int | None = None,
+    seq_offset: int = 0,
 ) -> torch.Tensor:
     """Decode attention: one query row per sequence over its paged K/V.
 
@@ -161,7 +166,9 @@ def paged_decode(  # noqa: PLR0917
     block_size, Hkv, D] of one dtype, same strides; block_tables [S, >= ceil(max_ctx / bs)] int32;
     context_lens [S] int32, each in [1, max_context_len] (host int: no device read). Blocks and
     slots past a sequence's context are never read. Returns [S, Hq, D] in q's dtype.
-    ``num_splits``: context partitions (None: ``num_splits_for``).
+    ``num_splits``: context partitions (None: ``num_splits_for``). ``seq_offset``: query row ``s``
+    reads row ``seq_offset + s`` of ``block_tables`` and ``context_lens`` (the decode rows after the
+    prefill chunks of a step, without slicing the tables).
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -170,7 +177,7 @@ def paged_decode(  # noqa: PLR0917
     assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
     assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the cache must share a dtype"
     assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
-    assert block_tables.shape[0] == num_seqs == context_lens.shape[0] and block_tables.stride(1) == 1
+    assert block_tables.shape[0] == seq_offset + num_seqs == context_lens.shape[0] and block_tables.stride(1) == 1
     assert block_tables.shape[1] * k_cache.shape[1] >= max_context_len >= 1
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)  # [S, Hq, D]
     if num_seqs == 0:
@@ -189,11 +196,12 @@ def paged_decode(  # noqa: PLR0917
     else:
         lse = out  # unused
         dst, o_strides, l_strides = out, (out.stride(0), 0, out.stride(1)), (0, 0)
-    paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
+    launch(paged_decode_kernel, (num_seqs, num_kv_heads, splits),
         q, q.stride(0), q.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables, block_tables.stride(0),
         context_lens,
+        seq_offset,
         dst, *o_strides,
         lse, *l_strides,
         scale * _LOG2E, window or 0, splits,
@@ -203,7 +211,7 @@ def paged_decode(  # noqa: PLR0917
         num_warps=4, num_stages=3,
     )  # fmt: skip
     if splits > 1:
-        paged_decode_combine_kernel[(num_seqs, num_heads)](
+        launch(paged_decode_combine_kernel, (num_seqs, num_heads),
             parts, *parts.stride()[:3],
             lse, *lse.stride()[:2],
             out, out.stride(0), out.stride(1),

@@ -17,6 +17,7 @@ import os
 import torch
 import triton
 
+from .launch import launch
 from .meta import SMLMMeta
 from .smlm_jit import expand_kernel, grad_kernel, shrink_kernel
 from .weights import ModuleLoRA
@@ -60,7 +61,7 @@ def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: Module
     # Split K across programs when the blocks alone cannot fill the GPU (decode): each slot's
     # A tile is still read once per block, just by several programs.
     split_k = max(1, min(triton.cdiv(4 * _num_sms(x.device), num_blocks), triton.cdiv(k, 2 * block_k)))
-    shrink_kernel[(num_blocks, split_k)](
+    launch(shrink_kernel, (num_blocks, split_k),
         x, x.stride(0), x.stride(1),
         w, w.stride(0), w.stride(1), w.stride(2),
         v, v.stride(0),
@@ -79,7 +80,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
     block_m = _block_m(max_rows)
     block_n = 128 if INTERPRET or block_m >= 32 else 256
     grid = (num_blocks, triton.cdiv(n, block_n))
-    expand_kernel[grid](
+    launch(expand_kernel, grid,
         y, y.stride(0), y.stride(1),
         v, v.stride(0),
         w, w.stride(0), w.stride(1), w.stride(2),
@@ -98,7 +99,7 @@ def _grad_into(grad: torch.Tensor, left: torch.Tensor, x: torch.Tensor, lora: Mo
     assert grad.stride(2) == 1 and grad.dtype == torch.float32
     block_n = 128
     grid = (meta.num_grad_blocks, triton.cdiv(n, block_n))
-    grad_kernel[grid](
+    launch(grad_kernel, grid,
         grad, grad.stride(0), grad.stride(1),
         left, left.stride(0),
         x, x.stride(0), x.stride(1),

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from loquetier.models import BatchBuilder, ModelConfig, chunked_cross_entropy, weighted_loss
-from loquetier.models.attention import attend_ref, paged_attention, varlen_attention, write_kv
+from loquetier.models.attention import (
+    _prefill_part,
+    attend_ref,
+    paged_attention,
+    paged_packed,
+    varlen_attention,
+    write_kv,
+)
 
 
 def test_chunked_cross_entropy_matches_full() -> None:
@@ -71,6 +78,32 @@ def test_paged_sdpa_matches_reference_and_contiguous(window: int | None) -> None
     pos_a, pos_b = torch.arange(11), torch.arange(10)
     torch.testing.assert_close(ref[:5], attend_ref(q[:5], ka, va, pos_a[6:], pos_a, 0.25, window))
     torch.testing.assert_close(ref[5:], attend_ref(q[5:], kb, vb, pos_b[9:], pos_b, 0.25, window))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_prefill_keys_match_the_paged_reference(window: int | None) -> None:
+    """The packed-key path (FlashAttention's input on GPUs) reads exactly each chunk's context, in
+    order, out of scattered pages; decode rows after the chunks are left out of the packing."""
+    bs, nb = 4, 16
+    gen = torch.Generator().manual_seed(7)
+    kc, vc = torch.randn(nb, bs, 2, 8, generator=gen), torch.randn(nb, bs, 2, 8, generator=gen)
+    b = BatchBuilder(bs)
+    b.add_prefill("a", [1] * 5, 6, [7, 2, 9])  # keys 0..10 over three pages
+    b.add_prefill("b", [1] * 3, 0, [12])  # a first chunk: keys 0..2
+    b.add_prefill("c", [1] * 2, 13, [3, 14, 5, 1])  # a late chunk: keys 0..14
+    b.add_decode("d", 1, 9, [0, 11, 4])
+    batch = b.build()
+    assert batch.paged.prefill_cu_keys is not None and batch.paged.prefill_cu_keys.tolist() == [0, 11, 14, 29]
+    expect = [t[p // bs] * bs + p % bs for t, n in (([7, 2, 9], 11), ([12], 3), ([3, 14, 5, 1], 15))
+              for p in range(n)]
+    assert batch.paged.prefill_key_slots is not None and batch.paged.prefill_key_slots.tolist() == expect
+    q = torch.randn(11, 4, 8, generator=gen)
+    ref = paged_attention(q, kc, vc, batch.paged, 0.3, window=window, impl="reference")
+    pre = _prefill_part(batch.paged, 3)
+    got = paged_packed(q[:10], kc, vc, pre, 0.3, window, impl="reference")
+    torch.testing.assert_close(got, ref[:10], rtol=1e-5, atol=1e-5)
+    only_decode = BatchBuilder(bs).add_decode("d", 1, 9, [0, 11, 4]).build()
+    assert only_decode.paged.prefill_key_slots is None  # nothing packed without prefill chunks
 
 
 def test_batch_layout_and_labels() -> None:

@@ -151,6 +151,9 @@ class SchedulerConfig:
     # With decode_graphs: keep at least this many decode-only steps in the step model's window (a
     # step now and then skips optional training), so mixed_s stays identifiable from const_s.
     min_decode_only_samples: int = 8
+    # A step that would otherwise be decode-only takes training only for at least this many times the
+    # fixed prices the training triggers (mixed_s, train_step_s) in training work.
+    train_amortize: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -415,7 +418,7 @@ class Scheduler:
             if fixed > 0.0 and batch.decode_seqs:
                 raw, spare = spare, max(0.0, spare - fixed)
                 # the work must amortize the fixed prices, in time and in the tokens the step has left
-                if min(self.train_scale.value * spare, tokens_left * cost.train_token_s) < fixed:
+                if min(self.train_scale.value * spare, tokens_left * cost.train_token_s) < cfg.train_amortize * fixed:
                     spare = 0.0
                     if demands and self._train_probe_due(now):
                         # The fitted fixed price says no training step fits; it may be wrong (a slow

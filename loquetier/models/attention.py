@@ -208,11 +208,12 @@ def paged_attention(  # noqa: PLR0917
         q[pre_rows:].to(k_cache.dtype),  # [D, Hq, D], one row per decode sequence
         k_cache,
         v_cache,
-        meta.block_tables[num_pre:],
-        meta.context_lens[num_pre:],
+        meta.block_tables,
+        meta.context_lens,
         scale,
         max(meta.host_context_lens[num_pre:]),
         window,
+        seq_offset=num_pre,
     )
     dec = dec.to(q.dtype)
     if num_pre == 0:
@@ -235,6 +236,8 @@ def _prefill_part(meta: PagedMeta, num_pre: int) -> PagedMeta:
         host_q_lens=meta.host_q_lens[:num_pre],
         host_context_lens=meta.host_context_lens[:num_pre],
         host_block_tables=meta.host_block_tables[:num_pre],
+        prefill_key_slots=meta.prefill_key_slots,
+        prefill_cu_keys=meta.prefill_cu_keys,
     )
 
 
@@ -248,6 +251,8 @@ def _paged(  # noqa: PLR0917
     impl: str,
 ) -> torch.Tensor:
     """paged_attention over every query group with a resolved impl (reference, sdpa or flash)."""
+    if impl == "flash" and _has_packed_keys(meta):
+        return paged_packed(q, k_cache, v_cache, meta, scale, window, impl)
     if impl == "flash" and "block_table" in _varlen_attn()[1] and not _paged_flash_broken:
         try:
             return _flash(
@@ -279,6 +284,40 @@ def _paged(  # noqa: PLR0917
         k_pos = torch.arange(ctx, device=q.device)
         outs.append(attend_ref(q[start : start + q_len], ks, vs, k_pos[ctx - q_len :], k_pos, scale, window))
         start += q_len
+    return torch.cat(outs)
+
+
+def _has_packed_keys(meta: PagedMeta) -> bool:
+    """Whether ``meta``'s groups are exactly the prefill chunks whose keys the batch packed."""
+    return meta.prefill_key_slots is not None and meta.num_seqs == meta.num_prefill_seqs
+
+
+def paged_packed(  # noqa: PLR0917
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedMeta,
+    scale: float,
+    window: int | None,
+    impl: str = "flash",
+) -> torch.Tensor:
+    """Prefill chunks over their context: gather each chunk's keys out of the paged cache into one
+    packed varlen layout (``meta.prefill_key_slots``, one index_select per cache), then causal varlen
+    attention with bottom-right alignment (a chunk's rows are the last ``q_len`` of its keys). With
+    ``impl="flash"`` one FlashAttention launch; otherwise ``attend_ref`` per chunk (the check on CPU).
+    No host sync and no per-shape plan: a served step never waits on a backend's first build."""
+    assert meta.prefill_key_slots is not None and meta.prefill_cu_keys is not None
+    kf = k_cache.flatten(0, 1).index_select(0, meta.prefill_key_slots)  # [sum ctx, Hkv, D]
+    vf = v_cache.flatten(0, 1).index_select(0, meta.prefill_key_slots)
+    if impl == "flash":
+        return _flash(q, kf, vf, meta.q_cu_seqlens, meta.prefill_cu_keys, meta.max_q_len, meta.max_context_len,
+                      scale, window)
+    outs, q0, k0 = [], 0, 0
+    for q_len, ctx in zip(meta.host_q_lens, meta.host_context_lens, strict=True):
+        k_pos = torch.arange(ctx, device=q.device)
+        outs.append(attend_ref(q[q0 : q0 + q_len], kf[k0 : k0 + ctx], vf[k0 : k0 + ctx], k_pos[ctx - q_len :],
+                               k_pos, scale, window))
+        q0, k0 = q0 + q_len, k0 + ctx
     return torch.cat(outs)
 
 

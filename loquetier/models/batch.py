@@ -58,6 +58,11 @@ class PagedMeta:
     host_q_lens: tuple[int, ...]
     host_context_lens: tuple[int, ...]
     host_block_tables: tuple[tuple[int, ...], ...]
+    # The keys of the prefill chunks (the first ``num_prefill_seqs`` groups), packed: flat cache slots
+    # of keys [0, context_len) of each chunk in order, and their offsets. FlashAttention then reads
+    # them as contiguous varlen keys (its paged mode does not take every page size). None: not built.
+    prefill_key_slots: torch.Tensor | None = None  # [sum of the chunks' context_lens] int64
+    prefill_cu_keys: torch.Tensor | None = None  # [num_prefill_seqs + 1] int32
 
     @property
     def num_seqs(self) -> int:
@@ -212,6 +217,13 @@ class BatchBuilder:
         width = max((len(t) for t in tables), default=0)
         table_t = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         cu_q = torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32)
+        num_pre = len(self._prefill)
+        key_slots = cu_keys = None
+        if num_pre:
+            pre = zip(tables[:num_pre], ctx_lens[:num_pre], strict=True)
+            keys_ = [table[t // bs] * bs + t % bs for table, ctx in pre for t in range(ctx)]
+            key_slots = torch.tensor(keys_, dtype=torch.int64, device=dev)
+            cu_keys = torch.tensor([0, *_cumsum(ctx_lens[:num_pre])], dtype=torch.int32, device=dev)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
@@ -233,6 +245,8 @@ class BatchBuilder:
                 host_q_lens=tuple(q_lens),
                 host_context_lens=tuple(ctx_lens),
                 host_block_tables=tuple(tables),
+                prefill_key_slots=key_slots,
+                prefill_cu_keys=cu_keys,
             ),
             labels=torch.tensor(labels, dtype=torch.int64, device=dev),
             loss_groups=torch.tensor(groups, dtype=torch.int64, device=dev),

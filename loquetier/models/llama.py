@@ -118,6 +118,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, h_t: torch.Tensor, h_r: torch.Tensor, st: _Step, meta: SMLMMeta
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if h_t.shape[0] == 0:  # no training rows (every inference step): none of their ~20 empty ops
+            with torch.no_grad():
+                return h_t, self._forward_rest(h_t, h_r, st, meta)
         eps = self.cfg.rms_norm_eps
         x_t = rms_norm(h_t, self.input_norm, eps)
         with torch.no_grad():
@@ -144,6 +147,24 @@ class DecoderLayer(nn.Module):
         with torch.no_grad():
             h_r = h_r + d_r
         return h_t + d_t, h_r
+
+    def _forward_rest(self, empty: torch.Tensor, h_r: torch.Tensor, st: _Step, meta: SMLMMeta) -> torch.Tensor:
+        """``forward``'s rest part alone (``empty``: the training part, zero rows), under no_grad."""
+        eps, f = self.cfg.rms_norm_eps, st.fused
+        x_r = f.rms_norm(h_r, self.input_norm, eps) if f else rms_norm(h_r, self.input_norm, eps)
+        qkv_r = lora_linear(empty, x_r, self.qkv_weight, self.qkv_bias, self.qkv_loras, meta)[1]
+        a_r = self._attn_rest(qkv_r, st)
+        o_r = lora_linear(empty, a_r, self.o_weight, self.o_bias, self.o_loras, meta)[1]
+        if f:
+            h_r, x_r = f.add_rms_norm(h_r, o_r, self.post_norm, eps)
+        else:
+            h_r = h_r + o_r
+            x_r = rms_norm(h_r, self.post_norm, eps)
+        gu_r = lora_linear(empty, x_r, self.gate_up_weight, self.gate_up_bias, self.gate_up_loras, meta)[1]
+        inter = self.cfg.intermediate_size
+        m_r = f.silu_mul(gu_r, inter) if f else F.silu(gu_r[:, :inter]) * gu_r[:, inter:]
+        d_r = lora_linear(empty, m_r, self.down_weight, self.down_bias, self.down_loras, meta)[1]
+        return h_r + d_r
 
     def _split(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
