@@ -50,7 +50,7 @@ run() {  # name, time limit (s), module, extra flags for this run
 gpu_tests() {  # the tests that only mean something on a GPU (no broker or database: no conftest)
     echo "== gpu-tests"
     timeout 200 "$PY" -m pytest --noconftest -q -p no:cacheprovider tests/test_graphs.py tests/test_fused.py \
-        tests/test_smlm.py tests/test_paged_attention.py >"$OUT_DIR/gpu_tests.log" 2>&1
+        tests/test_smlm.py tests/test_paged_attention.py tests/test_launch.py tests/test_model_parts.py >"$OUT_DIR/gpu_tests.log" 2>&1
     echo "   gpu-tests: rc=$?"; tail -n 5 "$OUT_DIR/gpu_tests.log"
 }
 

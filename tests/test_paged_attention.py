@@ -150,3 +150,16 @@ def test_model_decode_logits_triton_vs_reference(tmp_path, reference_smlm) -> No
         torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)
         for s, toks in tokens.items():
             bm.mark_computed(s, len(toks))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="FlashAttention needs CUDA")
+@pytest.mark.parametrize("window", [None, 24])
+def test_prefill_chunks_through_packed_keys_and_flash(window: int | None) -> None:
+    """bf16 on a GPU: prompt chunks (first, middle and late, over scattered pages) gather their keys
+    and attend through FlashAttention, decode rows through the kernel; one call against the fp32
+    reference. The poisoned slots would show if the gather read past a chunk's context."""
+    q, kc, vc, meta = _case([5, 33], 8, 2, 64, torch.bfloat16, prefill=[(3, 10), (16, 16), (40, 300)], seed=4)
+    assert meta.prefill_key_slots is not None
+    ref = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125, window=window, impl="reference")
+    got = paged_attention(q, kc, vc, meta, 0.125, window=window, impl="auto")
+    _check(got, ref.to(torch.bfloat16), torch.bfloat16)
