@@ -43,18 +43,19 @@ TRUE_COST = StepCost(
     kv_token_s=3e-8,
 )
 PRIOR = StepCost(*(2.0 * c for c in TRUE_COST.as_tuple()))
-# The Llama-3-8B shape on one H200 as the engine's step dumps fitted it (2026-11-29): decode-only and
-# small prompt steps replay CUDA graphs (~6 ms + rows); any other step runs eagerly at ~0.1 s more
-# (host-bound launches), and a training step pays ~0.08 s more for its backward and optimizers.
+# The Llama-3-8B shape on one H200 as the engine's step dumps fitted it (2026-11-29, after the eager-step
+# fixes): decode-only and small prompt steps replay CUDA graphs (~6 ms + rows); any other step runs
+# eagerly at ~0.07 s more (host-bound launches), and a training step pays ~0.12 s more for its backward
+# and optimizers, plus ~41 us per training token.
 H200_8B_COST = StepCost(
     const_s=6e-3,
     prefill_token_s=1.4e-5,
     decode_row_s=5e-5,
-    train_token_s=5.4e-5,
+    train_token_s=4.1e-5,
     eval_token_s=5e-5,
     kv_token_s=1e-6,
-    mixed_s=0.10,
-    train_step_s=0.08,
+    mixed_s=0.07,
+    train_step_s=0.12,
 )
 
 
@@ -327,7 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cost model and engine settings: a generic GPU, or the 8B shape on an H200 with graphs")
     ap.add_argument("--lookahead", type=int, default=0, help="scheduler tpot_lookahead")
     ap.add_argument("--amortize", type=float, default=1.0, help="scheduler train_amortize")
-    ap.add_argument("--mixed-s", type=float, default=0.10, help="h200-8b: the eager step's fixed price, s")
+    ap.add_argument("--mixed-s", type=float, default=0.07, help="h200-8b: the eager step's fixed price, s")
     ap.add_argument("--tpot-burst", type=float, default=1.0, help="scheduler tpot_burst (default profile)")
     ap.add_argument("--max-time", type=float, default=600.0, help="stop the simulation at this time")
     return ap.parse_args(argv)

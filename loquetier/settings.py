@@ -77,7 +77,7 @@ class EngineSettings(BaseModel):
     default_tpot_ms: PositiveFloat | None = None
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # decode-only steps replayed from CUDA graphs
     tpot_burst: float = Field(default=8.0, ge=1.0, le=100.0)  # mean-TPOT banking (EngineConfig.tpot_burst)
-    tpot_lookahead: int = Field(default=0, ge=0, le=4096)  # future tokens a long step may borrow against
+    tpot_lookahead: int = Field(default=16, ge=0, le=4096)  # future tokens a long step may borrow against
     prefill_coalesce_ms: float | None = Field(default=None, ge=0.0, le=60_000.0)  # None: engine's choice
 
 

@@ -100,8 +100,9 @@ def test_packed_prefill_keys_match_the_paged_reference(window: int | None) -> No
     q = torch.randn(11, 4, 8, generator=gen)
     ref = paged_attention(q, kc, vc, batch.paged, 0.3, window=window, impl="reference")
     pre = _prefill_part(batch.paged, 3)
-    got = paged_packed(q[:10], kc, vc, pre, 0.3, window, impl="reference")
-    torch.testing.assert_close(got, ref[:10], rtol=1e-5, atol=1e-5)
+    for impl in ("reference", "sdpa"):
+        got = paged_packed(q[:10], kc, vc, pre, 0.3, window, impl=impl)
+        torch.testing.assert_close(got, ref[:10], rtol=1e-5, atol=1e-5)
     only_decode = BatchBuilder(bs).add_decode("d", 1, 9, [0, 11, 4]).build()
     assert only_decode.paged.prefill_key_slots is None  # nothing packed without prefill chunks
 

@@ -726,7 +726,8 @@ def test_lookahead_never_borrows_past_max_tokens() -> None:
     assert sim.sched._decode_budget(long, now) == pytest.approx(0.060)  # prefill does not borrow
     # the long one borrows 16 tokens' worth: 17 targets minus 16 decode steps, capped at the burst
     assert sim.sched._decode_budget(long, now, 0.008) == pytest.approx(8 * 0.060)
-    assert sim.sched._decode_budget(long, now, 0.055) == pytest.approx(17 * 0.060 - 16 * 0.055)
+    # planned against tpot_headroom (0.9) of the target: 17 x 54 ms minus 16 decode steps
+    assert sim.sched._decode_budget(long, now, 0.045) == pytest.approx(17 * 0.060 * 0.9 - 16 * 0.045)
     with pytest.raises(ValueError):
         SchedulerConfig(tpot_lookahead=-1)
 
@@ -866,3 +867,27 @@ def test_a_training_probe_recovers_from_an_inflated_fixed_price() -> None:
     assert out[2.0][1] >= 0.97, out
     with pytest.raises(ValueError):
         SchedulerConfig(train_probe_s=-1.0)
+
+
+def test_a_prompt_tail_off_the_graphs_rides_in_a_training_step() -> None:
+    """Borrowing for training keeps long eager training steps coming beside the decoders. A prompt whose
+    tail reads too deep into its context for the graphs must run eagerly; it joins one of those training
+    steps (no eager price of its own, within that step's time) instead of waiting until its deadline is
+    near while training steps go by, which broke TTFT in the H200 replay's arithmetic."""
+    cost = StepCost(**{**vars(GRAPH_COST), "train_step_s": 0.12})
+    sim = _graph_sim(tpot_burst=8.0, tpot_lookahead=16, graph_max_rows=4096, graph_max_mean_context=256,
+                     prefill_coalesce_ms=100.0)
+    sim.cost = cost
+    sim.sched.add_job(FakeJob("train"))
+    _decoders(sim, 8, max_tokens=2000)
+    sim.run(60)
+    assert any(b.num_train_tokens and b.decode_seqs for b in sim.batches[-30:])  # training beside decoders
+    start = len(sim.batches)
+    late = sim.add("late", prompt_len=700, sampling=SamplingParams(max_tokens=8))
+    while late.first_token_time is None and sim.now < 30.0:
+        sim.step()
+    assert late.ttft_s is not None and late.ttft_s <= 1.0
+    chunks = [(b, c) for b in sim.batches[start:] for c in b.prefill_chunks if c.seq is late]
+    # the head (rows reading 256 keys each on average) replays a graph; what starts past it cannot
+    tail = [b for b, c in chunks if c.start >= 256]
+    assert tail and all(b.num_train_tokens > 0 for b in tail)

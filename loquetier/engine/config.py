@@ -40,8 +40,10 @@ class EngineConfig:
     tpot_burst: float = 8.0
     # With tpot_burst > 1, a sequence may also borrow against this many of its future tokens (at most
     # what max_tokens leaves), priced at the predicted decode-only step (scheduler ``tpot_lookahead``;
-    # 0 = spend only time already banked).
-    tpot_lookahead: int = 0
+    # 0 = spend only time already banked). This is what lets training run beside decoders at all while
+    # an eager training step costs several TPOT targets: without it, on the H200 with the 8B shape,
+    # training ran in probes only (9 % of its solo rate; docs/benchmarks/README.md).
+    tpot_lookahead: int = 16
     # Hold new prefills this long so arrivals are prefilled together and most steps stay decode-only
     # (scheduler ``prefill_coalesce_ms``); None = 100 ms when decode steps replay CUDA graphs, else 0.
     prefill_coalesce_ms: float | None = None

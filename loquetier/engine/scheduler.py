@@ -336,6 +336,14 @@ class Scheduler:
         if reserved:
             predicted += mixed_s + cost.train_step_s
         prefill_budget = tokens_left
+        # Whether this step will likely train beside its decode rows (borrowing with tpot_lookahead):
+        # it runs eagerly then, so a prompt tail that must run eagerly rides along at no extra fixed
+        # price, within the step's time, instead of waiting behind long training steps for its turn.
+        fixed_train = mixed_s + cost.train_step_s
+        ride_budget = train_budget if (
+            cfg.tpot_lookahead and demands and not probe_due and train_budget is not None
+            and self.train_scale.value * (train_budget * cfg.tpot_headroom - predicted - fixed_train)
+            >= cfg.train_amortize * fixed_train) else None
         hold_new = not mixed and self._hold_new_prefills(batch, now, tokens_left, cost, predicted + mixed_s)
         if hold_new and demands and time_budget is not None:
             # training will take this step off the graph path anyway: the held prompts join it
@@ -361,13 +369,16 @@ class Scheduler:
             if time_budget is not None:
                 extra = 0.0 if mixed or graph_room > 0 else mixed_s  # the eager price this chunk would add
                 spare = time_budget * cfg.tpot_headroom - predicted - extra
+                if ride_budget is not None and graph_room <= 0:  # an eager chunk in a training step
+                    spare = max(spare, ride_budget * cfg.tpot_headroom - predicted - fixed_train)
                 by_time = math.floor(max(0.0, spare) / max(cost.prefill_token_s, 1e-12))
                 if self._prefill_is_urgent(seq, now, cost, predicted + extra):
                     # its TTFT is at stake: up to the burst cap, even past what the decoders banked
                     cap = burst_cap * cfg.tpot_headroom - predicted - extra
                     by_time = max(by_time, math.floor(max(0.0, cap) / max(cost.prefill_token_s, 1e-12)),
                                   cfg.min_prefill_tokens_per_step)
-                elif cfg.decode_graphs and not mixed and graph_room <= 0 and by_time * cost.prefill_token_s < mixed_s:
+                elif (cfg.decode_graphs and not mixed and graph_room <= 0 and ride_budget is None
+                      and by_time * cost.prefill_token_s < mixed_s):
                     # a sliver of prefill would take the step off the graph path for little progress:
                     # decode-only steps bank time for one large prefill step instead
                     by_time = 0
@@ -619,7 +630,8 @@ class Scheduler:
 
     def _decode_budget(self, seq: Sequence, now: float, decode_s: float | None = None) -> float:
         """How long this step may last for ``seq``: one TPOT target, or with ``tpot_burst > 1`` the time
-        until its mean TPOT would exceed the target (time banked by earlier short steps, plus, given
+        until its mean TPOT would exceed ``tpot_headroom`` of the target (time banked by earlier short
+        steps, plus, given
         ``decode_s``, what its next ``tpot_lookahead`` tokens would repay at ``decode_s`` a step),
         clamped to [1, tpot_burst] targets."""
         tpot = _tpot_s(seq)
@@ -629,7 +641,10 @@ class Scheduler:
         # gaps must stay <= tpot
         ahead = 0 if decode_s is None else self._lookahead(seq)
         decode_s = decode_s or 0.0
-        banked = seq.first_token_time + (seq.num_output_tokens + ahead) * tpot - ahead * decode_s - now
+        # planned against the headroom's share of the target: steps are predicted, not known, and a
+        # mean planned to the target itself ends above it about half the time
+        mean = tpot * self.config.tpot_headroom
+        banked = seq.first_token_time + (seq.num_output_tokens + ahead) * mean - ahead * decode_s - now
         return min(max(banked, tpot), self.config.tpot_burst * tpot)
 
     def _train_probe_due(self, now: float) -> bool:

@@ -251,7 +251,7 @@ def _paged(  # noqa: PLR0917
     impl: str,
 ) -> torch.Tensor:
     """paged_attention over every query group with a resolved impl (reference, sdpa or flash)."""
-    if impl == "flash" and _has_packed_keys(meta):
+    if impl in ("flash", "sdpa") and _has_packed_keys(meta):
         return paged_packed(q, k_cache, v_cache, meta, scale, window, impl)
     if impl == "flash" and "block_table" in _varlen_attn()[1] and not _paged_flash_broken:
         try:
@@ -304,8 +304,10 @@ def paged_packed(  # noqa: PLR0917
     """Prefill chunks over their context: gather each chunk's keys out of the paged cache into one
     packed varlen layout (``meta.prefill_key_slots``, one index_select per cache), then causal varlen
     attention with bottom-right alignment (a chunk's rows are the last ``q_len`` of its keys). With
-    ``impl="flash"`` one FlashAttention launch; otherwise ``attend_ref`` per chunk (the check on CPU).
-    No host sync and no per-shape plan: a served step never waits on a backend's first build."""
+    ``impl="flash"`` one FlashAttention launch; ``"sdpa"`` one masked SDPA per chunk (fp32 on a GPU);
+    otherwise ``attend_ref`` per chunk. Only each chunk's own keys are read: cache slots past a context
+    (stale or never written) cannot reach the output, as they can through a padded gather. No host
+    sync and no per-shape plan: a served step never waits on a backend's first build."""
     assert meta.prefill_key_slots is not None and meta.prefill_cu_keys is not None
     kf = k_cache.flatten(0, 1).index_select(0, meta.prefill_key_slots)  # [sum ctx, Hkv, D]
     vf = v_cache.flatten(0, 1).index_select(0, meta.prefill_key_slots)
@@ -315,8 +317,14 @@ def paged_packed(  # noqa: PLR0917
     outs, q0, k0 = [], 0, 0
     for q_len, ctx in zip(meta.host_q_lens, meta.host_context_lens, strict=True):
         k_pos = torch.arange(ctx, device=q.device)
-        outs.append(attend_ref(q[q0 : q0 + q_len], kf[k0 : k0 + ctx], vf[k0 : k0 + ctx], k_pos[ctx - q_len :],
-                               k_pos, scale, window))
+        qs, ks, vs = q[q0 : q0 + q_len], kf[k0 : k0 + ctx], vf[k0 : k0 + ctx]
+        if impl == "sdpa":
+            mask = _visible(k_pos[ctx - q_len :], k_pos, window)
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                               attn_mask=mask, scale=scale, enable_gqa=True)
+            outs.append(o.transpose(0, 1))
+        else:
+            outs.append(attend_ref(qs, ks, vs, k_pos[ctx - q_len :], k_pos, scale, window))
         q0, k0 = q0 + q_len, k0 + ctx
     return torch.cat(outs)
 
