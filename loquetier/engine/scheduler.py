@@ -14,7 +14,9 @@ Each ``schedule(now)``:
    time: a young sequence, which has banked nothing yet, no longer caps every training step at one
    target while its remaining tokens would bring its mean back under it. A sequence that then stops
    early (EOS, a stop string) may end above its target. Prefill never borrows: under saturation,
-   borrowed prefill steps keep every sequence at its limit, where any later urgent step breaks it.
+   borrowed prefill steps keep every sequence at its limit, where any later urgent step breaks it;
+   but a prompt chunk that must run eagerly anyway rides in a step that will train, within that step's
+   time. Banked time is planned against ``tpot_headroom`` of the target, not the target itself.
 2. **Training floors** — each job with work keeps ``ceil(min_share * max_num_batched_tokens)``
    tokens (and jobs together at least ``min_train_tokens_per_step``), even under inference pressure.
 3. **Prefill** — running-but-prefilling and waiting sequences in order of weighted TTFT slack
