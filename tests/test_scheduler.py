@@ -891,3 +891,29 @@ def test_a_prompt_tail_off_the_graphs_rides_in_a_training_step() -> None:
     # the head (rows reading 256 keys each on average) replays a graph; what starts past it cannot
     tail = [b for b, c in chunks if c.start >= 256]
     assert tail and all(b.num_train_tokens > 0 for b in tail)
+
+
+def test_training_beside_decoders_when_no_step_can_amortize_its_fixed_price() -> None:
+    """A training step's fixed prices (eager forward, backward, optimizers) can exceed the most training
+    work any step carries: here 0.24 s against 4,096 tokens x 40 us = 0.16 s. Asking for work of at least
+    the fixed price then kept training out of every step with decoders (probes only: what the H200's
+    fit did to one replay while another, with a lower fit, trained steadily). The rule now asks for the
+    most a step can carry in that case; training runs beside the decoders, requests keep their SLO."""
+    cost = StepCost(**{**vars(GRAPH_COST), "train_token_s": 4e-5, "train_step_s": 0.2})
+    sim = _graph_sim(tpot_burst=8.0, tpot_lookahead=16, graph_max_rows=4096)
+    sim.cost = cost
+    sim.sched.step_model = StepTimeModel(cost, window=sim.sched.config.step_model_window)  # a settled fit
+    sim.sched.add_job(FakeJob("train"))
+    seqs, next_at = [], 0.0
+    while sim.now < 8.0:
+        while next_at <= sim.now:
+            seqs.append(sim.add(f"r{len(seqs)}", prompt_len=96, sampling=SamplingParams(max_tokens=100)))
+            next_at += 0.1
+        sim.step()
+    beside = [b for b in sim.batches if b.num_train_tokens and b.decode_seqs]
+    assert len(beside) > 8.0 / sim.sched.config.train_probe_s + 4  # more than the probes
+    assert sim.sched.metrics.train_tokens_by_job["train"] / sim.now > 0.3 / cost.train_token_s * 0.5
+    while not all(s.is_finished for s in seqs) and sim.now < 30.0:
+        sim.step()
+    assert all(s.mean_tpot_s is not None and s.mean_tpot_s <= 0.060 for s in seqs)
+    assert all(s.ttft_s is not None and s.ttft_s <= 1.0 for s in seqs)

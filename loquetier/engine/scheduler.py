@@ -344,8 +344,8 @@ class Scheduler:
         fixed_train = mixed_s + cost.train_step_s
         ride_budget = train_budget if (
             cfg.tpot_lookahead and demands and not probe_due and train_budget is not None
-            and self.train_scale.value * (train_budget * cfg.tpot_headroom - predicted - fixed_train)
-            >= cfg.train_amortize * fixed_train) else None
+            and self._train_pays(self.train_scale.value * (train_budget * cfg.tpot_headroom - predicted - fixed_train),
+                                 fixed_train, predicted, burst_cap, batch.num_decode_rows, cost)) else None
         hold_new = not mixed and self._hold_new_prefills(batch, now, tokens_left, cost, predicted + mixed_s)
         if hold_new and demands and time_budget is not None:
             # training will take this step off the graph path anyway: the held prompts join it
@@ -430,8 +430,13 @@ class Scheduler:
             fixed = (0.0 if mixed else mixed_s) + (0.0 if reserved else cost.train_step_s)
             if fixed > 0.0 and batch.decode_seqs:
                 raw, spare = spare, max(0.0, spare - fixed)
-                # the work must amortize the fixed prices, in time and in the tokens the step has left
-                if min(self.train_scale.value * spare, tokens_left * cost.train_token_s) < cfg.train_amortize * fixed:
+                # The work must amortize the fixed prices, in time and in the tokens the step has left,
+                # or be the most any step can carry: the burst cap bounds the time and the step's
+                # token ceiling the tokens, so a fixed price above that work (a slow host, or a fit
+                # that put part of the per-token price into it) would otherwise keep training out of
+                # every step with decoders for good.
+                work = min(self.train_scale.value * spare, tokens_left * cost.train_token_s)
+                if not self._train_pays(work, fixed, predicted, burst_cap, batch.num_decode_rows, cost):
                     spare = 0.0
                     if demands and self._train_probe_due(now):
                         # The fitted fixed price says no training step fits; it may be wrong (a slow
@@ -648,6 +653,16 @@ class Scheduler:
         mean = tpot * self.config.tpot_headroom
         banked = seq.first_token_time + (seq.num_output_tokens + ahead) * mean - ahead * decode_s - now
         return min(max(banked, tpot), self.config.tpot_burst * tpot)
+
+    def _train_pays(self, work: float, fixed: float, predicted: float, burst_cap: float,  # noqa: PLR0917
+                    decode_rows: int, cost: StepCost) -> bool:
+        """Whether ``work`` seconds of training are worth the ``fixed`` prices they trigger in a step
+        with decode rows: at least ``train_amortize`` times those prices, or the most any such step can
+        carry (the burst cap bounds its time, the token ceiling its tokens), whichever is less."""
+        cfg = self.config
+        best = min(max(0.0, burst_cap * cfg.tpot_headroom - predicted - fixed),
+                   (cfg.max_num_batched_tokens - decode_rows) * cost.train_token_s)
+        return work > 0.0 and work >= cfg.train_amortize * min(fixed, best)
 
     def _train_probe_due(self, now: float) -> bool:
         """Whether training has waited ``train_probe_s`` for a step the step model says cannot fit."""
