@@ -41,7 +41,8 @@ Each ``schedule(now)``:
    requests wait un-admitted (no sequence slot, KV or adapter slot), training keeps only its floors:
    longer steps would only delay the backlog. A step that would otherwise be decode-only takes
    training only when the training time it can get is at least the fixed prices it triggers
-   (``mixed_s``, ``train_step_s``). When that rule has kept training out for ``train_probe_s``, one
+   (``mixed_s``, ``train_step_s``), or the most any step can carry when that is less (``_train_pays``:
+   the burst cap bounds a step's time, the token ceiling its tokens). When that rule has kept training out for ``train_probe_s``, one
    step trains anyway on fewer tokens than usual: a fixed price inflated by one slow step would
    otherwise never be measured again.
 
