@@ -730,6 +730,8 @@ def test_lookahead_never_borrows_past_max_tokens() -> None:
     assert sim.sched._decode_budget(long, now, 0.045) == pytest.approx(17 * 0.060 * 0.9 - 16 * 0.045)
     with pytest.raises(ValueError):
         SchedulerConfig(tpot_lookahead=-1)
+    with pytest.raises(ValueError):
+        SchedulerConfig(train_amortize=0.0)
 
 
 def test_step_model_shrugs_off_a_one_off_slow_step() -> None:

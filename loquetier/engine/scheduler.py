@@ -41,10 +41,10 @@ Each ``schedule(now)``:
    requests wait un-admitted (no sequence slot, KV or adapter slot), training keeps only its floors:
    longer steps would only delay the backlog. A step that would otherwise be decode-only takes
    training only when the training time it can get is at least the fixed prices it triggers
-   (``mixed_s``, ``train_step_s``), or the most any step can carry when that is less (``_train_pays``:
-   the burst cap bounds a step's time, the token ceiling its tokens). When that rule has kept training out for ``train_probe_s``, one
-   step trains anyway on fewer tokens than usual: a fixed price inflated by one slow step would
-   otherwise never be measured again.
+   (``mixed_s``, ``train_step_s``), or the most any step can carry when that is less
+   (``_train_pays``: the burst cap bounds a step's time, the token ceiling its tokens). When that
+   rule has kept training out for ``train_probe_s``, one step trains anyway on fewer tokens than
+   usual: a fixed price inflated by one slow step would otherwise never be measured again.
 
 ``postprocess(batch, result)`` feeds the measured step time to the step model, advances sequences,
 records SLO events, finishes sequences (EOS / stop ids / max_tokens) and runs the AIMD update.
@@ -155,7 +155,8 @@ class SchedulerConfig:
     # step now and then skips optional training), so mixed_s stays identifiable from const_s.
     min_decode_only_samples: int = 8
     # A step that would otherwise be decode-only takes training only for at least this many times the
-    # fixed prices the training triggers (mixed_s, train_step_s) in training work.
+    # fixed prices the training triggers (mixed_s, train_step_s) in training work, or this many times
+    # the most training work any step can carry, when that is less.
     train_amortize: float = 1.0
 
     def __post_init__(self) -> None:
@@ -185,6 +186,8 @@ class SchedulerConfig:
             raise ValueError("train_probe_s must be in [0, 3600]")
         if not 0 <= self.tpot_lookahead <= 4096:
             raise ValueError("tpot_lookahead must be in [0, 4096]")
+        if not 0.0 < self.train_amortize <= 100.0:
+            raise ValueError("train_amortize must be in (0, 100]")
         if not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:
             raise ValueError("prefill_coalesce_ms must be in [0, 60000]")
         if not 0 <= self.min_decode_only_samples < self.step_model_window:
@@ -343,10 +346,11 @@ class Scheduler:
         # it runs eagerly then, so a prompt tail that must run eagerly rides along at no extra fixed
         # price, within the step's time, instead of waiting behind long training steps for its turn.
         fixed_train = mixed_s + cost.train_step_s
-        ride_budget = train_budget if (
-            cfg.tpot_lookahead and demands and not probe_due and train_budget is not None
-            and self._train_pays(self.train_scale.value * (train_budget * cfg.tpot_headroom - predicted - fixed_train),
-                                 fixed_train, predicted, burst_cap, batch.num_decode_rows, cost)) else None
+        ride_budget: float | None = None
+        if cfg.tpot_lookahead and demands and not probe_due and train_budget is not None:
+            work = self.train_scale.value * (train_budget * cfg.tpot_headroom - predicted - fixed_train)
+            if self._train_pays(work, fixed_train, predicted, burst_cap, batch.num_decode_rows, cost):
+                ride_budget = train_budget
         hold_new = not mixed and self._hold_new_prefills(batch, now, tokens_left, cost, predicted + mixed_s)
         if hold_new and demands and time_budget is not None:
             # training will take this step off the graph path anyway: the held prompts join it
@@ -639,9 +643,8 @@ class Scheduler:
     def _decode_budget(self, seq: Sequence, now: float, decode_s: float | None = None) -> float:
         """How long this step may last for ``seq``: one TPOT target, or with ``tpot_burst > 1`` the time
         until its mean TPOT would exceed ``tpot_headroom`` of the target (time banked by earlier short
-        steps, plus, given
-        ``decode_s``, what its next ``tpot_lookahead`` tokens would repay at ``decode_s`` a step),
-        clamped to [1, tpot_burst] targets."""
+        steps, plus, given ``decode_s``, what its next ``tpot_lookahead`` tokens would repay at
+        ``decode_s`` a step), clamped to [1, tpot_burst] targets."""
         tpot = _tpot_s(seq)
         if self.config.tpot_burst <= 1.0 or seq.first_token_time is None:
             return tpot
