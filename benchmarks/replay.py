@@ -74,17 +74,24 @@ class EngineRun:
     step_times_s: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
-    # per step: (wall s, decode rows, prefill tokens, training + eval tokens, Triton kernels built)
-    steps: list[tuple[float, int, int, int, str]] = field(default_factory=list)
-    step_records: list[dict[str, Any]] = field(default_factory=list)  # StepRecord fields, wall_s, built
+    # per step: the scheduler's StepRecord fields, the replay's wall time (wall_s) and the Triton
+    # kernels the step built (built, comma-separated)
+    step_records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list[tuple[float, int, int, int, str]]:
+        """Per step: (wall s, decode rows, prefill tokens, training + eval tokens, kernels built)."""
+        return [(r["wall_s"], r["num_decode_rows"], r["num_prefill_tokens"],
+                 r["num_train_tokens"] + r["num_eval_tokens"], r["built"]) for r in self.step_records]
 
     def step_mix(self) -> dict[str, Any]:
         """Decode-only, prefill (no training) and training steps: count, total and median wall time,
         mean rows; the slowest steps with what they carried and the steps that built kernels."""
         out: dict[str, Any] = {}
-        for name, rows in (("decode_only", [s for s in self.steps if not s[2] and not s[3]]),
-                           ("prefill", [s for s in self.steps if s[2] and not s[3]]),
-                           ("training", [s for s in self.steps if s[3]])):
+        steps = self.steps
+        for name, rows in (("decode_only", [s for s in steps if not s[2] and not s[3]]),
+                           ("prefill", [s for s in steps if s[2] and not s[3]]),
+                           ("training", [s for s in steps if s[3]])):
             if rows:
                 times = sorted(r[0] for r in rows)
                 out[name] = {"steps": len(rows), "total_s": round(sum(times), 3),
@@ -92,9 +99,9 @@ class EngineRun:
                              "mean_decode_rows": round(sum(r[1] for r in rows) / len(rows), 1),
                              "mean_prefill_tokens": round(sum(r[2] for r in rows) / len(rows), 1),
                              "mean_train_tokens": round(sum(r[3] for r in rows) / len(rows), 1)}
-        slow = sorted(self.steps, reverse=True)[:6]
+        slow = sorted(steps, reverse=True)[:6]
         out["slowest"] = [[round(s[0] * 1e3, 1), *s[1:]] for s in slow]
-        built = [s for s in self.steps if s[4]]
+        built = [s for s in steps if s[4]]
         out["steps_with_kernel_builds"] = {"steps": len(built), "total_s": round(sum(s[0] for s in built), 3)}
         return out
 
@@ -236,10 +243,8 @@ def replay_engine(
         run.step_times_s.append(time.perf_counter() - t0)
         last = engine.scheduler.metrics.last_step
         if last is not None:
-            run.steps.append((run.step_times_s[-1], last.num_decode_rows, last.num_prefill_tokens,
-                              last.num_train_tokens + last.num_eval_tokens, builds.take()))
             run.step_records.append({**dataclasses.asdict(last), "wall_s": run.step_times_s[-1],
-                                     "built": run.steps[-1][4]})
+                                     "built": builds.take()})
         for ev in events:
             if isinstance(ev, TokenEvent):
                 if ev.request_id in token_times:
@@ -297,7 +302,7 @@ def replay_engine(
         Path(dump).mkdir(parents=True, exist_ok=True)
         with open(Path(dump) / f"steps_{slug}.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in run.step_records)
-    if run.steps:
+    if run.step_records:
         log(f"[{label}] step mix: {run.step_mix()}")
         log(f"[{label}] fitted step cost: {run.stats.get('step_cost')}")
     served = sum(r.num_output_tokens for r in run.records)
