@@ -22,9 +22,13 @@ LoRAPart = tuple[ModuleLoRA, int]  # (module storage, column offset in a fused o
 
 
 class _Backend:
-    def __init__(self, shrink: Callable[..., torch.Tensor], expand: Callable[..., None],
-                 backward: Callable[..., torch.Tensor], name: str) -> None:
+    def __init__(self, shrink: Callable[..., torch.Tensor], expand: Callable[..., None],  # noqa: PLR0917
+                 backward: Callable[..., torch.Tensor], name: str,
+                 parts: tuple[Callable[..., bool], Callable[..., torch.Tensor], Callable[..., None]] | None = None,
+                 ) -> None:
         self.shrink, self.expand, self.backward, self.name = shrink, expand, backward, name
+        # (parts_fit, shrink_parts, expand_parts): the parts of a fused module in one launch each
+        self.parts = parts
 
 
 _REFERENCE = _Backend(reference.shrink_ref, reference.expand_ref, reference.backward_ref, "reference")
@@ -36,7 +40,8 @@ def _triton_backend() -> _Backend | None:
         from . import smlm
     except ImportError:
         return None
-    return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton")
+    return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton",
+                    parts=(smlm.parts_fit, smlm.shrink_parts, smlm.expand_parts))
 
 
 def backend_for(device: torch.device) -> _Backend:
@@ -66,6 +71,12 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  
     y = F.linear(x, weight, bias)  # [T, out_total]
     vs: list[torch.Tensor] = []
     if meta is not None and meta.num_segments:
+        if backend.parts is not None and len(loras) > 1 and backend.parts[0]([lo for lo, _ in loras]):
+            _, shrink_parts, expand_parts = backend.parts
+            v_all = shrink_parts(x, [lo for lo, _ in loras], meta)  # [T, P * max_rank] fp32, one launch
+            expand_parts(y, v_all, loras, meta)
+            r = loras[0][0].max_rank
+            return y, [v_all[:, p * r : (p + 1) * r] for p in range(len(loras))]
         for lora, offset in loras:
             v = backend.shrink(x, lora, meta)  # [T, max_rank] fp32
             backend.expand(y, v, lora, meta, offset)

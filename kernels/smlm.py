@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
 
 from .launch import launch
 from .meta import SMLMMeta
-from .smlm_jit import expand_kernel, grad_kernel, shrink_kernel
+from .smlm_jit import expand_kernel, expand_parts_kernel, grad_kernel, shrink_kernel, shrink_parts_kernel
 from .weights import ModuleLoRA
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -130,6 +131,92 @@ def expand(y: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta, o
     if meta.num_blocks:
         _expand_into(y.narrow(1, out_offset, out), v, lora.b, lora, blocks=meta.blocks,
                      num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True)
+
+
+MAX_PARTS = 3  # q | k | v
+
+
+def parts_fit(loras: Sequence[ModuleLoRA]) -> bool:
+    """Whether ``loras`` (the parts of one fused module) can share one ``shrink_parts`` launch: 2 or 3
+    parts, one dtype, one rank capacity, and A tensors of one shape and layout."""
+    first = loras[0]
+    return 2 <= len(loras) <= MAX_PARTS and all(
+        lo.a.shape == first.a.shape and lo.a.stride() == first.a.stride() and lo.a.dtype == first.a.dtype
+        and lo.b.dtype == first.a.dtype and lo.b.shape[:2] == first.b.shape[:2] for lo in loras)
+
+
+def _padded(items: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [*items, *[items[0]] * (MAX_PARTS - len(items))]
+
+
+def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -> torch.Tensor:
+    """``shrink`` of every part of a fused module in one launch. Semantics::
+
+        v = cat([shrink(x, lora, meta) for lora in loras], dim=1)   # [T, P * max_rank] fp32
+
+    (``parts_fit(loras)`` must hold.)"""
+    assert parts_fit(loras)
+    first, num = loras[0], len(loras)
+    for lora in loras:
+        _check(lora, x, first.in_features)
+    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
+    r = first.max_rank
+    v = torch.zeros(x.shape[0], num * r, dtype=torch.float32, device=x.device)
+    if not meta.num_blocks:
+        return v
+    k = x.shape[1]
+    block_m, block_r = _block_m(meta.max_seg_len), _block_r(r)
+    block_k = 128 if block_m * block_r <= 64 * 64 else 64
+    programs = meta.num_blocks * num
+    split_k = max(1, min(triton.cdiv(4 * _num_sms(x.device), programs), triton.cdiv(k, 2 * block_k)))
+    a0, a1, a2 = _padded([lo.a for lo in loras])
+    r0, r1, r2 = _padded([lo.ranks for lo in loras])
+    launch(shrink_parts_kernel, (meta.num_blocks, split_k, num),
+        x, x.stride(0), x.stride(1),
+        a0, a1, a2, a0.stride(0), a0.stride(1), a0.stride(2),
+        v, v.stride(0), r,
+        r0, r1, r2, meta.blocks,
+        k, split_k,
+        ATOMIC=split_k > 1,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=4, num_stages=3, **_dot_kwargs(a0),
+    )  # fmt: skip
+    return v
+
+
+def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta) -> None:
+    """``expand`` of every part of a fused module in one launch, in place. Semantics::
+
+        for p, (lora, offset) in enumerate(parts):
+            expand(y, v[:, p * R : (p + 1) * R], lora, meta, offset)   # R = max_rank
+
+    ``v``: [T, P * R] fp32 (``shrink_parts``'s output); ``parts_fit`` must hold for the parts."""
+    loras = [lo for lo, _ in parts]
+    assert parts_fit(loras)
+    num, r = len(parts), loras[0].max_rank
+    assert y.dim() == 2 and v.dtype == torch.float32 and v.shape == (y.shape[0], num * r) and v.stride(1) == 1
+    for lora, offset in parts:
+        assert 0 <= offset and offset + lora.out_features <= y.shape[1] and lora.b.stride(2) == 1
+    if not meta.num_blocks:
+        return
+    block_m = _block_m(meta.max_seg_len)
+    block_n = 128 if INTERPRET or block_m >= 32 else 256
+    grid = (meta.num_blocks, triton.cdiv(max(lo.out_features for lo in loras), block_n), num)
+    b0, b1, b2 = _padded([lo.b for lo in loras])
+    n0, n1, n2 = [*[lo.out_features for lo in loras], *[0] * (MAX_PARTS - num)]
+    o0, o1, o2 = [*[off for _, off in parts], *[0] * (MAX_PARTS - num)]
+    r0, r1, r2 = _padded([lo.ranks for lo in loras])
+    s0, s1, s2 = _padded([lo.scales for lo in loras])
+    launch(expand_parts_kernel, grid,
+        y, y.stride(0), y.stride(1),
+        v, v.stride(0), r,
+        b0, b1, b2,
+        b0.stride(0), b1.stride(0), b2.stride(0), b0.stride(1), b1.stride(1), b2.stride(1), b0.stride(2),
+        n0, n1, n2, o0, o1, o2,
+        r0, r1, r2, s0, s1, s2, meta.blocks,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
+        num_warps=4, num_stages=2, **_dot_kwargs(b0),
+    )  # fmt: skip
 
 
 def _check_train_slots(lora: ModuleLoRA, meta: SMLMMeta) -> None:

@@ -151,3 +151,128 @@ def grad_kernel(  # noqa: PLR0917
             acc = acc * tl.load(scales_ptr + slot)
         g_tile = grad_ptr + slot.to(tl.int64) * stride_gs + offs_r[:, None] * stride_gr + offs_n[None, :]
         tl.atomic_add(g_tile, acc, mask=r_mask[:, None] & n_mask[None, :], sem="relaxed")
+
+
+# The fused modules (q|k|v, gate|up) in one launch each: program axis 2 picks the part. Up to three
+# parts; a missing part repeats part 0's pointers and gets no programs (the grid's third axis).
+@triton.jit(do_not_specialize=["split_k"])
+def shrink_parts_kernel(  # noqa: PLR0917
+    x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input
+    w0_ptr, w1_ptr, w2_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] each part's a (one shape)
+    v_ptr, stride_vm, part_cols,  # [T, P * R] fp32, zero-initialised; part p in columns [p * part_cols, ...)
+    r0_ptr, r1_ptr, r2_ptr, blocks_ptr,
+    K, split_k,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """v[rows, p*R : p*R + r_p] (+)= x[rows] @ w_p[slot, :r_p].T for one block, one K split, part p."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    part = tl.program_id(2)
+    w_ptr = w0_ptr
+    ranks_ptr = r0_ptr
+    if part == 1:
+        w_ptr = w1_ptr
+        ranks_ptr = r1_ptr
+    if part == 2:
+        w_ptr = w2_ptr
+        ranks_ptr = r2_ptr
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    row_end = tl.where(r > 0, row_end, row_start)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + slot.to(tl.int64) * stride_ws + offs_r[:, None] * stride_wr  # [BLOCK_R, 1]
+    r_mask = offs_r < r
+    v_cols = v_ptr + part * part_cols + offs_r[None, :]
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < k_hi
+            xt = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_rows + ks[None, :] * stride_wk, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = _dot(xt, tl.trans(wt), acc, UPCAST, IEEE)
+        v_tile = v_cols + offs_m.to(tl.int64)[:, None] * stride_vm
+        v_mask = m_mask[:, None] & r_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(v_tile, acc, mask=v_mask, sem="relaxed")
+        else:
+            tl.store(v_tile, acc, mask=v_mask)
+
+
+@triton.jit
+def expand_parts_kernel(  # noqa: PLR0917
+    y_ptr, stride_ym, stride_yn,  # [T, N_total] the base output (any strides), in place
+    v_ptr, stride_vm, part_cols,  # [T, P * R] fp32, part p in columns [p * part_cols, ...)
+    w0_ptr, w1_ptr, w2_ptr,  # [S, R, N_p] each part's b
+    ws0, ws1, ws2, wr0, wr1, wr2, stride_wn,  # per part: slot and rank strides; column stride (shared)
+    n0, n1, n2, off0, off1, off2,  # per part: output width and first column in y
+    r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr, blocks_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """y[rows, off_p + cols] += scale_p[slot] * v[rows, p*R : p*R + r_p] @ w_p[slot, :r_p, cols]."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    part = tl.program_id(2)
+    w_ptr = w0_ptr
+    stride_ws = ws0
+    stride_wr = wr0
+    N = n0
+    col0 = off0
+    ranks_ptr = r0_ptr
+    scales_ptr = s0_ptr
+    if part == 1:
+        w_ptr = w1_ptr
+        stride_ws = ws1
+        stride_wr = wr1
+        N = n1
+        col0 = off1
+        ranks_ptr = r1_ptr
+        scales_ptr = s1_ptr
+    if part == 2:
+        w_ptr = w2_ptr
+        stride_ws = ws2
+        stride_wr = wr2
+        N = n2
+        col0 = off2
+        ranks_ptr = r2_ptr
+        scales_ptr = s2_ptr
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    # rank 0, or a column tile past this part's width (the grid is sized for the widest part)
+    row_end = tl.where((r > 0) & (pid_n * BLOCK_N < N), row_end, row_start)
+    scale = tl.load(scales_ptr + slot)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    w_base = w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + part * part_cols
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, r, BLOCK_R):
+            rs = r0 + offs_r
+            rr_mask = rs < r
+            vt = tl.load(v_rows + rs[None, :], mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
+            wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
+        y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
+        y_mask = m_mask[:, None] & n_mask[None, :]
+        yt = tl.load(y_tile, mask=y_mask, other=0.0)
+        tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)

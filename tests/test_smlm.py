@@ -309,3 +309,50 @@ def test_non_training_slot_in_training_rows_is_rejected() -> None:
     v = torch.zeros(2, case.lora.max_rank, device=DEVICE)
     with pytest.raises(ValueError, match="not a training slot"):
         smlm.backward(g, case.x[:2], v, case.lora, case.meta)
+
+
+PART_RANKS = ([4, 8, 16, 16, 0, 9], [16, 3, 0, 5, 8, 2], [1, 16, 7, 0, 16, 4])  # one capacity (16), ragged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("popularity", ["zipf", "no_adapter", "huge"])
+@pytest.mark.parametrize("num_parts", [2, 3])
+def test_parts_in_one_launch_match_one_launch_per_part(dtype: torch.dtype, popularity: str, num_parts: int) -> None:
+    """A fused module (q|k|v, gate|up) in one shrink and one expand launch: the same v columns and the
+    same output slices as the per-part kernels' reference, with ragged ranks per part (a slot may not
+    target a part), parts of different widths, and the output columns no part owns left untouched."""
+    rng = random.Random(7)
+    slots = _segments_for(popularity, 150, 6, rng)
+    widths = (72, 24, 40)[:num_parts]
+    cases = [_make_case(dtype, list(PART_RANKS[p]), slots, 0, out_features=widths[p], seed=p + 11)
+             for p in range(num_parts)]
+    loras, meta, x = [c.lora for c in cases], cases[0].meta, cases[0].x
+    assert smlm.parts_fit(loras)
+    v = smlm.shrink_parts(x, loras, meta)
+    v_ref = torch.cat([reference.shrink_ref(x, lo, meta) for lo in loras], dim=1)
+    _assert_close(v, v_ref, dtype, "shrink_parts")
+    offsets, col = [], 0
+    for w in widths:
+        offsets.append(col)
+        col += w + 3  # a gap between parts: columns no part owns
+    gen = torch.Generator().manual_seed(5)
+    y0 = torch.randn(x.shape[0], col + 5, generator=gen).to(dtype)
+    owned = torch.zeros(col + 5, dtype=torch.bool)
+    for off, w in zip(offsets, widths, strict=True):
+        owned[off : off + w] = True
+    y0[:, ~owned] = NAN  # untouched columns stay NaN
+    y = y0.clone().to(DEVICE)
+    smlm.expand_parts(y, v_ref.to(DEVICE), list(zip(loras, offsets, strict=True)), meta)
+    y_ref = y0.clone().to(DEVICE)
+    r = loras[0].max_rank
+    for p, (lo, off) in enumerate(zip(loras, offsets, strict=True)):
+        reference.expand_ref(y_ref, v_ref[:, p * r : (p + 1) * r].to(DEVICE), lo, meta, off)
+    _assert_close(y, y_ref, dtype, "expand_parts")
+
+
+def test_parts_that_do_not_fit_one_launch_are_refused() -> None:
+    a = _make_case(torch.float32, [4, 8, 2], [0, 1], 0, in_features=32).lora
+    b = _make_case(torch.float32, [4, 16, 2], [0, 1], 0, in_features=32).lora  # another rank capacity
+    c = _make_case(torch.float32, [4, 8, 2], [0, 1], 0, in_features=48).lora  # another input width
+    assert smlm.parts_fit([a, a]) and not smlm.parts_fit([a, b]) and not smlm.parts_fit([a, c])
+    assert not smlm.parts_fit([a]) and not smlm.parts_fit([a] * 4)
