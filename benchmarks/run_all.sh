@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/run_all.sh [OUT_DIR] [extra args for every script, e.g. --quick or --model small]
 #   RUNS="decode serving" bash benchmarks/run_all.sh $OUT     # a subset (default: all four)
-#   RUNS=quick bash benchmarks/run_all.sh $OUT                # serving + unified + GPU tests, one call
+#   RUNS=quick bash benchmarks/run_all.sh $OUT                # GPU tests + unified, one call
+#   RUNS="decode serving-short" bash benchmarks/run_all.sh $OUT  # decode step + serving, another call
 #
 # One device call is limited to 10 minutes: run "decode serving" in one call and "unified finetune"
 # in the next on the same warm machine (the model and adapters under the cache are reused).
@@ -55,16 +56,17 @@ gpu_tests() {  # the tests that only mean something on a GPU (no broker or datab
 }
 
 # Presets that fit one 10-minute device call each (the model is built once per machine):
-#   RUNS="quick"  = serving without the mixed-rank replay + unified without its PEFT baseline + GPU tests
+#   RUNS="quick"  = the GPU-only tests + unified without its PEFT baseline (its replays run up to ~290 s)
+#   RUNS="decode serving-short" = the decode step vs its floor + serving without the mixed-rank replay
 RUNS=${RUNS:-decode serving unified finetune}
-[ "$RUNS" = quick ] && RUNS="serving-short unified-short gpu-tests"
+[ "$RUNS" = quick ] && RUNS="gpu-tests unified-short"
 for r in $RUNS; do
     case $r in
         decode) run decode 200 benchmarks.bench_decode ;;
         serving) run serving 330 benchmarks.bench_serving ;;
         serving-short) run serving 240 benchmarks.bench_serving --no-mixed-ranks ;;
         unified) run unified 270 benchmarks.bench_unified ;;
-        unified-short) run unified 240 benchmarks.bench_unified --no-baselines ;;
+        unified-short) run unified 300 benchmarks.bench_unified --no-baselines ;;
         finetune) run finetune 180 benchmarks.bench_finetune ;;
         profile) run profile 240 benchmarks.profile_step --cprofile ;;
         gpu-tests) gpu_tests ;;
