@@ -71,11 +71,12 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  
     y = F.linear(x, weight, bias)  # [T, out_total]
     vs: list[torch.Tensor] = []
     if meta is not None and meta.num_segments:
-        if backend.parts is not None and len(loras) > 1 and backend.parts[0]([lo for lo, _ in loras]):
+        modules = [lo for lo, _ in loras]
+        if backend.parts is not None and len(loras) > 1 and backend.parts[0](modules):
             _, shrink_parts, expand_parts = backend.parts
-            v_all = shrink_parts(x, [lo for lo, _ in loras], meta)  # [T, P * max_rank] fp32, one launch
+            v_all = shrink_parts(x, modules, meta)  # [T, P * max_rank] fp32, one launch
             expand_parts(y, v_all, loras, meta)
-            r = loras[0][0].max_rank
+            r = modules[0].max_rank
             return y, [v_all[:, p * r : (p + 1) * r] for p in range(len(loras))]
         for lora, offset in loras:
             v = backend.shrink(x, lora, meta)  # [T, max_rank] fp32

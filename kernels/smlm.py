@@ -54,15 +54,27 @@ def _check(lora: ModuleLoRA, x: torch.Tensor, k: int) -> None:
     assert lora.max_rank <= 128, "ranks above 128 need a wider accumulator tile"
 
 
+def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
+                  device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, split_k) of a shrink launch over ``programs`` row blocks."""
+    block_m, block_r = _block_m(max_rows), _block_r(max_rank)
+    block_k = 128 if block_m * block_r <= 64 * 64 else 64
+    # Split K across programs when the blocks alone cannot fill the GPU (decode): each slot's
+    # A tile is still read once per block, just by several programs.
+    split_k = max(1, min(triton.cdiv(4 * _num_sms(device), programs), triton.cdiv(k, 2 * block_k)))
+    return block_m, block_r, block_k, split_k
+
+
+def _block_n(block_m: int) -> int:
+    """The column tile of an expand launch."""
+    return 128 if INTERPRET or block_m >= 32 else 256
+
+
 def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
                  blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool) -> None:
     """v[rows, :r] = (scale *) x[rows] @ w[slot, :r].T over ``blocks`` (v zero-initialised)."""
     k = x.shape[1]
-    block_m, block_r = _block_m(max_rows), _block_r(lora.max_rank)
-    block_k = 128 if block_m * block_r <= 64 * 64 else 64
-    # Split K across programs when the blocks alone cannot fill the GPU (decode): each slot's
-    # A tile is still read once per block, just by several programs.
-    split_k = max(1, min(triton.cdiv(4 * _num_sms(x.device), num_blocks), triton.cdiv(k, 2 * block_k)))
+    block_m, block_r, block_k, split_k = _shrink_sizes(max_rows, lora.max_rank, k, num_blocks, x.device)
     launch(shrink_kernel, (num_blocks, split_k),
         x, x.stride(0), x.stride(1),
         w, w.stride(0), w.stride(1), w.stride(2),
@@ -80,7 +92,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
     """y[rows] += (scale *) v[rows, :r] @ w[slot, :r] over ``blocks``, in place."""
     n = y.shape[1]
     block_m = _block_m(max_rows)
-    block_n = 128 if INTERPRET or block_m >= 32 else 256
+    block_n = _block_n(block_m)
     grid = (num_blocks, triton.cdiv(n, block_n))
     launch(expand_kernel, grid,
         y, y.stride(0), y.stride(1),
@@ -166,10 +178,7 @@ def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -
     if not meta.num_blocks:
         return v
     k = x.shape[1]
-    block_m, block_r = _block_m(meta.max_seg_len), _block_r(r)
-    block_k = 128 if block_m * block_r <= 64 * 64 else 64
-    programs = meta.num_blocks * num
-    split_k = max(1, min(triton.cdiv(4 * _num_sms(x.device), programs), triton.cdiv(k, 2 * block_k)))
+    block_m, block_r, block_k, split_k = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num, x.device)
     a0, a1, a2 = _padded([lo.a for lo in loras])
     r0, r1, r2 = _padded([lo.ranks for lo in loras])
     launch(shrink_parts_kernel, (meta.num_blocks, split_k, num),
@@ -201,7 +210,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
     if not meta.num_blocks:
         return
     block_m = _block_m(meta.max_seg_len)
-    block_n = 128 if INTERPRET or block_m >= 32 else 256
+    block_n = _block_n(block_m)
     grid = (meta.num_blocks, triton.cdiv(max(lo.out_features for lo in loras), block_n), num)
     b0, b1, b2 = _padded([lo.b for lo in loras])
     n0, n1, n2 = [*[lo.out_features for lo in loras], *[0] * (MAX_PARTS - num)]

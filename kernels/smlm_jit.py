@@ -17,22 +17,15 @@ import triton.language as tl
 from .jit_common import dot as _dot
 
 
-# split_k varies with the step's block count: specialized, its values 1 and multiples of 16 would each
-# compile a variant of their own, in the middle of a served step.
-@triton.jit(do_not_specialize=["split_k"])
-def shrink_kernel(  # noqa: PLR0917
-    x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input (or of the output grad)
-    w_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] a (or b in backward), model dtype
-    v_ptr, stride_vm,  # [T, R] fp32, zero-initialised; columns [0, rank) are written
-    ranks_ptr, scales_ptr, blocks_ptr,
-    K, split_k,
+@triton.jit
+def _shrink_tile(  # noqa: PLR0917
+    x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm,
+    ranks_ptr, scales_ptr, blocks_ptr, pid, pid_k, K, split_k,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """v[rows, :r] (+)= (scale[slot] *) x[rows] @ w[slot, :r].T for one block, one K split."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """The body of both shrink kernels: block ``pid``, K split ``pid_k``, one module (or part)."""
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
     slot = tl.load(blocks_ptr + pid * 3 + 2)
@@ -71,24 +64,20 @@ def shrink_kernel(  # noqa: PLR0917
 
 
 @triton.jit
-def expand_kernel(  # noqa: PLR0917
-    y_ptr, stride_ym, stride_yn,  # [T, N] a column slice of the base output (any strides), in place
-    v_ptr, stride_vm,  # [T, R] fp32
-    w_ptr, stride_ws, stride_wr, stride_wn,  # [S, R, N] b (or a in backward), model dtype
-    ranks_ptr, scales_ptr, blocks_ptr,
-    N,
+def _expand_tile(  # noqa: PLR0917
+    y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, w_ptr, stride_ws, stride_wr, stride_wn,
+    ranks_ptr, scales_ptr, blocks_ptr, pid, pid_n, N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, one column tile."""
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """The body of both expand kernels: block ``pid``, column tile ``pid_n``, one module (or part)."""
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
     slot = tl.load(blocks_ptr + pid * 3 + 2)
     r = tl.load(ranks_ptr + slot)
-    row_end = tl.where(r > 0, row_end, row_start)
+    # rank 0, or a column tile past the output's width (a part narrower than the grid): nothing to do
+    row_end = tl.where((r > 0) & (pid_n * BLOCK_N < N), row_end, row_start)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scales_ptr + slot)
@@ -112,6 +101,42 @@ def expand_kernel(  # noqa: PLR0917
         y_mask = m_mask[:, None] & n_mask[None, :]
         yt = tl.load(y_tile, mask=y_mask, other=0.0)
         tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
+
+
+# split_k varies with the step's block count: specialized, its values 1 and multiples of 16 would each
+# compile a variant of their own, in the middle of a served step.
+@triton.jit(do_not_specialize=["split_k"])
+def shrink_kernel(  # noqa: PLR0917
+    x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input (or of the output grad)
+    w_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] a (or b in backward), model dtype
+    v_ptr, stride_vm,  # [T, R] fp32, zero-initialised; columns [0, rank) are written
+    ranks_ptr, scales_ptr, blocks_ptr,
+    K, split_k,
+    HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """v[rows, :r] (+)= (scale[slot] *) x[rows] @ w[slot, :r].T for one block, one K split."""
+    _shrink_tile(x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm,
+                 ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, split_k,
+                 HAS_SCALE, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
+
+
+@triton.jit
+def expand_kernel(  # noqa: PLR0917
+    y_ptr, stride_ym, stride_yn,  # [T, N] a column slice of the base output (any strides), in place
+    v_ptr, stride_vm,  # [T, R] fp32
+    w_ptr, stride_ws, stride_wr, stride_wn,  # [S, R, N] b (or a in backward), model dtype
+    ranks_ptr, scales_ptr, blocks_ptr,
+    N,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, one column tile."""
+    _expand_tile(y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, w_ptr, stride_ws, stride_wr, stride_wn,
+                 ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), N,
+                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST, IEEE)
 
 
 @triton.jit
@@ -167,8 +192,6 @@ def shrink_parts_kernel(  # noqa: PLR0917
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """v[rows, p*R : p*R + r_p] (+)= x[rows] @ w_p[slot, :r_p].T for one block, one K split, part p."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     part = tl.program_id(2)
     w_ptr = w0_ptr
     ranks_ptr = r0_ptr
@@ -178,37 +201,9 @@ def shrink_parts_kernel(  # noqa: PLR0917
     if part == 2:
         w_ptr = w2_ptr
         ranks_ptr = r2_ptr
-    row_start = tl.load(blocks_ptr + pid * 3)
-    row_end = tl.load(blocks_ptr + pid * 3 + 1)
-    slot = tl.load(blocks_ptr + pid * 3 + 2)
-    r = tl.load(ranks_ptr + slot)
-    row_end = tl.where(r > 0, row_end, row_start)
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + slot.to(tl.int64) * stride_ws + offs_r[:, None] * stride_wr  # [BLOCK_R, 1]
-    r_mask = offs_r < r
-    v_cols = v_ptr + part * part_cols + offs_r[None, :]
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < row_end
-        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            ks = k0 + offs_k
-            k_mask = ks < k_hi
-            xt = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_rows + ks[None, :] * stride_wk, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _dot(xt, tl.trans(wt), acc, UPCAST, IEEE)
-        v_tile = v_cols + offs_m.to(tl.int64)[:, None] * stride_vm
-        v_mask = m_mask[:, None] & r_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(v_tile, acc, mask=v_mask, sem="relaxed")
-        else:
-            tl.store(v_tile, acc, mask=v_mask)
+    _shrink_tile(x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr + part * part_cols,
+                 stride_vm, ranks_ptr, ranks_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, split_k,
+                 False, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
 
 
 @triton.jit
@@ -223,8 +218,6 @@ def expand_parts_kernel(  # noqa: PLR0917
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, off_p + cols] += scale_p[slot] * v[rows, p*R : p*R + r_p] @ w_p[slot, :r_p, cols]."""
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
     part = tl.program_id(2)
     w_ptr = w0_ptr
     stride_ws = ws0
@@ -249,30 +242,6 @@ def expand_parts_kernel(  # noqa: PLR0917
         col0 = off2
         ranks_ptr = r2_ptr
         scales_ptr = s2_ptr
-    row_start = tl.load(blocks_ptr + pid * 3)
-    row_end = tl.load(blocks_ptr + pid * 3 + 1)
-    slot = tl.load(blocks_ptr + pid * 3 + 2)
-    r = tl.load(ranks_ptr + slot)
-    # rank 0, or a column tile past this part's width (the grid is sized for the widest part)
-    row_end = tl.where((r > 0) & (pid_n * BLOCK_N < N), row_end, row_start)
-    scale = tl.load(scales_ptr + slot)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
-    w_base = w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < row_end
-        v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + part * part_cols
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, r, BLOCK_R):
-            rs = r0 + offs_r
-            rr_mask = rs < r
-            vt = tl.load(v_rows + rs[None, :], mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
-            wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
-        y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
-        y_mask = m_mask[:, None] & n_mask[None, :]
-        yt = tl.load(y_tile, mask=y_mask, other=0.0)
-        tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
+    _expand_tile(y_ptr + col0 * stride_yn, stride_ym, stride_yn, v_ptr + part * part_cols, stride_vm,
+                 w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
+                 tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST, IEEE)
