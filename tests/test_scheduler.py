@@ -521,6 +521,12 @@ def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[Sequence]:
     return seqs
 
 
+def _finish(sim: Sim, seqs: list[Sequence], limit_s: float) -> None:
+    """Steps ``sim`` until every one of ``seqs`` finished or the clock reaches ``limit_s``."""
+    while not all(s.is_finished for s in seqs) and sim.now < limit_s:
+        sim.step()
+
+
 @pytest.mark.parametrize("burst", [1.0, 4.0])
 def test_banked_tpot_lets_a_long_prompt_in_sooner_and_keeps_mean_tpot(burst: float) -> None:
     results = {}
@@ -547,15 +553,17 @@ def test_banked_tpot_lets_a_long_prompt_in_sooner_and_keeps_mean_tpot(burst: flo
         assert results[burst] < 0.6 * results[1.0], results
 
 
-def _arrivals(sim: Sim, every_s: float, duration_s: float, tag: str) -> list[Sequence]:
-    """Short requests arriving every ``every_s`` on the virtual clock while the decoders run."""
+def _arrivals(sim: Sim, every_s: float, duration_s: float, tag: str = "r", max_tokens: int = 20,  # noqa: PLR0913
+              drain: bool = True) -> list[Sequence]:
+    """Requests (96-token prompts) arriving every ``every_s`` on the virtual clock for ``duration_s``;
+    with ``drain``, then up to 500 more steps for them to finish."""
     seqs, next_at, end = [], sim.now, sim.now + duration_s
     while sim.now < end:
         while next_at <= sim.now:
-            seqs.append(sim.add(f"{tag}{len(seqs)}", prompt_len=96, sampling=SamplingParams(max_tokens=20)))
+            seqs.append(sim.add(f"{tag}{len(seqs)}", prompt_len=96, sampling=SamplingParams(max_tokens=max_tokens)))
             next_at += every_s
         sim.step()
-    for _ in range(500):
+    for _ in range(500 if drain else 0):
         if all(s.is_finished for s in seqs):
             break
         sim.step()
@@ -696,15 +704,9 @@ def test_lookahead_lets_young_sequences_repay_a_training_step() -> None:
         sim = _graph_sim(tpot_burst=8.0, tpot_lookahead=ahead, graph_max_rows=4096)
         sim.cost = cost
         sim.sched.add_job(FakeJob("train"))
-        seqs, next_at = [], 0.0
-        while sim.now < 6.0:
-            while next_at <= sim.now:
-                seqs.append(sim.add(f"r{len(seqs)}", prompt_len=96, sampling=SamplingParams(max_tokens=100)))
-                next_at += 0.05
-            sim.step()
+        seqs = _arrivals(sim, every_s=0.05, duration_s=6.0, max_tokens=100, drain=False)
         trained = sim.sched.metrics.train_tokens_by_job["train"] / sim.now
-        while not all(s.is_finished for s in seqs) and sim.now < 20.0:
-            sim.step()
+        _finish(sim, seqs, limit_s=20.0)
         done = [s for s in seqs if s.is_finished]
         assert len(done) == len(seqs) and all(s.finish_reason == "length" for s in done)
         assert all(s.mean_tpot_s is not None and s.mean_tpot_s <= 0.060 for s in done), ahead
@@ -906,16 +908,10 @@ def test_training_beside_decoders_when_no_step_can_amortize_its_fixed_price() ->
     sim.cost = cost
     sim.sched.step_model = StepTimeModel(cost, window=sim.sched.config.step_model_window)  # a settled fit
     sim.sched.add_job(FakeJob("train"))
-    seqs, next_at = [], 0.0
-    while sim.now < 8.0:
-        while next_at <= sim.now:
-            seqs.append(sim.add(f"r{len(seqs)}", prompt_len=96, sampling=SamplingParams(max_tokens=100)))
-            next_at += 0.1
-        sim.step()
+    seqs = _arrivals(sim, every_s=0.1, duration_s=8.0, max_tokens=100, drain=False)
     beside = [b for b in sim.batches if b.num_train_tokens and b.decode_seqs]
     assert len(beside) > 8.0 / sim.sched.config.train_probe_s + 4  # more than the probes
     assert sim.sched.metrics.train_tokens_by_job["train"] / sim.now > 0.3 / cost.train_token_s * 0.5
-    while not all(s.is_finished for s in seqs) and sim.now < 30.0:
-        sim.step()
+    _finish(sim, seqs, limit_s=30.0)
     assert all(s.mean_tpot_s is not None and s.mean_tpot_s <= 0.060 for s in seqs)
     assert all(s.ttft_s is not None and s.ttft_s <= 1.0 for s in seqs)
