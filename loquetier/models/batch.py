@@ -208,7 +208,7 @@ class BatchBuilder:
             q_lens.append(len(toks))
             ctx_lens.append(start + len(toks))
             tables.append(tuple(table))
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, start + len(toks))]
+            slot_mapping += _cache_slots(table, start, start + len(toks), bs)
             rest_row += len(toks)
             if needs:
                 logits_idx.append(rest_row - 1)
@@ -221,7 +221,7 @@ class BatchBuilder:
         key_slots = cu_keys = None
         if num_pre:
             pre = zip(tables[:num_pre], ctx_lens[:num_pre], strict=True)
-            keys_ = [table[t // bs] * bs + t % bs for table, ctx in pre for t in range(ctx)]
+            keys_ = [slot for table, ctx in pre for slot in _cache_slots(table, 0, ctx, bs)]
             key_slots = torch.tensor(keys_, dtype=torch.int64, device=dev)
             cu_keys = torch.tensor([0, *_cumsum(ctx_lens[:num_pre])], dtype=torch.int32, device=dev)
         return ForwardBatch(
@@ -255,6 +255,11 @@ class BatchBuilder:
             logits_seq_ids=tuple(logits_seqs),
             host_slots=tuple(slots),
         )
+
+
+def _cache_slots(table: Sequence[int], lo: int, hi: int, block_size: int) -> list[int]:
+    """Flat KV-cache slots (block * block_size + offset) of positions [lo, hi) through ``table``."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(lo, hi)]
 
 
 def _cumsum(values: Sequence[int]) -> list[int]:
