@@ -46,6 +46,25 @@ def segments_of(slots: Sequence[int], num_train_tokens: int = 0) -> tuple[list[t
     return segments, num_train_segments
 
 
+_ALIGN = 4  # int32 elements: 16 bytes
+
+
+def _packed(sections: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The int32 sections in one host tensor, each starting on a 16-byte boundary, and their starts.
+
+    Triton specializes every pointer argument on 16-byte alignment: a block table starting at an
+    odd offset of a shared buffer would compile a second variant of each kernel mid-serving,
+    depending only on how many rows and segments came before it."""
+    starts, end = [], 0
+    for t in sections:
+        starts.append(end)
+        end += -(-len(t) // _ALIGN) * _ALIGN
+    host = torch.zeros(max(end, _ALIGN), dtype=torch.int32)
+    for a, t in zip(starts, sections, strict=True):
+        host[a : a + len(t)] = t
+    return host, starts
+
+
 @dataclass(frozen=True)
 class SMLMMeta:
     """Which rows of a packed batch use which adapter slot.
@@ -93,21 +112,22 @@ class SMLMMeta:
         blocks = row_blocks(segments, FWD_BLOCK_ROWS)
         num_train_blocks = len(row_blocks(segments[:num_train_segments], FWD_BLOCK_ROWS))
         grad_blocks = row_blocks(segments[:num_train_segments], GRAD_BLOCK_ROWS)
-        token_t = torch.tensor(slots, dtype=torch.int32)
         seg_t = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3)
-        blk_t = torch.tensor(blocks + grad_blocks, dtype=torch.int32).reshape(-1)
-        host = torch.cat([token_t, seg_t[:, 0], seg_t[:, 1], seg_t[:, 2], blk_t])
+        sections = [torch.tensor(slots, dtype=torch.int32), seg_t[:, 0], seg_t[:, 1], seg_t[:, 2],
+                    torch.tensor(blocks, dtype=torch.int32).reshape(-1),
+                    torch.tensor(grad_blocks, dtype=torch.int32).reshape(-1)]
+        host, starts = _packed(sections)
         host = host.pin_memory() if dev.type == "cuda" else host
         host = host.to(dev, non_blocking=True)  # one transfer, no sync
-        n, s, nb, ngb = len(slots), len(segments), len(blocks), len(grad_blocks)
-        b0 = n + 3 * s
+        views = [host[a : a + len(t)] for a, t in zip(starts, sections, strict=True)]
+        n, nb, ngb = len(slots), len(blocks), len(grad_blocks)
         return cls(
-            token_slots=host[:n],
-            seg_starts=host[n : n + s],
-            seg_lens=host[n + s : n + 2 * s],
-            seg_slots=host[n + 2 * s : b0],
-            blocks=host[b0 : b0 + 3 * nb].view(nb, 3),
-            grad_blocks=host[b0 + 3 * nb : b0 + 3 * (nb + ngb)].view(ngb, 3),
+            token_slots=views[0],
+            seg_starts=views[1],
+            seg_lens=views[2],
+            seg_slots=views[3],
+            blocks=views[4].view(nb, 3),
+            grad_blocks=views[5].view(ngb, 3),
             num_tokens=n,
             num_train_tokens=num_train_tokens,
             num_train_segments=num_train_segments,

@@ -65,6 +65,16 @@ def force_backend(name: str | None) -> None:
     _forced = name
 
 
+def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
+    """Batch layouts on one adapter slot whose launches cover every compiled variant of the forward
+    SMLM kernels on ``device`` (see ``smlm.variant_metas``); none for the torch reference."""
+    if backend_for(device).name != "triton":
+        return []
+    from . import smlm
+
+    return smlm.variant_metas(slot, device)
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0917
              loras: Sequence[LoRAPart], meta: SMLMMeta | None,
              backend: _Backend) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -65,6 +65,20 @@ def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
     return block_m, block_r, block_k, split_k
 
 
+def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
+    """Segment layouts (all rows on ``slot``) that between them reach every compiled variant of the
+    forward launches: each ``BLOCK_M`` (longest segment up to 16, 32, more rows), each with and
+    without split-K atomics (one block; more blocks than ``4 * SMs``). Launching each once before
+    serving leaves no variant to build during a served step."""
+    many = 4 * _num_sms(device) + 1
+    metas = []
+    for longest in (1, 17, 33):
+        for blocks in (1, many):
+            slots = [slot] * longest + [-1, slot] * (blocks - 1)
+            metas.append(SMLMMeta.build(slots, 0, device))
+    return metas
+
+
 def _block_n(block_m: int) -> int:
     """The column tile of an expand launch."""
     return 128 if INTERPRET or block_m >= 32 else 256

@@ -116,6 +116,29 @@ def test_training_never_corrupts_serving_and_jobs_match_solo_runs(model_dir: Pat
             torch.testing.assert_close(together.weights[key][1], b, rtol=1e-5, atol=1e-6)
 
 
+def test_eager_steps_lay_out_each_adapters_rows_side_by_side(model_dir: Path) -> None:
+    prompts, adapters = PROMPTS * 2, ["a", None, "b", "a", "b", None, "a", "b"]
+    solo = make_engine(model_dir)
+    expected = [solo.generate([p], [a], GREEDY)[0].token_ids for p, a in zip(prompts, adapters, strict=True)]
+    engine = make_engine(model_dir)
+    batches, forward = [], engine.model.forward
+
+    def recording(batch, kv=None):  # type: ignore[no-untyped-def]
+        batches.append(batch)
+        return forward(batch, kv)
+
+    engine.model.forward = recording  # type: ignore[method-assign]
+    got = [o.token_ids for o in engine.generate(prompts, adapters, GREEDY)]
+    assert got == expected  # every row's tokens went back to its own request
+    mixed = 0
+    for b in batches:
+        prefill = list(b.host_slots[b.num_train + b.num_eval :][: b.num_prefill])
+        decode = list(b.host_slots[len(b.host_slots) - b.num_decode :])
+        assert prefill == sorted(prefill) and decode == sorted(decode)
+        mixed += len(set(decode)) > 2
+    assert mixed  # decode steps of three adapters (and none) ran
+
+
 def test_backward_covers_only_training_rows(model_dir: Path) -> None:
     engine = make_engine(model_dir)
     engine.add_training_job("t1", train_data(0), job_params(1), lora=LORA)
@@ -286,6 +309,7 @@ def test_warmup_leaves_the_engine_as_it_found_it(model_dir: Path) -> None:
     report = engine.warmup()
     engine.runner.run = run  # type: ignore[method-assign]
     assert report["steps"] > 10 and report["adapters"] == 1 and report["training"]
+    assert report["lora_launch_layouts"] == 0  # the reference backend builds nothing (test_smlm: Triton)
     # training rows ran beside decode rows and beside prompt rows (eager steps with their own variants)
     assert any(t and d for t, d, _ in seen) and any(t and p for t, _, p in seen)
     assert not engine.has_work() and engine.scheduler.num_running == 0

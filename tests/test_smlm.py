@@ -356,3 +356,65 @@ def test_parts_that_do_not_fit_one_launch_are_refused() -> None:
     c = _make_case(torch.float32, [4, 8, 2], [0, 1], 0, in_features=48).lora  # another input width
     assert smlm.parts_fit([a, a]) and not smlm.parts_fit([a, b]) and not smlm.parts_fit([a, c])
     assert not smlm.parts_fit([a]) and not smlm.parts_fit([a] * 4)
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 17, 64, 65])
+def test_every_meta_section_starts_on_a_16_byte_boundary(num_rows: int) -> None:
+    # Triton specializes pointers on 16-byte alignment: a block table at an odd offset of the packed
+    # buffer would compile kernel variants of its own in the middle of serving.
+    rng = random.Random(num_rows)
+    for num_train in {0, num_rows // 2}:
+        slots = [rng.choice([-1, 0, 1, 2]) for _ in range(num_rows)]
+        slots[:num_train] = [0] * num_train
+        meta = SMLMMeta.build(slots, num_train, DEVICE)
+        for t in (meta.token_slots, meta.seg_starts, meta.seg_lens, meta.seg_slots, meta.blocks, meta.grad_blocks):
+            assert t.data_ptr() % 16 == 0
+        segments = meta.host_segments
+        assert meta.token_slots.tolist() == slots
+        assert meta.seg_starts.tolist() == [s for s, _, _ in segments]
+        assert meta.seg_lens.tolist() == [n for _, n, _ in segments]
+        assert meta.seg_slots.tolist() == [s for _, _, s in segments]
+        assert [tuple(b) for b in meta.blocks.tolist()] == smlm_blocks(segments, 64)
+        assert [tuple(b) for b in meta.grad_blocks.tolist()] == smlm_blocks(segments[: meta.num_train_segments], 256)
+
+
+def smlm_blocks(segments: tuple[tuple[int, int, int], ...], rows: int) -> list[tuple[int, int, int]]:
+    return [(r, min(r + rows, s + n), slot) for s, n, slot in segments for r in range(s, s + n, rows)]
+
+
+def test_warm_lora_launches_build_every_forward_variant(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from tiny import make_tiny_model
+
+    from loquetier.lora.pool import LoRASlotPool
+    from loquetier.models import LlamaModel
+
+    # wide enough that one block splits K (a 64-wide input never does)
+    path = make_tiny_model(tmp_path / "tiny", with_tokenizer=False, num_layers=1, hidden_size=512)
+    model = LlamaModel.from_pretrained(path, attn_impl="reference")
+    pool = LoRASlotPool(model.dims, num_slots=2, max_rank=8)
+    gen = torch.Generator().manual_seed(3)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    weights = {}
+    for name in targets:
+        out_f, in_f = pool.get(0, name).out_features, pool.get(0, name).in_features
+        weights[(0, name)] = (torch.randn(8, in_f, generator=gen), torch.randn(out_f, 8, generator=gen))
+    pool.write_slot(1, weights, scale=2.0)
+    model.attach_lora_pool(pool)
+    seen: set[tuple[str, int, bool | None]] = set()
+    launch = smlm.launch
+
+    def recording(kernel, grid, *args, **meta):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.add((kernel.fn.__name__, meta["BLOCK_M"], meta.get("ATOMIC")))
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(smlm, "launch", recording)
+    force_backend("triton")
+    try:
+        assert model.warm_lora_launches(1) == 6 * 4
+    finally:
+        force_backend(None)
+    every = {(bm, atomic) for bm in (16, 32, 64) for atomic in (True, False)}
+    for name in ("shrink_kernel", "shrink_parts_kernel"):
+        assert {(bm, a) for n, bm, a in seen if n == name} == every, name
+    for name in ("expand_kernel", "expand_parts_kernel"):
+        assert {bm for n, bm, _ in seen if n == name} == {16, 32, 64}, name

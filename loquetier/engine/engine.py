@@ -137,9 +137,10 @@ class Engine:
 
         On a GPU the first step of each new shape class compiles Triton kernel variants (SMLM block
         sizes for short, medium and long adapter segments, split-K and paged-decode split variants,
-        the backward kernels) for up to a second or two each. This runs prompts of several lengths
-        and decode batches of several sizes, with no adapter and with a temporary adapter of the
-        pool's largest rank, plus (with training slots) two tiny training steps beside prompt and
+        the backward kernels) for up to a second or two each. This runs each LoRA-targeted linear
+        once per forward SMLM launch variant (``LlamaModel.warm_lora_launches``), prompts of several
+        lengths and decode batches of several sizes, with no adapter and with a temporary adapter of
+        the pool's largest rank, plus (with training slots) two tiny training steps beside prompt and
         decode rows. Then the temporary adapters are unloaded and the scheduler forgets the warm-up's
         step times (compiles are no step cost). Needs an idle engine; returns what ran. Tokens served
         afterwards do not change.
@@ -162,6 +163,11 @@ class Engine:
             self.load_adapter(_WARMUP_ADAPTER, LoRAAdapter.new(lora, self.model.dims))
             temporary.append(_WARMUP_ADAPTER)
             adapter_ids.append(_WARMUP_ADAPTER)
+        lora_launches = 0
+        slot = self.adapters.acquire_slot(_WARMUP_ADAPTER) if temporary else None
+        if slot is not None:  # the SMLM launch variants that served steps might reach only later
+            lora_launches = self.model.warm_lora_launches(slot)
+            self.adapters.new_step()
         # segment lengths on both sides of the SMLM row-block sizes, and a prompt of several chunks
         lengths = [1, 3, 17, 40, 200, cfg.max_prefill_chunk + 5]
         greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
@@ -195,7 +201,8 @@ class Engine:
         sched.train_scale.reset()
         _freeze_heap()
         return {"seconds": time.perf_counter() - t0, "steps": self.num_steps - steps0,
-                "adapters": len(adapter_ids) - 1, "training": cfg.num_train_slots > 0}
+                "adapters": len(adapter_ids) - 1, "training": cfg.num_train_slots > 0,
+                "lora_launch_layouts": lora_launches}
 
     def capture_graphs(self) -> int:
         """Capture the decode CUDA graphs of every batch-size bucket now (a few seconds for an 8B

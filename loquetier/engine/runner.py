@@ -102,12 +102,15 @@ class ModelRunner:
                 for s in piece.sequences:
                     add(s.token_ids, s.labels, slot=piece.runner.slot, group=piece.group)
                     used[chunk.job_id] += s.num_tokens
-        for c in batch.prefill_chunks:
+        # Rows of one adapter side by side: each adapter's rows form one SMLM segment (its A and B
+        # tiles read once per 64 rows, not once per sequence), and a step's block count stays
+        # within rows / 64 + adapters.
+        for c in sorted(batch.prefill_chunks, key=lambda c: self._slot(c.seq.adapter_id)):
             seq = c.seq
             b.add_prefill(seq.seq_id, seq.token_ids[c.start : c.start + c.length], c.start,
                           self.blocks.block_table(seq.seq_id), slot=self._slot(seq.adapter_id),
                           needs_logits=c.is_final)
-        for seq in batch.decode_seqs:
+        for seq in sorted(batch.decode_seqs, key=lambda seq: self._slot(seq.adapter_id)):
             b.add_decode(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
                          self.blocks.block_table(seq.seq_id), slot=self._slot(seq.adapter_id))
         fb = b.build(self.model.device)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loquetier.engine.kv_cache import KVCache
-from loquetier.kernels import SMLMMeta, lora_linear
+from loquetier.kernels import SMLMMeta, lora_linear, variant_metas
 from loquetier.lora.pool import LoRASlotPool, ModelDims
 
 from .attention import paged_attention, varlen_attention, write_kv
@@ -257,6 +257,27 @@ class LlamaModel(nn.Module):
         self.lora_pool = pool
         for layer in self.layers:
             layer.attach_lora_pool(pool)  # type: ignore[operator]
+
+    @torch.no_grad()
+    def warm_lora_launches(self, slot: int) -> int:
+        """Run each LoRA-targeted linear of layer 0 (every layer has its shapes) once per segment
+        layout of ``variant_metas``, on random rows of adapter ``slot``: every compiled variant of
+        the forward SMLM launches is then built before a served step needs it. Returns how many
+        linears ran (0 when the backend compiles nothing)."""
+        layer = self.layers[0]
+        groups = ((layer.qkv_weight, layer.qkv_bias, layer.qkv_loras),
+                  (layer.o_weight, layer.o_bias, layer.o_loras),
+                  (layer.gate_up_weight, layer.gate_up_bias, layer.gate_up_loras),
+                  (layer.down_weight, layer.down_bias, layer.down_loras))
+        runs = 0
+        for meta in variant_metas(slot, self.device):
+            for weight, bias, loras in groups:
+                if not loras:
+                    continue
+                x = torch.randn(meta.num_tokens, weight.shape[1], dtype=weight.dtype, device=self.device)
+                lora_linear(x[:0], x, weight, bias, loras, meta)
+                runs += 1
+        return runs
 
     def make_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.cfg
