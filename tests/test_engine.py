@@ -315,6 +315,7 @@ def test_warmup_leaves_the_engine_as_it_found_it(model_dir: Path) -> None:
     assert not engine.has_work() and engine.scheduler.num_running == 0
     assert not any(engine.has_adapter(a) for a in ("__loquetier_warmup__", "__loquetier_warmup_train__"))
     assert sorted(a for a in ("a", "b") if engine.has_adapter(a)) == loaded
+    assert all(engine.adapters.slot_of(a) is not None for a in loaded)  # resident, as load left them
     assert engine.scheduler.step_model.num_observed == 0  # compile-time steps teach it nothing
     assert engine.blocks.num_free_blocks == make_engine(model_dir).blocks.num_free_blocks
     assert [o.token_ids for o in engine.generate(PROMPTS, adapters, GREEDY)] == expected

@@ -196,6 +196,7 @@ class Engine:
         for adapter_id in temporary:
             if adapter_id in self.adapters:
                 self.adapters.unload(adapter_id)
+        self.adapters.fill_free_slots()  # what the temporary adapters displaced
         sched = self.scheduler
         sched.step_model = StepTimeModel(sched.step_model.prior, window=sched.step_model.window)
         sched.train_scale.reset()
@@ -231,9 +232,11 @@ class Engine:
         """Register (or reload) an adapter from a PEFT directory; returns its new version."""
         _check_id(adapter_id, "adapter_id")
         try:
-            return self.adapters.load(adapter_id, source)
+            version = self.adapters.load(adapter_id, source)
         except (AdapterError, OSError) as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
+        self.adapters.fill_free_slots()  # resident now if a slot is free, not in its first step
+        return version
 
     def load_adapter_bytes(self, adapter_id: str, data: bytes) -> int:
         try:

@@ -159,6 +159,17 @@ class AdapterManager:
         self._step_slots.add(entry.slot)  # type: ignore[arg-type]
         return entry.slot
 
+    def fill_free_slots(self) -> int:
+        """Write in-memory adapters that hold no slot into free inference slots, most recently used
+        first, evicting nothing: the copy then happens here (between steps, at load time) rather
+        than inside the first served step that needs the adapter. Returns how many were written."""
+        free = [s for s in range(self.pool.num_train_slots, self.pool.num_slots) if self._slot_owner[s] is None]
+        waiting = [k for k, e in reversed(self._entries.items()) if e.slot is None and e.adapter is not None]
+        for slot, adapter_id in zip(free, waiting, strict=False):
+            self._write(adapter_id, self._entries[adapter_id], slot)
+            self._slot_lru[slot] = None
+        return min(len(free), len(waiting))
+
     def acquire_train_slot(self, adapter_id: str) -> int:
         """Move ``adapter_id`` into a free training slot and pin it (for a training job)."""
         entry = self._entry(adapter_id)

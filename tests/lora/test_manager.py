@@ -42,6 +42,21 @@ def test_acquire_loads_into_inference_slots_and_evicts_lru() -> None:
     assert m.slot_of("a1") is None and slot_b(m, 2) == 4.0
 
 
+def test_fill_free_slots_places_the_newest_without_evicting() -> None:
+    m = manager()  # slots 1..3 serve inference
+    m.load("a0", adapter(1))
+    assert m.fill_free_slots() == 1 and m.slot_of("a0") == 1 and slot_b(m, 1) == 1.0
+    for i in range(1, 5):
+        m.load(f"a{i}", adapter(i + 1))
+    assert m.fill_free_slots() == 2  # two free slots: the two newest, nothing evicted
+    assert [m.slot_of(f"a{i}") for i in range(5)] == [1, None, None, 3, 2]
+    assert slot_b(m, 2) == 5.0 and slot_b(m, 3) == 4.0
+    assert m.fill_free_slots() == 0
+    m.new_step()
+    assert m.acquire_slot("a1") == 1  # placed slots are evictable like acquired ones (LRU: a0 first)
+    assert m.slot_of("a0") is None
+
+
 def test_slots_used_this_step_are_not_evicted() -> None:
     m = manager(num_slots=2, num_train_slots=0)
     for name in "abc":
