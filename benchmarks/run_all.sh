@@ -49,10 +49,19 @@ run() {  # name, time limit (s), module, extra flags for this run
 }
 
 gpu_tests() {  # the tests that only mean something on a GPU (no broker or database: no conftest)
-    echo "== gpu-tests"
-    timeout 200 "$PY" -m pytest --noconftest -q -p no:cacheprovider tests/test_graphs.py tests/test_fused.py \
-        tests/test_smlm.py tests/test_paged_attention.py tests/test_launch.py tests/test_model_parts.py >"$OUT_DIR/gpu_tests.log" 2>&1
-    echo "   gpu-tests: rc=$?"; tail -n 5 "$OUT_DIR/gpu_tests.log"
+    # one process per file, side by side: most of their time is single-threaded Triton compiles
+    echo "== gpu-tests (limit ${GPU_TESTS_LIMIT:-240}s)"
+    local t0=$SECONDS pids=() f
+    for f in test_graphs test_fused test_smlm test_paged_attention test_launch test_model_parts; do
+        timeout "${GPU_TESTS_LIMIT:-240}" "$PY" -m pytest --noconftest -q -p no:cacheprovider "tests/$f.py" \
+            >"$OUT_DIR/gpu_$f.log" 2>&1 &
+        pids+=($!)
+    done
+    for f in "${pids[@]}"; do wait "$f"; done
+    echo "   gpu-tests: done in $((SECONDS - t0))s"
+    for f in "$OUT_DIR"/gpu_test_*.log; do echo "   $(basename "$f"): $(tail -n 1 "$f")"; done
+    cat "$OUT_DIR"/gpu_test_*.log >"$OUT_DIR/gpu_tests.log" && rm -f "$OUT_DIR"/gpu_test_*.log
+    grep -E "^(FAILED|ERROR)" "$OUT_DIR/gpu_tests.log" | head -n 20
 }
 
 # Presets that fit one 10-minute device call each (the model is built once per machine):
@@ -69,8 +78,9 @@ for r in $RUNS; do
         unified-short) run unified 300 benchmarks.bench_unified --no-baselines ;;
         finetune) run finetune 180 benchmarks.bench_finetune ;;
         profile) run profile 240 benchmarks.profile_step --cprofile ;;
+        tune) run tune 150 benchmarks.tune_smlm ;;
         gpu-tests) gpu_tests ;;
-        *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, profile, gpu-tests)"; exit 2 ;;
+        *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, profile, tune, gpu-tests)"; exit 2 ;;
     esac
 done
 echo "== results in $OUT_DIR:"

@@ -12,6 +12,7 @@ parts of a fused module (q|k|v, gate|up), so a decoder layer's forward takes 8 S
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -33,6 +34,23 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: few programs, but enough that split-K is exercised
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch parameters of the forward SMLM kernels (``benchmarks/tune_smlm.py`` times variants of
+    them on a GPU). 0 means "by the tile rule" for the block sizes."""
+
+    programs_per_sm: int = 4  # shrink splits K until about this many programs per SM run
+    shrink_block_k: int = 0  # 0: 128 when BLOCK_M * BLOCK_R <= 64 * 64, else 64
+    shrink_warps: int = 4
+    shrink_stages: int = 3
+    expand_block_n: int = 0  # 0: 256 for BLOCK_M 16, else 128
+    expand_warps: int = 4
+    expand_stages: int = 2
+
+
+TUNING = Tuning()
 
 
 def _block_m(max_rows: int) -> int:
@@ -58,10 +76,11 @@ def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
                   device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_R, BLOCK_K, split_k) of a shrink launch over ``programs`` row blocks."""
     block_m, block_r = _block_m(max_rows), _block_r(max_rank)
-    block_k = 128 if block_m * block_r <= 64 * 64 else 64
+    block_k = TUNING.shrink_block_k or (128 if block_m * block_r <= 64 * 64 else 64)
     # Split K across programs when the blocks alone cannot fill the GPU (decode): each slot's
     # A tile is still read once per block, just by several programs.
-    split_k = max(1, min(triton.cdiv(4 * _num_sms(device), programs), triton.cdiv(k, 2 * block_k)))
+    target = TUNING.programs_per_sm * _num_sms(device)
+    split_k = max(1, min(triton.cdiv(target, programs), triton.cdiv(k, 2 * block_k)))
     return block_m, block_r, block_k, split_k
 
 
@@ -81,7 +100,9 @@ def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
 
 def _block_n(block_m: int) -> int:
     """The column tile of an expand launch."""
-    return 128 if INTERPRET or block_m >= 32 else 256
+    if INTERPRET:
+        return 128
+    return TUNING.expand_block_n or (128 if block_m >= 32 else 256)
 
 
 def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
@@ -97,7 +118,7 @@ def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: Module
         k, split_k,
         HAS_SCALE=with_scale, ATOMIC=split_k > 1,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-        num_warps=4, num_stages=3, **_dot_kwargs(w),
+        num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(w),
     )
 
 
@@ -116,7 +137,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
         n,
         HAS_SCALE=with_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
-        num_warps=4, num_stages=2, **_dot_kwargs(w),
+        num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(w),
     )
 
 
@@ -203,7 +224,7 @@ def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -
         k, split_k,
         ATOMIC=split_k > 1,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-        num_warps=4, num_stages=3, **_dot_kwargs(a0),
+        num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
     return v
 
@@ -239,7 +260,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         n0, n1, n2, o0, o1, o2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
-        num_warps=4, num_stages=2, **_dot_kwargs(b0),
+        num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 
 

@@ -390,8 +390,8 @@ def test_warm_lora_launches_build_every_forward_variant(tmp_path, monkeypatch) -
 
     # wide enough that one block splits K (a 64-wide input never does)
     path = make_tiny_model(tmp_path / "tiny", with_tokenizer=False, num_layers=1, hidden_size=512)
-    model = LlamaModel.from_pretrained(path, attn_impl="reference")
-    pool = LoRASlotPool(model.dims, num_slots=2, max_rank=8)
+    model = LlamaModel.from_pretrained(path, device=DEVICE, attn_impl="reference")
+    pool = LoRASlotPool(model.dims, num_slots=2, max_rank=8, device=DEVICE)
     gen = torch.Generator().manual_seed(3)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     weights = {}

@@ -1,0 +1,175 @@
+"""Launch parameters of the forward SMLM kernels, timed the way a decode step runs them.
+
+    python -m benchmarks.tune_smlm --out DIR                 # ~1 min on one GPU; DIR/tune_smlm.{json,md}
+
+One step's LoRA work of a Llama-3-8B shape (32 layers; per layer q|k|v and gate|up as one parts
+launch each, o and down alone; rank 16 on all seven targets; 33 slots per module, 32 adapters in
+use) is captured in one CUDA graph per variant of ``kernels.smlm.Tuning`` and replayed; every variant
+is first checked against the default's output. Reported: ms per step (median of replays), the
+weight-read floor (the used adapters' A and B once, plus the rows in and out, at 4.27 TB/s) and how
+many kernel launches the step holds. The batches: decode 64 rows (2 per adapter), decode 256 rows
+(8 per adapter), a 1,024-token prefill over 8 adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+PEAK_BYTES_PER_S = 4.27e12
+DEVICE = "cuda"
+HIDDEN, Q, KV, INTER, LAYERS, RANK, SLOTS = 4096, 4096, 1024, 14336, 32, 16, 33
+BATCHES = [("decode 64 / 32 adapters", 64, 32), ("decode 256 / 32 adapters", 256, 32),
+           ("prefill 1024 / 8 adapters", 1024, 8)]
+VARIANTS: dict[str, dict[str, int]] = {
+    "default": {},
+    "split 8/SM": {"programs_per_sm": 8},
+    "split 2/SM": {"programs_per_sm": 2},
+    "shrink K 256": {"shrink_block_k": 256},
+    "shrink K 256, split 8/SM": {"shrink_block_k": 256, "programs_per_sm": 8},
+    "shrink 2 warps": {"shrink_warps": 2},
+    "expand N 128": {"expand_block_n": 128},
+    "expand N 512": {"expand_block_n": 512},
+    "expand 8 warps": {"expand_warps": 8},
+    "expand 2 warps": {"expand_warps": 2},
+}
+
+
+def _modules(torch: Any, ModuleLoRA: Any, gen: Any) -> list[dict[str, Any]]:
+    """Per layer: the seven targets' slot storage, rank 16 in slots 1..32 (slot 0 empty)."""
+    shapes = {"q": (HIDDEN, Q), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (Q, HIDDEN),
+              "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
+    layers = []
+    for _ in range(LAYERS):
+        mods = {}
+        for name, (fin, fout) in shapes.items():
+            lo = ModuleLoRA.empty(SLOTS, RANK, fin, fout, dtype=torch.bfloat16, device=DEVICE)
+            lo.a.normal_(0, fin ** -0.5, generator=gen)
+            lo.b.normal_(0, 0.02, generator=gen)
+            lo.ranks[1:] = RANK
+            lo.scales[1:] = 2.0
+            lo.host_ranks = [0] + [RANK] * (SLOTS - 1)
+            mods[name] = lo
+        layers.append(mods)
+    return layers
+
+
+def _step(smlm: Any, layers: list[dict[str, Any]], xs: dict[str, Any], ys: dict[str, Any], meta: Any) -> None:
+    """The LoRA launches of one forward step, in the model's order (base GEMMs left out)."""
+    for m in layers:
+        smlm.expand_parts(ys["qkv"], smlm.shrink_parts(xs["h"], [m["q"], m["k"], m["v"]], meta),
+                          [(m["q"], 0), (m["k"], Q), (m["v"], Q + KV)], meta)
+        smlm.expand(ys["o"], smlm.shrink(xs["a"], m["o"], meta), m["o"], meta)
+        smlm.expand_parts(ys["gu"], smlm.shrink_parts(xs["h"], [m["gate"], m["up"]], meta),
+                          [(m["gate"], 0), (m["up"], INTER)], meta)
+        smlm.expand(ys["down"], smlm.shrink(xs["m"], m["down"], meta), m["down"], meta)
+
+
+def _floor_ms(rows: int, adapters: int) -> float:
+    per_layer_weights = RANK * (HIDDEN * 5 + Q + INTER) + RANK * (Q + 2 * KV + HIDDEN + 2 * INTER + HIDDEN)
+    rows_io = rows * (HIDDEN * 2 + Q + INTER) + rows * (Q + 2 * KV + HIDDEN + 2 * INTER + HIDDEN) * 2
+    return 1e3 * 2 * LAYERS * (adapters * per_layer_weights + rows_io) / PEAK_BYTES_PER_S
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from triton.testing import do_bench
+
+    from loquetier.kernels import ModuleLoRA, SMLMMeta, smlm
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    layers = _modules(torch, ModuleLoRA, gen)
+    results: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                               "gpu": torch.cuda.get_device_name(), "batches": {}}
+    for label, rows, adapters in BATCHES:
+        slots = [1 + i * adapters // rows for i in range(rows)]  # rows sorted by adapter, equal runs
+        meta = SMLMMeta.build(slots, 0, DEVICE)
+        xs = {k: torch.randn(rows, n, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+              for k, n in (("h", HIDDEN), ("a", Q), ("m", INTER))}
+        widths = {"qkv": Q + 2 * KV, "o": HIDDEN, "gu": 2 * INTER, "down": HIDDEN}
+        y0 = {k: torch.randn(rows, n, device=DEVICE, dtype=torch.bfloat16, generator=gen) for k, n in widths.items()}
+        expected = None
+        row: dict[str, Any] = {"floor_ms": _floor_ms(rows, adapters), "variants": {}}
+        for name, overrides in VARIANTS.items():
+            smlm.TUNING = dataclasses.replace(smlm.Tuning(), **overrides)
+            ys = {k: v.clone() for k, v in y0.items()}
+            try:
+                _step(smlm, layers, xs, ys, meta)  # compiles; the output for the check
+                torch.cuda.synchronize()
+                out = torch.cat([ys[k].float().flatten() for k in widths]) - torch.cat(
+                    [y0[k].float().flatten() for k in widths])
+                if expected is None:
+                    expected = out
+                err = float((out - expected).abs().max() / expected.abs().max())
+                graph = torch.cuda.CUDAGraph()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    _step(smlm, layers, xs, ys, meta)
+                torch.cuda.current_stream().wait_stream(stream)
+                with torch.cuda.graph(graph):
+                    _step(smlm, layers, xs, ys, meta)
+                ms = [do_bench(graph.replay, warmup=5, rep=40, return_mode="median") for _ in range(3)]
+                nodes = graph_launches(torch, graph)
+                row["variants"][name] = {"ms": statistics.median(ms), "rel_err": err, "launches": nodes}
+            except Exception as exc:  # noqa: BLE001 (a variant a GPU cannot run is a result)
+                row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(label, name, row["variants"][name], flush=True)
+        smlm.TUNING = smlm.Tuning()
+        results["batches"][label] = row
+    return results
+
+
+def graph_launches(torch: Any, graph: Any) -> int | None:
+    """Kernel nodes in a captured graph, where this torch can say (else None)."""
+    try:
+        return int(graph.num_nodes())  # not in every torch
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def table(results: dict[str, Any]) -> str:
+    names = list(VARIANTS)
+    head = "| variant | " + " | ".join(results["batches"]) + " |"
+    lines = [head, "|---|" + "---|" * len(results["batches"])]
+    floors = " | ".join(f"{b['floor_ms']:.2f} ms" for b in results["batches"].values())
+    floors = f"| weight-read floor | {floors} |"
+    for name in names:
+        cells = []
+        for b in results["batches"].values():
+            v = b["variants"].get(name, {})
+            if "ms" not in v:
+                cells.append("error")
+                continue
+            base = b["variants"]["default"].get("ms")
+            rel = f" ({v['ms'] / base:.2f}x)" if base and name != "default" else ""
+            ok = "" if v["rel_err"] < 3e-2 else " WRONG"
+            cells.append(f"{v['ms']:.3f} ms{rel}{ok}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(floors)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    ap.add_argument("--from-json", type=Path, help="write the page from an earlier run's JSON (no GPU)")
+    args, _ = ap.parse_known_args()
+    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tune_smlm.json").write_text(json.dumps(results, indent=1))
+    text = (f"# SMLM launch parameters, one 8B decode step's LoRA work\n\n{results['date']}, {results['gpu']}, "
+            "`python -m benchmarks.tune_smlm`. ms per step from one CUDA graph of all 32 layers' LoRA "
+            "launches (q|k|v and gate|up as parts launches, o and down alone), rank 16, rows sorted by "
+            "adapter; ratios against the defaults of `kernels.smlm.Tuning`.\n\n" + table(results) + "\n")
+    (args.out / "tune_smlm.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
