@@ -97,6 +97,10 @@ def test_unseeded_rows_use_the_engine_generator() -> None:
     b = SamplingTensors.build([P(), P()], [0, 0], generator=torch.Generator().manual_seed(1))
     assert torch.equal(a.seed, b.seed) and a.seed[0] != a.seed[1]
     assert torch.equal(sample(logits, a).token_ids, sample(logits, b).token_ids)
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    SamplingTensors.build([P(temperature=0.0)] * 3, [0, 4, 9], generator=g)
+    assert torch.equal(g.get_state(), state)  # greedy rows draw no seed
 
 
 def test_stop_helpers() -> None:

@@ -9,9 +9,13 @@ from typing import Any
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas; finds stop strings.
 
-    Decodes the whole output each time it grows (outputs are short next to the model step) and
-    holds back text that may still change: a trailing replacement char (an unfinished UTF-8
-    sequence) or a suffix that could be the start of a stop string.
+    Each update decodes only a short window: the tokens not yet read plus, as context, the ones read
+    by the previous update; the new text is the difference between the window's text and the
+    context's (both decoded from the same start, so start-of-window effects such as SentencePiece
+    dropping a leading space cancel).
+    A window whose text ends in a replacement char (an unfinished UTF-8 sequence) waits for more
+    tokens. The cost per token is therefore constant, not the length of the output so far. Text
+    that could be the start of a stop string is held back until it cannot be.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
@@ -20,30 +24,51 @@ class IncrementalDetokenizer:
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""  # text emitted so far
         self.stopped = False
+        self._decoded = ""  # text of token_ids[:_read] (what the windows have settled)
+        self._prefix = 0  # the context window starts here
+        self._read = 0  # tokens before this are in _decoded
 
     def update(self, token_ids: Sequence[int]) -> str:
         """Feed the full output so far; return the new text that is safe to emit."""
         if self.stopped:
             return ""
-        full = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-        for stop in self.stop:
-            at = full.find(stop)
-            if at != -1:
-                self.stopped = True
-                return self._emit(full[:at])
-        safe = full
-        if safe.endswith("\ufffd"):
-            safe = safe.rstrip("\ufffd")
-        if self._hold and self.stop:
-            safe = safe[: max(len(self.text), len(safe) - self._hold)]
-        return self._emit(safe)
+        self._advance(token_ids, final=False)
+        return self._settle(self._decoded)
 
     def finish(self, token_ids: Sequence[int]) -> str:
         """Flush: everything left (minus a stop string) once the request is done."""
         if self.stopped:
             return ""
-        full = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-        return self._emit(full)
+        self._advance(token_ids, final=True)
+        return self._settle(self._decoded, final=True)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _advance(self, token_ids: Sequence[int], final: bool) -> None:
+        if len(token_ids) <= self._read:
+            return
+        context = self._decode(token_ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        window = self._decode(token_ids[self._prefix :])
+        if not final and (window.endswith("\ufffd") or len(window) <= len(context)):
+            return  # an unfinished character (or nothing visible yet): wait for the next token
+        self._decoded += window[len(context) :]
+        self._prefix = self._read  # the next window's context: the tokens just read
+        self._read = len(token_ids)
+
+    def _settle(self, full: str, final: bool = False) -> str:
+        start = max(0, len(self.text) - self._hold)  # a stop string may straddle emitted text
+        for stop in self.stop:
+            at = full.find(stop, start)
+            if at != -1:
+                self.stopped = True
+                return self._emit(full[:at])
+        if final:
+            return self._emit(full)
+        safe = full.rstrip("\ufffd")
+        if self._hold and self.stop:
+            safe = safe[: max(len(self.text), len(safe) - self._hold)]
+        return self._emit(safe)
 
     def _emit(self, upto: str) -> str:
         if not upto.startswith(self.text) or len(upto) <= len(self.text):

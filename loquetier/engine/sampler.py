@@ -57,10 +57,14 @@ class SamplingTensors:
         generator: torch.Generator | None = None,
     ) -> SamplingTensors:
         """One row per logits row: its request's params and how many tokens it has sampled so far."""
-        seeds = [
-            (p.seed & _M32) if p.seed is not None else int(torch.randint(0, 2**32, (), generator=generator))
-            for p in params
-        ]
+        # A row without a seed draws one from the engine's generator (all such rows in one draw);
+        # a greedy row's seed is never read.
+        seeds = [(p.seed & _M32) if p.seed is not None else 0 for p in params]
+        unseeded = [i for i, p in enumerate(params) if p.seed is None and p.temperature > 0]
+        if unseeded:
+            draws = torch.randint(0, 2**32, (len(unseeded),), generator=generator).tolist()
+            for i, seed in zip(unseeded, draws, strict=True):
+                seeds[i] = seed
         dev = torch.device(device)
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
