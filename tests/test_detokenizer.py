@@ -108,3 +108,9 @@ def test_cost_per_token_does_not_grow_with_the_output() -> None:
     assert len(ids) > 300
     stream(tokenizer, ids)
     assert max(calls) <= 8  # windows, never the whole output
+    calls.clear()  # a long run of skipped special tokens (no visible text) inside the output
+    eos = tokenizer.eos_token_id
+    cut = next(n for n in range(50, 100) if not decode(ids[:n]).endswith("\ufffd"))  # between characters
+    ids = ids[:cut] + [eos] * 200 + ids[cut:100]
+    assert stream(tokenizer, ids)[0] == decode(ids, skip_special_tokens=True)
+    assert max(calls) <= 32  # a window: at most 16 tokens read last time as context, 16 waiting

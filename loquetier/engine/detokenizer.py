@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+# Tokens that may wait for visible text before a window is read anyway. A UTF-8 character takes at
+# most 4 byte tokens; the bound keeps a degenerate run (skipped special tokens, invalid bytes) from
+# growing the window, and with it the cost per token, without end.
+_MAX_PENDING = 16
+
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas; finds stop strings.
@@ -50,8 +55,11 @@ class IncrementalDetokenizer:
             return
         context = self._decode(token_ids[self._prefix : self._read]) if self._read > self._prefix else ""
         window = self._decode(token_ids[self._prefix :])
-        if not final and (window.endswith("\ufffd") or len(window) <= len(context)):
-            return  # an unfinished character (or nothing visible yet): wait for the next token
+        waiting = window.endswith("\ufffd") or len(window) <= len(context)
+        if not final and waiting and len(token_ids) - self._read < _MAX_PENDING:
+            # an unfinished character, or nothing visible yet (a skipped special token, a lone
+            # SentencePiece space that decodes to nothing at a window's start): wait for more
+            return
         self._decoded += window[len(context) :]
         self._prefix = self._read  # the next window's context: the tokens just read
         self._read = len(token_ids)
