@@ -94,23 +94,33 @@ def test_stop_strings_cut_where_the_whole_text_first_has_one(tokenizer) -> None:
     assert d.text + d.finish(ids) == whole
 
 
-def test_cost_per_token_does_not_grow_with_the_output() -> None:
+def test_cost_per_token_does_not_grow_with_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer = make_tokenizer()
     calls: list[int] = []
-    decode = tokenizer.decode
+    decode = IncrementalDetokenizer._decode
 
-    def counting(ids, **kw):  # noqa: ANN001, ANN003, ANN202
+    def counting(self, ids):  # noqa: ANN001, ANN202
         calls.append(len(ids))
-        return decode(ids, **kw)
+        return decode(self, ids)
 
-    tokenizer.decode = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(IncrementalDetokenizer, "_decode", counting)
     ids = tokenizer.encode(" ".join(TEXTS * 8), add_special_tokens=False)
     assert len(ids) > 300
-    stream(tokenizer, ids)
+    assert stream(tokenizer, ids)[0] == tokenizer.decode(ids, skip_special_tokens=True)
     assert max(calls) <= 8  # windows, never the whole output
     calls.clear()  # a long run of skipped special tokens (no visible text) inside the output
     eos = tokenizer.eos_token_id
-    cut = next(n for n in range(50, 100) if not decode(ids[:n]).endswith("\ufffd"))  # between characters
+    cut = next(n for n in range(50, 100) if not tokenizer.decode(ids[:n]).endswith("\ufffd"))  # between chars
     ids = ids[:cut] + [eos] * 200 + ids[cut:100]
-    assert stream(tokenizer, ids)[0] == decode(ids, skip_special_tokens=True)
+    assert stream(tokenizer, ids)[0] == tokenizer.decode(ids, skip_special_tokens=True)
     assert max(calls) <= 32  # a window: at most 16 tokens read last time as context, 16 waiting
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_through_its_wrapper() -> None:
+    tokenizer = make_tokenizer()
+    assert IncrementalDetokenizer(tokenizer)._backend is not None
+    tokenizer.clean_up_tokenization_spaces = True
+    d = IncrementalDetokenizer(tokenizer)
+    assert d._backend is None
+    ids = tokenizer.encode(TEXTS[-1], add_special_tokens=False)
+    assert stream(tokenizer, ids)[0] == tokenizer.decode(ids, skip_special_tokens=True)

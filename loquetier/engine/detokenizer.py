@@ -29,6 +29,10 @@ class IncrementalDetokenizer:
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""  # text emitted so far
         self.stopped = False
+        # A fast tokenizer that cleans up nothing decodes through its Rust backend directly (the
+        # transformers wrapper costs several times the decode itself on these short windows).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", True) else backend
         self._decoded = ""  # text of token_ids[:_read] (what the windows have settled)
         self._prefix = 0  # the context window starts here
         self._read = 0  # tokens before this are in _decoded
@@ -48,6 +52,8 @@ class IncrementalDetokenizer:
         return self._settle(self._decoded, final=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:
+            return str(self._backend.decode(list(ids), skip_special_tokens=True))
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def _advance(self, token_ids: Sequence[int], final: bool) -> None:
