@@ -81,7 +81,7 @@ def test_stop_strings_cut_where_the_whole_text_first_has_one(tokenizer) -> None:
     text = "Paris is the capital of France. the quick brown fox"
     ids = tokenizer.encode(text, add_special_tokens=False)
     whole = tokenizer.decode(ids, skip_special_tokens=True)
-    for stop in (("capital",), ("France.", "quick"), ("zzz",), ("fox",), ("s i",)):
+    for stop in (("capital",), ("quick", "France."), ("zzz",), ("fox",), ("s i",)):
         cut = min((whole.find(s) for s in stop if s in whole), default=-1)
         expected = (whole[:cut], True) if cut != -1 else (whole, False)
         assert stream(tokenizer, ids, stop) == expected, stop

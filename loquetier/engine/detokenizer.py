@@ -18,9 +18,9 @@ class IncrementalDetokenizer:
     by the previous update; the new text is the difference between the window's text and the
     context's (both decoded from the same start, so start-of-window effects such as SentencePiece
     dropping a leading space cancel).
-    A window whose text ends in a replacement char (an unfinished UTF-8 sequence) waits for more
-    tokens. The cost per token is therefore constant, not the length of the output so far. Text
-    that could be the start of a stop string is held back until it cannot be.
+    A window whose text ends in a replacement char (an unfinished UTF-8 sequence) or shows nothing
+    new waits for more tokens, up to 16. The cost per token is therefore bounded, not the length of
+    the output so far. Text that could be the start of a stop string is held back until it cannot be.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
@@ -72,11 +72,10 @@ class IncrementalDetokenizer:
 
     def _settle(self, full: str, final: bool = False) -> str:
         start = max(0, len(self.text) - self._hold)  # a stop string may straddle emitted text
-        for stop in self.stop:
-            at = full.find(stop, start)
-            if at != -1:
-                self.stopped = True
-                return self._emit(full[:at])
+        hits = [at for at in (full.find(stop, start) for stop in self.stop) if at != -1]
+        if hits:  # the earliest stop string ends the text
+            self.stopped = True
+            return self._emit(full[: min(hits)])
         if final:
             return self._emit(full)
         safe = full.rstrip("\ufffd")
