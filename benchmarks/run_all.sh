@@ -51,10 +51,16 @@ run() {  # name, time limit (s), module, extra flags for this run
 gpu_tests() {  # the tests that only mean something on a GPU (no broker or database: no conftest)
     # one process per file, side by side: most of their time is single-threaded Triton compiles
     echo "== gpu-tests (limit ${GPU_TESTS_LIMIT:-240}s)"
-    local t0=$SECONDS pids=() f
-    for f in test_graphs test_fused test_smlm test_paged_attention test_launch test_model_parts; do
-        timeout "${GPU_TESTS_LIMIT:-240}" "$PY" -m pytest --noconftest -q -p no:cacheprovider "tests/$f.py" \
-            >"$OUT_DIR/gpu_$f.log" 2>&1 &
+    # test_smlm compiles the most variants: three processes, split by test name
+    local t0=$SECONDS pids=() f part
+    for part in test_graphs test_fused test_smlm:parts "test_smlm:popularity or rank_mix" \
+            "test_smlm:not parts and not popularity and not rank_mix" test_paged_attention test_launch \
+            test_model_parts; do
+        f=${part%%:*}
+        local k=() log=$f
+        if [ "$part" != "$f" ]; then k=(-k "${part#*:}"); log="${f}_$(echo "${part#*:}" | tr -c 'a-z' '_')"; fi
+        timeout "${GPU_TESTS_LIMIT:-240}" "$PY" -m pytest --noconftest -q -p no:cacheprovider "tests/$f.py" "${k[@]}" \
+            >"$OUT_DIR/gpu_$log.log" 2>&1 &
         pids+=($!)
     done
     for f in "${pids[@]}"; do wait "$f"; done
