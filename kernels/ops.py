@@ -25,10 +25,13 @@ class _Backend:
     def __init__(self, shrink: Callable[..., torch.Tensor], expand: Callable[..., None],  # noqa: PLR0917
                  backward: Callable[..., torch.Tensor], name: str,
                  parts: tuple[Callable[..., bool], Callable[..., torch.Tensor], Callable[..., None]] | None = None,
+                 variant_metas: Callable[[int, torch.device], list[SMLMMeta]] | None = None,
                  ) -> None:
         self.shrink, self.expand, self.backward, self.name = shrink, expand, backward, name
         # (parts_fit, shrink_parts, expand_parts): the parts of a fused module in one launch each
         self.parts = parts
+        # layouts whose launches build every compiled variant (None: the backend compiles nothing)
+        self.variant_metas = variant_metas
 
 
 _REFERENCE = _Backend(reference.shrink_ref, reference.expand_ref, reference.backward_ref, "reference")
@@ -41,7 +44,8 @@ def _triton_backend() -> _Backend | None:
     except ImportError:
         return None
     return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton",
-                    parts=(smlm.parts_fit, smlm.shrink_parts, smlm.expand_parts))
+                    parts=(smlm.parts_fit, smlm.shrink_parts, smlm.expand_parts),
+                    variant_metas=smlm.variant_metas)
 
 
 def backend_for(device: torch.device) -> _Backend:
@@ -68,11 +72,8 @@ def force_backend(name: str | None) -> None:
 def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     """Batch layouts on one adapter slot whose launches cover every compiled variant of the forward
     SMLM kernels on ``device`` (see ``smlm.variant_metas``); none for the torch reference."""
-    if backend_for(device).name != "triton":
-        return []
-    from . import smlm
-
-    return smlm.variant_metas(slot, device)
+    metas = backend_for(device).variant_metas
+    return [] if metas is None else metas(slot, device)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0917

@@ -42,14 +42,14 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._advance(token_ids, final=False)
-        return self._settle(self._decoded)
+        return self._settle()
 
     def finish(self, token_ids: Sequence[int]) -> str:
         """Flush: everything left (minus a stop string) once the request is done."""
         if self.stopped:
             return ""
         self._advance(token_ids, final=True)
-        return self._settle(self._decoded, final=True)
+        return self._settle(final=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
         if self._backend is not None:
@@ -70,7 +70,8 @@ class IncrementalDetokenizer:
         self._prefix = self._read  # the next window's context: the tokens just read
         self._read = len(token_ids)
 
-    def _settle(self, full: str, final: bool = False) -> str:
+    def _settle(self, final: bool = False) -> str:
+        full = self._decoded
         start = max(0, len(self.text) - self._hold)  # a stop string may straddle emitted text
         hits = [at for at in (full.find(stop, start) for stop in self.stop) if at != -1]
         if hits:  # the earliest stop string ends the text
