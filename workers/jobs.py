@@ -27,6 +27,7 @@ from loquetier.settings import WorkerSettings
 from . import convert
 from .adapters import AdapterSync, lora_fields, read_payload
 from .engine_client import EngineClient
+from .errors import public_error
 from .metrics import QUEUE_DEPTH
 from .publisher import Publisher
 from .store import Store
@@ -114,7 +115,8 @@ class JobRunner:
                 checkpoint=payload,
             )
         except Exception as exc:
-            error = str(exc)[:2000]
+            code, message = public_error(exc, "this job", log, job_id=job_id)
+            error = f"{code}: {message}"
             log.warning("job failed to start", extra={"job_id": job_id, "error": error})
             await self._store.tx(
                 lambda s: repo.finish_job(s, job_id, status="failed", worker_id=self._worker_id, error=error)
