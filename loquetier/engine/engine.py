@@ -240,7 +240,7 @@ class Engine:
 
     def load_adapter_bytes(self, adapter_id: str, data: bytes) -> int:
         try:
-            adapter = LoRAAdapter.from_bytes(data, self.model.dims)
+            adapter = LoRAAdapter.from_bytes(data, self.model.dims, self.config.max_lora_rank)
         except (AdapterError, ValueError) as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
         return self.load_adapter(adapter_id, adapter)
@@ -300,7 +300,7 @@ class Engine:
                               f"context of {self.max_model_len} tokens")
         if self.blocks.blocks_needed(len(ids) + 1) > self.blocks.num_blocks:
             raise EngineError("prompt_too_long", "the prompt does not fit in the KV cache")
-        sampling = self.requests.effective_sampling(sampling, room)
+        sampling = self.requests.effective_sampling(sampling, room, self.model.cfg.vocab_size)
         try:
             seq = Seq(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
         except ValueError as exc:

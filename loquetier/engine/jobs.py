@@ -112,7 +112,7 @@ class JobBook:
         if base_adapter is not None:
             if base_adapter in self.adapters:
                 return self.adapters.get(base_adapter).clone(), None
-            return LoRAAdapter.load(base_adapter, self.adapters.pool.dims), None
+            return LoRAAdapter.load(base_adapter, self.adapters.pool.dims, self.adapters.pool.max_rank), None
         spec = dict(lora or {})
         if "target_modules" in spec:
             spec["target_modules"] = tuple(spec["target_modules"])

@@ -32,6 +32,8 @@ from .manager import AdapterManager
 from .params import TrainingParams
 from .schedule import lr_at
 
+_MAX_COUNTED_EXAMPLES = 1 << 20  # example visits packed to count a run's steps (~1 s of host work)
+
 
 @dataclass
 class JobMetrics:
@@ -53,6 +55,7 @@ class TrainingJob:
         if init is None:
             if lora is None:
                 raise AdapterError("a training job needs either `lora` (new adapter) or `init`")
+            manager.check_fits(lora)
             init = LoRAAdapter.new(lora, manager.pool.dims, seed=params.seed)
         if init.config.dropout:
             raise AdapterError("LoRA dropout is not implemented by the SMLM kernels; use dropout=0")
@@ -232,11 +235,29 @@ class TrainingJob:
         torch._foreach_copy_(self._slot_views, [p.detach() for p in self._params])
 
     def _count_steps(self) -> int | None:
-        if self.params.num_epochs is None:
-            return self.params.max_steps
-        num_mb = sum(self.stream.micro_batches_per_epoch(e) for e in range(self.params.num_epochs))
-        steps = math.ceil(num_mb / self.params.grad_accum)
-        return steps if self.params.max_steps is None else min(steps, self.params.max_steps)
+        """Optimizer steps of the whole run (for the LR schedule and progress).
+
+        Each epoch packs its own shuffled order, so an epoch's micro-batch count is known only by
+        packing it: that is done for at most ``_MAX_COUNTED_EXAMPLES`` example visits (and never past
+        ``max_steps``); later epochs count as the mean of the packed ones. The work is bounded
+        whatever ``epochs`` says (10**12 epochs once looped here for good), and the same data and
+        params always give the same count, so a resumed run keeps its schedule.
+        """
+        params = self.params
+        num_epochs = params.num_epochs
+        if num_epochs is None:
+            return params.max_steps
+        enough = None if params.max_steps is None else params.max_steps * params.grad_accum
+        num_counted = max(1, min(num_epochs, _MAX_COUNTED_EXAMPLES // len(self.stream.sequences)))
+        num_mb = 0
+        for epoch in range(num_counted):
+            num_mb += self.stream.micro_batches_per_epoch(epoch)
+            if enough is not None and num_mb >= enough:
+                return params.max_steps
+        if num_epochs > num_counted:
+            num_mb = math.ceil(num_mb * (num_epochs / num_counted))
+        steps = math.ceil(num_mb / params.grad_accum)
+        return steps if params.max_steps is None else min(steps, params.max_steps)
 
     # --- checkpoints -----------------------------------------------------------------------------
 
