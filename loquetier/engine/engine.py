@@ -26,8 +26,9 @@ import torch
 from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.errors import EngineError
-from loquetier.engine.events import EngineEvent, RequestFailed
+from loquetier.engine.events import EngineEvent, JobFinished, RequestFailed
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
+from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
@@ -114,6 +115,7 @@ class Engine:
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
         self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
         self._clock = time.monotonic
+        self.isolation = StepIsolation(self.runner, self.scheduler, self.requests, self.jobs)
         self._backlog: list[EngineEvent] = []
         self._ids = itertools.count()
         self.num_steps = 0
@@ -373,7 +375,11 @@ class Engine:
         """Mean completion-token loss and token accuracy of an adapter (None = base) on ``data``."""
         job_id = self.jobs.add_eval(f"eval-{next(self._ids)}", adapter_id, data, micro_batch_tokens)
         while (result := self.jobs.eval_result(job_id)) is None:
-            self._backlog.extend(self._step())
+            events = self._step()
+            for e in events:
+                if isinstance(e, JobFinished) and e.job_id == job_id and e.status == "failed":
+                    raise EngineError("job_failed", e.error or "the evaluation failed")
+            self._backlog.extend(events)
         self._backlog = [e for e in self._backlog if getattr(e, "job_id", None) != job_id]
         return result
 
@@ -402,7 +408,7 @@ class Engine:
             return self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
         t0 = time.perf_counter()
-        run = self.runner.run(batch, self.jobs, self.requests)
+        run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
         step_time = time.perf_counter() - t0
         graphs, cfg = self.runner.graphs, self.scheduler.config
         if cfg.graph_max_rows and (graphs is None or graphs.max_tokens <= graphs.max_batch):
@@ -414,7 +420,7 @@ class Engine:
         for seq in self.scheduler.running:
             if self.blocks.has_seq(seq.seq_id):
                 self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
-        events = self.requests.events(step_events, run.logprobs, self.scheduler, self._clock)
+        events = failed + self.requests.events(step_events, run.logprobs, self.scheduler, self._clock)
         events += self.jobs.after_step(run)
         return events
 

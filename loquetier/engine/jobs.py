@@ -6,13 +6,14 @@ only sees WorkRunners. Evaluations during training run as child eval jobs on the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loquetier.engine.config import EngineConfig
-from loquetier.engine.errors import EngineError
+from loquetier.engine.errors import EngineError, describe
 from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, JobFinished, JobProgress
 from loquetier.engine.scheduler import Scheduler
 from loquetier.engine.work import WorkRunner
@@ -176,6 +177,17 @@ class JobBook:
         return True
 
     def cancel(self, job_id: str) -> JobFinished | None:
+        return self._end(job_id, "cancelled", None)
+
+    def fail(self, job_id: str, reason: str) -> JobFinished | None:
+        """End a job whose own work failed (its rows broke a step, a non-finite loss, its optimizer
+        raised); an evaluation child fails the training job it belongs to. None if unknown."""
+        runner = self._runners.get(job_id)
+        if runner is not None and runner.parent is not None:
+            job_id = runner.parent
+        return self._end(job_id, "failed", reason)
+
+    def _end(self, job_id: str, status: str, error: str | None) -> JobFinished | None:
         t = self._train.pop(job_id, None)
         if t is not None:
             if t.child is not None:
@@ -183,24 +195,46 @@ class JobBook:
             self._unregister(job_id)
             t.job.zero_grad()
             self.adapters.release_train_slot(t.job.adapter_id)
-            return JobFinished(job_id, t.job.adapter_id, "cancelled", self._metrics(t.job))
+            return JobFinished(job_id, t.job.adapter_id, status, self._metrics(t.job), error=error)
         e = self._evals.pop(job_id, None)
         if e is not None:
             self._end_eval(e)
-            return JobFinished(job_id, e.adapter_id or "", "cancelled")
+            return JobFinished(job_id, e.adapter_id or "", status, error=error)
         return None
 
     # ---- after each step ---------------------------------------------------------------------------
 
     def after_step(self, run: RunResult) -> list[EngineEvent]:
+        """Account the step's pieces; a job whose accounting fails (a non-finite loss, an optimizer
+        that raised, e.g. on an lr too large for float32) fails alone, the others go on."""
+        failed: list[EngineEvent] = []
         for piece, loss_sum, count, correct in run.pieces:
-            piece.runner.complete(piece, loss_sum, count, correct)
-        return self.collect_idle()
+            job_id = piece.runner.job_id
+            if job_id not in self._runners:
+                continue  # failed by an earlier piece of this step
+            try:
+                if not piece.runner.is_eval and not math.isfinite(loss_sum):
+                    raise FloatingPointError(f"the training loss is {loss_sum} (lower lr, or check the data)")
+                piece.runner.complete(piece, loss_sum, count, correct)
+            except Exception as exc:  # the job's own numbers: nothing else is touched
+                event = self.fail(job_id, f"training failed at step {self._step_of(job_id)}: {describe(exc)}")
+                if event is not None:
+                    failed.append(event)
+        return failed + self.collect_idle()
+
+    def _step_of(self, job_id: str) -> int:
+        runner = self._runners.get(job_id)
+        t = self._train.get(runner.parent or job_id) if runner is not None else None
+        return t.job.step if t is not None else 0
 
     def collect_idle(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []
         for job_id in list(self._train):
-            events += self._advance(self._train[job_id])
+            try:
+                events += self._advance(self._train[job_id])
+            except Exception as exc:  # e.g. trained weights refused as non-finite: this job alone
+                failed = self.fail(job_id, f"the job could not finish a step: {describe(exc)}")
+                events += [failed] if failed is not None else []
         for job_id in list(self._evals):
             e = self._evals[job_id]
             if e.job.is_done:
@@ -243,9 +277,9 @@ class JobBook:
         if job.should_checkpoint:
             events.append(JobCheckpoint(job.job_id, job.step, job.checkpoint()))
         if job.is_done:
+            trained = job.finish()  # first: weights it refuses leave the job registered, to be failed
             self._unregister(job.job_id)
             del self._train[job.job_id]
-            trained = job.finish()
             events.append(JobFinished(job.job_id, job.adapter_id, "succeeded", self._metrics(job),
                                       adapter=trained.to_bytes()))
         return events

@@ -90,6 +90,10 @@ class RequestBook:
                 changes["stop_token_ids"] = sampling.stop_token_ids + extra
         return dataclasses.replace(sampling, **changes) if changes else sampling
 
+    def drop(self, request_id: str) -> None:
+        """Forget a request that failed in a step (a RequestFailed, no RequestFinished, reports it)."""
+        self._requests.pop(request_id, None)
+
     def add(self, seq: Seq, stream: bool) -> None:
         sp = seq.sampling
         detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None

@@ -70,6 +70,7 @@ class TrainingJob:
         self._accum: list[tuple[float, int]] = []  # (loss_sum, num_target_tokens) since the last step
         self._eval: EvaluationJob | None = None
         self._last_checkpoint, self._last_eval = -1, -1
+        self._window: tuple[DataCursor, int, int, int] | None = None  # see rewind()
         manager.load(adapter_id, init)
         self.slot = manager.acquire_train_slot(adapter_id)
         self._build_masters(init)
@@ -112,8 +113,23 @@ class TrainingJob:
             raise RuntimeError(f"{self._job_id}: micro-batch {self._running.index} is still running")
         if self.is_done:
             return None
+        if not self._accum:  # the first micro-batch of an accumulation window: where rewind() returns to
+            m = self.metrics
+            self._window = (self.stream.cursor, self.stream.num_micro_batches, m.num_tokens, m.num_target_tokens)
         self._running = self.stream.next()
         return self._running
+
+    def rewind(self) -> None:
+        """Start the current accumulation window again: zero the gradients and put the data back
+        where the window began. For a step that failed after this job's rows entered it (their
+        backward may have added part of a gradient); the window's micro-batches are run again."""
+        self.zero_grad()
+        self._running = None
+        self._accum.clear()
+        if self._window is not None:
+            cursor, num_micro_batches, num_tokens, num_target_tokens = self._window
+            self.stream.cursor, self.stream.num_micro_batches = cursor, num_micro_batches
+            self.metrics.num_tokens, self.metrics.num_target_tokens = num_tokens, num_target_tokens
 
     def on_micro_batch_done(self, loss_sum: float, num_target_tokens: int) -> bool:
         """The running micro-batch's backward is complete (its gradients are in the slot).
