@@ -151,6 +151,15 @@ class EngineClient:
     async def add_job(self, adapter_id: str, data: Any, params: Any, **kwargs: Any) -> str:
         return await self.call(lambda e: e.add_training_job(adapter_id, data, params, **kwargs))
 
+    async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> Any:
+        """A job's data read, tokenized and checked in a worker thread, not on the engine thread:
+        a large data set then never stalls the steps (``Engine.prepare_data``). An engine without
+        that method gets ``data`` back unchanged."""
+        prepare = getattr(self._engine, "prepare_data", None)
+        if prepare is None:
+            return data
+        return await asyncio.to_thread(prepare, data, micro_batch_tokens)
+
     async def cancel_job(self, job_id: str) -> None:
         await self.call(lambda e: e.cancel_job(job_id))
 

@@ -95,6 +95,8 @@ class JobRunner:
 
     async def _launch(self, row: JobRow) -> None:
         job_id = row.job_id
+        if job_id in self.running:  # our own job, its lease renewed by the claim: it runs here already
+            return
         try:
             job = convert.job_from_spec(row.spec)
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
@@ -102,13 +104,16 @@ class JobRunner:
             base = job.base_adapter
             if base is not None and not Path(base).is_dir():
                 await self._adapters.ensure(base)
+            mbt = job.params.micro_batch_tokens  # data tokenized off the engine thread, then handed over
+            data = await self._client.prepare_data(convert.job_data(job.data), mbt)
+            eval_data = None if job.eval_data is None else convert.job_data(job.eval_data)
             await self._client.add_job(
                 job.adapter_id,
-                convert.job_data(job.data),
+                data,
                 convert.training_params(job),
                 lora=job.lora.model_dump(),
                 base_adapter=base,
-                eval_data=convert.job_data(job.eval_data) if job.eval_data is not None else None,
+                eval_data=await self._client.prepare_data(eval_data, mbt) if eval_data is not None else None,
                 job_id=job_id,
                 priority=max(0, job.priority),
                 kind=job.kind,

@@ -39,6 +39,7 @@ from loquetier.engine.sequence import Sequence as Seq
 from loquetier.engine.step_model import StepCost, StepTimeModel
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
+from loquetier.lora.data import PreparedData
 from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
@@ -358,6 +359,10 @@ class Engine:
         _check_id(adapter_id, "adapter_id")
         return self.jobs.add(job_id, adapter_id, data, params, lora=lora, base_adapter=base_adapter,
                              eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint)
+
+    def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
+        """Tokenize and check a job's data ahead, on any thread, while the engine steps (JobBook.prepare)."""
+        return self.jobs.prepare(data, micro_batch_tokens)
 
     def cancel_job(self, job_id: str) -> bool:
         event = self.jobs.cancel(job_id)

@@ -6,7 +6,9 @@ only sees WorkRunners. Evaluations during training run as child eval jobs on the
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from loquetier.engine.scheduler import Scheduler
 from loquetier.engine.work import WorkRunner
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
-from loquetier.lora.data import DataError, TrainSequence, tokenize_examples
+from loquetier.lora.data import DataError, PreparedData, TrainSequence, data_fingerprint, tokenize_examples
 from loquetier.lora.evaluate import EvaluationJob
 from loquetier.lora.job import TrainingJob
 from loquetier.lora.manager import AdapterManager
@@ -55,13 +57,38 @@ class JobBook:
         self._evals: dict[str, _Eval] = {}
         self._runners: dict[str, WorkRunner] = {}
         self.eval_results: dict[str, dict[str, float]] = {}
+        self._prepare_lock = threading.Lock()
+        self._tokenizer_copy: Any = None
 
     # ---- creation ----------------------------------------------------------------------------------
 
-    def _sequences(self, data: Any, max_tokens: int) -> list[TrainSequence]:
+    def prepare(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
+        """Read, tokenize and check ``data`` (inline examples or a JSONL path) for a job whose
+        micro-batches hold ``micro_batch_tokens``. Safe on any thread while the engine steps (it
+        reads no engine state and tokenizes with its own copy of the tokenizer), so a job's set-up
+        need not stall the steps: hand the result to ``add_training_job``."""
+        limit = min(micro_batch_tokens or self.config.max_num_batched_tokens, self.config.max_num_batched_tokens)
+        with self._prepare_lock:
+            if self._tokenizer_copy is None and self.tokenizer is not None:
+                self._tokenizer_copy = copy.deepcopy(self.tokenizer)  # HF fast tokenizers: one user at a time
+            try:
+                seqs = tokenize_examples(data, self._tokenizer_copy, vocab_size=self.vocab_size, max_tokens=limit)
+            except (DataError, OSError, ValueError, TypeError) as exc:
+                raise EngineError("invalid_data", str(exc)) from exc
+        return PreparedData(tuple(seqs), data_fingerprint(seqs), limit)
+
+    def _sequences(self, data: Any, max_tokens: int) -> tuple[list[TrainSequence], str | None]:
+        """Sequences and (when prepared ahead) their fingerprint."""
         limit = min(max_tokens, self.config.max_num_batched_tokens)
+        if isinstance(data, PreparedData):
+            if data.max_tokens is None or data.max_tokens > limit:
+                longest = max((s.num_tokens for s in data.sequences), default=0)
+                if longest > limit:
+                    raise EngineError("invalid_data",
+                                      f"a sequence of {longest} tokens exceeds micro_batch_tokens={limit}")
+            return list(data.sequences), data.fingerprint
         try:
-            return tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit)
+            return tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit), None
         except (DataError, OSError, ValueError, TypeError) as exc:
             raise EngineError("invalid_data", str(exc)) from exc
 
@@ -86,11 +113,12 @@ class JobBook:
                 params = TrainingParams(**{**params.__dict__, "priority": priority})
         except (TypeError, ValueError) as exc:
             raise EngineError("invalid_job", f"bad training params: {exc}") from exc
-        seqs = self._sequences(data, params.micro_batch_tokens)
-        eval_seqs = self._sequences(eval_data, params.micro_batch_tokens) if eval_data is not None else None
+        seqs, fingerprint = self._sequences(data, params.micro_batch_tokens)
+        eval_seqs = self._sequences(eval_data, params.micro_batch_tokens)[0] if eval_data is not None else None
         try:
             if checkpoint is not None:
-                job = TrainingJob.restore(checkpoint, self.adapters, seqs, eval_data=eval_seqs)
+                job = TrainingJob.restore(checkpoint, self.adapters, seqs, eval_data=eval_seqs,
+                                          data_fingerprint=fingerprint)
                 if job.job_id != job_id or job.adapter_id != adapter_id:
                     self.adapters.release_train_slot(job.adapter_id)
                     raise EngineError("invalid_job", f"checkpoint belongs to job {job.job_id!r} "
@@ -98,7 +126,7 @@ class JobBook:
             else:
                 init, cfg = self._init(base_adapter, lora)
                 job = TrainingJob(job_id, adapter_id, self.adapters, seqs, params, lora=cfg, init=init,
-                                  eval_data=eval_seqs)
+                                  eval_data=eval_seqs, data_fingerprint=fingerprint)
         except AdapterError as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
         except (TypeError, ValueError) as exc:
@@ -122,7 +150,7 @@ class JobBook:
     def add_eval(self, job_id: str, adapter_id: str | None, data: Any, micro_batch_tokens: int | None) -> str:
         self._check_new(job_id)
         mbt = micro_batch_tokens or self.config.max_num_batched_tokens
-        seqs = self._sequences(data, mbt)
+        seqs, _ = self._sequences(data, mbt)
         slot, pinned = -1, False
         if adapter_id is not None:
             if adapter_id not in self.adapters:

@@ -48,7 +48,7 @@ class TrainingJob:
     def __init__(self, job_id: str, adapter_id: str, manager: AdapterManager,
                  data: Sequence[TrainSequence], params: TrainingParams, *,
                  lora: LoRAConfig | None = None, init: LoRAAdapter | None = None,
-                 eval_data: Sequence[TrainSequence] | None = None) -> None:
+                 eval_data: Sequence[TrainSequence] | None = None, data_fingerprint: str | None = None) -> None:
         """Start a job. ``init`` (an existing adapter to continue from) or ``lora`` (a new
         PEFT-initialised adapter drawn from ``params.seed``). Registers ``adapter_id`` with the
         manager (replacing an idle adapter of that id) and takes a training slot."""
@@ -71,6 +71,7 @@ class TrainingJob:
         self._eval: EvaluationJob | None = None
         self._last_checkpoint, self._last_eval = -1, -1
         self._window: tuple[DataCursor, int, int, int] | None = None  # see rewind()
+        self._fingerprint = data_fingerprint
         manager.load(adapter_id, init)
         self.slot = manager.acquire_train_slot(adapter_id)
         self._build_masters(init)
@@ -277,6 +278,13 @@ class TrainingJob:
 
     # --- checkpoints -----------------------------------------------------------------------------
 
+    @property
+    def data_fingerprint(self) -> str:
+        """The training data's hash, computed once (given when the data was prepared ahead)."""
+        if self._fingerprint is None:
+            self._fingerprint = ckpt.data_fingerprint(self.stream.sequences)
+        return self._fingerprint
+
     def checkpoint(self) -> bytes:
         """Weights + optimizer state + step + data cursor + RNG + metrics (safetensors + JSON)."""
         if not self._at_boundary:
@@ -286,9 +294,9 @@ class TrainingJob:
 
     @classmethod
     def restore(cls, data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence], *,
-                eval_data: Sequence[TrainSequence] | None = None) -> TrainingJob:
+                eval_data: Sequence[TrainSequence] | None = None, data_fingerprint: str | None = None) -> TrainingJob:
         """Continue the run saved by :meth:`checkpoint` (same data required) in this engine."""
-        return ckpt.load(cls, data, manager, train_data, eval_data)
+        return ckpt.load(cls, data, manager, train_data, eval_data, data_fingerprint)
 
     def _restore_state(self, step: int, cursor: DataCursor, num_micro_batches: int) -> None:
         self.step, self._last_checkpoint = step, step
