@@ -67,6 +67,9 @@ class _TakeRecorder:
     def runner(self, job_id: str) -> _TakeRecorder._Runner:
         return _TakeRecorder._Runner(self._jobs.runner(job_id), self.taken)
 
+    def __getattr__(self, name: str) -> Any:  # anything else the runner reads of the book
+        return getattr(self._jobs, name)
+
     class _Runner:
         def __init__(self, runner: WorkRunner, taken: list[tuple[WorkRunner, Piece]]) -> None:
             self._runner, self._taken = runner, taken
@@ -76,6 +79,9 @@ class _TakeRecorder:
             if piece is not None:
                 self._taken.append((self._runner, piece))
             return piece
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._runner, name)
 
 
 @dataclass
