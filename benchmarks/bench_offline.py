@@ -45,16 +45,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Generator, device: str,
-             new_tokens: int, repeats: int) -> dict[str, Any]:
-    """Tokens/s of ``Engine.generate`` over ``batch`` fresh prompts (median of ``repeats`` calls)."""
+def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Generator, device: str,  # noqa: PLR0917
+             new_tokens: int, repeats: int, prompts: list[list[int]] | None = None) -> dict[str, Any]:
+    """Tokens/s of ``Engine.generate`` over ``batch`` fresh prompts (median of ``repeats`` calls); the
+    last call's tokens under ``"tokens"`` (``prompts``: these instead of fresh ones)."""
     from loquetier import SamplingParams
 
     sampling = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     rates, seconds = [], []
     graph_steps = 0
+    given = prompts
     for _ in range(repeats):
-        prompts = _prompts(batch, engine.model.cfg.vocab_size, gen)
+        prompts = given or _prompts(batch, engine.model.cfg.vocab_size, gen)
         ids = [adapters[i % len(adapters)] for i in range(batch)]
         before_steps, before_graph = engine.num_steps, engine.runner.num_graph_steps
         _sync(device)
@@ -68,7 +70,8 @@ def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Gen
         graph_steps = engine.runner.num_graph_steps - before_graph
         steps = engine.num_steps - before_steps
     return {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates, "seconds": seconds,
-            "steps": steps, "graph_steps": graph_steps, "batch": batch, "new_tokens": new_tokens}
+            "steps": steps, "graph_steps": graph_steps, "batch": batch, "new_tokens": new_tokens,
+            "windows": engine.window.num_windows, "tokens": [o.token_ids for o in outs], "prompts": prompts}
 
 
 def run_hf(model: Any, batch: int, adapter_names: list[str] | None, gen: torch.Generator, device: str,
@@ -149,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
              ("ours_base_b128", big_batch, [None]), ("ours_lora_b128", big_batch, list(adapter_ids))]
     for name, batch, adapters in cases:
         r = common.attempt(name, errors, log, run_ours, engine, batch, adapters, gen, dev, new_tokens, repeats)
+        if r is not None and name == "ours_lora_b32":
+            # the same prompts one step at a time: what the decode windows buy, and the same tokens
+            window = engine.window.max_steps
+            engine.window.max_steps = 1
+            one = common.attempt("ours_lora_b32_step", errors, log, run_ours, engine, batch, adapters, gen, dev,
+                                 new_tokens, repeats, r["prompts"])
+            engine.window.max_steps = window
+            if one is not None:
+                same = sum(a == b for a, b in zip(one["tokens"], r["tokens"], strict=True))
+                one["same_tokens_as_windows"] = same / batch
+                one["floor_tokens_per_s"] = batch / floor_s
+                one["x_floor"] = one["tokens_per_s"] / one["floor_tokens_per_s"]
+                results["ours_lora_b32_step"] = one
+                log(f"one step at a time: {one['tokens_per_s']:.0f} tok/s, same tokens on {same}/{batch} rows")
         if r is not None:
             r["floor_tokens_per_s"] = batch / floor_s
             r["x_floor"] = r["tokens_per_s"] / r["floor_tokens_per_s"]
@@ -176,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("transformers, no adapters", "transformers"),
                        ("ours, no adapters, batch 32", "ours_base_b32"),
                        ("ours, 32 adapters, batch 32", "ours_lora_b32"),
+                       ("ours, 32 adapters, batch 32, one step at a time", "ours_lora_b32_step"),
                        ("ours, no adapters, batch 128", "ours_base_b128"),
                        ("ours, 32 adapters, batch 128", "ours_lora_b128")):
         r = results.get(key)
@@ -188,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
               ["ours no adapters / transformers (batch 32)",
                report.fmt(rate("ours_base_b32") / rate("transformers"))],
               ["LoRA overhead (batch 32)", report.fmt(overhead, 3)],
+              ["decode windows / one step at a time (32 adapters, batch 32)",
+               report.fmt(rate("ours_lora_b32") / rate("ours_lora_b32_step"), 3)],
               ["LoRA overhead (batch 128)", report.fmt(rate("ours_lora_b128") / rate("ours_base_b128"), 3)]]
     sections = [
         ("Throughput", f"{PROMPT_TOKENS}-token prompts, greedy, EOS ignored; weight-read floor "
@@ -197,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
+    for r in results.values():
+        if isinstance(r, dict):
+            r.pop("tokens", None)
+            r.pop("prompts", None)
     text = report.write_report(args.out, "offline", "Offline generation throughput",
                                env=common.environment(args), sections=sections, targets=targets,
                                results={**results, "errors": errors})

@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import itertools
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
+from loquetier.engine.decode_window import DecodeWindow
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import EngineEvent, JobFinished, RequestFailed
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
@@ -117,6 +119,8 @@ class Engine:
         self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
         self._clock = time.monotonic
         self.isolation = StepIsolation(self.runner, self.scheduler, self.requests, self.jobs)
+        self.window = DecodeWindow(self.scheduler, self.runner, self.blocks, self.requests, self.jobs,
+                                   config.decode_window, self.max_model_len)
         self._backlog: list[EngineEvent] = []
         self._ids = itertools.count()
         self.num_steps = 0
@@ -412,6 +416,15 @@ class Engine:
         if batch.is_empty:
             return self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
+        window = self.window.size(batch)
+        if window > 1:
+            try:
+                events = self.window.run(batch, window, self._clock)
+            except Exception as exc:  # noqa: BLE001 - the plain step below runs (and isolates) it
+                warnings.warn(f"decode window of {window} steps failed, running one step: {exc!r}", stacklevel=2)
+            else:
+                self.num_steps += window
+                return events
         t0 = time.perf_counter()
         run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
         step_time = time.perf_counter() - t0

@@ -21,6 +21,7 @@ Stop token ids are the scheduler's; stop strings are matched on detokenized text
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,6 +78,19 @@ class SamplingTensors:
             any_top_p=any(p.top_p < 1.0 for p in params),
             all_greedy=all(p.temperature == 0 for p in params),
         )
+
+
+    def next_step(self, params: Sequence[RowParams], generator: torch.Generator | None = None) -> SamplingTensors:
+        """The same rows one token later (a decode window's next step, built without the host's rows):
+        each row's step counter advanced, and unseeded sampled rows given fresh seeds, drawn as the
+        next step's ``build`` would draw them."""
+        seed = self.seed
+        unseeded = [i for i, p in enumerate(params) if p.seed is None and p.temperature > 0]
+        if unseeded:
+            draws = torch.randint(0, 2**32, (len(unseeded),), generator=generator)
+            index = torch.tensor(unseeded, dtype=torch.int64)
+            seed = seed.index_copy(0, index.to(seed.device), draws.to(seed.device))
+        return dataclasses.replace(self, seed=seed, step=self.step + 1)
 
 
 @dataclass(frozen=True)

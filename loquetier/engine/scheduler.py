@@ -464,6 +464,19 @@ class Scheduler:
         batch.predicted_time_s = self.step_model.predict(_features(batch, cfg))
         return batch
 
+    def continue_decode(self, batch: ScheduledBatch, now: float) -> ScheduledBatch:
+        """The next step of a decode window (``Engine``: several decode steps run on the device with one
+        synchronization): ``batch``'s decode rows whose sequences still run, one token each, with
+        ``batch``'s budgets. The KV their tokens need was reserved when the window began."""
+        step = ScheduledBatch(step_id=self._step_id, now=now, time_budget_s=batch.time_budget_s,
+                              predicted_time_s=batch.predicted_time_s)
+        self._step_id += 1
+        for seq in batch.decode_seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.kv.allocate(seq.seq_id, 1)
+                step.decode_seqs.append(seq)
+        return step
+
     def postprocess(self, batch: ScheduledBatch, result: StepResult) -> StepEvents:
         now = result.now
         train_used = result.train_tokens
