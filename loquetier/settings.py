@@ -39,6 +39,10 @@ class KafkaSettings(BaseModel):
     group_id: str = "loquetier-workers"
     client_id: str = "loquetier"
     max_record_bytes: PositiveInt = 4 * 1024 * 1024
+    # A request may name a reply topic (``reply_to``); only topics under this prefix are accepted,
+    # so a producer cannot make a worker write into any other topic (docs/gateway.md).
+    reply_prefix: str = Field(default="loquetier.replies.", min_length=1)
+    reply_timeout_s: PositiveFloat = 30.0  # how long a worker retries a reply topic before dropping the record
 
     def topics(self) -> list[str]:
         return [

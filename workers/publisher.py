@@ -4,15 +4,21 @@ Results are keyed by request_id / job_id so that one request's records stay orde
 one partition. ``publish`` waits for the broker's acknowledgement (the caller marks the
 source record done only afterwards); ``stream`` only enqueues (token records are a
 best-effort preview, the "result" record is the one that counts).
+
+A request with ``reply_to`` gets its records on that topic (a gateway's own). A reply topic
+that cannot be written (its gateway deleted it) is retried for ``reply_timeout_s`` at most,
+then its records are dropped for 30 s: the outcome stays in the request's row, and one
+missing topic never holds up the worker's other work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 
 from loquetier.codec import Record
 from loquetier.messages import DeadLetter, encode_record
@@ -21,6 +27,8 @@ from loquetier.settings import KafkaSettings
 from .topics import forbid_auto_create
 
 log = logging.getLogger(__name__)
+
+REPLY_DOWN_S = 30.0  # a reply topic found missing is not tried again for this long
 
 
 class Publisher:
@@ -42,6 +50,12 @@ class Publisher:
         self.closing = False
         self.num_published = 0
         self.num_retries = 0
+        self.num_replies_dropped = 0
+        self._reply_down_until: dict[str, float] = {}  # reply topic -> monotonic time to try again
+
+    @property
+    def reply_prefix(self) -> str:
+        return self._kafka.reply_prefix
 
     async def start(self) -> None:
         backoff = 0.2
@@ -65,18 +79,38 @@ class Publisher:
         value = encode_record(record)
         await self._send(topic or self._kafka.results_topic, key, value)
 
-    async def stream(self, record: Record, key: str) -> None:
+    async def stream(self, record: Record, key: str, *, topic: str | None = None) -> None:
         """Enqueue without waiting for the acknowledgement (token previews)."""
+        topic = topic or self._kafka.results_topic
+        if self._reply_is_down(topic):
+            self.num_replies_dropped += 1
+            return
         try:
-            await self._producer.send(self._kafka.results_topic, encode_record(record), key=key.encode())
+            await self._producer.send(topic, encode_record(record), key=key.encode())
         except KafkaError as exc:
-            log.warning("token record not sent", extra={"error": str(exc), "key": key})
+            log.warning("token record not sent", extra={"error": str(exc), "key": key, "topic": topic})
+            if isinstance(exc, UnknownTopicOrPartitionError):  # gone, not a broker blip
+                self._mark_reply_down(topic)
+
+    def _is_reply(self, topic: str) -> bool:
+        return topic.startswith(self._kafka.reply_prefix)
+
+    def _reply_is_down(self, topic: str) -> bool:
+        return self._is_reply(topic) and self._reply_down_until.get(topic, 0.0) > time.monotonic()
+
+    def _mark_reply_down(self, topic: str) -> None:
+        if self._is_reply(topic):
+            self._reply_down_until[topic] = time.monotonic() + REPLY_DOWN_S
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         await self.publish(letter.model_copy(update={"worker_id": self._worker_id}), None, topic=self._kafka.dlq_topic)
 
     async def _send(self, topic: str, key: str | None, value: bytes) -> None:
         backoff = 0.1
+        give_up = time.monotonic() + self._kafka.reply_timeout_s if self._is_reply(topic) else None
+        if self._reply_is_down(topic):
+            self.num_replies_dropped += 1
+            return
         while True:
             try:
                 await self._producer.send_and_wait(topic, value, key=key.encode() if key else None)
@@ -85,6 +119,11 @@ class Publisher:
             except KafkaError as exc:
                 if self.closing:
                     raise
+                if give_up is not None and time.monotonic() >= give_up:
+                    log.warning("reply topic unwritable, record dropped", extra={"topic": topic, "error": repr(exc)})
+                    self.num_replies_dropped += 1
+                    self._mark_reply_down(topic)
+                    return
                 self.num_retries += 1
                 log.warning("publish failed, retrying: %s %r", topic, exc, extra={"topic": topic, "error": repr(exc)})
                 await asyncio.sleep(backoff)
