@@ -23,6 +23,7 @@ from loquetier.db.models import JobRow
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
 from loquetier.messages import CheckpointResult, JobDoneResult, ProgressResult, TrainingJob
 from loquetier.settings import WorkerSettings
+from loquetier.training_files import file_id_of, parse_jsonl
 
 from . import convert
 from .adapters import AdapterSync, lora_fields, read_payload
@@ -103,11 +104,11 @@ class JobRunner:
                 await self._adapters.ensure(base)
             await self._client.add_job(
                 job.adapter_id,
-                convert.job_data(job.data),
+                await self._data(job.data),
                 convert.training_params(job),
                 lora=job.lora.model_dump(),
                 base_adapter=base,
-                eval_data=convert.job_data(job.eval_data) if job.eval_data is not None else None,
+                eval_data=await self._data(job.eval_data) if job.eval_data is not None else None,
                 job_id=job_id,
                 priority=max(0, job.priority),
                 kind=job.kind,
@@ -138,6 +139,16 @@ class JobRunner:
             ProgressResult(job_id=job_id, adapter_id=job.adapter_id, step=step, total_steps=row.total_steps),
             job_id,
         )
+
+    async def _data(self, data: Any) -> Any:
+        """Inline examples or a path as given; ``file:<file_id>`` (an upload) read from the ``files`` table."""
+        file_id = file_id_of(data)
+        if file_id is None:
+            return convert.job_data(data)
+        blob = await self._store.tx(lambda s: repo.file_data(s, file_id))
+        if blob is None:
+            raise ValueError(f"training file {file_id!r} does not exist (deleted?)")
+        return await asyncio.to_thread(parse_jsonl, blob)
 
     # --- leases ----------------------------------------------------------------------------
 

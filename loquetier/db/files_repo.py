@@ -12,7 +12,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
-from loquetier.db.models import FileRow
+from loquetier.db.jobs_repo import FINAL_JOB_STATUSES
+from loquetier.db.models import FileRow, JobRow
 
 FILE_URI_PREFIX = "file:"  # a TrainingJob's data "file:<file_id>" names a row of this table
 
@@ -58,3 +59,13 @@ async def list_files(session: AsyncSession, tenant_id: str | None, *, limit: int
 async def delete_file(session: AsyncSession, file_id: str) -> bool:
     stmt = delete(FileRow).where(FileRow.file_id == file_id).returning(FileRow.file_id)
     return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def jobs_using_file(session: AsyncSession, file_id: str) -> list[str]:
+    """Unfinished jobs whose data or eval data is this file (a worker reads it again on resume)."""
+    ref = f"{FILE_URI_PREFIX}{file_id}"
+    query = select(JobRow.job_id).where(
+        JobRow.status.not_in(FINAL_JOB_STATUSES),
+        (JobRow.spec["data"].astext == ref) | (JobRow.spec["eval_data"].astext == ref),
+    )
+    return list((await session.scalars(query)).all())

@@ -20,15 +20,18 @@ def _adapter_visible(tenant_id: str | None) -> ColumnElement[bool]:
     return shared if tenant_id is None else or_(shared, AdapterRow.tenant_id == tenant_id)
 
 
-async def visible_adapters(session: AsyncSession, tenant_id: str | None) -> list[tuple[str, datetime]]:
-    """(adapter_id, created_at of its first version) of every ready adapter the tenant may use."""
+async def visible_adapters(
+    session: AsyncSession, tenant_id: str | None
+) -> list[tuple[str, datetime, str | None]]:
+    """(adapter_id, created_at of its first version, owning tenant or None) of every ready adapter
+    the tenant may use."""
     rows = await session.execute(
-        select(AdapterRow.adapter_id, func.min(AdapterRow.created_at))
+        select(AdapterRow.adapter_id, func.min(AdapterRow.created_at), func.max(AdapterRow.tenant_id))
         .where(AdapterRow.status == "ready", _adapter_visible(tenant_id))
         .group_by(AdapterRow.adapter_id)
         .order_by(AdapterRow.adapter_id)
     )
-    return [(adapter_id, created) for adapter_id, created in rows.all()]
+    return [(adapter_id, created, tenant) for adapter_id, created, tenant in rows.all()]
 
 
 async def adapter_is_visible(session: AsyncSession, adapter_id: str, tenant_id: str | None) -> bool:
