@@ -47,7 +47,7 @@ async def upload(request: Request) -> Response:
     except Exception as exc:  # the multipart parser's own errors (malformed body, too many parts)
         detail = getattr(exc, "detail", None) or "malformed multipart body"
         raise bad_request(f"could not read the upload: {detail}", code="invalid_body") from None
-    async with form:
+    try:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != "fine-tune":
             raise bad_request("purpose must be 'fine-tune'", param="purpose")
@@ -55,6 +55,8 @@ async def upload(request: Request) -> Response:
             raise bad_request("the form needs a 'file' part", param="file")
         data = await upload.read(limit + 1)
         filename = (upload.filename or "upload.jsonl")[:512]
+    finally:
+        await form.close()
     if len(data) > limit:
         raise APIError(413, f"the file is larger than {limit} bytes", code="file_too_large")
     try:
