@@ -210,7 +210,7 @@ def _event(row: JobRow, name: str, at: Any, message: str, data: dict[str, Any] |
 
 def _events(row: JobRow, ckpts: list[Any]) -> list[dict[str, Any]]:
     """The job's story, newest first, from its row and checkpoints (nothing else is stored)."""
-    out = [_event(row, "created", row.created_at, f"Created fine-tuning job {row.job_id}")]
+    out = [_event(row, "created", row.created_at, f"Created fine-tuning job {row.job_id}")]  # in story order
     if row.started_at is not None:
         out.append(_event(row, "started", row.started_at, f"Fine-tuning job started (attempt {row.attempts})"))
     out += [_event(row, f"checkpoint-{c.step}", c.created_at, f"Checkpoint saved at step {c.step}",
@@ -227,7 +227,7 @@ def _events(row: JobRow, ckpts: list[Any]) -> list[dict[str, Any]]:
         elif row.error:
             message += f": {row.error[:500]}"
         out.append(_event(row, row.status, row.finished_at, message))
-    out.sort(key=lambda e: e["created_at"] or 0, reverse=True)
+    out.reverse()  # newest first, as OpenAI lists them
     return out
 
 
