@@ -10,7 +10,11 @@ from typing import Any
 import pytest
 
 from loquetier.settings import GatewaySettings, Settings
-from tests.workers.conftest import make_engine, reference_backend, tiny_model_dir, topics  # noqa: F401  (fixtures)
+from tests.workers import conftest as workers
+
+# The worker fixtures, for this folder too: broker topics, the tiny model, the real engine.
+topics, tiny_model_dir, reference_backend, make_engine = (
+    workers.topics, workers.tiny_model_dir, workers.reference_backend, workers.make_engine)
 
 MODEL = "tiny-llama"
 

@@ -68,7 +68,8 @@ async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, m
         assert assert_error(unknown.value, 404, "model_not_found")["param"] == "model"
         for kwargs, param in [({"n": 2}, "n"), ({"temperature": "hot"}, "temperature"),
                               ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                              ({"max_tokens": 0}, "max_tokens"), ({"top_logprobs": 3, "logprobs": True}, "top_logprobs")]:
+                              ({"max_tokens": 0}, "max_tokens"),
+                              ({"top_logprobs": 3, "logprobs": True}, "top_logprobs")]:
             with pytest.raises(openai.BadRequestError) as bad:
                 await api.chat.completions.create(model=MODEL, messages=msgs, **kwargs)
             assert assert_error(bad.value, 400)["param"] == param, kwargs
