@@ -41,6 +41,16 @@ class Waiter:
             raise from_worker(record.code, record.message)
         return record
 
+    def ready(self) -> list[Any]:
+        """Records already waiting (none if an error is among them: that one is raised)."""
+        out = []
+        while not self.queue.empty():
+            record = self.queue.get_nowait()
+            if record.type == "error":
+                raise from_worker(record.code, record.message)
+            out.append(record)
+        return out
+
     async def final(self) -> GenerateResult:
         while True:
             record = await self.next()
@@ -138,7 +148,15 @@ def error_event(error: APIError) -> bytes:
 
 
 def _sse(data: bytes) -> bytes:
+    """One SSE event. JSON leaves U+0085/U+2028/U+2029 raw, and line readers that split like
+    ``str.splitlines`` would cut the event there; escaped, every reader sees one line."""
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
     return b"data: " + data + b"\n\n"
+
+
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
 async def stream(waiter: Waiter, chunks: Chunks, tokens: TokenText) -> AsyncIterator[bytes]:
@@ -149,15 +167,16 @@ async def stream(waiter: Waiter, chunks: Chunks, tokens: TokenText) -> AsyncIter
     sent = ""
     try:
         while True:
-            record = await waiter.next()
-            if record.type == "token":
-                if record.text:
-                    sent += record.text
-                    yield chunks.delta(record.text)
-            elif record.type == "result":
-                if record.text.startswith(sent) and len(record.text) > len(sent):
-                    yield chunks.delta(record.text[len(sent):])
-                for event in chunks.last(record, tokens):
+            records = [await waiter.next(), *waiter.ready()]  # a client that fell behind gets one delta
+            text = "".join(r.text for r in records if r.type == "token")
+            if text:
+                sent += text
+                yield chunks.delta(text)
+            result = next((r for r in records if r.type == "result"), None)
+            if result is not None:
+                if result.text.startswith(sent) and len(result.text) > len(sent):
+                    yield chunks.delta(result.text[len(sent):])
+                for event in chunks.last(result, tokens):
                     yield event
                 break
     except APIError as error:  # headers are out: the error travels as an event, then the stream ends

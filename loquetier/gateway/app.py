@@ -66,11 +66,12 @@ ROUTES = [
 
 
 def create_app(settings: Settings, *, bootstrap: str, database_url: str) -> Starlette:
-    gateway = Gateway(settings, bootstrap=bootstrap, database_url=database_url)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway = Gateway(settings, bootstrap=bootstrap, database_url=database_url)  # Kafka clients need the loop
         await gateway.start()
+        app.state.gateway = gateway
         try:
             yield
         finally:
@@ -86,5 +87,4 @@ def create_app(settings: Settings, *, bootstrap: str, database_url: str) -> Star
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected},
         lifespan=lifespan,
     )
-    app.state.gateway = gateway
     return app

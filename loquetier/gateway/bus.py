@@ -78,9 +78,11 @@ class Bus:
 
     # --- publishing ------------------------------------------------------------------------
 
-    async def publish(self, topic: str, record: Record, key: str) -> None:
-        """Send and wait for the broker's acknowledgement (KafkaError when it does not take it)."""
-        await self._producer.send_and_wait(topic, encode_record(record), key=key.encode())
+    async def publish(self, topic: str, record: Record | bytes, key: str) -> None:
+        """Send (a record, or one already encoded) and wait for the broker's acknowledgement
+        (KafkaError when it does not take it)."""
+        value = record if isinstance(record, bytes) else encode_record(record)
+        await self._producer.send_and_wait(topic, value, key=key.encode())
 
     # --- replies ---------------------------------------------------------------------------
 

@@ -75,7 +75,8 @@ def _sampling(body: Sampling, max_tokens: int | None, logprobs: int | None) -> d
 
 
 def _record(rid: str, gw: Gateway, adapter_id: str | None, fields: dict[str, Any], sampling: dict[str, Any],
-            is_stream: bool) -> GenerateRequest:
+            is_stream: bool) -> bytes:
+    """The request record, encoded, or a 400/413 that says what is wrong."""
     try:
         record = GenerateRequest.model_validate(
             {"request_id": rid, "adapter_id": adapter_id, **fields, "sampling": sampling, "stream": is_stream,
@@ -90,21 +91,22 @@ def _record(rid: str, gw: Gateway, adapter_id: str | None, fields: dict[str, Any
         raise bad_request(f"the prompt is longer than {limits.max_prompt_chars} characters", param="prompt")
     if record.sampling.max_tokens > limits.max_new_tokens:
         raise bad_request(f"max_tokens is above {limits.max_new_tokens}", param="max_tokens")
-    if len(encode_record(record)) > gw.settings.kafka.max_record_bytes:
+    value = encode_record(record)
+    if len(value) > gw.settings.kafka.max_record_bytes:
         raise APIError(413, "the request is larger than the broker's record limit", code="request_too_large")
-    return record
+    return value
 
 
 async def _complete(request: Request, gw: Gateway, kind: str, body: Sampling, adapter_id: str | None,
                     fields: dict[str, Any], sampling: dict[str, Any]) -> Response:
     is_stream = bool(body.stream)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    record = _record(rid, gw, adapter_id, fields, sampling, is_stream)
+    value = _record(rid, gw, adapter_id, fields, sampling, is_stream)
     await gw.require_worker()
     gw.admit()
     queue = gw.bus.expect(rid)
     try:
-        await gw.bus.publish(gw.settings.kafka.requests_topic, record, rid)
+        await gw.bus.publish(gw.settings.kafka.requests_topic, value, rid)
     except KafkaError as exc:
         gw.bus.forget(rid)
         log.warning("request not published", extra={"request_id": rid, "error": repr(exc)})
