@@ -6,7 +6,9 @@ One run, one broker, one database, one worker (``loquetier worker`` subprocess) 
 - direct: publishes ``GenerateRequest`` records itself and reads the replies from its own reply
   topic (the same Kafka path the gateway uses, so the difference is the HTTP layer: parsing,
   auth, validation, the answer's JSON or SSE);
-- gateway: ``POST /v1/completions`` over one keep-alive HTTP connection per client task.
+- gateway: ``POST /v1/completions`` over keep-alive HTTP connections; a streamed answer is read as
+  raw bytes, split into SSE events, each event's JSON decoded (as the direct client decodes each
+  record).
 
 Latency: sequential requests alternating direct / gateway (drift in the worker hits both alike),
 non-streaming, greedy, ``--max-tokens`` each; added = gateway percentile - direct percentile.
@@ -38,6 +40,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the quick brown fox", "what is the capital", "a pirate says", "once upon a time", "hello there"]
@@ -179,14 +183,16 @@ class Http:
             answer.raise_for_status()
             return int(answer.json()["usage"]["completion_tokens"])
         body |= {"stream": True, "stream_options": {"include_usage": True}}
-        tokens = 0
+        tokens, pending = 0, b""
         async with self.http.stream("POST", f"{self.base_url}/completions", json=body) as answer:
             answer.raise_for_status()
-            async for line in answer.aiter_lines():
-                if line.startswith("data: {"):
-                    usage = json.loads(line[6:]).get("usage")
-                    if usage:
-                        tokens = int(usage["completion_tokens"])
+            async for data in answer.aiter_bytes():  # SSE events split on blank lines, each JSON decoded
+                *events, pending = (pending + data).split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data: {"):
+                        usage = orjson.loads(event[6:]).get("usage")
+                        if usage:
+                            tokens = int(usage["completion_tokens"])
         return tokens
 
 
