@@ -41,6 +41,9 @@ async def chat_completions(request: Request) -> Response:
     body = parse(ChatRequest, await read_json(request))
     body.check_supported()
     adapter_id = await gw.resolve_model(owner, body.model)
+    if "messages" not in GenerateRequest.model_fields:  # a wire format from before chat messages
+        raise bad_request("chat completions need a Loquetier version whose requests carry 'messages'; "
+                          "use /v1/completions with a prompt", code="chat_unavailable")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     sampling = _sampling(body, body.token_limit(), 1 if body.logprobs else None)
     return await _complete(request, gw, "chat", body, adapter_id, {"messages": messages}, sampling)

@@ -169,3 +169,16 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
 async def _chunks(data: bytes) -> Any:
     for start in range(0, len(data), 16 * 1024):  # no Content-Length: the limit is enforced as bytes arrive
         yield data[start:start + 16 * 1024]
+
+
+@pytest.mark.skipif("messages" in __import__("loquetier.messages").messages.GenerateRequest.model_fields,
+                    reason="this version carries chat messages")
+async def test_chat_without_wire_messages_says_so(gateway_setup: Any, database_url: str) -> None:
+    settings = await gateway_setup()
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    async with running_gateway(settings) as url:
+        api = client(url, key)
+        with pytest.raises(openai.BadRequestError) as err:
+            await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert_error(err.value, 400, "chat_unavailable")
+        await api.close()
