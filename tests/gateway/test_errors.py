@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import func, select
 
 from loquetier.db.models import FileRow, JobRow, RequestRow
+from loquetier.messages import GenerateRequest
 from tests.gateway.conftest import MODEL, client, new_key, running_gateway
 from tests.workers.conftest import running_worker
 from tests.workers.test_worker_e2e import query
@@ -171,7 +172,7 @@ async def _chunks(data: bytes) -> Any:
         yield data[start:start + 16 * 1024]
 
 
-@pytest.mark.skipif("messages" in __import__("loquetier.messages").messages.GenerateRequest.model_fields,
+@pytest.mark.skipif("messages" in GenerateRequest.model_fields,
                     reason="this version carries chat messages")
 async def test_chat_without_wire_messages_says_so(gateway_setup: Any, database_url: str) -> None:
     settings = await gateway_setup()
