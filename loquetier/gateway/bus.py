@@ -62,10 +62,12 @@ class Bus:
         )
         await self._producer.start()
         await self._consumer.start()
-        part = TopicPartition(self.topic, 0)
-        self._consumer.assign([part])
-        await self._consumer.seek_to_end(part)
-        await self._consumer.position(part)  # resolved now: no reply published after this is missed
+        await self._consumer.topics()  # metadata: a topic an operator made may have more partitions
+        parts = [TopicPartition(self.topic, p) for p in sorted(self._consumer.partitions_for_topic(self.topic) or {0})]
+        self._consumer.assign(parts)
+        await self._consumer.seek_to_end(*parts)
+        for part in parts:
+            await self._consumer.position(part)  # resolved now: no reply published after this is missed
         self._reader = asyncio.create_task(self._read(), name="gateway-replies")
 
     async def stop(self) -> None:
