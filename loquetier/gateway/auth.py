@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from loquetier.db.keys_repo import KeyOwner
+from loquetier.db.keys_repo import KeyOwner, hash_key
 
 from .errors import APIError
 
@@ -53,18 +53,19 @@ class Auth:
 
     async def _resolve(self, key: str) -> KeyOwner | None:
         now = time.monotonic()
-        hit = self._cache.get(key)
+        digest = hash_key(key)  # the cache holds hashes, like the table: a memory dump shows no key
+        hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
         owner = await self._lookup(key)
         if owner is None:
-            self._cache.pop(key, None)
+            self._cache.pop(digest, None)
             return None
         if len(self._cache) > 10_000:  # bounded: drop the expired, then everything if still large
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             if len(self._cache) > 10_000:
                 self._cache.clear()
-        self._cache[key] = (now + self._cache_s, owner)
+        self._cache[digest] = (now + self._cache_s, owner)
         return owner
 
     def _take(self, key_id: str, per_minute: int) -> None:

@@ -38,7 +38,7 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             error = BodyTooLarge(limit) if length.isdigit() else bad_request("bad Content-Length header")
-            await _drain_and_answer(error, scope, receive, send)
+            await error.response()(scope, receive, send)
             return
         seen = 0
 
@@ -52,10 +52,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
-
-
-async def _drain_and_answer(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
-    await error.response()(scope, receive, send)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
