@@ -3,6 +3,9 @@
 Order of checks: the key (401/429), the body (413/400), the model (404), a live worker (503),
 room in this gateway (429); only then is a ``GenerateRequest`` published, with this gateway's
 reply topic as ``reply_to``. So a refused call leaves nothing behind: no record, no row.
+
+The body's ``loquetier`` field (``extra_body`` in the SDKs) carries our own knobs: ``priority``,
+``ttft_ms`` / ``tpot_ms`` latency targets and ``top_k``.
 """
 
 from __future__ import annotations
@@ -74,16 +77,21 @@ def _sampling(body: Sampling, max_tokens: int | None, logprobs: int | None) -> d
         spec["temperature"] = body.temperature
     if body.top_p is not None:
         spec["top_p"] = body.top_p
+    if body.loquetier is not None:
+        spec["top_k"] = body.loquetier.top_k
     return spec
 
 
-def _record(rid: str, gw: Gateway, adapter_id: str | None, fields: dict[str, Any], sampling: dict[str, Any],
-            is_stream: bool) -> bytes:
+def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, fields: dict[str, Any],
+            sampling: dict[str, Any]) -> bytes:
     """The request record, encoded, or a 400/413 that says what is wrong."""
+    options = body.loquetier
+    slo = {"ttft_ms": options.ttft_ms, "tpot_ms": options.tpot_ms} if options is not None else None
     try:
         record = GenerateRequest.model_validate(
-            {"request_id": rid, "adapter_id": adapter_id, **fields, "sampling": sampling, "stream": is_stream,
-             "reply_to": gw.bus.topic},
+            {"request_id": rid, "adapter_id": adapter_id, **fields, "sampling": sampling, "stream": bool(body.stream),
+             "reply_to": gw.bus.topic, "priority": options.priority if options else 0,
+             "slo": slo if slo and any(v is not None for v in slo.values()) else None},
             strict=False,
         )
     except ValidationError as exc:
@@ -104,7 +112,7 @@ async def _complete(request: Request, gw: Gateway, kind: str, body: Sampling, ad
                     fields: dict[str, Any], sampling: dict[str, Any]) -> Response:
     is_stream = bool(body.stream)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    value = _record(rid, gw, adapter_id, fields, sampling, is_stream)
+    value = _record(rid, gw, body, adapter_id, fields, sampling)
     await gw.require_worker()
     gw.admit()
     queue = gw.bus.expect(rid)

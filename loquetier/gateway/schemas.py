@@ -45,6 +45,15 @@ class ChatMessage(Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class RequestOptions(Body):
+    """Our own request knobs under the body's ``loquetier`` field (the SDK's ``extra_body``)."""
+
+    priority: Annotated[int, Field(ge=-(2**31), lt=2**31)] = 0
+    ttft_ms: Annotated[float, Field(gt=0)] | None = None
+    tpot_ms: Annotated[float, Field(gt=0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] = 0
+
+
 class Sampling(Body):
     """What chat and text completions share."""
 
@@ -60,6 +69,7 @@ class Sampling(Body):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    loquetier: RequestOptions | None = None
 
     def check_supported(self) -> None:
         if self.n not in (None, 1):

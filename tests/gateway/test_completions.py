@@ -37,4 +37,13 @@ async def test_text_completion_equals_engine_and_stream_equals_whole(
         assert text == whole.choices[0].text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        # our own knobs: top_k=1 samples greedily at any temperature; priority and latency targets pass through
+        ours = await api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0, extra_body={
+            "loquetier": {"top_k": 1, "priority": 3, "ttft_ms": 900.0, "tpot_ms": 200.0}})
+        assert ours.choices[0].text == expected.text
+        scored = await api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
+        lp = scored.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == scored.usage.completion_tokens
+        assert all(v <= 0.0 for v in lp.token_logprobs) and not any(t.startswith("token_id:") for t in lp.tokens)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
         await api.close()

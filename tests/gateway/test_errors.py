@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import func, select
 
+from loquetier.db import keys_repo
 from loquetier.db.models import FileRow, JobRow, RequestRow
 from loquetier.messages import GenerateRequest
 from tests.gateway.conftest import MODEL, client, new_key, running_gateway
@@ -97,8 +98,9 @@ async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, m
 
 
 async def test_503_without_a_worker(gateway_setup: Any, database_url: str) -> None:
-    settings = await gateway_setup(worker_alive_s=1.0)  # workers stopped or killed by earlier tests do not count
+    settings = await gateway_setup(worker_alive_s=1.0, key_cache_s=0.0)  # stopped or killed workers do not count
     key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    revoked = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
     before = await end_offsets(settings.kafka.bootstrap or "", settings.kafka.requests_topic)
     async with running_gateway(settings) as url:
         api = client(url, key)
@@ -107,7 +109,19 @@ async def test_503_without_a_worker(gateway_setup: Any, database_url: str) -> No
         assert_error(none.value, 503, "no_worker")
         models = await api.models.list()  # the rest of the API works without workers
         assert [m.id for m in models.data][0] == MODEL
+        gone = client(url, revoked)
+        await gone.models.list()
+        owner = await query(database_url, lambda s: keys_repo.find_key(s, revoked))
+        assert await query(database_url, lambda s: keys_repo.revoke_key(s, owner.key_id))
+        with pytest.raises(openai.AuthenticationError):
+            await gone.models.list()  # key_cache_s=0: at once
+        async with httpx.AsyncClient() as raw:
+            health = (await raw.get(url.removesuffix("/v1") + "/health")).json()
+            metrics = (await raw.get(url.removesuffix("/v1") + "/metrics")).text
+        assert health["status"] == "ok" and health["worker"] == "no_worker"
+        assert 'loquetier_gateway_http_requests_total{route="/v1/completions",status="503"}' in metrics
         await api.close()
+        await gone.close()
     assert await end_offsets(settings.kafka.bootstrap or "", settings.kafka.requests_topic) == before
 
 
