@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from loquetier.settings import Settings, get_settings
@@ -14,6 +15,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway (/v1 chat, files, fine-tuning)")
     p.add_argument("--host", default=None, help="default: LOQUETIER_GATEWAY__HOST (127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="default: LOQUETIER_GATEWAY__PORT (8000)")
+    p.add_argument("--model", default=None,
+                   help="the workers' model directory, if readable here: its name is the base model's in /v1/models, "
+                        "its tokenizer.json gives logprobs their token texts (default: LOQUETIER_ENGINE__MODEL_DIR)")
     p.add_argument("--model-name", default=None, help="the base model's name in /v1/models (default: its directory)")
     p.add_argument("--gateway-id", default=None, help="names this gateway's reply topic (default: <host>-gateway)")
     p.add_argument("--log-level", default="info")
@@ -54,6 +58,9 @@ def run_gateway(args: argparse.Namespace) -> int:
     if updates:
         gateway = settings.gateway.model_validate(settings.gateway.model_dump() | updates)
         settings = settings.model_copy(update={"gateway": gateway})
+    if args.model:
+        engine = settings.engine.model_copy(update={"model_dir": Path(args.model)})
+        settings = settings.model_copy(update={"engine": engine})
     addresses = _addresses(settings)
     if addresses is None:
         return 2
