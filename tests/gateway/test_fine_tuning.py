@@ -129,3 +129,15 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
             await api.files.retrieve(uploaded.id)
         await api.close()
         await other.close()
+
+
+async def test_a_job_naming_a_missing_file_fails_with_the_reason(topics: Any, make_engine: Any) -> None:
+    from tests.workers.conftest import client_for
+
+    settings = await topics()
+    missing = f"file-{uuid.uuid4().hex[:24]}"
+    async with running_worker(make_engine(), settings), client_for(settings) as kafka:
+        job_id = await kafka.submit_training({"adapter_id": f"a-{missing}", "data": f"file:{missing}"})
+        done = [r async for r in kafka.results([job_id])][-1]
+    assert done.type == "job_done" and done.status == "failed"
+    assert done.error.startswith("invalid_data: ") and missing in done.error
