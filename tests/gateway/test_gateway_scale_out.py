@@ -11,7 +11,7 @@ import pytest
 from loquetier.gateway.bus import reply_topic
 from loquetier.settings import GatewaySettings
 from tests.gateway.conftest import MODEL, client, new_key, running_gateway
-from tests.gateway.test_reply_to import read_topic
+from tests.gateway.test_gateway_reply_to import read_topic
 from tests.workers.conftest import running_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]

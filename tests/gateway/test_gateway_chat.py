@@ -12,7 +12,7 @@ import pytest
 
 from loquetier.messages import GenerateRequest
 from tests.gateway.conftest import MODEL, client, gateway_settings, new_key, running_gateway
-from tests.gateway.test_fine_tuning import OPTIONS, wait_job
+from tests.gateway.test_gateway_fine_tuning import OPTIONS, wait_job
 from tests.workers.conftest import ENGINE_LIMITS, client_for, running_worker
 
 pytestmark = [
