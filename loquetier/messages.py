@@ -112,6 +112,9 @@ class GenerateRequest(Record):
     slo: SLOSpec | None = None
     priority: Int32 = 0
     stream: bool = False
+    # Publish this request's records to this topic instead of the shared results topic; the
+    # worker accepts only names under its ``LOQUETIER_KAFKA__REPLY_PREFIX`` (docs/gateway.md).
+    reply_to: str | None = Field(default=None, min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> GenerateRequest:

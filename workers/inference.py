@@ -7,6 +7,9 @@
 3. On the engine's finish: store result and timings in the row (first outcome wins),
    publish the "result" record, and only then mark the Kafka record done.
 
+Records go to the request's ``reply_to`` topic when it names one (a gateway's), else to the
+shared results topic; duplicates that attach to a running request get the first one's topic.
+
 A duplicate that arrives while the request runs here attaches to it: one computation,
 one "result" record per Kafka record.
 """
@@ -191,7 +194,7 @@ class Inference:
             request_id=ev.request_id, index=flight.num_streamed, token_ids=list(ev.token_ids), text=ev.text
         )
         flight.num_streamed += len(ev.token_ids)
-        await self._publisher.stream(record, ev.request_id)
+        await self._publisher.stream(record, ev.request_id, topic=flight.request.reply_to)
 
     # --- outcomes ------------------------------------------------------------------------
 
@@ -219,7 +222,7 @@ class Inference:
             return
         while flight.sources:
             source = flight.sources[0]
-            await self._publisher.publish(record, rid)
+            await self._publisher.publish(record, rid, topic=flight.request.reply_to)
             flight.sources.pop(0)
             self._on_done(source)
         del self.inflight[rid]

@@ -64,6 +64,7 @@ class Intake:
             check_key(_bytes(record.key), self._limits)
             decoded = decode_record(kind, record.value, self._limits)
             _check_storable(decoded)
+            _check_reply_to(decoded, self._publisher.reply_prefix)
         except RecordError as err:
             RECORDS.labels(kind, "invalid").inc()
             await self._reject(record, err)
@@ -141,6 +142,16 @@ def _check_storable(record: Any) -> None:
         if isinstance(value, str) and "\x00" in value:
             ids = (getattr(record, "request_id", None), getattr(record, "job_id", None))
             raise RecordError("invalid_value", f"{name}: must not contain NUL characters", *ids)
+
+
+def _check_reply_to(record: Any, prefix: str) -> None:
+    """A reply topic outside the configured prefix is refused: producers must not be able to
+    make the worker write into any topic they name (the request topic, another application's)."""
+    reply_to = getattr(record, "reply_to", None)
+    if reply_to is not None and not reply_to.startswith(prefix):
+        raise RecordError(
+            "forbidden_reply_to", f"reply_to: {reply_to!r} is not under the reply prefix {prefix!r}", record.request_id
+        )
 
 
 def _partition(record: Any) -> Any:

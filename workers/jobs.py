@@ -20,9 +20,11 @@ from typing import Any
 
 from loquetier.db import repo
 from loquetier.db.models import JobRow
+from loquetier.engine.errors import EngineError
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
 from loquetier.messages import CheckpointResult, JobDoneResult, ProgressResult, TrainingJob
 from loquetier.settings import WorkerSettings
+from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
 from . import convert
 from .adapters import AdapterSync, lora_fields, read_payload
@@ -154,7 +156,7 @@ class JobRunner:
         lease was lost meanwhile (cancelled, paused or taken), so the job must not start here."""
         if data is None:
             return None
-        task = asyncio.create_task(self._client.prepare_data(convert.job_data(data), micro_batch_tokens))
+        task = asyncio.create_task(self._client.prepare_data(await self._data(data), micro_batch_tokens))
         while not (await asyncio.wait({task}, timeout=self._settings.heartbeat_s))[0]:
             ours = await self._store.tx(
                 lambda s: repo.renew_lease(s, job_id, self._worker_id, lease_s=self._settings.lease_s)
@@ -163,6 +165,19 @@ class JobRunner:
                 task.cancel()  # the thread finishes its work; its result is dropped
                 return None
         return task.result()
+
+    async def _data(self, data: Any) -> Any:
+        """Inline examples or a path as given; ``file:<file_id>`` (an upload) read from the ``files`` table."""
+        file_id = file_id_of(data)
+        if file_id is None:
+            return convert.job_data(data)
+        blob = await self._store.tx(lambda s: repo.file_data(s, file_id))
+        if blob is None:
+            raise EngineError("invalid_data", f"training file {file_id!r} does not exist (deleted?)")
+        try:
+            return await asyncio.to_thread(parse_jsonl, blob)
+        except TrainingFileError as exc:
+            raise EngineError("invalid_data", f"training file {file_id!r}: {exc}") from None
 
     # --- leases ----------------------------------------------------------------------------
 
