@@ -74,6 +74,24 @@ def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Gen
             "windows": engine.window.num_windows, "tokens": [o.token_ids for o in outs], "prompts": prompts}
 
 
+def compare_windows(engine: Any, batch: int, adapters: list[str | None], gen: torch.Generator,  # noqa: PLR0917
+                    device: str, new_tokens: int) -> dict[str, Any]:
+    """The same prompts with decode windows and one step at a time (prefix cache off, so both prefill
+    everything): tokens/s of each and the share of rows whose tokens are equal."""
+    prompts = _prompts(batch, engine.model.cfg.vocab_size, gen)
+    window, caching = engine.window.max_steps, engine.blocks.enable_prefix_caching
+    engine.blocks.enable_prefix_caching = False
+    try:
+        windowed = run_ours(engine, batch, adapters, gen, device, new_tokens, 1, prompts)
+        engine.window.max_steps = 1
+        single = run_ours(engine, batch, adapters, gen, device, new_tokens, 1, prompts)
+    finally:
+        engine.window.max_steps, engine.blocks.enable_prefix_caching = window, caching
+    same = sum(a == b for a, b in zip(windowed["tokens"], single["tokens"], strict=True))
+    return {"windows_tokens_per_s": windowed["tokens_per_s"], "one_step_tokens_per_s": single["tokens_per_s"],
+            "speedup": windowed["tokens_per_s"] / single["tokens_per_s"], "rows_with_same_tokens": same / batch}
+
+
 def run_hf(model: Any, batch: int, adapter_names: list[str] | None, gen: torch.Generator, device: str,
            new_tokens: int, vocab: int) -> dict[str, Any]:
     """Tokens/s of one HF ``generate`` call (greedy, exactly ``new_tokens`` each)."""
@@ -152,26 +170,19 @@ def main(argv: list[str] | None = None) -> int:
              ("ours_base_b128", big_batch, [None]), ("ours_lora_b128", big_batch, list(adapter_ids))]
     for name, batch, adapters in cases:
         r = common.attempt(name, errors, log, run_ours, engine, batch, adapters, gen, dev, new_tokens, repeats)
-        if r is not None and name == "ours_lora_b32":
-            # the same prompts one step at a time: what the decode windows buy, and the same tokens
-            window = engine.window.max_steps
-            engine.window.max_steps = 1
-            one = common.attempt("ours_lora_b32_step", errors, log, run_ours, engine, batch, adapters, gen, dev,
-                                 new_tokens, repeats, r["prompts"])
-            engine.window.max_steps = window
-            if one is not None:
-                same = sum(a == b for a, b in zip(one["tokens"], r["tokens"], strict=True))
-                one["same_tokens_as_windows"] = same / batch
-                one["floor_tokens_per_s"] = batch / floor_s
-                one["x_floor"] = one["tokens_per_s"] / one["floor_tokens_per_s"]
-                results["ours_lora_b32_step"] = one
-                log(f"one step at a time: {one['tokens_per_s']:.0f} tok/s, same tokens on {same}/{batch} rows")
         if r is not None:
             r["floor_tokens_per_s"] = batch / floor_s
             r["x_floor"] = r["tokens_per_s"] / r["floor_tokens_per_s"]
             results[name] = r
             log(f"{name}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor "
                 f"({r['graph_steps']}/{r['steps']} graph steps)")
+
+    for name, batch, adapters in (("base_b32", small_batch, [None]), ("lora_b32", small_batch, list(adapter_ids))):
+        r = common.attempt(f"windows {name}", errors, log, compare_windows, engine, batch, adapters, gen, dev,
+                           new_tokens)
+        if r is not None:
+            results[f"windows_{name}"] = r
+            log(f"decode windows, {name}: {r}")
 
     def rate(name: str) -> float:
         r = results.get(name)
@@ -193,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                        ("transformers, no adapters", "transformers"),
                        ("ours, no adapters, batch 32", "ours_base_b32"),
                        ("ours, 32 adapters, batch 32", "ours_lora_b32"),
-                       ("ours, 32 adapters, batch 32, one step at a time", "ours_lora_b32_step"),
                        ("ours, no adapters, batch 128", "ours_base_b128"),
                        ("ours, 32 adapters, batch 128", "ours_lora_b128")):
         r = results.get(key)
@@ -206,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
               ["ours no adapters / transformers (batch 32)",
                report.fmt(rate("ours_base_b32") / rate("transformers"))],
               ["LoRA overhead (batch 32)", report.fmt(overhead, 3)],
-              ["decode windows / one step at a time (32 adapters, batch 32)",
-               report.fmt(rate("ours_lora_b32") / rate("ours_lora_b32_step"), 3)],
+              *[[f"decode windows / one step at a time ({label}, batch 32; same tokens on "
+                 f"{report.fmt(100 * results[key]['rows_with_same_tokens'])} % of rows)",
+                 report.fmt(results[key]["speedup"], 3)]
+                for label, key in (("no adapters", "windows_base_b32"), ("32 adapters", "windows_lora_b32"))
+                if isinstance(results.get(key), dict)],
               ["LoRA overhead (batch 128)", report.fmt(rate("ours_lora_b128") / rate("ours_base_b128"), 3)]]
     sections = [
         ("Throughput", f"{PROMPT_TOKENS}-token prompts, greedy, EOS ignored; weight-read floor "
