@@ -35,25 +35,31 @@ def _sync() -> None:
 
 
 def _timed_steps(engine: Engine, steps: int) -> list[float]:
+    """Seconds per decode step over ``steps`` calls of ``engine.step()``; a call that ran a decode window
+    of k steps counts as k steps of a k-th of its time each."""
     times = []
     for _ in range(steps):
+        before = engine.num_steps
         _sync()
         t = time.perf_counter()
         engine.step()
         _sync()
-        times.append(time.perf_counter() - t)
+        made = max(1, engine.num_steps - before)
+        times += [(time.perf_counter() - t) / made] * made
     return times
 
 
 def _profiled_gpu_ms(engine: Engine) -> float:
     from torch.profiler import ProfilerActivity, profile
 
+    before = engine.num_steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step()
         _sync()
+    made = max(1, engine.num_steps - before)  # a decode window makes several steps
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
-    return sum(e.self_device_time_total for e in averages) / 1e3
+    return sum(e.self_device_time_total for e in averages) / 1e3 / made
 
 
 def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool = False) -> dict[str, float]:
@@ -91,7 +97,7 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int)
         prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
         engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
                            adapter_id=adapters[i % len(adapters)],
-                           sampling=SamplingParams(max_tokens=3 * steps + 40, temperature=0.0, ignore_eos=True))
+                           sampling=SamplingParams(max_tokens=12 * steps + 60, temperature=0.0, ignore_eos=True))
     graphs = engine.runner.graphs
     engine.runner.graphs = None
     while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
@@ -106,7 +112,7 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int)
         engine.runner.graphs = graphs
         before = engine.runner.num_graph_steps
         replayed = _timed_steps(engine, steps)
-        assert engine.runner.num_graph_steps - before == steps, "decode steps did not replay graphs"
+        assert engine.runner.num_graph_steps - before == len(replayed), "decode steps did not replay graphs"
         out |= {"graph_step_ms_median": statistics.median(replayed) * 1e3, "graph_step_ms_min": min(replayed) * 1e3,
                 "graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine), **{f"graph_{k}": v for k, v in check.items()}}
         # the same with the fused elementwise kernels (kernels/fused.py): eager steps, then a new graph
