@@ -372,7 +372,7 @@ def decode_step_times(
     """
     gen = torch.Generator().manual_seed(seed)
     warm = 2
-    max_tokens = warm + num_steps + 8
+    max_tokens = warm + num_steps + 8 + 64  # a decode window may run past the last measured step
     for i in range(batch):
         ids = torch.randint(3, vocab_size, (prompt_len,), generator=gen).tolist()
         engine.add_request(
@@ -396,16 +396,19 @@ def decode_step_times(
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         after = engine.stats()["scheduler"]
+        made = after["num_steps"] - before["num_steps"]  # a decode window makes several steps
         pure = (
-            after["num_decode_tokens"] - before["num_decode_tokens"] == batch
+            made >= 1
+            and after["num_decode_tokens"] - before["num_decode_tokens"] == batch * made
             and after["num_prefill_tokens"] == before["num_prefill_tokens"]
             and after["num_train_tokens"] == before["num_train_tokens"]
         )
         if pure:
-            num_pure += 1
-            if num_pure > warm:
-                times.append(dt)
-                contexts.append(prompt_len + num_pure)
+            for _ in range(made):
+                num_pure += 1
+                if num_pure > warm:
+                    times.append(dt / made)
+                    contexts.append(prompt_len + num_pure)
     while engine.has_work():
         engine.step()
     if not times:
