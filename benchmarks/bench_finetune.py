@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import common, report
-from .baselines_hf import make_peft_jobs, peft_train_sequential
-from .metrics import TrainingSummary, ratio
-from .models import prepare_base
-from .replay import add_training_jobs, cancel_jobs, make_engine, replay_engine, warmup
-from .workload import pack_micro_batches, padded_batches, padding_stats, synthetic_examples
+from .harness import common, report
+from .harness.baselines_hf import make_peft_jobs, peft_train_sequential
+from .harness.metrics import TrainingSummary, ratio
+from .harness.models import prepare_base
+from .harness.replay import add_training_jobs, cancel_jobs, make_engine, replay_engine, warmup
+from .harness.workload import pack_micro_batches, padded_batches, padding_stats, synthetic_examples
 
 PEFT = "PEFT sequential, padded"
 OURS = "loquetier, concurrent, packed"

@@ -22,9 +22,9 @@ import statistics
 import sys
 from typing import Any
 
-from . import common, report
-from .baselines_hf import replay_hf
-from .metrics import (
+from .harness import common, report
+from .harness.baselines_hf import replay_hf
+from .harness.metrics import (
     DEFAULT_TPOT_S,
     DEFAULT_TTFT_S,
     H200_BANDWIDTH_BPS,
@@ -35,9 +35,9 @@ from .metrics import (
     ratio,
     summarize_serving,
 )
-from .models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
-from .replay import decode_step_times, make_engine, replay_engine, warmup
-from .workload import Trace, make_trace
+from .harness.models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
+from .harness.replay import decode_step_times, make_engine, replay_engine, warmup
+from .harness.workload import Trace, make_trace
 
 BASE_HF = "transformers base (no adapters)"
 PEFT = "PEFT mixed (32 adapters)"

@@ -17,10 +17,10 @@ import dataclasses
 import sys
 from typing import Any
 
-from . import common, report
-from .baselines_hf import make_peft_jobs, replay_peft_unified
 from .bench_finetune import LR, RANK, job_data
-from .metrics import (
+from .harness import common, report
+from .harness.baselines_hf import make_peft_jobs, replay_peft_unified
+from .harness.metrics import (
     DEFAULT_TPOT_S,
     DEFAULT_TTFT_S,
     RequestRecord,
@@ -29,9 +29,9 @@ from .metrics import (
     ratio,
     summarize_serving,
 )
-from .models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
-from .replay import add_training_jobs, cancel_jobs, make_engine, replay_engine, warmup
-from .workload import make_trace
+from .harness.models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
+from .harness.replay import add_training_jobs, cancel_jobs, make_engine, replay_engine, warmup
+from .harness.workload import make_trace
 
 PEFT = "PEFT alternating (train step / generate batch)"
 TRAIN_ONLY = "loquetier training only"

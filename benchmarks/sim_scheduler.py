@@ -121,7 +121,7 @@ def poisson_times(rng: random.Random, rate_at: object, duration: float, peak: fl
 def make_trace(name: str, args: argparse.Namespace, rng: random.Random) -> list[Arrival]:
     rate, duration = args.rate, args.duration
     if name == "unified":  # bench_unified's trace itself (step-rate pattern, ShareGPT-like lengths)
-        from benchmarks.workload import make_trace as bench_trace
+        from benchmarks.harness.workload import make_trace as bench_trace
 
         trace = bench_trace(pattern="step", rate=rate, duration_s=duration, max_context=2048, prompt_mean=200,
                             output_mean=200, seed=args.seed + 3)
