@@ -33,7 +33,7 @@ PROJECTIONS = [("4096->4096 (q,o)", 4096, 4096), ("4096->1024 (k,v)", 4096, 1024
 FORWARD_BATCHES = [("decode 64 tok / 32 adapters", 64, 32), ("decode 256 tok / 32 adapters", 256, 32),
                    ("prefill 8192 tok / 8 adapters", 8192, 8)]
 BACKWARD_BATCH = ("train 4096 tok / 4 adapters", 4096, 4)
-TOL_BF16 = 3e-2  # max error relative to max |reference|, as in tests/test_smlm.py
+TOL_BF16 = 3e-2  # max error relative to max |reference|, as in tests/kernels/test_smlm.py
 DEVICE = "cuda"
 
 
