@@ -19,6 +19,13 @@ from typing import Any
 import torch
 
 from .models import SPECS, ModelSpec, default_dtype
+from .workload import synthetic_examples
+
+# Every fine-tuning job of the runs, ours and the PEFT baselines': a fresh LoRA of this rank, AdamW at this lr.
+RANK = 16
+LR = 1e-4
+
+Jobs = list[tuple[str, list[dict[str, list[int]]]]]  # (job name, training examples) per job
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,25 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         force_backend("reference")
     args.command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     return args
+
+
+def job_data(args: argparse.Namespace) -> Jobs:
+    """The run's fine-tuning jobs: ``(name, synthetic examples)`` for each of the profile's ``num_jobs``."""
+    prof = args.profile
+    return [
+        (
+            f"ft-{k}",
+            synthetic_examples(
+                prof.examples_per_job,
+                args.spec.vocab_size,
+                args.seed + 17 * k,
+                prompt_mean=prof.prompt_mean,
+                completion_mean=prof.output_mean,
+                max_tokens=prof.micro_batch_tokens,
+            ),
+        )
+        for k in range(prof.num_jobs)
+    ]
 
 
 def engine_limits(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
