@@ -1,6 +1,6 @@
-"""Run 4 of issue 9: fine-tuning only. Our engine, 4 concurrent jobs over packed 1,024-token
-micro-batches, vs. HF PEFT training the same jobs one after another with a plain torch loop over
-padded batches (AdamW, same lr, same clipping). Real (non-pad) tokens per second, in one process.
+"""Fine-tuning only: our engine, 4 concurrent jobs over packed 1,024-token micro-batches, vs. HF PEFT
+training the same jobs one after another with a plain torch loop over padded batches (AdamW, same lr,
+same clipping). Real (non-pad) tokens per second, in one process.
 
 Both sides run under a wall-clock limit and are measured over what they did inside it.
 

@@ -1,4 +1,4 @@
-"""Runs 1 and 2 of issue 9: LoRA overhead, and inference vs HF PEFT / transformers, in one process.
+"""Serving: LoRA overhead, and inference vs HF PEFT / transformers, in one process.
 
 One saturating Poisson trace (32 adapters, uniform popularity, ShareGPT-like lengths) is replayed
 against, in this order:

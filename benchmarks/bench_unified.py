@@ -1,4 +1,4 @@
-"""Run 3 of issue 9: unified serving + fine-tuning, in one process.
+"""Unified serving + fine-tuning, in one process.
 
 The inference trace follows the step-rate pattern (the rate steps up and back down) over 32 rank-16
 adapters; every request carries the TTFT / TPOT targets (1 s / 60 ms). Systems, in this order:

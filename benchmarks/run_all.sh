@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9 benchmarks in one go on one GPU (~15 minutes for the 8B shape):
+# The GPU benchmarks in one go on one GPU (~15 minutes for the 8B shape):
 #
 #   bash benchmarks/run_all.sh [OUT_DIR] [extra args for every script, e.g. --quick or --model small]
 #   RUNS="decode serving" bash benchmarks/run_all.sh $OUT     # a subset (default: all four)

@@ -30,7 +30,7 @@ Jobs = list[tuple[str, list[dict[str, list[int]]]]]  # (job name, training examp
 
 @dataclass(frozen=True)
 class Profile:
-    # serving trace (runs 1, 2)
+    # serving trace (bench_serving)
     rate: float  # requests/s
     duration_s: float
     prompt_mean: float
@@ -43,12 +43,12 @@ class Profile:
     decode_batch: int
     decode_steps: int
     decode_prompt_len: int
-    # unified trace (run 3)
+    # unified trace (bench_unified)
     unified_rate: float
     unified_duration_s: float
     unified_limit_s: float
     train_only_s: float
-    # fine-tuning (runs 3, 4)
+    # fine-tuning (bench_unified, bench_finetune)
     num_jobs: int
     examples_per_job: int
     micro_batch_tokens: int
