@@ -4,6 +4,7 @@
 - ``loquetier.workers.cli``: ``worker``
 - ``loquetier.producers.cli_submit``: ``submit generate|train``, ``results``
 - ``loquetier.producers.cli_tables``: ``jobs``, ``requests``, ``adapters``
+- ``loquetier.gateway.cli``: ``gateway``, ``keys create|list|revoke``
 - ``loquetier.cli_demo`` (the lead's; registered when present): ``up``, ``down``, ``demo``
 """
 
@@ -19,6 +20,7 @@ REGISTRARS = (
     "loquetier.workers.cli",
     "loquetier.producers.cli_submit",
     "loquetier.producers.cli_tables",
+    "loquetier.gateway.cli",
     "loquetier.cli_demo",  # up / down / demo: left to the lead, optional until it exists
 )
 

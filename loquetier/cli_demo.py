@@ -30,6 +30,7 @@ def register(subparsers: Any) -> None:
     up.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
     up.add_argument("--device", default=None)
     up.add_argument("--no-worker", action="store_true", help="services only")
+    up.add_argument("--no-gateway", action="store_true", help="no OpenAI-compatible gateway")
     up.set_defaults(func=_up)
     down = subparsers.add_parser("down", help="stop what `loquetier up` started")
     down.set_defaults(func=_down)
@@ -106,12 +107,23 @@ def _up(args: argparse.Namespace) -> int:
     settings = get_settings()
     addresses = services.up(settings)
     print(f"broker   {addresses.bootstrap}\ndatabase {addresses.database_url}")
+    model = None
     if not args.no_worker:
         model = _model_dir(args.model)
         proc = start_worker(model, settings, addresses.bootstrap, addresses.database_url, args.device)
         print(f"worker   pid {proc.pid} (log: {settings.cache_dir / 'logs' / 'worker.log'})")
+    exports = []
+    if not args.no_gateway:
+        from loquetier.gateway import local
+
+        name = settings.gateway.model_name or (model.name if model is not None else "base")
+        pid, url = local.start(settings, addresses.bootstrap, addresses.database_url, model_name=name, model_dir=model)
+        print(f"gateway  pid {pid} at {url} (log: {settings.cache_dir / 'logs' / 'gateway.log'})")
+        exports = local.exports(url, local.local_key(settings, addresses.database_url))
     print(f"\nexport LOQUETIER_KAFKA__BOOTSTRAP={addresses.bootstrap}")
     print(f"export LOQUETIER_DATABASE__URL={addresses.database_url}")
+    for line in exports:
+        print(line)
     return 0
 
 
@@ -119,6 +131,10 @@ def _down(args: argparse.Namespace) -> int:
     from loquetier import services
 
     settings = get_settings()
+    from loquetier.gateway import local
+
+    if local.stop(settings):
+        print("gateway stopped")
     if stop_worker(settings):
         print("worker stopped")
     for name in services.down(settings):

@@ -39,6 +39,10 @@ class KafkaSettings(BaseModel):
     group_id: str = "loquetier-workers"
     client_id: str = "loquetier"
     max_record_bytes: PositiveInt = 4 * 1024 * 1024
+    # A request may name a reply topic (``reply_to``); only topics under this prefix are accepted,
+    # so a producer cannot make a worker write into any other topic (docs/gateway.md).
+    reply_prefix: str = Field(default="loquetier.replies.", min_length=1)
+    reply_timeout_s: PositiveFloat = 30.0  # how long a worker retries a reply topic before dropping the record
 
     def topics(self) -> list[str]:
         return [
@@ -95,6 +99,22 @@ class WorkerSettings(BaseModel):
     adapter_dir: Path = DEFAULT_CACHE_DIR / "adapters"
 
 
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible HTTP gateway (``loquetier gateway``, docs/gateway.md)."""
+
+    id: str = Field(default_factory=lambda: f"{socket.gethostname()}-gateway", pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model_name: str | None = None  # the base model's name in /v1/models; default: the model directory's name
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024  # a JSON body larger than this is refused (413)
+    max_file_bytes: PositiveInt = 16 * 1024 * 1024  # an uploaded training file larger than this is refused (413)
+    max_inflight: PositiveInt = 1024  # requests waiting for results at once; more get 429
+    request_timeout_s: PositiveFloat = 600.0
+    key_cache_s: float = Field(default=10.0, ge=0)  # a revoked key stops working within this
+    model_cache_s: float = Field(default=2.0, ge=0)
+    worker_alive_s: PositiveFloat = 15.0  # a worker whose heartbeat is older counts as gone (503)
+
+
 class Settings(BaseSettings):
     """All process settings. Read once per process through :func:`get_settings`."""
 
@@ -108,6 +128,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     cache_dir: Path = DEFAULT_CACHE_DIR
 
 

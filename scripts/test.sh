@@ -20,7 +20,7 @@ fi
 echo "== ruff"
 ruff check .
 echo "== mypy (service side, strict)"
-mypy loquetier/settings.py loquetier/messages.py loquetier/db workers producers
+mypy loquetier/settings.py loquetier/messages.py loquetier/training_files.py loquetier/db loquetier/gateway workers producers
 echo "== compose"
 if ! command -v docker-compose >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null) || echo "docker-compose unavailable"

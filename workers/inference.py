@@ -7,6 +7,9 @@
 3. On the engine's finish: store result and timings in the row (first outcome wins),
    publish the "result" record, and only then mark the Kafka record done.
 
+Records go to the request's ``reply_to`` topic when it names one (a gateway's), else to the
+shared results topic; duplicates that attach to a running request get the first one's topic.
+
 A duplicate that arrives while the request runs here attaches to it: one computation,
 one "result" record per Kafka record.
 """
@@ -28,6 +31,7 @@ from . import convert
 from . import store as q
 from .adapters import AdapterSync
 from .engine_client import EngineClient
+from .errors import INTERNAL, public_error
 from .metrics import QUEUE_DEPTH, REQUESTS
 from .publisher import Publisher
 from .store import Store
@@ -111,11 +115,16 @@ class Inference:
             if req.adapter_id is not None and not await self._adapters.ensure(req.adapter_id):
                 await self._fail(rid, "unknown_adapter", f"adapter {req.adapter_id!r} is not registered")
                 return
+            try:  # the engine's own checks of a value the border let through: a ValueError
+                kwargs = convert.request_kwargs(req)
+            except ValueError as exc:
+                await self._fail(rid, "invalid_request", str(exc)[:500])
+                return
             await self._store.tx(lambda s: repo.start_request(s, rid, self._worker_id))
             try:
-                await self._client.submit(rid, **convert.request_kwargs(req))
-            except Exception as exc:  # EngineError(code, message) for bad input
-                await self._fail(rid, getattr(exc, "code", "engine_error"), getattr(exc, "message", str(exc)))
+                await self._client.submit(rid, **kwargs)
+            except Exception as exc:  # EngineError(code, message) for bad input, else internal
+                await self._fail(rid, *public_error(exc, "this request", log, request_id=rid))
                 return
             self.inflight[rid].in_engine = True
             self.num_computed += 1
@@ -125,7 +134,7 @@ class Inference:
             )
         except Exception:
             log.exception("request intake failed", extra={"request_id": rid})
-            await self._fail(rid, "internal", "the worker could not start this request")
+            await self._fail(rid, INTERNAL, "the worker could not start this request; the detail is in its log")
 
     async def _take_over(self, rid: str) -> bool:
         """For an existing row: republish a finished one, wait for a live owner, or compute."""
@@ -185,7 +194,7 @@ class Inference:
             request_id=ev.request_id, index=flight.num_streamed, token_ids=list(ev.token_ids), text=ev.text
         )
         flight.num_streamed += len(ev.token_ids)
-        await self._publisher.stream(record, ev.request_id)
+        await self._publisher.stream(record, ev.request_id, topic=flight.request.reply_to)
 
     # --- outcomes ------------------------------------------------------------------------
 
@@ -213,7 +222,7 @@ class Inference:
             return
         while flight.sources:
             source = flight.sources[0]
-            await self._publisher.publish(record, rid)
+            await self._publisher.publish(record, rid, topic=flight.request.reply_to)
             flight.sources.pop(0)
             self._on_done(source)
         del self.inflight[rid]

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from loquetier.codec import Limits
+from loquetier.codec import Limits, check_key
 from loquetier.db import repo
 from loquetier.messages import (
     ControlCommand,
@@ -27,6 +27,7 @@ from loquetier.messages import (
 
 from . import convert
 from .control import Control
+from .errors import public_error
 from .inference import Inference
 from .jobs import JobRunner
 from .metrics import RECORDS
@@ -60,8 +61,10 @@ class Intake:
     async def handle(self, kind: TopicKind, record: Any, epoch: int) -> None:
         part, offset = _partition(record), record.offset
         try:
+            check_key(_bytes(record.key), self._limits)
             decoded = decode_record(kind, record.value, self._limits)
             _check_storable(decoded)
+            _check_reply_to(decoded, self._publisher.reply_prefix)
         except RecordError as err:
             RECORDS.labels(kind, "invalid").inc()
             await self._reject(record, err)
@@ -80,10 +83,10 @@ class Intake:
             elif isinstance(decoded, ControlCommand):
                 await self._control.apply(decoded)
         except Exception as exc:
-            code = getattr(exc, "code", "failed")
-            log.warning("record failed", extra={"kind": kind, "offset": offset, "error": str(exc)[:500]})
+            code, message = public_error(exc, "this record", log, kind=kind, offset=offset)
+            log.warning("record failed", extra={"kind": kind, "offset": offset, "code": code})
             ids = (None, decoded.job_id if isinstance(decoded, TrainingJob) else None)
-            await self._reject(record, RecordError(code, str(getattr(exc, "message", exc))[:2000], *ids))
+            await self._reject(record, RecordError(code, message, *ids))
         self._done(part, offset, epoch)
 
     async def _insert_job(self, job: TrainingJob) -> None:
@@ -139,6 +142,16 @@ def _check_storable(record: Any) -> None:
         if isinstance(value, str) and "\x00" in value:
             ids = (getattr(record, "request_id", None), getattr(record, "job_id", None))
             raise RecordError("invalid_value", f"{name}: must not contain NUL characters", *ids)
+
+
+def _check_reply_to(record: Any, prefix: str) -> None:
+    """A reply topic outside the configured prefix is refused: producers must not be able to
+    make the worker write into any topic they name (the request topic, another application's)."""
+    reply_to = getattr(record, "reply_to", None)
+    if reply_to is not None and not reply_to.startswith(prefix):
+        raise RecordError(
+            "forbidden_reply_to", f"reply_to: {reply_to!r} is not under the reply prefix {prefix!r}", record.request_id
+        )
 
 
 def _partition(record: Any) -> Any:

@@ -20,13 +20,16 @@ from typing import Any
 
 from loquetier.db import repo
 from loquetier.db.models import JobRow
+from loquetier.engine.errors import EngineError
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
 from loquetier.messages import CheckpointResult, JobDoneResult, ProgressResult, TrainingJob
 from loquetier.settings import WorkerSettings
+from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
 from . import convert
 from .adapters import AdapterSync, lora_fields, read_payload
 from .engine_client import EngineClient
+from .errors import public_error
 from .metrics import QUEUE_DEPTH
 from .publisher import Publisher
 from .store import Store
@@ -94,6 +97,8 @@ class JobRunner:
 
     async def _launch(self, row: JobRow) -> None:
         job_id = row.job_id
+        if job_id in self.running:  # our own job, its lease renewed by the claim: it runs here already
+            return
         try:
             job = convert.job_from_spec(row.spec)
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
@@ -101,20 +106,26 @@ class JobRunner:
             base = job.base_adapter
             if base is not None and not Path(base).is_dir():
                 await self._adapters.ensure(base)
+            data = await self._prepare(job_id, job.data, job.params.micro_batch_tokens)
+            eval_data = await self._prepare(job_id, job.eval_data, job.params.micro_batch_tokens)
+            if data is None or (job.eval_data is not None and eval_data is None):
+                log.info("job lost while its data was prepared", extra={"job_id": job_id})
+                return
             await self._client.add_job(
                 job.adapter_id,
-                convert.job_data(job.data),
+                data,
                 convert.training_params(job),
                 lora=job.lora.model_dump(),
                 base_adapter=base,
-                eval_data=convert.job_data(job.eval_data) if job.eval_data is not None else None,
+                eval_data=eval_data,
                 job_id=job_id,
                 priority=max(0, job.priority),
                 kind=job.kind,
                 checkpoint=payload,
             )
         except Exception as exc:
-            error = str(exc)[:2000]
+            code, message = public_error(exc, "this job", log, job_id=job_id)
+            error = f"{code}: {message}"
             log.warning("job failed to start", extra={"job_id": job_id, "error": error})
             await self._store.tx(
                 lambda s: repo.finish_job(s, job_id, status="failed", worker_id=self._worker_id, error=error)
@@ -138,6 +149,35 @@ class JobRunner:
             ProgressResult(job_id=job_id, adapter_id=job.adapter_id, step=step, total_steps=row.total_steps),
             job_id,
         )
+
+    async def _prepare(self, job_id: str, data: Any, micro_batch_tokens: int) -> Any:
+        """The job's data tokenized in a thread, off the engine's steps, while this worker keeps
+        renewing the job's lease (a large data file may take longer than one lease). None: the
+        lease was lost meanwhile (cancelled, paused or taken), so the job must not start here."""
+        if data is None:
+            return None
+        task = asyncio.create_task(self._client.prepare_data(await self._data(data), micro_batch_tokens))
+        while not (await asyncio.wait({task}, timeout=self._settings.heartbeat_s))[0]:
+            ours = await self._store.tx(
+                lambda s: repo.renew_lease(s, job_id, self._worker_id, lease_s=self._settings.lease_s)
+            )
+            if not ours:
+                task.cancel()  # the thread finishes its work; its result is dropped
+                return None
+        return task.result()
+
+    async def _data(self, data: Any) -> Any:
+        """Inline examples or a path as given; ``file:<file_id>`` (an upload) read from the ``files`` table."""
+        file_id = file_id_of(data)
+        if file_id is None:
+            return convert.job_data(data)
+        blob = await self._store.tx(lambda s: repo.file_data(s, file_id))
+        if blob is None:
+            raise EngineError("invalid_data", f"training file {file_id!r} does not exist (deleted?)")
+        try:
+            return await asyncio.to_thread(parse_jsonl, blob)
+        except TrainingFileError as exc:
+            raise EngineError("invalid_data", f"training file {file_id!r}: {exc}") from None
 
     # --- leases ----------------------------------------------------------------------------
 

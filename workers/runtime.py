@@ -192,7 +192,7 @@ class Worker:
             await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id, status="draining"), attempts=3)
         await self.jobs.release_all()
         deadline = time.monotonic() + self.drain_timeout_s
-        while self.inference.num_inflight and time.monotonic() < deadline:
+        while self.inference.num_inflight and time.monotonic() < deadline and self.client.is_running:
             await asyncio.sleep(0.05)
         aborted = await self.inference.abort_all()
         if aborted:

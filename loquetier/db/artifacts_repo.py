@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loquetier.db.models import AdapterRow, CheckpointRow
+from loquetier.db.models import AdapterRow, CheckpointRow, JobRow
 
 
 def _payload(
@@ -79,8 +79,14 @@ async def register_adapter(
     sha256: str | None = None,
     size_bytes: int | None = None,
     status: str = "ready",
+    tenant_id: str | None = None,
 ) -> AdapterRow:
-    """Add the next version of ``adapter_id`` (1, 2, ...); concurrent callers serialize."""
+    """Add the next version of ``adapter_id`` (1, 2, ...); concurrent callers serialize.
+
+    An adapter made by a job belongs to the job's tenant (null: shared, an operator's).
+    """
+    if tenant_id is None and job_id is not None:
+        tenant_id = await session.scalar(select(JobRow.tenant_id).where(JobRow.job_id == job_id))
     await session.execute(
         text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"adapter:{adapter_id}"}
     )
@@ -98,6 +104,7 @@ async def register_adapter(
         source_kind=source_kind,
         source=source,
         job_id=job_id,
+        tenant_id=tenant_id,
         **_payload(data, uri, sha256, size_bytes),
     )
     session.add(row)

@@ -37,6 +37,7 @@ async def insert_job_idempotent(
     spec: dict[str, Any],
     priority: int = 0,
     total_steps: int | None = None,
+    tenant_id: str | None = None,
 ) -> bool:
     """Insert a queued job; ``True`` if new, ``False`` if ``job_id`` already exists."""
     stmt = (
@@ -48,6 +49,7 @@ async def insert_job_idempotent(
             spec=spec,
             priority=priority,
             total_steps=total_steps,
+            tenant_id=tenant_id,
         )
         .on_conflict_do_nothing(index_elements=[JobRow.job_id])
         .returning(JobRow.job_id)

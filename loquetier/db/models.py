@@ -46,6 +46,7 @@ JOB_KINDS = ("finetune", "evaluate")
 ADAPTER_STATUSES = ("training", "ready", "failed", "archived")
 ADAPTER_SOURCES = ("path", "job", "upload")
 WORKER_STATUSES = ("starting", "running", "draining", "stopped")
+FILE_PURPOSES = ("fine-tune",)
 
 ID = String(256)
 Timestamp = DateTime(timezone=True)
@@ -114,6 +115,7 @@ class JobRow(Base):
     job_id: Mapped[str] = mapped_column(ID, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), server_default="finetune")
     adapter_id: Mapped[str] = mapped_column(ID)
+    tenant_id: Mapped[str | None] = mapped_column(ID, ForeignKey("tenants.tenant_id"), index=True)  # null: operator
     status: Mapped[str] = mapped_column(String(16), server_default="queued")
     priority: Mapped[int] = mapped_column(Integer, server_default="0")
     spec: Mapped[dict[str, Any]]
@@ -167,6 +169,7 @@ class AdapterRow(Base):
 
     adapter_id: Mapped[str] = mapped_column(ID, primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(ID, ForeignKey("tenants.tenant_id"), index=True)  # null: shared
     status: Mapped[str] = mapped_column(String(16), server_default="ready")
     rank: Mapped[int] = mapped_column(Integer)
     alpha: Mapped[float] = mapped_column(Float)
@@ -199,3 +202,49 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = _created()
     stopped_at: Mapped[datetime | None] = mapped_column(Timestamp)
     updated_at: Mapped[datetime] = _updated()
+
+
+# --- the gateway's tables: tenants, API keys, uploaded files ---------------------------------
+
+
+class TenantRow(Base):
+    """Who owns adapters, jobs and files made through the HTTP gateway."""
+
+    __tablename__ = "tenants"
+
+    tenant_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    created_at: Mapped[datetime] = _created()
+
+
+class ApiKeyRow(Base):
+    """An API key of a tenant, stored as the sha256 of the key (the key itself is shown once)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("max_requests_per_minute IS NULL OR max_requests_per_minute > 0",
+                                      name="rate_positive"),)
+
+    key_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.tenant_id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(ID)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    max_requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created()
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class FileRow(Base):
+    """An uploaded JSONL file (training data), bytes in the database; workers read it by id."""
+
+    __tablename__ = "files"
+    __table_args__ = (_one_of("purpose", FILE_PURPOSES),)
+
+    file_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(ID, ForeignKey("tenants.tenant_id", ondelete="CASCADE"),
+                                                  index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _created()

@@ -10,6 +10,7 @@ commits. Typical use::
 from __future__ import annotations
 
 from loquetier.db.artifacts_repo import get_adapter, latest_checkpoint, register_adapter, save_checkpoint
+from loquetier.db.files_repo import file_data
 from loquetier.db.jobs_repo import (
     FINAL_JOB_STATUSES,
     claim_job,
@@ -28,6 +29,7 @@ __all__ = [
     "FINAL_JOB_STATUSES",
     "claim_job",
     "finish_job",
+    "file_data",
     "finish_request",
     "get_adapter",
     "get_job",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -52,3 +52,14 @@ async def heartbeat_worker(session: AsyncSession, worker_id: str, *, status: str
     stmt = update(WorkerRow).where(WorkerRow.worker_id == worker_id).values(**values)
     stmt = stmt.returning(WorkerRow.worker_id)
     return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def count_live_workers(session: AsyncSession, *, within_s: float) -> int:
+    """Workers that are running (not draining or stopped) and heartbeat within ``within_s`` seconds."""
+    count = await session.scalar(
+        select(func.count()).where(
+            WorkerRow.status.in_(("starting", "running")),
+            WorkerRow.heartbeat_at > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, within_s),
+        )
+    )
+    return int(count or 0)

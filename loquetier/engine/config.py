@@ -47,6 +47,9 @@ class EngineConfig:
     # Hold new prefills this long so arrivals are prefilled together and most steps stay decode-only
     # (scheduler ``prefill_coalesce_ms``); None = 100 ms when decode steps replay CUDA graphs, else 0.
     prefill_coalesce_ms: float | None = None
+    # Decode-only graph steps with nothing waiting run up to this many steps on the device with one
+    # host synchronization, each step's sampled tokens fed to the next (1 = one step at a time).
+    decode_window: int = 4
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -77,6 +80,8 @@ class EngineConfig:
             raise ValueError("tpot_lookahead must be in [0, 4096]")
         if self.prefill_coalesce_ms is not None and not 0.0 <= self.prefill_coalesce_ms <= 60_000.0:
             raise ValueError("prefill_coalesce_ms must be in [0, 60000] or None")
+        if not 1 <= self.decode_window <= 64:
+            raise ValueError("decode_window must be in [1, 64]")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
 

@@ -150,6 +150,8 @@ class DecodeGraphs:
         self._pool: object | None = None
         self._logits: torch.Tensor | None = None
         self._host: tuple[list[int], list[list[int]]] = ([], [])  # last _fill's context lengths, tables
+        # the last run's layout: (bucket, with adapters, adapter segments, rows), what advance() replays
+        self._current: tuple[int, bool, list[tuple[int, int, int]], int] = (0, False, [], 0)
         self.num_replays = 0
         self.num_captures = 0
 
@@ -168,31 +170,58 @@ class DecodeGraphs:
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None)
 
-    def run(self, rows: Sequence[DecodeRow | PrefillRows]) -> tuple[torch.Tensor, list[Hashable]]:
+    def run(self, rows: Sequence[DecodeRow | PrefillRows], lookahead: int = 0) -> tuple[torch.Tensor, list[Hashable]]:
         """Logits [k, V] fp32 of an inference step (decode rows and prefill chunks), one row per
-        decode row and per chunk that ends its prompt, and the seq id of each logits row."""
+        decode row and per chunk that ends its prompt, and the seq id of each logits row.
+
+        ``lookahead`` > 0 (decode rows only): the block tables also hold the blocks of each row's next
+        ``lookahead`` positions, so :meth:`advance` can run that many more steps without the host."""
         groups = [_group(r) for r in rows]
         num_rows = sum(len(g.tokens) for g in groups)
         bucket = self.bucket_for(num_rows)
         if bucket is None or not num_rows:
             raise ValueError(f"{num_rows} rows: graphs hold 1..{self.max_tokens}")
+        if lookahead and any(not isinstance(r, DecodeRow) for r in rows):
+            raise ValueError("a lookahead needs decode rows only")
         groups.sort(key=lambda g: g.slot)  # one segment per adapter (stable: a chunk's rows stay in order)
         if self.mode == "capture" and any(g.slot >= 0 for g in groups) and \
                 backend_for(self.model.device).name != "triton":
             # the torch reference walks host segments, which a replayed graph would not update
             raise RuntimeError("decode graphs with adapters need the Triton SMLM kernels")
-        segments, seq_ids = self._fill(groups, bucket)
-        with_lora = bool(segments)
+        segments, seq_ids = self._fill(groups, bucket, lookahead)
+        self._current = (bucket, bool(segments), segments, num_rows)
+        return self._execute()[: len(seq_ids)], seq_ids
+
+    def advance(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The next decode step of the rows the last :meth:`run` laid out (decode rows only, run with a
+        lookahead left): row ``i`` feeds ``token_ids[i]`` (its sampled token, still on the device, in
+        the order of the logits) at its next position. Returns the new logits [n, V]; no host sync."""
+        bucket, _, _, n = self._current
+        if token_ids.shape != (n,):
+            raise ValueError(f"advance needs {n} token ids, got {tuple(token_ids.shape)}")
+        bs = self.block_size
+        self.input_ids[:n].copy_(token_ids)
+        self.positions[:n] += 1
+        self.context_lens[:n] += 1
+        pos = self.positions[:n]
+        blocks = self.block_tables[:n].gather(1, (pos // bs)[:, None])[:, 0]
+        self.slot_mapping[:n] = blocks.long() * bs + pos % bs
+        if self.mode == "eager":  # the reference attention reads host context lengths
+            ctx, tables = self._host
+            self._host = ([c + 1 for c in ctx[:n]] + ctx[n:], tables)
+        return self._execute()[:n]
+
+    def _execute(self) -> torch.Tensor:
+        bucket, with_lora, segments, _ = self._current
         if self.mode == "eager":
-            logits = self._forward(bucket, with_lora, True, segments)
-        else:
-            key = (bucket, with_lora)
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(bucket, with_lora)
-            graph, logits = self._graphs[key]
-            graph.replay()
-            self.num_replays += 1
-        return logits[: len(seq_ids)], seq_ids
+            return self._forward(bucket, with_lora, True, segments)
+        key = (bucket, with_lora)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(bucket, with_lora)
+        graph, logits = self._graphs[key]
+        graph.replay()
+        self.num_replays += 1
+        return logits
 
     def capture_all(self) -> int:
         """Capture every bucket, both variants, largest first (so the shared memory pool is sized by
@@ -201,6 +230,7 @@ class DecodeGraphs:
             return 0
         before = self.num_captures
         self._fill([], self.max_tokens)  # every row a padding row
+        self._current = (0, False, [], 0)
         variants = (True, False) if backend_for(self.model.device).name == "triton" else (False,)
         for bucket in reversed(self.buckets):
             for with_lora in variants:
@@ -209,10 +239,11 @@ class DecodeGraphs:
         return self.num_captures - before
 
     # -- layout ------------------------------------------------------------------------------------
-    def _fill(self, groups: Sequence[_Group], bucket: int) -> tuple[list[tuple[int, int, int]], list[Hashable]]:
+    def _fill(self, groups: Sequence[_Group], bucket: int,
+              lookahead: int = 0) -> tuple[list[tuple[int, int, int]], list[Hashable]]:
         """Write the rows (then padding up to ``bucket``) into the static buffers; one host-to-device
         copy per buffer. Returns the adapter segments (start, length, slot) and the seq id of each
-        logits row, in the order of the logits."""
+        logits row, in the order of the logits. Block tables cover ``lookahead`` positions more."""
         bs, width, scratch = self.block_size, self.max_blocks, self.scratch_block
         lens = [len(g.tokens) for g in groups]
         n = sum(lens)
@@ -224,7 +255,7 @@ class DecodeGraphs:
         seq_ids: list[Hashable] = []
         row = 0
         for (seq_id, tokens, start, block_table, _, needs_logits), length in zip(groups, lens, strict=True):
-            last = start + length - 1
+            last = start + length - 1 + lookahead
             if last >= self.max_model_len:
                 raise ValueError(f"position {last} is past max_model_len {self.max_model_len}")
             used = last // bs + 1  # blocks holding keys [0, last]

@@ -158,6 +158,17 @@ class BlockManager:
         state.token_ids.extend(int(t) for t in token_ids)
         state.blocks.extend(self._take_free() for _ in range(need))
 
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Blocks for the sequence's first ``num_tokens`` positions, tokens not yet known (a decode
+        window writes K/V ahead of the host learning its tokens); later appends within them take no
+        block. False, and nothing taken, when the free blocks do not cover it."""
+        state = self._seqs[seq_id]
+        need = self.blocks_needed(num_tokens) - len(state.blocks)
+        if need > self.num_free_blocks:
+            return False
+        state.blocks.extend(self._take_free() for _ in range(need))
+        return True
+
     def mark_computed(self, seq_id: Hashable, num_computed_tokens: int) -> None:
         """K/V of the first ``num_computed_tokens`` tokens are in the cache: publish full blocks."""
         if not self.enable_prefix_caching:

@@ -13,7 +13,7 @@ from loquetier.engine.config import EngineConfig
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs, DecodeRow, PrefillRows
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.sampler import SamplingTensors, sample
-from loquetier.engine.sequence import ScheduledBatch
+from loquetier.engine.sequence import SamplingParams, ScheduledBatch
 from loquetier.engine.work import Piece
 from loquetier.lora.manager import AdapterManager
 from loquetier.models.batch import BatchBuilder
@@ -62,6 +62,10 @@ class ModelRunner:
         if not 0 < rows <= g.max_tokens or len(batch.decode_seqs) > g.max_batch:
             return False
         return batch.num_prefill_row_reads <= GRAPH_MAX_MEAN_CONTEXT * num_prefill
+
+    def window_ready(self, batch: ScheduledBatch) -> bool:
+        """Whether ``batch`` can start a decode window: decode rows only, replayed from a graph."""
+        return not batch.prefill_chunks and self._graph_step(batch)
 
     def run(self, batch: ScheduledBatch, jobs: JobBook, requests: RequestBook) -> RunResult:
         res = RunResult()
@@ -128,16 +132,49 @@ class ModelRunner:
             self._sample(res, out.logits, fb.logits_seq_ids, requests)
         return res
 
+    def run_window(self, batch: ScheduledBatch, num_steps: int, requests: RequestBook) -> list[RunResult]:
+        """``num_steps`` decode steps of ``batch``'s rows (decode rows only, graph-sized, KV reserved
+        for every step) with one host synchronization: each step's sampled tokens stay on the device
+        and feed the next step (``DecodeGraphs.advance``). Returns one result per step, every row
+        in each: which of them the host keeps (a row may stop inside the window) is the caller's."""
+        assert self.graphs is not None and self.window_ready(batch)
+        rows = [DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
+                          self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
+                for seq in batch.decode_seqs]
+        logits, seq_ids = self.graphs.run(rows, lookahead=num_steps - 1)
+        ids, params, st, want = self._sampling(logits, seq_ids, requests)
+        tokens, logprobs = [], []
+        for step in range(num_steps):
+            if step:
+                st = st.next_step(params, requests.generator)
+                logits = self.graphs.advance(tokens[-1])
+            out = sample(logits, st, want_logprobs=want)
+            tokens.append(out.token_ids)
+            if out.logprobs is not None:
+                logprobs.append(out.logprobs)
+        self.num_graph_steps += num_steps
+        host_tokens = torch.stack(tokens).tolist()  # the window's one synchronization
+        host_logprobs = torch.stack(logprobs).tolist() if logprobs else None
+        return [RunResult(sampled=dict(zip(ids, host_tokens[j], strict=True)),
+                          logprobs=dict(zip(ids, host_logprobs[j], strict=True)) if host_logprobs else {})
+                for j in range(num_steps)]
+
     @staticmethod
-    def _sample(res: RunResult, logits: torch.Tensor, seq_ids: Sequence[Hashable], requests: RequestBook) -> None:
+    def _sampling(logits: torch.Tensor, seq_ids: Sequence[Hashable],
+                  requests: RequestBook) -> tuple[list[str], list[SamplingParams], SamplingTensors, bool]:
         ids = [str(s) for s in seq_ids]
         seqs = [requests.seq(i) for i in ids]
         if any(s is None for s in seqs):
             raise RuntimeError("a logits row belongs to no known request")
-        st = SamplingTensors.build([s.sampling for s in seqs if s is not None],
-                                   [s.num_output_tokens for s in seqs if s is not None],
+        params = [s.sampling for s in seqs if s is not None]
+        st = SamplingTensors.build(params, [s.num_output_tokens for s in seqs if s is not None],
                                    logits.device, requests.generator)
-        want = any(s.sampling.logprobs for s in seqs if s is not None)
+        return ids, params, st, any(p.logprobs for p in params)
+
+    @classmethod
+    def _sample(cls, res: RunResult, logits: torch.Tensor, seq_ids: Sequence[Hashable],
+                requests: RequestBook) -> None:
+        ids, _, st, want = cls._sampling(logits, seq_ids, requests)
         sampled = sample(logits, st, want_logprobs=want)
         res.sampled = dict(zip(ids, sampled.token_ids.tolist(), strict=True))
         if sampled.logprobs is not None:

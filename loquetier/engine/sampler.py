@@ -21,6 +21,7 @@ Stop token ids are the scheduler's; stop strings are matched on detokenized text
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +29,7 @@ from typing import Protocol
 import torch
 
 _M32 = 0xFFFFFFFF
+_MAX_TOP_K = 2**62  # any top_k at or above the vocabulary keeps every token; larger ones fit int64
 
 
 class RowParams(Protocol):
@@ -68,7 +70,7 @@ class SamplingTensors:
         dev = torch.device(device)
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
+            top_k=torch.tensor([min(p.top_k, _MAX_TOP_K) for p in params], dtype=torch.int64, device=dev),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
             seed=torch.tensor(seeds, dtype=torch.int64, device=dev),
             step=torch.tensor(list(steps), dtype=torch.int64, device=dev),
@@ -76,6 +78,19 @@ class SamplingTensors:
             any_top_p=any(p.top_p < 1.0 for p in params),
             all_greedy=all(p.temperature == 0 for p in params),
         )
+
+
+    def next_step(self, params: Sequence[RowParams], generator: torch.Generator | None = None) -> SamplingTensors:
+        """The same rows one token later (a decode window's next step, built without the host's rows):
+        each row's step counter advanced, and unseeded sampled rows given fresh seeds, drawn as the
+        next step's ``build`` would draw them."""
+        seed = self.seed
+        unseeded = [i for i, p in enumerate(params) if p.seed is None and p.temperature > 0]
+        if unseeded:
+            draws = torch.randint(0, 2**32, (len(unseeded),), generator=generator)
+            index = torch.tensor(unseeded, dtype=torch.int64)
+            seed = seed.index_copy(0, index.to(seed.device), draws.to(seed.device))
+        return dataclasses.replace(self, seed=seed, step=self.step + 1)
 
 
 @dataclass(frozen=True)

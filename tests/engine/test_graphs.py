@@ -217,10 +217,10 @@ def test_a_failing_prefill_graph_falls_back_to_decode_graphs(model_dir: Path) ->
             engine.scheduler.config, decode_graphs=True, graph_max_rows=graphs.max_tokens)
         real_run = graphs.run
 
-        def failing(rows):  # type: ignore[no-untyped-def]
+        def failing(rows, lookahead=0):  # type: ignore[no-untyped-def]
             if any(not hasattr(r, "token_id") for r in rows):
                 raise RuntimeError("capture failed (simulated)")
-            return real_run(rows)
+            return real_run(rows, lookahead)
 
         graphs.run = failing  # type: ignore[method-assign]
         greedy = SamplingParams(max_tokens=5, temperature=0.0)

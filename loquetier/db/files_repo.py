@@ -1,0 +1,71 @@
+"""Uploaded files (JSONL training data), bytes in the database so that any worker reads them.
+
+Functions run in the caller's transaction and never commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
+
+from loquetier.db.jobs_repo import FINAL_JOB_STATUSES
+from loquetier.db.models import FileRow, JobRow
+
+FILE_URI_PREFIX = "file:"  # a TrainingJob's data "file:<file_id>" names a row of this table
+
+
+async def add_file(
+    session: AsyncSession, *, tenant_id: str | None, purpose: str, filename: str, data: bytes, num_examples: int
+) -> FileRow:
+    row = FileRow(
+        file_id=f"file-{uuid.uuid4().hex[:24]}",
+        tenant_id=tenant_id,
+        purpose=purpose,
+        filename=filename,
+        size_bytes=len(data),
+        num_examples=num_examples,
+        sha256=hashlib.sha256(data).hexdigest(),
+        data=data,
+    )
+    session.add(row)
+    await session.flush()
+    await session.refresh(row)
+    return row
+
+
+async def get_file(session: AsyncSession, file_id: str, *, with_data: bool = False) -> FileRow | None:
+    """A file's row; its bytes only when asked (``with_data``)."""
+    query = select(FileRow).where(FileRow.file_id == file_id)
+    if not with_data:
+        query = query.options(defer(FileRow.data))
+    return await session.scalar(query)
+
+
+async def file_data(session: AsyncSession, file_id: str) -> bytes | None:
+    data: bytes | None = await session.scalar(select(FileRow.data).where(FileRow.file_id == file_id))
+    return data
+
+
+async def list_files(session: AsyncSession, tenant_id: str | None, *, limit: int = 100) -> list[FileRow]:
+    query = select(FileRow).options(defer(FileRow.data)).order_by(FileRow.created_at.desc()).limit(limit)
+    query = query.where(FileRow.tenant_id.is_(None) if tenant_id is None else FileRow.tenant_id == tenant_id)
+    return list((await session.scalars(query)).all())
+
+
+async def delete_file(session: AsyncSession, file_id: str) -> bool:
+    stmt = delete(FileRow).where(FileRow.file_id == file_id).returning(FileRow.file_id)
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def jobs_using_file(session: AsyncSession, file_id: str) -> list[str]:
+    """Unfinished jobs whose data or eval data is this file (a worker reads it again on resume)."""
+    ref = f"{FILE_URI_PREFIX}{file_id}"
+    query = select(JobRow.job_id).where(
+        JobRow.status.not_in(FINAL_JOB_STATUSES),
+        (JobRow.spec["data"].astext == ref) | (JobRow.spec["eval_data"].astext == ref),
+    )
+    return list((await session.scalars(query)).all())

@@ -1,0 +1,130 @@
+"""``loquetier gateway`` (the HTTP server) and ``loquetier keys create|list|revoke``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from loquetier.settings import Settings, get_settings
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway (/v1 chat, files, fine-tuning)")
+    p.add_argument("--host", default=None, help="default: LOQUETIER_GATEWAY__HOST (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: LOQUETIER_GATEWAY__PORT (8000)")
+    p.add_argument("--model", default=None,
+                   help="the workers' model directory, if readable here: its name is the base model's in /v1/models, "
+                        "its tokenizer.json gives logprobs their token texts (default: LOQUETIER_ENGINE__MODEL_DIR)")
+    p.add_argument("--model-name", default=None, help="the base model's name in /v1/models (default: its directory)")
+    p.add_argument("--gateway-id", default=None, help="names this gateway's reply topic (default: <host>-gateway)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run_gateway)
+
+    keys = subparsers.add_parser("keys", help="API keys of the gateway (stored hashed in PostgreSQL)")
+    sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = sub.add_parser("create", help="create a key; prints it as the last line (shown only once)")
+    create.add_argument("name")
+    create.add_argument("--tenant", default=None, help="the tenant that owns what the key creates (default: NAME)")
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute allowed to this key (per gateway)")
+    create.set_defaults(func=_keys_create)
+    listing = sub.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--tenant", default=None)
+    listing.set_defaults(func=_keys_list)
+    revoke = sub.add_parser("revoke", help="revoke a key by its key_id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=_keys_revoke)
+
+
+def _addresses(settings: Settings) -> tuple[str, str] | None:
+    bootstrap, url = settings.kafka.bootstrap, settings.database.url
+    if bootstrap is None or url is None:
+        print("set LOQUETIER_KAFKA__BOOTSTRAP and LOQUETIER_DATABASE__URL (or run `loquetier up`)", file=sys.stderr)
+        return None
+    return bootstrap, url
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from loquetier.workers import logs
+
+    from .server import serve
+
+    logs.configure(args.log_level.upper())
+    settings = get_settings()
+    updates = {k: v for k, v in {"host": args.host, "port": args.port, "model_name": args.model_name,
+                                 "id": args.gateway_id}.items() if v is not None}
+    if updates:
+        gateway = settings.gateway.model_validate(settings.gateway.model_dump() | updates)
+        settings = settings.model_copy(update={"gateway": gateway})
+    if args.model:
+        engine = settings.engine.model_copy(update={"model_dir": Path(args.model)})
+        settings = settings.model_copy(update={"engine": engine})
+    addresses = _addresses(settings)
+    if addresses is None:
+        return 2
+    serve(settings, bootstrap=addresses[0], database_url=addresses[1], log_level=args.log_level.lower())
+    return 0
+
+
+async def _tx(url: str, fn: Any) -> Any:
+    from loquetier.db.session import create_engine, session_factory
+
+    engine = create_engine(url)
+    try:
+        async with session_factory(engine).begin() as session:
+            return await fn(session)
+    finally:
+        await engine.dispose()
+
+
+def _database_url() -> str | None:
+    url = get_settings().database.url
+    if url is None:
+        print("no database: set LOQUETIER_DATABASE__URL (or run `loquetier up`)", file=sys.stderr)
+    return url
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from loquetier.db import keys_repo
+
+    url = _database_url()
+    if url is None:
+        return 2
+    if args.rpm is not None and args.rpm <= 0:
+        print("--rpm must be > 0", file=sys.stderr)
+        return 2
+    tenant = args.tenant or args.name
+    row, key = asyncio.run(_tx(url, lambda s: keys_repo.create_key(
+        s, name=args.name, tenant_id=tenant, max_requests_per_minute=args.rpm)))
+    print(f"key_id {row.key_id} for tenant {tenant!r} (keep the key: it is not stored, only its hash)")
+    print(key)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from loquetier.db import keys_repo
+
+    url = _database_url()
+    if url is None:
+        return 2
+    rows = asyncio.run(_tx(url, lambda s: keys_repo.list_keys(s, args.tenant)))
+    print(f"{'key_id':<22} {'tenant':<20} {'name':<20} {'rpm':>6}  state")
+    for r in rows:
+        state = "revoked" if r.revoked_at is not None else "active"
+        print(f"{r.key_id:<22} {r.tenant_id:<20} {r.name:<20} {r.max_requests_per_minute or '-':>6}  {state}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from loquetier.db import keys_repo
+
+    url = _database_url()
+    if url is None:
+        return 2
+    if not asyncio.run(_tx(url, lambda s: keys_repo.revoke_key(s, args.key_id))):
+        print(f"no active key {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id} (gateways stop accepting it within their key cache time)")
+    return 0

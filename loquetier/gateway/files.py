@@ -1,0 +1,108 @@
+"""``/v1/files``: upload (``purpose=fine-tune``, JSONL), list, read, download and delete.
+
+A file is checked line by line on upload (``loquetier.training_files``), so a bad file is a
+400 naming its line, not a failed job later. Its bytes go to PostgreSQL (``files``), where a
+worker reads them when a job names ``file:<file_id>``. A file belongs to the uploader's tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+
+from loquetier.db import files_repo
+from loquetier.db.models import FileRow
+from loquetier.training_files import TrainingFileError, parse_jsonl
+
+from .body import BodyTooLarge
+from .errors import APIError, bad_request, not_found
+from .state import Gateway
+
+
+def file_object(row: FileRow) -> dict[str, Any]:
+    return {"id": row.file_id, "object": "file", "bytes": row.size_bytes, "created_at": int(row.created_at.timestamp()),
+            "filename": row.filename, "purpose": row.purpose, "status": "processed", "status_details": None,
+            "expires_at": None}
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status, media_type="application/json")
+
+
+async def upload(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise bad_request("send the file as multipart/form-data with fields 'file' and 'purpose'", code="invalid_body")
+    limit = gw.config.max_file_bytes
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=limit)
+    except BodyTooLarge:
+        raise
+    except Exception as exc:  # the multipart parser's own errors (malformed body, too many parts)
+        detail = getattr(exc, "detail", None) or "malformed multipart body"
+        raise bad_request(f"could not read the upload: {detail}", code="invalid_body") from None
+    try:
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose != "fine-tune":
+            raise bad_request("purpose must be 'fine-tune'", param="purpose")
+        if not isinstance(upload, UploadFile):
+            raise bad_request("the form needs a 'file' part", param="file")
+        data = await upload.read(limit + 1)
+        filename = (upload.filename or "upload.jsonl")[:512]
+    finally:
+        await form.close()
+    if len(data) > limit:
+        raise APIError(413, f"the file is larger than {limit} bytes", code="file_too_large")
+    try:
+        examples = await asyncio.to_thread(parse_jsonl, data)
+    except TrainingFileError as exc:
+        raise bad_request(f"not a usable fine-tuning file: {exc}", param="file", code="invalid_file") from None
+    row = await gw.tx(lambda s: files_repo.add_file(
+        s, tenant_id=owner.tenant_id, purpose="fine-tune", filename=filename, data=data, num_examples=len(examples)))
+    return _json(file_object(row))
+
+
+async def _own_file(gw: Gateway, tenant_id: str, file_id: str, *, with_data: bool = False) -> FileRow:
+    row = await gw.tx(lambda s: files_repo.get_file(s, file_id, with_data=with_data))
+    if row is None or row.tenant_id != tenant_id:
+        raise not_found(f"no file {file_id!r}", code="file_not_found", param="file_id")
+    return row
+
+
+async def list_files(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    rows = await gw.tx(lambda s: files_repo.list_files(s, owner.tenant_id))
+    return _json({"object": "list", "data": [file_object(r) for r in rows], "has_more": False})
+
+
+async def get_file(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    return _json(file_object(await _own_file(gw, owner.tenant_id, request.path_params["file_id"])))
+
+
+async def file_content(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    row = await _own_file(gw, owner.tenant_id, request.path_params["file_id"], with_data=True)
+    return Response(row.data, media_type="application/jsonl")
+
+
+async def delete_file(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    file_id = request.path_params["file_id"]
+    await _own_file(gw, owner.tenant_id, file_id)
+    users = await gw.tx(lambda s: files_repo.jobs_using_file(s, file_id))
+    if users:
+        raise bad_request(f"the file is used by unfinished fine-tuning job(s) {', '.join(users[:5])}",
+                          param="file_id", code="file_in_use")
+    await gw.tx(lambda s: files_repo.delete_file(s, file_id))
+    return _json({"id": file_id, "object": "file", "deleted": True})

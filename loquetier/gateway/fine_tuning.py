@@ -1,0 +1,249 @@
+"""``/v1/fine_tuning/jobs``: create, list, get, cancel, events and checkpoints.
+
+Creating a job writes its ``training_jobs`` row (with the caller's tenant) and then publishes
+the ``TrainingJob`` record on the training topic, which wakes a worker; the worker's own
+insert of the same job id is a no-op, and workers also claim queued rows by polling, so the job
+runs even if the record is lost. The new adapter's id is ``fine_tuned_model``: it belongs to the
+tenant and is servable the moment the job succeeds. Everything else is read from PostgreSQL.
+
+OpenAI's hyperparameters map onto ours: ``n_epochs`` -> ``params.epochs``, ``batch_size`` ->
+``params.grad_accum`` (micro-batches per optimizer step; each micro-batch packs examples up
+to ``micro_batch_tokens``), ``learning_rate_multiplier`` -> ``params.lr`` = multiplier × 1e-4.
+The ``loquetier`` field takes our own ``lora`` and ``params`` settings (docs/wire-format.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import orjson
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from loquetier.db import files_repo, repo, tenancy_repo
+from loquetier.db.keys_repo import KeyOwner
+from loquetier.db.models import JobRow
+from loquetier.messages import ControlCommand, TrainingJob
+from loquetier.training_files import file_id_of
+
+from .body import read_json
+from .errors import bad_request, not_found
+from .schemas import FineTuneRequest, Hyperparameters, parse
+from .state import Gateway
+
+log = logging.getLogger(__name__)
+
+BASE_LR = 1e-4
+
+
+def _json(obj: Any) -> Response:
+    return Response(orjson.dumps(obj), media_type="application/json")
+
+
+def _ts(value: Any) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def job_object(row: JobRow, gw: Gateway) -> dict[str, Any]:
+    spec, params = row.spec, row.spec.get("params") or {}
+    suffix = row.adapter_id.removeprefix("ft-").rsplit("-", 1)[0] if row.adapter_id.startswith("ft-") else None
+    error = None
+    if row.status == "failed":
+        error = {"code": "job_failed", "message": (row.error or "the job failed")[:1000], "param": None}
+    hyper = {"n_epochs": params.get("epochs") or "auto", "batch_size": params.get("grad_accum", 1),
+             "learning_rate_multiplier": float(params.get("lr", BASE_LR)) / BASE_LR}
+    return {
+        "object": "fine_tuning.job",
+        "id": row.job_id,
+        "model": spec.get("base_adapter") or gw.model_name,
+        "created_at": _ts(row.created_at),
+        "finished_at": _ts(row.finished_at),
+        "fine_tuned_model": row.adapter_id if row.status == "succeeded" else None,
+        "organization_id": row.tenant_id,
+        "result_files": [],
+        "status": row.status,
+        "training_file": file_id_of(spec.get("data")),
+        "validation_file": file_id_of(spec.get("eval_data")),
+        "hyperparameters": hyper,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "trained_tokens": row.tokens_processed if row.finished_at is not None else None,
+        "error": error,
+        "seed": params.get("seed", 0),
+        "estimated_finish": None,
+        "integrations": [],
+        "user_provided_suffix": suffix,
+        "metadata": None,
+        "loquetier": {"adapter_id": row.adapter_id, "step": row.step, "total_steps": row.total_steps,
+                      "epoch": row.epoch, "loss": row.last_loss, "eval_loss": row.last_eval_loss,
+                      "lora": spec.get("lora"), "params": params},
+    }
+
+
+async def _job(gw: Gateway, owner: KeyOwner, job_id: str) -> JobRow:
+    row = await gw.tx(lambda s: tenancy_repo.tenant_job(s, job_id, owner.tenant_id))
+    if row is None:
+        raise not_found(f"no fine-tuning job {job_id!r}", code="job_not_found", param="fine_tuning_job_id")
+    return row
+
+
+async def _own_file(gw: Gateway, owner: KeyOwner, file_id: str, param: str) -> str:
+    row = await gw.tx(lambda s: files_repo.get_file(s, file_id))
+    if row is None or row.tenant_id != owner.tenant_id:
+        raise not_found(f"no file {file_id!r}", code="file_not_found", param=param)
+    return f"{files_repo.FILE_URI_PREFIX}{file_id}"
+
+
+def _params(hyper: Hyperparameters | None, seed: int | None, extra: dict[str, Any] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if hyper is not None:
+        if hyper.n_epochs != "auto":
+            params["epochs"] = hyper.n_epochs
+        if hyper.batch_size != "auto":
+            params["grad_accum"] = hyper.batch_size
+        if hyper.learning_rate_multiplier != "auto":
+            params["lr"] = hyper.learning_rate_multiplier * BASE_LR
+    if seed is not None:
+        params["seed"] = seed
+    return params | (extra or {})
+
+
+async def create(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    body = parse(FineTuneRequest, await read_json(request))
+    body.check_supported()
+    base_adapter = await gw.resolve_model(owner, body.model)
+    data = await _own_file(gw, owner, body.training_file, "training_file")
+    eval_data = await _own_file(gw, owner, body.validation_file, "validation_file") if body.validation_file else None
+    options = body.loquetier
+    job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
+    adapter_id = f"ft-{body.suffix or 'lora'}-{uuid.uuid4().hex[:8]}"
+    fields: dict[str, Any] = {
+        "job_id": job_id, "adapter_id": adapter_id, "base_adapter": base_adapter, "data": data, "eval_data": eval_data,
+        "params": _params(body.hyperparameters, body.seed, options.params if options else None),
+        "priority": options.priority if options else 0,
+    }
+    if options is not None and options.lora is not None:
+        fields["lora"] = options.lora
+    try:
+        job = TrainingJob.model_validate(fields, strict=False)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(map(str, err["loc"]))
+        raise bad_request(f"loquetier.{loc}: {err['msg']}", param=f"loquetier.{loc}") from None
+    spec = job.model_dump(mode="json", by_alias=True)
+    await gw.tx(lambda s: repo.insert_job_idempotent(
+        s, job_id=job_id, kind="finetune", adapter_id=adapter_id, spec=spec, priority=job.priority,
+        total_steps=job.params.max_steps, tenant_id=owner.tenant_id))
+    try:
+        await gw.bus.publish(gw.settings.kafka.training_topic, job, job_id)
+    except KafkaError as exc:  # the row is there: a worker claims it on its next poll
+        log.warning("training record not published", extra={"job_id": job_id, "error": repr(exc)})
+    return _json(job_object(await _job(gw, owner, job_id), gw))
+
+
+async def list_jobs(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    limit = _limit(request)
+    after = request.query_params.get("after")
+    rows = await gw.tx(lambda s: tenancy_repo.tenant_jobs(s, owner.tenant_id, after=after, limit=limit + 1))
+    return _json({"object": "list", "data": [job_object(r, gw) for r in rows[:limit]], "has_more": len(rows) > limit})
+
+
+def _limit(request: Request, default: int = 20) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise bad_request("limit must be an integer from 1 to 100", param="limit")
+    return int(raw)
+
+
+async def get_job(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    return _json(job_object(await _job(gw, owner, request.path_params["job_id"]), gw))
+
+
+async def cancel(request: Request) -> Response:
+    """Cancel in the row at once (the owning worker's next lease renewal fails and it stops the job);
+    the control record lets the worker that consumes it stop the job sooner."""
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    row = await _job(gw, owner, request.path_params["job_id"])
+    if row.status in ("succeeded", "failed"):
+        raise bad_request(f"the job has already {row.status}", code="job_finished", param="fine_tuning_job_id")
+    if row.status != "cancelled":
+        try:
+            command = ControlCommand(action="cancel", target_id=row.job_id, command_id=f"cancel-{row.job_id}")
+            await gw.bus.publish(gw.settings.kafka.control_topic, command, row.job_id)
+        except KafkaError as exc:
+            log.warning("cancel record not published", extra={"job_id": row.job_id, "error": repr(exc)})
+        await gw.tx(lambda s: repo.finish_job(s, row.job_id, status="cancelled", error="cancelled through the API"))
+    return _json(job_object(await _job(gw, owner, row.job_id), gw))
+
+
+async def events(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    row = await _job(gw, owner, request.path_params["job_id"])
+    ckpts = await gw.tx(lambda s: tenancy_repo.job_checkpoints(s, row.job_id))
+    items = _events(row, ckpts)
+    after = request.query_params.get("after")
+    if after is not None:
+        ids = [e["id"] for e in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    limit = _limit(request)
+    return _json({"object": "list", "data": items[:limit], "has_more": len(items) > limit})
+
+
+def _event(row: JobRow, name: str, at: Any, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"object": "fine_tuning.job.event", "id": f"ftevent-{row.job_id}-{name}", "created_at": _ts(at),
+            "level": "error" if name == "failed" else "info", "message": message, "data": data or {},
+            "type": "metrics" if name.startswith("step") else "message"}
+
+
+def _events(row: JobRow, ckpts: list[Any]) -> list[dict[str, Any]]:
+    """The job's story, newest first, from its row and checkpoints (nothing else is stored)."""
+    out = [_event(row, "created", row.created_at, f"Created fine-tuning job {row.job_id}")]  # in story order
+    if row.started_at is not None:
+        out.append(_event(row, "started", row.started_at, f"Fine-tuning job started (attempt {row.attempts})"))
+    out += [_event(row, f"checkpoint-{c.step}", c.created_at, f"Checkpoint saved at step {c.step}",
+                   {"step": c.step, "size_bytes": c.size_bytes}) for c in reversed(ckpts)]
+    if row.step > 0:
+        data = {"step": row.step, "total_steps": row.total_steps, "train_loss": row.last_loss,
+                "eval_loss": row.last_eval_loss}
+        out.append(_event(row, f"step-{row.step}", row.updated_at,
+                          f"Step {row.step}/{row.total_steps or '?'}: training loss={row.last_loss}", data))
+    if row.finished_at is not None:
+        message = f"The job has {row.status}"
+        if row.status == "succeeded":
+            message += f"; new fine-tuned model: {row.adapter_id}"
+        elif row.error:
+            message += f": {row.error[:500]}"
+        out.append(_event(row, row.status, row.finished_at, message))
+    out.reverse()  # newest first, as OpenAI lists them
+    return out
+
+
+async def checkpoints(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    row = await _job(gw, owner, request.path_params["job_id"])
+    ckpts = await gw.tx(lambda s: tenancy_repo.job_checkpoints(s, row.job_id))
+    data = [{"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{c.id}", "created_at": _ts(c.created_at),
+             "fine_tuned_model_checkpoint": f"{row.adapter_id}@step-{c.step}", "fine_tuning_job_id": row.job_id,
+             "step_number": c.step, "metrics": {"step": c.step, "train_loss": (c.meta or {}).get("loss")}}
+            for c in ckpts]
+    after = request.query_params.get("after")
+    if after is not None:
+        ids = [c["id"] for c in data]
+        data = data[ids.index(after) + 1:] if after in ids else []
+    limit = _limit(request, 10)
+    return _json({"object": "list", "data": data[:limit], "has_more": len(data) > limit,
+                  "first_id": data[0]["id"] if data else None, "last_id": data[:limit][-1]["id"] if data else None})

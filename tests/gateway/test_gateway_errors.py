@@ -1,0 +1,199 @@
+"""Every error status of the gateway, in OpenAI's shape, and bad bodies that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from sqlalchemy import func, select
+
+from loquetier.db import keys_repo
+from loquetier.db.models import FileRow, JobRow, RequestRow
+from loquetier.messages import GenerateRequest
+from tests.gateway.conftest import MODEL, client, new_key, running_gateway
+from tests.workers.conftest import running_worker
+from tests.workers.test_worker_e2e import query
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
+
+
+def assert_error(exc: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    assert exc.status_code == status, exc
+    error = exc.body if isinstance(exc.body, dict) and "message" in exc.body else exc.body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return dict(error)
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert parts
+        return {tp.partition: offset for tp, offset in (await consumer.end_offsets(parts)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def counts(database_url: str) -> tuple[int, int, int]:
+    async def fn(s: Any) -> tuple[int, int, int]:
+        return (int(await s.scalar(select(func.count()).select_from(RequestRow))),
+                int(await s.scalar(select(func.count()).select_from(FileRow))),
+                int(await s.scalar(select(func.count()).select_from(JobRow))))
+    return await query(database_url, fn)
+
+
+async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, make_engine: Any) -> None:
+    settings = await gateway_setup(max_inflight=1)
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    limited = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}", rpm=1)
+    async with running_worker(make_engine(), settings), running_gateway(settings) as url:
+        api = client(url, key)
+        msgs = [{"role": "user", "content": "hello"}]
+        with pytest.raises(openai.AuthenticationError) as bad_key:
+            await client(url, "lq-not-a-key").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert_error(bad_key.value, 401, "invalid_api_key")
+        async with httpx.AsyncClient() as raw:
+            answer = await raw.post(f"{url}/completions", json={"model": MODEL, "prompt": "x"})
+        assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await api.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+        assert assert_error(unknown.value, 404, "model_not_found")["param"] == "model"
+        for kwargs, param in [({"n": 2}, "n"), ({"temperature": "hot"}, "temperature"),
+                              ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                              ({"max_tokens": 0}, "max_tokens"),
+                              ({"top_logprobs": 3, "logprobs": True}, "top_logprobs")]:
+            with pytest.raises(openai.BadRequestError) as bad:
+                await api.chat.completions.create(model=MODEL, messages=msgs, **kwargs)
+            assert assert_error(bad.value, 400)["param"] == param, kwargs
+        with pytest.raises(openai.BadRequestError) as misspelt:
+            await api.completions.create(model=MODEL, prompt="x", extra_body={"max_tokenz": 3})
+        assert_error(misspelt.value, 400, "unknown_parameter")
+        rate = client(url, limited)
+        await rate.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0)
+        with pytest.raises(openai.RateLimitError) as limited_exc:
+            await rate.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0)
+        assert_error(limited_exc.value, 429, "rate_limit_exceeded")
+        stream = await api.completions.create(model=MODEL, prompt="open stream", max_tokens=4, stream=True)
+        first = await stream.__anext__()  # the stream holds the gateway's only in-flight place until read out
+        assert first.id.startswith("cmpl-")
+        with pytest.raises(openai.RateLimitError) as full:
+            await api.completions.create(model=MODEL, prompt="hello", max_tokens=2)
+        assert_error(full.value, 429, "too_many_requests")
+        rest = [c async for c in stream]
+        assert rest[-1].choices[0].finish_reason in ("stop", "length")
+        again = await api.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0)
+        assert again.usage.completion_tokens >= 1
+        await api.close()
+        await rate.close()
+
+
+async def test_503_without_a_worker(gateway_setup: Any, database_url: str) -> None:
+    settings = await gateway_setup(worker_alive_s=1.0, key_cache_s=0.0)  # stopped or killed workers do not count
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    revoked = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    before = await end_offsets(settings.kafka.bootstrap or "", settings.kafka.requests_topic)
+    async with running_gateway(settings) as url:
+        api = client(url, key)
+        with pytest.raises(openai.InternalServerError) as none:
+            await api.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert_error(none.value, 503, "no_worker")
+        models = await api.models.list()  # the rest of the API works without workers
+        assert [m.id for m in models.data][0] == MODEL
+        gone = client(url, revoked)
+        await gone.models.list()
+        owner = await query(database_url, lambda s: keys_repo.find_key(s, revoked))
+        assert await query(database_url, lambda s: keys_repo.revoke_key(s, owner.key_id))
+        with pytest.raises(openai.AuthenticationError):
+            await gone.models.list()  # key_cache_s=0: at once
+        async with httpx.AsyncClient() as raw:
+            health = (await raw.get(url.removesuffix("/v1") + "/health")).json()
+            metrics = (await raw.get(url.removesuffix("/v1") + "/metrics")).text
+        assert health["status"] == "ok" and health["worker"] == "no_worker"
+        assert 'loquetier_gateway_http_requests_total{route="/v1/completions",status="503"}' in metrics
+        await api.close()
+        await gone.close()
+    assert await end_offsets(settings.kafka.bootstrap or "", settings.kafka.requests_topic) == before
+
+
+async def test_malformed_bodies_are_4xx_and_record_nothing(
+    gateway_setup: Any, database_url: str, make_engine: Any
+) -> None:
+    settings = await gateway_setup(max_body_bytes=64 * 1024, max_file_bytes=128 * 1024)
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    headers = {"Authorization": f"Bearer {key}"}
+    bootstrap = settings.kafka.bootstrap or ""
+    async with running_worker(make_engine(), settings), running_gateway(settings) as url:
+        before = (await counts(database_url), await end_offsets(bootstrap, settings.kafka.requests_topic),
+                  await end_offsets(bootstrap, settings.kafka.training_topic))
+        huge = "x" * (256 * 1024)
+        cases: list[tuple[str, str, Any, int]] = [
+            ("POST", "/completions", b"{not json", 400),
+            ("POST", "/completions", b"", 400),
+            ("POST", "/completions", b"[1, 2]", 400),
+            ("POST", "/completions", json.dumps({"model": MODEL, "prompt": 42}).encode(), 400),
+            ("POST", "/completions", json.dumps({"model": MODEL, "prompt": "hi", "stream": "yes"}).encode(), 400),
+            ("POST", "/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -5}).encode(), 400),
+            ("POST", "/completions", json.dumps({"model": MODEL, "prompt": huge}).encode(), 413),
+            ("POST", "/chat/completions", json.dumps({"model": MODEL, "messages": "hello"}).encode(), 400),
+            ("POST", "/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400),
+            ("POST", "/chat/completions",
+             json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
+            ("POST", "/chat/completions", b'{"model": "' + b"\xff\xfe" + b'"}', 400),
+            ("POST", "/fine_tuning/jobs", json.dumps({"model": MODEL, "training_file": 7}).encode(), 400),
+            ("POST", "/fine_tuning/jobs", json.dumps({"model": MODEL, "training_file": "file-0"}).encode(), 404),
+            ("POST", "/fine_tuning/jobs", json.dumps({"model": MODEL, "training_file": "f",
+                                                     "hyperparameters": {"n_epochs": "many"}}).encode(), 400),
+            ("POST", "/files", b"plain body", 400),
+            ("GET", "/fine_tuning/jobs?limit=abc", None, 400),
+            ("GET", "/fine_tuning/jobs/ftjob-nope", None, 404),
+            ("DELETE", "/models", None, 405),
+            ("GET", "/no/such/path", None, 404),
+        ]
+        async with httpx.AsyncClient(timeout=30) as raw:
+            for method, path, body, status in cases:
+                answer = await raw.request(method, url + path, content=body, headers=headers)
+                assert answer.status_code == status, (path, body and body[:80], answer.text)
+                assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+            files = [("not jsonl", b"hello\n", 400), ("bad example", b'{"prompt": "a"}\n', 400),
+                     ("empty", b"\n\n", 400), ("too big", b'{"prompt": "a", "completion": "b"}\n' * 5000, 413)]
+            for name, data, status in files:
+                answer = await raw.post(url + "/files", headers=headers, data={"purpose": "fine-tune"},
+                                        files={"file": (f"{name}.jsonl", data)})
+                assert answer.status_code == status, (name, answer.text)
+            answer = await raw.post(url + "/files", headers=headers, data={"purpose": "assistants"},
+                                    files={"file": ("x.jsonl", b'{"prompt": "a", "completion": "b"}\n')})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "purpose"
+            chunked = await raw.post(url + "/completions", headers=headers,
+                                     content=_chunks(json.dumps({"model": MODEL, "prompt": huge}).encode()))
+            assert chunked.status_code == 413
+        after = (await counts(database_url), await end_offsets(bootstrap, settings.kafka.requests_topic),
+                 await end_offsets(bootstrap, settings.kafka.training_topic))
+    assert after == before
+
+
+async def _chunks(data: bytes) -> Any:
+    for start in range(0, len(data), 16 * 1024):  # no Content-Length: the limit is enforced as bytes arrive
+        yield data[start:start + 16 * 1024]
+
+
+@pytest.mark.skipif("messages" in GenerateRequest.model_fields,
+                    reason="this version carries chat messages")
+async def test_chat_without_wire_messages_says_so(gateway_setup: Any, database_url: str) -> None:
+    settings = await gateway_setup()
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    async with running_gateway(settings) as url:
+        api = client(url, key)
+        with pytest.raises(openai.BadRequestError) as err:
+            await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert_error(err.value, 400, "chat_unavailable")
+        await api.close()

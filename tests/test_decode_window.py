@@ -1,0 +1,160 @@
+"""Decode windows (engine/decode_window.py): several graph decode steps with one host synchronization
+must give every request exactly the tokens, stops, logprobs and streamed text of one step at a time,
+and leave the KV cache and the prefix cache as the plain steps leave them.
+
+Graphs run their static layout eagerly here (``cuda_graphs="eager"``), as in test_graphs.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loquetier import Engine, SamplingParams
+from loquetier.engine.events import RequestFinished, TokenEvent
+from loquetier.kernels import force_backend
+from tests.test_engine import make_engine
+from tests.tiny import make_tiny_model
+
+PROMPTS = ["the quick brown fox", "what is the capital", "a pirate says", "fine tuning and",
+           "one two three", "hello there"]
+ADAPTERS = ["a", None, "b", "a", None, "b"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-window") / "llama")
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    force_backend("reference")
+    yield
+    force_backend(None)
+
+
+def _sampling(stop_token: int) -> list[SamplingParams]:
+    """Greedy with logprobs, seeded sampling, unseeded sampling with a seed drawn by the engine,
+    a stop token, a stop string, lengths that end inside a window."""
+    return [SamplingParams(max_tokens=11, temperature=0.0, logprobs=True),
+            SamplingParams(max_tokens=9, temperature=0.9, top_p=0.8, seed=7),
+            SamplingParams(max_tokens=6, temperature=0.7, top_k=20),
+            SamplingParams(max_tokens=13, temperature=0.0, stop_token_ids=(stop_token,)),
+            SamplingParams(max_tokens=10, temperature=1.0, seed=11, stop=["e"]),
+            SamplingParams(max_tokens=3, temperature=0.0)]
+
+
+def _stream(engine: Engine, sampling: list[SamplingParams]) -> tuple[dict[str, RequestFinished], dict[str, str]]:
+    for i, (prompt, adapter, sp) in enumerate(zip(PROMPTS, ADAPTERS, sampling, strict=True)):
+        engine.add_request(f"r{i}", prompt=prompt, adapter_id=adapter, sampling=sp, stream=True)
+    finished: dict[str, RequestFinished] = {}
+    streamed: dict[str, str] = {f"r{i}": "" for i in range(len(PROMPTS))}
+    while engine.has_work():
+        for event in engine.step():
+            if isinstance(event, TokenEvent):
+                streamed[event.request_id] += event.text
+            elif isinstance(event, RequestFinished):
+                finished[event.request_id] = event
+    return finished, streamed
+
+
+def _engine(model_dir: Path, window: int, **limits) -> Engine:
+    engine = make_engine(model_dir, cuda_graphs="eager", decode_window=window, seed=5, **limits)
+    return engine
+
+
+def test_windows_give_the_tokens_of_one_step_at_a_time(model_dir: Path) -> None:
+    plain = _engine(model_dir, 1)
+    windowed = _engine(model_dir, 4)
+    # a stop token the greedy request really meets: its third token in the plain run
+    probe = plain.generate([PROMPTS[3]], ["a"], SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
+    sampling = _sampling(probe[2])
+    decoded_before = plain.scheduler.metrics.num_decode_tokens
+    want, want_text = _stream(plain, sampling)
+    got, got_text = _stream(windowed, sampling)
+    assert windowed.window.num_windows > 0 and plain.window.num_windows == 0
+    for rid, w in want.items():
+        g = got[rid]
+        assert (g.token_ids, g.finish_reason, g.text) == (w.token_ids, w.finish_reason, w.text), rid
+        assert got_text[rid] == want_text[rid] == w.text
+        if w.logprobs is not None:
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
+    assert want["r3"].finish_reason == "stop" and want["r3"].token_ids[-1] == probe[2]
+    assert want["r5"].finish_reason == "length" and len(want["r5"].token_ids) == 3
+    # every block back, reserved ones included
+    assert windowed.blocks.num_free_blocks == windowed.blocks.num_blocks
+    windowed.blocks.check_invariants()
+    # the step count and the scheduler's accounting see every token's step
+    plain_decoded = plain.scheduler.metrics.num_decode_tokens - decoded_before
+    assert windowed.scheduler.metrics.num_decode_tokens == plain_decoded
+
+
+def test_a_window_waits_for_nothing_and_stops_for_arrivals(model_dir: Path) -> None:
+    engine = _engine(model_dir, 8)
+    greedy = SamplingParams(max_tokens=20, temperature=0.0)
+    engine.add_request("a", prompt=PROMPTS[0], sampling=greedy)
+    while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    before = engine.num_steps
+    engine.step()  # decode only, nothing waits: one window of 8 steps
+    assert engine.num_steps - before == 8 and engine.window.num_windows == 1
+    engine.add_request("b", prompt=PROMPTS[1], sampling=greedy)
+    before = engine.num_steps
+    engine.step()  # a request waits: one plain step admits it
+    assert engine.num_steps - before == 1 and engine.window.num_windows == 1
+    engine.run_until_idle()
+
+
+def test_windows_keep_the_prefix_cache_right(model_dir: Path) -> None:
+    """Blocks filled inside a window are published with their real tokens: a later request over the
+    same prefix reuses them and gets the tokens a fresh engine computes from scratch."""
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    engine = _engine(model_dir, 4)
+    first = engine.generate([PROMPTS[0]], sampling=greedy)[0]
+    follow = engine.tokenizer(PROMPTS[0])["input_ids"] + first.token_ids + [5, 6, 7]
+    hits = engine.blocks.num_prefix_hits
+    again = engine.generate([follow], sampling=SamplingParams(max_tokens=6, temperature=0.0))[0]
+    assert engine.blocks.num_prefix_hits > hits  # blocks written during windows were reused
+    fresh = _engine(model_dir, 1).generate([follow], sampling=SamplingParams(max_tokens=6, temperature=0.0))[0]
+    assert again.token_ids == fresh.token_ids
+
+
+def test_a_window_ends_inside_the_context(model_dir: Path) -> None:
+    engine = _engine(model_dir, 8, max_model_len=40)
+    prompt = list(range(3, 33))  # 30 tokens: room for 10
+    out = engine.generate([prompt], sampling=SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+    assert engine.window.num_windows > 0
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_window_size_is_checked() -> None:
+    from loquetier.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="decode_window"):
+        EngineConfig(decode_window=0)
+
+
+def test_windows_through_the_triton_kernels(model_dir: Path) -> None:
+    """The paged-decode and SMLM Triton kernels read the context lengths, slot mapping and block tables
+    that ``advance`` writes on the device (the interpreter runs them on the CPU)."""
+    import os
+
+    from loquetier.engine.graphs import DecodeGraphs
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+    force_backend("triton")
+    outs = []
+    for window in (1, 4):
+        engine = _engine(model_dir, window)
+        engine.model.attn_impl = "triton"
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.max_num_seqs,
+                                            engine.max_model_len, engine.blocks.num_blocks, mode="eager")
+        sampling = [SamplingParams(max_tokens=7, temperature=0.0),
+                    SamplingParams(max_tokens=6, temperature=0.8, seed=2)]
+        outs.append(engine.generate(PROMPTS[:3], ADAPTERS[:3], (sampling * 2)[:3]))
+        assert (engine.window.num_windows > 0) == (window > 1)
+    assert [o.token_ids for o in outs[1]] == [o.token_ids for o in outs[0]]
