@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.models import SPECS, prepare_base
+from benchmarks.harness.models import SPECS, prepare_base
 from loquetier import Engine, SamplingParams
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow
 from loquetier.kernels import fused

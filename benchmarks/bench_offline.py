@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from . import common, report
-from .metrics import H200_BANDWIDTH_BPS
-from .models import prepare_adapters, prepare_base, write_adapters
+from .harness import common, report
+from .harness.metrics import H200_BANDWIDTH_BPS
+from .harness.models import prepare_adapters, prepare_base, write_adapters
 
 PROMPT_TOKENS = 200
 NEW_TOKENS = 128

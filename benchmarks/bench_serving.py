@@ -1,4 +1,4 @@
-"""Runs 1 and 2 of issue 9: LoRA overhead, and inference vs HF PEFT / transformers, in one process.
+"""Serving: LoRA overhead, and inference vs HF PEFT / transformers, in one process.
 
 One saturating Poisson trace (32 adapters, uniform popularity, ShareGPT-like lengths) is replayed
 against, in this order:
@@ -18,13 +18,16 @@ limit and are measured at the rate they produced tokens; requests they never ser
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from . import common, report
-from .baselines_hf import replay_hf
-from .metrics import (
+from .harness import common, report
+from .harness.baselines_hf import replay_hf
+from .harness.metrics import (
     DEFAULT_TPOT_S,
     DEFAULT_TTFT_S,
     H200_BANDWIDTH_BPS,
@@ -35,9 +38,9 @@ from .metrics import (
     ratio,
     summarize_serving,
 )
-from .models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
-from .replay import decode_step_times, make_engine, replay_engine, warmup
-from .workload import Trace, make_trace
+from .harness.models import adapter_ranks, prepare_adapters, prepare_base, write_adapters
+from .harness.replay import decode_step_times, make_engine, replay_engine, warmup
+from .harness.workload import Trace, make_trace
 
 BASE_HF = "transformers base (no adapters)"
 PEFT = "PEFT mixed (32 adapters)"
@@ -46,10 +49,26 @@ OURS_R16 = "loquetier (32 adapters r16)"
 OURS_MIXED = "loquetier (32 adapters r8/16/64)"
 
 
+LOAD_MIXED = "load mixed-rank adapters"
+
+
+@dataclass
+class Measured:
+    """What the replays measured, by system label, and what failed."""
+
+    runs: dict[str, tuple[list[RequestRecord], ServingSummary]] = field(default_factory=dict)
+    decode: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def record(self, label: str, got: tuple[list[RequestRecord], float] | None) -> None:
+        if got is not None:
+            self.runs[label] = (got[0], summarize_serving(got[0], got[1]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = common.parse_args(__doc__.splitlines()[0], argv)
     log = common.Logger()
-    spec, prof, dev, dtype = args.spec, args.profile, args.device, args.dtype
+    spec, prof = args.spec, args.profile
     n = prof.num_adapters
     ids16 = [f"r16-{i:02d}" for i in range(n)]
     ids_mixed = [f"mixed-{i:02d}" for i in range(n)]
@@ -70,44 +89,57 @@ def main(argv: list[str] | None = None) -> int:
         [to_mixed[r.adapter_id] if r.adapter_id else None for r in trace.requests]
     )
     log(f"trace: {len(trace)} requests over {trace.duration_s:.1f}s, {trace.num_output_tokens} output tokens")
-    runs: dict[str, tuple[list[RequestRecord], ServingSummary]] = {}
-    errors: dict[str, str] = {}
+    out = Measured()
+    model_dir = run_baselines(args, trace, ids16, ids_mixed, out, log)
+    run_engine(args, model_dir, trace, mixed_trace, ids16, ids_mixed, out, log)
+    print(write_page(args, trace, out))
+    return 1 if out.errors else 0
 
-    def record(label: str, got: tuple[list[RequestRecord], float] | None) -> None:
-        if got is not None:
-            runs[label] = (got[0], summarize_serving(got[0], got[1]))
 
-    hf, model_dir = prepare_base(spec, args.cache, dev, dtype, seed=args.seed, log=log)
-    adapters16 = args.cache / f"adapters-{spec.name}-r16"
-    adapters_mixed = args.cache / f"adapters-{spec.name}-mixed"
+def run_baselines(args: argparse.Namespace, trace: Trace, ids16: list[str], ids_mixed: list[str], out: Measured,
+                  log: common.Logger) -> Path:
+    """Builds the base model and both adapter sets, replays transformers and PEFT (unless
+    ``--no-baselines``); returns the model directory our engine loads."""
+    spec, prof, dev, n = args.spec, args.profile, args.device, args.profile.num_adapters
+    hf, model_dir = prepare_base(spec, args.cache, dev, args.dtype, seed=args.seed, log=log)
     hf_kw = {"max_batch": prof.max_batch, "time_limit_s": prof.baseline_limit_s, "device": dev, "log": log}
     if not args.no_baselines:
-        record(
+        out.record(
             BASE_HF,
             common.attempt(
-                BASE_HF, errors, log, replay_hf, hf, trace.without_adapters(), use_adapters=False, **hf_kw
+                BASE_HF, out.errors, log, replay_hf, hf, trace.without_adapters(), use_adapters=False, **hf_kw
             ),
         )
-    peft_model = prepare_adapters(hf, adapters16, ids16, adapter_ranks(n, False), seed=args.seed, log=log)
+    peft_model = prepare_adapters(hf, _adapter_dir(args, "r16"), ids16, adapter_ranks(n, False), seed=args.seed,
+                                  log=log)
     if not args.no_mixed_ranks:
-        write_adapters(spec, adapters_mixed, ids_mixed, adapter_ranks(n, True), seed=args.seed + 1, log=log)
+        write_adapters(spec, _adapter_dir(args, "mixed"), ids_mixed, adapter_ranks(n, True), seed=args.seed + 1,
+                       log=log)
     if not args.no_baselines:
-        record(
-            PEFT, common.attempt(PEFT, errors, log, replay_hf, peft_model, trace, use_adapters=True, **hf_kw)
+        out.record(
+            PEFT, common.attempt(PEFT, out.errors, log, replay_hf, peft_model, trace, use_adapters=True, **hf_kw)
         )
     del hf, peft_model
     common.release()
+    return model_dir
 
+
+def run_engine(args: argparse.Namespace, model_dir: Path, trace: Trace, mixed_trace: Trace, ids16: list[str],
+               ids_mixed: list[str], out: Measured, log: common.Logger) -> None:
+    """Our engine: the trace without adapters, with 32 rank-16 adapters, decode steps at the decode
+    batch, then (unless ``--no-mixed-ranks``) the trace over mixed-rank adapters."""
+    prof, dev = args.profile, args.device
+    adapters16, adapters_mixed = _adapter_dir(args, "r16"), _adapter_dir(args, "mixed")
     engine = make_engine(
         model_dir,
         dev,
-        dtype,
-        common.engine_limits(args, max_adapter_slots=n, num_train_slots=0, max_lora_rank=64),
+        args.dtype,
+        common.engine_limits(args, max_adapter_slots=prof.num_adapters, num_train_slots=0, max_lora_rank=64),
         log,
     )
     for a in ids16:
         engine.load_adapter(a, adapters16 / a)
-    warmup(engine, spec.vocab_size, ids16, training=False, log=log)
+    warmup(engine, args.spec.vocab_size, ids16, training=False, log=log)
 
     def serve(label: str, tr: Trace) -> tuple[list[RequestRecord], float]:
         run = replay_engine(engine, tr, time_limit_s=prof.serve_limit_s, device=dev, log=log, label=label,
@@ -115,18 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{label}] scheduler: {run.stats.get('scheduler', {})}")
         return run.records, run.window_s
 
-    record(
+    out.record(
         OURS_BASE,
-        common.attempt(OURS_BASE, errors, log, serve, OURS_BASE, trace.without_adapters().renamed("base")),
+        common.attempt(OURS_BASE, out.errors, log, serve, OURS_BASE, trace.without_adapters().renamed("base")),
     )
-    record(OURS_R16, common.attempt(OURS_R16, errors, log, serve, OURS_R16, trace.renamed("r16")))
+    out.record(OURS_R16, common.attempt(OURS_R16, out.errors, log, serve, OURS_R16, trace.renamed("r16")))
 
     # decode steps at batch 64: no adapters, and every row on an adapter (32 adapters, 2 rows each)
-    decode: dict[str, Any] = {}
     for label, ids in (("no adapters", []), ("32 adapters r16", ids16)):
-        got = common.attempt(f"decode {label}", errors, log, decode_step, engine, args, ids, len(decode))
+        got = common.attempt(f"decode {label}", out.errors, log, decode_step, engine, args, ids, len(out.decode))
         if got is not None:
-            decode[label] = got
+            out.decode[label] = got
             log(
                 f"decode b={prof.decode_batch} {label}: {got['median_ms']:.2f} ms = "
                 f"{got['x_floor_weights']:.2f}x weight floor"
@@ -138,29 +169,38 @@ def main(argv: list[str] | None = None) -> int:
         for a in ids_mixed:
             engine.load_adapter(a, adapters_mixed / a)
 
-    if not args.no_mixed_ranks and (
-        common.attempt("load mixed-rank adapters", errors, log, swap_to_mixed) is None
-        and "load mixed-rank adapters" not in errors
-    ):
-        record(
-            OURS_MIXED,
-            common.attempt(OURS_MIXED, errors, log, serve, OURS_MIXED, mixed_trace.renamed("mixed")),
-        )
+    if not args.no_mixed_ranks:
+        common.attempt(LOAD_MIXED, out.errors, log, swap_to_mixed)
+        if LOAD_MIXED not in out.errors:
+            out.record(
+                OURS_MIXED,
+                common.attempt(OURS_MIXED, out.errors, log, serve, OURS_MIXED, mixed_trace.renamed("mixed")),
+            )
     engine = None
     common.release()
 
-    summaries = {k: v[1] for k, v in runs.items()}
-    targets = serving_targets(summaries, decode)
-    files = report.plot_serving(args.out, "serving", runs)
+
+def _adapter_dir(args: argparse.Namespace, kind: str) -> Path:
+    return args.cache / f"adapters-{args.spec.name}-{kind}"  # type: ignore[no-any-return]
+
+
+def write_page(args: argparse.Namespace, trace: Trace, out: Measured) -> str:
+    """Writes ``serving.md`` / ``serving.json`` (and the plots) under ``args.out``; returns the page."""
+    prof = args.profile
+    summaries = {k: v[1] for k, v in out.runs.items()}
+    targets = serving_targets(summaries, out.decode)
+    files = report.plot_serving(args.out, "serving", out.runs)
     decode_rows = [
         [k, v["median_ms"], v["floor_weights_ms"], v["x_floor_weights"], v["floor_all_ms"], v["x_floor_all"]]
-        for k, v in decode.items()
+        for k, v in out.decode.items()
     ]
+    decode_headers = ["rows", "median ms", "weight floor ms", "x weight floor", "floor incl. KV+LoRA ms",
+                      "x full floor"]
     sections = [
         (
             "Trace",
-            f"{len(trace)} requests, Poisson {prof.rate}/s for {prof.duration_s}s, {n} adapters uniform, "
-            f"prompt/output log-normal means {prof.prompt_mean}/{prof.output_mean}; "
+            f"{len(trace)} requests, Poisson {prof.rate}/s for {prof.duration_s}s, {prof.num_adapters} adapters "
+            f"uniform, prompt/output log-normal means {prof.prompt_mean}/{prof.output_mean}; "
             f"SLO {DEFAULT_TTFT_S:.0f} s TTFT / {DEFAULT_TPOT_S * 1e3:.0f} ms TPOT; HF batch "
             f"{prof.max_batch}, HF wall limit {prof.baseline_limit_s}s.",
         ),
@@ -170,30 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             f"Decode step at batch {prof.decode_batch}",
-            report.markdown_table(
-                [
-                    "rows",
-                    "median ms",
-                    "weight floor ms",
-                    "x weight floor",
-                    "floor incl. KV+LoRA ms",
-                    "x full floor",
-                ],
-                decode_rows,
-            )
+            report.markdown_table(decode_headers, decode_rows)
             + f"\n\nFloor: bytes / {H200_BANDWIDTH_BPS / 1e12:.2f} TB/s (H200 copy bandwidth).",
         ),
         ("Plots", report.images_section(files)),
     ]
-    if errors:
-        sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
+    if out.errors:
+        sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in out.errors.items())))
     results = {
         "serving": {k: s.to_dict() for k, s in summaries.items()},
-        "decode": decode,
+        "decode": out.decode,
         "trace": trace.meta,
-        "errors": errors,
+        "errors": out.errors,
     }
-    text = report.write_report(
+    return report.write_report(
         args.out,
         "serving",
         "Serving: LoRA overhead and inference vs PEFT",
@@ -202,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         targets=targets,
         results=results,
     )
-    print(text)
-    return 1 if errors else 0
 
 
 def decode_step(engine: Any, args: Any, adapter_ids: list[str], seed: int) -> dict[str, float]:

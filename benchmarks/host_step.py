@@ -8,7 +8,7 @@ so the numbers are the Python and torch-dispatch work a GPU step waits on, measu
 runs this. A tiny Llama with a byte-level BPE tokenizer serves ``--rows`` requests (sampled at
 temperature 0.7, and greedy), timed at two output lengths; each row is measured twice in the same
 run, with the engine's incremental detokenizer and with a baseline that decodes the whole output
-on every token (what the engine did before 2026-11-29).
+on every token (a cost that grows with the output).
 """
 
 from __future__ import annotations

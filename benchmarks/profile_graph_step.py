@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.models import SPECS, prepare_base, write_adapters
+from benchmarks.harness.models import SPECS, prepare_base, write_adapters
 from benchmarks.profile_step import Phases, _drain, _fill, _gpu_profile, _sync
 from loquetier import Engine
 

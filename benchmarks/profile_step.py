@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.models import SPECS, prepare_base
+from benchmarks.harness.models import SPECS, prepare_base
 from loquetier import Engine, SamplingParams
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import LoRAConfig
@@ -256,7 +256,7 @@ def main() -> None:
                                    args.steps, args.cprofile, deep_prompt))
         _drain(engine)
 
-    from benchmarks.replay import add_training_jobs
+    from benchmarks.harness.replay import add_training_jobs
 
     gen = torch.Generator().manual_seed(3)
     vocab = min(30000, engine.model.cfg.vocab_size)

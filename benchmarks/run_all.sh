@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9 benchmarks in one go on one GPU (~15 minutes for the 8B shape):
+# The GPU benchmarks in one go on one GPU (~15 minutes for the 8B shape):
 #
 #   bash benchmarks/run_all.sh [OUT_DIR] [extra args for every script, e.g. --quick or --model small]
 #   RUNS="decode serving" bash benchmarks/run_all.sh $OUT     # a subset (default: all four)
@@ -53,12 +53,12 @@ gpu_tests() {  # the tests that only mean something on a GPU (no broker or datab
     echo "== gpu-tests (limit ${GPU_TESTS_LIMIT:-240}s)"
     # test_smlm compiles the most variants: three processes, split by test name
     local t0=$SECONDS pids=() f part
-    for part in test_graphs test_fused test_smlm:parts "test_smlm:popularity or rank_mix" \
-            "test_smlm:not parts and not popularity and not rank_mix" test_paged_attention test_launch \
-            test_model_parts; do
+    for part in engine/test_graphs kernels/test_fused kernels/test_smlm:parts "kernels/test_smlm:popularity or rank_mix" \
+            "kernels/test_smlm:not parts and not popularity and not rank_mix" kernels/test_paged_attention \
+            kernels/test_launch models/test_model_parts; do
         f=${part%%:*}
-        local k=() log=$f
-        if [ "$part" != "$f" ]; then k=(-k "${part#*:}"); log="${f}_$(echo "${part#*:}" | tr -c 'a-z' '_')"; fi
+        local k=() log=${f##*/}
+        if [ "$part" != "$f" ]; then k=(-k "${part#*:}"); log="${log}_$(echo "${part#*:}" | tr -c 'a-z' '_')"; fi
         timeout "${GPU_TESTS_LIMIT:-240}" "$PY" -m pytest --noconftest -q -p no:cacheprovider "tests/$f.py" "${k[@]}" \
             >"$OUT_DIR/gpu_$log.log" 2>&1 &
         pids+=($!)

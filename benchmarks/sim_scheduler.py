@@ -1,14 +1,15 @@
 """Replay an arrival trace through the scheduler on a synthetic cost model (no model, no GPU).
 
-    python benchmarks/sim_scheduler.py                       # all three traces
-    python benchmarks/sim_scheduler.py --trace burst --rate 6 --jobs 2 --duration 120
+    python -m benchmarks.sim_scheduler                       # all three traces
+    python -m benchmarks.sim_scheduler --trace burst --rate 6 --jobs 2 --duration 120
 
 Traces: ``poisson`` (constant rate), ``burst`` (a base rate with periodic bursts of ``--burst-x``
 times the rate), ``step`` (the rate steps 0.25x -> 1x -> 2x -> 0.5x over four equal phases).
 Each request draws its prompt and output lengths from the given ranges; ``--jobs`` training jobs
 (equal priority unless ``--job-priorities``) keep work ready all the time. The step time comes from
-``SyntheticCost`` (a linear model with multiplicative noise); the scheduler starts from a prior that is
-off by 2x and fits the truth online.
+the synthetic GPU in ``benchmarks/harness/synthetic.py`` (a known price list with multiplicative noise);
+the scheduler starts from a prior that is off by 2x (1.5x with ``--profile h200-8b``) and fits the truth
+online.
 
 Prints, per trace: SLO attainment (requests, and the final token-level window), TTFT and TPOT
 percentiles, training tokens/s per job against training alone, preemptions and step overruns, then
@@ -23,13 +24,14 @@ import math
 import random
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loquetier.engine.scheduler import Scheduler, SchedulerConfig, _features  # noqa: E402
-from loquetier.engine.sequence import SamplingParams, ScheduledBatch, Sequence, StepResult  # noqa: E402
+from benchmarks.harness.synthetic import FakeJob, FakeKV, sampled_tokens, step_time  # noqa: E402
+from loquetier.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from loquetier.engine.sequence import SamplingParams, Sequence, StepResult  # noqa: E402
 from loquetier.engine.slo import RequestMetrics  # noqa: E402
 from loquetier.engine.step_model import StepCost, StepFeatures  # noqa: E402
 
@@ -43,10 +45,9 @@ TRUE_COST = StepCost(
     kv_token_s=3e-8,
 )
 PRIOR = StepCost(*(2.0 * c for c in TRUE_COST.as_tuple()))
-# The Llama-3-8B shape on one H200 as the engine's step dumps fitted it (2026-11-29, after the eager-step
-# fixes): decode-only and small prompt steps replay CUDA graphs (~6 ms + rows); any other step runs
-# eagerly at ~0.07 s more (host-bound launches), and a training step pays ~0.12 s more for its backward
-# and optimizers, plus ~41 us per training token.
+# The Llama-3-8B shape on one H200, fitted from the engine's step dumps (LOQUETIER_BENCH_STEP_DUMP):
+# decode-only and small prompt steps replay CUDA graphs; any other step runs eagerly at a fixed price
+# (mixed_s), and a training step pays a further fixed price for its backward and optimizers.
 H200_8B_COST = StepCost(
     const_s=6e-3,
     prefill_token_s=1.4e-5,
@@ -57,45 +58,6 @@ H200_8B_COST = StepCost(
     mixed_s=0.07,
     train_step_s=0.12,
 )
-
-
-@dataclass
-class SimKV:
-    num_blocks: int
-    block_size: int = 16
-    tokens: dict[str, int] = field(default_factory=dict)
-    used: int = 0
-
-    def _blocks(self, n: int) -> int:
-        return -(-n // self.block_size)
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.num_blocks - self.used
-
-    def can_allocate(self, seq_id: str, num_new_tokens: int) -> bool:
-        have = self.tokens.get(seq_id, 0)
-        return self._blocks(have + num_new_tokens) - self._blocks(have) <= self.num_free_blocks
-
-    def allocate(self, seq_id: str, num_new_tokens: int) -> int:
-        have = self.tokens.get(seq_id, 0)
-        self.used += self._blocks(have + num_new_tokens) - self._blocks(have)
-        self.tokens[seq_id] = have + num_new_tokens
-        return 0
-
-    def free(self, seq_id: str) -> None:
-        self.used -= self._blocks(self.tokens.pop(seq_id))
-
-
-@dataclass
-class SimJob:
-    job_id: str
-    priority: int = 0
-    min_share: float = 0.0
-    is_eval: bool = False
-
-    def num_ready_tokens(self) -> int:
-        return 1 << 30
 
 
 @dataclass(frozen=True)
@@ -121,7 +83,7 @@ def poisson_times(rng: random.Random, rate_at: object, duration: float, peak: fl
 def make_trace(name: str, args: argparse.Namespace, rng: random.Random) -> list[Arrival]:
     rate, duration = args.rate, args.duration
     if name == "unified":  # bench_unified's trace itself (step-rate pattern, ShareGPT-like lengths)
-        from benchmarks.workload import make_trace as bench_trace
+        from benchmarks.harness.workload import make_trace as bench_trace
 
         trace = bench_trace(pattern="step", rate=rate, duration_s=duration, max_context=2048, prompt_mean=200,
                             output_mean=200, seed=args.seed + 3)
@@ -192,10 +154,10 @@ def simulate(name: str, args: argparse.Namespace) -> None:
     noise_rng = random.Random(args.seed + 1)
     trace = make_trace(name, args, rng)
     config, true_cost, prior = _config(args)
-    sched = Scheduler(config, SimKV(args.kv_blocks), prior_cost=prior)
+    sched = Scheduler(config, FakeKV(args.kv_blocks), prior_cost=prior)
     priorities = args.job_priorities or [0] * args.jobs
     for i in range(args.jobs):
-        sched.add_job(SimJob(f"job{i}", priority=priorities[i % len(priorities)], min_share=args.min_share))
+        sched.add_job(FakeJob(f"job{i}", priority=priorities[i % len(priorities)], min_share=args.min_share))
 
     num_phases = args.phases
     phases = [Phase() for _ in range(num_phases)]
@@ -222,9 +184,9 @@ def simulate(name: str, args: argparse.Namespace) -> None:
             continue
         step_s = step_time(batch, config, true_cost, noise_rng, args.noise)
         now += step_s
-        sampled = {s.seq_id: 1 for s in batch.decode_seqs}
-        sampled |= {c.seq.seq_id: 1 for c in batch.prefill_chunks if c.is_final}
-        events = sched.postprocess(batch, StepResult(now=now, step_time_s=step_s, sampled_token_ids=sampled))
+        events = sched.postprocess(
+            batch, StepResult(now=now, step_time_s=step_s, sampled_token_ids=sampled_tokens(batch, 1))
+        )
         phase = phases[min(num_phases - 1, int(num_phases * (now - step_s) / args.duration))]
         phase.steps += 1
         phase.busy_s += step_s
@@ -239,11 +201,6 @@ def simulate(name: str, args: argparse.Namespace) -> None:
     unfinished = len(sched.running) + len(sched.waiting)
     report(name, args=args, sched=sched, finished=finished, phases=phases, end=now, true_cost=true_cost,
            unfinished=unfinished)
-
-
-def step_time(batch: ScheduledBatch, config: SchedulerConfig, cost: StepCost, rng: random.Random,
-              noise: float) -> float:
-    return cost.predict(_features(batch, config)) * (1.0 + noise * rng.uniform(-1.0, 1.0))
 
 
 def pct(values: list[float], q: float) -> float:

@@ -1,4 +1,4 @@
-"""LoRA tests run on the torch reference SMLM backend; tests/test_smlm.py covers the Triton kernels
+"""LoRA tests run on the torch reference SMLM backend; tests/kernels/test_smlm.py covers the Triton kernels
 (through the interpreter on CPU), so the job tests need not pay the interpreter's cost."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How far each bf16 inference path's logits are from an fp32 reference: fused elementwise kernels or not.
 
-    python -m benchmarks.check_fused --model 8b --device cuda [--out DIR]
+    python -m benchmarks.checks.check_fused --model 8b --device cuda [--out DIR]
 
 Two paths in bf16 compute the same rows (32 prompts of 200 random tokens, one adapter each of 32
 rank-16 adapters on all seven targets, round robin): the torch elementwise ops, and the fused
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.models import SPECS, prepare_base, write_adapters
+from benchmarks.harness.models import SPECS, prepare_base, write_adapters
 from loquetier import Engine
 from loquetier.kernels import fused
 from loquetier.models.batch import BatchBuilder

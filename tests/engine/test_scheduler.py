@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from benchmarks.harness.synthetic import FakeJob, FakeKV, sampled_tokens, step_time
 from loquetier.engine.budget import FairShare, JobDemand, TrainScale
 from loquetier.engine.scheduler import Scheduler, SchedulerConfig, _mixed
 from loquetier.engine.sequence import (
@@ -42,36 +43,6 @@ PRIOR = StepCost(
 TOKEN = 7
 
 
-class FakeKV:
-    """Paged KV accounting: ``num_blocks`` blocks of ``block_size`` tokens."""
-
-    def __init__(self, num_blocks: int = 10_000, block_size: int = 16, prefix_hit: int = 0) -> None:
-        self.total_blocks = num_blocks
-        self.block_size = block_size
-        self.prefix_hit = prefix_hit  # tokens "found" in a prefix cache at admission
-        self.tokens: dict[str, int] = {}
-
-    def _blocks(self, n: int) -> int:
-        return math.ceil(n / self.block_size)
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.total_blocks - sum(self._blocks(n) for n in self.tokens.values())
-
-    def can_allocate(self, seq_id: str, num_new_tokens: int) -> bool:
-        have = self.tokens.get(seq_id, 0)
-        return self._blocks(have + num_new_tokens) - self._blocks(have) <= self.num_free_blocks
-
-    def allocate(self, seq_id: str, num_new_tokens: int) -> int:
-        assert self.can_allocate(seq_id, num_new_tokens)
-        is_admission = seq_id not in self.tokens
-        self.tokens[seq_id] = self.tokens.get(seq_id, 0) + num_new_tokens
-        return min(self.prefix_hit, num_new_tokens - 1) if is_admission else 0
-
-    def free(self, seq_id: str) -> None:
-        del self.tokens[seq_id]
-
-
 class FakeSlots:
     """``capacity`` GPU slots with reference-counted pins; unpinned adapters are evicted on demand."""
 
@@ -96,18 +67,6 @@ class FakeSlots:
 
 
 @dataclass
-class FakeJob:
-    job_id: str
-    priority: int = 0
-    min_share: float = 0.0
-    is_eval: bool = False
-    ready: int = 1_000_000
-
-    def num_ready_tokens(self) -> int:
-        return self.ready
-
-
-@dataclass
 class Sim:
     """Drives a scheduler on a virtual clock with the synthetic cost model."""
 
@@ -123,25 +82,10 @@ class Sim:
 
     def step(self) -> ScheduledBatch:
         batch = self.sched.schedule(self.now)
-        f = StepFeatures(
-            batch.num_prefill_tokens,
-            batch.num_decode_rows,
-            batch.num_train_tokens,
-            batch.num_eval_tokens,
-            batch.num_kv_tokens_read,
-            _mixed(self.sched.config, batch.num_prefill_tokens, batch.num_decode_rows,
-                   batch.num_train_tokens + batch.num_eval_tokens),
-            int(bool(batch.num_train_tokens or batch.num_eval_tokens)),
-        )
-        t = (
-            self.cost.predict(f) * (1.0 + self.noise * self.rng.uniform(-1, 1))
-            if not batch.is_empty
-            else 1e-3
-        )
+        t = step_time(batch, self.sched.config, self.cost, self.rng, self.noise) if not batch.is_empty else 1e-3
         self.now += t
         self.times.append(t)
-        sampled = {s.seq_id: TOKEN for s in batch.decode_seqs}
-        sampled |= {c.seq.seq_id: TOKEN for c in batch.prefill_chunks if c.is_final}
+        sampled = sampled_tokens(batch, TOKEN)
         events = self.sched.postprocess(
             batch, StepResult(now=self.now, step_time_s=t, sampled_token_ids=sampled)
         )

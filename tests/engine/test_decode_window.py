@@ -15,7 +15,7 @@ import torch
 from loquetier import Engine, SamplingParams
 from loquetier.engine.events import RequestFinished, TokenEvent
 from loquetier.kernels import force_backend
-from tests.test_engine import make_engine
+from tests.engine.test_engine import make_engine
 from tests.tiny import make_tiny_model
 
 PROMPTS = ["the quick brown fox", "what is the capital", "a pirate says", "fine tuning and",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_common import (
+from hf_checkpoints import (
     assert_close,
     hf_logits,
     make_hf_model,

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from test_model_common import reference_smlm  # noqa: E402, F401
+from hf_checkpoints import reference_smlm  # noqa: E402, F401
 from tiny import make_tiny_model  # noqa: E402
 
 from loquetier.engine.kv_cache import BlockManager  # noqa: E402

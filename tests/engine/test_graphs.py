@@ -18,7 +18,7 @@ import torch
 from loquetier import Engine, SamplingParams, TrainingParams
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow, bucket_sizes
 from loquetier.kernels import force_backend
-from tests.test_engine import make_engine, train_data
+from tests.engine.test_engine import make_engine, train_data
 from tests.tiny import make_tiny_model
 
 PROMPTS = ["the quick brown fox", "what is the capital", "a pirate says", "fine tuning and",
@@ -160,7 +160,7 @@ def test_captured_graphs_match_plain_steps_on_cuda(model_dir: Path) -> None:
 
 
 def _reloaded(engine: Engine):  # type: ignore[no-untyped-def]
-    from tests.test_engine import random_adapter
+    from tests.engine.test_engine import random_adapter
 
     return random_adapter(engine, 99, 8, ("q_proj", "o_proj", "down_proj"))
 

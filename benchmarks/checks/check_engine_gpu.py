@@ -1,7 +1,7 @@
 """GPU check of the whole engine: exactness vs transformers, then mixed serving + training steps.
 
-    python benchmarks/check_engine_gpu.py --out DIR          # on the H200
-    python benchmarks/check_engine_gpu.py --device cpu       # CPU smoke run
+    python -m benchmarks.checks.check_engine_gpu --out DIR          # on the H200
+    python -m benchmarks.checks.check_engine_gpu --device cpu       # CPU smoke run
 
 1. fp32 on the device: a random Llama (GQA, 4 layers) and three LoRA adapters; greedy generation
    through Engine.generate must equal transformers' greedy generate for the base rows, and PEFT's
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from loquetier import Engine, SamplingParams, TrainingParams  # noqa: E402
 from loquetier.engine.events import JobFinished, RequestFinished  # noqa: E402

@@ -19,11 +19,18 @@ from typing import Any
 import torch
 
 from .models import SPECS, ModelSpec, default_dtype
+from .workload import synthetic_examples
+
+# Every fine-tuning job of the runs, ours and the PEFT baselines': a fresh LoRA of this rank, AdamW at this lr.
+RANK = 16
+LR = 1e-4
+
+Jobs = list[tuple[str, list[dict[str, list[int]]]]]  # (job name, training examples) per job
 
 
 @dataclass(frozen=True)
 class Profile:
-    # serving trace (runs 1, 2)
+    # serving trace (bench_serving)
     rate: float  # requests/s
     duration_s: float
     prompt_mean: float
@@ -36,12 +43,12 @@ class Profile:
     decode_batch: int
     decode_steps: int
     decode_prompt_len: int
-    # unified trace (run 3)
+    # unified trace (bench_unified)
     unified_rate: float
     unified_duration_s: float
     unified_limit_s: float
     train_only_s: float
-    # fine-tuning (runs 3, 4)
+    # fine-tuning (bench_unified, bench_finetune)
     num_jobs: int
     examples_per_job: int
     micro_batch_tokens: int
@@ -209,6 +216,25 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         force_backend("reference")
     args.command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     return args
+
+
+def job_data(args: argparse.Namespace) -> Jobs:
+    """The run's fine-tuning jobs: ``(name, synthetic examples)`` for each of the profile's ``num_jobs``."""
+    prof = args.profile
+    return [
+        (
+            f"ft-{k}",
+            synthetic_examples(
+                prof.examples_per_job,
+                args.spec.vocab_size,
+                args.seed + 17 * k,
+                prompt_mean=prof.prompt_mean,
+                completion_mean=prof.output_mean,
+                max_tokens=prof.micro_batch_tokens,
+            ),
+        )
+        for k in range(prof.num_jobs)
+    ]
 
 
 def engine_limits(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import metrics, workload
-from benchmarks.metrics import RequestRecord, percentile, summarize_serving
+from benchmarks.harness import metrics, workload
+from benchmarks.harness.metrics import RequestRecord, percentile, summarize_serving
 
 # ---- workload -----------------------------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ def test_tpot_training_and_floor() -> None:
     assert metrics.tpot_from_times([1.0]) is None
     t = metrics.summarize_training(900, 3.0, padded_tokens=1200, optimizer_steps=4)
     assert t.real_tokens_per_s == 300 and t.padding_fraction == pytest.approx(0.25)
-    from benchmarks.models import SPECS
+    from benchmarks.harness.models import SPECS
 
     spec = SPECS["8b"]
     assert spec.num_params() == pytest.approx(8.03e9, rel=0.01)  # Llama-3-8B

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from test_model_common import (
+from hf_checkpoints import (
     KINDS,
     assert_close,
     make_hf_model,
     rand_tokens,
     reference_smlm,  # noqa: F401
 )
+from peft import LoraConfig, get_peft_model
 
 from loquetier.engine.kv_cache import BlockManager
 from loquetier.lora.pool import LoRASlotPool

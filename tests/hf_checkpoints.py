@@ -1,4 +1,7 @@
-"""Shared helpers for the model tests: tiny random HF checkpoints built locally (nothing downloaded)."""
+"""Tiny random HF checkpoints of three families (Llama, Qwen2, Mistral), built locally, and the helpers
+that compare our model with them; the `reference_smlm` fixture puts a test module on the torch SMLM backend
+(import it into the test module). Nothing is downloaded.
+"""
 
 from __future__ import annotations
 

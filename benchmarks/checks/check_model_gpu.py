@@ -1,7 +1,7 @@
 """GPU check of the model core: correctness vs transformers in bf16, then attention variants timed.
 
-    python benchmarks/check_model_gpu.py --out docs/benchmarks/model_gpu.json          # on the H200
-    python benchmarks/check_model_gpu.py --device cpu --small                         # CPU smoke run
+    python -m benchmarks.checks.check_model_gpu --out docs/benchmarks/model_gpu.json   # on the H200
+    python -m benchmarks.checks.check_model_gpu --device cpu --small                  # CPU smoke run
 
 1. Correctness: a random-weight Llama (GQA) built with transformers, saved, loaded by us. One mixed
    batch (prefill chunks + decode rows) per attention impl (reference, sdpa, flash, triton) vs HF's logits

@@ -17,7 +17,7 @@ from .metrics import RequestRecord, ServingSummary, TrainingSummary
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 9 and where we stand against it."""
+    """One performance target (the project's goals in docs/benchmarks/README.md) and where a run stands."""
 
     name: str
     goal: str  # e.g. ">= 0.85x"

@@ -85,7 +85,7 @@ def test_model_with_fused_inference_rows_matches(tmp_path: Path, monkeypatch: py
     inference and evaluation rows: same greedy tokens and the same evaluation loss as with the torch
     expressions."""
     from loquetier.kernels import force_backend
-    from tests.test_engine import PROMPTS, job_params, make_engine, train_data
+    from tests.engine.test_engine import PROMPTS, job_params, make_engine, train_data
     from tests.tiny import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "llama", arch="qwen2")

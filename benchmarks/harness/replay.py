@@ -8,7 +8,6 @@ step that returned its first token. Admission time comes from the engine's ``que
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from loquetier.lora.params import TrainingParams
 
 from .metrics import RequestRecord, TrainingSummary, summarize_training, tpot_from_times
 from .models import TARGET_MODULES
-from .workload import Trace, example_length
+from .workload import Trace, TraceRequest
 
 Log = Callable[[str], Any]
 
@@ -50,13 +49,6 @@ def make_engine(
             log(f"[engine] dropping unknown limits {bad}: {exc}")
             for k in bad:
                 limits.pop(k)
-
-
-def free_engine(engine: Engine | None) -> None:
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def sampling_for(max_tokens: int) -> SamplingParams:
@@ -170,6 +162,76 @@ def add_training_jobs(
     return job_ids
 
 
+@dataclass
+class _Bookkeeping:
+    """What a replay tracks between steps: per-request records and streamed token times, when each
+    request was added, and each job's progress."""
+
+    records: dict[str, RequestRecord]
+    token_times: dict[str, list[float]]
+    job_ids: Sequence[str]
+    job_tokens: dict[str, int]
+    job_steps: dict[str, int]
+    jobs_live: set[str]
+    added_at: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    num_done: int = 0
+    jobs_done_s: float | None = None
+
+    @classmethod
+    def start(cls, reqs: Sequence[TraceRequest], job_ids: Sequence[str]) -> _Bookkeeping:
+        return cls(
+            records={
+                r.request_id: RequestRecord(r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens, r.adapter_id)
+                for r in reqs
+            },
+            token_times={r.request_id: [] for r in reqs},
+            job_ids=job_ids,
+            job_tokens=dict.fromkeys(job_ids, 0),
+            job_steps=dict.fromkeys(job_ids, 0),
+            jobs_live=set(job_ids),
+        )
+
+    def take(self, ev: Any, t: float) -> None:
+        """Account one engine event that came out of the step ending at ``t``."""
+        if isinstance(ev, TokenEvent):
+            if ev.request_id in self.token_times:
+                self.token_times[ev.request_id].extend([t] * len(ev.token_ids))
+        elif isinstance(ev, RequestFinished):
+            if ev.request_id in self.records:
+                _finish(self.records[ev.request_id], ev, t, self.added_at[ev.request_id],
+                        self.token_times[ev.request_id])
+                self.num_done += 1
+        elif isinstance(ev, RequestFailed):
+            self.failures.append(f"{ev.request_id}: {ev.code} {ev.message}")
+            if ev.request_id in self.records:
+                self.num_done += 1
+        elif isinstance(ev, JobProgress):
+            self.job_tokens[ev.job_id] = max(self.job_tokens.get(ev.job_id, 0), ev.tokens_processed)
+            self.job_steps[ev.job_id] = max(self.job_steps.get(ev.job_id, 0), ev.step)
+        elif isinstance(ev, JobFinished):
+            self.jobs_live.discard(ev.job_id)
+            if self.job_ids and not self.jobs_live:
+                self.jobs_done_s = t
+            if ev.status != "succeeded":
+                self.failures.append(f"{ev.job_id}: {ev.status} {ev.error}")
+
+    def settle_cut_off(self, engine: Engine, reqs: Sequence[TraceRequest]) -> None:
+        """Fill the records of requests the window cut off and abort them (the engine is left clean
+        for the next replay)."""
+        for r in reqs:
+            rec, times = self.records[r.request_id], self.token_times[r.request_id]
+            if rec.is_finished:
+                continue
+            if times:  # streamed tokens of a request cut off by the time limit
+                rec.first_token_s = times[0]
+                rec.tpot_s = tpot_from_times(times)
+            if r.request_id in self.added_at:
+                _fill_partial(engine, rec, self.added_at[r.request_id])
+                engine.abort(r.request_id)
+            rec.num_output_tokens = max(rec.num_output_tokens, len(times))
+
+
 def replay_engine(
     engine: Engine,
     trace: Trace | None,
@@ -189,48 +251,29 @@ def replay_engine(
     training tokens counted are those of micro-batches finished inside the window.
     """
     reqs = trace.requests if trace is not None else []
-    records = {
-        r.request_id: RequestRecord(
-            r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens, r.adapter_id
-        )
-        for r in reqs
-    }
-    token_times: dict[str, list[float]] = {r.request_id: [] for r in reqs}
-    added_at: dict[str, float] = {}
-    job_tokens: dict[str, int] = dict.fromkeys(job_ids, 0)
-    job_steps: dict[str, int] = dict.fromkeys(job_ids, 0)
-    jobs_live = set(job_ids)
-    run = EngineRun([], 0.0)
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    book = _Bookkeeping.start(reqs, job_ids)
+    run = EngineRun([], 0.0, failures=book.failures)
+    _sync(device)
     train_tokens_before = _scheduler_counter(engine, "num_train_tokens")
     start = time.perf_counter()
 
     def clock() -> float:
         return time.perf_counter() - start
 
-    nxt = num_done = 0
-    jobs_done_s: float | None = None
+    nxt = 0
     builds = KernelBuilds()
     while True:
         now = clock()
         while nxt < len(reqs) and reqs[nxt].arrival_s <= now:
             r = reqs[nxt]
-            engine.add_request(
-                r.request_id,
-                prompt_token_ids=r.prompt_token_ids,
-                adapter_id=r.adapter_id,
-                sampling=sampling_for(r.max_tokens),
-                ttft_ms=ttft_ms,
-                tpot_ms=tpot_ms,
-                stream=True,
-            )
-            added_at[r.request_id] = now
+            engine.add_request(r.request_id, prompt_token_ids=r.prompt_token_ids, adapter_id=r.adapter_id,
+                               sampling=sampling_for(r.max_tokens), ttft_ms=ttft_ms, tpot_ms=tpot_ms, stream=True)
+            book.added_at[r.request_id] = now
             nxt += 1
         if now >= time_limit_s:
             break
-        trace_done = num_done >= len(reqs)
-        if trace_done and (not jobs_live or (reqs and stop_when_trace_done)):
+        trace_done = book.num_done >= len(reqs)
+        if trace_done and (not book.jobs_live or (reqs and stop_when_trace_done)):
             break
         if not engine.has_work():
             if nxt >= len(reqs):
@@ -246,52 +289,31 @@ def replay_engine(
             run.step_records.append({**dataclasses.asdict(last), "wall_s": run.step_times_s[-1],
                                      "built": builds.take()})
         for ev in events:
-            if isinstance(ev, TokenEvent):
-                if ev.request_id in token_times:
-                    token_times[ev.request_id].extend([t] * len(ev.token_ids))
-            elif isinstance(ev, RequestFinished):
-                if ev.request_id in records:
-                    _finish(
-                        records[ev.request_id], ev, t, added_at[ev.request_id], token_times[ev.request_id]
-                    )
-                    num_done += 1
-            elif isinstance(ev, RequestFailed):
-                run.failures.append(f"{ev.request_id}: {ev.code} {ev.message}")
-                if ev.request_id in records:
-                    num_done += 1
-            elif isinstance(ev, JobProgress):
-                job_tokens[ev.job_id] = max(job_tokens.get(ev.job_id, 0), ev.tokens_processed)
-                job_steps[ev.job_id] = max(job_steps.get(ev.job_id, 0), ev.step)
-            elif isinstance(ev, JobFinished):
-                jobs_live.discard(ev.job_id)
-                if job_ids and not jobs_live:
-                    jobs_done_s = t
-                if ev.status != "succeeded":
-                    run.failures.append(f"{ev.job_id}: {ev.status} {ev.error}")
+            book.take(ev, t)
     builds.close()
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    _sync(device)
     run.window_s = clock()
-    for r in reqs:
-        rec, times = records[r.request_id], token_times[r.request_id]
-        if rec.is_finished:
-            continue
-        if times:  # streamed tokens of a request cut off by the time limit
-            rec.first_token_s = times[0]
-            rec.tpot_s = tpot_from_times(times)
-        if r.request_id in added_at:
-            _fill_partial(engine, rec, added_at[r.request_id])
-            engine.abort(r.request_id)  # leave the engine clean for the next replay
-        rec.num_output_tokens = max(rec.num_output_tokens, len(times))
-    run.records = [records[r.request_id] for r in reqs if r.arrival_s <= run.window_s]
+    book.settle_cut_off(engine, reqs)
+    run.records = [book.records[r.request_id] for r in reqs if r.arrival_s <= run.window_s]
     run.num_steps = len(run.step_times_s)
     if job_ids:
         # tokens the steps actually trained on (packed, no padding); JobProgress as a fallback
         counted = _scheduler_counter(engine, "num_train_tokens") - train_tokens_before
-        real = counted if counted > 0 else sum(job_tokens.values())
+        real = counted if counted > 0 else sum(book.job_tokens.values())
         # jobs that ran out of data before the window ended are timed until they finished
-        seconds = jobs_done_s if jobs_done_s is not None else run.window_s
-        run.training = summarize_training(real, seconds, optimizer_steps=sum(job_steps.values()))
+        seconds = book.jobs_done_s if book.jobs_done_s is not None else run.window_s
+        run.training = summarize_training(real, seconds, optimizer_steps=sum(book.job_steps.values()))
+    _close_run(engine, run, label, log, f"{book.num_done}/{len(reqs)}")
+    return run
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _close_run(engine: Engine, run: EngineRun, label: str, log: Log, done: str) -> None:
+    """The engine's stats into ``run``; the step dump (``LOQUETIER_BENCH_STEP_DUMP``) and the log lines."""
     try:
         run.stats = _jsonable(engine.stats())
     except Exception as exc:  # stats are informative only
@@ -309,10 +331,9 @@ def replay_engine(
     train = f", train {run.training.real_tokens} tokens" if run.training else ""
     fails = f"; {len(run.failures)} failures: {run.failures[:3]}" if run.failures else ""
     log(
-        f"[{label}] {run.num_steps} steps, {num_done}/{len(reqs)} requests, {served} output tokens{train} "
+        f"[{label}] {run.num_steps} steps, {done} requests, {served} output tokens{train} "
         f"in {run.window_s:.1f}s{fails}"
     )
-    return run
 
 
 def _finish(rec: RequestRecord, ev: RequestFinished, t: float, added_at: float, times: list[float]) -> None:
@@ -469,10 +490,6 @@ def cancel_jobs(engine: Engine, job_ids: Sequence[str]) -> None:
         if not engine.has_work():
             break
         engine.step()
-
-
-def training_real_tokens(examples: Sequence[dict[str, list[int]]]) -> int:
-    return sum(example_length(e) for e in examples)
 
 
 def _jsonable(value: Any) -> Any:
