@@ -126,11 +126,16 @@ class Consumer:
             for part, records in batches.items():
                 kind = self._kinds.get(part.topic)
                 for record in records:
+                    if self._stopping.is_set():  # not accepted: left to the next owner
+                        break
                     epoch = self.tracker.accept(part, record.offset)
-                    if kind is not None:
-                        await self._handler(kind, record, epoch)
-                    else:
+                    if kind is None:
                         self.tracker.done(part, record.offset, epoch)
+                        continue
+                    try:
+                        await self._handler(kind, record, epoch)
+                    except Exception:  # stays pending (redelivered), the loop goes on
+                        log.exception("record handling failed", extra={"partition": str(part), "offset": record.offset})
             self._check_log_ends(batches)
             self._apply_backpressure()
             await self.commit()
@@ -144,6 +149,10 @@ class Consumer:
 
     def _request_parts(self) -> list[TopicPartition]:
         return [p for p in self.consumer.assignment() if p.topic == self._kafka.requests_topic]
+
+    def request_partitions(self) -> list[TopicPartition]:
+        """The request partitions this consumer owns now."""
+        return self._request_parts()
 
     def _set_paused(self, paused: bool) -> None:
         parts = self._request_parts()
