@@ -330,9 +330,14 @@ async def _step(what: str, awaitable: Awaitable[T], *, timeout_s: float = 15.0) 
     """One stop step: bounded, and its failure logged instead of ending the stop."""
     try:
         return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.CancelledError as exc:  # a library's own cancellation (aiokafka's stop, broker away)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the stop itself is being cancelled
+        log.warning("stop step failed", extra={"step": what, "error": repr(exc)[:500]})
     except Exception as exc:
         log.warning("stop step failed", extra={"step": what, "error": repr(exc)[:500]})
-        return None
+    return None
 
 
 async def _logged(awaitable: Any) -> None:
