@@ -140,7 +140,6 @@ class Intake:
             },
         )
 
-
     async def _refuse_command(self, record: Any, err: RecordError) -> None:
         """An unreadable command still gets its ack (ok false) when its command_id can be read."""
         fields = rejects.peek_map(record.value, self._limits)
@@ -184,5 +183,3 @@ def _partition(record: Any) -> Any:
     from aiokafka import TopicPartition
 
     return TopicPartition(record.topic, record.partition)
-
-

@@ -44,8 +44,8 @@ class Sizes:
 
 
 CI = Sizes()
-LONG = Sizes(num_bad=3000, num_good=200, num_duplicated=100, num_flood=3000, num_in_flight=64, train_steps=400,
-             num_outage=300, outage_s=10.0)
+LONG = Sizes(num_bad=2000, num_good=100, num_duplicated=50, num_flood=2000, num_in_flight=48, train_steps=300,
+             num_outage=200, outage_s=10.0)
 
 
 def pack(obj: Any) -> bytes:
