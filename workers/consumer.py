@@ -15,6 +15,8 @@ records in one batch: "end 1"). Only the high watermark of an actual fetch can s
 log is shorter than the position read from (a broker that lost its data); only then, and
 only for that partition, is it read again from its beginning. Real Kafka answers such a
 fetch with OffsetOutOfRange, which the consumer resets to the earliest offset by itself.
+A group generation that goes back (a restarted in-memory broker forgot the group) means every
+offset committed there is stale: the assigned partitions are read from the beginning.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Consumer:
         self.num_assignments = 0
         self._stopping = asyncio.Event()
         self._expected: dict[TopicPartition, int] = {}  # where reading resumes, per partition
+        self._generation: int | None = None  # of the group, at the last assignment
 
     async def start(self) -> None:
         self.consumer.subscribe(list(self._kinds), listener=_Listener(self))
@@ -196,11 +199,30 @@ class Consumer:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.tracker.forget(assigned)  # fresh positions come from the group's committed offsets
-        await self._expect_committed(assigned)
+        if self._group_went_back():
+            for part in assigned:  # every record there is new; any committed offset is a stale one of ours
+                self._expected.pop(part, None)
+                self.consumer.seek(part, 0)
+        else:
+            await self._expect_committed(assigned)
         self.num_assignments += 1
         if self.is_paused:
             self.consumer.pause(*self._request_parts())
         log.info("partitions assigned", extra={"partitions": sorted(map(str, assigned))})
+
+    def _group_went_back(self) -> bool:
+        """A group generation at or below the last one seen: the coordinator lost the group, so
+        the broker lost its state (tansu keeps it in memory), and offsets this worker committed
+        into the fresh broker before it rejoined point into a log that no longer exists."""
+        generation = getattr(getattr(self.consumer, "_coordinator", None), "generation", None)
+        if not isinstance(generation, int) or generation < 0:
+            return False
+        last, self._generation = self._generation, generation
+        if last is None or generation > last:
+            return False
+        log.warning("the group started over (the broker lost its state): reading the assigned partitions again",
+                    extra={"generation": generation, "last_generation": last})
+        return True
 
     async def _expect_committed(self, parts: set[TopicPartition]) -> None:
         """Remember where each partition resumes, to check it against the first fetch."""
