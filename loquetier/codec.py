@@ -22,6 +22,7 @@ SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 Int32 = Annotated[int, Field(ge=-(2**31), lt=2**31)]
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -47,14 +48,19 @@ class Record(WireModel):
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits enforced on decode; oversized input is rejected, never truncated."""
+    """Size limits enforced on decode (code ``too_large``); oversized input is rejected, never
+    truncated. The table in docs/wire-format.md lists each one."""
 
     max_record_bytes: int = 4 * 1024 * 1024
+    max_key_bytes: int = 1024
     max_prompt_chars: int = 1_000_000
     max_prompt_tokens: int = 131_072
     max_new_tokens: int = 131_072
     max_stop_sequences: int = 16
-    max_inline_examples: int = 100_000
+    # Inline training data: a larger data set goes in a JSONL file (``data`` as a path).
+    max_inline_examples: int = 10_000
+    max_example_chars: int = 100_000  # prompt + completion of one text example
+    max_example_tokens: int = 131_072  # prompt + completion ids of one token example
     max_list_items: int = 1_000_000
 
     def __post_init__(self) -> None:
@@ -117,6 +123,12 @@ def unpack_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise RecordError("not_a_map", f"record must be a msgpack map, got {type(obj).__name__}")
     return obj
+
+
+def check_key(key: bytes | None, limits: Limits = DEFAULT_LIMITS) -> None:
+    """A Kafka record key within ``max_key_bytes`` (keys are ids: at most 256 characters)."""
+    if key is not None and len(key) > limits.max_key_bytes:
+        raise RecordError("too_large", f"record key is {len(key)} bytes, the limit is {limits.max_key_bytes}")
 
 
 def ids_of(obj: object) -> tuple[str | None, str | None]:

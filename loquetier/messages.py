@@ -14,12 +14,13 @@ from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, mo
 
 from loquetier.codec import (
     DEFAULT_LIMITS,
+    MAX_ID_CHARS,
     SCHEMA_VERSION,
     SUPPORTED_SCHEMA_VERSIONS,
     Id,
     Int32,
+    Int64,
     Limits,
-    NonNegInt,
     PositiveInt,
     Record,
     RecordError,
@@ -51,19 +52,55 @@ from loquetier.results import (
 # --- loquetier.requests ---------------------------------------------------------------
 
 
+# Value bounds of the wire records (docs/wire-format.md, "Limits"). A value outside them is refused
+# with ``invalid_value`` before any work starts; floats must also be finite (no NaN, no ±Infinity).
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1  # the engine also clamps it to the model's vocabulary
+MAX_STOP_CHARS = 256
+MAX_SLO_MS = 3_600_000.0  # one hour
+MAX_LORA_RANK = 1024  # the worker's own max_lora_rank is checked before anything is allocated
+MAX_LORA_ALPHA = 1000.0  # so the scale alpha / rank (or alpha / sqrt(rank)) stays <= 1000
+MAX_TARGET_MODULES = 16
+MAX_MODULE_CHARS = 64
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 10.0
+MAX_GRAD_NORM = 1e6
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10_000_000  # max_steps, warmup_steps, checkpoint_every, eval_every
+MAX_MICRO_BATCH_TOKENS = 1_048_576
+MAX_GRAD_ACCUM = 4096
+MAX_PATH_CHARS = 4096
+
+
+def _finite(
+    default: float | None,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """A float field that refuses NaN and ±Infinity besides its bounds."""
+    return Field(default=default, allow_inf_nan=False, gt=gt, ge=ge, lt=lt, le=le)
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StepCount = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+
+
 class SamplingSpec(WireModel):
     max_tokens: PositiveInt = 128
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: NonNegInt = 0  # 0 disables top-k
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    temperature: float = _finite(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = _finite(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # 0 disables top-k
+    seed: Int64 | None = None
+    stop: list[StopString] = Field(default_factory=list)
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class SLOSpec(WireModel):
-    ttft_ms: float | None = Field(default=None, gt=0)
-    tpot_ms: float | None = Field(default=None, gt=0)
+    ttft_ms: float | None = _finite(default=None, gt=0, le=MAX_SLO_MS)
+    tpot_ms: float | None = _finite(default=None, gt=0, le=MAX_SLO_MS)
 
 
 class GenerateRequest(Record):
@@ -89,11 +126,11 @@ class GenerateRequest(Record):
 
 
 class LoRASpec(WireModel):
-    rank: PositiveInt = 8
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    rank: int = Field(default=8, ge=1, le=MAX_LORA_RANK)
+    alpha: float = _finite(default=16.0, gt=0, le=MAX_LORA_ALPHA)
+    dropout: float = _finite(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=MAX_MODULE_CHARS)]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=MAX_TARGET_MODULES
     )
     use_rslora: bool = False
 
@@ -129,25 +166,26 @@ Example = Annotated[
 ]
 # Inline examples, or a path (local path or URI the worker can read) to a JSONL file of them.
 DataSpec = Annotated[
-    Annotated[list[Example], Tag("inline")] | Annotated[str, Tag("path"), Field(min_length=1)],
+    Annotated[list[Example], Tag("inline")]
+    | Annotated[str, Tag("path"), Field(min_length=1, max_length=MAX_PATH_CHARS)],
     Discriminator(_data_form),
 ]
 
 
 class TrainingParamsSpec(WireModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)  # null disables clipping
-    epochs: PositiveInt | None = None
-    max_steps: PositiveInt | None = None
-    micro_batch_tokens: PositiveInt = 4096
-    grad_accum: PositiveInt = 1
+    lr: float = _finite(default=1e-4, gt=0, le=MAX_LR)
+    weight_decay: float = _finite(default=0.0, ge=0, le=MAX_WEIGHT_DECAY)
+    max_grad_norm: float | None = _finite(default=1.0, gt=0, le=MAX_GRAD_NORM)  # null disables clipping
+    epochs: int | None = Field(default=None, ge=1, le=MAX_EPOCHS)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    micro_batch_tokens: int = Field(default=4096, ge=1, le=MAX_MICRO_BATCH_TOKENS)
+    grad_accum: int = Field(default=1, ge=1, le=MAX_GRAD_ACCUM)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: NonNegInt = 0
-    seed: int = 0
-    checkpoint_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
-    eval_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
+    warmup_steps: StepCount = 0
+    seed: Int64 = 0
+    checkpoint_every: StepCount = 0  # optimizer steps; 0 = only at the end
+    eval_every: StepCount = 0  # optimizer steps; 0 = only at the end
 
     @model_validator(mode="before")
     @classmethod
@@ -188,8 +226,9 @@ class ControlCommand(Record):
     command_id: Id | None = None
     action: ControlAction
     target_id: Id
-    path: str | None = Field(default=None, min_length=1)  # load: PEFT directory
-    source: str | None = Field(default=None, min_length=1)  # load: "db" or "job:<job_id>"
+    path: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_CHARS)  # load: PEFT directory
+    # load: "db" or "job:<job_id>"; anything else is refused, never read as "db"
+    source: str | None = Field(default=None, pattern=rf"^(db|job:[^\x00]{{1,{MAX_ID_CHARS}}})$")
     worker_id: Id | None = None  # only this worker acts; null = every worker
     token: str | None = Field(default=None, max_length=1024)  # drain: the operator token
 
@@ -253,8 +292,24 @@ def _over_limit(record: object, limits: Limits) -> str | None:
             return f"sampling.stop has {len(sampling.stop)} items, the limit is {limits.max_stop_sequences}"
     if isinstance(record, TrainingJob):
         for name, data in (("data", record.data), ("eval_data", record.eval_data)):
-            if isinstance(data, list) and len(data) > limits.max_inline_examples:
-                return f"{name} has {len(data)} examples, the limit is {limits.max_inline_examples}"
+            if isinstance(data, list):
+                problem = _examples_over_limit(name, data, limits)
+                if problem:
+                    return problem
+    return None
+
+
+def _examples_over_limit(name: str, examples: list[TextExample | TokenExample], limits: Limits) -> str | None:
+    if len(examples) > limits.max_inline_examples:
+        return f"{name} has {len(examples)} examples, the limit is {limits.max_inline_examples}"
+    for index, ex in enumerate(examples):
+        if isinstance(ex, TextExample):
+            size, limit, unit = len(ex.prompt) + len(ex.completion), limits.max_example_chars, "chars"
+        else:
+            size = len(ex.prompt_token_ids) + len(ex.completion_token_ids)
+            limit, unit = limits.max_example_tokens, "tokens"
+        if size > limit:
+            return f"{name}[{index}] has {size} {unit}, the limit is {limit}"
     return None
 
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loquetier.engine.errors import EngineError
 from loquetier.engine.events import (
     JobCheckpoint,
     JobEvaluated,
@@ -28,11 +29,8 @@ from loquetier.engine.events import (
 VOCAB = 1000
 
 
-class FakeEngineError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class FakeEngineError(EngineError):
+    """Raised where the real engine raises its EngineError, with the same codes."""
 
 
 class FakeTokenizer:

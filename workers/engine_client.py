@@ -66,7 +66,16 @@ class EngineLike(Protocol):
 
 
 class StepFailed(Exception):
-    """``engine.step()`` raised: the engine state is unknown, the worker must stop."""
+    """``engine.step()`` raised: the engine is broken (``EngineBroken``: a CUDA error, a step no part
+    of which could run) or its state is unknown; the worker must stop. ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class EngineStopped(RuntimeError):
+    """A command for an engine whose thread no longer runs (stopped, or its step failed)."""
 
 
 StepHook = Callable[[float, list[Any]], None]
@@ -84,12 +93,15 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.failure: BaseException | None = None  # why the engine thread ended, if a step failed
+        self._thread_done = threading.Event()  # set as the thread leaves its loop, before it exits
         self.num_steps = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._thread_done.clear()
         self._thread = threading.Thread(target=self._run, name="loquetier-engine", daemon=True)
         self._thread.start()
 
@@ -102,17 +114,33 @@ class EngineClient:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._thread_done.is_set()
 
     # --- commands (applied between steps, on the engine thread) --------------------------
 
     async def call(self, fn: Callable[[EngineLike], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread; its exception is raised here."""
+        """Run ``fn(engine)`` on the engine thread; its exception is raised here, and
+        :class:`EngineStopped` when the thread is not running (or ends before it gets to ``fn``)."""
         if not self.is_running:
-            raise RuntimeError("the engine thread is not running")
+            raise self._stopped()
         done: Future[T] = Future()
         self._commands.put((fn, done))
+        if not self.is_running:  # the thread ended meanwhile: nothing would ever answer
+            self._fail_pending()
         return await asyncio.wrap_future(done)
+
+    def _stopped(self) -> EngineStopped:
+        why = f": {_reason(self.failure)}" if self.failure is not None else ""
+        return EngineStopped(f"the engine thread is not running{why}")
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                _, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if done.set_running_or_notify_cancel():
+                done.set_exception(self._stopped())
 
     async def submit(self, request_id: str, **kwargs: Any) -> None:
         await self.call(lambda e: e.add_request(request_id, **kwargs))
@@ -122,6 +150,15 @@ class EngineClient:
 
     async def add_job(self, adapter_id: str, data: Any, params: Any, **kwargs: Any) -> str:
         return await self.call(lambda e: e.add_training_job(adapter_id, data, params, **kwargs))
+
+    async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> Any:
+        """A job's data read, tokenized and checked in a worker thread, not on the engine thread:
+        a large data set then never stalls the steps (``Engine.prepare_data``). An engine without
+        that method gets ``data`` back unchanged."""
+        prepare = getattr(self._engine, "prepare_data", None)
+        if prepare is None:
+            return data
+        return await asyncio.to_thread(prepare, data, micro_batch_tokens)
 
     async def cancel_job(self, job_id: str) -> None:
         await self.call(lambda e: e.cancel_job(job_id))
@@ -156,12 +193,24 @@ class EngineClient:
         """The events of the next step that produced any; raises :class:`StepFailed`."""
         item = await self._events.get()
         if isinstance(item, BaseException):
-            raise StepFailed(str(item)) from item
+            raise StepFailed(_reason(item)) from item
         return item
 
     # --- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop_steps()
+        except BaseException as exc:  # a broken engine (EngineBroken) or a bug: report it, stop stepping
+            self.failure = exc
+            log.error("engine step failed; the engine thread stops", exc_info=exc,
+                      extra={"reason": _reason(exc)})
+            self._post(exc)
+        finally:
+            self._thread_done.set()
+            self._fail_pending()  # no awaiting coroutine may hang on a command nobody will run
+
+    def _loop_steps(self) -> None:
         engine = self._engine
         while not self._stopping.is_set():
             self._apply_commands(block=False)
@@ -169,12 +218,7 @@ class EngineClient:
                 self._apply_commands(block=True)
                 continue
             started = time.perf_counter()
-            try:
-                events = engine.step()
-            except Exception as exc:  # an engine bug: report it and stop stepping
-                log.exception("engine step failed")
-                self._post(exc)
-                return
+            events = engine.step()
             self.num_steps += 1
             if self._on_step is not None:
                 self._on_step(time.perf_counter() - started, events)
@@ -195,8 +239,20 @@ class EngineClient:
                 done.set_result(fn(self._engine))
             except Exception as exc:  # handed to the awaiting coroutine
                 done.set_exception(exc)
+            except BaseException:  # ends the thread; its caller must not wait forever
+                done.set_exception(EngineStopped("the engine thread ended while running this command"))
+                raise
 
     def _post(self, item: list[Any] | BaseException) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._events.put_nowait, item)
+
+
+def _reason(exc: BaseException) -> str:
+    """A broken engine's own sentence, else the error's type and first line."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str):
+        return reason
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

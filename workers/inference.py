@@ -32,6 +32,7 @@ from . import convert
 from . import store as q
 from .adapters import AdapterSync
 from .engine_client import EngineClient
+from .errors import INTERNAL, public_error
 from .metrics import QUEUE_DEPTH, REQUESTS
 from .publisher import Publisher
 from .store import Store
@@ -136,6 +137,11 @@ class Inference:
             if req.adapter_id is not None and not await self._adapters.ensure(req.adapter_id):
                 await self._fail(rid, "unknown_adapter", f"adapter {req.adapter_id!r} is not registered")
                 return
+            try:  # the engine's own checks of a value the border let through: a ValueError
+                kwargs = convert.request_kwargs(req)
+            except ValueError as exc:
+                await self._fail(rid, "invalid_request", str(exc)[:500])
+                return
             attempt = await self._store.tx(
                 lambda s: repo.start_request(s, rid, self._worker_id, max_attempts=self._max_attempts)
             )
@@ -143,9 +149,9 @@ class Inference:
                 await self._poisoned_or_done(rid)
                 return
             try:
-                await self._client.submit(rid, **convert.request_kwargs(req))
-            except Exception as exc:  # EngineError(code, message) for bad input
-                await self._fail(rid, getattr(exc, "code", "engine_error"), getattr(exc, "message", str(exc)))
+                await self._client.submit(rid, **kwargs)
+            except Exception as exc:  # EngineError(code, message) for bad input, else internal
+                await self._fail(rid, *public_error(exc, "this request", log, request_id=rid))
                 return
             self.inflight[rid].in_engine = True
             self.num_computed += 1
@@ -158,7 +164,7 @@ class Inference:
             raise
         except Exception:
             log.exception("request intake failed", extra={"request_id": rid})
-            await self._fail(rid, "internal", "the worker could not start this request")
+            await self._fail(rid, INTERNAL, "the worker could not start this request; the detail is in its log")
 
     async def _poisoned_or_done(self, rid: str) -> None:
         """``start_request`` refused: the row finished meanwhile, or it used up its attempts."""

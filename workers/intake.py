@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any, get_args
 
-from loquetier.codec import MAX_ID_CHARS, Limits
+from loquetier.codec import MAX_ID_CHARS, Limits, check_key
 from loquetier.db import repo
 from loquetier.messages import (
     ControlAck,
@@ -28,6 +28,7 @@ from loquetier.messages import (
 
 from . import convert, rejects
 from .control import Control
+from .errors import public_error
 from .inference import Inference
 from .jobs import JobRunner
 from .metrics import RECORDS
@@ -63,6 +64,7 @@ class Intake:
     async def handle(self, kind: TopicKind, record: Any, epoch: int) -> None:
         part, offset = _partition(record), record.offset
         try:
+            check_key(_bytes(record.key), self._limits)
             decoded = decode_record(kind, record.value, self._limits)
             _check_storable(decoded)
         except RecordError as err:
@@ -89,12 +91,9 @@ class Intake:
                 await self._publisher.publish(error, decoded.job_id)
                 log.info("job refused", extra={"job_id": decoded.job_id, "code": exc.code})
             except Exception as exc:
-                code = getattr(exc, "code", None)
-                message = getattr(exc, "message", None)
-                if not isinstance(code, str) or not isinstance(message, str):
-                    code, message = "internal", "the worker could not accept this job"
-                log.warning("record failed", extra={"kind": kind, "offset": offset, "error": repr(exc)[:500]})
-                await self._reject(record, RecordError(code, message[:2000], None, decoded.job_id), kind)
+                code, message = public_error(exc, "this record", log, kind=kind, offset=offset)
+                log.warning("record failed", extra={"kind": kind, "offset": offset, "code": code})
+                await self._reject(record, RecordError(code, message, None, decoded.job_id), kind)
         self._done(part, offset, epoch)
 
     async def _insert_job(self, job: TrainingJob) -> None:
@@ -183,3 +182,7 @@ def _partition(record: Any) -> Any:
     from aiokafka import TopicPartition
 
     return TopicPartition(record.topic, record.partition)
+
+
+def _bytes(value: Any) -> bytes | None:
+    return bytes(value) if value is not None else None

@@ -27,6 +27,7 @@ from loquetier.settings import WorkerSettings
 from . import adapter_paths, convert
 from .adapters import AdapterSync, lora_fields, read_payload
 from .engine_client import EngineClient
+from .errors import public_error
 from .inference import POISONED, poisoned_message
 from .metrics import QUEUE_DEPTH
 from .publisher import Publisher
@@ -114,25 +115,33 @@ class JobRunner:
 
     async def _launch(self, row: JobRow) -> None:
         job_id = row.job_id
+        if job_id in self.running:  # our own job, its lease renewed by the claim: it runs here already
+            return
         try:
             job = convert.job_from_spec(row.spec)
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
             payload = await asyncio.to_thread(read_payload, ckpt.data, ckpt.uri, ckpt.sha256) if ckpt else None
             base = await self._base_adapter(job.base_adapter)
+            data = await self._prepare(job_id, job.data, job.params.micro_batch_tokens)
+            eval_data = await self._prepare(job_id, job.eval_data, job.params.micro_batch_tokens)
+            if data is None or (job.eval_data is not None and eval_data is None):
+                log.info("job lost while its data was prepared", extra={"job_id": job_id})
+                return
             await self._client.add_job(
                 job.adapter_id,
-                convert.job_data(job.data),
+                data,
                 convert.training_params(job),
                 lora=job.lora.model_dump(),
                 base_adapter=base,
-                eval_data=convert.job_data(job.eval_data) if job.eval_data is not None else None,
+                eval_data=eval_data,
                 job_id=job_id,
                 priority=max(0, job.priority),
                 kind=job.kind,
                 checkpoint=payload,
             )
         except Exception as exc:
-            error = str(exc)[:2000]
+            code, message = public_error(exc, "this job", log, job_id=job_id)
+            error = f"{code}: {message}"
             log.warning("job failed to start", extra={"job_id": job_id, "error": error})
             await self._store.tx(
                 lambda s: repo.finish_job(s, job_id, status="failed", worker_id=self._worker_id, error=error)
@@ -168,8 +177,25 @@ class JobRunner:
                 adapter_paths.check_adapter, directory, roots, max_adapter_bytes=self._settings.max_adapter_bytes
             )
         except adapter_paths.PathRefused as exc:
-            raise ValueError(f"base_adapter is neither a registered adapter nor usable: {exc.message}") from None
+            message = f"base_adapter is neither a registered adapter nor usable: {exc.message}"
+            raise adapter_paths.PathRefused(exc.code, message) from None
         return str(directory)
+
+    async def _prepare(self, job_id: str, data: Any, micro_batch_tokens: int) -> Any:
+        """The job's data tokenized in a thread, off the engine's steps, while this worker keeps
+        renewing the job's lease (a large data file may take longer than one lease). None: the
+        lease was lost meanwhile (cancelled, paused or taken), so the job must not start here."""
+        if data is None:
+            return None
+        task = asyncio.create_task(self._client.prepare_data(convert.job_data(data), micro_batch_tokens))
+        while not (await asyncio.wait({task}, timeout=self._settings.heartbeat_s))[0]:
+            ours = await self._store.tx(
+                lambda s: repo.renew_lease(s, job_id, self._worker_id, lease_s=self._settings.lease_s)
+            )
+            if not ours:
+                task.cancel()  # the thread finishes its work; its result is dropped
+                return None
+        return task.result()
 
     # --- leases ----------------------------------------------------------------------------
 

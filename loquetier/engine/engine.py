@@ -26,8 +26,9 @@ import torch
 from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.errors import EngineError
-from loquetier.engine.events import EngineEvent, RequestFailed
+from loquetier.engine.events import EngineEvent, JobFinished, RequestFailed
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
+from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
@@ -38,6 +39,7 @@ from loquetier.engine.sequence import Sequence as Seq
 from loquetier.engine.step_model import StepCost, StepTimeModel
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
+from loquetier.lora.data import PreparedData
 from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
@@ -114,6 +116,7 @@ class Engine:
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
         self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
         self._clock = time.monotonic
+        self.isolation = StepIsolation(self.runner, self.scheduler, self.requests, self.jobs)
         self._backlog: list[EngineEvent] = []
         self._ids = itertools.count()
         self.num_steps = 0
@@ -240,7 +243,7 @@ class Engine:
 
     def load_adapter_bytes(self, adapter_id: str, data: bytes) -> int:
         try:
-            adapter = LoRAAdapter.from_bytes(data, self.model.dims)
+            adapter = LoRAAdapter.from_bytes(data, self.model.dims, self.config.max_lora_rank)
         except (AdapterError, ValueError) as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
         return self.load_adapter(adapter_id, adapter)
@@ -300,7 +303,7 @@ class Engine:
                               f"context of {self.max_model_len} tokens")
         if self.blocks.blocks_needed(len(ids) + 1) > self.blocks.num_blocks:
             raise EngineError("prompt_too_long", "the prompt does not fit in the KV cache")
-        sampling = self.requests.effective_sampling(sampling, room)
+        sampling = self.requests.effective_sampling(sampling, room, self.model.cfg.vocab_size)
         try:
             seq = Seq(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
         except ValueError as exc:
@@ -357,6 +360,10 @@ class Engine:
         return self.jobs.add(job_id, adapter_id, data, params, lora=lora, base_adapter=base_adapter,
                              eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint)
 
+    def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
+        """Tokenize and check a job's data ahead, on any thread, while the engine steps (JobBook.prepare)."""
+        return self.jobs.prepare(data, micro_batch_tokens)
+
     def cancel_job(self, job_id: str) -> bool:
         event = self.jobs.cancel(job_id)
         if event is not None:
@@ -373,7 +380,11 @@ class Engine:
         """Mean completion-token loss and token accuracy of an adapter (None = base) on ``data``."""
         job_id = self.jobs.add_eval(f"eval-{next(self._ids)}", adapter_id, data, micro_batch_tokens)
         while (result := self.jobs.eval_result(job_id)) is None:
-            self._backlog.extend(self._step())
+            events = self._step()
+            for e in events:
+                if isinstance(e, JobFinished) and e.job_id == job_id and e.status == "failed":
+                    raise EngineError("job_failed", e.error or "the evaluation failed")
+            self._backlog.extend(events)
         self._backlog = [e for e in self._backlog if getattr(e, "job_id", None) != job_id]
         return result
 
@@ -402,7 +413,7 @@ class Engine:
             return self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
         t0 = time.perf_counter()
-        run = self.runner.run(batch, self.jobs, self.requests)
+        run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
         step_time = time.perf_counter() - t0
         graphs, cfg = self.runner.graphs, self.scheduler.config
         if cfg.graph_max_rows and (graphs is None or graphs.max_tokens <= graphs.max_batch):
@@ -414,7 +425,7 @@ class Engine:
         for seq in self.scheduler.running:
             if self.blocks.has_seq(seq.seq_id):
                 self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
-        events = self.requests.events(step_events, run.logprobs, self.scheduler, self._clock)
+        events = failed + self.requests.events(step_events, run.logprobs, self.scheduler, self._clock)
         events += self.jobs.after_step(run)
         return events
 

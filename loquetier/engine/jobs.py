@@ -6,19 +6,22 @@ only sees WorkRunners. Evaluations during training run as child eval jobs on the
 
 from __future__ import annotations
 
+import copy
+import math
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loquetier.engine.config import EngineConfig
-from loquetier.engine.errors import EngineError
+from loquetier.engine.errors import EngineError, describe
 from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, JobFinished, JobProgress
 from loquetier.engine.scheduler import Scheduler
 from loquetier.engine.work import WorkRunner
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
-from loquetier.lora.data import DataError, TrainSequence, tokenize_examples
+from loquetier.lora.data import DataError, PreparedData, TrainSequence, data_fingerprint, tokenize_examples
 from loquetier.lora.evaluate import EvaluationJob
 from loquetier.lora.job import TrainingJob
 from loquetier.lora.manager import AdapterManager
@@ -54,13 +57,38 @@ class JobBook:
         self._evals: dict[str, _Eval] = {}
         self._runners: dict[str, WorkRunner] = {}
         self.eval_results: dict[str, dict[str, float]] = {}
+        self._prepare_lock = threading.Lock()
+        self._tokenizer_copy: Any = None
 
     # ---- creation ----------------------------------------------------------------------------------
 
-    def _sequences(self, data: Any, max_tokens: int) -> list[TrainSequence]:
+    def prepare(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
+        """Read, tokenize and check ``data`` (inline examples or a JSONL path) for a job whose
+        micro-batches hold ``micro_batch_tokens``. Safe on any thread while the engine steps (it
+        reads no engine state and tokenizes with its own copy of the tokenizer), so a job's set-up
+        need not stall the steps: hand the result to ``add_training_job``."""
+        limit = min(micro_batch_tokens or self.config.max_num_batched_tokens, self.config.max_num_batched_tokens)
+        with self._prepare_lock:
+            if self._tokenizer_copy is None and self.tokenizer is not None:
+                self._tokenizer_copy = copy.deepcopy(self.tokenizer)  # HF fast tokenizers: one user at a time
+            try:
+                seqs = tokenize_examples(data, self._tokenizer_copy, vocab_size=self.vocab_size, max_tokens=limit)
+            except (DataError, OSError, ValueError, TypeError) as exc:
+                raise EngineError("invalid_data", str(exc)) from exc
+        return PreparedData(tuple(seqs), data_fingerprint(seqs), limit)
+
+    def _sequences(self, data: Any, max_tokens: int) -> tuple[list[TrainSequence], str | None]:
+        """Sequences and (when prepared ahead) their fingerprint."""
         limit = min(max_tokens, self.config.max_num_batched_tokens)
+        if isinstance(data, PreparedData):
+            if data.max_tokens is None or data.max_tokens > limit:
+                longest = max((s.num_tokens for s in data.sequences), default=0)
+                if longest > limit:
+                    raise EngineError("invalid_data",
+                                      f"a sequence of {longest} tokens exceeds micro_batch_tokens={limit}")
+            return list(data.sequences), data.fingerprint
         try:
-            return tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit)
+            return tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit), None
         except (DataError, OSError, ValueError, TypeError) as exc:
             raise EngineError("invalid_data", str(exc)) from exc
 
@@ -85,11 +113,12 @@ class JobBook:
                 params = TrainingParams(**{**params.__dict__, "priority": priority})
         except (TypeError, ValueError) as exc:
             raise EngineError("invalid_job", f"bad training params: {exc}") from exc
-        seqs = self._sequences(data, params.micro_batch_tokens)
-        eval_seqs = self._sequences(eval_data, params.micro_batch_tokens) if eval_data is not None else None
+        seqs, fingerprint = self._sequences(data, params.micro_batch_tokens)
+        eval_seqs = self._sequences(eval_data, params.micro_batch_tokens)[0] if eval_data is not None else None
         try:
             if checkpoint is not None:
-                job = TrainingJob.restore(checkpoint, self.adapters, seqs, eval_data=eval_seqs)
+                job = TrainingJob.restore(checkpoint, self.adapters, seqs, eval_data=eval_seqs,
+                                          data_fingerprint=fingerprint)
                 if job.job_id != job_id or job.adapter_id != adapter_id:
                     self.adapters.release_train_slot(job.adapter_id)
                     raise EngineError("invalid_job", f"checkpoint belongs to job {job.job_id!r} "
@@ -97,7 +126,7 @@ class JobBook:
             else:
                 init, cfg = self._init(base_adapter, lora)
                 job = TrainingJob(job_id, adapter_id, self.adapters, seqs, params, lora=cfg, init=init,
-                                  eval_data=eval_seqs)
+                                  eval_data=eval_seqs, data_fingerprint=fingerprint)
         except AdapterError as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
         except (TypeError, ValueError) as exc:
@@ -112,7 +141,7 @@ class JobBook:
         if base_adapter is not None:
             if base_adapter in self.adapters:
                 return self.adapters.get(base_adapter).clone(), None
-            return LoRAAdapter.load(base_adapter, self.adapters.pool.dims), None
+            return LoRAAdapter.load(base_adapter, self.adapters.pool.dims, self.adapters.pool.max_rank), None
         spec = dict(lora or {})
         if "target_modules" in spec:
             spec["target_modules"] = tuple(spec["target_modules"])
@@ -121,7 +150,7 @@ class JobBook:
     def add_eval(self, job_id: str, adapter_id: str | None, data: Any, micro_batch_tokens: int | None) -> str:
         self._check_new(job_id)
         mbt = micro_batch_tokens or self.config.max_num_batched_tokens
-        seqs = self._sequences(data, mbt)
+        seqs, _ = self._sequences(data, mbt)
         slot, pinned = -1, False
         if adapter_id is not None:
             if adapter_id not in self.adapters:
@@ -176,6 +205,17 @@ class JobBook:
         return True
 
     def cancel(self, job_id: str) -> JobFinished | None:
+        return self._end(job_id, "cancelled", None)
+
+    def fail(self, job_id: str, reason: str) -> JobFinished | None:
+        """End a job whose own work failed (its rows broke a step, a non-finite loss, its optimizer
+        raised); an evaluation child fails the training job it belongs to. None if unknown."""
+        runner = self._runners.get(job_id)
+        if runner is not None and runner.parent is not None:
+            job_id = runner.parent
+        return self._end(job_id, "failed", reason)
+
+    def _end(self, job_id: str, status: str, error: str | None) -> JobFinished | None:
         t = self._train.pop(job_id, None)
         if t is not None:
             if t.child is not None:
@@ -183,24 +223,46 @@ class JobBook:
             self._unregister(job_id)
             t.job.zero_grad()
             self.adapters.release_train_slot(t.job.adapter_id)
-            return JobFinished(job_id, t.job.adapter_id, "cancelled", self._metrics(t.job))
+            return JobFinished(job_id, t.job.adapter_id, status, self._metrics(t.job), error=error)
         e = self._evals.pop(job_id, None)
         if e is not None:
             self._end_eval(e)
-            return JobFinished(job_id, e.adapter_id or "", "cancelled")
+            return JobFinished(job_id, e.adapter_id or "", status, error=error)
         return None
 
     # ---- after each step ---------------------------------------------------------------------------
 
     def after_step(self, run: RunResult) -> list[EngineEvent]:
+        """Account the step's pieces; a job whose accounting fails (a non-finite loss, an optimizer
+        that raised, e.g. on an lr too large for float32) fails alone, the others go on."""
+        failed: list[EngineEvent] = []
         for piece, loss_sum, count, correct in run.pieces:
-            piece.runner.complete(piece, loss_sum, count, correct)
-        return self.collect_idle()
+            job_id = piece.runner.job_id
+            if job_id not in self._runners:
+                continue  # failed by an earlier piece of this step
+            try:
+                if not piece.runner.is_eval and not math.isfinite(loss_sum):
+                    raise FloatingPointError(f"the training loss is {loss_sum} (lower lr, or check the data)")
+                piece.runner.complete(piece, loss_sum, count, correct)
+            except Exception as exc:  # the job's own numbers: nothing else is touched
+                event = self.fail(job_id, f"training failed at step {self._step_of(job_id)}: {describe(exc)}")
+                if event is not None:
+                    failed.append(event)
+        return failed + self.collect_idle()
+
+    def _step_of(self, job_id: str) -> int:
+        runner = self._runners.get(job_id)
+        t = self._train.get(runner.parent or job_id) if runner is not None else None
+        return t.job.step if t is not None else 0
 
     def collect_idle(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []
         for job_id in list(self._train):
-            events += self._advance(self._train[job_id])
+            try:
+                events += self._advance(self._train[job_id])
+            except Exception as exc:  # e.g. trained weights refused as non-finite: this job alone
+                failed = self.fail(job_id, f"the job could not finish a step: {describe(exc)}")
+                events += [failed] if failed is not None else []
         for job_id in list(self._evals):
             e = self._evals[job_id]
             if e.job.is_done:
@@ -243,9 +305,9 @@ class JobBook:
         if job.should_checkpoint:
             events.append(JobCheckpoint(job.job_id, job.step, job.checkpoint()))
         if job.is_done:
+            trained = job.finish()  # first: weights it refuses leave the job registered, to be failed
             self._unregister(job.job_id)
             del self._train[job.job_id]
-            trained = job.finish()
             events.append(JobFinished(job.job_id, job.adapter_id, "succeeded", self._metrics(job),
                                       adapter=trained.to_bytes()))
         return events

@@ -76,16 +76,23 @@ class RequestBook:
             raise EngineError("invalid_request", f"prompt token ids must be ints in [0, {vocab_size})")
         return ids
 
-    def effective_sampling(self, sampling: SamplingParams, room: int) -> SamplingParams:
-        """Cap max_tokens to the context left; every EOS id of the model stops the request."""
+    def effective_sampling(self, sampling: SamplingParams, room: int, vocab_size: int | None = None) -> SamplingParams:
+        """Cap max_tokens to the context left; every EOS id of the model stops the request; a top_k
+        that keeps the whole vocabulary is off (no sort, and no huge int reaches the sampler)."""
         changes: dict[str, Any] = {}
         if sampling.max_tokens > room:
             changes["max_tokens"] = room
+        if vocab_size is not None and sampling.top_k >= vocab_size:
+            changes["top_k"] = 0
         if not sampling.ignore_eos:
             extra = tuple(t for t in self.eos_token_ids if t not in sampling.stop_token_ids)
             if extra:
                 changes["stop_token_ids"] = sampling.stop_token_ids + extra
         return dataclasses.replace(sampling, **changes) if changes else sampling
+
+    def drop(self, request_id: str) -> None:
+        """Forget a request that failed in a step (a RequestFailed, no RequestFinished, reports it)."""
+        self._requests.pop(request_id, None)
 
     def add(self, seq: Seq, stream: bool) -> None:
         sp = seq.sampling

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 _M32 = 0xFFFFFFFF
+_MAX_TOP_K = 2**62  # any top_k at or above the vocabulary keeps every token; larger ones fit int64
 
 
 class RowParams(Protocol):
@@ -68,7 +69,7 @@ class SamplingTensors:
         dev = torch.device(device)
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
+            top_k=torch.tensor([min(p.top_k, _MAX_TOP_K) for p in params], dtype=torch.int64, device=dev),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
             seed=torch.tensor(seeds, dtype=torch.int64, device=dev),
             step=torch.tensor(list(steps), dtype=torch.int64, device=dev),

@@ -378,11 +378,11 @@ class Scheduler:
                 spare = time_budget * cfg.tpot_headroom - predicted - extra
                 if ride_budget is not None and graph_room <= 0:  # an eager chunk in a training step
                     spare = max(spare, ride_budget * cfg.tpot_headroom - predicted - fixed_train)
-                by_time = math.floor(max(0.0, spare) / max(cost.prefill_token_s, 1e-12))
+                by_time = _num_tokens_in(spare, cost.prefill_token_s)
                 if self._prefill_is_urgent(seq, now, cost, predicted + extra):
                     # its TTFT is at stake: up to the burst cap, even past what the decoders banked
                     cap = burst_cap * cfg.tpot_headroom - predicted - extra
-                    by_time = max(by_time, math.floor(max(0.0, cap) / max(cost.prefill_token_s, 1e-12)),
+                    by_time = max(by_time, _num_tokens_in(cap, cost.prefill_token_s),
                                   cfg.min_prefill_tokens_per_step)
                 elif (cfg.decode_graphs and not mixed and graph_room <= 0 and ride_budget is None
                       and by_time * cost.prefill_token_s < mixed_s):
@@ -450,7 +450,7 @@ class Scheduler:
                         # the fitted and the prior token price: fewer tokens than the full steps the
                         # window holds, so the fixed and the per-token price come apart.
                         token_s = max(cost.train_token_s, self.step_model.prior.train_token_s)
-                        spare = math.floor(0.5 * raw / token_s) * cost.train_token_s
+                        spare = _num_tokens_in(0.5 * raw, token_s) * cost.train_token_s
             train_time = self.train_scale.value * spare + reserved * cost.train_token_s
         else:
             self.train_scale.reset()
@@ -776,6 +776,13 @@ class Scheduler:
             train_scale=self.train_scale.value,
         )
         return m.last_step
+
+
+def _num_tokens_in(seconds: float, token_s: float) -> int:
+    """Tokens that fit in ``seconds`` at ``token_s`` each: 0 for no time (or NaN), at most 2**40, so an
+    infinite or absurd time budget never reaches ``math.floor`` (OverflowError on infinity)."""
+    num = seconds / max(token_s, 1e-12)
+    return math.floor(min(num, 2.0**40)) if num > 0 else 0
 
 
 def _ttft_s(seq: Sequence) -> float:

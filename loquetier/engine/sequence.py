@@ -23,6 +23,7 @@ clock, the simulator a virtual one); SLO targets are in milliseconds, as on the 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -52,8 +53,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -107,8 +108,8 @@ class Sequence:
             raise ValueError(f"sequence {self.seq_id!r}: priority must be >= 0")
         for name in ("ttft_ms", "tpot_ms"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"sequence {self.seq_id!r}: {name} must be > 0")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"sequence {self.seq_id!r}: {name} must be a finite number > 0")
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -81,6 +81,19 @@ class WorkRunner:
             used += seq.num_tokens
         return Piece(self, taken, self._mb, is_last=not self._pending)
 
+    def give_back(self, piece: Piece) -> None:
+        """A step that ran ``piece`` failed before any gradient was touched: its sequences go back in
+        front of the ones still pending, and the next take hands out the same piece."""
+        self._pending.extendleft(reversed(piece.sequences))
+
+    def rewind(self) -> None:
+        """A step that ran a piece of this training job failed after its backward began (part of a
+        gradient may be in the slot): the job starts its accumulation window again."""
+        assert isinstance(self.job, TrainingJob)
+        self.job.rewind()
+        self._mb, self._pending = None, deque()
+        self.loss_sum, self.count, self.correct = 0.0, 0, 0
+
     def complete(self, piece: Piece, loss_sum: float, count: int, correct: int) -> bool:
         """Account a finished piece; True when it closed its micro-batch (reported to the job)."""
         self.loss_sum += loss_sum

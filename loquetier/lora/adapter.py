@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import tensor_io
-from .config import AdapterError, LoRAConfig
+from .config import MAX_ABS_WEIGHT, AdapterError, LoRAConfig
 from .pool import ModelDims
 
 CONFIG_FILE = "adapter_config.json"
@@ -71,6 +71,13 @@ class LoRAAdapter:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.weights.values() for t in pair)
 
+    @staticmethod
+    def estimate_bytes(config: LoRAConfig, dims: ModelDims, element_size: int = 4) -> int:
+        """The bytes of an adapter with ``config`` on a model of ``dims``, known before allocating it."""
+        targeted = sum(1 for layer in range(dims.num_layers) if config.targets_layer(layer))
+        per_layer = sum(sum(dims.module_shape(m)) for m in config.target_modules)
+        return targeted * per_layer * config.rank * element_size
+
     @classmethod
     def new(cls, config: LoRAConfig, dims: ModelDims, *, seed: int = 0,
             dtype: torch.dtype = torch.float32) -> LoRAAdapter:
@@ -111,6 +118,10 @@ class LoRAAdapter:
                                    f"but the config says r={cfg.rank}")
             if not (a.is_floating_point() and b.is_floating_point()):
                 raise AdapterError(f"{where}: weights must be floating point, got {a.dtype} and {b.dtype}")
+            for name, t in (("A", a), ("B", b)):
+                if t.numel() and not bool(t.detach().abs().max() <= MAX_ABS_WEIGHT):  # False for NaN as well
+                    raise AdapterError(f"{where}: {name} holds a non-finite weight or one above "
+                                       f"{MAX_ABS_WEIGHT:g} in absolute value")
             if dims is None:
                 continue
             if layer >= dims.num_layers:
@@ -130,8 +141,9 @@ class LoRAAdapter:
     # --- PEFT directory format -------------------------------------------------------------
 
     @classmethod
-    def load(cls, peft_dir: str | Path, dims: ModelDims | None = None) -> LoRAAdapter:
-        """Read a PEFT LoRA directory; validated against ``dims`` when given."""
+    def load(cls, peft_dir: str | Path, dims: ModelDims | None = None, max_rank: int | None = None) -> LoRAAdapter:
+        """Read a PEFT LoRA directory; validated against ``dims`` when given. A rank above ``max_rank``
+        is refused from the config, before any weight is read."""
         path = Path(peft_dir)
         cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not path.is_dir():
@@ -147,6 +159,7 @@ class LoRAAdapter:
         if not isinstance(raw, dict):
             raise AdapterError(f"{cfg_path}: expected a JSON object")
         config = LoRAConfig.from_peft_dict(raw)
+        check_rank(config, max_rank)
         try:
             tensors = load_file(weights_path)
         except (SafetensorError, OSError) as exc:
@@ -180,15 +193,24 @@ class LoRAAdapter:
         return tensor_io.pack(self._peft_tensors(), header)
 
     @classmethod
-    def from_bytes(cls, data: bytes, dims: ModelDims | None = None) -> LoRAAdapter:
-        tensors, header = tensor_io.unpack(data)
-        if header.get("kind") != "adapter":
+    def from_bytes(cls, data: bytes, dims: ModelDims | None = None, max_rank: int | None = None) -> LoRAAdapter:
+        header = tensor_io.header(data)
+        if header.get("kind") != "adapter" or not isinstance(header.get("config"), dict):
             raise AdapterError(f"blob holds a {header.get('kind')!r}, not an adapter")
         raw = header["config"]
-        adapter = cls(LoRAConfig.from_peft_dict(raw), _weights_from_peft(tensors),
+        config = LoRAConfig.from_peft_dict(raw)
+        check_rank(config, max_rank)
+        tensors, _ = tensor_io.unpack(data)
+        adapter = cls(config, _weights_from_peft(tensors),
                       raw.get("base_model_name_or_path"), dict(header.get("extra") or {}))
         adapter.validate(dims)
         return adapter
+
+
+def check_rank(config: LoRAConfig, max_rank: int | None) -> None:
+    """Refuse a rank above ``max_rank`` from the config alone (before its weights take memory)."""
+    if max_rank is not None and config.rank > max_rank:
+        raise AdapterError(f"rank {config.rank} is above this engine's max_lora_rank {max_rank}")
 
 
 def _weights_from_peft(tensors: dict[str, torch.Tensor]) -> Weights:

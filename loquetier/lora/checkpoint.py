@@ -9,8 +9,6 @@ and a fingerprint of the training data, checked on restore so a job never resume
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +17,7 @@ import torch
 from . import tensor_io
 from .adapter import LoRAAdapter
 from .config import AdapterError, LoRAConfig
-from .data import DataCursor, TrainSequence
+from .data import DataCursor, TrainSequence, data_fingerprint
 from .evaluate import EvalResult
 from .params import TrainingParams
 
@@ -28,13 +26,6 @@ if TYPE_CHECKING:
     from .manager import AdapterManager
 
 FORMAT_VERSION = 1
-
-
-def data_fingerprint(sequences: Sequence[TrainSequence]) -> str:
-    h = hashlib.sha256()
-    for seq in sequences:
-        h.update(json.dumps([seq.token_ids, seq.labels]).encode())
-    return h.hexdigest()
 
 
 def dump(job: TrainingJob) -> bytes:
@@ -55,7 +46,7 @@ def dump(job: TrainingJob) -> bytes:
         "config": job.config.to_peft_dict(), "params": dataclasses.asdict(job.params),
         "step": job.step, "cursor": [job.stream.cursor.epoch, job.stream.cursor.index],
         "num_micro_batches": job.stream.num_micro_batches, "optimizer_scalars": scalars,
-        "data_fingerprint": data_fingerprint(job.stream.sequences),
+        "data_fingerprint": job.data_fingerprint,
         "metrics": {"losses": m.losses, "lrs": m.lrs, "num_tokens": m.num_tokens,
                     "num_target_tokens": m.num_target_tokens,
                     "evals": [[s, dataclasses.asdict(r)] for s, r in m.evals]},
@@ -64,13 +55,14 @@ def dump(job: TrainingJob) -> bytes:
 
 
 def load(cls: type[TrainingJob], data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence],
-         eval_data: Sequence[TrainSequence] | None) -> TrainingJob:
+         eval_data: Sequence[TrainSequence] | None, fingerprint: str | None = None) -> TrainingJob:
     from .job import JobMetrics
 
     tensors, h = tensor_io.unpack(data)
     if h.get("kind") != "checkpoint" or h.get("format") != FORMAT_VERSION:
         raise AdapterError(f"not a training checkpoint (kind={h.get('kind')!r}, format={h.get('format')!r})")
-    if data_fingerprint(train_data) != h["data_fingerprint"]:
+    fingerprint = fingerprint or data_fingerprint(train_data)
+    if fingerprint != h["data_fingerprint"]:
         raise AdapterError("the training data differs from the data the checkpoint was taken on")
     weights = {}
     for key in tensors:
@@ -80,7 +72,7 @@ def load(cls: type[TrainingJob], data: bytes, manager: AdapterManager, train_dat
             weights[(int(layer), module)] = (tensors[key], bt.T.contiguous())
     init = LoRAAdapter(LoRAConfig.from_peft_dict(h["config"]), weights)
     job = cls(h["job_id"], h["adapter_id"], manager, train_data, TrainingParams(**h["params"]),
-              init=init, eval_data=eval_data)
+              init=init, eval_data=eval_data, data_fingerprint=fingerprint)
     sd = job.optimizer.state_dict()
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

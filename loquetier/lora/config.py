@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from .pool import TARGET_MODULES
 
+# An adapter's output is scale * x @ A.T @ B.T: a larger scale or weight only serves garbage (a
+# lora_alpha of 1e30 turns every logit into inf and the model answers token 0 forever).
+MAX_LORA_SCALE = 1000.0
+MAX_ABS_WEIGHT = 1e4
+
 
 class AdapterError(ValueError):
     """An adapter (config, weights, files or id) that Loquetier cannot use, with the reason."""
@@ -41,6 +46,9 @@ class LoRAConfig:
             raise AdapterError(f"rank must be an integer >= 1, got {self.rank!r}")
         if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0):
             raise AdapterError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if not self.scale <= MAX_LORA_SCALE:
+            raise AdapterError(f"lora_alpha {self.alpha!r} with r={self.rank} gives a scale of {self.scale:.4g}, "
+                               f"more than {MAX_LORA_SCALE:g}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         if self.layers is not None:

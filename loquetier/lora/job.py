@@ -32,6 +32,8 @@ from .manager import AdapterManager
 from .params import TrainingParams
 from .schedule import lr_at
 
+_MAX_COUNTED_EXAMPLES = 1 << 20  # example visits packed to count a run's steps (~1 s of host work)
+
 
 @dataclass
 class JobMetrics:
@@ -46,13 +48,14 @@ class TrainingJob:
     def __init__(self, job_id: str, adapter_id: str, manager: AdapterManager,
                  data: Sequence[TrainSequence], params: TrainingParams, *,
                  lora: LoRAConfig | None = None, init: LoRAAdapter | None = None,
-                 eval_data: Sequence[TrainSequence] | None = None) -> None:
+                 eval_data: Sequence[TrainSequence] | None = None, data_fingerprint: str | None = None) -> None:
         """Start a job. ``init`` (an existing adapter to continue from) or ``lora`` (a new
         PEFT-initialised adapter drawn from ``params.seed``). Registers ``adapter_id`` with the
         manager (replacing an idle adapter of that id) and takes a training slot."""
         if init is None:
             if lora is None:
                 raise AdapterError("a training job needs either `lora` (new adapter) or `init`")
+            manager.check_fits(lora)
             init = LoRAAdapter.new(lora, manager.pool.dims, seed=params.seed)
         if init.config.dropout:
             raise AdapterError("LoRA dropout is not implemented by the SMLM kernels; use dropout=0")
@@ -67,6 +70,8 @@ class TrainingJob:
         self._accum: list[tuple[float, int]] = []  # (loss_sum, num_target_tokens) since the last step
         self._eval: EvaluationJob | None = None
         self._last_checkpoint, self._last_eval = -1, -1
+        self._window: tuple[DataCursor, int, int, int] | None = None  # see rewind()
+        self._fingerprint = data_fingerprint
         manager.load(adapter_id, init)
         self.slot = manager.acquire_train_slot(adapter_id)
         self._build_masters(init)
@@ -109,8 +114,23 @@ class TrainingJob:
             raise RuntimeError(f"{self._job_id}: micro-batch {self._running.index} is still running")
         if self.is_done:
             return None
+        if not self._accum:  # the first micro-batch of an accumulation window: where rewind() returns to
+            m = self.metrics
+            self._window = (self.stream.cursor, self.stream.num_micro_batches, m.num_tokens, m.num_target_tokens)
         self._running = self.stream.next()
         return self._running
+
+    def rewind(self) -> None:
+        """Start the current accumulation window again: zero the gradients and put the data back
+        where the window began. For a step that failed after this job's rows entered it (their
+        backward may have added part of a gradient); the window's micro-batches are run again."""
+        self.zero_grad()
+        self._running = None
+        self._accum.clear()
+        if self._window is not None:
+            cursor, num_micro_batches, num_tokens, num_target_tokens = self._window
+            self.stream.cursor, self.stream.num_micro_batches = cursor, num_micro_batches
+            self.metrics.num_tokens, self.metrics.num_target_tokens = num_tokens, num_target_tokens
 
     def on_micro_batch_done(self, loss_sum: float, num_target_tokens: int) -> bool:
         """The running micro-batch's backward is complete (its gradients are in the slot).
@@ -232,13 +252,38 @@ class TrainingJob:
         torch._foreach_copy_(self._slot_views, [p.detach() for p in self._params])
 
     def _count_steps(self) -> int | None:
-        if self.params.num_epochs is None:
-            return self.params.max_steps
-        num_mb = sum(self.stream.micro_batches_per_epoch(e) for e in range(self.params.num_epochs))
-        steps = math.ceil(num_mb / self.params.grad_accum)
-        return steps if self.params.max_steps is None else min(steps, self.params.max_steps)
+        """Optimizer steps of the whole run (for the LR schedule and progress).
+
+        Each epoch packs its own shuffled order, so an epoch's micro-batch count is known only by
+        packing it: that is done for at most ``_MAX_COUNTED_EXAMPLES`` example visits (and never past
+        ``max_steps``); later epochs count as the mean of the packed ones. The work is bounded
+        whatever ``epochs`` says (10**12 epochs once looped here for good), and the same data and
+        params always give the same count, so a resumed run keeps its schedule.
+        """
+        params = self.params
+        num_epochs = params.num_epochs
+        if num_epochs is None:
+            return params.max_steps
+        enough = None if params.max_steps is None else params.max_steps * params.grad_accum
+        num_counted = max(1, min(num_epochs, _MAX_COUNTED_EXAMPLES // len(self.stream.sequences)))
+        num_mb = 0
+        for epoch in range(num_counted):
+            num_mb += self.stream.micro_batches_per_epoch(epoch)
+            if enough is not None and num_mb >= enough:
+                return params.max_steps
+        if num_epochs > num_counted:
+            num_mb = math.ceil(num_mb * (num_epochs / num_counted))
+        steps = math.ceil(num_mb / params.grad_accum)
+        return steps if params.max_steps is None else min(steps, params.max_steps)
 
     # --- checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def data_fingerprint(self) -> str:
+        """The training data's hash, computed once (given when the data was prepared ahead)."""
+        if self._fingerprint is None:
+            self._fingerprint = ckpt.data_fingerprint(self.stream.sequences)
+        return self._fingerprint
 
     def checkpoint(self) -> bytes:
         """Weights + optimizer state + step + data cursor + RNG + metrics (safetensors + JSON)."""
@@ -249,9 +294,9 @@ class TrainingJob:
 
     @classmethod
     def restore(cls, data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence], *,
-                eval_data: Sequence[TrainSequence] | None = None) -> TrainingJob:
+                eval_data: Sequence[TrainSequence] | None = None, data_fingerprint: str | None = None) -> TrainingJob:
         """Continue the run saved by :meth:`checkpoint` (same data required) in this engine."""
-        return ckpt.load(cls, data, manager, train_data, eval_data)
+        return ckpt.load(cls, data, manager, train_data, eval_data, data_fingerprint)
 
     def _restore_state(self, step: int, cursor: DataCursor, num_micro_batches: int) -> None:
         self.step, self._last_checkpoint = step, step

@@ -18,8 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter import LoRAAdapter, resolve_adapter_dir
-from .config import AdapterError
+from .adapter import LoRAAdapter, check_rank, resolve_adapter_dir
+from .config import AdapterError, LoRAConfig
 from .pool import LoRASlotPool
 
 
@@ -69,7 +69,7 @@ class AdapterManager:
                 path = resolve_adapter_dir(self.adapter_root, adapter_id)
             else:
                 path = Path(source)
-            adapter = LoRAAdapter.load(path, self.pool.dims)
+            adapter = LoRAAdapter.load(path, self.pool.dims, self.pool.max_rank)
         if adapter.rank > self.pool.max_rank:
             raise AdapterError(f"adapter {adapter_id!r} has rank {adapter.rank} > the slot pool's "
                                f"max_rank {self.pool.max_rank}")
@@ -80,6 +80,15 @@ class AdapterManager:
         self._entries[adapter_id] = entry
         self._entries.move_to_end(adapter_id)
         return entry.version
+
+    def check_fits(self, config: LoRAConfig) -> None:
+        """Refuse a new adapter of ``config`` that this engine cannot hold, before any of its memory
+        is allocated (a rank of 100,000 would otherwise take gigabytes, then be refused)."""
+        check_rank(config, self.pool.max_rank)
+        need = LoRAAdapter.estimate_bytes(config, self.pool.dims)
+        if need > self.max_cpu_bytes:
+            raise AdapterError(f"an adapter of rank {config.rank} needs {need} bytes, more than the CPU budget "
+                               f"of {self.max_cpu_bytes} bytes")
 
     def unload(self, adapter_id: str) -> None:
         """Forget ``adapter_id`` and free its slot; refused while pinned or used by running sequences."""
@@ -198,11 +207,12 @@ class AdapterManager:
         entry = self._entry(adapter_id)
         if not entry.is_training:
             raise AdapterError(f"adapter {adapter_id!r} holds no training slot")
+        if trained is not None:
+            trained.validate(self.pool.dims)  # before any change: refused weights leave the job as it was
         entry.is_training = False
         entry.pins -= 1
         self._drop_slot(entry)
         if trained is not None:
-            trained.validate(self.pool.dims)
             entry.adapter, entry.source, entry.num_bytes = trained, None, trained.num_bytes
         entry.version = next(self._versions)
         return entry.version
@@ -227,7 +237,7 @@ class AdapterManager:
         entry = self._entry(adapter_id)
         if entry.adapter is None:
             assert entry.source is not None
-            adapter = LoRAAdapter.load(entry.source, self.pool.dims)
+            adapter = LoRAAdapter.load(entry.source, self.pool.dims, self.pool.max_rank)
             self._make_room(adapter.num_bytes, exclude=adapter_id)
             entry.adapter, entry.num_bytes = adapter, adapter.num_bytes
             entry.version = next(self._versions)  # the file may have changed since it was first read

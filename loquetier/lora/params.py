@@ -54,6 +54,8 @@ class TrainingParams:
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "priority"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must lie in [-2**63, 2**64), got {self.seed!r}")
         if not 0.0 <= self.min_share <= 1.0:
             raise ValueError(f"min_share must lie in [0, 1], got {self.min_share!r}")
 

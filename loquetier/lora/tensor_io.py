@@ -21,6 +21,19 @@ def pack(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> bytes:
     return st_save(cpu, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
 
 
+def header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a :func:`pack` blob, read without loading its tensors."""
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        value = json.loads(meta[_HEADER_KEY])
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"not a Loquetier safetensors blob: {exc}") from exc
+    if not isinstance(value, dict):
+        raise AdapterError("safetensors header is not a JSON object")
+    return value
+
+
 def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Inverse of :func:`pack`; malformed input raises :class:`AdapterError`."""
     try:

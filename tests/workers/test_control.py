@@ -42,7 +42,7 @@ async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_u
     settings = await topics(operator_token=TOKEN)
     engine = FakeEngine()
     job = {"adapter_id": "ctl-a", "data": [{"prompt": "a", "completion": "b"}],
-           "params": {"max_steps": 10**9, "checkpoint_every": 1000}}
+           "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
 
     async def status(job_id: str) -> str:
         row = await query(database_url, lambda s: repo.get_job(s, job_id))

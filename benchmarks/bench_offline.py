@@ -1,0 +1,208 @@
+"""Offline generation throughput against the weight-read floor, with and without 32 adapters.
+
+    python -m benchmarks.bench_offline --model 8b --device cuda --out $OUT
+
+One process, side by side, the same workload for every system: random 200-token prompts, 128 new
+tokens each, greedy, EOS ignored. Our engine is built as the README shows (``max_num_seqs=128,
+max_adapter_slots=40, kv_memory_gb=24``), its 32 rank-16 adapters (all seven targets) loaded and its
+CUDA graphs captured first; rows take the adapters round robin. Cases:
+
+- ours, no adapters and 32 adapters, at batch 32 and at batch 128 (fresh prompts each time), timed
+  over the whole ``Engine.generate`` call (prefill included);
+- transformers ``generate`` on the same weights (no adapters) and PEFT's mixed-adapter ``generate``
+  (``adapter_names``) at batch 32, over fewer new tokens (``--baseline-tokens``): their step time
+  does not depend on the output length, and the full 128 would take minutes of device time.
+
+The floor of a step is the bytes of every weight it must read (all but the embedding table) over
+4.27 TB/s; a batch of B rows makes B tokens a step, so the floor in tokens/s is B / floor_s.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from . import common, report
+from .metrics import H200_BANDWIDTH_BPS
+from .models import prepare_adapters, prepare_base, write_adapters
+
+PROMPT_TOKENS = 200
+NEW_TOKENS = 128
+NUM_ADAPTERS = 32
+RANK = 16
+
+
+def _prompts(n: int, vocab: int, gen: torch.Generator) -> list[list[int]]:
+    return torch.randint(3, min(vocab, 30000), (n, PROMPT_TOKENS), generator=gen).tolist()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Generator, device: str,
+             new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Tokens/s of ``Engine.generate`` over ``batch`` fresh prompts (median of ``repeats`` calls)."""
+    from loquetier import SamplingParams
+
+    sampling = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    rates, seconds = [], []
+    graph_steps = 0
+    for _ in range(repeats):
+        prompts = _prompts(batch, engine.model.cfg.vocab_size, gen)
+        ids = [adapters[i % len(adapters)] for i in range(batch)]
+        before_steps, before_graph = engine.num_steps, engine.runner.num_graph_steps
+        _sync(device)
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, ids, sampling)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        made = sum(len(o.token_ids) for o in outs)
+        rates.append(made / dt)
+        seconds.append(dt)
+        graph_steps = engine.runner.num_graph_steps - before_graph
+        steps = engine.num_steps - before_steps
+    return {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates, "seconds": seconds,
+            "steps": steps, "graph_steps": graph_steps, "batch": batch, "new_tokens": new_tokens}
+
+
+def run_hf(model: Any, batch: int, adapter_names: list[str] | None, gen: torch.Generator, device: str,
+           new_tokens: int, vocab: int) -> dict[str, Any]:
+    """Tokens/s of one HF ``generate`` call (greedy, exactly ``new_tokens`` each)."""
+    ids = torch.tensor(_prompts(batch, vocab, gen), device=device)
+    kwargs: dict[str, Any] = {} if adapter_names is None else {"adapter_names": adapter_names}
+    with torch.inference_mode():
+        model.generate(input_ids=ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=2,
+                       min_new_tokens=2, do_sample=False, pad_token_id=0, **kwargs)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+        _sync(device)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": batch * new_tokens / dt, "seconds": dt, "batch": batch, "new_tokens": new_tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    pre = [a for a in (argv if argv is not None else sys.argv[1:])]
+    baseline_tokens = 16
+    if "--baseline-tokens" in pre:
+        i = pre.index("--baseline-tokens")
+        baseline_tokens = int(pre[i + 1])
+        del pre[i : i + 2]
+    args = common.parse_args(__doc__.splitlines()[0], pre)
+    log = common.Logger()
+    spec, dev, dtype = args.spec, args.device, args.dtype
+    is_gpu = dev.startswith("cuda")
+    new_tokens = NEW_TOKENS if is_gpu else 8
+    repeats = 1 if args.quick or not is_gpu else 2
+    big_batch = 128 if is_gpu else 8
+    small_batch = 32 if is_gpu else 4
+    num_adapters = NUM_ADAPTERS if is_gpu else 4
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    gen = torch.Generator().manual_seed(args.seed)
+    floor_s = spec.decode_weight_bytes() / H200_BANDWIDTH_BPS
+    results["floor_step_ms"] = floor_s * 1e3
+    adapter_ids = [f"r{RANK}-{i:02d}" for i in range(num_adapters)]
+
+    hf_model, path = prepare_base(spec, args.cache, dev, dtype, seed=args.seed, log=log)
+    if not args.no_baselines:
+        log("transformers generate (no adapters)")
+        results["transformers"] = common.attempt("transformers", errors, log, run_hf, hf_model, small_batch, None,
+                                                 gen, dev, baseline_tokens, spec.vocab_size)
+        log(f"  {results['transformers']}")
+        peft_model = common.attempt("peft adapters", errors, log, prepare_adapters, hf_model,
+                                    args.cache / "adapters-peft-r16", adapter_ids, [RANK] * num_adapters,
+                                    seed=args.seed, log=log)
+        if peft_model is not None:
+            names = [adapter_ids[i % num_adapters] for i in range(small_batch)]
+            log("PEFT mixed-adapter generate")
+            results["peft_mixed"] = common.attempt("peft mixed", errors, log, run_hf, peft_model, small_batch,
+                                                   names, gen, dev, baseline_tokens, spec.vocab_size)
+            log(f"  {results['peft_mixed']}")
+        common.release(peft_model)
+    common.release(hf_model)
+    del hf_model
+
+    from loquetier import Engine
+
+    write_adapters(spec, args.cache / "adapters-r16", adapter_ids, [RANK] * num_adapters, seed=args.seed, log=log)
+    limits = common.engine_limits(args, max_num_seqs=big_batch, max_adapter_slots=num_adapters + 8,
+                                  kv_memory_gb=24.0 if is_gpu else 0.25, max_num_batched_tokens=2048,
+                                  max_prefill_chunk=512, max_model_len=1024)
+    limits.pop("adapter_cache_bytes", None)
+    engine = Engine.from_pretrained(path, device=dev, dtype=dtype, **limits)
+    for adapter_id in adapter_ids:
+        engine.load_adapter(adapter_id, args.cache / "adapters-r16" / adapter_id)
+    t0 = time.perf_counter()
+    results["capture"] = {"graphs": engine.capture_graphs(), "seconds": time.perf_counter() - t0}
+    warm = engine.warmup() if is_gpu else {}
+    results["warmup"] = {k: v for k, v in warm.items() if isinstance(v, int | float)}
+    log(f"engine ready: {results['capture']} warm-up {results['warmup']}")
+    cases = [("ours_base_b32", small_batch, [None]), ("ours_lora_b32", small_batch, list(adapter_ids)),
+             ("ours_base_b128", big_batch, [None]), ("ours_lora_b128", big_batch, list(adapter_ids))]
+    for name, batch, adapters in cases:
+        r = common.attempt(name, errors, log, run_ours, engine, batch, adapters, gen, dev, new_tokens, repeats)
+        if r is not None:
+            r["floor_tokens_per_s"] = batch / floor_s
+            r["x_floor"] = r["tokens_per_s"] / r["floor_tokens_per_s"]
+            results[name] = r
+            log(f"{name}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor "
+                f"({r['graph_steps']}/{r['steps']} graph steps)")
+
+    def rate(name: str) -> float:
+        r = results.get(name)
+        return float(r["tokens_per_s"]) if isinstance(r, dict) else float("nan")
+
+    def x_floor(name: str) -> float:
+        r = results.get(name)
+        return float(r["x_floor"]) if isinstance(r, dict) else float("nan")
+
+    overhead = rate("ours_lora_b32") / rate("ours_base_b32")
+    targets = [
+        report.Target("32 adapters, batch 32, of the floor", ">= 0.6x", x_floor("ours_lora_b32"), 0.6),
+        report.Target("no adapters, batch 32, of the floor", ">= 0.7x", x_floor("ours_base_b32"), 0.7),
+        report.Target("LoRA overhead offline (32 adapters / none, batch 32)", ">= 0.85x", overhead, 0.85),
+        report.Target("32 adapters, batch 128, of the floor", ">= 0.4x", x_floor("ours_lora_b128"), 0.4),
+    ]
+    rows = []
+    for label, key in (("HF PEFT, mixed adapters (adapter_names)", "peft_mixed"),
+                       ("transformers, no adapters", "transformers"),
+                       ("ours, no adapters, batch 32", "ours_base_b32"),
+                       ("ours, 32 adapters, batch 32", "ours_lora_b32"),
+                       ("ours, no adapters, batch 128", "ours_base_b128"),
+                       ("ours, 32 adapters, batch 128", "ours_lora_b128")):
+        r = results.get(key)
+        if not isinstance(r, dict):
+            rows.append([label, "n/a", "n/a", "n/a", errors.get(key, "not run")[:80]])
+            continue
+        xf = report.fmt(r["x_floor"], 3) if "x_floor" in r else "–"
+        rows.append([label, report.fmt(r["tokens_per_s"]), r["batch"], xf, f"{r['new_tokens']} new tokens"])
+    ratios = [["ours 32 adapters / PEFT mixed (batch 32)", report.fmt(rate("ours_lora_b32") / rate("peft_mixed"))],
+              ["ours no adapters / transformers (batch 32)",
+               report.fmt(rate("ours_base_b32") / rate("transformers"))],
+              ["LoRA overhead (batch 32)", report.fmt(overhead, 3)],
+              ["LoRA overhead (batch 128)", report.fmt(rate("ours_lora_b128") / rate("ours_base_b128"), 3)]]
+    sections = [
+        ("Throughput", f"{PROMPT_TOKENS}-token prompts, greedy, EOS ignored; weight-read floor "
+         f"{floor_s * 1e3:.2f} ms a step ({spec.decode_weight_bytes() / 1e9:.2f} GB / 4.27 TB/s).\n\n"
+         + report.markdown_table(["system", "tokens/s", "batch", "of the floor", "note"], rows)),
+        ("Ratios (same run)", report.markdown_table(["ratio", "value"], ratios)),
+    ]
+    if errors:
+        sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
+    text = report.write_report(args.out, "offline", "Offline generation throughput",
+                               env=common.environment(args), sections=sections, targets=targets,
+                               results={**results, "errors": errors})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Hostile values at the border: every numeric and size field of the wire records is finite and
+bounded, and a value outside the documented limits is refused by ``decode_record`` with its code
+(docs/wire-format.md, "Limits"), before any worker or engine sees it."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import msgpack
+import pytest
+
+from loquetier.codec import check_key
+from loquetier.messages import (
+    MAX_EPOCHS,
+    MAX_LORA_RANK,
+    MAX_LR,
+    MAX_SLO_MS,
+    MAX_STEPS,
+    MAX_TOP_K,
+    Limits,
+    RecordError,
+    TopicKind,
+    decode_record,
+)
+
+INF, NAN = float("inf"), float("nan")
+_rng = random.Random()
+
+
+def _request(**fields: Any) -> bytes:
+    return msgpack.packb({"schema": 1, "request_id": f"r{_rng.randrange(10**6)}", "prompt": "hi", **fields})
+
+
+def _sampling(**fields: Any) -> bytes:
+    return _request(sampling=fields)
+
+
+def _slo(**fields: Any) -> bytes:
+    return _request(slo=fields)
+
+
+def _job(**fields: Any) -> bytes:
+    record = {"schema": 1, "job_id": f"j{_rng.randrange(10**6)}", "adapter_id": "a",
+              "data": [{"prompt": "p", "completion": "c"}], **fields}
+    return msgpack.packb(record)
+
+
+def _params(**fields: Any) -> bytes:
+    return _job(params=fields)
+
+
+def _lora(**fields: Any) -> bytes:
+    return _job(lora=fields)
+
+
+def _load(source: Any) -> bytes:
+    return msgpack.packb({"schema": 1, "action": "load", "target_id": "a", "source": source})
+
+
+HOSTILE: list[tuple[str, TopicKind, bytes, str]] = [
+    # latency targets
+    ("ttft inf", "requests", _slo(ttft_ms=INF), "invalid_value"),
+    ("ttft nan", "requests", _slo(ttft_ms=NAN), "invalid_value"),
+    ("tpot inf", "requests", _slo(tpot_ms=INF), "invalid_value"),
+    ("tpot -inf", "requests", _slo(tpot_ms=-INF), "invalid_value"),
+    ("tpot over an hour", "requests", _slo(tpot_ms=MAX_SLO_MS + 1), "invalid_value"),
+    ("tpot 1e308", "requests", _slo(tpot_ms=1e308), "invalid_value"),
+    # sampling
+    ("temperature inf", "requests", _sampling(temperature=INF), "invalid_value"),
+    ("temperature nan", "requests", _sampling(temperature=NAN), "invalid_value"),
+    ("temperature 1e30", "requests", _sampling(temperature=1e30), "invalid_value"),
+    ("temperature negative", "requests", _sampling(temperature=-0.5), "invalid_value"),
+    ("top_p nan", "requests", _sampling(top_p=NAN), "invalid_value"),
+    ("top_p 1.5", "requests", _sampling(top_p=1.5), "invalid_value"),
+    ("top_k 2**64-1", "requests", _sampling(top_k=2**64 - 1), "invalid_value"),
+    ("top_k 2**31", "requests", _sampling(top_k=MAX_TOP_K + 1), "invalid_value"),
+    ("top_k -1", "requests", _sampling(top_k=-1), "invalid_value"),
+    ("seed 2**64-1", "requests", _sampling(seed=2**64 - 1), "invalid_value"),
+    ("seed 2**63", "requests", _sampling(seed=2**63), "invalid_value"),
+    ("stop empty string", "requests", _sampling(stop=[""]), "invalid_value"),
+    ("stop one empty among others", "requests", _sampling(stop=["\n", ""]), "invalid_value"),
+    ("stop string too long", "requests", _sampling(stop=["x" * 257]), "invalid_value"),
+    ("too many stops", "requests", _sampling(stop=[str(i) for i in range(17)]), "too_large"),
+    ("logprobs 21", "requests", _sampling(logprobs=21), "invalid_value"),
+    ("max_tokens 2**63-1", "requests", _sampling(max_tokens=2**63 - 1), "too_large"),
+    ("priority 2**31", "requests", _request(priority=2**31), "invalid_value"),
+    ("priority -2**31-1", "requests", _request(priority=-(2**31) - 1), "invalid_value"),
+    # training parameters
+    ("lr inf", "training", _params(lr=INF), "invalid_value"),
+    ("lr nan", "training", _params(lr=NAN), "invalid_value"),
+    ("lr 1e300", "training", _params(lr=1e300), "invalid_value"),
+    ("lr over the max", "training", _params(lr=MAX_LR * 1.01), "invalid_value"),
+    ("lr negative", "training", _params(lr=-1e-4), "invalid_value"),
+    ("weight_decay inf", "training", _params(weight_decay=INF), "invalid_value"),
+    ("weight_decay 1e9", "training", _params(weight_decay=1e9), "invalid_value"),
+    ("max_grad_norm nan", "training", _params(max_grad_norm=NAN), "invalid_value"),
+    ("max_grad_norm 1e30", "training", _params(max_grad_norm=1e30), "invalid_value"),
+    ("epochs 10**12", "training", _params(epochs=10**12), "invalid_value"),
+    ("epochs over the max", "training", _params(epochs=MAX_EPOCHS + 1), "invalid_value"),
+    ("max_steps 10**12", "training", _params(max_steps=10**12), "invalid_value"),
+    ("max_steps over the max", "training", _params(max_steps=MAX_STEPS + 1), "invalid_value"),
+    ("warmup_steps 2**62", "training", _params(warmup_steps=2**62), "invalid_value"),
+    ("checkpoint_every 2**62", "training", _params(checkpoint_every=2**62), "invalid_value"),
+    ("eval_every 2**62", "training", _params(eval_every=2**62), "invalid_value"),
+    ("micro_batch_tokens 2**40", "training", _params(micro_batch_tokens=2**40), "invalid_value"),
+    ("grad_accum 10**6", "training", _params(grad_accum=10**6), "invalid_value"),
+    ("training seed 2**64-1", "training", _params(seed=2**64 - 1), "invalid_value"),
+    ("job priority 2**31", "training", _job(priority=2**31), "invalid_value"),
+    # LoRA
+    ("rank 20000", "training", _lora(rank=20_000), "invalid_value"),
+    ("rank over the max", "training", _lora(rank=MAX_LORA_RANK + 1), "invalid_value"),
+    ("rank 0", "training", _lora(rank=0), "invalid_value"),
+    ("alpha 1e30", "training", _lora(alpha=1e30), "invalid_value"),
+    ("alpha inf", "training", _lora(alpha=INF), "invalid_value"),
+    ("alpha nan", "training", _lora(alpha=NAN), "invalid_value"),
+    ("dropout nan", "training", _lora(dropout=NAN), "invalid_value"),
+    ("dropout 1", "training", _lora(dropout=1.0), "invalid_value"),
+    ("many target modules", "training", _lora(target_modules=[f"m{i}" for i in range(17)]), "invalid_value"),
+    ("long module name", "training", _lora(target_modules=["q" * 65]), "invalid_value"),
+    ("data path of 5000 chars", "training", _job(data="/d" * 2500), "invalid_value"),
+    # control
+    ("source unknown", "control", _load("dbx"), "invalid_value"),
+    ("source empty job", "control", _load("job:"), "invalid_value"),
+    ("source a file", "control", _load("file:///etc/passwd"), "invalid_value"),
+    ("source empty", "control", _load(""), "invalid_value"),
+    ("source not a str", "control", _load(3), "wrong_type"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "data", "code"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_value_is_refused_with_its_code(name: str, kind: TopicKind, data: bytes, code: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        decode_record(kind, data)
+    err = caught.value
+    assert err.code == code, err
+    # the record's id is read back, so the worker can answer its sender
+    assert (err.request_id if kind == "requests" else err.job_id if kind == "training" else "ok") is not None
+    assert "\n" not in err.message and "Traceback" not in err.message
+
+
+EDGES_ACCEPTED: list[tuple[str, TopicKind, bytes]] = [
+    ("tpot exactly an hour", "requests", _slo(tpot_ms=MAX_SLO_MS, ttft_ms=0.001)),
+    ("top_k at the max", "requests", _sampling(top_k=MAX_TOP_K)),
+    ("seed int64 extremes", "requests", _sampling(seed=-(2**63))),
+    ("temperature 0", "requests", _sampling(temperature=0, stop=["x" * 256])),
+    ("lr at the max", "training", _params(lr=MAX_LR, epochs=MAX_EPOCHS, seed=2**63 - 1)),
+    ("rank and alpha at the max", "training", _lora(rank=MAX_LORA_RANK, alpha=1000.0)),
+    ("source db", "control", _load("db")),
+    ("source a job", "control", _load("job:j-1")),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "data"), EDGES_ACCEPTED, ids=[e[0] for e in EDGES_ACCEPTED])
+def test_values_at_the_limits_are_accepted(name: str, kind: TopicKind, data: bytes) -> None:
+    decode_record(kind, data)
+
+
+SMALL = Limits(max_inline_examples=4, max_example_chars=50, max_example_tokens=20, max_key_bytes=64)
+
+
+def _text(n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"p{i}", "completion": f"c{_rng.randrange(100)}"} for i in range(n)]
+
+
+SIZES: list[tuple[str, bytes]] = [
+    ("too many inline examples", _job(data=_text(5))),
+    ("too many eval examples", _job(eval_data=_text(5))),
+    ("a text example too long", _job(data=[{"prompt": "p" * 30, "completion": "c" * 21}])),
+    ("a token example too long", _job(data=[{"prompt_token_ids": [1] * 15, "completion_token_ids": [2] * 6}])),
+]
+
+
+@pytest.mark.parametrize(("name", "data"), SIZES, ids=[s[0] for s in SIZES])
+def test_inline_data_sizes_are_bounded(name: str, data: bytes) -> None:
+    with pytest.raises(RecordError) as caught:
+        decode_record("training", data, SMALL)
+    assert caught.value.code == "too_large" and caught.value.job_id is not None
+    assert "limit" in caught.value.message
+
+
+def test_data_at_the_size_limits_is_accepted() -> None:
+    examples = [{"prompt": "p" * 25, "completion": "c" * 25}, {"prompt_token_ids": [1] * 10,
+                                                                "completion_token_ids": [2] * 10}]
+    decode_record("training", _job(data=[*examples, *_text(2)]), SMALL)
+
+
+def test_record_keys_are_bounded() -> None:
+    check_key(None, SMALL)
+    check_key(b"k" * 64, SMALL)
+    with pytest.raises(RecordError) as caught:
+        check_key(b"k" * 65, SMALL)
+    assert caught.value.code == "too_large"
