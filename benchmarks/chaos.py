@@ -48,9 +48,9 @@ How to read it:
 - A poison pill is a record whose processing kills the worker process outright. Each start is
   counted on its row in PostgreSQL; after `LOQUETIER_WORKER__MAX_ATTEMPTS` (2) starts that
   ended with the process, the next worker answers it `poisoned` without starting it.
-- "hostile values" sends values that the wire types allow and an engine cannot take (infinite
-  SLOs, a 64-bit `top_k`, `lr` 1e300, 10^12 epochs, an adapter of NaN weights) next to innocent
-  requests; its notes list each answer.
+- "hostile values" sends values that an engine cannot take (infinite SLOs, a 64-bit `top_k`,
+  `lr` 1e300, 10^12 epochs, an adapter of NaN weights, one with `lora_alpha` 1e30) next to
+  innocent requests; its notes list each answer: the border and the engine's guards refuse them.
 """
 
 

@@ -377,24 +377,34 @@ async def control_commands(stack: Stack, sizes: Sizes) -> Tally:
     return tally
 
 
-def nan_adapter(directory: Any) -> None:
-    """A PEFT adapter for the tiny model whose B weights are NaN (and its scale absurd)."""
+def hostile_adapters(root: Any) -> list[Any]:
+    """PEFT adapters for the tiny model that must not load: NaN B weights; lora_alpha 1e30."""
+    import json
+
     import torch
+    from safetensors.torch import load_file, save_file
 
     from loquetier.lora.adapter import LoRAAdapter
     from loquetier.lora.config import LoRAConfig
     from loquetier.lora.pool import ModelDims
 
     dims = ModelDims(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
-    adapter = LoRAAdapter.new(LoRAConfig(rank=4, alpha=1e30, target_modules=("q_proj", "v_proj")), dims, seed=3)
-    for key, (a, b) in list(adapter.weights.items()):
-        adapter.weights[key] = (a, torch.full_like(b, float("nan")))
-    adapter.save(directory)
+    adapter = LoRAAdapter.new(LoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), dims, seed=3)
+    adapter.save(root / "huge-alpha")
+    config_path = root / "huge-alpha" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"lora_alpha": 1e30}))
+    adapter.save(root / "nan")
+    weights_path = root / "nan" / "adapter_model.safetensors"
+    tensors = load_file(weights_path)  # written past LoRAAdapter, which refuses to save such weights
+    save_file({k: torch.full_like(t, float("nan")) if "lora_B" in k else t for k, t in tensors.items()},
+              weights_path)
+    return [root / "nan", root / "huge-alpha"]
 
 
 async def hostile_values(stack: Stack, sizes: Sizes) -> Tally:
     """Values the wire format's types allow and an engine cannot take, next to innocent requests:
-    an infinite SLO, a 64-bit top_k, lr 1e300, 10^12 epochs, a NaN adapter. Each must be refused
+    an infinite SLO, a 64-bit top_k, lr 1e300, 10^12 epochs, NaN weights, a 1e30 alpha. Each must be refused
     with one answer while the innocent requests are served."""
     tally = Tally("hostile values")
     (inf_slo, top_k, innocent, bystander), (lr_job, epochs_job) = new_ids("val", 4), new_ids("valjob", 2)
@@ -408,24 +418,24 @@ async def hostile_values(stack: Stack, sizes: Sizes) -> Tally:
     await send_all(stack, stack.cfg.kafka.training_topic, [
         (job_id.encode(), pack({"schema": 1, "job_id": job_id, "adapter_id": f"a-{job_id}", "data": data} | extra))
         for job_id, extra in jobs])
-    await asyncio.to_thread(nan_adapter, stack.root / "adapters" / "nan")
+    paths = await asyncio.to_thread(hostile_adapters, stack.root / "adapters")
     async with stack.client() as client:
-        ack = await client.control("load", "nan", path=str(stack.root / "adapters" / "nan"), wait=True, timeout=60)
+        acks = [await client.control("load", path.name, path=str(path), wait=True, timeout=60) for path in paths]
     ids = [inf_slo, top_k, innocent, bystander, lr_job, epochs_job]
     counts = await wait_answered(stack, ids, timeout=60, job_ids={lr_job, epochs_job})
-    tally.add(counts | {"nan-adapter": 1}, [*ids, "nan-adapter"])
+    tally.add(counts | {path.name: 1 for path in paths}, [*ids, *(path.name for path in paths)])
     found = await final_records(stack.cfg.kafka.bootstrap or "", stack.cfg.kafka.results_topic, ids)
     outcome = {i: [getattr(r, "code", None) or getattr(r, "status", r.type) for r in found.get(i, [])] for i in ids}
     accepted = [i for i in (inf_slo, top_k) if "result" in {r.type for r in found.get(i, [])}]
     accepted += [i for i in (lr_job, epochs_job) if "succeeded" in outcome[i]]
-    accepted += ["nan-adapter"] if ack.ok else []
+    accepted += [path.name for path, ack in zip(paths, acks, strict=True) if ack.ok]
     served = all(r.type == "result" for i in (innocent, bystander) for r in found.get(i, [None]) if r)
     tally.facts = {"accepted": accepted, "innocents_served": served and all(found.get(i) for i in (innocent,
                                                                                                    bystander))}
     names = {inf_slo: "inf SLO", top_k: "top_k 2^64-1", innocent: "innocent", bystander: "innocent",
              lr_job: "lr 1e300", epochs_job: "epochs 1e12"}
     tally.notes.append(", ".join(f"{names[k]}: {'/'.join(map(str, v)) or 'no answer'}" for k, v in outcome.items())
-                       + f", NaN adapter: {ack.code or 'loaded'}")
+                       + "".join(f", adapter {p.name}: {a.code or 'loaded'}" for p, a in zip(paths, acks, strict=True)))
     return tally
 
 

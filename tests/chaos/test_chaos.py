@@ -103,11 +103,9 @@ async def test_broker_restart(stack: Stack) -> None:
     assert tally.facts["exit_code"] == 0 and tally.facts["stop_s"] < 10, tally
 
 
-@pytest.mark.xfail(strict=True, reason="needs the border checks and engine guards of branch rel-wire (issue 23, "
-                   "the values half): flip this marker once it is merged")
 async def test_hostile_values(stack: Stack) -> None:
-    """Last: before the values half lands, these records break the worker, and the epochs job
-    keeps breaking every restart."""
+    """Values the wire types allow and an engine cannot take, refused one by one while the
+    innocent requests next to them are served."""
     tally = await run(stack, scenarios.hostile_values)
     assert_clean(tally)
     assert tally.facts == {"accepted": [], "innocents_served": True}, tally
