@@ -35,6 +35,8 @@ from loquetier.codec import (
 )
 from loquetier.results import (
     CheckpointResult,
+    ControlAck,
+    ControlAction,
     DeadLetter,
     ErrorResult,
     GenerateResult,
@@ -209,6 +211,7 @@ class TrainingJob(Record):
     eval_data: DataSpec | None = None
     params: TrainingParamsSpec = Field(default_factory=TrainingParamsSpec)
     priority: Int32 = 0
+    overwrite: bool = False  # finetune into an adapter_id another job or a load made: a new version
 
     @model_validator(mode="after")
     def _data_not_empty(self) -> TrainingJob:
@@ -218,9 +221,6 @@ class TrainingJob(Record):
 
 
 # --- loquetier.control ------------------------------------------------------------------
-
-ControlAction = Literal["load", "unload", "cancel", "pause", "resume", "drain"]
-
 
 class ControlCommand(Record):
     """Operator command. ``target_id``: adapter_id (load/unload), job_id or request_id
@@ -233,6 +233,7 @@ class ControlCommand(Record):
     # load: "db" or "job:<job_id>"; anything else is refused, never read as "db"
     source: str | None = Field(default=None, pattern=rf"^(db|job:[^\x00]{{1,{MAX_ID_CHARS}}})$")
     worker_id: Id | None = None  # only this worker acts; null = every worker
+    token: str | None = Field(default=None, max_length=1024)  # drain: the operator token
 
     @model_validator(mode="after")
     def _load_has_one_source(self) -> ControlCommand:
@@ -319,6 +320,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "AnyRecord",
     "CheckpointResult",
+    "ControlAck",
+    "ControlAction",
     "ControlCommand",
     "DeadLetter",
     "ErrorResult",

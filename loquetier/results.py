@@ -103,8 +103,25 @@ class JobDoneResult(Record):
     error: str | None = None
 
 
+ControlAction = Literal["load", "unload", "cancel", "pause", "resume", "drain"]
+
+
+class ControlAck(Record):
+    """The answer to one control command (keyed by ``command_id``): done, or why not."""
+
+    type: Literal["control_ack"] = "control_ack"
+    command_id: Id
+    action: ControlAction | None = None  # null: the command could not be read (it is in the DLQ)
+    target_id: Id | None = None
+    worker_id: Id | None = None  # the worker that applied it
+    ok: bool
+    code: str | None = None  # null on success
+    message: str = ""
+    adapter_version: NonNegInt | None = None  # load: the version now served
+
+
 ResultRecord = Annotated[
-    TokenResult | GenerateResult | ErrorResult | ProgressResult | CheckpointResult | JobDoneResult,
+    TokenResult | GenerateResult | ErrorResult | ProgressResult | CheckpointResult | JobDoneResult | ControlAck,
     Field(discriminator="type"),
 ]
 
@@ -113,7 +130,8 @@ ResultRecord = Annotated[
 
 
 class DeadLetter(Record):
-    """An undecodable or invalid record, as received, with the reason."""
+    """An undecodable or invalid record with the reason: its key and value whole when small,
+    else their first bytes, always with their full size and sha256 (the letter stays bounded)."""
 
     topic: str
     partition: NonNegInt
@@ -125,3 +143,7 @@ class DeadLetter(Record):
     request_id: str | None = None
     job_id: str | None = None
     worker_id: str | None = None
+    key_size_bytes: NonNegInt | None = None
+    value_size_bytes: NonNegInt | None = None
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    value_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")

@@ -19,10 +19,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loquetier"
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data"  # the example adapters and datasets
 
 
 class KafkaSettings(BaseModel):
@@ -43,6 +44,7 @@ class KafkaSettings(BaseModel):
     # so a producer cannot make a worker write into any other topic (docs/gateway.md).
     reply_prefix: str = Field(default="loquetier.replies.", min_length=1)
     reply_timeout_s: PositiveFloat = 30.0  # how long a worker retries a reply topic before dropping the record
+    max_dlq_excerpt_bytes: PositiveInt = 64 * 1024  # of a bad key and of a bad value kept in its DLQ record
 
     def topics(self) -> list[str]:
         return [
@@ -86,7 +88,7 @@ class EngineSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    """Identity and timing of one worker process."""
+    """Identity, timing and guards of one worker process."""
 
     id: str = Field(default_factory=lambda: f"{socket.gethostname()}-worker")
     max_inflight: PositiveInt = 256
@@ -96,7 +98,23 @@ class WorkerSettings(BaseModel):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     checkpoint_storage: Literal["db", "uri"] = "db"
     checkpoint_dir: Path = DEFAULT_CACHE_DIR / "checkpoints"
+    # Control "load" paths (and path base adapters) must resolve, symlinks followed, under
+    # adapter_dir or one of adapter_roots (JSON list in the environment).
     adapter_dir: Path = DEFAULT_CACHE_DIR / "adapters"
+    adapter_roots: list[Path] = Field(default_factory=lambda: [SHIPPED_DATA_DIR])
+    max_adapter_bytes: PositiveInt = 2 * 1024**3  # adapter_model.safetensors read from a load path
+    # A request or job started this many times without ending (its worker crashed or
+    # stalled each time) is failed with code "poisoned" and never tried again.
+    max_attempts: PositiveInt = 2
+    drain_timeout_s: PositiveFloat = 10.0  # a stop waits this long for in-flight requests
+    engine_stall_s: PositiveFloat = 120.0  # an engine thread silent this long stops the worker
+    reconcile_every_s: PositiveFloat = 30.0  # look for unfinished rows nobody will finish
+    # Control "drain" must carry this token; unset, no drain command is accepted (SIGTERM still works).
+    operator_token: SecretStr | None = None
+
+    def load_roots(self) -> list[Path]:
+        """Directories a control "load" path may resolve into."""
+        return [self.adapter_dir, *self.adapter_roots]
 
 
 class GatewaySettings(BaseModel):

@@ -8,7 +8,7 @@
 ``results`` reads ``loquetier.results`` from where it stood when the client started (so a
 result of anything submitted through this client is never missed), or from a timestamp.
 It ends once every id reached a final record ("result"/"error" for a request,
-"job_done"/"error" for a job) unless ``follow`` is set. The worker delivers at least once:
+"job_done"/"error" for a job, "control_ack" for a command) unless ``follow`` is set. The worker delivers at least once:
 a result may arrive twice, identical. A results log that shrinks under the reader (a broker
 that lost its data and started over) is read again from its beginning.
 """
@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any, Literal, overload
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from loquetier.codec import Record, RecordError
 from loquetier.messages import (
+    ControlAck,
     ControlCommand,
     GenerateRequest,
     SamplingSpec,
@@ -34,7 +35,7 @@ from loquetier.messages import (
 )
 from loquetier.settings import KafkaSettings
 
-FINAL_TYPES = frozenset({"result", "error", "job_done"})
+FINAL_TYPES = frozenset({"result", "error", "job_done", "control_ack"})
 
 
 def new_id(prefix: str) -> str:
@@ -123,6 +124,36 @@ class LoquetierClient:
         await self.send(self.kafka.training_topic, job, job.job_id)
         return job.job_id
 
+    @overload
+    async def control(
+        self,
+        action: str,
+        target_id: str,
+        *,
+        path: str | None = ...,
+        source: str | None = ...,
+        worker_id: str | None = ...,
+        token: str | None = ...,
+        command_id: str | None = ...,
+        wait: Literal[False] = ...,
+        timeout: float = ...,
+    ) -> str: ...
+
+    @overload
+    async def control(
+        self,
+        action: str,
+        target_id: str,
+        *,
+        path: str | None = ...,
+        source: str | None = ...,
+        worker_id: str | None = ...,
+        token: str | None = ...,
+        command_id: str | None = ...,
+        wait: Literal[True],
+        timeout: float = ...,
+    ) -> ControlAck: ...
+
     async def control(
         self,
         action: str,
@@ -131,9 +162,18 @@ class LoquetierClient:
         path: str | None = None,
         source: str | None = None,
         worker_id: str | None = None,
-    ) -> str:
-        """Publish a ControlCommand (load/unload/cancel/pause/resume/drain); returns its command_id."""
-        command_id = new_id("cmd")
+        token: str | None = None,
+        command_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 30.0,
+    ) -> str | ControlAck:
+        """Publish a ControlCommand (load/unload/cancel/pause/resume/drain).
+
+        Returns its command_id; with ``wait=True``, the worker's ``control_ack`` for it
+        (``ack.ok``, ``ack.code``, ``ack.message``, ``ack.adapter_version``), or
+        ``TimeoutError`` after ``timeout`` seconds. ``drain`` needs the operator ``token``.
+        """
+        command_id = command_id or new_id("cmd")
         cmd = ControlCommand.model_validate(
             {
                 "command_id": command_id,
@@ -142,11 +182,24 @@ class LoquetierClient:
                 "path": path,
                 "source": source,
                 "worker_id": worker_id,
+                "token": token,
             },
             strict=False,
         )
-        await self.send(self.kafka.control_topic, cmd, target_id)
-        return command_id
+        if not wait:
+            await self.send(self.kafka.control_topic, cmd, target_id)
+            return command_id
+        acks = self.results([command_id])  # reads from where this client started: the ack cannot be missed
+        first = asyncio.ensure_future(anext(acks))
+        try:
+            await self.send(self.kafka.control_topic, cmd, target_id)
+            ack = await asyncio.wait_for(first, timeout)
+        finally:
+            first.cancel()
+            await acks.aclose()
+        if not isinstance(ack, ControlAck):
+            raise RuntimeError(f"expected a control_ack for {command_id}, got {ack.type!r}")
+        return ack
 
     # --- results ---------------------------------------------------------------------------
 
@@ -170,7 +223,7 @@ class LoquetierClient:
         follow: bool = False,
         since_ms: int | None = None,
         from_beginning: bool = False,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Result records for ``ids`` (None: all), in arrival order; see the module doc."""
         wanted = set(ids) if ids is not None else None
         open_ids = set(wanted or ())
@@ -193,7 +246,7 @@ class LoquetierClient:
                             record = decode_record("results", msg.value)
                         except RecordError:
                             continue
-                        rid = getattr(record, "request_id", None) or getattr(record, "job_id", None)
+                        rid = _record_id(record)
                         if wanted is not None and rid not in wanted:
                             continue
                         yield record
@@ -248,6 +301,15 @@ class LoquetierClient:
             raise RuntimeError("results ended without a final record")
 
         return await asyncio.wait_for(first(), timeout)
+
+
+def _record_id(record: Any) -> str | None:
+    """The id a result record answers: request_id, job_id, or a control ack's command_id."""
+    for name in ("request_id", "job_id", "command_id"):
+        value = getattr(record, name, None)
+        if value is not None:
+            return str(value)
+    return None
 
 
 def now_ms() -> int:

@@ -6,6 +6,7 @@ from typing import Any
 
 from loquetier.messages import (
     CheckpointResult,
+    ControlAck,
     ControlCommand,
     DeadLetter,
     ErrorResult,
@@ -57,13 +58,14 @@ SAMPLES: list[tuple[TopicKind, Any]] = [
                 optimizer="sgd", max_steps=10, lr_schedule="cosine", max_grad_norm=None
             ),
             priority=1,
+            overwrite=True,
         ),
     ),
     ("training", TrainingJob(job_id="j2", kind="evaluate", adapter_id="a", data="s3://bucket/eval.jsonl")),
     ("control", ControlCommand(action="load", target_id="support-bot", path="/adapters/support-bot")),
     ("control", ControlCommand(action="load", target_id="b", source="db", worker_id="w1")),
     ("control", ControlCommand(command_id="c1", action="cancel", target_id="j1")),
-    ("control", ControlCommand(action="drain", target_id="*")),
+    ("control", ControlCommand(action="drain", target_id="*", token="operator-secret")),
     ("results", TokenResult(request_id="r1", index=0, token_ids=[9, 10], text="Hi", logprobs=[-0.1, -0.2])),
     (
         "results",
@@ -81,10 +83,22 @@ SAMPLES: list[tuple[TopicKind, Any]] = [
     ("results", ProgressResult(job_id="j1", step=3, total_steps=10, epoch=0.3, loss=2.5, lr=1e-4)),
     ("results", CheckpointResult(job_id="j1", adapter_id="a", step=3, sha256=SHA, size_bytes=10)),
     ("results", JobDoneResult(job_id="j1", adapter_id="a", status="succeeded", step=10, loss=1.0)),
+    ("results", ControlAck(command_id="c1", action="load", target_id="a", worker_id="w1", ok=True,
+                           adapter_version=2)),
+    ("results", ControlAck(command_id="c2", action="drain", target_id="*", ok=False, code="forbidden",
+                           message="wrong operator token")),
     (
         "dlq",
         DeadLetter(
             topic="loquetier.requests", partition=0, offset=5, key=b"k", value=b"\xc1", code="x", reason="y"
+        ),
+    ),
+    (
+        "dlq",
+        DeadLetter(
+            topic="loquetier.requests", partition=1, offset=9, key=b"k" * 8, value=b"\xc1" * 4, code="undecodable",
+            reason="not msgpack", request_id="r9", key_size_bytes=3_000_000, value_size_bytes=2_097_152,
+            key_sha256=SHA, value_sha256=SHA,
         ),
     ),
 ]

@@ -108,15 +108,20 @@ def run_worker(args: argparse.Namespace) -> int:
     if captured:
         log.info("decode CUDA graphs captured", extra={"graphs": captured})
     metrics.serve(settings.worker.metrics_port)
-    asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device, max_jobs=args.max_jobs))
+    failure = asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device, max_jobs=args.max_jobs))
+    if failure is not None:  # non-zero, so that a supervisor (restart on failure) starts a fresh worker
+        print(f"worker stopped: its engine failed: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
 async def _serve(
     engine: Any, settings: Settings, bootstrap: str, database_url: str, *, device: str, max_jobs: int
-) -> None:
+) -> str | None:
+    """Run a worker until it stops; returns why its engine failed, or None."""
     from .runtime import Worker
 
     worker = Worker(engine, settings, bootstrap=bootstrap, database_url=database_url, device=device, max_jobs=max_jobs)
     worker.install_signal_handlers()
     await worker.run()
+    return worker.engine_failure

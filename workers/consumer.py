@@ -8,6 +8,15 @@ accepted is ever dropped. On a rebalance the revoked partitions are drained (the
 in-flight records finish and are committed) before the new owner starts; what does not
 finish in time keeps running here and the new owner waits for its row instead of
 computing it again.
+
+Committed offsets are trusted across restarts. A broker's ListOffsets answer is not used to
+judge them: the embedded broker (tansu) answers the start of the last batch + 1 there (50
+records in one batch: "end 1"). Only the high watermark of an actual fetch can show that a
+log is shorter than the position read from (a broker that lost its data); only then, and
+only for that partition, is it read again from its beginning. Real Kafka answers such a
+fetch with OffsetOutOfRange, which the consumer resets to the earliest offset by itself.
+A group generation that goes back (a restarted in-memory broker forgot the group) means every
+offset committed there is stale: the assigned partitions are read from the beginning.
 """
 
 from __future__ import annotations
@@ -85,6 +94,8 @@ class Consumer:
         self.is_paused = False
         self.num_assignments = 0
         self._stopping = asyncio.Event()
+        self._expected: dict[TopicPartition, int] = {}  # where reading resumes, per partition
+        self._generation: int | None = None  # of the group, at the last assignment
 
     async def start(self) -> None:
         self.consumer.subscribe(list(self._kinds), listener=_Listener(self))
@@ -118,11 +129,17 @@ class Consumer:
             for part, records in batches.items():
                 kind = self._kinds.get(part.topic)
                 for record in records:
+                    if self._stopping.is_set():  # not accepted: left to the next owner
+                        break
                     epoch = self.tracker.accept(part, record.offset)
-                    if kind is not None:
-                        await self._handler(kind, record, epoch)
-                    else:
+                    if kind is None:
                         self.tracker.done(part, record.offset, epoch)
+                        continue
+                    try:
+                        await self._handler(kind, record, epoch)
+                    except Exception:  # stays pending (redelivered), the loop goes on
+                        log.exception("record handling failed", extra={"partition": str(part), "offset": record.offset})
+            self._check_log_ends(batches)
             self._apply_backpressure()
             await self.commit()
 
@@ -135,6 +152,10 @@ class Consumer:
 
     def _request_parts(self) -> list[TopicPartition]:
         return [p for p in self.consumer.assignment() if p.topic == self._kafka.requests_topic]
+
+    def request_partitions(self) -> list[TopicPartition]:
+        """The request partitions this consumer owns now."""
+        return self._request_parts()
 
     def _set_paused(self, paused: bool) -> None:
         parts = self._request_parts()
@@ -178,28 +199,67 @@ class Consumer:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.tracker.forget(assigned)  # fresh positions come from the group's committed offsets
-        await self._check_committed(assigned)
+        if self._group_went_back():
+            for part in assigned:  # every record there is new; any committed offset is a stale one of ours
+                self._expected.pop(part, None)
+                self.consumer.seek(part, 0)
+        else:
+            await self._expect_committed(assigned)
         self.num_assignments += 1
         if self.is_paused:
             self.consumer.pause(*self._request_parts())
         log.info("partitions assigned", extra={"partitions": sorted(map(str, assigned))})
 
-    async def _check_committed(self, parts: set[TopicPartition]) -> None:
-        """A committed offset past the end of the log means the broker lost its data (an
-        in-memory broker restarted): read those partitions from the beginning instead of
-        skipping the new records. Reprocessing is safe, every handler is idempotent."""
-        try:
-            ends = await self.consumer.end_offsets(list(parts))
-            for part in parts:
+    def _group_went_back(self) -> bool:
+        """A group generation at or below the last one seen: the coordinator lost the group, so
+        the broker lost its state (tansu keeps it in memory), and offsets this worker committed
+        into the fresh broker before it rejoined point into a log that no longer exists."""
+        generation = getattr(getattr(self.consumer, "_coordinator", None), "generation", None)
+        if not isinstance(generation, int) or generation < 0:
+            return False
+        last, self._generation = self._generation, generation
+        if last is None or generation > last:
+            return False
+        log.warning("the group started over (the broker lost its state): reading the assigned partitions again",
+                    extra={"generation": generation, "last_generation": last})
+        return True
+
+    async def _expect_committed(self, parts: set[TopicPartition]) -> None:
+        """Remember where each partition resumes, to check it against the first fetch."""
+        for part in parts:
+            self._expected.pop(part, None)
+            try:
                 committed = await self.consumer.committed(part)
-                if committed is not None and committed > ends.get(part, committed):
-                    log.warning(
-                        "committed offset beyond the log end, reading from the beginning",
-                        extra={"partition": str(part), "committed": committed, "end": ends.get(part)},
-                    )
-                    self.consumer.seek(part, 0)
-        except KafkaError as exc:
-            log.warning("could not check committed offsets", extra={"error": repr(exc)})
+            except KafkaError as exc:
+                log.warning("could not read a committed offset", extra={"partition": str(part), "error": repr(exc)})
+                continue
+            if committed is not None:
+                self._expected[part] = committed
+
+    def _check_log_ends(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Rewind only a partition whose fetched high watermark is below where reading resumes.
+
+        ``highwater`` comes from the last fetch response, which counts every record the
+        broker holds; a value below the expected position means the log really shrank (a
+        broker that lost its data started over), so the records there now are new ones.
+        """
+        for part, records in batches.items():
+            if records:
+                self._expected[part] = records[-1].offset + 1
+        assigned = self.consumer.assignment()
+        for part, expected in list(self._expected.items()):
+            if part not in assigned:
+                del self._expected[part]
+                continue
+            end = self.consumer.highwater(part)
+            if end is None or end >= expected:
+                continue
+            log.warning(
+                "the log is shorter than the committed position (the broker lost its data): reading it again",
+                extra={"partition": str(part), "position": expected, "end": end},
+            )
+            del self._expected[part]
+            self.consumer.seek(part, 0)
 
     async def close(self) -> None:
         """Commit what is done and leave the group."""

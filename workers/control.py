@@ -1,26 +1,36 @@
-"""Operator commands from ``loquetier.control``, applied through Postgres.
+"""Operator commands from ``loquetier.control``, applied through Postgres and acknowledged.
 
 The control topic is consumed by one worker of the group, so every command acts on the
 shared state in Postgres and the worker that owns the target reacts to it:
-- load: register the adapter in ``adapters`` (from a path) or take its latest ready row
-  ("db" / "job:<id>"), and load it here; other workers pick it up lazily or on sync.
+- load: register the adapter in ``adapters`` (from a path under the adapter roots, read
+  boundedly: workers/adapter_paths.py) or take its latest ready row ("db" / "job:<id>"),
+  and load it here; other workers pick it up lazily or on sync.
 - unload: archive every ready version (every worker drops it on its next sync).
 - cancel / pause: change the job row; the owner's next lease renewal fails and it stops
   the job (a paused job resumes later from its last checkpoint). A request_id target is
-  aborted if it runs here.
+  aborted when it runs here.
 - resume: a paused job becomes queued again.
-- drain: mark the target worker(s) draining; each notices on its heartbeat.
+- drain: only with the operator token (``LOQUETIER_WORKER__OPERATOR_TOKEN``); marks the
+  target worker(s) draining, each notices on its heartbeat.
+
+Every command is answered by one ``control_ack`` result keyed by its ``command_id``: ok,
+or a code and a reason (``unknown_adapter``, ``unknown_job``, ``forbidden``, ...).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
-from collections.abc import Callable
+import shutil
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loquetier.db import repo
-from loquetier.messages import ControlCommand, JobDoneResult
+from loquetier.messages import ControlAck, ControlCommand, JobDoneResult
+from loquetier.settings import WorkerSettings
 
+from . import adapter_paths
 from . import store as q
 from .adapters import AdapterSync, lora_fields
 from .engine_client import EngineClient
@@ -39,6 +49,9 @@ class ControlError(Exception):
         self.message = message
 
 
+Outcome = tuple[str, int | None]  # (message, adapter_version)
+
+
 class Control:
     def __init__(
         self,
@@ -49,6 +62,7 @@ class Control:
         *,
         jobs: JobRunner,
         inference: Inference,
+        settings: WorkerSettings,
         worker_id: str,
         on_drain: Callable[[], None],
     ):
@@ -58,14 +72,14 @@ class Control:
         self._adapters = adapters
         self._jobs = jobs
         self._inference = inference
+        self._settings = settings
         self._worker_id = worker_id
         self._on_drain = on_drain
 
-    async def apply(self, cmd: ControlCommand) -> None:
-        if cmd.worker_id is not None and cmd.action != "drain" and cmd.worker_id != self._worker_id:
-            log.info("control command for another worker", extra={"action": cmd.action, "for": cmd.worker_id})
-        log.info("control", extra={"action": cmd.action, "target_id": cmd.target_id, "command_id": cmd.command_id})
-        handler: dict[str, Callable[[ControlCommand], Any]] = {
+    async def apply(self, cmd: ControlCommand, command_id: str) -> ControlAck:
+        """Apply ``cmd``; the ack says what happened (never raises for a refused command)."""
+        log.info("control", extra={"action": cmd.action, "target_id": cmd.target_id, "command_id": command_id})
+        handler: dict[str, Callable[[ControlCommand], Awaitable[Outcome]]] = {
             "load": self._load,
             "unload": self._unload,
             "cancel": self._cancel,
@@ -73,60 +87,131 @@ class Control:
             "resume": self._resume,
             "drain": self._drain,
         }
-        await handler[cmd.action](cmd)
+        ack: dict[str, Any] = {"command_id": command_id, "action": cmd.action, "target_id": cmd.target_id,
+                               "worker_id": self._worker_id}
+        try:
+            message, version = await handler[cmd.action](cmd)
+        except (ControlError, adapter_paths.PathRefused) as exc:
+            return ControlAck(**ack, ok=False, code=exc.code, message=exc.message[:2000])
+        except Exception as exc:  # engine and store errors carry a code and a message fit for users
+            code, reason = getattr(exc, "code", None), getattr(exc, "message", None)
+            if not isinstance(code, str) or not isinstance(reason, str):
+                log.exception("control command failed", extra={"command_id": command_id})
+                code, reason = "internal", "the worker could not apply this command"
+            return ControlAck(**ack, ok=False, code=code, message=reason[:2000])
+        return ControlAck(**ack, ok=True, message=message, adapter_version=version)
 
-    async def _load(self, cmd: ControlCommand) -> None:
+    # --- adapters -------------------------------------------------------------------------
+
+    async def _load(self, cmd: ControlCommand) -> Outcome:
         adapter_id = cmd.target_id
         if cmd.path is not None:
-            await self._client.load_adapter(adapter_id, cmd.path)
-            data = await self._client.export_adapter(adapter_id)
-            fields = lora_fields(data, {})
-            row = await self._store.tx(
-                lambda s: repo.register_adapter(
-                    s, adapter_id=adapter_id, source_kind="path", source=cmd.path, data=data, **fields
-                )
-            )
-            self._adapters.mark_loaded(adapter_id, row.version)
-            return
+            return await self._load_path(adapter_id, cmd.path)
         source = cmd.source or "db"
+        if source != "db" and not source.startswith("job:"):
+            raise ControlError("invalid_value", f"source must be 'db' or 'job:<job_id>', got {source[:100]!r}")
         if source.startswith("job:"):
             job = await self._store.tx(lambda s: repo.get_job(s, source.removeprefix("job:")))
             if job is None or job.adapter_id != adapter_id:
                 raise ControlError("not_found", f"{source} did not produce adapter {adapter_id!r}")
         if not await self._adapters.load_latest(adapter_id):
             raise ControlError("unknown_adapter", f"no ready version of adapter {adapter_id!r} in the database")
+        version = self._adapters.versions.get(adapter_id)
+        return f"adapter {adapter_id!r} loaded from the database", version
 
-    async def _unload(self, cmd: ControlCommand) -> None:
-        await self._store.tx(lambda s: q.archive_adapter(s, cmd.target_id))
-        await self._adapters.unload(cmd.target_id)
+    async def _load_path(self, adapter_id: str, path: str) -> Outcome:
+        roots = self._settings.load_roots()
+        directory = await asyncio.to_thread(adapter_paths.resolve, path, roots)
+        copy = await asyncio.to_thread(
+            adapter_paths.copy_adapter, directory, roots, max_adapter_bytes=self._settings.max_adapter_bytes
+        )
+        try:
+            await self._client.load_adapter(adapter_id, str(copy))
+        finally:
+            await asyncio.to_thread(shutil.rmtree, copy, True)
+        data = await self._client.export_adapter(adapter_id)
+        fields = lora_fields(data, {})
+        row = await self._store.tx(
+            lambda s: repo.register_adapter(
+                s, adapter_id=adapter_id, source_kind="path", source=str(directory), data=data, **fields
+            )
+        )
+        self._adapters.mark_loaded(adapter_id, row.version)
+        return f"adapter {adapter_id!r} loaded from {path}", row.version
 
-    async def _cancel(self, cmd: ControlCommand) -> None:
+    async def _unload(self, cmd: ControlCommand) -> Outcome:
+        adapter_id = cmd.target_id
+        num_archived = await self._store.tx(lambda s: q.archive_adapter(s, adapter_id))
+        is_loaded = adapter_id in self._adapters.versions or await self._client.has_adapter(adapter_id)
+        if not num_archived and not is_loaded:
+            raise ControlError("unknown_adapter", f"adapter {adapter_id!r} is neither served nor registered")
+        await self._adapters.unload(adapter_id)
+        return f"adapter {adapter_id!r} unloaded ({num_archived} version(s) archived)", None
+
+    # --- jobs and requests ------------------------------------------------------------------
+
+    async def _cancel(self, cmd: ControlCommand) -> Outcome:
         target = cmd.target_id
         job = await self._store.tx(lambda s: repo.get_job(s, target))
         if job is None:
-            if await self._client.abort(target):
-                log.info("request aborted", extra={"request_id": target})
-            return
-        if await self._store.tx(lambda s: repo.finish_job(s, target, status="cancelled", error="cancelled")):
-            await self._jobs.stop_local(target)
-            await self._publisher.publish(
-                JobDoneResult(job_id=target, adapter_id=job.adapter_id, status="cancelled", step=job.step),
-                target,
-            )
+            return await self._cancel_request(target)
+        if not await self._store.tx(lambda s: repo.finish_job(s, target, status="cancelled", error="cancelled")):
+            raise ControlError("invalid_state", f"job {target!r} is already {job.status}")
+        await self._jobs.stop_local(target)
+        await self._publisher.publish(
+            JobDoneResult(job_id=target, adapter_id=job.adapter_id, status="cancelled", step=job.step), target
+        )
+        return f"job {target!r} cancelled", None
 
-    async def _pause(self, cmd: ControlCommand) -> None:
-        target = cmd.target_id
-        if await self._store.tx(
-            lambda s: repo.set_job_status(s, target, "paused", from_statuses=("queued", "running"))
-        ):
-            await self._jobs.stop_local(target)
+    async def _cancel_request(self, rid: str) -> Outcome:
+        if await self._client.abort(rid):
+            log.info("request aborted", extra={"request_id": rid})
+            return f"request {rid!r} cancelled", None
+        row = await self._store.tx(lambda s: repo.get_request(s, rid))
+        if row is None:
+            raise ControlError("unknown_target", f"no job or request {rid!r}")
+        if row.finished_at is not None:
+            raise ControlError("invalid_state", f"request {rid!r} is already {row.status}")
+        raise ControlError("elsewhere", f"request {rid!r} runs on worker {row.worker_id!r}, which "
+                                        "does not read the control topic; it cannot be cancelled from here")
 
-    async def _resume(self, cmd: ControlCommand) -> None:
-        if await self._store.tx(lambda s: repo.set_job_status(s, cmd.target_id, "queued", from_statuses=("paused",))):
-            self._jobs.wake()
+    async def _job(self, job_id: str) -> Any:
+        job = await self._store.tx(lambda s: repo.get_job(s, job_id))
+        if job is None:
+            raise ControlError("unknown_job", f"no job {job_id!r}")
+        return job
 
-    async def _drain(self, cmd: ControlCommand) -> None:
+    async def _pause(self, cmd: ControlCommand) -> Outcome:
+        job = await self._job(cmd.target_id)
+        if not await self._store.tx(lambda s: repo.pause_job(s, cmd.target_id)):
+            raise ControlError("invalid_state", f"job {cmd.target_id!r} is {job.status}: only queued or running "
+                                                "jobs pause")
+        await self._jobs.stop_local(cmd.target_id)
+        return f"job {cmd.target_id!r} paused", None
+
+    async def _resume(self, cmd: ControlCommand) -> Outcome:
+        job = await self._job(cmd.target_id)
+        if not await self._store.tx(lambda s: repo.set_job_status(s, cmd.target_id, "queued",
+                                                                  from_statuses=("paused",))):
+            raise ControlError("invalid_state", f"job {cmd.target_id!r} is {job.status}: only paused jobs resume")
+        self._jobs.wake()
+        return f"job {cmd.target_id!r} queued again", None
+
+    # --- workers --------------------------------------------------------------------------
+
+    async def _drain(self, cmd: ControlCommand) -> Outcome:
+        expected = self._settings.operator_token
+        if expected is None:
+            raise ControlError("forbidden", "drain needs an operator token: set LOQUETIER_WORKER__OPERATOR_TOKEN "
+                                            "on the workers and send it in the command's 'token'")
+        given = (cmd.token or "").encode()
+        if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+            raise ControlError("forbidden", "the command's token does not match the operator token")
         target = cmd.worker_id or cmd.target_id
         drained = await self._store.tx(lambda s: q.drain_workers(s, target))
-        if self._worker_id in drained or target in ("*", self._worker_id):
+        is_me = self._worker_id in drained or target in ("*", self._worker_id)
+        if not drained and not is_me:
+            raise ControlError("unknown_worker", f"no live worker {target!r}")
+        if is_me:
             self._on_drain()
+        return f"draining {', '.join(sorted(set(drained) | ({self._worker_id} if is_me else set())))}", None

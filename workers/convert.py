@@ -6,6 +6,7 @@ They live at the worker boundary and nowhere else (ARCHITECTURE.md §1).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -61,6 +62,19 @@ def request_kwargs(req: GenerateRequest) -> dict[str, Any]:
         "tpot_ms": req.slo.tpot_ms if req.slo else None,
         "stream": req.stream,
     }
+
+
+def request_fingerprint(req: GenerateRequest) -> str:
+    """sha256 of what a request asks for (adapter, prompt, sampling): two records with one
+    request_id and different fingerprints are two different requests. Priority, SLO and
+    streaming change how a request is served, not its answer, and are left out."""
+    content = {
+        "adapter_id": req.adapter_id,
+        "prompt": req.prompt,
+        "prompt_token_ids": req.prompt_token_ids,
+        "sampling": req.sampling.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 def generate_result(ev: RequestFinished, adapter_id: str | None) -> GenerateResult:

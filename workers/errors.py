@@ -23,9 +23,11 @@ def public_error(exc: BaseException, what: str, log: logging.Logger, **context: 
 
     An unexpected error is logged here with its traceback and ``context``.
     """
+    from .adapter_paths import PathRefused
     from .control import ControlError  # control imports the request path, which imports this
+    from .store import StoreError  # a database refusal, already mapped to a code without SQL
 
-    if isinstance(exc, RecordError | EngineError | ControlError):
+    if isinstance(exc, RecordError | EngineError | ControlError | StoreError | PathRefused):
         return exc.code, exc.message[:MAX_MESSAGE_CHARS]
     log.error("unexpected error", exc_info=exc, extra={"error_type": type(exc).__name__, **context})
     return INTERNAL, f"the worker could not process {what}; the detail is in its log"

@@ -11,7 +11,11 @@ Records go to the request's ``reply_to`` topic when it names one (a gateway's), 
 shared results topic; duplicates that attach to a running request get the first one's topic.
 
 A duplicate that arrives while the request runs here attaches to it: one computation,
-one "result" record per Kafka record.
+one "result" record per Kafka record. A record that reuses a known request_id for other
+content (another prompt, adapter or sampling) is answered ``duplicate_request_id`` and
+changes nothing. Each start is counted on the row; a request whose earlier starts all
+ended with their worker (crashed or stalled) is failed ``poisoned`` at
+``max_attempts`` instead of being started again.
 """
 
 from __future__ import annotations
@@ -42,10 +46,14 @@ Source = tuple[Any, int, int]  # (partition, offset, epoch) of the Kafka record
 DoneHook = Callable[[Source], None]
 
 
+POISONED = "poisoned"
+
+
 @dataclass
 class Inflight:
     request: GenerateRequest
     sources: list[Source]
+    fingerprint: str = ""
     num_streamed: int = 0
     in_engine: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -63,6 +71,7 @@ class Inference:
         on_done: DoneHook,
         owner_timeout_s: float = 15.0,
         poll_s: float = 0.25,
+        max_attempts: int = 2,
     ):
         self._client = client
         self._store = store
@@ -72,6 +81,7 @@ class Inference:
         self._on_done = on_done
         self._owner_timeout_s = owner_timeout_s
         self._poll_s = poll_s
+        self._max_attempts = max_attempts
         self.inflight: dict[str, Inflight] = {}
         self.num_computed = 0
 
@@ -86,15 +96,29 @@ class Inference:
 
     def accept(self, req: GenerateRequest, source: Source) -> asyncio.Task[None] | None:
         """Take a decoded request; returns the task handling it (None: joined a running one)."""
+        fingerprint = convert.request_fingerprint(req)
         running = self.inflight.get(req.request_id)
-        if running is not None:
+        if running is not None and running.fingerprint == fingerprint:
             running.sources.append(source)
             return None
-        self.inflight[req.request_id] = Inflight(req, [source])
+        if running is not None:
+            return asyncio.create_task(self._refuse_duplicate(req.request_id, source, req.reply_to))
+        self.inflight[req.request_id] = Inflight(req, [source], fingerprint)
         QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
-        return asyncio.create_task(self._start(req, source), name=f"request:{req.request_id}")
+        return asyncio.create_task(self._start(req, source, fingerprint), name=f"request:{req.request_id}")
 
-    async def _start(self, req: GenerateRequest, source: Source) -> None:
+    async def _refuse_duplicate(self, rid: str, source: Source, reply_to: str | None) -> None:
+        """Answer one record that reuses ``rid`` for other content; the first request is untouched."""
+        error = ErrorResult(request_id=rid, code="duplicate_request_id", message=_DUPLICATE)
+        try:
+            await self._publisher.publish(error, rid, topic=reply_to)
+        except Exception:  # not done: the record comes back and is answered then
+            log.exception("could not answer a duplicate request_id", extra={"request_id": rid})
+            return
+        self._on_done(source)
+        log.info("duplicate request_id refused", extra={"request_id": rid})
+
+    async def _start(self, req: GenerateRequest, source: Source, fingerprint: str) -> None:
         rid = req.request_id
         try:
             part, offset, _ = source
@@ -108,9 +132,10 @@ class Inference:
                     kafka_topic=getattr(part, "topic", None),
                     kafka_partition=getattr(part, "partition", None),
                     kafka_offset=offset,
+                    content_sha256=fingerprint,
                 )
             )
-            if not is_new and not await self._take_over(rid):
+            if not is_new and not await self._take_over(rid, fingerprint):
                 return
             if req.adapter_id is not None and not await self._adapters.ensure(req.adapter_id):
                 await self._fail(rid, "unknown_adapter", f"adapter {req.adapter_id!r} is not registered")
@@ -120,7 +145,12 @@ class Inference:
             except ValueError as exc:
                 await self._fail(rid, "invalid_request", str(exc)[:500])
                 return
-            await self._store.tx(lambda s: repo.start_request(s, rid, self._worker_id))
+            attempt = await self._store.tx(
+                lambda s: repo.start_request(s, rid, self._worker_id, max_attempts=self._max_attempts)
+            )
+            if attempt is None:
+                await self._poisoned_or_done(rid)
+                return
             try:
                 await self._client.submit(rid, **kwargs)
             except Exception as exc:  # EngineError(code, message) for bad input, else internal
@@ -130,24 +160,39 @@ class Inference:
             self.num_computed += 1
             log.info(
                 "request started",
-                extra={"request_id": rid, "adapter_id": req.adapter_id, "worker_id": self._worker_id},
+                extra={"request_id": rid, "adapter_id": req.adapter_id, "worker_id": self._worker_id,
+                       "attempt": attempt},
             )
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("request intake failed", extra={"request_id": rid})
             await self._fail(rid, INTERNAL, "the worker could not start this request; the detail is in its log")
 
-    async def _take_over(self, rid: str) -> bool:
-        """For an existing row: republish a finished one, wait for a live owner, or compute."""
+    async def _poisoned_or_done(self, rid: str) -> None:
+        """``start_request`` refused: the row finished meanwhile, or it used up its attempts."""
+        row = await self._store.tx(lambda s: repo.get_request(s, rid))
+        if row is not None and row.finished_at is not None:
+            await self._republish(rid, row)
+            return
+        attempts = row.attempts if row is not None else self._max_attempts
+        log.warning("request poisoned", extra={"request_id": rid, "attempts": attempts})
+        await self._fail(rid, POISONED, poisoned_message("request", attempts))
+
+    async def _take_over(self, rid: str, fingerprint: str) -> bool:
+        """For an existing row: refuse other content, republish a finished one, wait for a live
+        owner, or compute."""
         while True:
             row = await self._store.tx(lambda s: repo.get_request(s, rid))
             if row is None:
                 return True
+            if row.content_sha256 is not None and row.content_sha256 != fingerprint:
+                error = ErrorResult(request_id=rid, code="duplicate_request_id", message=_DUPLICATE)
+                await self._deliver(rid, error)
+                log.info("duplicate request_id refused", extra={"request_id": rid})
+                return False
             if row.finished_at is not None:
-                if row.result is not None:
-                    await self._deliver(rid, convert.from_stored(row.result))
-                else:
-                    await self._deliver(rid, ErrorResult(request_id=rid, code=row.status, message=row.error or ""))
-                log.info("request republished", extra={"request_id": rid, "status": row.status})
+                await self._republish(rid, row)
                 return False
             owner = row.worker_id
             if row.status != "running" or owner is None or owner == self._worker_id:
@@ -157,6 +202,13 @@ class Inference:
                 log.info("request taken over", extra={"request_id": rid, "from_worker": owner})
                 return True
             await asyncio.sleep(self._poll_s)
+
+    async def _republish(self, rid: str, row: Any) -> None:
+        if row.result is not None:
+            await self._deliver(rid, convert.from_stored(row.result))
+        else:
+            await self._deliver(rid, ErrorResult(request_id=rid, code=row.status, message=row.error or ""))
+        log.info("request republished", extra={"request_id": rid, "status": row.status})
 
     # --- engine events ----------------------------------------------------------------------
 
@@ -198,41 +250,72 @@ class Inference:
 
     # --- outcomes ------------------------------------------------------------------------
 
-    async def _fail(self, rid: str, code: str, message: str) -> None:
+    async def _fail(self, rid: str, code: str, message: str, *, status: str = "failed") -> bool | None:
+        """Record and deliver an error outcome; returns what :meth:`_record` returned."""
         error = ErrorResult(request_id=rid, code=code, message=message)
-        text = f"{code}: {message}".replace("\x00", "\\0")
-        await self._record(
-            lambda s: repo.finish_request(s, rid, status="failed", result=convert.stored(error), error=text)
-        )
+        recorded = await self._record(lambda s: finish_failed(s, rid, error, status))
         REQUESTS.labels("error").inc()
         await self._deliver(rid, error)
+        return recorded
 
-    async def _record(self, fn: Any) -> None:
+    async def _record(self, fn: Any) -> bool | None:
         """Store an outcome; a write the database refuses (not an outage) is logged and
-        the result still goes out, so a bad request never blocks its partition."""
+        the result still goes out, so a bad request never blocks its partition.
+
+        Returns True when written, False when the row had finished already, None on failure."""
         try:
-            await self._store.tx(fn)
+            return bool(await self._store.tx(fn))
         except Exception:
             log.exception("could not store a request outcome")
+            return None
 
     async def _deliver(self, rid: str, record: Any) -> None:
-        """Publish ``record`` once per Kafka record waiting on ``rid``, then mark them done."""
-        flight = self.inflight.get(rid)
+        """Publish ``record`` once per Kafka record waiting on ``rid``, then mark them done.
+
+        The flight leaves ``inflight`` before the first publish, so two outcomes racing for
+        one request (an engine finish and a stop) never both go out."""
+        flight = self.inflight.pop(rid, None)
+        QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
         if flight is None:
             return
         while flight.sources:
             source = flight.sources[0]
-            await self._publisher.publish(record, rid, topic=flight.request.reply_to)
+            topic = flight.request.reply_to
+            if not await self._publisher.publish(record, rid, topic=topic) and not isinstance(record, ErrorResult):
+                too_large = ErrorResult(request_id=rid, code="too_large", message=_UNSENDABLE)
+                await self._publisher.publish(too_large, rid, topic=topic)
             flight.sources.pop(0)
             self._on_done(source)
-        del self.inflight[rid]
-        QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
 
-    async def abort_all(self) -> list[str]:
-        """Stop computing everything in the engine (shutdown past the drain timeout)."""
-        aborted = []
+    async def answer_all(self, code: str, message: str, *, can_abort: bool, abort_timeout_s: float = 2.0) -> list[str]:
+        """Stop: abort what still runs and answer every in-flight request with ``code``.
+
+        A request is answered only when its row took the outcome; a row that finished
+        meanwhile is delivered by its own path or, if that is cut short, republished on
+        redelivery. Returns the request ids answered."""
+        answered = []
         for rid, flight in list(self.inflight.items()):
-            if flight.in_engine:
-                await self._client.abort(rid)
-                aborted.append(rid)
-        return aborted
+            if flight.in_engine and can_abort:
+                try:
+                    await asyncio.wait_for(self._client.abort(rid), abort_timeout_s)
+                except Exception as exc:  # the engine is gone or stuck: the answer still goes out
+                    log.warning("abort failed while stopping", extra={"request_id": rid, "error": repr(exc)})
+            error = ErrorResult(request_id=rid, code=code, message=message)
+            if await self._record(lambda s, rid=rid, error=error: finish_failed(s, rid, error, "cancelled")):
+                await self._deliver(rid, error)
+                answered.append(rid)
+        return answered
+
+
+_DUPLICATE = "this request_id was already used for a request with other content; use a new request_id"
+_UNSENDABLE = "the result is larger than the broker accepts; ask for fewer tokens or no logprobs"
+
+
+def poisoned_message(what: str, attempts: int) -> str:
+    return (f"this {what} was started {attempts} times and each time its worker stopped before it "
+            "finished; it is not tried again")
+
+
+async def finish_failed(session: Any, rid: str, error: ErrorResult, status: str) -> bool:
+    text = f"{error.code}: {error.message}".replace("\x00", "\\0")
+    return await repo.finish_request(session, rid, status=status, result=convert.stored(error), error=text)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, get_args
 
-from loquetier.codec import Limits, check_key
+from loquetier.codec import MAX_ID_CHARS, Limits, check_key
 from loquetier.db import repo
 from loquetier.messages import (
+    ControlAck,
+    ControlAction,
     ControlCommand,
-    DeadLetter,
     ErrorResult,
     GenerateRequest,
     RecordError,
@@ -25,7 +26,7 @@ from loquetier.messages import (
     decode_record,
 )
 
-from . import convert
+from . import convert, rejects
 from .control import Control
 from .errors import public_error
 from .inference import Inference
@@ -48,6 +49,7 @@ class Intake:
         *,
         limits: Limits,
         done: Any,
+        max_excerpt_bytes: int = 64 * 1024,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -55,6 +57,7 @@ class Intake:
         self._jobs = jobs
         self._control = control
         self._limits = limits
+        self._max_excerpt_bytes = max_excerpt_bytes
         self._done = done  # (partition, offset, epoch) -> None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -67,7 +70,7 @@ class Intake:
             _check_reply_to(decoded, self._publisher.reply_prefix)
         except RecordError as err:
             RECORDS.labels(kind, "invalid").inc()
-            await self._reject(record, err)
+            await self._reject(record, err, kind)
             self._done(part, offset, epoch)
             return
         RECORDS.labels(kind, "ok").inc()
@@ -77,22 +80,32 @@ class Intake:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             return
-        try:
-            if isinstance(decoded, TrainingJob):
+        if isinstance(decoded, ControlCommand):
+            command_id = decoded.command_id or derived_command_id(record)
+            ack = await self._control.apply(decoded, command_id)
+            await self._publisher.publish(ack, command_id)
+        elif isinstance(decoded, TrainingJob):
+            try:
                 await self._insert_job(decoded)
-            elif isinstance(decoded, ControlCommand):
-                await self._control.apply(decoded)
-        except Exception as exc:
-            code, message = public_error(exc, "this record", log, kind=kind, offset=offset)
-            log.warning("record failed", extra={"kind": kind, "offset": offset, "code": code})
-            ids = (None, decoded.job_id if isinstance(decoded, TrainingJob) else None)
-            await self._reject(record, RecordError(code, message, *ids))
+            except AdapterTaken as exc:
+                error = ErrorResult(job_id=decoded.job_id, code=exc.code, message=exc.message)
+                await self._publisher.publish(error, decoded.job_id)
+                log.info("job refused", extra={"job_id": decoded.job_id, "code": exc.code})
+            except Exception as exc:
+                code, message = public_error(exc, "this record", log, kind=kind, offset=offset)
+                log.warning("record failed", extra={"kind": kind, "offset": offset, "code": code})
+                await self._reject(record, RecordError(code, message, None, decoded.job_id), kind)
         self._done(part, offset, epoch)
 
     async def _insert_job(self, job: TrainingJob) -> None:
         params = job.params
-        await self._store.tx(
-            lambda s: repo.insert_job_idempotent(
+
+        async def insert(s: Any) -> None:
+            if job.kind == "finetune" and not job.overwrite:
+                taken = await repo.adapter_taken(s, job.adapter_id, job.job_id)
+                if taken is not None:
+                    raise AdapterTaken(job.adapter_id, taken.version)
+            await repo.insert_job_idempotent(
                 s,
                 job_id=job.job_id,
                 kind=job.kind,
@@ -101,38 +114,60 @@ class Intake:
                 priority=job.priority,
                 total_steps=params.max_steps,
             )
-        )
+
+        await self._store.tx(insert)
         log.info("job accepted", extra={"job_id": job.job_id, "kind": job.kind, "adapter_id": job.adapter_id})
         self._jobs.wake()
 
-    async def _reject(self, record: Any, err: RecordError) -> None:
-        letter = DeadLetter(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=_bytes(record.key),
-            value=_bytes(record.value),
-            code=err.code,
-            reason=err.message[:4000],
-            request_id=err.request_id,
-            job_id=err.job_id,
-        )
-        if len(record.value or b"") > self._limits.max_record_bytes // 2:
-            letter = letter.model_copy(update={"value": None})  # keep the DLQ record under the size limit
+    async def _reject(self, record: Any, err: RecordError, kind: TopicKind) -> None:
+        letter = rejects.letter(record, kind, err, max_excerpt_bytes=self._max_excerpt_bytes)
         await self._publisher.dead_letter(letter)
-        if err.request_id is not None or err.job_id is not None:
-            error = ErrorResult(request_id=err.request_id, job_id=err.job_id, code=err.code, message=err.message)
-            await self._publisher.publish(error, err.request_id or err.job_id)
+        if kind == "control":
+            await self._refuse_command(record, err)
+        elif letter.request_id is not None or letter.job_id is not None:
+            error = ErrorResult(
+                request_id=letter.request_id, job_id=letter.job_id, code=err.code, message=err.message[:2000]
+            )
+            await self._publisher.publish(error, letter.request_id or letter.job_id)
         log.info(
             "record rejected",
             extra={
                 "topic": record.topic,
                 "offset": record.offset,
                 "code": err.code,
-                "request_id": err.request_id,
-                "job_id": err.job_id,
+                "request_id": letter.request_id,
+                "job_id": letter.job_id,
             },
         )
+
+    async def _refuse_command(self, record: Any, err: RecordError) -> None:
+        """An unreadable command still gets its ack (ok false) when its command_id can be read."""
+        fields = rejects.peek_map(record.value, self._limits)
+        command_id = fields.get("command_id")
+        if not (isinstance(command_id, str) and 0 < len(command_id) <= MAX_ID_CHARS):
+            return
+        action = fields.get("action") if fields.get("action") in get_args(ControlAction) else None
+        target = fields.get("target_id")
+        target = target if isinstance(target, str) and 0 < len(target) <= MAX_ID_CHARS else None
+        ack = ControlAck(command_id=command_id, action=action, target_id=target, ok=False, code=err.code,
+                         message=err.message[:2000])
+        await self._publisher.publish(ack, command_id)
+
+
+class AdapterTaken(Exception):
+    """A finetune into an adapter_id that another job or an operator load made (no ``overwrite``)."""
+
+    code = "adapter_exists"
+
+    def __init__(self, adapter_id: str, version: int) -> None:
+        self.message = (f"adapter {adapter_id!r} (version {version}) was made by another job or loaded by an "
+                        "operator; set 'overwrite': true to train a new version of it, or use another adapter_id")
+        super().__init__(f"{self.code}: {self.message}")
+
+
+def derived_command_id(record: Any) -> str:
+    """The command_id of a command sent without one: where it is on the control topic."""
+    return f"offset-{record.partition}-{record.offset}"
 
 
 def _check_storable(record: Any) -> None:

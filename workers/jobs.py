@@ -22,14 +22,15 @@ from loquetier.db import repo
 from loquetier.db.models import JobRow
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
-from loquetier.messages import CheckpointResult, JobDoneResult, ProgressResult, TrainingJob
+from loquetier.messages import CheckpointResult, ErrorResult, JobDoneResult, ProgressResult, TrainingJob
 from loquetier.settings import WorkerSettings
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
-from . import convert
+from . import adapter_paths, convert
 from .adapters import AdapterSync, lora_fields, read_payload
 from .engine_client import EngineClient
 from .errors import public_error
+from .inference import POISONED, poisoned_message
 from .metrics import QUEUE_DEPTH
 from .publisher import Publisher
 from .store import Store
@@ -88,12 +89,31 @@ class JobRunner:
                 pass
 
     async def claim_more(self) -> None:
+        await self.poison()
         while self.accepting and len(self.running) < self.max_jobs:
-            row = await self._store.tx(lambda s: repo.claim_job(s, self._worker_id, lease_s=self._settings.lease_s))
+            row = await self._store.tx(
+                lambda s: repo.claim_job(
+                    s, self._worker_id, lease_s=self._settings.lease_s, max_attempts=self._settings.max_attempts
+                )
+            )
             if row is None:
                 return
             await self._launch(row)
         QUEUE_DEPTH.labels("jobs_running").set(len(self.running))
+
+    async def poison(self) -> None:
+        """Fail, for good, the claimable jobs whose every claim ended with its worker."""
+        max_attempts = self._settings.max_attempts
+        error = f"{POISONED}: {poisoned_message('job', max_attempts)}"
+        rows = await self._store.tx(lambda s: repo.poison_jobs(s, max_attempts=max_attempts, error=error))
+        for row in rows:
+            log.warning("job poisoned", extra={"job_id": row.job_id, "attempts": row.attempts})
+            message = poisoned_message("job", row.attempts)
+            await self._publisher.publish(ErrorResult(job_id=row.job_id, code=POISONED, message=message), row.job_id)
+            done = JobDoneResult(
+                job_id=row.job_id, adapter_id=row.adapter_id, status="failed", step=row.step, error=error
+            )
+            await self._publisher.publish(done, row.job_id)
 
     async def _launch(self, row: JobRow) -> None:
         job_id = row.job_id
@@ -103,9 +123,7 @@ class JobRunner:
             job = convert.job_from_spec(row.spec)
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
             payload = await asyncio.to_thread(read_payload, ckpt.data, ckpt.uri, ckpt.sha256) if ckpt else None
-            base = job.base_adapter
-            if base is not None and not Path(base).is_dir():
-                await self._adapters.ensure(base)
+            base = await self._base_adapter(job.base_adapter)
             data = await self._prepare(job_id, job.data, job.params.micro_batch_tokens)
             eval_data = await self._prepare(job_id, job.eval_data, job.params.micro_batch_tokens)
             if data is None or (job.eval_data is not None and eval_data is None):
@@ -149,6 +167,21 @@ class JobRunner:
             ProgressResult(job_id=job_id, adapter_id=job.adapter_id, step=step, total_steps=row.total_steps),
             job_id,
         )
+
+    async def _base_adapter(self, base: str | None) -> str | None:
+        """A known adapter id as is; else a PEFT directory under the adapter roots (resolved)."""
+        if base is None or await self._adapters.ensure(base):
+            return base
+        roots = self._settings.load_roots()
+        try:
+            directory = await asyncio.to_thread(adapter_paths.resolve, base, roots)
+            await asyncio.to_thread(
+                adapter_paths.check_adapter, directory, roots, max_adapter_bytes=self._settings.max_adapter_bytes
+            )
+        except adapter_paths.PathRefused as exc:
+            message = f"base_adapter is neither a registered adapter nor usable: {exc.message}"
+            raise adapter_paths.PathRefused(exc.code, message) from None
+        return str(directory)
 
     async def _prepare(self, job_id: str, data: Any, micro_batch_tokens: int) -> Any:
         """The job's data tokenized in a thread, off the engine's steps, while this worker keeps
@@ -200,13 +233,30 @@ class JobRunner:
         await self._drop(job_id, "control")
         return running
 
-    async def release_all(self) -> None:
-        """Drain: stop every job here and give it back; another worker resumes it."""
+    async def release_all(self, *, is_clean: bool = True, engine_timeout_s: float = 2.0) -> None:
+        """Drain: stop every job here and give it back; another worker resumes it.
+
+        A clean release gives the claim back (no failed attempt). When the engine failed,
+        the rows only lose their lease: the claim keeps counting, so a job that breaks
+        engines ends ``poisoned``. Each job is handled even when another one's step fails.
+        """
         self.accepting = False
         self.wake()
         for job_id in list(self.running):
-            await self._drop(job_id, "released")
-            await self._store.tx(lambda s: repo.release_job(s, job_id, self._worker_id))
+            self.running.pop(job_id, None)
+            if is_clean:
+                try:
+                    await asyncio.wait_for(self._client.cancel_job(job_id), engine_timeout_s)
+                except Exception as exc:
+                    log.warning("job not cancelled in the engine", extra={"job_id": job_id, "error": repr(exc)})
+            try:
+                if is_clean:
+                    await self._store.tx(lambda s: repo.release_job(s, job_id, self._worker_id))
+                else:
+                    await self._store.tx(lambda s: repo.expire_lease(s, job_id, self._worker_id))
+                log.info("job released", extra={"job_id": job_id, "is_clean": is_clean})
+            except Exception as exc:  # the lease runs out by itself and another worker resumes it
+                log.warning("job not released", extra={"job_id": job_id, "error": repr(exc)})
 
     # --- engine events -------------------------------------------------------------------
 
@@ -299,8 +349,10 @@ class JobRunner:
         adapter = ev.adapter if status == "succeeded" and job.kind == "finetune" else None
         blob = await self._store_blob(f"{job_id}/adapter.bin", adapter) if adapter is not None else None
         metrics = {k: float(v) for k, v in (ev.metrics or {}).items()}
+        refused: list[str] = []  # set when another owner took the adapter_id while this job ran
 
         async def record(s: Any) -> int | None:
+            refused.clear()
             await repo.update_job_progress(
                 s,
                 job_id,
@@ -312,7 +364,11 @@ class JobRunner:
                 last_eval_loss=metrics.get("eval_loss"),
             )
             version = None
-            if adapter is not None and blob is not None:
+            taken = await repo.adapter_taken(s, job.adapter_id, job_id) if adapter and not job.overwrite else None
+            if taken is not None:
+                refused.append(f"adapter_exists: adapter {job.adapter_id!r} (version {taken.version}) was made "
+                               "by another job or an operator meanwhile; set 'overwrite': true to replace it")
+            elif adapter is not None and blob is not None:
                 fields = lora_fields(adapter, job.lora.model_dump())
                 row = await repo.register_adapter(
                     s,
@@ -324,16 +380,21 @@ class JobRunner:
                     **blob,
                 )
                 version = row.version
-            await repo.finish_job(s, job_id, status=status, worker_id=self._worker_id, error=ev.error)
+            final, error = ("failed", refused[0]) if refused else (status, ev.error)
+            await repo.finish_job(s, job_id, status=final, worker_id=self._worker_id, error=error)
             return version
 
         version = await self._store.tx(record)
         self.running.pop(job_id, None)
-        if adapter is not None:
+        if refused:  # serve the owner's version here again, not what this job trained
+            self._adapters.versions.pop(job.adapter_id, None)
+            await self._adapters.load_latest(job.adapter_id)
+            ev = JobFinished(job_id, job.adapter_id, "failed", ev.metrics, error=refused[0])
+        elif adapter is not None:
             if not await self._client.has_adapter(job.adapter_id):
                 await self._client.load_adapter_bytes(job.adapter_id, adapter)
             self._adapters.mark_loaded(job.adapter_id, version)
-        log.info("job finished", extra={"job_id": job_id, "status": status, "adapter_version": version})
+        log.info("job finished", extra={"job_id": job_id, "status": ev.status, "adapter_version": version})
         await self._publisher.publish(convert.job_done_result(ev, rj.step, version, job.kind), job_id)
         QUEUE_DEPTH.labels("jobs_running").set(len(self.running))
         self.wake()

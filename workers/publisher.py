@@ -10,6 +10,11 @@ reply topic that cannot be written (its gateway's topic was deleted) is tried fo
 ``reply_timeout_s`` at most and then dropped, and a topic the broker reports unknown is skipped
 for 30 s: the outcome stays in the request's row, and one missing topic never holds up the
 worker's other work.
+
+A record the broker can never take (over the size limit, invalid) is logged and skipped:
+``publish`` returns False instead of retrying it forever, which once wedged a consumer.
+Transient failures (broker away, leader moving) are retried until :meth:`give_up_at`'s
+deadline, which a stopping worker sets so that SIGTERM always ends in bounded time.
 """
 
 from __future__ import annotations
@@ -19,7 +24,17 @@ import logging
 import time
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    InvalidMessageError,
+    InvalidTimestampError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnknownTopicOrPartitionError,
+    UnsupportedForMessageFormatError,
+)
 
 from loquetier.codec import Record
 from loquetier.messages import DeadLetter, encode_record
@@ -32,30 +47,48 @@ log = logging.getLogger(__name__)
 REPLY_DOWN_S = 30.0  # a reply topic found missing is not tried again for this long
 REPLY_LOOKUP_S = 2.0  # how long the first record for a reply topic waits to learn that the topic exists
 
+# Refusals that the same bytes will meet again however often they are sent.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    InvalidMessageError,
+    InvalidTimestampError,
+    InvalidTopicError,
+    UnsupportedForMessageFormatError,
+)
+
+
+class PublishAborted(Exception):
+    """The worker is stopping and the broker did not take the record in time."""
+
 
 class Publisher:
     def __init__(self, bootstrap: str, kafka: KafkaSettings, *, worker_id: str, max_backoff_s: float = 2.0):
         self._kafka = kafka
         self._worker_id = worker_id
         self._max_backoff_s = max_backoff_s
+        self.max_request_bytes = kafka.max_record_bytes + 64 * 1024
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             client_id=f"{kafka.client_id}-{worker_id}",
             acks="all",
             linger_ms=2,
-            max_request_size=kafka.max_record_bytes + 64 * 1024,
+            max_request_size=self.max_request_bytes,
             request_timeout_ms=10_000,
             retry_backoff_ms=200,
             metadata_max_age_ms=5_000,
         )
         forbid_auto_create(self._producer)
         self.closing = False
+        self._deadline: float | None = None
         self.num_published = 0
         self.num_retries = 0
         self.num_replies_dropped = 0
         self._reply_down_until: dict[str, float] = {}  # reply topic -> monotonic time to try again
         self._replies_seen: set[str] = set()  # reply topics the broker knows
         self._reply_lookups: dict[str, asyncio.Task[None]] = {}
+        self.num_skipped = 0
 
     @property
     def reply_prefix(self) -> str:
@@ -68,20 +101,37 @@ class Publisher:
                 await self._producer.start()
                 return
             except KafkaError as exc:
-                if self.closing:
+                if self.closing or self._is_past_deadline():
                     raise
                 log.warning("broker unavailable at start, retrying", extra={"error": str(exc)})
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, self._max_backoff_s)
 
+    def give_up_at(self, deadline: float) -> None:
+        """Stop retrying at ``deadline`` (``time.monotonic()``); the earliest deadline wins."""
+        self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
+
+    def _is_past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
     async def stop(self) -> None:
         self.closing = True
-        await self._producer.stop()
+        try:
+            await asyncio.wait_for(self._producer.stop(), timeout=5.0)
+        except (TimeoutError, KafkaError) as exc:  # unsent records stay undone: redelivered later
+            log.warning("producer did not flush before stopping", extra={"error": repr(exc)})
 
-    async def publish(self, record: Record, key: str | None, *, topic: str | None = None) -> None:
-        """Send and wait for the acknowledgement, retrying until the broker takes it."""
-        value = encode_record(record)
-        await self._send(topic or self._kafka.results_topic, key, value)
+    async def publish(self, record: Record, key: str | None, *, topic: str | None = None) -> bool:
+        """Send and wait for the acknowledgement, retrying until the broker takes it.
+
+        Returns False when the record can never be sent (too large, invalid): it is logged
+        and skipped. Raises :class:`PublishAborted` once past the stop deadline.
+        """
+        try:
+            value = encode_record(record)
+        except (ValueError, TypeError, OverflowError) as exc:
+            return self._skip(topic or self._kafka.results_topic, key, exc)
+        return await self._send(topic or self._kafka.results_topic, key, value)
 
     async def stream(self, record: Record, key: str, *, topic: str | None = None) -> None:
         """Enqueue without waiting for the acknowledgement (token previews)."""
@@ -140,30 +190,53 @@ class Publisher:
             self._replies_seen.discard(topic)
             self._reply_down_until[topic] = time.monotonic() + REPLY_DOWN_S
 
-    async def dead_letter(self, letter: DeadLetter) -> None:
-        await self.publish(letter.model_copy(update={"worker_id": self._worker_id}), None, topic=self._kafka.dlq_topic)
+    async def dead_letter(self, letter: DeadLetter) -> bool:
+        return await self.publish(
+            letter.model_copy(update={"worker_id": self._worker_id}), None, topic=self._kafka.dlq_topic
+        )
 
-    async def _send(self, topic: str, key: str | None, value: bytes) -> None:
+    def _skip(self, topic: str, key: str | None, exc: BaseException) -> bool:
+        self.num_skipped += 1
+        log.error(
+            "record can never be published, skipped",
+            extra={"topic": topic, "key": (key or "")[:256], "error": repr(exc)[:500]},
+        )
+        return False
+
+    async def _send(self, topic: str, key: str | None, value: bytes) -> bool:
+        raw_key = key.encode() if key else None
+        if len(value) + len(raw_key or b"") > self.max_request_bytes:
+            too_large = MessageSizeTooLargeError(f"{len(value)} bytes, the limit is {self.max_request_bytes}")
+            return self._skip(topic, key, too_large)
         backoff = 0.1
         give_up = time.monotonic() + self._kafka.reply_timeout_s if self._is_reply(topic) else None
         if not await self._reply_usable(topic, wait_s=self._kafka.reply_timeout_s, first_only=False):
             log.warning("reply topic unknown, record dropped", extra={"topic": topic})
             self.num_replies_dropped += 1
-            return
+            return False
         while True:
             try:
-                await self._producer.send_and_wait(topic, value, key=key.encode() if key else None)
+                await self._attempt(topic, raw_key, value)
                 self.num_published += 1
-                return
-            except KafkaError as exc:
-                if self.closing:
-                    raise
+                return True
+            except PERMANENT_ERRORS as exc:
+                return self._skip(topic, key, exc)
+            except (KafkaError, TimeoutError) as exc:
+                if self.closing or self._is_past_deadline():
+                    raise PublishAborted(f"{topic}: {exc!r}") from exc
                 if give_up is not None and time.monotonic() >= give_up:
                     log.warning("reply topic unwritable, record dropped", extra={"topic": topic, "error": repr(exc)})
                     self.num_replies_dropped += 1
                     self._mark_reply_down(topic)
-                    return
+                    return False
                 self.num_retries += 1
                 log.warning("publish failed, retrying: %s %r", topic, exc, extra={"topic": topic, "error": repr(exc)})
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, self._max_backoff_s)
+
+    async def _attempt(self, topic: str, key: bytes | None, value: bytes) -> None:
+        send = self._producer.send_and_wait(topic, value, key=key)
+        if self._deadline is None:
+            await send
+            return
+        await asyncio.wait_for(send, timeout=max(0.05, self._deadline - time.monotonic()))

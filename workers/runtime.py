@@ -1,10 +1,14 @@
 """One worker process per GPU: the lifecycle around the engine thread.
 
 ``start`` (engine thread, database, producer, consumer, workers row) / ``run`` (consume,
-pump engine events, claim jobs, heartbeat) / ``finally stop``: stop consuming, let
-in-flight requests finish (up to ``drain_timeout_s``), commit, give jobs back, mark the
-row stopped, stop the engine thread (STYLE.md habit 10). SIGTERM and a control "drain"
-both end in the same graceful stop.
+pump engine events, claim jobs, heartbeat) / ``finally stop`` (STYLE.md habit 10). SIGTERM
+and a control "drain" both end in the same graceful stop, whose every step runs even when
+an earlier one fails: stop consuming, give jobs back, let in-flight requests finish (up to
+``drain_timeout_s``; a second SIGTERM cuts it short), answer the rest with an error and
+record it, commit, mark the row stopped, stop the engine thread. Every retry loop gives up
+at a deadline once stopping, so a stop ends in bounded time even with the broker or the
+database away. An engine thread that died or stalled (no answer for ``engine_stall_s``)
+stops the worker the same way, without waiting on the engine, and the log says why.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import os
 import signal
 import socket
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from loquetier.codec import Limits
 from loquetier.db import repo
@@ -28,16 +33,20 @@ from . import store as q
 from .adapters import AdapterSync
 from .consumer import Consumer
 from .control import Control
-from .engine_client import EngineClient, EngineLike
+from .engine_client import EngineClient, EngineLike, StepFailed
 from .inference import Inference
 from .intake import Intake
 from .jobs import JobRunner
 from .publisher import Publisher
+from .reconcile import Reconciler
 from .store import Store
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _JOB_EVENTS = (JobProgress, JobEvaluated, JobCheckpoint, JobFinished)
+_STOP_GRACE_S = 5.0  # past the drain: answering, committing and leaving the group
 
 
 class Worker:
@@ -50,13 +59,13 @@ class Worker:
         database_url: str,
         device: str = "cpu",
         max_jobs: int = 2,
-        drain_timeout_s: float = 10.0,
+        drain_timeout_s: float | None = None,
     ):
         ws = settings.worker
         self.worker_id = ws.id
         self.settings = settings
         self.device = device
-        self.drain_timeout_s = drain_timeout_s
+        self.drain_timeout_s = ws.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.client = EngineClient(engine, on_step=metrics.observe_step)
         self.store = Store(database_url)
         self.publisher = Publisher(bootstrap, settings.kafka, worker_id=self.worker_id)
@@ -69,6 +78,7 @@ class Worker:
             worker_id=self.worker_id,
             on_done=self._done,
             owner_timeout_s=max(3 * ws.heartbeat_s, 5.0),
+            max_attempts=ws.max_attempts,
         )
         self.consumer = Consumer(
             bootstrap,
@@ -77,7 +87,7 @@ class Worker:
             worker_id=self.worker_id,
             max_inflight=ws.max_inflight,
             inflight=self._num_inflight,
-            drain_timeout_s=drain_timeout_s,
+            drain_timeout_s=self.drain_timeout_s,
         )
         self.jobs = JobRunner(
             self.client,
@@ -95,6 +105,7 @@ class Worker:
             self.adapters,
             jobs=self.jobs,
             inference=self.inference,
+            settings=ws,
             worker_id=self.worker_id,
             on_drain=self.request_stop,
         )
@@ -110,10 +121,16 @@ class Worker:
             self.control,
             limits=limits,
             done=lambda part, off, epoch: self._done((part, off, epoch)),
+            max_excerpt_bytes=settings.kafka.max_dlq_excerpt_bytes,
+        )
+        self.reconciler = Reconciler(
+            self.store, self.publisher, self.consumer, self.inference, ws, worker_id=self.worker_id
         )
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop signal: no more waiting for in-flight work
         self._tasks: list[asyncio.Task[None]] = []
         self.started = asyncio.Event()
+        self.engine_failure: str | None = None  # why the engine can no longer be used
 
     def _num_inflight(self) -> int:
         return self.inference.num_inflight
@@ -125,16 +142,35 @@ class Worker:
         await self.intake.handle(kind, record, epoch)
 
     def request_stop(self) -> None:
-        """Begin a graceful stop (SIGTERM, control "drain")."""
-        if not self._stop.is_set():
-            log.info("stop requested", extra={"worker_id": self.worker_id})
+        """Begin a graceful stop (SIGTERM, control "drain", a draining row); idempotent."""
+        if self._stop.is_set():
+            return
+        log.info("stop requested", extra={"worker_id": self.worker_id})
+        deadline = time.monotonic() + self.drain_timeout_s + _STOP_GRACE_S
+        self.publisher.give_up_at(deadline)
+        self.store.give_up_at(deadline)
         self._stop.set()
         self.consumer.stop_consuming()
+
+    def engine_failed(self, why: str) -> None:
+        """The engine is dead or stuck: stop without waiting on it."""
+        if self.engine_failure is None:
+            self.engine_failure = why
+            log.error("engine failed, stopping the worker", extra={"worker_id": self.worker_id, "reason": why})
+        self.request_stop()
+        self._hurry.set()
+
+    def on_signal(self) -> None:
+        """SIGTERM / SIGINT: a graceful stop; a second one stops waiting for in-flight work."""
+        if self._stop.is_set():
+            log.warning("second stop signal: in-flight requests are answered now")
+            self._hurry.set()
+        self.request_stop()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self.on_signal)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -150,7 +186,8 @@ class Worker:
                     log.error("worker task failed", exc_info=task.exception())
             self.consumer.stop_consuming()
             stop.cancel()
-            await consume
+            with contextlib.suppress(Exception):
+                await consume
         finally:
             await self.stop()
 
@@ -181,34 +218,58 @@ class Worker:
             asyncio.create_task(self._pump(), name="pump"),
             asyncio.create_task(self.jobs.run(), name="jobs"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._watch_engine(), name="watchdog"),
+            asyncio.create_task(self.reconciler.run(), name="reconcile"),
         ]
         log.info("worker started", extra={"worker_id": self.worker_id, "device": self.device, "pid": os.getpid()})
         self.started.set()
 
     async def stop(self) -> None:
-        """Stop consuming, finish or hand back in-flight work, commit, release, stop the engine."""
+        """Every step runs even when an earlier one failed; each is bounded in time."""
         self.request_stop()
-        with contextlib.suppress(Exception):
-            await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id, status="draining"), attempts=3)
-        await self.jobs.release_all()
+        if not self.client.is_running:
+            self.engine_failed(self.engine_failure or "the engine thread is not running")
+        is_engine_ok = self.engine_failure is None
+        await _step("mark draining", self._mark("draining"))
+        await _step("release jobs", self.jobs.release_all(is_clean=is_engine_ok))
+        await _step("drain requests", self._drain(), timeout_s=self.drain_timeout_s + 1.0)
+        await _step("stop intake", self._cancel_intake())
+        code, message = ("engine_failed", _ENGINE_FAILED) if not is_engine_ok else ("worker_stopped", _STOPPED)
+        answered = await _step("answer in-flight requests",
+                               self.inference.answer_all(code, message, can_abort=is_engine_ok))
+        if answered:
+            log.warning("in-flight requests answered at stop", extra={"request_ids": answered[:20],
+                                                                       "num": len(answered), "code": code})
+        await _step("stop background tasks", self._cancel_tasks())
+        await _step("commit and leave the group", self.consumer.close(), timeout_s=_STOP_GRACE_S + 5.0)
+        await _step("stop the producer", self.publisher.stop(), timeout_s=10.0)
+        await _step("mark stopped", self._mark("stopped"))
+        await _step("close the database", self.store.close(), timeout_s=10.0)
+        if is_engine_ok:  # a stuck engine thread is left behind (a daemon): joining it would hang
+            await _step("stop the engine", self.client.stop(), timeout_s=35.0)
+        log.info("worker stopped", extra={"worker_id": self.worker_id, "engine_failure": self.engine_failure})
+
+    async def _mark(self, status: str) -> None:
+        await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id, status=status), attempts=3)
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish, unless the engine cannot or a second signal came."""
         deadline = time.monotonic() + self.drain_timeout_s
-        while self.inference.num_inflight and time.monotonic() < deadline and self.client.is_running:
+        while self.inference.num_inflight and time.monotonic() < deadline and not self._hurry.is_set():
+            if self.engine_failure is not None or not self.client.is_running:
+                return
             await asyncio.sleep(0.05)
-        aborted = await self.inference.abort_all()
-        if aborted:
-            log.warning("in-flight requests handed back", extra={"request_ids": aborted[:20], "num": len(aborted)})
+
+    async def _cancel_intake(self) -> None:
+        tasks = list(self.intake.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in [*self._tasks, *self.intake.tasks]:
-            with contextlib.suppress(BaseException):
-                await task
-        await self.consumer.close()
-        await self.publisher.stop()
-        with contextlib.suppress(Exception):
-            await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id, status="stopped"), attempts=3)
-        await self.store.close()
-        await self.client.stop()
-        log.info("worker stopped", extra={"worker_id": self.worker_id})
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # --- background tasks ----------------------------------------------------------------
 
@@ -216,7 +277,11 @@ class Worker:
         """Engine events to their owners, each in its own task so I/O never blocks the pump."""
         pending: set[asyncio.Task[None]] = set()
         while True:
-            events = await self.client.next_events()
+            try:
+                events = await self.client.next_events()
+            except StepFailed as exc:
+                self.engine_failed(f"an engine step failed: {exc}"[:500])
+                return
             for ev in events:
                 if isinstance(ev, TokenEvent):
                     await self.inference.on_event(ev)  # only enqueued: keeps tokens before the result
@@ -239,10 +304,40 @@ class Worker:
                     self.request_stop()
                 await self.jobs.heartbeat()
                 await self.adapters.sync()
-                metrics.observe_stats(await self.client.stats())
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(ws.heartbeat_s)
+
+    async def _watch_engine(self) -> None:
+        """The engine thread answers a command between any two steps: one unanswered for
+        ``engine_stall_s`` means a step that does not end (or a dead thread)."""
+        ws = self.settings.worker
+        while True:
+            await asyncio.sleep(ws.heartbeat_s)
+            if not self.client.is_running:
+                self.engine_failed("the engine thread is not running")
+                return
+            try:
+                metrics.observe_stats(await asyncio.wait_for(self.client.stats(), ws.engine_stall_s))
+            except TimeoutError:
+                self.engine_failed(f"the engine thread did not answer for {ws.engine_stall_s:g} s")
+                return
+            except Exception:
+                log.exception("engine stats failed")
+
+
+async def _step(what: str, awaitable: Awaitable[T], *, timeout_s: float = 15.0) -> T | None:
+    """One stop step: bounded, and its failure logged instead of ending the stop."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.CancelledError as exc:  # a library's own cancellation (aiokafka's stop, broker away)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the stop itself is being cancelled
+        log.warning("stop step failed", extra={"step": what, "error": repr(exc)[:500]})
+    except Exception as exc:
+        log.warning("stop step failed", extra={"step": what, "error": repr(exc)[:500]})
+    return None
 
 
 async def _logged(awaitable: Any) -> None:
@@ -250,3 +345,7 @@ async def _logged(awaitable: Any) -> None:
         await awaitable
     except Exception:
         log.exception("event handling failed")
+
+
+_STOPPED = "the worker stopped before this request finished; submit it again under a new request_id"
+_ENGINE_FAILED = "the worker's engine failed before this request finished; submit it again under a new request_id"

@@ -123,3 +123,12 @@ async def get_adapter(
     else:
         query = query.where(AdapterRow.status == "ready").order_by(AdapterRow.version.desc()).limit(1)
     return await session.scalar(query)
+
+
+async def adapter_taken(session: AsyncSession, adapter_id: str, job_id: str) -> AdapterRow | None:
+    """The latest ready version of ``adapter_id`` when something other than job ``job_id``
+    made it (another job, an operator load): a finetune must not silently replace it."""
+    row = await get_adapter(session, adapter_id)
+    if row is None or row.job_id == job_id:
+        return None
+    return row

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +22,13 @@ FINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 
 def _lease(lease_s: float) -> ColumnElement[Any]:
     return func.now() + timedelta(seconds=lease_s)
+
+
+def _claimable() -> ColumnElement[bool]:
+    return or_(
+        JobRow.status == "queued",
+        and_(JobRow.status == "running", JobRow.lease_expires_at < func.now()),
+    )
 
 
 def _owned(job_id: str, worker_id: str) -> ColumnElement[bool]:
@@ -64,17 +71,17 @@ async def claim_job(
     lease_s: float,
     job_id: str | None = None,
     kinds: tuple[str, ...] | None = None,
+    max_attempts: int | None = None,
 ) -> JobRow | None:
     """Claim the best queued job, or a running one whose lease expired.
 
     Highest ``priority`` first, then oldest. Rows locked by another transaction are
-    skipped, so concurrent workers get different jobs. Increments ``attempts``.
+    skipped, so concurrent workers get different jobs. Increments ``attempts``; rows that
+    already have ``max_attempts`` are left to :func:`poison_jobs`.
     """
-    claimable = or_(
-        JobRow.status == "queued",
-        and_(JobRow.status == "running", JobRow.lease_expires_at < func.now()),
-    )
-    query = select(JobRow.job_id).where(claimable)
+    query = select(JobRow.job_id).where(_claimable())
+    if max_attempts is not None:
+        query = query.where(JobRow.attempts < max_attempts)
     if job_id is not None:
         query = query.where(JobRow.job_id == job_id)
     if kinds is not None:
@@ -153,16 +160,55 @@ async def update_job_progress(
 
 
 async def release_job(session: AsyncSession, job_id: str, worker_id: str, *, status: str = "queued") -> bool:
-    """Give a job back (drain: ``queued``; pause: ``paused``) without finishing it."""
+    """Give a job back (drain: ``queued``; pause: ``paused``) without finishing it.
+
+    A clean hand-back is no failed attempt: ``attempts`` goes back down by the claim.
+    """
     if status not in ("queued", "paused"):
         raise ValueError(f"release_job status must be 'queued' or 'paused', got {status!r}")
     stmt = (
         update(JobRow)
         .where(_owned(job_id, worker_id))
-        .values(status=status, worker_id=None, lease_expires_at=None)
+        .values(status=status, worker_id=None, lease_expires_at=None, attempts=func.greatest(JobRow.attempts - 1, 0))
         .returning(JobRow.job_id)
     )
     return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def expire_lease(session: AsyncSession, job_id: str, worker_id: str) -> bool:
+    """End our lease now (the engine failed under the job): claimable at once, the claim still counted."""
+    stmt = update(JobRow).where(_owned(job_id, worker_id)).values(lease_expires_at=func.now()).returning(JobRow.job_id)
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def pause_job(session: AsyncSession, job_id: str) -> bool:
+    """Control "pause" of a queued or running job; a running one's claim is given back."""
+    was_running = JobRow.status == "running"
+    stmt = (
+        update(JobRow)
+        .where(JobRow.job_id == job_id, JobRow.status.in_(("queued", "running")))
+        .values(
+            status="paused",
+            worker_id=None,
+            lease_expires_at=None,
+            attempts=case((was_running, func.greatest(JobRow.attempts - 1, 0)), else_=JobRow.attempts),
+        )
+        .returning(JobRow.job_id)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def poison_jobs(session: AsyncSession, *, max_attempts: int, error: str) -> list[JobRow]:
+    """Fail every claimable job that was already claimed ``max_attempts`` times without
+    ending (its workers crashed or stalled): it is never tried again."""
+    stmt = (
+        update(JobRow)
+        .where(_claimable(), JobRow.attempts >= max_attempts)
+        .values(status="failed", error=error, finished_at=func.now(), lease_expires_at=None)
+        .returning(JobRow)
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(stmt)).scalars().all())
 
 
 async def finish_job(

@@ -78,6 +78,14 @@ class RequestRow(Base):
         _one_of("status", REQUEST_STATUSES),
         Index("ix_inference_requests_adapter_created", "adapter_id", "created_at"),
         Index("ix_inference_requests_status", "status"),
+        # the reconciler's look-up: unfinished rows by where their record was
+        Index(
+            "ix_inference_requests_kafka_position",
+            "kafka_topic",
+            "kafka_partition",
+            "kafka_offset",
+            postgresql_where=text("finished_at IS NULL"),
+        ),
     )
 
     request_id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -95,6 +103,8 @@ class RequestRow(Base):
     kafka_topic: Mapped[str | None] = mapped_column(String(255))
     kafka_partition: Mapped[int | None] = mapped_column(Integer)
     kafka_offset: Mapped[int | None] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")  # starts not ended cleanly
+    content_sha256: Mapped[str | None] = mapped_column(String(64))  # what the request asks for
     created_at: Mapped[datetime] = _created()
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)

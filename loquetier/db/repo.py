@@ -9,25 +9,42 @@ commits. Typical use::
 
 from __future__ import annotations
 
-from loquetier.db.artifacts_repo import get_adapter, latest_checkpoint, register_adapter, save_checkpoint
+from loquetier.db.artifacts_repo import (
+    adapter_taken,
+    get_adapter,
+    latest_checkpoint,
+    register_adapter,
+    save_checkpoint,
+)
 from loquetier.db.files_repo import file_data
 from loquetier.db.jobs_repo import (
     FINAL_JOB_STATUSES,
     claim_job,
+    expire_lease,
     finish_job,
     get_job,
     insert_job_idempotent,
+    pause_job,
+    poison_jobs,
     release_job,
     renew_lease,
     set_job_status,
     update_job_progress,
 )
-from loquetier.db.requests_repo import finish_request, get_request, insert_request_idempotent, start_request
+from loquetier.db.requests_repo import (
+    finish_request,
+    get_request,
+    insert_request_idempotent,
+    stale_requests,
+    start_request,
+)
 from loquetier.db.workers_repo import heartbeat_worker, upsert_worker
 
 __all__ = [
     "FINAL_JOB_STATUSES",
+    "adapter_taken",
     "claim_job",
+    "expire_lease",
     "finish_job",
     "file_data",
     "finish_request",
@@ -38,11 +55,14 @@ __all__ = [
     "insert_job_idempotent",
     "insert_request_idempotent",
     "latest_checkpoint",
+    "pause_job",
+    "poison_jobs",
     "register_adapter",
     "release_job",
     "renew_lease",
     "save_checkpoint",
     "set_job_status",
+    "stale_requests",
     "start_request",
     "update_job_progress",
     "upsert_worker",

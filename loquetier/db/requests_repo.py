@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loquetier.db.models import RequestRow
+from loquetier.db.models import RequestRow, WorkerRow
 
 
 async def insert_request_idempotent(
@@ -25,6 +25,7 @@ async def insert_request_idempotent(
     kafka_topic: str | None = None,
     kafka_partition: int | None = None,
     kafka_offset: int | None = None,
+    content_sha256: str | None = None,
 ) -> bool:
     """Insert a queued request; ``True`` if new, ``False`` if ``request_id`` already exists."""
     stmt = (
@@ -37,6 +38,7 @@ async def insert_request_idempotent(
             kafka_topic=kafka_topic,
             kafka_partition=kafka_partition,
             kafka_offset=kafka_offset,
+            content_sha256=content_sha256,
         )
         .on_conflict_do_nothing(index_elements=[RequestRow.request_id])
         .returning(RequestRow.request_id)
@@ -45,13 +47,31 @@ async def insert_request_idempotent(
 
 
 async def start_request(
-    session: AsyncSession, request_id: str, worker_id: str, *, prompt_tokens: int | None = None
-) -> None:
-    """Mark a request running on ``worker_id`` (also after a redelivery to another worker)."""
-    values: dict[str, Any] = {"status": "running", "worker_id": worker_id, "started_at": func.now()}
+    session: AsyncSession,
+    request_id: str,
+    worker_id: str,
+    *,
+    prompt_tokens: int | None = None,
+    max_attempts: int | None = None,
+) -> int | None:
+    """Mark an unfinished request running on ``worker_id`` and count the attempt.
+
+    Returns the attempt number (1 = first start), or ``None`` when the row is finished or
+    already has ``max_attempts`` starts that never ended (poisoned: the caller fails it).
+    """
+    values: dict[str, Any] = {
+        "status": "running",
+        "worker_id": worker_id,
+        "started_at": func.now(),
+        "attempts": RequestRow.attempts + 1,
+    }
     if prompt_tokens is not None:
         values["prompt_tokens"] = prompt_tokens
-    await session.execute(update(RequestRow).where(RequestRow.request_id == request_id).values(**values))
+    stmt = update(RequestRow).where(RequestRow.request_id == request_id, RequestRow.finished_at.is_(None))
+    if max_attempts is not None:
+        stmt = stmt.where(RequestRow.attempts < max_attempts)
+    attempt: int | None = (await session.execute(stmt.values(**values).returning(RequestRow.attempts))).scalar()
+    return attempt
 
 
 async def finish_request(
@@ -92,3 +112,34 @@ async def finish_request(
 
 async def get_request(session: AsyncSession, request_id: str) -> RequestRow | None:
     return await session.scalar(select(RequestRow).where(RequestRow.request_id == request_id))
+
+
+async def stale_requests(
+    session: AsyncSession,
+    *,
+    topic: str,
+    partition: int,
+    below_offset: int,
+    worker_id: str,
+    idle_s: float,
+    exclude: list[str],
+    limit: int = 100,
+) -> list[RequestRow]:
+    """Unfinished rows whose record lies below a committed offset (it will not be delivered
+    again) and that nobody alive runs: no owner, a gone owner (no heartbeat for ``idle_s``),
+    or ``worker_id`` itself when not in ``exclude`` (its in-flight ids)."""
+    live = select(WorkerRow.worker_id).where(
+        WorkerRow.status.in_(("starting", "running", "draining")),
+        WorkerRow.heartbeat_at > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, idle_s),
+    )
+    query = select(RequestRow).where(
+        RequestRow.finished_at.is_(None),
+        RequestRow.kafka_topic == topic,
+        RequestRow.kafka_partition == partition,
+        RequestRow.kafka_offset < below_offset,
+        RequestRow.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, idle_s),
+        or_(RequestRow.worker_id.is_(None), RequestRow.worker_id == worker_id, RequestRow.worker_id.not_in(live)),
+    )
+    if exclude:
+        query = query.where(RequestRow.request_id.not_in(exclude))
+    return list((await session.scalars(query.order_by(RequestRow.kafka_offset).limit(limit))).all())

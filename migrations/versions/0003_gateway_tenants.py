@@ -1,10 +1,8 @@
 """Gateway: tenants, API keys, uploaded files; tenant columns on training jobs and adapters.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-12-02 18:00:00
-
-(Revises 0001 on its branch; when merged after 0002, its down_revision becomes "0002".)
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0001"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -224,3 +224,67 @@ async def test_check_constraints_guard_statuses(sessions: async_sessionmaker[Asy
                     " VALUES ('x', 'a', '{}', 'lost')"
                 )
             )
+
+
+async def test_request_starts_are_counted_up_to_the_limit(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions.begin() as s:
+        assert await repo.insert_request_idempotent(s, request_id="r1", adapter_id=None, content_sha256="ab" * 32)
+        assert await repo.start_request(s, "r1", "w1", max_attempts=2) == 1
+        assert await repo.start_request(s, "r1", "w2", max_attempts=2) == 2
+        assert await repo.start_request(s, "r1", "w3", max_attempts=2) is None  # poisoned: not started
+        row = await repo.get_request(s, "r1")
+        assert row is not None and row.attempts == 2 and row.worker_id == "w2" and row.content_sha256 == "ab" * 32
+        assert await repo.finish_request(s, "r1", status="failed", error="poisoned: ...")
+        assert await repo.start_request(s, "r1", "w4") is None  # finished rows never start again
+
+
+async def test_only_unclean_claims_count_toward_poison(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1", "j2")
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j1") is not None
+        assert await repo.release_job(s, "j1", "w1")  # drain: a clean hand-back
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j1") is not None
+        assert await repo.pause_job(s, "j1")  # pause of a running job: also clean
+        assert (await repo.get_job(s, "j1")).attempts == 0  # type: ignore[union-attr]
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j2") is not None
+        assert await repo.expire_lease(s, "j2", "w1")  # the engine failed under it: the claim counts
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w2", lease_s=30, max_attempts=1) is None  # j2 is left to poison_jobs
+        poisoned = await repo.poison_jobs(s, max_attempts=1, error="poisoned: twice")
+        assert [j.job_id for j in poisoned] == ["j2"] and poisoned[0].status == "failed"
+        assert await repo.poison_jobs(s, max_attempts=1, error="x") == []
+        paused = await repo.get_job(s, "j1")
+        assert paused is not None and paused.status == "paused" and paused.worker_id is None
+
+
+async def test_stale_requests_are_those_below_the_offset_nobody_runs(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions.begin() as s:
+        await repo.upsert_worker(s, worker_id="alive", host="h", pid=1, device="cpu")
+        for rid, offset, owner in (("gone", 3, "dead"), ("live", 4, "alive"), ("mine", 5, "me"),
+                                   ("running-here", 6, "me"), ("ahead", 9, "dead")):
+            await repo.insert_request_idempotent(s, request_id=rid, adapter_id=None, kafka_topic="t",
+                                                 kafka_partition=0, kafka_offset=offset)
+            await repo.start_request(s, rid, owner)
+    await asyncio.sleep(1.2)
+    async with sessions.begin() as s:
+        await repo.heartbeat_worker(s, "alive")
+        stale = await repo.stale_requests(s, topic="t", partition=0, below_offset=8, worker_id="me", idle_s=1.0,
+                                          exclude=["running-here"])
+        assert [r.request_id for r in stale] == ["gone", "mine"]
+        assert await repo.stale_requests(s, topic="t", partition=1, below_offset=99, worker_id="me", idle_s=1.0,
+                                         exclude=[]) == []
+
+
+async def test_an_adapter_is_taken_when_another_maker_serves_it(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1", "j2")
+    common = {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj"]}
+    async with sessions.begin() as s:
+        assert await repo.adapter_taken(s, "a", "j1") is None  # nothing served yet
+        await repo.register_adapter(s, adapter_id="a", data=b"w", source_kind="job", job_id="j1", **common)  # type: ignore[arg-type]
+        assert await repo.adapter_taken(s, "a", "j1") is None  # its own version
+        taken = await repo.adapter_taken(s, "a", "j2")
+        assert taken is not None and taken.version == 1
+        await repo.register_adapter(s, adapter_id="b", data=b"w", source_kind="path", **common)  # type: ignore[arg-type]
+        assert await repo.adapter_taken(s, "b", "j1") is not None  # an operator's load

@@ -13,7 +13,7 @@ from typing import Any
 from loquetier.settings import Settings
 
 
-def worker_env(settings: Settings, worker_id: str) -> dict[str, str]:
+def worker_env(settings: Settings, worker_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     k, w = settings.kafka, settings.worker
     env = {key: value for key, value in os.environ.items() if not key.startswith("LOQUETIER_")}
     env.pop("TRITON_INTERPRET", None)  # the torch reference ops: the interpreter is for kernel tests
@@ -35,18 +35,24 @@ def worker_env(settings: Settings, worker_id: str) -> dict[str, str]:
         "LOQUETIER_ENGINE__BLOCK_SIZE": "8",
         "OMP_NUM_THREADS": "1",
     })
+    env.update(extra or {})
     return env
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, worker_id: str, model_dir: Path, log_dir: Path) -> None:
+    """``loquetier worker`` (or ``module``, a stand-in with the same arguments) as a child process;
+    ``extra_env`` adds settings. Logs append to ``<log_dir>/<worker_id>.log`` across restarts."""
+
+    def __init__(self, settings: Settings, worker_id: str, model_dir: Path, log_dir: Path, *,
+                 module: str = "loquetier.cli", extra_env: dict[str, str] | None = None) -> None:
         self.worker_id = worker_id
         self.log_path = log_dir / f"{worker_id}.log"
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "loquetier.cli", "worker", "--model", str(model_dir), "--device", "cpu",
+                [sys.executable, "-m", module, "worker", "--model", str(model_dir), "--device", "cpu",
                  "--dtype", "float32", "--partitions", "2"],
-                env=worker_env(settings, worker_id), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                env=worker_env(settings, worker_id, extra_env), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
 
     def logs(self) -> list[dict[str, Any]]:
         entries = []

@@ -1,8 +1,12 @@
-"""Control commands through the broker: pause/resume/cancel a job, unload/load an adapter, drain."""
+"""Control commands through the broker, each answered by a control_ack: pause/resume/cancel a
+job, unload/load an adapter, load paths only under the adapter roots, unknown targets,
+adapter ids owned by their maker, and drain only with the operator token."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +17,8 @@ from tests.workers.conftest import client_for, running_worker
 from tests.workers.test_worker_e2e import query
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+TOKEN = "op-" + os.urandom(8).hex()
 
 
 async def until(fn: Any, timeout: float = 20) -> Any:
@@ -25,8 +31,15 @@ async def until(fn: Any, timeout: float = 20) -> Any:
     raise TimeoutError
 
 
+def peft_dir(path: Path, config: bytes = b'{"r": 4}', weights: bytes = b"\x00" * 64) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_bytes(config)
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    return path
+
+
 async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_url: str) -> None:
-    settings = await topics()
+    settings = await topics(operator_token=TOKEN)
     engine = FakeEngine()
     job = {"adapter_id": "ctl-a", "data": [{"prompt": "a", "completion": "b"}],
            "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
@@ -38,34 +51,109 @@ async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_u
     async with running_worker(engine, settings) as worker, client_for(settings) as client:
         job_id = await client.submit_training(job)
         await until(lambda: _true(job_id in worker.jobs.running))
-        await client.control("pause", job_id)
-        await until(lambda: _eq(status(job_id), "paused"))
+        ack = await client.control("pause", job_id, wait=True)
+        assert ack.ok and ack.code is None and ack.action == "pause" and ack.worker_id == worker.worker_id
+        assert await status(job_id) == "paused"
         await until(lambda: _true(job_id not in engine.jobs))
-        await client.control("resume", job_id)
+        again = await client.control("pause", job_id, wait=True)
+        assert not again.ok and again.code == "invalid_state"
+        assert (await client.control("resume", job_id, wait=True)).ok
         await until(lambda: _true(job_id in engine.jobs and not engine.jobs[job_id].paused))
-        await client.control("cancel", job_id)
+        assert (await client.control("cancel", job_id, wait=True)).ok
         done = [r async for r in client.results([job_id]) if r.type == "job_done"][-1]
         assert done.status == "cancelled" and await status(job_id) == "cancelled"
         assert job_id not in engine.jobs
+        row = await query(database_url, lambda s: repo.get_job(s, job_id))
+        assert row.attempts == 1  # the pause gave its claim back: only the resumed claim counts
 
         small = await client.submit_training(job | {"params": {"max_steps": 3}})
         assert [r async for r in client.results([small])][-1].status == "succeeded"
-        await client.control("unload", "ctl-a")
+        assert (await client.control("unload", "ctl-a", wait=True)).ok
         await until(lambda: _true(not engine.has_adapter("ctl-a")))
         rid = await client.submit_generate(prompt_token_ids=[1], max_tokens=1, adapter_id="ctl-a")
         assert (await client.wait_result(rid, 20)).code == "unknown_adapter"
-        await client.control("load", "ctl-a", source=f"job:{small}")
-        # archived versions are not served again; loading needs a ready version
-        bad = await client.submit_generate(prompt_token_ids=[1], max_tokens=1, adapter_id="ctl-a")
-        assert (await client.wait_result(bad, 20)).type == "error"
+        reload = await client.control("load", "ctl-a", source=f"job:{small}", wait=True)
+        assert not reload.ok and reload.code == "unknown_adapter"  # archived versions are not served again
 
-        await client.control("drain", worker.worker_id, worker_id=worker.worker_id)
+        for action in ("unload", "cancel", "pause", "resume"):
+            ack = await client.control(action, f"no-such-{action}", wait=True)
+            assert not ack.ok, action
+            assert ack.code == {"unload": "unknown_adapter", "cancel": "unknown_target"}.get(action, "unknown_job")
+
+        refused = await client.control("drain", worker.worker_id, worker_id=worker.worker_id, wait=True)
+        assert not refused.ok and refused.code == "forbidden" and not worker._stop.is_set()
+        wrong = await client.control("drain", "*", token=TOKEN + "x", wait=True)
+        assert not wrong.ok and wrong.code == "forbidden" and not worker._stop.is_set()
+        drained = await client.control("drain", worker.worker_id, worker_id=worker.worker_id, token=TOKEN, wait=True)
+        assert drained.ok and TOKEN not in drained.message
         await asyncio.wait_for(worker._stop.wait(), 20)
+
+
+async def test_drain_is_forbidden_without_a_configured_token(topics: Any) -> None:
+    settings = await topics()
+    async with running_worker(FakeEngine(), settings) as worker, client_for(settings) as client:
+        ack = await client.control("drain", "*", token="anything", wait=True)
+        assert not ack.ok and ack.code == "forbidden" and "LOQUETIER_WORKER__OPERATOR_TOKEN" in ack.message
+        assert not worker._stop.is_set()
+
+
+async def test_load_paths_only_under_the_adapter_roots(topics: Any, tmp_path: Path) -> None:
+    root, outside = tmp_path / "adapters", tmp_path / "elsewhere"
+    good = peft_dir(root / "good")
+    secret = peft_dir(outside / "secret")
+    (root / "link-out").symlink_to(secret, target_is_directory=True)
+    peft_dir(root / "sneaky")
+    (root / "sneaky" / "adapter_config.json").unlink()
+    (root / "sneaky" / "adapter_config.json").symlink_to(secret / "adapter_config.json")
+    huge = peft_dir(root / "huge")
+    (outside / "big.json").write_bytes(b" " * (2 * 1024 * 1024))
+    (huge / "adapter_config.json").unlink()
+    (huge / "adapter_config.json").symlink_to(outside / "big.json")
+    (root / "inner-big.json").write_bytes(b" " * (2 * 1024 * 1024))
+    bloated = peft_dir(root / "bloated")
+    (bloated / "adapter_config.json").unlink()
+    (bloated / "adapter_config.json").symlink_to(root / "inner-big.json")
+    settings = await topics(adapter_dir=root, adapter_roots=[])
+    engine = FakeEngine()
+    async with running_worker(engine, settings), client_for(settings) as client:
+        ok = await client.control("load", "by-path", path=str(good), wait=True)
+        assert ok.ok and ok.adapter_version == 1 and engine.has_adapter("by-path")
+        relative = await client.control("load", "by-relative-path", path="good", wait=True)
+        assert relative.ok and relative.adapter_version == 1
+        refusals = {}
+        for name, path in {"absolute": str(secret), "traversal": str(root / ".." / "elsewhere" / "secret"),
+                           "symlinked dir": str(root / "link-out"), "symlinked file": str(root / "sneaky"),
+                           "missing outside": str(outside / "nothing-here"), "etc": "/etc",
+                           "relative traversal": "../elsewhere/secret", "huge linked out": str(huge)}.items():
+            ack = await client.control("load", f"x-{len(refusals)}", path=path, wait=True)
+            refusals[name] = (ack.ok, ack.code, ack.message)
+        assert {ok for ok, _, _ in refusals.values()} == {False}
+        assert {code for _, code, _ in refusals.values()} == {"forbidden_path"}
+        assert len({message for _, _, message in refusals.values()}) == 1  # nothing told about what exists
+        too_big = await client.control("load", "bloated", path=str(bloated), wait=True)
+        assert not too_big.ok and too_big.code == "too_large"
+    assert sorted(engine.adapters) == ["by-path", "by-relative-path"]
+
+
+async def test_a_served_adapter_id_is_not_trained_over_without_overwrite(topics: Any, database_url: str,
+                                                                          tmp_path: Path) -> None:
+    root = tmp_path / "adapters"
+    peft_dir(root / "pirate")
+    settings = await topics(adapter_dir=root)
+    engine = FakeEngine()
+    job = {"adapter_id": "pirate", "data": [{"prompt": "a", "completion": "b"}], "params": {"max_steps": 2}}
+    async with running_worker(engine, settings), client_for(settings) as client:
+        assert (await client.control("load", "pirate", path=str(root / "pirate"), wait=True)).ok
+        refused = await client.submit_training(job)
+        error = await client.wait_result(refused, 20)
+        assert error.type == "error" and error.code == "adapter_exists"
+        assert await query(database_url, lambda s: repo.get_job(s, refused)) is None
+        replaced = await client.submit_training(job | {"overwrite": True})
+        done = [r async for r in client.results([replaced])][-1]
+        assert done.type == "job_done" and done.status == "succeeded" and done.adapter_version == 2
+        again = await client.submit_training(job | {"params": {"max_steps": 3}})  # a third job: the id is owned again
+        assert (await client.wait_result(again, 20)).code == "adapter_exists"
 
 
 async def _true(value: bool) -> bool:
     return value
-
-
-async def _eq(awaitable: Any, expected: Any) -> bool:
-    return bool(await awaitable == expected)

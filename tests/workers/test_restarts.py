@@ -174,3 +174,102 @@ async def test_postgres_restart_idle_and_under_load(kafka_bootstrap: str, tmp_pa
     finally:
         services.stop_service(box[0])
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def burst(client: Any, settings: Any, n: int) -> list[str]:
+    """``n`` requests enqueued at once, so the producer packs them into multi-record batches
+    (the shape that makes tansu's ListOffsets answer the start of the last batch + 1)."""
+    import msgpack
+
+    ids = [f"burst-{uuid.uuid4().hex[:12]}" for _ in range(n)]
+    futures = []
+    for rid in ids:
+        value = msgpack.packb({"schema": 1, "request_id": rid, "prompt": "the quick brown fox",
+                               "sampling": {"max_tokens": 2, "temperature": 0.0}}, use_bin_type=True)
+        futures.append(await client.send_raw(settings.kafka.requests_topic, value, key=rid.encode()))
+    await asyncio.gather(*futures)
+    return ids
+
+
+async def final_records(settings: Any, ids: list[str]) -> collections.Counter[str]:
+    """How many final records ("result"/"error") each id has on the results topic, read whole."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from loquetier.messages import decode_record
+
+    wanted, counts = set(ids), collections.Counter[str]()
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        topic = settings.kafka.results_topic
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        while True:  # to the true end: the fetch's high watermark, not ListOffsets
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for msg in records:
+                    record = decode_record("results", msg.value)
+                    if record.type in ("result", "error") and record.request_id in wanted:
+                        counts[record.request_id] += 1
+            positions = [await consumer.position(p) for p in parts]
+            ends = [consumer.highwater(p) for p in parts]
+            if not batches and all(e is not None and e <= pos for pos, e in zip(positions, ends, strict=True)):
+                return counts
+    finally:
+        await consumer.stop()
+
+
+async def test_graceful_restart_after_a_burst_replays_nothing(topics: Any, database_url: str, make_engine: Any) -> None:
+    """A burst, a graceful stop, a restart on the same group: the committed offsets hold, so no
+    request is computed or answered twice and none is lost (issue 23: every partition rewound)."""
+    settings = await topics()
+    engine = make_engine()
+    counts = counting(engine)
+    async with running_worker(engine, settings), client_for(settings) as client:
+        first = await burst(client, settings, 200)
+        await wait_rows(database_url, first, finished=len(first), timeout=150)
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        second = await burst(client, settings, 10)
+        await wait_rows(database_url, second, finished=len(second), timeout=60)
+        await asyncio.sleep(1.0)  # a replay, if any, would be under way by now
+        assert worker.inference.num_computed == len(second)
+    answered = await final_records(settings, [*first, *second])
+    assert sorted(set(answered.values())) == [1] and len(answered) == len(first) + len(second)
+    assert sorted(set(counts.values())) == [1] and len(counts) == len(first) + len(second)
+
+
+async def test_a_committed_offset_past_the_fetched_end_reads_the_partition_again(topics: Any) -> None:
+    """The other side of the rule: a group offset beyond what a fetch shows exists (a broker that
+    lost its log but kept, or was given, a larger offset) rewinds that partition, and only it."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.structs import OffsetAndMetadata
+
+    from tests.fakes import FakeEngine
+
+    settings = await topics()
+    k = settings.kafka
+    async with client_for(settings) as client:
+        ids = await burst(client, settings, 8)
+        parts = [TopicPartition(k.requests_topic, p) for p in (0, 1)]
+        where: dict[TopicPartition, list[str]] = {p: [] for p in parts}
+        probe = AIOKafkaConsumer(bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False)
+        await probe.start()
+        try:
+            probe.assign(parts)
+            await probe.seek_to_beginning(*parts)
+            while sum(map(len, where.values())) < len(ids):
+                for part, records in (await probe.getmany(timeout_ms=2000)).items():
+                    where[part] += [msg.key.decode() for msg in records]
+            lost, kept = sorted(parts, key=lambda p: len(where[p]), reverse=True)
+            assert where[lost]
+            await probe.commit({lost: OffsetAndMetadata(len(where[lost]) + 1000, ""),
+                                kept: OffsetAndMetadata(len(where[kept]), "")})
+        finally:
+            await probe.stop()
+        engine = FakeEngine()
+        async with running_worker(engine, settings):
+            got = await results(client, where[lost], timeout=60)
+            await asyncio.sleep(1.0)
+    assert set(got) == set(where[lost])  # the rewound partition is read again
+    assert sorted(engine.submitted_ids) == sorted(where[lost])  # the other one is not replayed
