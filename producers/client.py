@@ -82,6 +82,7 @@ class LoquetierClient:
         prompt: str | None = None,
         *,
         prompt_token_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
         adapter_id: str | None = None,
         sampling: SamplingSpec | dict[str, Any] | None = None,
         max_tokens: int | None = None,
@@ -92,7 +93,8 @@ class LoquetierClient:
         stream: bool = False,
         request_id: str | None = None,
     ) -> str:
-        """Publish a GenerateRequest; returns its request_id (the idempotency key)."""
+        """Publish a GenerateRequest with one of ``prompt`` (raw text), ``prompt_token_ids`` or
+        ``messages`` (chat turns ``{"role", "content"}``); returns its request_id (the idempotency key)."""
         spec = dict(sampling.model_dump() if isinstance(sampling, SamplingSpec) else (sampling or {}))
         if max_tokens is not None:
             spec["max_tokens"] = max_tokens
@@ -106,6 +108,7 @@ class LoquetierClient:
                 "adapter_id": adapter_id,
                 "prompt": prompt,
                 "prompt_token_ids": prompt_token_ids,
+                "messages": messages,
                 "sampling": spec,
                 "slo": slo,
                 "priority": priority,
