@@ -26,6 +26,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def port_free(host: str, port: int) -> bool:
+    """Can a server bind ``port`` now?"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):

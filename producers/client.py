@@ -61,8 +61,17 @@ class LoquetierClient:
         await self.close()
 
     async def start(self) -> None:
-        await self._producer.start()
-        self._start_offsets = await self._end_offsets()
+        try:
+            await self._producer.start()
+            self._start_offsets = await self._end_offsets()
+        except BaseException:
+            await self._producer.stop()  # no "Unclosed AIOKafkaProducer" left behind a failed start
+            raise
+
+    @property
+    def num_results_partitions(self) -> int:
+        """Partitions of the results topic when the client started (0: no such topic)."""
+        return len(self._start_offsets)
 
     async def close(self) -> None:
         await self._producer.stop()
