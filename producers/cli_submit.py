@@ -139,6 +139,7 @@ _ERROR_HINTS = {
     "unknown_adapter": "`loquetier adapters` lists the adapters; load one with `loquetier adapters load ID PATH`",
     "no_chat_template": "this model has no chat template: send the prompt as raw text with --raw",
     "prompt_too_long": "shorten the prompt or lower --max-tokens",
+    "adapter_exists": "to train a new version of it, add `overwrite: true` to the job file; or pick another adapter_id",
 }
 
 
@@ -181,6 +182,9 @@ async def train(job: Any, kafka: KafkaSettings, *, detach: bool = False) -> int:
                 elif record.type == "error":
                     bar.close()
                     print(f"error {record.code}: {record.message}", file=sys.stderr)
+                    hint = _ERROR_HINTS.get(record.code)
+                    if hint:
+                        print(f"  {hint}", file=sys.stderr)
                     return 1
         finally:
             bar.close()

