@@ -308,6 +308,16 @@ def _remembered_port(settings: Settings, name: str, host: str = "127.0.0.1") -> 
     return port if procs.port_free(host, port) else procs.free_port(host)
 
 
+def _our_addresses(settings: Settings, host: str = "127.0.0.1") -> dict[str, str]:
+    """The addresses an earlier ``up`` gave its services (so the same exports name them)."""
+    try:
+        ports = {name: int(port) for name, port in json.loads(ports_path(settings).read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    forms = {"broker": f"{host}:{{}}", "postgres": f"postgresql+asyncpg://postgres@{host}:{{}}/loquetier"}
+    return {name: forms[name].format(port) for name, port in ports.items() if name in forms}
+
+
 def _remember_ports(settings: Settings, state: dict[str, ServiceProcess]) -> None:
     path = ports_path(settings)
     try:
@@ -327,14 +337,15 @@ def up(settings: Settings | None = None, *, migrate: bool = True) -> Addresses:
     path = state_path(settings)
     state = {n: s for n, s in _read_state(path).items() if procs.is_alive(s.pid)}
     started: list[ServiceProcess] = []
-    bootstrap = settings.kafka.bootstrap
+    ours = _our_addresses(settings)  # exported by an earlier `up`: ours to start again, not configured
+    bootstrap = None if settings.kafka.bootstrap == ours.get("broker") else settings.kafka.bootstrap
     if bootstrap is None:
         if "broker" not in state:
             port = _remembered_port(settings, "broker")
             state["broker"] = start_broker(log_dir=settings.cache_dir / "logs", port=port)
             started.append(state["broker"])
         bootstrap = state["broker"].address
-    database_url = settings.database.url
+    database_url = None if settings.database.url == ours.get("postgres") else settings.database.url
     if database_url is None:
         if "postgres" not in state:
             port = _remembered_port(settings, "postgres")

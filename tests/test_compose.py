@@ -110,7 +110,8 @@ def test_gpu_worker_is_optional(compose: dict[str, Any]) -> None:
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "profiles" not in compose["services"]["worker"]  # the CPU worker always starts
-    assert "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX_URL"] and gpu["image"] != compose["services"]["worker"]["image"]
+    assert "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX_URL"]
+    assert gpu["image"] != compose["services"]["worker"]["image"]
     assert _env(gpu)["LOQUETIER_ENGINE__DEVICE"] == "cuda"  # never a silent CPU fallback
 
 

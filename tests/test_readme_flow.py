@@ -60,12 +60,10 @@ def test_the_service_flow_as_written(cache_dir: Path) -> None:
                VIRTUAL_ENV_DISABLE_PROMPT="1")
     _model(cache_dir, env)
     venv = Path(sys.executable).parent.parent  # the venv running the tests stands for .venv
-    outputs = []
     script = ["set -e", f"cd {ROOT}"]
     for number, command in enumerate(commands):
-        if command == ". .venv/bin/activate":
-            command = f". {venv}/bin/activate"
-        script.append(f"echo '### {number}'; {command} < /dev/null")
+        line = f". {venv}/bin/activate" if command == ". .venv/bin/activate" else command
+        script.append(f"echo '### {number}'; {line} < /dev/null")
     done = subprocess.run(["bash", "-c", "\n".join(script)], env=env, capture_output=True, text=True,
                           timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -93,8 +93,12 @@ def test_ports_stay_across_down_and_up_and_purge_wipes(cache_dir: Path, monkeypa
     finally:
         services.down(settings)
     assert services.local_addresses(settings) == {}
-    again = services.up(settings, migrate=False)  # the exported addresses are still right
+    exported = settings.model_copy(update={  # the shell still holds the exports of the first `up`
+        "kafka": settings.kafka.model_copy(update={"bootstrap": first.bootstrap}),
+        "database": settings.database.model_copy(update={"url": first.database_url})})
+    again = services.up(exported, migrate=False)  # starts them again: they were ours, not configured
     try:
+        assert {s.name for s in again.started} == {"broker", "postgres"}
         assert (again.bootstrap, again.database_url) == (first.bootstrap, first.database_url)
         with pytest.raises(RuntimeError, match="still running"):
             services.purge(settings)  # never under a live database
