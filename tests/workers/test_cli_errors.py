@@ -57,6 +57,7 @@ def _cases(tmp_path: Path) -> list[tuple[str, list[str], dict[str, str], str]]:
         ("adapter dir missing", ["adapters", "load", "a", "nowhere"], stale, "no such adapter directory"),
         ("env without a stack", ["env"], {}, "no local stack is running"),
         ("bad max tokens", ["submit", "generate", "--max-tokens", "0", "hi"], stale, "--max-tokens must be"),
+        ("write-model into a full dir", ["write-model", str(tmp_path)], {}, "is not an empty directory"),
     ]
 
 
@@ -97,3 +98,29 @@ def test_sql_opens_psql_on_the_database(tmp_path: Path, database_url: str) -> No
                    LOQUETIER_DATABASE__URL=database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"
+
+
+def test_load_stages_a_directory_the_worker_may_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`adapters load ID PATH`: a PEFT directory outside the adapter roots is copied into
+    LOQUETIER_WORKER__ADAPTER_DIR/ID (the worker reads only there); one inside is sent as it is."""
+    from loquetier.cli_errors import UserError
+    from loquetier.producers.cli_control import staged_path
+    from loquetier.settings import get_settings
+
+    monkeypatch.setenv("LOQUETIER_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    try:
+        peft = tmp_path / "mine"
+        peft.mkdir()
+        payload = os.urandom(64)
+        (peft / "adapter_config.json").write_text('{"r": 4}')
+        (peft / "adapter_model.safetensors").write_bytes(payload)
+        staged = staged_path("mine", peft)
+        assert staged == (tmp_path / "cache" / "adapters" / "mine").resolve()
+        assert (staged / "adapter_model.safetensors").read_bytes() == payload
+        assert staged_path("mine", staged) == staged  # already under the adapter directory
+        (peft / "adapter_model.safetensors").unlink()
+        with pytest.raises(UserError, match="no adapter_model.safetensors"):
+            staged_path("mine", peft)
+    finally:
+        get_settings.cache_clear()
