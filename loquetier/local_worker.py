@@ -97,7 +97,8 @@ async def wait_ready(settings: Settings, bootstrap: str, database_url: str, pid:
     from loquetier.producers.client import LoquetierClient
 
     async with LoquetierClient(bootstrap, settings.kafka.model_copy(update={"bootstrap": bootstrap})) as client:
-        rid = await client.submit_generate(prompt_token_ids=[1, 2], max_tokens=1, request_id=f"up-{uuid.uuid4().hex}")
+        rid = await client.submit_generate(prompt_token_ids=[1, 2], max_tokens=1,
+                                           request_id=f"up-probe-{uuid.uuid4().hex[:16]}")
         probe = asyncio.ensure_future(client.wait_result(rid, timeout=max(1.0, deadline - time.monotonic())))
         while not probe.done():
             await asyncio.wait([probe], timeout=0.5)

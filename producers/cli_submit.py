@@ -139,7 +139,6 @@ _ERROR_HINTS = {
     "unknown_adapter": "`loquetier adapters` lists the adapters; load one with `loquetier adapters load ID PATH`",
     "no_chat_template": "this model has no chat template: send the prompt as raw text with --raw",
     "prompt_too_long": "shorten the prompt or lower --max-tokens",
-    "adapter_exists": "to train a new version of it, add `overwrite: true` to the job file; or pick another adapter_id",
 }
 
 

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -122,34 +123,52 @@ def _peft_matches_engine(peft_dir: Path, engine: Any, model_dir: Path, question:
     assert (tuned_logits - base_logits).abs().max() > 1e-3  # the adapter is really applied
 
 
+async def until(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
 @pytest.mark.skipif(not HAS_ACKS, reason="control acknowledgements (control_ack) are not in this version")
 async def test_control_commands_wait_for_the_acknowledgement(
     topics: Any, make_engine: Any, cli_env: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    settings = await topics()
+    settings = await topics(adapter_dir=tmp_path / "cache" / "adapters")  # as `up`: the CLI's cache
     cli_env(settings)
-    job = tmp_path / "long.yaml"
-    job.write_text("adapter_id: long\ndata: codename.jsonl\nparams: {max_steps: 100000, micro_batch_tokens: 512}\n")
+    name = f"cli-{uuid.uuid4().hex[:8]}"  # adapters and jobs of this test only (the database is shared)
+    long_job = tmp_path / "long.yaml"
+    long_job.write_text(f"adapter_id: {name}-long\ndata: codename.jsonl\n"
+                        "params: {max_steps: 100000, micro_batch_tokens: 512}\n")
+    short_job = tmp_path / "short.yaml"
+    short_job.write_text(f"adapter_id: {name}\ndata: codename.jsonl\n"
+                         "params: {max_steps: 2, micro_batch_tokens: 512}\n")
     shutil.copy(EXAMPLES / "codename.jsonl", tmp_path / "codename.jsonl")
-    async with running_worker(make_engine(), settings):
-        code, out, _ = await run(capsys, "submit", "train", str(job), "--job-id", "cli-long", "--detach")
+    async with running_worker(make_engine(), settings) as worker:
+        code, out, _ = await run(capsys, "submit", "train", str(long_job), "--job-id", f"{name}-long", "--detach")
         assert code == 0
+        await until(lambda: f"{name}-long" in worker.jobs.running)  # the job row exists and runs
         for action, done in (("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")):
-            code, out, err = await run(capsys, "jobs", action, "cli-long")
-            assert code == 0 and out.startswith(f"{done} cli-long"), (out, err)
-        code, out, _ = await run(capsys, "jobs", "pause", "cli-long")
+            code, out, err = await run(capsys, "jobs", action, f"{name}-long")
+            assert code == 0 and out.startswith(f"{done} {name}-long"), (out, err)
+        code, out, _ = await run(capsys, "jobs", "pause", f"{name}-long")
         assert code == 1 and "invalid_state" in out
         code, out, _ = await run(capsys, "jobs", "cancel", "no-such-job")
         assert code == 1 and out.startswith("error ")
 
         export = tmp_path / "exported"
-        await run(capsys, "submit", "train", str(EXAMPLES / "job.yaml"), "--job-id", "cli-ack-train")
-        await run(capsys, "adapters", "export", "codename", str(export))
-        code, out, err = await run(capsys, "adapters", "load", "copy", str(export))
-        assert code == 0 and "loaded copy v1" in out, (out, err)
-        code, out, _ = await run(capsys, "submit", "generate", "--adapter", "copy", "--max-tokens", "3", "hi")
+        code, out, _ = await run(capsys, "submit", "train", str(short_job), "--job-id", f"{name}-short")
+        assert code == 0, out
+        code, out, _ = await run(capsys, "adapters", "export", name, str(export))
+        assert code == 0, out
+        copy = f"{name}-copy"  # the export loaded back under another name: copied where the worker reads
+        code, out, err = await run(capsys, "adapters", "load", copy, str(export))
+        assert code == 0 and f"loaded {copy} v1" in out and "copied" in out, (out, err)
+        code, out, _ = await run(capsys, "submit", "generate", "--adapter", copy, "--max-tokens", "3", "hi")
         assert code == 0
-        code, out, _ = await run(capsys, "adapters", "unload", "copy")
-        assert code == 0 and out.startswith("unloaded copy")
-        code, _, err = await run(capsys, "submit", "generate", "--adapter", "copy", "hi")
+        code, out, _ = await run(capsys, "adapters", "unload", copy)
+        assert code == 0 and out.startswith(f"unloaded {copy}")
+        code, _, err = await run(capsys, "submit", "generate", "--adapter", copy, "hi")
         assert code == 1 and "unknown_adapter" in err
+        code, out, _ = await run(capsys, "adapters", "load", f"{name}-bad", str(tmp_path))
+        assert code == 1 and "not a PEFT adapter directory" in out + _
