@@ -91,10 +91,10 @@ def _up(args: argparse.Namespace) -> int:
         print(f"gateway  pid {pid} at {url} (log: {settings.cache_dir / 'logs' / 'gateway.log'})")
         exports += local.exports(url, local.local_key(settings, addresses.database_url))
     write_env(settings, exports)
+    print(f"SQL      `loquetier sql`, or psql {libpq_url(addresses.database_url)}")
     print('\nready. Export these (or: eval "$(loquetier env)"), then try `loquetier submit generate "Hello"`:')
-    for line in exports:
+    for line in exports:  # last, so that `loquetier up | grep ^export` and `tail` find them
         print(line)
-    print(f"SQL: `loquetier sql` or psql {libpq_url(addresses.database_url)}")
     return 0
 
 
