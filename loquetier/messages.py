@@ -70,6 +70,7 @@ MAX_STEPS = 10_000_000  # max_steps, warmup_steps, checkpoint_every, eval_every
 MAX_MICRO_BATCH_TOKENS = 1_048_576
 MAX_GRAD_ACCUM = 4096
 MAX_PATH_CHARS = 4096
+MAX_CHAT_MESSAGES = 1024  # turns in one chat (a request's ``messages`` or a chat example)
 
 
 def _finite(
@@ -103,6 +104,19 @@ class SLOSpec(WireModel):
     tpot_ms: float | None = _finite(default=None, gt=0, le=MAX_SLO_MS)
 
 
+ChatRole = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(WireModel):
+    """One chat turn, the OpenAI shape; the worker renders turns with the model's chat template."""
+
+    role: ChatRole
+    content: str
+
+
+ChatMessages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+
+
 class GenerateRequest(Record):
     """One inference request; ``request_id`` is the client's idempotency key."""
 
@@ -110,6 +124,7 @@ class GenerateRequest(Record):
     adapter_id: Id | None = None
     prompt: str | None = Field(default=None, min_length=1)
     prompt_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
+    messages: ChatMessages | None = None  # chat turns; the worker applies the model's chat template
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     slo: SLOSpec | None = None
     priority: Int32 = 0
@@ -120,8 +135,9 @@ class GenerateRequest(Record):
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.prompt_token_ids is None):
-            raise ValueError("exactly one of 'prompt' or 'prompt_token_ids' must be given")
+        forms = (self.prompt, self.prompt_token_ids, self.messages)
+        if sum(form is not None for form in forms) != 1:
+            raise ValueError("exactly one of 'prompt', 'prompt_token_ids' or 'messages' must be given")
         return self
 
 
@@ -152,9 +168,26 @@ class TokenExample(WireModel):
     completion_token_ids: list[TokenId] = Field(min_length=1)
 
 
+class ChatExample(WireModel):
+    """Chat turns rendered with the model's chat template; loss on the assistant turns only."""
+
+    messages: ChatMessages
+
+    @model_validator(mode="after")
+    def _ends_with_an_answer(self) -> ChatExample:
+        last = self.messages[-1]
+        if last.role != "assistant" or not last.content:
+            raise ValueError("the last message must be the assistant's non-empty answer (what the model learns)")
+        return self
+
+
 def _example_form(value: Any) -> str:
     if isinstance(value, TokenExample):
         return "tokens"
+    if isinstance(value, ChatExample):
+        return "chat"
+    if isinstance(value, dict) and "messages" in value:
+        return "chat"
     token_keys = {"prompt_token_ids", "completion_token_ids"}
     return "tokens" if isinstance(value, dict) and token_keys & value.keys() else "text"
 
@@ -164,7 +197,9 @@ def _data_form(value: Any) -> str:
 
 
 Example = Annotated[
-    Annotated[TextExample, Tag("text")] | Annotated[TokenExample, Tag("tokens")],
+    Annotated[TextExample, Tag("text")]
+    | Annotated[TokenExample, Tag("tokens")]
+    | Annotated[ChatExample, Tag("chat")],
     Discriminator(_example_form),
 ]
 # Inline examples, or a path (local path or URI the worker can read) to a JSONL file of them.
@@ -286,6 +321,9 @@ def _over_limit(record: object, limits: Limits) -> str | None:
         sampling = record.sampling
         if record.prompt is not None and len(record.prompt) > limits.max_prompt_chars:
             return f"prompt has {len(record.prompt)} chars, the limit is {limits.max_prompt_chars}"
+        num_chat_chars = sum(len(m.content) for m in record.messages or ())
+        if num_chat_chars > limits.max_prompt_chars:
+            return f"messages have {num_chat_chars} chars of content, the limit is {limits.max_prompt_chars}"
         ids = record.prompt_token_ids
         if ids is not None and len(ids) > limits.max_prompt_tokens:
             return f"prompt_token_ids has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}"
@@ -302,12 +340,16 @@ def _over_limit(record: object, limits: Limits) -> str | None:
     return None
 
 
-def _examples_over_limit(name: str, examples: list[TextExample | TokenExample], limits: Limits) -> str | None:
+def _examples_over_limit(
+    name: str, examples: list[TextExample | TokenExample | ChatExample], limits: Limits
+) -> str | None:
     if len(examples) > limits.max_inline_examples:
         return f"{name} has {len(examples)} examples, the limit is {limits.max_inline_examples}"
     for index, ex in enumerate(examples):
         if isinstance(ex, TextExample):
             size, limit, unit = len(ex.prompt) + len(ex.completion), limits.max_example_chars, "chars"
+        elif isinstance(ex, ChatExample):
+            size, limit, unit = sum(len(m.content) for m in ex.messages), limits.max_example_chars, "chars"
         else:
             size = len(ex.prompt_token_ids) + len(ex.completion_token_ids)
             limit, unit = limits.max_example_tokens, "tokens"
@@ -319,6 +361,8 @@ def _examples_over_limit(name: str, examples: list[TextExample | TokenExample], 
 __all__ = [
     "SCHEMA_VERSION",
     "AnyRecord",
+    "ChatExample",
+    "ChatMessage",
     "CheckpointResult",
     "ControlAck",
     "ControlAction",

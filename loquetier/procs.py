@@ -26,6 +26,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def port_free(host: str, port: int) -> bool:
+    """Can a server bind ``port`` now? (as servers do, past connections in TIME_WAIT)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):

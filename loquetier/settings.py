@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loquetier"
@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     cache_dir: Path = DEFAULT_CACHE_DIR
+
+    @model_validator(mode="after")
+    def _local_state_in_cache(self) -> Settings:
+        """A worker's checkpoint and adapter directories default to the cache, wherever it is."""
+        defaults = {"checkpoint_dir": "checkpoints", "adapter_dir": "adapters"}
+        moved = {k: self.cache_dir / v for k, v in defaults.items() if k not in self.worker.model_fields_set}
+        if moved and self.cache_dir != DEFAULT_CACHE_DIR:
+            self.worker = self.worker.model_copy(update=moved)
+        return self
 
 
 @lru_cache(maxsize=1)

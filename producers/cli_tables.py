@@ -1,4 +1,4 @@
-"""``loquetier jobs|requests|adapters``: status tables straight from Postgres."""
+"""``loquetier jobs|requests|adapters``: status tables straight from Postgres, numbers made readable."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from typing import Any
 from sqlalchemy import select
 
 from loquetier.db.models import AdapterRow, JobRow, RequestRow
-from loquetier.db.session import create_engine, session_factory
-from loquetier.settings import get_settings
 
 TABLES: dict[str, tuple[Any, list[str], Any]] = {
     "jobs": (
@@ -28,6 +26,7 @@ TABLES: dict[str, tuple[Any, list[str], Any]] = {
             "worker_id",
             "attempts",
             "updated_at",
+            "error",
         ],
         JobRow.created_at,
     ),
@@ -44,6 +43,7 @@ TABLES: dict[str, tuple[Any, list[str], Any]] = {
             "tpot_ms",
             "worker_id",
             "finished_at",
+            "error",
         ],
         RequestRow.created_at,
     ),
@@ -66,25 +66,55 @@ TABLES: dict[str, tuple[Any, list[str], Any]] = {
 
 
 def register(subparsers: Any) -> None:
+    from . import cli_control
+
     for name in TABLES:
-        p = subparsers.add_parser(name, help=f"the latest {name} (from Postgres)")
-        p.add_argument("--status", default=None)
-        p.add_argument("--limit", type=int, default=20)
+        p = subparsers.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("--status", default=None, help="only rows with this status")
+        p.add_argument("--limit", type=int, default=20, help="newest rows shown (default 20)")
         p.set_defaults(func=_show, table=name)
+        if name in cli_control.ACTIONS:
+            cli_control.register(name, p)
 
 
-def _cell(value: Any) -> str:
+HELP = {
+    "jobs": "the latest training jobs (from PostgreSQL); also: jobs cancel|pause|resume JOB_ID",
+    "requests": "the latest inference requests (from PostgreSQL)",
+    "adapters": "the adapters (from PostgreSQL); also: adapters load|unload|export",
+}
+MAX_CELL_CHARS = 60  # a long error message is cut in the table; `loquetier sql` shows it whole
+_BYTES_COLUMNS = frozenset({"size_bytes"})
+_MS_COLUMNS = frozenset({"queued_ms", "ttft_ms", "tpot_ms"})
+
+
+def _cell(value: Any, column: str = "") -> str:
     if value is None:
         return "-"
+    if column in _BYTES_COLUMNS and isinstance(value, int):
+        return human_bytes(value)
     if isinstance(value, float):
+        if column in _MS_COLUMNS or abs(value) >= 1000:
+            return f"{value:,.1f}"  # 21,770.3 ms, never 2.177e+04
         return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if hasattr(value, "strftime"):
         return str(value.strftime("%Y-%m-%d %H:%M:%S"))
-    return str(value)
+    text = " ".join(str(value).split())
+    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+
+
+def human_bytes(num: int) -> str:
+    size = float(num)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{num} B"
 
 
 def render(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
+    cells = [[_cell(v, c) for v, c in zip(row, columns, strict=True)] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
@@ -94,22 +124,25 @@ def render(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 async def fetch(
     url: str, table: str, *, status: str | None = None, limit: int = 20
 ) -> tuple[list[str], list[Any]]:
+    from .cli_support import query
+
     model, columns, order = TABLES[table]
-    engine = create_engine(url)
-    try:
-        async with session_factory(engine)() as session:
-            query = select(*(getattr(model, c) for c in columns)).order_by(order.desc()).limit(limit)
-            if status is not None:
-                query = query.where(model.status == status)
-            return columns, [tuple(r) for r in (await session.execute(query)).all()]
-    finally:
-        await engine.dispose()
+    statement = select(*(getattr(model, c) for c in columns)).order_by(order.desc()).limit(limit)
+    if status is not None:
+        statement = statement.where(model.status == status)
+
+    async def run(session: Any) -> list[Any]:
+        return [tuple(r) for r in (await session.execute(statement)).all()]
+
+    return columns, await query(url, run)
 
 
 def _show(args: argparse.Namespace) -> int:
-    url = get_settings().database.url
-    if url is None:
-        raise SystemExit("no database: set LOQUETIER_DATABASE__URL (or run `loquetier up`)")
+    from .cli_support import database_url
+
+    url = database_url()
     columns, rows = asyncio.run(fetch(url, args.table, status=args.status, limit=args.limit))
     print(render(columns, rows))
+    if not rows:
+        print(f"(no {args.table} yet)")
     return 0

@@ -62,8 +62,17 @@ class LoquetierClient:
         await self.close()
 
     async def start(self) -> None:
-        await self._producer.start()
-        self._start_offsets = await self._end_offsets()
+        try:
+            await self._producer.start()
+            self._start_offsets = await self._end_offsets()
+        except BaseException:
+            await self._producer.stop()  # no "Unclosed AIOKafkaProducer" left behind a failed start
+            raise
+
+    @property
+    def num_results_partitions(self) -> int:
+        """Partitions of the results topic when the client started (0: no such topic)."""
+        return len(self._start_offsets)
 
     async def close(self) -> None:
         await self._producer.stop()
@@ -83,6 +92,7 @@ class LoquetierClient:
         prompt: str | None = None,
         *,
         prompt_token_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
         adapter_id: str | None = None,
         sampling: SamplingSpec | dict[str, Any] | None = None,
         max_tokens: int | None = None,
@@ -93,7 +103,8 @@ class LoquetierClient:
         stream: bool = False,
         request_id: str | None = None,
     ) -> str:
-        """Publish a GenerateRequest; returns its request_id (the idempotency key)."""
+        """Publish a GenerateRequest with one of ``prompt`` (raw text), ``prompt_token_ids`` or
+        ``messages`` (chat turns ``{"role", "content"}``); returns its request_id (the idempotency key)."""
         spec = dict(sampling.model_dump() if isinstance(sampling, SamplingSpec) else (sampling or {}))
         if max_tokens is not None:
             spec["max_tokens"] = max_tokens
@@ -107,6 +118,7 @@ class LoquetierClient:
                 "adapter_id": adapter_id,
                 "prompt": prompt,
                 "prompt_token_ids": prompt_token_ids,
+                "messages": messages,
                 "sampling": spec,
                 "slo": slo,
                 "priority": priority,

@@ -20,7 +20,9 @@ fi
 echo "== ruff"
 ruff check .
 echo "== mypy (service side, strict)"
-mypy loquetier/settings.py loquetier/messages.py loquetier/training_files.py loquetier/db loquetier/gateway workers producers
+mypy loquetier/settings.py loquetier/messages.py loquetier/training_files.py loquetier/db loquetier/gateway workers producers \
+    loquetier/cli.py loquetier/cli_errors.py loquetier/cli_stack.py loquetier/local_worker.py loquetier/services.py \
+    loquetier/procs.py loquetier/chat.py
 echo "== compose"
 if ! command -v docker-compose >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null) || echo "docker-compose unavailable"

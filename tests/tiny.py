@@ -19,7 +19,13 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(vocab_size: int = 320):
+# A small chat template in the ChatML manner: "<s>role\ncontent</s>\n" per turn, "<s>assistant\n"
+# opens the answer, and the answer's "</s>" (the EOS) closes it.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def make_tokenizer(vocab_size: int = 320, *, chat_template: str | None = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,12 +35,14 @@ def make_tokenizer(vocab_size: int = 320):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def make_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, num_layers: int = 2,
                     hidden_size: int = 64, with_tokenizer: bool = True, tie_word_embeddings: bool = False,
-                    **overrides: object) -> Path:
+                    chat_template: str | None = CHAT_TEMPLATE, **overrides: object) -> Path:
     """Save a tiny random ``arch`` ("llama" | "qwen2" | "mistral") checkpoint (+ tokenizer) to ``path``."""
     from transformers import (
         LlamaConfig,
@@ -46,7 +54,7 @@ def make_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, num
     )
 
     path = Path(path)
-    tokenizer = make_tokenizer() if with_tokenizer else None
+    tokenizer = make_tokenizer(chat_template=chat_template) if with_tokenizer else None
     vocab = len(tokenizer) if tokenizer is not None else 128
     common = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,

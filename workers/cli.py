@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+from loquetier.cli_errors import UserError, require_bootstrap, require_database
 from loquetier.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,17 @@ def engine_limits(settings: Settings) -> dict[str, Any]:
     return limits
 
 
+def check_model_dir(model: Any) -> None:
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise UserError(f"no model directory {model}", "give --model a local Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{model} is not a Hugging Face model directory (no config.json)",
+                        "it needs config.json, *.safetensors and the tokenizer files")
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from loquetier import services
 
@@ -83,6 +95,13 @@ def run_worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    model = args.model or settings.engine.model_dir
+    if model is None:
+        print("give --model DIR or set LOQUETIER_ENGINE__MODEL_DIR", file=sys.stderr)
+        return 2
+    check_model_dir(model)  # before any connection: a typo fails at once, not after the broker setup
+    require_bootstrap(bootstrap)
+    require_database(database_url)
     partitions = args.partitions or settings.kafka.num_partitions
     created = asyncio.run(
         services.create_topics(
@@ -97,10 +116,6 @@ def run_worker(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device, args.dtype, settings)
     from loquetier.engine.engine import Engine
 
-    model = args.model or settings.engine.model_dir
-    if model is None:
-        print("give --model DIR or set LOQUETIER_ENGINE__MODEL_DIR", file=sys.stderr)
-        return 2
     engine = Engine.from_pretrained(model, device=device, dtype=dtype, **engine_limits(settings))
     if engine.device.type == "cuda":  # kernel builds before the first request, not inside a served step
         log.info("engine warmed up", extra=engine.warmup())

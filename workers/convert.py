@@ -65,13 +65,14 @@ def request_kwargs(req: GenerateRequest) -> dict[str, Any]:
 
 
 def request_fingerprint(req: GenerateRequest) -> str:
-    """sha256 of what a request asks for (adapter, prompt, sampling): two records with one
+    """sha256 of what a request asks for (adapter, prompt or chat turns, sampling): two records with one
     request_id and different fingerprints are two different requests. Priority, SLO and
     streaming change how a request is served, not its answer, and are left out."""
     content = {
         "adapter_id": req.adapter_id,
         "prompt": req.prompt,
         "prompt_token_ids": req.prompt_token_ids,
+        "messages": [m.model_dump(mode="json") for m in req.messages] if req.messages is not None else None,
         "sampling": req.sampling.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=True).encode()).hexdigest()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loquetier.chat import chat_prompt_ids
 from loquetier.db import repo
 from loquetier.engine.events import RequestFailed, RequestFinished, TokenEvent
 from loquetier.messages import ErrorResult, GenerateRequest, TokenResult
@@ -152,6 +153,8 @@ class Inference:
                 await self._poisoned_or_done(rid)
                 return
             try:
+                if req.messages is not None:
+                    kwargs["prompt_token_ids"] = await self._chat_ids(req)
                 await self._client.submit(rid, **kwargs)
             except Exception as exc:  # EngineError(code, message) for bad input, else internal
                 await self._fail(rid, *public_error(exc, "this request", log, request_id=rid))
@@ -168,6 +171,12 @@ class Inference:
         except Exception:
             log.exception("request intake failed", extra={"request_id": rid})
             await self._fail(rid, INTERNAL, "the worker could not start this request; the detail is in its log")
+
+    async def _chat_ids(self, req: GenerateRequest) -> list[int]:
+        """The chat turns rendered by the model's chat template, on the engine thread (it owns the
+        tokenizer, and rendering a long chat should not hold up the event loop)."""
+        turns = [m.model_dump() for m in req.messages or ()]
+        return await self._client.call(lambda e: chat_prompt_ids(getattr(e, "tokenizer", None), turns))
 
     async def _poisoned_or_done(self, rid: str) -> None:
         """``start_request`` refused: the row finished meanwhile, or it used up its attempts."""

@@ -1,7 +1,9 @@
 """Training data: examples -> token ids + shifted labels -> packed micro-batches, in a seeded order.
 
 An example is ``{"prompt", "completion"}`` text (prompt tokens, completion tokens, then EOS) or
-``{"prompt_token_ids", "completion_token_ids"}`` (used exactly as given). Labels follow HF's
+``{"prompt_token_ids", "completion_token_ids"}`` (used exactly as given) or a chat example
+``{"messages": [{"role", "content"}, ...]}`` (rendered with the model's chat template, loss on
+the assistant turns only: ``loquetier.chat.chat_segments``). Labels follow HF's
 ``labels=`` convention (what ``BatchBuilder.add_train`` takes): ``labels[i] = token_ids[i]`` for
 completion tokens, ``IGNORE_INDEX`` for prompt tokens; :attr:`TrainSequence.shifted_labels` is the
 per-row target (row ``i`` predicts ``labels[i + 1]``), so loss is only on completion tokens.
@@ -196,8 +198,33 @@ def _tokenize_one(example: Mapping[str, Any], tokenizer: Tokenizer | None,
         if not completion_ids:
             raise DataError("completion_token_ids must not be empty")
         return make_sequence(prompt_ids, completion_ids)
-    raise DataError(f"expected keys {{prompt, completion}} or {{prompt_token_ids, completion_token_ids}}, "
-                    f"got {sorted(keys)}")
+    if keys == {"messages"}:
+        return _chat_sequence(example["messages"], tokenizer)
+    raise DataError(f"expected keys {{prompt, completion}}, {{prompt_token_ids, completion_token_ids}} "
+                    f"or {{messages}}, got {sorted(keys)}")
+
+
+def _chat_sequence(messages: Any, tokenizer: Tokenizer | None) -> TrainSequence:
+    from loquetier.chat import ROLE_ALIASES, chat_segments
+    from loquetier.engine.errors import EngineError
+
+    roles = {"system", "user", "assistant", *ROLE_ALIASES}
+    if not isinstance(messages, list) or not messages:
+        raise DataError("messages must be a non-empty list of {role, content} maps")
+    for index, m in enumerate(messages):
+        if not isinstance(m, Mapping) or set(m) != {"role", "content"} or m["role"] not in roles \
+                or not isinstance(m["content"], str):
+            raise DataError(f"messages[{index}] must be {{role, content}} with role one of {sorted(roles)} "
+                            "and content a string")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+        raise DataError("the last message must be the assistant's non-empty answer (what the model learns)")
+    try:
+        segments = chat_segments(tokenizer, messages)
+    except EngineError as exc:
+        raise DataError(exc.message) from None
+    ids = tuple(t for seg, _ in segments for t in seg)
+    labels = tuple(t if is_target else IGNORE_INDEX for seg, is_target in segments for t in seg)
+    return TrainSequence(ids, labels)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,33 @@ def test_kafka_is_single_node_kraft(compose: dict[str, Any]) -> None:
 
 def test_ports(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert "9092:9092" in services["kafka"]["ports"]
-    assert any(str(p).endswith(":5432") for p in services["postgres"]["ports"])
-    assert any(str(p).endswith(":9400") for p in services["worker"]["ports"])
+    assert "${LOQUETIER_KAFKA_PORT:-9092}:9092" in services["kafka"]["ports"]
+    # the host side can move; 5432 is left to a local PostgreSQL
+    assert "${LOQUETIER_PG_PORT:-15432}:5432" in services["postgres"]["ports"]
+    assert "${LOQUETIER_METRICS_PORT:-9400}:9400" in services["worker"]["ports"]
+    advertised = _env(services["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
+    assert "EXTERNAL://localhost:${LOQUETIER_KAFKA_PORT:-9092}" in advertised  # follows the host port
+
+
+def test_kafka_data_is_on_its_volume(compose: dict[str, Any]) -> None:
+    kafka = compose["services"]["kafka"]
+    mounts = dict(str(v).split(":", 1) for v in kafka["volumes"])
+    assert mounts["kafka-data"] == _env(kafka)["KAFKA_LOG_DIRS"]
+
+
+def test_every_loquetier_variable_is_a_setting_that_is_read(compose: dict[str, Any]) -> None:
+    from loquetier.settings import Settings
+
+    sources = "\n".join(p.read_text() for folder in ("loquetier", "workers", "producers")
+                        for p in (ROOT / folder).rglob("*.py") if p.name != "settings.py")
+    for name, service in compose["services"].items():
+        for key in _env(service):
+            if not key.startswith("LOQUETIER_"):
+                continue
+            group, _, field = key.removeprefix("LOQUETIER_").lower().partition("__")
+            model = Settings.model_fields[group].annotation
+            assert field in model.model_fields, (name, key)  # type: ignore[union-attr]
+            assert f".{field}" in sources, (name, key)  # some code reads it
 
 
 def test_health_checks_and_dependencies(compose: dict[str, Any]) -> None:
@@ -86,6 +110,17 @@ def test_gpu_worker_is_optional(compose: dict[str, Any]) -> None:
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "profiles" not in compose["services"]["worker"]  # the CPU worker always starts
+    assert "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX_URL"]
+    assert gpu["image"] != compose["services"]["worker"]["image"]
+    assert _env(gpu)["LOQUETIER_ENGINE__DEVICE"] == "cuda"  # never a silent CPU fallback
+
+
+def test_dockerfile_honours_the_constraints() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "COPY scripts/constraints.txt" in text and "pip install -c /tmp/constraints.txt" in text
+    assert "ARG TORCH_INDEX_URL" in text and '"torch==${TORCH_VERSION}"' in text
+    version = text.split("ARG TORCH_VERSION=")[1].split()[0]
+    assert f"LOQUETIER_TORCH_VERSION:-{version}" in (ROOT / "scripts" / "bootstrap.sh").read_text()  # CI's torch
 
 
 def test_dockerfile_copies_the_package_folders() -> None:

@@ -1,0 +1,188 @@
+"""Chat: the wire's ``messages``, rendering with the model's chat template, and chat training examples."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from tiny import CHAT_TEMPLATE, CORPUS, make_tokenizer
+
+from loquetier.chat import chat_prompt_ids, chat_segments
+from loquetier.engine.errors import EngineError
+from loquetier.lora.data import IGNORE_INDEX, DataError, tokenize_examples
+from loquetier.messages import ChatExample, GenerateRequest, Limits, RecordError, TrainingJob, decode_record
+
+ROLES = ["system", "user", "assistant"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return make_tokenizer()
+
+
+def _words(rng: random.Random) -> str:
+    return " ".join(rng.choice(" ".join(CORPUS).split()) for _ in range(rng.randint(1, 6)))
+
+
+def _chat(rng: random.Random, num_turns: int) -> list[dict[str, str]]:
+    """A system turn, then alternating user/assistant turns, ending with the assistant."""
+    turns = [{"role": "system", "content": _words(rng)}]
+    for i in range(num_turns):
+        turns.append({"role": "user" if i % 2 == 0 else "assistant", "content": _words(rng)})
+    if turns[-1]["role"] != "assistant":
+        turns.append({"role": "assistant", "content": _words(rng)})
+    return turns
+
+
+def _pack(**fields: Any) -> bytes:
+    return msgpack.packb({"schema": 1, **fields})
+
+
+# --- the wire -------------------------------------------------------------------------------
+
+
+def test_messages_are_a_third_prompt_form() -> None:
+    rng = random.Random()
+    turns = _chat(rng, rng.randint(1, 5))[:-1]
+    record = decode_record("requests", _pack(request_id="r1", messages=turns))
+    assert isinstance(record, GenerateRequest) and record.prompt is None
+    assert [m.model_dump() for m in record.messages or []] == turns
+    again = decode_record("requests", msgpack.packb(msgpack.unpackb(_encode(record))))
+    assert again == record
+
+
+def _encode(record: Any) -> bytes:
+    from loquetier.messages import encode_record
+
+    return encode_record(record)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}, "invalid_value"),
+        ({"messages": [{"role": "user", "content": "hi"}], "prompt_token_ids": [1]}, "invalid_value"),
+        ({"messages": []}, "invalid_value"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "invalid_value"),
+        ({"messages": [{"role": "user"}]}, "missing_field"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "x"}]}, "unknown_field"),
+        ({"messages": [{"role": "user", "content": 5}]}, "wrong_type"),
+        ({"messages": [{"role": "user", "content": "x" * 200}] * 2}, "too_large"),
+        ({"messages": [{"role": "user", "content": ""}] * 1025}, "invalid_value"),
+    ],
+    ids=["with prompt", "with ids", "empty", "bad role", "no content", "extra key", "content int",
+         "too many chars", "too many turns"],
+)
+def test_bad_messages_get_one_clear_error(fields: dict[str, Any], code: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        decode_record("requests", _pack(request_id="r2", **fields), Limits(max_prompt_chars=300))
+    assert caught.value.code == code and caught.value.request_id == "r2"
+
+
+def test_chat_examples_on_the_training_topic() -> None:
+    rng = random.Random()
+    rows = [{"messages": _chat(rng, rng.randint(1, 4))} for _ in range(3)]
+    job = decode_record("training", _pack(job_id="j1", adapter_id="a", data=rows))
+    assert isinstance(job, TrainingJob) and all(isinstance(ex, ChatExample) for ex in job.data)
+    assert [ex.model_dump() for ex in job.data] == rows
+    for bad in ([{"role": "user", "content": "q"}], [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                                                      "content": ""}]):
+        with pytest.raises(RecordError) as caught:
+            decode_record("training", _pack(job_id="j1", adapter_id="a", data=[{"messages": bad}]))
+        assert caught.value.code == "invalid_value" and "assistant" in caught.value.message
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def test_prompt_ids_are_the_rendered_template(tokenizer: Any) -> None:
+    rng = random.Random()
+    turns = _chat(rng, rng.randint(1, 6))[:-1]
+    text = "".join(f"<s>{m['role']}\n{m['content']}</s>\n" for m in turns) + "<s>assistant\n"
+    ids = chat_prompt_ids(tokenizer, turns)
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == len(turns) + 1  # the template's own markers, no extra BOS
+    developer = [{"role": "developer", "content": turns[0]["content"]}, *turns[1:]]
+    assert chat_prompt_ids(tokenizer, developer) == ids  # OpenAI's "developer" is the system turn
+
+
+def test_no_template_and_refused_turns_are_engine_errors() -> None:
+    bare = make_tokenizer(chat_template=None)
+    with pytest.raises(EngineError) as caught:
+        chat_prompt_ids(bare, [{"role": "user", "content": "hi"}])
+    assert caught.value.code == "no_chat_template" and "prompt" in caught.value.message
+    with pytest.raises(EngineError) as caught:
+        chat_prompt_ids(None, [{"role": "user", "content": "hi"}])
+    assert caught.value.code == "no_chat_template"
+    strict = make_tokenizer(chat_template="{% if messages[0]['role'] == 'system' %}"
+                                          "{{ raise_exception('no system turns') }}{% endif %}" + CHAT_TEMPLATE)
+    with pytest.raises(EngineError) as caught:
+        chat_prompt_ids(strict, [{"role": "system", "content": "be brief"}])
+    assert caught.value.code == "invalid_request" and "no system turns" in caught.value.message
+
+
+def test_segments_put_loss_on_assistant_turns_only(tokenizer: Any) -> None:
+    rng = random.Random()
+    turns = _chat(rng, rng.randint(2, 7))
+    segments = chat_segments(tokenizer, turns)
+    answers = [m["content"] for m in turns if m["role"] == "assistant"]
+    targets = [tokenizer.decode(ids) for ids, is_target in segments if is_target]
+    assert targets == [f"{a}</s>\n" for a in answers]  # each answer and its closing EOS
+    for index, message in enumerate(turns):  # what precedes an answer is exactly its inference prompt
+        if message["role"] == "assistant":
+            prefix: list[int] = []
+            for ids, is_target in segments:
+                if is_target and tokenizer.decode(ids) == f"{message['content']}</s>\n":
+                    break
+                prefix += ids
+            assert prefix == chat_prompt_ids(tokenizer, turns[:index])
+
+
+def test_a_template_that_is_not_incremental_is_refused() -> None:
+    rolling = make_tokenizer(chat_template="{{ messages | length }}" + CHAT_TEMPLATE)  # the count leads
+    with pytest.raises(EngineError) as caught:
+        chat_segments(rolling, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    assert caught.value.code == "invalid_data"
+
+
+# --- training data ----------------------------------------------------------------------------
+
+
+def test_chat_examples_tokenize_with_labels_on_answers(tokenizer: Any, tmp_path: Path) -> None:
+    rng = random.Random()
+    rows = [{"messages": _chat(rng, rng.randint(1, 5))} for _ in range(4)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for source in (rows, path):
+        seqs = tokenize_examples(source, tokenizer)
+        for row, seq in zip(rows, seqs, strict=True):
+            segments = chat_segments(tokenizer, row["messages"])
+            assert list(seq.token_ids) == [t for ids, _ in segments for t in ids]
+            learned = [t for t, label in zip(seq.token_ids, seq.labels, strict=True) if label != IGNORE_INDEX]
+            assert learned == [t for ids, is_target in segments if is_target for t in ids]
+            assert seq.num_target_tokens == len(learned)
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([{"role": "user", "content": "q"}], "last message"),
+        ([{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}], "role one of"),
+        ("hello", "non-empty list"),
+        ([{"role": "user", "content": "q", "extra": 1}, {"role": "assistant", "content": "a"}], "messages\\[0\\]"),
+    ],
+)
+def test_bad_chat_examples_name_the_example(tokenizer: Any, messages: Any, match: str) -> None:
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(DataError, match=rf"example 1: .*{match}"):
+        tokenize_examples([good, {"messages": messages}], tokenizer)
+
+
+def test_chat_examples_need_a_template() -> None:
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize_examples(rows, make_tokenizer(chat_template=None))
