@@ -111,9 +111,15 @@ def main() -> None:
                                                            logits[f"bf16 torch ops {label}"])
     for key, value in results.items():
         print(key, json.dumps(value) if isinstance(value, dict) else value, flush=True)
+    targets = []
+    for label in ("lora", "base"):
+        ratio = (results[f"bf16 fused vs fp32, {label}"]["mean_abs_diff"]
+                 / results[f"bf16 torch ops vs fp32, {label}"]["mean_abs_diff"])
+        targets.append({"name": f"fused bf16 no further from fp32 than torch-ops bf16 ({label}), mean |dlogit| ratio",
+                        "goal": "<= 1.05x", "measured": ratio, "ok": ratio <= 1.05})
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "check_fused.json").write_text(json.dumps(results, indent=1))
+        Path(args.out, "fused.json").write_text(json.dumps({"results": results, "targets": targets}, indent=1))
 
 
 if __name__ == "__main__":
