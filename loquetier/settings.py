@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, mo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loquetier"
+DEFAULT_DATA_DIR = DEFAULT_CACHE_DIR / "data"  # large training files that `loquetier train` hands over
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data"  # the example adapters and datasets
 
 
@@ -102,6 +103,11 @@ class WorkerSettings(BaseModel):
     # adapter_dir or one of adapter_roots (JSON list in the environment).
     adapter_dir: Path = DEFAULT_CACHE_DIR / "adapters"
     adapter_roots: list[Path] = Field(default_factory=lambda: [SHIPPED_DATA_DIR])
+    # A training job's data path (not inline, not an upload) must resolve, symlinks followed, to a
+    # file under one of these (JSON list in the environment); `loquetier train` copies a large
+    # local file into the first before it sends the job.
+    data_roots: list[Path] = Field(default_factory=lambda: [DEFAULT_DATA_DIR, SHIPPED_DATA_DIR])
+    max_data_file_bytes: PositiveInt = 1024**3
     max_adapter_bytes: PositiveInt = 2 * 1024**3  # adapter_model.safetensors read from a load path
     # A request or job started this many times without ending (its worker crashed or
     # stalled each time) is failed with code "poisoned" and never tried again.

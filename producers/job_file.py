@@ -2,13 +2,16 @@
 
 A relative ``data`` / ``eval_data`` path is read relative to the job file. A local JSONL file is
 sent inline when it is small (so a worker on another machine needs no shared filesystem), else
-as its absolute path, which the worker must be able to read; ``file:<file_id>`` (an upload
-through the gateway) is sent as it is.
+copied into the data directory (``~/.cache/loquetier/data``, the first of the worker's default
+``data_roots``) and sent as that path, which a worker on this machine may read; a worker reads
+paths only under its data roots. ``file:<file_id>`` (an upload through the gateway) is sent as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from pydantic import ValidationError
 from loquetier.cli_errors import UserError, validation_lines
 from loquetier.codec import DEFAULT_LIMITS
 from loquetier.messages import TrainingJob
+from loquetier.settings import DEFAULT_DATA_DIR
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
 MAX_INLINE_FILE_BYTES = 1 << 20  # larger data files travel as a path (a record is at most 4 MiB)
@@ -87,11 +91,26 @@ def _resolve_data(value: str, base_dir: Path, name: str) -> Any:
         raise UserError(f"{name}: no such file {path} (a relative path is read relative to the job file)")
     size = path.stat().st_size
     if size > MAX_INLINE_FILE_BYTES:
-        return str(path.resolve())
+        return _hand_over(path)
     try:
         examples = parse_jsonl(path.read_bytes())
     except TrainingFileError as exc:
         raise UserError(f"{name}: {path}: {exc}", "an example is one JSON object a line; see examples/") from None
     if len(examples) > DEFAULT_LIMITS.max_inline_examples:
-        return str(path.resolve())
+        return _hand_over(path)
     return examples
+
+
+def _hand_over(path: Path) -> str:
+    """A copy of ``path`` in the data directory, named by its content, as the path to send."""
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+    DEFAULT_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    target = DEFAULT_DATA_DIR / f"{digest.hexdigest()[:16]}-{path.name[-100:]}"
+    if not target.is_file():
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(path, partial)
+        partial.replace(target)
+    return str(target)

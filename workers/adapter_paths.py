@@ -1,4 +1,5 @@
-"""Where a control "load" path (or a job's base_adapter path) may point, and reading it boundedly.
+"""Where a control "load" path, a job's base_adapter path or a job's data file may point, and
+reading it boundedly.
 
 A path is resolved with every symlink followed, then must lie under one of the configured
 roots (``WorkerSettings.load_roots()``: ``adapter_dir`` plus ``adapter_roots``, by default
@@ -34,6 +35,10 @@ class PathRefused(Exception):
 
 OUTSIDE = PathRefused("forbidden_path", "the path is not a directory under the worker's adapter roots "
                       "(LOQUETIER_WORKER__ADAPTER_DIR, LOQUETIER_WORKER__ADAPTER_ROOTS)")
+
+
+DATA_OUTSIDE = PathRefused("forbidden_path", "the data path is not a file under the worker's data roots "
+                           "(LOQUETIER_WORKER__DATA_ROOTS)")
 
 
 def _is_under(path: Path, roots: list[Path]) -> bool:
@@ -105,3 +110,29 @@ def check_adapter(directory: Path, roots: list[Path], *, max_adapter_bytes: int)
     """The checks of :func:`copy_adapter` without the copy (a job's base adapter, read by the engine)."""
     for name, limit in ((CONFIG_FILE, MAX_CONFIG_BYTES), (WEIGHTS_FILE, max_adapter_bytes)):
         os.close(_open_checked(directory / name, roots, limit))
+
+
+def read_data_file(path: str, roots: list[Path], *, max_bytes: int) -> bytes:
+    """The bytes of a training data file named by a job: symlinks resolved, a regular file under
+    one of ``roots`` (a relative path is tried under each root in turn), at most ``max_bytes``.
+    Anything outside the roots, or missing, gets :data:`DATA_OUTSIDE` whatever exists there."""
+    real_roots = [Path(os.path.realpath(root)) for root in roots]
+    given = Path(path)
+    candidates = [given] if given.is_absolute() else [root / given for root in real_roots]
+    for candidate in candidates:
+        real = Path(os.path.realpath(candidate))
+        if not _is_under(real, real_roots) or not real.is_file():
+            continue
+        try:
+            fd = _open_checked(real, roots, max_bytes)
+        except PathRefused as exc:
+            if exc.code == "too_large":
+                raise PathRefused("too_large", f"the data file is {real.stat().st_size} bytes, "
+                                  f"the limit is {max_bytes}") from None
+            raise DATA_OUTSIDE from None
+        with os.fdopen(fd, "rb") as src:
+            blob = src.read(max_bytes + 1)
+        if len(blob) > max_bytes:
+            raise PathRefused("too_large", f"the data file grew past the limit of {max_bytes} bytes")
+        return blob
+    raise DATA_OUTSIDE

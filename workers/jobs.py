@@ -200,17 +200,28 @@ class JobRunner:
         return task.result()
 
     async def _data(self, data: Any) -> Any:
-        """Inline examples or a path as given; ``file:<file_id>`` (an upload) read from the ``files`` table."""
-        file_id = file_id_of(data)
-        if file_id is None:
+        """Inline examples as they are; ``file:<file_id>`` (an upload) read from the ``files`` table;
+        a path read (bounded, symlinks resolved) only from under the worker's data roots."""
+        if not isinstance(data, str):
             return convert.job_data(data)
-        blob = await self._store.tx(lambda s: repo.file_data(s, file_id))
-        if blob is None:
-            raise EngineError("invalid_data", f"training file {file_id!r} does not exist (deleted?)")
+        file_id = file_id_of(data)
+        blob: bytes | None
+        if file_id is None:
+            try:
+                blob = await asyncio.to_thread(adapter_paths.read_data_file, data, self._settings.data_roots,
+                                               max_bytes=self._settings.max_data_file_bytes)
+            except adapter_paths.PathRefused as exc:
+                raise EngineError(exc.code, exc.message) from None
+            name = "the data file"
+        else:
+            blob = await self._store.tx(lambda s: repo.file_data(s, file_id))
+            if blob is None:
+                raise EngineError("invalid_data", f"training file {file_id!r} does not exist (deleted?)")
+            name = f"training file {file_id!r}"
         try:
             return await asyncio.to_thread(parse_jsonl, blob)
         except TrainingFileError as exc:
-            raise EngineError("invalid_data", f"training file {file_id!r}: {exc}") from None
+            raise EngineError("invalid_data", f"{name}: {exc}") from None
 
     # --- leases ----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,22 @@ def test_migrate_then_tables(empty_database: str, monkeypatch: Any, capsys: Any)
         assert "job_id" in out and "request_id" in out and "adapter_id" in out
     finally:
         get_settings.cache_clear()
+
+
+def test_a_large_data_file_is_handed_over_under_the_data_directory(tmp_path: Path, monkeypatch: Any) -> None:
+    from loquetier.producers import job_file
+
+    data_dir = tmp_path / "cache" / "data"
+    monkeypatch.setattr(job_file, "DEFAULT_DATA_DIR", data_dir)
+    lines = [f'{{"prompt": "question {i}", "completion": "{i * 7919 % 1000:03d} {"x" * 40}"}}' for i in range(25_000)]
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join(lines) + "\n")
+    assert big.stat().st_size > job_file.MAX_INLINE_FILE_BYTES
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(lines[:3]) + "\n")
+    job = job_file.build_job({"adapter_id": "a", "data": "big.jsonl", "eval_data": "small.jsonl"}, tmp_path, job_id="j")
+    sent = Path(str(job.data))
+    assert sent.parent == data_dir and sent.read_bytes() == big.read_bytes()
+    assert [e.model_dump() for e in job.eval_data] == [json.loads(line) for line in lines[:3]]  # type: ignore[union-attr]
+    again = job_file.build_job({"adapter_id": "a", "data": str(big)}, tmp_path, job_id="k")
+    assert again.data == str(sent) and len(list(data_dir.iterdir())) == 1  # named by content: one copy

@@ -61,3 +61,29 @@ def test_the_refusal_is_the_same_whatever_exists_outside(tmp_path: Path) -> None
             ap.resolve(path, [root])
         messages.add(str(refused.value))
     assert messages == {str(ap.OUTSIDE)}
+
+
+def test_data_files_are_read_only_from_under_the_data_roots(tmp_path: Path) -> None:
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    body = "".join(f'{{"prompt": "q{i}", "completion": "{os.urandom(4).hex()}"}}\n' for i in range(20)).encode()
+    (root / "train.jsonl").write_bytes(body)
+    (outside / "secret.jsonl").write_bytes(b'{"prompt": "s", "completion": "t"}\n')
+    (root / "link-out.jsonl").symlink_to(outside / "secret.jsonl")
+    os.mkfifo(root / "fifo.jsonl")
+    assert ap.read_data_file(str(root / "train.jsonl"), [root], max_bytes=len(body)) == body
+    assert ap.read_data_file("train.jsonl", [outside, root], max_bytes=len(body)) == body  # relative: each root
+    refused = {}
+    for name, path in {"absolute outside": str(outside / "secret.jsonl"), "symlink out": str(root / "link-out.jsonl"),
+                       "traversal": str(root / ".." / "elsewhere" / "secret.jsonl"), "relative traversal":
+                       "../elsewhere/secret.jsonl", "missing": str(root / "nothing.jsonl"), "etc": "/etc/passwd",
+                       "directory": str(root), "fifo": str(root / "fifo.jsonl")}.items():
+        with pytest.raises(ap.PathRefused) as exc:
+            ap.read_data_file(path, [root], max_bytes=1 << 20)
+        refused[name] = (exc.value.code, exc.value.message)
+    assert {code for code, _ in refused.values()} == {"forbidden_path"}
+    assert len({message for _, message in refused.values()}) == 1  # nothing told about what exists
+    with pytest.raises(ap.PathRefused) as big:
+        ap.read_data_file(str(root / "train.jsonl"), [root], max_bytes=len(body) - 1)
+    assert big.value.code == "too_large"

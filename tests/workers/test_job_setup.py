@@ -52,3 +52,28 @@ async def test_a_set_up_longer_than_a_lease_keeps_the_job_on_one_worker(topics: 
         row = await repo.get_job(s, job_id)
     await db.dispose()
     assert row is not None and row.status == "succeeded" and row.attempts == 1
+
+
+async def test_a_data_path_is_read_only_from_under_the_data_roots(topics: Any, tmp_path: Any) -> None:
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (root / "ok.jsonl").write_text('{"prompt": "a b", "completion": "c"}\n{"prompt": "d", "completion": "e f"}\n')
+    (outside / "secret.jsonl").write_text('{"prompt": "s", "completion": "t"}\n')
+    (root / "out.jsonl").symlink_to(outside / "secret.jsonl")
+    settings = await topics()
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"data_roots": [root]})})
+    engine = SlowPreparing(prepare_s=0.0)
+    async with running_worker(engine, settings), client_for(settings) as client:
+        done = {}
+        for name, path in {"inside": str(root / "ok.jsonl"), "outside": str(outside / "secret.jsonl"),
+                           "linked out": str(root / "out.jsonl")}.items():
+            job_id = await client.submit_training({"adapter_id": f"data-{name.replace(' ', '-')}", "data": path,
+                                                   "params": {"max_steps": 2}})
+            records = [r async for r in client.results([job_id])]
+            done[name] = records[-1]
+    assert done["inside"].type == "job_done" and done["inside"].status == "succeeded"
+    for name in ("outside", "linked out"):
+        assert done[name].status == "failed" and done[name].error.startswith("forbidden_path:"), done[name]
+        assert "secret" not in done[name].error
+    assert done["outside"].error == done["linked out"].error
