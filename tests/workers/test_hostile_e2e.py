@@ -94,4 +94,5 @@ async def test_hostile_requests_and_jobs_fail_alone_and_the_worker_serves_on(
         after = await client.submit_generate(prompt_token_ids=prompt, max_tokens=24, temperature=0.0)
         again = await client.wait_result(after, timeout=60)
         assert again.type == "result" and again.token_ids == final[good].token_ids
-        assert worker.client.is_running and engine.isolation.num_isolated_steps >= 2
+        # the poisoned request and job may share one step: one isolated step can pin both
+        assert worker.client.is_running and engine.isolation.num_isolated_steps >= 1
