@@ -419,7 +419,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
         ["survivor holds every partition, seconds after the kill", f"{fo['takeover_gap_s']:.1f}"],
         ["of which: until the group noticed (survivor's partitions revoked)", _f(fo["noticed_s"])],
         ["requests around the kill: once/twice/lost, rows", f"{req['once']}/{req['twice']}/{req['lost']}, "
-                                                             f"{fo['request_rows']}"]])
+                                                             f"{fo['request_rows']}"],
+        ["requests around the kill: TTFT p50 / p99 (s), within the TTFT SLO",
+         f"{_f(req['ttft_p50_s'])} / {_f(req['ttft_p99_s'])}, {req['slo_attainment']:.1%}"]])
     joined = markdown_table(["fact", "value"], [
         ["seconds from start to a shared assignment", f"{results['late_join_gap_s']:.1f}"],
         ["request partitions by worker", list(late["partitions"].values())],
@@ -441,9 +443,14 @@ def report(results: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
                     "(at most drain_timeout_s) before it rejoins"),
         Target("late worker's share of partitions", "> 0", min(late["partitions"].values()), 1.0),
     ]
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if "cuda" in args.devices and torch.cuda.is_available() else "no GPU"
     env = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "device": f"{args.devices} ({os.cpu_count()} CPU cores)", "model": args.model_label, "dtype": args.dtype,
-           "command": "python -m benchmarks.bench_scaleout " + shlex.join(argv)}
+           "device": f"workers on {args.devices}; {gpu}; {os.cpu_count()} CPU cores", "model": args.model_label,
+           "dtype": args.dtype, "command": "python -m benchmarks.bench_scaleout " + shlex.join(argv),
+           "torch": torch.__version__, "transformers": transformers.__version__, "peft": "-"}
     return write_report(Path(args.out), "scaleout", "Scale-out: workers in one consumer group", env=env,
                         sections=[("Serving, one worker then two", serving),
                                   ("kill -9 of one worker with jobs and requests in flight", failover),
