@@ -106,6 +106,50 @@ class PrefillRows:
     needs_logits: bool  # the chunk ends the prompt: its last row is sampled
 
 
+class HostStaging:
+    """A step's host inputs gathered in one pinned buffer and sent to the device in one asynchronous
+    copy, then spread over their device buffers by device-side copies (casting where the target's
+    dtype differs). Copies from pageable memory would each make the host wait for the stream.
+
+    Invariant: the pinned buffer is rewritten only after the previous copy out of it completed
+    (an event recorded after the copy; by then it has always run, as the host has read the sampled
+    tokens since). On a CPU device the values are copied straight into their targets."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.is_pinned = device.type == "cuda"
+        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=self.is_pinned)
+        self.device = torch.empty(capacity if self.is_pinned else 0, dtype=torch.int64, device=device)
+        self._copied = torch.cuda.Event() if self.is_pinned else None
+        self._parts: list[tuple[int, int, torch.Tensor]] = []
+        self._used = 0
+
+    def begin(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._parts, self._used = [], 0
+
+    def put(self, values: torch.Tensor, target: torch.Tensor) -> None:
+        """``values`` (host, ``target``'s shape) to land in ``target`` (device) at :meth:`flush`."""
+        num = values.numel()
+        if num != target.numel() or self._used + num > self.host.numel():
+            raise ValueError(f"{num} values for a target of {target.numel()} ({self._used} of "
+                             f"{self.host.numel()} staged)")
+        self.host[self._used : self._used + num].copy_(values.reshape(-1))
+        self._parts.append((self._used, num, target))
+        self._used += num
+
+    def flush(self) -> None:
+        if not self.is_pinned:
+            for start, num, target in self._parts:
+                target.copy_(self.host[start : start + num].view(target.shape))
+            return
+        assert self._copied is not None
+        self.device[: self._used].copy_(self.host[: self._used], non_blocking=True)
+        self._copied.record()
+        for start, num, target in self._parts:
+            target.copy_(self.device[start : start + num].view(target.shape))
+
+
 class DecodeGraphs:
     def __init__(  # noqa: PLR0917
         self,
@@ -146,6 +190,8 @@ class DecodeGraphs:
         self._empty_i32 = torch.zeros(0, dtype=i32, device=dev)
         self._empty_i64 = torch.zeros(0, dtype=i64, device=dev)
         self._no_rows = VarlenMeta(torch.zeros(1, dtype=i32, device=dev), 0, ())
+        # every input of a step in one pinned buffer: one asynchronous copy, no host synchronization
+        self._staging = HostStaging(n * (6 + self.max_blocks) + max_batch, dev)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: object | None = None
         self._logits: torch.Tensor | None = None
@@ -281,15 +327,18 @@ class DecodeGraphs:
         segments, _ = segments_of(slots[:n])
         blocks = row_blocks(segments, FWD_BLOCK_ROWS)
         blocks += [(0, 0, 0)] * (bucket - len(blocks))
-        self.input_ids[:bucket].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
-        self.positions[:bucket].copy_(pos_t, non_blocking=True)
-        self.slot_mapping[:bucket].copy_(mapping, non_blocking=True)
-        self.context_lens[:bucket].copy_(ctx.to(torch.int32), non_blocking=True)
-        self.token_slots[:bucket].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:bucket, :cols].copy_(row_tables, non_blocking=True)
-        self.blocks[:bucket].copy_(torch.tensor(blocks, dtype=torch.int32), non_blocking=True)
         rows_t = torch.tensor(logit_rows + [0] * (num_logits - len(logit_rows)), dtype=torch.int64)
-        self.logits_rows[:num_logits].copy_(rows_t, non_blocking=True)
+        stage = self._staging
+        stage.begin()
+        stage.put(torch.tensor(ids, dtype=torch.int64), self.input_ids[:bucket])
+        stage.put(pos_t, self.positions[:bucket])
+        stage.put(mapping, self.slot_mapping[:bucket])
+        stage.put(ctx, self.context_lens[:bucket])
+        stage.put(torch.tensor(slots, dtype=torch.int64), self.token_slots[:bucket])
+        stage.put(row_tables, self.block_tables[:bucket, :cols])
+        stage.put(torch.tensor(blocks, dtype=torch.int64), self.blocks[:bucket])
+        stage.put(rows_t, self.logits_rows[:num_logits])
+        stage.flush()
         if self.mode == "eager":  # the reference attention reads host context lengths and tables
             self._host = (ctx.tolist(), row_tables.tolist())
         return segments, seq_ids

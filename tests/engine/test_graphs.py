@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loquetier import Engine, SamplingParams, TrainingParams
-from loquetier.engine.graphs import DecodeGraphs, DecodeRow, bucket_sizes
+from loquetier.engine.graphs import DecodeGraphs, DecodeRow, HostStaging, bucket_sizes
 from loquetier.kernels import force_backend
 from tests.engine.test_engine import make_engine, train_data
 from tests.tiny import make_tiny_model
@@ -233,3 +233,30 @@ def test_a_failing_prefill_graph_falls_back_to_decode_graphs(model_dir: Path) ->
         assert engine.scheduler.config.graph_max_rows == 0 and engine.scheduler.config.decode_graphs
     finally:
         force_backend(None)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinned staging needs CUDA"))])
+def test_staging_lands_every_input_in_its_buffer_with_its_dtype(device: str) -> None:
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    stage = HostStaging(200, dev)
+    ids, ctx = torch.zeros(16, dtype=torch.int64, device=dev), torch.zeros(16, dtype=torch.int32, device=dev)
+    tables = torch.zeros(16, 10, dtype=torch.int32, device=dev)
+    for _ in range(3):  # the buffer is reused step after step
+        want_ids = torch.randint(0, 1 << 40, (12,), generator=g)
+        want_ctx = torch.randint(1, 1 << 20, (12,), generator=g)
+        want_tables = torch.randint(0, 1 << 16, (12, 7), generator=g, dtype=torch.int32)
+        stage.begin()
+        stage.put(want_ids, ids[:12])
+        stage.put(want_ctx, ctx[:12])
+        stage.put(want_tables, tables[:12, :7])  # a strided view: columns past 7 stay as they are
+        stage.flush()
+        assert torch.equal(ids[:12].cpu(), want_ids) and ctx.dtype == torch.int32
+        assert torch.equal(ctx[:12].cpu(), want_ctx.to(torch.int32))
+        assert torch.equal(tables[:12, :7].cpu(), want_tables) and not tables[:, 7:].any()
+    stage.begin()
+    with pytest.raises(ValueError, match="values for a target"):
+        stage.put(torch.zeros(5, dtype=torch.int64), ids[:4])
+    with pytest.raises(ValueError, match="staged"):
+        stage.put(torch.zeros(201, dtype=torch.int64), torch.zeros(201, dtype=torch.int64, device=dev))
