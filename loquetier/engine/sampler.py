@@ -68,12 +68,19 @@ class SamplingTensors:
             for i, seed in zip(unseeded, draws, strict=True):
                 seeds[i] = seed
         dev = torch.device(device)
+        # One host tensor, one copy (asynchronous from pinned memory): float64 holds every value
+        # exactly (seeds < 2**32, steps, top_k below 2**53; larger top_k keep every token either way).
+        packed = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
+                               [min(p.top_k, _MAX_TOP_K) for p in params], seeds, list(steps)],
+                              dtype=torch.float64)
+        if dev.type == "cuda":
+            packed = packed.pin_memory().to(dev, non_blocking=True)
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([min(p.top_k, _MAX_TOP_K) for p in params], dtype=torch.int64, device=dev),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            seed=torch.tensor(seeds, dtype=torch.int64, device=dev),
-            step=torch.tensor(list(steps), dtype=torch.int64, device=dev),
+            temperature=packed[0].float(),
+            top_k=packed[2].long(),
+            top_p=packed[1].float(),
+            seed=packed[3].long(),
+            step=packed[4].long(),
             any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params),
             all_greedy=all(p.temperature == 0 for p in params),
