@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
+from .thread_names import ENGINE_THREAD, set_os_thread_name
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -199,6 +201,7 @@ class EngineClient:
     # --- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        set_os_thread_name(ENGINE_THREAD)
         try:
             self._loop_steps()
         except BaseException as exc:  # a broken engine (EngineBroken) or a bug: report it, stop stepping
