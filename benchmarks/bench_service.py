@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"trace: {len(trace)} requests over {trace.duration_s:.1f}s, {trace.num_output_tokens} output tokens")
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        os.chmod(tmp, 0o755)  # as root an embedded PostgreSQL runs as another user, which must reach its data
         svc = asyncio.run(run_service(args, model_dir, adapter_root, ids, trace, jobs, Path(tmp), log))
     alone = None
     if not args.no_engine_alone:

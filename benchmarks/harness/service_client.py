@@ -126,7 +126,8 @@ class ResultsReader:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        await self.consumer.stop()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # aiokafka's own cancelled fetch
+            await self.consumer.stop()
 
 
 class Producer:
