@@ -34,7 +34,7 @@ from .adapters import AdapterSync
 from .consumer import Consumer
 from .control import Control
 from .engine_client import EngineClient, EngineLike, StepFailed
-from .inference import Inference
+from .inference import Inference, coalesce_tokens
 from .intake import Intake
 from .jobs import JobRunner
 from .loop_lag import LoopLag
@@ -282,7 +282,7 @@ class Worker:
         pending: set[asyncio.Task[None]] = set()
         while True:
             try:
-                events = await self.client.next_events()
+                events = coalesce_tokens(await self.client.next_events())
             except StepFailed as exc:
                 self.engine_failed(f"an engine step failed: {exc}"[:500])
                 return
