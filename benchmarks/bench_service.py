@@ -372,7 +372,7 @@ def targets(svc: ServiceRun, alone: dict[str, Any] | None) -> list[report.Target
     nan = math.nan
     a: ServingSummary | None = alone["summary"] if alone else None
     ratio = s.output_tokens_per_s / a.output_tokens_per_s if a and a.output_tokens_per_s else nan
-    added = (s.ttft_p99_s - a.ttft_p99_s) * 1e3 if a else nan
+    added = (s.ttft_p99_s - a.ttft_p99_s) * 1e3 if a and math.isfinite(a.ttft_p99_s) else nan
     train_only = alone["training_only_tokens_per_s"] if alone else nan
     led = x["ledger"]
     return [
