@@ -5,6 +5,7 @@
 #   RUNS="decode serving" bash benchmarks/run_all.sh $OUT     # a subset (default: all four)
 #   RUNS=quick bash benchmarks/run_all.sh $OUT                # GPU tests + unified, one call
 #   RUNS="decode serving-short" bash benchmarks/run_all.sh $OUT  # decode step + serving, another call
+#   RUNS=service bash benchmarks/run_all.sh $OUT              # the whole service (wheels: scripts/device_service_run.sh)
 #
 # One device call is limited to 10 minutes: run "decode serving" in one call and "unified finetune"
 # in the next on the same warm machine (the model and adapters under the cache are reused).
@@ -86,7 +87,10 @@ for r in $RUNS; do
         profile) run profile 240 benchmarks.profile_step --cprofile ;;
         tune) run tune 150 benchmarks.tune_smlm ;;
         gpu-tests) gpu_tests ;;
-        *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, profile, tune, gpu-tests)"; exit 2 ;;
+        # the whole service (broker, PostgreSQL, a worker process): needs the service's wheels on the
+        # device (scripts/device_wheels.sh here, carry .whl; scripts/device_service_run.sh installs them)
+        service) run service 540 benchmarks.bench_service --keep-logs ;;
+        *) echo "unknown run $r (decode, serving, serving-short, unified, unified-short, finetune, profile, tune, gpu-tests, service)"; exit 2 ;;
     esac
 done
 echo "== results in $OUT_DIR:"

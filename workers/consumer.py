@@ -85,6 +85,9 @@ class Consumer:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=kafka.max_record_bytes + 64 * 1024,
             fetch_max_bytes=max(kafka.max_record_bytes * 2, 52_428_800),
+            # a request waits for this fetch: on tansu a record came back a median 115 ms after it
+            # was produced with aiokafka's default 500 ms wait, 6 ms with 20 ms (docs/benchmarks/service.md)
+            fetch_max_wait_ms=20,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
             retry_backoff_ms=200,

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
+from .thread_names import ENGINE_THREAD, set_os_thread_name
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -96,6 +98,7 @@ class EngineClient:
         self.failure: BaseException | None = None  # why the engine thread ended, if a step failed
         self._thread_done = threading.Event()  # set as the thread leaves its loop, before it exits
         self.num_steps = 0
+        self._failed: BaseException | None = None  # a step failure seen behind events not yet returned
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -190,15 +193,31 @@ class EngineClient:
     # --- events ------------------------------------------------------------------------
 
     async def next_events(self) -> list[Any]:
-        """The events of the next step that produced any; raises :class:`StepFailed`."""
+        """The events of every step that ended since the last call (waiting for the next one that
+        produced any), in step order; raises :class:`StepFailed`.
+
+        A caller that fell behind the engine gets several steps at once and can answer them with
+        fewer records (one token record per request, not per step). A failure after events that are
+        returned is raised by the next call."""
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise StepFailed(_reason(failed)) from failed
         item = await self._events.get()
         if isinstance(item, BaseException):
             raise StepFailed(_reason(item)) from item
-        return item
+        events = list(item)
+        while not self._events.empty():
+            more = self._events.get_nowait()
+            if isinstance(more, BaseException):
+                self._failed = more
+                break
+            events.extend(more)
+        return events
 
     # --- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        set_os_thread_name(ENGINE_THREAD)
         try:
             self._loop_steps()
         except BaseException as exc:  # a broken engine (EngineBroken) or a bug: report it, stop stepping

@@ -316,6 +316,29 @@ class Inference:
         return answered
 
 
+def coalesce_tokens(events: list[Any]) -> list[Any]:
+    """One TokenEvent per request for a run of steps: each request's new tokens (and text) joined
+    at the place of its first, so one token record carries them all. A request's tokens still come
+    before its finish or failure, which follow them in the engine's order."""
+    out: list[Any] = []
+    at: dict[str, int] = {}  # request_id -> its TokenEvent in out
+    for ev in events:
+        if isinstance(ev, TokenEvent):
+            i = at.get(ev.request_id)
+            if i is None:
+                at[ev.request_id] = len(out)
+                out.append(ev)
+            else:
+                prev = out[i]
+                out[i] = TokenEvent(ev.request_id, [*prev.token_ids, *ev.token_ids], prev.text + ev.text)
+            continue
+        rid = getattr(ev, "request_id", None)
+        if rid is not None:
+            at.pop(rid, None)  # its tokens are complete: nothing may join them after its outcome
+        out.append(ev)
+    return out
+
+
 _DUPLICATE = "this request_id was already used for a request with other content; use a new request_id"
 _UNSENDABLE = "the result is larger than the broker accepts; ask for fewer tokens or no logprobs"
 

@@ -34,9 +34,10 @@ from .adapters import AdapterSync
 from .consumer import Consumer
 from .control import Control
 from .engine_client import EngineClient, EngineLike, StepFailed
-from .inference import Inference
+from .inference import Inference, coalesce_tokens
 from .intake import Intake
 from .jobs import JobRunner
+from .loop_lag import LoopLag
 from .publisher import Publisher
 from .reconcile import Reconciler
 from .store import Store
@@ -126,6 +127,7 @@ class Worker:
         self.reconciler = Reconciler(
             self.store, self.publisher, self.consumer, self.inference, ws, worker_id=self.worker_id
         )
+        self.loop_lag = LoopLag()
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()  # a second stop signal: no more waiting for in-flight work
         self._tasks: list[asyncio.Task[None]] = []
@@ -220,6 +222,7 @@ class Worker:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._watch_engine(), name="watchdog"),
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
+            asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
         ]
         log.info("worker started", extra={"worker_id": self.worker_id, "device": self.device, "pid": os.getpid()})
         self.started.set()
@@ -247,6 +250,7 @@ class Worker:
         await _step("close the database", self.store.close(), timeout_s=10.0)
         if is_engine_ok:  # a stuck engine thread is left behind (a daemon): joining it would hang
             await _step("stop the engine", self.client.stop(), timeout_s=35.0)
+        log.info("event loop lag, whole run", extra=self.loop_lag.summary())
         log.info("worker stopped", extra={"worker_id": self.worker_id, "engine_failure": self.engine_failure})
 
     async def _mark(self, status: str) -> None:
@@ -278,7 +282,7 @@ class Worker:
         pending: set[asyncio.Task[None]] = set()
         while True:
             try:
-                events = await self.client.next_events()
+                events = coalesce_tokens(await self.client.next_events())
             except StepFailed as exc:
                 self.engine_failed(f"an engine step failed: {exc}"[:500])
                 return

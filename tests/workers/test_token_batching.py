@@ -1,0 +1,21 @@
+"""Token records batched per request (issue 21): the worker's pump joins a request's new tokens of
+every step it takes at once into one record, in order, before the request's outcome."""
+
+from __future__ import annotations
+
+from loquetier.engine.events import RequestFailed, TokenEvent
+from loquetier.workers.inference import coalesce_tokens
+
+
+def test_tokens_of_several_steps_become_one_event_per_request() -> None:
+    events = [TokenEvent("a", [1], "x"), TokenEvent("b", [7], "p"), TokenEvent("a", [2, 3], "yz"),
+              TokenEvent("b", [8], "q")]
+    assert coalesce_tokens(events) == [TokenEvent("a", [1, 2, 3], "xyz"), TokenEvent("b", [7, 8], "pq")]
+
+
+def test_an_outcome_stays_after_its_tokens_and_closes_them() -> None:
+    done = RequestFailed("a", "aborted", "gone")
+    events = [TokenEvent("a", [1], "x"), TokenEvent("a", [2], "y"), done, TokenEvent("a", [3], "z")]
+    out = coalesce_tokens(events)
+    assert out == [TokenEvent("a", [1, 2], "xy"), done, TokenEvent("a", [3], "z")]
+    assert coalesce_tokens([]) == []
