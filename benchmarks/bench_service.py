@@ -83,6 +83,28 @@ def workload(args: argparse.Namespace) -> tuple[Trace, list[str], common.Jobs]:
     return trace, ids, common.job_data(args)
 
 
+def ttft_stages(records: list[RequestRecord], timings: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """p50 / p99 (ms) of the client's TTFT, the engine's queue time and TTFT, and what the service adds."""
+    def pct(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {}
+        values = sorted(values)
+        return {"p50": values[len(values) // 2], "p99": values[min(len(values) - 1, int(0.99 * len(values)))]}
+
+    client, queued, engine, added = [], [], [], []
+    for rec in records:
+        t = timings.get(rec.request_id, {})
+        if rec.first_token_s is None or "ttft_ms" not in t:
+            continue
+        ttft = (rec.first_token_s - rec.arrival_s) * 1e3
+        client.append(ttft)
+        engine.append(t["ttft_ms"])
+        queued.append(t.get("queued_ms", math.nan))
+        added.append(ttft - t["ttft_ms"])
+    return {"client TTFT": pct(client), "engine: queued": pct([q for q in queued if math.isfinite(q)]),
+            "engine TTFT": pct(engine), "added by the service (client - engine)": pct(added)}
+
+
 def engine_env(args: argparse.Namespace) -> dict[str, Any]:
     """EngineSettings fields both the worker and the engine-alone replay use."""
     prof, spec = args.profile, args.spec
@@ -297,6 +319,7 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
             if rec.finish_s is not None and rec.finish_s > window:  # finished after the window
                 rec.finish_s = None
         summary = summarize_serving(records, window)
+        stages = ttft_stages(records, ledger.engine_timings)
         per_topic = {
             "requests (published)": len(rids) / window,
             "training (published)": len(job_ids) / window,
@@ -319,6 +342,7 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
             "worker_cpu": stack.cpu_split(worker.pid, cpu0, cpu1, window),
             "loop_lag_p99_ms": lag.get("ms"),
             "loop_lag_window": lag,
+            "ttft_stages": stages,
         }
         extra["_run"] = ServiceRun(records, window, summary, extra)
         log(f"[service] {summary.num_finished}/{len(rids)} finished in {window:.1f}s, "
@@ -431,6 +455,12 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
                                [[k, v, cpu["core_share"][k]] for k, v in cpu["cpu_s"].items()])
          + f"\n\nBy OS thread name: {cpu['by_thread_name']}. The detokenizer runs inside the engine step "
            "(its time is in the engine thread's) unless a thread named `lq-detok` shows."),
+        ("TTFT by stage (ms, service)",
+         report.markdown_table(["stage", "p50", "p99"], [
+             [name, v.get("p50"), v.get("p99")] for name, v in x.get("ttft_stages", {}).items()])
+         + "\n\nThe engine's own times come with each result (`timings`): `queued` from the request's arrival in "
+           "the engine to its first step, `engine TTFT` to its first token; the rest of the client's TTFT is "
+           "the way in (producer, broker, consumer, intake, row) and out (token record, broker, reader)."),
         ("Event loop",
          f"Lag of a 10 ms timer on the worker's loop, window p99 {x['loop_lag_p99_ms']:.2f} ms (from the histogram "
          f"`loquetier_event_loop_lag_seconds`, {x['loop_lag_window'].get('num', 0):.0f} samples); whole run "

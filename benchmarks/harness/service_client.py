@@ -43,6 +43,7 @@ class Ledger:
     counts_in_window: Counter[str] = field(default_factory=Counter)
     num_token_ids: int = 0
     in_window: bool = False
+    engine_timings: dict[str, dict[str, float]] = field(default_factory=dict)  # request_id -> result.timings
 
     def take(self, raw: bytes, now: float) -> None:
         obj = msgpack.unpackb(raw, raw=False)
@@ -65,6 +66,8 @@ class Ledger:
             if rec is not None and rec.finish_s is None:
                 rec.finish_s = now
                 if kind == "result":
+                    self.engine_timings[rid] = {k: float(v) for k, v in (obj.get("timings") or {}).items()
+                                                if v is not None}
                     n = int(obj["usage"]["completion_tokens"])
                     self.usage[rid] = n
                     rec.num_output_tokens = n
