@@ -35,10 +35,9 @@ from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
-from loquetier.engine.scheduler import Scheduler, SchedulerConfig
+from loquetier.engine.scheduling import GraphPaths, Scheduler, SchedulerConfig, StepCost, StepTimeModel
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch, StepResult
 from loquetier.engine.sequence import Sequence as Seq
-from loquetier.engine.step_model import StepCost, StepTimeModel
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.data import PreparedData
@@ -50,7 +49,6 @@ from loquetier.models.llama import LlamaModel
 
 _WARMUP_ADAPTER = "__loquetier_warmup__"
 _WARMUP_TRAIN = "__loquetier_warmup_train__"
-AUTO_PREFILL_COALESCE_MS = 100.0  # EngineConfig.prefill_coalesce_ms=None with captured decode graphs
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,19 +98,16 @@ class Engine:
         graphs = self._decode_graphs(model, config, num_blocks)
         captured = graphs is not None and graphs.mode == "capture"
         graph_rows = graphs.max_tokens if captured and graphs.max_tokens > graphs.max_batch else 0
-        coalesce = config.prefill_coalesce_ms
-        if coalesce is None:  # worth it only where a prefill step costs much more than a decode step
-            coalesce = AUTO_PREFILL_COALESCE_MS if captured and not graph_rows else 0.0
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk, default_ttft_ms=config.default_ttft_ms,
             default_tpot_ms=config.default_tpot_ms, tpot_burst=config.tpot_burst,
-            tpot_lookahead=config.tpot_lookahead, prefill_coalesce_ms=coalesce,
-            decode_graphs=captured, graph_max_rows=graph_rows, graph_max_mean_context=GRAPH_MAX_MEAN_CONTEXT)
+            tpot_lookahead=config.tpot_lookahead, prefill_coalesce_ms=config.prefill_coalesce_ms)
         prior = _gpu_prior(model, per_block / config.block_size, captured) if self.device.type == "cuda" else None
         self.scheduler = Scheduler(
             sched_cfg, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
             AdapterSlotGate(self.adapters), prior_cost=prior,
+            graphs=GraphPaths(decode=captured, max_rows=graph_rows, max_mean_context=GRAPH_MAX_MEAN_CONTEXT),
             eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config, graphs=graphs)
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
@@ -428,10 +423,10 @@ class Engine:
         t0 = time.perf_counter()
         run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
         step_time = time.perf_counter() - t0
-        graphs, cfg = self.runner.graphs, self.scheduler.config
-        if cfg.graph_max_rows and (graphs is None or graphs.max_tokens <= graphs.max_batch):
-            # prefill graphs were given up (a failed capture): price prefill steps as eager again
-            self.scheduler.config = dataclasses.replace(cfg, graph_max_rows=0, decode_graphs=graphs is not None)
+        graphs = self.runner.graphs
+        if self.scheduler.graphs.max_rows and (graphs is None or graphs.max_tokens <= graphs.max_batch):
+            # prefill graphs were given up (a failed capture): the scheduler prices prefill steps as eager
+            self.scheduler.fall_back_from_prefill_graphs(decode_graphs=graphs is not None)
         self.num_steps += 1
         result = StepResult(self._clock(), step_time, run.sampled, run.train_tokens, run.eval_tokens)
         step_events = self.scheduler.postprocess(batch, result)

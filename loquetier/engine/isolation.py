@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from loquetier.engine.jobs import JobBook
     from loquetier.engine.requests import RequestBook
     from loquetier.engine.runner import ModelRunner
-    from loquetier.engine.scheduler import Scheduler
+    from loquetier.engine.scheduling.scheduler import Scheduler
 
 EXECUTION_FAILED = "execution_failed"
 MAX_REWINDS = 3

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.errors import EngineError, describe
 from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, JobFinished, JobProgress
-from loquetier.engine.scheduler import Scheduler
+from loquetier.engine.scheduling.scheduler import Scheduler
 from loquetier.engine.work import WorkRunner
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig

@@ -13,10 +13,10 @@ import torch
 from loquetier.engine.detokenizer import IncrementalDetokenizer
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import EngineEvent, RequestFinished, Timings, TokenEvent, Usage
-from loquetier.engine.scheduler import Scheduler, StepEvents
+from loquetier.engine.scheduling.scheduler import Scheduler, StepEvents
+from loquetier.engine.scheduling.slo import RequestMetrics
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch
 from loquetier.engine.sequence import Sequence as Seq
-from loquetier.engine.slo import RequestMetrics
 
 
 @dataclass(frozen=True)
