@@ -45,9 +45,9 @@ def graph_engine(model_dir: Path, backend: str, **limits) -> Engine:
     engine = make_engine(model_dir, cuda_graphs="eager", **limits)
     if backend == "triton":
         engine.model.attn_impl = "triton"  # the paged-decode kernel, as on the GPU
-        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.max_num_seqs,
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.scheduler.max_num_seqs,
                                             engine.max_model_len, engine.blocks.num_blocks, mode="eager",
-                                            max_tokens=engine.config.max_num_batched_tokens)
+                                            max_tokens=engine.config.scheduler.max_num_batched_tokens)
     return engine
 
 

@@ -217,3 +217,21 @@ def test_graph_fallback_is_an_event_not_a_config_edit() -> None:
     assert sched.config is config and sched.num_graph_fallbacks == 1
     # coalescing was decided when the scheduler was built (with prefill graphs: off) and stays so
     assert sched.config.prefill_coalesce_ms == 0.0
+
+
+def test_one_config_tree_with_one_default_per_knob() -> None:
+    from loquetier.engine.config import EngineConfig
+
+    config = EngineConfig()
+    assert not {f for f in vars(config) if f != "scheduler"} & set(vars(config.scheduler))  # no field twice
+    # the defaults engine users had when EngineConfig copied its own into SchedulerConfig
+    assert (config.scheduler.tpot_burst, config.scheduler.tpot_lookahead) == (8.0, 16)
+    assert config.scheduler.prefill_coalesce_ms is None
+    flat = EngineConfig.from_kwargs(max_num_seqs=8, tpot_burst=2.0, block_size=8)
+    assert flat.block_size == 8 and (flat.scheduler.max_num_seqs, flat.scheduler.tpot_burst) == (8, 2.0)
+    nested = EngineConfig.from_kwargs(scheduler=SchedulerConfig(max_num_seqs=4), tpot_lookahead=2)
+    assert (nested.scheduler.max_num_seqs, nested.scheduler.tpot_lookahead) == (4, 2)
+    with pytest.raises(TypeError, match="unknown engine limits"):
+        EngineConfig.from_kwargs(max_num_sequences=8)
+    with pytest.raises(ValueError, match="tpot_burst"):
+        EngineConfig.from_kwargs(tpot_burst=0.5)
