@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness.synthetic import FakeJob, FakeKV, sampled_tokens, step_time  # noqa: E402
 from loquetier.engine.scheduling import GraphPaths, Scheduler, SchedulerConfig, StepCost, StepFeatures  # noqa: E402
 from loquetier.engine.scheduling.slo import RequestMetrics  # noqa: E402
-from loquetier.engine.sequence import SamplingParams, Sequence, StepResult  # noqa: E402
+from loquetier.engine.sequence import RequestState, SamplingParams, StepResult  # noqa: E402
 
 # Roughly a 1B-parameter decoder on one modern GPU, in seconds.
 TRUE_COST = StepCost(
@@ -167,7 +167,7 @@ def simulate(name: str, args: argparse.Namespace) -> None:
         while next_arrival < len(trace) and trace[next_arrival].time <= now:
             a = trace[next_arrival]
             sched.add_request(
-                Sequence(
+                RequestState(
                     f"r{next_arrival}",
                     [1] * a.prompt_len,
                     sampling=SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),

@@ -36,8 +36,7 @@ from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduling import GraphPaths, Scheduler, StepCost, StepTimeModel
-from loquetier.engine.sequence import SamplingParams, ScheduledBatch, StepResult
-from loquetier.engine.sequence import Sequence as Seq
+from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch, StepResult
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.data import PreparedData
@@ -300,7 +299,7 @@ class Engine:
             raise EngineError("prompt_too_long", "the prompt does not fit in the KV cache")
         sampling = self.requests.effective_sampling(sampling, room, self.model.cfg.vocab_size)
         try:
-            seq = Seq(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
+            seq = RequestState(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
         except ValueError as exc:
             raise EngineError("invalid_request", str(exc)) from exc
         self.requests.add(seq, stream)
@@ -433,7 +432,7 @@ class Engine:
         events += self.jobs.after_step(run)
         return events
 
-    def _lookup(self, seq_id: str) -> Seq | None:
+    def _lookup(self, seq_id: str) -> RequestState | None:
         return self.scheduler.get(seq_id)
 
     def stats(self) -> dict[str, Any]:

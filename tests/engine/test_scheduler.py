@@ -15,9 +15,9 @@ from loquetier.engine.scheduling.budget import FairShare, JobDemand, TrainScale,
 from loquetier.engine.scheduling.pricing import StepCost, StepFeatures, StepTimeModel, is_eager
 from loquetier.engine.scheduling.slo import RequestMetrics
 from loquetier.engine.sequence import (
+    RequestState,
     SamplingParams,
     ScheduledBatch,
-    Sequence,
     SequenceStatus,
     StepResult,
     TrainWork,
@@ -73,7 +73,7 @@ class Sim:
     sched: Scheduler
     now: float = 0.0
     batches: list[ScheduledBatch] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)
+    finished: list[RequestState] = field(default_factory=list)
     metrics: list[RequestMetrics] = field(default_factory=list)
     noise: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
@@ -98,9 +98,9 @@ class Sim:
         for _ in range(num_steps):
             self.step()
 
-    def add(self, seq_id: str, prompt_len: int = 64, **kw: object) -> Sequence:
+    def add(self, seq_id: str, prompt_len: int = 64, **kw: object) -> RequestState:
         sampling = kw.pop("sampling", SamplingParams(max_tokens=16))
-        seq = Sequence(seq_id, [1] * prompt_len, sampling=sampling, arrival_time=self.now, **kw)  # type: ignore[arg-type]
+        seq = RequestState(seq_id, [1] * prompt_len, sampling=sampling, arrival_time=self.now, **kw)  # type: ignore[arg-type]
         self.sched.add_request(seq)
         return seq
 
@@ -148,9 +148,9 @@ def test_config_and_sequence_validation() -> None:
     with pytest.raises(ValueError):
         SchedulerConfig(train_decrease=1.5)
     with pytest.raises(ValueError):
-        Sequence("s", [])
+        RequestState("s", [])
     with pytest.raises(ValueError):
-        Sequence("s", [1], priority=-1)
+        RequestState("s", [1], priority=-1)
     assert isinstance(FakeJob("j"), TrainWork)
 
 
@@ -462,7 +462,7 @@ def _graph_sim(**cfg: object) -> Sim:
     return make_sim(cost=GRAPH_COST, prior=StepCost(), **{**base, **cfg})
 
 
-def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[Sequence]:
+def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[RequestState]:
     seqs = [sim.add(f"d{i}", prompt_len=64, sampling=SamplingParams(max_tokens=max_tokens)) for i in range(n)]
     for _ in range(200):
         if all(not s.is_prefilling and s.status is SequenceStatus.RUNNING for s in seqs):
@@ -471,7 +471,7 @@ def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[Sequence]:
     return seqs
 
 
-def _finish(sim: Sim, seqs: list[Sequence], limit_s: float) -> None:
+def _finish(sim: Sim, seqs: list[RequestState], limit_s: float) -> None:
     """Steps ``sim`` until every one of ``seqs`` finished or the clock reaches ``limit_s``."""
     while not all(s.is_finished for s in seqs) and sim.now < limit_s:
         sim.step()
@@ -504,7 +504,7 @@ def test_banked_tpot_lets_a_long_prompt_in_sooner_and_keeps_mean_tpot(burst: flo
 
 
 def _arrivals(sim: Sim, every_s: float, duration_s: float, tag: str = "r", max_tokens: int = 20,  # noqa: PLR0913
-              drain: bool = True) -> list[Sequence]:
+              drain: bool = True) -> list[RequestState]:
     """Requests (96-token prompts) arriving every ``every_s`` on the virtual clock for ``duration_s``;
     with ``drain``, then up to 500 more steps for them to finish."""
     seqs, next_at, end = [], sim.now, sim.now + duration_s

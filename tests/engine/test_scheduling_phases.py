@@ -27,7 +27,7 @@ from loquetier.engine.scheduling.training import (
     reserve_training_floors,
     train_pays,
 )
-from loquetier.engine.sequence import SamplingParams, ScheduledBatch, Sequence, SequenceStatus
+from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch, SequenceStatus
 
 COST = StepCost(const_s=5e-3, prefill_token_s=1e-4, decode_row_s=2e-4, train_token_s=3e-4, eval_token_s=1e-4,
                 kv_token_s=0.0)
@@ -42,12 +42,12 @@ def make_plan(now: float = 0.0, config: SchedulerConfig = CONFIG, graphs: GraphP
 
 
 def seq(seq_id: str, prompt_len: int = 32, *, arrival: float = 0.0, priority: int = 0, max_tokens: int = 16,
-        ttft_ms: float = 1000.0, tpot_ms: float = 50.0) -> Sequence:
-    return Sequence(seq_id, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), priority=priority,
+        ttft_ms: float = 1000.0, tpot_ms: float = 50.0) -> RequestState:
+    return RequestState(seq_id, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), priority=priority,
                     ttft_ms=ttft_ms, tpot_ms=tpot_ms, arrival_time=arrival)
 
 
-def decoding(queue: RequestQueue, s: Sequence, now: float, num_out: int = 1) -> Sequence:
+def decoding(queue: RequestQueue, s: RequestState, now: float, num_out: int = 1) -> RequestState:
     """``s`` admitted, prefilled and holding ``num_out`` output tokens, the last sampled at ``now``."""
     queue.add(s)
     assert queue.admit(s)

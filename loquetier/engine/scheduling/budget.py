@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loquetier.engine.scheduling.slo import deadline, tpot_s
-from loquetier.engine.sequence import Sequence, TrainWork
+from loquetier.engine.sequence import RequestState, TrainWork
 
 if TYPE_CHECKING:
     from loquetier.engine.scheduling.config import SchedulerConfig
@@ -158,12 +158,12 @@ def num_tokens_in(seconds: float, token_s: float) -> int:
     return math.floor(min(num, 2.0**40)) if num > 0 else 0
 
 
-def lookahead(seq: Sequence, config: SchedulerConfig) -> int:
+def lookahead(seq: RequestState, config: SchedulerConfig) -> int:
     """Future tokens of ``seq`` (after the one this step makes) a longer step may borrow against."""
     return max(0, min(config.tpot_lookahead, seq.sampling.max_tokens - seq.num_output_tokens - 1))
 
 
-def decode_budget(seq: Sequence, now: float, config: SchedulerConfig, decode_s: float | None = None) -> float:
+def decode_budget(seq: RequestState, now: float, config: SchedulerConfig, decode_s: float | None = None) -> float:
     """How long this step may last for ``seq``: one TPOT target, or with ``tpot_burst > 1`` the time
     until its mean TPOT would exceed ``tpot_headroom`` of the target (time banked by earlier short
     steps, plus, given ``decode_s``, what its next ``tpot_lookahead`` tokens would repay at

@@ -26,10 +26,10 @@ from loquetier.engine.scheduling.pricing import StepCost, step_features
 from loquetier.engine.scheduling.queue import RequestQueue
 from loquetier.engine.scheduling.slo import deadline, ttft_s
 from loquetier.engine.scheduling.training import train_pays
-from loquetier.engine.sequence import PrefillChunk, Sequence, SequenceStatus
+from loquetier.engine.sequence import PrefillChunk, RequestState, SequenceStatus
 
 
-def prefill_order(queue: RequestQueue, now: float, cost: StepCost) -> list[Sequence]:
+def prefill_order(queue: RequestQueue, now: float, cost: StepCost) -> list[RequestState]:
     """Requests that can still meet their deadline first, then late ones; each group by weighted slack.
 
     Slack is the time left to the deadline (EDF order); priority weights it (``slack / w`` while
@@ -40,7 +40,7 @@ def prefill_order(queue: RequestQueue, now: float, cost: StepCost) -> list[Seque
     spreading progress over all of them.
     """
 
-    def key(seq: Sequence) -> tuple[int, float, int, int]:
+    def key(seq: RequestState) -> tuple[int, float, int, int]:
         slack = deadline(seq) - now
         w = weight(seq.priority)
         is_late = slack - seq.num_uncomputed_tokens * cost.prefill_token_s < 0
@@ -52,7 +52,7 @@ def prefill_order(queue: RequestQueue, now: float, cost: StepCost) -> list[Seque
     return sorted(candidates, key=key)
 
 
-def prefill_is_urgent(seq: Sequence, plan: StepPlan, step_s: float) -> bool:
+def prefill_is_urgent(seq: RequestState, plan: StepPlan, step_s: float) -> bool:
     """With decode graphs: whether ``seq``'s first token is due within about two steps that would
     prefill the rest of its prompt (``step_s``: the step so far, as a mixed step)."""
     if not plan.graphs.decode:
@@ -110,7 +110,7 @@ def start_prefill(plan: StepPlan, queue: RequestQueue, config: SchedulerConfig) 
         plan.hold_new = plan.probe_due or plan.train_scale * pre_spare < cost.mixed_s
 
 
-def graph_room(plan: StepPlan, seq: Sequence) -> int:
+def graph_room(plan: StepPlan, seq: RequestState) -> int:
     """Prompt rows of ``seq`` this step can still take and stay a graph step (prefill graphs), else 0."""
     graphs, batch = plan.graphs, plan.batch
     if not (graphs.decode and not plan.mixed and graphs.max_rows):
@@ -124,7 +124,7 @@ def graph_room(plan: StepPlan, seq: Sequence) -> int:
     return room
 
 
-def chunk_allowance(plan: StepPlan, seq: Sequence, config: SchedulerConfig, tokens_left: int, room: int) -> int:
+def chunk_allowance(plan: StepPlan, seq: RequestState, config: SchedulerConfig, tokens_left: int, room: int) -> int:
     """The most prompt tokens of ``seq`` this step may take (``room``: its ``graph_room``)."""
     cost = plan.cost
     allowance = tokens_left

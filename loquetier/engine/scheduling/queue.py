@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from loquetier.engine.sequence import ScheduledBatch, Sequence, SequenceStatus
+from loquetier.engine.sequence import RequestState, ScheduledBatch, SequenceStatus
 
 
 class KVAllocator(Protocol):
@@ -67,13 +67,13 @@ class RequestQueue:
         self.max_num_seqs = max_num_seqs
         self.kv = kv
         self.adapters = adapters
-        self.waiting: list[Sequence] = []  # WAITING or PREEMPTED
-        self.running: list[Sequence] = []  # RUNNING (prefilling or decoding)
-        self._seqs: dict[str, Sequence] = {}
+        self.waiting: list[RequestState] = []  # WAITING or PREEMPTED
+        self.running: list[RequestState] = []  # RUNNING (prefilling or decoding)
+        self._seqs: dict[str, RequestState] = {}
         self._order: dict[str, int] = {}  # add order: the last tie-break of importance
         self._num_added = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: RequestState) -> None:
         if seq.seq_id in self._seqs:
             raise ValueError(f"duplicate seq_id {seq.seq_id!r}")
         if seq.status is not SequenceStatus.WAITING:
@@ -83,18 +83,18 @@ class RequestQueue:
         self._num_added += 1
         self.waiting.append(seq)
 
-    def get(self, seq_id: str) -> Sequence | None:
+    def get(self, seq_id: str) -> RequestState | None:
         return self._seqs.get(seq_id)
 
     def order(self, seq_id: str) -> int:
         """When ``seq_id`` was added, relative to the others (0 first)."""
         return self._order[seq_id]
 
-    def importance(self, seq: Sequence) -> tuple[int, float, int]:
+    def importance(self, seq: RequestState) -> tuple[int, float, int]:
         """Higher is more important: priority, then earlier arrival, then earlier add."""
         return (seq.priority, -seq.arrival_time, -self._order[seq.seq_id])
 
-    def admit(self, seq: Sequence) -> bool:
+    def admit(self, seq: RequestState) -> bool:
         """WAITING / PREEMPTED -> RUNNING: a sequence slot, KV for all its tokens, an adapter slot."""
         if len(self.running) >= self.max_num_seqs:
             return False
@@ -110,7 +110,7 @@ class RequestQueue:
         seq.status = SequenceStatus.RUNNING
         return True
 
-    def make_room(self, seq: Sequence, scheduled: set[str], batch: ScheduledBatch) -> bool:
+    def make_room(self, seq: RequestState, scheduled: set[str], batch: ScheduledBatch) -> bool:
         """Preempt the least important unscheduled running sequences until ``seq`` can decode one more
         token; when none is left, ``seq`` itself is preempted and False returned. Each victim is
         appended to ``batch.preempted``."""
@@ -122,7 +122,7 @@ class RequestQueue:
             self._preempt(min(candidates, key=self.importance), batch)
         return True
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: RequestState) -> None:
         """Forget a finishing sequence (before its status changes to FINISHED): frees what a running
         one holds."""
         if seq.status is SequenceStatus.RUNNING:
@@ -133,7 +133,7 @@ class RequestQueue:
         del self._seqs[seq.seq_id]
         del self._order[seq.seq_id]
 
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def _preempt(self, seq: RequestState, batch: ScheduledBatch) -> None:
         self._release(seq)
         self.running.remove(seq)
         seq.status = SequenceStatus.PREEMPTED
@@ -142,7 +142,7 @@ class RequestQueue:
         self.waiting.append(seq)
         batch.preempted.append(seq)
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: RequestState) -> None:
         """Free the KV and the adapter pin of a RUNNING sequence."""
         self.kv.free(seq.seq_id)
         if seq.adapter_id is not None and self.adapters is not None:

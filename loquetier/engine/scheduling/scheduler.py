@@ -31,7 +31,7 @@ from loquetier.engine.scheduling.pricing import GraphPaths, StepCost, StepFeatur
 from loquetier.engine.scheduling.queue import AdapterSlots, KVAllocator, RequestQueue
 from loquetier.engine.scheduling.slo import RequestMetrics, SchedulerMetrics, SloTracker, StepRecord, tpot_s, ttft_s
 from loquetier.engine.scheduling.training import fill_training, grant_training, reserve_training_floors
-from loquetier.engine.sequence import ScheduledBatch, Sequence, SequenceStatus, StepResult, TrainWork
+from loquetier.engine.sequence import RequestState, ScheduledBatch, SequenceStatus, StepResult, TrainWork
 
 
 @dataclass
@@ -40,7 +40,7 @@ class StepEvents:
 
     step: StepRecord
     new_tokens: list[tuple[str, int]] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)
+    finished: list[RequestState] = field(default_factory=list)
     request_metrics: list[RequestMetrics] = field(default_factory=list)
 
 
@@ -74,12 +74,12 @@ class Scheduler:
     # ---- requests and jobs ---------------------------------------------------------------------
 
     @property
-    def waiting(self) -> list[Sequence]:
+    def waiting(self) -> list[RequestState]:
         """WAITING or PREEMPTED sequences (the queue's list: read it, do not edit it)."""
         return self.queue.waiting
 
     @property
-    def running(self) -> list[Sequence]:
+    def running(self) -> list[RequestState]:
         """RUNNING sequences, prefilling or decoding (the queue's list: read it, do not edit it)."""
         return self.queue.running
 
@@ -87,7 +87,7 @@ class Scheduler:
     def kv(self) -> KVAllocator:
         return self.queue.kv
 
-    def add_request(self, seq: Sequence) -> None:
+    def add_request(self, seq: RequestState) -> None:
         self.queue.add(seq)
         if seq.ttft_ms is None:
             seq.ttft_ms = self.config.default_ttft_ms
@@ -106,7 +106,7 @@ class Scheduler:
             return None
         return self._finish(seq, reason, now)
 
-    def get(self, seq_id: str) -> Sequence | None:
+    def get(self, seq_id: str) -> RequestState | None:
         return self.queue.get(seq_id)
 
     def add_job(self, job: TrainWork) -> None:
@@ -225,7 +225,7 @@ class Scheduler:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _finish(self, seq: Sequence, reason: str, now: float) -> RequestMetrics | None:
+    def _finish(self, seq: RequestState, reason: str, now: float) -> RequestMetrics | None:
         if seq.status is SequenceStatus.FINISHED:
             return None
         self.queue.remove(seq)
@@ -241,7 +241,7 @@ class Scheduler:
             self.metrics.num_requests_finished += 1
         return m
 
-    def _append_token(self, seq: Sequence, token: int, now: float, events: StepEvents) -> None:
+    def _append_token(self, seq: RequestState, token: int, now: float, events: StepEvents) -> None:
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.slo.record_event(now - seq.arrival_time <= ttft_s(seq))
@@ -295,7 +295,7 @@ class Scheduler:
         return m.last_step
 
 
-def _sampled(result: StepResult, seq: Sequence) -> int:
+def _sampled(result: StepResult, seq: RequestState) -> int:
     try:
         return result.sampled_token_ids[seq.seq_id]
     except KeyError:

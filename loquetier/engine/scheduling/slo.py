@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from loquetier.engine.sequence import Sequence
+from loquetier.engine.sequence import RequestState
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class RequestMetrics:
         return self.met_ttft and self.met_tpot
 
     @staticmethod
-    def of(seq: Sequence, ttft_target_ms: float, tpot_target_ms: float) -> RequestMetrics:
+    def of(seq: RequestState, ttft_target_ms: float, tpot_target_ms: float) -> RequestMetrics:
         assert seq.finish_time is not None and seq.finish_reason is not None
         return RequestMetrics(
             seq_id=seq.seq_id,
@@ -160,17 +160,17 @@ class SchedulerMetrics:
         return self.train_tokens_by_job.get(job_id, 0) / self.busy_time_s
 
 
-def ttft_s(seq: Sequence) -> float:
+def ttft_s(seq: RequestState) -> float:
     assert seq.ttft_ms is not None
     return seq.ttft_ms / 1e3
 
 
-def tpot_s(seq: Sequence) -> float:
+def tpot_s(seq: RequestState) -> float:
     assert seq.tpot_ms is not None
     return seq.tpot_ms / 1e3
 
 
-def deadline(seq: Sequence) -> float:
+def deadline(seq: RequestState) -> float:
     """Next latency deadline: TTFT before the first token, else the next token's TPOT deadline."""
     if seq.last_token_time is None:
         return seq.arrival_time + ttft_s(seq)
