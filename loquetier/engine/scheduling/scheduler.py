@@ -45,7 +45,7 @@ class StepEvents:
 
 
 class Scheduler:
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         config: SchedulerConfig,
         kv: KVAllocator,
@@ -82,10 +82,6 @@ class Scheduler:
     def running(self) -> list[RequestState]:
         """RUNNING sequences, prefilling or decoding (the queue's list: read it, do not edit it)."""
         return self.queue.running
-
-    @property
-    def kv(self) -> KVAllocator:
-        return self.queue.kv
 
     def add_request(self, seq: RequestState) -> None:
         self.queue.add(seq)
