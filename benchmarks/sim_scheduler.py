@@ -30,10 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness.synthetic import FakeJob, FakeKV, sampled_tokens, step_time  # noqa: E402
-from loquetier.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from loquetier.engine.sequence import SamplingParams, Sequence, StepResult  # noqa: E402
-from loquetier.engine.slo import RequestMetrics  # noqa: E402
-from loquetier.engine.step_model import StepCost, StepFeatures  # noqa: E402
+from loquetier.engine.scheduling import GraphPaths, Scheduler, SchedulerConfig, StepCost, StepFeatures  # noqa: E402
+from loquetier.engine.scheduling.slo import RequestMetrics  # noqa: E402
+from loquetier.engine.sequence import RequestState, SamplingParams, StepResult  # noqa: E402
 
 # Roughly a 1B-parameter decoder on one modern GPU, in seconds.
 TRUE_COST = StepCost(
@@ -135,26 +134,27 @@ class Phase:
     requests_met: int = 0
 
 
-def _config(args: argparse.Namespace) -> tuple[SchedulerConfig, StepCost, StepCost]:
-    """(scheduler config, true cost, prior) of ``args.profile``."""
+def _config(args: argparse.Namespace) -> tuple[SchedulerConfig, GraphPaths, StepCost, StepCost]:
+    """(scheduler config, graph paths, true cost, prior) of ``args.profile``."""
     base = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_prefill_chunk=args.max_prefill_chunk, default_ttft_ms=args.ttft_ms,
                 default_tpot_ms=args.tpot_ms, tpot_lookahead=args.lookahead,
                 train_amortize=args.amortize)
     if args.profile == "h200-8b":  # as the engine configures itself on a GPU with CUDA graphs
-        config = SchedulerConfig(**base, tpot_burst=8.0, prefill_coalesce_ms=100.0, decode_graphs=True,
-                                 graph_max_rows=256, graph_max_mean_context=256)
+        config = SchedulerConfig(**base, tpot_burst=8.0, prefill_coalesce_ms=100.0)
+        graphs = GraphPaths(decode=True, max_rows=256, max_mean_context=256)
         true = dataclasses.replace(H200_8B_COST, mixed_s=args.mixed_s)
-        return config, true, StepCost(*(1.5 * c for c in true.as_tuple()))
-    return SchedulerConfig(**base, tpot_burst=args.tpot_burst), TRUE_COST, PRIOR
+        return config, graphs, true, StepCost(*(1.5 * c for c in true.as_tuple()))
+    config = SchedulerConfig(**base, tpot_burst=args.tpot_burst, prefill_coalesce_ms=0.0)
+    return config, GraphPaths(), TRUE_COST, PRIOR
 
 
 def simulate(name: str, args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     noise_rng = random.Random(args.seed + 1)
     trace = make_trace(name, args, rng)
-    config, true_cost, prior = _config(args)
-    sched = Scheduler(config, FakeKV(args.kv_blocks), prior_cost=prior)
+    config, graphs, true_cost, prior = _config(args)
+    sched = Scheduler(config, FakeKV(args.kv_blocks), graphs=graphs, prior_cost=prior)
     priorities = args.job_priorities or [0] * args.jobs
     for i in range(args.jobs):
         sched.add_job(FakeJob(f"job{i}", priority=priorities[i % len(priorities)], min_share=args.min_share))
@@ -167,7 +167,7 @@ def simulate(name: str, args: argparse.Namespace) -> None:
         while next_arrival < len(trace) and trace[next_arrival].time <= now:
             a = trace[next_arrival]
             sched.add_request(
-                Sequence(
+                RequestState(
                     f"r{next_arrival}",
                     [1] * a.prompt_len,
                     sampling=SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
@@ -182,7 +182,7 @@ def simulate(name: str, args: argparse.Namespace) -> None:
                 break
             now = trace[next_arrival].time
             continue
-        step_s = step_time(batch, config, true_cost, noise_rng, args.noise)
+        step_s = step_time(batch, sched.graphs, true_cost, noise_rng, args.noise)
         now += step_s
         events = sched.postprocess(
             batch, StepResult(now=now, step_time_s=step_s, sampled_token_ids=sampled_tokens(batch, 1))

@@ -3,7 +3,7 @@
 These are *process* settings: where the broker and database are, what a worker is
 called, how often it heartbeats. Engine limits that the compute core validates live in
 frozen dataclasses in ``loquetier.engine``; the worker converts ``EngineSettings`` into
-them at the boundary (STYLE.md habit 3).
+them at the boundary (STYLE.md habit 3), and ``EngineSettings`` is validated by building them.
 
 Example::
 
@@ -17,14 +17,18 @@ from __future__ import annotations
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loquetier.engine.config import EngineConfig
+
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loquetier"
 DEFAULT_DATA_DIR = DEFAULT_CACHE_DIR / "data"  # large training files that `loquetier train` hands over
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data"  # the example adapters and datasets
+_ENGINE = EngineConfig()  # the engine's defaults, which EngineSettings takes over
+_SCHEDULER = _ENGINE.scheduler
 
 
 class KafkaSettings(BaseModel):
@@ -68,24 +72,40 @@ class DatabaseSettings(BaseModel):
 
 
 class EngineSettings(BaseModel):
-    """Knobs the worker turns into the engine's frozen config dataclasses."""
+    """Knobs the worker turns into the engine's ``EngineConfig`` (``limits``), validated by building
+    that config: the ranges live in the engine's dataclasses only. Defaults are the engine's own,
+    read from those dataclasses, except where a worker deliberately differs (said on the line)."""
 
     model_dir: Path | None = None
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_num_seqs: PositiveInt = 64
-    max_num_batched_tokens: PositiveInt = 4096
-    num_kv_blocks: int | None = Field(default=None, gt=0)
-    block_size: PositiveInt = 16
-    max_adapter_slots: PositiveInt = 8
-    max_lora_rank: PositiveInt = 64
-    max_prompt_tokens: PositiveInt = 32768
-    default_ttft_ms: PositiveFloat | None = None
-    default_tpot_ms: PositiveFloat | None = None
+    device: str = "auto"  # worker: CUDA when there is one (the engine's default is "cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # worker: bfloat16 on CUDA
+    max_num_seqs: int = _SCHEDULER.max_num_seqs
+    max_num_batched_tokens: int = 4096  # worker: steps twice the engine's default, for a served GPU
+    num_kv_blocks: int | None = _ENGINE.num_kv_blocks
+    block_size: int = _ENGINE.block_size
+    max_adapter_slots: int = _ENGINE.max_adapter_slots
+    max_lora_rank: int = _ENGINE.max_lora_rank
+    max_prompt_tokens: PositiveInt = 32768  # the worker's intake guard, not an engine limit
+    default_ttft_ms: float = _SCHEDULER.default_ttft_ms
+    default_tpot_ms: float = _SCHEDULER.default_tpot_ms
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # decode-only steps replayed from CUDA graphs
-    tpot_burst: float = Field(default=8.0, ge=1.0, le=100.0)  # mean-TPOT banking (EngineConfig.tpot_burst)
-    tpot_lookahead: int = Field(default=16, ge=0, le=4096)  # future tokens a long step may borrow against
-    prefill_coalesce_ms: float | None = Field(default=None, ge=0.0, le=60_000.0)  # None: engine's choice
+    tpot_burst: float = _SCHEDULER.tpot_burst  # mean-TPOT banking (SchedulerConfig.tpot_burst)
+    tpot_lookahead: int = _SCHEDULER.tpot_lookahead  # future tokens a long step may borrow against
+    prefill_coalesce_ms: float | None = _SCHEDULER.prefill_coalesce_ms  # None: the engine's choice
+
+    def limits(self) -> dict[str, Any]:
+        """``Engine.from_pretrained`` keyword limits (device and dtype are resolved apart)."""
+        names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "max_adapter_slots",
+                 "max_lora_rank", "default_ttft_ms", "default_tpot_ms", "cuda_graphs", "tpot_burst",
+                 "tpot_lookahead", "prefill_coalesce_ms")
+        limits = {name: getattr(self, name) for name in names}
+        return {k: v for k, v in limits.items() if v is not None}
+
+    @model_validator(mode="after")
+    def _engine_accepts(self) -> EngineSettings:
+        """Fail at start-up, with the engine's own message, on limits the engine would refuse."""
+        EngineConfig.from_kwargs(**self.limits())  # ValueError -> ValidationError
+        return self
 
 
 class WorkerSettings(BaseModel):

@@ -40,29 +40,6 @@ def resolve_device(device: str | None, dtype: str | None, settings: Settings) ->
     return device, dtype
 
 
-def engine_limits(settings: Settings) -> dict[str, Any]:
-    """EngineSettings -> ``Engine.from_pretrained`` keyword limits (unset ones keep the engine's)."""
-    e = settings.engine
-    limits: dict[str, Any] = {
-        "max_num_seqs": e.max_num_seqs,
-        "max_num_batched_tokens": e.max_num_batched_tokens,
-        "block_size": e.block_size,
-        "max_adapter_slots": e.max_adapter_slots,
-        "max_lora_rank": e.max_lora_rank,
-        "cuda_graphs": e.cuda_graphs,
-        "tpot_burst": e.tpot_burst,
-        "tpot_lookahead": e.tpot_lookahead,
-    }
-    optional = {
-        "num_kv_blocks": e.num_kv_blocks,
-        "default_ttft_ms": e.default_ttft_ms,
-        "default_tpot_ms": e.default_tpot_ms,
-        "prefill_coalesce_ms": e.prefill_coalesce_ms,
-    }
-    limits.update({k: v for k, v in optional.items() if v is not None})
-    return limits
-
-
 def check_model_dir(model: Any) -> None:
     from pathlib import Path
 
@@ -116,7 +93,7 @@ def run_worker(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device, args.dtype, settings)
     from loquetier.engine.engine import Engine
 
-    engine = Engine.from_pretrained(model, device=device, dtype=dtype, **engine_limits(settings))
+    engine = Engine.from_pretrained(model, device=device, dtype=dtype, **settings.engine.limits())
     if engine.device.type == "cuda":  # kernel builds before the first request, not inside a served step
         log.info("engine warmed up", extra=engine.warmup())
     captured = engine.capture_graphs()  # before the first request: no capture inside a served step

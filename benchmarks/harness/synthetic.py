@@ -9,7 +9,7 @@ Semantics::
 
     step_time(batch) = cost.predict(features(batch)) * (1 + noise * U(-1, 1))
 
-``features`` is the scheduler's own reading of a batch (prompt tokens, decode rows, training and eval
+``step_features`` is the scheduler's own reading of a batch (prompt tokens, decode rows, training and eval
 tokens, keys read, whether the step runs eagerly, whether it trains), so the truth and the scheduler's
 online fit describe a step with the same features and differ only in their coefficients.
 """
@@ -20,9 +20,8 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
-from loquetier.engine.scheduler import SchedulerConfig, _features
+from loquetier.engine.scheduling.pricing import GraphPaths, StepFeatures, step_features
 from loquetier.engine.sequence import ScheduledBatch
-from loquetier.engine.step_model import StepFeatures
 
 
 class StepPrice(Protocol):
@@ -31,11 +30,12 @@ class StepPrice(Protocol):
     def predict(self, f: StepFeatures) -> float: ...
 
 
-def step_time(batch: ScheduledBatch, config: SchedulerConfig, cost: StepPrice, rng: random.Random,
+def step_time(batch: ScheduledBatch, graphs: GraphPaths, cost: StepPrice, rng: random.Random,
               noise: float) -> float:
-    """Seconds ``batch`` takes under ``cost``, with multiplicative noise uniform in ``[-noise, noise]``
-    (one draw from ``rng`` per call, also when ``noise`` is 0, so runs stay comparable)."""
-    return cost.predict(_features(batch, config)) * (1.0 + noise * rng.uniform(-1.0, 1.0))
+    """Seconds ``batch`` takes under ``cost`` when ``graphs`` says which steps replay graphs, with
+    multiplicative noise uniform in ``[-noise, noise]`` (one draw from ``rng`` per call, also when
+    ``noise`` is 0, so runs stay comparable)."""
+    return cost.predict(step_features(batch, graphs)) * (1.0 + noise * rng.uniform(-1.0, 1.0))
 
 
 def sampled_tokens(batch: ScheduledBatch, token_id: int) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from loquetier.engine.kv_cache import BlockManager
-from loquetier.engine.sequence import Sequence
+from loquetier.engine.sequence import RequestState
 from loquetier.lora.manager import AdapterManager
 
 
@@ -13,7 +13,7 @@ class BlockAllocator:
     """``KVAllocator`` over ``BlockManager``: admission allocates the whole sequence (prefix hits
     returned), a decode appends the token it feeds."""
 
-    def __init__(self, blocks: BlockManager, lookup: Callable[[str], Sequence | None],
+    def __init__(self, blocks: BlockManager, lookup: Callable[[str], RequestState | None],
                  adapter_version: Callable[[str | None], int]) -> None:
         self.blocks, self._lookup, self._version = blocks, lookup, adapter_version
 

@@ -32,7 +32,7 @@ from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager
 from loquetier.engine.requests import RequestBook
 from loquetier.engine.runner import ModelRunner, RunResult
-from loquetier.engine.scheduler import Scheduler
+from loquetier.engine.scheduling.scheduler import Scheduler
 from loquetier.engine.sequence import ScheduledBatch, StepResult
 
 

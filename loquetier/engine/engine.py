@@ -35,10 +35,8 @@ from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager, KVCache
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
-from loquetier.engine.scheduler import Scheduler, SchedulerConfig
-from loquetier.engine.sequence import SamplingParams, ScheduledBatch, StepResult
-from loquetier.engine.sequence import Sequence as Seq
-from loquetier.engine.step_model import StepCost, StepTimeModel
+from loquetier.engine.scheduling import GraphPaths, Scheduler, StepCost, StepTimeModel
+from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch, StepResult
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.data import PreparedData
@@ -50,7 +48,6 @@ from loquetier.models.llama import LlamaModel
 
 _WARMUP_ADAPTER = "__loquetier_warmup__"
 _WARMUP_TRAIN = "__loquetier_warmup_train__"
-AUTO_PREFILL_COALESCE_MS = 100.0  # EngineConfig.prefill_coalesce_ms=None with captured decode graphs
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,19 +97,11 @@ class Engine:
         graphs = self._decode_graphs(model, config, num_blocks)
         captured = graphs is not None and graphs.mode == "capture"
         graph_rows = graphs.max_tokens if captured and graphs.max_tokens > graphs.max_batch else 0
-        coalesce = config.prefill_coalesce_ms
-        if coalesce is None:  # worth it only where a prefill step costs much more than a decode step
-            coalesce = AUTO_PREFILL_COALESCE_MS if captured and not graph_rows else 0.0
-        sched_cfg = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_prefill_chunk=config.max_prefill_chunk, default_ttft_ms=config.default_ttft_ms,
-            default_tpot_ms=config.default_tpot_ms, tpot_burst=config.tpot_burst,
-            tpot_lookahead=config.tpot_lookahead, prefill_coalesce_ms=coalesce,
-            decode_graphs=captured, graph_max_rows=graph_rows, graph_max_mean_context=GRAPH_MAX_MEAN_CONTEXT)
         prior = _gpu_prior(model, per_block / config.block_size, captured) if self.device.type == "cuda" else None
         self.scheduler = Scheduler(
-            sched_cfg, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
+            config.scheduler, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
             AdapterSlotGate(self.adapters), prior_cost=prior,
+            graphs=GraphPaths(decode=captured, max_rows=graph_rows, max_mean_context=GRAPH_MAX_MEAN_CONTEXT),
             eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config, graphs=graphs)
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
@@ -134,10 +123,11 @@ class Engine:
             raise EngineError("no_device", "cuda_graphs='on' needs CUDA and the Triton paged-decode kernel")
         if mode == "auto" and not capturable:
             return None
-        max_tokens = config.max_num_batched_tokens if config.graph_max_tokens is None else config.graph_max_tokens
-        return DecodeGraphs(model, self.kv, config.max_num_seqs, self.max_model_len, scratch_block,
+        limits = config.scheduler
+        max_tokens = limits.max_num_batched_tokens if config.graph_max_tokens is None else config.graph_max_tokens
+        return DecodeGraphs(model, self.kv, limits.max_num_seqs, self.max_model_len, scratch_block,
                             mode="eager" if mode == "eager" else "capture",
-                            max_tokens=min(max_tokens, config.max_num_batched_tokens))
+                            max_tokens=min(max_tokens, limits.max_num_batched_tokens))
 
     def warmup(self) -> dict[str, Any]:
         """Run every kind of step once before serving, so no served step waits for a kernel build.
@@ -176,9 +166,9 @@ class Engine:
             lora_launches = self.model.warm_lora_launches(slot)
             self.adapters.new_step()
         # segment lengths on both sides of the SMLM row-block sizes, and a prompt of several chunks
-        lengths = [1, 3, 17, 40, 200, cfg.max_prefill_chunk + 5]
+        lengths = [1, 3, 17, 40, 200, cfg.scheduler.max_prefill_chunk + 5]
         greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-        for group in sorted({1, 3, 17, min(70, cfg.max_num_seqs)}):
+        for group in sorted({1, 3, 17, min(70, cfg.scheduler.max_num_seqs)}):
             prompts = [tokens(lengths[i % len(lengths)]) for i in range(group)]
             self.generate(prompts, [adapter_ids[i % len(adapter_ids)] for i in range(group)], greedy)
         if cfg.num_train_slots > 0:
@@ -187,7 +177,7 @@ class Engine:
             # attention and SMLM launches are variants of their own. A first one built while serving
             # once cost 0.6 s on the H200, and the step model read that as the price of training.
             examples = [{"prompt_token_ids": tokens(8), "completion_token_ids": tokens(8)} for _ in range(8)]
-            share = min(1.0, 64 / cfg.max_num_batched_tokens)
+            share = min(1.0, 64 / cfg.scheduler.max_num_batched_tokens)
             job = self.add_training_job(
                 _WARMUP_TRAIN, examples, TrainingParams(max_steps=2, micro_batch_tokens=64, min_share=share),
                 lora=dict(rank=cfg.max_lora_rank, alpha=cfg.max_lora_rank, target_modules=targets),
@@ -309,7 +299,7 @@ class Engine:
             raise EngineError("prompt_too_long", "the prompt does not fit in the KV cache")
         sampling = self.requests.effective_sampling(sampling, room, self.model.cfg.vocab_size)
         try:
-            seq = Seq(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
+            seq = RequestState(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
         except ValueError as exc:
             raise EngineError("invalid_request", str(exc)) from exc
         self.requests.add(seq, stream)
@@ -428,10 +418,10 @@ class Engine:
         t0 = time.perf_counter()
         run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
         step_time = time.perf_counter() - t0
-        graphs, cfg = self.runner.graphs, self.scheduler.config
-        if cfg.graph_max_rows and (graphs is None or graphs.max_tokens <= graphs.max_batch):
-            # prefill graphs were given up (a failed capture): price prefill steps as eager again
-            self.scheduler.config = dataclasses.replace(cfg, graph_max_rows=0, decode_graphs=graphs is not None)
+        graphs = self.runner.graphs
+        if self.scheduler.graphs.max_rows and (graphs is None or graphs.max_tokens <= graphs.max_batch):
+            # prefill graphs were given up (a failed capture): the scheduler prices prefill steps as eager
+            self.scheduler.fall_back_from_prefill_graphs(decode_graphs=graphs is not None)
         self.num_steps += 1
         result = StepResult(self._clock(), step_time, run.sampled, run.train_tokens, run.eval_tokens)
         step_events = self.scheduler.postprocess(batch, result)
@@ -442,7 +432,7 @@ class Engine:
         events += self.jobs.after_step(run)
         return events
 
-    def _lookup(self, seq_id: str) -> Seq | None:
+    def _lookup(self, seq_id: str) -> RequestState | None:
         return self.scheduler.get(seq_id)
 
     def stats(self) -> dict[str, Any]:

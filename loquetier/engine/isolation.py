@@ -28,8 +28,7 @@ import torch
 from loquetier.engine.errors import EngineBroken, describe
 from loquetier.engine.events import EngineEvent, RequestFailed
 from loquetier.engine.runner import RunResult
-from loquetier.engine.sequence import PrefillChunk, ScheduledBatch, TrainChunk
-from loquetier.engine.sequence import Sequence as Seq
+from loquetier.engine.sequence import PrefillChunk, RequestState, ScheduledBatch, TrainChunk
 from loquetier.engine.work import Piece, WorkRunner
 from loquetier.models.batch import BatchBuilder
 
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     from loquetier.engine.jobs import JobBook
     from loquetier.engine.requests import RequestBook
     from loquetier.engine.runner import ModelRunner
-    from loquetier.engine.scheduler import Scheduler
+    from loquetier.engine.scheduling.scheduler import Scheduler
 
 EXECUTION_FAILED = "execution_failed"
 MAX_REWINDS = 3
@@ -46,7 +45,7 @@ _PROBE_TOKENS = 8
 _DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
                   "illegal memory access", "NCCL error", "CUDA driver", "unspecified launch failure")
 
-Item = tuple[str, PrefillChunk | Seq | TrainChunk]  # ("prefill" | "decode" | "train" | "eval", part)
+Item = tuple[str, PrefillChunk | RequestState | TrainChunk]  # ("prefill" | "decode" | "train" | "eval", part)
 
 
 def is_device_error(exc: BaseException) -> bool:
@@ -205,7 +204,7 @@ class StepIsolation:
         for (kind, part), exc in failures:
             if kind in ("prefill", "decode"):
                 seq = part.seq if isinstance(part, PrefillChunk) else part
-                assert isinstance(seq, Seq)
+                assert isinstance(seq, RequestState)
                 events += self._fail_request(seq.seq_id, exc, now)
             else:
                 assert isinstance(part, TrainChunk)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.errors import EngineError, describe
 from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, JobFinished, JobProgress
-from loquetier.engine.scheduler import Scheduler
+from loquetier.engine.scheduling.scheduler import Scheduler
 from loquetier.engine.work import WorkRunner
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
@@ -67,7 +67,8 @@ class JobBook:
         micro-batches hold ``micro_batch_tokens``. Safe on any thread while the engine steps (it
         reads no engine state and tokenizes with its own copy of the tokenizer), so a job's set-up
         need not stall the steps: hand the result to ``add_training_job``."""
-        limit = min(micro_batch_tokens or self.config.max_num_batched_tokens, self.config.max_num_batched_tokens)
+        ceiling = self.config.scheduler.max_num_batched_tokens
+        limit = min(micro_batch_tokens or ceiling, ceiling)
         with self._prepare_lock:
             if self._tokenizer_copy is None and self.tokenizer is not None:
                 self._tokenizer_copy = copy.deepcopy(self.tokenizer)  # HF fast tokenizers: one user at a time
@@ -79,7 +80,7 @@ class JobBook:
 
     def _sequences(self, data: Any, max_tokens: int) -> tuple[list[TrainSequence], str | None]:
         """Sequences and (when prepared ahead) their fingerprint."""
-        limit = min(max_tokens, self.config.max_num_batched_tokens)
+        limit = min(max_tokens, self.config.scheduler.max_num_batched_tokens)
         if isinstance(data, PreparedData):
             if data.max_tokens is None or data.max_tokens > limit:
                 longest = max((s.num_tokens for s in data.sequences), default=0)
@@ -149,7 +150,7 @@ class JobBook:
 
     def add_eval(self, job_id: str, adapter_id: str | None, data: Any, micro_batch_tokens: int | None) -> str:
         self._check_new(job_id)
-        mbt = micro_batch_tokens or self.config.max_num_batched_tokens
+        mbt = micro_batch_tokens or self.config.scheduler.max_num_batched_tokens
         seqs, _ = self._sequences(data, mbt)
         slot, pinned = -1, False
         if adapter_id is not None:

@@ -1,4 +1,4 @@
-"""RequestBook: per-request engine state beside the scheduler's Sequence (detokenizer, stream
+"""RequestBook: per-request engine state beside the scheduler's RequestState (detokenizer, stream
 flag, seeded generator, logprobs), and the conversion of scheduler results into events."""
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import torch
 from loquetier.engine.detokenizer import IncrementalDetokenizer
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import EngineEvent, RequestFinished, Timings, TokenEvent, Usage
-from loquetier.engine.scheduler import Scheduler, StepEvents
-from loquetier.engine.sequence import SamplingParams, ScheduledBatch
-from loquetier.engine.sequence import Sequence as Seq
-from loquetier.engine.slo import RequestMetrics
+from loquetier.engine.scheduling.scheduler import Scheduler, StepEvents
+from loquetier.engine.scheduling.slo import RequestMetrics
+from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class GenerationOutput:
 
 @dataclass
 class _Request:
-    seq: Seq
+    seq: RequestState
     stream: bool
     detok: IncrementalDetokenizer | None
     num_streamed: int = 0  # output tokens already sent in TokenEvents
@@ -54,7 +53,7 @@ class RequestBook:
     def has(self, request_id: str) -> bool:
         return request_id in self._requests
 
-    def seq(self, request_id: str) -> Seq | None:
+    def seq(self, request_id: str) -> RequestState | None:
         r = self._requests.get(request_id)
         return None if r is None else r.seq
 
@@ -94,7 +93,7 @@ class RequestBook:
         """Forget a request that failed in a step (a RequestFailed, no RequestFinished, reports it)."""
         self._requests.pop(request_id, None)
 
-    def add(self, seq: Seq, stream: bool) -> None:
+    def add(self, seq: RequestState, stream: bool) -> None:
         sp = seq.sampling
         detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None
         self._requests[seq.seq_id] = _Request(seq, stream, detok)
@@ -135,7 +134,7 @@ class RequestBook:
             out.append(self.finished(seq, metrics))
         return out
 
-    def finished(self, seq: Seq, metrics: RequestMetrics) -> RequestFinished:
+    def finished(self, seq: RequestState, metrics: RequestMetrics) -> RequestFinished:
         r = self._requests.pop(seq.seq_id)
         tokens = list(seq.output_token_ids)
         if r.detok is not None:

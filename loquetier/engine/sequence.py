@@ -3,7 +3,7 @@
 Vocabulary (kept apart from wire messages and database rows):
 
 - ``SamplingParams``: how to sample one request (frozen, validated).
-- ``Sequence``: one inference request's engine state (prompt, outputs, KV progress, SLO targets).
+- ``RequestState``: one inference request's engine state (prompt, outputs, KV progress, SLO targets).
 - ``TrainWork``: what the scheduler needs to know about a training or eval job (a Protocol; the
   real job lives in ``loquetier.lora``).
 - ``PrefillChunk`` / ``TrainChunk`` / ``ScheduledBatch``: what one engine step runs.
@@ -77,8 +77,9 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
-    """One inference request. ``ttft_ms`` / ``tpot_ms`` None take the scheduler config's defaults.
+class RequestState:
+    """One inference request's engine state (named so that it never shadows ``collections.abc.Sequence``).
+    ``ttft_ms`` / ``tpot_ms`` None take the scheduler config's defaults.
 
     ``priority``: higher is more important (weight ``1 + priority``); must be >= 0.
     """
@@ -184,7 +185,7 @@ class TrainWork(Protocol):
 class PrefillChunk:
     """Prefill positions ``[start, start + length)`` of ``seq.token_ids``; the final chunk samples."""
 
-    seq: Sequence
+    seq: RequestState
     start: int
     length: int
 
@@ -216,11 +217,11 @@ class ScheduledBatch:
 
     step_id: int
     now: float
-    decode_seqs: list[Sequence] = field(default_factory=list)
+    decode_seqs: list[RequestState] = field(default_factory=list)
     prefill_chunks: list[PrefillChunk] = field(default_factory=list)
     train_chunks: list[TrainChunk] = field(default_factory=list)
     eval_chunks: list[TrainChunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[RequestState] = field(default_factory=list)
     time_budget_s: float | None = None  # None: no latency target binds this step
     predicted_time_s: float = 0.0
 

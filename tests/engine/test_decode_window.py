@@ -151,7 +151,7 @@ def test_windows_through_the_triton_kernels(model_dir: Path) -> None:
     for window in (1, 4):
         engine = _engine(model_dir, window)
         engine.model.attn_impl = "triton"
-        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.max_num_seqs,
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.scheduler.max_num_seqs,
                                             engine.max_model_len, engine.blocks.num_blocks, mode="eager")
         sampling = [SamplingParams(max_tokens=7, temperature=0.0),
                     SamplingParams(max_tokens=6, temperature=0.8, seed=2)]

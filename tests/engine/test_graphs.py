@@ -9,6 +9,7 @@ would launch them; the GPU benchmark checks the captured graphs against eager st
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -44,9 +45,9 @@ def graph_engine(model_dir: Path, backend: str, **limits) -> Engine:
     engine = make_engine(model_dir, cuda_graphs="eager", **limits)
     if backend == "triton":
         engine.model.attn_impl = "triton"  # the paged-decode kernel, as on the GPU
-        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.max_num_seqs,
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.scheduler.max_num_seqs,
                                             engine.max_model_len, engine.blocks.num_blocks, mode="eager",
-                                            max_tokens=engine.config.max_num_batched_tokens)
+                                            max_tokens=engine.config.scheduler.max_num_batched_tokens)
     return engine
 
 
@@ -213,8 +214,8 @@ def test_a_failing_prefill_graph_falls_back_to_decode_graphs(model_dir: Path) ->
         engine = make_engine(model_dir, cuda_graphs="eager")
         graphs = engine.runner.graphs
         assert graphs is not None and graphs.max_tokens > graphs.max_batch
-        engine.scheduler.config = __import__("dataclasses").replace(
-            engine.scheduler.config, decode_graphs=True, graph_max_rows=graphs.max_tokens)
+        # as if prefill graphs had been captured (the scheduler prices steps with prompt rows as graph steps)
+        engine.scheduler.graphs = dataclasses.replace(engine.scheduler.graphs, decode=True, max_rows=graphs.max_tokens)
         real_run = graphs.run
 
         def failing(rows, lookahead=0):  # type: ignore[no-untyped-def]
@@ -230,7 +231,8 @@ def test_a_failing_prefill_graph_falls_back_to_decode_graphs(model_dir: Path) ->
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert engine.runner.graphs is graphs and graphs.max_tokens == graphs.max_batch
         assert engine.runner.num_graph_steps > 0  # decode steps still replayed
-        assert engine.scheduler.config.graph_max_rows == 0 and engine.scheduler.config.decode_graphs
+        assert engine.scheduler.graphs.max_rows == 0 and engine.scheduler.graphs.decode
+        assert engine.scheduler.num_graph_fallbacks == 1  # an event the scheduler recorded, not a config edit
     finally:
         force_backend(None)
 

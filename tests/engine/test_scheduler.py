@@ -10,18 +10,18 @@ from dataclasses import dataclass, field
 import pytest
 
 from benchmarks.harness.synthetic import FakeJob, FakeKV, sampled_tokens, step_time
-from loquetier.engine.budget import FairShare, JobDemand, TrainScale
-from loquetier.engine.scheduler import Scheduler, SchedulerConfig, _mixed
+from loquetier.engine.scheduling import GraphPaths, Scheduler, SchedulerConfig
+from loquetier.engine.scheduling.budget import FairShare, JobDemand, TrainScale, decode_budget
+from loquetier.engine.scheduling.pricing import StepCost, StepFeatures, StepTimeModel, is_eager
+from loquetier.engine.scheduling.slo import RequestMetrics
 from loquetier.engine.sequence import (
+    RequestState,
     SamplingParams,
     ScheduledBatch,
-    Sequence,
     SequenceStatus,
     StepResult,
     TrainWork,
 )
-from loquetier.engine.slo import RequestMetrics
-from loquetier.engine.step_model import StepCost, StepFeatures, StepTimeModel
 
 # The "hardware": what a step really costs. The scheduler starts from a prior that is off by ~2x.
 TRUE_COST = StepCost(
@@ -73,7 +73,7 @@ class Sim:
     sched: Scheduler
     now: float = 0.0
     batches: list[ScheduledBatch] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)
+    finished: list[RequestState] = field(default_factory=list)
     metrics: list[RequestMetrics] = field(default_factory=list)
     noise: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
@@ -82,7 +82,7 @@ class Sim:
 
     def step(self) -> ScheduledBatch:
         batch = self.sched.schedule(self.now)
-        t = step_time(batch, self.sched.config, self.cost, self.rng, self.noise) if not batch.is_empty else 1e-3
+        t = step_time(batch, self.sched.graphs, self.cost, self.rng, self.noise) if not batch.is_empty else 1e-3
         self.now += t
         self.times.append(t)
         sampled = sampled_tokens(batch, TOKEN)
@@ -98,21 +98,27 @@ class Sim:
         for _ in range(num_steps):
             self.step()
 
-    def add(self, seq_id: str, prompt_len: int = 64, **kw: object) -> Sequence:
+    def add(self, seq_id: str, prompt_len: int = 64, **kw: object) -> RequestState:
         sampling = kw.pop("sampling", SamplingParams(max_tokens=16))
-        seq = Sequence(seq_id, [1] * prompt_len, sampling=sampling, arrival_time=self.now, **kw)  # type: ignore[arg-type]
+        seq = RequestState(seq_id, [1] * prompt_len, sampling=sampling, arrival_time=self.now, **kw)  # type: ignore[arg-type]
         self.sched.add_request(seq)
         return seq
+
+
+# The scheduler these tests were written against: one TPOT target per step, no borrowing, no coalescing
+# (the engine's defaults bank and borrow: the tests that need it say so).
+SIM_DEFAULTS: dict[str, object] = {"max_num_batched_tokens": 2048, "max_prefill_chunk": 512, "default_tpot_ms": 50.0,
+                                   "tpot_burst": 1.0, "tpot_lookahead": 0, "prefill_coalesce_ms": 0.0}
 
 
 def make_sim(
     kv: FakeKV | None = None, slots: FakeSlots | None = None, noise: float = 0.0,
     cost: StepCost = TRUE_COST, prior: StepCost = PRIOR, **cfg: object
 ) -> Sim:
-    config = SchedulerConfig(
-        **{"max_num_batched_tokens": 2048, "max_prefill_chunk": 512, "default_tpot_ms": 50.0, **cfg}  # type: ignore[arg-type]
-    )
-    return Sim(Scheduler(config, kv or FakeKV(), slots, prior_cost=prior), noise=noise, cost=cost)
+    graphs = GraphPaths(decode=bool(cfg.pop("decode_graphs", False)), max_rows=int(cfg.pop("graph_max_rows", 0)),  # type: ignore[call-overload]
+                        max_mean_context=int(cfg.pop("graph_max_mean_context", 0)))  # type: ignore[call-overload]
+    config = SchedulerConfig(**{**SIM_DEFAULTS, **cfg})  # type: ignore[arg-type]
+    return Sim(Scheduler(config, kv or FakeKV(), slots, graphs=graphs, prior_cost=prior), noise=noise, cost=cost)
 
 
 # ---- dataclasses and config ---------------------------------------------------------------------
@@ -142,9 +148,9 @@ def test_config_and_sequence_validation() -> None:
     with pytest.raises(ValueError):
         SchedulerConfig(train_decrease=1.5)
     with pytest.raises(ValueError):
-        Sequence("s", [])
+        RequestState("s", [])
     with pytest.raises(ValueError):
-        Sequence("s", [1], priority=-1)
+        RequestState("s", [1], priority=-1)
     assert isinstance(FakeJob("j"), TrainWork)
 
 
@@ -406,7 +412,7 @@ def test_late_request_is_served_and_counted_as_miss() -> None:
 
 
 def test_stop_tokens_eos_and_external_finish() -> None:
-    config = SchedulerConfig(max_num_batched_tokens=256, max_prefill_chunk=128)
+    config = SchedulerConfig(max_num_batched_tokens=256, max_prefill_chunk=128, tpot_burst=1.0, tpot_lookahead=0)
     sim = Sim(Scheduler(config, FakeKV(), eos_token_id=TOKEN, prior_cost=PRIOR))
     eos = sim.add("eos", sampling=SamplingParams(max_tokens=10))
     ignore = sim.add("ignore", sampling=SamplingParams(max_tokens=3, ignore_eos=True))
@@ -456,7 +462,7 @@ def _graph_sim(**cfg: object) -> Sim:
     return make_sim(cost=GRAPH_COST, prior=StepCost(), **{**base, **cfg})
 
 
-def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[Sequence]:
+def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[RequestState]:
     seqs = [sim.add(f"d{i}", prompt_len=64, sampling=SamplingParams(max_tokens=max_tokens)) for i in range(n)]
     for _ in range(200):
         if all(not s.is_prefilling and s.status is SequenceStatus.RUNNING for s in seqs):
@@ -465,7 +471,7 @@ def _decoders(sim: Sim, n: int, max_tokens: int = 400) -> list[Sequence]:
     return seqs
 
 
-def _finish(sim: Sim, seqs: list[Sequence], limit_s: float) -> None:
+def _finish(sim: Sim, seqs: list[RequestState], limit_s: float) -> None:
     """Steps ``sim`` until every one of ``seqs`` finished or the clock reaches ``limit_s``."""
     while not all(s.is_finished for s in seqs) and sim.now < limit_s:
         sim.step()
@@ -498,7 +504,7 @@ def test_banked_tpot_lets_a_long_prompt_in_sooner_and_keeps_mean_tpot(burst: flo
 
 
 def _arrivals(sim: Sim, every_s: float, duration_s: float, tag: str = "r", max_tokens: int = 20,  # noqa: PLR0913
-              drain: bool = True) -> list[Sequence]:
+              drain: bool = True) -> list[RequestState]:
     """Requests (96-token prompts) arriving every ``every_s`` on the virtual clock for ``duration_s``;
     with ``drain``, then up to 500 more steps for them to finish."""
     seqs, next_at, end = [], sim.now, sim.now + duration_s
@@ -624,17 +630,17 @@ def test_prefill_graph_steps_are_not_mixed_steps() -> None:
         seqs = _arrivals(sim, every_s=0.015, duration_s=1.5, tag=f"g{rows}-")
         window = sim.batches[start:]
         assert all(d.mean_tpot_s is not None and d.mean_tpot_s <= 0.060 for d in decoders)
-        eager = sum(1 for b in window if _mixed(sim.sched.config, b.num_prefill_tokens, b.num_decode_rows, 0))
+        eager = sum(1 for b in window if is_eager(sim.sched.graphs, b.num_prefill_tokens, b.num_decode_rows, 0))
         out[rows] = (max(s.ttft_s for s in seqs if s.ttft_s is not None), eager, sum(b.num_decode_rows for b in window))
     assert out[4096][1] == 0 < out[0][1], out  # no step left the graph path
     assert out[4096][0] < 0.5 * out[0][0], out  # first tokens far sooner
-    assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 60, 8, 0) == 1  # past the rows
-    assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 50, 8, 0) == 0
-    assert _mixed(SchedulerConfig(decode_graphs=True, graph_max_rows=64), 0, 8, 5) == 1  # training rows
+    assert is_eager(GraphPaths(decode=True, max_rows=64), 60, 8, 0) == 1  # past the rows
+    assert is_eager(GraphPaths(decode=True, max_rows=64), 50, 8, 0) == 0
+    assert is_eager(GraphPaths(decode=True, max_rows=64), 0, 8, 5) == 1  # training rows
     # a prompt's tail far into its context runs eagerly: mean keys per prompt row past the limit
-    deep = SchedulerConfig(decode_graphs=True, graph_max_rows=64, graph_max_mean_context=256)
-    assert _mixed(deep, 2, 8, 0, prefill_reads=2 * 300) == 1
-    assert _mixed(deep, 40, 8, 0, prefill_reads=40 * 21) == 0
+    deep = GraphPaths(decode=True, max_rows=64, max_mean_context=256)
+    assert is_eager(deep, 2, 8, 0, prefill_reads=2 * 300) == 1
+    assert is_eager(deep, 40, 8, 0, prefill_reads=40 * 21) == 0
 
 
 def test_lookahead_lets_young_sequences_repay_a_training_step() -> None:
@@ -668,12 +674,12 @@ def test_lookahead_never_borrows_past_max_tokens() -> None:
     assert short.first_token_time is not None and long.first_token_time is not None
     now = short.first_token_time
     # the short one has one token left: nothing to borrow against, one target it is
-    assert sim.sched._decode_budget(short, now, 0.008) == pytest.approx(0.060)
-    assert sim.sched._decode_budget(long, now) == pytest.approx(0.060)  # prefill does not borrow
+    assert decode_budget(short, now, sim.sched.config, 0.008) == pytest.approx(0.060)
+    assert decode_budget(long, now, sim.sched.config) == pytest.approx(0.060)  # prefill does not borrow
     # the long one borrows 16 tokens' worth: 17 targets minus 16 decode steps, capped at the burst
-    assert sim.sched._decode_budget(long, now, 0.008) == pytest.approx(8 * 0.060)
+    assert decode_budget(long, now, sim.sched.config, 0.008) == pytest.approx(8 * 0.060)
     # planned against tpot_headroom (0.9) of the target: 17 x 54 ms minus 16 decode steps
-    assert sim.sched._decode_budget(long, now, 0.045) == pytest.approx(17 * 0.060 * 0.9 - 16 * 0.045)
+    assert decode_budget(long, now, sim.sched.config, 0.045) == pytest.approx(17 * 0.060 * 0.9 - 16 * 0.045)
     with pytest.raises(ValueError):
         SchedulerConfig(tpot_lookahead=-1)
     with pytest.raises(ValueError):

@@ -80,16 +80,24 @@ def test_invalid_values_fail_loudly(monkeypatch: pytest.MonkeyPatch, name: str, 
 
 def test_scheduler_knobs_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     from loquetier.engine.config import EngineConfig
-    from loquetier.workers.cli import engine_limits
 
-    assert "prefill_coalesce_ms" not in engine_limits(Settings())  # unset: the engine decides
+    config = EngineConfig.from_kwargs(**Settings().engine.limits())
+    assert config.scheduler.prefill_coalesce_ms is None  # unset: the engine decides
+    assert config.scheduler.tpot_burst == EngineConfig().scheduler.tpot_burst  # one default, the engine's
     monkeypatch.setenv("LOQUETIER_ENGINE__TPOT_BURST", "2.5")
     monkeypatch.setenv("LOQUETIER_ENGINE__PREFILL_COALESCE_MS", "40")
     monkeypatch.setenv("LOQUETIER_ENGINE__TPOT_LOOKAHEAD", "4")
-    limits = engine_limits(Settings())
+    limits = Settings().engine.limits()
     assert limits["tpot_burst"] == 2.5 and limits["prefill_coalesce_ms"] == 40.0
-    config = EngineConfig.from_kwargs(**limits)
-    assert config.tpot_burst == 2.5 and config.prefill_coalesce_ms == 40.0 and config.tpot_lookahead == 4
+    sched = EngineConfig.from_kwargs(**limits).scheduler
+    assert sched.tpot_burst == 2.5 and sched.prefill_coalesce_ms == 40.0 and sched.tpot_lookahead == 4
     for bad in ({"tpot_burst": 0.9}, {"prefill_coalesce_ms": -1.0}, {"tpot_lookahead": -1}):
         with pytest.raises(ValueError):
-            EngineConfig(**bad)  # type: ignore[arg-type]
+            EngineConfig.from_kwargs(**bad)
+
+
+def test_engine_settings_are_checked_by_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranges live in the engine's dataclasses only: a value the engine refuses fails at start-up."""
+    monkeypatch.setenv("LOQUETIER_ENGINE__MAX_NUM_SEQS", "9000")  # above max_num_batched_tokens
+    with pytest.raises(ValidationError, match="max_num_batched_tokens must be >= max_num_seqs"):
+        Settings()

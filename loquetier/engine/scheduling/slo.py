@@ -1,4 +1,8 @@
-"""SLO tracking: per-request TTFT/TPOT, sliding-window attainment, and the scheduler's counters.
+"""SLO contracts: each request's targets and deadlines, attainment, and the scheduler's counters.
+
+A request's contract is its TTFT and TPOT targets (``ttft_ms`` / ``tpot_ms``, filled from the config's
+defaults at admission); ``deadline`` is the next moment it is due (its first token, then each next
+token).
 
 Two attainment notions:
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from loquetier.engine.sequence import Sequence
+from loquetier.engine.sequence import RequestState
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class RequestMetrics:
         return self.met_ttft and self.met_tpot
 
     @staticmethod
-    def of(seq: Sequence, ttft_target_ms: float, tpot_target_ms: float) -> RequestMetrics:
+    def of(seq: RequestState, ttft_target_ms: float, tpot_target_ms: float) -> RequestMetrics:
         assert seq.finish_time is not None and seq.finish_reason is not None
         return RequestMetrics(
             seq_id=seq.seq_id,
@@ -154,3 +158,20 @@ class SchedulerMetrics:
         if self.busy_time_s <= 0:
             return 0.0
         return self.train_tokens_by_job.get(job_id, 0) / self.busy_time_s
+
+
+def ttft_s(seq: RequestState) -> float:
+    assert seq.ttft_ms is not None
+    return seq.ttft_ms / 1e3
+
+
+def tpot_s(seq: RequestState) -> float:
+    assert seq.tpot_ms is not None
+    return seq.tpot_ms / 1e3
+
+
+def deadline(seq: RequestState) -> float:
+    """Next latency deadline: TTFT before the first token, else the next token's TPOT deadline."""
+    if seq.last_token_time is None:
+        return seq.arrival_time + ttft_s(seq)
+    return seq.last_token_time + tpot_s(seq)

@@ -1,42 +1,32 @@
-"""Online step-time model: a linear cost model fitted by ridge least squares over recent steps.
+"""Step pricing: what a step costs, as a linear model fitted online by ridge least squares.
 
 Semantics::
 
     time_s ≈ c0 + c1·prefill_tokens + c2·decode_rows + c3·train_tokens + c4·eval_tokens + c5·kv_tokens_read
              + c6·mixed + c7·training
 
-``train_tokens`` are forward+backward tokens, ``kv_tokens_read`` the KV positions attended over
-(see ``ScheduledBatch.num_kv_tokens_read``) and ``mixed`` is 1 for a step that carries anything but decode
-rows: such a step runs eagerly, while a decode-only step can replay a CUDA graph, so ``c6`` is the
-fixed price of leaving the graph path (about 0 without graphs); ``training`` is 1 for a step with
-training or eval rows, whose fixed price ``c7`` is the backward pass's and the optimizers' launches
-(large and nearly independent of the token count when steps are host-bound). The fit is ridge
-regression *towards the prior* coefficients with one pseudo-observation per feature, scaled to that
-feature's magnitude, so a feature never seen (e.g. eval tokens before any eval job) keeps its prior
-(a feature seen before but not in the current window keeps its last fitted value) and a collinear window
-(e.g. only training for a while) stays well posed. Coefficients are kept >= 0, and the prices of a
-prompt, training and eval token at least ``token_floor`` (a quarter) of the prior's: a window whose
-steps all carry about as many training tokens cannot tell the fixed price from the per-token one, and a
-fit that called the tokens free and the step all fixed price kept training out of every step with decode
-rows on the H200 (no number of tokens could amortize it).
+``step_features(batch, graphs)`` reads a scheduled batch as those features: ``train_tokens`` are
+forward+backward tokens, ``kv_tokens_read`` the KV positions attended over (see
+``ScheduledBatch.num_kv_tokens_read``), ``mixed`` is 1 for a step that runs eagerly (``is_eager``: the
+runner replays only the steps ``GraphPaths`` says from CUDA graphs), so ``c6`` is the fixed price of
+leaving the graph path (about 0 without graphs); ``training`` is 1 for a step with training or eval
+rows, whose fixed price ``c7`` is the backward pass's and the optimizers' launches.
 
-The fit keeps **one window per regime** (decode-only graph steps, graph steps with prompt rows,
-eager inference steps, steps with training rows, ...: ``_regime``), each of the last ``window`` steps of
-its kind and none older than ``max_age`` steps in all. With one shared window, graph steps (over 90 %
-of a served GPU's steps) pushed the rare regimes out: the window held a handful of training steps, and
-the prompt tokens some of them carried stood in for their cost (on the H200: 74 ms per prompt token,
-next to a training token price at its floor). The solve is bounded: a coefficient below its floor is
-pinned there and the others are solved again without it (``_solve_bounded``), never clamped after the
-fact.
+Invariants of the fit (``StepTimeModel``):
 
-Once the model has seen ``robust_after`` steps, a measurement is clipped to ``outlier_factor`` times the
-prediction plus ``outlier_slack_s`` before it enters the fit: one-off slow steps (a kernel compiled on
-first use, an allocator growing, a host hiccup) would otherwise be read as a huge per-token price of
-whatever feature the step happened to carry, and starve that kind of work for a whole window. A true
-change in cost still gets through: each clipped step pulls the fit up by up to that factor. In the
-rare regimes, a lone step more than ``drop_ratio`` times its prediction while the regime's newest step
-is not is dropped from the window (``_drop_lone_outlier``): there it would otherwise weigh on a fit of a
-few samples for a long time.
+- ridge regression *towards the prior* coefficients, one pseudo-observation per feature scaled to
+  that feature's magnitude: a feature never seen keeps its prior, a feature seen before but not in
+  the current window keeps its last fitted value, and a collinear window stays well posed;
+- coefficients are >= 0, and the prices of a prompt, training and eval token at least
+  ``token_floor`` of the prior's (a window of equal-sized training steps cannot tell the fixed price
+  from the per-token one); the solve is bounded (``_solve_bounded``), never clamped after the fact;
+- one window per regime (``_regime``: graph decode, graph steps with prompt rows, eager inference,
+  training, ...), each of the last ``window`` steps of its kind and none older than ``max_age`` steps
+  in all, so the frequent graph steps never push the rare regimes out of the fit;
+- once ``robust_after`` steps were seen, a measurement is clipped to ``outlier_factor`` times the
+  prediction plus ``outlier_slack_s`` before it enters the fit, and in the rare regimes a lone sample
+  more than ``drop_ratio`` times its prediction (while the newest is not) is dropped
+  (``_drop_lone_outlier``): one-off slow steps must not price a kind of work out for a window.
 
 Pure Python (8x8 normal equations): no numpy/torch, no clocks.
 """
@@ -46,6 +36,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+
+from loquetier.engine.sequence import ScheduledBatch
 
 NUM_FEATURES = 8
 FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval_tokens", "kv_tokens_read",
@@ -111,6 +103,53 @@ class StepCost:
 
     def predict_vector(self, x: tuple[float, ...]) -> float:
         return sum(c * v for c, v in zip(self.as_tuple(), x, strict=True))
+
+
+@dataclass(frozen=True)
+class GraphPaths:
+    """Which steps the runner replays from CUDA graphs: the scheduler's picture of the runner.
+
+    ``decode``: decode-only steps do. ``max_rows`` > 0: inference steps (prompt and decode rows, no
+    training) of at most that many rows do too, unless their prompt rows read more than
+    ``max_mean_context`` keys each on average (0: no such limit). The runner may give prefill graphs
+    up (a capture that fails): ``Scheduler.fall_back_from_prefill_graphs`` records that.
+    """
+
+    decode: bool = False
+    max_rows: int = 0
+    max_mean_context: int = 0
+
+
+def is_eager(graphs: GraphPaths, prefill_tokens: int, decode_rows: int, train_tokens: int,
+             prefill_reads: int = 0) -> int:
+    """1 for a step that runs eagerly: training or eval rows, or prefill rows past the graphs' rows,
+    or prompt rows reading more than ``graphs.max_mean_context`` keys each on average
+    (``prefill_reads``: the keys all of them read). A step counted as a graph step that ran eagerly
+    would price the eager step's fixed cost into its few prompt tokens."""
+    if train_tokens:
+        return 1
+    if not prefill_tokens:
+        return 0
+    if not (graphs.decode and graphs.max_rows) or prefill_tokens + decode_rows > graphs.max_rows:
+        return 1
+    return int(bool(graphs.max_mean_context) and prefill_reads > graphs.max_mean_context * prefill_tokens)
+
+
+def step_features(batch: ScheduledBatch, graphs: GraphPaths, train_tokens: int | None = None,
+                  eval_tokens: int | None = None) -> StepFeatures:
+    """The features of ``batch``; ``train_tokens`` / ``eval_tokens`` None: as granted (else: as used)."""
+    train = batch.num_train_tokens if train_tokens is None else train_tokens
+    evals = batch.num_eval_tokens if eval_tokens is None else eval_tokens
+    return StepFeatures(
+        prefill_tokens=batch.num_prefill_tokens,
+        decode_rows=batch.num_decode_rows,
+        train_tokens=train,
+        eval_tokens=evals,
+        kv_tokens_read=batch.num_kv_tokens_read,
+        mixed=is_eager(graphs, batch.num_prefill_tokens, batch.num_decode_rows, train + evals,
+                       batch.num_prefill_row_reads),
+        training=int(bool(train or evals)),
+    )
 
 
 class StepTimeModel:
