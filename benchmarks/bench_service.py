@@ -33,7 +33,6 @@ import os
 import sys
 import tempfile
 import time
-import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -125,10 +124,8 @@ def engine_env(args: argparse.Namespace) -> dict[str, Any]:
 def engine_limits(args: argparse.Namespace) -> dict[str, Any]:
     """The worker's own conversion of those settings (``loquetier worker``), for the replay."""
     from loquetier.settings import EngineSettings
-    from loquetier.workers.cli import engine_limits as worker_limits
 
-    limits = worker_limits(types.SimpleNamespace(engine=EngineSettings(**engine_env(args))))  # type: ignore[arg-type]
-    return {**limits, "seed": args.seed}
+    return {**EngineSettings(**engine_env(args)).limits(), "seed": args.seed}
 
 
 # --- 1. the service -------------------------------------------------------------------------------

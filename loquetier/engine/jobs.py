@@ -20,7 +20,7 @@ from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, Jo
 from loquetier.engine.scheduling.scheduler import Scheduler
 from loquetier.engine.work import WorkRunner
 from loquetier.lora.adapter import LoRAAdapter
-from loquetier.lora.config import AdapterError, LoRAConfig
+from loquetier.lora.config import AdapterCapacityError, AdapterError, LoRAConfig
 from loquetier.lora.data import DataError, PreparedData, TrainSequence, data_fingerprint, tokenize_examples
 from loquetier.lora.evaluate import EvaluationJob
 from loquetier.lora.job import TrainingJob
@@ -128,6 +128,8 @@ class JobBook:
                 init, cfg = self._init(base_adapter, lora)
                 job = TrainingJob(job_id, adapter_id, self.adapters, seqs, params, lora=cfg, init=init,
                                   eval_data=eval_seqs, data_fingerprint=fingerprint)
+        except AdapterCapacityError as exc:
+            raise EngineError("no_slot", str(exc)) from exc
         except AdapterError as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
         except (TypeError, ValueError) as exc:

@@ -17,6 +17,11 @@ class AdapterError(ValueError):
     """An adapter (config, weights, files or id) that Loquetier cannot use, with the reason."""
 
 
+class AdapterCapacityError(AdapterError):
+    """The adapter is fine but does not fit now: the CPU budget is held by adapters in use.
+    The same request may succeed later (wire code ``no_slot``)."""
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """rank ``r``, ``alpha``, ``dropout``, the targeted linears and the rsLoRA flag.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter import LoRAAdapter, check_rank, resolve_adapter_dir
-from .config import AdapterError, LoRAConfig
+from .config import AdapterCapacityError, AdapterError, LoRAConfig
 from .pool import LoRASlotPool
 
 
@@ -254,9 +254,9 @@ class AdapterManager:
                 entry.adapter = None
                 used -= entry.num_bytes
         if used + num_bytes > self.max_cpu_bytes:
-            raise AdapterError(f"adapter of {num_bytes} bytes does not fit the CPU budget of "
-                               f"{self.max_cpu_bytes} bytes ({used} held by pinned, used or in-memory "
-                               "adapters)")
+            raise AdapterCapacityError(f"adapter of {num_bytes} bytes does not fit the CPU budget of "
+                                       f"{self.max_cpu_bytes} bytes ({used} held by pinned, used or in-memory "
+                                       "adapters; LOQUETIER_ENGINE__ADAPTER_CACHE_BYTES raises it)")
 
     def _free_inference_slot(self) -> int | None:
         for slot in range(self.pool.num_train_slots, self.pool.num_slots):
