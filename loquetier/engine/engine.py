@@ -32,7 +32,7 @@ from loquetier.engine.events import EngineEvent, JobFinished, RequestFailed
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
 from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
-from loquetier.engine.kv_cache import BlockManager, KVCache
+from loquetier.engine.kv_cache import BlockManager
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduler import Scheduler, SchedulerConfig
@@ -46,6 +46,7 @@ from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
 from loquetier.models.attention import decode_uses_triton
+from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
 
 _WARMUP_ADAPTER = "__loquetier_warmup__"

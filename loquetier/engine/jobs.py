@@ -20,6 +20,8 @@ from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, Jo
 from loquetier.engine.scheduler import Scheduler
 from loquetier.engine.work import WorkRunner
 from loquetier.lora.adapter import LoRAAdapter
+from loquetier.lora.checkpoint import dump as dump_checkpoint
+from loquetier.lora.checkpoint import restore as restore_checkpoint
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.data import DataError, PreparedData, TrainSequence, data_fingerprint, tokenize_examples
 from loquetier.lora.evaluate import EvaluationJob
@@ -117,8 +119,8 @@ class JobBook:
         eval_seqs = self._sequences(eval_data, params.micro_batch_tokens)[0] if eval_data is not None else None
         try:
             if checkpoint is not None:
-                job = TrainingJob.restore(checkpoint, self.adapters, seqs, eval_data=eval_seqs,
-                                          data_fingerprint=fingerprint)
+                job = restore_checkpoint(checkpoint, self.adapters, seqs, eval_data=eval_seqs,
+                                         data_fingerprint=fingerprint)
                 if job.job_id != job_id or job.adapter_id != adapter_id:
                     self.adapters.release_train_slot(job.adapter_id)
                     raise EngineError("invalid_job", f"checkpoint belongs to job {job.job_id!r} "
@@ -303,7 +305,7 @@ class JobBook:
             self._register(t.child)
             return events
         if job.should_checkpoint:
-            events.append(JobCheckpoint(job.job_id, job.step, job.checkpoint()))
+            events.append(JobCheckpoint(job.job_id, job.step, dump_checkpoint(job)))
         if job.is_done:
             trained = job.finish()  # first: weights it refuses leave the job registered, to be failed
             self._unregister(job.job_id)

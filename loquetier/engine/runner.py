@@ -11,12 +11,13 @@ import torch
 
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs, DecodeRow, PrefillRows
-from loquetier.engine.kv_cache import BlockManager, KVCache
+from loquetier.engine.kv_cache import BlockManager
 from loquetier.engine.sampler import SamplingTensors, sample
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch
 from loquetier.engine.work import Piece
 from loquetier.lora.manager import AdapterManager
 from loquetier.models.batch import BatchBuilder
+from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
 from loquetier.models.loss import weighted_loss
 

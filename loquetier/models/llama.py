@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loquetier.engine.kv_cache import KVCache
 from loquetier.kernels import SMLMMeta, lora_linear, variant_metas
 from loquetier.lora.pool import LoRASlotPool, ModelDims
 
 from .attention import paged_attention, varlen_attention, write_kv
 from .batch import ForwardBatch
 from .config import ModelConfig
+from .kv_cache import KVCache
 from .loader import load_config, load_state_dict
 from .loss import chunked_cross_entropy
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
