@@ -34,19 +34,13 @@ from . import adapter_paths
 from . import store as q
 from .adapters import AdapterSync, lora_fields
 from .engine_client import EngineClient
+from .errors import ControlError
 from .inference import Inference
 from .jobs import JobRunner
 from .publisher import Publisher
 from .store import Store
 
 log = logging.getLogger(__name__)
-
-
-class ControlError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 Outcome = tuple[str, int | None]  # (message, adapter_version)
