@@ -33,6 +33,7 @@ from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
 from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager
+from loquetier.engine.postprocess import request_events
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduler import Scheduler, SchedulerConfig
@@ -439,7 +440,7 @@ class Engine:
         for seq in self.scheduler.running:
             if self.blocks.has_seq(seq.seq_id):
                 self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
-        events = failed + self.requests.events(step_events, run.logprobs, self.scheduler, self._clock)
+        events = failed + request_events(step_events, run.logprobs, self.requests, self.scheduler, self._clock)
         events += self.jobs.after_step(run)
         return events
 
