@@ -36,7 +36,7 @@ from .adapters import AdapterSync, lora_fields
 from .engine_client import EngineClient
 from .errors import ControlError
 from .inference import Inference
-from .jobs import JobRunner
+from .jobs import LeasedJobs
 from .publisher import Publisher
 from .store import Store
 
@@ -54,7 +54,7 @@ class Control:
         publisher: Publisher,
         adapters: AdapterSync,
         *,
-        jobs: JobRunner,
+        jobs: LeasedJobs,
         inference: Inference,
         settings: WorkerSettings,
         worker_id: str,

@@ -22,7 +22,7 @@ from loquetier.db import repo
 from loquetier.db.models import JobRow
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
-from loquetier.messages import CheckpointResult, ErrorResult, JobDoneResult, ProgressResult, TrainingJob
+from loquetier.messages import CheckpointResult, ErrorResult, JobDoneResult, ProgressResult, TrainingJobRecord
 from loquetier.settings import WorkerSettings
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
@@ -42,7 +42,7 @@ JobEvent = JobProgress | JobEvaluated | JobCheckpoint | JobFinished
 
 @dataclass
 class RunningJob:
-    job: TrainingJob
+    job: TrainingJobRecord
     step: int = 0
     total_steps: int | None = None
     loss: float | None = None
@@ -50,7 +50,10 @@ class RunningJob:
     last_report: float = 0.0
 
 
-class JobRunner:
+class LeasedJobs:
+    """The training and eval jobs this worker holds a lease on: claimed from Postgres, run in the
+    engine, their progress, checkpoints and outcome recorded and published."""
+
     def __init__(
         self,
         client: EngineClient,

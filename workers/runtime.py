@@ -36,7 +36,7 @@ from .control import Control
 from .engine_client import EngineClient, EngineLike, StepFailed
 from .inference import Inference
 from .intake import Intake
-from .jobs import JobRunner
+from .jobs import LeasedJobs
 from .publisher import Publisher
 from .reconcile import Reconciler
 from .store import Store
@@ -89,7 +89,7 @@ class Worker:
             inflight=self._num_inflight,
             drain_timeout_s=self.drain_timeout_s,
         )
-        self.jobs = JobRunner(
+        self.jobs = LeasedJobs(
             self.client,
             self.store,
             self.publisher,
