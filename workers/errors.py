@@ -12,10 +12,10 @@ import logging
 from typing import Any
 
 from loquetier.codec import RecordError
+from loquetier.db.store import StoreError  # a database refusal, already mapped to a code without SQL
 from loquetier.engine.errors import EngineError
 
 from .adapter_paths import PathRefused
-from .store import StoreError  # a database refusal, already mapped to a code without SQL
 
 INTERNAL = "internal"
 MAX_MESSAGE_CHARS = 2000

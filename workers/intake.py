@@ -14,6 +14,7 @@ from typing import Any, get_args
 
 from loquetier.codec import MAX_ID_CHARS, Limits, check_key
 from loquetier.db import repo
+from loquetier.db.store import Store
 from loquetier.messages import (
     ControlAck,
     ControlAction,
@@ -33,7 +34,6 @@ from .inference import Inference
 from .jobs import LeasedJobs
 from .metrics import RECORDS
 from .publisher import Publisher
-from .store import Store
 
 log = logging.getLogger(__name__)
 

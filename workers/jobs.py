@@ -20,6 +20,7 @@ from typing import Any
 
 from loquetier.db import repo
 from loquetier.db.models import JobRow
+from loquetier.db.store import Store
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
 from loquetier.messages import CheckpointResult, ErrorResult, JobDoneResult, ProgressResult, TrainingJobRecord
@@ -33,7 +34,6 @@ from .errors import public_error
 from .inference import POISONED, poisoned_message
 from .metrics import QUEUE_DEPTH
 from .publisher import Publisher
-from .store import Store
 
 log = logging.getLogger(__name__)
 

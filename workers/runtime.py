@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 
 from loquetier.codec import Limits
 from loquetier.db import repo
+from loquetier.db.store import Store
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress, TokenEvent
 from loquetier.settings import Settings
 
 from . import metrics
-from . import store as q
 from .adapters import AdapterSync
 from .consumer import Consumer
 from .control import Control
@@ -39,7 +39,6 @@ from .intake import Intake
 from .jobs import LeasedJobs
 from .publisher import Publisher
 from .reconcile import Reconciler
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +298,7 @@ class Worker:
         while True:
             try:
                 await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id))
-                status = await self.store.tx(lambda s: q.worker_status(s, self.worker_id))
+                status = await self.store.tx(lambda s: repo.worker_status(s, self.worker_id))
                 if status == "draining":
                     self.request_stop()
                 await self.jobs.heartbeat()
