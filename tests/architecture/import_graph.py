@@ -3,7 +3,8 @@
 Modules are named as installed: ``loquetier/...`` as ``loquetier.*`` and the user's top-level
 folders under the namespace they are mapped to (``kernels/`` → ``loquetier.kernels``, ...).
 Every import counts, wherever it sits: at module level, inside a function (a lazy import is
-still a dependency) and under ``if TYPE_CHECKING:`` (a type is part of a module's contract).
+still a dependency), under ``if TYPE_CHECKING:`` (a type is part of a module's contract), and
+``importlib.import_module("a.b")`` / ``__import__("a.b")`` with a constant name.
 """
 
 from __future__ import annotations
@@ -78,7 +79,17 @@ def _imports_of(module: Module) -> list[Import]:
         elif isinstance(node, ast.ImportFrom):
             target = _resolve_relative(module, node.level, node.module) if node.level else node.module or ""
             found.append(Import(target, node.lineno, tuple(alias.name for alias in node.names)))
+        elif isinstance(node, ast.Call) and _is_import_call(node.func) and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found.append(Import(arg.value, node.lineno))
     return found
+
+
+def _is_import_call(func: ast.expr) -> bool:
+    if isinstance(func, ast.Attribute):
+        return func.attr == "import_module"
+    return isinstance(func, ast.Name) and func.id in ("import_module", "__import__")
 
 
 def load_modules() -> dict[str, Module]:
@@ -89,6 +100,10 @@ def load_modules() -> dict[str, Module]:
         module.imports = _imports_of(module)
         modules[name] = module
     return modules
+
+
+def top_level(target: str) -> str:
+    return target.split(".", maxsplit=1)[0]
 
 
 def internal_edges(modules: dict[str, Module]) -> dict[str, set[str]]:
