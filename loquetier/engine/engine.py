@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
+from loquetier.engine.admission import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.decode_window import DecodeWindow
 from loquetier.engine.errors import EngineError
