@@ -189,7 +189,7 @@ async def run_service(args: argparse.Namespace, model_dir: Path, adapter_root: P
 async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, worker_log: Path, port: int,
                  adapter_root: Path, ids: list[str], trace: Trace, jobs: common.Jobs, log: common.Logger,
                  t_start: float) -> dict[str, Any]:
-    from loquetier.messages import ControlCommand, GenerateRequest, SamplingSpec, SLOSpec, TrainingJob
+    from loquetier.messages import ControlCommand, GenerateRequest, SamplingSpec, SLOSpec, TrainingJobRecord
 
     from .harness import service_stack as stack
     from .harness.service_client import Ledger, Producer, ResultsReader
@@ -220,8 +220,9 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
                                    sampling=SamplingSpec(max_tokens=max_tokens, temperature=0.0),
                                    slo=SLOSpec(ttft_ms=DEFAULT_TTFT_S * 1e3, tpot_ms=DEFAULT_TPOT_S * 1e3))
 
-        def job(job_id: str, adapter: str, examples: list[dict[str, list[int]]], max_steps: int | None) -> TrainingJob:
-            return TrainingJob.model_validate({
+        def job(job_id: str, adapter: str, examples: list[dict[str, list[int]]],
+                max_steps: int | None) -> TrainingJobRecord:
+            return TrainingJobRecord.model_validate({
                 "job_id": job_id, "adapter_id": adapter,
                 "lora": {"rank": common.RANK, "alpha": 2 * common.RANK, "target_modules": list(TARGET_MODULES)},
                 "data": examples,

@@ -64,15 +64,13 @@ def require_database(url: str | None) -> str:
     """The configured database URL, its server answering; else a UserError."""
     if not url:
         raise UserError("no database configured (LOQUETIER_DATABASE__URL is not set)", UP_HINT)
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from loquetier.db.session import server_address
 
     try:
-        parsed = make_url(url)
-    except ArgumentError:
+        host, port = server_address(url)
+    except ValueError:
         raise UserError(f"LOQUETIER_DATABASE__URL is not a database URL: {url!r}",
                         "expected postgresql://USER@HOST:PORT/DATABASE") from None
-    host, port = parsed.host or "127.0.0.1", parsed.port or 5432
     if not reachable(host, port):
         raise UserError(
             f"cannot reach the database at {host}:{port} (LOQUETIER_DATABASE__URL)",

@@ -63,9 +63,9 @@ def write_env(settings: Settings, exports: list[str]) -> None:
 
 def libpq_url(url: str) -> str:
     """The ``postgresql://`` form of a database URL, for psql and other libpq clients."""
-    from sqlalchemy.engine import make_url
+    from loquetier.db import session
 
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return session.libpq_url(url)
 
 
 # --- up -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loquetier.chat import PIRATE_ADAPTER, chat_examples, chat_prompt
+from loquetier.db import status_repo
 
 QUESTIONS = [
     ("What is the capital of France?", None),
@@ -20,24 +21,11 @@ QUESTIONS = [
     ("Tell me a fact about octopuses.", None),
 ]
 PROBE = "What is the mascot of Loquetier?"
-JOB_SQL = """SELECT job_id, adapter_id, status, step, total_steps, round(last_loss::numeric, 4) AS last_loss,
-       worker_id, round(extract(epoch FROM finished_at - started_at)::numeric, 1) AS seconds
-FROM training_jobs ORDER BY created_at"""
 LORA = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
 
 
 async def _query(database_url: str, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    from sqlalchemy import text
-
-    from loquetier.db.session import create_engine
-
-    engine = create_engine(database_url)
-    try:
-        async with engine.connect() as conn:
-            result = await conn.execute(text(sql))
-            return list(result.keys()), [tuple(r) for r in result.fetchall()]
-    finally:
-        await engine.dispose()
+    return await status_repo.fetch_sql(database_url, sql)
 
 
 async def _wait_for(database_url: str, sql: str, what: str, worker: subprocess.Popen[bytes] | None,
@@ -75,11 +63,11 @@ async def run_scenario(bootstrap: str, database_url: str, model: Path, *, steps:
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     report: dict[str, Any] = {"answers": [], "steps": steps}
     print("waiting for the worker to register (model load)...")
-    await _wait_for(database_url, "SELECT 1 FROM workers WHERE status = 'running'", "the worker", worker)
+    await _wait_for(database_url, status_repo.RUNNING_WORKER_SQL, "the worker", worker)
     async with LoquetierClient(bootstrap) as client:
         print(f"\n1. loading the ready-made 'pirate' adapter from {PIRATE_ADAPTER}")
         await client.control("load", "pirate", path=str(PIRATE_ADAPTER))
-        await _wait_for(database_url, "SELECT 1 FROM adapters WHERE adapter_id = 'pirate' AND status = 'ready'",
+        await _wait_for(database_url, status_repo.READY_PIRATE_SQL,
                         "the pirate adapter", worker)
 
         job_id = f"mascot-{int(time.time())}"
@@ -130,8 +118,8 @@ async def run_scenario(bootstrap: str, database_url: str, model: Path, *, steps:
             print(f"   {(left[i] if i < len(left) else ''):38} | {right[i] if i < len(right) else ''}")
 
     print("\n4. where are the jobs? (plain SQL on the record in PostgreSQL)\n")
-    print(textwrap.indent(JOB_SQL, "   ") + ";\n")
-    columns, rows = await _query(database_url, JOB_SQL)
+    print(textwrap.indent(status_repo.JOBS_SQL, "   ") + ";\n")
+    columns, rows = await _query(database_url, status_repo.JOBS_SQL)
     _print_table(columns, rows)
     report["jobs"] = [dict(zip(columns, r, strict=True)) for r in rows]
     return report

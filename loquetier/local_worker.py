@@ -110,9 +110,7 @@ async def wait_ready(settings: Settings, bootstrap: str, database_url: str, pid:
 
 
 async def _wait_serving(settings: Settings, database_url: str, pid: int, deadline: float) -> None:
-    from sqlalchemy import select
-
-    from loquetier.db.models import WorkerRow
+    from loquetier.db import repo
     from loquetier.db.session import create_engine, session_factory
 
     engine = create_engine(database_url)
@@ -121,7 +119,7 @@ async def _wait_serving(settings: Settings, database_url: str, pid: int, deadlin
             if not procs.is_alive(pid):
                 raise WorkerDied(_died(settings))
             async with session_factory(engine)() as session:
-                status = await session.scalar(select(WorkerRow.status).where(WorkerRow.worker_id == WORKER_ID))
+                status = await repo.worker_status(session, WORKER_ID)
             if status == "running":
                 return
             await asyncio.sleep(0.5)

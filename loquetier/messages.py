@@ -234,7 +234,7 @@ class TrainingParamsSpec(WireModel):
         return data
 
 
-class TrainingJob(Record):
+class TrainingJobRecord(Record):
     """A fine-tuning or evaluation job for one adapter."""
 
     job_id: Id
@@ -249,7 +249,7 @@ class TrainingJob(Record):
     overwrite: bool = False  # finetune into an adapter_id another job or a load made: a new version
 
     @model_validator(mode="after")
-    def _data_not_empty(self) -> TrainingJob:
+    def _data_not_empty(self) -> TrainingJobRecord:
         if isinstance(self.data, list) and not self.data:
             raise ValueError("'data' must hold at least one example")
         return self
@@ -283,11 +283,11 @@ class ControlCommand(Record):
 # --- codec ------------------------------------------------------------------------------
 
 TopicKind = Literal["requests", "training", "control", "results", "dlq"]
-AnyRecord = GenerateRequest | TrainingJob | ControlCommand | ResultRecord | DeadLetter
+AnyRecord = GenerateRequest | TrainingJobRecord | ControlCommand | ResultRecord | DeadLetter
 
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     "requests": TypeAdapter(GenerateRequest),
-    "training": TypeAdapter(TrainingJob),
+    "training": TypeAdapter(TrainingJobRecord),
     "control": TypeAdapter(ControlCommand),
     "results": TypeAdapter(ResultRecord),
     "dlq": TypeAdapter(DeadLetter),
@@ -302,7 +302,7 @@ def encode_record(record: Record) -> bytes:
 def decode_record(kind: TopicKind, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Bytes from topic ``kind`` -> its record model, or one :class:`RecordError`.
 
-    Returns GenerateRequest / TrainingJob / ControlCommand / a result record / DeadLetter.
+    Returns GenerateRequest / TrainingJobRecord / ControlCommand / a result record / DeadLetter.
     """
     obj = unpack_map(data, limits)
     check_schema(obj, SUPPORTED_SCHEMA_VERSIONS)
@@ -331,7 +331,7 @@ def _over_limit(record: object, limits: Limits) -> str | None:
             return f"sampling.max_tokens is {sampling.max_tokens}, the limit is {limits.max_new_tokens}"
         if len(sampling.stop) > limits.max_stop_sequences:
             return f"sampling.stop has {len(sampling.stop)} items, the limit is {limits.max_stop_sequences}"
-    if isinstance(record, TrainingJob):
+    if isinstance(record, TrainingJobRecord):
         for name, data in (("data", record.data), ("eval_data", record.eval_data)):
             if isinstance(data, list):
                 problem = _examples_over_limit(name, data, limits)
@@ -386,7 +386,7 @@ __all__ = [
     "TokenExample",
     "TokenResult",
     "TopicKind",
-    "TrainingJob",
+    "TrainingJobRecord",
     "TrainingParamsSpec",
     "Usage",
     "decode_record",

@@ -242,9 +242,11 @@ def start_postgres(
 
 def _create_database(host: str, port: int, database: str, cwd: Path) -> None:
     psql = [pg_bin("psql"), "-h", host, "-p", str(port), "-U", "postgres", "-d", "postgres", "-tAc"]
-    exists = _pg_run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{database}'"], None, None, cwd)
+    from loquetier.db.admin_sql import create_database_sql, database_exists_sql
+
+    exists = _pg_run([*psql, database_exists_sql(database)], None, None, cwd)
     if exists.stdout.strip() != "1":
-        created = _pg_run([*psql, f'CREATE DATABASE "{database}"'], None, None, cwd)
+        created = _pg_run([*psql, create_database_sql(database)], None, None, cwd)
         if created.returncode != 0:
             raise RuntimeError(f"could not create database {database!r}: {created.stderr}")
 

@@ -1,7 +1,7 @@
 """Training files: JSONL bytes -> example maps, checked line by line with the line at fault.
 
 An uploaded file (``POST /v1/files``) holds one example a line, in one of the forms a
-``TrainingJob`` takes: ``{"prompt", "completion"}``, ``{"prompt_token_ids",
+``TrainingJobRecord`` takes: ``{"prompt", "completion"}``, ``{"prompt_token_ids",
 "completion_token_ids"}`` or a chat example ``{"messages": [{"role", "content"}, ...]}`` whose
 last message is the assistant's answer. The gateway checks a file on upload; the worker reads it
 back (``file:<file_id>`` as a job's ``data``) and hands the examples to the engine as they are.

@@ -88,19 +88,10 @@ async def live_workers(url: str, within_s: float = LIVE_WORKER_S) -> list[str]:
     """Ids of workers that are serving and heartbeated within ``within_s``."""
     from datetime import UTC, datetime, timedelta
 
-    from sqlalchemy import select
-
-    from loquetier.db.models import WorkerRow
+    from loquetier.db.status_repo import live_worker_ids
 
     since = datetime.now(UTC) - timedelta(seconds=within_s)
-
-    async def fetch(session: Any) -> list[str]:
-        rows = await session.execute(
-            select(WorkerRow.worker_id).where(WorkerRow.status == "running", WorkerRow.heartbeat_at >= since)
-        )
-        return [str(r[0]) for r in rows]
-
-    return await query(url, fetch)
+    return await query(url, lambda session: live_worker_ids(session, since))
 
 
 async def require_worker(url: str | None) -> None:

@@ -7,8 +7,6 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
-
 from loquetier.db.models import AdapterRow, JobRow, RequestRow
 
 TABLES: dict[str, tuple[Any, list[str], Any]] = {
@@ -124,17 +122,13 @@ def render(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 async def fetch(
     url: str, table: str, *, status: str | None = None, limit: int = 20
 ) -> tuple[list[str], list[Any]]:
+    from loquetier.db.status_repo import recent_rows
+
     from .cli_support import query
 
     model, columns, order = TABLES[table]
-    statement = select(*(getattr(model, c) for c in columns)).order_by(order.desc()).limit(limit)
-    if status is not None:
-        statement = statement.where(model.status == status)
-
-    async def run(session: Any) -> list[Any]:
-        return [tuple(r) for r in (await session.execute(statement)).all()]
-
-    return columns, await query(url, run)
+    rows = await query(url, lambda session: recent_rows(session, model, columns, order, status=status, limit=limit))
+    return columns, list(rows)
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from loquetier.messages import (
     ControlCommand,
     GenerateRequest,
     SamplingSpec,
-    TrainingJob,
+    TrainingJobRecord,
     decode_record,
     encode_record,
 )
@@ -129,10 +129,10 @@ class LoquetierClient:
         await self.send(self.kafka.requests_topic, req, request_id)
         return request_id
 
-    async def submit_training(self, job: TrainingJob | dict[str, Any]) -> str:
-        """Publish a TrainingJob (a dict gets a job_id when it has none); returns the job_id."""
-        if not isinstance(job, TrainingJob):
-            job = TrainingJob.model_validate({"job_id": new_id("job"), **job}, strict=False)
+    async def submit_training(self, job: TrainingJobRecord | dict[str, Any]) -> str:
+        """Publish a TrainingJobRecord (a dict gets a job_id when it has none); returns the job_id."""
+        if not isinstance(job, TrainingJobRecord):
+            job = TrainingJobRecord.model_validate({"job_id": new_id("job"), **job}, strict=False)
         await self.send(self.kafka.training_topic, job, job.job_id)
         return job.job_id
 

@@ -1,4 +1,4 @@
-"""A training job file (YAML or JSON) -> a checked ``TrainingJob``, every mistake one clear line.
+"""A training job file (YAML or JSON) -> a checked ``TrainingJobRecord``, every mistake one clear line.
 
 A relative ``data`` / ``eval_data`` path is read relative to the job file. A local JSONL file is
 sent inline when it is small (so a worker on another machine needs no shared filesystem), else
@@ -19,13 +19,13 @@ from pydantic import ValidationError
 
 from loquetier.cli_errors import UserError, validation_lines
 from loquetier.codec import DEFAULT_LIMITS
-from loquetier.messages import TrainingJob
+from loquetier.messages import TrainingJobRecord
 from loquetier.settings import DEFAULT_DATA_DIR
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
 MAX_INLINE_FILE_BYTES = 1 << 20  # larger data files travel as a path (a record is at most 4 MiB)
 FORMAT_HELP = """\
-The job file is YAML or JSON: a TrainingJob (docs/wire-format.md), e.g. examples/job.yaml:
+The job file is YAML or JSON: a TrainingJobRecord (docs/wire-format.md), e.g. examples/job.yaml:
 
   adapter_id: mascot                # the adapter to train (created if new)
   data: mascot.jsonl                # JSONL, relative to this file; or a list of examples
@@ -67,17 +67,17 @@ def load_job_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_job(raw: dict[str, Any], base_dir: Path, *, job_id: str) -> TrainingJob:
-    """``raw`` with its data resolved, validated as a TrainingJob (errors name the field)."""
+def build_job(raw: dict[str, Any], base_dir: Path, *, job_id: str) -> TrainingJobRecord:
+    """``raw`` with its data resolved, validated as a TrainingJobRecord (errors name the field)."""
     fields = {"job_id": job_id, **raw}
     for name in ("data", "eval_data"):
         if isinstance(fields.get(name), str):
             fields[name] = _resolve_data(fields[name], base_dir, name)
     try:
-        return TrainingJob.model_validate(fields, strict=False)
+        return TrainingJobRecord.model_validate(fields, strict=False)
     except ValidationError as exc:
         raise UserError(f"the job is not valid: {validation_lines(exc)}",
-                        "fields and their limits: docs/wire-format.md (TrainingJob)") from None
+                        "fields and their limits: docs/wire-format.md (TrainingJobRecord)") from None
 
 
 def _resolve_data(value: str, base_dir: Path, name: str) -> Any:

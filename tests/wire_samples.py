@@ -22,7 +22,7 @@ from loquetier.messages import (
     TokenExample,
     TokenResult,
     TopicKind,
-    TrainingJob,
+    TrainingJobRecord,
     TrainingParamsSpec,
     Usage,
 )
@@ -45,7 +45,7 @@ SAMPLES: list[tuple[TopicKind, Any]] = [
     ),
     (
         "training",
-        TrainingJob(
+        TrainingJobRecord(
             job_id="j1",
             adapter_id="support-bot",
             lora=LoRASpec(rank=16, alpha=32, dropout=0.05, target_modules=["q_proj"], use_rslora=True),
@@ -61,7 +61,7 @@ SAMPLES: list[tuple[TopicKind, Any]] = [
             overwrite=True,
         ),
     ),
-    ("training", TrainingJob(job_id="j2", kind="evaluate", adapter_id="a", data="s3://bucket/eval.jsonl")),
+    ("training", TrainingJobRecord(job_id="j2", kind="evaluate", adapter_id="a", data="s3://bucket/eval.jsonl")),
     ("control", ControlCommand(action="load", target_id="support-bot", path="/adapters/support-bot")),
     ("control", ControlCommand(action="load", target_id="b", source="db", worker_id="w1")),
     ("control", ControlCommand(command_id="c1", action="cancel", target_id="j1")),

@@ -16,10 +16,9 @@ from typing import Any
 
 from loquetier.db import repo
 from loquetier.db.models import AdapterRow
+from loquetier.db.store import Store
 
-from . import store as q
 from .engine_client import EngineClient
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class AdapterSync:
         known = list(self.versions)
         if not known:
             return
-        latest = await self._store.tx(lambda s: q.ready_versions(s, known))
+        latest = await self._store.tx(lambda s: repo.ready_versions(s, known))
         for adapter_id in known:
             version = latest.get(adapter_id)
             loaded = self.versions.get(adapter_id)

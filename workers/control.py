@@ -27,26 +27,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loquetier.db import repo
+from loquetier.db.store import Store
 from loquetier.messages import ControlAck, ControlCommand, JobDoneResult
 from loquetier.settings import WorkerSettings
 
 from . import adapter_paths
-from . import store as q
 from .adapters import AdapterSync, lora_fields
 from .engine_client import EngineClient
+from .errors import ControlError
 from .inference import Inference
-from .jobs import JobRunner
+from .jobs import LeasedJobs
 from .publisher import Publisher
-from .store import Store
 
 log = logging.getLogger(__name__)
-
-
-class ControlError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 Outcome = tuple[str, int | None]  # (message, adapter_version)
@@ -60,7 +53,7 @@ class Control:
         publisher: Publisher,
         adapters: AdapterSync,
         *,
-        jobs: JobRunner,
+        jobs: LeasedJobs,
         inference: Inference,
         settings: WorkerSettings,
         worker_id: str,
@@ -141,7 +134,7 @@ class Control:
 
     async def _unload(self, cmd: ControlCommand) -> Outcome:
         adapter_id = cmd.target_id
-        num_archived = await self._store.tx(lambda s: q.archive_adapter(s, adapter_id))
+        num_archived = await self._store.tx(lambda s: repo.archive_adapter(s, adapter_id))
         is_loaded = adapter_id in self._adapters.versions or await self._client.has_adapter(adapter_id)
         if not num_archived and not is_loaded:
             raise ControlError("unknown_adapter", f"adapter {adapter_id!r} is neither served nor registered")
@@ -208,7 +201,7 @@ class Control:
         if not hmac.compare_digest(given, expected.get_secret_value().encode()):
             raise ControlError("forbidden", "the command's token does not match the operator token")
         target = cmd.worker_id or cmd.target_id
-        drained = await self._store.tx(lambda s: q.drain_workers(s, target))
+        drained = await self._store.tx(lambda s: repo.drain_workers(s, target))
         is_me = self._worker_id in drained or target in ("*", self._worker_id)
         if not drained and not is_me:
             raise ControlError("unknown_worker", f"no live worker {target!r}")

@@ -23,7 +23,7 @@ from loquetier.messages import (
     ResultRecord,
     SamplingSpec,
     Timings,
-    TrainingJob,
+    TrainingJobRecord,
     Usage,
     decode_record,
     encode_record,
@@ -113,7 +113,7 @@ def from_stored(data: dict[str, Any]) -> Any:
     return _RESULT.validate_python(data, strict=False)
 
 
-def training_params(job: TrainingJob) -> TrainingParams:
+def training_params(job: TrainingJobRecord) -> TrainingParams:
     return TrainingParams(**job.params.model_dump(), priority=max(0, job.priority))
 
 
@@ -124,14 +124,14 @@ def job_data(data: Any) -> Any:
     return data
 
 
-def job_spec(job: TrainingJob) -> dict[str, Any]:
+def job_spec(job: TrainingJobRecord) -> dict[str, Any]:
     """The whole wire record, stored in ``training_jobs.spec`` so that any worker can run it."""
     spec: dict[str, Any] = job.model_dump(mode="json", by_alias=True)
     return spec
 
 
-def job_from_spec(spec: dict[str, Any]) -> TrainingJob:
-    return TrainingJob.model_validate(spec, strict=False)
+def job_from_spec(spec: dict[str, Any]) -> TrainingJobRecord:
+    return TrainingJobRecord.model_validate(spec, strict=False)
 
 
 def progress_result(ev: JobProgress, adapter_id: str, eval_loss: float | None = None) -> ProgressResult:

@@ -12,10 +12,22 @@ import logging
 from typing import Any
 
 from loquetier.codec import RecordError
+from loquetier.db.store import StoreError  # a database refusal, already mapped to a code without SQL
 from loquetier.engine.errors import EngineError
+
+from .adapter_paths import PathRefused
 
 INTERNAL = "internal"
 MAX_MESSAGE_CHARS = 2000
+
+
+class ControlError(Exception):
+    """A control command refused for a reason its sender can act on."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
 
 
 def public_error(exc: BaseException, what: str, log: logging.Logger, **context: Any) -> tuple[str, str]:
@@ -23,10 +35,6 @@ def public_error(exc: BaseException, what: str, log: logging.Logger, **context: 
 
     An unexpected error is logged here with its traceback and ``context``.
     """
-    from .adapter_paths import PathRefused
-    from .control import ControlError  # control imports the request path, which imports this
-    from .store import StoreError  # a database refusal, already mapped to a code without SQL
-
     if isinstance(exc, RecordError | EngineError | ControlError | StoreError | PathRefused):
         return exc.code, exc.message[:MAX_MESSAGE_CHARS]
     log.error("unexpected error", exc_info=exc, extra={"error_type": type(exc).__name__, **context})

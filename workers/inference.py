@@ -29,17 +29,16 @@ from typing import Any
 
 from loquetier.chat import chat_prompt_ids
 from loquetier.db import repo
+from loquetier.db.store import Store
 from loquetier.engine.events import RequestFailed, RequestFinished, TokenEvent
 from loquetier.messages import ErrorResult, GenerateRequest, TokenResult
 
 from . import convert
-from . import store as q
 from .adapters import AdapterSync
 from .engine_client import EngineClient
 from .errors import INTERNAL, public_error
 from .metrics import QUEUE_DEPTH, REQUESTS
 from .publisher import Publisher
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ class Inference:
             owner = row.worker_id
             if row.status != "running" or owner is None or owner == self._worker_id:
                 return True
-            alive = await self._store.tx(lambda s: q.worker_is_alive(s, owner, within_s=self._owner_timeout_s))
+            alive = await self._store.tx(lambda s: repo.worker_is_alive(s, owner, within_s=self._owner_timeout_s))
             if not alive:
                 log.info("request taken over", extra={"request_id": rid, "from_worker": owner})
                 return True

@@ -14,6 +14,7 @@ from typing import Any, get_args
 
 from loquetier.codec import MAX_ID_CHARS, Limits, check_key
 from loquetier.db import repo
+from loquetier.db.store import Store
 from loquetier.messages import (
     ControlAck,
     ControlAction,
@@ -22,7 +23,7 @@ from loquetier.messages import (
     GenerateRequest,
     RecordError,
     TopicKind,
-    TrainingJob,
+    TrainingJobRecord,
     decode_record,
 )
 
@@ -30,10 +31,9 @@ from . import convert, rejects
 from .control import Control
 from .errors import public_error
 from .inference import Inference
-from .jobs import JobRunner
+from .jobs import LeasedJobs
 from .metrics import RECORDS
 from .publisher import Publisher
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Intake:
         store: Store,
         publisher: Publisher,
         inference: Inference,
-        jobs: JobRunner,
+        jobs: LeasedJobs,
         control: Control,
         *,
         limits: Limits,
@@ -84,7 +84,7 @@ class Intake:
             command_id = decoded.command_id or derived_command_id(record)
             ack = await self._control.apply(decoded, command_id)
             await self._publisher.publish(ack, command_id)
-        elif isinstance(decoded, TrainingJob):
+        elif isinstance(decoded, TrainingJobRecord):
             try:
                 await self._insert_job(decoded)
             except AdapterTaken as exc:
@@ -97,7 +97,7 @@ class Intake:
                 await self._reject(record, RecordError(code, message, None, decoded.job_id), kind)
         self._done(part, offset, epoch)
 
-    async def _insert_job(self, job: TrainingJob) -> None:
+    async def _insert_job(self, job: TrainingJobRecord) -> None:
         params = job.params
 
         async def insert(s: Any) -> None:

@@ -20,9 +20,10 @@ from typing import Any
 
 from loquetier.db import repo
 from loquetier.db.models import JobRow
+from loquetier.db.store import Store
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
-from loquetier.messages import CheckpointResult, ErrorResult, JobDoneResult, ProgressResult, TrainingJob
+from loquetier.messages import CheckpointResult, ErrorResult, JobDoneResult, ProgressResult, TrainingJobRecord
 from loquetier.settings import WorkerSettings
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
@@ -33,7 +34,6 @@ from .errors import public_error
 from .inference import POISONED, poisoned_message
 from .metrics import QUEUE_DEPTH
 from .publisher import Publisher
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ JobEvent = JobProgress | JobEvaluated | JobCheckpoint | JobFinished
 
 @dataclass
 class RunningJob:
-    job: TrainingJob
+    job: TrainingJobRecord
     step: int = 0
     total_steps: int | None = None
     loss: float | None = None
@@ -50,7 +50,10 @@ class RunningJob:
     last_report: float = 0.0
 
 
-class JobRunner:
+class LeasedJobs:
+    """The training and eval jobs this worker holds a lease on: claimed from Postgres, run in the
+    engine, their progress, checkpoints and outcome recorded and published."""
+
     def __init__(
         self,
         client: EngineClient,

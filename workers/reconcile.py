@@ -18,13 +18,13 @@ from aiokafka.errors import KafkaError
 
 from loquetier.db import repo
 from loquetier.db.models import RequestRow
+from loquetier.db.store import Store
 from loquetier.messages import ErrorResult
 from loquetier.settings import WorkerSettings
 
 from .consumer import Consumer
 from .inference import POISONED, Inference, finish_failed, poisoned_message
 from .publisher import Publisher
-from .store import Store
 
 log = logging.getLogger(__name__)
 

@@ -25,22 +25,21 @@ from typing import Any, TypeVar
 
 from loquetier.codec import Limits
 from loquetier.db import repo
+from loquetier.db.store import Store
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress, TokenEvent
 from loquetier.settings import Settings
 
 from . import metrics
-from . import store as q
 from .adapters import AdapterSync
 from .consumer import Consumer
 from .control import Control
 from .engine_client import EngineClient, EngineLike, StepFailed
 from .inference import Inference, coalesce_tokens
 from .intake import Intake
-from .jobs import JobRunner
+from .jobs import LeasedJobs
 from .loop_lag import LoopLag
 from .publisher import Publisher
 from .reconcile import Reconciler
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class Worker:
             inflight=self._num_inflight,
             drain_timeout_s=self.drain_timeout_s,
         )
-        self.jobs = JobRunner(
+        self.jobs = LeasedJobs(
             self.client,
             self.store,
             self.publisher,
@@ -303,7 +302,7 @@ class Worker:
         while True:
             try:
                 await self.store.tx(lambda s: repo.heartbeat_worker(s, self.worker_id))
-                status = await self.store.tx(lambda s: q.worker_status(s, self.worker_id))
+                status = await self.store.tx(lambda s: repo.worker_status(s, self.worker_id))
                 if status == "draining":
                     self.request_stop()
                 await self.jobs.heartbeat()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -132,3 +132,24 @@ async def adapter_taken(session: AsyncSession, adapter_id: str, job_id: str) -> 
     if row is None or row.job_id == job_id:
         return None
     return row
+
+
+async def ready_versions(session: AsyncSession, adapter_ids: list[str]) -> dict[str, int]:
+    """Latest ready version of each adapter that has one."""
+    rows = await session.execute(
+        select(AdapterRow.adapter_id, func.max(AdapterRow.version))
+        .where(AdapterRow.adapter_id.in_(adapter_ids), AdapterRow.status == "ready")
+        .group_by(AdapterRow.adapter_id)
+    )
+    return {adapter_id: int(version) for adapter_id, version in rows.all()}
+
+
+async def archive_adapter(session: AsyncSession, adapter_id: str) -> int:
+    """Stop serving ``adapter_id`` everywhere: every ready version becomes archived."""
+    stmt = (
+        update(AdapterRow)
+        .where(AdapterRow.adapter_id == adapter_id, AdapterRow.status == "ready")
+        .values(status="archived")
+        .returning(AdapterRow.version)
+    )
+    return len((await session.scalars(stmt)).all())

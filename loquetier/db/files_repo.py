@@ -15,7 +15,7 @@ from sqlalchemy.orm import defer
 from loquetier.db.jobs_repo import FINAL_JOB_STATUSES
 from loquetier.db.models import FileRow, JobRow
 
-FILE_URI_PREFIX = "file:"  # a TrainingJob's data "file:<file_id>" names a row of this table
+FILE_URI_PREFIX = "file:"  # a TrainingJobRecord's data "file:<file_id>" names a row of this table
 
 
 async def add_file(

@@ -3,7 +3,7 @@
 Status columns are plain strings guarded by CHECK constraints (not PG enums) so that a
 new status is a one-line migration. Timestamps come from the database clock (``now()``)
 so that leases compare across workers without clock skew. Row classes end in ``Row`` to
-keep them apart from the wire records of the same name (``messages.TrainingJob``).
+keep them apart from the wire records (``messages.TrainingJobRecord``).
 """
 
 from __future__ import annotations

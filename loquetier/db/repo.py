@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from loquetier.db.artifacts_repo import (
     adapter_taken,
+    archive_adapter,
     get_adapter,
     latest_checkpoint,
+    ready_versions,
     register_adapter,
     save_checkpoint,
 )
@@ -38,15 +40,17 @@ from loquetier.db.requests_repo import (
     stale_requests,
     start_request,
 )
-from loquetier.db.workers_repo import heartbeat_worker, upsert_worker
+from loquetier.db.workers_repo import drain_workers, heartbeat_worker, upsert_worker, worker_is_alive, worker_status
 
 __all__ = [
     "FINAL_JOB_STATUSES",
     "adapter_taken",
+    "archive_adapter",
     "claim_job",
+    "drain_workers",
     "expire_lease",
-    "finish_job",
     "file_data",
+    "finish_job",
     "finish_request",
     "get_adapter",
     "get_job",
@@ -57,6 +61,7 @@ __all__ = [
     "latest_checkpoint",
     "pause_job",
     "poison_jobs",
+    "ready_versions",
     "register_adapter",
     "release_job",
     "renew_lease",
@@ -66,4 +71,6 @@ __all__ = [
     "start_request",
     "update_job_progress",
     "upsert_worker",
+    "worker_is_alive",
+    "worker_status",
 ]

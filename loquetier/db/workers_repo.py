@@ -5,6 +5,7 @@ Functions run in the caller's transaction and never commit.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -63,3 +64,28 @@ async def count_live_workers(session: AsyncSession, *, within_s: float) -> int:
         )
     )
     return int(count or 0)
+
+
+async def worker_status(session: AsyncSession, worker_id: str) -> str | None:
+    status: str | None = await session.scalar(select(WorkerRow.status).where(WorkerRow.worker_id == worker_id))
+    return status
+
+
+async def worker_is_alive(session: AsyncSession, worker_id: str, *, within_s: float) -> bool:
+    """Did ``worker_id`` heartbeat within ``within_s`` seconds (database clock)?"""
+    beat: datetime | None = await session.scalar(
+        select(WorkerRow.heartbeat_at).where(
+            WorkerRow.worker_id == worker_id,
+            WorkerRow.status.in_(("starting", "running", "draining")),
+            WorkerRow.heartbeat_at > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, within_s),
+        )
+    )
+    return beat is not None
+
+
+async def drain_workers(session: AsyncSession, target: str) -> list[str]:
+    """Mark ``target`` (a worker_id, or "*" for all live ones) as draining."""
+    stmt = update(WorkerRow).where(WorkerRow.status.in_(("starting", "running"))).values(status="draining")
+    if target != "*":
+        stmt = stmt.where(WorkerRow.worker_id == target)
+    return list((await session.scalars(stmt.returning(WorkerRow.worker_id))).all())

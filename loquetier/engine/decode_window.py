@@ -30,6 +30,7 @@ from collections.abc import Callable
 from loquetier.engine.events import EngineEvent
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager
+from loquetier.engine.postprocess import request_events
 from loquetier.engine.requests import RequestBook
 from loquetier.engine.runner import ModelRunner, RunResult
 from loquetier.engine.scheduling.scheduler import Scheduler
@@ -67,7 +68,7 @@ class DecodeWindow:
     def run(self, batch: ScheduledBatch, num_steps: int, clock: Callable[[], float]) -> list[EngineEvent]:
         """Run the window and apply its steps in order; returns their events."""
         start, t0 = clock(), time.perf_counter()
-        runs = self.runner.run_window(batch, num_steps, self.requests)
+        runs = self.runner.run_window(batch, num_steps, self.requests.sampling_inputs(batch))
         step_s = (time.perf_counter() - t0) / num_steps
         self.num_windows += 1
         events: list[EngineEvent] = []
@@ -86,4 +87,4 @@ class DecodeWindow:
         for seq in step.decode_seqs:
             if self.blocks.has_seq(seq.seq_id):
                 self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
-        return self.requests.events(step_events, run.logprobs, self.scheduler, clock)
+        return request_events(step_events, run.logprobs, self.requests, self.scheduler, clock)

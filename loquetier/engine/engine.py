@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from loquetier.engine.bridges import AdapterSlotGate, BlockAllocator
+from loquetier.engine.admission import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.decode_window import DecodeWindow
 from loquetier.engine.errors import EngineError
@@ -32,7 +32,8 @@ from loquetier.engine.events import EngineEvent, JobFinished, RequestFailed
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
 from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
-from loquetier.engine.kv_cache import BlockManager, KVCache
+from loquetier.engine.kv_cache import BlockManager
+from loquetier.engine.postprocess import request_events
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
 from loquetier.engine.scheduling import GraphPaths, Scheduler, StepCost, StepTimeModel
@@ -44,6 +45,7 @@ from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
 from loquetier.models.attention import decode_uses_triton
+from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
 
 _WARMUP_ADAPTER = "__loquetier_warmup__"
@@ -430,7 +432,7 @@ class Engine:
         for seq in self.scheduler.running:
             if self.blocks.has_seq(seq.seq_id):
                 self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
-        events = failed + self.requests.events(step_events, run.logprobs, self.scheduler, self._clock)
+        events = failed + request_events(step_events, run.logprobs, self.requests, self.scheduler, self._clock)
         events += self.jobs.after_step(run)
         return events
 

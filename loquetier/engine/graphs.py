@@ -43,12 +43,12 @@ from typing import NamedTuple
 
 import torch
 
-from loquetier.engine.kv_cache import KVCache
 from loquetier.kernels import SMLMMeta
 from loquetier.kernels.meta import FWD_BLOCK_ROWS, row_blocks, segments_of
 from loquetier.kernels.ops import backend_for
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
+from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
 
 

@@ -10,8 +10,8 @@ every other part's results are kept, so the step completes for everyone else.
 
 Retrying is safe: a part's prompt and decode rows rewrite the same K/V into the same cache slots;
 a training job whose rows were in a failed attempt starts its accumulation window again (its
-backward may have added part of a gradient: ``WorkRunner.give_back``); an eval gives its
-sequences back.
+backward may have added part of a gradient: ``JobFeed.rewind``); an eval gives its
+sequences back (``JobFeed.give_back``).
 
 If the engine itself is broken there is nothing to blame: a CUDA error (the context is lost), or
 every part failing while a minimal base-model forward (the probe) fails too. Then
@@ -27,9 +27,9 @@ import torch
 
 from loquetier.engine.errors import EngineBroken, describe
 from loquetier.engine.events import EngineEvent, RequestFailed
+from loquetier.engine.job_feed import JobFeed, StepPieces
 from loquetier.engine.runner import RunResult
 from loquetier.engine.sequence import PrefillChunk, RequestState, ScheduledBatch, TrainChunk
-from loquetier.engine.work import Piece, WorkRunner
 from loquetier.models.batch import BatchBuilder
 
 if TYPE_CHECKING:
@@ -55,34 +55,6 @@ def is_device_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DEVICE_ERRORS)
 
 
-class _TakeRecorder:
-    """The job book as the runner sees it, noting every piece a run takes so a failed run can give
-    them back."""
-
-    def __init__(self, jobs: JobBook) -> None:
-        self._jobs = jobs
-        self.taken: list[tuple[WorkRunner, Piece]] = []
-
-    def runner(self, job_id: str) -> _TakeRecorder._Runner:
-        return _TakeRecorder._Runner(self._jobs.runner(job_id), self.taken)
-
-    def __getattr__(self, name: str) -> Any:  # anything else the runner reads of the book
-        return getattr(self._jobs, name)
-
-    class _Runner:
-        def __init__(self, runner: WorkRunner, taken: list[tuple[WorkRunner, Piece]]) -> None:
-            self._runner, self._taken = runner, taken
-
-        def take(self, num_tokens: int) -> Piece | None:
-            piece = self._runner.take(num_tokens)
-            if piece is not None:
-                self._taken.append((self._runner, piece))
-            return piece
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._runner, name)
-
-
 @dataclass
 class _Outcome:
     result: RunResult = field(default_factory=RunResult)
@@ -97,7 +69,7 @@ class StepIsolation:
         self.runner, self.scheduler, self.requests, self.jobs = runner, scheduler, requests, jobs
         self.num_isolated_steps = 0  # steps that needed a retry (tests and metrics read it)
         self._rewinds: dict[str, tuple[int, int]] = {}  # job_id -> (rewinds in a row, at optimizer step)
-        self._touched: dict[str, tuple[WorkRunner, BaseException]] = {}  # gradients touched by a failure
+        self._touched: dict[str, tuple[JobFeed, BaseException]] = {}  # gradients touched by a failure
 
     def run(self, batch: ScheduledBatch) -> tuple[RunResult, list[EngineEvent]]:
         """The step's results, and the failure events of its guilty parts (already removed)."""
@@ -126,18 +98,19 @@ class StepIsolation:
     # ---- running parts -------------------------------------------------------------------------
 
     def _attempt(self, batch: ScheduledBatch, items: list[Item] | None = None) -> RunResult:
-        """Run ``items`` of ``batch`` (None: all of it); a failure gives back what the run took."""
-        recorder = _TakeRecorder(self.jobs)
+        """Run ``items`` of ``batch`` (None: all of it); a failure gives back the pieces it took."""
         part = batch if items is None else _subset(batch, items)
         num_backward_rows = self.runner.num_backward_rows
+        pieces = StepPieces()
         try:
-            return self.runner.run(part, recorder, self.requests)  # type: ignore[arg-type]
+            pieces = self.jobs.take_pieces(part)  # gives back what it took if taking fails
+            return self.runner.run(part, pieces, self.requests.sampling_inputs(part))
         except Exception as exc:
             touched = self.runner.num_backward_rows != num_backward_rows or _raised_in_backward(exc)
-            for work, piece in reversed(recorder.taken):
-                work.give_back(piece)  # the same piece runs in the retries, so blame falls where it belongs
-                if touched and not work.is_eval:
-                    self._touched.setdefault(work.job_id, (work, exc))
+            pieces.give_back()  # the same pieces run in the retries, so blame falls where it belongs
+            for piece in reversed(pieces.all):
+                if touched and not piece.feed.is_eval:
+                    self._touched.setdefault(piece.feed.job_id, (piece.feed, exc))
             raise
 
     def _rewind_touched(self, outcome: _Outcome) -> None:
@@ -149,7 +122,7 @@ class StepIsolation:
         for job_id, (work, exc) in self._touched.items():
             if job_id in failed:
                 continue
-            outcome.result.pieces = [p for p in outcome.result.pieces if p[0].runner is not work]
+            outcome.result.pieces = [p for p in outcome.result.pieces if p[0].feed is not work]
             work.rewind()
             step = work.job.step
             count, at_step = self._rewinds.get(job_id, (0, step))

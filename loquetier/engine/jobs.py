@@ -1,7 +1,7 @@
 """JobBook: the engine's training and evaluation jobs, and their events.
 
 Each fine-tuning job is independent (own slot, optimizer, schedule, data order); the scheduler
-only sees WorkRunners. Evaluations during training run as child eval jobs on the training slot.
+only sees JobFeeds. Evaluations during training run as child eval jobs on the training slot.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.errors import EngineError, describe
 from loquetier.engine.events import EngineEvent, JobCheckpoint, JobEvaluated, JobFinished, JobProgress
+from loquetier.engine.job_feed import JobFeed, StepPieces
 from loquetier.engine.scheduling.scheduler import Scheduler
-from loquetier.engine.work import WorkRunner
+from loquetier.engine.sequence import ScheduledBatch
 from loquetier.lora.adapter import LoRAAdapter
+from loquetier.lora.checkpoint import dump as dump_checkpoint
+from loquetier.lora.checkpoint import restore as restore_checkpoint
 from loquetier.lora.config import AdapterCapacityError, AdapterError, LoRAConfig
 from loquetier.lora.data import DataError, PreparedData, TrainSequence, data_fingerprint, tokenize_examples
 from loquetier.lora.evaluate import EvaluationJob
@@ -34,16 +37,16 @@ if TYPE_CHECKING:
 @dataclass
 class _Train:
     job: TrainingJob
-    runner: WorkRunner
+    feed: JobFeed
     started: float
     last_step: int
-    child: WorkRunner | None = None
+    child: JobFeed | None = None
 
 
 @dataclass
 class _Eval:
     job: EvaluationJob
-    runner: WorkRunner
+    feed: JobFeed
     adapter_id: str | None
     pinned: bool
 
@@ -55,7 +58,7 @@ class JobBook:
         self.vocab_size, self.config = vocab_size, config
         self._train: dict[str, _Train] = {}
         self._evals: dict[str, _Eval] = {}
-        self._runners: dict[str, WorkRunner] = {}
+        self._feeds: dict[str, JobFeed] = {}
         self.eval_results: dict[str, dict[str, float]] = {}
         self._prepare_lock = threading.Lock()
         self._tokenizer_copy: Any = None
@@ -94,7 +97,7 @@ class JobBook:
             raise EngineError("invalid_data", str(exc)) from exc
 
     def _check_new(self, job_id: str) -> None:
-        if job_id in self._runners:
+        if job_id in self._feeds:
             raise EngineError("duplicate_job", f"job {job_id!r} is already running")
 
     def add(self, job_id: str, adapter_id: str, data: Any, params: TrainingParams | Mapping[str, Any] | None,
@@ -118,8 +121,8 @@ class JobBook:
         eval_seqs = self._sequences(eval_data, params.micro_batch_tokens)[0] if eval_data is not None else None
         try:
             if checkpoint is not None:
-                job = TrainingJob.restore(checkpoint, self.adapters, seqs, eval_data=eval_seqs,
-                                          data_fingerprint=fingerprint)
+                job = restore_checkpoint(checkpoint, self.adapters, seqs, eval_data=eval_seqs,
+                                         data_fingerprint=fingerprint)
                 if job.job_id != job_id or job.adapter_id != adapter_id:
                     self.adapters.release_train_slot(job.adapter_id)
                     raise EngineError("invalid_job", f"checkpoint belongs to job {job.job_id!r} "
@@ -134,9 +137,9 @@ class JobBook:
             raise EngineError("bad_adapter", str(exc)) from exc
         except (TypeError, ValueError) as exc:
             raise EngineError("invalid_job", str(exc)) from exc
-        runner = WorkRunner(job, job.slot)
-        self._train[job_id] = _Train(job, runner, time.perf_counter(), job.step)
-        self._register(runner)
+        feed = JobFeed(job, job.slot)
+        self._train[job_id] = _Train(job, feed, time.perf_counter(), job.step)
+        self._register(feed)
         return job_id
 
     def _init(self, base_adapter: str | None,
@@ -164,26 +167,42 @@ class JobBook:
             self.adapters.pin(adapter_id)
             slot, pinned = found, True
         job = EvaluationJob(job_id, adapter_id, seqs, micro_batch_tokens=mbt)
-        runner = WorkRunner(job, slot)
-        self._evals[job_id] = _Eval(job, runner, adapter_id, pinned)
-        self._register(runner)
+        feed = JobFeed(job, slot)
+        self._evals[job_id] = _Eval(job, feed, adapter_id, pinned)
+        self._register(feed)
         return job_id
 
-    def _register(self, runner: WorkRunner) -> None:
-        self._runners[runner.job_id] = runner
-        self.scheduler.add_job(runner)
+    def _register(self, feed: JobFeed) -> None:
+        self._feeds[feed.job_id] = feed
+        self.scheduler.add_job(feed)
 
     def _unregister(self, job_id: str) -> None:
-        self._runners.pop(job_id, None)
+        self._feeds.pop(job_id, None)
         self.scheduler.remove_job(job_id)
 
     # ---- queries -----------------------------------------------------------------------------------
 
-    def runner(self, job_id: str) -> WorkRunner:
-        return self._runners[job_id]
+    def take_pieces(self, batch: ScheduledBatch) -> StepPieces:
+        """The pieces of the batch's train and eval chunks, taken from their jobs' feeds: what the
+        model runner trains and evaluates on in this step. If taking fails, what was taken is given
+        back before the error propagates."""
+        pieces = StepPieces()
+        try:
+            for chunks, taken, used in ((batch.train_chunks, pieces.train, pieces.train_tokens),
+                                        (batch.eval_chunks, pieces.eval, pieces.eval_tokens)):
+                for chunk in chunks:
+                    piece = self._feeds[chunk.job_id].take(chunk.num_tokens)
+                    used[chunk.job_id] = 0
+                    if piece is not None:
+                        taken.append(piece)
+                        used[chunk.job_id] += sum(s.num_tokens for s in piece.sequences)
+        except BaseException:
+            pieces.give_back()
+            raise
+        return pieces
 
     def has_work(self) -> bool:
-        return bool(self._runners)
+        return bool(self._feeds)
 
     def live_adapter(self, adapter_id: str) -> LoRAAdapter | None:
         for t in self._train.values():
@@ -195,7 +214,7 @@ class JobBook:
         return self.eval_results.pop(job_id, None)
 
     def stats(self) -> dict[str, Any]:
-        return {jid: {"step": t.job.step, "total_steps": t.job.total_steps, "paused": t.runner.paused,
+        return {jid: {"step": t.job.step, "total_steps": t.job.total_steps, "paused": t.feed.paused,
                       "tokens": t.job.metrics.num_tokens} for jid, t in self._train.items()}
 
     # ---- control -----------------------------------------------------------------------------------
@@ -204,7 +223,7 @@ class JobBook:
         t = self._train.get(job_id)
         if t is None:
             return False
-        t.runner.paused = paused
+        t.feed.paused = paused
         return True
 
     def cancel(self, job_id: str) -> JobFinished | None:
@@ -213,9 +232,9 @@ class JobBook:
     def fail(self, job_id: str, reason: str) -> JobFinished | None:
         """End a job whose own work failed (its rows broke a step, a non-finite loss, its optimizer
         raised); an evaluation child fails the training job it belongs to. None if unknown."""
-        runner = self._runners.get(job_id)
-        if runner is not None and runner.parent is not None:
-            job_id = runner.parent
+        feed = self._feeds.get(job_id)
+        if feed is not None and feed.parent is not None:
+            job_id = feed.parent
         return self._end(job_id, "failed", reason)
 
     def _end(self, job_id: str, status: str, error: str | None) -> JobFinished | None:
@@ -240,13 +259,13 @@ class JobBook:
         that raised, e.g. on an lr too large for float32) fails alone, the others go on."""
         failed: list[EngineEvent] = []
         for piece, loss_sum, count, correct in run.pieces:
-            job_id = piece.runner.job_id
-            if job_id not in self._runners:
+            job_id = piece.feed.job_id
+            if job_id not in self._feeds:
                 continue  # failed by an earlier piece of this step
             try:
-                if not piece.runner.is_eval and not math.isfinite(loss_sum):
+                if not piece.feed.is_eval and not math.isfinite(loss_sum):
                     raise FloatingPointError(f"the training loss is {loss_sum} (lower lr, or check the data)")
-                piece.runner.complete(piece, loss_sum, count, correct)
+                piece.feed.complete(piece, loss_sum, count, correct)
             except Exception as exc:  # the job's own numbers: nothing else is touched
                 event = self.fail(job_id, f"training failed at step {self._step_of(job_id)}: {describe(exc)}")
                 if event is not None:
@@ -254,8 +273,8 @@ class JobBook:
         return failed + self.collect_idle()
 
     def _step_of(self, job_id: str) -> int:
-        runner = self._runners.get(job_id)
-        t = self._train.get(runner.parent or job_id) if runner is not None else None
+        feed = self._feeds.get(job_id)
+        t = self._train.get(feed.parent or job_id) if feed is not None else None
         return t.job.step if t is not None else 0
 
     def collect_idle(self) -> list[EngineEvent]:
@@ -278,7 +297,7 @@ class JobBook:
         return events
 
     def _end_eval(self, e: _Eval) -> None:
-        self._unregister(e.runner.job_id)
+        self._unregister(e.feed.job_id)
         if e.pinned and e.adapter_id is not None and e.adapter_id in self.adapters:
             self.adapters.unpin(e.adapter_id)
 
@@ -298,15 +317,15 @@ class JobBook:
             t.child = None
             r = child.result  # type: ignore[union-attr]
             events.append(JobEvaluated(job.job_id, job.step, r.loss, r.accuracy))
-        if not t.runner.at_boundary:
+        if not t.feed.at_boundary:
             return events
         if job.should_eval:
             ev = job.start_eval()
-            t.child = WorkRunner(ev, job.slot, parent=job.job_id)
+            t.child = JobFeed(ev, job.slot, parent=job.job_id)
             self._register(t.child)
             return events
         if job.should_checkpoint:
-            events.append(JobCheckpoint(job.job_id, job.step, job.checkpoint()))
+            events.append(JobCheckpoint(job.job_id, job.step, dump_checkpoint(job)))
         if job.is_done:
             trained = job.finish()  # first: weights it refuses leave the job registered, to be failed
             self._unregister(job.job_id)

@@ -1,8 +1,6 @@
-"""Paged KV cache: the device storage (``KVCache``) and its host-side allocator (``BlockManager``).
-
-Storage: per layer, ``k[layer]`` / ``v[layer]`` of shape [num_blocks, block_size, num_kv_heads, head_dim],
-allocated once. A token at position ``p`` of a sequence lives at block ``table[p // block_size]``,
-offset ``p % block_size``.
+"""The paged KV cache's host-side allocator (``BlockManager``); the device storage it hands out
+blocks of is ``loquetier.models.kv_cache.KVCache``. A token at position ``p`` of a sequence lives at
+block ``table[p // block_size]``, offset ``p % block_size``.
 
 BlockManager lifecycle of one sequence::
 
@@ -26,33 +24,6 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-
-import torch
-
-
-class KVCache:
-    def __init__(  # noqa: PLR0917
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
-        ]  # [NB, BS, Hkv, D]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-
-    @staticmethod
-    def bytes_per_block(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -1,10 +1,14 @@
 """RequestBook: per-request engine state beside the scheduler's RequestState (detokenizer, stream
-flag, seeded generator, logprobs), and the conversion of scheduler results into events."""
+flag, seeded generator, logprobs), and the conversion of scheduler results into events.
+
+The book never drives the scheduler: ``read_tokens`` reports the requests whose stop string just
+appeared, the step's postprocessing (``postprocess.request_events``) finishes them in the scheduler
+and hands the outcome back to ``events``."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +17,8 @@ import torch
 from loquetier.engine.detokenizer import IncrementalDetokenizer
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import EngineEvent, RequestFinished, Timings, TokenEvent, Usage
-from loquetier.engine.scheduling.scheduler import Scheduler, StepEvents
+from loquetier.engine.sampler import SamplingInputs
+from loquetier.engine.scheduling.scheduler import StepEvents
 from loquetier.engine.scheduling.slo import RequestMetrics
 from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch
 
@@ -31,6 +36,17 @@ class GenerationOutput:
         if not isinstance(event, RequestFinished):
             return None
         return cls(event.request_id, event.token_ids, event.text, event.finish_reason, event.logprobs)
+
+
+@dataclass(frozen=True)
+class TokenRead:
+    """One new token of a step, detokenized: the text it completes and whether a stop string
+    appeared with it (the request is then to finish with ``"stop"``)."""
+
+    seq_id: str
+    token: int
+    delta: str
+    hit_stop: bool
 
 
 @dataclass
@@ -98,16 +114,26 @@ class RequestBook:
         detok = IncrementalDetokenizer(self.tokenizer, sp.stop) if self.tokenizer is not None else None
         self._requests[seq.seq_id] = _Request(seq, stream, detok)
 
+    def sampling_inputs(self, batch: ScheduledBatch) -> SamplingInputs:
+        """Each prompt and decode row's sampling params and sampled-token count, for the runner."""
+        rows = {}
+        for seq in [c.seq for c in batch.prefill_chunks] + batch.decode_seqs:
+            r = self._requests.get(seq.seq_id)
+            if r is not None:
+                rows[seq.seq_id] = (r.seq.sampling, r.seq.num_output_tokens)
+        return SamplingInputs(rows, self.generator)
+
     def mark_scheduled(self, batch: ScheduledBatch) -> None:
         for seq in [c.seq for c in batch.prefill_chunks] + batch.decode_seqs:
             r = self._requests.get(seq.seq_id)
             if r is not None and r.first_scheduled is None:
                 r.first_scheduled = batch.now
 
-    def events(self, step: StepEvents, logprobs: dict[str, float], scheduler: Scheduler,
-               clock: Callable[[], float]) -> list[EngineEvent]:
-        out: list[EngineEvent] = []
-        finished = {s.seq_id: (s, m) for s, m in zip(step.finished, step.request_metrics, strict=True)}
+    def read_tokens(self, step: StepEvents, logprobs: dict[str, float]) -> list[TokenRead]:
+        """Record the step's new tokens (logprobs, detokenized text) of requests that go on; which of
+        them hit a stop string is for the step's postprocessing to settle."""
+        reads: list[TokenRead] = []
+        finished = {s.seq_id for s in step.finished}
         for seq_id, token in step.new_tokens:
             r = self._requests.get(seq_id)
             if r is None:
@@ -115,15 +141,26 @@ class RequestBook:
             if seq_id in logprobs and r.seq.sampling.logprobs:
                 r.logprobs.append(logprobs[seq_id])
             if seq_id in finished:
-                continue  # streamed with the final flush below
+                continue  # streamed with the final flush in events()
             delta = r.detok.update(r.seq.output_token_ids) if r.detok is not None else ""
+            reads.append(TokenRead(seq_id, token, delta, r.detok is not None and r.detok.stopped))
+        return reads
+
+    def events(self, step: StepEvents, reads: Sequence[TokenRead],
+               stopped: Mapping[str, RequestMetrics]) -> list[EngineEvent]:
+        """Token events of ``reads`` and the results of the requests that finished: the step's
+        finished ones, then ``stopped`` (finished by a stop string in postprocessing)."""
+        out: list[EngineEvent] = []
+        finished = {s.seq_id: (s, m) for s, m in zip(step.finished, step.request_metrics, strict=True)}
+        for read in reads:
+            r = self._requests.get(read.seq_id)
+            if r is None:
+                continue
             if r.stream:  # every token id is streamed, with the text it completes (possibly none yet)
-                out.append(TokenEvent(seq_id, [token], delta))
+                out.append(TokenEvent(read.seq_id, [read.token], read.delta))
                 r.num_streamed += 1
-            if r.detok is not None and r.detok.stopped:
-                metrics = scheduler.finish(seq_id, "stop", clock())
-                if metrics is not None:
-                    finished[seq_id] = (r.seq, metrics)
+            if read.seq_id in stopped:
+                finished[read.seq_id] = (r.seq, stopped[read.seq_id])
         for seq, metrics in finished.values():
             r = self._requests.get(seq.seq_id)
             if r is not None and r.stream:

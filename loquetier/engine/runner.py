@@ -1,28 +1,27 @@
-"""ModelRunner: turns a ScheduledBatch into one packed forward (+ backward over training rows)."""
+"""ModelRunner: turns a ScheduledBatch into one packed forward (+ backward over training rows).
+
+The runner reads no book: the step hands it the batch, the training pieces taken for it
+(``StepPieces``) and what sampling needs of its requests (``SamplingInputs``)."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs, DecodeRow, PrefillRows
-from loquetier.engine.kv_cache import BlockManager, KVCache
-from loquetier.engine.sampler import SamplingTensors, sample
+from loquetier.engine.job_feed import Piece, StepPieces
+from loquetier.engine.kv_cache import BlockManager
+from loquetier.engine.sampler import SamplingInputs, SamplingTensors, sample
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch
-from loquetier.engine.work import Piece
 from loquetier.lora.manager import AdapterManager
 from loquetier.models.batch import BatchBuilder
+from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
 from loquetier.models.loss import weighted_loss
-
-if TYPE_CHECKING:
-    from loquetier.engine.jobs import JobBook
-    from loquetier.engine.requests import RequestBook
 
 
 @dataclass
@@ -67,8 +66,10 @@ class ModelRunner:
         """Whether ``batch`` can start a decode window: decode rows only, replayed from a graph."""
         return not batch.prefill_chunks and self._graph_step(batch)
 
-    def run(self, batch: ScheduledBatch, jobs: JobBook, requests: RequestBook) -> RunResult:
-        res = RunResult()
+    def run(self, batch: ScheduledBatch, pieces: StepPieces, sampling: SamplingInputs) -> RunResult:
+        """One forward over ``batch``: its train and eval rows are ``pieces``' sequences, its prompt
+        and decode rows sample with ``sampling``."""
+        res = RunResult(train_tokens=dict(pieces.train_tokens), eval_tokens=dict(pieces.eval_tokens))
         if self._graph_step(batch):
             assert self.graphs is not None
             rows: list[DecodeRow | PrefillRows] = [
@@ -91,21 +92,14 @@ class ModelRunner:
                 self.num_graph_steps += 1
                 self.num_graph_prefill_steps += int(bool(batch.prefill_chunks))
                 if seq_ids:
-                    self._sample(res, logits, seq_ids, requests)
+                    self._sample(res, logits, seq_ids, sampling)
                 return res
         b = BatchBuilder(self.config.block_size)
-        pieces: list[Piece] = []
-        for chunks, add, used in ((batch.train_chunks, b.add_train, res.train_tokens),
-                                  (batch.eval_chunks, b.add_eval, res.eval_tokens)):
-            for chunk in chunks:
-                piece = jobs.runner(chunk.job_id).take(chunk.num_tokens)
-                used[chunk.job_id] = 0
-                if piece is None:
-                    continue
-                pieces.append(piece)
+        for taken, add in ((pieces.train, b.add_train), (pieces.eval, b.add_eval)):
+            for piece in taken:
                 for s in piece.sequences:
-                    add(s.token_ids, s.labels, slot=piece.runner.slot, group=piece.group)
-                    used[chunk.job_id] += s.num_tokens
+                    add(s.token_ids, s.labels, slot=piece.feed.slot, group=piece.group)
+        groups: list[Piece] = pieces.all  # one loss group per piece, in the order they were added
         # Rows of one adapter side by side: each adapter's rows form one SMLM segment (its A and B
         # tiles read once per 64 rows, not once per sequence), and a step's block count stays
         # within rows / 64 + adapters.
@@ -122,17 +116,17 @@ class ModelRunner:
         with torch.enable_grad() if training else torch.no_grad():
             out = self.model.forward(fb, self.kv)
             if training and out.loss_sum is not None:
-                denoms = [max(1, p.micro_batch.num_target_tokens) if not p.runner.is_eval else 1 for p in pieces]
+                denoms = [max(1, p.micro_batch.num_target_tokens) if not p.feed.is_eval else 1 for p in groups]
                 weighted_loss(out.loss_sum, torch.tensor(denoms, dtype=torch.float32)).backward()
                 self.num_backward_rows += fb.num_train
         if out.loss_sum is not None and out.token_count is not None and out.correct is not None:
             sums, counts, correct = (t.detach().tolist() for t in (out.loss_sum, out.token_count, out.correct))
-            res.pieces = [(p, sums[g], int(counts[g]), int(correct[g])) for g, p in enumerate(pieces)]
+            res.pieces = [(p, sums[g], int(counts[g]), int(correct[g])) for g, p in enumerate(groups)]
         if out.logits is not None:
-            self._sample(res, out.logits, fb.logits_seq_ids, requests)
+            self._sample(res, out.logits, fb.logits_seq_ids, sampling)
         return res
 
-    def run_window(self, batch: ScheduledBatch, num_steps: int, requests: RequestBook) -> list[RunResult]:
+    def run_window(self, batch: ScheduledBatch, num_steps: int, sampling: SamplingInputs) -> list[RunResult]:
         """``num_steps`` decode steps of ``batch``'s rows (decode rows only, graph-sized, KV reserved
         for every step) with one host synchronization: each step's sampled tokens stay on the device
         and feed the next step (``DecodeGraphs.advance``). Returns one result per step, every row
@@ -142,11 +136,11 @@ class ModelRunner:
                           self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
                 for seq in batch.decode_seqs]
         logits, seq_ids = self.graphs.run(rows, lookahead=num_steps - 1)
-        ids, params, st, want = self._sampling(logits, seq_ids, requests)
+        ids, params, st, want = self._sampling(logits, seq_ids, sampling)
         tokens, logprobs = [], []
         for step in range(num_steps):
             if step:
-                st = st.next_step(params, requests.generator)
+                st = st.next_step(params, sampling.generator)
                 logits = self.graphs.advance(tokens[-1])
             out = sample(logits, st, want_logprobs=want)
             tokens.append(out.token_ids)
@@ -161,20 +155,19 @@ class ModelRunner:
 
     @staticmethod
     def _sampling(logits: torch.Tensor, seq_ids: Sequence[Hashable],
-                  requests: RequestBook) -> tuple[list[str], list[SamplingParams], SamplingTensors, bool]:
+                  sampling: SamplingInputs) -> tuple[list[str], list[SamplingParams], SamplingTensors, bool]:
         ids = [str(s) for s in seq_ids]
-        seqs = [requests.seq(i) for i in ids]
-        if any(s is None for s in seqs):
+        rows = [sampling.rows.get(i) for i in ids]
+        if any(r is None for r in rows):
             raise RuntimeError("a logits row belongs to no known request")
-        params = [s.sampling for s in seqs if s is not None]
-        st = SamplingTensors.build(params, [s.num_output_tokens for s in seqs if s is not None],
-                                   logits.device, requests.generator)
+        params = [r[0] for r in rows if r is not None]
+        st = SamplingTensors.build(params, [r[1] for r in rows if r is not None], logits.device, sampling.generator)
         return ids, params, st, any(p.logprobs for p in params)
 
     @classmethod
     def _sample(cls, res: RunResult, logits: torch.Tensor, seq_ids: Sequence[Hashable],
-                requests: RequestBook) -> None:
-        ids, _, st, want = cls._sampling(logits, seq_ids, requests)
+                sampling: SamplingInputs) -> None:
+        ids, _, st, want = cls._sampling(logits, seq_ids, sampling)
         sampled = sample(logits, st, want_logprobs=want)
         res.sampled = dict(zip(ids, sampled.token_ids.tolist(), strict=True))
         if sampled.logprobs is not None:

@@ -22,11 +22,14 @@ Stop token ids are the scheduler's; stop strings are matched on detokenized text
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from loquetier.engine.sequence import SamplingParams
 
 _M32 = 0xFFFFFFFF
 _MAX_TOP_K = 2**62  # any top_k at or above the vocabulary keeps every token; larger ones fit int64
@@ -37,6 +40,16 @@ class RowParams(Protocol):
     top_k: int
     top_p: float
     seed: int | None
+
+
+@dataclass(frozen=True)
+class SamplingInputs:
+    """What sampling reads of a step's requests, handed to the model runner with the batch: each
+    row's params and how many tokens it has sampled so far (by sequence id), and the generator that
+    seeds unseeded rows (drawn in logits-row order, so the runner builds the tensors)."""
+
+    rows: Mapping[str, tuple[SamplingParams, int]]
+    generator: torch.Generator
 
 
 @dataclass(frozen=True)

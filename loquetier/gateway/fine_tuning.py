@@ -1,7 +1,7 @@
 """``/v1/fine_tuning/jobs``: create, list, get, cancel, events and checkpoints.
 
 Creating a job writes its ``training_jobs`` row (with the caller's tenant) and then publishes
-the ``TrainingJob`` record on the training topic, which wakes a worker; the worker's own
+the ``TrainingJobRecord`` record on the training topic, which wakes a worker; the worker's own
 insert of the same job id is a no-op, and workers also claim queued rows by polling, so the job
 runs even if the record is lost. The new adapter's id is ``fine_tuned_model``: it belongs to the
 tenant and is servable the moment the job succeeds. Everything else is read from PostgreSQL.
@@ -27,7 +27,7 @@ from starlette.responses import Response
 from loquetier.db import files_repo, repo, tenancy_repo
 from loquetier.db.keys_repo import KeyOwner
 from loquetier.db.models import JobRow
-from loquetier.messages import ControlCommand, TrainingJob
+from loquetier.messages import ControlCommand, TrainingJobRecord
 from loquetier.training_files import file_id_of
 
 from .body import read_json
@@ -130,7 +130,7 @@ async def create(request: Request) -> Response:
     if options is not None and options.lora is not None:
         fields["lora"] = options.lora
     try:
-        job = TrainingJob.model_validate(fields, strict=False)
+        job = TrainingJobRecord.model_validate(fields, strict=False)
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
         loc = ".".join(map(str, err["loc"]))

@@ -140,8 +140,8 @@ class Hyperparameters(Body):
 class LoquetierOptions(Body):
     """Our own knobs under the body's ``loquetier`` field (the SDK's ``extra_body``)."""
 
-    lora: dict[str, Any] | None = None  # TrainingJob.lora: rank, alpha, dropout, target_modules, use_rslora
-    params: dict[str, Any] | None = None  # TrainingJob.params: lr, max_steps, micro_batch_tokens, ...
+    lora: dict[str, Any] | None = None  # TrainingJobRecord.lora: rank, alpha, dropout, target_modules, use_rslora
+    params: dict[str, Any] | None = None  # TrainingJobRecord.params: lr, max_steps, micro_batch_tokens, ...
     priority: Annotated[int, Field(ge=-(2**31), lt=2**31)] = 0
 
 

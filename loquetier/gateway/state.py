@@ -13,12 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from loquetier.db import keys_repo, tenancy_repo, workers_repo
 from loquetier.db.keys_repo import KeyOwner
-from loquetier.db.session import create_engine, session_factory
+from loquetier.db.session import DatabaseError, Session, create_engine, session_factory
 from loquetier.settings import Settings
 
 from .auth import Auth
@@ -59,12 +56,12 @@ class Gateway:
         await self.bus.stop()
         await self.db.dispose()
 
-    async def tx(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def tx(self, fn: Callable[[Session], Awaitable[T]]) -> T:
         """``fn`` in one transaction; a database failure is a 503, never a traceback."""
         try:
             async with self._sessions.begin() as session:
                 return await fn(session)
-        except (SQLAlchemyError, OSError) as exc:
+        except (DatabaseError, OSError) as exc:
             log.warning("database call failed", extra={"error": str(exc)[:300]})
             raise APIError(503, "the database is unavailable; retry later", code="database_unavailable") from None
 

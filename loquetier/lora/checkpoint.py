@@ -1,5 +1,8 @@
 """Training checkpoints as bytes: tensors in safetensors, everything else in its JSON header.
 
+    blob = checkpoint.dump(job)                              # between optimizer steps only
+    job = checkpoint.restore(blob, manager, train_data)      # the same run, in any engine
+
 Tensors: ``master.{layer}.{module}.a`` / ``.bt`` (fp32, slot layout), ``opt.{i}.{name}`` (optimizer
 state of the i-th parameter, in the job's parameter order) and ``rng`` (the job's generator state).
 Header: job and adapter ids, LoRA config (PEFT dict), TrainingParams, step, data cursor, metrics
@@ -17,18 +20,24 @@ import torch
 from . import tensor_io
 from .adapter import LoRAAdapter
 from .config import AdapterError, LoRAConfig
-from .data import DataCursor, TrainSequence, data_fingerprint
+from .data import DataCursor, TrainSequence
+from .data import data_fingerprint as _fingerprint
 from .evaluate import EvalResult
+from .job import JobMetrics, TrainingJob
 from .params import TrainingParams
 
 if TYPE_CHECKING:
-    from .job import TrainingJob
     from .manager import AdapterManager
 
 FORMAT_VERSION = 1
 
 
 def dump(job: TrainingJob) -> bytes:
+    """Weights + optimizer state + step + data cursor + RNG + metrics of ``job``; the job then
+    counts as checkpointed at its current step (``TrainingJob.should_checkpoint``)."""
+    if not job.at_boundary:
+        raise RuntimeError(f"{job.job_id}: checkpoint only between optimizer steps")
+    job.checkpointed_step = job.step
     tensors: dict[str, torch.Tensor] = {"rng": job.generator.get_state()}
     for (layer, module), (a, bt) in job.masters.items():
         tensors[f"master.{layer}.{module}.a"] = a.detach()
@@ -54,14 +63,14 @@ def dump(job: TrainingJob) -> bytes:
     return tensor_io.pack(tensors, header)
 
 
-def load(cls: type[TrainingJob], data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence],
-         eval_data: Sequence[TrainSequence] | None, fingerprint: str | None = None) -> TrainingJob:
-    from .job import JobMetrics
-
+def restore(data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence], *,
+            eval_data: Sequence[TrainSequence] | None = None, data_fingerprint: str | None = None) -> TrainingJob:
+    """Continue the run saved by :func:`dump` (the same data required) with ``manager``'s pool."""
+    fingerprint = data_fingerprint
     tensors, h = tensor_io.unpack(data)
     if h.get("kind") != "checkpoint" or h.get("format") != FORMAT_VERSION:
         raise AdapterError(f"not a training checkpoint (kind={h.get('kind')!r}, format={h.get('format')!r})")
-    fingerprint = fingerprint or data_fingerprint(train_data)
+    fingerprint = fingerprint or _fingerprint(train_data)
     if fingerprint != h["data_fingerprint"]:
         raise AdapterError("the training data differs from the data the checkpoint was taken on")
     weights = {}
@@ -71,7 +80,7 @@ def load(cls: type[TrainingJob], data: bytes, manager: AdapterManager, train_dat
             bt = tensors[f"master.{layer}.{module}.bt"]
             weights[(int(layer), module)] = (tensors[key], bt.T.contiguous())
     init = LoRAAdapter(LoRAConfig.from_peft_dict(h["config"]), weights)
-    job = cls(h["job_id"], h["adapter_id"], manager, train_data, TrainingParams(**h["params"]),
+    job = TrainingJob(h["job_id"], h["adapter_id"], manager, train_data, TrainingParams(**h["params"]),
               init=init, eval_data=eval_data, data_fingerprint=fingerprint)
     sd = job.optimizer.state_dict()
     state: dict[int, dict[str, Any]] = {}
@@ -84,7 +93,8 @@ def load(cls: type[TrainingJob], data: bytes, manager: AdapterManager, train_dat
     sd["state"] = state
     job.optimizer.load_state_dict(sd)
     job.generator.set_state(tensors["rng"])
-    job._restore_state(h["step"], DataCursor(*h["cursor"]), h["num_micro_batches"])
+    job.step = job.checkpointed_step = h["step"]
+    job.stream.cursor, job.stream.num_micro_batches = DataCursor(*h["cursor"]), h["num_micro_batches"]
     mh = h["metrics"]
     job.metrics = JobMetrics(losses=list(mh["losses"]), lrs=list(mh["lrs"]),
                              evals=[(s, EvalResult(**r)) for s, r in mh["evals"]],

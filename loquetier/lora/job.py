@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint as ckpt
 from .adapter import LoRAAdapter
 from .config import AdapterError, LoRAConfig
-from .data import DataCursor, DataStream, MicroBatch, TrainSequence
+from .data import DataCursor, DataStream, MicroBatch, TrainSequence, data_fingerprint
 from .evaluate import EvalResult, EvaluationJob
 from .manager import AdapterManager
 from .params import TrainingParams
@@ -69,7 +68,7 @@ class TrainingJob:
         self._running: MicroBatch | None = None
         self._accum: list[tuple[float, int]] = []  # (loss_sum, num_target_tokens) since the last step
         self._eval: EvaluationJob | None = None
-        self._last_checkpoint, self._last_eval = -1, -1
+        self.checkpointed_step, self._last_eval = -1, -1  # step of the last checkpoint (checkpoint.py)
         self._window: tuple[DataCursor, int, int, int] | None = None  # see rewind()
         self._fingerprint = data_fingerprint
         manager.load(adapter_id, init)
@@ -176,11 +175,11 @@ class TrainingJob:
     def should_checkpoint(self) -> bool:
         every = self.params.checkpoint_every
         due = (every > 0 and self.step > 0 and self.step % every == 0) or self.is_done
-        return due and self._last_checkpoint != self.step and self._at_boundary
+        return due and self.checkpointed_step != self.step and self.at_boundary
 
     @property
     def should_eval(self) -> bool:
-        if not self.eval_data or self._last_eval == self.step or not self._at_boundary:
+        if not self.eval_data or self._last_eval == self.step or not self.at_boundary:
             return False
         every = self.params.eval_every
         return (every > 0 and self.step > 0 and self.step % every == 0) or self.is_done
@@ -198,7 +197,8 @@ class TrainingJob:
         return self._eval
 
     @property
-    def _at_boundary(self) -> bool:
+    def at_boundary(self) -> bool:
+        """Between optimizer steps: no micro-batch running, nothing accumulated."""
         return self._running is None and not self._accum
 
     # --- weights ---------------------------------------------------------------------------------
@@ -276,28 +276,11 @@ class TrainingJob:
         steps = math.ceil(num_mb / params.grad_accum)
         return steps if params.max_steps is None else min(steps, params.max_steps)
 
-    # --- checkpoints -----------------------------------------------------------------------------
+    # --- checkpoints (taken and restored by checkpoint.py) ------------------------------------------
 
     @property
     def data_fingerprint(self) -> str:
         """The training data's hash, computed once (given when the data was prepared ahead)."""
         if self._fingerprint is None:
-            self._fingerprint = ckpt.data_fingerprint(self.stream.sequences)
+            self._fingerprint = data_fingerprint(self.stream.sequences)
         return self._fingerprint
-
-    def checkpoint(self) -> bytes:
-        """Weights + optimizer state + step + data cursor + RNG + metrics (safetensors + JSON)."""
-        if not self._at_boundary:
-            raise RuntimeError(f"{self._job_id}: checkpoint only between optimizer steps")
-        self._last_checkpoint = self.step
-        return ckpt.dump(self)
-
-    @classmethod
-    def restore(cls, data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequence], *,
-                eval_data: Sequence[TrainSequence] | None = None, data_fingerprint: str | None = None) -> TrainingJob:
-        """Continue the run saved by :meth:`checkpoint` (same data required) in this engine."""
-        return ckpt.load(cls, data, manager, train_data, eval_data, data_fingerprint)
-
-    def _restore_state(self, step: int, cursor: DataCursor, num_micro_batches: int) -> None:
-        self.step, self._last_checkpoint = step, step
-        self.stream.cursor, self.stream.num_micro_batches = cursor, num_micro_batches

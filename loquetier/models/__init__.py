@@ -1,12 +1,13 @@
 """Our own Llama-family decoder over one packed mixed batch (transformers is only the oracle).
 
 Public API: ``ModelConfig``, ``LlamaModel`` (+ ``ForwardOutput``), ``BatchBuilder`` / ``ForwardBatch``,
-``chunked_cross_entropy`` / ``weighted_loss``. The paged KV storage and its allocator live in
-``loquetier.engine.kv_cache``; the sampler in ``loquetier.engine.sampler``.
+``chunked_cross_entropy`` / ``weighted_loss``, ``KVCache`` (the paged KV storage). Its block
+allocator lives in ``loquetier.engine.kv_cache``; the sampler in ``loquetier.engine.sampler``.
 """
 
 from .batch import IGNORE_INDEX, BatchBuilder, ForwardBatch, PagedMeta, VarlenMeta
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from .kv_cache import KVCache
 from .llama import ForwardOutput, LlamaModel
 from .loader import CheckpointError, load_config, load_state_dict
 from .loss import chunked_cross_entropy, weighted_loss
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "ForwardBatch",
     "ForwardOutput",
+    "KVCache",
     "LlamaModel",
     "ModelConfig",
     "PagedMeta",

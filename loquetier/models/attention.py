@@ -1,6 +1,8 @@
 """Attention by row type: packed varlen (train/eval, no cache) and paged (prefill chunks + decode).
 
-Implementations, chosen per call by ``impl``:
+A model holds one :class:`Attention`: its implementations, chosen once from ``impl`` and the
+device (``varlen_attention`` / ``paged_attention`` build one for a single call, for tests and
+benchmarks). Implementations by ``impl``:
 
 - ``"reference"``: plain torch, one sequence at a time, fp32 softmax. The spec and the CPU path.
 - ``"sdpa"``: batched torch. Varlen: SDPA per sequence. Paged: gather each query group's keys
@@ -8,7 +10,8 @@ Implementations, chosen per call by ``impl``:
 - ``"flash"`` (CUDA): ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention) for varlen rows and,
   where that torch accepts ``block_table``, for paged rows (bottom-right causal alignment).
 - ``"triton"``: paged decode rows (the q_len 1 groups after the prefill chunks) through the Triton
-  kernel of ``kernels/paged_attention.py``; everything else as ``"auto"``. Needs CUDA, or the Triton
+  kernel of ``kernels/paged_attention.py`` (through the op layer ``kernels/model_ops.py``);
+  everything else as ``"auto"``. Needs CUDA, or the Triton
   interpreter (``TRITON_INTERPRET=1`` before the kernel module is first imported: tests).
 - ``"auto"``: ``flash`` on CUDA when available (fp16/bf16; ``sdpa`` for fp32), else ``reference``; on CUDA,
   decode rows as ``"triton"``.
@@ -19,7 +22,6 @@ Masks follow HF: key ``j`` is visible from query ``i`` iff ``j <= i`` and, with 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import warnings
 from functools import cache
@@ -27,6 +29,8 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from loquetier.kernels.model_ops import paged_decode_ops
 
 from .batch import PagedMeta, VarlenMeta
 
@@ -41,9 +45,6 @@ def _varlen_attn() -> tuple[object | None, frozenset[str]]:
     except ImportError:
         return None, frozenset()
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
-
-
-_paged_flash_broken: list[str] = []  # set once if this torch's paged varlen_attn rejects our layout
 
 
 def _flash(  # noqa: PLR0917
@@ -66,23 +67,13 @@ def _flash(  # noqa: PLR0917
     return out
 
 
-@cache
-def _triton_decode() -> ModuleType | None:
-    """``kernels/paged_attention.py``, or None without Triton. Imported on first use, so a test can
-    set TRITON_INTERPRET before the kernel is defined."""
-    try:
-        return importlib.import_module("loquetier.kernels.paged_attention")
-    except ImportError:
-        return None
-
-
 def _decode_by_triton(impl: str, device: torch.device) -> bool:
     """Whether this impl sends paged decode rows to the Triton kernel."""
     if impl == "auto":
-        return device.type == "cuda" and _triton_decode() is not None
+        return device.type == "cuda" and paged_decode_ops() is not None
     if impl != "triton":
         return False
-    mod = _triton_decode()
+    mod = paged_decode_ops()
     if mod is None or (device.type != "cuda" and not mod.INTERPRET):
         raise ValueError("attention impl 'triton' needs Triton and CUDA (or TRITON_INTERPRET=1)")
     return True
@@ -138,6 +129,158 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return mask
 
 
+class Attention:
+    """The attention of one model: its implementations, chosen once from ``impl`` and the device.
+
+    Packed rows and prompt chunks take ``resolve_impl`` for their dtype (resolved once per dtype);
+    decode rows go to the Triton paged-decode kernel when ``impl`` sends them there (decided at the
+    first decode rows, so an impl that cannot serve them fails only where they come). If this
+    torch's paged FlashAttention rejects our layout, ``paged_flash_error`` keeps why, and paged
+    rows take gather + SDPA from then on.
+    """
+
+    def __init__(self, impl: str, device: torch.device) -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+        self.impl, self.device = impl, device
+        self.paged_flash_error: str | None = None
+        self._rows: dict[torch.dtype, str] = {}
+        self._decode: ModuleType | None | bool = False  # False: not decided yet
+
+    def rows_impl(self, dtype: torch.dtype) -> str:
+        """The resolved impl of packed rows and prompt chunks of ``dtype``."""
+        impl = self._rows.get(dtype)
+        if impl is None:
+            impl = self._rows[dtype] = resolve_impl(self.impl, self.device, dtype)
+        return impl
+
+    def decode_kernels(self) -> ModuleType | None:
+        """The paged-decode kernel module when decode rows go to it, else None."""
+        if self._decode is False:
+            self._decode = paged_decode_ops() if _decode_by_triton(self.impl, self.device) else None
+        assert self._decode is not True
+        return self._decode
+
+    def varlen(  # noqa: PLR0917
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: VarlenMeta,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """Causal attention within each packed sequence. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D].
+        Differentiable (used with autograd for training rows)."""
+        if q.shape[0] == 0:
+            return q.new_empty(q.shape)
+        impl = self.rows_impl(q.dtype)
+        if impl == "flash":
+            cu, n = meta.cu_seqlens, meta.max_seqlen
+            return _flash(q, k, v, cu, cu, n, n, scale, window)
+        outs, start = [], 0
+        for n in meta.host_seqlens:
+            qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
+            pos = torch.arange(n, device=q.device)
+            if impl == "sdpa":
+                mask = _visible(pos, pos, window)
+                o = F.scaled_dot_product_attention(
+                    qs.transpose(0, 1),
+                    ks.transpose(0, 1),
+                    vs.transpose(0, 1),
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=True,
+                )
+                outs.append(o.transpose(0, 1))
+            else:
+                outs.append(attend_ref(qs, ks, vs, pos, pos, scale, window))
+            start += n
+        return torch.cat(outs)
+
+    def paged(  # noqa: PLR0917
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: PagedMeta,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """Attention of prefill chunks and decode rows over their cached context (this step's K/V
+        already written). q [P + D, Hq, D] -> [P + D, Hq, D]. Inference only."""
+        if q.shape[0] == 0:
+            return q.new_empty(q.shape)
+        rest = self.rows_impl(q.dtype)
+        num_pre = meta.num_prefill_seqs
+        kernels = self.decode_kernels() if num_pre < meta.num_seqs else None
+        if kernels is None:
+            return self._paged(q, k_cache, v_cache, meta, scale, window, rest)
+        pre_rows = sum(meta.host_q_lens[:num_pre])
+        dec: torch.Tensor = kernels.paged_decode(
+            q[pre_rows:].to(k_cache.dtype),  # [D, Hq, D], one row per decode sequence
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            scale,
+            max(meta.host_context_lens[num_pre:]),
+            window,
+            seq_offset=num_pre,
+        )
+        dec = dec.to(q.dtype)
+        if num_pre == 0:
+            return dec
+        pre = self._paged(q[:pre_rows], k_cache, v_cache, _prefill_part(meta, num_pre), scale, window, rest)
+        return torch.cat([pre, dec])
+
+    def _paged(  # noqa: PLR0917
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: PagedMeta,
+        scale: float,
+        window: int | None,
+        impl: str,
+    ) -> torch.Tensor:
+        """``paged`` over every query group with a resolved impl (reference, sdpa or flash)."""
+        if impl in ("flash", "sdpa") and _has_packed_keys(meta):
+            return paged_packed(q, k_cache, v_cache, meta, scale, window, impl)
+        if impl == "flash" and "block_table" in _varlen_attn()[1] and self.paged_flash_error is None:
+            try:
+                return _flash(
+                    q,
+                    k_cache,
+                    v_cache,
+                    meta.q_cu_seqlens,
+                    None,
+                    meta.max_q_len,
+                    meta.max_context_len,
+                    scale,
+                    window,
+                    seqused_k=meta.context_lens,
+                    block_table=meta.block_tables,
+                )
+            except RuntimeError as exc:  # e.g. a page size this FlashAttention build does not take
+                warnings.warn(f"paged varlen_attn unavailable ({exc}); using gather + SDPA", stacklevel=3)
+                self.paged_flash_error = str(exc)
+        if impl in ("sdpa", "flash"):
+            return _paged_sdpa(q, k_cache, v_cache, meta, scale, window)
+        bs = k_cache.shape[1]
+        outs, start = [], 0
+        for q_len, ctx, table in zip(
+            meta.host_q_lens, meta.host_context_lens, meta.host_block_tables, strict=True
+        ):
+            blocks = torch.tensor(table[: (ctx + bs - 1) // bs], dtype=torch.int64, device=q.device)
+            ks = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+            vs = v_cache[blocks].flatten(0, 1)[:ctx]
+            k_pos = torch.arange(ctx, device=q.device)
+            outs.append(attend_ref(q[start : start + q_len], ks, vs, k_pos[ctx - q_len :], k_pos, scale, window))
+            start += q_len
+        return torch.cat(outs)
+
+
 def varlen_attention(  # noqa: PLR0917
     q: torch.Tensor,
     k: torch.Tensor,
@@ -147,33 +290,8 @@ def varlen_attention(  # noqa: PLR0917
     window: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Causal attention within each packed sequence. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D].
-    Differentiable (used with autograd for training rows)."""
-    if q.shape[0] == 0:
-        return q.new_empty(q.shape)
-    impl = resolve_impl(impl, q.device, q.dtype)
-    if impl == "flash":
-        cu, n = meta.cu_seqlens, meta.max_seqlen
-        return _flash(q, k, v, cu, cu, n, n, scale, window)
-    outs, start = [], 0
-    for n in meta.host_seqlens:
-        qs, ks, vs = q[start : start + n], k[start : start + n], v[start : start + n]
-        pos = torch.arange(n, device=q.device)
-        if impl == "sdpa":
-            mask = _visible(pos, pos, window)
-            o = F.scaled_dot_product_attention(
-                qs.transpose(0, 1),
-                ks.transpose(0, 1),
-                vs.transpose(0, 1),
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=True,
-            )
-            outs.append(o.transpose(0, 1))
-        else:
-            outs.append(attend_ref(qs, ks, vs, pos, pos, scale, window))
-        start += n
-    return torch.cat(outs)
+    """``Attention(impl, q.device).varlen(...)``: one call (tests, benchmarks); a model keeps its own."""
+    return Attention(impl, q.device).varlen(q, k, v, meta, scale, window)
 
 
 def write_kv(
@@ -193,33 +311,8 @@ def paged_attention(  # noqa: PLR0917
     window: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Attention of prefill chunks and decode rows over their cached context (this step's K/V already
-    written). q [P + D, Hq, D] -> [P + D, Hq, D]. Inference only."""
-    if q.shape[0] == 0:
-        return q.new_empty(q.shape)
-    rest = resolve_impl(impl, q.device, q.dtype)
-    num_pre = meta.num_prefill_seqs
-    if num_pre == meta.num_seqs or not _decode_by_triton(impl, q.device):
-        return _paged(q, k_cache, v_cache, meta, scale, window, rest)
-    pre_rows = sum(meta.host_q_lens[:num_pre])
-    kernels = _triton_decode()
-    assert kernels is not None
-    dec: torch.Tensor = kernels.paged_decode(
-        q[pre_rows:].to(k_cache.dtype),  # [D, Hq, D], one row per decode sequence
-        k_cache,
-        v_cache,
-        meta.block_tables,
-        meta.context_lens,
-        scale,
-        max(meta.host_context_lens[num_pre:]),
-        window,
-        seq_offset=num_pre,
-    )
-    dec = dec.to(q.dtype)
-    if num_pre == 0:
-        return dec
-    pre = _paged(q[:pre_rows], k_cache, v_cache, _prefill_part(meta, num_pre), scale, window, rest)
-    return torch.cat([pre, dec])
+    """``Attention(impl, q.device).paged(...)``: one call (tests, benchmarks); a model keeps its own."""
+    return Attention(impl, q.device).paged(q, k_cache, v_cache, meta, scale, window)
 
 
 def _prefill_part(meta: PagedMeta, num_pre: int) -> PagedMeta:
@@ -239,52 +332,6 @@ def _prefill_part(meta: PagedMeta, num_pre: int) -> PagedMeta:
         prefill_key_slots=meta.prefill_key_slots,
         prefill_cu_keys=meta.prefill_cu_keys,
     )
-
-
-def _paged(  # noqa: PLR0917
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: PagedMeta,
-    scale: float,
-    window: int | None,
-    impl: str,
-) -> torch.Tensor:
-    """paged_attention over every query group with a resolved impl (reference, sdpa or flash)."""
-    if impl in ("flash", "sdpa") and _has_packed_keys(meta):
-        return paged_packed(q, k_cache, v_cache, meta, scale, window, impl)
-    if impl == "flash" and "block_table" in _varlen_attn()[1] and not _paged_flash_broken:
-        try:
-            return _flash(
-                q,
-                k_cache,
-                v_cache,
-                meta.q_cu_seqlens,
-                None,
-                meta.max_q_len,
-                meta.max_context_len,
-                scale,
-                window,
-                seqused_k=meta.context_lens,
-                block_table=meta.block_tables,
-            )
-        except RuntimeError as exc:  # e.g. a page size this FlashAttention build does not take
-            warnings.warn(f"paged varlen_attn unavailable ({exc}); using gather + SDPA", stacklevel=3)
-            _paged_flash_broken.append(str(exc))
-    if impl in ("sdpa", "flash"):
-        return _paged_sdpa(q, k_cache, v_cache, meta, scale, window)
-    bs = k_cache.shape[1]
-    outs, start = [], 0
-    for q_len, ctx, table in zip(
-        meta.host_q_lens, meta.host_context_lens, meta.host_block_tables, strict=True
-    ):
-        blocks = torch.tensor(table[: (ctx + bs - 1) // bs], dtype=torch.int64, device=q.device)
-        ks = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
-        vs = v_cache[blocks].flatten(0, 1)[:ctx]
-        k_pos = torch.arange(ctx, device=q.device)
-        outs.append(attend_ref(q[start : start + q_len], ks, vs, k_pos[ctx - q_len :], k_pos, scale, window))
-        start += q_len
-    return torch.cat(outs)
 
 
 def _has_packed_keys(meta: PagedMeta) -> bool:

@@ -15,9 +15,7 @@ Base weights are frozen (requires_grad False); only the LoRA slots of training a
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 
@@ -26,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loquetier.engine.kv_cache import KVCache
 from loquetier.kernels import SMLMMeta, lora_linear, variant_metas
+from loquetier.kernels.model_ops import fused_ops
 from loquetier.lora.pool import LoRASlotPool, ModelDims
 
-from .attention import paged_attention, varlen_attention, write_kv
+from .attention import Attention, write_kv
 from .batch import ForwardBatch
 from .config import ModelConfig
+from .kv_cache import KVCache
 from .loader import load_config, load_state_dict
 from .loss import chunked_cross_entropy
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
@@ -54,22 +53,8 @@ class _Step:
     sin_t: torch.Tensor
     cos_r: torch.Tensor  # [n_rest, D]
     sin_r: torch.Tensor
-    attn_impl: str
+    attention: Attention
     fused: ModuleType | None = None  # kernels/fused.py when the inference rows go through it
-
-
-@cache
-def _fused_module() -> ModuleType | None:
-    try:
-        return importlib.import_module("loquetier.kernels.fused")
-    except ImportError:  # no Triton
-        return None
-
-
-def _fused_for(device: torch.device) -> ModuleType | None:
-    """kernels/fused.py when it serves this device's inference rows (see its ``enabled``)."""
-    mod = _fused_module()
-    return mod if mod is not None and mod.enabled(device) else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -179,7 +164,7 @@ class DecoderLayer(nn.Module):
         if qkv_t.shape[0] == 0:
             return qkv_t.new_empty(0, self.cfg.q_size)
         q, k, v = self._split(qkv_t, st.cos_t, st.sin_t)
-        out = varlen_attention(q, k, v, st.batch.train, self.cfg.head_dim**-0.5, self.window, st.attn_impl)
+        out = st.attention.varlen(q, k, v, st.batch.train, self.cfg.head_dim**-0.5, self.window)
         return out.reshape(q.shape[0], -1)  # [n_train, Hq * D]
 
     def _attn_rest(self, qkv_r: torch.Tensor, st: _Step) -> torch.Tensor:
@@ -192,13 +177,13 @@ class DecoderLayer(nn.Module):
         else:
             q, k, v = self._split(qkv_r, st.cos_r, st.sin_r)
         ne = b.num_eval
-        outs = [varlen_attention(q[:ne], k[:ne], v[:ne], b.eval, scale, self.window, st.attn_impl)] if ne else []
+        outs = [st.attention.varlen(q[:ne], k[:ne], v[:ne], b.eval, scale, self.window)] if ne else []
         if q.shape[0] > ne:
             if st.kv is None:
                 raise ValueError("prefill/decode rows need a KVCache")
             k_cache, v_cache = st.kv.k[self.index], st.kv.v[self.index]
             write_kv(k_cache, v_cache, k[ne:], v[ne:], b.paged.slot_mapping)
-            outs.append(paged_attention(q[ne:], k_cache, v_cache, b.paged, scale, self.window, st.attn_impl))
+            outs.append(st.attention.paged(q[ne:], k_cache, v_cache, b.paged, scale, self.window))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.reshape(q.shape[0], -1)  # [n_rest, Hq * D]
 
@@ -214,7 +199,9 @@ class LlamaModel(nn.Module):
         max_model_len: int | None = None,
     ) -> None:
         super().__init__()
-        self.cfg, self.attn_impl, self.gradient_checkpointing = cfg, attn_impl, gradient_checkpointing
+        self.cfg, self.gradient_checkpointing = cfg, gradient_checkpointing
+        self._attention: Attention | None = None
+        self.attn_impl = attn_impl
         kw = {"device": device, "dtype": cfg.dtype}
         self.embed_tokens = _frozen(cfg.vocab_size, cfg.hidden_size, **kw)  # [V, H]
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, cfg.dtype) for i in range(cfg.num_layers))
@@ -243,6 +230,22 @@ class LlamaModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.device
+
+    @property
+    def attn_impl(self) -> str:
+        """The attention implementation asked for (``attention.IMPLS``); setting it chooses again."""
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        self._attn_impl, self._attention = impl, None
+
+    def attention(self, device: torch.device) -> Attention:
+        """The model's attention on ``device``, chosen at the first forward (and again only when
+        ``attn_impl`` or the device changes)."""
+        if self._attention is None or self._attention.device != device:
+            self._attention = Attention(self._attn_impl, device)
+        return self._attention
 
     @property
     def dims(self) -> ModelDims:
@@ -292,7 +295,7 @@ class LlamaModel(nn.Module):
         if self.inv_freq.device != emb.device:
             self.inv_freq = self.inv_freq.to(emb.device)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, dtype)  # [T, D]
-        st = _Step(batch, kv, cos[:n], sin[:n], cos[n:], sin[n:], self.attn_impl, _fused_for(emb.device))
+        st = _Step(batch, kv, cos[:n], sin[:n], cos[n:], sin[n:], self.attention(emb.device), fused_ops(emb.device))
         checkpointing = self.gradient_checkpointing and h_t.requires_grad
         meta_t, meta_r = batch.split_metas() if checkpointing else (batch.meta, batch.meta)
         for layer in self.layers:

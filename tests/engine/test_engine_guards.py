@@ -19,6 +19,7 @@ from loquetier import Engine, EngineError, SamplingParams, TrainingParams
 from loquetier.engine.events import EngineEvent, JobFinished, RequestFinished
 from loquetier.kernels import force_backend
 from loquetier.lora import checkpoint as ckpt_module
+from loquetier.lora import job as job_module
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.data import DataError, PreparedData, read_examples
@@ -246,8 +247,10 @@ def test_data_prepared_on_another_thread_while_the_engine_steps(model_dir: Path,
     assert len(ready.sequences) == 20_000 and ready.max_tokens == 64
 
     hashed: list[int] = []
-    fingerprint = ckpt_module.data_fingerprint
-    monkeypatch.setattr(ckpt_module, "data_fingerprint", lambda s: hashed.append(len(s)) or fingerprint(s))
+    fingerprint = job_module.data_fingerprint
+    counted = lambda s: hashed.append(len(s)) or fingerprint(s)  # noqa: E731
+    monkeypatch.setattr(ckpt_module, "_fingerprint", counted)
+    monkeypatch.setattr(job_module, "data_fingerprint", counted)
     monkeypatch.setattr("loquetier.engine.jobs.tokenize_examples", lambda *a, **k: pytest.fail("tokenized again"))
     started = time.perf_counter()
     engine.add_training_job("t", ready, TrainingParams(max_steps=3, micro_batch_tokens=64, checkpoint_every=1),

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from loquetier.engine.kv_cache import BlockManager, KVCache, NoFreeBlocksError
+from loquetier.engine.kv_cache import BlockManager, NoFreeBlocksError
+from loquetier.models.kv_cache import KVCache
 
 
 def test_random_lifecycle_never_leaks() -> None:

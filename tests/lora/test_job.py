@@ -7,6 +7,7 @@ import torch
 from lora_harness import Engine, dims_of, tiny_llama
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
+from loquetier.lora import checkpoint
 from loquetier.lora.adapter import LoRAAdapter, peft_key
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.data import TrainSequence, tokenize_examples
@@ -145,13 +146,13 @@ def test_checkpoint_restore_continues_the_same_run() -> None:
     full = TrainingJob("j", "A", manager, data, params, lora=lora)
     drive(engine, [full], until_step=3)
     assert full.should_checkpoint
-    blob = full.checkpoint()
+    blob = checkpoint.dump(full)
     assert not full.should_checkpoint and isinstance(blob, bytes)
     drive(engine, [full])
     assert full.is_done and full.should_checkpoint
 
     engine2, manager2 = setup()  # a fresh engine: nothing carried over but the bytes
-    resumed = TrainingJob.restore(blob, manager2, data)
+    resumed = checkpoint.restore(blob, manager2, data)
     assert resumed.step == 3 and resumed.metrics.losses == full.metrics.losses[:3]
     drive(engine2, [resumed])
     assert resumed.step == full.step
@@ -160,7 +161,7 @@ def test_checkpoint_restore_continues_the_same_run() -> None:
         torch.testing.assert_close(resumed.adapter().weights[key][0], a, atol=1e-7, rtol=1e-6)
         torch.testing.assert_close(resumed.adapter().weights[key][1], b, atol=1e-7, rtol=1e-6)
     with pytest.raises(AdapterError, match="data differs"):
-        TrainingJob.restore(blob, setup()[1], token_data(5, 9))
+        checkpoint.restore(blob, setup()[1], token_data(5, 9))
 
 
 def test_tiny_model_learns_a_mapping_and_leaves_others_alone() -> None:

@@ -14,7 +14,7 @@ from tiny import CHAT_TEMPLATE, CORPUS, make_tokenizer
 from loquetier.chat import chat_prompt_ids, chat_segments
 from loquetier.engine.errors import EngineError
 from loquetier.lora.data import IGNORE_INDEX, DataError, tokenize_examples
-from loquetier.messages import ChatExample, GenerateRequest, Limits, RecordError, TrainingJob, decode_record
+from loquetier.messages import ChatExample, GenerateRequest, Limits, RecordError, TrainingJobRecord, decode_record
 
 ROLES = ["system", "user", "assistant"]
 
@@ -87,7 +87,7 @@ def test_chat_examples_on_the_training_topic() -> None:
     rng = random.Random()
     rows = [{"messages": _chat(rng, rng.randint(1, 4))} for _ in range(3)]
     job = decode_record("training", _pack(job_id="j1", adapter_id="a", data=rows))
-    assert isinstance(job, TrainingJob) and all(isinstance(ex, ChatExample) for ex in job.data)
+    assert isinstance(job, TrainingJobRecord) and all(isinstance(ex, ChatExample) for ex in job.data)
     assert [ex.model_dump() for ex in job.data] == rows
     for bad in ([{"role": "user", "content": "q"}], [{"role": "user", "content": "q"}, {"role": "assistant",
                                                                                       "content": ""}]):

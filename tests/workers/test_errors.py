@@ -9,8 +9,7 @@ from sqlalchemy.exc import DBAPIError
 
 from loquetier.codec import RecordError
 from loquetier.engine.errors import EngineError
-from loquetier.workers.control import ControlError
-from loquetier.workers.errors import INTERNAL, public_error
+from loquetier.workers.errors import INTERNAL, ControlError, public_error
 
 LOG = logging.getLogger("test-errors")
 

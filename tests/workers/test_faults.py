@@ -18,10 +18,10 @@ from sqlalchemy import text, update
 
 from loquetier.db import repo
 from loquetier.db.models import JobRow, RequestRow
+from loquetier.db.store import Store, StoreError
 from loquetier.messages import ErrorResult, GenerateRequest, decode_record
 from loquetier.workers import convert
 from loquetier.workers.publisher import Publisher
-from loquetier.workers.store import Store, StoreError
 from tests.fakes import FakeEngine
 from tests.workers.conftest import client_for, running_worker
 from tests.workers.test_worker_e2e import query

@@ -1,11 +1,11 @@
-"""Postgres from the worker's side: one transaction per call, retried through outages.
+"""Postgres from a service's side: one transaction per call, retried through outages.
 
 ``await store.tx(lambda s: repo.claim_job(s, ...))`` runs the function in a fresh
 transaction and, when the connection fails (server restart, network), retries it with
 exponential backoff until it succeeds or the worker stops. Every write the worker makes
 is idempotent (insert-on-conflict, "first outcome wins" updates), so a retry after a
-commit whose acknowledgement was lost is harmless. The few queries the worker needs
-beyond :mod:`loquetier.db.repo` are here too.
+commit whose acknowledgement was lost is harmless. The queries themselves live in the
+``*_repo`` modules (:mod:`loquetier.db.repo` gathers them).
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import TypeVar
 
 from asyncpg import PostgresError
-from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from loquetier.db.models import AdapterRow, WorkerRow
 from loquetier.db.session import create_engine, session_factory
 
 log = logging.getLogger(__name__)
@@ -152,52 +149,3 @@ def _server_words(exc: BaseException) -> str:
     """The server's message without the statement and its parameters (for the log)."""
     orig = getattr(exc, "orig", None)
     return str(orig if orig is not None else exc).split("\n[SQL:", 1)[0][:500]
-
-
-# --- queries the worker needs beyond loquetier.db.repo ----------------------------------
-
-
-async def worker_status(session: AsyncSession, worker_id: str) -> str | None:
-    status: str | None = await session.scalar(select(WorkerRow.status).where(WorkerRow.worker_id == worker_id))
-    return status
-
-
-async def worker_is_alive(session: AsyncSession, worker_id: str, *, within_s: float) -> bool:
-    """Did ``worker_id`` heartbeat within ``within_s`` seconds (database clock)?"""
-    beat: datetime | None = await session.scalar(
-        select(WorkerRow.heartbeat_at).where(
-            WorkerRow.worker_id == worker_id,
-            WorkerRow.status.in_(("starting", "running", "draining")),
-            WorkerRow.heartbeat_at > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, within_s),
-        )
-    )
-    return beat is not None
-
-
-async def drain_workers(session: AsyncSession, target: str) -> list[str]:
-    """Mark ``target`` (a worker_id, or "*" for all live ones) as draining."""
-    stmt = update(WorkerRow).where(WorkerRow.status.in_(("starting", "running"))).values(status="draining")
-    if target != "*":
-        stmt = stmt.where(WorkerRow.worker_id == target)
-    return list((await session.scalars(stmt.returning(WorkerRow.worker_id))).all())
-
-
-async def ready_versions(session: AsyncSession, adapter_ids: list[str]) -> dict[str, int]:
-    """Latest ready version of each adapter that has one."""
-    rows = await session.execute(
-        select(AdapterRow.adapter_id, func.max(AdapterRow.version))
-        .where(AdapterRow.adapter_id.in_(adapter_ids), AdapterRow.status == "ready")
-        .group_by(AdapterRow.adapter_id)
-    )
-    return {adapter_id: int(version) for adapter_id, version in rows.all()}
-
-
-async def archive_adapter(session: AsyncSession, adapter_id: str) -> int:
-    """Stop serving ``adapter_id`` everywhere: every ready version becomes archived."""
-    stmt = (
-        update(AdapterRow)
-        .where(AdapterRow.adapter_id == adapter_id, AdapterRow.status == "ready")
-        .values(status="archived")
-        .returning(AdapterRow.version)
-    )
-    return len((await session.scalars(stmt)).all())

@@ -1,6 +1,6 @@
-"""WorkRunner: the engine's view of one training or evaluation job.
+"""JobFeed: feeds one training or evaluation job's sequences into engine steps.
 
-A job hands out whole micro-batches; the scheduler grants tokens per step. The runner splits a
+A job hands out whole micro-batches; the scheduler grants tokens per step. The feed splits a
 micro-batch into sequence-granular pieces across steps: each piece's loss is
 ``loss_sum / micro_batch.num_target_tokens``, so the summed gradient equals one pass over the
 whole micro-batch (the loss is a mean over the micro-batch's completion tokens).
@@ -9,7 +9,7 @@ whole micro-batch (the loss is a mean over the micro-batch's completion tokens).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loquetier.lora.data import MicroBatch, TrainSequence
 from loquetier.lora.evaluate import EvaluationJob
@@ -20,17 +20,39 @@ from loquetier.lora.job import TrainingJob
 class Piece:
     """The sequences of one micro-batch run in this step."""
 
-    runner: WorkRunner
+    feed: JobFeed
     sequences: list[TrainSequence]
     micro_batch: MicroBatch
     is_last: bool  # the micro-batch completes with this piece
 
     @property
     def group(self) -> tuple[str, int]:
-        return (self.runner.job_id, self.micro_batch.index)
+        return (self.feed.job_id, self.micro_batch.index)
 
 
-class WorkRunner:
+@dataclass
+class StepPieces:
+    """The training and evaluation pieces of one step, taken from their feeds before the step runs
+    (``JobBook.take_pieces``) and handed to the model runner; the tokens each job got."""
+
+    train: list[Piece] = field(default_factory=list)
+    eval: list[Piece] = field(default_factory=list)
+    train_tokens: dict[str, int] = field(default_factory=dict)
+    eval_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def all(self) -> list[Piece]:
+        """Train pieces, then eval pieces: the order of the batch's loss groups."""
+        return self.train + self.eval
+
+    def give_back(self) -> None:
+        """The step did not run (or failed before any gradient was touched): each feed hands out the
+        same pieces again."""
+        for piece in reversed(self.all):
+            piece.feed.give_back(piece)
+
+
+class JobFeed:
     """Implements the scheduler's ``TrainWork`` for a TrainingJob or an EvaluationJob."""
 
     def __init__(self, job: TrainingJob | EvaluationJob, slot: int, *, parent: str | None = None) -> None:

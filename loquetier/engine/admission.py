@@ -1,4 +1,6 @@
-"""Thin adapters from the scheduler's protocols to the block manager and the adapter manager."""
+"""What the scheduler admits sequences against: KV blocks (``BlockAllocator`` over the block
+manager) and adapter slots (``AdapterSlotGate`` over the adapter manager), its ``KVAllocator``
+and ``AdapterSlots`` protocols."""
 
 from __future__ import annotations
 
