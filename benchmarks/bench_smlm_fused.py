@@ -46,6 +46,8 @@ VARIANTS: dict[str, dict[str, int] | None] = {
     "one launch, chunks >= 2048 cols": {"fused_min_cols": 2048},
     "one launch, BLOCK_N 128": {"fused_block_n": 128},
     "one launch, BLOCK_K 256": {"fused_block_k": 256},
+    "one launch, BLOCK_K 256, 3 stages": {"fused_block_k": 256, "fused_stages": 3},
+    "one launch, 8 warps": {"fused_warps": 8},
     "one launch but down": {"fused_max_in_features": 4096},
 }
 

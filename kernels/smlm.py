@@ -8,6 +8,16 @@ so a forward can be captured in a CUDA graph.
 Kernel count per call: ``shrink`` 1, ``expand`` 1, ``backward`` 4 (dv, dx, grad_a, grad_b), each
 covering every adapter of the batch at once; ``shrink_parts`` / ``expand_parts`` 1 each for all the
 parts of a fused module (q|k|v, gate|up), so a decoder layer's forward takes 8 SMLM launches, not 14.
+``shrink_expand`` does shrink and expand of a module, or of all parts of a fused one, in 1 launch and
+needs no ``v`` buffer: 4 launches a layer for decode-sized steps (``fused_applies`` says when).
+
+Invariants of every launcher:
+- rows outside every segment, and slots of rank 0, are never read into a result nor written;
+- LoRA rows at or past a slot's rank are never read (masked loads), so they may hold anything;
+- ``expand``, ``expand_parts`` and ``shrink_expand`` add into y in place and touch only the LoRA
+  columns of segment rows; ``v`` (fp32) is rounded to the weights' dtype before the rank-sized matmul;
+- the choice of kernel and of every block size depends only on host ints (``max_seg_len``,
+  ``num_blocks``, shapes, ``TUNING``), so one step's launches are fixed once its metadata is built.
 """
 
 from __future__ import annotations

@@ -1,9 +1,16 @@
-"""The three Triton kernels behind SMLM. Launch them only through ``kernels/smlm.py``.
+"""The Triton kernels behind SMLM. Launch them only through ``kernels/smlm.py``.
 
-Every kernel walks a row-block schedule (``SMLMMeta.blocks`` / ``train_blocks``): program ``pid0``
+Every kernel walks a row-block schedule (``SMLMMeta.blocks`` / ``grad_blocks``): program ``pid0``
 owns the rows ``[row_start, row_end)`` of one segment, all using adapter ``slot``. A program whose
 slot has rank 0 does nothing; ranks bound the loops and the masks, so an adapter of rank 8 moves
 (and in ``expand`` multiplies) rank-8 tiles even when the pool's ``max_rank`` is 64.
+
+Kernels: ``shrink_kernel`` / ``shrink_parts_kernel`` (v = x @ a.T, K split over programs with fp32
+atomics when the blocks alone cannot fill the GPU), ``expand_kernel`` / ``expand_parts_kernel``
+(y += scale * v @ b, one program per block and column tile), ``grad_kernel`` (grad_a / grad_b with
+fp32 atomics) and ``shrink_expand_kernel`` (both halves of the forward in one program for a block
+and a column chunk: v is recomputed by each chunk of a block, never stored). The ``*_parts`` kernels
+and ``shrink_expand_kernel`` serve up to three parts of a fused module, program axis 2 picking one.
 
 ``UPCAST`` (the interpreter) runs every ``tl.dot`` in fp32: the interpreter's bf16/fp16 dot is wrong.
 On the GPU, ``tl.dot`` takes the weights' dtype and accumulates in fp32; fp32 weights use ``IEEE`` fp32.
