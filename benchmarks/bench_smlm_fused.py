@@ -103,11 +103,23 @@ def _floor_ms(dims: dict[str, int], rows: int, adapters: int, modules: tuple[str
     return 1e3 * 2 * dims["layers"] * total / PEAK_BYTES_PER_S
 
 
+def _import_kernels() -> tuple[Any, Any, Any, Any]:
+    """The SMLM package: ``loquetier.kernels`` when installed, else ``kernels/`` of this checkout."""
+    try:
+        from loquetier import kernels
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import kernels  # type: ignore[no-redef]
+    from importlib import import_module
+
+    ref, smlm = (import_module(f"{kernels.__name__}.{m}") for m in ("reference", "smlm"))
+    return kernels.ModuleLoRA, kernels.SMLMMeta, ref, smlm
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
     import torch
 
-    from loquetier.kernels import ModuleLoRA, SMLMMeta, reference, smlm
-
+    ModuleLoRA, SMLMMeta, reference, smlm = _import_kernels()  # noqa: N806
     dims = TINY if args.tiny else FULL
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     is_gpu = device == "cuda"
