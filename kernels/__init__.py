@@ -4,7 +4,8 @@ Model code imports only the op layer: ``lora_linear``, ``SMLMMeta``, ``ModuleLoR
 """
 
 from .meta import SMLMMeta
-from .ops import backend_for, force_backend, lora_linear, variant_metas
+from .ops import backend_for, force_backend, fused_decode_enabled, lora_linear, set_fused_decode, variant_metas
 from .weights import ModuleLoRA
 
-__all__ = ["ModuleLoRA", "SMLMMeta", "backend_for", "force_backend", "lora_linear", "variant_metas"]
+__all__ = ["ModuleLoRA", "SMLMMeta", "backend_for", "force_backend", "fused_decode_enabled", "lora_linear",
+           "set_fused_decode", "variant_metas"]

@@ -3,6 +3,14 @@
 The hidden state travels as two tensors: the training rows (``x_train``, requires grad) and
 every other row (``x_rest``, no grad). One base GEMM and one SMLM launch per target module
 serve both; autograd sees only the training rows, so backward never touches inference rows.
+
+Decode-sized steps take one SMLM launch per target module instead of two (``smlm.shrink_expand``:
+shrink and expand fused, no ``v`` buffer) wherever the backend says it applies from host sizes only
+(``smlm.fused_applies``), and only where no ``v`` is kept for backward. The switch:
+``LOQUETIER_SMLM_FUSED_DECODE=0/1`` in the environment (default 0: its speed on a GPU is not yet
+measured), or ``set_fused_decode`` at run
+time; both paths compute the same sums (see ``reference.shrink_expand_ref``). A CUDA graph keeps the
+path that was on when it was captured.
 """
 
 from __future__ import annotations
@@ -19,6 +27,14 @@ from .meta import SMLMMeta
 from .weights import ModuleLoRA
 
 LoRAPart = tuple[ModuleLoRA, int]  # (module storage, column offset in a fused output)
+FUSED_DECODE_ENV = "LOQUETIER_SMLM_FUSED_DECODE"
+
+
+def _fused_from_env() -> bool:
+    return os.environ.get(FUSED_DECODE_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_fused_decode = _fused_from_env()
 
 
 class _Backend:
@@ -26,12 +42,15 @@ class _Backend:
                  backward: Callable[..., torch.Tensor], name: str,
                  parts: tuple[Callable[..., bool], Callable[..., torch.Tensor], Callable[..., None]] | None = None,
                  variant_metas: Callable[[int, torch.device], list[SMLMMeta]] | None = None,
+                 fused: tuple[Callable[..., bool], Callable[..., None]] | None = None,
                  ) -> None:
         self.shrink, self.expand, self.backward, self.name = shrink, expand, backward, name
         # (parts_fit, shrink_parts, expand_parts): the parts of a fused module in one launch each
         self.parts = parts
         # layouts whose launches build every compiled variant (None: the backend compiles nothing)
         self.variant_metas = variant_metas
+        # (fused_applies, shrink_expand): shrink + expand of a module (all its parts) in one launch
+        self.fused = fused
 
 
 _REFERENCE = _Backend(reference.shrink_ref, reference.expand_ref, reference.backward_ref, "reference")
@@ -45,7 +64,7 @@ def _triton_backend() -> _Backend | None:
         return None
     return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton",
                     parts=(smlm.parts_fit, smlm.shrink_parts, smlm.expand_parts),
-                    variant_metas=smlm.variant_metas)
+                    variant_metas=smlm.variant_metas, fused=(smlm.fused_applies, smlm.shrink_expand))
 
 
 def backend_for(device: torch.device) -> _Backend:
@@ -69,6 +88,18 @@ def force_backend(name: str | None) -> None:
     _forced = name
 
 
+def set_fused_decode(on: bool | None) -> None:
+    """Switch the one-launch decode path (``smlm.shrink_expand``) on or off for later forwards; None:
+    back to the environment's setting (``LOQUETIER_SMLM_FUSED_DECODE``, default off)."""
+    global _fused_decode
+    _fused_decode = _fused_from_env() if on is None else bool(on)
+
+
+def fused_decode_enabled() -> bool:
+    """Whether the one-launch decode path is switched on (it still runs only where it applies)."""
+    return _fused_decode
+
+
 def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     """Batch layouts on one adapter slot whose launches cover every compiled variant of the forward
     SMLM kernels on ``device`` (see ``smlm.variant_metas``); none for the torch reference."""
@@ -78,11 +109,15 @@ def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0917
              loras: Sequence[LoRAPart], meta: SMLMMeta | None,
-             backend: _Backend) -> tuple[torch.Tensor, list[torch.Tensor]]:
+             backend: _Backend, keep_v: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """y = x @ weight.T + bias + the LoRA terms; the shrink outputs v when ``keep_v`` (backward)."""
     y = F.linear(x, weight, bias)  # [T, out_total]
     vs: list[torch.Tensor] = []
     if meta is not None and meta.num_segments:
         modules = [lo for lo, _ in loras]
+        if not keep_v and _fused_decode and backend.fused is not None and backend.fused[0](modules, meta):
+            backend.fused[1](y, x, loras, meta)  # one launch, no v
+            return y, vs
         if backend.parts is not None and len(loras) > 1 and backend.parts[0](modules):
             _, shrink_parts, expand_parts = backend.parts
             v_all = shrink_parts(x, modules, meta)  # [T, P * max_rank] fp32, one launch
@@ -103,7 +138,7 @@ class _LoRALinear(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         n_train = x_train.shape[0]
         backend = backend_for(x_train.device)
-        y, vs = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend)
+        y, vs = _forward(torch.cat([x_train, x_rest]), weight, bias, loras, meta, backend, keep_v=True)
         # Only the training slice is kept for backward.
         ctx.save_for_backward(x_train, weight, *[v[:n_train] for v in vs])
         ctx.loras, ctx.meta, ctx.backend = loras, meta, backend
@@ -140,6 +175,7 @@ def lora_linear(x_train: torch.Tensor, x_rest: torch.Tensor, weight: torch.Tenso
         return y_train, y_rest
     with torch.no_grad():
         n_train = x_train.shape[0]
+        # no copy when one of the two is empty
         x = x_rest if n_train == 0 else x_train if x_rest.shape[0] == 0 else torch.cat([x_train, x_rest])
-        y, _ = _forward(x, weight, bias, loras, meta, backend_for(x_train.device))  # no copy for one part
+        y, _ = _forward(x, weight, bias, loras, meta, backend_for(x_train.device), keep_v=False)
         return y[:n_train], y[n_train:]

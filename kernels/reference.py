@@ -6,6 +6,8 @@ Computation is a loop over segments in fp32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .meta import SMLMMeta
@@ -91,3 +93,14 @@ def backward_ref(  # noqa: PLR0917
         lora.grad_a[slot, :r] += dv.T @ x[start : start + n].float()
         lora.grad_b[slot, :r] += scales[slot] * (v[start : start + n, :r].T @ gs)
     return dx
+
+
+def shrink_expand_ref(
+    y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta
+) -> None:
+    """Semantics (in place), one module or every part of a fused one:
+        for lora, offset in parts: expand_ref(y, shrink_ref(x, lora, meta), lora, meta, offset)
+    x: [T, in]; y: [T, out_total] (any float dtype).
+    """
+    for lora, offset in parts:
+        expand_ref(y, shrink_ref(x, lora, meta), lora, meta, offset)

@@ -8,6 +8,16 @@ so a forward can be captured in a CUDA graph.
 Kernel count per call: ``shrink`` 1, ``expand`` 1, ``backward`` 4 (dv, dx, grad_a, grad_b), each
 covering every adapter of the batch at once; ``shrink_parts`` / ``expand_parts`` 1 each for all the
 parts of a fused module (q|k|v, gate|up), so a decoder layer's forward takes 8 SMLM launches, not 14.
+``shrink_expand`` does shrink and expand of a module, or of all parts of a fused one, in 1 launch and
+needs no ``v`` buffer: 4 launches a layer for decode-sized steps (``fused_applies`` says when).
+
+Invariants of every launcher:
+- rows outside every segment, and slots of rank 0, are never read into a result nor written;
+- LoRA rows at or past a slot's rank are never read (masked loads), so they may hold anything;
+- ``expand``, ``expand_parts`` and ``shrink_expand`` add into y in place and touch only the LoRA
+  columns of segment rows; ``v`` (fp32) is rounded to the weights' dtype before the rank-sized matmul;
+- the choice of kernel and of every block size depends only on host ints (``max_seg_len``,
+  ``num_blocks``, shapes, ``TUNING``), so one step's launches are fixed once its metadata is built.
 """
 
 from __future__ import annotations
@@ -22,7 +32,14 @@ import triton
 
 from .launch import launch
 from .meta import SMLMMeta
-from .smlm_jit import expand_kernel, expand_parts_kernel, grad_kernel, shrink_kernel, shrink_parts_kernel
+from .smlm_jit import (
+    expand_kernel,
+    expand_parts_kernel,
+    grad_kernel,
+    shrink_expand_kernel,
+    shrink_kernel,
+    shrink_parts_kernel,
+)
 from .weights import ModuleLoRA
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,6 +65,16 @@ class Tuning:
     expand_block_n: int = 0  # 0: 256 for BLOCK_M 16, else 128
     expand_warps: int = 4
     expand_stages: int = 2
+    # shrink_expand (one launch for decode-sized blocks); it applies when both limits hold
+    fused_max_rows: int = 16  # the step's longest segment (``max_seg_len``) at most this
+    fused_max_blocks: int = 128  # row blocks (``num_blocks``) at most this
+    fused_max_in_features: int = 0  # modules with a wider input keep the two launches (0: no limit)
+    fused_programs_per_sm: int = 2  # column chunks per block until about this many programs per SM
+    fused_min_cols: int = 512  # ... but no chunk narrower than this (each chunk recomputes v over K)
+    fused_block_k: int = 128
+    fused_block_n: int = 0  # 0: 256 for rank tiles up to 32, else 128
+    fused_warps: int = 4
+    fused_stages: int = 2
 
 
 TUNING = Tuning()
@@ -87,12 +114,15 @@ def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
 def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     """Segment layouts (all rows on ``slot``) that between them reach every compiled variant of the
     forward launches: each ``BLOCK_M`` (longest segment up to 16, 32, more rows), each with and
-    without split-K atomics (one block; more blocks than ``4 * SMs``). Launching each once before
-    serving leaves no variant to build during a served step."""
-    many = 4 * _num_sms(device) + 1
+    without split-K atomics (one block; more blocks than ``4 * SMs``), and with the one-launch decode
+    path on, both sides of its block limit (one block: ``shrink_expand``; one block past the limit:
+    the two launches with ``BLOCK_M`` 16). Launching each once before serving leaves no variant to
+    build during a served step."""
+    past_fused = TUNING.fused_max_blocks + 1
+    many = max(TUNING.programs_per_sm * _num_sms(device) + 1, past_fused)
     metas = []
     for longest in (1, 17, 33):
-        for blocks in (1, many):
+        for blocks in sorted({1, past_fused, many}):
             slots = [slot] * longest + [-1, slot] * (blocks - 1)
             metas.append(SMLMMeta.build(slots, 0, device))
     return metas
@@ -261,6 +291,87 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         r0, r1, r2, s0, s1, s2, meta.blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
+    )  # fmt: skip
+
+
+
+FUSED_MAX_RANK = 64  # shrink_expand keeps a [BLOCK_M, next_pow2(rank)] fp32 v tile in registers
+
+
+def fused_fit(loras: Sequence[ModuleLoRA]) -> bool:
+    """Whether ``loras`` (one module, or the parts of a fused one, as for ``parts_fit``) can share
+    one ``shrink_expand`` launch: rank capacity at most ``FUSED_MAX_RANK``, one dtype."""
+    first = loras[0]
+    one = len(loras) == 1 and first.b.dtype == first.a.dtype and first.b.shape[:2] == first.a.shape[:2]
+    return (one or parts_fit(loras)) and first.max_rank <= FUSED_MAX_RANK
+
+
+def fused_applies(loras: Sequence[ModuleLoRA], meta: SMLMMeta) -> bool:
+    """Whether ``shrink_expand`` is the launch for this step and module: decode-sized blocks (the
+    longest segment at most ``TUNING.fused_max_rows`` rows, at most ``TUNING.fused_max_blocks``
+    blocks), an input no wider than ``TUNING.fused_max_in_features`` (when set) and ``fused_fit``.
+    Host ints only: deciding never reads the device."""
+    max_in = TUNING.fused_max_in_features
+    return (0 < meta.max_seg_len <= TUNING.fused_max_rows and 0 < meta.num_blocks <= TUNING.fused_max_blocks
+            and (not max_in or loras[0].in_features <= max_in) and fused_fit(loras))
+
+
+def _fused_sizes(num_programs: int, widths: Sequence[int], max_rank: int,
+                 device: torch.device) -> tuple[int, int, list[int]]:
+    """(BLOCK_N, column chunks per block, columns per chunk of each part) of a shrink_expand launch
+    over ``num_programs`` (blocks x parts) programs before the column split."""
+    block_n = TUNING.fused_block_n or (256 if _block_r(max_rank) <= 32 else 128)
+    if INTERPRET:
+        block_n = min(block_n, 64)
+    target = TUNING.fused_programs_per_sm * _num_sms(device)
+    widest = max(widths)
+    chunks = max(1, min(triton.cdiv(target, num_programs), triton.cdiv(widest, max(block_n, TUNING.fused_min_cols))))
+    cols = [triton.cdiv(triton.cdiv(n, block_n), chunks) * block_n for n in widths]
+    return block_n, chunks, cols
+
+
+def shrink_expand(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta) -> None:
+    """Shrink and expand of one module, or of every part of a fused one, in one launch, in place.
+    Semantics (``reference.shrink_expand_ref``)::
+
+        for lora, offset in parts:
+            expand(y, shrink(x, lora, meta), lora, meta, offset)
+
+    x: [T, in] model dtype; y: [T, out_total] (any strides). ``fused_fit`` must hold for the parts.
+    Each program recomputes v for its block over the whole K, so it pays off only for few rows per
+    block (``fused_applies`` says when); v is rounded to the weights' dtype before the rank-sized
+    matmul, as ``expand`` does, and nothing is written but y's LoRA columns of segment rows."""
+    loras = [lo for lo, _ in parts]
+    assert fused_fit(loras)
+    first, num = loras[0], len(parts)
+    for lora, offset in parts:
+        _check(lora, x, first.in_features)
+        assert 0 <= offset and offset + lora.out_features <= y.shape[1]
+    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
+    assert y.dim() == 2 and y.shape[0] == x.shape[0]
+    if not meta.num_blocks:
+        return
+    widths = [lo.out_features for lo in loras]
+    block_n, chunks, cols = _fused_sizes(meta.num_blocks * num, widths, first.max_rank, x.device)
+    a0, a1, a2 = _padded([lo.a for lo in loras])
+    b0, b1, b2 = _padded([lo.b for lo in loras])
+    n0, n1, n2 = [*widths, *[0] * (MAX_PARTS - num)]
+    o0, o1, o2 = [*[off for _, off in parts], *[0] * (MAX_PARTS - num)]
+    c0, c1, c2 = [*cols, *[0] * (MAX_PARTS - num)]
+    r0, r1, r2 = _padded([lo.ranks for lo in loras])
+    s0, s1, s2 = _padded([lo.scales for lo in loras])
+    launch(shrink_expand_kernel, (meta.num_blocks, chunks, num),
+        x, x.stride(0), x.stride(1),
+        a0, a1, a2, a0.stride(0), a0.stride(1), a0.stride(2),
+        y, y.stride(0), y.stride(1),
+        b0, b1, b2,
+        b0.stride(0), b1.stride(0), b2.stride(0), b0.stride(1), b1.stride(1), b2.stride(1), b0.stride(2),
+        n0, n1, n2, o0, o1, o2, c0, c1, c2,
+        r0, r1, r2, s0, s1, s2, meta.blocks,
+        x.shape[1],
+        BLOCK_M=_block_m(meta.max_seg_len), BLOCK_R=_block_r(first.max_rank),
+        BLOCK_K=TUNING.fused_block_k, BLOCK_N=block_n,
+        num_warps=TUNING.fused_warps, num_stages=TUNING.fused_stages, **_dot_kwargs(a0),
     )  # fmt: skip
 
 

@@ -1,9 +1,16 @@
-"""The three Triton kernels behind SMLM. Launch them only through ``kernels/smlm.py``.
+"""The Triton kernels behind SMLM. Launch them only through ``kernels/smlm.py``.
 
-Every kernel walks a row-block schedule (``SMLMMeta.blocks`` / ``train_blocks``): program ``pid0``
+Every kernel walks a row-block schedule (``SMLMMeta.blocks`` / ``grad_blocks``): program ``pid0``
 owns the rows ``[row_start, row_end)`` of one segment, all using adapter ``slot``. A program whose
 slot has rank 0 does nothing; ranks bound the loops and the masks, so an adapter of rank 8 moves
 (and in ``expand`` multiplies) rank-8 tiles even when the pool's ``max_rank`` is 64.
+
+Kernels: ``shrink_kernel`` / ``shrink_parts_kernel`` (v = x @ a.T, K split over programs with fp32
+atomics when the blocks alone cannot fill the GPU), ``expand_kernel`` / ``expand_parts_kernel``
+(y += scale * v @ b, one program per block and column tile), ``grad_kernel`` (grad_a / grad_b with
+fp32 atomics) and ``shrink_expand_kernel`` (both halves of the forward in one program for a block
+and a column chunk: v is recomputed by each chunk of a block, never stored). The ``*_parts`` kernels
+and ``shrink_expand_kernel`` serve up to three parts of a fused module, program axis 2 picking one.
 
 ``UPCAST`` (the interpreter) runs every ``tl.dot`` in fp32: the interpreter's bf16/fp16 dot is wrong.
 On the GPU, ``tl.dot`` takes the weights' dtype and accumulates in fp32; fp32 weights use ``IEEE`` fp32.
@@ -245,3 +252,107 @@ def expand_parts_kernel(  # noqa: PLR0917
     _expand_tile(y_ptr + col0 * stride_yn, stride_ym, stride_yn, v_ptr + part * part_cols, stride_vm,
                  w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
                  tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST, IEEE)
+
+
+# Shrink and expand in one launch, for decode-sized blocks (``smlm.shrink_expand``). Program
+# (pid0, pid1, pid2) = (row block, column chunk, part): it recomputes its block's v over the whole K
+# (every column chunk of a block does; rank <= 64, so the A tile rereads hit L2), rounds v to the
+# weights' dtype as expand does, and adds scale * v @ b[slot, :r, chunk] into y. No v buffer, no
+# memset, one launch for every part of a fused module.
+@triton.jit
+def _shrink_expand_tile(  # noqa: PLR0917
+    x_ptr, stride_xm, stride_xk, a_ptr, stride_as, stride_ar, stride_ak,
+    y_ptr, stride_ym, stride_yn, b_ptr, stride_bs, stride_br, stride_bn,
+    ranks_ptr, scales_ptr, blocks_ptr, pid, pid_n, K, N, cols_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """y[rows, chunk] += scale[slot] * (x[rows] @ a[slot, :r].T) @ b[slot, :r, chunk] for one block."""
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    n_lo = pid_n * cols_per_program
+    n_hi = tl.minimum(n_lo + cols_per_program, N)
+    # rank 0, or a column chunk past this part's width: the row loop runs zero times
+    row_end = tl.where((r > 0) & (n_lo < N), row_end, row_start)
+    scale = tl.load(scales_ptr + slot)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_N)
+    r_mask = offs_r < r
+    a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar  # [BLOCK_R, 1]
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br  # [BLOCK_R, 1]
+    for m0 in range(row_start, row_end, BLOCK_M):  # one pass for decode blocks (rows <= BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+        v = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < K
+            xt = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_rows + ks[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            v = _dot(xt, tl.trans(at), v, UPCAST, IEEE)
+        vt = v.to(b_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_R], columns >= r are 0
+        y_rows = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym  # [BLOCK_M, 1]
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + offs_c
+            n_mask = offs_n < n_hi
+            bt = tl.load(b_rows + offs_n[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _dot(vt, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+            y_tile = y_rows + offs_n[None, :] * stride_yn
+            y_mask = m_mask[:, None] & n_mask[None, :]
+            yt = tl.load(y_tile, mask=y_mask, other=0.0)
+            tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
+
+
+@triton.jit
+def shrink_expand_kernel(  # noqa: PLR0917
+    x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input, shared by every part
+    a0_ptr, a1_ptr, a2_ptr, stride_as, stride_ar, stride_ak,  # [S, R, K] each part's a (one shape)
+    y_ptr, stride_ym, stride_yn,  # [T, N_total] the base output (any strides), in place
+    b0_ptr, b1_ptr, b2_ptr,  # [S, R, N_p] each part's b
+    bs0, bs1, bs2, br0, br1, br2, stride_bn,  # per part: slot and rank strides; column stride (shared)
+    n0, n1, n2, off0, off1, off2, c0, c1, c2,  # per part: width, first column in y, columns per program
+    r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr, blocks_ptr,
+    K,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """y[rows, off_p + chunk] += scale_p[slot] * (x[rows] @ a_p[slot, :r_p].T) @ b_p[slot, :r_p, chunk]."""
+    part = tl.program_id(2)
+    a_ptr = a0_ptr
+    b_ptr = b0_ptr
+    stride_bs = bs0
+    stride_br = br0
+    N = n0
+    col0 = off0
+    cols = c0
+    ranks_ptr = r0_ptr
+    scales_ptr = s0_ptr
+    if part == 1:
+        a_ptr = a1_ptr
+        b_ptr = b1_ptr
+        stride_bs = bs1
+        stride_br = br1
+        N = n1
+        col0 = off1
+        cols = c1
+        ranks_ptr = r1_ptr
+        scales_ptr = s1_ptr
+    if part == 2:
+        a_ptr = a2_ptr
+        b_ptr = b2_ptr
+        stride_bs = bs2
+        stride_br = br2
+        N = n2
+        col0 = off2
+        cols = c2
+        ranks_ptr = r2_ptr
+        scales_ptr = s2_ptr
+    _shrink_expand_tile(x_ptr, stride_xm, stride_xk, a_ptr, stride_as, stride_ar, stride_ak,
+                        y_ptr + col0 * stride_yn, stride_ym, stride_yn, b_ptr, stride_bs, stride_br, stride_bn,
+                        ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, N, cols,
+                        BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N, UPCAST, IEEE)

@@ -129,9 +129,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--smlm-fused-decode", choices=("0", "1"), default=None,
+                    help="one SMLM launch per LoRA module in decode-sized steps (1) or two (0); default: "
+                         "the LOQUETIER_SMLM_FUSED_DECODE environment variable, else 1")
     args = ap.parse_args()
+    from loquetier.kernels import fused_decode_enabled, set_fused_decode
+
+    if args.smlm_fused_decode is not None:
+        set_fused_decode(args.smlm_fused_decode == "1")
     small = args.device == "cpu"
-    report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "smlm_fused_decode": fused_decode_enabled()}
     with tempfile.TemporaryDirectory() as d:
         model_dir = Path(d) / "model"
         build_model(model_dir, hidden=256 if small else 1024, layers=2 if small else 8, vocab=1000 if small else 32000)

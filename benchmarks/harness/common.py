@@ -190,6 +190,9 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     ap.add_argument("--lookahead", type=int, default=0, metavar="N",
                     help="bench_unified: one more unified replay with the scheduler's tpot_lookahead = N "
                          "(default 0: the comparison without borrowing; skipped when N is the engine's default)")
+    ap.add_argument("--smlm-fused-decode", choices=("0", "1"), default=None,
+                    help="one SMLM launch per LoRA module in decode-sized steps (1) or two (0); default: "
+                         "the LOQUETIER_SMLM_FUSED_DECODE environment variable, else 1")
     ap.add_argument(
         "--set",
         action="append",
@@ -209,6 +212,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         kind = type(getattr(prof, key))
         prof = replace(prof, **{key: kind(raw)})
     args.profile = prof
+    apply_fused_decode(args.smlm_fused_decode)
     if args.device == "cpu":
         # a CPU run is a smoke run: the torch reference, not Triton's interpreter (TRITON_INTERPRET=1)
         from loquetier.kernels.ops import force_backend
@@ -216,6 +220,17 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         force_backend("reference")
     args.command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     return args
+
+
+def apply_fused_decode(value: str | None) -> bool:
+    """Set the SMLM one-launch decode switch from a ``--smlm-fused-decode`` value (None: leave the
+    environment's setting); returns whether it is on. Set before the engine captures its graphs."""
+    from loquetier.kernels import fused_decode_enabled, set_fused_decode
+
+    if value is not None:
+        os.environ["LOQUETIER_SMLM_FUSED_DECODE"] = value
+        set_fused_decode(value == "1")
+    return fused_decode_enabled()
 
 
 def job_data(args: argparse.Namespace) -> Jobs:
@@ -294,6 +309,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "profile": asdict(args.profile),
+        "smlm_fused_decode": apply_fused_decode(None),
     }
 
 

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 
 from loquetier.kernels import SMLMMeta
-from loquetier.kernels.meta import FWD_BLOCK_ROWS, row_blocks, segments_of
+from loquetier.kernels.meta import row_blocks, segments_of
 from loquetier.kernels.ops import backend_for
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
@@ -63,7 +63,7 @@ class _Group(NamedTuple):
     needs_logits: bool
 
 
-_SEG_ROWS = 16  # the SMLM kernels' row tile for captured decode graphs (they loop over longer segments)
+_SEG_ROWS = 16  # the SMLM kernels' row tile in captured graphs, and the longest row block they lay out
 
 
 GRAPH_MAX_MEAN_CONTEXT = 256  # prompt rows of a graph step read at most this many keys each, on average
@@ -325,7 +325,11 @@ class DecodeGraphs:
         if len(logit_rows) > num_logits:
             raise ValueError(f"{len(logit_rows)} rows need logits; graphs take at most {num_logits}")
         segments, _ = segments_of(slots[:n])
-        blocks = row_blocks(segments, FWD_BLOCK_ROWS)
+        # Blocks of at most _SEG_ROWS rows: the captured launches tile rows by _SEG_ROWS anyway (the two
+        # SMLM launches reload their weight tiles per row tile), so shorter blocks load the same and run
+        # on more programs, and the one-launch decode kernel (it recomputes v per column chunk) never
+        # meets a block longer than its row tile. There are never more blocks than rows (<= bucket).
+        blocks = row_blocks(segments, _SEG_ROWS)
         blocks += [(0, 0, 0)] * (bucket - len(blocks))
         rows_t = torch.tensor(logit_rows + [0] * (num_logits - len(logit_rows)), dtype=torch.int64)
         stage = self._staging

@@ -30,6 +30,7 @@ from loquetier.kernels import (  # noqa: E402
     force_backend,
     lora_linear,
     reference,
+    set_fused_decode,
     smlm,
 )
 
@@ -408,13 +409,27 @@ def test_warm_lora_launches_build_every_forward_variant(tmp_path, monkeypatch) -
         return launch(kernel, grid, *args, **meta)
 
     monkeypatch.setattr(smlm, "launch", recording)
+    # a low block limit for the one launch keeps the interpreter's layouts small (1, 3, 17 blocks): 3 blocks split K
+    monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(fused_max_blocks=2))
     force_backend("triton")
     try:
-        assert model.warm_lora_launches(1) == 6 * 4
+        num_linears = 4 * len(smlm.variant_metas(1, DEVICE))
+        set_fused_decode(False)  # the two launches everywhere: every variant of theirs
+        assert model.warm_lora_launches(1) == num_linears
+        set_fused_decode(True)  # one layout (one short block) now takes the one launch
+        fused_off = set(seen)
+        seen.clear()
+        assert model.warm_lora_launches(1) == num_linears
     finally:
         force_backend(None)
+        set_fused_decode(None)
     every = {(bm, atomic) for bm in (16, 32, 64) for atomic in (True, False)}
     for name in ("shrink_kernel", "shrink_parts_kernel"):
-        assert {(bm, a) for n, bm, a in seen if n == name} == every, name
+        assert {(bm, a) for n, bm, a in fused_off if n == name} == every, name
     for name in ("expand_kernel", "expand_parts_kernel"):
-        assert {bm for n, bm, _ in seen if n == name} == {16, 32, 64}, name
+        assert {bm for n, bm, _ in fused_off if n == name} == {16, 32, 64}, name
+    assert not any(n == "shrink_expand_kernel" for n, _, _ in fused_off)
+    # with it on: the one launch for one short block, the two launches past its block limit
+    assert {bm for n, bm, _ in seen if n == "shrink_expand_kernel"} == {16}
+    for name in ("shrink_kernel", "shrink_parts_kernel"):
+        assert {(bm, a) for n, bm, a in seen if n == name} == every, name

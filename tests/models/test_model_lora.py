@@ -177,3 +177,59 @@ def test_training_grads_match_peft_and_skip_inference_rows(
             peft(torch.tensor([toks])).logits[0, :-1], torch.tensor(toks[1:]), reduction="sum"
         )
     assert_close(out.loss_sum[keys.index("eval-z")].detach(), ref)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-decode", "two-launches"])
+def test_triton_decode_step_matches_peft_with_the_fused_switch(
+    tmp_path: Path, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefill steps and a mixed prefill + decode step on the Triton SMLM backend (the interpreter on
+    CPU), with the one-launch decode path (``LOQUETIER_SMLM_FUSED_DECODE``) on and off: the same
+    logits as PEFT either way, and the same as each other."""
+    pytest.importorskip("triton")
+    from loquetier.kernels import force_backend, set_fused_decode, smlm
+
+    if not torch.cuda.is_available() and not smlm.INTERPRET:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
+    peft, model, _ = _build("llama", tmp_path)
+    kernels: set[str] = set()
+    launch = smlm.launch
+
+    def recording(kernel, grid, *args, **meta):  # noqa: ANN001, ANN002, ANN003, ANN202
+        kernels.add(kernel.fn.__name__)
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(smlm, "launch", recording)
+    gen = torch.Generator().manual_seed(13)
+    bm, kv = BlockManager(64, BS), model.make_kv_cache(64, BS)
+    seqs = {"s0": ("x", 5), "s1": ("y", 3), "s2": ("z", 4), "s3": (None, 2), "s4": ("y", 3)}
+    tokens = {s: rand_tokens(gen, n) for s, (_, n) in seqs.items()}
+    slot = {s: -1 if a is None else ADAPTERS[a][0] for s, (a, _) in seqs.items()}
+    force_backend("triton")
+    set_fused_decode(fused)
+    try:
+        b = BatchBuilder(BS)
+        for s in ["s0", "s1", "s2", "s3"]:
+            bm.allocate(s, tokens[s], adapter_id=seqs[s][0])
+            b.add_prefill(s, tokens[s], 0, bm.block_table(s), slot[s], True)
+        batch = b.build()
+        assert batch.meta.max_seg_len <= smlm.TUNING.fused_max_rows  # the fused path applies
+        out = model.forward(batch, kv)
+        for s, row in zip(["s0", "s1", "s2", "s3"], out.logits, strict=True):
+            assert_close(row, _peft_logits(peft, seqs[s][0], tokens[s])[-1])
+        b = BatchBuilder(BS)
+        bm.allocate("s4", tokens["s4"], adapter_id="y")
+        b.add_prefill("s4", tokens["s4"], 0, bm.block_table("s4"), slot["s4"], True)
+        for s in ["s0", "s1", "s2", "s3"]:
+            tokens[s].append(int(tokens[s][0]))
+            bm.append(s, tokens[s][-1:])
+            b.add_decode(s, tokens[s][-1], len(tokens[s]) - 1, bm.block_table(s), slot[s])
+        batch = b.build()
+        out = model.forward(batch, kv)
+        for s, row in zip(batch.logits_seq_ids, out.logits, strict=True):
+            assert_close(row, _peft_logits(peft, seqs[s][0], tokens[s])[-1])
+    finally:
+        force_backend("reference")  # the module's fixture put the reference backend on
+        set_fused_decode(None)
+    assert ("shrink_expand_kernel" in kernels) is fused
+    assert ("shrink_parts_kernel" in kernels) is not fused

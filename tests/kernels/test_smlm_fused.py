@@ -1,0 +1,275 @@
+"""``smlm.shrink_expand`` (shrink and expand of a module, or of every part of a fused one, in one
+launch) against the torch reference loop and against the two-launch Triton path, and the op layer's
+switch between them.
+
+Poisoned like ``test_smlm.py``: LoRA rows past a slot's rank are NaN, the columns of ``y`` no part owns
+are NaN, and rows with no adapter (or whose adapter has rank 0 here) must keep their exact base values.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from loquetier.kernels import (  # noqa: E402
+    ModuleLoRA,
+    SMLMMeta,
+    force_backend,
+    fused_decode_enabled,
+    lora_linear,
+    ops,
+    reference,
+    set_fused_decode,
+    smlm,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not smlm.INTERPRET:
+    pytest.skip("smlm was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # max error relative to max |reference|
+NAN = float("nan")
+# per part, the rank of each of 7 slots (one capacity, 64): mixed 8/16/64, ragged across parts, and
+# slots that a part does not target (rank 0)
+PART_RANKS = ([8, 16, 64, 16, 0, 8, 64], [64, 8, 0, 16, 16, 64, 8], [16, 0, 8, 64, 8, 16, 16])
+WIDTHS = (72, 24, 40)  # parts of different widths
+IN_FEATURES = 100  # not a multiple of BLOCK_K
+
+
+def _slots(layout: str, num_rows: int, rng: random.Random) -> list[int]:
+    """Per-row slots of a decode-sized step (every segment 16 rows at most, except "long")."""
+    if layout == "round_robin":  # one row per adapter, as the decode benchmark lays them out
+        return [i % 7 for i in range(num_rows)]
+    if layout == "identical":
+        return [2] * min(num_rows, 16)
+    if layout == "long":  # blocks longer than BLOCK_M: the kernel loops over 16-row tiles
+        return [3] * 40 + [1] * 5 + [-1] * 3 + [5] * 20
+    slots: list[int] = []
+    choices = [*range(7), -1] if layout == "uneven_no_adapter" else list(range(7))
+    while len(slots) < num_rows:  # runs of 1..16 rows, never two runs of one slot in a row
+        slot = rng.choice([c for c in choices if not slots or c != slots[-1]])
+        slots += [slot] * rng.randint(1, 16)
+    if layout == "uneven_no_adapter":
+        slots[5:8] = [-1] * 3
+    return slots[:num_rows]
+
+
+def _lora(dtype: torch.dtype, ranks: list[int], out_features: int, gen: torch.Generator) -> ModuleLoRA:
+    num_slots, max_rank = len(ranks), 64
+    lora = ModuleLoRA.empty(num_slots, max_rank, IN_FEATURES, out_features, dtype=dtype, device=DEVICE)
+    a = torch.randn(num_slots, max_rank, IN_FEATURES, generator=gen) / IN_FEATURES**0.5
+    b = torch.randn(num_slots, max_rank, out_features, generator=gen) / 4
+    for s, r in enumerate(ranks):  # poison everything a kernel must not read
+        a[s, r:] = NAN
+        b[s, r:] = NAN
+    lora.a.copy_(a)
+    lora.b.copy_(b)
+    lora.ranks.copy_(torch.tensor(ranks, dtype=torch.int32))
+    lora.scales.copy_(torch.rand(num_slots, generator=gen) * 2 + 0.25)
+    lora.host_ranks = list(ranks)
+    return lora
+
+
+def _parts(dtype: torch.dtype, num_parts: int, seed: int) -> tuple[list[tuple[ModuleLoRA, int]], int]:
+    """The parts at their offsets (a 3-column gap after each: columns no part owns), and y's width."""
+    gen = torch.Generator().manual_seed(seed)
+    parts, col = [], 2
+    for p in range(num_parts):
+        parts.append((_lora(dtype, list(PART_RANKS[p]), WIDTHS[p], gen), col))
+        col += WIDTHS[p] + 3
+    return parts, col
+
+
+def _base(num_rows: int, width: int, parts: list[tuple[ModuleLoRA, int]], dtype: torch.dtype,
+          seed: int) -> torch.Tensor:
+    y = torch.randn(num_rows, width, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    owned = torch.zeros(width, dtype=torch.bool)
+    for lora, off in parts:
+        owned[off : off + lora.out_features] = True
+    y[:, ~owned] = NAN
+    return y.to(DEVICE)
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    out, ref = out.float().cpu(), ref.float().cpu()
+    assert torch.equal(out.isnan(), ref.isnan()), f"{what}: NaN pattern differs"
+    finite = ~ref.isnan()
+    scale = ref[finite].abs().max().clamp_min(1e-6)
+    err = (out[finite] - ref[finite]).abs().max() / scale
+    assert err <= tol, f"{what}: max error {err:.2e} x {scale:.2e} > {tol:.0e}"
+
+
+def _two_launches(y: torch.Tensor, x: torch.Tensor, parts: list[tuple[ModuleLoRA, int]], meta: SMLMMeta) -> None:
+    loras = [lo for lo, _ in parts]
+    if len(parts) == 1:
+        smlm.expand(y, smlm.shrink(x, loras[0], meta), loras[0], meta, parts[0][1])
+    else:
+        smlm.expand_parts(y, smlm.shrink_parts(x, loras, meta), parts, meta)
+
+
+# the default launch sizes, and small column chunks and tiles, so a block's columns are split over
+# several programs and each program walks several tiles
+TUNINGS = {"default": smlm.Tuning(), "chunked": smlm.Tuning(fused_min_cols=0, fused_block_n=16,
+                                                          fused_programs_per_sm=16, fused_block_k=32)}
+
+
+@pytest.mark.parametrize("tuning", list(TUNINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_parts", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["round_robin", "uneven_no_adapter", "identical", "long"])
+def test_shrink_expand_matches_reference_and_two_launches(
+        monkeypatch: pytest.MonkeyPatch, tuning: str, dtype: torch.dtype, num_parts: int, layout: str) -> None:
+    if layout == "long" and (tuning != "default" or num_parts == 2):
+        pytest.skip("one long-block case per part count is enough for the interpreter")
+    monkeypatch.setattr(smlm, "TUNING", TUNINGS[tuning])
+    rng = random.Random(f"{layout}{num_parts}{dtype}")
+    slots = _slots(layout, 24, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999))
+    loras = [lo for lo, _ in parts]
+    assert smlm.fused_fit(loras)
+    assert smlm.fused_applies(loras, meta) == (layout != "long")
+    x = torch.randn(len(slots), IN_FEATURES, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    y0 = _base(len(slots), width, parts, dtype, seed=4)
+
+    y = y0.clone()
+    smlm.shrink_expand(y, x, parts, meta)
+    y_ref = y0.clone()
+    reference.shrink_expand_ref(y_ref, x, parts, meta)
+    _assert_close(y, y_ref, TOL[dtype], "shrink_expand vs reference")
+    y_two = y0.clone()
+    _two_launches(y_two, x, parts, meta)
+    # the same sums as the two launches (v rounded to the weights' dtype in both): fp32 agrees to
+    # rounding, bf16 to a rounding of y
+    _assert_close(y, y_two, 2e-6 if dtype == torch.float32 else 1e-2, "shrink_expand vs two launches")
+
+    untouched = torch.ones(len(slots), dtype=torch.bool)
+    for start, n, slot in meta.host_segments:
+        if any(lo.host_ranks[slot] for lo in loras):  # type: ignore[index]
+            untouched[start : start + n] = False
+    assert untouched.any() or layout != "uneven_no_adapter"
+    assert torch.equal(y.cpu()[untouched].nan_to_num(7.0), y0.cpu()[untouched].nan_to_num(7.0)), \
+        "rows without an adapter changed"
+
+
+def test_shrink_expand_column_major_output() -> None:
+    slots = [0, 0, 1, -1, 2, 3, 3, 3]
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(torch.float32, 2, seed=9)
+    x = torch.randn(len(slots), IN_FEATURES, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y0 = _base(len(slots), width, parts, torch.float32, seed=2)
+    y = y0.t().contiguous().t()  # the kernel must honour both strides
+    smlm.shrink_expand(y, x, parts, meta)
+    y_ref = y0.clone()
+    reference.shrink_expand_ref(y_ref, x, parts, meta)
+    _assert_close(y, y_ref, TOL[torch.float32], "column-major y")
+
+
+def test_no_segments_is_a_no_op() -> None:
+    meta = SMLMMeta.build([-1, -1, -1], 0, DEVICE)
+    parts, width = _parts(torch.float32, 3, seed=5)
+    x = torch.randn(3, IN_FEATURES, device=DEVICE)
+    y0 = _base(3, width, parts, torch.float32, seed=6)
+    y = y0.clone()
+    smlm.shrink_expand(y, x, parts, meta)
+    assert torch.equal(y.nan_to_num(7.0), y0.nan_to_num(7.0))
+
+
+def test_fused_applies_from_host_sizes_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lora = _lora(torch.float32, [8, 16, 64, 16, 0, 8, 64], 32, gen)
+    decode = SMLMMeta.build([0, 1, 2, 3, 0, 1], 0, DEVICE)
+    assert smlm.fused_applies([lora], decode)
+    assert not smlm.fused_applies([lora], SMLMMeta.build([0] * 17, 0, DEVICE))  # a segment of 17 rows
+    assert not smlm.fused_applies([lora], SMLMMeta.build([-1, -1], 0, DEVICE))  # nothing to do
+    many = [i % 7 for i in range(smlm.TUNING.fused_max_blocks + 1)]
+    assert not smlm.fused_applies([lora], SMLMMeta.build(many, 0, DEVICE))  # too many blocks
+    wide = ModuleLoRA.empty(2, 128, IN_FEATURES, 32, device=DEVICE)  # rank capacity above 64
+    assert not smlm.fused_fit([wide]) and not smlm.fused_applies([wide], decode)
+    other = ModuleLoRA.empty(7, 32, IN_FEATURES, 32, device=DEVICE)  # parts of two rank capacities
+    assert smlm.fused_fit([lora, lora, lora]) and not smlm.fused_fit([lora, other])
+    assert not smlm.fused_fit([lora] * 4)
+
+
+def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    names: list[str] = []
+    launch = smlm.launch
+
+    def recording(kernel, grid, *args, **meta):  # noqa: ANN001, ANN002, ANN003, ANN202
+        names.append(kernel.fn.__name__)
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(smlm, "launch", recording)
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_linear_switch(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The op layer with the switch on and off: one launch for all three parts of q|k|v (on), two
+    (off), the same outputs; rows kept for backward always take the two launches (v is saved)."""
+    names = _count_launches(monkeypatch)
+    parts, width = _parts(dtype, 3, seed=21)
+    slots = [0, 1, 2, 3, 4, 5, 6, -1, 0, 1]
+    gen = torch.Generator().manual_seed(22)
+    weight = (torch.randn(width, IN_FEATURES, generator=gen) / 10).to(dtype).to(DEVICE)
+    bias = torch.randn(width, generator=gen).to(dtype).to(DEVICE)
+    x = torch.randn(len(slots), IN_FEATURES, generator=gen).to(dtype).to(DEVICE)
+    for lora, _ in parts:  # lora_linear reads whole slot pools: no NaN poison here
+        lora.a.nan_to_num_(0.0)
+        lora.b.nan_to_num_(0.0)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    outs = {}
+    force_backend("triton")
+    try:
+        for on in (True, False):
+            set_fused_decode(on)
+            names.clear()
+            outs[on] = lora_linear(x[:0], x, weight, bias, parts, meta)[1]
+            assert names == (["shrink_expand_kernel"] if on else ["shrink_parts_kernel", "expand_parts_kernel"])
+        set_fused_decode(True)
+        names.clear()  # training rows: v is kept for backward, so the two launches
+        train_meta = SMLMMeta.build([0, 1, *slots[2:]], 2, DEVICE)
+        lora_linear(x[:2].clone().requires_grad_(), x[2:], weight, bias, parts, train_meta)
+        assert names == ["shrink_parts_kernel", "expand_parts_kernel"]
+    finally:
+        force_backend(None)
+        set_fused_decode(None)
+    force_backend("reference")
+    try:
+        y_ref = lora_linear(x[:0], x, weight, bias, parts, meta)[1]
+    finally:
+        force_backend(None)
+    _assert_close(outs[True], y_ref, TOL[dtype], "fused vs reference backend")
+    _assert_close(outs[True], outs[False], 2e-6 if dtype == torch.float32 else 1e-2, "fused vs two launches")
+
+
+@pytest.mark.parametrize(("value", "on"), [("0", False), ("1", True), ("off", False), ("on", True), ("", False)])
+def test_switch_reads_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
+    monkeypatch.setenv(ops.FUSED_DECODE_ENV, value)
+    try:
+        set_fused_decode(None)
+        assert fused_decode_enabled() is on
+        set_fused_decode(not on)
+        assert fused_decode_enabled() is not on
+    finally:
+        monkeypatch.delenv(ops.FUSED_DECODE_ENV)
+        set_fused_decode(None)
+    assert not fused_decode_enabled()  # off unless asked for, until a GPU run says it is faster
+
+
+def test_tuning_fields_are_host_sizes() -> None:
+    # benchmarks/tune_smlm.py replaces these by name
+    names = {f.name for f in dataclasses.fields(smlm.Tuning)}
+    assert {"fused_max_rows", "fused_max_blocks", "fused_programs_per_sm", "fused_min_cols",
+            "fused_block_k", "fused_block_n", "fused_warps", "fused_stages"} <= names
