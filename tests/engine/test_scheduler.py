@@ -11,9 +11,10 @@ import pytest
 
 from benchmarks.harness.synthetic import FakeJob, FakeKV, sampled_tokens, step_time
 from loquetier.engine.scheduling import GraphPaths, Scheduler, SchedulerConfig
-from loquetier.engine.scheduling.budget import FairShare, JobDemand, TrainScale, decode_budget
+from loquetier.engine.scheduling.budget import FairShare, JobDemand, decode_budget
 from loquetier.engine.scheduling.pricing import StepCost, StepFeatures, StepTimeModel, is_eager
 from loquetier.engine.scheduling.slo import RequestMetrics
+from loquetier.engine.scheduling.train_scale import TrainScale
 from loquetier.engine.sequence import (
     RequestState,
     SamplingParams,

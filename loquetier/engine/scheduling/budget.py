@@ -19,7 +19,7 @@ so jobs with equal weight converge to equal token totals, heavier jobs get propo
 becomes active again (or is new) starts at the current minimum virtual time, so idling does not bank
 credit.
 
-``TrainScale`` is the multiplicative-decrease / additive-increase factor on the training time
+``TrainScale`` (``train_scale.py``) is the multiplicative-decrease / additive-increase factor on the training time
 allowance: a step that overran its time budget or produced an SLO miss halves it; a clean step with
 window attainment at or above target adds a little back.
 """
@@ -118,32 +118,6 @@ class FairShare:
         for d in returning:
             self.served[d.job_id] = max(self.served.get(d.job_id, 0.0), base * d.weight)
         self._active = {d.job_id for d in demands}
-
-
-class TrainScale:
-    """AIMD factor in [min_scale, 1] applied to the training time allowance when inference is present."""
-
-    def __init__(self, decrease: float = 0.5, increase: float = 0.05, min_scale: float = 0.05) -> None:
-        if not 0.0 < decrease < 1.0:
-            raise ValueError("decrease must be in (0, 1)")
-        if not 0.0 < increase <= 1.0:
-            raise ValueError("increase must be in (0, 1]")
-        if not 0.0 <= min_scale <= 1.0:
-            raise ValueError("min_scale must be in [0, 1]")
-        self.decrease = decrease
-        self.increase = increase
-        self.min_scale = min_scale
-        self.value = 1.0
-
-    def update(self, *, violated: bool, attainment: float, target: float) -> float:
-        if violated:
-            self.value = max(self.min_scale, self.value * self.decrease)
-        elif attainment >= target:
-            self.value = min(1.0, self.value + self.increase)
-        return self.value
-
-    def reset(self) -> None:
-        self.value = 1.0
 
 
 def weight(priority: int) -> float:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from loquetier.engine.scheduling.budget import TrainScale
 from loquetier.engine.scheduling.pricing import GraphPaths
+from loquetier.engine.scheduling.train_scale import TrainScale
 
 AUTO_PREFILL_COALESCE_MS = 100.0  # prefill_coalesce_ms=None when only decode-only steps replay graphs
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loquetier.engine.scheduling.budget import FairShare, TrainScale, lookahead
+from loquetier.engine.scheduling.budget import FairShare, lookahead
 from loquetier.engine.scheduling.config import SchedulerConfig, resolve_coalesce
 from loquetier.engine.scheduling.decode import add_decode_rows, set_decode_budgets
 from loquetier.engine.scheduling.plan import StepPlan
@@ -30,6 +30,7 @@ from loquetier.engine.scheduling.prefill import add_prefill_chunks, start_prefil
 from loquetier.engine.scheduling.pricing import GraphPaths, StepCost, StepFeatures, StepTimeModel, step_features
 from loquetier.engine.scheduling.queue import AdapterSlots, KVAllocator, RequestQueue
 from loquetier.engine.scheduling.slo import RequestMetrics, SchedulerMetrics, SloTracker, StepRecord, tpot_s, ttft_s
+from loquetier.engine.scheduling.train_scale import TrainScale
 from loquetier.engine.scheduling.training import fill_training, grant_training, reserve_training_floors
 from loquetier.engine.sequence import RequestState, ScheduledBatch, SequenceStatus, StepResult, TrainWork
 
