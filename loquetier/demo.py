@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loquetier.chat import PIRATE_ADAPTER, chat_examples, chat_prompt
+from loquetier.cli_errors import UserError
 from loquetier.db import status_repo
 
 QUESTIONS = [
@@ -73,7 +74,8 @@ async def run_scenario(bootstrap: str, database_url: str, model: Path, *, steps:
         job_id = f"mascot-{int(time.time())}"
         print(f"2. fine-tuning a new adapter 'mascot' ({steps} steps, rank 8) while serving chat requests")
         await client.submit_training({
-            "job_id": job_id, "kind": "finetune", "adapter_id": "mascot", "lora": LORA,
+            # a new version of the demo's own adapter on every run (the database keeps the last one)
+            "job_id": job_id, "kind": "finetune", "adapter_id": "mascot", "overwrite": True, "lora": LORA,
             "data": chat_examples(tokenizer, "mascot"),
             "params": {"optimizer": "adamw", "lr": 5e-3, "max_steps": steps, "micro_batch_tokens": 1024,
                        "checkpoint_every": max(1, steps // 2), "seed": 0},
@@ -100,8 +102,13 @@ async def run_scenario(bootstrap: str, database_url: str, model: Path, *, steps:
                 done = record.model_dump()
                 bar.n = record.step
                 bar.refresh()
+            elif record.type == "error" and getattr(record, "job_id", None) == job_id:  # refused before it ran
+                done = {"status": "failed", "error": f"{record.code}: {record.message}"}
         bar.close()
         report["job"] = done
+        if done.get("status") != "succeeded":
+            raise UserError(f"the demo's training job {job_id} did not succeed: {done.get('error') or done}",
+                            "the worker's log (its path is printed above) says more")
         print(f"   job {job_id}: {done.get('status')} after {done.get('step')} steps, loss {done.get('loss')}")
 
         print(f"\n3. the same question to the base model and to the new adapter: {PROBE!r}")

@@ -52,7 +52,8 @@ def register(subparsers: Any) -> None:
     results = subparsers.add_parser(
         "results",
         help="print result records (tokens, results, errors, progress, ...) as JSON lines",
-        description="With ids: their records until each has its final one. Without ids (or with --follow): "
+        description="With ids: their records, from the oldest the broker still holds, until each has its final "
+        "one (so a job or request that already finished is printed at once). Without ids (or with --follow): "
         "every new record as it arrives, until Ctrl-C. --from-beginning starts at the oldest record the "
         "broker still holds (the embedded broker keeps them in memory until `loquetier down`).",
     )
@@ -208,7 +209,8 @@ async def results(args: argparse.Namespace, kafka: KafkaSettings) -> int:
     async with client(kafka) as producer:
         ids = args.ids or None
         async for record in producer.results(
-            ids, follow=args.follow or ids is None, from_beginning=args.from_beginning
+            # ids of work that may have ended already: their records are looked for from the oldest on
+            ids, follow=args.follow or ids is None, from_beginning=args.from_beginning or ids is not None
         ):
             print(record.model_dump_json(by_alias=True), flush=True)
     return 0

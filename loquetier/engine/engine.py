@@ -291,6 +291,11 @@ class Engine:
             raise EngineError("duplicate_request", f"request {request_id!r} is already running")
         if adapter_id is not None and adapter_id not in self.adapters:
             raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
+        if adapter_id is not None and self.config.max_adapter_slots <= self.config.num_train_slots \
+                and self.adapters.slot_of(adapter_id) is None:  # it could never get a slot: it would wait forever
+            raise EngineError("no_slot", f"this engine has no adapter slot for inference (max_adapter_slots "
+                              f"{self.config.max_adapter_slots}, of which {self.config.num_train_slots} are for "
+                              "training): give it more max_adapter_slots or fewer num_train_slots")
         if priority < 0:
             raise EngineError("invalid_request", "priority must be >= 0")
         sampling = sampling or SamplingParams()

@@ -46,6 +46,24 @@ def _addresses(settings: Settings) -> tuple[str, str] | None:
     return bootstrap, url
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """One clear line, before the server starts, when something already listens on ``host:port``."""
+    import socket
+
+    from loquetier.cli_errors import UserError
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                            "another gateway (the one `loquetier up` starts listens on 8000) or program has "
+                            "that port: give --port another one") from None
+
+
 def run_gateway(args: argparse.Namespace) -> int:
     from loquetier.workers import logs
 
@@ -64,6 +82,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     addresses = _addresses(settings)
     if addresses is None:
         return 2
+    _check_port_free(settings.gateway.host, settings.gateway.port)
     serve(settings, bootstrap=addresses[0], database_url=addresses[1], log_level=args.log_level.lower())
     return 0
 

@@ -281,3 +281,16 @@ def test_data_files_are_bounded_before_they_are_read(tmp_path: Path) -> None:
         read_examples(path, max_examples=9)
     with pytest.raises(DataError, match="11 examples, the limit is 10"):
         read_examples(rows + rows[:1], max_examples=10)
+
+
+def test_an_adapter_request_without_any_inference_slot_is_refused_not_left_waiting(model_dir: Path) -> None:
+    from tests.engine.test_engine import random_adapter
+
+    engine = Engine.from_pretrained(model_dir, num_kv_blocks=64, block_size=8, max_adapter_slots=2,
+                                    num_train_slots=2, max_lora_rank=8)
+    engine.load_adapter("a", random_adapter(engine, 3, 4, ("q_proj", "v_proj")))
+    with pytest.raises(EngineError) as refused:
+        engine.add_request("r-a", prompt_token_ids=[5, 6, 7], adapter_id="a", sampling=SamplingParams(max_tokens=2))
+    assert refused.value.code == "no_slot" and "max_adapter_slots" in str(refused.value)
+    out = engine.generate([[5, 6, 7]], sampling=SamplingParams(max_tokens=2, temperature=0.0))  # base rows still run
+    assert len(out[0].token_ids) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import random
 import shutil
 import uuid
@@ -86,6 +87,11 @@ async def test_generate_train_tables_and_export(
         bad.write_text("adapter_id: too-big\ndata: codename.jsonl\nlora: {rank: 999}\nparams: {max_steps: 2}\n")
         code, out, _ = await run(capsys, "submit", "train", str(bad), "--job-id", "cli-bad")
         assert code == 1 and "failed at step 0: " in out and "max_lora_rank" in out  # the reason, not None
+
+        # a job that ended before the command: its records, at once (read from the oldest on)
+        code, out, _ = await asyncio.wait_for(run(capsys, "results", "cli-bad"), timeout=30)
+        finals = [json.loads(line) for line in out.splitlines()]
+        assert code == 0 and finals[-1]["type"] == "job_done" and finals[-1]["status"] == "failed"
 
         code, out, _ = await run(capsys, "jobs")
         header, *rows = out.splitlines()
