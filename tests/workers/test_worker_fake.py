@@ -30,10 +30,13 @@ async def test_request_round_trip_and_redelivery(topics: Any, database_url: str)
     async with running_worker(engine, settings), client_for(settings) as client:
         rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, stream=True)
         records = [r async for r in client.results([rid])]
-        assert [r.type for r in records] == ["token"] * 4 + ["result"]
+        # token records (a record carries every token of the steps since the last one), then the result
+        assert [r.type for r in records[:-1]] == ["token"] * (len(records) - 1) and records[-1].type == "result"
         result = records[-1]
         assert result.token_ids == [6, 7, 8, 6]
-        assert [t.token_ids[0] for t in records[:-1]] == result.token_ids
+        assert [i for t in records[:-1] for i in t.token_ids] == result.token_ids
+        assert [t.index for t in records[:-1]] == [sum(len(t.token_ids) for t in records[:k]) for k in
+                                                  range(len(records) - 1)]
         again = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, request_id=rid)
         second = await client.wait_result(again, timeout=20)
         assert second.type == "result"
