@@ -83,25 +83,11 @@ def broker(tmp: Path) -> Iterator[str]:
 @contextlib.asynccontextmanager
 async def database() -> AsyncIterator[str]:
     """A fresh database on the configured server (or 127.0.0.1:5432), migrated; dropped afterwards."""
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    from loquetier.db import migrate
+    from .harness import service_stack
 
     server = os.environ.get("LOQUETIER_DATABASE__URL") or "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-    name = f"loquetier_bench_{uuid.uuid4().hex[:8]}"
-    admin_dsn = make_url(server).set(drivername="postgresql", database="postgres").render_as_string(False)
-    conn = await asyncpg.connect(admin_dsn)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    url = make_url(server).set(database=name).render_as_string(hide_password=False)
-    try:
-        await migrate.upgrade_async(url)
+    async with service_stack.database(server, prefix="loquetier_bench") as url:
         yield url
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

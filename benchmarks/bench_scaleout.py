@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import random
 import shlex
@@ -47,7 +46,9 @@ from loquetier.db import migrate
 from loquetier.db.models import CheckpointRow, JobRow, RequestRow
 from loquetier.db.session import create_engine, session_factory
 from loquetier.producers.client import LoquetierClient
-from loquetier.settings import KafkaSettings
+from loquetier.settings import KafkaSettings, Settings
+from tests.workers.conftest import make_settings
+from tests.workers.procs import WorkerProcess
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 FINAL = {"result", "error", "job_done"}
@@ -55,30 +56,14 @@ SESSION_TIMEOUT_S = 10.0  # workers/consumer.py: a dead member is noticed after 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
-@dataclass
-class Worker:
-    worker_id: str
-    device: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def logs(self) -> list[dict[str, Any]]:
-        entries = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-        return entries
-
-    def assignments(self) -> list[tuple[float, int]]:
-        """(log time, number of request partitions) of each assignment this worker logged."""
-        out = []
-        for e in self.logs():
-            if e.get("msg") == "partitions assigned":
-                parts = e.get("partitions") or []
-                out.append((_ts(e), sum(1 for p in parts if ".requests'" in str(p))))
-        return out
+def assignments(worker: WorkerProcess) -> list[tuple[float, int]]:
+    """(log time, number of request partitions) of each assignment ``worker`` logged."""
+    out = []
+    for e in worker.logs():
+        if e.get("msg") == "partitions assigned":
+            parts = e.get("partitions") or []
+            out.append((_ts(e), sum(1 for p in parts if ".requests'" in str(p))))
+    return out
 
 
 def _ts(entry: dict[str, Any]) -> float:
@@ -91,39 +76,27 @@ class Fleet:
     model_dir: Path
     dtype: str
     partitions: int
-    kafka: KafkaSettings
-    bootstrap: str = ""
-    database_url: str = ""
-    workers: list[Worker] = field(default_factory=list)
+    settings: Settings | None = None  # once the broker and PostgreSQL run
+    workers: list[WorkerProcess] = field(default_factory=list)
     services: list[Any] = field(default_factory=list)
 
-    def env(self, worker_id: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LOQUETIER_")}
-        env.pop("TRITON_INTERPRET", None)
-        k = self.kafka
-        env.update({
-            "LOQUETIER_KAFKA__BOOTSTRAP": self.bootstrap, "LOQUETIER_DATABASE__URL": self.database_url,
-            "LOQUETIER_KAFKA__REQUESTS_TOPIC": k.requests_topic, "LOQUETIER_KAFKA__TRAINING_TOPIC": k.training_topic,
-            "LOQUETIER_KAFKA__CONTROL_TOPIC": k.control_topic, "LOQUETIER_KAFKA__RESULTS_TOPIC": k.results_topic,
-            "LOQUETIER_KAFKA__DLQ_TOPIC": k.dlq_topic, "LOQUETIER_KAFKA__GROUP_ID": k.group_id,
-            "LOQUETIER_WORKER__ID": worker_id, "LOQUETIER_WORKER__HEARTBEAT_S": "0.5",
-            "LOQUETIER_WORKER__LEASE_S": "3", "LOQUETIER_WORKER__PROGRESS_EVERY_S": "0.2",
-            "LOQUETIER_WORKER__RECONCILE_EVERY_S": "2",
-        })
-        if self.dtype == "float32":
-            env.update({"LOQUETIER_ENGINE__NUM_KV_BLOCKS": "512", "LOQUETIER_ENGINE__BLOCK_SIZE": "8",
-                        "OMP_NUM_THREADS": "1"})
-        return env
+    @property
+    def kafka(self) -> KafkaSettings:
+        assert self.settings is not None
+        return self.settings.kafka
 
-    def start_worker(self, device: str, max_jobs: int) -> Worker:
-        worker_id = f"scale-{len(self.workers)}-{uuid.uuid4().hex[:4]}"
-        log_path = self.root / f"{worker_id}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "loquetier.cli", "worker", "--model", str(self.model_dir), "--device", device,
-                 "--dtype", self.dtype, "--partitions", str(self.partitions), "--max-jobs", str(max_jobs)],
-                env=self.env(worker_id), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        worker = Worker(worker_id, device, proc, log_path)
+    @property
+    def database_url(self) -> str:
+        assert self.settings is not None and self.settings.database.url
+        return self.settings.database.url
+
+    def start_worker(self, device: str, max_jobs: int) -> WorkerProcess:
+        assert self.settings is not None
+        worker = WorkerProcess(
+            self.settings, f"scale-{len(self.workers)}-{uuid.uuid4().hex[:4]}", self.model_dir, self.root,
+            device=device, dtype=self.dtype,
+            extra_args=("--partitions", str(self.partitions), "--max-jobs", str(max_jobs)),
+            extra_env={"LOQUETIER_WORKER__RECONCILE_EVERY_S": "2", "LOQUETIER_ENGINE__NUM_KV_BLOCKS": "512"})
         self.workers.append(worker)
         return worker
 
@@ -136,7 +109,7 @@ class Fleet:
             await engine.dispose()
 
 
-async def wait_assigned(fleet: Fleet, workers: list[Worker], after: float, timeout: float = 180) -> float:
+async def wait_assigned(fleet: Fleet, workers: list[WorkerProcess], after: float, timeout: float = 180) -> float:
     """Seconds from ``after`` until each of ``workers`` logged an assignment after it and together they
     hold every request partition."""
     deadline = time.time() + timeout
@@ -144,7 +117,7 @@ async def wait_assigned(fleet: Fleet, workers: list[Worker], after: float, timeo
         for w in workers:
             if w.proc.poll() is not None:
                 raise RuntimeError(f"{w.worker_id} exited: {[e.get('msg') for e in w.logs()[-6:]]}")
-        latest = [[a for a in w.assignments() if a[0] >= after] for w in workers]
+        latest = [[a for a in assignments(w) if a[0] >= after] for w in workers]
         if all(latest) and sum(a[-1][1] for a in latest) == fleet.partitions:
             return max(a[-1][0] for a in latest) - after
         await asyncio.sleep(0.2)
@@ -220,7 +193,7 @@ def training_data(rng: random.Random) -> list[dict[str, list[int]]]:
              "completion_token_ids": [rng.randrange(3, 300) for _ in range(6)]} for _ in range(16)]
 
 
-def job_starts(workers: list[Worker]) -> list[dict[str, Any]]:
+def job_starts(workers: list[WorkerProcess]) -> list[dict[str, Any]]:
     return [{"worker": w.worker_id, "job_id": e.get("job_id"), "from_step": e.get("from_step"), "t": _ts(e)}
             for w in workers for e in w.logs() if e.get("msg") == "job started"]
 
@@ -228,10 +201,7 @@ def job_starts(workers: list[Worker]) -> list[dict[str, Any]]:
 async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str, Any]:  # noqa: PLR0915
     rng = random.Random(args.seed)
     prefix = f"s{uuid.uuid4().hex[:6]}"
-    kafka = KafkaSettings(requests_topic=f"{prefix}.requests", training_topic=f"{prefix}.training",
-                          control_topic=f"{prefix}.control", results_topic=f"{prefix}.results",
-                          dlq_topic=f"{prefix}.dlq", group_id=f"{prefix}-workers", num_partitions=args.partitions)
-    fleet = Fleet(root, model_dir, args.dtype, args.partitions, kafka)
+    fleet = Fleet(root, model_dir, args.dtype, args.partitions)
     devices = args.devices.split(",")
     results: dict[str, Any] = {"devices": devices}
     broker = services.start_broker(log_dir=root / "broker")
@@ -240,7 +210,9 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str
     pg_root.mkdir(mode=0o755)
     postgres = await asyncio.to_thread(services.start_postgres, data_dir=pg_root / "data")
     fleet.services.append(postgres)
-    fleet.bootstrap, fleet.database_url = broker.address, postgres.address
+    fleet.settings = make_settings(broker.address, postgres.address, prefix, heartbeat_s=0.5, lease_s=3.0,
+                                   progress_every_s=0.2)
+    kafka = fleet.kafka
     await migrate.upgrade_async(postgres.address)
     await services.create_topics(broker.address, kafka.topics(), num_partitions=args.partitions)
     ledger, stop = Ledger(), asyncio.Event()
@@ -282,8 +254,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str
             before_kill = await fleet.query(lambda s: _checkpoints(s, jobs))
             steps_at_kill = await fleet.query(lambda s: _steps(s, jobs))
             t_kill = time.time()
-            os.killpg(second.proc.pid, signal.SIGKILL)
-            second.proc.wait(10)
+            second.kill()
             gap = await wait_assigned(fleet, [first], t_kill, timeout=120)
             revoked = [_ts(e) for e in first.logs() if e.get("msg") == "partitions revoked" and _ts(e) >= t_kill]
             killed_ids = await flight
@@ -316,7 +287,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str
             late = await publish(client, ledger, rng, rate=args.rate, seconds=args.seconds / 2,
                                  max_tokens=args.max_tokens, ttft_ms=args.ttft_ms, tag="late")
             await settle(ledger, late + late_jobs, 600)
-            parts = {w.worker_id: (w.assignments() or [(0, 0)])[-1][1] for w in (first, third)}
+            parts = {w.worker_id: (assignments(w) or [(0, 0)])[-1][1] for w in (first, third)}
             results["late_join"] = {
                 "partitions": parts, "requests_by_worker": await _served_by(fleet, late),
                 "jobs_by_worker": {w.worker_id: len({s["job_id"] for s in job_starts([w])
@@ -333,7 +304,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str
             try:
                 w.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(w.proc.pid, signal.SIGKILL)
+                w.kill()
         for service in fleet.services:
             services.stop_service(service)
     return results

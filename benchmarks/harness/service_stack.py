@@ -72,14 +72,14 @@ def _dsn(url: str, database: str | None = None) -> str:
 
 
 @contextlib.asynccontextmanager
-async def database(server_url: str) -> AsyncIterator[str]:
-    """A fresh, migrated database on ``server_url``; dropped afterwards."""
+async def database(server_url: str, prefix: str = "loquetier_svcbench") -> AsyncIterator[str]:
+    """A fresh, migrated database named ``<prefix>_<random>`` on ``server_url``; dropped afterwards."""
     import asyncpg
     from sqlalchemy.engine import make_url
 
     from loquetier.db import migrate
 
-    name = f"loquetier_svcbench_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(_dsn(server_url, "postgres"))
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()

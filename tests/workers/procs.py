@@ -44,13 +44,15 @@ class WorkerProcess:
     ``extra_env`` adds settings. Logs append to ``<log_dir>/<worker_id>.log`` across restarts."""
 
     def __init__(self, settings: Settings, worker_id: str, model_dir: Path, log_dir: Path, *,
-                 module: str = "loquetier.cli", extra_env: dict[str, str] | None = None) -> None:
+                 module: str = "loquetier.cli", extra_env: dict[str, str] | None = None, device: str = "cpu",
+                 dtype: str = "float32", extra_args: tuple[str, ...] = ("--partitions", "2")) -> None:
         self.worker_id = worker_id
+        self.device = device
         self.log_path = log_dir / f"{worker_id}.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "worker", "--model", str(model_dir), "--device", "cpu",
-                 "--dtype", "float32", "--partitions", "2"],
+                [sys.executable, "-m", module, "worker", "--model", str(model_dir), "--device", device,
+                 "--dtype", dtype, *extra_args],
                 env=worker_env(settings, worker_id, extra_env), stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
