@@ -28,7 +28,6 @@ import random
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from benchmarks.harness.metrics import percentile
 from benchmarks.harness.report import Target, markdown_table, write_report
 from loquetier import services
 from loquetier.db import migrate
@@ -176,7 +176,7 @@ async def settle(ledger: Ledger, ids: list[str], timeout: float) -> None:
 
 def serving_summary(ledger: Ledger, ids: list[str], ttft_slo_s: float) -> dict[str, Any]:
     done = [i for i in ids if i in ledger.finals]
-    ttfts = sorted(ledger.first[i] - ledger.sent[i] for i in done)
+    ttfts = [ledger.first[i] - ledger.sent[i] for i in done]
     tokens = sum(len(getattr(ledger.finals[i][0][1], "token_ids", []) or []) for i in done)
     span = max((ledger.finals[i][0][0] for i in done), default=0.0) - min(ledger.sent[i] for i in ids)
     once, twice, lost = ledger.answered(ids)
@@ -184,8 +184,8 @@ def serving_summary(ledger: Ledger, ids: list[str], ttft_slo_s: float) -> dict[s
              <= ttft_slo_s)
     return {"requests": len(ids), "tokens_per_s": tokens / span if span > 0 else 0.0,
             "slo_attainment": ok / len(ids) if ids else 0.0, "once": once, "twice": twice, "lost": lost,
-            "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
-            "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None}
+            "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
+            "ttft_p99_s": percentile(ttfts, 99) if ttfts else None}
 
 
 def training_data(rng: random.Random) -> list[dict[str, list[int]]]:

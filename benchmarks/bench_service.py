@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from .harness import common, report
-from .harness.metrics import DEFAULT_TPOT_S, DEFAULT_TTFT_S, RequestRecord, ServingSummary, summarize_serving
+from .harness.metrics import (
+    DEFAULT_TPOT_S,
+    DEFAULT_TTFT_S,
+    RequestRecord,
+    ServingSummary,
+    percentile,
+    summarize_serving,
+)
 from .harness.models import TARGET_MODULES, ModelSpec, adapter_ranks, write_adapters
 from .harness.tokenizer import VOCAB_SIZE, add_tokenizer, tokenizer_dir
 from .harness.workload import Trace, make_trace
@@ -84,11 +91,8 @@ def workload(args: argparse.Namespace) -> tuple[Trace, list[str], common.Jobs]:
 
 def ttft_stages(records: list[RequestRecord], timings: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """p50 / p99 (ms) of the client's TTFT, the engine's queue time and TTFT, and what the service adds."""
-    def pct(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {}
-        values = sorted(values)
-        return {"p50": values[len(values) // 2], "p99": values[min(len(values) - 1, int(0.99 * len(values)))]}
+    def pct(values: list[float]) -> dict[str, float]:  # as the serving summary computes its percentiles
+        return {"p50": percentile(values, 50), "p99": percentile(values, 99)} if values else {}
 
     client, queued, engine, added = [], [], [], []
     for rec in records:

@@ -45,14 +45,20 @@ def _is_under(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
-def resolve(path: str, roots: list[Path]) -> Path:
-    """The directory ``path`` names, symlinks resolved, if it lies under a root; else :data:`OUTSIDE`."""
+def _under_roots(path: str, roots: list[Path]) -> list[Path]:
+    """Where ``path`` may point, symlinks resolved, that lies under a root (an absolute path as it
+    is, a relative one under each root in turn)."""
     real_roots = [Path(os.path.realpath(root)) for root in roots]
     given = Path(path)
     candidates = [given] if given.is_absolute() else [root / given for root in real_roots]
-    for candidate in candidates:
-        real = Path(os.path.realpath(candidate))
-        if _is_under(real, real_roots) and real.is_dir():
+    reals = (Path(os.path.realpath(candidate)) for candidate in candidates)
+    return [real for real in reals if _is_under(real, real_roots)]
+
+
+def resolve(path: str, roots: list[Path]) -> Path:
+    """The directory ``path`` names, symlinks resolved, if it lies under a root; else :data:`OUTSIDE`."""
+    for real in _under_roots(path, roots):
+        if real.is_dir():
             return real
     raise OUTSIDE
 
@@ -116,12 +122,8 @@ def read_data_file(path: str, roots: list[Path], *, max_bytes: int) -> bytes:
     """The bytes of a training data file named by a job: symlinks resolved, a regular file under
     one of ``roots`` (a relative path is tried under each root in turn), at most ``max_bytes``.
     Anything outside the roots, or missing, gets :data:`DATA_OUTSIDE` whatever exists there."""
-    real_roots = [Path(os.path.realpath(root)) for root in roots]
-    given = Path(path)
-    candidates = [given] if given.is_absolute() else [root / given for root in real_roots]
-    for candidate in candidates:
-        real = Path(os.path.realpath(candidate))
-        if not _is_under(real, real_roots) or not real.is_file():
+    for real in _under_roots(path, roots):
+        if not real.is_file():
             continue
         try:
             fd = _open_checked(real, roots, max_bytes)
