@@ -251,10 +251,13 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str
             flight = asyncio.create_task(in_flight)
             await asyncio.sleep(1.0)  # requests in flight on both workers
             victims = await fleet.query(lambda s: _running_on(s, second.worker_id))
-            before_kill = await fleet.query(lambda s: _checkpoints(s, jobs))
-            steps_at_kill = await fleet.query(lambda s: _steps(s, jobs))
             t_kill = time.time()
             second.kill()
+            # read once the killed worker can write nothing more: its jobs had done at least their
+            # row's last reported step and their last checkpoint's step (progress lags checkpoints)
+            before_kill = await fleet.query(lambda s: _checkpoints(s, jobs))
+            rows_at_kill = await fleet.query(lambda s: _steps(s, jobs))
+            steps_at_kill = {j: max(rows_at_kill.get(j, 0), before_kill.get(j, 0)) for j in jobs}
             gap = await wait_assigned(fleet, [first], t_kill, timeout=120)
             revoked = [_ts(e) for e in first.logs() if e.get("msg") == "partitions revoked" and _ts(e) >= t_kill]
             killed_ids = await flight
