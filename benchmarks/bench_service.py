@@ -53,6 +53,8 @@ from .harness.workload import Trace, make_trace
 SERVICE = "service (producers -> Kafka -> worker -> Kafka)"
 ALONE = "engine alone (same trace and jobs)"
 NUM_PARTITIONS = 4
+ENGINE_IN = {"process": "in its own process (`LOQUETIER_WORKER__ENGINE_PROCESS=true`, the default)",
+             "thread": "on a thread of the worker process (`LOQUETIER_WORKER__ENGINE_PROCESS=false`)"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -164,7 +166,8 @@ async def run_service(args: argparse.Namespace, model_dir: Path, adapter_root: P
                    "LOQUETIER_WORKER__ADAPTER_ROOTS": f'["{adapter_root}"]',
                    "LOQUETIER_WORKER__PROGRESS_EVERY_S": "0.5",
                    "LOQUETIER_WORKER__MAX_INFLIGHT": "4096",
-                   "LOQUETIER_WORKER__DRAIN_TIMEOUT_S": "5"}
+                   "LOQUETIER_WORKER__DRAIN_TIMEOUT_S": "5",
+                   "LOQUETIER_WORKER__ENGINE_PROCESS": str(getattr(args, "engine_in", "process") == "process").lower()}
             for f in ("requests_topic", "training_topic", "control_topic", "results_topic", "dlq_topic", "group_id"):
                 env[f"LOQUETIER_KAFKA__{f.upper()}"] = getattr(kafka, f)
             for k, v in engine_env(args).items():
@@ -425,6 +428,7 @@ def targets(svc: ServiceRun, alone: dict[str, Any] | None) -> list[report.Target
 def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[str, Any] | None,
           errors: dict[str, str]) -> str:
     prof, x = args.profile, svc.extra
+    engine_in = ENGINE_IN[getattr(args, "engine_in", "process")]
     summaries = {SERVICE: svc.summary}
     if alone:
         summaries[ALONE] = alone["summary"]
@@ -434,7 +438,8 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
     sections = [
         ("Setup",
          f"One machine: embedded broker (tansu), PostgreSQL, one worker process (`loquetier worker --device "
-         f"{args.device} --dtype {args.dtype}`), {NUM_PARTITIONS} partitions per topic. Trace: {len(trace)} requests, "
+         f"{args.device} --dtype {args.dtype}`) with its engine {engine_in}, {NUM_PARTITIONS} "
+         f"partitions per topic. Trace: {len(trace)} requests, "
          f"Poisson {prof.rate}/s for {prof.duration_s}s over {prof.num_adapters} rank-16 adapters (uniform), "
          f"prompt/output means {prof.prompt_mean}/{prof.output_mean}, greedy, streaming; {prof.num_jobs} training "
          f"jobs (rank 16, micro-batch {prof.micro_batch_tokens} tokens) published at the window's start and "
@@ -455,8 +460,8 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
         ("Worker CPU time by thread (window)",
          report.markdown_table(["thread", "CPU s", "share of one core"],
                                [[k, v, cpu["core_share"][k]] for k, v in cpu["cpu_s"].items()])
-         + f"\n\nBy OS thread name: {cpu['by_thread_name']}. The detokenizer runs inside the engine step "
-           "(its time is in the engine thread's) unless a thread named `lq-detok` shows."),
+         + f"\n\nBy OS thread name (`@engine`: a thread of the engine process): {cpu['by_thread_name']}. The "
+           "detokenizer runs inside the engine step (its time is in the engine thread's)."),
         ("TTFT by stage (ms, service)",
          report.markdown_table(["stage", "p50", "p99"], [
              [name, v.get("p50"), v.get("p99")] for name, v in x.get("ttft_stages", {}).items()])
@@ -477,7 +482,7 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
     results = {"service": {"summary": svc.summary.to_dict(), **{k: v for k, v in x.items() if k != "_run"}},
                "engine_alone": {k: (v.to_dict() if k == "summary" else v) for k, v in (alone or {}).items()
                                 if k != "records"},
-               "trace": trace.meta, "errors": errors}
+               "trace": trace.meta, "errors": errors, "engine_in": getattr(args, "engine_in", "process")}
     env = common.environment(args)
     return report.write_report(Path(args.out), "service", "The whole service vs the engine alone", env=env,
                                sections=sections, targets=targets(svc, alone), results=results)
@@ -488,9 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--no-engine-alone", action="store_true", help="skip the engine-alone replays")
     extra.add_argument("--keep-logs", action="store_true", help="write the worker's log to OUT/service_worker.log")
     extra.add_argument("--start-timeout", type=float, default=600.0, help="seconds for the worker to start")
+    extra.add_argument("--engine-in", choices=("process", "thread"), default="process",
+                       help="the worker's engine in its own process (the default) or on a thread of the worker")
     own, rest = extra.parse_known_args(argv if argv is not None else sys.argv[1:])
     args = parse_args(rest)
     args.no_engine_alone, args.keep_logs, args.start_timeout = own.no_engine_alone, own.keep_logs, own.start_timeout
+    args.engine_in = own.engine_in
     log = common.Logger()
     spec: ModelSpec = args.spec
     model_dir = ensure_model(spec, args.cache, args.device, args.dtype, args.seed, log)

@@ -118,6 +118,9 @@ class WorkerSettings(BaseModel):
     # sys.setswitchinterval for the worker process: how long the event loop may keep the GIL
     # while the engine thread waits for it (Python's default is 5 ms, a third of a decode step)
     gil_switch_interval_ms: float = Field(default=0.5, gt=0.0, le=100.0)
+    # The engine in a process of its own (``workers/engine_process.py``): its steps share no GIL with
+    # the event loop's Kafka and PostgreSQL work. False: an engine thread in the worker process.
+    engine_process: bool = True
     heartbeat_s: PositiveFloat = 5.0
     lease_s: PositiveFloat = 30.0
     progress_every_s: PositiveFloat = 2.0

@@ -91,20 +91,32 @@ def run_worker(args: argparse.Namespace) -> int:
     if created:
         log.info("topics created", extra={"topics": created, "partitions": partitions})
     device, dtype = resolve_device(args.device, args.dtype, settings)
-    from loquetier.engine.engine import Engine
+    from .engine_process import EngineProcessFailed, EngineSpec, ProcessEngineClient, build_engine
 
-    engine = Engine.from_pretrained(model, device=device, dtype=dtype, **settings.engine.limits())
-    if engine.device.type == "cuda":  # kernel builds before the first request, not inside a served step
-        log.info("engine warmed up", extra=engine.warmup())
-    captured = engine.capture_graphs()  # before the first request: no capture inside a served step
-    if captured:
-        log.info("decode CUDA graphs captured", extra={"graphs": captured})
+    # The engine thread (or process) gives the GIL up at every wait for the GPU; another thread then
+    # holds it until the interpreter's switch interval (5 ms by default) forces a hand-back. A short
+    # interval bounds how long a step that is ready to run waits.
+    switch_s = settings.worker.gil_switch_interval_ms / 1000
+    spec = EngineSpec(str(model), device, dtype, settings.engine.limits(), switch_interval_s=switch_s,
+                      log_level=args.log_level)
+    engine: Any
+    if settings.worker.engine_process:
+        engine = ProcessEngineClient(spec, on_step=metrics.observe_step)
+        try:
+            engine.launch()
+        except EngineProcessFailed as exc:
+            print(f"worker not started: its engine could not start: {exc.reason}", file=sys.stderr)
+            return 1
+    else:
+        engine = build_engine(spec)
     metrics.serve(settings.worker.metrics_port)
-    # The engine thread gives the GIL up at every wait for the GPU; the event loop then holds it
-    # until the interpreter's switch interval (5 ms by default) forces a hand-back. A short
-    # interval bounds how long a step that is ready to run waits for the loop.
-    sys.setswitchinterval(settings.worker.gil_switch_interval_ms / 1000)
-    failure = asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device, max_jobs=args.max_jobs))
+    sys.setswitchinterval(switch_s)
+    try:
+        failure = asyncio.run(_serve(engine, settings, bootstrap, database_url, device=device,
+                                     max_jobs=args.max_jobs))
+    finally:
+        if isinstance(engine, ProcessEngineClient):
+            engine.abandon()  # a no-op after a clean stop; else the engine process must not outlive us
     if failure is not None:  # non-zero, so that a supervisor (restart on failure) starts a fresh worker
         print(f"worker stopped: its engine failed: {failure}", file=sys.stderr)
         return 1

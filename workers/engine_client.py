@@ -10,13 +10,14 @@ runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from .thread_names import ENGINE_THREAD, set_os_thread_name
 
@@ -83,6 +84,16 @@ class EngineStopped(RuntimeError):
 StepHook = Callable[[float, list[Any]], None]
 
 
+def _invoke(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], engine: EngineLike) -> Any:
+    return getattr(engine, name)(*args, **kwargs)
+
+
+def engine_call(name: str, *args: Any, **kwargs: Any) -> Callable[[EngineLike], Any]:
+    """``engine.<name>(*args, **kwargs)`` as a command: a module-level partial, so it can be
+    pickled to an engine in another process (``engine_process.ProcessEngineClient``)."""
+    return functools.partial(_invoke, name, args, kwargs)
+
+
 class EngineClient:
     """Async facade over an engine running in its own thread."""
 
@@ -115,6 +126,11 @@ class EngineClient:
             await asyncio.to_thread(thread.join, 30.0)
         self._thread = None
 
+    def abandon(self) -> None:
+        """Give up on an engine that failed or stalls, without waiting for it (a thread is left
+        behind as a daemon; an engine process is killed)."""
+        self._stopping.set()
+
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._thread_done.is_set()
@@ -123,14 +139,20 @@ class EngineClient:
 
     async def call(self, fn: Callable[[EngineLike], T]) -> T:
         """Run ``fn(engine)`` on the engine thread; its exception is raised here, and
-        :class:`EngineStopped` when the thread is not running (or ends before it gets to ``fn``)."""
+        :class:`EngineStopped` when the thread is not running (or ends before it gets to ``fn``).
+        Commands are applied in the order they were called, between steps. ``fn`` should be
+        picklable (a module-level function or a partial of one, see :func:`engine_call`) so the
+        same command also reaches an engine in its own process."""
         if not self.is_running:
             raise self._stopped()
         done: Future[T] = Future()
-        self._commands.put((fn, done))
+        self._submit(fn, done)
         if not self.is_running:  # the thread ended meanwhile: nothing would ever answer
             self._fail_pending()
         return await asyncio.wrap_future(done)
+
+    def _submit(self, fn: Callable[[EngineLike], Any], done: Future[Any]) -> None:
+        self._commands.put((fn, done))
 
     def _stopped(self) -> EngineStopped:
         why = f": {_reason(self.failure)}" if self.failure is not None else ""
@@ -146,13 +168,13 @@ class EngineClient:
                 done.set_exception(self._stopped())
 
     async def submit(self, request_id: str, **kwargs: Any) -> None:
-        await self.call(lambda e: e.add_request(request_id, **kwargs))
+        await self.call(engine_call("add_request", request_id, **kwargs))
 
     async def abort(self, request_id: str) -> bool:
-        return await self.call(lambda e: e.abort(request_id))
+        return cast(bool, await self.call(engine_call("abort", request_id)))
 
     async def add_job(self, adapter_id: str, data: Any, params: Any, **kwargs: Any) -> str:
-        return await self.call(lambda e: e.add_training_job(adapter_id, data, params, **kwargs))
+        return cast(str, await self.call(engine_call("add_training_job", adapter_id, data, params, **kwargs)))
 
     async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> Any:
         """A job's data read, tokenized and checked in a worker thread, not on the engine thread:
@@ -164,31 +186,31 @@ class EngineClient:
         return await asyncio.to_thread(prepare, data, micro_batch_tokens)
 
     async def cancel_job(self, job_id: str) -> None:
-        await self.call(lambda e: e.cancel_job(job_id))
+        await self.call(engine_call("cancel_job", job_id))
 
     async def pause_job(self, job_id: str) -> None:
-        await self.call(lambda e: e.pause_job(job_id))
+        await self.call(engine_call("pause_job", job_id))
 
     async def resume_job(self, job_id: str) -> None:
-        await self.call(lambda e: e.resume_job(job_id))
+        await self.call(engine_call("resume_job", job_id))
 
     async def has_adapter(self, adapter_id: str) -> bool:
-        return await self.call(lambda e: e.has_adapter(adapter_id))
+        return cast(bool, await self.call(engine_call("has_adapter", adapter_id)))
 
     async def load_adapter(self, adapter_id: str, path: str) -> int:
-        return await self.call(lambda e: e.load_adapter(adapter_id, path))
+        return cast(int, await self.call(engine_call("load_adapter", adapter_id, path)))
 
     async def load_adapter_bytes(self, adapter_id: str, data: bytes) -> int:
-        return await self.call(lambda e: e.load_adapter_bytes(adapter_id, data))
+        return cast(int, await self.call(engine_call("load_adapter_bytes", adapter_id, data)))
 
     async def unload_adapter(self, adapter_id: str) -> None:
-        await self.call(lambda e: e.unload_adapter(adapter_id))
+        await self.call(engine_call("unload_adapter", adapter_id))
 
     async def export_adapter(self, adapter_id: str) -> bytes:
-        return await self.call(lambda e: e.export_adapter(adapter_id))
+        return cast(bytes, await self.call(engine_call("export_adapter", adapter_id)))
 
     async def stats(self) -> dict[str, Any]:
-        return await self.call(lambda e: e.stats())
+        return cast(dict[str, Any], await self.call(engine_call("stats")))
 
     # --- events ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ ended with their worker (crashed or stalled) is failed ``poisoned`` at
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from loquetier.messages import ErrorResult, GenerateRequest, TokenResult
 
 from . import convert
 from .adapters import AdapterSync
-from .engine_client import EngineClient
+from .engine_client import EngineClient, EngineStopped
 from .errors import INTERNAL, public_error
 from .metrics import QUEUE_DEPTH, REQUESTS
 from .publisher import Publisher
@@ -155,6 +156,8 @@ class Inference:
                 if req.messages is not None:
                     kwargs["prompt_token_ids"] = await self._chat_ids(req)
                 await self._client.submit(rid, **kwargs)
+            except EngineStopped:  # the worker stops: its stop answers this request or leaves it for redelivery
+                return
             except Exception as exc:  # EngineError(code, message) for bad input, else internal
                 await self._fail(rid, *public_error(exc, "this request", log, request_id=rid))
                 return
@@ -175,7 +178,7 @@ class Inference:
         """The chat turns rendered by the model's chat template, on the engine thread (it owns the
         tokenizer, and rendering a long chat should not hold up the event loop)."""
         turns = [m.model_dump() for m in req.messages or ()]
-        return await self._client.call(lambda e: chat_prompt_ids(getattr(e, "tokenizer", None), turns))
+        return await self._client.call(functools.partial(_chat_ids_on, turns))
 
     async def _poisoned_or_done(self, rid: str) -> None:
         """``start_request`` refused: the row finished meanwhile, or it used up its attempts."""
@@ -350,3 +353,8 @@ def poisoned_message(what: str, attempts: int) -> str:
 async def finish_failed(session: Any, rid: str, error: ErrorResult, status: str) -> bool:
     text = f"{error.code}: {error.message}".replace("\x00", "\\0")
     return await repo.finish_request(session, rid, status=status, result=convert.stored(error), error=text)
+
+
+def _chat_ids_on(turns: list[dict[str, Any]], engine: Any) -> list[int]:
+    """Run on the engine's side (a module-level function: it may be pickled to an engine process)."""
+    return chat_prompt_ids(getattr(engine, "tokenizer", None), turns)

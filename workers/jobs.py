@@ -29,7 +29,7 @@ from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
 from . import adapter_paths, convert
 from .adapters import AdapterSync, lora_fields, read_payload
-from .engine_client import EngineClient
+from .engine_client import EngineClient, EngineStopped
 from .errors import public_error
 from .inference import POISONED, poisoned_message
 from .metrics import QUEUE_DEPTH
@@ -144,6 +144,9 @@ class LeasedJobs:
                 kind=job.kind,
                 checkpoint=payload,
             )
+        except EngineStopped:  # the worker stops: the job's lease runs out and a worker resumes it
+            log.info("job not started: the engine stopped", extra={"job_id": job_id})
+            return
         except Exception as exc:
             code, message = public_error(exc, "this job", log, job_id=job_id)
             error = f"{code}: {message}"

@@ -52,7 +52,7 @@ _STOP_GRACE_S = 5.0  # past the drain: answering, committing and leaving the gro
 class Worker:
     def __init__(
         self,
-        engine: EngineLike,
+        engine: EngineLike | EngineClient,
         settings: Settings,
         *,
         bootstrap: str,
@@ -66,7 +66,8 @@ class Worker:
         self.settings = settings
         self.device = device
         self.drain_timeout_s = ws.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        self.client = EngineClient(engine, on_step=metrics.observe_step)
+        # an engine of its own process comes as its client (engine_process.ProcessEngineClient)
+        self.client = engine if isinstance(engine, EngineClient) else EngineClient(engine, on_step=metrics.observe_step)
         self.store = Store(database_url)
         self.publisher = Publisher(bootstrap, settings.kafka, worker_id=self.worker_id)
         self.adapters = AdapterSync(self.client, self.store)
@@ -237,11 +238,18 @@ class Worker:
         await _step("drain requests", self._drain(), timeout_s=self.drain_timeout_s + 1.0)
         await _step("stop intake", self._cancel_intake())
         code, message = ("engine_failed", _ENGINE_FAILED) if not is_engine_ok else ("worker_stopped", _STOPPED)
-        answered = await _step("answer in-flight requests",
-                               self.inference.answer_all(code, message, can_abort=is_engine_ok))
-        if answered:
-            log.warning("in-flight requests answered at stop", extra={"request_ids": answered[:20],
-                                                                       "num": len(answered), "code": code})
+        if getattr(self.client.failure, "crashed", False):
+            # The engine process died (killed, a segfault): as if the whole worker had. In-flight
+            # requests stay unanswered and uncommitted, so they come back to a worker, their attempts
+            # counted: an input that kills the engine each time ends "poisoned", the rest get served.
+            log.warning("in-flight requests left for redelivery (the engine process died)",
+                        extra={"num": self.inference.num_inflight})
+        else:
+            answered = await _step("answer in-flight requests",
+                                   self.inference.answer_all(code, message, can_abort=is_engine_ok))
+            if answered:
+                log.warning("in-flight requests answered at stop", extra={"request_ids": answered[:20],
+                                                                           "num": len(answered), "code": code})
         await _step("stop background tasks", self._cancel_tasks())
         await _step("commit and leave the group", self.consumer.close(), timeout_s=_STOP_GRACE_S + 5.0)
         await _step("stop the producer", self.publisher.stop(), timeout_s=10.0)
@@ -249,6 +257,8 @@ class Worker:
         await _step("close the database", self.store.close(), timeout_s=10.0)
         if is_engine_ok:  # a stuck engine thread is left behind (a daemon): joining it would hang
             await _step("stop the engine", self.client.stop(), timeout_s=35.0)
+        else:
+            self.client.abandon()  # an engine process is killed: its GPU memory comes back
         log.info("event loop lag, whole run", extra=self.loop_lag.summary())
         log.info("worker stopped", extra={"worker_id": self.worker_id, "engine_failure": self.engine_failure})
 

@@ -161,25 +161,49 @@ DETOK_THREAD = "lq-detok"
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s child processes and theirs (the worker's engine process)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    kids = [int(k) for k in (task / "children").read_text().split()]
+                    found.extend(kids)
+                    todo.extend(kids)
+    return found
+
+
+ENGINE_PROC = "@engine"  # suffix of the names of threads in the worker's engine process
+
+
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """tid -> (thread name, user + system CPU seconds so far)."""
+    """tid -> (thread name, user + system CPU seconds so far), the worker's threads and those of its
+    child processes (named ``<name>@engine``)."""
     out: dict[int, tuple[str, float]] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            raw = (task / "stat").read_text()
-            name = raw[raw.index("(") + 1 : raw.rindex(")")]
-            fields = raw[raw.rindex(")") + 2 :].split()
-            out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / _TICK)  # utime, stime
+    for owner in [pid, *_descendants(pid)]:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{owner}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    raw = (task / "stat").read_text()
+                    name = raw[raw.index("(") + 1 : raw.rindex(")")]
+                    fields = raw[raw.rindex(")") + 2 :].split()
+                    out[int(task.name)] = (name if owner == pid else name + ENGINE_PROC,
+                                           (int(fields[11]) + int(fields[12])) / _TICK)  # utime, stime
     return out
 
 
 def thread_role(pid: int, tid: int, name: str) -> str:
     if tid == pid:
         return "event loop (main thread)"
-    if name == ENGINE_THREAD:
+    if name.removesuffix(ENGINE_PROC) == ENGINE_THREAD:
         return "engine thread"
     if name.startswith(DETOK_THREAD):
         return "detokenizer thread"
+    if name.endswith(ENGINE_PROC):
+        return "engine process: other threads"
     return "other threads"
 
 

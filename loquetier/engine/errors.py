@@ -14,6 +14,9 @@ class EngineError(ValueError):
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
+    def __reduce__(self) -> tuple[type[EngineError], tuple[str, str]]:  # crosses to a worker from an engine process
+        return type(self), (self.code, self.message)
+
 
 class EngineBroken(RuntimeError):
     """The engine itself cannot step any more (a CUDA error, memory that even the smallest part
@@ -25,6 +28,9 @@ class EngineBroken(RuntimeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[EngineBroken], tuple[str]]:
+        return type(self), (self.reason,)
 
 
 def describe(exc: BaseException, max_chars: int = 200) -> str:

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from loquetier.db.models import CheckpointRow, JobRow, RequestRow
 from loquetier.messages import decode_record
 
+from .crashy import PILL_EXIT_CODE
 from .ledger import Tally, counts_of, final_records
 from .stack import OPERATOR_TOKEN, PILL, Stack
 
@@ -305,12 +306,13 @@ async def poison_pill(stack: Stack, sizes: Sizes) -> Tally:
     (rid,) = new_ids("pill", 1)
     value = {"schema": 1, "request_id": rid, "prompt_token_ids": PILL, "sampling": {"max_tokens": 4}}
     await send_all(stack, stack.cfg.kafka.requests_topic, [(rid.encode(), pack(value))])
-    num_crashes = 0
+    num_crashes, since_crash = 0, len(stack.logs())
     for _ in range(stack.options.max_attempts):  # a supervisor restarts the worker each time it dies
         assert stack.worker is not None
         await asyncio.to_thread(stack.worker.proc.wait, 120)
-        num_crashes += stack.worker.proc.returncode == 70
-        since = len(stack.logs())
+        num_crashes += any(f"exit code {PILL_EXIT_CODE}" in str(e.get("reason", "")) + str(e.get("engine_failure", ""))
+                           for e in stack.logs(since_crash))
+        since = since_crash = len(stack.logs())
         stack.start_worker()
     await stack.wait_serving(since=since)
     counts = await wait_answered(stack, [rid], timeout=60)
