@@ -53,6 +53,8 @@ from .harness.workload import Trace, make_trace
 SERVICE = "service (producers -> Kafka -> worker -> Kafka)"
 ALONE = "engine alone (same trace and jobs)"
 NUM_PARTITIONS = 4
+INTAKE_STAGES = {"way in: record age when the worker takes it": "loquetier_request_record_age_seconds",
+                 "way in: worker intake (row, checks, hand-over)": "loquetier_request_intake_seconds"}
 ENGINE_IN = {"process": "in its own process (`LOQUETIER_WORKER__ENGINE_PROCESS=true`, the default)",
              "thread": "on a thread of the worker process (`LOQUETIER_WORKER__ENGINE_PROCESS=false`)"}
 
@@ -253,8 +255,8 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
         await asyncio.sleep(1.0)
 
         # the measured window
-        cpu0, lag0, db0 = stack.thread_cpu(worker.pid), stack.lag_buckets(stack.scrape(port)), \
-            await stack.db_counters(url)
+        text0 = stack.scrape(port)
+        cpu0, lag0, db0 = stack.thread_cpu(worker.pid), stack.lag_buckets(text0), await stack.db_counters(url)
         counts0 = dict(ledger.counts)
         t0 = time.perf_counter()
         ledger.t0, ledger.in_window = t0, True
@@ -284,7 +286,8 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
         t_end = time.perf_counter()
         window = t_end - t0
         ledger.in_window = False
-        cpu1, lag1 = stack.thread_cpu(worker.pid), stack.lag_buckets(stack.scrape(port))
+        text1 = stack.scrape(port)
+        cpu1, lag1 = stack.thread_cpu(worker.pid), stack.lag_buckets(text1)
         await asyncio.sleep(1.2)  # PostgreSQL publishes other sessions' counters about once a second
         db1 = await stack.db_counters(url)
         db1["t"] = t_end  # the writes are the window's: divide by its length
@@ -325,6 +328,9 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
                 rec.finish_s = None
         summary = summarize_serving(records, window)
         stages = ttft_stages(records, ledger.engine_timings)
+        for name, metric in INTAKE_STAGES.items():  # the worker's histograms over the window
+            b0, b1 = stack.buckets(text0, metric), stack.buckets(text1, metric)
+            stages[name] = {f"p{q}": stack.lag_percentile(b0, b1, q).get("ms", math.nan) for q in (50, 99)}
         per_topic = {
             "requests (published)": len(rids) / window,
             "training (published)": len(job_ids) / window,
@@ -467,7 +473,10 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
              [name, v.get("p50"), v.get("p99")] for name, v in x.get("ttft_stages", {}).items()])
          + "\n\nThe engine's own times come with each result (`timings`): `queued` from the request's arrival in "
            "the engine to its first step, `engine TTFT` to its first token; the rest of the client's TTFT is "
-           "the way in (producer, broker, consumer, intake, row) and out (token record, broker, reader)."),
+           "the way in (producer, broker, consumer, intake, row) and out (token record, broker, reader). The two "
+           "`way in` rows are the worker's histograms over the window (`loquetier_request_record_age_seconds`: the "
+           "record's Kafka timestamp to its intake; `loquetier_request_intake_seconds`: intake to the engine), "
+           "their percentiles interpolated inside buckets."),
         ("Event loop",
          f"Lag of a 10 ms timer on the worker's loop, window p99 {x['loop_lag_p99_ms']:.2f} ms (from the histogram "
          f"`loquetier_event_loop_lag_seconds`, {x['loop_lag_window'].get('num', 0):.0f} samples); whole run "

@@ -38,7 +38,7 @@ from . import convert
 from .adapters import AdapterSync
 from .engine_client import EngineClient, EngineStopped
 from .errors import INTERNAL, public_error
-from .metrics import QUEUE_DEPTH, REQUESTS
+from .metrics import INTAKE, QUEUE_DEPTH, REQUESTS
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ class Inference:
             except Exception as exc:  # EngineError(code, message) for bad input, else internal
                 await self._fail(rid, *public_error(exc, "this request", log, request_id=rid))
                 return
-            self.inflight[rid].in_engine = True
+            flight = self.inflight[rid]
+            flight.in_engine = True
+            INTAKE.observe(time.monotonic() - flight.started)
             self.num_computed += 1
             log.info(
                 "request started",

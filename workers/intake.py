@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, get_args
 
 from loquetier.codec import MAX_ID_CHARS, Limits, check_key
@@ -32,7 +33,7 @@ from .control import Control
 from .errors import public_error
 from .inference import Inference
 from .jobs import LeasedJobs
-from .metrics import RECORDS
+from .metrics import RECORD_AGE, RECORDS
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class Intake:
             return
         RECORDS.labels(kind, "ok").inc()
         if isinstance(decoded, GenerateRequest):
+            stamp = getattr(record, "timestamp", None)
+            if isinstance(stamp, int) and stamp > 0:  # milliseconds, the producer's clock
+                RECORD_AGE.observe(max(0.0, time.time() - stamp / 1000))
             task = self._inference.accept(decoded, (part, offset, epoch))
             if task is not None:
                 self.tasks.add(task)

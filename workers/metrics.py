@@ -32,6 +32,20 @@ LOOP_LAG = Histogram(
              0.5, 1, 2.5),
 )
 
+# the way in of a request, split: the broker's part (record age when taken) and the worker's own
+# (its row, checks and the hand-over to the engine); fine buckets, the target is tens of ms
+_INTAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
+RECORD_AGE = Histogram(
+    "loquetier_request_record_age_seconds",
+    "Age of a request record when the worker takes it (its Kafka timestamp to now: producer, broker, fetch)",
+    buckets=_INTAKE_BUCKETS,
+)
+INTAKE = Histogram(
+    "loquetier_request_intake_seconds",
+    "From taking a request record to its start in the engine (database row, checks, hand-over)",
+    buckets=_INTAKE_BUCKETS,
+)
+
 
 def serve(port: int | None) -> bool:
     """Start the HTTP endpoint; ``None`` or 0 leaves it off."""

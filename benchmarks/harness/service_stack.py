@@ -234,15 +234,19 @@ def scrape(port: int) -> str:
         return str(answer.read().decode())
 
 
-_BUCKET = re.compile(r'^loquetier_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$', re.M)
+def buckets(text: str, name: str = "loquetier_event_loop_lag_seconds") -> list[tuple[float, float]]:
+    """The cumulative buckets ``(le, count)`` of histogram ``name`` in a scrape."""
+    pattern = re.compile(rf'^{re.escape(name)}_bucket\{{le="([^"]+)"\}} ([0-9.e+]+)$', re.M)
+    return [(float(le), float(n)) for le, n in pattern.findall(text)]
 
 
 def lag_buckets(text: str) -> list[tuple[float, float]]:
-    return [(float(le), float(n)) for le, n in _BUCKET.findall(text)]
+    return buckets(text)
 
 
 def lag_percentile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> dict[str, float]:
-    """The q-th percentile of the loop lag between two scrapes, interpolated inside its bucket (ms)."""
+    """The q-th percentile of a histogram (the loop lag) between two scrapes, interpolated inside its
+    bucket (ms)."""
     prev = dict(before)
     cum = [(le, n - prev.get(le, 0.0)) for le, n in after]
     total = cum[-1][1] if cum else 0.0
