@@ -134,6 +134,7 @@ class Inference:
                     kafka_partition=getattr(part, "partition", None),
                     kafka_offset=offset,
                     content_sha256=fingerprint,
+                    started_by=self._worker_id,  # a new row starts here, its first attempt counted
                 )
             )
             if not is_new and not await self._take_over(rid, fingerprint):
@@ -146,7 +147,7 @@ class Inference:
             except ValueError as exc:
                 await self._fail(rid, "invalid_request", str(exc)[:500])
                 return
-            attempt = await self._store.tx(
+            attempt = 1 if is_new else await self._store.tx(
                 lambda s: repo.start_request(s, rid, self._worker_id, max_attempts=self._max_attempts)
             )
             if attempt is None:

@@ -26,8 +26,15 @@ async def insert_request_idempotent(
     kafka_partition: int | None = None,
     kafka_offset: int | None = None,
     content_sha256: str | None = None,
+    started_by: str | None = None,
 ) -> bool:
-    """Insert a queued request; ``True`` if new, ``False`` if ``request_id`` already exists."""
+    """Insert a queued request; ``True`` if new, ``False`` if ``request_id`` already exists.
+
+    ``started_by``: a new row is inserted already running on that worker, its first attempt counted
+    (what :func:`start_request` would make of it, in the same statement: one round trip less on
+    every request's way in)."""
+    started: dict[str, Any] = {} if started_by is None else {
+        "status": "running", "worker_id": started_by, "started_at": func.now(), "attempts": 1}
     stmt = (
         insert(RequestRow)
         .values(
@@ -39,6 +46,7 @@ async def insert_request_idempotent(
             kafka_partition=kafka_partition,
             kafka_offset=kafka_offset,
             content_sha256=content_sha256,
+            **started,
         )
         .on_conflict_do_nothing(index_elements=[RequestRow.request_id])
         .returning(RequestRow.request_id)

@@ -72,6 +72,20 @@ async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncS
     await engine.dispose()
 
 
+async def test_a_request_inserted_started_counts_its_first_attempt(
+        sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions.begin() as s:
+        assert await repo.insert_request_idempotent(s, request_id="r2", adapter_id=None, started_by="w1")
+        assert not await repo.insert_request_idempotent(s, request_id="r2", adapter_id=None, started_by="w2")
+    async with sessions() as s:
+        row = await repo.get_request(s, "r2")
+        assert row is not None and row.status == "running" and row.worker_id == "w1" and row.attempts == 1
+        assert row.started_at is not None and row.finished_at is None
+    async with sessions.begin() as s:  # a redelivery elsewhere counts the second start
+        assert await repo.start_request(s, "r2", "w2", max_attempts=2) == 2
+        assert await repo.start_request(s, "r2", "w3", max_attempts=2) is None  # poisoned
+
+
 async def test_request_insert_is_idempotent(sessions: async_sessionmaker[AsyncSession]) -> None:
     async with sessions.begin() as s:
         assert await repo.insert_request_idempotent(s, request_id="r1", adapter_id="a", kafka_offset=7)
