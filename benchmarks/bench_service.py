@@ -169,6 +169,10 @@ async def run_service(args: argparse.Namespace, model_dir: Path, adapter_root: P
                    "LOQUETIER_WORKER__PROGRESS_EVERY_S": "0.5",
                    "LOQUETIER_WORKER__MAX_INFLIGHT": "4096",
                    "LOQUETIER_WORKER__DRAIN_TIMEOUT_S": "5",
+                   # 8B-shape adapters and checkpoints are hundreds of MB: files plus checksums, as
+                   # the README advises for large adapters, not rows of bytes
+                   "LOQUETIER_WORKER__CHECKPOINT_STORAGE": "uri",
+                   "LOQUETIER_WORKER__CHECKPOINT_DIR": str(tmp / "blobs"),
                    "LOQUETIER_WORKER__ENGINE_PROCESS": str(getattr(args, "engine_in", "process") == "process").lower()}
             for f in ("requests_topic", "training_topic", "control_topic", "results_topic", "dlq_topic", "group_id"):
                 env[f"LOQUETIER_KAFKA__{f.upper()}"] = getattr(kafka, f)
@@ -445,7 +449,8 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
         ("Setup",
          f"One machine: embedded broker (tansu), PostgreSQL, one worker process (`loquetier worker --device "
          f"{args.device} --dtype {args.dtype}`) with its engine {engine_in}, {NUM_PARTITIONS} "
-         f"partitions per topic. Trace: {len(trace)} requests, "
+         f"partitions per topic, adapters and checkpoints stored as files plus checksums "
+         "(`LOQUETIER_WORKER__CHECKPOINT_STORAGE=uri`). Trace: {len(trace)} requests, "
          f"Poisson {prof.rate}/s for {prof.duration_s}s over {prof.num_adapters} rank-16 adapters (uniform), "
          f"prompt/output means {prof.prompt_mean}/{prof.output_mean}, greedy, streaming; {prof.num_jobs} training "
          f"jobs (rank 16, micro-batch {prof.micro_batch_tokens} tokens) published at the window's start and "

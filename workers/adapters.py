@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from loquetier.db import repo
 from loquetier.db.models import AdapterRow
 from loquetier.db.store import Store
+from loquetier.settings import WorkerSettings
 
 from .engine_client import EngineClient
 
@@ -33,6 +35,38 @@ def read_payload(data: bytes | None, uri: str | None, sha256: str | None) -> byt
     if sha256 is not None and hashlib.sha256(payload).hexdigest() != sha256:
         raise ValueError(f"{uri}: sha256 mismatch")
     return payload
+
+
+async def store_blob(settings: WorkerSettings, name: str, data: bytes) -> dict[str, Any]:
+    """Row fields for a large blob (a checkpoint, an adapter): its bytes for the table, or, with
+    ``checkpoint_storage="uri"``, a file under ``checkpoint_dir`` plus its sha256 (hashed and written
+    off the event loop)."""
+    if settings.checkpoint_storage == "db":
+        return {"data": data}
+    path = settings.checkpoint_dir / blob_name(name)
+    digest = await asyncio.to_thread(_write_file, path, data)
+    return {"uri": f"file://{path}", "sha256": digest, "size_bytes": len(data)}
+
+
+def blob_name(name: str) -> str:
+    """``name`` (``<id>/<file>``, ids from the wire) as a relative path that stays under its root:
+    each part keeps ``[A-Za-z0-9._-]`` (others become ``_``), never starts with a dot, and carries a
+    short hash of the original part when it had to change, so two ids never share a file."""
+    parts = []
+    for part in name.split("/"):
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", part)[:96]
+        if safe != part or not safe or safe.startswith("."):
+            safe = f"_{safe.lstrip('.')}-{hashlib.sha256(part.encode()).hexdigest()[:12]}"
+        parts.append(safe)
+    return "/".join(parts)
+
+
+def _write_file(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def lora_fields(data: bytes, fallback: dict[str, Any]) -> dict[str, Any]:

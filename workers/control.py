@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import logging
 import shutil
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ from loquetier.messages import ControlAck, ControlCommand, JobDoneResult
 from loquetier.settings import WorkerSettings
 
 from . import adapter_paths
-from .adapters import AdapterSync, lora_fields
+from .adapters import AdapterSync, lora_fields, store_blob
 from .engine_client import EngineClient
 from .errors import ControlError
 from .inference import Inference
@@ -123,10 +124,11 @@ class Control:
         finally:
             await asyncio.to_thread(shutil.rmtree, copy, True)
         data = await self._client.export_adapter(adapter_id)
-        fields = lora_fields(data, {})
+        fields = await asyncio.to_thread(lora_fields, data, {})  # parses the whole file: off the loop
+        blob = await store_blob(self._settings, f"adapters/{adapter_id}/{uuid.uuid4().hex}.safetensors", data)
         row = await self._store.tx(
             lambda s: repo.register_adapter(
-                s, adapter_id=adapter_id, source_kind="path", source=str(directory), data=data, **fields
+                s, adapter_id=adapter_id, source_kind="path", source=str(directory), **blob, **fields
             )
         )
         self._adapters.mark_loaded(adapter_id, row.version)

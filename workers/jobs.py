@@ -11,11 +11,9 @@ a finished fine-tune registers its adapter in ``adapters`` and is served here at
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from loquetier.db import repo
@@ -28,7 +26,7 @@ from loquetier.settings import WorkerSettings
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
 from . import adapter_paths, convert
-from .adapters import AdapterSync, lora_fields, read_payload
+from .adapters import AdapterSync, lora_fields, read_payload, store_blob
 from .engine_client import EngineClient, EngineStopped
 from .errors import public_error
 from .inference import POISONED, poisoned_message
@@ -329,12 +327,7 @@ class LeasedJobs:
             await self._drop(job_id, "lease lost")
 
     async def _store_blob(self, name: str, data: bytes) -> dict[str, Any]:
-        """Bytes for the table, or a file URI plus sha256 when configured for large blobs."""
-        if self._settings.checkpoint_storage == "db":
-            return {"data": data}
-        path = self._settings.checkpoint_dir / name
-        await asyncio.to_thread(_write_file, path, data)
-        return {"uri": f"file://{path}", "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
+        return await store_blob(self._settings, name, data)
 
     async def _checkpoint(self, ev: JobCheckpoint, rj: RunningJob) -> None:
         blob = await self._store_blob(f"{ev.job_id}/step-{ev.step}.ckpt", ev.data)
@@ -415,10 +408,3 @@ class LeasedJobs:
         await self._publisher.publish(convert.job_done_result(ev, rj.step, version, job.kind), job_id)
         QUEUE_DEPTH.labels("jobs_running").set(len(self.running))
         self.wake()
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
