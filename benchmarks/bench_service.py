@@ -7,9 +7,9 @@ and one reader of the results topic. The model has the benchmark's shape (``--mo
 weights and the SmolLM2 tokenizer (vocabulary 49152), so output is detokenized as in production.
 
 1. Service: 32 adapters are loaded through the control topic; a warm-up (requests and short
-   training jobs) runs; then, in the measured window, 4 training jobs and the serving trace of
-   ``bench_serving`` (Poisson, ShareGPT-like lengths, uniform over the adapters, streaming) are
-   published, each request at its arrival time. Measured from publish to the record read back:
+   training jobs) runs; 4 training jobs are published and start training; then, in the measured
+   window, the serving trace of ``bench_serving`` (Poisson, ShareGPT-like lengths, uniform over the
+   adapters, streaming) is published, each request at its arrival time. Measured from publish to the record read back:
    output tokens/s, TTFT / TPOT p50 / p99, SLO attainment; training tokens/s (progress records);
    records/s per topic; database commits and row writes/s; the worker's CPU time by thread (event
    loop, engine thread, detokenizer, other); its event-loop lag; and every published id counted
@@ -258,15 +258,20 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
         log(f"[service] warm-up done, {time.perf_counter() - t_start:.1f}s after spawn")
         await asyncio.sleep(1.0)
 
+        # the jobs first, as the engine-alone replay has them: training when the trace starts
+        job_ids = [f"svc-job-{k}-{uuid.uuid4().hex[:6]}" for k in range(prof.num_jobs)]
+        for k, jid in enumerate(job_ids):
+            await training.send(kafka.training_topic, job(jid, f"svc-ft-{k}-{jid[-6:]}", jobs[k][1], None), jid)
+        await stack.wait_for(lambda: all(ledger.progress.get(j) for j in job_ids), args.start_timeout,
+                             "the jobs to train", worker, worker_log)
+        log(f"[service] {len(job_ids)} jobs training, {time.perf_counter() - t_start:.1f}s after spawn")
+
         # the measured window
         text0 = stack.scrape(port)
         cpu0, lag0, db0 = stack.thread_cpu(worker.pid), stack.lag_buckets(text0), await stack.db_counters(url)
         counts0 = dict(ledger.counts)
         t0 = time.perf_counter()
         ledger.t0, ledger.in_window = t0, True
-        job_ids = [f"svc-job-{k}-{uuid.uuid4().hex[:6]}" for k in range(prof.num_jobs)]
-        for k, jid in enumerate(job_ids):
-            await training.send(kafka.training_topic, job(jid, f"svc-ft-{k}-{jid[-6:]}", jobs[k][1], None), jid)
         sends: list[asyncio.Task[None]] = []
         rids = []
         for r in trace.requests:
@@ -299,10 +304,11 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
 
         # training tokens/s from the progress records read inside the window
         train_tokens, last_t = 0, t0
-        for jid in job_ids:
-            seen = [(t, n) for t, n in ledger.progress.get(jid, []) if t <= t_end]
+        for jid in job_ids:  # progress counts a job's tokens since it started: from the last count before t0
+            before = max((n for t, n in ledger.progress.get(jid, []) if t <= t0), default=0)
+            seen = [(t, n) for t, n in ledger.progress.get(jid, []) if t0 < t <= t_end]
             if seen:
-                train_tokens += max(n for _, n in seen)
+                train_tokens += max(n for _, n in seen) - before
                 last_t = max(last_t, *(t for t, _ in seen))
         train_rate = train_tokens / (last_t - t0) if last_t > t0 else 0.0
 
@@ -449,12 +455,13 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
         ("Setup",
          f"One machine: embedded broker (tansu), PostgreSQL, one worker process (`loquetier worker --device "
          f"{args.device} --dtype {args.dtype}`) with its engine {engine_in}, {NUM_PARTITIONS} "
-         f"partitions per topic, adapters and checkpoints stored as files plus checksums "
-         "(`LOQUETIER_WORKER__CHECKPOINT_STORAGE=uri`). Trace: {len(trace)} requests, "
+         "partitions per topic, adapters and checkpoints stored as files plus checksums "
+         f"(`LOQUETIER_WORKER__CHECKPOINT_STORAGE=uri`). Trace: {len(trace)} requests, "
          f"Poisson {prof.rate}/s for {prof.duration_s}s over {prof.num_adapters} rank-16 adapters (uniform), "
          f"prompt/output means {prof.prompt_mean}/{prof.output_mean}, greedy, streaming; {prof.num_jobs} training "
-         f"jobs (rank 16, micro-batch {prof.micro_batch_tokens} tokens) published at the window's start and "
-         f"cancelled after it. SLO {DEFAULT_TTFT_S:.0f} s TTFT / {DEFAULT_TPOT_S * 1e3:.0f} ms TPOT. SmolLM2 "
+         f"jobs (rank 16, micro-batch {prof.micro_batch_tokens} tokens) published before the window and "
+         "training when it starts (as in the engine-alone replay), cancelled after it. "
+         f"SLO {DEFAULT_TTFT_S:.0f} s TTFT / {DEFAULT_TPOT_S * 1e3:.0f} ms TPOT. SmolLM2 "
          "tokenizer (vocabulary 49152): output is detokenized as in production. Service times are a client's: "
          "from the moment a request is handed to its producer to the moment its records are read back."),
         ("Serving", report.markdown_table(report.SERVING_HEADERS, report.serving_rows(summaries))),

@@ -7,16 +7,16 @@ and later admissions (docs/benchmarks/service.md). Here the engine runs in a chi
 (``spawn``: a fresh interpreter, CUDA initialised there only) and the worker talks to it through
 one pipe:
 
-- worker -> engine: ``("call", id, fn, side)`` with ``fn(engine)`` a picklable command
-  (``engine_client.engine_call``), applied between steps in the order sent; ``side`` commands
-  (a job's data tokenized) run on a helper thread of the engine process, beside the steps;
-  ``("stop",)``.
+- worker -> engine: ``("call", id, fn)`` with ``fn(engine)`` a picklable command
+  (``engine_client.engine_call``), applied between steps in the order sent; ``("stop",)``.
 - engine -> worker: ``("ready", info)`` once the model is loaded, warmed up and its graphs captured;
   ``("result", id, ok, value)``; ``("step", seconds, events)`` after every step; ``("failed", reason)``
   when a step raised (the engine process then exits).
 
 :class:`ProcessEngineClient` has the same async face as :class:`~.engine_client.EngineClient`, so
-the worker does not know where its engine runs. A dead engine process (killed, crashed) is seen as
+the worker does not know where its engine runs. A job's data is tokenized on the worker's side (a
+thread, with a tokenizer of its own: ``DataPreparer``), so that long Python work never shares the
+engine's interpreter; only the prepared sequences cross. A dead engine process (killed, crashed) is seen as
 the pipe's end: the client fails every waiting command and the next ``next_events`` raises
 ``StepFailed``, which stops the worker as a failed step does.
 """
@@ -33,9 +33,8 @@ import queue
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,9 +42,6 @@ from .engine_client import EngineClient, EngineLike, _reason
 from .thread_names import ENGINE_THREAD, set_os_thread_name
 
 log = logging.getLogger(__name__)
-
-_MAX_PREPARED = 16  # prepared data sets an engine process keeps for jobs about to start
-
 
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
@@ -93,16 +89,6 @@ class EngineProcessDied(EngineProcessFailed):
     crashed = True
 
 
-@dataclasses.dataclass(frozen=True)
-class PreparedRef:
-    """A job's data tokenized in the engine process and kept there (a large data set then crosses
-    the pipe once, as the examples, not back and forth as tokens)."""
-
-    key: int
-    num_sequences: int
-    fingerprint: str
-
-
 # --- the worker's side ----------------------------------------------------------------------------
 
 
@@ -124,6 +110,7 @@ class ProcessEngineClient(EngineClient):
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._threads: list[threading.Thread] = []
+        self._preparer: Any = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -206,29 +193,29 @@ class ProcessEngineClient(EngineClient):
 
     # --- commands ------------------------------------------------------------------------
 
-    def _submit(self, fn: Callable[[EngineLike], Any], done: Future[Any], *, side: bool = False) -> None:
+    def _submit(self, fn: Callable[[EngineLike], Any], done: Future[Any]) -> None:
         cid = next(self._ids)
         with self._pending_lock:
             self._pending[cid] = done
-        self._outbox.put(("call", cid, fn, side))
+        self._outbox.put(("call", cid, fn))
 
     async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> Any:
-        """Tokenized and checked in the engine process on a helper thread, beside the steps; kept
-        there, and handed back as a :class:`PreparedRef` for ``add_job``."""
+        """Tokenized and checked here, on a worker thread with a tokenizer of this process: the
+        engine process only unpickles the result."""
         import asyncio
 
-        if not self.is_running:
-            raise self._stopped()
-        done: Future[Any] = Future()
-        import functools
+        if self._preparer is None:
+            self._preparer = await asyncio.to_thread(self._make_preparer)
+        return await asyncio.to_thread(self._preparer.prepare, data, micro_batch_tokens)
 
-        self._submit(functools.partial(_prepare_on, data, micro_batch_tokens), done, side=True)
-        return await asyncio.wrap_future(done)
+    def _make_preparer(self) -> Any:
+        from pathlib import Path
 
-    async def add_job(self, adapter_id: str, data: Any, params: Any, **kwargs: Any) -> str:
-        import functools
+        from loquetier.engine.engine import load_tokenizer
+        from loquetier.engine.jobs import DataPreparer
 
-        return str(await self.call(functools.partial(_add_job_on, adapter_id, data, params, kwargs)))
+        return DataPreparer(load_tokenizer(Path(self.spec.model_dir)), int(self.info["vocab_size"]),
+                            int(self.info["max_num_batched_tokens"]))
 
     def _fail_pending(self) -> None:
         with self._pending_lock:
@@ -300,37 +287,6 @@ class ProcessEngineClient(EngineClient):
 
 # --- the engine's side ----------------------------------------------------------------------------
 
-_prepared: OrderedDict[int, Any] = OrderedDict()
-_prepared_lock = threading.Lock()
-_prepared_ids = itertools.count(1)
-
-
-def _prepare_on(data: Any, micro_batch_tokens: int | None, engine: Any) -> PreparedRef:
-    prepared = engine.prepare_data(data, micro_batch_tokens)
-    with _prepared_lock:
-        key = next(_prepared_ids)
-        _prepared[key] = prepared
-        while len(_prepared) > _MAX_PREPARED:  # a job that never started (its lease was lost)
-            _prepared.popitem(last=False)
-    return PreparedRef(key, len(prepared.sequences), prepared.fingerprint)
-
-
-def _resolve(data: Any) -> Any:
-    if not isinstance(data, PreparedRef):
-        return data
-    with _prepared_lock:
-        prepared = _prepared.pop(data.key, None)
-    if prepared is None:
-        raise RuntimeError("the job's prepared data is no longer kept by the engine process")
-    return prepared
-
-
-def _add_job_on(adapter_id: str, data: Any, params: Any, kwargs: dict[str, Any], engine: Any) -> str:
-    if "eval_data" in kwargs:
-        kwargs = {**kwargs, "eval_data": _resolve(kwargs["eval_data"])}
-    return str(engine.add_training_job(adapter_id, _resolve(data), params, **kwargs))
-
-
 def _picklable(exc: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc))
@@ -359,7 +315,8 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
         log.exception("the engine could not start")
         send(("startup_failed", _reason(exc)))
         return
-    send(("ready", {"device": str(engine.device), "pid": os.getpid()}))
+    send(("ready", {"device": str(engine.device), "pid": os.getpid(), "vocab_size": engine.model.cfg.vocab_size,
+                    "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens}))
 
     inbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
     stopping = threading.Event()
@@ -377,7 +334,6 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
         inbox.put(None)
 
     threading.Thread(target=receive, name="lq-engine-inbox", daemon=True).start()
-    side = ThreadPoolExecutor(1, thread_name_prefix="lq-engine-side")
 
     def run(cid: int, fn: Callable[[Any], Any]) -> None:
         try:
@@ -399,11 +355,8 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
             if message is None:
                 return
             block = False
-            _, cid, fn, on_side = message
-            if on_side:
-                side.submit(run, cid, fn)
-            else:
-                run(cid, fn)
+            _, cid, fn = message
+            run(cid, fn)
 
     try:
         while not stopping.is_set():
@@ -420,5 +373,3 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
             send(("failed", _reason(exc)))
         except (OSError, ValueError):
             pass
-    finally:
-        side.shutdown(wait=False, cancel_futures=True)

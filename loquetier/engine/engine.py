@@ -53,7 +53,8 @@ _WARMUP_TRAIN = "__loquetier_warmup_train__"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _load_tokenizer(model_dir: Path) -> Any:
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model directory's tokenizer (None when it ships none)."""
     if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
     from transformers import AutoTokenizer
@@ -223,7 +224,7 @@ class Engine:
         model = LlamaModel.from_pretrained(
             path, dtype=_DTYPES[config.dtype], device=config.device,
             gradient_checkpointing=config.gradient_checkpointing, max_model_len=config.max_model_len)
-        return cls(model, _load_tokenizer(path), config)
+        return cls(model, load_tokenizer(path), config)
 
     # ---- adapters --------------------------------------------------------------------------------
 

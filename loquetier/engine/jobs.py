@@ -51,6 +51,25 @@ class _Eval:
     pinned: bool
 
 
+class DataPreparer:
+    """Tokenizes and checks a job's data with a tokenizer of its own, on any thread, one call at a
+    time (HF fast tokenizers take one user at a time): for ``JobBook.prepare``, and for a worker
+    whose engine runs in another process (the work then stays off the engine's interpreter)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_num_batched_tokens: int) -> None:
+        self.tokenizer, self.vocab_size, self.ceiling = tokenizer, vocab_size, max_num_batched_tokens
+        self._lock = threading.Lock()
+
+    def prepare(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
+        limit = min(micro_batch_tokens or self.ceiling, self.ceiling)
+        with self._lock:
+            try:
+                seqs = tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit)
+            except (DataError, OSError, ValueError, TypeError) as exc:
+                raise EngineError("invalid_data", str(exc)) from exc
+        return PreparedData(tuple(seqs), data_fingerprint(seqs), limit)
+
+
 class JobBook:
     def __init__(self, adapters: AdapterManager, scheduler: Scheduler, tokenizer: Any, vocab_size: int,
                  config: EngineConfig) -> None:
@@ -61,7 +80,7 @@ class JobBook:
         self._feeds: dict[str, JobFeed] = {}
         self.eval_results: dict[str, dict[str, float]] = {}
         self._prepare_lock = threading.Lock()
-        self._tokenizer_copy: Any = None
+        self._preparer: DataPreparer | None = None
 
     # ---- creation ----------------------------------------------------------------------------------
 
@@ -70,16 +89,11 @@ class JobBook:
         micro-batches hold ``micro_batch_tokens``. Safe on any thread while the engine steps (it
         reads no engine state and tokenizes with its own copy of the tokenizer), so a job's set-up
         need not stall the steps: hand the result to ``add_training_job``."""
-        ceiling = self.config.scheduler.max_num_batched_tokens
-        limit = min(micro_batch_tokens or ceiling, ceiling)
         with self._prepare_lock:
-            if self._tokenizer_copy is None and self.tokenizer is not None:
-                self._tokenizer_copy = copy.deepcopy(self.tokenizer)  # HF fast tokenizers: one user at a time
-            try:
-                seqs = tokenize_examples(data, self._tokenizer_copy, vocab_size=self.vocab_size, max_tokens=limit)
-            except (DataError, OSError, ValueError, TypeError) as exc:
-                raise EngineError("invalid_data", str(exc)) from exc
-        return PreparedData(tuple(seqs), data_fingerprint(seqs), limit)
+            if self._preparer is None:
+                tokenizer = copy.deepcopy(self.tokenizer) if self.tokenizer is not None else None
+                self._preparer = DataPreparer(tokenizer, self.vocab_size, self.config.scheduler.max_num_batched_tokens)
+        return self._preparer.prepare(data, micro_batch_tokens)
 
     def _sequences(self, data: Any, max_tokens: int) -> tuple[list[TrainSequence], str | None]:
         """Sequences and (when prepared ahead) their fingerprint."""

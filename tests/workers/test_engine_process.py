@@ -22,7 +22,6 @@ from loquetier.workers.engine_client import EngineStopped, StepFailed
 from loquetier.workers.engine_process import (
     EngineProcessFailed,
     EngineSpec,
-    PreparedRef,
     ProcessEngineClient,
 )
 from tests.workers.conftest import ENGINE_LIMITS
@@ -88,9 +87,9 @@ async def test_an_engine_process_answers_as_the_engine_here(tiny_model_dir: Path
         assert streamed == expected["r0"]  # token events cross in step order
         assert steps and client.num_steps == len(steps)
 
-        ref = await client.prepare_data(data, 24)  # tokenized there, kept there
-        assert isinstance(ref, PreparedRef) and ref.num_sequences == len(data)
-        job_id = await client.add_job("ft", ref, _params(), lora=LORA, job_id="j")
+        prepared = await client.prepare_data(data, 24)  # tokenized on this side, its sequences cross
+        assert prepared == here.prepare_data(data, 24)
+        job_id = await client.add_job("ft", prepared, _params(), lora=LORA, job_id="j")
         await _until(client, lambda seen: any(isinstance(e, JobFinished) and e.job_id == job_id for e in seen))
         adapter = load(await client.export_adapter("ft"))
         assert adapter.keys() == expected_adapter.keys()
