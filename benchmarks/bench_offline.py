@@ -74,22 +74,44 @@ def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Gen
             "windows": engine.window.num_windows, "tokens": [o.token_ids for o in outs], "prompts": prompts}
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def compare_windows(engine: Any, batch: int, adapters: list[str | None], gen: torch.Generator,  # noqa: PLR0917
                     device: str, new_tokens: int) -> dict[str, Any]:
-    """The same prompts with decode windows and one step at a time (prefix cache off, so both prefill
-    everything): tokens/s of each and the share of rows whose tokens are equal."""
+    """The same prompts with decode windows (twice) and one step at a time (prefix cache off, so every
+    run prefills everything): tokens/s of each, the share of rows whose tokens are equal and the mean
+    length of their common prefix. The second windowed run is the control: what differs between two
+    runs of the same path (run-to-run nondeterminism, e.g. the shrink's fp32 atomics) is not the
+    windows' doing."""
     prompts = _prompts(batch, engine.model.cfg.vocab_size, gen)
     window, caching = engine.window.max_steps, engine.blocks.enable_prefix_caching
     engine.blocks.enable_prefix_caching = False
     try:
         windowed = run_ours(engine, batch, adapters, gen, device, new_tokens, 1, prompts)
+        again = run_ours(engine, batch, adapters, gen, device, new_tokens, 1, prompts)
         engine.window.max_steps = 1
         single = run_ours(engine, batch, adapters, gen, device, new_tokens, 1, prompts)
     finally:
         engine.window.max_steps, engine.blocks.enable_prefix_caching = window, caching
-    same = sum(a == b for a, b in zip(windowed["tokens"], single["tokens"], strict=True))
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+        pairs = list(zip(a["tokens"], b["tokens"], strict=True))
+        return (sum(x == y for x, y in pairs) / batch,
+                statistics.fmean(_common_prefix(x, y) for x, y in pairs))
+
+    rows, prefix = same(windowed, single)
+    rows_again, prefix_again = same(windowed, again)
     return {"windows_tokens_per_s": windowed["tokens_per_s"], "one_step_tokens_per_s": single["tokens_per_s"],
-            "speedup": windowed["tokens_per_s"] / single["tokens_per_s"], "rows_with_same_tokens": same / batch}
+            "speedup": windowed["tokens_per_s"] / single["tokens_per_s"], "rows_with_same_tokens": rows,
+            "mean_common_prefix": prefix, "control_rows_with_same_tokens": rows_again,
+            "control_mean_common_prefix": prefix_again}
 
 
 def run_hf(model: Any, batch: int, adapter_names: list[str] | None, gen: torch.Generator, device: str,
@@ -219,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                report.fmt(rate("ours_base_b32") / rate("transformers"))],
               ["LoRA overhead (batch 32)", report.fmt(overhead, 3)],
               *[[f"decode windows / one step at a time ({label}, batch 32; same tokens on "
-                 f"{report.fmt(100 * results[key]['rows_with_same_tokens'])} % of rows)",
+                 f"{report.fmt(100 * results[key]['rows_with_same_tokens'])} % of rows, common prefix "
+                 f"{report.fmt(results[key]['mean_common_prefix'])} tokens; windows run twice: "
+                 f"{report.fmt(100 * results[key]['control_rows_with_same_tokens'])} %, "
+                 f"{report.fmt(results[key]['control_mean_common_prefix'])} tokens)",
                  report.fmt(results[key]["speedup"], 3)]
                 for label, key in (("no adapters", "windows_base_b32"), ("32 adapters", "windows_lora_b32"))
                 if isinstance(results.get(key), dict)],
