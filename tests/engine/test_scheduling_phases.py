@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -23,8 +24,10 @@ from loquetier.engine.scheduling.prefill import (
 from loquetier.engine.scheduling.queue import RequestQueue
 from loquetier.engine.scheduling.training import (
     fill_training,
+    fill_training_idle,
     grant_training,
     reserve_training_floors,
+    serving_step_cap,
     train_pays,
 )
 from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch, SequenceStatus
@@ -235,3 +238,50 @@ def test_one_config_tree_with_one_default_per_knob() -> None:
         EngineConfig.from_kwargs(max_num_sequences=8)
     with pytest.raises(ValueError, match="tpot_burst"):
         EngineConfig.from_kwargs(tpot_burst=0.5)
+
+
+def test_a_served_step_keeps_within_its_share_of_the_ttft_target() -> None:
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096, max_prefill_chunk=128,
+                             default_tpot_ms=50.0, default_ttft_ms=400.0, tpot_burst=8.0, tpot_lookahead=0,
+                             prefill_coalesce_ms=0.0, ttft_step_share=0.25, serving_idle_s=2.0)
+    assert serving_step_cap(config, 10.0, serving=True, last_arrival=None) == pytest.approx(0.1)
+    assert serving_step_cap(config, 10.0, serving=False, last_arrival=9.0) == pytest.approx(0.1)
+    assert serving_step_cap(config, 10.0, serving=False, last_arrival=7.0) is None  # idle long enough
+    assert serving_step_cap(replace(config, ttft_step_share=0.0), 10.0, serving=True, last_arrival=9.9) is None
+    # decoders that banked time would let a training step last 0.3 s; the cap keeps it to 0.1 s
+    plan = make_plan(config=config)
+    reserve_training_floors(plan, [FakeJob("a", ready=4096)], config, num_decode_only=100)
+    plan.train_budget, plan.predicted = 0.3, 0.005
+    plan.step_cap = serving_step_cap(config, 0.0, serving=True, last_arrival=0.0)
+    fill_training(plan, config, has_backlog=False, prior=COST)
+    assert plan.time_budget == pytest.approx(0.1)
+    assert plan.train_time == pytest.approx(0.1 * 0.9 - 0.005)
+    # nothing in the system but an arrival 1 s ago: the idle step keeps to the cap as well
+    idle = make_plan(config=config)
+    reserve_training_floors(idle, [FakeJob("a", ready=4096)], config, num_decode_only=100)
+    idle.step_cap = serving_step_cap(config, 1.0, serving=False, last_arrival=0.0)
+    fill_training_idle(idle, config)
+    grant_training(idle, FairShare(), {"a": FakeJob("a", ready=4096)})
+    assert 0 < idle.batch.num_train_tokens <= math.ceil(0.1 * 0.9 / COST.train_token_s)
+    with pytest.raises(ValueError, match="ttft_step_share"):
+        SchedulerConfig(ttft_step_share=1.5)
+
+
+def test_the_scheduler_caps_training_steps_while_requests_arrive() -> None:
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096, max_prefill_chunk=512,
+                             default_ttft_ms=400.0, default_tpot_ms=50.0, tpot_burst=8.0, tpot_lookahead=0,
+                             prefill_coalesce_ms=0.0, ttft_step_share=0.25, serving_idle_s=2.0)
+    capped = Scheduler(config, FakeKV(1 << 20), prior_cost=COST)
+    free = Scheduler(replace(config, ttft_step_share=0.0), FakeKV(1 << 20), prior_cost=COST)
+    for sch in (capped, free):
+        sch.add_job(FakeJob("a", ready=4096))
+        sch.add_request(seq("r", arrival=0.0))
+    # the request's own first step, then nothing in the system 1 s after its arrival
+    steps = {}
+    for name, sch in (("capped", capped), ("free", free)):
+        sch.abort("r", 0.5)
+        steps[name] = sch.schedule(1.0)
+    assert steps["capped"].num_train_tokens * COST.train_token_s <= 0.1
+    assert steps["free"].num_train_tokens == 4096  # idle: the whole step, as before
+    later = capped.schedule(3.5)  # 3.5 s after the last arrival: idle again, no cap
+    assert later.num_train_tokens == 4096

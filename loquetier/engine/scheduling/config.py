@@ -58,6 +58,13 @@ class SchedulerConfig:
     # fixed prices the training triggers (mixed_s, train_step_s) in training work, or this many times
     # the most training work any step can carry, when that is less.
     train_amortize: float = 1.0
+    # > 0: while serving (requests in the system, or one arrived in the last ``serving_idle_s``), no
+    # step is planned longer than this share of the default TTFT target, training included. A request
+    # that arrives during a step waits for it to end and then needs a prefill step of its own, so two
+    # steps and the step model's error must fit its TTFT target; the decoders' TPOT budgets alone let
+    # a training step last up to ``tpot_burst`` TPOT targets. 0: off (the decoders' budgets only).
+    ttft_step_share: float = 0.0
+    serving_idle_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -92,6 +99,10 @@ class SchedulerConfig:
             raise ValueError("prefill_coalesce_ms must be in [0, 60000] or None")
         if not 0 <= self.min_decode_only_samples < self.step_model_window:
             raise ValueError("min_decode_only_samples must be in [0, step_model_window)")
+        if not 0.0 <= self.ttft_step_share <= 1.0:
+            raise ValueError("ttft_step_share must be in [0, 1]")
+        if not 0.0 <= self.serving_idle_s <= 3600.0:
+            raise ValueError("serving_idle_s must be in [0, 3600]")
         # TrainScale validates the AIMD parameters.
         TrainScale(self.train_decrease, self.train_increase, self.min_train_scale)
 

@@ -43,6 +43,7 @@ class StepPlan:
     ride_budget: float | None = None  # a training step's time an eager prompt chunk may ride in
     hold_new: bool = False  # new requests wait to be prefilled together
     # training fill
+    step_cap: float | None = None  # while serving: the longest step any arrival's TTFT allows
     train_time: float | None = None  # seconds training may use (None: no time cap)
 
     @property

@@ -31,7 +31,13 @@ from loquetier.engine.scheduling.pricing import GraphPaths, StepCost, StepFeatur
 from loquetier.engine.scheduling.queue import AdapterSlots, KVAllocator, RequestQueue
 from loquetier.engine.scheduling.slo import RequestMetrics, SchedulerMetrics, SloTracker, StepRecord, tpot_s, ttft_s
 from loquetier.engine.scheduling.train_scale import TrainScale
-from loquetier.engine.scheduling.training import fill_training, grant_training, reserve_training_floors
+from loquetier.engine.scheduling.training import (
+    fill_training,
+    fill_training_idle,
+    grant_training,
+    reserve_training_floors,
+    serving_step_cap,
+)
 from loquetier.engine.sequence import RequestState, ScheduledBatch, SequenceStatus, StepResult, TrainWork
 
 
@@ -71,6 +77,7 @@ class Scheduler:
         self._last_train_at: float | None = None  # when a step last trained (training.train_probe_due)
         self._repay_s = 0.0  # predicted decode-only step of the current decode rows (tpot_lookahead)
         self._step_id = 0
+        self._last_arrival: float | None = None  # the latest request's arrival (serving_step_cap)
 
     # ---- requests and jobs ---------------------------------------------------------------------
 
@@ -86,6 +93,8 @@ class Scheduler:
 
     def add_request(self, seq: RequestState) -> None:
         self.queue.add(seq)
+        if self._last_arrival is None or seq.arrival_time > self._last_arrival:
+            self._last_arrival = seq.arrival_time
         if seq.ttft_ms is None:
             seq.ttft_ms = self.config.default_ttft_ms
         if seq.tpot_ms is None:
@@ -153,10 +162,13 @@ class Scheduler:
         reserve_training_floors(plan, self.jobs.values(), cfg, self.step_model.num_decode_only)
         start_prefill(plan, self.queue, cfg)
         add_prefill_chunks(plan, self.queue, cfg)
-        if self.has_unfinished_requests:
+        serving = self.has_unfinished_requests
+        plan.step_cap = serving_step_cap(cfg, now, serving=serving, last_arrival=self._last_arrival)
+        if serving:
             fill_training(plan, cfg, has_backlog=bool(self.queue.waiting), prior=self.step_model.prior)
         else:
             self.train_scale.reset()
+            fill_training_idle(plan, cfg)
         grant_training(plan, self.fair_share, self.jobs)
         self._last_train_at = plan.last_train_at
         batch = plan.batch

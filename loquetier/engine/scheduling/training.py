@@ -8,6 +8,9 @@ Invariants:
   ``train_scale × (time budget − predicted step time)``, converted to tokens at the step model's
   prices; the time budget is the tightest of the decoders' (``train_budget``) and each scheduled
   prefill's remaining TTFT slack per remaining step (``fill_training``);
+- while serving (requests in the system or one arrived within ``serving_idle_s``) and
+  ``ttft_step_share`` > 0, no step is planned past that share of the TTFT target
+  (``serving_step_cap``), an idle one included (``fill_training_idle``);
 - while requests wait un-admitted, training keeps only its floors (longer steps would only delay the
   backlog); prompts held back to be prefilled together are no backlog;
 - a step that would otherwise be decode-only takes training only when the work pays for the fixed
@@ -75,6 +78,8 @@ def fill_training(plan: StepPlan, config: SchedulerConfig, *, has_backlog: bool,
         time_budget = limit
     if time_budget is None:  # inference waits on memory or slots: keep steps short anyway
         time_budget = config.default_tpot_ms / 1e3
+    if plan.step_cap is not None:
+        time_budget = min(time_budget, plan.step_cap)
     plan.time_budget = time_budget
     spare = max(0.0, time_budget * config.tpot_headroom - plan.predicted)
     if has_backlog and not plan.hold_new:
@@ -102,6 +107,27 @@ def fill_training(plan: StepPlan, config: SchedulerConfig, *, has_backlog: bool,
                 token_s = max(cost.train_token_s, prior.train_token_s)
                 spare = num_tokens_in(0.5 * raw, token_s) * cost.train_token_s
     plan.train_time = plan.train_scale * spare + plan.reserved * cost.train_token_s
+
+
+def fill_training_idle(plan: StepPlan, config: SchedulerConfig) -> None:
+    """No request in the system: training takes the whole step, unless one arrived lately
+    (``plan.step_cap`` set), when the step keeps to that cap, so the next arrival does not wait
+    for a step longer than its TTFT allows."""
+    if plan.step_cap is None:
+        return
+    plan.time_budget = plan.step_cap
+    spare = max(0.0, plan.step_cap * config.tpot_headroom - plan.predicted - plan.cost.train_step_s)
+    plan.train_time = spare + plan.reserved * plan.cost.train_token_s
+
+
+def serving_step_cap(config: SchedulerConfig, now: float, *, serving: bool, last_arrival: float | None) -> float | None:
+    """The longest step while serving (``ttft_step_share`` of the default TTFT target), or None when
+    the share is 0 or nothing was served within ``serving_idle_s``."""
+    if config.ttft_step_share <= 0.0:
+        return None
+    if not serving and (last_arrival is None or now - last_arrival > config.serving_idle_s):
+        return None
+    return config.ttft_step_share * config.default_ttft_ms / 1e3
 
 
 def grant_training(plan: StepPlan, fair_share: FairShare, jobs: Mapping[str, TrainWork]) -> None:
