@@ -167,6 +167,19 @@ class BlockManager:
 
     preempt = free
 
+    def drop_cached(self) -> int:
+        """Forget the cached prefixes of free blocks (blocks in use keep theirs), so the next prompts
+        compute every token: a benchmark that replays the same prompts starts each replay cold.
+        Returns the number of prefixes forgotten."""
+        dropped = 0
+        for b in self._free:
+            block = self._blocks[b]
+            if block.key is not None:
+                del self._cached[block.key]
+                block.key = None
+                dropped += 1
+        return dropped
+
     # -- internals ------------------------------------------------------------------------------------
     def _key(self, parent: bytes, state: _SeqState, index: int) -> bytes:
         tokens = state.token_ids[index * self.block_size : (index + 1) * self.block_size]

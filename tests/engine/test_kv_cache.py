@@ -94,3 +94,20 @@ def test_kv_cache_shapes() -> None:
     kv = KVCache(2, 5, 4, 3, 8)
     assert len(kv.k) == 2 and kv.k[0].shape == (5, 4, 3, 8)
     assert KVCache.bytes_per_block(2, 4, 3, 8, kv.k[0].dtype) == 2 * 2 * 4 * 3 * 8 * 4
+
+
+def test_drop_cached_forgets_free_prefixes_only() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    toks = list(range(13))
+    bm.allocate("a", toks)
+    bm.mark_computed("a", 13)
+    bm.allocate("held", [50 + t for t in toks])
+    bm.mark_computed("held", 13)
+    bm.free("a")
+    assert bm.drop_cached() == 3  # a's three full blocks; held's stay cached while it runs
+    assert bm.allocate("b", toks) == 0
+    assert bm.allocate("c", [50 + t for t in toks]) == 12
+    for s in ("b", "c", "held"):
+        bm.free(s)
+    bm.check_invariants()
+    assert bm.num_free_blocks == 16
