@@ -34,5 +34,5 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
     tail -n 25 "$OUT/$name.log"
 }
 step knobs 400 "$PY" -m benchmarks.bench_slo_knobs --model 8b --device cuda --out "$OUT/knobs" "$@"
-step fused 200 "$PY" -m benchmarks.bench_smlm_fused --out "$OUT/fused"
+[ "${FUSED:-1}" = 1 ] && step fused 200 "$PY" -m benchmarks.bench_smlm_fused --out "$OUT/fused"
 echo "== done after $((SECONDS - T0))s"
