@@ -192,7 +192,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
                          "(default 0: the comparison without borrowing; skipped when N is the engine's default)")
     ap.add_argument("--smlm-fused-decode", choices=("0", "1"), default=None,
                     help="one SMLM launch per LoRA module in decode-sized steps (1) or two (0); default: "
-                         "the LOQUETIER_SMLM_FUSED_DECODE environment variable, else 1")
+                         "the LOQUETIER_SMLM_FUSED_DECODE environment variable, else 0")
     ap.add_argument(
         "--set",
         action="append",
