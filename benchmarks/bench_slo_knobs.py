@@ -31,7 +31,7 @@ from .harness.models import adapter_ranks, write_adapters
 
 DEFAULT_VARIANTS = [
     ("defaults", {}),
-    ("ttft_step_share 0.4", {"ttft_step_share": 0.4}),
+    ("ttft_headroom 0.6", {"ttft_headroom": 0.6}),
     ("ttft_step_share 0.4, always", {"ttft_step_share": 0.4, "serving_idle_s": 3600.0}),
     ("slo_target 0.99", {"slo_target": 0.99}),
     ("defaults again", {}),

@@ -8,8 +8,9 @@ Decode-sized steps take one SMLM launch per target module instead of two (``smlm
 shrink and expand fused, no ``v`` buffer) wherever the backend says it applies from host sizes only
 (``smlm.fused_applies``), and only where no ``v`` is kept for backward. The switch:
 ``LOQUETIER_SMLM_FUSED_DECODE=0/1`` in the environment (default 0: on the H200 it is 1.6-2.6x
-slower than the two launches, docs/benchmarks/smlm_fused.md), or ``set_fused_decode`` at run time; both paths compute the same sums (see ``reference.shrink_expand_ref``). A CUDA graph keeps the
-path that was on when it was captured.
+slower than the two launches, docs/benchmarks/smlm_fused.md), or ``set_fused_decode`` at run time;
+both paths compute the same sums (see ``reference.shrink_expand_ref``). A CUDA graph keeps the path
+that was on when it was captured.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ class EngineSettings(BaseModel):
     tpot_lookahead: int = _SCHEDULER.tpot_lookahead  # future tokens a long step may borrow against
     prefill_coalesce_ms: float | None = _SCHEDULER.prefill_coalesce_ms  # None: the engine's choice
     ttft_step_share: float = _SCHEDULER.ttft_step_share  # while serving, steps within this share of TTFT
+    ttft_headroom: float = _SCHEDULER.ttft_headroom  # a prompt's prefill step planned to this share of its slack
     slo_target: float = _SCHEDULER.slo_target  # window attainment below which training stops growing
 
     def limits(self) -> dict[str, Any]:
@@ -101,7 +102,8 @@ class EngineSettings(BaseModel):
         names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "max_adapter_slots",
                  "max_lora_rank", "adapter_cache_bytes", "default_ttft_ms", "default_tpot_ms", "cuda_graphs",
                  "tpot_burst",
-                 "tpot_lookahead", "prefill_coalesce_ms", "ttft_step_share", "slo_target")
+                 "tpot_lookahead", "prefill_coalesce_ms", "ttft_step_share", "ttft_headroom",
+                 "slo_target")
         limits = {name: getattr(self, name) for name in names}
         return {k: v for k, v in limits.items() if v is not None}
 

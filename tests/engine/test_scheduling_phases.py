@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.harness.synthetic import FakeJob, FakeKV
 from loquetier.engine.scheduling import GraphPaths, Scheduler, SchedulerConfig, StepCost
-from loquetier.engine.scheduling.budget import FairShare
+from loquetier.engine.scheduling.budget import FairShare, prefill_time_limit
 from loquetier.engine.scheduling.config import AUTO_PREFILL_COALESCE_MS, resolve_coalesce
 from loquetier.engine.scheduling.decode import add_decode_rows, set_decode_budgets
 from loquetier.engine.scheduling.plan import StepPlan
@@ -30,7 +30,7 @@ from loquetier.engine.scheduling.training import (
     serving_step_cap,
     train_pays,
 )
-from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBatch, SequenceStatus
+from loquetier.engine.sequence import PrefillChunk, RequestState, SamplingParams, ScheduledBatch, SequenceStatus
 
 COST = StepCost(const_s=5e-3, prefill_token_s=1e-4, decode_row_s=2e-4, train_token_s=3e-4, eval_token_s=1e-4,
                 kv_token_s=0.0)
@@ -285,3 +285,23 @@ def test_the_scheduler_caps_training_steps_while_requests_arrive() -> None:
     assert steps["free"].num_train_tokens == 4096  # idle: the whole step, as before
     later = capped.schedule(3.5)  # 3.5 s after the last arrival: idle again, no cap
     assert later.num_train_tokens == 4096
+
+
+def test_a_prefill_step_keeps_ttft_headroom_of_the_slack() -> None:
+    """A prompt that waited out a training step has 0.5 s of its TTFT left: its last prefill step is
+    planned to ``ttft_headroom`` of that, training included."""
+    base = replace(CONFIG, max_num_batched_tokens=4096, tpot_burst=8.0)
+    for headroom, want in ((0.9, 0.5), (0.6, 0.5 * 0.6 / 0.9)):
+        config = replace(base, ttft_headroom=headroom)
+        plan = make_plan(now=0.5, config=config)
+        late = seq("late", prompt_len=64, arrival=0.0, ttft_ms=1000.0)
+        plan.batch.prefill_chunks.append(PrefillChunk(late, 0, 64))
+        assert prefill_time_limit(plan.batch, 0.5, config) == pytest.approx(want)
+        reserve_training_floors(plan, [FakeJob("a", ready=4096)], config, num_decode_only=100)
+        plan.train_budget, plan.predicted = 0.4, 0.01  # the decoders would allow a 0.4 s step
+        fill_training(plan, config, has_backlog=False, prior=COST)
+        assert plan.time_budget == pytest.approx(min(0.4, want))
+        # the first token is planned within the headroom's share of the 0.5 s left
+        assert plan.predicted + plan.train_time <= headroom * 0.5 + 1e-9
+    with pytest.raises(ValueError, match="ttft_headroom"):
+        SchedulerConfig(ttft_headroom=0.0)

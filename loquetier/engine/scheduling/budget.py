@@ -157,14 +157,17 @@ def decode_budget(seq: RequestState, now: float, config: SchedulerConfig, decode
 
 
 def prefill_time_limit(batch: ScheduledBatch, now: float, config: SchedulerConfig) -> float | None:
-    """Tightest per-step time that keeps each scheduled prefill on its TTFT deadline."""
+    """Tightest per-step time that keeps each scheduled prefill on its TTFT deadline: its remaining
+    slack over its remaining steps, of which a step may be planned to ``ttft_headroom`` (the limit is
+    a budget the training fill plans to ``tpot_headroom`` of, hence the ratio)."""
     limit: float | None = None
+    share = config.ttft_headroom / config.tpot_headroom
     for chunk in batch.prefill_chunks:
         seq = chunk.seq
         remaining = seq.num_uncomputed_tokens - chunk.length
         steps = 1 + math.ceil(remaining / config.max_prefill_chunk)
         slack = deadline(seq) - now
-        per_step = slack / steps if slack > 0 else tpot_s(seq)
+        per_step = share * slack / steps if slack > 0 else tpot_s(seq)
         limit = per_step if limit is None else min(limit, per_step)
     return limit
 

@@ -64,6 +64,11 @@ class SchedulerConfig:
     # steps and the step model's error must fit its TTFT target; the decoders' TPOT budgets alone let
     # a training step last up to ``tpot_burst`` TPOT targets. 0: off (the decoders' budgets only).
     ttft_step_share: float = 0.0
+    # The share of a prompt's remaining TTFT slack that a step carrying its prefill may be planned to
+    # (training fills the rest of such a step). At tpot_headroom (0.9) a prompt that waited out a
+    # training step gets a step planned to 90 % of what is left of its target, and a training step
+    # that runs 10-15 % over its prediction takes it past the target.
+    ttft_headroom: float = 0.9
     serving_idle_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -99,6 +104,8 @@ class SchedulerConfig:
             raise ValueError("prefill_coalesce_ms must be in [0, 60000] or None")
         if not 0 <= self.min_decode_only_samples < self.step_model_window:
             raise ValueError("min_decode_only_samples must be in [0, step_model_window)")
+        if not 0.0 < self.ttft_headroom <= 1.0:
+            raise ValueError("ttft_headroom must be in (0, 1]")
         if not 0.0 <= self.ttft_step_share <= 1.0:
             raise ValueError("ttft_step_share must be in [0, 1]")
         if not 0.0 <= self.serving_idle_s <= 3600.0:
