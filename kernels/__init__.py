@@ -4,8 +4,17 @@ Model code imports only the op layer: ``lora_linear``, ``SMLMMeta``, ``ModuleLoR
 """
 
 from .meta import SMLMMeta
-from .ops import backend_for, force_backend, fused_decode_enabled, lora_linear, set_fused_decode, variant_metas
+from .ops import (
+    backend_for,
+    deterministic_enabled,
+    force_backend,
+    fused_decode_enabled,
+    lora_linear,
+    set_deterministic,
+    set_fused_decode,
+    variant_metas,
+)
 from .weights import ModuleLoRA
 
-__all__ = ["ModuleLoRA", "SMLMMeta", "backend_for", "force_backend", "fused_decode_enabled", "lora_linear",
-           "set_fused_decode", "variant_metas"]
+__all__ = ["ModuleLoRA", "SMLMMeta", "backend_for", "deterministic_enabled", "force_backend", "fused_decode_enabled",
+           "lora_linear", "set_deterministic", "set_fused_decode", "variant_metas"]

@@ -100,6 +100,21 @@ def fused_decode_enabled() -> bool:
     return _fused_decode
 
 
+def set_deterministic(on: bool | None) -> None:
+    """Forward SMLM shrinks sum their K splits in a fixed order (True: the same bits run after run)
+    or add them with atomics (False, the default); None: back to ``LOQUETIER_SMLM_DETERMINISTIC``.
+    See ``smlm`` (Triton backend; the torch reference has no splits)."""
+    from . import smlm
+
+    smlm.set_deterministic(on)
+
+
+def deterministic_enabled() -> bool:
+    from . import smlm
+
+    return smlm.deterministic_enabled()
+
+
 def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     """Batch layouts on one adapter slot whose launches cover every compiled variant of the forward
     SMLM kernels on ``device`` (see ``smlm.variant_metas``); none for the torch reference."""

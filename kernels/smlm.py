@@ -18,6 +18,13 @@ Invariants of every launcher:
   columns of segment rows; ``v`` (fp32) is rounded to the weights' dtype before the rank-sized matmul;
 - the choice of kernel and of every block size depends only on host ints (``max_seg_len``,
   ``num_blocks``, shapes, ``TUNING``), so one step's launches are fixed once its metadata is built.
+
+A forward shrink whose input width is split across programs (decode) adds the splits' partial sums
+into ``v`` with fp32 atomics, in whatever order the programs finish: the same inputs can give ``v``
+differing in the last bits from one run to the next, and a greedy decode then picks another token
+where two logits are that close. ``LOQUETIER_SMLM_DETERMINISTIC=1`` (or ``set_deterministic``) makes
+each split store its partial sums apart, summed in a fixed order (one reduction launch more per
+shrink): the forward is then the same bits run after run. Backward keeps its atomics.
 """
 
 from __future__ import annotations
@@ -43,6 +50,26 @@ from .smlm_jit import (
 from .weights import ModuleLoRA
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DETERMINISTIC_ENV = "LOQUETIER_SMLM_DETERMINISTIC"
+
+
+def _deterministic_from_env() -> bool:
+    return os.environ.get(DETERMINISTIC_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_deterministic = _deterministic_from_env()
+
+
+def set_deterministic(on: bool | None) -> None:
+    """Forward shrinks with their K splits summed in a fixed order (True) or added with atomics
+    (False) from now on; None: back to ``LOQUETIER_SMLM_DETERMINISTIC`` (default off). A CUDA graph
+    keeps the path that was on when it was captured."""
+    global _deterministic
+    _deterministic = _deterministic_from_env() if on is None else bool(on)
+
+
+def deterministic_enabled() -> bool:
+    return _deterministic
 _RANK_STEP = 16  # expand's loop step over the rank: the smallest tl.dot K
 
 
@@ -135,21 +162,39 @@ def _block_n(block_m: int) -> int:
     return TUNING.expand_block_n or (128 if block_m >= 32 else 256)
 
 
-def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
-                 blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool) -> None:
-    """v[rows, :r] = (scale *) x[rows] @ w[slot, :r].T over ``blocks`` (v zero-initialised)."""
+def _partials(v: torch.Tensor, split_k: int, ordered: bool) -> torch.Tensor | None:
+    """A zeroed [split_k, *v.shape] buffer for split partial sums when they are to be summed in a
+    fixed order (``ordered`` and K split), else None (the splits add into ``v`` with atomics)."""
+    if not ordered or split_k <= 1:
+        return None
+    return torch.zeros((split_k, *v.shape), dtype=v.dtype, device=v.device)
+
+
+def _sum_partials(v: torch.Tensor, parts: torch.Tensor | None) -> None:
+    if parts is not None:
+        torch.sum(parts, dim=0, out=v)
+
+
+def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,  # noqa: PLR0913
+                 blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool,
+                 ordered: bool = False) -> None:
+    """v[rows, :r] = (scale *) x[rows] @ w[slot, :r].T over ``blocks`` (v zero-initialised);
+    ``ordered``: K splits summed in a fixed order instead of with atomics (``v`` contiguous)."""
     k = x.shape[1]
     block_m, block_r, block_k, split_k = _shrink_sizes(max_rows, lora.max_rank, k, num_blocks, x.device)
+    parts = _partials(v, split_k, ordered)
+    out = v if parts is None else parts[0]
     launch(shrink_kernel, (num_blocks, split_k),
         x, x.stride(0), x.stride(1),
         w, w.stride(0), w.stride(1), w.stride(2),
-        v, v.stride(0),
+        out, out.stride(0), 0 if parts is None else parts.stride(0),
         lora.ranks, lora.scales, blocks,
         k, split_k,
-        HAS_SCALE=with_scale, ATOMIC=split_k > 1,
+        HAS_SCALE=with_scale, ATOMIC=split_k > 1 and parts is None,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(w),
-    )
+    )  # fmt: skip
+    _sum_partials(v, parts)
 
 
 def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
@@ -197,7 +242,7 @@ def shrink(x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> torch.Tensor:
     v = torch.zeros(x.shape[0], lora.max_rank, dtype=torch.float32, device=x.device)
     if meta.num_blocks:
         _shrink_into(v, x, lora.a, lora, blocks=meta.blocks, num_blocks=meta.num_blocks,
-                     max_rows=meta.max_seg_len, with_scale=False)
+                     max_rows=meta.max_seg_len, with_scale=False, ordered=_deterministic)
     return v
 
 
@@ -246,16 +291,19 @@ def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -
     block_m, block_r, block_k, split_k = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num, x.device)
     a0, a1, a2 = _padded([lo.a for lo in loras])
     r0, r1, r2 = _padded([lo.ranks for lo in loras])
+    parts = _partials(v, split_k, _deterministic)
+    out = v if parts is None else parts[0]
     launch(shrink_parts_kernel, (meta.num_blocks, split_k, num),
         x, x.stride(0), x.stride(1),
         a0, a1, a2, a0.stride(0), a0.stride(1), a0.stride(2),
-        v, v.stride(0), r,
+        out, out.stride(0), 0 if parts is None else parts.stride(0), r,
         r0, r1, r2, meta.blocks,
         k, split_k,
-        ATOMIC=split_k > 1,
+        ATOMIC=split_k > 1 and parts is None,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
+    _sum_partials(v, parts)
     return v
 
 

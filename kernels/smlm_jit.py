@@ -26,13 +26,16 @@ from .jit_common import dot as _dot
 
 @triton.jit
 def _shrink_tile(  # noqa: PLR0917
-    x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm,
+    x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm, stride_vk,
     ranks_ptr, scales_ptr, blocks_ptr, pid, pid_k, K, split_k,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """The body of both shrink kernels: block ``pid``, K split ``pid_k``, one module (or part)."""
+    """The body of both shrink kernels: block ``pid``, K split ``pid_k``, one module (or part).
+    ``stride_vk``: 0 when the splits add into one ``v`` (atomics), else each split stores its partial
+    sums in a ``v`` of its own (``v + pid_k * stride_vk``), summed in a fixed order afterwards."""
+    v_ptr = v_ptr + pid_k.to(tl.int64) * stride_vk
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
     slot = tl.load(blocks_ptr + pid * 3 + 2)
@@ -116,7 +119,7 @@ def _expand_tile(  # noqa: PLR0917
 def shrink_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input (or of the output grad)
     w_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] a (or b in backward), model dtype
-    v_ptr, stride_vm,  # [T, R] fp32, zero-initialised; columns [0, rank) are written
+    v_ptr, stride_vm, stride_vk,  # [T, R] fp32, zero-initialised ([split_k, T, R] with stride_vk > 0)
     ranks_ptr, scales_ptr, blocks_ptr,
     K, split_k,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
@@ -124,7 +127,7 @@ def shrink_kernel(  # noqa: PLR0917
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """v[rows, :r] (+)= (scale[slot] *) x[rows] @ w[slot, :r].T for one block, one K split."""
-    _shrink_tile(x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm,
+    _shrink_tile(x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm, stride_vk,
                  ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, split_k,
                  HAS_SCALE, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
 
@@ -191,7 +194,7 @@ def grad_kernel(  # noqa: PLR0917
 def shrink_parts_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input
     w0_ptr, w1_ptr, w2_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] each part's a (one shape)
-    v_ptr, stride_vm, part_cols,  # [T, P * R] fp32, zero-initialised; part p in columns [p * part_cols, ...)
+    v_ptr, stride_vm, stride_vk, part_cols,  # [T, P * R] fp32, zeroed; part p in columns [p * part_cols, ...)
     r0_ptr, r1_ptr, r2_ptr, blocks_ptr,
     K, split_k,
     ATOMIC: tl.constexpr,
@@ -209,7 +212,7 @@ def shrink_parts_kernel(  # noqa: PLR0917
         w_ptr = w2_ptr
         ranks_ptr = r2_ptr
     _shrink_tile(x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr + part * part_cols,
-                 stride_vm, ranks_ptr, ranks_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, split_k,
+                 stride_vm, stride_vk, ranks_ptr, ranks_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, split_k,
                  False, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# On the GPU machine: the engine-speed checks of one device call, inside 560 s: the one-launch SMLM
-# decode kernel against two launches (bench_smlm_fused), then bench_offline (8B shape, no HF
-# baselines) with that kernel off and on, side by side in one call.
+# On the GPU machine: the engine-speed checks of one device call, inside 560 s: bench_offline (8B
+# shape, no HF baselines) with the SMLM shrinks' K splits added by atomics (the default) and summed
+# in a fixed order (LOQUETIER_SMLM_DETERMINISTIC), side by side in one call: its speed, and whether
+# two runs of the same prompts then give the same tokens; then bench_decode's batch-64 graph step.
 #
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
-# Results land in $OUT: fused/ (smlm_fused.*), offline-fused0/ and offline-fused1/ (offline.*), logs.
+# Results land in $OUT: offline-atomic/ and offline-ordered/ (offline.*), decode/, logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -32,9 +33,9 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
     echo "== $name rc=$? in $((SECONDS - t))s"
     tail -n 25 "$OUT/$name.log"
 }
-step fused 150 "$PY" -m benchmarks.bench_smlm_fused --out "$OUT/fused"
-step offline-fused0 200 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
-    --smlm-fused-decode 0 --out "$OUT/offline-fused0"
-step offline-fused1 200 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
-    --smlm-fused-decode 1 --out "$OUT/offline-fused1"
+step offline-atomic 200 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
+    --smlm-deterministic 0 --out "$OUT/offline-atomic"
+step offline-ordered 200 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
+    --smlm-deterministic 1 --out "$OUT/offline-ordered"
+step decode 140 "$PY" -m benchmarks.bench_decode --model 8b --device cuda --out "$OUT/decode"
 echo "== done after $((SECONDS - T0))s"

@@ -193,6 +193,9 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     ap.add_argument("--smlm-fused-decode", choices=("0", "1"), default=None,
                     help="one SMLM launch per LoRA module in decode-sized steps (1) or two (0); default: "
                          "the LOQUETIER_SMLM_FUSED_DECODE environment variable, else 0")
+    ap.add_argument("--smlm-deterministic", choices=("0", "1"), default=None,
+                    help="forward SMLM shrinks sum their K splits in a fixed order (1) or with atomics (0); "
+                         "default: the LOQUETIER_SMLM_DETERMINISTIC environment variable, else 0")
     ap.add_argument(
         "--set",
         action="append",
@@ -213,6 +216,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         prof = replace(prof, **{key: kind(raw)})
     args.profile = prof
     apply_fused_decode(args.smlm_fused_decode)
+    apply_deterministic(args.smlm_deterministic)
     if args.device == "cpu":
         # a CPU run is a smoke run: the torch reference, not Triton's interpreter (TRITON_INTERPRET=1)
         from loquetier.kernels.ops import force_backend
@@ -231,6 +235,17 @@ def apply_fused_decode(value: str | None) -> bool:
         os.environ["LOQUETIER_SMLM_FUSED_DECODE"] = value
         set_fused_decode(value == "1")
     return fused_decode_enabled()
+
+
+def apply_deterministic(value: str | None) -> bool:
+    """Set the SMLM fixed-order split sums from a ``--smlm-deterministic`` value (None: leave the
+    environment's setting); returns whether they are on. Set before the engine captures its graphs."""
+    from loquetier.kernels import deterministic_enabled, set_deterministic
+
+    if value is not None:
+        os.environ["LOQUETIER_SMLM_DETERMINISTIC"] = value
+        set_deterministic(value == "1")
+    return deterministic_enabled()
 
 
 def job_data(args: argparse.Namespace) -> Jobs:
@@ -310,6 +325,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "peft": peft.__version__,
         "profile": asdict(args.profile),
         "smlm_fused_decode": apply_fused_decode(None),
+        "smlm_deterministic": apply_deterministic(None),
     }
 
 

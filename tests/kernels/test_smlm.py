@@ -433,3 +433,44 @@ def test_warm_lora_launches_build_every_forward_variant(tmp_path, monkeypatch) -
     assert {bm for n, bm, _ in seen if n == "shrink_expand_kernel"} == {16}
     for name in ("shrink_kernel", "shrink_parts_kernel"):
         assert {(bm, a) for n, bm, a in seen if n == name} == every, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ordered_split_sums_match_the_atomic_path(dtype: torch.dtype) -> None:
+    """``set_deterministic(True)``: a decode shrink whose K is split stores each split's partial sums
+    apart and sums them in a fixed order. Same values as the reference and as the atomic path (to
+    rounding), the same NaN-free pattern, and the same bits on every call; one module and parts."""
+    slots = [i % 6 for i in range(6)] + [-1, 3]  # decode: one row per segment, a row with no adapter
+    cases = [_make_case(dtype, list(PART_RANKS[p]), slots, 0, in_features=600, out_features=24, seed=p + 3)
+             for p in range(3)]
+    loras, meta, x = [c.lora for c in cases], cases[0].meta, cases[0].x
+    _, _, _, split_k = smlm._shrink_sizes(meta.max_seg_len, loras[0].max_rank, 600, meta.num_blocks, x.device)
+    assert split_k > 1  # the case exercises the split
+    try:
+        smlm.set_deterministic(False)
+        atomic = smlm.shrink(x, loras[0], meta)
+        atomic_parts = smlm.shrink_parts(x, loras, meta)
+        smlm.set_deterministic(True)
+        assert smlm.deterministic_enabled()
+        ordered = [smlm.shrink(x, loras[0], meta) for _ in range(2)]
+        ordered_parts = [smlm.shrink_parts(x, loras, meta) for _ in range(2)]
+    finally:
+        smlm.set_deterministic(None)
+    assert torch.equal(ordered[0], ordered[1]) and torch.equal(ordered_parts[0], ordered_parts[1])
+    _assert_close(ordered[0], reference.shrink_ref(x, loras[0], meta), dtype, "ordered shrink")
+    _assert_close(ordered[0], atomic, dtype, "ordered vs atomic shrink")
+    v_ref = torch.cat([reference.shrink_ref(x, lo, meta) for lo in loras], dim=1)
+    _assert_close(ordered_parts[0], v_ref, dtype, "ordered shrink_parts")
+    _assert_close(ordered_parts[0], atomic_parts, dtype, "ordered vs atomic shrink_parts")
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_deterministic_switch_reads_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
+    monkeypatch.setenv(smlm.DETERMINISTIC_ENV, value)
+    try:
+        smlm.set_deterministic(None)
+        assert smlm.deterministic_enabled() is on
+    finally:
+        monkeypatch.delenv(smlm.DETERMINISTIC_ENV)
+        smlm.set_deterministic(None)
+    assert not smlm.deterministic_enabled()
