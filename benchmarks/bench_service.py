@@ -483,9 +483,10 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
         ("TTFT by stage (ms, service)",
          report.markdown_table(["stage", "p50", "p99"], [
              [name, v.get("p50"), v.get("p99")] for name, v in x.get("ttft_stages", {}).items()])
-         + "\n\nThe engine's own times come with each result (`timings`): `queued` from the request's arrival in "
-           "the engine to its first step, `engine TTFT` to its first token; the rest of the client's TTFT is "
-           "the way in (producer, broker, consumer, intake, row) and out (token record, broker, reader). The two "
+         + "\n\nThe engine's own times come with each result (`timings`): `queued` from the request's intake by "
+           "the worker (its `arrived_at`: the wait for the row and for the step in flight counts) to its first "
+           "step, `engine TTFT` to its first token; the rest of the client's TTFT is the way in (producer, broker, "
+           "consumer, decode) and out (token record, broker, reader). The two "
            "`way in` rows are the worker's histograms over the window (`loquetier_request_record_age_seconds`: the "
            "record's Kafka timestamp to its intake; `loquetier_request_intake_seconds`: intake to the engine), "
            "their percentiles interpolated inside buckets."),

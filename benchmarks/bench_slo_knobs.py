@@ -3,6 +3,7 @@
     python -m benchmarks.bench_slo_knobs --model 8b --device cuda --out $OUT
     python -m benchmarks.bench_slo_knobs --model tiny --device cpu --quick --out /tmp/knobs
     ... --variant "cap 0.3:ttft_step_share=0.3" --variant "target 0.99:slo_target=0.99"
+    ... --variant "before:arrival=add_request"   # the engine counts from add_request, not the arrival
 
 The trace and the 4 training jobs of ``bench_service`` (same seed, same SmolLM2-vocabulary model,
 the engine built from the worker's own settings) replayed into one engine once per variant of the
@@ -29,10 +30,14 @@ from .harness import common, report
 from .harness.metrics import DEFAULT_TPOT_S, DEFAULT_TTFT_S, summarize_serving
 from .harness.models import adapter_ranks, write_adapters
 
+# not a SchedulerConfig field: "add_request" replays without ``arrived_at`` (the engine then counts each
+# request from the moment it took it, after the step in flight, and plans with that much more slack)
+ARRIVAL = "arrival"
+
 DEFAULT_VARIANTS = [
     ("defaults", {}),
+    ("arrival counted from add_request", {ARRIVAL: "add_request"}),
     ("ttft_headroom 0.6", {"ttft_headroom": 0.6}),
-    ("ttft_step_share 0.4, always", {"ttft_step_share": 0.4, "serving_idle_s": 3600.0}),
     ("slo_target 0.99", {"slo_target": 0.99}),
     ("defaults again", {}),
 ]
@@ -48,10 +53,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, body.split(",")):
         key, _, raw = item.partition("=")
         key = key.strip()
+        if key == ARRIVAL:
+            if raw.strip() not in ("trace", "add_request"):
+                raise SystemExit(f"--variant {text!r}: {ARRIVAL} is 'trace' or 'add_request'")
+            knobs[key] = raw.strip()
+            continue
         if key not in known:
             raise SystemExit(f"--variant {text!r}: {key!r} is not a SchedulerConfig field")
         knobs[key] = common._parse_value(raw.strip())
-    SchedulerConfig(**knobs)  # refuse what the scheduler would refuse, before any model is built
+    # refuse what the scheduler would refuse, before any model is built
+    SchedulerConfig(**{k: v for k, v in knobs.items() if k != ARRIVAL})
     return name.strip() or body, knobs
 
 
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         f.name: getattr(base, f.name) for f in fields(base)}}
 
     def one(tag: str, knobs: dict[str, Any]) -> dict[str, Any]:
-        engine.scheduler.config = replace(base, **knobs)
+        engine.scheduler.config = replace(base, **{k: v for k, v in knobs.items() if k != ARRIVAL})
         engine.scheduler.train_scale.reset()
         dropped = engine.blocks.drop_cached()
         overruns = engine.scheduler.metrics.num_step_overruns
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run = replay_engine(engine, trace.renamed(tag), time_limit_s=prof.serve_limit_s, job_ids=job_ids,
                                 ttft_ms=DEFAULT_TTFT_S * 1e3, tpot_ms=DEFAULT_TPOT_S * 1e3, device=dev, log=log,
-                                label=tag)
+                                label=tag, arrival_from_trace=knobs.get(ARRIVAL, "trace") == "trace")
         finally:
             cancel_jobs(engine, job_ids)
         s = summarize_serving(run.records, run.window_s)

@@ -74,6 +74,7 @@ class FakeEngine:
         self.adapters: dict[str, bytes] = {}
         self.num_submitted = 0
         self.submitted_ids: list[str] = []
+        self.arrived_at: dict[str, float | None] = {}  # request_id -> the arrived_at it was added with
 
     @classmethod
     def from_pretrained(
@@ -94,6 +95,7 @@ class FakeEngine:
         ttft_ms: float | None = None,
         tpot_ms: float | None = None,
         stream: bool = False,
+        arrived_at: float | None = None,
     ) -> None:
         if request_id in self.requests:
             raise FakeEngineError("duplicate_request", f"request {request_id!r} is already running")
@@ -109,6 +111,7 @@ class FakeEngine:
         )
         self.num_submitted += 1
         self.submitted_ids.append(request_id)
+        self.arrived_at[request_id] = arrived_at
 
     def abort(self, request_id: str) -> bool:
         return self.requests.pop(request_id, None) is not None

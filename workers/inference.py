@@ -58,6 +58,7 @@ class Inflight:
     num_streamed: int = 0
     in_engine: bool = False
     started: float = field(default_factory=time.monotonic)
+    arrived_at: float = field(default_factory=time.time)  # wall clock: the engine counts TTFT from here
 
 
 class Inference:
@@ -156,7 +157,8 @@ class Inference:
             try:
                 if req.messages is not None:
                     kwargs["prompt_token_ids"] = await self._chat_ids(req)
-                await self._client.submit(rid, **kwargs)
+                # the wait for the row and for the step in flight counts toward the request's TTFT
+                await self._client.submit(rid, arrived_at=self.inflight[rid].arrived_at, **kwargs)
             except EngineStopped:  # the worker stops: its stop answers this request or leaves it for redelivery
                 return
             except Exception as exc:  # EngineError(code, message) for bad input, else internal

@@ -173,7 +173,7 @@ class _Bookkeeping:
     job_tokens: dict[str, int]
     job_steps: dict[str, int]
     jobs_live: set[str]
-    added_at: dict[str, float] = field(default_factory=dict)
+    counted_from: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     num_done: int = 0
     jobs_done_s: float | None = None
@@ -199,7 +199,7 @@ class _Bookkeeping:
                 self.token_times[ev.request_id].extend([t] * len(ev.token_ids))
         elif isinstance(ev, RequestFinished):
             if ev.request_id in self.records:
-                _finish(self.records[ev.request_id], ev, t, self.added_at[ev.request_id],
+                _finish(self.records[ev.request_id], ev, t, self.counted_from[ev.request_id],
                         self.token_times[ev.request_id])
                 self.num_done += 1
         elif isinstance(ev, RequestFailed):
@@ -226,8 +226,8 @@ class _Bookkeeping:
             if times:  # streamed tokens of a request cut off by the time limit
                 rec.first_token_s = times[0]
                 rec.tpot_s = tpot_from_times(times)
-            if r.request_id in self.added_at:
-                _fill_partial(engine, rec, self.added_at[r.request_id])
+            if r.request_id in self.counted_from:
+                _fill_partial(engine, rec, self.counted_from[r.request_id])
                 engine.abort(r.request_id)
             rec.num_output_tokens = max(rec.num_output_tokens, len(times))
 
@@ -244,8 +244,13 @@ def replay_engine(
     device: str = "cpu",
     log: Log = print,
     label: str = "engine",
+    arrival_from_trace: bool = True,
 ) -> EngineRun:
     """Replay ``trace`` (None: training only) until it is served, every job ends, or the time limit.
+
+    The engine counts each request from its trace arrival (``arrived_at``), the wait for the step in
+    flight included; ``arrival_from_trace=False`` lets it count from ``add_request`` instead (the
+    engine then plans as if no time had passed; TTFT is still reported from the trace arrival).
 
     With jobs and a trace, the window ends when the trace is done (``stop_when_trace_done``); the
     training tokens counted are those of micro-batches finished inside the window.
@@ -256,6 +261,7 @@ def replay_engine(
     _sync(device)
     train_tokens_before = _scheduler_counter(engine, "num_train_tokens")
     start = time.perf_counter()
+    wall_start = time.time()
 
     def clock() -> float:
         return time.perf_counter() - start
@@ -267,8 +273,10 @@ def replay_engine(
         while nxt < len(reqs) and reqs[nxt].arrival_s <= now:
             r = reqs[nxt]
             engine.add_request(r.request_id, prompt_token_ids=r.prompt_token_ids, adapter_id=r.adapter_id,
-                               sampling=sampling_for(r.max_tokens), ttft_ms=ttft_ms, tpot_ms=tpot_ms, stream=True)
-            book.added_at[r.request_id] = now
+                               sampling=sampling_for(r.max_tokens), ttft_ms=ttft_ms, tpot_ms=tpot_ms, stream=True,
+                               arrived_at=wall_start + r.arrival_s if arrival_from_trace else None)
+            # the engine counts from the trace arrival (the wait for the step in flight included)
+            book.counted_from[r.request_id] = r.arrival_s if arrival_from_trace else now
             nxt += 1
         if now >= time_limit_s:
             break
@@ -336,15 +344,14 @@ def _close_run(engine: Engine, run: EngineRun, label: str, log: Log, done: str) 
     )
 
 
-def _finish(rec: RequestRecord, ev: RequestFinished, t: float, added_at: float, times: list[float]) -> None:
+def _finish(rec: RequestRecord, ev: RequestFinished, t: float, counted_from: float, times: list[float]) -> None:
     """Fill a record from the finish event: TTFT/TPOT from the engine's timings (its clock starts at
-    ``add_request``, so the wait between the trace arrival and ``added_at`` is added back), else from
-    streamed token times."""
+    ``counted_from``, the trace arrival it was given as ``arrived_at``), else from streamed token times."""
     rec.finish_s = t
     rec.num_output_tokens = len(ev.token_ids)
-    rec.admitted_s = added_at + ev.timings.queued_ms / 1000.0
+    rec.admitted_s = counted_from + ev.timings.queued_ms / 1000.0
     if ev.timings.ttft_ms is not None:
-        rec.first_token_s = added_at + ev.timings.ttft_ms / 1000.0
+        rec.first_token_s = counted_from + ev.timings.ttft_ms / 1000.0
         rec.tpot_s = ev.timings.tpot_ms / 1000.0 if ev.timings.tpot_ms is not None else None
     elif times:
         rec.first_token_s = times[0]
@@ -360,9 +367,9 @@ def _scheduler_counter(engine: Engine, name: str) -> int:
         return 0
 
 
-def _fill_partial(engine: Engine, rec: RequestRecord, added_at: float) -> None:
+def _fill_partial(engine: Engine, rec: RequestRecord, counted_from: float) -> None:
     """Tokens and first-token time of a request cut off by the time limit, read from the engine's
-    sequence (its clock starts at ``add_request``); left as is when the engine cannot tell."""
+    sequence (its clock starts at ``counted_from``); left as is when the engine cannot tell."""
     try:
         seq = engine.scheduler.get(rec.request_id)
     except Exception:
@@ -371,7 +378,7 @@ def _fill_partial(engine: Engine, rec: RequestRecord, added_at: float) -> None:
         return
     rec.num_output_tokens = int(seq.num_output_tokens)
     if seq.ttft_s is not None and rec.first_token_s is None:
-        rec.first_token_s = added_at + seq.ttft_s
+        rec.first_token_s = counted_from + seq.ttft_s
         rec.tpot_s = seq.mean_tpot_s
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -285,8 +286,15 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | None = None,
                     prompt_token_ids: Sequence[int] | None = None, adapter_id: str | None = None,
                     sampling: SamplingParams | None = None, priority: int = 0,
-                    ttft_ms: float | None = None, tpot_ms: float | None = None, stream: bool = False) -> None:
-        """Queue one request; raises EngineError (with a stable code) for input it cannot serve."""
+                    ttft_ms: float | None = None, tpot_ms: float | None = None, stream: bool = False,
+                    arrived_at: float | None = None) -> None:
+        """Queue one request; raises EngineError (with a stable code) for input it cannot serve.
+
+        ``arrived_at``: the wall-clock time (``time.time()``) the request reached its first queue, e.g. a
+        worker's intake, when that was before this call (commands wait for the step in flight). The wait
+        counts toward its TTFT, so the scheduler plans its prefill against the slack it really has left,
+        and it orders the request among others. None, or a time in the future, is now; a wait longer than
+        :data:`MAX_ARRIVAL_WAIT_S` is capped there."""
         _check_id(request_id, "request_id")
         if self.requests.has(request_id):
             raise EngineError("duplicate_request", f"request {request_id!r} is already running")
@@ -309,7 +317,8 @@ class Engine:
             raise EngineError("prompt_too_long", "the prompt does not fit in the KV cache")
         sampling = self.requests.effective_sampling(sampling, room, self.model.cfg.vocab_size)
         try:
-            seq = RequestState(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms, self._clock())
+            seq = RequestState(request_id, ids, sampling, adapter_id, priority, ttft_ms, tpot_ms,
+                               self._clock() - waited_s(arrived_at))
         except ValueError as exc:
             raise EngineError("invalid_request", str(exc)) from exc
         self.requests.add(seq, stream)
@@ -460,6 +469,18 @@ class Engine:
             # the step-time model's current fit, seconds per step / token / row (what plans the steps)
             "step_cost": dataclasses.asdict(self.scheduler.step_model.cost),
         }
+
+
+MAX_ARRIVAL_WAIT_S = 3600.0
+
+
+def waited_s(arrived_at: float | None) -> float:
+    """Seconds since ``arrived_at`` (wall clock), in [0, MAX_ARRIVAL_WAIT_S]; 0 for None."""
+    if arrived_at is None:
+        return 0.0
+    if isinstance(arrived_at, bool) or not isinstance(arrived_at, (int, float)) or not math.isfinite(arrived_at):
+        raise EngineError("invalid_request", "arrived_at must be a finite wall-clock time (time.time()) or None")
+    return min(max(0.0, time.time() - float(arrived_at)), MAX_ARRIVAL_WAIT_S)
 
 
 def _check_id(value: object, name: str) -> None:

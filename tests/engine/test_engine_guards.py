@@ -71,6 +71,43 @@ def test_non_finite_latency_targets_are_refused(model_dir: Path, slo: dict[str, 
     assert not engine.has_work()
 
 
+@pytest.mark.parametrize("arrived_at", [float("nan"), float("inf"), "yesterday", True])
+def test_an_arrival_time_that_is_not_a_time_is_refused(model_dir: Path, arrived_at: Any) -> None:
+    engine = make_engine(model_dir)
+    with pytest.raises(EngineError) as caught:
+        engine.add_request("r", prompt_token_ids=[4, 5], arrived_at=arrived_at)
+    assert caught.value.code == "invalid_request" and "arrived_at" in caught.value.message
+    assert not engine.has_work()
+
+
+def test_the_wait_before_add_request_counts_toward_ttft_within_bounds(model_dir: Path) -> None:
+    """A request that waited 2 s before the engine saw it reports its TTFT from then; one from the
+    future counts from now; one from long ago is capped at an hour, not years."""
+    rng = random.Random()
+    engine = make_engine(model_dir)
+    greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    now = time.time()
+    engine.add_request("waited", prompt_token_ids=prompt(rng), sampling=greedy, arrived_at=now - 2.0)
+    engine.add_request("future", prompt_token_ids=prompt(rng), sampling=greedy, arrived_at=now + 30.0)
+    engine.add_request("ancient", prompt_token_ids=prompt(rng), sampling=greedy, arrived_at=now - 1e9)
+    engine.add_request("plain", prompt_token_ids=prompt(rng), sampling=greedy)
+    ttft = {e.request_id: e.timings.ttft_ms for e in drain(engine) if isinstance(e, RequestFinished)}
+    took = time.time() - now
+    assert 2000.0 <= ttft["waited"] <= 2000.0 + took * 1000.0
+    assert ttft["future"] <= took * 1000.0 and ttft["plain"] <= took * 1000.0
+    assert 3600e3 <= ttft["ancient"] <= 3600e3 + took * 1000.0
+
+
+def test_an_earlier_arrival_is_served_first_though_added_later(model_dir: Path) -> None:
+    rng = random.Random()
+    engine = make_engine(model_dir, max_num_seqs=1, default_ttft_ms=600_000.0)  # neither is late
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add_request("added-first", prompt_token_ids=prompt(rng), sampling=greedy)
+    engine.add_request("arrived-first", prompt_token_ids=prompt(rng), sampling=greedy, arrived_at=time.time() - 5.0)
+    order = [e.request_id for e in drain(engine) if isinstance(e, RequestFinished)]
+    assert order == ["arrived-first", "added-first"]
+
+
 def test_an_infinite_budget_never_reaches_the_schedulers_floor(model_dir: Path) -> None:
     """A decoding sequence whose TPOT target became infinite (past every check) beside a new
     arrival: the scheduler plans with a bounded token count instead of raising OverflowError."""

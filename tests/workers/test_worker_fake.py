@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -28,8 +29,11 @@ async def test_request_round_trip_and_redelivery(topics: Any, database_url: str)
     settings = await topics()
     engine = FakeEngine()
     async with running_worker(engine, settings), client_for(settings) as client:
+        sent = time.time()
         rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, stream=True)
         records = [r async for r in client.results([rid])]
+        # the engine counts TTFT from the worker's intake of the record, not from when it got the command
+        assert sent <= engine.arrived_at[rid] <= time.time()
         # token records (a record carries every token of the steps since the last one), then the result
         assert [r.type for r in records[:-1]] == ["token"] * (len(records) - 1) and records[-1].type == "result"
         result = records[-1]
