@@ -4,11 +4,13 @@
 
 One step's LoRA work of a Llama-3-8B shape (32 layers; per layer q|k|v and gate|up as one parts
 launch each, o and down alone; rank 16 on all seven targets; 33 slots per module, 32 adapters in
-use) is captured in one CUDA graph per variant of ``kernels.smlm.Tuning`` and replayed; every variant
-is first checked against the default's output. Reported: ms per step (median of replays) and the
-weight-read floor (the used adapters' A and B once, plus the rows in and out, at 4.27 TB/s); the
-step holds 8 launches a layer (a shrink and an expand for q|k|v, o, gate|up and down). The batches:
-decode 64 rows (2 per adapter), decode 256 rows (8 per adapter), a 1,024-token prefill over 8 adapters.
+use) is captured in one CUDA graph per variant (a path and ``kernels.smlm.Tuning`` overrides, see
+``VARIANTS``) and replayed; every variant is first checked against the first one's output. Reported:
+ms per step (median of replays) and the weight-read floor (the used adapters' A and B once, plus the
+rows in and out, at 4.27 TB/s); the step holds 8 SMLM launches a layer (a shrink and an expand for
+q|k|v, o, gate|up and down), plus a memset of v per shrink on the atomic path. The batches: decode 32
+rows (1 per adapter), 64 rows (2 per adapter), 256 rows (8 per adapter), a 1,024-token prefill over 8
+adapters.
 """
 
 from __future__ import annotations
@@ -24,20 +26,22 @@ from typing import Any
 PEAK_BYTES_PER_S = 4.27e12
 DEVICE = "cuda"
 HIDDEN, Q, KV, INTER, LAYERS, RANK, SLOTS = 4096, 4096, 1024, 14336, 32, 16, 33
-BATCHES = [("decode 64 / 32 adapters", 64, 32), ("decode 256 / 32 adapters", 256, 32),
-           ("prefill 1024 / 8 adapters", 1024, 8)]
-VARIANTS: dict[str, dict[str, int]] = {
-    "default": {},
-    "split 8/SM": {"programs_per_sm": 8},
-    "split 2/SM": {"programs_per_sm": 2},
-    "shrink K 256": {"shrink_block_k": 256},
-    "shrink K 256, split 8/SM": {"shrink_block_k": 256, "programs_per_sm": 8},
-    "shrink 2 warps": {"shrink_warps": 2},
-    "expand N 128": {"expand_block_n": 128},
-    "expand N 512": {"expand_block_n": 512},
-    "expand 8 warps": {"expand_warps": 8},
-    "expand 2 warps": {"expand_warps": 2},
+BATCHES = [("decode 32 / 32 adapters", 32, 32), ("decode 64 / 32 adapters", 64, 32),
+           ("decode 256 / 32 adapters", 256, 32), ("prefill 1024 / 8 adapters", 1024, 8)]
+# name -> (Tuning overrides, path): "atomic" (shrink's K splits added with fp32 atomics into a zeroed
+# v, then expand: the path of steps with training rows), "ordered" (the same with
+# LOQUETIER_SMLM_DETERMINISTIC=1: splits stored apart, a torch.sum, then expand), "split" (what an
+# inference-only step runs, ``smlm.forward_split``: splits stored apart, added by expand; no memset)
+VARIANTS: dict[str, tuple[dict[str, int], str]] = {
+    "default (atomic)": ({}, "atomic"),
+    "ordered sums": ({}, "ordered"),
+    "split partials (inference default)": ({}, "split"),
+    "split, 8/SM": ({"programs_per_sm": 8}, "split"),
+    "split, 2/SM": ({"programs_per_sm": 2}, "split"),
+    "split, shrink 2 warps": ({"shrink_warps": 2}, "split"),
+    "split, expand N 128": ({"expand_block_n": 128}, "split"),
 }
+BASELINE = "default (atomic)"
 
 
 def _modules(torch: Any, ModuleLoRA: Any, gen: Any) -> list[dict[str, Any]]:
@@ -59,8 +63,17 @@ def _modules(torch: Any, ModuleLoRA: Any, gen: Any) -> list[dict[str, Any]]:
     return layers
 
 
-def _step(smlm: Any, layers: list[dict[str, Any]], xs: dict[str, Any], ys: dict[str, Any], meta: Any) -> None:
+def _step(smlm: Any, layers: list[dict[str, Any]], xs: dict[str, Any], ys: dict[str, Any], meta: Any,
+          path: str = "atomic") -> None:
     """The LoRA launches of one forward step, in the model's order (base GEMMs left out)."""
+    if path == "split":
+        for m in layers:
+            smlm.forward_split(ys["qkv"], xs["h"], [(m["q"], 0), (m["k"], Q), (m["v"], Q + KV)], meta)
+            smlm.forward_split(ys["o"], xs["a"], [(m["o"], 0)], meta)
+            smlm.forward_split(ys["gu"], xs["h"], [(m["gate"], 0), (m["up"], INTER)], meta)
+            smlm.forward_split(ys["down"], xs["m"], [(m["down"], 0)], meta)
+        return
+    smlm.set_deterministic(path == "ordered")
     for m in layers:
         smlm.expand_parts(ys["qkv"], smlm.shrink_parts(xs["h"], [m["q"], m["k"], m["v"]], meta),
                           [(m["q"], 0), (m["k"], Q), (m["v"], Q + KV)], meta)
@@ -68,6 +81,7 @@ def _step(smlm: Any, layers: list[dict[str, Any]], xs: dict[str, Any], ys: dict[
         smlm.expand_parts(ys["gu"], smlm.shrink_parts(xs["h"], [m["gate"], m["up"]], meta),
                           [(m["gate"], 0), (m["up"], INTER)], meta)
         smlm.expand(ys["down"], smlm.shrink(xs["m"], m["down"], meta), m["down"], meta)
+    smlm.set_deterministic(None)
 
 
 def _floor_ms(rows: int, adapters: int) -> float:
@@ -95,11 +109,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         y0 = {k: torch.randn(rows, n, device=DEVICE, dtype=torch.bfloat16, generator=gen) for k, n in widths.items()}
         expected = None
         row: dict[str, Any] = {"floor_ms": _floor_ms(rows, adapters), "variants": {}}
-        for name, overrides in VARIANTS.items():
+        for name, (overrides, path) in VARIANTS.items():
             smlm.TUNING = dataclasses.replace(smlm.Tuning(), **overrides)
             ys = {k: v.clone() for k, v in y0.items()}
             try:
-                _step(smlm, layers, xs, ys, meta)  # compiles; the output for the check
+                _step(smlm, layers, xs, ys, meta, path)  # compiles; the output for the check
                 torch.cuda.synchronize()
                 out = torch.cat([ys[k].float().flatten() for k in widths]) - torch.cat(
                     [y0[k].float().flatten() for k in widths])
@@ -110,10 +124,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    _step(smlm, layers, xs, ys, meta)
+                    _step(smlm, layers, xs, ys, meta, path)
                 torch.cuda.current_stream().wait_stream(stream)
                 with torch.cuda.graph(graph):
-                    _step(smlm, layers, xs, ys, meta)
+                    _step(smlm, layers, xs, ys, meta, path)
                 ms = [do_bench(graph.replay, warmup=5, rep=40, return_mode="median") for _ in range(3)]
                 row["variants"][name] = {"ms": statistics.median(ms), "rel_err": err}
             except Exception as exc:  # noqa: BLE001 (a variant a GPU cannot run is a result)
@@ -137,8 +151,8 @@ def table(results: dict[str, Any]) -> str:
             if "ms" not in v:
                 cells.append("error")
                 continue
-            base = b["variants"]["default"].get("ms")
-            rel = f" ({v['ms'] / base:.2f}x)" if base and name != "default" else ""
+            base = b["variants"][BASELINE].get("ms")
+            rel = f" ({v['ms'] / base:.2f}x)" if base and name != BASELINE else ""
             ok = "" if v["rel_err"] < 3e-2 else " WRONG"
             cells.append(f"{v['ms']:.3f} ms{rel}{ok}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -157,7 +171,11 @@ def main() -> None:
     text = (f"# SMLM launch parameters, one 8B decode step's LoRA work\n\n{results['date']}, {results['gpu']}, "
             "`python -m benchmarks.tune_smlm`. ms per step from one CUDA graph of all 32 layers' LoRA "
             "launches (q|k|v and gate|up as parts launches, o and down alone), rank 16, rows sorted by "
-            "adapter; ratios against the defaults of `kernels.smlm.Tuning`.\n\n" + table(results) + "\n")
+            "adapter; ratios against the atomic path with the defaults of `kernels.smlm.Tuning`. Paths: "
+            "`atomic` (K splits added with fp32 atomics into a zeroed v; steps with training rows), `ordered` "
+            "(`LOQUETIER_SMLM_DETERMINISTIC=1`: splits stored apart and summed by torch), `split` "
+            "(`smlm.forward_split`, what inference-only steps run: splits stored apart, added by expand).\n\n"
+            + table(results) + "\n")
     (args.out / "tune_smlm.md").write_text(text)
     print(text)
 

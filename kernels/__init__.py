@@ -13,8 +13,9 @@ from .ops import (
     set_deterministic,
     set_fused_decode,
     variant_metas,
+    warm_lora_linear,
 )
 from .weights import ModuleLoRA
 
 __all__ = ["ModuleLoRA", "SMLMMeta", "backend_for", "deterministic_enabled", "force_backend", "fused_decode_enabled",
-           "lora_linear", "set_deterministic", "set_fused_decode", "variant_metas"]
+           "lora_linear", "set_deterministic", "set_fused_decode", "variant_metas", "warm_lora_linear"]

@@ -8,8 +8,9 @@ so a forward can be captured in a CUDA graph.
 Kernel count per call: ``shrink`` 1, ``expand`` 1, ``backward`` 4 (dv, dx, grad_a, grad_b), each
 covering every adapter of the batch at once; ``shrink_parts`` / ``expand_parts`` 1 each for all the
 parts of a fused module (q|k|v, gate|up), so a decoder layer's forward takes 8 SMLM launches, not 14.
-``shrink_expand`` does shrink and expand of a module, or of all parts of a fused one, in 1 launch and
-needs no ``v`` buffer: 4 launches a layer for decode-sized steps (``fused_applies`` says when).
+``forward_split`` does shrink and expand of a module, or of all parts of a fused one, in 2 launches
+and keeps no ``v`` (inference-only forwards). ``shrink_expand`` does both in 1 launch and needs no
+``v`` buffer: 4 launches a layer for decode-sized steps (``fused_applies`` says when; off by default).
 
 Invariants of every launcher:
 - rows outside every segment, and slots of rank 0, are never read into a result nor written;
@@ -19,12 +20,16 @@ Invariants of every launcher:
 - the choice of kernel and of every block size depends only on host ints (``max_seg_len``,
   ``num_blocks``, shapes, ``TUNING``), so one step's launches are fixed once its metadata is built.
 
-A forward shrink whose input width is split across programs (decode) adds the splits' partial sums
-into ``v`` with fp32 atomics, in whatever order the programs finish: the same inputs can give ``v``
-differing in the last bits from one run to the next, and a greedy decode then picks another token
-where two logits are that close. ``LOQUETIER_SMLM_DETERMINISTIC=1`` (or ``set_deterministic``) makes
-each split store its partial sums apart, summed in a fixed order (one reduction launch more per
-shrink): the forward is then the same bits run after run. Backward keeps its atomics.
+A forward shrink whose input width is split across programs (decode) needs the splits' partial sums
+added. Inference-only forwards (no ``v`` kept for backward: decode graphs, prefill) take
+``forward_split``: each split stores its partial sums apart, in a buffer nobody zeroes, and expand
+adds them in a fixed order as it reads them: two launches, no memset, no atomics, and the same bits
+on every run. Forwards that keep ``v`` (steps with training rows: ``shrink`` / ``shrink_parts``) add
+the splits into a zeroed ``v`` with fp32 atomics, in whatever order the programs finish, so the same
+inputs can give ``v`` (and the inference rows of such a step) differing in the last bits from one run
+to the next. ``LOQUETIER_SMLM_DETERMINISTIC=1`` (or ``set_deterministic``) makes those shrinks too
+store their splits apart, summed in a fixed order (one reduction launch more per shrink). Backward
+keeps its atomics.
 """
 
 from __future__ import annotations
@@ -197,16 +202,18 @@ def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: Module
     _sum_partials(v, parts)
 
 
-def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,
-                 blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool) -> None:
-    """y[rows] += (scale *) v[rows, :r] @ w[slot, :r] over ``blocks``, in place."""
+def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: ModuleLoRA, *,  # noqa: PLR0913
+                 blocks: torch.Tensor, num_blocks: int, max_rows: int, with_scale: bool,
+                 splits: torch.Tensor | None = None) -> None:
+    """y[rows] += (scale *) v[rows, :r] @ w[slot, :r] over ``blocks``, in place; with ``splits``
+    ([num_splits, T, R] partial sums, ``v`` its first), v is their sum, added in split order."""
     n = y.shape[1]
     block_m = _block_m(max_rows)
     block_n = _block_n(block_m)
     grid = (num_blocks, triton.cdiv(n, block_n))
     launch(expand_kernel, grid,
         y, y.stride(0), y.stride(1),
-        v, v.stride(0),
+        v, v.stride(0), 0 if splits is None else splits.stride(0), 1 if splits is None else splits.shape[0],
         w, w.stride(0), w.stride(1), w.stride(2),
         lora.ranks, lora.scales, blocks,
         n,
@@ -307,13 +314,15 @@ def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -
     return v
 
 
-def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta) -> None:
+def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta,
+                 splits: torch.Tensor | None = None) -> None:
     """``expand`` of every part of a fused module in one launch, in place. Semantics::
 
         for p, (lora, offset) in enumerate(parts):
             expand(y, v[:, p * R : (p + 1) * R], lora, meta, offset)   # R = max_rank
 
-    ``v``: [T, P * R] fp32 (``shrink_parts``'s output); ``parts_fit`` must hold for the parts."""
+    ``v``: [T, P * R] fp32 (``shrink_parts``'s output); ``parts_fit`` must hold for the parts. With
+    ``splits`` ([num_splits, T, P * R] partial sums, ``v`` its first), v is their sum, in split order."""
     loras = [lo for lo, _ in parts]
     assert parts_fit(loras)
     num, r = len(parts), loras[0].max_rank
@@ -332,7 +341,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
     s0, s1, s2 = _padded([lo.scales for lo in loras])
     launch(expand_parts_kernel, grid,
         y, y.stride(0), y.stride(1),
-        v, v.stride(0), r,
+        v, v.stride(0), 0 if splits is None else splits.stride(0), 1 if splits is None else splits.shape[0], r,
         b0, b1, b2,
         b0.stride(0), b1.stride(0), b2.stride(0), b0.stride(1), b1.stride(1), b2.stride(1), b0.stride(2),
         n0, n1, n2, o0, o1, o2,
@@ -341,6 +350,70 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 
+
+
+def _split_buffer(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """The K splits' partial sums of ``forward_split``: not zeroed (every element read is written)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def forward_split(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta) -> None:
+    """Shrink and expand of one module, or of every part of a fused one, when no ``v`` is kept
+    (inference rows only), in place. Semantics (``reference.shrink_expand_ref``)::
+
+        for lora, offset in parts:
+            expand(y, shrink(x, lora, meta), lora, meta, offset)
+
+    Two launches and nothing else: the shrink stores each K split's partial sums apart, in a buffer
+    nobody zeroes (every split writes every element that expand reads: the rows of its blocks, the
+    columns below each slot's rank), and expand adds the splits in a fixed order as it reads them.
+    No memset, no atomics, and the same bits on every run. Parts that ``parts_fit`` rejects take
+    two launches each."""
+    loras = [lo for lo, _ in parts]
+    first = loras[0]
+    for lora, offset in parts:
+        _check(lora, x, first.in_features)
+        assert 0 <= offset and offset + lora.out_features <= y.shape[1]
+    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
+    assert y.dim() == 2 and y.shape[0] == x.shape[0]
+    if not meta.num_blocks:
+        return
+    if len(parts) > 1 and not parts_fit(loras):
+        for part in parts:
+            forward_split(y, x, [part], meta)
+        return
+    num, r, k = len(parts), first.max_rank, x.shape[1]
+    block_m, block_r, block_k, split_k = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num, x.device)
+    splits = _split_buffer((split_k, x.shape[0], num * r), x.device)
+    v = splits[0]
+    if num == 1:
+        lora, offset = parts[0]
+        launch(shrink_kernel, (meta.num_blocks, split_k),
+            x, x.stride(0), x.stride(1),
+            lora.a, lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
+            v, v.stride(0), splits.stride(0),
+            lora.ranks, lora.scales, meta.blocks,
+            k, split_k,
+            HAS_SCALE=False, ATOMIC=False,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+            num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(lora.a),
+        )  # fmt: skip
+        _expand_into(y.narrow(1, offset, lora.out_features), v, lora.b, lora, blocks=meta.blocks,
+                     num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True, splits=splits)
+        return
+    a0, a1, a2 = _padded([lo.a for lo in loras])
+    r0, r1, r2 = _padded([lo.ranks for lo in loras])
+    launch(shrink_parts_kernel, (meta.num_blocks, split_k, num),
+        x, x.stride(0), x.stride(1),
+        a0, a1, a2, a0.stride(0), a0.stride(1), a0.stride(2),
+        v, v.stride(0), splits.stride(0), r,
+        r0, r1, r2, meta.blocks,
+        k, split_k,
+        ATOMIC=False,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
+    )  # fmt: skip
+    expand_parts(y, v, parts, meta, splits=splits)
 
 
 FUSED_MAX_RANK = 64  # shrink_expand keeps a [BLOCK_M, next_pow2(rank)] fp32 v tile in registers

@@ -75,13 +75,15 @@ def _shrink_tile(  # noqa: PLR0917
 
 @triton.jit
 def _expand_tile(  # noqa: PLR0917
-    y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, w_ptr, stride_ws, stride_wr, stride_wn,
+    y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, stride_vs, num_splits, w_ptr, stride_ws, stride_wr, stride_wn,
     ranks_ptr, scales_ptr, blocks_ptr, pid, pid_n, N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """The body of both expand kernels: block ``pid``, column tile ``pid_n``, one module (or part)."""
+    """The body of both expand kernels: block ``pid``, column tile ``pid_n``, one module (or part).
+    ``v`` is the sum of ``num_splits`` partial buffers ``stride_vs`` apart (a shrink's K splits, stored
+    apart), added in split order as the tile is read: 1 split for a plain ``v``."""
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
     slot = tl.load(blocks_ptr + pid * 3 + 2)
@@ -104,7 +106,10 @@ def _expand_tile(  # noqa: PLR0917
         for r0 in range(0, r, BLOCK_R):  # rank-aware: rank 8 runs one 16-wide step, rank 64 four
             rs = r0 + offs_r
             rr_mask = rs < r
-            vt = tl.load(v_rows + rs[None, :], mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
+            v_mask = m_mask[:, None] & rr_mask[None, :]
+            vt = tl.load(v_rows + rs[None, :], mask=v_mask, other=0.0)
+            for s in range(1, num_splits):  # a fixed order: the same bits on every run
+                vt += tl.load(v_rows + s * stride_vs + rs[None, :], mask=v_mask, other=0.0)
             wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
             acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
         y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -132,10 +137,10 @@ def shrink_kernel(  # noqa: PLR0917
                  HAS_SCALE, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def expand_kernel(  # noqa: PLR0917
     y_ptr, stride_ym, stride_yn,  # [T, N] a column slice of the base output (any strides), in place
-    v_ptr, stride_vm,  # [T, R] fp32
+    v_ptr, stride_vm, stride_vs, num_splits,  # [T, R] fp32, or [num_splits, T, R] partial sums to add
     w_ptr, stride_ws, stride_wr, stride_wn,  # [S, R, N] b (or a in backward), model dtype
     ranks_ptr, scales_ptr, blocks_ptr,
     N,
@@ -144,7 +149,8 @@ def expand_kernel(  # noqa: PLR0917
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, one column tile."""
-    _expand_tile(y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, w_ptr, stride_ws, stride_wr, stride_wn,
+    _expand_tile(y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, stride_vs, num_splits,
+                 w_ptr, stride_ws, stride_wr, stride_wn,
                  ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), N,
                  HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST, IEEE)
 
@@ -216,10 +222,11 @@ def shrink_parts_kernel(  # noqa: PLR0917
                  False, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def expand_parts_kernel(  # noqa: PLR0917
     y_ptr, stride_ym, stride_yn,  # [T, N_total] the base output (any strides), in place
-    v_ptr, stride_vm, part_cols,  # [T, P * R] fp32, part p in columns [p * part_cols, ...)
+    v_ptr, stride_vm, stride_vs, num_splits, part_cols,  # [T, P * R] fp32 (or num_splits of them to add),
+    # part p in columns [p * part_cols, ...)
     w0_ptr, w1_ptr, w2_ptr,  # [S, R, N_p] each part's b
     ws0, ws1, ws2, wr0, wr1, wr2, stride_wn,  # per part: slot and rank strides; column stride (shared)
     n0, n1, n2, off0, off1, off2,  # per part: output width and first column in y
@@ -253,7 +260,7 @@ def expand_parts_kernel(  # noqa: PLR0917
         ranks_ptr = r2_ptr
         scales_ptr = s2_ptr
     _expand_tile(y_ptr + col0 * stride_yn, stride_ym, stride_yn, v_ptr + part * part_cols, stride_vm,
-                 w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
+                 stride_vs, num_splits, w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
                  tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST, IEEE)
 
 

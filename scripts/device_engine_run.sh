@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# On the GPU machine: the engine-speed checks of one device call, inside 560 s: bench_offline (8B
-# shape, no HF baselines) with the SMLM shrinks' K splits added by atomics (the default) and summed
-# in a fixed order (LOQUETIER_SMLM_DETERMINISTIC), side by side in one call: its speed, and whether
-# two runs of the same prompts then give the same tokens; then bench_decode's batch-64 graph step.
+# On the GPU machine: the engine-speed checks of one device call, inside 560 s: tune_smlm (one 8B
+# step's LoRA launches in a CUDA graph: the atomic path of training steps, the ordered sums of
+# LOQUETIER_SMLM_DETERMINISTIC, and forward_split, the path of inference-only steps), bench_offline
+# (8B shape, no HF baselines: its windowed case is run twice, so it shows whether two runs of the same
+# prompts give the same tokens), bench_decode's batch-64 graph step, then bench_offline again with
+# decode windows of 16 steps instead of 4.
 #
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
-# Results land in $OUT: offline-atomic/ and offline-ordered/ (offline.*), decode/, logs.
+# Results land in $OUT: tune/ (tune_smlm.*), offline/ and offline-window16/ (offline.*), decode/, logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -33,9 +35,9 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
     echo "== $name rc=$? in $((SECONDS - t))s"
     tail -n 25 "$OUT/$name.log"
 }
-step offline-atomic 200 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
-    --smlm-deterministic 0 --out "$OUT/offline-atomic"
-step offline-ordered 200 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
-    --smlm-deterministic 1 --out "$OUT/offline-ordered"
-step decode 140 "$PY" -m benchmarks.bench_decode --model 8b --device cuda --out "$OUT/decode"
+step tune 120 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune"
+step offline 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines --out "$OUT/offline"
+step decode 130 "$PY" -m benchmarks.bench_decode --model 8b --device cuda --out "$OUT/decode"
+step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
+    --engine-arg decode_window=16 --out "$OUT/offline-window16"
 echo "== done after $((SECONDS - T0))s"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loquetier.kernels import SMLMMeta, lora_linear, variant_metas
+from loquetier.kernels import SMLMMeta, lora_linear, variant_metas, warm_lora_linear
 from loquetier.kernels.model_ops import fused_ops
 from loquetier.lora.pool import LoRASlotPool, ModelDims
 
@@ -264,8 +264,9 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def warm_lora_launches(self, slot: int) -> int:
         """Run each LoRA-targeted linear of layer 0 (every layer has its shapes) once per segment
-        layout of ``variant_metas``, on random rows of adapter ``slot``: every compiled variant of
-        the forward SMLM launches is then built before a served step needs it. Returns how many
+        layout of ``variant_metas``, on random rows of adapter ``slot``, through both forward paths
+        (inference only, and with ``v`` kept as training steps do): every compiled variant of the
+        forward SMLM launches is then built before a served step needs it. Returns how many
         linears ran (0 when the backend compiles nothing)."""
         layer = self.layers[0]
         groups = ((layer.qkv_weight, layer.qkv_bias, layer.qkv_loras),
@@ -278,7 +279,7 @@ class LlamaModel(nn.Module):
                 if not loras:
                     continue
                 x = torch.randn(meta.num_tokens, weight.shape[1], dtype=weight.dtype, device=self.device)
-                lora_linear(x[:0], x, weight, bias, loras, meta)
+                warm_lora_linear(x, weight, bias, loras, meta)
                 runs += 1
         return runs
 

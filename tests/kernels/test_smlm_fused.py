@@ -65,10 +65,12 @@ def _slots(layout: str, num_rows: int, rng: random.Random) -> list[int]:
     return slots[:num_rows]
 
 
-def _lora(dtype: torch.dtype, ranks: list[int], out_features: int, gen: torch.Generator) -> ModuleLoRA:
+def _lora(dtype: torch.dtype, ranks: list[int], out_features: int, gen: torch.Generator,
+          in_features: int = IN_FEATURES, num_train_slots: int = 0) -> ModuleLoRA:
     num_slots, max_rank = len(ranks), 64
-    lora = ModuleLoRA.empty(num_slots, max_rank, IN_FEATURES, out_features, dtype=dtype, device=DEVICE)
-    a = torch.randn(num_slots, max_rank, IN_FEATURES, generator=gen) / IN_FEATURES**0.5
+    lora = ModuleLoRA.empty(num_slots, max_rank, in_features, out_features, num_train_slots=num_train_slots,
+                            dtype=dtype, device=DEVICE)
+    a = torch.randn(num_slots, max_rank, in_features, generator=gen) / in_features**0.5
     b = torch.randn(num_slots, max_rank, out_features, generator=gen) / 4
     for s, r in enumerate(ranks):  # poison everything a kernel must not read
         a[s, r:] = NAN
@@ -81,12 +83,13 @@ def _lora(dtype: torch.dtype, ranks: list[int], out_features: int, gen: torch.Ge
     return lora
 
 
-def _parts(dtype: torch.dtype, num_parts: int, seed: int) -> tuple[list[tuple[ModuleLoRA, int]], int]:
+def _parts(dtype: torch.dtype, num_parts: int, seed: int,
+           in_features: int = IN_FEATURES, num_train_slots: int = 0) -> tuple[list[tuple[ModuleLoRA, int]], int]:
     """The parts at their offsets (a 3-column gap after each: columns no part owns), and y's width."""
     gen = torch.Generator().manual_seed(seed)
     parts, col = [], 2
     for p in range(num_parts):
-        parts.append((_lora(dtype, list(PART_RANKS[p]), WIDTHS[p], gen), col))
+        parts.append((_lora(dtype, list(PART_RANKS[p]), WIDTHS[p], gen, in_features, num_train_slots), col))
         col += WIDTHS[p] + 3
     return parts, col
 
@@ -273,3 +276,88 @@ def test_tuning_fields_are_host_sizes() -> None:
     names = {f.name for f in dataclasses.fields(smlm.Tuning)}
     assert {"fused_max_rows", "fused_max_blocks", "fused_programs_per_sm", "fused_min_cols",
             "fused_block_k", "fused_block_n", "fused_warps", "fused_stages"} <= names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_parts", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["round_robin", "uneven_no_adapter", "long"])
+@pytest.mark.parametrize("in_features", [IN_FEATURES, 700])  # 700: the shrink splits K
+def test_forward_split_matches_reference_in_two_launches_the_same_bits_each_run(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, num_parts: int, layout: str, in_features: int) -> None:
+    """The forward of inference-only steps (``smlm.forward_split``): K splits stored apart in a buffer
+    nobody zeroes (poisoned with NaN here: an element read but never written shows), added by expand
+    in a fixed order. Matches the reference and the atomic two launches, leaves rows without an
+    adapter and columns no part owns alone, takes two launches, and gives the same bits every call."""
+    monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=64))  # the interpreter's 4 "SMs": split
+    rng = random.Random(f"split{layout}{num_parts}{dtype}{in_features}")
+    slots = _slots(layout, 24, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=in_features)
+    loras = [lo for lo, _ in parts]
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    y0 = _base(len(slots), width, parts, dtype, seed=4)
+    split_k = smlm._shrink_sizes(meta.max_seg_len, 64, in_features, meta.num_blocks * num_parts, DEVICE)[3]
+    assert (split_k > 1) == (in_features == 700)
+    buffers: list[torch.Tensor] = []
+
+    def poisoned(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        buffers.append(torch.full(shape, NAN, dtype=torch.float32, device=device))
+        return buffers[-1]
+
+    launched: list[str] = []
+    launch = smlm.launch
+
+    def counting(kernel, grid, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        launched.append(kernel.fn.__name__)
+        return launch(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(smlm, "_split_buffer", poisoned)
+    monkeypatch.setattr(smlm, "launch", counting)
+    runs = []
+    for _ in range(2):
+        y = y0.clone()
+        smlm.forward_split(y, x, parts, meta)
+        runs.append(y)
+    assert len(launched) == 4 and not any("atomic" in n for n in launched)  # two a call
+    assert buffers[0].shape[0] == split_k
+    assert torch.equal(runs[0].nan_to_num(7.0), runs[1].nan_to_num(7.0)), "two runs differ"
+    y_ref = y0.clone()
+    reference.shrink_expand_ref(y_ref, x, parts, meta)
+    _assert_close(runs[0], y_ref, TOL[dtype], "forward_split vs reference")
+    monkeypatch.setattr(smlm, "launch", launch)
+    y_two = y0.clone()
+    _two_launches(y_two, x, parts, meta)
+    _assert_close(runs[0], y_two, 2e-6 if dtype == torch.float32 else 1e-2, "forward_split vs atomic launches")
+    untouched = torch.ones(len(slots), dtype=torch.bool)
+    for start, n, slot in meta.host_segments:
+        if any(lo.host_ranks[slot] for lo in loras):  # type: ignore[index]
+            untouched[start : start + n] = False
+    assert torch.equal(runs[0].cpu()[untouched].nan_to_num(7.0), y0.cpu()[untouched].nan_to_num(7.0))
+
+
+def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
+    """``lora_linear`` without training rows runs ``forward_split``; with training rows it keeps ``v``
+    (shrink + expand) and its inference rows get the same values."""
+    dtype, in_features = torch.float32, 700
+    slots = [i % 7 for i in range(10)]
+    parts, width = _parts(dtype, 3, seed=9, in_features=in_features, num_train_slots=3)
+    for lora, _ in parts:  # lora_linear reads the whole pool
+        lora.a.nan_to_num_(0.0)
+        lora.b.nan_to_num_(0.0)
+    weight = torch.randn(width, in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE) / 30
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    calls: list[str] = []
+    split, shrink_parts = smlm.forward_split, smlm.shrink_parts
+    force_backend("triton")
+    try:
+        smlm.forward_split = lambda *a: (calls.append("split"), split(*a))[1]  # type: ignore[assignment]
+        smlm.shrink_parts = lambda *a: (calls.append("keep_v"), shrink_parts(*a))[1]  # type: ignore[assignment]
+        _, y_rest = lora_linear(x[:0], x, weight, None, parts, SMLMMeta.build(slots, 0, DEVICE))
+        train = [s % 3 for s in slots[:2]] + slots[2:]
+        x_train = x[:2].clone().requires_grad_()
+        _, y_rest2 = lora_linear(x_train, x[2:], weight, None, parts, SMLMMeta.build(train, 2, DEVICE))
+    finally:
+        smlm.forward_split, smlm.shrink_parts = split, shrink_parts  # type: ignore[assignment]
+        force_backend(None)
+    assert calls == ["split", "keep_v"]
+    _assert_close(y_rest2, y_rest[2:], 2e-6, "inference rows beside training rows vs alone")
