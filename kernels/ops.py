@@ -4,9 +4,9 @@ The hidden state travels as two tensors: the training rows (``x_train``, require
 every other row (``x_rest``, no grad). One base GEMM and one SMLM launch per target module
 serve both; autograd sees only the training rows, so backward never touches inference rows.
 
-A forward that keeps no ``v`` for backward (no training rows) takes ``smlm.forward_split``: two
-launches per target module (or fused module), no memset, no atomics, the same bits every run; one
-with training rows keeps ``v`` (shrink, then expand).
+A decode-sized forward that keeps no ``v`` for backward (no training rows) takes
+``smlm.forward_split``: two launches per target module (or fused module), no memset, no atomics, the
+same bits every run; others (prefill chunks, training rows) run shrink into ``v``, then expand.
 
 Decode-sized steps can take one SMLM launch per target module instead of two (``smlm.shrink_expand``:
 shrink and expand fused, no ``v`` buffer) wherever the backend says it applies from host sizes only
@@ -47,7 +47,7 @@ class _Backend:
                  parts: tuple[Callable[..., bool], Callable[..., torch.Tensor], Callable[..., None]] | None = None,
                  variant_metas: Callable[[int, torch.device], list[SMLMMeta]] | None = None,
                  fused: tuple[Callable[..., bool], Callable[..., None]] | None = None,
-                 forward_split: Callable[..., None] | None = None,
+                 forward_split: tuple[Callable[..., bool], Callable[..., None]] | None = None,
                  ) -> None:
         self.shrink, self.expand, self.backward, self.name = shrink, expand, backward, name
         # (parts_fit, shrink_parts, expand_parts): the parts of a fused module in one launch each
@@ -56,8 +56,8 @@ class _Backend:
         self.variant_metas = variant_metas
         # (fused_applies, shrink_expand): shrink + expand of a module (all its parts) in one launch
         self.fused = fused
-        # shrink + expand of a module (all its parts) when no v is kept: K splits stored apart and
-        # added by expand in a fixed order (two launches, no memset, no atomics)
+        # (split_applies, forward_split): shrink + expand of a module (all its parts) when no v is
+        # kept, decode-sized: K splits stored apart, added by expand in a fixed order (no memset, no atomics)
         self.forward_split = forward_split
 
 
@@ -73,7 +73,7 @@ def _triton_backend() -> _Backend | None:
     return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton",
                     parts=(smlm.parts_fit, smlm.shrink_parts, smlm.expand_parts),
                     variant_metas=smlm.variant_metas, fused=(smlm.fused_applies, smlm.shrink_expand),
-                    forward_split=smlm.forward_split)
+                    forward_split=(smlm.split_applies, smlm.forward_split))
 
 
 def backend_for(device: torch.device) -> _Backend:
@@ -110,10 +110,10 @@ def fused_decode_enabled() -> bool:
 
 
 def set_deterministic(on: bool | None) -> None:
-    """Forward SMLM shrinks that keep ``v`` (steps with training rows) sum their K splits in a fixed
+    """Forward SMLM shrinks of prefill chunks and training rows sum their K splits in a fixed
     order (True: the same bits run after run) or add them with atomics (False, the default); None:
-    back to ``LOQUETIER_SMLM_DETERMINISTIC``. Inference-only forwards are always in a fixed order
-    (``smlm.forward_split``). See ``smlm`` (Triton backend; the torch reference has no splits)."""
+    back to ``LOQUETIER_SMLM_DETERMINISTIC``. Decode-sized inference-only forwards are always in a
+    fixed order (``smlm.forward_split``). See ``smlm`` (Triton backend; the torch reference has no splits)."""
     from . import smlm
 
     smlm.set_deterministic(on)
@@ -154,8 +154,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  
         if not keep_v and _fused_decode and backend.fused is not None and backend.fused[0](modules, meta):
             backend.fused[1](y, x, loras, meta)  # one launch, no v
             return y, vs
-        if not keep_v and backend.forward_split is not None:
-            backend.forward_split(y, x, loras, meta)  # two launches, no v, the same bits every run
+        if not keep_v and backend.forward_split is not None and backend.forward_split[0](meta):
+            backend.forward_split[1](y, x, loras, meta)  # two launches, no v, the same bits every run
             return y, vs
         if backend.parts is not None and len(loras) > 1 and backend.parts[0](modules):
             _, shrink_parts, expand_parts = backend.parts

@@ -9,7 +9,7 @@ Kernel count per call: ``shrink`` 1, ``expand`` 1, ``backward`` 4 (dv, dx, grad_
 covering every adapter of the batch at once; ``shrink_parts`` / ``expand_parts`` 1 each for all the
 parts of a fused module (q|k|v, gate|up), so a decoder layer's forward takes 8 SMLM launches, not 14.
 ``forward_split`` does shrink and expand of a module, or of all parts of a fused one, in 2 launches
-and keeps no ``v`` (inference-only forwards). ``shrink_expand`` does both in 1 launch and needs no
+and keeps no ``v`` (decode-sized inference-only forwards). ``shrink_expand`` does both in 1 launch and needs no
 ``v`` buffer: 4 launches a layer for decode-sized steps (``fused_applies`` says when; off by default).
 
 Invariants of every launcher:
@@ -21,15 +21,16 @@ Invariants of every launcher:
   ``num_blocks``, shapes, ``TUNING``), so one step's launches are fixed once its metadata is built.
 
 A forward shrink whose input width is split across programs (decode) needs the splits' partial sums
-added. Inference-only forwards (no ``v`` kept for backward: decode graphs, prefill) take
-``forward_split``: each split stores its partial sums apart, in a buffer nobody zeroes, and expand
-adds them in a fixed order as it reads them: two launches, no memset, no atomics, and the same bits
-on every run. Forwards that keep ``v`` (steps with training rows: ``shrink`` / ``shrink_parts``) add
-the splits into a zeroed ``v`` with fp32 atomics, in whatever order the programs finish, so the same
-inputs can give ``v`` (and the inference rows of such a step) differing in the last bits from one run
-to the next. ``LOQUETIER_SMLM_DETERMINISTIC=1`` (or ``set_deterministic``) makes those shrinks too
-store their splits apart, summed in a fixed order (one reduction launch more per shrink). Backward
-keeps its atomics.
+added. Decode-sized inference-only forwards (no ``v`` kept for backward, every segment at most
+``TUNING.split_max_rows`` rows: ``split_applies``) take ``forward_split``: each split stores its
+partial sums apart, in a buffer nobody zeroes, and expand adds them in a fixed order as it reads
+them: two launches, no memset, no atomics, and the same bits on every run. Other forwards (prefill
+chunks, steps with training rows: ``shrink`` / ``shrink_parts``) add the splits into a zeroed ``v``
+with fp32 atomics, in whatever order the programs finish, so the same inputs can give ``v`` differing
+in the last bits from one run to the next. ``LOQUETIER_SMLM_DETERMINISTIC=1`` (or
+``set_deterministic``) makes those shrinks too store their splits apart, summed in a fixed order
+(one memset and one reduction launch per shrink): with it every forward is the same bits run after
+run. Backward keeps its atomics.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ class Tuning:
     fused_block_n: int = 0  # 0: 256 for rank tiles up to 32, else 128
     fused_warps: int = 4
     fused_stages: int = 2
+    # forward_split (inference-only forwards) applies up to this longest segment: at decode sizes it
+    # costs what the atomic path does, at prefill sizes each expand column tile rereads every split's
+    # partial sums (1.6x the atomic path at 1,024 rows, docs/benchmarks/tune_smlm.md)
+    split_max_rows: int = 16
 
 
 TUNING = Tuning()
@@ -350,6 +355,12 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 
+
+
+def split_applies(meta: SMLMMeta) -> bool:
+    """Whether ``forward_split`` is the inference-only forward for this step: decode-sized segments
+    (the longest at most ``TUNING.split_max_rows`` rows). Host ints only."""
+    return 0 < meta.max_seg_len <= TUNING.split_max_rows
 
 
 def _split_buffer(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:

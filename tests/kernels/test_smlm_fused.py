@@ -336,8 +336,9 @@ def test_forward_split_matches_reference_in_two_launches_the_same_bits_each_run(
 
 
 def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
-    """``lora_linear`` without training rows runs ``forward_split``; with training rows it keeps ``v``
-    (shrink + expand) and its inference rows get the same values."""
+    """``lora_linear`` without training rows runs ``forward_split`` at decode sizes; with training rows
+    it keeps ``v`` (shrink + expand) and its inference rows get the same values; a prefill-sized
+    segment takes shrink + expand too."""
     dtype, in_features = torch.float32, 700
     slots = [i % 7 for i in range(10)]
     parts, width = _parts(dtype, 3, seed=9, in_features=in_features, num_train_slots=3)
@@ -356,8 +357,11 @@ def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
         train = [s % 3 for s in slots[:2]] + slots[2:]
         x_train = x[:2].clone().requires_grad_()
         _, y_rest2 = lora_linear(x_train, x[2:], weight, None, parts, SMLMMeta.build(train, 2, DEVICE))
+        long = [3] * (smlm.TUNING.split_max_rows + 1)  # a prefill chunk: past the split path's rows
+        rows = torch.randn(len(long), in_features, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        lora_linear(rows[:0], rows, weight, None, parts, SMLMMeta.build(long, 0, DEVICE))
     finally:
         smlm.forward_split, smlm.shrink_parts = split, shrink_parts  # type: ignore[assignment]
         force_backend(None)
-    assert calls == ["split", "keep_v"]
+    assert calls == ["split", "keep_v", "keep_v"]
     _assert_close(y_rest2, y_rest[2:], 2e-6, "inference rows beside training rows vs alone")
