@@ -140,12 +140,17 @@ def _config(args: argparse.Namespace) -> tuple[SchedulerConfig, GraphPaths, Step
                 max_prefill_chunk=args.max_prefill_chunk, default_ttft_ms=args.ttft_ms,
                 default_tpot_ms=args.tpot_ms, tpot_lookahead=args.lookahead,
                 train_amortize=args.amortize)
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(SchedulerConfig)}:
+            raise SystemExit(f"--set {item!r}: {key!r} is not a SchedulerConfig field")
+        base[key] = float(raw) if raw.replace(".", "", 1).lstrip("-").isdigit() else raw
     if args.profile == "h200-8b":  # as the engine configures itself on a GPU with CUDA graphs
-        config = SchedulerConfig(**base, tpot_burst=8.0, prefill_coalesce_ms=100.0)
+        config = SchedulerConfig(**({"tpot_burst": 8.0, "prefill_coalesce_ms": 100.0} | base))
         graphs = GraphPaths(decode=True, max_rows=256, max_mean_context=256)
         true = dataclasses.replace(H200_8B_COST, mixed_s=args.mixed_s)
         return config, graphs, true, StepCost(*(1.5 * c for c in true.as_tuple()))
-    config = SchedulerConfig(**base, tpot_burst=args.tpot_burst, prefill_coalesce_ms=0.0)
+    config = SchedulerConfig(**({"tpot_burst": args.tpot_burst, "prefill_coalesce_ms": 0.0} | base))
     return config, GraphPaths(), TRUE_COST, PRIOR
 
 
@@ -172,7 +177,9 @@ def simulate(name: str, args: argparse.Namespace) -> None:
                     [1] * a.prompt_len,
                     sampling=SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
                     priority=a.priority,
-                    arrival_time=a.time,
+                    # the engine counts from the arrival (add_request's arrived_at); --count-from-add:
+                    # from the moment the scheduler takes it, after the step in flight
+                    arrival_time=now if args.count_from_add else a.time,
                 )
             )
             next_arrival += 1
@@ -288,6 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mixed-s", type=float, default=0.07, help="h200-8b: the eager step's fixed price, s")
     ap.add_argument("--tpot-burst", type=float, default=1.0, help="scheduler tpot_burst (default profile)")
     ap.add_argument("--max-time", type=float, default=600.0, help="stop the simulation at this time")
+    ap.add_argument("--count-from-add", action="store_true",
+                    help="each request's clock starts when the scheduler takes it, not at its arrival")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a SchedulerConfig field on top of the profile's, e.g. --set ttft_headroom=0.6")
     return ap.parse_args(argv)
 
 
