@@ -29,13 +29,13 @@ HIDDEN, Q, KV, INTER, LAYERS, RANK, SLOTS = 4096, 4096, 1024, 14336, 32, 16, 33
 BATCHES = [("decode 32 / 32 adapters", 32, 32), ("decode 64 / 32 adapters", 64, 32),
            ("decode 256 / 32 adapters", 256, 32), ("prefill 1024 / 8 adapters", 1024, 8)]
 # name -> (Tuning overrides, path): "atomic" (shrink's K splits added with fp32 atomics into a zeroed
-# v, then expand: the path of steps with training rows), "ordered" (the same with
-# LOQUETIER_SMLM_DETERMINISTIC=1: splits stored apart, a torch.sum, then expand), "split" (what an
-# inference-only step runs, ``smlm.forward_split``: splits stored apart, added by expand; no memset)
+# v, then expand: the path of prefill chunks and training rows), "ordered" (the same with
+# LOQUETIER_SMLM_DETERMINISTIC=1: splits stored apart, a torch.sum, then expand), "split" (what a
+# decode-sized inference-only step runs, ``smlm.forward_split``: splits stored apart, added by expand)
 VARIANTS: dict[str, tuple[dict[str, int], str]] = {
     "default (atomic)": ({}, "atomic"),
     "ordered sums": ({}, "ordered"),
-    "split partials (inference default)": ({}, "split"),
+    "split partials (decode default)": ({}, "split"),
     "split, 8/SM": ({"programs_per_sm": 8}, "split"),
     "split, 2/SM": ({"programs_per_sm": 2}, "split"),
     "split, shrink 2 warps": ({"shrink_warps": 2}, "split"),
@@ -172,9 +172,10 @@ def main() -> None:
             "`python -m benchmarks.tune_smlm`. ms per step from one CUDA graph of all 32 layers' LoRA "
             "launches (q|k|v and gate|up as parts launches, o and down alone), rank 16, rows sorted by "
             "adapter; ratios against the atomic path with the defaults of `kernels.smlm.Tuning`. Paths: "
-            "`atomic` (K splits added with fp32 atomics into a zeroed v; steps with training rows), `ordered` "
+            "`atomic` (K splits added with fp32 atomics into a zeroed v; prefill chunks, training rows), `ordered` "
             "(`LOQUETIER_SMLM_DETERMINISTIC=1`: splits stored apart and summed by torch), `split` "
-            "(`smlm.forward_split`, what inference-only steps run: splits stored apart, added by expand).\n\n"
+            "(`smlm.forward_split`, what decode-sized inference-only steps run: splits stored apart, added by "
+            "expand).\n\n"
             + table(results) + "\n")
     (args.out / "tune_smlm.md").write_text(text)
     print(text)
