@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -144,7 +145,10 @@ def _config(args: argparse.Namespace) -> tuple[SchedulerConfig, GraphPaths, Step
         key, _, raw = item.partition("=")
         if key not in {f.name for f in dataclasses.fields(SchedulerConfig)}:
             raise SystemExit(f"--set {item!r}: {key!r} is not a SchedulerConfig field")
-        base[key] = float(raw) if raw.replace(".", "", 1).lstrip("-").isdigit() else raw
+        try:
+            base[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            base[key] = raw
     if args.profile == "h200-8b":  # as the engine configures itself on a GPU with CUDA graphs
         config = SchedulerConfig(**({"tpot_burst": 8.0, "prefill_coalesce_ms": 100.0} | base))
         graphs = GraphPaths(decode=True, max_rows=256, max_mean_context=256)

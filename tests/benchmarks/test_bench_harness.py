@@ -242,3 +242,21 @@ def test_bench_finetune_smoke(bench_dirs: tuple[Path, Path]) -> None:
     peft = data["results"]["training"]["PEFT sequential, padded"]
     assert ours["padded_tokens"] == ours["real_tokens"] > 0  # packed: no padding
     assert peft["padded_tokens"] > peft["real_tokens"] > 0
+
+
+# ---- knob variants ------------------------------------------------------------------------------------
+
+
+def test_knob_variants_take_scheduler_fields_and_the_arrival_mode() -> None:
+    from benchmarks import bench_slo_knobs, sim_scheduler
+
+    name, knobs = bench_slo_knobs.parse_variant("old:arrival=add_request,ttft_headroom=0.6")
+    assert name == "old" and knobs == {"arrival": "add_request", "ttft_headroom": 0.6}
+    for bad in ("x:arrival=later", "x:not_a_field=1", "x:ttft_headroom=2.0"):
+        with pytest.raises((SystemExit, ValueError)):
+            bench_slo_knobs.parse_variant(bad)
+    config, *_ = sim_scheduler._config(sim_scheduler.parse_args(
+        ["--profile", "h200-8b", "--set", "ttft_headroom=0.6", "--set", "tpot_burst=2"]))
+    assert config.ttft_headroom == 0.6 and config.tpot_burst == 2 and config.prefill_coalesce_ms == 100.0
+    with pytest.raises(SystemExit):
+        sim_scheduler._config(sim_scheduler.parse_args(["--set", "nope=1"]))
