@@ -118,9 +118,10 @@ def _expand_tile(  # noqa: PLR0917
         tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
 
 
-# split_k varies with the step's block count: specialized, its values 1 and multiples of 16 would each
-# compile a variant of their own, in the middle of a served step.
-@triton.jit(do_not_specialize=["split_k"])
+# split_k varies with the step's block count, and the stride between split buffers with its row count:
+# specialized, their values 1 and multiples of 16 would each compile a variant of their own, in the
+# middle of a served step.
+@triton.jit(do_not_specialize=["split_k", "stride_vk"])
 def shrink_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input (or of the output grad)
     w_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] a (or b in backward), model dtype
@@ -137,7 +138,7 @@ def shrink_kernel(  # noqa: PLR0917
                  HAS_SCALE, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_vs"])  # as shrink's split_k and stride_vk
 def expand_kernel(  # noqa: PLR0917
     y_ptr, stride_ym, stride_yn,  # [T, N] a column slice of the base output (any strides), in place
     v_ptr, stride_vm, stride_vs, num_splits,  # [T, R] fp32, or [num_splits, T, R] partial sums to add
@@ -196,7 +197,7 @@ def grad_kernel(  # noqa: PLR0917
 
 # The fused modules (q|k|v, gate|up) in one launch each: program axis 2 picks the part. Up to three
 # parts; a missing part repeats part 0's pointers and gets no programs (the grid's third axis).
-@triton.jit(do_not_specialize=["split_k"])
+@triton.jit(do_not_specialize=["split_k", "stride_vk"])
 def shrink_parts_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xk,  # [T, K] rows of the layer input
     w0_ptr, w1_ptr, w2_ptr, stride_ws, stride_wr, stride_wk,  # [S, R, K] each part's a (one shape)
@@ -222,7 +223,7 @@ def shrink_parts_kernel(  # noqa: PLR0917
                  False, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_vs"])
 def expand_parts_kernel(  # noqa: PLR0917
     y_ptr, stride_ym, stride_yn,  # [T, N_total] the base output (any strides), in place
     v_ptr, stride_vm, stride_vs, num_splits, part_cols,  # [T, P * R] fp32 (or num_splits of them to add),
