@@ -2,6 +2,7 @@
 
     python -m benchmarks.sim_scheduler                       # all three traces
     python -m benchmarks.sim_scheduler --trace burst --rate 6 --jobs 2 --duration 120
+    python -m benchmarks.sim_scheduler --set ttft_headroom=0.6 --count-from-add   # knobs, arrival mode
 
 Traces: ``poisson`` (constant rate), ``burst`` (a base rate with periodic bursts of ``--burst-x``
 times the rate), ``step`` (the rate steps 0.25x -> 1x -> 2x -> 0.5x over four equal phases).
@@ -10,6 +11,10 @@ Each request draws its prompt and output lengths from the given ranges; ``--jobs
 the synthetic GPU in ``benchmarks/harness/synthetic.py`` (a known price list with multiplicative noise);
 the scheduler starts from a prior that is off by 2x (1.5x with ``--profile h200-8b``) and fits the truth
 online.
+
+Each request's clock starts at its arrival, as the engine's does with ``add_request(arrived_at=)``;
+``--count-from-add`` starts it when the scheduler takes it (after the step in flight). ``--set``
+puts ``SchedulerConfig`` fields on top of the profile's.
 
 Prints, per trace: SLO attainment (requests, and the final token-level window), TTFT and TPOT
 percentiles, training tokens/s per job against training alone, preemptions and step overruns, then
