@@ -7,7 +7,9 @@
 # Device call:  run(command="bash scripts/device_knobs_run.sh", carry=[".whl"], timeout_s=600)
 #               extra arguments go to bench_slo_knobs, e.g. --variant "cap 0.3:ttft_step_share=0.3"
 #
-# Results land in $OUT: knobs/ (slo_knobs.*), fused/ (smlm_fused.*), logs.
+# Results land in $OUT: knobs/ (slo_knobs.*), fused/ (smlm_fused.*), logs, and steps.tar.gz: every
+# replayed step's composition, predicted and measured time (LOQUETIER_BENCH_STEP_DUMP, one JSON line a
+# step, one file a replay), packed in one file because a call brings back only a few.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -33,6 +35,9 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
     echo "== $name rc=$? in $((SECONDS - t))s"
     tail -n 25 "$OUT/$name.log"
 }
-step knobs 400 "$PY" -m benchmarks.bench_slo_knobs --model 8b --device cuda --out "$OUT/knobs" "$@"
+STEPS=$(mktemp -d)
+LOQUETIER_BENCH_STEP_DUMP=$STEPS step knobs 400 "$PY" -m benchmarks.bench_slo_knobs --model 8b --device cuda \
+    --out "$OUT/knobs" "$@"
+tar -czf "$OUT/steps.tar.gz" -C "$STEPS" . && echo "== step dumps: $(ls "$STEPS" | wc -l) files in steps.tar.gz"
 [ "${FUSED:-1}" = 1 ] && step fused 200 "$PY" -m benchmarks.bench_smlm_fused --out "$OUT/fused"
 echo "== done after $((SECONDS - T0))s"
