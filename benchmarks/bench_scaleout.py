@@ -245,6 +245,9 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str
                                                       "lr": 1e-3, "checkpoint_every": args.checkpoint_every,
                                                       "seed": i}}) for i in range(args.jobs)]
             await _until_checkpoints(fleet, jobs, second.worker_id, timeout=args.start_timeout)
+            # the spread once every job that fits on the two workers has started somewhere (a worker
+            # polls for leases between its own work, so one may start its share a little later)
+            await _until_started([first, second], jobs, min(len(jobs), 2 * args.max_jobs), args.start_timeout)
             spread = {w.worker_id: sorted({s["job_id"] for s in job_starts([w])}) for w in (first, second)}
             in_flight = publish(client, ledger, rng, rate=args.rate, seconds=args.seconds / 2,
                                 max_tokens=args.max_tokens, ttft_ms=args.ttft_ms, tag="kill")
@@ -358,6 +361,16 @@ async def _steps(s: Any, jobs: list[str]) -> dict[str, int]:
 async def _statuses(s: Any, jobs: list[str]) -> dict[str, str]:
     rows = (await s.execute(select(JobRow.job_id, JobRow.status).where(JobRow.job_id.in_(jobs)))).all()
     return {job_id: status for job_id, status in rows}
+
+
+async def _until_started(workers: list[WorkerProcess], jobs: list[str], want: int, timeout: float) -> None:
+    """Until ``want`` of ``jobs`` were started by ``workers`` (their logs), or ``timeout``: the spread is
+    then read as it is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len({s["job_id"] for s in job_starts(workers)} & set(jobs)) >= want:
+            return
+        await asyncio.sleep(0.2)
 
 
 async def _until_checkpoints(fleet: Fleet, jobs: list[str], worker_id: str, timeout: float) -> None:
