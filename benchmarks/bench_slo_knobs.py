@@ -37,9 +37,9 @@ ARRIVAL = "arrival"
 
 DEFAULT_VARIANTS = [
     ("defaults", {}),
-    ("arrival counted from add_request", {ARRIVAL: "add_request"}),
+    ("planned at the fit's mean", {"plan_quantile": 0.0}),
     ("defaults again", {}),
-    ("arrival counted from add_request again", {ARRIVAL: "add_request"}),
+    ("planned at the fit's mean again", {"plan_quantile": 0.0}),
 ]
 
 

@@ -8,7 +8,8 @@ Traces: ``poisson`` (constant rate), ``burst`` (a base rate with periodic bursts
 times the rate), ``step`` (the rate steps 0.25x -> 1x -> 2x -> 0.5x over four equal phases).
 Each request draws its prompt and output lengths from the given ranges; ``--jobs`` training jobs
 (equal priority unless ``--job-priorities``) keep work ready all the time. The step time comes from
-the synthetic GPU in ``benchmarks/harness/synthetic.py`` (a known price list with multiplicative noise);
+the synthetic GPU in ``benchmarks/harness/synthetic.py`` (a known price list with multiplicative noise,
+and with ``--eager-tail`` a skewed jitter on eager steps);
 the scheduler starts from a prior that is off by 2x (1.5x with ``--profile h200-8b``) and fits the truth
 online.
 
@@ -198,7 +199,7 @@ def simulate(name: str, args: argparse.Namespace) -> None:
                 break
             now = trace[next_arrival].time
             continue
-        step_s = step_time(batch, sched.graphs, true_cost, noise_rng, args.noise)
+        step_s = step_time(batch, sched.graphs, true_cost, noise_rng, args.noise, args.eager_tail)
         now += step_s
         events = sched.postprocess(
             batch, StepResult(now=now, step_time_s=step_s, sampled_token_ids=sampled_tokens(batch, 1))
@@ -295,6 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-prefill-chunk", type=int, default=512)
     ap.add_argument("--kv-blocks", type=int, default=4096)
     ap.add_argument("--noise", type=float, default=0.05, help="relative step-time noise")
+    ap.add_argument("--eager-tail", type=float, default=0.0,
+                    help="eager steps take a further 1 + this x Exp(1) times their price (host jitter)")
     ap.add_argument("--phases", type=int, default=8, help="rows of the per-phase table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", choices=("default", "h200-8b"), default="default",

@@ -96,6 +96,7 @@ class EngineSettings(BaseModel):
     ttft_step_share: float = _SCHEDULER.ttft_step_share  # while serving, steps within this share of TTFT
     ttft_headroom: float = _SCHEDULER.ttft_headroom  # a prompt's prefill step planned to this share of its slack
     slo_target: float = _SCHEDULER.slo_target  # window attainment below which training stops growing
+    plan_quantile: float = _SCHEDULER.plan_quantile  # eager steps planned at this quantile of their time
 
     def limits(self) -> dict[str, Any]:
         """``Engine.from_pretrained`` keyword limits (device and dtype are resolved apart)."""
@@ -103,7 +104,7 @@ class EngineSettings(BaseModel):
                  "max_lora_rank", "adapter_cache_bytes", "default_ttft_ms", "default_tpot_ms", "cuda_graphs",
                  "tpot_burst",
                  "tpot_lookahead", "prefill_coalesce_ms", "ttft_step_share", "ttft_headroom",
-                 "slo_target")
+                 "slo_target", "plan_quantile")
         limits = {name: getattr(self, name) for name in names}
         return {k: v for k, v in limits.items() if v is not None}
 

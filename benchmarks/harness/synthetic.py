@@ -7,7 +7,7 @@ brings its own price lists (the "hardware" and the prior the scheduler starts fr
 
 Semantics::
 
-    step_time(batch) = cost.predict(features(batch)) * (1 + noise * U(-1, 1))
+    step_time(batch) = cost.predict(features(batch)) * (1 + noise * U(-1, 1)) * (1 + eager_tail * Exp(1) * eager)
 
 ``step_features`` is the scheduler's own reading of a batch (prompt tokens, decode rows, training and eval
 tokens, keys read, whether the step runs eagerly, whether it trains), so the truth and the scheduler's
@@ -31,11 +31,16 @@ class StepPrice(Protocol):
 
 
 def step_time(batch: ScheduledBatch, graphs: GraphPaths, cost: StepPrice, rng: random.Random,
-              noise: float) -> float:
+              noise: float, eager_tail: float = 0.0) -> float:
     """Seconds ``batch`` takes under ``cost`` when ``graphs`` says which steps replay graphs, with
-    multiplicative noise uniform in ``[-noise, noise]`` (one draw from ``rng`` per call, also when
-    ``noise`` is 0, so runs stay comparable)."""
-    return cost.predict(step_features(batch, graphs)) * (1.0 + noise * rng.uniform(-1.0, 1.0))
+    multiplicative noise uniform in ``[-noise, noise]``, and for an eager step a further factor
+    ``1 + eager_tail * E`` with ``E`` exponential of mean 1 (a host's jitter: mostly small, now and
+    then several times ``eager_tail``). One draw from ``rng`` per call (two with ``eager_tail``), also
+    when the noise is 0, so runs stay comparable."""
+    f = step_features(batch, graphs)
+    uniform = rng.uniform(-1.0, 1.0)
+    tail = rng.expovariate(1.0) if eager_tail > 0.0 else 0.0
+    return cost.predict(f) * (1.0 + noise * uniform) * (1.0 + eager_tail * tail * f.mixed)
 
 
 def sampled_tokens(batch: ScheduledBatch, token_id: int) -> dict[str, int]:

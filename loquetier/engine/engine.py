@@ -468,6 +468,8 @@ class Engine:
             "scheduler": dataclasses.asdict(m) if dataclasses.is_dataclass(m) else {},
             # the step-time model's current fit, seconds per step / token / row (what plans the steps)
             "step_cost": dataclasses.asdict(self.scheduler.step_model.cost),
+            # what the last step's prices were scaled by (SchedulerConfig.plan_quantile; 1: the fit's)
+            "step_margin": self.scheduler.margin,
         }
 
 

@@ -79,11 +79,13 @@ class Sim:
     noise: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     cost: StepCost = TRUE_COST
+    eager_tail: float = 0.0  # synthetic.step_time: skewed jitter on eager steps
     times: list[float] = field(default_factory=list)
 
     def step(self) -> ScheduledBatch:
         batch = self.sched.schedule(self.now)
-        t = step_time(batch, self.sched.graphs, self.cost, self.rng, self.noise) if not batch.is_empty else 1e-3
+        t = (step_time(batch, self.sched.graphs, self.cost, self.rng, self.noise, self.eager_tail)
+             if not batch.is_empty else 1e-3)
         self.now += t
         self.times.append(t)
         sampled = sampled_tokens(batch, TOKEN)
@@ -866,3 +868,61 @@ def test_training_beside_decoders_when_no_step_can_amortize_its_fixed_price() ->
     _finish(sim, seqs, limit_s=30.0)
     assert all(s.mean_tpot_s is not None and s.mean_tpot_s <= 0.060 for s in seqs)
     assert all(s.ttft_s is not None and s.ttft_s <= 1.0 for s in seqs)
+
+
+def test_step_model_margin_is_a_quantile_of_the_eager_error() -> None:
+    """``margin(q)``: the q-quantile of measured over predicted time of the latest eager steps, each
+    against the fit it was predicted with; graph steps do not count; clamped to [1, MAX_MARGIN]."""
+    from loquetier.engine.scheduling.pricing import MAX_MARGIN, MIN_MARGIN_SAMPLES
+
+    model = StepTimeModel(GRAPH_COST, window=64, robust_after=0, margin_window=40)
+    eager = StepFeatures(prefill_tokens=300, decode_rows=16, kv_tokens_read=4000, mixed=1)
+    graph = StepFeatures(decode_rows=16, kv_tokens_read=4000)
+    assert model.margin(0.9) == 1.0
+    rng = random.Random(3)
+    errors = [1.0 + 0.5 * rng.random() for _ in range(40)]
+    for k, err in enumerate(errors):
+        if k == MIN_MARGIN_SAMPLES - 1:
+            assert model.margin(0.9) == 1.0  # too few eager steps seen
+        model.observe(eager, model.predict(eager) * err)
+        model.observe(graph, model.predict(graph) * 3.0)  # graph steps: not in the margin
+    assert model.num_eager_errors == 40
+    ranked = sorted(errors)
+    assert model.margin(0.9) == pytest.approx(ranked[35])  # the 36th of 40
+    assert model.margin(0.5) == pytest.approx(ranked[19])
+    assert model.margin(0.0) == 1.0  # off
+    for _ in range(40):  # steps faster than the fit: never a discount
+        model.observe(eager, model.predict(eager) * 0.5)
+    assert model.margin(0.9) == 1.0
+    for _ in range(40):  # a host that is suddenly far slower: at most MAX_MARGIN
+        model.observe(eager, model.predict(eager) * 10.0)
+    assert model.margin(0.9) == MAX_MARGIN
+    with pytest.raises(ValueError, match="quantile"):
+        model.margin(1.0)
+    with pytest.raises(ValueError, match="margin_window"):
+        StepTimeModel(margin_window=2)
+    with pytest.raises(ValueError, match="plan_quantile"):
+        SchedulerConfig(plan_quantile=-0.1)
+    assert GRAPH_COST.scaled(2.0).mixed_s == pytest.approx(2 * GRAPH_COST.mixed_s)
+    with pytest.raises(ValueError, match="scale factor"):
+        GRAPH_COST.scaled(float("nan"))
+
+
+def test_planning_training_at_a_quantile_cuts_step_overruns() -> None:
+    """Eager steps whose time has a long tail (a host's jitter: 1 + 0.3 x Exp(1) times their price)
+    overrun budgets planned at the fit's mean; planned at its 0.9 quantile (``plan_quantile``, the
+    default) far fewer do, and training, the work the margin comes out of, keeps most of its rate."""
+    runs = {}
+    for q in (0.0, 0.9):
+        sim = _graph_sim(tpot_burst=8.0, tpot_lookahead=16, plan_quantile=q)
+        sim.rng, sim.noise, sim.eager_tail = random.Random(1), 0.05, 0.3
+        for j in range(2):
+            sim.sched.add_job(FakeJob(f"t{j}"))
+        seqs = _arrivals(sim, every_s=0.05, duration_s=20.0, max_tokens=100)
+        assert all(s.is_finished for s in seqs)
+        m = sim.sched.metrics
+        runs[q] = (m.num_step_overruns, sum(m.train_tokens_by_job.values()) / sim.now, sim.sched.margin)
+    (over_mean, train_mean, margin_off), (over_q, train_q, margin_q) = runs[0.0], runs[0.9]
+    assert margin_off == 1.0 and margin_q > 1.1
+    assert over_q <= 0.6 * over_mean, runs
+    assert train_q >= 0.8 * train_mean, runs

@@ -70,6 +70,10 @@ class SchedulerConfig:
     # that runs 10-15 % over its prediction takes it past the target.
     ttft_headroom: float = 0.9
     serving_idle_s: float = 5.0
+    # > 0: eager steps (prompt chunks past the graphs, training) are planned at this quantile of their
+    # time rather than at the step model's mean: every price of the plan is scaled by the quantile of
+    # the fit's recent error on such steps (StepTimeModel.margin, at least 1). 0: planned at the fit.
+    plan_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -110,6 +114,8 @@ class SchedulerConfig:
             raise ValueError("ttft_step_share must be in [0, 1]")
         if not 0.0 <= self.serving_idle_s <= 3600.0:
             raise ValueError("serving_idle_s must be in [0, 3600]")
+        if not 0.0 <= self.plan_quantile < 1.0:
+            raise ValueError("plan_quantile must be in [0, 1)")
         # TrainScale validates the AIMD parameters.
         TrainScale(self.train_decrease, self.train_increase, self.min_train_scale)
 

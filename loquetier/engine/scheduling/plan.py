@@ -5,7 +5,9 @@ each a public function that reads and extends one ``StepPlan``. Invariants: a ph
 to ``batch`` (never removes one another phase added, except preemption in the decode phase, which
 runs first); ``tokens_left`` is what the step's token ceiling still allows after the rows so far and
 the training floors; ``predicted`` is the step model's price of the rows so far (plus the fixed
-prices they trigger); times are seconds on the caller's clock.
+prices they trigger), at the fit's prices: decode and prefill are planned at the fit, training at
+``margin`` times it (``train_cost``), so the uncertainty of an eager step's time is taken from the
+optional work, never from prompts; times are seconds on the caller's clock.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class StepPlan:
     train_scale: float  # the AIMD factor on training time (TrainScale.value)
     tokens_left: int  # the step's token ceiling less what is planned so far
     last_train_at: float | None = None  # when a step last trained (the train_probe_s clock)
+    # the step model's margin (SchedulerConfig.plan_quantile): training, the optional work, is planned
+    # so that the whole step fits its budget at this many times its fitted time
+    margin: float = 1.0
     scheduled: set[str] = field(default_factory=set)  # seq_ids with a row in this step
     # decode phase
     time_budget: float | None = None  # the tightest decode budget; the training phase narrows it
@@ -49,3 +54,8 @@ class StepPlan:
     @property
     def now(self) -> float:
         return self.batch.now
+
+    @property
+    def train_cost(self) -> StepCost:
+        """The prices the training phases plan at: the fit's times ``margin``."""
+        return self.cost if self.margin == 1.0 else self.cost.scaled(self.margin)

@@ -98,9 +98,11 @@ def start_prefill(plan: StepPlan, queue: RequestQueue, config: SchedulerConfig) 
     # Whether this step will likely train beside its decode rows (borrowing with tpot_lookahead): it
     # runs eagerly then, so a prompt tail that must run eagerly rides along at no extra fixed price,
     # within the step's time, instead of waiting behind long training steps for its turn.
-    fixed_train = cost.mixed_s + cost.train_step_s
+    train_cost = plan.train_cost  # what fill_training will plan at
+    fixed_train = train_cost.mixed_s + train_cost.train_step_s
     if config.tpot_lookahead and plan.demands and not plan.probe_due and plan.train_budget is not None:
-        work = plan.train_scale * (plan.train_budget * config.tpot_headroom - plan.predicted - fixed_train)
+        work = plan.train_scale * (plan.train_budget * config.tpot_headroom - plan.predicted * plan.margin
+                                   - fixed_train)
         if train_pays(work, fixed_train, plan, config):
             plan.ride_budget = plan.train_budget
     plan.hold_new = not plan.mixed and hold_new_prefills(plan, queue, config, plan.predicted + cost.mixed_s)

@@ -26,7 +26,13 @@ Invariants of the fit (``StepTimeModel``):
 - once ``robust_after`` steps were seen, a measurement is clipped to ``outlier_factor`` times the
   prediction plus ``outlier_slack_s`` before it enters the fit, and in the rare regimes a lone sample
   more than ``drop_ratio`` times its prediction (while the newest is not) is dropped
-  (``_drop_lone_outlier``): one-off slow steps must not price a kind of work out for a window.
+  (``_drop_lone_outlier``): one-off slow steps must not price a kind of work out for a window;
+- ``margin(q)``: the q-quantile of the fit's one-step-ahead error on eager steps (measured over the
+  time the fit predicted just before the step was seen, the last ``margin_window`` eager steps),
+  at least 1 and at most ``MAX_MARGIN``; 1 until ``MIN_MARGIN_SAMPLES`` were seen. The fit is a
+  mean; a scheduler that plans eager steps at ``margin`` times it (``StepCost.scaled``) plans to
+  that quantile of their time instead, so steps that carry prefill and training overrun their
+  budget about ``1 - q`` of the time whatever the spread of their time.
 
 Pure Python (8x8 normal equations): no numpy/torch, no clocks.
 """
@@ -44,6 +50,8 @@ FEATURE_NAMES = ("const", "prefill_tokens", "decode_rows", "train_tokens", "eval
                  "mixed", "training")
 _KV, _MIXED, _TRAINING = (FEATURE_NAMES.index(n) for n in ("kv_tokens_read", "mixed", "training"))
 _TOKEN_PRICES = tuple(FEATURE_NAMES.index(n) for n in ("prefill_tokens", "train_tokens", "eval_tokens"))
+MIN_MARGIN_SAMPLES = 8  # eager steps seen before margin() moves off 1
+MAX_MARGIN = 2.0  # margin() never plans an eager step at more than this many times its fitted time
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,12 @@ class StepCost:
 
     def predict(self, f: StepFeatures) -> float:
         return self.predict_vector(f.vector())
+
+    def scaled(self, factor: float) -> StepCost:
+        """Every price times ``factor`` (>= 0): the cost a step planned at ``factor`` times the fit pays."""
+        if not factor >= 0.0:  # NaN too
+            raise ValueError(f"scale factor must be >= 0, got {factor}")
+        return StepCost(*(c * factor for c in self.as_tuple()))
 
     def predict_vector(self, x: tuple[float, ...]) -> float:
         return sum(c * v for c, v in zip(self.as_tuple(), x, strict=True))
@@ -167,6 +181,7 @@ class StepTimeModel:
         max_age: int | None = None,
         drop_ratio: float = 1.5,
         token_floor: float = 0.25,
+        margin_window: int = 64,
     ) -> None:
         if window < 2:
             raise ValueError("window must be >= 2")
@@ -191,6 +206,10 @@ class StepTimeModel:
         self.num_clipped = 0  # measurements clipped as outliers (see the module docstring)
         self.num_dropped = 0  # lone outliers dropped from a rare regime's window (_drop_lone_outlier)
         self.drop_ratio = drop_ratio
+        if margin_window < MIN_MARGIN_SAMPLES:
+            raise ValueError(f"margin_window must be >= {MIN_MARGIN_SAMPLES}")
+        # measured / predicted of the latest eager steps, the prediction from the fit before each (margin)
+        self._eager_errors: deque[float] = deque(maxlen=margin_window)
         # One window per regime (see _regime): the rare regimes keep their samples while graph steps stream.
         self._windows: dict[tuple[int, int, int], deque[tuple[int, tuple[float, ...], float]]] = {}
         # Running sums of X^T X and X^T y over the window (updated incrementally: O(64) per step).
@@ -214,8 +233,11 @@ class StepTimeModel:
     def observe(self, f: StepFeatures, measured_s: float) -> None:
         if measured_s < 0:
             raise ValueError("measured step time must be >= 0")
+        predicted = self.cost.predict(f)
+        if f.mixed and self.num_observed >= self.robust_after and predicted > 0.0:
+            self._eager_errors.append(measured_s / predicted)  # before any clipping: the error as it was
         if self.num_observed >= self.robust_after:
-            limit = self.outlier_factor * self.cost.predict(f) + self.outlier_slack_s
+            limit = self.outlier_factor * predicted + self.outlier_slack_s
             if measured_s > limit:
                 measured_s = limit
                 self.num_clipped += 1
@@ -235,6 +257,23 @@ class StepTimeModel:
         self.cost = self._fit()
         if len(samples) >= 8 and self.num_observed > self.robust_after and _regime(f) != _GRAPH_DECODE:
             self._drop_lone_outlier(samples)
+
+    def margin(self, quantile: float) -> float:
+        """The ``quantile`` (in [0, 1); 0 turns the margin off) of measured over predicted time of the
+        latest eager steps, clamped to [1, ``MAX_MARGIN``]; 1.0 while fewer than ``MIN_MARGIN_SAMPLES``
+        were seen."""
+        if not 0.0 <= quantile < 1.0:
+            raise ValueError(f"quantile must be in [0, 1), got {quantile}")
+        if quantile == 0.0 or len(self._eager_errors) < MIN_MARGIN_SAMPLES:
+            return 1.0
+        errors = sorted(self._eager_errors)
+        q = errors[min(len(errors) - 1, max(0, math.ceil(quantile * len(errors)) - 1))]
+        return min(max(q, 1.0), MAX_MARGIN)
+
+    @property
+    def num_eager_errors(self) -> int:
+        """Eager steps in ``margin``'s window."""
+        return len(self._eager_errors)
 
     def _drop_lone_outlier(self, samples: deque[tuple[int, tuple[float, ...], float]]) -> None:
         """Drop the one sample of a rare regime that is more than ``drop_ratio`` times its prediction

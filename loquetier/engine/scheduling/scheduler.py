@@ -78,6 +78,7 @@ class Scheduler:
         self._repay_s = 0.0  # predicted decode-only step of the current decode rows (tpot_lookahead)
         self._step_id = 0
         self._last_arrival: float | None = None  # the latest request's arrival (serving_step_cap)
+        self.margin = 1.0  # the step model's margin the last step was planned at (plan_quantile)
 
     # ---- requests and jobs ---------------------------------------------------------------------
 
@@ -150,9 +151,11 @@ class Scheduler:
 
     def schedule(self, now: float) -> ScheduledBatch:
         cfg = self.config
+        self.margin = self.step_model.margin(cfg.plan_quantile)
         plan = StepPlan(batch=ScheduledBatch(step_id=self._step_id, now=now), cost=self.step_model.cost,
                         graphs=self.graphs, train_scale=self.train_scale.value,
-                        tokens_left=cfg.max_num_batched_tokens, last_train_at=self._last_train_at)
+                        tokens_left=cfg.max_num_batched_tokens, last_train_at=self._last_train_at,
+                        margin=self.margin)
         self._step_id += 1
         add_decode_rows(plan, self.queue)
         self.metrics.num_preemptions += len(plan.batch.preempted)
@@ -300,6 +303,7 @@ class Scheduler:
             num_eval_tokens=f.eval_tokens,
             num_kv_tokens_read=f.kv_tokens_read,
             train_scale=self.train_scale.value,
+            margin=self.margin,
         )
         return m.last_step
 

@@ -132,6 +132,7 @@ class StepRecord:
     num_eval_tokens: int
     num_kv_tokens_read: int
     train_scale: float
+    margin: float = 1.0  # the step model's margin its plan was scaled by (SchedulerConfig.plan_quantile)
 
 
 @dataclass

@@ -7,7 +7,9 @@ Invariants:
 - with no inference in the system, training takes the whole token budget; with inference, it gets
   ``train_scale × (time budget − predicted step time)``, converted to tokens at the step model's
   prices; the time budget is the tightest of the decoders' (``train_budget``) and each scheduled
-  prefill's remaining TTFT slack per remaining step (``fill_training``);
+  prefill's remaining TTFT slack per remaining step (``fill_training``); the step so far and its
+  training are priced at ``plan.margin`` times the fit (``plan.train_cost``), so the whole step
+  fits its budget at the quantile ``plan_quantile`` of its time, not at its mean;
 - while serving (requests in the system or one arrived within ``serving_idle_s``) and
   ``ttft_step_share`` > 0, no step is planned past that share of the TTFT target
   (``serving_step_cap``), an idle one included (``fill_training_idle``);
@@ -40,7 +42,7 @@ def reserve_training_floors(plan: StepPlan, jobs: Iterable[TrainWork], config: S
                             num_decode_only: int) -> None:
     """The floors (``min_share``, ``min_train_tokens_per_step``); ``num_decode_only``: decode-only
     samples in the step model's window (too few: this step stays decode-only if it can)."""
-    plan.demands = job_demands(jobs, config, plan.cost)
+    plan.demands = job_demands(jobs, config, plan.train_cost)
     if not plan.demands:
         plan.last_train_at = None  # a job that comes later waits train_probe_s from its start
     plan.reserved = min(plan.tokens_left, reserved_train_tokens(plan.demands, config))
@@ -52,9 +54,10 @@ def reserve_training_floors(plan: StepPlan, jobs: Iterable[TrainWork], config: S
 def train_pays(work: float, fixed: float, plan: StepPlan, config: SchedulerConfig) -> bool:
     """Whether ``work`` seconds of training are worth the ``fixed`` prices they trigger in a step
     with decode rows: at least ``train_amortize`` times those prices, or the most any such step can
-    carry (the burst cap bounds its time, the token ceiling its tokens), whichever is less."""
-    cost = plan.cost
-    best = min(max(0.0, plan.burst_cap * config.tpot_headroom - plan.predicted - fixed),
+    carry (the burst cap bounds its time, the token ceiling its tokens), whichever is less. All at
+    the training phases' prices (``plan.train_cost``: the fit times ``plan.margin``)."""
+    cost = plan.train_cost
+    best = min(max(0.0, plan.burst_cap * config.tpot_headroom - plan.predicted * plan.margin - fixed),
                (config.max_num_batched_tokens - plan.batch.num_decode_rows) * cost.train_token_s)
     return work > 0.0 and work >= config.train_amortize * min(fixed, best)
 
@@ -71,7 +74,8 @@ def train_probe_due(plan: StepPlan, config: SchedulerConfig) -> bool:
 def fill_training(plan: StepPlan, config: SchedulerConfig, *, has_backlog: bool, prior: StepCost) -> None:
     """With inference in the system: the step's time budget and the time training may use.
     ``has_backlog``: requests still wait after the prefill phase; ``prior``: the step model's prior."""
-    batch, cost = plan.batch, plan.cost
+    batch, cost = plan.batch, plan.train_cost
+    predicted = plan.predicted * plan.margin  # the step so far, planned at the margin as training is
     time_budget = plan.train_budget
     limit = prefill_time_limit(batch, plan.now, config)
     if time_budget is None or (limit is not None and limit < time_budget):
@@ -81,7 +85,7 @@ def fill_training(plan: StepPlan, config: SchedulerConfig, *, has_backlog: bool,
     if plan.step_cap is not None:
         time_budget = min(time_budget, plan.step_cap)
     plan.time_budget = time_budget
-    spare = max(0.0, time_budget * config.tpot_headroom - plan.predicted)
+    spare = max(0.0, time_budget * config.tpot_headroom - predicted)
     if has_backlog and not plan.hold_new:
         # A backlog that could not be admitted waits for running sequences to finish: a longer step
         # only delays it, so training keeps its floors and nothing more.
@@ -116,8 +120,9 @@ def fill_training_idle(plan: StepPlan, config: SchedulerConfig) -> None:
     if plan.step_cap is None:
         return
     plan.time_budget = plan.step_cap
-    spare = max(0.0, plan.step_cap * config.tpot_headroom - plan.predicted - plan.cost.train_step_s)
-    plan.train_time = spare + plan.reserved * plan.cost.train_token_s
+    cost = plan.train_cost
+    spare = max(0.0, plan.step_cap * config.tpot_headroom - plan.predicted * plan.margin - cost.train_step_s)
+    plan.train_time = spare + plan.reserved * cost.train_token_s
 
 
 def serving_step_cap(config: SchedulerConfig, now: float, *, serving: bool, last_arrival: float | None) -> float | None:
