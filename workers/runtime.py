@@ -37,6 +37,7 @@ from .engine_client import EngineClient, EngineLike, StepFailed
 from .inference import Inference, coalesce_tokens
 from .intake import Intake
 from .jobs import LeasedJobs
+from .lanes import Lanes
 from .loop_lag import LoopLag
 from .publisher import Publisher
 from .reconcile import Reconciler
@@ -99,6 +100,7 @@ class Worker:
             worker_id=self.worker_id,
             max_jobs=max_jobs,
         )
+        self.job_lanes = Lanes("job event handling")  # a job's engine events, in order, beside the pump
         self.control = Control(
             self.client,
             self.store,
@@ -234,6 +236,7 @@ class Worker:
             self.engine_failed(self.engine_failure or "the engine thread is not running")
         is_engine_ok = self.engine_failure is None
         await _step("mark draining", self._mark("draining"))
+        await _step("record job events", self.job_lanes.drain(), timeout_s=10.0)
         await _step("release jobs", self.jobs.release_all(is_clean=is_engine_ok))
         await _step("drain requests", self._drain(), timeout_s=self.drain_timeout_s + 1.0)
         await _step("stop intake", self._cancel_intake())
@@ -287,7 +290,9 @@ class Worker:
     # --- background tasks ----------------------------------------------------------------
 
     async def _pump(self) -> None:
-        """Engine events to their owners, each in its own task so I/O never blocks the pump."""
+        """Engine events to their owners, each in its own task so I/O never blocks the pump; a job's
+        events in order in the job's lane (a checkpoint before the job's end), which the pump does not
+        wait for either: tokens of later steps must not queue behind a job's database write."""
         pending: set[asyncio.Task[None]] = set()
         while True:
             try:
@@ -299,13 +304,12 @@ class Worker:
                 if isinstance(ev, TokenEvent):
                     await self.inference.on_event(ev)  # only enqueued: keeps tokens before the result
                     continue
-                is_job = isinstance(ev, _JOB_EVENTS)
-                owner = self.jobs.on_event(ev) if is_job else self.inference.on_event(ev)
-                task = asyncio.create_task(_logged(owner))
+                if isinstance(ev, _JOB_EVENTS):
+                    self.job_lanes.submit(ev.job_id, self.jobs.on_event(ev))
+                    continue
+                task = asyncio.create_task(_logged(self.inference.on_event(ev)))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-                if is_job:
-                    await task  # job events in order: a checkpoint before the job's end
 
     async def _heartbeat(self) -> None:
         ws = self.settings.worker

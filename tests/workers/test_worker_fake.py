@@ -102,3 +102,37 @@ async def test_training_job_checkpoints_done_and_serves_the_adapter(topics: Any,
     assert sorted(ckpts) == [2, 4]
     assert adapter is not None and adapter.status == "ready" and adapter.data == b"adapter:fake-a:6:3"
     assert job_row is not None and job_row.status == "succeeded" and job_row.step == 6
+
+
+async def test_a_slow_job_write_does_not_hold_up_tokens(topics: Any, database_url: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's events are recorded in the job's own lane: while its checkpoint's write hangs, a request
+    that arrives meanwhile still streams and finishes, and the job's records keep their order."""
+    from loquetier.engine.events import JobCheckpoint
+    from loquetier.workers.jobs import LeasedJobs
+
+    entered, gate = asyncio.Event(), asyncio.Event()
+    original = LeasedJobs.on_event
+
+    async def slow_checkpoint(self: LeasedJobs, ev: Any) -> None:
+        if isinstance(ev, JobCheckpoint) and ev.step == 2:
+            entered.set()
+            await asyncio.wait_for(gate.wait(), 60)  # a database write that hangs
+        await original(self, ev)
+
+    monkeypatch.setattr(LeasedJobs, "on_event", slow_checkpoint)
+    settings = await topics()
+    engine = FakeEngine()
+    job = {"adapter_id": "fake-lane", "data": [{"prompt": "a b", "completion": "c"}],
+           "params": {"max_steps": 6, "checkpoint_every": 2, "seed": 1}}
+    async with running_worker(engine, settings), client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        await asyncio.wait_for(entered.wait(), 30)
+        rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, stream=True)
+        result = await client.wait_result(rid, timeout=20)
+        assert result.type == "result" and result.token_ids == [6, 7, 8, 6]
+        assert not gate.is_set()  # the checkpoint is still being written
+        gate.set()
+        records = [r async for r in client.results([job_id])]
+    assert [r.step for r in records if r.type == "checkpoint"] == [2, 4]
+    assert records[-1].type == "job_done" and records[-1].status == "succeeded"
