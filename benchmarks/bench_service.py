@@ -417,7 +417,10 @@ def targets(svc: ServiceRun, alone: dict[str, Any] | None) -> list[report.Target
     nan = math.nan
     a: ServingSummary | None = alone["summary"] if alone else None
     ratio = s.output_tokens_per_s / a.output_tokens_per_s if a and a.output_tokens_per_s else nan
-    added = (s.ttft_p99_s - a.ttft_p99_s) * 1e3 if a and math.isfinite(a.ttft_p99_s) else nan
+    # per request: its client TTFT less the engine's own TTFT for it (counted from the worker's
+    # intake), so the way in before the intake and the way out; the p99s of two runs differ by more
+    # than that whenever their schedules do
+    added = x.get("ttft_stages", {}).get("added by the service (client - engine)", {}).get("p99", nan)
     train_only = alone["training_only_tokens_per_s"] if alone else nan
     led = x["ledger"]
     return [
@@ -426,9 +429,11 @@ def targets(svc: ServiceRun, alone: dict[str, Any] | None) -> list[report.Target
                       note=f"{s.output_tokens_per_s:.1f} vs {a.output_tokens_per_s if a else nan:.1f} tok/s; SLO "
                            f"{s.slo_attainment:.1%} vs {a.slo_attainment if a else nan:.1%}"),
         report.Target("Service SLO attainment", ">= 0.99", s.slo_attainment, 0.99),
-        report.Target("TTFT added by the service, p99 (ms)", "<= 50 ms", added, 50.0, higher_is_better=False,
-                      note=f"p99 {s.ttft_p99_s * 1e3:.0f} vs {a.ttft_p99_s * 1e3 if a else nan:.0f} ms; p50 "
-                           f"{s.ttft_p50_s * 1e3:.0f} vs {a.ttft_p50_s * 1e3 if a else nan:.0f} ms"),
+        report.Target("TTFT added by the service, p99 over requests (ms)", "<= 50 ms", added, 50.0,
+                      higher_is_better=False,
+                      note=f"client TTFT - engine TTFT per request; TTFT p99 {s.ttft_p99_s * 1e3:.0f} vs "
+                           f"{a.ttft_p99_s * 1e3 if a else nan:.0f} ms engine alone, p50 {s.ttft_p50_s * 1e3:.0f} vs "
+                           f"{a.ttft_p50_s * 1e3 if a else nan:.0f} ms"),
         report.Target("Results lost", "0", float(led["lost"]), 0.0, higher_is_better=False,
                       note=f"{led['published']} published, DB rows matching {led['db_rows_match']}"),
         report.Target("Results answered twice", "0", float(led["answered_twice"]), 0.0, higher_is_better=False),
