@@ -5,16 +5,17 @@ The pump that reads the engine's step events must never wait on a database commi
 tokens of later steps (a request's first token among them) would wait behind it. A job's events
 still need their order (a checkpoint is recorded before the job's end), so each job gets a lane.
 
-Invariants: ``submit(key, aw)`` starts ``aw`` once every earlier awaitable of the same key has ended
-(returned or raised: a failure is logged and does not stop the lane); it returns at once; ``drain``
-waits for every lane.
+Invariants: ``submit(key, work)`` calls ``work()`` and awaits what it returns once all earlier work
+of the same key has ended (returned, raised: a failure is logged and does not stop the lane, or was
+cancelled); it returns at once; work cancelled before its turn is never called (no coroutine is made
+that nobody awaits); ``drain`` waits for every lane, and cancelling it cancels none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,9 @@ class Lanes:
         self._what = what
         self._tails: dict[Any, asyncio.Task[None]] = {}
 
-    def submit(self, key: Any, aw: Awaitable[Any]) -> asyncio.Task[None]:
-        """Run ``aw`` after the lane ``key``'s earlier work; returns its task at once."""
-        task = asyncio.create_task(self._run(self._tails.get(key), aw))
+    def submit(self, key: Any, work: Callable[[], Awaitable[Any]]) -> asyncio.Task[None]:
+        """Run ``work()`` after the lane ``key``'s earlier work; returns its task at once."""
+        task = asyncio.create_task(self._run(self._tails.get(key), work))
         self._tails[key] = task
         task.add_done_callback(lambda t: self._forget(key, t))
         return task
@@ -38,15 +39,16 @@ class Lanes:
         return len(self._tails)
 
     async def drain(self) -> None:
-        """Wait until every lane is done (work submitted meanwhile included)."""
+        """Wait until every lane is done (work submitted meanwhile included). Cancelling the wait
+        cancels no lane."""
         while self._tails:
-            await asyncio.gather(*self._tails.values(), return_exceptions=True)
+            await asyncio.wait(list(self._tails.values()))
 
-    async def _run(self, before: asyncio.Task[None] | None, aw: Awaitable[Any]) -> None:
-        if before is not None:
-            await asyncio.gather(before, return_exceptions=True)  # its failure is its own (logged there)
+    async def _run(self, before: asyncio.Task[None] | None, work: Callable[[], Awaitable[Any]]) -> None:
+        if before is not None:  # its failure is its own (logged there); cancelling this one spares it
+            await asyncio.wait([before])
         try:
-            await aw
+            await work()
         except Exception:
             log.exception("%s failed", self._what)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -305,7 +306,7 @@ class Worker:
                     await self.inference.on_event(ev)  # only enqueued: keeps tokens before the result
                     continue
                 if isinstance(ev, _JOB_EVENTS):
-                    self.job_lanes.submit(ev.job_id, self.jobs.on_event(ev))
+                    self.job_lanes.submit(ev.job_id, functools.partial(self.jobs.on_event, ev))
                     continue
                 task = asyncio.create_task(_logged(self.inference.on_event(ev)))
                 pending.add(task)
