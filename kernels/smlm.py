@@ -136,6 +136,16 @@ def _check(lora: ModuleLoRA, x: torch.Tensor, k: int) -> None:
     assert lora.max_rank <= 128, "ranks above 128 need a wider accumulator tile"
 
 
+def _check_parts(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]]) -> None:
+    """The inputs of a shrink and expand in one call: every part fits x and its columns of y."""
+    first = parts[0][0]
+    for lora, offset in parts:
+        _check(lora, x, first.in_features)
+        assert 0 <= offset and offset + lora.out_features <= y.shape[1]
+    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
+    assert y.dim() == 2 and y.shape[0] == x.shape[0]
+
+
 def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
                   device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_R, BLOCK_K, split_k) of a shrink launch over ``programs`` row blocks."""
@@ -382,11 +392,7 @@ def forward_split(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[Module
     two launches each."""
     loras = [lo for lo, _ in parts]
     first = loras[0]
-    for lora, offset in parts:
-        _check(lora, x, first.in_features)
-        assert 0 <= offset and offset + lora.out_features <= y.shape[1]
-    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
-    assert y.dim() == 2 and y.shape[0] == x.shape[0]
+    _check_parts(y, x, parts)
     if not meta.num_blocks:
         return
     if len(parts) > 1 and not parts_fit(loras):
@@ -476,11 +482,7 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[Module
     loras = [lo for lo, _ in parts]
     assert fused_fit(loras)
     first, num = loras[0], len(parts)
-    for lora, offset in parts:
-        _check(lora, x, first.in_features)
-        assert 0 <= offset and offset + lora.out_features <= y.shape[1]
-    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
-    assert y.dim() == 2 and y.shape[0] == x.shape[0]
+    _check_parts(y, x, parts)
     if not meta.num_blocks:
         return
     widths = [lo.out_features for lo in loras]

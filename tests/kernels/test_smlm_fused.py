@@ -305,15 +305,8 @@ def test_forward_split_matches_reference_in_two_launches_the_same_bits_each_run(
         buffers.append(torch.full(shape, NAN, dtype=torch.float32, device=device))
         return buffers[-1]
 
-    launched: list[str] = []
-    launch = smlm.launch
-
-    def counting(kernel, grid, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        launched.append(kernel.fn.__name__)
-        return launch(kernel, grid, *args, **kw)
-
     monkeypatch.setattr(smlm, "_split_buffer", poisoned)
-    monkeypatch.setattr(smlm, "launch", counting)
+    launched = _count_launches(monkeypatch)
     runs = []
     for _ in range(2):
         y = y0.clone()
@@ -325,7 +318,6 @@ def test_forward_split_matches_reference_in_two_launches_the_same_bits_each_run(
     y_ref = y0.clone()
     reference.shrink_expand_ref(y_ref, x, parts, meta)
     _assert_close(runs[0], y_ref, TOL[dtype], "forward_split vs reference")
-    monkeypatch.setattr(smlm, "launch", launch)
     y_two = y0.clone()
     _two_launches(y_two, x, parts, meta)
     _assert_close(runs[0], y_two, 2e-6 if dtype == torch.float32 else 1e-2, "forward_split vs atomic launches")
