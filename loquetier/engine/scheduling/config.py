@@ -70,9 +70,10 @@ class SchedulerConfig:
     # that runs 10-15 % over its prediction takes it past the target.
     ttft_headroom: float = 0.9
     serving_idle_s: float = 5.0
-    # > 0: eager steps (prompt chunks past the graphs, training) are planned at this quantile of their
-    # time rather than at the step model's mean: every price of the plan is scaled by the quantile of
-    # the fit's recent error on such steps (StepTimeModel.margin, at least 1). 0: planned at the fit.
+    # > 0: a step's training is planned so that the whole step fits its budget at this quantile of an
+    # eager step's time rather than at the step model's mean: the training phases scale every price
+    # by the quantile of the fit's recent error on eager steps (StepTimeModel.margin, at least 1);
+    # prompts and decode rows keep the fit's prices. 0: training planned at the fit too.
     plan_quantile: float = 0.9
 
     def __post_init__(self) -> None:

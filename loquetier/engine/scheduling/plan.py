@@ -13,6 +13,7 @@ optional work, never from prompts; times are seconds on the caller's clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from loquetier.engine.scheduling.budget import JobDemand
 from loquetier.engine.scheduling.pricing import GraphPaths, StepCost
@@ -55,7 +56,12 @@ class StepPlan:
     def now(self) -> float:
         return self.batch.now
 
-    @property
+    @cached_property
     def train_cost(self) -> StepCost:
-        """The prices the training phases plan at: the fit's times ``margin``."""
+        """The prices the training phases plan at: the fit's times ``margin`` (both fixed per plan)."""
         return self.cost if self.margin == 1.0 else self.cost.scaled(self.margin)
+
+    @property
+    def train_predicted(self) -> float:
+        """``predicted`` at the training phases' prices: the step so far times ``margin``."""
+        return self.predicted * self.margin

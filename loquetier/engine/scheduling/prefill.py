@@ -101,7 +101,7 @@ def start_prefill(plan: StepPlan, queue: RequestQueue, config: SchedulerConfig) 
     train_cost = plan.train_cost  # what fill_training will plan at
     fixed_train = train_cost.mixed_s + train_cost.train_step_s
     if config.tpot_lookahead and plan.demands and not plan.probe_due and plan.train_budget is not None:
-        work = plan.train_scale * (plan.train_budget * config.tpot_headroom - plan.predicted * plan.margin
+        work = plan.train_scale * (plan.train_budget * config.tpot_headroom - plan.train_predicted
                                    - fixed_train)
         if train_pays(work, fixed_train, plan, config):
             plan.ride_budget = plan.train_budget

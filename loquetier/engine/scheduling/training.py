@@ -57,7 +57,7 @@ def train_pays(work: float, fixed: float, plan: StepPlan, config: SchedulerConfi
     carry (the burst cap bounds its time, the token ceiling its tokens), whichever is less. All at
     the training phases' prices (``plan.train_cost``: the fit times ``plan.margin``)."""
     cost = plan.train_cost
-    best = min(max(0.0, plan.burst_cap * config.tpot_headroom - plan.predicted * plan.margin - fixed),
+    best = min(max(0.0, plan.burst_cap * config.tpot_headroom - plan.train_predicted - fixed),
                (config.max_num_batched_tokens - plan.batch.num_decode_rows) * cost.train_token_s)
     return work > 0.0 and work >= config.train_amortize * min(fixed, best)
 
@@ -75,7 +75,6 @@ def fill_training(plan: StepPlan, config: SchedulerConfig, *, has_backlog: bool,
     """With inference in the system: the step's time budget and the time training may use.
     ``has_backlog``: requests still wait after the prefill phase; ``prior``: the step model's prior."""
     batch, cost = plan.batch, plan.train_cost
-    predicted = plan.predicted * plan.margin  # the step so far, planned at the margin as training is
     time_budget = plan.train_budget
     limit = prefill_time_limit(batch, plan.now, config)
     if time_budget is None or (limit is not None and limit < time_budget):
@@ -85,7 +84,7 @@ def fill_training(plan: StepPlan, config: SchedulerConfig, *, has_backlog: bool,
     if plan.step_cap is not None:
         time_budget = min(time_budget, plan.step_cap)
     plan.time_budget = time_budget
-    spare = max(0.0, time_budget * config.tpot_headroom - predicted)
+    spare = max(0.0, time_budget * config.tpot_headroom - plan.train_predicted)
     if has_backlog and not plan.hold_new:
         # A backlog that could not be admitted waits for running sequences to finish: a longer step
         # only delays it, so training keeps its floors and nothing more.
@@ -121,7 +120,7 @@ def fill_training_idle(plan: StepPlan, config: SchedulerConfig) -> None:
         return
     plan.time_budget = plan.step_cap
     cost = plan.train_cost
-    spare = max(0.0, plan.step_cap * config.tpot_headroom - plan.predicted * plan.margin - cost.train_step_s)
+    spare = max(0.0, plan.step_cap * config.tpot_headroom - plan.train_predicted - cost.train_step_s)
     plan.train_time = spare + plan.reserved * cost.train_token_s
 
 
