@@ -20,7 +20,7 @@ import torch
 from benchmarks.harness.models import SPECS, prepare_base
 from loquetier import Engine, SamplingParams
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow
-from loquetier.kernels import fused
+from loquetier.kernels import fused, set_lora_overlap
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import LoRAConfig
 from loquetier.models.batch import BatchBuilder
@@ -62,9 +62,8 @@ def _profiled_gpu_ms(engine: Engine) -> float:
     return sum(e.self_device_time_total for e in averages) / 1e3 / made
 
 
-def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool = False) -> dict[str, float]:
-    """One decode step's logits from the captured graph vs the plain forward (torch elementwise ops),
-    same rows, same state (both write the same K/V values at the same slots)."""
+def _rows(engine: Engine) -> tuple[list[DecodeRow], BatchBuilder]:
+    """The running sequences' next decode rows, as graph rows and as a plain batch."""
     rows = []
     b = BatchBuilder(engine.config.block_size)
     for seq in engine.scheduler.running:
@@ -74,6 +73,27 @@ def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool 
         slot = engine.runner._slot(seq.adapter_id)
         rows.append(DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens, table, slot))
         b.add_decode(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens, table, slot=slot)
+    return rows, b
+
+
+def _compare_graphs(engine: Engine, first: DecodeGraphs, second: DecodeGraphs) -> dict[str, float]:
+    """One decode step's logits from two graph sets on the same rows and state: whether they are the
+    same bits (both write the same K/V values at the same slots)."""
+    rows, _ = _rows(engine)
+    if not rows:
+        return {}
+    with torch.no_grad():
+        a, ids_a = first.run(rows)
+        a = a.clone()
+        b, ids_b = second.run(rows)
+    assert ids_a == ids_b
+    return {"max_abs_diff": (a - b).abs().max().item(), "same_bits": float(torch.equal(a, b))}
+
+
+def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool = False) -> dict[str, float]:
+    """One decode step's logits from the captured graph vs the plain forward (torch elementwise ops),
+    same rows, same state (both write the same K/V values at the same slots)."""
+    rows, b = _rows(engine)
     if not rows:  # every row is about to cross into a new block: check at the next bucket capture
         return {}
     with torch.no_grad():
@@ -92,7 +112,8 @@ def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool 
     return {"max_abs_diff": diff, "max_abs_logit": scale, "argmax_agreement": agree}
 
 
-def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int) -> dict[str, float]:
+def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
+             overlaps: tuple[str, ...] = ()) -> dict[str, float]:
     for i in range(batch):
         prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
         engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
@@ -129,6 +150,22 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int)
             out |= {"fused_graph_step_ms_median": statistics.median(replayed) * 1e3,
                     "fused_graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine),
                     **{f"fused_graph_{k}": v for k, v in check.items()}}
+            for mode in overlaps:  # fused graphs whose LoRA work runs beside the base GEMMs
+                try:
+                    set_lora_overlap(mode)
+                    side = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
+                                        graphs.scratch_block, mode=graphs.mode)
+                    same = _compare_graphs(engine, fused_graphs, side)
+                    engine.runner.graphs = side
+                    replayed = _timed_steps(engine, steps)
+                    out |= {f"overlap_{mode}_graph_step_ms_median": statistics.median(replayed) * 1e3,
+                            f"overlap_{mode}_graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine),
+                            **{f"overlap_{mode}_vs_fused_graph_{k}": v for k, v in same.items()}}
+                except Exception as exc:  # noqa: BLE001 - the numbers above stay
+                    out[f"overlap_{mode}_error"] = repr(exc)[:500]
+                finally:
+                    set_lora_overlap(None)
+                    engine.runner.graphs = fused_graphs
         except Exception as exc:  # noqa: BLE001 - an untried kernel must not lose the numbers above
             out["fused_error"] = repr(exc)[:500]
         finally:
@@ -149,7 +186,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--cuda-graphs", default="auto", help="engine cuda_graphs: auto | on | off | eager")
     ap.add_argument("--quick", action="store_true", help="8 timed steps per variant")
+    ap.add_argument("--lora-overlap", default="shrink,all",
+                    help="LoRA overlap modes to time as fused graphs besides the default (comma list; '' none)")
     args = ap.parse_args()
+    overlaps = tuple(m for m in args.lora_overlap.split(",") if m)
     if args.quick:
         args.steps = min(args.steps, 8)
     spec = SPECS[args.model]
@@ -171,7 +211,7 @@ def main() -> None:
     results: dict[str, object] = {"floor_ms": floor_ms, "gpu": torch.cuda.get_device_name() if args.device == "cuda"
                                   else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     for name, adapters in (("no adapters", [None]), ("32 adapters r16", [f"a{i}" for i in range(32)])):
-        r = run_case(engine, args.batch, adapters, args.steps)
+        r = run_case(engine, args.batch, adapters, args.steps, overlaps if adapters != [None] else ())
         r["x_floor"] = r["step_ms_median"] / floor_ms
         if "graph_step_ms_median" in r:
             r["graph_x_floor"] = r["graph_step_ms_median"] / floor_ms
@@ -200,6 +240,12 @@ def main() -> None:
                   f"{r['fused_step_ms_median'] / floor_ms:.2f} |")
             print(f"| {name} | CUDA graph + fused | {ms:.2f} | {r['fused_graph_gpu_kernel_ms_per_step']:.2f} | "
                   f"{floor_ms:.2f} | {ms / floor_ms:.2f} |")
+        for mode in overlaps:
+            if f"overlap_{mode}_graph_step_ms_median" in r:
+                ms = r[f"overlap_{mode}_graph_step_ms_median"]
+                gpu_ms = r[f"overlap_{mode}_graph_gpu_kernel_ms_per_step"]
+                print(f"| {name} | CUDA graph + fused, LoRA overlap {mode} | {ms:.2f} | {gpu_ms:.2f} | "
+                      f"{floor_ms:.2f} | {ms / floor_ms:.2f} |")
     if args.out:
         Path(args.out, "decode.json").write_text(json.dumps(results, indent=1))
 

@@ -59,17 +59,35 @@ def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Gen
         prompts = given or _prompts(batch, engine.model.cfg.vocab_size, gen)
         ids = [adapters[i % len(adapters)] for i in range(batch)]
         before_steps, before_graph = engine.num_steps, engine.runner.num_graph_steps
+        records = []
+        record = engine.scheduler._record
+
+        def keep(*a: Any, _record: Any = record, _records: list[Any] = records) -> Any:
+            _records.append(_record(*a))
+            return _records[-1]
+
+        engine.scheduler._record = keep
         _sync(device)
         t0 = time.perf_counter()
-        outs = engine.generate(prompts, ids, sampling)
-        _sync(device)
+        try:
+            outs = engine.generate(prompts, ids, sampling)
+            _sync(device)
+        finally:
+            del engine.scheduler._record  # the class's method again
         dt = time.perf_counter() - t0
         made = sum(len(o.token_ids) for o in outs)
         rates.append(made / dt)
         seconds.append(dt)
         graph_steps = engine.runner.num_graph_steps - before_graph
         steps = engine.num_steps - before_steps
-    return {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates, "seconds": seconds,
+    # the last call's steps by kind: steps with prompt tokens (prefill, maybe with decode rows) and
+    # decode-only steps (a decode window's steps share its time equally)
+    prompt_steps = [r for r in records if r.num_prefill_tokens]
+    decode_steps = [r for r in records if not r.num_prefill_tokens]
+    split = {"prompt_steps": len(prompt_steps), "prompt_steps_s": sum(r.step_time_s for r in prompt_steps),
+             "decode_steps": len(decode_steps), "decode_steps_s": sum(r.step_time_s for r in decode_steps)}
+    split["decode_step_ms"] = 1e3 * split["decode_steps_s"] / max(1, len(decode_steps))
+    return {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates, "seconds": seconds, **split,
             "steps": steps, "graph_steps": graph_steps, "batch": batch, "new_tokens": new_tokens,
             "windows": engine.window.num_windows, "tokens": [o.token_ids for o in outs], "prompts": prompts}
 
@@ -138,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         i = pre.index("--baseline-tokens")
         baseline_tokens = int(pre[i + 1])
         del pre[i : i + 2]
+    overlaps: list[str] = []
+    if "--lora-overlap" in pre:  # LoRA overlap modes to time after the cases (graphs captured again)
+        i = pre.index("--lora-overlap")
+        overlaps = [m for m in pre[i + 1].split(",") if m]
+        del pre[i : i + 2]
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -201,6 +224,28 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor "
                 f"({r['graph_steps']}/{r['steps']} graph steps)")
 
+    # the adapter cases again with the graphs' LoRA work on a side stream beside the base GEMMs, one
+    # mode after another, each with its graphs captured again (a graph keeps its capture's mode)
+    from loquetier.kernels import lora_overlap, set_lora_overlap
+
+    default_overlap = lora_overlap()
+    for mode in overlaps:
+        set_lora_overlap(mode)
+        try:
+            engine.capture_graphs(recapture=True)
+            for name, batch in (("ours_lora_b32", small_batch), ("ours_lora_b128", big_batch)):
+                r = common.attempt(f"{name} overlap {mode}", errors, log, run_ours, engine, batch,
+                                   list(adapter_ids), gen, dev, new_tokens, repeats)
+                if r is not None:
+                    r["x_floor"] = r["tokens_per_s"] * floor_s / batch
+                    results.setdefault("overlap", {}).setdefault(mode, {})[name] = r
+                    log(f"{name}, LoRA overlap {mode}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor, "
+                        f"decode steps {r['decode_step_ms']:.2f} ms")
+        finally:
+            set_lora_overlap(default_overlap)
+    if overlaps:
+        engine.capture_graphs(recapture=True)
+
     for name, batch, adapters in (("base_b32", small_batch, [None]), ("lora_b32", small_batch, list(adapter_ids))):
         r = common.attempt(f"windows {name}", errors, log, compare_windows, engine, batch, adapters, gen, dev,
                            new_tokens)
@@ -255,9 +300,36 @@ def main(argv: list[str] | None = None) -> int:
          + report.markdown_table(["system", "tokens/s", "batch", "of the floor", "note"], rows)),
         ("Ratios (same run)", report.markdown_table(["ratio", "value"], ratios)),
     ]
+    split_rows = [[label, r["prompt_steps"], report.fmt(r["prompt_steps_s"], 3), r["decode_steps"],
+                   report.fmt(r["decode_steps_s"], 3), report.fmt(r["decode_step_ms"], 2)]
+                  for label, key in (("no adapters, batch 32", "ours_base_b32"),
+                                     ("32 adapters, batch 32", "ours_lora_b32"),
+                                     ("no adapters, batch 128", "ours_base_b128"),
+                                     ("32 adapters, batch 128", "ours_lora_b128"))
+                  if isinstance(r := results.get(key), dict) and "prompt_steps" in r]
+    if split_rows:
+        sections.append(("Where the time goes", "The last timed call of each case, its steps by kind (the "
+                         "scheduler's measured step times; a decode window's steps share its time):\n\n"
+                         + report.markdown_table(["case", "steps with prompt tokens", "their s", "decode-only steps",
+                                                  "their s", "ms per decode step"], split_rows)))
+    by_mode = results.get("overlap", {})
+    if by_mode:
+        rows = []
+        for mode, cases_of in by_mode.items():
+            cells = [mode]
+            for key in ("ours_lora_b32", "ours_lora_b128"):
+                r = cases_of.get(key)
+                cells += ([report.fmt(r["tokens_per_s"]), report.fmt(r["x_floor"], 3),
+                           report.fmt(r["decode_step_ms"], 2)] if r else ["n/a"] * 3)
+            rows.append(cells)
+        sections.append(("LoRA work beside the base GEMMs", "32 adapters, graphs captured again for each mode, in "
+                         "this order after the cases above (`--lora-overlap`, `LOQUETIER_LORA_OVERLAP`):\n\n"
+                         + report.markdown_table(["LoRA overlap", "batch 32 tok/s", "of the floor",
+                                                  "ms per decode step", "batch 128 tok/s", "of the floor",
+                                                  "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    for r in results.values():
+    for r in [*results.values(), *[c for m in by_mode.values() for c in m.values()]]:
         if isinstance(r, dict):
             r.pop("tokens", None)
             r.pop("prompts", None)

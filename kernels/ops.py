@@ -19,8 +19,9 @@ that was on when it was captured.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ class _Backend:
                  parts: tuple[Callable[..., bool], Callable[..., torch.Tensor], Callable[..., None]] | None = None,
                  variant_metas: Callable[[int, torch.device], list[SMLMMeta]] | None = None,
                  fused: tuple[Callable[..., bool], Callable[..., None]] | None = None,
-                 forward_split: tuple[Callable[..., bool], Callable[..., None]] | None = None,
+                 forward_split: tuple[Callable[..., bool], Callable[..., Callable[[torch.Tensor], None]]] | None = None,
                  ) -> None:
         self.shrink, self.expand, self.backward, self.name = shrink, expand, backward, name
         # (parts_fit, shrink_parts, expand_parts): the parts of a fused module in one launch each
@@ -56,8 +57,9 @@ class _Backend:
         self.variant_metas = variant_metas
         # (fused_applies, shrink_expand): shrink + expand of a module (all its parts) in one launch
         self.fused = fused
-        # (split_applies, forward_split): shrink + expand of a module (all its parts) when no v is
-        # kept, decode-sized: K splits stored apart, added by expand in a fixed order (no memset, no atomics)
+        # (split_applies, split_shrink): shrink + expand of a module (all its parts) when no v is
+        # kept, decode-sized: K splits stored apart, added by expand in a fixed order (no memset, no
+        # atomics); split_shrink launches the shrink and returns the expand, finish(y)
         self.forward_split = forward_split
 
 
@@ -73,7 +75,7 @@ def _triton_backend() -> _Backend | None:
     return _Backend(smlm.shrink, smlm.expand, smlm.backward, "triton",
                     parts=(smlm.parts_fit, smlm.shrink_parts, smlm.expand_parts),
                     variant_metas=smlm.variant_metas, fused=(smlm.fused_applies, smlm.shrink_expand),
-                    forward_split=(smlm.split_applies, smlm.forward_split))
+                    forward_split=(smlm.split_applies, smlm.split_shrink))
 
 
 def backend_for(device: torch.device) -> _Backend:
@@ -125,6 +127,64 @@ def deterministic_enabled() -> bool:
     return smlm.deterministic_enabled()
 
 
+OVERLAP_ENV = "LOQUETIER_LORA_OVERLAP"
+OVERLAP_MODES = ("off", "shrink", "all")
+
+
+def _overlap_from_env() -> str:
+    value = os.environ.get(OVERLAP_ENV, "off").strip().lower() or "off"
+    if value not in OVERLAP_MODES:
+        raise ValueError(f"{OVERLAP_ENV} must be one of {', '.join(OVERLAP_MODES)}, got {value!r}")
+    return value
+
+
+_overlap = _overlap_from_env()
+_overlap_depth = 0  # > 0 inside overlap_scope
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def set_lora_overlap(mode: str | None) -> None:
+    """Which LoRA work of a CUDA forward inside ``overlap_scope`` (CUDA graph captures) runs on a side
+    stream, beside the base GEMM: "off" (none), "shrink" (the shrinks, which read only the layer
+    input; the expands add into the GEMM's output after it) or "all" (shrinks and expands, into
+    fp32 terms the main stream adds once the GEMM is done). None: back to ``LOQUETIER_LORA_OVERLAP``
+    (default "off"). The sums and their rounding are the same in every mode; a graph keeps the
+    mode it was captured with."""
+    global _overlap
+    if mode is None:
+        _overlap = _overlap_from_env()
+        return
+    if mode not in OVERLAP_MODES:
+        raise ValueError(f"LoRA overlap must be one of {', '.join(OVERLAP_MODES)}, got {mode!r}")
+    _overlap = mode
+
+
+def lora_overlap() -> str:
+    """The LoRA overlap mode forwards inside ``overlap_scope`` use ("off", "shrink" or "all")."""
+    return _overlap
+
+
+@contextlib.contextmanager
+def overlap_scope() -> Iterator[None]:
+    """CUDA forwards inside overlap their LoRA work with the base GEMMs (``set_lora_overlap``). The
+    CUDA graphs' warm-ups and captures run in it: a replayed graph has the streams' fork and join
+    for free, where an eager step would pay two stream switches per module on the host."""
+    global _overlap_depth
+    _overlap_depth += 1
+    try:
+        yield
+    finally:
+        _overlap_depth -= 1
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    stream = _side_streams.get(key)
+    if stream is None:
+        stream = _side_streams[key] = torch.cuda.Stream(key)
+    return stream
+
+
 def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     """Batch layouts on one adapter slot whose launches cover every compiled variant of the forward
     SMLM kernels on ``device`` (see ``smlm.variant_metas``); none for the torch reference."""
@@ -143,30 +203,59 @@ def warm_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         _forward(x, weight, bias, loras, meta, backend, keep_v)
 
 
+def _lora_terms(x: torch.Tensor, loras: Sequence[LoRAPart], meta: SMLMMeta, backend: _Backend,
+                keep_v: bool) -> tuple[Callable[[torch.Tensor], None], list[torch.Tensor]]:
+    """Launch the LoRA work that reads only ``x`` (the shrinks) now; return ``finish``, which adds the
+    LoRA terms into a ``y`` of the base GEMM's shape (the expands), and the shrink outputs v when
+    ``keep_v`` (backward)."""
+    modules = [lo for lo, _ in loras]
+    if not keep_v and _fused_decode and backend.fused is not None and backend.fused[0](modules, meta):
+        fused = backend.fused[1]
+        return (lambda y: fused(y, x, loras, meta)), []  # one launch, no v
+    if not keep_v and backend.forward_split is not None and backend.forward_split[0](meta):
+        return backend.forward_split[1](x, loras, meta), []  # two launches, no v, the same bits every run
+    if backend.parts is not None and len(loras) > 1 and backend.parts[0](modules):
+        _, shrink_parts, expand_parts = backend.parts
+        v_all = shrink_parts(x, modules, meta)  # [T, P * max_rank] fp32, one launch
+        r = modules[0].max_rank
+        return (lambda y: expand_parts(y, v_all, loras, meta)), [v_all[:, p * r : (p + 1) * r]
+                                                                 for p in range(len(loras))]
+    vs = [backend.shrink(x, lora, meta) for lora, _ in loras]  # [T, max_rank] fp32 each
+
+    def expand_each(y: torch.Tensor) -> None:
+        for (lora, offset), v in zip(loras, vs, strict=True):
+            backend.expand(y, v, lora, meta, offset)
+    return expand_each, vs
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0917
              loras: Sequence[LoRAPart], meta: SMLMMeta | None,
              backend: _Backend, keep_v: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """y = x @ weight.T + bias + the LoRA terms; the shrink outputs v when ``keep_v`` (backward)."""
-    y = F.linear(x, weight, bias)  # [T, out_total]
-    vs: list[torch.Tensor] = []
-    if meta is not None and meta.num_segments:
-        modules = [lo for lo, _ in loras]
-        if not keep_v and _fused_decode and backend.fused is not None and backend.fused[0](modules, meta):
-            backend.fused[1](y, x, loras, meta)  # one launch, no v
-            return y, vs
-        if not keep_v and backend.forward_split is not None and backend.forward_split[0](meta):
-            backend.forward_split[1](y, x, loras, meta)  # two launches, no v, the same bits every run
-            return y, vs
-        if backend.parts is not None and len(loras) > 1 and backend.parts[0](modules):
-            _, shrink_parts, expand_parts = backend.parts
-            v_all = shrink_parts(x, modules, meta)  # [T, P * max_rank] fp32, one launch
-            expand_parts(y, v_all, loras, meta)
-            r = modules[0].max_rank
-            return y, [v_all[:, p * r : (p + 1) * r] for p in range(len(loras))]
-        for lora, offset in loras:
-            v = backend.shrink(x, lora, meta)  # [T, max_rank] fp32
-            backend.expand(y, v, lora, meta, offset)
-            vs.append(v)
+    """y = x @ weight.T + bias + the LoRA terms; the shrink outputs v when ``keep_v`` (backward).
+    Inside ``overlap_scope`` on CUDA (no v kept), the LoRA work runs on a side stream beside the
+    base GEMM (``LOQUETIER_LORA_OVERLAP``); the sums are the same either way."""
+    if meta is None or not meta.num_segments:
+        return F.linear(x, weight, bias), []  # [T, out_total]
+    mode = _overlap if _overlap_depth and x.is_cuda and not keep_v else "off"
+    if mode == "off":
+        y = F.linear(x, weight, bias)
+        finish, vs = _lora_terms(x, loras, meta, backend, keep_v)
+        finish(y)
+        return y, vs
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    side.wait_stream(main)  # x is ready
+    with torch.cuda.stream(side):
+        finish, vs = _lora_terms(x, loras, meta, backend, keep_v)
+        if mode == "all":  # the expands too, into fp32 terms that are exactly what they would add
+            terms = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+            finish(terms)
+    y = F.linear(x, weight, bias)  # on the main stream, beside the side stream's launches
+    main.wait_stream(side)
+    if mode == "all":
+        y.add_(terms)  # in fp32, rounded once: the bits the expand kernels store
+    else:
+        finish(y)
     return y, vs
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -138,12 +138,18 @@ def _check(lora: ModuleLoRA, x: torch.Tensor, k: int) -> None:
 
 def _check_parts(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]]) -> None:
     """The inputs of a shrink and expand in one call: every part fits x and its columns of y."""
-    first = parts[0][0]
+    _check_shrink_parts(x, parts)
     for lora, offset in parts:
-        _check(lora, x, first.in_features)
         assert 0 <= offset and offset + lora.out_features <= y.shape[1]
-    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
     assert y.dim() == 2 and y.shape[0] == x.shape[0]
+
+
+def _check_shrink_parts(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]]) -> None:
+    """The shrink's half of ``_check_parts``: every part fits x."""
+    first = parts[0][0]
+    for lora, _ in parts:
+        _check(lora, x, first.in_features)
+    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
 
 
 def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
@@ -390,15 +396,28 @@ def forward_split(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[Module
     columns below each slot's rank), and expand adds the splits in a fixed order as it reads them.
     No memset, no atomics, and the same bits on every run. Parts that ``parts_fit`` rejects take
     two launches each."""
+    split_shrink(x, parts, meta)(y)
+
+
+def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
+                 meta: SMLMMeta) -> Callable[[torch.Tensor], None]:
+    """``forward_split`` in its two halves: launches the shrink now (it reads only ``x``) and returns
+    the expand, ``finish(y)``, which adds the LoRA terms into ``y`` later (on another stream, after
+    the base GEMM that makes ``y``: ``ops`` overlaps the two in CUDA graphs). The same bits as
+    ``forward_split``; ``finish`` must run once, before the next ``split_shrink`` on the same stream
+    reuses nothing of this one's (each call has its own buffer)."""
     loras = [lo for lo, _ in parts]
     first = loras[0]
-    _check_parts(y, x, parts)
+    _check_shrink_parts(x, parts)
     if not meta.num_blocks:
-        return
+        return _nothing
     if len(parts) > 1 and not parts_fit(loras):
-        for part in parts:
-            forward_split(y, x, [part], meta)
-        return
+        finishes = [split_shrink(x, [part], meta) for part in parts]
+
+        def finish_each(y: torch.Tensor) -> None:
+            for f in finishes:
+                f(y)
+        return finish_each
     num, r, k = len(parts), first.max_rank, x.shape[1]
     block_m, block_r, block_k, split_k = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num, x.device)
     splits = _split_buffer((split_k, x.shape[0], num * r), x.device)
@@ -415,9 +434,12 @@ def forward_split(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[Module
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
             num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(lora.a),
         )  # fmt: skip
-        _expand_into(y.narrow(1, offset, lora.out_features), v, lora.b, lora, blocks=meta.blocks,
-                     num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True, splits=splits)
-        return
+
+        def finish_one(y: torch.Tensor) -> None:
+            _check_parts(y, x, parts)
+            _expand_into(y.narrow(1, offset, lora.out_features), v, lora.b, lora, blocks=meta.blocks,
+                         num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True, splits=splits)
+        return finish_one
     a0, a1, a2 = _padded([lo.a for lo in loras])
     r0, r1, r2 = _padded([lo.ranks for lo in loras])
     launch(shrink_parts_kernel, (meta.num_blocks, split_k, num),
@@ -430,7 +452,15 @@ def forward_split(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[Module
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
-    expand_parts(y, v, parts, meta, splits=splits)
+
+    def finish_parts(y: torch.Tensor) -> None:
+        _check_parts(y, x, parts)
+        expand_parts(y, v, parts, meta, splits=splits)
+    return finish_parts
+
+
+def _nothing(y: torch.Tensor) -> None:
+    return None
 
 
 FUSED_MAX_RANK = 64  # shrink_expand keeps a [BLOCK_M, next_pow2(rank)] fp32 v tile in registers

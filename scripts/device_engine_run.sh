@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# On the GPU machine: the engine-speed checks of one device call, inside 560 s: tune_smlm (one 8B
-# step's LoRA launches in a CUDA graph: the atomic path of training steps, the ordered sums of
-# LOQUETIER_SMLM_DETERMINISTIC, and forward_split, the path of inference-only steps), bench_offline
-# (8B shape, no HF baselines: its windowed case is run twice, so it shows whether two runs of the same
-# prompts give the same tokens), bench_decode's batch-64 graph step, then bench_offline again with
-# decode windows of 16 steps instead of 4.
+# On the GPU machine: the engine-speed checks of one device call, inside 560 s. STEPS picks them, in
+# order (default "tune offline decode offline-window16"):
+#   gpu-tests         the CUDA tests of the LoRA overlap and the captured graphs (tokens equal to
+#                     plain steps, the same bits on the side stream)
+#   tune              tune_smlm: one 8B step's LoRA launches in a CUDA graph (atomic, ordered, split)
+#   offline           bench_offline (8B shape, no HF baselines; its windowed case runs twice, so it
+#                     shows whether two runs of the same prompts give the same tokens); OVERLAPS (a
+#                     comma list of LoRA overlap modes, default none) times the adapter cases again
+#                     with graphs captured in each mode
+#   decode            bench_decode's batch-64 graph step (OVERLAPS: the fused graph in each mode too)
+#   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
@@ -35,9 +40,20 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
     echo "== $name rc=$? in $((SECONDS - t))s"
     tail -n 25 "$OUT/$name.log"
 }
-step tune 120 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune"
-step offline 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines --out "$OUT/offline"
-step decode 130 "$PY" -m benchmarks.bench_decode --model 8b --device cuda --out "$OUT/decode"
-step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
-    --engine-arg decode_window=16 --out "$OUT/offline-window16"
+STEPS=${STEPS:-tune offline decode offline-window16}
+OVERLAPS=${OVERLAPS:-}
+for name in $STEPS; do
+    case $name in
+        gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
+            tests/engine/test_graphs.py -k "cuda or side_stream or split_shrink" ;;
+        tune) step tune 120 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" ;;
+        offline) step offline 230 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
+            ${OVERLAPS:+--lora-overlap "$OVERLAPS"} --out "$OUT/offline" ;;
+        decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
+            --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
+        offline-window16) step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda \
+            --no-baselines --engine-arg decode_window=16 --out "$OUT/offline-window16" ;;
+        *) echo "unknown step $name" >&2; exit 2 ;;
+    esac
+done
 echo "== done after $((SECONDS - T0))s"

@@ -326,6 +326,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "profile": asdict(args.profile),
         "smlm_fused_decode": apply_fused_decode(None),
         "smlm_deterministic": apply_deterministic(None),
+        "lora_overlap": _lora_overlap(),
     }
 
 
@@ -350,3 +351,9 @@ class Logger:
 
     def __call__(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _lora_overlap() -> str:
+    from loquetier.kernels import lora_overlap
+
+    return lora_overlap()

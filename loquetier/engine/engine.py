@@ -206,10 +206,14 @@ class Engine:
                 "adapters": len(adapter_ids) - 1, "training": cfg.num_train_slots > 0,
                 "lora_launch_layouts": lora_launches}
 
-    def capture_graphs(self) -> int:
+    def capture_graphs(self, recapture: bool = False) -> int:
         """Capture the decode CUDA graphs of every batch-size bucket now (a few seconds for an 8B
-        model) instead of on each bucket's first decode step; returns how many were captured."""
+        model) instead of on each bucket's first decode step; returns how many were captured.
+        ``recapture``: drop the graphs captured so far first (a graph keeps the kernel paths and the
+        LoRA overlap that were on when it was captured)."""
         graphs = self.runner.graphs
+        if graphs is not None and recapture:
+            graphs.drop()
         captured = graphs.capture_all() if graphs is not None else 0
         _freeze_heap()
         return captured

@@ -45,7 +45,7 @@ import torch
 
 from loquetier.kernels import SMLMMeta
 from loquetier.kernels.meta import row_blocks, segments_of
-from loquetier.kernels.ops import backend_for
+from loquetier.kernels.ops import backend_for, overlap_scope
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
 from loquetier.models.kv_cache import KVCache
@@ -207,6 +207,13 @@ class DecodeGraphs:
         self.max_tokens = self.max_batch
         self.buckets = [b for b in self.buckets if b <= self.max_batch]
         self._graphs = {k: v for k, v in self._graphs.items() if k[0] <= self.max_batch}
+
+    def drop(self) -> None:
+        """Forget every captured graph and their memory pool; buckets are captured again on demand
+        (or by ``capture_all``). For switches a graph keeps from its capture: the fused kernels, the
+        SMLM paths, the LoRA overlap."""
+        self._graphs.clear()
+        self._pool = None
 
     def _num_logits(self, bucket: int) -> int:
         """Logits rows of a bucket: every row of a decode bucket, ``max_batch`` (one per sequence at
@@ -397,7 +404,7 @@ class DecodeGraphs:
         this step's rows; running them twice more is harmless (same K/V written again)."""
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), overlap_scope():
             for _ in range(2):
                 self._forward(bucket, with_lora, False, [])
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
@@ -405,7 +412,9 @@ class DecodeGraphs:
             self._logits = torch.empty(self.max_batch, self.model.cfg.vocab_size, dtype=torch.float32,
                                        device=self.model.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # LoRA work on a side stream beside the base GEMMs where set_lora_overlap says so: the
+        # graph keeps the fork and join, the replay pays nothing for them
+        with torch.cuda.graph(graph, pool=self._pool), overlap_scope():
             self._logits[: self._num_logits(bucket)].copy_(self._forward(bucket, with_lora, False, []))
         # the forward's own tensors are free again: the next capture reuses their pool memory, so
         # the graphs together hold about one forward's activations, not one per bucket

@@ -18,7 +18,7 @@ import torch
 
 from loquetier import Engine, SamplingParams, TrainingParams
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow, HostStaging, bucket_sizes
-from loquetier.kernels import force_backend
+from loquetier.kernels import force_backend, set_lora_overlap
 from tests.engine.test_engine import make_engine, train_data
 from tests.tiny import make_tiny_model
 
@@ -141,13 +141,19 @@ def test_graph_rows_reject_a_short_block_table(model_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-def test_captured_graphs_match_plain_steps_on_cuda(model_dir: Path) -> None:
+@pytest.mark.parametrize("overlap", ["off", "shrink", "all"])
+def test_captured_graphs_match_plain_steps_on_cuda(model_dir: Path, overlap: str) -> None:
     """On a GPU: the captured graphs (fp32, so token equality is meaningful) against plain steps,
-    with adapters, across buckets, after an adapter reload between replays."""
+    with adapters, across buckets, after an adapter reload between replays; with the graphs' LoRA
+    work on a side stream beside the base GEMMs too (``set_lora_overlap``)."""
     force_backend(None)
     plain = make_engine(model_dir, device="cuda", cuda_graphs="off")
     graphs = make_engine(model_dir, device="cuda", cuda_graphs="on")
-    assert graphs.capture_graphs() > 0
+    set_lora_overlap(overlap)
+    try:
+        assert graphs.capture_graphs() > 0
+    finally:
+        set_lora_overlap(None)
     sampling = SamplingParams(max_tokens=8, temperature=0.0)
     want = plain.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
     got = graphs.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)

@@ -341,10 +341,10 @@ def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
     weight = torch.randn(width, in_features, generator=torch.Generator().manual_seed(1)).to(DEVICE) / 30
     x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     calls: list[str] = []
-    split, shrink_parts = smlm.forward_split, smlm.shrink_parts
+    split, shrink_parts = smlm.split_shrink, smlm.shrink_parts
     force_backend("triton")
     try:
-        smlm.forward_split = lambda *a: (calls.append("split"), split(*a))[1]  # type: ignore[assignment]
+        smlm.split_shrink = lambda *a: (calls.append("split"), split(*a))[1]  # type: ignore[assignment]
         smlm.shrink_parts = lambda *a: (calls.append("keep_v"), shrink_parts(*a))[1]  # type: ignore[assignment]
         _, y_rest = lora_linear(x[:0], x, weight, None, parts, SMLMMeta.build(slots, 0, DEVICE))
         train = [s % 3 for s in slots[:2]] + slots[2:]
@@ -354,7 +354,102 @@ def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
         rows = torch.randn(len(long), in_features, generator=torch.Generator().manual_seed(4)).to(DEVICE)
         lora_linear(rows[:0], rows, weight, None, parts, SMLMMeta.build(long, 0, DEVICE))
     finally:
-        smlm.forward_split, smlm.shrink_parts = split, shrink_parts  # type: ignore[assignment]
+        smlm.split_shrink, smlm.shrink_parts = split, shrink_parts  # type: ignore[assignment]
         force_backend(None)
     assert calls == ["split", "keep_v", "keep_v"]
     _assert_close(y_rest2, y_rest[2:], 2e-6, "inference rows beside training rows vs alone")
+
+
+@pytest.mark.parametrize("num_parts", [1, 3])
+def test_split_shrink_reads_x_now_and_its_expand_adds_later(num_parts: int) -> None:
+    """``smlm.split_shrink`` is ``forward_split`` in two halves: the shrink reads ``x`` when it is
+    launched (x overwritten with NaN afterwards changes nothing), the expand it returns adds into the
+    ``y`` it is given later, and the two halves give the bits ``forward_split`` gives."""
+    dtype, in_features = torch.bfloat16, 700
+    rng = random.Random(f"halves{num_parts}")
+    slots = _slots("uneven_no_adapter", 24, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=in_features)
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    y0 = _base(len(slots), width, parts, dtype, seed=6)
+    whole = y0.clone()
+    smlm.forward_split(whole, x, parts, meta)
+    halves = y0.clone()
+    x_later = x.clone()
+    finish = smlm.split_shrink(x_later, parts, meta)
+    x_later.fill_(NAN)
+    finish(halves)
+    assert torch.equal(halves.nan_to_num(7.0), whole.nan_to_num(7.0))
+    assert not torch.equal(whole.nan_to_num(7.0), y0.nan_to_num(7.0))  # the LoRA terms are there
+
+
+def test_lora_overlap_modes_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LOQUETIER_LORA_OVERLAP`` and ``set_lora_overlap`` take off | shrink | all and say so otherwise;
+    ``overlap_scope`` nests and unwinds on errors."""
+    with pytest.raises(ValueError, match="off, shrink, all"):
+        ops.set_lora_overlap("both")
+    monkeypatch.setenv(ops.OVERLAP_ENV, "sideways")
+    with pytest.raises(ValueError, match="LOQUETIER_LORA_OVERLAP must be one of off, shrink, all, got 'sideways'"):
+        ops.set_lora_overlap(None)
+    monkeypatch.setenv(ops.OVERLAP_ENV, " All ")
+    try:
+        ops.set_lora_overlap(None)
+        assert ops.lora_overlap() == "all"
+        ops.set_lora_overlap("shrink")
+        assert ops.lora_overlap() == "shrink"
+    finally:
+        monkeypatch.delenv(ops.OVERLAP_ENV)
+        ops.set_lora_overlap(None)
+    assert ops.lora_overlap() == "off"
+    with pytest.raises(RuntimeError), ops.overlap_scope(), ops.overlap_scope():
+        assert ops._overlap_depth == 2
+        raise RuntimeError
+    assert ops._overlap_depth == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and graphs need CUDA")
+@pytest.mark.parametrize("mode", ["shrink", "all"])
+@pytest.mark.parametrize(("layout", "num_parts"), [("round_robin", 3), ("round_robin", 1), ("long", 2)])
+def test_lora_on_a_side_stream_gives_the_same_bits_eager_and_in_a_graph(mode: str, layout: str,
+                                                                        num_parts: int) -> None:
+    """On a GPU: ``lora_linear`` with its LoRA work on a side stream beside the base GEMM (eagerly in
+    ``overlap_scope``, and captured in a CUDA graph, replayed on new inputs) gives exactly the bits of
+    the plain order, on the split path (round robin) and on the shrink + expand path (long segments)."""
+    dtype, in_features = torch.bfloat16, 4096
+    rng = random.Random(f"overlap{mode}{layout}{num_parts}")
+    slots = _slots(layout, 64, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=in_features)
+    for lora, _ in parts:  # lora_linear reads the whole pool
+        lora.a.nan_to_num_(0.0)
+        lora.b.nan_to_num_(0.0)
+    gen = torch.Generator().manual_seed(8)
+    weight = (torch.randn(width, in_features, generator=gen) / 60).to(dtype).to(DEVICE)
+    x = torch.randn(len(slots), in_features, generator=gen).to(dtype).to(DEVICE)
+
+    def plain(inputs: torch.Tensor) -> torch.Tensor:
+        return lora_linear(inputs[:0], inputs, weight, None, parts, meta)[1]
+
+    want = plain(x)
+    ops.set_lora_overlap(mode)
+    try:
+        with ops.overlap_scope():
+            eager = plain(x)
+            static = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                plain(static)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = plain(static)
+    finally:
+        ops.set_lora_overlap(None)
+    assert torch.equal(eager, want)
+    other = torch.randn(len(slots), in_features, generator=gen).to(dtype).to(DEVICE)
+    for inputs in (x, other):
+        static.copy_(inputs)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain(inputs)), f"{mode}: the graph's bits differ"
