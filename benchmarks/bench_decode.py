@@ -59,7 +59,13 @@ def _profiled_gpu_ms(engine: Engine) -> float:
     made = max(1, engine.num_steps - before)  # a decode window makes several steps
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    kernels = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    TOP_KERNELS[:] = [(e.key[:90], e.count // made, round(e.self_device_time_total / 1e3 / made, 4))
+                      for e in kernels[:16]]  # (name, launches a step, ms a step)
     return sum(e.self_device_time_total for e in averages) / 1e3 / made
+
+
+TOP_KERNELS: list[tuple[str, int, float]] = []  # the last profiled step's kernels by GPU time
 
 
 def _rows(engine: Engine) -> tuple[list[DecodeRow], BatchBuilder]:
@@ -118,7 +124,7 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
         prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
         engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
                            adapter_id=adapters[i % len(adapters)],
-                           sampling=SamplingParams(max_tokens=12 * steps + 60, temperature=0.0, ignore_eos=True))
+                           sampling=SamplingParams(max_tokens=30 * steps + 60, temperature=0.0, ignore_eos=True))
     graphs = engine.runner.graphs
     engine.runner.graphs = None
     while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
@@ -149,10 +155,11 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
             replayed = _timed_steps(engine, steps)
             out |= {"fused_graph_step_ms_median": statistics.median(replayed) * 1e3,
                     "fused_graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine),
+                    "fused_graph_top_kernels": list(TOP_KERNELS),
                     **{f"fused_graph_{k}": v for k, v in check.items()}}
-            for mode in overlaps:  # fused graphs whose LoRA work runs beside the base GEMMs
+            for mode in overlaps:  # fused graphs with the LoRA shrinks beside the base GEMMs (1) or not (0)
                 try:
-                    set_lora_overlap(mode)
+                    set_lora_overlap(mode == "1")
                     side = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
                                         graphs.scratch_block, mode=graphs.mode)
                     same = _compare_graphs(engine, fused_graphs, side)
@@ -160,6 +167,7 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
                     replayed = _timed_steps(engine, steps)
                     out |= {f"overlap_{mode}_graph_step_ms_median": statistics.median(replayed) * 1e3,
                             f"overlap_{mode}_graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine),
+                            f"overlap_{mode}_graph_top_kernels": list(TOP_KERNELS),
                             **{f"overlap_{mode}_vs_fused_graph_{k}": v for k, v in same.items()}}
                 except Exception as exc:  # noqa: BLE001 - the numbers above stay
                     out[f"overlap_{mode}_error"] = repr(exc)[:500]
@@ -186,8 +194,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--cuda-graphs", default="auto", help="engine cuda_graphs: auto | on | off | eager")
     ap.add_argument("--quick", action="store_true", help="8 timed steps per variant")
-    ap.add_argument("--lora-overlap", default="shrink,all",
-                    help="LoRA overlap modes to time as fused graphs besides the default (comma list; '' none)")
+    ap.add_argument("--lora-overlap", default="0,1",
+                    help="time the fused graph again with its LoRA shrinks beside the base GEMMs (1) or not (0), "
+                         "each captured anew, in this order (comma list; '' none)")
     args = ap.parse_args()
     overlaps = tuple(m for m in args.lora_overlap.split(",") if m)
     if args.quick:
@@ -244,7 +253,8 @@ def main() -> None:
             if f"overlap_{mode}_graph_step_ms_median" in r:
                 ms = r[f"overlap_{mode}_graph_step_ms_median"]
                 gpu_ms = r[f"overlap_{mode}_graph_gpu_kernel_ms_per_step"]
-                print(f"| {name} | CUDA graph + fused, LoRA overlap {mode} | {ms:.2f} | {gpu_ms:.2f} | "
+                print(f"| {name} | CUDA graph + fused, LoRA overlap {'on' if mode == '1' else 'off'} | {ms:.2f} | "
+                      f"{gpu_ms:.2f} | "
                       f"{floor_ms:.2f} | {ms / floor_ms:.2f} |")
     if args.out:
         Path(args.out, "decode.json").write_text(json.dumps(results, indent=1))

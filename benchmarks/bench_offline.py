@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline_tokens = int(pre[i + 1])
         del pre[i : i + 2]
     overlaps: list[str] = []
-    if "--lora-overlap" in pre:  # LoRA overlap modes to time after the cases (graphs captured again)
+    if "--lora-overlap" in pre:  # LoRA overlap off (0) / on (1), timed after the cases, graphs captured again
         i = pre.index("--lora-overlap")
         overlaps = [m for m in pre[i + 1].split(",") if m]
         del pre[i : i + 2]
@@ -224,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor "
                 f"({r['graph_steps']}/{r['steps']} graph steps)")
 
-    # the adapter cases again with the graphs' LoRA work on a side stream beside the base GEMMs, one
-    # mode after another, each with its graphs captured again (a graph keeps its capture's mode)
+    # the adapter cases again with the graphs' LoRA shrinks on a side stream beside the base GEMMs (1)
+    # or not (0), in the order given, each with its graphs captured again (a graph keeps its setting)
     from loquetier.kernels import lora_overlap, set_lora_overlap
 
     default_overlap = lora_overlap()
     for mode in overlaps:
-        set_lora_overlap(mode)
+        set_lora_overlap(mode == "1")
         try:
             engine.capture_graphs(recapture=True)
             for name, batch in (("ours_lora_b32", small_batch), ("ours_lora_b128", big_batch)):
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                    list(adapter_ids), gen, dev, new_tokens, repeats)
                 if r is not None:
                     r["x_floor"] = r["tokens_per_s"] * floor_s / batch
-                    results.setdefault("overlap", {}).setdefault(mode, {})[name] = r
+                    results.setdefault("overlap", []).append({"on": mode == "1", "case": name, **r})
                     log(f"{name}, LoRA overlap {mode}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor, "
                         f"decode steps {r['decode_step_ms']:.2f} ms")
         finally:
@@ -312,24 +312,18 @@ def main(argv: list[str] | None = None) -> int:
                          "scheduler's measured step times; a decode window's steps share its time):\n\n"
                          + report.markdown_table(["case", "steps with prompt tokens", "their s", "decode-only steps",
                                                   "their s", "ms per decode step"], split_rows)))
-    by_mode = results.get("overlap", {})
-    if by_mode:
-        rows = []
-        for mode, cases_of in by_mode.items():
-            cells = [mode]
-            for key in ("ours_lora_b32", "ours_lora_b128"):
-                r = cases_of.get(key)
-                cells += ([report.fmt(r["tokens_per_s"]), report.fmt(r["x_floor"], 3),
-                           report.fmt(r["decode_step_ms"], 2)] if r else ["n/a"] * 3)
-            rows.append(cells)
-        sections.append(("LoRA work beside the base GEMMs", "32 adapters, graphs captured again for each mode, in "
-                         "this order after the cases above (`--lora-overlap`, `LOQUETIER_LORA_OVERLAP`):\n\n"
-                         + report.markdown_table(["LoRA overlap", "batch 32 tok/s", "of the floor",
-                                                  "ms per decode step", "batch 128 tok/s", "of the floor",
+    runs = results.get("overlap", [])
+    if runs:
+        rows = [["on" if r["on"] else "off", r["case"].removeprefix("ours_lora_b"), report.fmt(r["tokens_per_s"]),
+                 report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in runs]
+        sections.append(("LoRA shrinks beside the base GEMMs", "32 adapters, the graphs captured again before "
+                         "each setting, in this order after the cases above (`--lora-overlap`, "
+                         "`LOQUETIER_LORA_OVERLAP`):\n\n"
+                         + report.markdown_table(["LoRA overlap", "batch", "tokens/s", "of the floor",
                                                   "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    for r in [*results.values(), *[c for m in by_mode.values() for c in m.values()]]:
+    for r in [*results.values(), *runs]:
         if isinstance(r, dict):
             r.pop("tokens", None)
             r.pop("prompts", None)

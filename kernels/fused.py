@@ -101,10 +101,13 @@ def add_rms_norm(
 def _rope_kernel(  # noqa: PLR0917
     qkv_ptr, stride_qkv, cos_ptr, sin_ptr, stride_cs, q_ptr, k_ptr,
     num_heads, num_kv_heads,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    kc_ptr, vc_ptr, stride_slot, slots_ptr, first_row,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, CACHE: tl.constexpr,
 ):
     """One (row, head) of q or k: out = x * cos + rotate_half(x) * sin, each product rounded to the
-    dtype before the sum (as the torch expression is)."""
+    dtype before the sum (as the torch expression is). With ``CACHE``, rows from ``first_row`` on
+    also store their rotated k head, and (heads past q and k) their v head, in the paged cache at
+    ``slots[row - first_row]``."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
@@ -112,37 +115,63 @@ def _rope_kernel(  # noqa: PLR0917
     src = qkv_ptr + row * stride_qkv + head * HEAD_DIM
     x1 = tl.load(src + offs, mask=mask, other=0.0)
     x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
-    dt = x1.dtype
-    c1 = tl.load(cos_ptr + row * stride_cs + offs, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + row * stride_cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + row * stride_cs + offs, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + row * stride_cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
-    o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
-    if head < num_heads:
-        dst = q_ptr + (row * num_heads + head) * HEAD_DIM
-    else:
-        dst = k_ptr + (row * num_kv_heads + head - num_heads) * HEAD_DIM
-    tl.store(dst + offs, o1, mask=mask)
-    tl.store(dst + HALF + offs, o2, mask=mask)
+    if head < num_heads + num_kv_heads:
+        dt = x1.dtype
+        c1 = tl.load(cos_ptr + row * stride_cs + offs, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + row * stride_cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + row * stride_cs + offs, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + row * stride_cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
+        o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
+        if head < num_heads:
+            dst = q_ptr + (row * num_heads + head) * HEAD_DIM
+        else:
+            dst = k_ptr + (row * num_kv_heads + head - num_heads) * HEAD_DIM
+        tl.store(dst + offs, o1, mask=mask)
+        tl.store(dst + HALF + offs, o2, mask=mask)
+        if CACHE:
+            if (head >= num_heads) & (row >= first_row):
+                slot = tl.load(slots_ptr + row - first_row)
+                kc = kc_ptr + slot * stride_slot + (head - num_heads) * HEAD_DIM
+                tl.store(kc + offs, o1.to(kc_ptr.dtype.element_ty), mask=mask)
+                tl.store(kc + HALF + offs, o2.to(kc_ptr.dtype.element_ty), mask=mask)
+    elif CACHE:  # a v head: copied as it is
+        if row >= first_row:
+            slot = tl.load(slots_ptr + row - first_row)
+            vc = vc_ptr + slot * stride_slot + (head - num_heads - num_kv_heads) * HEAD_DIM
+            tl.store(vc + offs, x1.to(vc_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc + HALF + offs, x2.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,  # noqa: PLR0917
+            head_dim: int, cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [n, (Hq + 2 Hkv) * D] (q, k, v columns) -> rotated q [n, Hq, D] and k [n, Hkv, D];
-    cos/sin [n, D] in qkv's dtype."""
+    cos/sin [n, D] in qkv's dtype. ``cache`` = (k_cache, v_cache, slot_mapping, first_row): rows
+    from ``first_row`` on also write their rotated k and their v into the paged cache
+    ([num_blocks, block_size, Hkv, D] each) at ``slot_mapping[row - first_row]``, as
+    ``attention.write_kv`` does, in the same launch."""
     n = qkv.shape[0]
     assert qkv.stride(1) == 1 and cos.shape == sin.shape == (n, head_dim) and head_dim % 2 == 0
     assert cos.stride() == sin.stride() and cos.stride(1) == 1 and cos.dtype == qkv.dtype
     q = torch.empty(n, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(n, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    heads = num_heads + num_kv_heads
+    kc, vc, slots, first = q, q, q, 0  # unused without a cache
+    if cache is not None:
+        kc, vc, slots, first = cache
+        assert kc.shape == vc.shape and kc.shape[2:] == (num_kv_heads, head_dim) and kc.is_contiguous()
+        assert vc.is_contiguous() and slots.dim() == 1 and slots.shape[0] == n - first and 0 <= first <= n
+        heads += num_kv_heads
     if n:
         half = head_dim // 2
-        launch(_rope_kernel, (n, num_heads + num_kv_heads),
+        launch(_rope_kernel, (n, heads),
             qkv, qkv.stride(0), cos, sin, cos.stride(0), q, k, num_heads, num_kv_heads,
-            HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(half), num_warps=1,
+            kc, vc, num_kv_heads * head_dim, slots, first,
+            HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(half), CACHE=cache is not None,
+            num_warps=1,
         )  # fmt: skip
     return q, k
 

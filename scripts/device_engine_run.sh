@@ -3,6 +3,7 @@
 # order (default "tune offline decode offline-window16"):
 #   gpu-tests         the CUDA tests of the LoRA overlap and the captured graphs (tokens equal to
 #                     plain steps, the same bits on the side stream)
+#   gemm              bench_gemm: the 8B step's base GEMMs in CUDA graphs, cuBLAS against cuBLASLt
 #   tune              tune_smlm: one 8B step's LoRA launches in a CUDA graph (atomic, ordered, split)
 #   offline           bench_offline (8B shape, no HF baselines; its windowed case runs twice, so it
 #                     shows whether two runs of the same prompts give the same tokens); OVERLAPS (a
@@ -14,7 +15,8 @@
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
-# Results land in $OUT: tune/ (tune_smlm.*), offline/ and offline-window16/ (offline.*), decode/, logs.
+# Results land in $OUT: gemm/, tune/ (tune_smlm.*), offline/ and offline-window16/ (offline.*), decode/,
+# and each step's log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -46,8 +48,9 @@ for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
             tests/engine/test_graphs.py -k "cuda or side_stream or split_shrink" ;;
+        gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
         tune) step tune 120 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" ;;
-        offline) step offline 230 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
+        offline) step offline 260 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;

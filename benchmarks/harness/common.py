@@ -353,7 +353,7 @@ class Logger:
         print(f"[{time.perf_counter() - self.start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def _lora_overlap() -> str:
+def _lora_overlap() -> bool:
     from loquetier.kernels import lora_overlap
 
     return lora_overlap()

@@ -171,19 +171,23 @@ class DecoderLayer(nn.Module):
         if qkv_r.shape[0] == 0:
             return qkv_r.new_empty(0, self.cfg.q_size)
         b, scale, cfg = st.batch, self.cfg.head_dim**-0.5, self.cfg
-        if st.fused:
-            q, k = st.fused.rope_qk(qkv_r, st.cos_r, st.sin_r, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        ne = b.num_eval  # evaluation rows first; the rest (prefill, decode) write and read the KV cache
+        cache = None
+        if qkv_r.shape[0] > ne:
+            if st.kv is None:
+                raise ValueError("prefill/decode rows need a KVCache")
+            cache = (st.kv.k[self.index], st.kv.v[self.index], b.paged.slot_mapping, ne)
+        if st.fused:  # RoPE and the KV writes in one launch
+            q, k = st.fused.rope_qk(qkv_r, st.cos_r, st.sin_r, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                    cache=cache)
             v = qkv_r[:, cfg.q_size + cfg.kv_size :].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         else:
             q, k, v = self._split(qkv_r, st.cos_r, st.sin_r)
-        ne = b.num_eval
+            if cache is not None:
+                write_kv(cache[0], cache[1], k[ne:], v[ne:], cache[2])
         outs = [st.attention.varlen(q[:ne], k[:ne], v[:ne], b.eval, scale, self.window)] if ne else []
-        if q.shape[0] > ne:
-            if st.kv is None:
-                raise ValueError("prefill/decode rows need a KVCache")
-            k_cache, v_cache = st.kv.k[self.index], st.kv.v[self.index]
-            write_kv(k_cache, v_cache, k[ne:], v[ne:], b.paged.slot_mapping)
-            outs.append(st.attention.paged(q[ne:], k_cache, v_cache, b.paged, scale, self.window))
+        if cache is not None:
+            outs.append(st.attention.paged(q[ne:], cache[0], cache[1], b.paged, scale, self.window))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.reshape(q.shape[0], -1)  # [n_rest, Hq * D]
 

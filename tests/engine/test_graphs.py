@@ -141,11 +141,11 @@ def test_graph_rows_reject_a_short_block_table(model_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-@pytest.mark.parametrize("overlap", ["off", "shrink", "all"])
-def test_captured_graphs_match_plain_steps_on_cuda(model_dir: Path, overlap: str) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_captured_graphs_match_plain_steps_on_cuda(model_dir: Path, overlap: bool) -> None:
     """On a GPU: the captured graphs (fp32, so token equality is meaningful) against plain steps,
     with adapters, across buckets, after an adapter reload between replays; with the graphs' LoRA
-    work on a side stream beside the base GEMMs too (``set_lora_overlap``)."""
+    shrinks on a side stream beside the base GEMMs and without (``set_lora_overlap``)."""
     force_backend(None)
     plain = make_engine(model_dir, device="cuda", cuda_graphs="off")
     graphs = make_engine(model_dir, device="cuda", cuda_graphs="on")

@@ -65,6 +65,35 @@ def test_rope_qk(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -
     torch.testing.assert_close(k, k_ref, **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "first"), [(4, 2, 16, 0), (6, 3, 12, 3), (2, 2, 64, 9)])
+def test_rope_qk_writes_the_kv_cache_as_write_kv_does(dtype: torch.dtype, heads: int, kv_heads: int,
+                                                      head_dim: int, first: int) -> None:
+    """With a cache, the rows from ``first`` on also land (rotated k, v as it is) at their slots of the
+    paged cache, exactly where and what ``write_kv`` writes; earlier rows (evaluation rows) and every
+    other slot are left alone; q and k are what they are without a cache."""
+    from loquetier.models.attention import write_kv
+
+    n, blocks, block_size = 9, 5, 4
+    g = torch.Generator().manual_seed(heads * head_dim + first)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEV, dtype)
+    angles = torch.rand(n, head_dim // 2, generator=g) * 6
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
+    slots = torch.randperm(blocks * block_size, generator=g)[: n - first].to(DEV)
+    start = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(DEV, dtype)
+    k_cache, v_cache = start.clone(), start.clone() * 2
+    q, k = fused.rope_qk(qkv, cos, sin, heads, kv_heads, head_dim, cache=(k_cache, v_cache, slots, first))
+    q0, k0 = fused.rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    k_want, v_want = start.clone(), start.clone() * 2
+    v = qkv[:, (heads + kv_heads) * head_dim :].reshape(n, kv_heads, head_dim)
+    write_kv(k_want, v_want, k0[first:], v[first:], slots)
+    assert torch.equal(k_cache, k_want)
+    assert torch.equal(v_cache, v_want)
+    assert torch.equal(k_cache, start) == (first == n)  # written unless every row is an evaluation row
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "inter"), [(1, 32), (5, 96), (17, 300)])
 def test_silu_mul(dtype: torch.dtype, rows: int, inter: int) -> None:
