@@ -89,7 +89,8 @@ def run_ours(engine: Any, batch: int, adapters: list[str | None], gen: torch.Gen
     split["decode_step_ms"] = 1e3 * split["decode_steps_s"] / max(1, len(decode_steps))
     return {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates, "seconds": seconds, **split,
             "steps": steps, "graph_steps": graph_steps, "batch": batch, "new_tokens": new_tokens,
-            "windows": engine.window.num_windows, "tokens": [o.token_ids for o in outs], "prompts": prompts}
+            "windows": engine.window.num_windows, "chained": engine.window.num_chained,
+            "dropped": engine.window.num_dropped, "tokens": [o.token_ids for o in outs], "prompts": prompts}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--lora-overlap" in pre:  # LoRA overlap off (0) / on (1), timed after the cases, graphs captured again
         i = pre.index("--lora-overlap")
         overlaps = [m for m in pre[i + 1].split(",") if m]
+        del pre[i : i + 2]
+    chain_rounds = 0
+    if "--chain-ab" in pre:  # rounds of (chained windows off, on), timed after the cases
+        i = pre.index("--chain-ab")
+        chain_rounds = int(pre[i + 1])
         del pre[i : i + 2]
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
@@ -246,6 +252,26 @@ def main(argv: list[str] | None = None) -> int:
     if overlaps:
         engine.capture_graphs(recapture=True)
 
+    # decode windows chained (the next window queued before the host applies the last) or not,
+    # alternated in one process
+    chain_default = engine.window.chain
+    try:
+        for _ in range(chain_rounds):
+            for chain in (False, True):
+                engine.window.chain = chain
+                for name, batch, adapters in (("ours_base_b32", small_batch, [None]),
+                                              ("ours_lora_b32", small_batch, list(adapter_ids)),
+                                              ("ours_lora_b128", big_batch, list(adapter_ids))):
+                    r = common.attempt(f"{name} chain {chain}", errors, log, run_ours, engine, batch, adapters, gen,
+                                       dev, new_tokens, repeats)
+                    if r is not None:
+                        r["x_floor"] = r["tokens_per_s"] * floor_s / batch
+                        results.setdefault("chain", []).append({"on": chain, "case": name, **r})
+                        log(f"{name}, chained windows {chain}: {r['tokens_per_s']:.0f} tok/s = "
+                            f"{r['x_floor']:.3f}x floor, decode steps {r['decode_step_ms']:.2f} ms")
+    finally:
+        engine.window.chain = chain_default
+
     for name, batch, adapters in (("base_b32", small_batch, [None]), ("lora_b32", small_batch, list(adapter_ids))):
         r = common.attempt(f"windows {name}", errors, log, compare_windows, engine, batch, adapters, gen, dev,
                            new_tokens)
@@ -321,9 +347,18 @@ def main(argv: list[str] | None = None) -> int:
                          "`LOQUETIER_LORA_OVERLAP`):\n\n"
                          + report.markdown_table(["LoRA overlap", "batch", "tokens/s", "of the floor",
                                                   "ms per decode step"], rows)))
+    chain_runs = results.get("chain", [])
+    if chain_runs:
+        rows = [["on" if r["on"] else "off", r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
+                 report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in chain_runs]
+        sections.append(("Chained decode windows", "Each window's successor queued on the device before the host "
+                         "applies its tokens (`EngineConfig.chain_windows`), off and on in turn, in this order "
+                         "after the cases above (`--chain-ab`):\n\n"
+                         + report.markdown_table(["chained windows", "case", "tokens/s", "of the floor",
+                                                  "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    for r in [*results.values(), *runs]:
+    for r in [*results.values(), *runs, *chain_runs]:
         if isinstance(r, dict):
             r.pop("tokens", None)
             r.pop("prompts", None)

@@ -8,7 +8,8 @@
 #   offline           bench_offline (8B shape, no HF baselines; its windowed case runs twice, so it
 #                     shows whether two runs of the same prompts give the same tokens); OVERLAPS (a
 #                     comma list of LoRA overlap modes, default none) times the adapter cases again
-#                     with graphs captured in each mode
+#                     with graphs captured in each mode; CHAIN_AB=N times the cases N rounds with
+#                     chained decode windows off, then on
 #   decode            bench_decode's batch-64 graph step (OVERLAPS: the fused graph in each mode too)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #
@@ -47,11 +48,11 @@ OVERLAPS=${OVERLAPS:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py -k "cuda or side_stream or split_shrink" ;;
+            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope" ;;
         gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
         tune) step tune 120 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" ;;
         offline) step offline 260 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
-            ${OVERLAPS:+--lora-overlap "$OVERLAPS"} --out "$OUT/offline" ;;
+            ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         offline-window16) step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda \

@@ -41,6 +41,9 @@ class EngineConfig:
     # Decode-only graph steps with nothing waiting run up to this many steps on the device with one
     # host synchronization, each step's sampled tokens fed to the next (1 = one step at a time).
     decode_window: int = 4
+    # A decode window whose successor is known (same rows, nothing waiting) queues that successor on
+    # the device before the host applies its tokens: the GPU runs on while the host works.
+    chain_windows: bool = True
     # What a step holds (max_num_seqs, max_num_batched_tokens, max_prefill_chunk), the SLO defaults
     # and how the scheduler trades latency against training.
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -113,7 +113,7 @@ class Engine:
         self._clock = time.monotonic
         self.isolation = StepIsolation(self.runner, self.scheduler, self.requests, self.jobs)
         self.window = DecodeWindow(self.scheduler, self.runner, self.blocks, self.requests, self.jobs,
-                                   config.decode_window, self.max_model_len)
+                                   config.decode_window, self.max_model_len, chain=config.chain_windows)
         self._backlog: list[EngineEvent] = []
         self._ids = itertools.count()
         self.num_steps = 0
@@ -212,6 +212,7 @@ class Engine:
         ``recapture``: drop the graphs captured so far first (a graph keeps the kernel paths and the
         LoRA overlap that were on when it was captured)."""
         graphs = self.runner.graphs
+        self.window.drop_chained()  # captures rewrite the graphs' inputs
         if graphs is not None and recapture:
             graphs.drop()
         captured = graphs.capture_all() if graphs is not None else 0
@@ -427,14 +428,18 @@ class Engine:
         self.adapters.new_step()
         batch: ScheduledBatch = self.scheduler.schedule(self._clock())
         if batch.is_empty:
+            self.window.drop_chained()
             return self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
         window = self.window.size(batch)
+        if window <= 1:
+            self.window.drop_chained()  # not a window: not the one queued on the device either
         if window > 1:
             try:
                 events = self.window.run(batch, window, self._clock)
             except Exception as exc:  # noqa: BLE001 - the plain step below runs (and isolates) it
                 warnings.warn(f"decode window of {window} steps failed, running one step: {exc!r}", stacklevel=2)
+                self.window.drop_chained()
             else:
                 self.num_steps += window
                 return events

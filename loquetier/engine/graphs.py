@@ -200,6 +200,7 @@ class DecodeGraphs:
         self._current: tuple[int, bool, list[tuple[int, int, int]], int] = (0, False, [], 0)
         self.num_replays = 0
         self.num_captures = 0
+        self.num_layouts = 0  # rows laid out so far (run, capture): what advance() continues is the last
 
     # -- public ------------------------------------------------------------------------------------
     def decode_only(self) -> None:
@@ -264,6 +265,24 @@ class DecodeGraphs:
             self._host = ([c + 1 for c in ctx[:n]] + ctx[n:], tables)
         return self._execute()[:n]
 
+    def extend(self, tables: Sequence[Sequence[int]]) -> None:
+        """The block tables of the rows the last :meth:`run` laid out (one per row, in its row order),
+        grown since: later :meth:`advance` calls may reach every position they cover (a decode window
+        chained behind another). Queued behind the steps already on the device."""
+        _, _, _, n = self._current
+        if len(tables) != n:
+            raise ValueError(f"{len(tables)} block tables for {n} rows")
+        if any(len(t) > self.max_blocks for t in tables):
+            raise ValueError(f"a block table is longer than {self.max_blocks} blocks")
+        cols = max(1, max((len(t) for t in tables), default=1))
+        padded = [list(t) + [self.scratch_block] * (cols - len(t)) for t in tables]
+        self._staging.begin()
+        self._staging.put(torch.tensor(padded, dtype=torch.int32), self.block_tables[:n, :cols])
+        self._staging.flush()
+        if self.mode == "eager":
+            ctx, old = self._host
+            self._host = (ctx, padded + old[n:])
+
     def _execute(self) -> torch.Tensor:
         bucket, with_lora, segments, _ = self._current
         if self.mode == "eager":
@@ -297,6 +316,7 @@ class DecodeGraphs:
         """Write the rows (then padding up to ``bucket``) into the static buffers; one host-to-device
         copy per buffer. Returns the adapter segments (start, length, slot) and the seq id of each
         logits row, in the order of the logits. Block tables cover ``lookahead`` positions more."""
+        self.num_layouts += 1
         bs, width, scratch = self.block_size, self.max_blocks, self.scratch_block
         lens = [len(g.tokens) for g in groups]
         n = sum(lens)

@@ -33,6 +33,52 @@ class RunResult:
     pieces: list[tuple[Piece, float, int, int]] = field(default_factory=list)  # piece, loss_sum, count, correct
 
 
+@dataclass
+class WindowLaunch:
+    """Decode steps queued on the device (``ModelRunner.launch_window`` / ``chain_window``): their
+    rows, their sampled tokens still on the device (one tensor per step, in the logits' row order)
+    and, once ``send`` ran, a copy of them on its way into pinned host memory."""
+
+    seq_ids: list[Hashable]  # the rows, in the layout's (logits') order
+    ids: list[str]
+    params: list[SamplingParams]
+    st: SamplingTensors  # the last step's sampling tensors
+    want: bool  # logprobs
+    tokens: list[torch.Tensor]
+    logprobs: list[torch.Tensor]
+    layout: int = 0  # the graphs' layout the steps continue (``DecodeGraphs.num_layouts``)
+    generator_state: torch.Tensor | None = None  # before a chained window's draws (``drop`` restores it)
+    _host: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    _done: torch.cuda.Event | None = None
+
+    def send(self) -> WindowLaunch:
+        """Queue the copy of the tokens (and logprobs) into pinned host memory right behind the steps,
+        so that the host can wait for these steps alone, not for steps queued after them."""
+        tokens = torch.stack(self.tokens)
+        if tokens.device.type != "cuda":
+            return self
+        logprobs = torch.stack(self.logprobs) if self.logprobs else None
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs = None
+        if logprobs is not None:
+            host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_logprobs.copy_(logprobs, non_blocking=True)
+        self._host, self._done = (host_tokens, host_logprobs), torch.cuda.Event()
+        self._done.record()
+        return self
+
+    def receive(self) -> tuple[list[list[int]], list[list[float]] | None]:
+        """The tokens (and logprobs) of every step, [step][row]; waits for these steps only."""
+        if self._host is None:
+            return (torch.stack(self.tokens).tolist(),
+                    torch.stack(self.logprobs).tolist() if self.logprobs else None)
+        assert self._done is not None
+        self._done.synchronize()
+        tokens, logprobs = self._host
+        return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, adapters: AdapterManager,  # noqa: PLR0917
                  config: EngineConfig, graphs: DecodeGraphs | None = None) -> None:
@@ -131,27 +177,58 @@ class ModelRunner:
         for every step) with one host synchronization: each step's sampled tokens stay on the device
         and feed the next step (``DecodeGraphs.advance``). Returns one result per step, every row
         in each: which of them the host keeps (a row may stop inside the window) is the caller's."""
+        return self.collect(self.launch_window(batch, num_steps, sampling))
+
+    def launch_window(self, batch: ScheduledBatch, num_steps: int, sampling: SamplingInputs) -> WindowLaunch:
+        """``run_window`` up to its synchronization: the steps are queued on the device, their tokens
+        on their way to the host; ``collect`` waits for them."""
         assert self.graphs is not None and self.window_ready(batch)
         rows = [DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
                           self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
                 for seq in batch.decode_seqs]
         logits, seq_ids = self.graphs.run(rows, lookahead=num_steps - 1)
         ids, params, st, want = self._sampling(logits, seq_ids, sampling)
-        tokens, logprobs = [], []
-        for step in range(num_steps):
-            if step:
-                st = st.next_step(params, sampling.generator)
-                logits = self.graphs.advance(tokens[-1])
-            out = sample(logits, st, want_logprobs=want)
-            tokens.append(out.token_ids)
+        out = sample(logits, st, want_logprobs=want)
+        launch = WindowLaunch(list(seq_ids), ids, params, st, want, [out.token_ids],
+                              [] if out.logprobs is None else [out.logprobs], layout=self.graphs.num_layouts)
+        self._steps(launch, num_steps - 1, sampling.generator)
+        return launch.send()
+
+    def chain_window(self, prev: WindowLaunch, num_steps: int,
+                     generator: torch.Generator | None) -> WindowLaunch | None:
+        """The ``num_steps`` steps after ``prev``'s, queued behind it on the device before the host has
+        read ``prev``'s tokens: the same rows (the layout of ``prev``), fed ``prev``'s last tokens. The
+        rows' block tables must already hold the blocks of every position these steps write. The
+        generator's state before the new steps' draws is kept, so that a caller can undo them.
+        None when the graphs laid out other rows since ``prev``."""
+        assert num_steps > 0
+        if self.graphs is None or self.graphs.num_layouts != prev.layout:
+            return None
+        self.graphs.extend([self.blocks.block_table(s) for s in prev.seq_ids])
+        state = generator.get_state() if generator is not None else None
+        launch = WindowLaunch(prev.seq_ids, prev.ids, prev.params, prev.st, prev.want, [prev.tokens[-1]], [],
+                              layout=prev.layout, generator_state=state)
+        self._steps(launch, num_steps, generator)
+        launch.tokens, launch.logprobs = launch.tokens[1:], launch.logprobs
+        return launch.send()
+
+    def _steps(self, launch: WindowLaunch, num_steps: int, generator: torch.Generator | None) -> None:
+        assert self.graphs is not None
+        for _ in range(num_steps):
+            launch.st = launch.st.next_step(launch.params, generator)
+            logits = self.graphs.advance(launch.tokens[-1])
+            out = sample(logits, launch.st, want_logprobs=launch.want)
+            launch.tokens.append(out.token_ids)
             if out.logprobs is not None:
-                logprobs.append(out.logprobs)
-        self.num_graph_steps += num_steps
-        host_tokens = torch.stack(tokens).tolist()  # the window's one synchronization
-        host_logprobs = torch.stack(logprobs).tolist() if logprobs else None
-        return [RunResult(sampled=dict(zip(ids, host_tokens[j], strict=True)),
-                          logprobs=dict(zip(ids, host_logprobs[j], strict=True)) if host_logprobs else {})
-                for j in range(num_steps)]
+                launch.logprobs.append(out.logprobs)
+
+    def collect(self, launch: WindowLaunch) -> list[RunResult]:
+        """Wait for a launched window's tokens (its one synchronization); one result per step."""
+        host_tokens, host_logprobs = launch.receive()
+        self.num_graph_steps += len(host_tokens)
+        return [RunResult(sampled=dict(zip(launch.ids, host_tokens[j], strict=True)),
+                          logprobs=dict(zip(launch.ids, host_logprobs[j], strict=True)) if host_logprobs else {})
+                for j in range(len(host_tokens))]
 
     @staticmethod
     def _sampling(logits: torch.Tensor, seq_ids: Sequence[Hashable],

@@ -158,3 +158,68 @@ def test_windows_through_the_triton_kernels(model_dir: Path) -> None:
         outs.append(engine.generate(PROMPTS[:3], ADAPTERS[:3], (sampling * 2)[:3]))
         assert (engine.window.num_windows > 0) == (window > 1)
     assert [o.token_ids for o in outs[1]] == [o.token_ids for o in outs[0]]
+
+
+def _sampled(max_tokens: int) -> list[SamplingParams]:
+    """Greedy, seeded and unseeded sampling (the engine draws those seeds), equal lengths."""
+    return [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+            SamplingParams(max_tokens=max_tokens, temperature=0.9, seed=3, ignore_eos=True),
+            SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=30, ignore_eos=True)] * 2
+
+
+def test_chained_windows_give_the_tokens_of_one_step_at_a_time(model_dir: Path) -> None:
+    """A window whose successor is known queues it on the device before the host applies its own
+    tokens (``chain``); the next step takes it. Tokens, unseeded draws included, are those of one step
+    at a time and of unchained windows; every block (the chained windows' reservations too) is back."""
+    outs = {}
+    for name, window, chain in (("plain", 1, False), ("windows", 4, False), ("chained", 4, True)):
+        engine = _engine(model_dir, window, chain_windows=chain)
+        finished, streamed = _stream(engine, _sampled(17))
+        outs[name] = {rid: (f.token_ids, f.text, streamed[rid]) for rid, f in finished.items()}
+        if name == "chained":
+            assert engine.window.num_chained >= 2 and engine.window.num_dropped == 0
+            assert engine.window._chained is None  # the last window had no successor
+            assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+            engine.blocks.check_invariants()
+        else:
+            assert engine.window.num_chained == 0
+    assert outs["chained"] == outs["plain"] == outs["windows"]
+
+
+def test_a_chained_window_is_dropped_when_the_next_step_is_another(model_dir: Path) -> None:
+    """Rows that stop inside a window (stop token, shorter lengths) and a request that arrives make the
+    next step differ from the chained window: it is dropped and its unseeded draws undone, so every
+    token is the one of unchained windows (and, for greedy and seeded rows, of one step at a time;
+    unseeded rows draw seeds for rows that end inside a window too, chained or not)."""
+    plain = _engine(model_dir, 1)
+    probe = plain.generate([PROMPTS[3]], ["a"], SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
+    sampling = _sampled(15)
+    sampling[3] = SamplingParams(max_tokens=15, temperature=0.0, stop_token_ids=(probe[2],))
+    sampling[5] = SamplingParams(max_tokens=6, temperature=0.8)  # ends inside the second window
+    want, _ = _stream(plain, sampling)
+    unchained, chained = _engine(model_dir, 4, chain_windows=False), _engine(model_dir, 4)
+    outs = [{r: f.token_ids for r, f in _stream(e, sampling)[0].items()} for e in (unchained, chained)]
+    assert chained.window.num_dropped > 0
+    assert outs[1] == outs[0]
+    seeded = [f"r{i}" for i, sp in enumerate(sampling) if sp.temperature == 0 or sp.seed is not None]
+    assert {r: outs[1][r] for r in seeded} == {r: want[r].token_ids for r in seeded}
+    late = SamplingParams(max_tokens=12, temperature=0.7)
+    for e in (unchained, chained):  # an arrival while a chained window waits
+        e.add_request("x", prompt=PROMPTS[0], sampling=late)
+        while e.scheduler.waiting or any(s.is_prefilling for s in e.scheduler.running):
+            e.step()
+        e.step()
+    assert chained.window._chained is not None
+    dropped = chained.window.num_dropped
+    for e in (unchained, chained):
+        e.add_request("y", prompt=PROMPTS[1], sampling=late)
+    late_outs = [{o.request_id: o.token_ids for o in _drain(e)} for e in (unchained, chained)]
+    assert chained.window.num_dropped > dropped  # the arrival dropped it (and later stops maybe more)
+    assert late_outs[1] == late_outs[0]
+
+
+def _drain(engine: Engine) -> list[RequestFinished]:
+    done = []
+    while engine.has_work():
+        done += [e for e in engine.step() if isinstance(e, RequestFinished)]
+    return done
