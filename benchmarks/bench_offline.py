@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         i = pre.index("--chain-ab")
         chain_rounds = int(pre[i + 1])
         del pre[i : i + 2]
+    tuning_ab = ""
+    if "--tuning-ab" in pre:  # SMLM Tuning overrides ("expand_tiles=4") against the defaults, two rounds
+        i = pre.index("--tuning-ab")
+        tuning_ab = pre[i + 1].strip()
+        del pre[i : i + 2]
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -251,6 +256,29 @@ def main(argv: list[str] | None = None) -> int:
             set_lora_overlap(default_overlap)
     if overlaps:
         engine.capture_graphs(recapture=True)
+
+    # SMLM launch parameters against the defaults (graphs captured again for each), in turn
+    if tuning_ab:
+        from loquetier.kernels import smlm
+
+        before = smlm.TUNING
+        variants = {"defaults": smlm.Tuning(), tuning_ab: smlm.tuning_from_spec(tuning_ab)}
+        try:
+            for _ in range(2):
+                for label, tuning in variants.items():
+                    smlm.TUNING = tuning
+                    engine.capture_graphs(recapture=True)
+                    for name, batch in (("ours_lora_b32", small_batch), ("ours_lora_b128", big_batch)):
+                        r = common.attempt(f"{name} tuning {label}", errors, log, run_ours, engine, batch,
+                                           list(adapter_ids), gen, dev, new_tokens, repeats)
+                        if r is not None:
+                            r["x_floor"] = r["tokens_per_s"] * floor_s / batch
+                            results.setdefault("tuning", []).append({"tuning": label, "case": name, **r})
+                            log(f"{name}, SMLM tuning {label}: {r['tokens_per_s']:.0f} tok/s = "
+                                f"{r['x_floor']:.3f}x floor, decode steps {r['decode_step_ms']:.2f} ms")
+        finally:
+            smlm.TUNING = before
+            engine.capture_graphs(recapture=True)
 
     # decode windows chained (the next window queued before the host applies the last) or not,
     # alternated in one process
@@ -356,9 +384,17 @@ def main(argv: list[str] | None = None) -> int:
                          "after the cases above (`--chain-ab`):\n\n"
                          + report.markdown_table(["chained windows", "case", "tokens/s", "of the floor",
                                                   "ms per decode step"], rows)))
+    tuning_runs = results.get("tuning", [])
+    if tuning_runs:
+        rows = [[r["tuning"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
+                 report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in tuning_runs]
+        sections.append(("SMLM launch parameters", "The adapter cases with `kernels.smlm.Tuning` overrides against "
+                         "its defaults, graphs captured again for each, in turn (`--tuning-ab`):\n\n"
+                         + report.markdown_table(["SMLM tuning", "case", "tokens/s", "of the floor",
+                                                  "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    for r in [*results.values(), *runs, *chain_runs]:
+    for r in [*results.values(), *runs, *chain_runs, *tuning_runs]:
         if isinstance(r, dict):
             r.pop("tokens", None)
             r.pop("prompts", None)

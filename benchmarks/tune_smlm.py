@@ -40,7 +40,13 @@ VARIANTS: dict[str, tuple[dict[str, int], str]] = {
     "split, 2/SM": ({"programs_per_sm": 2}, "split"),
     "split, shrink 2 warps": ({"shrink_warps": 2}, "split"),
     "split, expand N 128": ({"expand_block_n": 128}, "split"),
+    "split, expand 2 tiles": ({"expand_tiles": 2}, "split"),
+    "split, expand 4 tiles": ({"expand_tiles": 4}, "split"),
+    "split, expand 8 tiles": ({"expand_tiles": 8}, "split"),
+    "split, expand 4 tiles of N 128": ({"expand_tiles": 4, "expand_block_n": 128}, "split"),
+    "split, expand 4 tiles, shrink 2 warps": ({"expand_tiles": 4, "shrink_warps": 2}, "split"),
 }
+DECODE_DEFAULT = "split partials (decode default)"
 BASELINE = "default (atomic)"
 
 
@@ -138,6 +144,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def pick(results: dict[str, Any]) -> str:
+    """``LOQUETIER_SMLM_TUNING=...`` of the split variant with the least time over the decode batches,
+    when it beats the decode default's by 3 % or more ("" otherwise)."""
+    decode = [b for label, b in results["batches"].items() if label.startswith("decode")]
+
+    def total(name: str) -> float:
+        ms = [b["variants"].get(name, {}).get("ms") for b in decode]
+        return float("inf") if any(m is None for m in ms) else sum(ms)
+
+    split = [name for name, (_, path) in VARIANTS.items() if path == "split"]
+    best = min(split, key=total)
+    if total(best) > 0.97 * total(DECODE_DEFAULT) or not VARIANTS[best][0]:
+        return ""
+    spec = ",".join(f"{k}={v}" for k, v in VARIANTS[best][0].items())
+    return f"{spec}\n"
+
+
 def table(results: dict[str, Any]) -> str:
     names = list(VARIANTS)
     head = "| variant | " + " | ".join(results["batches"]) + " |"
@@ -164,8 +187,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--from-json", type=Path, help="write the page from an earlier run's JSON (no GPU)")
+    ap.add_argument("--pick-env", type=Path, default=None,
+                    help="write LOQUETIER_SMLM_TUNING=... of the split variant fastest over the decode batches "
+                         "into this file (empty when none beats the decode default by 3 %%)")
     args, _ = ap.parse_known_args()
     results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
+    if args.pick_env is not None:
+        args.pick_env.write_text(pick(results))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_smlm.json").write_text(json.dumps(results, indent=1))
     text = (f"# SMLM launch parameters, one 8B decode step's LoRA work\n\n{results['date']}, {results['gpu']}, "

@@ -98,6 +98,7 @@ class Tuning:
     expand_block_n: int = 0  # 0: 256 for BLOCK_M 16, else 128
     expand_warps: int = 4
     expand_stages: int = 2
+    expand_tiles: int = 1  # column tiles per expand program for decode-sized blocks (BLOCK_M 16)
     # shrink_expand (one launch for decode-sized blocks); it applies when both limits hold
     fused_max_rows: int = 16  # the step's longest segment (``max_seg_len``) at most this
     fused_max_blocks: int = 128  # row blocks (``num_blocks``) at most this
@@ -114,7 +115,30 @@ class Tuning:
     split_max_rows: int = 16
 
 
-TUNING = Tuning()
+TUNING_ENV = "LOQUETIER_SMLM_TUNING"
+
+
+def tuning_from_env() -> Tuning:
+    """``Tuning()`` with the fields ``LOQUETIER_SMLM_TUNING`` names overridden ("expand_tiles=4,
+    shrink_warps=2": what ``benchmarks/tune_smlm.py`` found on a GPU, without a code change)."""
+    return tuning_from_spec(os.environ.get(TUNING_ENV, ""))
+
+
+def tuning_from_spec(spec: str) -> Tuning:
+    """``Tuning()`` with the fields of "NAME=INT,NAME=INT" overridden."""
+    spec = spec.strip()
+    fields = {f.name for f in dataclasses.fields(Tuning)}
+    overrides: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in fields or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{TUNING_ENV}: expected NAME=INT items with NAME one of {sorted(fields)}, got {item!r}")
+        overrides[name] = int(value)
+    return dataclasses.replace(Tuning(), **overrides)
+
+
+TUNING = tuning_from_env()
 
 
 def _block_m(max_rows: int) -> int:
@@ -181,11 +205,17 @@ def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     return metas
 
 
+def _tiles_n(block_m: int) -> int:
+    """Column tiles an expand program covers: ``TUNING.expand_tiles`` for decode-sized row blocks (a
+    row or two each: latency-bound programs), one for prefill-sized ones."""
+    return max(1, TUNING.expand_tiles) if block_m == 16 else 1
+
+
 def _block_n(block_m: int) -> int:
     """The column tile of an expand launch."""
-    if INTERPRET:
-        return 128
-    return TUNING.expand_block_n or (128 if block_m >= 32 else 256)
+    if TUNING.expand_block_n:
+        return TUNING.expand_block_n
+    return 128 if INTERPRET or block_m >= 32 else 256
 
 
 def _partials(v: torch.Tensor, split_k: int, ordered: bool) -> torch.Tensor | None:
@@ -230,8 +260,8 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
     ([num_splits, T, R] partial sums, ``v`` its first), v is their sum, added in split order."""
     n = y.shape[1]
     block_m = _block_m(max_rows)
-    block_n = _block_n(block_m)
-    grid = (num_blocks, triton.cdiv(n, block_n))
+    block_n, tiles = _block_n(block_m), _tiles_n(block_m)
+    grid = (num_blocks, triton.cdiv(n, block_n * tiles))
     launch(expand_kernel, grid,
         y, y.stride(0), y.stride(1),
         v, v.stride(0), 0 if splits is None else splits.stride(0), 1 if splits is None else splits.shape[0],
@@ -239,7 +269,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
         lora.ranks, lora.scales, blocks,
         n,
         HAS_SCALE=with_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles,
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(w),
     )
 
@@ -353,8 +383,8 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
     if not meta.num_blocks:
         return
     block_m = _block_m(meta.max_seg_len)
-    block_n = _block_n(block_m)
-    grid = (meta.num_blocks, triton.cdiv(max(lo.out_features for lo in loras), block_n), num)
+    block_n, tiles = _block_n(block_m), _tiles_n(block_m)
+    grid = (meta.num_blocks, triton.cdiv(max(lo.out_features for lo in loras), block_n * tiles), num)
     b0, b1, b2 = _padded([lo.b for lo in loras])
     n0, n1, n2 = [*[lo.out_features for lo in loras], *[0] * (MAX_PARTS - num)]
     o0, o1, o2 = [*[off for _, off in parts], *[0] * (MAX_PARTS - num)]
@@ -367,7 +397,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         b0.stride(0), b1.stride(0), b2.stride(0), b0.stride(1), b1.stride(1), b2.stride(1), b0.stride(2),
         n0, n1, n2, o0, o1, o2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles,
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 

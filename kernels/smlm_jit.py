@@ -78,44 +78,48 @@ def _expand_tile(  # noqa: PLR0917
     y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, stride_vs, num_splits, w_ptr, stride_ws, stride_wr, stride_wn,
     ranks_ptr, scales_ptr, blocks_ptr, pid, pid_n, N,
     HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """The body of both expand kernels: block ``pid``, column tile ``pid_n``, one module (or part).
-    ``v`` is the sum of ``num_splits`` partial buffers ``stride_vs`` apart (a shrink's K splits, stored
-    apart), added in split order as the tile is read: 1 split for a plain ``v``."""
+    """The body of both expand kernels: block ``pid``, column tiles ``pid_n * TILES_N`` and the
+    ``TILES_N - 1`` after it, one module (or part). ``v`` is the sum of ``num_splits`` partial buffers
+    ``stride_vs`` apart (a shrink's K splits, stored apart), added in split order as the tile is read:
+    1 split for a plain ``v``. Several column tiles a program pay the block's metadata loads once and
+    keep more weight loads in flight (decode blocks are a row or two: latency, not bandwidth)."""
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
     slot = tl.load(blocks_ptr + pid * 3 + 2)
     r = tl.load(ranks_ptr + slot)
-    # rank 0, or a column tile past the output's width (a part narrower than the grid): nothing to do
-    row_end = tl.where((r > 0) & (pid_n * BLOCK_N < N), row_end, row_start)
+    # rank 0, or column tiles past the output's width (a part narrower than the grid): nothing to do
+    row_end = tl.where((r > 0) & (pid_n * TILES_N * BLOCK_N < N), row_end, row_start)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scales_ptr + slot)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
-    w_base = w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
+    w_slot = w_ptr + slot.to(tl.int64) * stride_ws
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < row_end
         v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, r, BLOCK_R):  # rank-aware: rank 8 runs one 16-wide step, rank 64 four
-            rs = r0 + offs_r
-            rr_mask = rs < r
-            v_mask = m_mask[:, None] & rr_mask[None, :]
-            vt = tl.load(v_rows + rs[None, :], mask=v_mask, other=0.0)
-            for s in range(1, num_splits):  # a fixed order: the same bits on every run
-                vt += tl.load(v_rows + s * stride_vs + rs[None, :], mask=v_mask, other=0.0)
-            wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
-        y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        y_mask = m_mask[:, None] & n_mask[None, :]
-        yt = tl.load(y_tile, mask=y_mask, other=0.0)
-        tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
+        for t in tl.static_range(TILES_N):
+            offs_n = (pid_n * TILES_N + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            w_base = w_slot + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, r, BLOCK_R):  # rank-aware: rank 8 runs one 16-wide step, rank 64 four
+                rs = r0 + offs_r
+                rr_mask = rs < r
+                v_mask = m_mask[:, None] & rr_mask[None, :]
+                vt = tl.load(v_rows + rs[None, :], mask=v_mask, other=0.0)
+                for s in range(1, num_splits):  # a fixed order: the same bits on every run
+                    vt += tl.load(v_rows + s * stride_vs + rs[None, :], mask=v_mask, other=0.0)
+                wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
+            y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = m_mask[:, None] & n_mask[None, :]
+            yt = tl.load(y_tile, mask=y_mask, other=0.0)
+            tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
 
 
 # split_k varies with the step's block count, and the stride between split buffers with its row count:
@@ -146,14 +150,14 @@ def expand_kernel(  # noqa: PLR0917
     ranks_ptr, scales_ptr, blocks_ptr,
     N,
     HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, one column tile."""
+    """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, TILES_N column tiles."""
     _expand_tile(y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, stride_vs, num_splits,
                  w_ptr, stride_ws, stride_wr, stride_wn,
                  ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), N,
-                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST, IEEE)
+                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, UPCAST, IEEE)
 
 
 @triton.jit
@@ -232,7 +236,7 @@ def expand_parts_kernel(  # noqa: PLR0917
     ws0, ws1, ws2, wr0, wr1, wr2, stride_wn,  # per part: slot and rank strides; column stride (shared)
     n0, n1, n2, off0, off1, off2,  # per part: output width and first column in y
     r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr, blocks_ptr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, off_p + cols] += scale_p[slot] * v[rows, p*R : p*R + r_p] @ w_p[slot, :r_p, cols]."""
@@ -262,7 +266,7 @@ def expand_parts_kernel(  # noqa: PLR0917
         scales_ptr = s2_ptr
     _expand_tile(y_ptr + col0 * stride_yn, stride_ym, stride_yn, v_ptr + part * part_cols, stride_vm,
                  stride_vs, num_splits, w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
-                 tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST, IEEE)
+                 tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, UPCAST, IEEE)
 
 
 # Shrink and expand in one launch, for decode-sized blocks (``smlm.shrink_expand``). Program

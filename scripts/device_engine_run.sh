@@ -4,7 +4,10 @@
 #   gpu-tests         the CUDA tests of the LoRA overlap and the captured graphs (tokens equal to
 #                     plain steps, the same bits on the side stream)
 #   gemm              bench_gemm: the 8B step's base GEMMs in CUDA graphs, cuBLAS against cuBLASLt
-#   tune              tune_smlm: one 8B step's LoRA launches in a CUDA graph (atomic, ordered, split)
+#   tune              tune_smlm: one 8B step's LoRA launches in a CUDA graph (atomic, ordered, split,
+#                     launch parameters); the split variant fastest over the decode batches (by 3 % or
+#                     more) is exported as LOQUETIER_SMLM_TUNING for the later steps and timed against
+#                     the defaults by bench_offline (TUNING_AB)
 #   offline           bench_offline (8B shape, no HF baselines; its windowed case runs twice, so it
 #                     shows whether two runs of the same prompts give the same tokens); OVERLAPS (a
 #                     comma list of LoRA overlap modes, default none) times the adapter cases again
@@ -45,14 +48,21 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
 }
 STEPS=${STEPS:-tune offline decode offline-window16}
 OVERLAPS=${OVERLAPS:-}
+TUNING_AB=${TUNING_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
             tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope" ;;
         gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
-        tune) step tune 120 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" ;;
+        tune) step tune 150 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" --pick-env "$OUT/tune/pick.env"
+            # the split variant that beat the decode default by 3 % or more: the later steps run with
+            # it, and bench_offline times it against the defaults (--tuning-ab)
+            PICK=$(tr -d '[:space:]' <"$OUT/tune/pick.env" 2>/dev/null)
+            if [ -n "$PICK" ]; then export LOQUETIER_SMLM_TUNING=$PICK; TUNING_AB=$PICK; fi
+            echo "== SMLM tuning picked: ${PICK:-defaults}" ;;
         offline) step offline 260 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
-            ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} --out "$OUT/offline" ;;
+            ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
+            ${TUNING_AB:+--tuning-ab "$TUNING_AB"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         offline-window16) step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda \

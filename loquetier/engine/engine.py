@@ -467,6 +467,9 @@ class Engine:
         m = self.scheduler.metrics
         return {
             "num_steps": self.num_steps,
+            "decode_windows": self.window.num_windows,
+            "decode_windows_chained": self.window.num_chained,  # taken from the device as queued
+            "decode_windows_dropped": self.window.num_dropped,  # queued, then not the next step
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "kv_blocks_free": self.blocks.num_free_blocks,

@@ -455,3 +455,41 @@ def test_lora_on_a_side_stream_gives_the_same_bits_eager_and_in_a_graph(layout: 
     finally:
         ops.set_lora_overlap(None)
         ops.set_deterministic(None)
+
+
+@pytest.mark.parametrize("num_parts", [1, 3])
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_expand_programs_over_several_column_tiles_give_the_same_bits(monkeypatch: pytest.MonkeyPatch,
+                                                                     num_parts: int, tiles: int) -> None:
+    """``Tuning.expand_tiles``: an expand program of a decode-sized block covers several column tiles
+    (3 does not divide the widths: the last program's tiles run past the output); the sums are the
+    ones of one tile a program, bit for bit, and prefill-sized blocks keep one tile."""
+    dtype, in_features = torch.bfloat16, 300
+    rng = random.Random(f"tiles{num_parts}{tiles}")
+    slots = _slots("uneven_no_adapter", 24, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=in_features)
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(9)).to(dtype).to(DEVICE)
+    y0 = _base(len(slots), width, parts, dtype, seed=10)
+    outs = []
+    for n in (1, tiles):
+        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(expand_tiles=n, expand_block_n=16))
+        y = y0.clone()
+        smlm.forward_split(y, x, parts, meta)
+        outs.append(y)
+    assert smlm._tiles_n(16) == tiles and smlm._tiles_n(32) == 1
+    assert torch.equal(outs[1].nan_to_num(7.0), outs[0].nan_to_num(7.0))
+    y_ref = y0.clone()
+    reference.shrink_expand_ref(y_ref, x, parts, meta)
+    _assert_close(outs[1], y_ref, TOL[dtype], "several tiles vs reference")
+
+
+def test_smlm_tuning_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(smlm.TUNING_ENV, " expand_tiles=4, shrink_warps=2 ")
+    assert smlm.tuning_from_env() == smlm.Tuning(expand_tiles=4, shrink_warps=2)
+    monkeypatch.setenv(smlm.TUNING_ENV, "")
+    assert smlm.tuning_from_env() == smlm.Tuning()
+    for bad in ("expand_tiles", "expand_tiles=four", "tiles=4"):
+        monkeypatch.setenv(smlm.TUNING_ENV, bad)
+        with pytest.raises(ValueError, match="LOQUETIER_SMLM_TUNING: expected NAME=INT"):
+            smlm.tuning_from_env()
