@@ -192,9 +192,10 @@ def main() -> None:
                          "into this file (empty when none beats the decode default by 3 %%)")
     args, _ = ap.parse_known_args()
     results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
-    if args.pick_env is not None:
-        args.pick_env.write_text(pick(results))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.pick_env is not None:
+        args.pick_env.parent.mkdir(parents=True, exist_ok=True)
+        args.pick_env.write_text(pick(results))
     (args.out / "tune_smlm.json").write_text(json.dumps(results, indent=1))
     text = (f"# SMLM launch parameters, one 8B decode step's LoRA work\n\n{results['date']}, {results['gpu']}, "
             "`python -m benchmarks.tune_smlm`. ms per step from one CUDA graph of all 32 layers' LoRA "

@@ -14,6 +14,7 @@
 #                     with graphs captured in each mode; CHAIN_AB=N times the cases N rounds with
 #                     chained decode windows off, then on
 #   decode            bench_decode's batch-64 graph step (OVERLAPS: the fused graph in each mode too)
+#   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
@@ -65,6 +66,8 @@ for name in $STEPS; do
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
+        serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
+            --no-mixed-ranks --out "$OUT/serving" ;;
         offline-window16) step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda \
             --no-baselines --engine-arg decode_window=16 --out "$OUT/offline-window16" ;;
         *) echo "unknown step $name" >&2; exit 2 ;;
