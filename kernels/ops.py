@@ -19,8 +19,9 @@ that was on when it was captured.
 In CUDA graphs (``overlap_scope``: their warm-ups and captures) each module's shrinks run on a side
 stream, beside the base GEMM that reads the same input; the expands add into the GEMM's output once
 both are done. The latency-bound SMLM launches then hide behind the GEMM's weight reads (on the
-H200, -0.58 ms a batch-64 decode step with 32 adapters, docs/benchmarks/offline.md). Eager steps
-keep one stream: two stream switches per module would cost more host time than they hide.
+H200, 0.43-0.58 ms off a batch-64 decode step with 32 adapters in two runs,
+docs/benchmarks/offline.md). Eager steps keep one stream: two stream switches per module would cost
+more host time than they hide.
 ``LOQUETIER_LORA_OVERLAP=0/1`` (default 1) or ``set_lora_overlap``.
 """
 

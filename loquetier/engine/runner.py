@@ -47,7 +47,7 @@ class WindowLaunch:
     tokens: list[torch.Tensor]
     logprobs: list[torch.Tensor]
     layout: int = 0  # the graphs' layout the steps continue (``DecodeGraphs.num_layouts``)
-    generator_state: torch.Tensor | None = None  # before a chained window's draws (``drop`` restores it)
+    generator_state: torch.Tensor | None = None  # before a chained window's draws (``DecodeWindow.drop_chained``)
     _host: tuple[torch.Tensor, torch.Tensor | None] | None = None
     _done: torch.cuda.Event | None = None
 
@@ -209,7 +209,7 @@ class ModelRunner:
         launch = WindowLaunch(prev.seq_ids, prev.ids, prev.params, prev.st, prev.want, [prev.tokens[-1]], [],
                               layout=prev.layout, generator_state=state)
         self._steps(launch, num_steps, generator)
-        launch.tokens, launch.logprobs = launch.tokens[1:], launch.logprobs
+        launch.tokens = launch.tokens[1:]  # prev's last tokens fed the first step; they are prev's
         return launch.send()
 
     def _steps(self, launch: WindowLaunch, num_steps: int, generator: torch.Generator | None) -> None:
