@@ -254,8 +254,7 @@ def main() -> None:
                 ms = r[f"overlap_{mode}_graph_step_ms_median"]
                 gpu_ms = r[f"overlap_{mode}_graph_gpu_kernel_ms_per_step"]
                 print(f"| {name} | CUDA graph + fused, LoRA overlap {'on' if mode == '1' else 'off'} | {ms:.2f} | "
-                      f"{gpu_ms:.2f} | "
-                      f"{floor_ms:.2f} | {ms / floor_ms:.2f} |")
+                      f"{gpu_ms:.2f} | {floor_ms:.2f} | {ms / floor_ms:.2f} |")
     if args.out:
         Path(args.out, "decode.json").write_text(json.dumps(results, indent=1))
 

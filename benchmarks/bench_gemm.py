@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness.common import captured
+
 HBM = 4.27e12
 HIDDEN, INTER, Q, KV, VOCAB, LAYERS = 4096, 14336, 4096, 1024, 128256, 32
 SHAPES = {"q|k|v": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate|up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
@@ -27,14 +29,7 @@ SHAPES = {"q|k|v": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate|up": (2 * INTER
 
 def _graph_ms(fn, replays: int = 20) -> float:  # type: ignore[no-untyped-def]
     """Median ms of one replay of a CUDA graph of ``fn`` (warmed up on a side stream first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = captured(fn)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

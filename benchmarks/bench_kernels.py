@@ -110,16 +110,9 @@ def _time(torch, do_bench, fn: Callable[[], object]) -> list[float]:
 
 def _graph_time(torch, do_bench, fn: Callable[[], object]) -> list[float]:
     """Our path replayed from a CUDA graph: no Python launch cost (the kernels never sync)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return _time(torch, do_bench, graph.replay)
+    from benchmarks.harness.common import captured
+
+    return _time(torch, do_bench, captured(fn, warmups=2).replay)
 
 
 def _segments_by_adapter(num_tokens: int, num_adapters: int) -> list[int]:

@@ -19,9 +19,11 @@ The floor of a step is the bytes of every weight it must read (all but the embed
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -150,28 +152,23 @@ def run_hf(model: Any, batch: int, adapter_names: list[str] | None, gen: torch.G
     return {"tokens_per_s": batch * new_tokens / dt, "seconds": dt, "batch": batch, "new_tokens": new_tokens}
 
 
+def _take(argv: list[str], flag: str) -> str | None:
+    """The value after ``flag`` in ``argv`` (both removed), or None when it is not there."""
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    value = argv[i + 1]
+    del argv[i : i + 2]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     pre = [a for a in (argv if argv is not None else sys.argv[1:])]
-    baseline_tokens = 16
-    if "--baseline-tokens" in pre:
-        i = pre.index("--baseline-tokens")
-        baseline_tokens = int(pre[i + 1])
-        del pre[i : i + 2]
-    overlaps: list[str] = []
-    if "--lora-overlap" in pre:  # LoRA overlap off (0) / on (1), timed after the cases, graphs captured again
-        i = pre.index("--lora-overlap")
-        overlaps = [m for m in pre[i + 1].split(",") if m]
-        del pre[i : i + 2]
-    chain_rounds = 0
-    if "--chain-ab" in pre:  # rounds of (chained windows off, on), timed after the cases
-        i = pre.index("--chain-ab")
-        chain_rounds = int(pre[i + 1])
-        del pre[i : i + 2]
-    tuning_ab = ""
-    if "--tuning-ab" in pre:  # SMLM Tuning overrides ("expand_tiles=4") against the defaults, two rounds
-        i = pre.index("--tuning-ab")
-        tuning_ab = pre[i + 1].strip()
-        del pre[i : i + 2]
+    baseline_tokens = int(_take(pre, "--baseline-tokens") or 16)
+    # LoRA overlap off (0) / on (1), timed after the cases, graphs captured again
+    overlaps = [m for m in (_take(pre, "--lora-overlap") or "").split(",") if m]
+    chain_rounds = int(_take(pre, "--chain-ab") or 0)  # rounds of (chained windows off, on)
+    tuning_ab = (_take(pre, "--tuning-ab") or "").strip()  # Tuning overrides ("expand_tiles=4") vs the defaults
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -235,70 +232,53 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor "
                 f"({r['graph_steps']}/{r['steps']} graph steps)")
 
-    # the adapter cases again with the graphs' LoRA shrinks on a side stream beside the base GEMMs (1)
-    # or not (0), in the order given, each with its graphs captured again (a graph keeps its setting)
-    from loquetier.kernels import lora_overlap, set_lora_overlap
-
-    default_overlap = lora_overlap()
-    for mode in overlaps:
-        set_lora_overlap(mode == "1")
-        try:
-            engine.capture_graphs(recapture=True)
-            for name, batch in (("ours_lora_b32", small_batch), ("ours_lora_b128", big_batch)):
-                r = common.attempt(f"{name} overlap {mode}", errors, log, run_ours, engine, batch,
-                                   list(adapter_ids), gen, dev, new_tokens, repeats)
+    def compare(kind: str, settings: list[tuple[str, Callable[[], None]]], cases: list[tuple[str, int, list[Any]]],
+                recapture: bool) -> None:
+        """Each of ``cases`` again under each setting in turn (``apply`` sets it; the graphs captured
+        again first when ``recapture``: a graph keeps the kernel paths of its capture), into
+        ``results[kind]``."""
+        for label, apply in settings:
+            apply()
+            if recapture:
+                engine.capture_graphs(recapture=True)
+            for name, batch, adapters in cases:
+                r = common.attempt(f"{name} {kind} {label}", errors, log, run_ours, engine, batch, adapters, gen,
+                                   dev, new_tokens, repeats)
                 if r is not None:
                     r["x_floor"] = r["tokens_per_s"] * floor_s / batch
-                    results.setdefault("overlap", []).append({"on": mode == "1", "case": name, **r})
-                    log(f"{name}, LoRA overlap {mode}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor, "
+                    results.setdefault(kind, []).append({"setting": label, "case": name, **r})
+                    log(f"{name}, {kind} {label}: {r['tokens_per_s']:.0f} tok/s = {r['x_floor']:.3f}x floor, "
                         f"decode steps {r['decode_step_ms']:.2f} ms")
-        finally:
-            set_lora_overlap(default_overlap)
-    if overlaps:
-        engine.capture_graphs(recapture=True)
 
-    # SMLM launch parameters against the defaults (graphs captured again for each), in turn
-    if tuning_ab:
-        from loquetier.kernels import smlm
+    lora_cases = [("ours_lora_b32", small_batch, list(adapter_ids)), ("ours_lora_b128", big_batch, list(adapter_ids))]
+    # the adapter cases with the graphs' LoRA shrinks on a side stream beside the base GEMMs (1) or not (0)
+    from loquetier.kernels import lora_overlap, set_lora_overlap, smlm
 
-        before = smlm.TUNING
-        variants = {"defaults": smlm.Tuning(), tuning_ab: smlm.tuning_from_spec(tuning_ab)}
-        try:
-            for _ in range(2):
-                for label, tuning in variants.items():
-                    smlm.TUNING = tuning
-                    engine.capture_graphs(recapture=True)
-                    for name, batch in (("ours_lora_b32", small_batch), ("ours_lora_b128", big_batch)):
-                        r = common.attempt(f"{name} tuning {label}", errors, log, run_ours, engine, batch,
-                                           list(adapter_ids), gen, dev, new_tokens, repeats)
-                        if r is not None:
-                            r["x_floor"] = r["tokens_per_s"] * floor_s / batch
-                            results.setdefault("tuning", []).append({"tuning": label, "case": name, **r})
-                            log(f"{name}, SMLM tuning {label}: {r['tokens_per_s']:.0f} tok/s = "
-                                f"{r['x_floor']:.3f}x floor, decode steps {r['decode_step_ms']:.2f} ms")
-        finally:
-            smlm.TUNING = before
-            engine.capture_graphs(recapture=True)
-
-    # decode windows chained (the next window queued before the host applies the last) or not,
-    # alternated in one process
-    chain_default = engine.window.chain
+    default_overlap = lora_overlap()
     try:
-        for _ in range(chain_rounds):
-            for chain in (False, True):
-                engine.window.chain = chain
-                for name, batch, adapters in (("ours_base_b32", small_batch, [None]),
-                                              ("ours_lora_b32", small_batch, list(adapter_ids)),
-                                              ("ours_lora_b128", big_batch, list(adapter_ids))):
-                    r = common.attempt(f"{name} chain {chain}", errors, log, run_ours, engine, batch, adapters, gen,
-                                       dev, new_tokens, repeats)
-                    if r is not None:
-                        r["x_floor"] = r["tokens_per_s"] * floor_s / batch
-                        results.setdefault("chain", []).append({"on": chain, "case": name, **r})
-                        log(f"{name}, chained windows {chain}: {r['tokens_per_s']:.0f} tok/s = "
-                            f"{r['x_floor']:.3f}x floor, decode steps {r['decode_step_ms']:.2f} ms")
+        compare("overlap", [("on" if m == "1" else "off", functools.partial(set_lora_overlap, m == "1"))
+                            for m in overlaps], lora_cases, recapture=True)
     finally:
-        engine.window.chain = chain_default
+        set_lora_overlap(default_overlap)
+    # SMLM launch parameters against the defaults, two rounds
+    default_tuning = smlm.TUNING
+    if tuning_ab:
+        tunings = {"defaults": smlm.Tuning(), tuning_ab: smlm.tuning_from_spec(tuning_ab)}
+        try:
+            compare("tuning", [(label, functools.partial(setattr, smlm, "TUNING", t))
+                               for _ in range(2) for label, t in tunings.items()], lora_cases, recapture=True)
+        finally:
+            smlm.TUNING = default_tuning
+    if overlaps or tuning_ab:
+        engine.capture_graphs(recapture=True)
+    # decode windows chained (the next window queued before the host applies the last) or not
+    default_chain = engine.window.chain
+    try:
+        compare("chain", [("on" if on else "off", functools.partial(setattr, engine.window, "chain", on))
+                          for _ in range(chain_rounds) for on in (False, True)],
+                [("ours_base_b32", small_batch, [None]), *lora_cases], recapture=False)
+    finally:
+        engine.window.chain = default_chain
 
     for name, batch, adapters in (("base_b32", small_batch, [None]), ("lora_b32", small_batch, list(adapter_ids))):
         r = common.attempt(f"windows {name}", errors, log, compare_windows, engine, batch, adapters, gen, dev,
@@ -366,35 +346,24 @@ def main(argv: list[str] | None = None) -> int:
                          "scheduler's measured step times; a decode window's steps share its time):\n\n"
                          + report.markdown_table(["case", "steps with prompt tokens", "their s", "decode-only steps",
                                                   "their s", "ms per decode step"], split_rows)))
-    runs = results.get("overlap", [])
-    if runs:
-        rows = [["on" if r["on"] else "off", r["case"].removeprefix("ours_lora_b"), report.fmt(r["tokens_per_s"]),
-                 report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in runs]
-        sections.append(("LoRA shrinks beside the base GEMMs", "32 adapters, the graphs captured again before "
-                         "each setting, in this order after the cases above (`--lora-overlap`, "
-                         "`LOQUETIER_LORA_OVERLAP`):\n\n"
-                         + report.markdown_table(["LoRA overlap", "batch", "tokens/s", "of the floor",
-                                                  "ms per decode step"], rows)))
-    chain_runs = results.get("chain", [])
-    if chain_runs:
-        rows = [["on" if r["on"] else "off", r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
-                 report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in chain_runs]
-        sections.append(("Chained decode windows", "Each window's successor queued on the device before the host "
-                         "applies its tokens (`EngineConfig.chain_windows`), off and on in turn, in this order "
-                         "after the cases above (`--chain-ab`):\n\n"
-                         + report.markdown_table(["chained windows", "case", "tokens/s", "of the floor",
-                                                  "ms per decode step"], rows)))
-    tuning_runs = results.get("tuning", [])
-    if tuning_runs:
-        rows = [[r["tuning"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
-                 report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in tuning_runs]
-        sections.append(("SMLM launch parameters", "The adapter cases with `kernels.smlm.Tuning` overrides against "
-                         "its defaults, graphs captured again for each, in turn (`--tuning-ab`):\n\n"
-                         + report.markdown_table(["SMLM tuning", "case", "tokens/s", "of the floor",
-                                                  "ms per decode step"], rows)))
+    for kind, title, intro, header in (
+            ("overlap", "LoRA shrinks beside the base GEMMs", "32 adapters, the graphs captured again before each "
+             "setting, in this order after the cases above (`--lora-overlap`, `LOQUETIER_LORA_OVERLAP`)",
+             "LoRA overlap"),
+            ("chain", "Chained decode windows", "Each window's successor queued on the device before the host "
+             "applies its tokens (`EngineConfig.chain_windows`), off and on in turn, in this order after the "
+             "cases above (`--chain-ab`)", "chained windows"),
+            ("tuning", "SMLM launch parameters", "The adapter cases with `kernels.smlm.Tuning` overrides against "
+             "its defaults, graphs captured again for each, in turn (`--tuning-ab`)", "SMLM tuning")):
+        if results.get(kind):
+            rows = [[r["setting"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
+                     report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in results[kind]]
+            sections.append((title, f"{intro}:\n\n" + report.markdown_table(
+                [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    for r in [*results.values(), *runs, *chain_runs, *tuning_runs]:
+    compared = [r for kind in ("overlap", "chain", "tuning") for r in results.get(kind, [])]
+    for r in [*results.values(), *compared]:
         if isinstance(r, dict):
             r.pop("tokens", None)
             r.pop("prompts", None)

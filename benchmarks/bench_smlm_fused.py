@@ -119,6 +119,8 @@ def _import_kernels() -> tuple[Any, Any, Any, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
     import torch
 
+    from benchmarks.harness.common import captured
+
     ModuleLoRA, SMLMMeta, reference, smlm = _import_kernels()  # noqa: N806
     dims = TINY if args.tiny else FULL
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -151,15 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
     def graphed(fn: Any) -> Any:
         if not is_gpu:
             return fn
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
+        return captured(fn).replay
 
     for label, slots in _batches(dims):
         rows = len(slots)

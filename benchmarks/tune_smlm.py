@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from triton.testing import do_bench
 
+    from benchmarks.harness.common import captured
     from loquetier.kernels import ModuleLoRA, SMLMMeta, smlm
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -126,14 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if expected is None:
                     expected = out
                 err = float((out - expected).abs().max() / expected.abs().max())
-                graph = torch.cuda.CUDAGraph()
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    _step(smlm, layers, xs, ys, meta, path)
-                torch.cuda.current_stream().wait_stream(stream)
-                with torch.cuda.graph(graph):
-                    _step(smlm, layers, xs, ys, meta, path)
+                graph = captured(lambda: _step(smlm, layers, xs, ys, meta, path))  # noqa: B023 (run at once)
                 ms = [do_bench(graph.replay, warmup=5, rep=40, return_mode="median") for _ in range(3)]
                 row["variants"][name] = {"ms": statistics.median(ms), "rel_err": err}
             except Exception as exc:  # noqa: BLE001 (a variant a GPU cannot run is a result)

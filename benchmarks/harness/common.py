@@ -296,6 +296,21 @@ def spec_of(args: argparse.Namespace) -> ModelSpec:
     return args.spec  # type: ignore[no-any-return]
 
 
+def captured(fn: Any, warmups: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn``, after ``warmups`` calls on a side stream (kernels compiled, the
+    allocator warm), ready to ``replay``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def release(*objs: Any) -> None:
     """Drop references and give the memory back before the next system runs."""
     del objs
