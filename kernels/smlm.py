@@ -98,7 +98,8 @@ class Tuning:
     expand_block_n: int = 0  # 0: 256 for BLOCK_M 16, else 128
     expand_warps: int = 4
     expand_stages: int = 2
-    expand_tiles: int = 1  # column tiles per expand program for decode-sized blocks (BLOCK_M 16)
+    expand_tiles: int = 1  # column tiles per expand program for decode-sized blocks (BLOCK_M 16);
+    # more lost on the H200 (2/4/8: 1.08x/1.29x/1.56x, docs/benchmarks/tune_smlm.md)
     # shrink_expand (one launch for decode-sized blocks); it applies when both limits hold
     fused_max_rows: int = 16  # the step's longest segment (``max_seg_len``) at most this
     fused_max_blocks: int = 128  # row blocks (``num_blocks``) at most this
@@ -162,16 +163,16 @@ def _check(lora: ModuleLoRA, x: torch.Tensor, k: int) -> None:
 
 def _check_parts(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]]) -> None:
     """The inputs of a shrink and expand in one call: every part fits x and its columns of y."""
-    _check_shrink_parts(x, parts)
+    _check_shrink_inputs(x, [lo for lo, _ in parts])
     for lora, offset in parts:
         assert 0 <= offset and offset + lora.out_features <= y.shape[1]
     assert y.dim() == 2 and y.shape[0] == x.shape[0]
 
 
-def _check_shrink_parts(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]]) -> None:
-    """The shrink's half of ``_check_parts``: every part fits x."""
-    first = parts[0][0]
-    for lora, _ in parts:
+def _check_shrink_inputs(x: torch.Tensor, loras: Sequence[ModuleLoRA]) -> None:
+    """The shrink's half of ``_check_parts``: every module (or part) fits x."""
+    first = loras[0]
+    for lora in loras:
         _check(lora, x, first.in_features)
     assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
 
@@ -338,9 +339,7 @@ def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -
     (``parts_fit(loras)`` must hold.)"""
     assert parts_fit(loras)
     first, num = loras[0], len(loras)
-    for lora in loras:
-        _check(lora, x, first.in_features)
-    assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
+    _check_shrink_inputs(x, loras)
     r = first.max_rank
     v = torch.zeros(x.shape[0], num * r, dtype=torch.float32, device=x.device)
     if not meta.num_blocks:
@@ -438,7 +437,7 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
     reuses nothing of this one's (each call has its own buffer)."""
     loras = [lo for lo, _ in parts]
     first = loras[0]
-    _check_shrink_parts(x, parts)
+    _check_shrink_inputs(x, loras)
     if not meta.num_blocks:
         return _nothing
     if len(parts) > 1 and not parts_fit(loras):

@@ -84,8 +84,9 @@ def _expand_tile(  # noqa: PLR0917
     """The body of both expand kernels: block ``pid``, column tiles ``pid_n * TILES_N`` and the
     ``TILES_N - 1`` after it, one module (or part). ``v`` is the sum of ``num_splits`` partial buffers
     ``stride_vs`` apart (a shrink's K splits, stored apart), added in split order as the tile is read:
-    1 split for a plain ``v``. Several column tiles a program pay the block's metadata loads once and
-    keep more weight loads in flight (decode blocks are a row or two: latency, not bandwidth)."""
+    1 split for a plain ``v``. Several column tiles a program pay the block's metadata loads once, but
+    with fewer programs in flight (``Tuning.expand_tiles``, 1 by default: more tiles were slower on
+    the H200)."""
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
     slot = tl.load(blocks_ptr + pid * 3 + 2)

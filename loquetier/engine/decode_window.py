@@ -48,7 +48,7 @@ from loquetier.engine.postprocess import request_events
 from loquetier.engine.requests import RequestBook
 from loquetier.engine.runner import ModelRunner, RunResult, WindowLaunch
 from loquetier.engine.scheduling.scheduler import Scheduler
-from loquetier.engine.sequence import ScheduledBatch, StepResult
+from loquetier.engine.sequence import RequestState, ScheduledBatch, StepResult
 
 
 @dataclass
@@ -79,17 +79,23 @@ class DecodeWindow:
         if (self.max_steps <= 1 or not seqs or batch.prefill_chunks or batch.train_chunks or batch.eval_chunks
                 or self.scheduler.waiting or self.jobs.has_work() or not self.runner.window_ready(batch)):
             return 1
-        # no step past every row's last token, none past the context
-        k = min(self.max_steps, max(s.sampling.max_tokens - s.num_output_tokens for s in seqs))
-        k = min(k, *(self.max_model_len - s.num_computed_tokens for s in seqs))
+        return self._reserve(seqs, 0)
+
+    def _reserve(self, seqs: list[RequestState], ahead: int) -> int:
+        """How many steps ``seqs`` can run once ``ahead`` more are done (up to ``max_steps``; none past
+        every row's last token, none past the context), with every row's KV for them reserved; 1 (a
+        plain step, nothing reserved) when that is one step or less, or the free blocks fall short."""
+        k = min(self.max_steps, max(s.sampling.max_tokens - s.num_output_tokens - ahead for s in seqs))
+        k = min(k, *(self.max_model_len - s.num_computed_tokens - ahead for s in seqs))
         if k <= 1:
             return 1
-        need = sum(max(0, self.blocks.blocks_needed(s.num_computed_tokens + k) - len(self.blocks.block_table(s.seq_id)))
-                   for s in seqs)
+        ends = {s.seq_id: s.num_computed_tokens + ahead + k for s in seqs}
+        need = sum(max(0, self.blocks.blocks_needed(end) - len(self.blocks.block_table(sid)))
+                   for sid, end in ends.items())
         if need > self.blocks.num_free_blocks:
             return 1
-        for s in seqs:
-            reserved = self.blocks.reserve(s.seq_id, s.num_computed_tokens + k)
+        for sid, end in ends.items():
+            reserved = self.blocks.reserve(sid, end)
             assert reserved
         return k
 
@@ -152,18 +158,9 @@ class DecodeWindow:
         seqs = batch.decode_seqs
         if not self.chain or self.scheduler.waiting or self.jobs.has_work():
             return
-        k = min(self.max_steps, max(s.sampling.max_tokens - s.num_output_tokens - num_steps for s in seqs))
-        k = min(k, *(self.max_model_len - s.num_computed_tokens - num_steps for s in seqs))
+        k = self._reserve(seqs, num_steps)
         if k <= 1:
             return
-        ends = {s.seq_id: s.num_computed_tokens + num_steps + k for s in seqs}
-        need = sum(max(0, self.blocks.blocks_needed(end) - len(self.blocks.block_table(sid)))
-                   for sid, end in ends.items())
-        if need > self.blocks.num_free_blocks:
-            return
-        for sid, end in ends.items():
-            reserved = self.blocks.reserve(sid, end)
-            assert reserved
         chained = self.runner.chain_window(launch, k, self.requests.generator)
         if chained is not None:
             self._chained = _Chained(chained, k, {s.seq_id: s.num_computed_tokens + num_steps for s in seqs})

@@ -432,17 +432,15 @@ class Engine:
             return self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
         window = self.window.size(batch)
-        if window <= 1:
-            self.window.drop_chained()  # not a window: not the one queued on the device either
         if window > 1:
             try:
                 events = self.window.run(batch, window, self._clock)
             except Exception as exc:  # noqa: BLE001 - the plain step below runs (and isolates) it
                 warnings.warn(f"decode window of {window} steps failed, running one step: {exc!r}", stacklevel=2)
-                self.window.drop_chained()
             else:
                 self.num_steps += window
                 return events
+        self.window.drop_chained()  # a plain step: not the window queued on the device
         t0 = time.perf_counter()
         run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
         step_time = time.perf_counter() - t0

@@ -274,7 +274,7 @@ class DecodeGraphs:
             raise ValueError(f"{len(tables)} block tables for {n} rows")
         if any(len(t) > self.max_blocks for t in tables):
             raise ValueError(f"a block table is longer than {self.max_blocks} blocks")
-        cols = max(1, max((len(t) for t in tables), default=1))
+        cols = max([1, *map(len, tables)])
         padded = [list(t) + [self.scratch_block] * (cols - len(t)) for t in tables]
         self._staging.begin()
         self._staging.put(torch.tensor(padded, dtype=torch.int32), self.block_tables[:n, :cols])
