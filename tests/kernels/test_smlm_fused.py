@@ -360,18 +360,24 @@ def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
     _assert_close(y_rest2, y_rest[2:], 2e-6, "inference rows beside training rows vs alone")
 
 
+def _decode_case(name: str, num_parts: int, in_features: int, seed: int,
+                 ) -> tuple[SMLMMeta, list[tuple[ModuleLoRA, int]], torch.Tensor, torch.Tensor]:
+    """A bf16 decode-sized step (24 rows, uneven runs, rows without an adapter): its meta, the parts,
+    x and the base y (``seed`` and ``seed + 1``)."""
+    rng = random.Random(name)
+    slots = _slots("uneven_no_adapter", 24, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(torch.bfloat16, num_parts, seed=rng.randint(0, 999), in_features=in_features)
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    return meta, parts, x.to(DEVICE), _base(len(slots), width, parts, torch.bfloat16, seed=seed + 1)
+
+
 @pytest.mark.parametrize("num_parts", [1, 3])
 def test_split_shrink_reads_x_now_and_its_expand_adds_later(num_parts: int) -> None:
     """``smlm.split_shrink`` is ``forward_split`` in two halves: the shrink reads ``x`` when it is
     launched (x overwritten with NaN afterwards changes nothing), the expand it returns adds into the
     ``y`` it is given later, and the two halves give the bits ``forward_split`` gives."""
-    dtype, in_features = torch.bfloat16, 700
-    rng = random.Random(f"halves{num_parts}")
-    slots = _slots("uneven_no_adapter", 24, rng)
-    meta = SMLMMeta.build(slots, 0, DEVICE)
-    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=in_features)
-    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
-    y0 = _base(len(slots), width, parts, dtype, seed=6)
+    meta, parts, x, y0 = _decode_case(f"halves{num_parts}", num_parts, in_features=700, seed=5)
     whole = y0.clone()
     smlm.forward_split(whole, x, parts, meta)
     halves = y0.clone()
@@ -464,13 +470,7 @@ def test_expand_programs_over_several_column_tiles_give_the_same_bits(monkeypatc
     """``Tuning.expand_tiles``: an expand program of a decode-sized block covers several column tiles
     (3 does not divide the widths: the last program's tiles run past the output); the sums are the
     ones of one tile a program, bit for bit, and prefill-sized blocks keep one tile."""
-    dtype, in_features = torch.bfloat16, 300
-    rng = random.Random(f"tiles{num_parts}{tiles}")
-    slots = _slots("uneven_no_adapter", 24, rng)
-    meta = SMLMMeta.build(slots, 0, DEVICE)
-    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=in_features)
-    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(9)).to(dtype).to(DEVICE)
-    y0 = _base(len(slots), width, parts, dtype, seed=10)
+    meta, parts, x, y0 = _decode_case(f"tiles{num_parts}{tiles}", num_parts, in_features=300, seed=9)
     outs = []
     for n in (1, tiles):
         monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(expand_tiles=n, expand_block_n=16))
@@ -481,7 +481,7 @@ def test_expand_programs_over_several_column_tiles_give_the_same_bits(monkeypatc
     assert torch.equal(outs[1].nan_to_num(7.0), outs[0].nan_to_num(7.0))
     y_ref = y0.clone()
     reference.shrink_expand_ref(y_ref, x, parts, meta)
-    _assert_close(outs[1], y_ref, TOL[dtype], "several tiles vs reference")
+    _assert_close(outs[1], y_ref, TOL[torch.bfloat16], "several tiles vs reference")
 
 
 def test_smlm_tuning_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
