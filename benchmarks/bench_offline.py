@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from loquetier.kernels.launch import tuning_from_spec as launch_tuning
+
 from .harness import common, report
 from .harness.metrics import H200_BANDWIDTH_BPS
 from .harness.models import prepare_adapters, prepare_base, write_adapters
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     overlaps = [m for m in (_take(pre, "--lora-overlap") or "").split(",") if m]
     chain_rounds = int(_take(pre, "--chain-ab") or 0)  # rounds of (chained windows off, on)
     tuning_ab = (_take(pre, "--tuning-ab") or "").strip()  # Tuning overrides ("expand_tiles=4") vs the defaults
+    attn_ab = (_take(pre, "--attn-ab") or "").strip()  # AttnTuning overrides ("block_n=64,warps=8") vs the defaults
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -269,7 +272,20 @@ def main(argv: list[str] | None = None) -> int:
                                for _ in range(2) for label, t in tunings.items()], lora_cases, recapture=True)
         finally:
             smlm.TUNING = default_tuning
-    if overlaps or tuning_ab:
+    # paged decode attention launch parameters against the defaults, two rounds, every case
+    from loquetier.kernels import paged_attention
+
+    default_attn = paged_attention.TUNING
+    if attn_ab:
+        attn = {"defaults": paged_attention.AttnTuning(),
+                attn_ab: launch_tuning(paged_attention.AttnTuning, attn_ab, "--attn-ab")}
+        try:
+            compare("attention", [(label, functools.partial(setattr, paged_attention, "TUNING", t))
+                                  for _ in range(2) for label, t in attn.items()],
+                    [("ours_base_b32", small_batch, [None]), *lora_cases], recapture=True)
+        finally:
+            paged_attention.TUNING = default_attn
+    if overlaps or tuning_ab or attn_ab:
         engine.capture_graphs(recapture=True)
     # decode windows chained (the next window queued before the host applies the last) or not
     default_chain = engine.window.chain
@@ -354,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
              "applies its tokens (`EngineConfig.chain_windows`), off and on in turn, in this order after the "
              "cases above (`--chain-ab`)", "chained windows"),
             ("tuning", "SMLM launch parameters", "The adapter cases with `kernels.smlm.Tuning` overrides against "
-             "its defaults, graphs captured again for each, in turn (`--tuning-ab`)", "SMLM tuning")):
+             "its defaults, graphs captured again for each, in turn (`--tuning-ab`)", "SMLM tuning"),
+            ("attention", "Paged decode attention launch parameters", "Batch 32 without adapters and the adapter "
+             "cases with `kernels.paged_attention.AttnTuning` overrides against its defaults, graphs captured "
+             "again for each, in turn (`--attn-ab`, `LOQUETIER_ATTN_TUNING`)", "attention tuning")):
         if results.get(kind):
             rows = [[r["setting"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
                      report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in results[kind]]
@@ -362,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    compared = [r for kind in ("overlap", "chain", "tuning") for r in results.get(kind, [])]
+    compared = [r for kind in ("overlap", "chain", "tuning", "attention") for r in results.get(kind, [])]
     for r in [*results.values(), *compared]:
         if isinstance(r, dict):
             r.pop("tokens", None)

@@ -16,9 +16,10 @@ the same compiled kernel from Triton too. Under the interpreter (``TRITON_INTERP
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -93,3 +94,20 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
 def clear() -> None:
     """Forget the compiled kernels handed back so far (tests)."""
     _cache.clear()
+
+
+T = TypeVar("T")
+
+
+def tuning_from_spec(cls: type[T], spec: str, env: str) -> T:
+    """``cls()`` (a dataclass of int launch parameters) with the fields of "NAME=INT,NAME=INT"
+    overridden; ``env`` names the variable the spec came from, for the error."""
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    overrides: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.strip().split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in fields or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{env}: expected NAME=INT items with NAME one of {sorted(fields)}, got {item!r}")
+        overrides[name] = int(value)
+    return dataclasses.replace(cls(), **overrides)  # type: ignore[type-var]

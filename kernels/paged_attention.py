@@ -16,6 +16,7 @@ can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -24,12 +25,36 @@ import triton
 import triton.language as tl
 
 from .jit_common import dot as _dot
-from .launch import launch
+from .launch import launch, tuning_from_spec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
-_MIN_SPLIT_TOKENS = 256  # a partition shorter than this costs more in the combine than it saves
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnTuning:
+    """Launch parameters of the paged decode kernel (``benchmarks/tune_attention.py`` times variants
+    of them on a GPU)."""
+
+    # keys per loop step. sm_90, bf16, D 128 (ptxas -v): 32 with 4 warps takes 228 registers, no
+    # spills; 64 with 4 warps spills. The per-token page gather keeps a pointer per tile element.
+    block_n: int = 32
+    warps: int = 4
+    stages: int = 3
+    waves: int = 2  # context partitions until about this many programs per SM ...
+    min_split_tokens: int = 256  # ... but none shorter than this (each costs the combine a read)
+
+
+TUNING_ENV = "LOQUETIER_ATTN_TUNING"
+
+
+def tuning_from_env() -> AttnTuning:
+    """``AttnTuning()`` with the fields ``LOQUETIER_ATTN_TUNING`` names overridden ("block_n=64,warps=8")."""
+    return tuning_from_spec(AttnTuning, os.environ.get(TUNING_ENV, ""), TUNING_ENV)
+
+
+TUNING = tuning_from_env()
 
 
 # The block-table width, the window, the split count and the first row's offset vary from step to step:
@@ -130,12 +155,14 @@ def _num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def num_splits_for(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Context partitions per (sequence, KV head): enough programs for two waves over the SMs, each
-    partition at least ``_MIN_SPLIT_TOKENS`` keys long."""
+def num_splits_for(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device,
+                   tuning: AttnTuning | None = None) -> int:
+    """Context partitions per (sequence, KV head): enough programs for ``tuning.waves`` per SM, each
+    partition at least ``tuning.min_split_tokens`` keys long."""
+    tuning = tuning or TUNING
     programs = num_seqs * num_kv_heads
-    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
-    return max(1, min(want, triton.cdiv(max_context_len, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+    want = triton.cdiv(tuning.waves * _num_sms(device), max(programs, 1))
+    return max(1, min(want, triton.cdiv(max_context_len, max(tuning.min_split_tokens, 1)), _MAX_SPLITS))
 
 
 def paged_decode(  # noqa: PLR0917
@@ -149,6 +176,7 @@ def paged_decode(  # noqa: PLR0917
     window: int | None = None,
     num_splits: int | None = None,
     seq_offset: int = 0,
+    tuning: AttnTuning | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query row per sequence over its paged K/V.
 
@@ -168,7 +196,8 @@ def paged_decode(  # noqa: PLR0917
     slots past a sequence's context are never read. Returns [S, Hq, D] in q's dtype.
     ``num_splits``: context partitions (None: ``num_splits_for``). ``seq_offset``: query row ``s``
     reads row ``seq_offset + s`` of ``block_tables`` and ``context_lens`` (the decode rows after the
-    prefill chunks of a step, without slicing the tables).
+    prefill chunks of a step, without slicing the tables). ``tuning``: launch parameters (None:
+    ``TUNING``, from ``LOQUETIER_ATTN_TUNING``).
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -183,12 +212,11 @@ def paged_decode(  # noqa: PLR0917
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    splits = num_splits or num_splits_for(num_seqs, num_kv_heads, max_context_len, q.device)
+    tuning = tuning or TUNING
+    splits = num_splits or num_splits_for(num_seqs, num_kv_heads, max_context_len, q.device, tuning)
     splits = max(1, min(splits, triton.cdiv(max_context_len, 16)))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # sm_90, bf16, D 128 (ptxas -v): BLOCK_N 32 / 4 warps takes 228 registers, no spills; 64 / 4 warps
-    # spills (255 registers). The per-token page gather keeps a pointer per tile element.
-    block_n = 128 if INTERPRET else 32
+    block_n = 128 if INTERPRET else tuning.block_n
     if splits > 1:
         parts = torch.empty(num_seqs, splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(num_seqs, splits, num_heads, dtype=torch.float32, device=q.device)
@@ -208,7 +236,7 @@ def paged_decode(  # noqa: PLR0917
         HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         IS_SPLIT=splits > 1, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=3,
+        num_warps=tuning.warps, num_stages=tuning.stages,
     )  # fmt: skip
     if splits > 1:
         launch(paged_decode_combine_kernel, (num_seqs, num_heads),

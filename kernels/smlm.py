@@ -44,6 +44,7 @@ import torch
 import triton
 
 from .launch import launch
+from .launch import tuning_from_spec as launch_tuning
 from .meta import SMLMMeta
 from .smlm_jit import (
     expand_kernel,
@@ -127,16 +128,7 @@ def tuning_from_env() -> Tuning:
 
 def tuning_from_spec(spec: str) -> Tuning:
     """``Tuning()`` with the fields of "NAME=INT,NAME=INT" overridden."""
-    spec = spec.strip()
-    fields = {f.name for f in dataclasses.fields(Tuning)}
-    overrides: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, value = item.partition("=")
-        name = name.strip()
-        if name not in fields or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"{TUNING_ENV}: expected NAME=INT items with NAME one of {sorted(fields)}, got {item!r}")
-        overrides[name] = int(value)
-    return dataclasses.replace(Tuning(), **overrides)
+    return launch_tuning(Tuning, spec, TUNING_ENV)
 
 
 TUNING = tuning_from_env()

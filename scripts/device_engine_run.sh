@@ -3,7 +3,13 @@
 # order (default "tune offline decode offline-window16"):
 #   gpu-tests         the CUDA tests of the LoRA overlap and the captured graphs (tokens equal to
 #                     plain steps, the same bits on the side stream)
+#   attn-tests        the paged attention kernel's tests on the GPU
 #   gemm              bench_gemm: the 8B step's base GEMMs in CUDA graphs, cuBLAS against cuBLASLt
+#   kernels           bench_kernels: each SMLM case against its floor (eager, in a graph), the targets
+#   tune-attn         tune_attention: one 8B decode step's paged attention in a CUDA graph per launch
+#                     variant; the fastest over the batches (by 3 % or more) is exported as
+#                     LOQUETIER_ATTN_TUNING for the later steps and timed against the defaults by
+#                     bench_offline (ATTN_AB)
 #   tune              tune_smlm: one 8B step's LoRA launches in a CUDA graph (atomic, ordered, split,
 #                     launch parameters); the split variant fastest over the decode batches (by 3 % or
 #                     more) is exported as LOQUETIER_SMLM_TUNING for the later steps and timed against
@@ -16,6 +22,8 @@
 #   decode            bench_decode's batch-64 graph step (OVERLAPS: the fused graph in each mode too)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
+#   unified           bench_unified at 20 requests/s (no PEFT baseline): SLO and training share
+#   finetune          bench_finetune: concurrent packed jobs against PEFT one after another
 #
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
@@ -50,10 +58,22 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
 STEPS=${STEPS:-tune offline decode offline-window16}
 OVERLAPS=${OVERLAPS:-}
 TUNING_AB=${TUNING_AB:-}
+ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
             tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope" ;;
+        attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
+            tests/kernels/test_paged_attention.py ;;
+        kernels) step kernels 200 "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" ;;
+        tune-attn) step tune-attn 200 "$PY" -m benchmarks.tune_attention --out "$OUT/tune-attn" \
+            --pick-env "$OUT/tune-attn/pick.env"
+            PICK=$(tr -d '[:space:]' <"$OUT/tune-attn/pick.env" 2>/dev/null)
+            if [ -n "$PICK" ]; then export LOQUETIER_ATTN_TUNING=$PICK; ATTN_AB=$PICK; fi
+            echo "== attention tuning picked: ${PICK:-defaults}" ;;
+        unified) step unified 300 "$PY" -m benchmarks.bench_unified --model 8b --device cuda --no-baselines \
+            --set unified_rate=20 --out "$OUT/unified" ;;
+        finetune) step finetune 200 "$PY" -m benchmarks.bench_finetune --model 8b --device cuda --out "$OUT/finetune" ;;
         gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
         tune) step tune 150 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" --pick-env "$OUT/tune/pick.env"
             # the split variant that beat the decode default by 3 % or more: the later steps run with
@@ -63,7 +83,7 @@ for name in $STEPS; do
             echo "== SMLM tuning picked: ${PICK:-defaults}" ;;
         offline) step offline 260 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
-            ${TUNING_AB:+--tuning-ab "$TUNING_AB"} --out "$OUT/offline" ;;
+            ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
