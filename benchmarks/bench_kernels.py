@@ -264,6 +264,15 @@ def bench_backward(env: Env, proj, batch) -> Result:
     res = Result("backward", pname, bname, in_f, out_f, num_tokens, num_adapters, sorted(set(used)),
                  num_bytes, flops, _floor(num_bytes, flops), err, err <= TOL_BF16)
     res.times_us["ours"] = _time(torch, do_bench, ours)
+    # the four launches of ``smlm.backward`` apart (dv is what the first leaves for the next two)
+    gs, dv = g, torch.zeros(num_tokens, lora.max_rank, dtype=torch.float32, device=DEVICE)
+    train = {"blocks": meta.blocks, "num_blocks": meta.num_train_blocks, "max_rows": min(meta.max_seg_len, 64)}
+    for name, fn in (
+            ("part dv = g @ B^T", lambda: smlm._shrink_into(dv, gs, lora.b, lora, **train, with_scale=True)),
+            ("part dx += dv @ A", lambda: smlm._expand_into(dx, dv, lora.a, lora, **train, with_scale=False)),
+            ("part grad_A += dv^T @ x", lambda: smlm._grad_into(lora.grad_a, dv, x, lora, meta=meta, with_scale=False)),
+            ("part grad_B += v^T @ g", lambda: smlm._grad_into(lora.grad_b, v, gs, lora, meta=meta, with_scale=True))):
+        res.times_us[name] = _time(torch, do_bench, fn)
     res.times_us["reference"] = _time(torch, do_bench, reference)
     res.times_us["peft_loop"] = _time(torch, do_bench, peft_loop)
     return res
@@ -330,6 +339,11 @@ def verdict(results: list[Result], launch_pair_us: float | None = None) -> list[
     out.append(f"Forward within 2x of floor (CUDA graph, the path a decode step takes): {len(graph_ok)}/{len(fwd)}")
     out.append(f"Backward within 3x of floor: {sum(ratio(r) <= 3 for r in bwd)}/{len(bwd)}; "
                + ", ".join(f"{r.projection} {ratio(r):.1f}x" for r in bwd))
+    for r in bwd:
+        parts = [(k.removeprefix("part "), min(t)) for k, t in r.times_us.items() if k.startswith("part ") and t]
+        if parts:
+            out.append(f"Backward {r.projection}, its launches apart (us): "
+                       + ", ".join(f"{k} {t:.1f}" for k, t in parts))
     at32 = [r for r in fwd if r.num_adapters == 32]
     speed = [(r.best("peft_loop") or 0) / (r.best("ours") or float("inf")) for r in at32]
     if speed:

@@ -7,9 +7,10 @@ that no layer reads another's keys from L2; 32 query heads over 8 KV heads of 12
 tokens, scattered) is captured in one CUDA graph per variant (``kernels.paged_attention.AttnTuning``
 fields: keys per loop step, warps, pipeline stages, and the context-partition rule) and replayed.
 Contexts are drawn per sequence from 129-328 tokens (the offline and decode benchmarks' 128- and
-200-token prompts with up to 128 new tokens). Every variant is first checked against the torch
-reference. Reported: µs per layer (median of replays) against the KV-read floor (each visible key
-and value once at 4.27 TB/s).
+200-token prompts with up to 128 new tokens) at batches 32, 64 and 128, and from 1,800-2,100 tokens
+at batch 16 (long chats). Every variant is first checked against the torch reference. Reported: µs
+per layer (median of replays) against the KV-read floor (each visible key and value once at 4.27
+TB/s); variants are ranked by the mean over the cases of their time relative to the defaults'.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from typing import Any
 PEAK_BYTES_PER_S = 4.27e12
 DEVICE = "cuda"
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 32, 8, 128, 16
-CONTEXT = (129, 328)
-BATCHES = (32, 64, 128)
+# (label, batch, contexts drawn from this range)
+CASES = [("batch 32", 32, (129, 328)), ("batch 64", 64, (129, 328)), ("batch 128", 128, (129, 328)),
+         ("batch 16, long", 16, (1800, 2100))]
 DEFAULT = "defaults"
+PREVIOUS = "block_n=32,warps=4"  # the defaults before this page's first run
 # (block_n, warps, stages) x (waves, min_split_tokens): the partition rule splits until about `waves`
 # programs per SM run, no partition shorter than `min_split_tokens` keys
-TILES = [(n, w, s) for n, w, s in itertools.product((16, 32, 64), (2, 4, 8), (2, 3, 4))]
+TILES = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]
 RULES = [(2, 256), (4, 64), (8, 64)]
 
 
@@ -53,11 +56,11 @@ def _tuning_cls() -> Any:
     return AttnTuning
 
 
-def _case(batch: int, gen: Any, rng: random.Random) -> dict[str, Any]:
+def _case(batch: int, context: tuple[int, int], gen: Any, rng: random.Random) -> dict[str, Any]:
     """Per layer a scattered paged cache; one q per layer; block tables and context lengths shared."""
     import torch
 
-    ctx = [rng.randint(*CONTEXT) for _ in range(batch)]
+    ctx = [rng.randint(*context) for _ in range(batch)]
     pages = [(c + PAGE - 1) // PAGE for c in ctx]
     num_blocks = sum(pages)
     width = max(pages)
@@ -104,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = variants()
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                                "gpu": torch.cuda.get_device_name(), "batches": {}}
-    for batch in BATCHES:
-        case = _case(batch, gen, rng)
+    for label, batch, context in CASES:
+        case = _case(batch, context, gen, rng)
         ref = _reference(case, 0)
         max_ctx = max(case["ctx"])
         row: dict[str, Any] = {"floor_us": case["floor_us"], "variants": {}}
@@ -128,9 +131,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["variants"][name] = {"us": statistics.median(ms) * 1e3 / LAYERS, "rel_err": err, "splits": splits}
             except Exception as exc:  # noqa: BLE001 (a variant a GPU cannot run is a result)
                 row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        results["batches"][str(batch)] = row
+        results["batches"][label] = row
         best = sorted((v["us"], n) for n, v in row["variants"].items() if "us" in v)[:3]
-        print(f"batch {batch}: floor {case['floor_us']:.1f} us, default {row['variants'][DEFAULT].get('us')}, "
+        print(f"{label}: floor {case['floor_us']:.1f} us, default {row['variants'][DEFAULT].get('us')}, "
               f"best {best}", flush=True)
         del case
         torch.cuda.empty_cache()
@@ -138,29 +141,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _total(results: dict[str, Any], name: str) -> float:
-    us = [b["variants"].get(name, {}).get("us") for b in results["batches"].values()]
-    ok = all(b["variants"].get(name, {}).get("rel_err", 1.0) < 3e-2 for b in results["batches"].values())
-    return float("inf") if any(u is None for u in us) or not ok else sum(us)
+    """The mean over the cases of the variant's time / the defaults' (inf: an error or a wrong result)."""
+    batches = results["batches"].values()
+    us = [b["variants"].get(name, {}).get("us") for b in batches]
+    ok = all(b["variants"].get(name, {}).get("rel_err", 1.0) < 3e-2 for b in batches)
+    base = [b["variants"][DEFAULT].get("us") for b in batches]
+    if any(u is None for u in us) or not ok or any(not x for x in base):
+        return float("inf")
+    return statistics.fmean(u / x for u, x in zip(us, base, strict=True))
 
 
 def pick(results: dict[str, Any]) -> str:
     """``LOQUETIER_ATTN_TUNING=...`` of the variant with the least time over the batches when it beats
     the defaults by 3 % or more ("" otherwise)."""
-    names = list(results["batches"][str(BATCHES[0])]["variants"])
+    names = list(next(iter(results["batches"].values()))["variants"])
     best = min(names, key=lambda n: _total(results, n))
-    if best == DEFAULT or _total(results, best) > 0.97 * _total(results, DEFAULT):
+    if best == DEFAULT or _total(results, best) > 0.97:
         return ""
     return f"{best}\n"
 
 
-def table(results: dict[str, Any], top: int = 12) -> str:
-    names = list(results["batches"][str(BATCHES[0])]["variants"])
+def table(results: dict[str, Any], top: int = 12, extra: tuple[str, ...] = ()) -> str:
+    """The defaults, the ``top`` fastest variants and the ``extra`` ones, one row each."""
+    names = list(next(iter(results["batches"].values()))["variants"])
     ranked = sorted(names, key=lambda n: _total(results, n))
-    shown = [DEFAULT, *[n for n in ranked if n != DEFAULT][:top]]
+    shown = [DEFAULT, *[n for n in ranked if n != DEFAULT][:top], *[n for n in extra if n in names]]
     batches = results["batches"]
-    lines = ["| variant | " + " | ".join(f"batch {b}" for b in batches) + " | sum / defaults |",
+    lines = ["| variant | " + " | ".join(batches) + " | mean of time / defaults' |",
              "|---|" + "---|" * (len(batches) + 1)]
-    base = _total(results, DEFAULT)
     for name in shown:
         cells = []
         for b in batches.values():
@@ -171,7 +179,7 @@ def table(results: dict[str, Any], top: int = 12) -> str:
             wrong = "" if v["rel_err"] < 3e-2 else " WRONG"
             cells.append(f"{v['us']:.1f} us ({v['us'] / b['floor_us']:.2f}x floor, {v['splits']} split"
                          f"{'s' if v['splits'] > 1 else ''}){wrong}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_total(results, name) / base:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_total(results, name):.3f} |")
     lines.append("| KV-read floor | " + " | ".join(f"{b['floor_us']:.1f} us" for b in batches.values()) + " | |")
     return "\n".join(lines)
 
@@ -190,15 +198,17 @@ def main() -> None:
         args.pick_env.parent.mkdir(parents=True, exist_ok=True)
         args.pick_env.write_text(pick(results))
     (args.out / "tune_attention.json").write_text(json.dumps(results, indent=1))
-    n = len(results["batches"][str(BATCHES[0])]["variants"])
+    n = len(next(iter(results["batches"].values()))["variants"])
     text = (f"# Paged decode attention launch parameters, one 8B decode step\n\n{results['date']}, {results['gpu']}, "
             "`python -m benchmarks.tune_attention`. µs per layer from one CUDA graph of 32 layers' "
             "`paged_decode` calls (each layer its own scattered cache; 32 query heads over 8 KV heads of 128, "
-            f"pages of 16, contexts 129-328 tokens); the defaults of `kernels.paged_attention.AttnTuning` and the "
-            f"fastest {min(12, n - 1)} of {n - 1} variants by their sum over the batches (`LOQUETIER_ATTN_TUNING` "
-            "spells a variant the same way). Splits: context partitions per sequence, from the partition rule "
+            "pages of 16, contexts 129-328 tokens, or 1,800-2,100 for the long case); the defaults of "
+            f"`kernels.paged_attention.AttnTuning`, the fastest {min(12, n - 1)} of {n - 1} variants by their mean "
+            f"time relative to the defaults', and `{PREVIOUS}` (the defaults before this page's first run; "
+            "`LOQUETIER_ATTN_TUNING` spells a variant the same way). Splits: context partitions per sequence, "
+            "from the partition rule "
             "(`waves`, `min_split_tokens`); more than one adds the combine kernel.\n\n"
-            + table(results) + "\n")
+            + table(results, extra=(PREVIOUS,)) + "\n")
     (args.out / "tune_attention.md").write_text(text)
     print(text)
 

@@ -50,15 +50,16 @@ DECODE_DEFAULT = "split partials (decode default)"
 BASELINE = "default (atomic)"
 
 
-def _modules(torch: Any, ModuleLoRA: Any, gen: Any) -> list[dict[str, Any]]:
-    """Per layer: the seven targets' slot storage, rank 16 in slots 1..32 (slot 0 empty)."""
+def _modules(torch: Any, ModuleLoRA: Any, gen: Any, pool_rank: int = RANK) -> list[dict[str, Any]]:
+    """Per layer: the seven targets' slot storage (``pool_rank`` wide, as ``max_lora_rank`` makes it),
+    rank 16 in slots 1..32 (slot 0 empty)."""
     shapes = {"q": (HIDDEN, Q), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (Q, HIDDEN),
               "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
     layers = []
     for _ in range(LAYERS):
         mods = {}
         for name, (fin, fout) in shapes.items():
-            lo = ModuleLoRA.empty(SLOTS, RANK, fin, fout, dtype=torch.bfloat16, device=DEVICE)
+            lo = ModuleLoRA.empty(SLOTS, pool_rank, fin, fout, dtype=torch.bfloat16, device=DEVICE)
             lo.a.normal_(0, fin ** -0.5, generator=gen)
             lo.b.normal_(0, 0.02, generator=gen)
             lo.ranks[1:] = RANK
@@ -104,9 +105,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from loquetier.kernels import ModuleLoRA, SMLMMeta, smlm
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    layers = _modules(torch, ModuleLoRA, gen)
+    layers = _modules(torch, ModuleLoRA, gen, args.pool_rank)
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                               "gpu": torch.cuda.get_device_name(), "batches": {}}
+                               "gpu": torch.cuda.get_device_name(), "pool_rank": args.pool_rank, "batches": {}}
     for label, rows, adapters in BATCHES:
         slots = [1 + i * adapters // rows for i in range(rows)]  # rows sorted by adapter, equal runs
         meta = SMLMMeta.build(slots, 0, DEVICE)
@@ -184,6 +185,8 @@ def main() -> None:
     ap.add_argument("--pick-env", type=Path, default=None,
                     help="write LOQUETIER_SMLM_TUNING=... of the split variant fastest over the decode batches "
                          "into this file (empty when none beats the decode default by 3 %%)")
+    ap.add_argument("--pool-rank", type=int, default=RANK,
+                    help="the slot storage's rank (max_lora_rank; the engine's default is 64), adapters of rank 16")
     args, _ = ap.parse_known_args()
     results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,8 @@ def main() -> None:
     (args.out / "tune_smlm.json").write_text(json.dumps(results, indent=1))
     text = (f"# SMLM launch parameters, one 8B decode step's LoRA work\n\n{results['date']}, {results['gpu']}, "
             "`python -m benchmarks.tune_smlm`. ms per step from one CUDA graph of all 32 layers' LoRA "
-            "launches (q|k|v and gate|up as parts launches, o and down alone), rank 16, rows sorted by "
+            "launches (q|k|v and gate|up as parts launches, o and down alone), rank 16 "
+            f"(slot storage of rank {results.get('pool_rank', RANK)}), rows sorted by "
             "adapter; ratios against the atomic path with the defaults of `kernels.smlm.Tuning`. Paths: "
             "`atomic` (K splits added with fp32 atomics into a zeroed v; prefill chunks, training rows), `ordered` "
             "(`LOQUETIER_SMLM_DETERMINISTIC=1`: splits stored apart and summed by torch), `split` "

@@ -37,10 +37,10 @@ class AttnTuning:
     """Launch parameters of the paged decode kernel (``benchmarks/tune_attention.py`` times variants
     of them on a GPU)."""
 
-    # keys per loop step. sm_90, bf16, D 128 (ptxas -v): 32 with 4 warps takes 228 registers, no
-    # spills; 64 with 4 warps spills. The per-token page gather keeps a pointer per tile element.
-    block_n: int = 32
-    warps: int = 4
+    # keys per loop step and warps: 64 keys on 2 warps took 0.89x the time of 32 on 4 over batches of
+    # 32-128 rows of 129-328 keys in one 8B step's graph (docs/benchmarks/tune_attention.md)
+    block_n: int = 64
+    warps: int = 2
     stages: int = 3
     waves: int = 2  # context partitions until about this many programs per SM ...
     min_split_tokens: int = 256  # ... but none shorter than this (each costs the combine a read)

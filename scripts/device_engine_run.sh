@@ -14,6 +14,7 @@
 #                     launch parameters); the split variant fastest over the decode batches (by 3 % or
 #                     more) is exported as LOQUETIER_SMLM_TUNING for the later steps and timed against
 #                     the defaults by bench_offline (TUNING_AB)
+#   tune64            tune_smlm with slot storage of rank 64 (the engine's default max_lora_rank)
 #   offline           bench_offline (8B shape, no HF baselines; its windowed case runs twice, so it
 #                     shows whether two runs of the same prompts give the same tokens); OVERLAPS (a
 #                     comma list of LoRA overlap modes, default none) times the adapter cases again
@@ -65,6 +66,7 @@ for name in $STEPS; do
             tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
+        tune64) step tune64 120 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" ;;
         kernels) step kernels 200 "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" ;;
         tune-attn) step tune-attn 200 "$PY" -m benchmarks.tune_attention --out "$OUT/tune-attn" \
             --pick-env "$OUT/tune-attn/pick.env"
