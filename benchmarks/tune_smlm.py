@@ -45,6 +45,10 @@ VARIANTS: dict[str, tuple[dict[str, int], str]] = {
     "split, expand 8 tiles": ({"expand_tiles": 8}, "split"),
     "split, expand 4 tiles of N 128": ({"expand_tiles": 4, "expand_block_n": 128}, "split"),
     "split, expand 4 tiles, shrink 2 warps": ({"expand_tiles": 4, "shrink_warps": 2}, "split"),
+    "split, shrink rank tile 16": ({"shrink_rank_tile": 16}, "split"),
+    "split, shrink rank tile 32": ({"shrink_rank_tile": 32}, "split"),
+    "split, shrink rank tile 16, 2 warps": ({"shrink_rank_tile": 16, "shrink_warps": 2}, "split"),
+    "atomic, shrink rank tile 16": ({"shrink_rank_tile": 16}, "atomic"),
 }
 DECODE_DEFAULT = "split partials (decode default)"
 BASELINE = "default (atomic)"

@@ -96,6 +96,8 @@ class Tuning:
     shrink_block_k: int = 0  # 0: 128 when BLOCK_M * BLOCK_R <= 64 * 64, else 64
     shrink_warps: int = 4
     shrink_stages: int = 3
+    shrink_rank_tile: int = 0  # rank columns a shrink program computes (0: all, next_pow2(max_rank));
+    # narrower: the pool's rank split into chunks over programs, chunks past an adapter's rank idle
     expand_block_n: int = 0  # 0: 256 for BLOCK_M 16, else 128
     expand_warps: int = 4
     expand_stages: int = 2
@@ -170,15 +172,19 @@ def _check_shrink_inputs(x: torch.Tensor, loras: Sequence[ModuleLoRA]) -> None:
 
 
 def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
-                  device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_R, BLOCK_K, split_k) of a shrink launch over ``programs`` row blocks."""
+                  device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, split_k, rank chunks) of a shrink launch over ``programs`` row
+    blocks; its grid's axis 1 is split_k * rank chunks."""
     block_m, block_r = _block_m(max_rows), _block_r(max_rank)
+    if TUNING.shrink_rank_tile:
+        block_r = min(block_r, _block_r(TUNING.shrink_rank_tile))
+    chunks = triton.cdiv(_block_r(max_rank), block_r)
     block_k = TUNING.shrink_block_k or (128 if block_m * block_r <= 64 * 64 else 64)
     # Split K across programs when the blocks alone cannot fill the GPU (decode): each slot's
     # A tile is still read once per block, just by several programs.
     target = TUNING.programs_per_sm * _num_sms(device)
     split_k = max(1, min(triton.cdiv(target, programs), triton.cdiv(k, 2 * block_k)))
-    return block_m, block_r, block_k, split_k
+    return block_m, block_r, block_k, split_k, chunks
 
 
 def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
@@ -230,17 +236,17 @@ def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: Module
     """v[rows, :r] = (scale *) x[rows] @ w[slot, :r].T over ``blocks`` (v zero-initialised);
     ``ordered``: K splits summed in a fixed order instead of with atomics (``v`` contiguous)."""
     k = x.shape[1]
-    block_m, block_r, block_k, split_k = _shrink_sizes(max_rows, lora.max_rank, k, num_blocks, x.device)
+    block_m, block_r, block_k, split_k, chunks = _shrink_sizes(max_rows, lora.max_rank, k, num_blocks, x.device)
     parts = _partials(v, split_k, ordered)
     out = v if parts is None else parts[0]
-    launch(shrink_kernel, (num_blocks, split_k),
+    launch(shrink_kernel, (num_blocks, split_k * chunks),
         x, x.stride(0), x.stride(1),
         w, w.stride(0), w.stride(1), w.stride(2),
         out, out.stride(0), 0 if parts is None else parts.stride(0),
         lora.ranks, lora.scales, blocks,
         k, split_k,
         HAS_SCALE=with_scale, ATOMIC=split_k > 1 and parts is None,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
         num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(w),
     )  # fmt: skip
     _sum_partials(v, parts)
@@ -337,19 +343,20 @@ def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -
     if not meta.num_blocks:
         return v
     k = x.shape[1]
-    block_m, block_r, block_k, split_k = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num, x.device)
+    block_m, block_r, block_k, split_k, chunks = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num,
+                                                               x.device)
     a0, a1, a2 = _padded([lo.a for lo in loras])
     r0, r1, r2 = _padded([lo.ranks for lo in loras])
     parts = _partials(v, split_k, _deterministic)
     out = v if parts is None else parts[0]
-    launch(shrink_parts_kernel, (meta.num_blocks, split_k, num),
+    launch(shrink_parts_kernel, (meta.num_blocks, split_k * chunks, num),
         x, x.stride(0), x.stride(1),
         a0, a1, a2, a0.stride(0), a0.stride(1), a0.stride(2),
         out, out.stride(0), 0 if parts is None else parts.stride(0), r,
         r0, r1, r2, meta.blocks,
         k, split_k,
         ATOMIC=split_k > 1 and parts is None,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
         num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
     _sum_partials(v, parts)
@@ -440,19 +447,20 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
                 f(y)
         return finish_each
     num, r, k = len(parts), first.max_rank, x.shape[1]
-    block_m, block_r, block_k, split_k = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num, x.device)
+    block_m, block_r, block_k, split_k, chunks = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num,
+                                                               x.device)
     splits = _split_buffer((split_k, x.shape[0], num * r), x.device)
     v = splits[0]
     if num == 1:
         lora, offset = parts[0]
-        launch(shrink_kernel, (meta.num_blocks, split_k),
+        launch(shrink_kernel, (meta.num_blocks, split_k * chunks),
             x, x.stride(0), x.stride(1),
             lora.a, lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
             v, v.stride(0), splits.stride(0),
             lora.ranks, lora.scales, meta.blocks,
             k, split_k,
             HAS_SCALE=False, ATOMIC=False,
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
             num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(lora.a),
         )  # fmt: skip
 
@@ -463,14 +471,14 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
         return finish_one
     a0, a1, a2 = _padded([lo.a for lo in loras])
     r0, r1, r2 = _padded([lo.ranks for lo in loras])
-    launch(shrink_parts_kernel, (meta.num_blocks, split_k, num),
+    launch(shrink_parts_kernel, (meta.num_blocks, split_k * chunks, num),
         x, x.stride(0), x.stride(1),
         a0, a1, a2, a0.stride(0), a0.stride(1), a0.stride(2),
         v, v.stride(0), splits.stride(0), r,
         r0, r1, r2, meta.blocks,
         k, split_k,
         ATOMIC=False,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
         num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
 

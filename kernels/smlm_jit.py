@@ -27,25 +27,30 @@ from .jit_common import dot as _dot
 @triton.jit
 def _shrink_tile(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm, stride_vk,
-    ranks_ptr, scales_ptr, blocks_ptr, pid, pid_k, K, split_k,
+    ranks_ptr, scales_ptr, blocks_ptr, pid, pid_kr, K, split_k,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R_CHUNKS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """The body of both shrink kernels: block ``pid``, K split ``pid_k``, one module (or part).
-    ``stride_vk``: 0 when the splits add into one ``v`` (atomics), else each split stores its partial
-    sums in a ``v`` of its own (``v + pid_k * stride_vk``), summed in a fixed order afterwards."""
+    """The body of both shrink kernels: block ``pid``, K split ``pid_kr // R_CHUNKS`` and rank chunk
+    ``pid_kr % R_CHUNKS`` (columns ``[chunk * BLOCK_R, (chunk + 1) * BLOCK_R)`` of v), one module (or
+    part). A chunk at or past the slot's rank does nothing, so a rank-16 adapter in a pool of rank 64
+    costs one 16-wide chunk. ``stride_vk``: 0 when the splits add into one ``v`` (atomics), else each
+    split stores its partial sums in a ``v`` of its own (``v + pid_k * stride_vk``), summed in a fixed
+    order afterwards."""
+    pid_k = pid_kr // R_CHUNKS
+    r_lo = (pid_kr % R_CHUNKS) * BLOCK_R
     v_ptr = v_ptr + pid_k.to(tl.int64) * stride_vk
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
     slot = tl.load(blocks_ptr + pid * 3 + 2)
     r = tl.load(ranks_ptr + slot)
-    row_end = tl.where(r > 0, row_end, row_start)  # rank 0: the row loop runs zero times
+    row_end = tl.where(r > r_lo, row_end, row_start)  # rank 0 or a chunk past it: the row loop runs zero times
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = r_lo + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
     w_rows = w_base + offs_r[:, None] * stride_wr  # [BLOCK_R, 1]
@@ -134,13 +139,14 @@ def shrink_kernel(  # noqa: PLR0917
     ranks_ptr, scales_ptr, blocks_ptr,
     K, split_k,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R_CHUNKS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """v[rows, :r] (+)= (scale[slot] *) x[rows] @ w[slot, :r].T for one block, one K split."""
+    """v[rows, :r] (+)= (scale[slot] *) x[rows] @ w[slot, :r].T for one block, one K split (and
+    rank chunk: program axis 1 is split * R_CHUNKS + chunk)."""
     _shrink_tile(x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm, stride_vk,
                  ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, split_k,
-                 HAS_SCALE, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
+                 HAS_SCALE, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, R_CHUNKS, UPCAST, IEEE)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_vs"])  # as shrink's split_k and stride_vk
@@ -210,10 +216,11 @@ def shrink_parts_kernel(  # noqa: PLR0917
     r0_ptr, r1_ptr, r2_ptr, blocks_ptr,
     K, split_k,
     ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, R_CHUNKS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """v[rows, p*R : p*R + r_p] (+)= x[rows] @ w_p[slot, :r_p].T for one block, one K split, part p."""
+    """v[rows, p*R : p*R + r_p] (+)= x[rows] @ w_p[slot, :r_p].T for one block, one K split (and rank
+    chunk, as in ``shrink_kernel``), part p."""
     part = tl.program_id(2)
     w_ptr = w0_ptr
     ranks_ptr = r0_ptr
@@ -225,7 +232,7 @@ def shrink_parts_kernel(  # noqa: PLR0917
         ranks_ptr = r2_ptr
     _shrink_tile(x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr + part * part_cols,
                  stride_vm, stride_vk, ranks_ptr, ranks_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), K, split_k,
-                 False, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
+                 False, ATOMIC, BLOCK_M, BLOCK_R, BLOCK_K, R_CHUNKS, UPCAST, IEEE)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_vs"])

@@ -6,6 +6,7 @@
 #   attn-tests        the paged attention kernel's tests on the GPU
 #   gemm              bench_gemm: the 8B step's base GEMMs in CUDA graphs, cuBLAS against cuBLASLt
 #   kernels           bench_kernels: each SMLM case against its floor (eager, in a graph), the targets
+#   kernels-tuned     bench_kernels again with LOQUETIER_SMLM_TUNING=$KERNELS_TUNING
 #   tune-attn         tune_attention: one 8B decode step's paged attention in a CUDA graph per launch
 #                     variant; the fastest over the batches (by 3 % or more) is exported as
 #                     LOQUETIER_ATTN_TUNING for the later steps and timed against the defaults by
@@ -67,6 +68,8 @@ for name in $STEPS; do
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 120 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" ;;
+        kernels-tuned) step kernels-tuned 200 env LOQUETIER_SMLM_TUNING="${KERNELS_TUNING:-}" "$PY" benchmarks/bench_kernels.py \
+            --out "$OUT/kernels-tuned" ;;
         kernels) step kernels 200 "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" ;;
         tune-attn) step tune-attn 200 "$PY" -m benchmarks.tune_attention --out "$OUT/tune-attn" \
             --pick-env "$OUT/tune-attn/pick.env"

@@ -328,6 +328,56 @@ def test_forward_split_matches_reference_in_two_launches_the_same_bits_each_run(
     assert torch.equal(runs[0].cpu()[untouched].nan_to_num(7.0), y0.cpu()[untouched].nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("num_parts", [1, 3])
+@pytest.mark.parametrize("rank_tile", [16, 32])
+def test_shrink_rank_chunks_give_the_sums_of_one_tile(monkeypatch: pytest.MonkeyPatch, num_parts: int,
+                                                      rank_tile: int) -> None:
+    """``Tuning.shrink_rank_tile``: the pool's rank (64) split into chunks over programs, a chunk past
+    an adapter's rank (8, 16, 0) idle. Every path that shrinks (forward_split into a NaN-poisoned
+    buffer, shrink / shrink_parts with split-K atomics, backward's dv) gives what one 64-wide tile
+    gives, and the chunks are really on the grid."""
+    dtype = torch.float32  # exact enough to compare the two tilings tightly
+    rng = random.Random(f"chunks{num_parts}{rank_tile}")
+    slots = _slots("round_robin", 24, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=700, num_train_slots=7)
+    loras = [lo for lo, _ in parts]
+    x = torch.randn(len(slots), 700, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    y0 = _base(len(slots), width, parts, dtype, seed=4)
+    g = torch.randn(len(slots), width, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    train_meta = SMLMMeta.build(slots, len(slots), DEVICE)
+    monkeypatch.setattr(smlm, "_split_buffer",
+                        lambda shape, device: torch.full(shape, NAN, dtype=torch.float32, device=device))
+
+    def run(tile: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=64, shrink_rank_tile=tile))
+        y_split, y_two = y0.clone(), y0.clone()
+        smlm.forward_split(y_split, x, parts, meta)
+        _two_launches(y_two, x, parts, meta)
+        v = smlm.shrink(x, loras[0], train_meta)
+        dx = smlm.backward(g, x, v, loras[0], train_meta, parts[0][1])
+        return [y_split, y_two, v, dx]
+
+    grids: list[tuple[int, ...]] = []
+    launch = smlm.launch
+
+    def recording(kernel, grid, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if kernel.fn.__name__.startswith("shrink"):
+            grids.append((grid[1], kw["R_CHUNKS"], kw["BLOCK_R"]))
+        return launch(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(smlm, "launch", recording)
+    chunked = run(rank_tile)
+    assert grids and all(chunks == 64 // rank_tile and block_r == rank_tile and axis % chunks == 0
+                         for axis, chunks, block_r in grids), grids
+    whole = run(0)
+    for what, a, b in zip(("forward_split", "two launches", "shrink", "backward dx"), chunked, whole, strict=True):
+        _assert_close(a, b, 1e-5, f"{what}: rank chunks of {rank_tile} vs one tile")
+    y_ref = y0.clone()
+    reference.shrink_expand_ref(y_ref, x, parts, meta)
+    _assert_close(chunked[0], y_ref, TOL[dtype], "forward_split (rank chunks) vs reference")
+
+
 def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
     """``lora_linear`` without training rows runs ``forward_split`` at decode sizes; with training rows
     it keeps ``v`` (shrink + expand) and its inference rows get the same values; a prefill-sized
