@@ -1,11 +1,18 @@
 """The request path: row first, then the engine, then the row again, then the result.
 
 1. Insert the ``inference_requests`` row idempotently (by request_id) before any work.
-2. A row that already finished: republish its stored result, no computation.
-   A row running on another live worker: wait for it to finish, then republish.
+2. A row that already finished: a record the row lists as answered (a redelivery: its worker
+   stopped after the answer, before the offset was committed) is only marked done; another record
+   (a client's retry) gets the stored result republished. No computation either way.
+   A row running on another live worker: wait for it to finish, then the same.
    Otherwise (new, queued, or its worker is gone): start it in the engine.
 3. On the engine's finish: store result and timings in the row (first outcome wins),
    publish the "result" record, and only then mark the Kafka record done.
+4. Once the broker has acknowledged a final record, list its Kafka record on the row as
+   answered (topic, partition, offset and the record's timestamp, which tells a redelivery from
+   a new record at an offset a restarted in-memory broker reused; the last eight). The write runs
+   in the background, after the publish: it delays no answer, and a crash before it ends in one
+   answer more on redelivery, never in none.
 
 Records go to the request's ``reply_to`` topic when it names one (a gateway's), else to the
 shared results topic; duplicates that attach to a running request get the first one's topic.
@@ -24,7 +31,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +47,10 @@ from .engine_client import EngineClient, EngineStopped
 from .errors import INTERNAL, public_error
 from .metrics import INTAKE, QUEUE_DEPTH, REQUESTS
 from .publisher import Publisher
+from .sources import Source
 
 log = logging.getLogger(__name__)
 
-Source = tuple[Any, int, int]  # (partition, offset, epoch) of the Kafka record
 DoneHook = Callable[[Source], None]
 
 
@@ -86,13 +93,14 @@ class Inference:
         self._max_attempts = max_attempts
         self.inflight: dict[str, Inflight] = {}
         self.num_computed = 0
+        self._noting: set[asyncio.Task[None]] = set()  # answered records being written to rows
 
     @property
     def num_inflight(self) -> int:
         return len(self.inflight)
 
     def num_pending(self, parts: set[Any]) -> int:
-        return sum(1 for f in self.inflight.values() for s in f.sources if s[0] in parts)
+        return sum(1 for f in self.inflight.values() for s in f.sources if s.part in parts)
 
     # --- intake --------------------------------------------------------------------------
 
@@ -118,12 +126,12 @@ class Inference:
             log.exception("could not answer a duplicate request_id", extra={"request_id": rid})
             return
         self._on_done(source)
+        self._note_answered(rid, [source])
         log.info("duplicate request_id refused", extra={"request_id": rid})
 
     async def _start(self, req: GenerateRequest, source: Source, fingerprint: str) -> None:
         rid = req.request_id
         try:
-            part, offset, _ = source
             is_new = await self._store.tx(
                 lambda s: repo.insert_request_idempotent(
                     s,
@@ -131,9 +139,9 @@ class Inference:
                     adapter_id=req.adapter_id,
                     priority=req.priority,
                     prompt_tokens=len(req.prompt_token_ids) if req.prompt_token_ids else None,
-                    kafka_topic=getattr(part, "topic", None),
-                    kafka_partition=getattr(part, "partition", None),
-                    kafka_offset=offset,
+                    kafka_topic=getattr(source.part, "topic", None),
+                    kafka_partition=getattr(source.part, "partition", None),
+                    kafka_offset=source.offset,
                     content_sha256=fingerprint,
                     started_by=self._worker_id,  # a new row starts here, its first attempt counted
                 )
@@ -204,7 +212,7 @@ class Inference:
                 return True
             if row.content_sha256 is not None and row.content_sha256 != fingerprint:
                 error = ErrorResult(request_id=rid, code="duplicate_request_id", message=_DUPLICATE)
-                await self._deliver(rid, error)
+                await self._deliver(rid, error, answered=row.answered_records)
                 log.info("duplicate request_id refused", extra={"request_id": rid})
                 return False
             if row.finished_at is not None:
@@ -220,11 +228,16 @@ class Inference:
             await asyncio.sleep(self._poll_s)
 
     async def _republish(self, rid: str, row: Any) -> None:
+        """The stored outcome for the records waiting on ``rid`` that the row does not list as answered."""
         if row.result is not None:
-            await self._deliver(rid, convert.from_stored(row.result))
+            record = convert.from_stored(row.result)
         else:
-            await self._deliver(rid, ErrorResult(request_id=rid, code=row.status, message=row.error or ""))
-        log.info("request republished", extra={"request_id": rid, "status": row.status})
+            record = ErrorResult(request_id=rid, code=row.status, message=row.error or "")
+        num = await self._deliver(rid, record, answered=row.answered_records)
+        log.info(
+            "request republished" if num else "redelivered record answered already",
+            extra={"request_id": rid, "status": row.status, "num_published": num},
+        )
 
     # --- engine events ----------------------------------------------------------------------
 
@@ -285,23 +298,55 @@ class Inference:
             log.exception("could not store a request outcome")
             return None
 
-    async def _deliver(self, rid: str, record: Any) -> None:
-        """Publish ``record`` once per Kafka record waiting on ``rid``, then mark them done.
+    async def _deliver(self, rid: str, record: Any, *, answered: Collection[Any] = ()) -> int:
+        """Publish ``record`` once per Kafka record waiting on ``rid``, mark each done, then note
+        on the row the records it was published for; returns how many.
 
-        The flight leaves ``inflight`` before the first publish, so two outcomes racing for
-        one request (an engine finish and a stop) never both go out."""
+        A record whose key is in ``answered`` (the row's list) was answered before: it is only
+        marked done. The flight leaves ``inflight`` before the first publish, so two outcomes
+        racing for one request (an engine finish and a stop) never both go out."""
         flight = self.inflight.pop(rid, None)
         QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
         if flight is None:
+            return 0
+        published: list[Source] = []
+        try:
+            while flight.sources:
+                source = flight.sources[0]
+                if source.key() not in answered:
+                    await self._publish_final(rid, record, flight.request.reply_to)
+                    published.append(source)
+                flight.sources.pop(0)
+                self._on_done(source)
+        finally:  # a publish that failed leaves its record unanswered, those before it answered
+            self._note_answered(rid, published)
+        return len(published)
+
+    async def _publish_final(self, rid: str, record: Any, topic: str | None) -> None:
+        """Returns once the broker acknowledged ``record``, or refused it for good (a result too
+        large is then answered ``too_large``)."""
+        if not await self._publisher.publish(record, rid, topic=topic) and not isinstance(record, ErrorResult):
+            too_large = ErrorResult(request_id=rid, code="too_large", message=_UNSENDABLE)
+            await self._publisher.publish(too_large, rid, topic=topic)
+
+    def _note_answered(self, rid: str, sources: list[Source]) -> None:
+        """List ``sources`` as answered on the row, in the background (after their publish)."""
+        if not sources:
             return
-        while flight.sources:
-            source = flight.sources[0]
-            topic = flight.request.reply_to
-            if not await self._publisher.publish(record, rid, topic=topic) and not isinstance(record, ErrorResult):
-                too_large = ErrorResult(request_id=rid, code="too_large", message=_UNSENDABLE)
-                await self._publisher.publish(too_large, rid, topic=topic)
-            flight.sources.pop(0)
-            self._on_done(source)
+        task = asyncio.create_task(self._write_answered(rid, [s.key() for s in sources]))
+        self._noting.add(task)
+        task.add_done_callback(self._noting.discard)
+
+    async def _write_answered(self, rid: str, keys: list[dict[str, Any]]) -> None:
+        try:
+            await self._store.tx(lambda s: repo.add_answered_records(s, rid, keys), attempts=3)
+        except Exception as exc:  # a redelivery of these records then gets the stored outcome again
+            log.warning("could not note answered records", extra={"request_id": rid, "error": repr(exc)[:300]})
+
+    async def settle(self) -> None:
+        """Wait for the answered records still being written (before the database closes)."""
+        while self._noting:
+            await asyncio.gather(*list(self._noting), return_exceptions=True)
 
     async def answer_all(self, code: str, message: str, *, can_abort: bool, abort_timeout_s: float = 2.0) -> list[str]:
         """Stop: abort what still runs and answer every in-flight request with ``code``.

@@ -35,6 +35,7 @@ from .inference import Inference
 from .jobs import LeasedJobs
 from .metrics import RECORD_AGE, RECORDS
 from .publisher import Publisher
+from .sources import Source, record_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Intake:
         self._control = control
         self._limits = limits
         self._max_excerpt_bytes = max_excerpt_bytes
-        self._done = done  # (partition, offset, epoch) -> None
+        self._done = done  # (partition, offset, epoch) -> None: the record may be committed
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, kind: TopicKind, record: Any, epoch: int) -> None:
@@ -79,7 +80,7 @@ class Intake:
             stamp = getattr(record, "timestamp", None)
             if isinstance(stamp, int) and stamp > 0:  # milliseconds, the producer's clock
                 RECORD_AGE.observe(max(0.0, time.time() - stamp / 1000))
-            task = self._inference.accept(decoded, (part, offset, epoch))
+            task = self._inference.accept(decoded, Source(part, offset, epoch, record_timestamp(record)))
             if task is not None:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)

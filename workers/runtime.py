@@ -42,6 +42,7 @@ from .lanes import Lanes
 from .loop_lag import LoopLag
 from .publisher import Publisher
 from .reconcile import Reconciler
+from .sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Worker:
             self.jobs,
             self.control,
             limits=limits,
-            done=lambda part, off, epoch: self._done((part, off, epoch)),
+            done=self.consumer.done,
             max_excerpt_bytes=settings.kafka.max_dlq_excerpt_bytes,
         )
         self.reconciler = Reconciler(
@@ -140,8 +141,8 @@ class Worker:
     def _num_inflight(self) -> int:
         return self.inference.num_inflight
 
-    def _done(self, source: tuple[Any, int, int]) -> None:
-        self.consumer.done(*source)
+    def _done(self, source: Source) -> None:
+        self.consumer.done(source.part, source.offset, source.epoch)
 
     async def _handle(self, kind: Any, record: Any, epoch: int) -> None:
         await self.intake.handle(kind, record, epoch)
@@ -254,6 +255,7 @@ class Worker:
             if answered:
                 log.warning("in-flight requests answered at stop", extra={"request_ids": answered[:20],
                                                                            "num": len(answered), "code": code})
+        await _step("note answered records", self.inference.settle(), timeout_s=5.0)
         await _step("stop background tasks", self._cancel_tasks())
         await _step("commit and leave the group", self.consumer.close(), timeout_s=_STOP_GRACE_S + 5.0)
         await _step("stop the producer", self.publisher.stop(), timeout_s=10.0)

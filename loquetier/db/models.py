@@ -105,6 +105,8 @@ class RequestRow(Base):
     kafka_offset: Mapped[int | None] = mapped_column(BigInteger)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")  # starts not ended cleanly
     content_sha256: Mapped[str | None] = mapped_column(String(64))  # what the request asks for
+    # {"topic", "partition", "offset", "timestamp"} of the Kafka records its outcome was published for
+    answered_records: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     created_at: Mapped[datetime] = _created()
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -34,6 +34,7 @@ from loquetier.db.jobs_repo import (
     update_job_progress,
 )
 from loquetier.db.requests_repo import (
+    add_answered_records,
     finish_request,
     get_request,
     insert_request_idempotent,
@@ -45,6 +46,7 @@ from loquetier.db.workers_repo import drain_workers, heartbeat_worker, upsert_wo
 __all__ = [
     "FINAL_JOB_STATUSES",
     "adapter_taken",
+    "add_answered_records",
     "archive_adapter",
     "claim_job",
     "drain_workers",

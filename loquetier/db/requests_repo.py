@@ -1,4 +1,4 @@
-"""Inference request rows: idempotent insert, start, finish, lookup.
+"""Inference request rows: idempotent insert, start, finish, answered records, lookup.
 
 Every function runs inside the caller's transaction (``async with sessions.begin() as s``)
 and never commits: the caller decides the unit of work.
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, literal, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB, JSONPATH, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loquetier.db.models import RequestRow, WorkerRow
+
+MAX_ANSWERED_RECORDS = 8  # per row; an older record coming back is answered again (at least once)
 
 
 async def insert_request_idempotent(
@@ -113,6 +115,23 @@ async def finish_request(
             tpot_ms=tpot_ms,
             finished_at=func.now(),
         )
+        .returning(RequestRow.request_id)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def add_answered_records(session: AsyncSession, request_id: str, records: list[dict[str, Any]]) -> bool:
+    """Append Kafka records (``{"topic", "partition", "offset", "timestamp"}``) that were answered for
+    ``request_id``, keeping the last :data:`MAX_ANSWERED_RECORDS`. Call it only once the broker has
+    acknowledged their answers. ``updated_at`` stays: it tells the reconciler when the request
+    itself last moved. Returns ``False`` when there is no such row."""
+    appended = RequestRow.answered_records.op("||", return_type=JSONB)(literal(records, JSONB))
+    # the last N elements; lax mode takes a shorter list whole
+    last = literal_column(f"'$[last - {MAX_ANSWERED_RECORDS - 1} to last]'::jsonpath", JSONPATH)
+    stmt = (
+        update(RequestRow)
+        .where(RequestRow.request_id == request_id)
+        .values(answered_records=func.jsonb_path_query_array(appended, last), updated_at=RequestRow.updated_at)
         .returning(RequestRow.request_id)
     )
     return (await session.execute(stmt)).scalar_one_or_none() is not None

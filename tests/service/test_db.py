@@ -42,6 +42,35 @@ async def test_upgrade_head_and_downgrade_base(empty_database: str) -> None:
     assert TABLES <= await _tables(empty_database)
 
 
+async def _columns(url: str, table: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return {c["name"] for c in await conn.run_sync(lambda c: inspect(c).get_columns(table))}
+    finally:
+        await engine.dispose()
+
+
+async def test_answered_records_migrate_up_and_down_keeping_rows(empty_database: str) -> None:
+    await migrate.upgrade_async(empty_database, "0004")
+    engine = create_engine(empty_database)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO inference_requests (request_id) VALUES ('old')"))
+        await migrate.upgrade_async(empty_database, "0005")
+        async with engine.connect() as conn:  # an existing row answered no record yet
+            assert (await conn.execute(text("SELECT answered_records FROM inference_requests"))).scalar() == []
+        await migrate.downgrade_async(empty_database, "0004")
+        assert "answered_records" not in await _columns(empty_database, "inference_requests")
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT request_id FROM inference_requests"))).scalar() == "old"
+    finally:
+        await engine.dispose()
+    await migrate.upgrade_async(empty_database)
+    assert "answered_records" in await _columns(empty_database, "inference_requests")
+    assert await migrate.current_revision(empty_database) == migrate.head_revision() == "0005"
+
+
 async def test_autogenerate_reports_no_drift(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
@@ -302,3 +331,31 @@ async def test_an_adapter_is_taken_when_another_maker_serves_it(sessions: async_
         assert taken is not None and taken.version == 1
         await repo.register_adapter(s, adapter_id="b", data=b"w", source_kind="path", **common)  # type: ignore[arg-type]
         assert await repo.adapter_taken(s, "b", "j1") is not None  # an operator's load
+
+
+async def test_answered_records_are_appended_and_bounded(sessions: async_sessionmaker[AsyncSession]) -> None:
+    from loquetier.db.requests_repo import MAX_ANSWERED_RECORDS
+
+    def key(offset: int) -> dict[str, object]:
+        return {"topic": "t", "partition": 0, "offset": offset, "timestamp": 1_700_000_000_000 + offset}
+
+    async with sessions.begin() as s:
+        await repo.insert_request_idempotent(s, request_id="r1", adapter_id=None)
+        assert await repo.finish_request(s, "r1", status="succeeded", result={"type": "result"})
+    async with sessions() as s:
+        before = await repo.get_request(s, "r1")
+        assert before is not None and before.answered_records == []
+    async with sessions.begin() as s:
+        assert await repo.add_answered_records(s, "r1", [key(3)])
+        assert await repo.add_answered_records(s, "r1", [key(4), {**key(5), "timestamp": None}])
+        assert not await repo.add_answered_records(s, "nope", [key(1)])
+    async with sessions() as s:
+        row = await repo.get_request(s, "r1")
+        assert row is not None and row.answered_records == [key(3), key(4), {**key(5), "timestamp": None}]
+        assert row.updated_at == before.updated_at  # the request itself did not move
+    async with sessions.begin() as s:
+        for offset in range(10, 30):
+            await repo.add_answered_records(s, "r1", [key(offset)])
+    async with sessions() as s:
+        row = await repo.get_request(s, "r1")
+        assert row is not None and row.answered_records == [key(o) for o in range(30 - MAX_ANSWERED_RECORDS, 30)]

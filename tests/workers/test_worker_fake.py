@@ -136,3 +136,47 @@ async def test_a_slow_job_write_does_not_hold_up_tokens(topics: Any, database_ur
         records = [r async for r in client.results([job_id])]
     assert [r.step for r in records if r.type == "checkpoint"] == [2, 4]
     assert records[-1].type == "job_done" and records[-1].status == "succeeded"
+
+
+async def test_a_record_answered_before_its_offset_was_committed_is_not_answered_again(
+    topics: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed after answering a record, while an earlier record of the partition still ran,
+    left the answered record's offset uncommitted: the next worker answered it a second time."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from loquetier.workers.consumer import Consumer
+    from tests.workers.test_restarts import final_records
+
+    async def never(self: Consumer, parts: Any = None) -> bool:
+        return True
+
+    settings = await topics()
+    with monkeypatch.context() as uncommitted:  # the first worker's offsets never reach the group
+        uncommitted.setattr(Consumer, "commit", never)
+        async with running_worker(FakeEngine(), settings), client_for(settings) as client:
+            rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4)
+            assert (await client.wait_result(rid, timeout=20)).type == "result"
+    stored = await row(database_url, rid)
+    assert [a["offset"] for a in stored.answered_records] == [stored.kafka_offset]
+    assert stored.answered_records[0]["timestamp"] > 0
+    engine = FakeEngine()
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, request_id=rid)  # a client's retry
+        assert (await client.wait_result(rid, timeout=30)).type == "result"
+        deadline = time.monotonic() + 20
+        while worker.consumer.tracker.num_pending() or worker.inference.num_inflight:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    assert engine.submitted_ids == []
+    assert (await final_records(settings, [rid]))[rid] == 2  # the first answer and the retry's, no third
+    part = TopicPartition(settings.kafka.requests_topic, stored.kafka_partition)
+    probe = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap, group_id=settings.kafka.group_id, enable_auto_commit=False
+    )
+    await probe.start()
+    try:
+        assert (await probe.committed(part) or 0) > stored.kafka_offset + 1  # the redelivered record was done
+    finally:
+        await probe.stop()
+    assert len((await row(database_url, rid)).answered_records) == 2
