@@ -38,17 +38,15 @@ VARIANTS: dict[str, tuple[dict[str, int], str]] = {
     "split partials (decode default)": ({}, "split"),
     "split, 8/SM": ({"programs_per_sm": 8}, "split"),
     "split, 2/SM": ({"programs_per_sm": 2}, "split"),
-    "split, shrink 2 warps": ({"shrink_warps": 2}, "split"),
+    "split, shrink 4 warps": ({"decode_shrink_warps": 4}, "split"),
+    "split, shrink rank tile 32": ({"shrink_rank_tile": 32}, "split"),
+    "split, shrink rank tile 32, 4 warps": ({"shrink_rank_tile": 32, "decode_shrink_warps": 4}, "split"),
+    "split, whole rank tile, 4 warps (before 2026-12-04)": ({"shrink_rank_tile": 0, "decode_shrink_warps": 4},
+                                                            "split"),
+    "atomic, whole rank tile, 4 warps": ({"shrink_rank_tile": 0, "decode_shrink_warps": 4}, "atomic"),
     "split, expand N 128": ({"expand_block_n": 128}, "split"),
     "split, expand 2 tiles": ({"expand_tiles": 2}, "split"),
     "split, expand 4 tiles": ({"expand_tiles": 4}, "split"),
-    "split, expand 8 tiles": ({"expand_tiles": 8}, "split"),
-    "split, expand 4 tiles of N 128": ({"expand_tiles": 4, "expand_block_n": 128}, "split"),
-    "split, expand 4 tiles, shrink 2 warps": ({"expand_tiles": 4, "shrink_warps": 2}, "split"),
-    "split, shrink rank tile 16": ({"shrink_rank_tile": 16}, "split"),
-    "split, shrink rank tile 32": ({"shrink_rank_tile": 32}, "split"),
-    "split, shrink rank tile 16, 2 warps": ({"shrink_rank_tile": 16, "shrink_warps": 2}, "split"),
-    "atomic, shrink rank tile 16": ({"shrink_rank_tile": 16}, "atomic"),
 }
 DECODE_DEFAULT = "split partials (decode default)"
 BASELINE = "default (atomic)"

@@ -94,10 +94,14 @@ class Tuning:
 
     programs_per_sm: int = 4  # shrink splits K until about this many programs per SM run
     shrink_block_k: int = 0  # 0: 128 when BLOCK_M * BLOCK_R <= 64 * 64, else 64
-    shrink_warps: int = 4
+    shrink_warps: int = 4  # row blocks of more than 16 rows (prefill chunks, training rows)
+    decode_shrink_warps: int = 2  # decode-sized row blocks (16 rows at most)
     shrink_stages: int = 3
-    shrink_rank_tile: int = 0  # rank columns a shrink program computes (0: all, next_pow2(max_rank));
-    # narrower: the pool's rank split into chunks over programs, chunks past an adapter's rank idle
+    # rank columns a shrink program computes (0: all, next_pow2(max_rank)); narrower: the pool's rank
+    # in chunks over programs, chunks past an adapter's rank idle. On the H200, rank-16 adapters in
+    # storage of rank 64 (the default max_lora_rank): a step's LoRA work 0.81x with 16 and 2 decode
+    # warps, 0.91x with 16 and 4 (docs/benchmarks/tune_smlm.md)
+    shrink_rank_tile: int = 16
     expand_block_n: int = 0  # 0: 256 for BLOCK_M 16, else 128
     expand_warps: int = 4
     expand_stages: int = 2
@@ -169,6 +173,10 @@ def _check_shrink_inputs(x: torch.Tensor, loras: Sequence[ModuleLoRA]) -> None:
     for lora in loras:
         _check(lora, x, first.in_features)
     assert x.dtype == first.a.dtype, f"x is {x.dtype}, lora.a is {first.a.dtype}"
+
+
+def _shrink_warps(block_m: int) -> int:
+    return TUNING.decode_shrink_warps if block_m == 16 else TUNING.shrink_warps
 
 
 def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
@@ -247,7 +255,7 @@ def _shrink_into(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lora: Module
         k, split_k,
         HAS_SCALE=with_scale, ATOMIC=split_k > 1 and parts is None,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
-        num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(w),
+        num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(w),
     )  # fmt: skip
     _sum_partials(v, parts)
 
@@ -357,7 +365,7 @@ def shrink_parts(x: torch.Tensor, loras: Sequence[ModuleLoRA], meta: SMLMMeta) -
         k, split_k,
         ATOMIC=split_k > 1 and parts is None,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
-        num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
+        num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
     _sum_partials(v, parts)
     return v
@@ -461,7 +469,7 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
             k, split_k,
             HAS_SCALE=False, ATOMIC=False,
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
-            num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(lora.a),
+            num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(lora.a),
         )  # fmt: skip
 
         def finish_one(y: torch.Tensor) -> None:
@@ -479,7 +487,7 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
         k, split_k,
         ATOMIC=False,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
-        num_warps=TUNING.shrink_warps, num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
+        num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
 
     def finish_parts(y: torch.Tensor) -> None:
