@@ -163,3 +163,23 @@ def test_prefill_chunks_through_packed_keys_and_flash(window: int | None) -> Non
     ref = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125, window=window, impl="reference")
     got = paged_attention(q, kc, vc, meta, 0.125, window=window, impl="auto")
     _check(got, ref.to(torch.bfloat16), torch.bfloat16)
+
+
+def test_launch_parameters_from_the_environment_and_the_partition_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LOQUETIER_ATTN_TUNING`` names ``AttnTuning`` fields; ``waves`` and ``min_split_tokens`` set how
+    many context partitions a call takes, and a call with another rule still matches the reference."""
+    monkeypatch.setenv(pa.TUNING_ENV, " block_n=32, warps=4 ")
+    assert pa.tuning_from_env() == pa.AttnTuning(block_n=32, warps=4)
+    for bad in ("block_n", "blocks=64", "warps=two"):
+        monkeypatch.setenv(pa.TUNING_ENV, bad)
+        with pytest.raises(ValueError, match=pa.TUNING_ENV):
+            pa.tuning_from_env()
+    cpu = torch.device("cpu")  # 4 "SMs" for the rule off a GPU
+    assert pa.num_splits_for(2, 2, 161, cpu, pa.AttnTuning()) == 1  # no partition shorter than 256 keys
+    many = pa.AttnTuning(waves=8, min_split_tokens=16)
+    assert pa.num_splits_for(2, 2, 161, cpu, many) == 8  # 8 waves of 4 "SMs" over 4 programs
+    assert pa.num_splits_for(2, 2, 40, cpu, many) == 3  # ... but no partition under 16 keys
+    q, kc, vc, meta = _case([1, 70, 161], 8, 2, 32, torch.float32, seed=3)
+    ref = paged_attention(q, kc, vc, meta, 0.2, impl="reference")
+    got = pa.paged_decode(q, kc, vc, meta.block_tables, meta.context_lens, 0.2, meta.max_context_len, tuning=many)
+    _check(got, ref, torch.float32)
