@@ -22,7 +22,6 @@ import itertools
 import json
 import random
 import statistics
-from pathlib import Path
 from typing import Any
 
 PEAK_BYTES_PER_S = 4.27e12
@@ -184,33 +183,26 @@ def table(results: dict[str, Any], top: int = 12, extra: tuple[str, ...] = ()) -
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    ap.add_argument("--from-json", type=Path, help="write the page from an earlier run's JSON (no GPU)")
-    ap.add_argument("--pick-env", type=Path, default=None,
-                    help="write LOQUETIER_ATTN_TUNING's value of the fastest variant over the batches into this "
-                         "file (empty when none beats the defaults by 3 %%)")
-    args, _ = ap.parse_known_args()
-    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.pick_env is not None:
-        args.pick_env.parent.mkdir(parents=True, exist_ok=True)
-        args.pick_env.write_text(pick(results))
-    (args.out / "tune_attention.json").write_text(json.dumps(results, indent=1))
+def page(results: dict[str, Any]) -> str:
     n = len(next(iter(results["batches"].values()))["variants"])
-    text = (f"# Paged decode attention launch parameters, one 8B decode step\n\n{results['date']}, {results['gpu']}, "
+    return (f"# Paged decode attention launch parameters, one 8B decode step\n\n{results['date']}, {results['gpu']}, "
             "`python -m benchmarks.tune_attention`. µs per layer from one CUDA graph of 32 layers' "
             "`paged_decode` calls (each layer its own scattered cache; 32 query heads over 8 KV heads of 128, "
             "pages of 16, contexts 129-328 tokens, or 1,800-2,100 for the long case); the defaults of "
             f"`kernels.paged_attention.AttnTuning`, the fastest {min(12, n - 1)} of {n - 1} variants by their mean "
             f"time relative to the defaults', and `{PREVIOUS}` (the defaults before this page's first run; "
             "`LOQUETIER_ATTN_TUNING` spells a variant the same way). Splits: context partitions per sequence, "
-            "from the partition rule "
-            "(`waves`, `min_split_tokens`); more than one adds the combine kernel.\n\n"
+            "from the partition rule (`waves`, `min_split_tokens`); more than one adds the combine kernel.\n\n"
             + table(results, extra=(PREVIOUS,)) + "\n")
-    (args.out / "tune_attention.md").write_text(text)
-    print(text)
+
+
+def main() -> None:
+    from benchmarks.harness.common import tuner_outputs, tuner_parser
+
+    ap = tuner_parser(__doc__, "LOQUETIER_ATTN_TUNING", "the fastest variant over the cases")
+    args, _ = ap.parse_known_args()
+    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
+    tuner_outputs(args, "tune_attention", results, pick(results), page(results))
 
 
 if __name__ == "__main__":

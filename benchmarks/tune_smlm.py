@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import statistics
-from pathlib import Path
 from typing import Any
 
 PEAK_BYTES_PER_S = 4.27e12
@@ -180,23 +179,8 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    ap.add_argument("--from-json", type=Path, help="write the page from an earlier run's JSON (no GPU)")
-    ap.add_argument("--pick-env", type=Path, default=None,
-                    help="write LOQUETIER_SMLM_TUNING=... of the split variant fastest over the decode batches "
-                         "into this file (empty when none beats the decode default by 3 %%)")
-    ap.add_argument("--pool-rank", type=int, default=RANK,
-                    help="the slot storage's rank (max_lora_rank; the engine's default is 64), adapters of rank 16")
-    args, _ = ap.parse_known_args()
-    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.pick_env is not None:
-        args.pick_env.parent.mkdir(parents=True, exist_ok=True)
-        args.pick_env.write_text(pick(results))
-    (args.out / "tune_smlm.json").write_text(json.dumps(results, indent=1))
-    text = (f"# SMLM launch parameters, one 8B decode step's LoRA work\n\n{results['date']}, {results['gpu']}, "
+def page(results: dict[str, Any]) -> str:
+    return (f"# SMLM launch parameters, one 8B decode step's LoRA work\n\n{results['date']}, {results['gpu']}, "
             "`python -m benchmarks.tune_smlm`. ms per step from one CUDA graph of all 32 layers' LoRA "
             "launches (q|k|v and gate|up as parts launches, o and down alone), rank 16 "
             f"(slot storage of rank {results.get('pool_rank', RANK)}), rows sorted by "
@@ -206,8 +190,17 @@ def main() -> None:
             "(`smlm.forward_split`, what decode-sized inference-only steps run: splits stored apart, added by "
             "expand).\n\n"
             + table(results) + "\n")
-    (args.out / "tune_smlm.md").write_text(text)
-    print(text)
+
+
+def main() -> None:
+    from benchmarks.harness.common import tuner_outputs, tuner_parser
+
+    ap = tuner_parser(__doc__, "LOQUETIER_SMLM_TUNING", "the split variant fastest over the decode batches")
+    ap.add_argument("--pool-rank", type=int, default=RANK,
+                    help="the slot storage's rank (max_lora_rank; the engine's default is 64), adapters of rank 16")
+    args, _ = ap.parse_known_args()
+    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
+    tuner_outputs(args, "tune_smlm", results, pick(results), page(results))
 
 
 if __name__ == "__main__":

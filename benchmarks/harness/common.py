@@ -372,3 +372,26 @@ def _lora_overlap() -> bool:
     from loquetier.kernels import lora_overlap
 
     return lora_overlap()
+
+
+def tuner_parser(doc: str, env: str, picks: str) -> argparse.ArgumentParser:
+    """The command line of a launch-parameter tuner (``tune_smlm``, ``tune_attention``): ``--out``,
+    ``--from-json`` (the page from an earlier run's JSON, no GPU) and ``--pick-env`` (the value of
+    ``env`` that ``picks`` names, written to a file)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    ap.add_argument("--from-json", type=Path, help="write the page from an earlier run's JSON (no GPU)")
+    ap.add_argument("--pick-env", type=Path, default=None,
+                    help=f"write {env}'s value for {picks} into this file (empty when none beats the defaults by 3 %%)")
+    return ap
+
+
+def tuner_outputs(args: argparse.Namespace, name: str, results: dict[str, Any], pick: str, page: str) -> None:
+    """A tuner's run written out: ``NAME.json``, the page ``NAME.md`` (printed too) and the pick."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.pick_env is not None:
+        args.pick_env.parent.mkdir(parents=True, exist_ok=True)
+        args.pick_env.write_text(pick)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{name}.md").write_text(page)
+    print(page)
