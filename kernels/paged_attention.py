@@ -37,7 +37,7 @@ class AttnTuning:
     """Launch parameters of the paged decode kernel (``benchmarks/tune_attention.py`` times variants
     of them on a GPU)."""
 
-    # keys per loop step and warps: 64 keys on 2 warps took 0.89x the time of 32 on 4 over batches of
+    # keys per loop step and warps: 64 keys on 2 warps took 0.88x the time of 32 on 4 over batches of
     # 32-128 rows of 129-328 keys in one 8B step's graph (docs/benchmarks/tune_attention.md)
     block_n: int = 64
     warps: int = 2
