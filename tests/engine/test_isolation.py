@@ -44,13 +44,15 @@ def make_engine(model_dir: Path) -> Engine:
 
 def poison_forward(engine: Engine, is_bad: Callable[[torch.Tensor], bool] | None = None,
                    error: Exception | None = None) -> list[int]:
-    """Make the model's forward raise for batches holding POISON (or ``is_bad``); returns a list that
-    counts the forwards that raised."""
+    """Make the model's forward raise for batches holding POISON (or ``is_bad``) in their training,
+    eval or prompt rows; returns a list that counts the forwards that raised. Decode rows are left
+    out: their tokens are the model's own, and a good request may generate POISON (the tiny
+    vocabulary has 320 ids), which would make it look guilty."""
     forward, raised = engine.model.forward, []
     is_bad = is_bad or (lambda ids: bool((ids == POISON).any()))
 
     def guarded(fb: Any, kv: Any = None) -> Any:
-        if is_bad(fb.input_ids):
+        if is_bad(fb.input_ids[: fb.num_tokens - fb.num_decode]):
             raised.append(1)
             raise error or ValueError("a row this engine cannot run")
         return forward(fb, kv)
