@@ -328,8 +328,7 @@ def test_forward_split_matches_reference_in_two_launches_the_same_bits_each_run(
     assert torch.equal(runs[0].cpu()[untouched].nan_to_num(7.0), y0.cpu()[untouched].nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("num_parts", [1, 3])
-@pytest.mark.parametrize("rank_tile", [16, 32])
+@pytest.mark.parametrize(("num_parts", "rank_tile"), [(1, 16), (3, 32)])
 def test_shrink_rank_chunks_give_the_sums_of_one_tile(monkeypatch: pytest.MonkeyPatch, num_parts: int,
                                                       rank_tile: int) -> None:
     """``Tuning.shrink_rank_tile``: the pool's rank (64) split into chunks over programs, a chunk past
