@@ -30,8 +30,10 @@
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
-# Results land in $OUT: gemm/, tune/ (tune_smlm.*), offline/ and offline-window16/ (offline.*), decode/,
-# and each step's log.
+# Results land in $OUT: gemm/, tune/ and tune64/ (tune_smlm.*), tune-attn/ (tune_attention.*), kernels/
+# and kernels-tuned/ (kernels.json), offline/ and offline-window16/ (offline.*), decode/, unified/,
+# finetune/, and each step's log. A call brings back at most 8 files: pack $OUT into one archive at
+# the end of the command when more steps run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
