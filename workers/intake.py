@@ -77,10 +77,10 @@ class Intake:
             return
         RECORDS.labels(kind, "ok").inc()
         if isinstance(decoded, GenerateRequest):
-            stamp = getattr(record, "timestamp", None)
-            if isinstance(stamp, int) and stamp > 0:  # milliseconds, the producer's clock
+            stamp = record_timestamp(record)  # milliseconds, the producer's clock
+            if stamp:
                 RECORD_AGE.observe(max(0.0, time.time() - stamp / 1000))
-            task = self._inference.accept(decoded, Source(part, offset, epoch, record_timestamp(record)))
+            task = self._inference.accept(decoded, Source(part, offset, epoch, stamp))
             if task is not None:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
