@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lora_cases = [("ours_lora_b32", small_batch, list(adapter_ids)), ("ours_lora_b128", big_batch, list(adapter_ids))]
     # the adapter cases with the graphs' LoRA shrinks on a side stream beside the base GEMMs (1) or not (0)
-    from loquetier.kernels import lora_overlap, set_lora_overlap, smlm
+    from loquetier.kernels import lora_overlap, paged_attention, set_lora_overlap, smlm
 
     default_overlap = lora_overlap()
     try:
@@ -263,28 +263,23 @@ def main(argv: list[str] | None = None) -> int:
                             for m in overlaps], lora_cases, recapture=True)
     finally:
         set_lora_overlap(default_overlap)
-    # SMLM launch parameters against the defaults, two rounds
-    default_tuning = smlm.TUNING
-    if tuning_ab:
-        tunings = {"defaults": smlm.Tuning(), tuning_ab: smlm.tuning_from_spec(tuning_ab)}
-        try:
-            compare("tuning", [(label, functools.partial(setattr, smlm, "TUNING", t))
-                               for _ in range(2) for label, t in tunings.items()], lora_cases, recapture=True)
-        finally:
-            smlm.TUNING = default_tuning
-    # paged decode attention launch parameters against the defaults, two rounds, every case
-    from loquetier.kernels import paged_attention
 
-    default_attn = paged_attention.TUNING
-    if attn_ab:
-        attn = {"defaults": paged_attention.AttnTuning(),
-                attn_ab: launch_tuning(paged_attention.AttnTuning, attn_ab, "--attn-ab")}
+    def launch_ab(kind: str, module: Any, spec: str, flag: str, cases: list[tuple[str, int, list[Any]]]) -> None:
+        """``module.TUNING`` (a dataclass of launch parameters) with the overrides ``spec`` names
+        against its defaults, two rounds, graphs captured again for each; the module's setting after."""
+        if not spec:
+            return
+        default, cls = module.TUNING, type(module.TUNING)
+        tunings = {"defaults": cls(), spec: launch_tuning(cls, spec, flag)}
         try:
-            compare("attention", [(label, functools.partial(setattr, paged_attention, "TUNING", t))
-                                  for _ in range(2) for label, t in attn.items()],
-                    [("ours_base_b32", small_batch, [None]), *lora_cases], recapture=True)
+            compare(kind, [(label, functools.partial(setattr, module, "TUNING", t))
+                           for _ in range(2) for label, t in tunings.items()], cases, recapture=True)
         finally:
-            paged_attention.TUNING = default_attn
+            module.TUNING = default
+
+    launch_ab("tuning", smlm, tuning_ab, "--tuning-ab", lora_cases)  # SMLM launch parameters
+    launch_ab("attention", paged_attention, attn_ab, "--attn-ab",  # paged decode attention's, every case
+              [("ours_base_b32", small_batch, [None]), *lora_cases])
     if overlaps or tuning_ab or attn_ab:
         engine.capture_graphs(recapture=True)
     # decode windows chained (the next window queued before the host applies the last) or not
