@@ -4,7 +4,9 @@
 
 The four linear layers of every decoder layer (q|k|v, o, gate|up, down: 32 layers, each with its
 own weights, so that nothing is served from L2) and the LM head, at the row counts of decode
-steps, each replayed from one CUDA graph (as the engine's decode steps are). ``torch.backends.cuda.
+steps and of a prefill chunk (2,048 rows), each replayed from one CUDA graph (as the engine's
+steps are). The floor of a GEMM is the larger of its weight reads at 4.27 TB/s and its FLOPs at
+797 TFLOP/s (the H200's dense bf16 rate). ``torch.backends.cuda.
 preferred_blas_library`` picks cuBLAS or cuBLASLt for each column of the table. Writes
 ``gemm.md`` and ``gemm.json`` under DIR.
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from benchmarks.harness.common import captured
 
 HBM = 4.27e12
+FLOPS = 797e12
 HIDDEN, INTER, Q, KV, VOCAB, LAYERS = 4096, 14336, 4096, 1024, 128256, 32
 SHAPES = {"q|k|v": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate|up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
 
@@ -43,7 +46,7 @@ def _graph_ms(fn, replays: int = 20) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="32,64,128")
+    ap.add_argument("--rows", default="32,64,128,2048")
     ap.add_argument("--libraries", default="cublas,cublaslt")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -55,8 +58,12 @@ def main() -> None:
     results: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cases": []}
     cases: list[dict[str, object]] = []
+    def floor_ms(n: int, k: int, rows: int, times: int = 1) -> float:
+        return times * max(n * k * 2 / HBM, 2 * rows * n * k / FLOPS) * 1e3
+
     floor_step = (sum(n * k for n, k in SHAPES.values()) * LAYERS + VOCAB * HIDDEN) * 2 / HBM * 1e3
     for rows in [int(r) for r in args.rows.split(",")]:
+        step_floor = sum(floor_ms(n, k, rows, LAYERS) for n, k in SHAPES.values()) + floor_ms(VOCAB, HIDDEN, rows)
         xs = {name: torch.randn(rows, k, device=dev, dtype=dt, generator=gen) for name, (_, k) in SHAPES.items()}
         xh = torch.randn(rows, HIDDEN, device=dev, dtype=dt, generator=gen)
         for lib in args.libraries.split(","):
@@ -64,9 +71,9 @@ def main() -> None:
             case: dict[str, object] = {"rows": rows, "library": lib}
             for name, (n, k) in SHAPES.items():
                 ms = _graph_ms(lambda name=name: [F.linear(xs[name], w) for w in weights[name]])
-                case[name] = {"us_per_layer": ms * 1e3 / LAYERS, "x_floor": ms / (n * k * 2 * LAYERS / HBM * 1e3)}
+                case[name] = {"us_per_layer": ms * 1e3 / LAYERS, "x_floor": ms / floor_ms(n, k, rows, LAYERS)}
             ms = _graph_ms(lambda: F.linear(xh, head))
-            case["lm head"] = {"us_per_layer": ms * 1e3, "x_floor": ms / (VOCAB * HIDDEN * 2 / HBM * 1e3)}
+            case["lm head"] = {"us_per_layer": ms * 1e3, "x_floor": ms / floor_ms(VOCAB, HIDDEN, rows)}
 
             def step() -> None:
                 for i in range(LAYERS):
@@ -75,15 +82,16 @@ def main() -> None:
                 F.linear(xh, head)
 
             ms = _graph_ms(step)
-            case["step_ms"], case["step_x_floor"] = ms, ms / floor_step
+            case["step_ms"], case["step_x_floor"], case["step_floor_ms"] = ms, ms / step_floor, step_floor
             cases.append(case)
             print(json.dumps(case), flush=True)
     torch.backends.cuda.preferred_blas_library("cublas")
     results["cases"], results["floor_step_ms"] = cases, floor_step
     lines = ["# Base GEMMs of one 8B decode step, per BLAS library\n",
              f"{results['date']}, {results['gpu']}, torch {results['torch']}, `python -m benchmarks.bench_gemm`. "
-             f"us per layer (x its weight-read floor), each module's 32 layers in one CUDA graph; the step: "
-             f"all four modules of 32 layers and the LM head in one graph (floor {floor_step:.2f} ms).\n",
+             f"us per layer (x its floor: weight reads at 4.27 TB/s or FLOPs at 797 TFLOP/s, the larger), each "
+             f"module's 32 layers in one CUDA graph; the step: all four modules of 32 layers and the LM head in "
+             f"one graph (weight-read floor {floor_step:.2f} ms; at 2,048 rows the FLOPs bound it).\n",
              "| rows | library | " + " | ".join(SHAPES) + " | lm head | step ms (x floor) |",
              "|---|---|" + "---|" * (len(SHAPES) + 2)]
     for c in cases:

@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     chain_rounds = int(_take(pre, "--chain-ab") or 0)  # rounds of (chained windows off, on)
     tuning_ab = (_take(pre, "--tuning-ab") or "").strip()  # Tuning overrides ("expand_tiles=4") vs the defaults
     attn_ab = (_take(pre, "--attn-ab") or "").strip()  # AttnTuning overrides ("block_n=64,warps=8") vs the defaults
+    blas_ab = (_take(pre, "--blas-ab") or "").strip()  # a BLAS library ("cublas") vs the engine's, every case
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -280,7 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     launch_ab("tuning", smlm, tuning_ab, "--tuning-ab", lora_cases)  # SMLM launch parameters
     launch_ab("attention", paged_attention, attn_ab, "--attn-ab",  # paged decode attention's, every case
               [("ours_base_b32", small_batch, [None]), *lora_cases])
-    if overlaps or tuning_ab or attn_ab:
+    if blas_ab:  # the base GEMMs' library (EngineConfig.blas) against the engine's own, two rounds
+        from loquetier.engine.engine import apply_blas
+
+        own = engine.blas or "torch"
+        try:
+            compare("blas", [(lib, functools.partial(apply_blas, lib, engine.device))
+                             for _ in range(2) for lib in (own, blas_ab)], cases, recapture=True)
+        finally:
+            apply_blas(own, engine.device)
+    if overlaps or tuning_ab or attn_ab or blas_ab:
         engine.capture_graphs(recapture=True)
     # decode windows chained (the next window queued before the host applies the last) or not
     default_chain = engine.window.chain
@@ -346,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         ("Ratios (same run)", report.markdown_table(["ratio", "value"], ratios)),
     ]
     split_rows = [[label, r["prompt_steps"], report.fmt(r["prompt_steps_s"], 3), r["decode_steps"],
-                   report.fmt(r["decode_steps_s"], 3), report.fmt(r["decode_step_ms"], 2)]
+                   report.fmt(r["decode_steps_s"], 3), report.fmt(r["decode_step_ms"], 2),
+                   report.fmt(r["seconds"][-1] - r["prompt_steps_s"] - r["decode_steps_s"], 3)]
                   for label, key in (("no adapters, batch 32", "ours_base_b32"),
                                      ("32 adapters, batch 32", "ours_lora_b32"),
                                      ("no adapters, batch 128", "ours_base_b128"),
@@ -354,9 +365,11 @@ def main(argv: list[str] | None = None) -> int:
                   if isinstance(r := results.get(key), dict) and "prompt_steps" in r]
     if split_rows:
         sections.append(("Where the time goes", "The last timed call of each case, its steps by kind (the "
-                         "scheduler's measured step times; a decode window's steps share its time):\n\n"
+                         "scheduler's measured step times; a decode window's steps share its time; the rest of "
+                         "the call: the host's work outside the steps' waits, some of it while the GPU runs a "
+                         "chained window):\n\n"
                          + report.markdown_table(["case", "steps with prompt tokens", "their s", "decode-only steps",
-                                                  "their s", "ms per decode step"], split_rows)))
+                                                  "their s", "ms per decode step", "rest of the call s"], split_rows)))
     for kind, title, intro, header in (
             ("overlap", "LoRA shrinks beside the base GEMMs", "32 adapters, the graphs captured again before each "
              "setting, in this order after the cases above (`--lora-overlap`, `LOQUETIER_LORA_OVERLAP`)",
@@ -368,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
              "its defaults, graphs captured again for each, in turn (`--tuning-ab`)", "SMLM tuning"),
             ("attention", "Paged decode attention launch parameters", "Batch 32 without adapters and the adapter "
              "cases with `kernels.paged_attention.AttnTuning` overrides against its defaults, graphs captured "
-             "again for each, in turn (`--attn-ab`, `LOQUETIER_ATTN_TUNING`)", "attention tuning")):
+             "again for each, in turn (`--attn-ab`, `LOQUETIER_ATTN_TUNING`)", "attention tuning"),
+            ("blas", "BLAS library of the base GEMMs", "Every case with the engine's BLAS library "
+             "(`EngineConfig.blas`) and the one `--blas-ab` names, graphs captured again for each, in turn",
+             "BLAS library")):
         if results.get(kind):
             rows = [[r["setting"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
                      report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in results[kind]]
@@ -376,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    compared = [r for kind in ("overlap", "chain", "tuning", "attention") for r in results.get(kind, [])]
+    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas") for r in results.get(kind, [])]
     for r in [*results.values(), *compared]:
         if isinstance(r, dict):
             r.pop("tokens", None)

@@ -10,7 +10,9 @@ ms per step (median of replays) and the weight-read floor (the used adapters' A 
 rows in and out, at 4.27 TB/s); the step holds 8 SMLM launches a layer (a shrink and an expand for
 q|k|v, o, gate|up and down), plus a memset of v per shrink on the atomic path. The batches: decode 32
 rows (1 per adapter), 64 rows (2 per adapter), 256 rows (8 per adapter), a 1,024-token prefill over 8
-adapters.
+adapters. For the decode default and one other split variant (``BREAKDOWN``), each module's
+shrinks alone and its shrinks and expands are timed apart too (the decode batches), against their
+weight-read floors.
 """
 
 from __future__ import annotations
@@ -46,8 +48,15 @@ VARIANTS: dict[str, tuple[dict[str, int], str]] = {
     "split, expand N 128": ({"expand_block_n": 128}, "split"),
     "split, expand 2 tiles": ({"expand_tiles": 2}, "split"),
     "split, expand 4 tiles": ({"expand_tiles": 4}, "split"),
+    "split, expand reads 16 splits at once": ({"expand_split_tile": 16}, "split"),
+    "split, expand reads 32 splits at once": ({"expand_split_tile": 32}, "split"),
+    "split, 32 splits at once, 8/SM": ({"expand_split_tile": 32, "programs_per_sm": 8}, "split"),
 }
+# the modules of a layer, their input, output and parts ((target, column offset)), for the breakdown
+MODULES = {"q,k,v": ("h", "qkv", (("q", 0), ("k", Q), ("v", Q + KV))), "o": ("a", "o", (("o", 0),)),
+           "gate,up": ("h", "gu", (("gate", 0), ("up", INTER))), "down": ("m", "down", (("down", 0),))}
 DECODE_DEFAULT = "split partials (decode default)"
+BREAKDOWN = [DECODE_DEFAULT, "split, expand reads 32 splits at once"]  # timed per module too
 BASELINE = "default (atomic)"
 
 
@@ -92,6 +101,36 @@ def _step(smlm: Any, layers: list[dict[str, Any]], xs: dict[str, Any], ys: dict[
     smlm.set_deterministic(None)
 
 
+def _module_launches(smlm: Any, layers: list[dict[str, Any]], xs: dict[str, Any], ys: dict[str, Any], meta: Any,
+                     module: str, expand: bool) -> None:
+    """One module's split-path launches in every layer: the shrinks, and the expands when ``expand``."""
+    x_key, y_key, parts = MODULES[module]
+    for m in layers:
+        finish = smlm.split_shrink(xs[x_key], [(m[name], off) for name, off in parts], meta)
+        if expand:
+            finish(ys[y_key])
+
+
+def _breakdown(smlm: Any, torch: Any, do_bench: Any, captured: Any, layers: list[dict[str, Any]],
+               xs: dict[str, Any], ys: dict[str, Any], meta: Any, adapters: int) -> dict[str, Any]:
+    """Per module: us a layer of its shrinks alone and of its shrinks and expands, each over the 32
+    layers in one CUDA graph, and the module's weight-read floor (its adapters' A, then B, once)."""
+    out: dict[str, Any] = {}
+    for module, (_, _, parts) in MODULES.items():
+        lo = layers[0][parts[0][0]]
+        a_bytes = adapters * RANK * lo.in_features * 2 * len(parts)
+        b_bytes = adapters * RANK * sum(layers[0][name].out_features for name, _ in parts) * 2
+        row: dict[str, Any] = {"shrink_floor_us": a_bytes / PEAK_BYTES_PER_S * 1e6,
+                               "expand_floor_us": b_bytes / PEAK_BYTES_PER_S * 1e6}
+        for expand in (False, True):
+            graph = captured(lambda e=expand, mod=module: _module_launches(smlm, layers, xs, ys, meta, mod, e))
+            ms = statistics.median(do_bench(graph.replay, warmup=5, rep=40, return_mode="median") for _ in range(3))
+            row["shrink_expand_us" if expand else "shrink_us"] = ms * 1e3 / LAYERS
+        row["expand_us"] = row["shrink_expand_us"] - row["shrink_us"]
+        out[module] = row
+    return out
+
+
 def _floor_ms(rows: int, adapters: int) -> float:
     per_layer_weights = RANK * (HIDDEN * 5 + Q + INTER) + RANK * (Q + 2 * KV + HIDDEN + 2 * INTER + HIDDEN)
     rows_io = rows * (HIDDEN * 2 + Q + INTER) + rows * (Q + 2 * KV + HIDDEN + 2 * INTER + HIDDEN) * 2
@@ -132,6 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 graph = captured(lambda: _step(smlm, layers, xs, ys, meta, path))  # noqa: B023 (run at once)
                 ms = [do_bench(graph.replay, warmup=5, rep=40, return_mode="median") for _ in range(3)]
                 row["variants"][name] = {"ms": statistics.median(ms), "rel_err": err}
+                if name in BREAKDOWN and label.startswith("decode"):
+                    row["variants"][name]["breakdown"] = _breakdown(smlm, torch, do_bench, captured, layers, xs, ys,
+                                                                    meta, adapters)
             except Exception as exc:  # noqa: BLE001 (a variant a GPU cannot run is a result)
                 row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(label, name, row["variants"][name], flush=True)
@@ -176,6 +218,18 @@ def table(results: dict[str, Any]) -> str:
             cells.append(f"{v['ms']:.3f} ms{rel}{ok}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(floors)
+    for name in BREAKDOWN:
+        parts = [(label, b["variants"].get(name, {}).get("breakdown")) for label, b in results["batches"].items()]
+        parts = [(label, bd) for label, bd in parts if bd]
+        if not parts:
+            continue
+        lines += ["", f"Per module, `{name}`: us a layer (32 layers in one graph) of the shrinks alone and of the "
+                  "expands (shrinks and expands, less the shrinks alone), against their weight-read floors:", "",
+                  "| batch | module | shrink us (floor) | expand us (floor) |", "|---|---|---|---|"]
+        for label, bd in parts:
+            for module, r in bd.items():
+                lines.append(f"| {label} | {module} | {r['shrink_us']:.1f} ({r['shrink_floor_us']:.1f}) | "
+                             f"{r['expand_us']:.1f} ({r['expand_floor_us']:.1f}) |")
     return "\n".join(lines)
 
 

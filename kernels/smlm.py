@@ -107,6 +107,9 @@ class Tuning:
     expand_stages: int = 2
     expand_tiles: int = 1  # column tiles per expand program for decode-sized blocks (BLOCK_M 16);
     # more lost on the H200 (2/4/8: 1.08x/1.29x/1.56x, docs/benchmarks/tune_smlm.md)
+    # forward_split's expand: the K splits' partial sums read this many at a time in one load (0: one
+    # after the other, each load waiting for the sum before it)
+    expand_split_tile: int = 0
     # shrink_expand (one launch for decode-sized blocks); it applies when both limits hold
     fused_max_rows: int = 16  # the step's longest segment (``max_seg_len``) at most this
     fused_max_blocks: int = 128  # row blocks (``num_blocks``) at most this
@@ -225,6 +228,14 @@ def _block_n(block_m: int) -> int:
     return 128 if INTERPRET or block_m >= 32 else 256
 
 
+def _split_tile(splits: torch.Tensor | None) -> int:
+    """The expand's ``SPLIT_TILE``: ``TUNING.expand_split_tile`` (a power of two) when it reads a
+    shrink's K splits, 0 for a plain ``v`` (one variant each, whatever the step's split count)."""
+    if splits is None or not TUNING.expand_split_tile:
+        return 0
+    return triton.next_power_of_2(TUNING.expand_split_tile)
+
+
 def _partials(v: torch.Tensor, split_k: int, ordered: bool) -> torch.Tensor | None:
     """A zeroed [split_k, *v.shape] buffer for split partial sums when they are to be summed in a
     fixed order (``ordered`` and K split), else None (the splits add into ``v`` with atomics)."""
@@ -276,7 +287,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
         lora.ranks, lora.scales, blocks,
         n,
         HAS_SCALE=with_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(w),
     )
 
@@ -403,7 +414,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         b0.stride(0), b1.stride(0), b2.stride(0), b0.stride(1), b1.stride(1), b2.stride(1), b0.stride(2),
         n0, n1, n2, o0, o1, o2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 

@@ -15,12 +15,14 @@
 #                     launch parameters); the split variant fastest over the decode batches (by 3 % or
 #                     more) is exported as LOQUETIER_SMLM_TUNING for the later steps and timed against
 #                     the defaults by bench_offline (TUNING_AB)
-#   tune64            tune_smlm with slot storage of rank 64 (the engine's default max_lora_rank)
+#   tune64            tune_smlm with slot storage of rank 64 (the engine's default max_lora_rank); its
+#                     pick is exported and timed as tune's is
 #   offline           bench_offline (8B shape, no HF baselines; its windowed case runs twice, so it
 #                     shows whether two runs of the same prompts give the same tokens); OVERLAPS (a
 #                     comma list of LoRA overlap modes, default none) times the adapter cases again
 #                     with graphs captured in each mode; CHAIN_AB=N times the cases N rounds with
-#                     chained decode windows off, then on
+#                     chained decode windows off, then on; BLAS_AB=LIB (cublas) times every case with
+#                     that BLAS library against the engine's, two rounds
 #   decode            bench_decode's batch-64 graph step (OVERLAPS: the fused graph in each mode too)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
@@ -66,10 +68,14 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope" ;;
+            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or splits_at_once" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
-        tune64) step tune64 120 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" ;;
+        tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
+            --pick-env "$OUT/tune64/pick.env"
+            PICK=$(tr -d '[:space:]' <"$OUT/tune64/pick.env" 2>/dev/null)
+            if [ -n "$PICK" ]; then export LOQUETIER_SMLM_TUNING=$PICK; TUNING_AB=$PICK; fi
+            echo "== SMLM tuning picked (rank-64 storage): ${PICK:-defaults}" ;;
         kernels-tuned) step kernels-tuned 200 env LOQUETIER_SMLM_TUNING="${KERNELS_TUNING:-}" "$PY" benchmarks/bench_kernels.py \
             --out "$OUT/kernels-tuned" ;;
         kernels) step kernels 200 "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" ;;
@@ -88,9 +94,10 @@ for name in $STEPS; do
             PICK=$(tr -d '[:space:]' <"$OUT/tune/pick.env" 2>/dev/null)
             if [ -n "$PICK" ]; then export LOQUETIER_SMLM_TUNING=$PICK; TUNING_AB=$PICK; fi
             echo "== SMLM tuning picked: ${PICK:-defaults}" ;;
-        offline) step offline 260 "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
+        offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
-            ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} --out "$OUT/offline" ;;
+            ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
+            --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \

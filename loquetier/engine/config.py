@@ -14,6 +14,7 @@ from typing import Any
 from loquetier.engine.scheduling.config import SchedulerConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
+BLAS_CHOICES = ("auto", "cublas", "cublaslt", "torch")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class EngineConfig:
     # A decode window whose successor is known (same rows, nothing waiting) queues that successor on
     # the device before the host applies its tokens: the GPU runs on while the host works.
     chain_windows: bool = True
+    # The BLAS library of the base GEMMs on CUDA (torch's ``preferred_blas_library``, a setting of the
+    # whole process): "auto" = cuBLASLt, "cublas", "cublaslt", or "torch" (leave torch's choice).
+    # On the H200 cuBLASLt takes an 8B decode step's GEMMs at 32 rows from 4.29 to 4.12 ms
+    # (docs/benchmarks/gemm.md).
+    blas: str = "auto"
     # What a step holds (max_num_seqs, max_num_batched_tokens, max_prefill_chunk), the SLO defaults
     # and how the scheduler trades latency against training.
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -68,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs must be 'auto', 'on', 'off' or 'eager', got {self.cuda_graphs!r}")
         if self.graph_max_tokens is not None and self.graph_max_tokens < 0:
             raise ValueError("graph_max_tokens must be >= 0 or None")
+        if self.blas not in BLAS_CHOICES:
+            raise ValueError(f"blas must be one of {BLAS_CHOICES}, got {self.blas!r}")
         if not 1 <= self.decode_window <= 64:
             raise ValueError("decode_window must be in [1, 64]")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -78,10 +78,27 @@ def _gpu_prior(model: LlamaModel, kv_bytes_per_token: float, captured: bool) -> 
                     train_step_s=3e-3 * model.cfg.num_layers)
 
 
+def apply_blas(choice: str, device: torch.device) -> str | None:
+    """Make ``choice`` (an ``EngineConfig.blas`` value) torch's BLAS library for this process's CUDA
+    GEMMs; returns the library in use after, or None off CUDA (nothing to choose). A CUDA graph keeps
+    the GEMM kernels of its capture: capture again after a change."""
+    if device.type != "cuda":
+        return None
+    if choice != "torch":
+        try:
+            torch.backends.cuda.preferred_blas_library("cublaslt" if choice == "auto" else choice)
+        except RuntimeError as exc:  # a build without cuBLASLt: torch's choice stays
+            if choice != "auto":
+                raise EngineError("no_device", f"blas={choice!r}: {exc}") from exc
+            warnings.warn(f"cuBLASLt is not available, keeping torch's BLAS library: {exc}", stacklevel=2)
+    return str(torch.backends.cuda.preferred_blas_library()).rsplit(".", 1)[-1].lower()
+
+
 class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Any, config: EngineConfig) -> None:
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.device = model.device
+        self.blas = apply_blas(config.blas, self.device)  # before any graph is captured
         cfg = model.cfg
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
         pool = LoRASlotPool(model.dims, num_slots=config.max_adapter_slots, max_rank=config.max_lora_rank,
