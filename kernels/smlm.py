@@ -107,9 +107,10 @@ class Tuning:
     expand_stages: int = 2
     expand_tiles: int = 1  # column tiles per expand program for decode-sized blocks (BLOCK_M 16);
     # more lost on the H200 (2/4/8: 1.08x/1.29x/1.56x, docs/benchmarks/tune_smlm.md)
-    # forward_split's expand: the K splits' partial sums read this many at a time in one load (0: one
-    # after the other, each load waiting for the sum before it)
+    # forward_split's expand: its loop over the K splits' partial sums unrolled this many at a time,
+    # their loads in flight together (0: not unrolled, each load issued after the add before it)
     expand_split_tile: int = 0
+    expand_early_loads: int = 1  # expand loads y's and b's tiles before v's (0: after, as they are used)
     # shrink_expand (one launch for decode-sized blocks); it applies when both limits hold
     fused_max_rows: int = 16  # the step's longest segment (``max_seg_len``) at most this
     fused_max_blocks: int = 128  # row blocks (``num_blocks``) at most this
@@ -229,11 +230,9 @@ def _block_n(block_m: int) -> int:
 
 
 def _split_tile(splits: torch.Tensor | None) -> int:
-    """The expand's ``SPLIT_TILE``: ``TUNING.expand_split_tile`` (a power of two) when it reads a
-    shrink's K splits, 0 for a plain ``v`` (one variant each, whatever the step's split count)."""
-    if splits is None or not TUNING.expand_split_tile:
-        return 0
-    return triton.next_power_of_2(TUNING.expand_split_tile)
+    """The expand's ``SPLIT_TILE``: ``TUNING.expand_split_tile`` when it reads a shrink's K splits,
+    0 for a plain ``v`` (one variant each, whatever the step's split count)."""
+    return TUNING.expand_split_tile if splits is not None else 0
 
 
 def _partials(v: torch.Tensor, split_k: int, ordered: bool) -> torch.Tensor | None:
@@ -288,6 +287,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
         n,
         HAS_SCALE=with_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
+        EARLY_LOADS=bool(TUNING.expand_early_loads),
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(w),
     )
 
@@ -415,6 +415,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         n0, n1, n2, o0, o1, o2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
+        EARLY_LOADS=bool(TUNING.expand_early_loads),
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 

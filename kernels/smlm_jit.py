@@ -84,15 +84,17 @@ def _expand_tile(  # noqa: PLR0917
     ranks_ptr, scales_ptr, blocks_ptr, pid, pid_n, N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, EARLY_LOADS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """The body of both expand kernels: block ``pid``, column tiles ``pid_n * TILES_N`` and the
     ``TILES_N - 1`` after it, one module (or part). ``v`` is the sum of ``num_splits`` partial buffers
     ``stride_vs`` apart (a shrink's K splits, stored apart), added in a fixed order as the tile is
-    read: 1 split for a plain ``v``. ``SPLIT_TILE`` 0: one split after the other, each load waiting
-    for the sum before it; else ``SPLIT_TILE`` splits at a time in one load (all in flight at once),
-    summed by a reduction whose order is fixed by ``num_splits``. Several column tiles a program pay the block's metadata loads once, but
-    with fewer programs in flight (``Tuning.expand_tiles``, 1 by default: more tiles were slower on
+    read: 1 split for a plain ``v``. ``SPLIT_TILE`` 0: a loop over the splits, each load issued after
+    the add before it; else the loop is unrolled ``SPLIT_TILE`` splits at a time, so their loads are
+    in flight together. Either way the splits are added one after the other in split order: the
+    same bits. ``EARLY_LOADS``: y's and b's tiles loaded before v's (their latencies overlap), else
+    after. Several column tiles a program pay the block's metadata loads once, but with fewer
+    programs in flight (``Tuning.expand_tiles``, 1 by default: more tiles were slower on
     the H200)."""
     row_start = tl.load(blocks_ptr + pid * 3)
     row_end = tl.load(blocks_ptr + pid * 3 + 1)
@@ -114,28 +116,32 @@ def _expand_tile(  # noqa: PLR0917
             offs_n = (pid_n * TILES_N + t) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
             w_base = w_slot + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
+            y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            y_mask = m_mask[:, None] & n_mask[None, :]
+            if EARLY_LOADS:  # y's tile first: its latency hides behind v's
+                yt = tl.load(y_tile, mask=y_mask, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, r, BLOCK_R):  # rank-aware: rank 8 runs one 16-wide step, rank 64 four
                 rs = r0 + offs_r
                 rr_mask = rs < r
                 v_mask = m_mask[:, None] & rr_mask[None, :]
-                if SPLIT_TILE > 0:
-                    vt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    offs_s = tl.arange(0, SPLIT_TILE)
-                    for s0 in range(0, num_splits, SPLIT_TILE):
-                        ss = s0 + offs_s
-                        parts = v_rows[None, :, :] + ss.to(tl.int64)[:, None, None] * stride_vs + rs[None, None, :]
-                        s_mask = (ss < num_splits)[:, None, None] & v_mask[None, :, :]
-                        vt += tl.sum(tl.load(parts, mask=s_mask, other=0.0), axis=0)
+                w_mask = rr_mask[:, None] & n_mask[None, :]
+                if EARLY_LOADS:  # b's tile before v's splits: the loop over them does not hold its load back
+                    wt = tl.load(w_base + rs[:, None] * stride_wr, mask=w_mask, other=0.0)
+                vt = tl.load(v_rows + rs[None, :], mask=v_mask, other=0.0)
+                if SPLIT_TILE > 0:  # SPLIT_TILE loads unrolled at a time: all in flight before their adds
+                    for s0 in range(1, num_splits, SPLIT_TILE):
+                        for j in tl.static_range(SPLIT_TILE):
+                            vt += tl.load(v_rows + (s0 + j) * stride_vs + rs[None, :],
+                                          mask=v_mask & (s0 + j < num_splits), other=0.0)
                 else:
-                    vt = tl.load(v_rows + rs[None, :], mask=v_mask, other=0.0)
                     for s in range(1, num_splits):  # a fixed order: the same bits on every run
                         vt += tl.load(v_rows + s * stride_vs + rs[None, :], mask=v_mask, other=0.0)
-                wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
+                if not EARLY_LOADS:
+                    wt = tl.load(w_base + rs[:, None] * stride_wr, mask=w_mask, other=0.0)
                 acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
-            y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-            y_mask = m_mask[:, None] & n_mask[None, :]
-            yt = tl.load(y_tile, mask=y_mask, other=0.0)
+            if not EARLY_LOADS:
+                yt = tl.load(y_tile, mask=y_mask, other=0.0)
             tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
 
 
@@ -169,13 +175,13 @@ def expand_kernel(  # noqa: PLR0917
     N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, EARLY_LOADS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, TILES_N column tiles."""
     _expand_tile(y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, stride_vs, num_splits,
                  w_ptr, stride_ws, stride_wr, stride_wn,
                  ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), N,
-                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE, UPCAST, IEEE)
+                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE, EARLY_LOADS, UPCAST, IEEE)
 
 
 @triton.jit
@@ -256,7 +262,7 @@ def expand_parts_kernel(  # noqa: PLR0917
     n0, n1, n2, off0, off1, off2,  # per part: output width and first column in y
     r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr, blocks_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, EARLY_LOADS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, off_p + cols] += scale_p[slot] * v[rows, p*R : p*R + r_p] @ w_p[slot, :r_p, cols]."""
     part = tl.program_id(2)
@@ -286,7 +292,7 @@ def expand_parts_kernel(  # noqa: PLR0917
     _expand_tile(y_ptr + col0 * stride_yn, stride_ym, stride_yn, v_ptr + part * part_cols, stride_vm,
                  stride_vs, num_splits, w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
                  tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE,
-                 UPCAST, IEEE)
+                 EARLY_LOADS, UPCAST, IEEE)
 
 
 # Shrink and expand in one launch, for decode-sized blocks (``smlm.shrink_expand``). Program

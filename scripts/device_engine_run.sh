@@ -68,7 +68,7 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or splits_at_once" ;;
+            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or unrolled" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
