@@ -46,23 +46,21 @@ VARIANTS: dict[str, tuple[dict[str, int], str]] = {
                                                             "split"),
     "atomic, whole rank tile, 4 warps": ({"shrink_rank_tile": 0, "decode_shrink_warps": 4}, "atomic"),
     "split, expand N 128": ({"expand_block_n": 128}, "split"),
+    "split, expand N 256": ({"expand_block_n": 256}, "split"),
+    "split, expand N 1024": ({"expand_block_n": 1024}, "split"),
+    "split, expand N 512, 8 warps": ({"expand_warps": 8}, "split"),
     "split, expand 2 tiles": ({"expand_tiles": 2}, "split"),
-    "split, expand 4 tiles": ({"expand_tiles": 4}, "split"),
-    "split, expand early loads off": ({"expand_early_loads": 0}, "split"),
+    "split, expand loop over splits not unrolled": ({"expand_split_tile": 0}, "split"),
     "split, expand unrolls 4 splits": ({"expand_split_tile": 4}, "split"),
-    "split, expand unrolls 8 splits": ({"expand_split_tile": 8}, "split"),
-    "split, expand unrolls 8 splits, 8/SM": ({"expand_split_tile": 8, "programs_per_sm": 8}, "split"),
-    "split, expand N 512": ({"expand_block_n": 512}, "split"),
-    "split, expand N 512, 8 warps": ({"expand_block_n": 512, "expand_warps": 8}, "split"),
-    "split, expand N 512, unrolls 8 splits": ({"expand_block_n": 512, "expand_split_tile": 8}, "split"),
-    "split, shrink K 64": ({"shrink_block_k": 64}, "split"),
-    "split, shrink K 256": ({"shrink_block_k": 256}, "split"),
+    "split, expand unrolls 16 splits": ({"expand_split_tile": 16}, "split"),
+    "split, expand N 256, not unrolled (before 2026-12-04 10:40)": ({"expand_block_n": 256, "expand_split_tile": 0},
+                                                                    "split"),
 }
 # the modules of a layer, their input, output and parts ((target, column offset)), for the breakdown
 MODULES = {"q,k,v": ("h", "qkv", (("q", 0), ("k", Q), ("v", Q + KV))), "o": ("a", "o", (("o", 0),)),
            "gate,up": ("h", "gu", (("gate", 0), ("up", INTER))), "down": ("m", "down", (("down", 0),))}
 DECODE_DEFAULT = "split partials (decode default)"
-BREAKDOWN = [DECODE_DEFAULT, "split, expand unrolls 8 splits"]  # timed per module too
+BREAKDOWN = [DECODE_DEFAULT, "split, expand N 256, not unrolled (before 2026-12-04 10:40)"]  # timed per module too
 BASELINE = "default (atomic)"
 
 

@@ -102,15 +102,17 @@ class Tuning:
     # storage of rank 64 (the default max_lora_rank): a step's LoRA work 0.81x with 16 and 2 decode
     # warps, 0.91x with 16 and 4 (docs/benchmarks/tune_smlm.md)
     shrink_rank_tile: int = 16
-    expand_block_n: int = 0  # 0: 256 for BLOCK_M 16, else 128
+    # the column tile of decode-sized expands (BLOCK_M 16; 0: 512, 128 in the interpreter); prefill-sized
+    # ones take 128. On the H200 512 with expand_split_tile 8 took a step's LoRA work to 0.97x of 256
+    # with the plain loop, and +1.7 % tokens/s offline (docs/benchmarks/tune_smlm.md, offline.md)
+    expand_block_n: int = 0
     expand_warps: int = 4
     expand_stages: int = 2
     expand_tiles: int = 1  # column tiles per expand program for decode-sized blocks (BLOCK_M 16);
     # more lost on the H200 (2/4/8: 1.08x/1.29x/1.56x, docs/benchmarks/tune_smlm.md)
     # forward_split's expand: its loop over the K splits' partial sums unrolled this many at a time,
     # their loads in flight together (0: not unrolled, each load issued after the add before it)
-    expand_split_tile: int = 0
-    expand_early_loads: int = 1  # expand loads y's and b's tiles before v's (0: after, as they are used)
+    expand_split_tile: int = 8
     # shrink_expand (one launch for decode-sized blocks); it applies when both limits hold
     fused_max_rows: int = 16  # the step's longest segment (``max_seg_len``) at most this
     fused_max_blocks: int = 128  # row blocks (``num_blocks``) at most this
@@ -223,10 +225,11 @@ def _tiles_n(block_m: int) -> int:
 
 
 def _block_n(block_m: int) -> int:
-    """The column tile of an expand launch."""
-    if TUNING.expand_block_n:
-        return TUNING.expand_block_n
-    return 128 if INTERPRET or block_m >= 32 else 256
+    """The column tile of an expand launch: ``TUNING.expand_block_n`` for decode-sized row blocks
+    (BLOCK_M 16), 128 for prefill-sized ones (a tile of 64 x 512 fp32 sums spills: 2.6x on the H200)."""
+    if block_m >= 32:
+        return 128
+    return TUNING.expand_block_n or (128 if INTERPRET else 512)
 
 
 def _split_tile(splits: torch.Tensor | None) -> int:
@@ -287,7 +290,6 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
         n,
         HAS_SCALE=with_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
-        EARLY_LOADS=bool(TUNING.expand_early_loads),
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(w),
     )
 
@@ -415,7 +417,6 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         n0, n1, n2, o0, o1, o2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
-        EARLY_LOADS=bool(TUNING.expand_early_loads),
         num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 

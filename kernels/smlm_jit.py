@@ -84,7 +84,7 @@ def _expand_tile(  # noqa: PLR0917
     ranks_ptr, scales_ptr, blocks_ptr, pid, pid_n, N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, EARLY_LOADS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """The body of both expand kernels: block ``pid``, column tiles ``pid_n * TILES_N`` and the
     ``TILES_N - 1`` after it, one module (or part). ``v`` is the sum of ``num_splits`` partial buffers
@@ -92,8 +92,7 @@ def _expand_tile(  # noqa: PLR0917
     read: 1 split for a plain ``v``. ``SPLIT_TILE`` 0: a loop over the splits, each load issued after
     the add before it; else the loop is unrolled ``SPLIT_TILE`` splits at a time, so their loads are
     in flight together. Either way the splits are added one after the other in split order: the
-    same bits. ``EARLY_LOADS``: y's and b's tiles loaded before v's (their latencies overlap), else
-    after. Several column tiles a program pay the block's metadata loads once, but with fewer
+    same bits. Several column tiles a program pay the block's metadata loads once, but with fewer
     programs in flight (``Tuning.expand_tiles``, 1 by default: more tiles were slower on
     the H200)."""
     row_start = tl.load(blocks_ptr + pid * 3)
@@ -118,16 +117,11 @@ def _expand_tile(  # noqa: PLR0917
             w_base = w_slot + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
             y_tile = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
             y_mask = m_mask[:, None] & n_mask[None, :]
-            if EARLY_LOADS:  # y's tile first: its latency hides behind v's
-                yt = tl.load(y_tile, mask=y_mask, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, r, BLOCK_R):  # rank-aware: rank 8 runs one 16-wide step, rank 64 four
                 rs = r0 + offs_r
                 rr_mask = rs < r
                 v_mask = m_mask[:, None] & rr_mask[None, :]
-                w_mask = rr_mask[:, None] & n_mask[None, :]
-                if EARLY_LOADS:  # b's tile before v's splits: the loop over them does not hold its load back
-                    wt = tl.load(w_base + rs[:, None] * stride_wr, mask=w_mask, other=0.0)
                 vt = tl.load(v_rows + rs[None, :], mask=v_mask, other=0.0)
                 if SPLIT_TILE > 0:  # SPLIT_TILE loads unrolled at a time: all in flight before their adds
                     for s0 in range(1, num_splits, SPLIT_TILE):
@@ -137,11 +131,9 @@ def _expand_tile(  # noqa: PLR0917
                 else:
                     for s in range(1, num_splits):  # a fixed order: the same bits on every run
                         vt += tl.load(v_rows + s * stride_vs + rs[None, :], mask=v_mask, other=0.0)
-                if not EARLY_LOADS:
-                    wt = tl.load(w_base + rs[:, None] * stride_wr, mask=w_mask, other=0.0)
+                wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
                 acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
-            if not EARLY_LOADS:
-                yt = tl.load(y_tile, mask=y_mask, other=0.0)
+            yt = tl.load(y_tile, mask=y_mask, other=0.0)
             tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
 
 
@@ -175,13 +167,13 @@ def expand_kernel(  # noqa: PLR0917
     N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, EARLY_LOADS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, TILES_N column tiles."""
     _expand_tile(y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, stride_vs, num_splits,
                  w_ptr, stride_ws, stride_wr, stride_wn,
                  ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), N,
-                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE, EARLY_LOADS, UPCAST, IEEE)
+                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE, UPCAST, IEEE)
 
 
 @triton.jit
@@ -262,7 +254,7 @@ def expand_parts_kernel(  # noqa: PLR0917
     n0, n1, n2, off0, off1, off2,  # per part: output width and first column in y
     r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr, blocks_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, EARLY_LOADS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, off_p + cols] += scale_p[slot] * v[rows, p*R : p*R + r_p] @ w_p[slot, :r_p, cols]."""
     part = tl.program_id(2)
@@ -292,7 +284,7 @@ def expand_parts_kernel(  # noqa: PLR0917
     _expand_tile(y_ptr + col0 * stride_yn, stride_ym, stride_yn, v_ptr + part * part_cols, stride_vm,
                  stride_vs, num_splits, w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
                  tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE,
-                 EARLY_LOADS, UPCAST, IEEE)
+                 UPCAST, IEEE)
 
 
 # Shrink and expand in one launch, for decode-sized blocks (``smlm.shrink_expand``). Program

@@ -534,20 +534,18 @@ def test_expand_programs_over_several_column_tiles_give_the_same_bits(monkeypatc
 
 
 @pytest.mark.parametrize(("num_parts", "tile"), [(1, 4), (3, 32)])
-def test_expand_split_loop_unrolled_and_early_loads_give_the_same_bits(
+def test_expand_split_loop_unrolled_gives_the_same_bits(
         monkeypatch: pytest.MonkeyPatch, num_parts: int, tile: int) -> None:
     """``Tuning.expand_split_tile`` (forward_split's expand unrolls its loop over the shrink's K splits
     ``tile`` at a time: 4 leaves a partial last group of the 6 splits here, 32 one group, the rest
-    masked) and ``Tuning.expand_early_loads`` (y's and b's tiles loaded before v's) change when
-    loads are issued, not what is added in which order: the same bits as the plain loop, from a
-    NaN-poisoned split buffer, and the reference's values."""
+    masked) changes when loads are issued, not what is added in which order: the same bits as the
+    plain loop, from a NaN-poisoned split buffer, and the reference's values."""
     meta, parts, x, y0 = _decode_case(f"split_tile{num_parts}{tile}", num_parts, in_features=1500, seed=11)
     monkeypatch.setattr(smlm, "_split_buffer",
                         lambda shape, device: torch.full(shape, NAN, dtype=torch.float32, device=device))
     outs = []
-    for split_tile, early in ((0, 0), (tile, 1), (tile, 0), (0, 1)):
-        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=64, expand_split_tile=split_tile,
-                                                        expand_early_loads=early))
+    for split_tile in (0, tile, tile):
+        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=64, expand_split_tile=split_tile))
         y = y0.clone()
         smlm.forward_split(y, x, parts, meta)
         outs.append(y)
