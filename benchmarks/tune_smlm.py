@@ -48,19 +48,20 @@ VARIANTS: dict[str, tuple[dict[str, int], str]] = {
     "split, expand N 128": ({"expand_block_n": 128}, "split"),
     "split, expand N 256": ({"expand_block_n": 256}, "split"),
     "split, expand N 1024": ({"expand_block_n": 1024}, "split"),
-    "split, expand N 512, 8 warps": ({"expand_warps": 8}, "split"),
+    "split, expand 4 warps": ({"decode_expand_warps": 4}, "split"),
     "split, expand 2 tiles": ({"expand_tiles": 2}, "split"),
     "split, expand loop over splits not unrolled": ({"expand_split_tile": 0}, "split"),
     "split, expand unrolls 4 splits": ({"expand_split_tile": 4}, "split"),
     "split, expand unrolls 16 splits": ({"expand_split_tile": 16}, "split"),
-    "split, expand N 256, not unrolled (before 2026-12-04 10:40)": ({"expand_block_n": 256, "expand_split_tile": 0},
-                                                                    "split"),
+    "split, expand N 256, 4 warps, not unrolled (before 2026-12-04 10:40)": (
+        {"expand_block_n": 256, "expand_split_tile": 0, "decode_expand_warps": 4}, "split"),
 }
 # the modules of a layer, their input, output and parts ((target, column offset)), for the breakdown
 MODULES = {"q,k,v": ("h", "qkv", (("q", 0), ("k", Q), ("v", Q + KV))), "o": ("a", "o", (("o", 0),)),
            "gate,up": ("h", "gu", (("gate", 0), ("up", INTER))), "down": ("m", "down", (("down", 0),))}
 DECODE_DEFAULT = "split partials (decode default)"
-BREAKDOWN = [DECODE_DEFAULT, "split, expand N 256, not unrolled (before 2026-12-04 10:40)"]  # timed per module too
+# timed per module too
+BREAKDOWN = [DECODE_DEFAULT, "split, expand N 256, 4 warps, not unrolled (before 2026-12-04 10:40)"]
 BASELINE = "default (atomic)"
 
 

@@ -106,7 +106,10 @@ class Tuning:
     # ones take 128. On the H200 512 with expand_split_tile 8 took a step's LoRA work to 0.97x of 256
     # with the plain loop, and +1.7 % tokens/s offline (docs/benchmarks/tune_smlm.md, offline.md)
     expand_block_n: int = 0
-    expand_warps: int = 4
+    expand_warps: int = 4  # prefill-sized row blocks
+    # decode-sized ones (BLOCK_M 16): 8 warps took a step's LoRA work to 0.95x of 4 in tune_smlm and
+    # gave +1.2 % tokens/s offline with 32 adapters at batch 32 on the H200 (docs/benchmarks/offline.md)
+    decode_expand_warps: int = 8
     expand_stages: int = 2
     expand_tiles: int = 1  # column tiles per expand program for decode-sized blocks (BLOCK_M 16);
     # more lost on the H200 (2/4/8: 1.08x/1.29x/1.56x, docs/benchmarks/tune_smlm.md)
@@ -183,6 +186,10 @@ def _check_shrink_inputs(x: torch.Tensor, loras: Sequence[ModuleLoRA]) -> None:
 
 def _shrink_warps(block_m: int) -> int:
     return TUNING.decode_shrink_warps if block_m == 16 else TUNING.shrink_warps
+
+
+def _expand_warps(block_m: int) -> int:
+    return TUNING.decode_expand_warps if block_m == 16 else TUNING.expand_warps
 
 
 def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
@@ -290,7 +297,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
         n,
         HAS_SCALE=with_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
-        num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(w),
+        num_warps=_expand_warps(block_m), num_stages=TUNING.expand_stages, **_dot_kwargs(w),
     )
 
 
@@ -417,7 +424,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         n0, n1, n2, o0, o1, o2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
-        num_warps=TUNING.expand_warps, num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
+        num_warps=_expand_warps(block_m), num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 
 
