@@ -21,7 +21,7 @@
 #                     shows whether two runs of the same prompts give the same tokens); OVERLAPS (a
 #                     comma list of LoRA overlap modes, default none) times the adapter cases again
 #                     with graphs captured in each mode; CHAIN_AB=N times the cases N rounds with
-#                     chained decode windows off, then on; BLAS_AB=LIB (cublas) times every case with
+#                     chained decode windows off, then on; BLAS_AB=LIB (cublaslt) times every case with
 #                     that BLAS library against the engine's, two rounds
 #   decode            bench_decode's batch-64 graph step (OVERLAPS: the fused graph in each mode too)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)

@@ -14,7 +14,7 @@ from typing import Any
 from loquetier.engine.scheduling.config import SchedulerConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
-BLAS_CHOICES = ("auto", "cublas", "cublaslt", "torch")
+BLAS_CHOICES = ("cublas", "cublaslt", "torch")
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,12 @@ class EngineConfig:
     # A decode window whose successor is known (same rows, nothing waiting) queues that successor on
     # the device before the host applies its tokens: the GPU runs on while the host works.
     chain_windows: bool = True
-    # The BLAS library of the base GEMMs on CUDA (torch's ``preferred_blas_library``, a setting of the
-    # whole process): "auto" = cuBLASLt, "cublas", "cublaslt", or "torch" (leave torch's choice).
-    # On the H200 cuBLASLt takes an 8B decode step's GEMMs at 32 rows from 4.29 to 4.12 ms
-    # (docs/benchmarks/gemm.md).
-    blas: str = "auto"
+    # The BLAS library of the GEMMs on CUDA (torch's ``preferred_blas_library``, a setting of the whole
+    # process): "cublas", "cublaslt", or "torch" (leave torch's choice). On the H200 cuBLASLt took
+    # offline decode 1.5-2 % faster but the unified benchmark's serving and training slower (TPOT p50
+    # 24.9 against 20.4 ms serving alone, training share 0.48 against 0.67): cuBLAS by default
+    # (docs/benchmarks/offline.md, unified.md).
+    blas: str = "cublas"
     # What a step holds (max_num_seqs, max_num_batched_tokens, max_prefill_chunk), the SLO defaults
     # and how the scheduler trades latency against training.
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

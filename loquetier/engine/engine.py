@@ -86,11 +86,9 @@ def apply_blas(choice: str, device: torch.device) -> str | None:
         return None
     if choice != "torch":
         try:
-            torch.backends.cuda.preferred_blas_library("cublaslt" if choice == "auto" else choice)
-        except RuntimeError as exc:  # a build without cuBLASLt: torch's choice stays
-            if choice != "auto":
-                raise EngineError("no_device", f"blas={choice!r}: {exc}") from exc
-            warnings.warn(f"cuBLASLt is not available, keeping torch's BLAS library: {exc}", stacklevel=2)
+            torch.backends.cuda.preferred_blas_library(choice)
+        except RuntimeError as exc:  # e.g. a build without cuBLASLt
+            raise EngineError("no_device", f"blas={choice!r}: {exc}") from exc
     return str(torch.backends.cuda.preferred_blas_library()).rsplit(".", 1)[-1].lower()
 
 

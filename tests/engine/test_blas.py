@@ -13,7 +13,7 @@ from loquetier.engine.errors import EngineError
 def test_an_unknown_library_is_refused() -> None:
     with pytest.raises(ValueError, match="blas must be one of"):
         EngineConfig(blas="mkl")
-    assert EngineConfig().blas == "auto"
+    assert EngineConfig().blas == "cublas"
 
 
 def test_the_choice_reaches_torch_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,20 +28,18 @@ def test_the_choice_reaches_torch_on_cuda_only(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred)
     cuda = torch.device("cuda")
-    assert apply_blas("auto", torch.device("cpu")) is None and chosen == []
-    assert apply_blas("auto", cuda) == "cublaslt" and chosen == ["cublaslt"]
+    assert apply_blas("cublaslt", torch.device("cpu")) is None and chosen == []
+    assert apply_blas("cublaslt", cuda) == "cublaslt" and chosen == ["cublaslt"]
+    assert apply_blas("torch", cuda) == "cublaslt" and chosen == ["cublaslt"]  # torch's choice is left alone
     assert apply_blas("cublas", cuda) == "cublas" and chosen[-1] == "cublas"
-    assert apply_blas("torch", cuda) == "cublas" and len(chosen) == 2  # torch's choice is left alone
 
 
-def test_a_library_torch_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_library_torch_lacks_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def preferred(backend: str | None = None) -> str:
         if backend == "cublaslt":
             raise RuntimeError("Cannot set preferred backend to cuBLASLt")
         return "_BlasBackend.Cublas"
 
     monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred)
-    with pytest.warns(UserWarning, match="cuBLASLt is not available"):
-        assert apply_blas("auto", torch.device("cuda")) == "cublas"  # the default falls back, with a warning
     with pytest.raises(EngineError, match="blas='cublaslt'"):
-        apply_blas("cublaslt", torch.device("cuda"))  # asked for by name: an error
+        apply_blas("cublaslt", torch.device("cuda"))
