@@ -393,8 +393,9 @@ DOC_NOTES = """
   floor with two launches of their own.
 - Block sizes are fixed heuristics (`kernels.smlm.Tuning`, `LOQUETIER_SMLM_TUNING`;
   `benchmarks/tune_smlm.py` times variants): BLOCK_M 16/32/64 from the longest segment, the shrink's
-  rank in chunks of 16 on the grid (a chunk past an adapter's rank idle), BLOCK_N 256 (decode) / 128,
-  BLOCK_K 128 with 3 stages, 4 warps (2 for decode-sized shrinks).
+  rank in chunks of 16 on the grid (a chunk past an adapter's rank idle), expand BLOCK_N 512 (decode,
+  the loop over the K splits unrolled by 8) / 128, BLOCK_K 128 with 3 stages, 4 warps (2 for
+  decode-sized shrinks, 8 for decode-sized expands).
 """
 
 
