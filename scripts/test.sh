@@ -31,4 +31,14 @@ if command -v docker-compose >/dev/null; then
     docker-compose -f compose.yaml config -q
 fi
 echo "== pytest"
-python -m pytest -q -p no:cacheprovider --timeout=600 "$@"
+if [ "$#" -gt 0 ]; then  # the tests asked for, as asked
+    exec python -m pytest -q -p no:cacheprovider --timeout=600 "$@"
+fi
+# The compute tests (kernels under the Triton interpreter, the engine, the model: CPU-bound, no
+# services, no subprocesses) on two processes, a file each at a time; then the service tests
+# (broker, PostgreSQL, worker subprocesses, timing-sensitive) alone, one after another.
+COMPUTE=(tests/kernels tests/engine tests/models tests/lora tests/architecture)
+rc=0
+python -m pytest -q -p no:cacheprovider --timeout=600 -n 2 --dist loadfile "${COMPUTE[@]}" || rc=$?
+python -m pytest -q -p no:cacheprovider --timeout=600 "${COMPUTE[@]/#/--ignore=}" || rc=$?
+exit "$rc"
