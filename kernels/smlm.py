@@ -103,8 +103,9 @@ class Tuning:
     # warps, 0.91x with 16 and 4 (docs/benchmarks/tune_smlm.md)
     shrink_rank_tile: int = 16
     # the column tile of decode-sized expands (BLOCK_M 16; 0: 512, 128 in the interpreter); prefill-sized
-    # ones take 128. On the H200 512 with expand_split_tile 8 took a step's LoRA work to 0.97x of 256
-    # with the plain loop, and +1.7 % tokens/s offline (docs/benchmarks/tune_smlm.md, offline.md)
+    # ones take 128. On the H200 512 with expand_split_tile 8 gave +1.7 % tokens/s offline with 32
+    # adapters at batch 32 against 256 with the plain loop (two rounds; in tune_smlm the two are within
+    # the run-to-run spread: docs/benchmarks/offline.md, tune_smlm.md)
     expand_block_n: int = 0
     expand_warps: int = 4  # prefill-sized row blocks
     # decode-sized ones (BLOCK_M 16): 8 warps took a step's LoRA work to 0.95x of 4 in tune_smlm and
