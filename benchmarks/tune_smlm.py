@@ -116,7 +116,7 @@ def _module_launches(smlm: Any, layers: list[dict[str, Any]], xs: dict[str, Any]
             finish(ys[y_key])
 
 
-def _breakdown(smlm: Any, torch: Any, do_bench: Any, captured: Any, layers: list[dict[str, Any]],
+def _breakdown(smlm: Any, do_bench: Any, captured: Any, layers: list[dict[str, Any]],
                xs: dict[str, Any], ys: dict[str, Any], meta: Any, adapters: int) -> dict[str, Any]:
     """Per module: us a layer of its shrinks alone and of its shrinks and expands, each over the 32
     layers in one CUDA graph, and the module's weight-read floor (its adapters' A, then B, once)."""
@@ -177,8 +177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ms = [do_bench(graph.replay, warmup=5, rep=40, return_mode="median") for _ in range(3)]
                 row["variants"][name] = {"ms": statistics.median(ms), "rel_err": err}
                 if name in BREAKDOWN and label.startswith("decode"):
-                    row["variants"][name]["breakdown"] = _breakdown(smlm, torch, do_bench, captured, layers, xs, ys,
-                                                                    meta, adapters)
+                    row["variants"][name]["breakdown"] = _breakdown(smlm, do_bench, captured, layers, xs, ys, meta,
+                                                                    adapters)
             except Exception as exc:  # noqa: BLE001 (a variant a GPU cannot run is a result)
                 row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(label, name, row["variants"][name], flush=True)
@@ -205,7 +205,9 @@ def pick(results: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    names = list(VARIANTS)
+    """The run's variants, in the order they ran (a page rebuilt with ``--from-json`` shows the names
+    the run had, whatever ``VARIANTS`` holds now)."""
+    names = list(dict.fromkeys(name for b in results["batches"].values() for name in b["variants"]))
     head = "| variant | " + " | ".join(results["batches"]) + " |"
     lines = [head, "|---|" + "---|" * len(results["batches"])]
     floors = " | ".join(f"{b['floor_ms']:.2f} ms" for b in results["batches"].values())
@@ -223,7 +225,7 @@ def table(results: dict[str, Any]) -> str:
             cells.append(f"{v['ms']:.3f} ms{rel}{ok}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(floors)
-    for name in BREAKDOWN:
+    for name in names:
         parts = [(label, b["variants"].get(name, {}).get("breakdown")) for label, b in results["batches"].items()]
         parts = [(label, bd) for label, bd in parts if bd]
         if not parts:
