@@ -58,6 +58,7 @@ def main() -> None:
     results: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cases": []}
     cases: list[dict[str, object]] = []
+
     def floor_ms(n: int, k: int, rows: int, times: int = 1) -> float:
         return times * max(n * k * 2 / HBM, 2 * rows * n * k / FLOPS) * 1e3
 

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     chain_rounds = int(_take(pre, "--chain-ab") or 0)  # rounds of (chained windows off, on)
     tuning_ab = (_take(pre, "--tuning-ab") or "").strip()  # Tuning overrides ("expand_tiles=4") vs the defaults
     attn_ab = (_take(pre, "--attn-ab") or "").strip()  # AttnTuning overrides ("block_n=64,warps=8") vs the defaults
-    blas_ab = (_take(pre, "--blas-ab") or "").strip()  # a BLAS library ("cublas") vs the engine's, every case
+    blas_ab = (_take(pre, "--blas-ab") or "").strip()  # a BLAS library ("cublaslt") vs the engine's, every case
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype

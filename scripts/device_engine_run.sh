@@ -61,6 +61,14 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
     echo "== $name rc=$? in $((SECONDS - t))s"
     tail -n 25 "$OUT/$name.log"
 }
+use_pick() {  # use_pick STEP ENV_VAR AB_VAR WHAT: a tuner's pick (the variant that beat the defaults by
+    # 3 % or more), if any, exported as ENV_VAR for the later steps and set as AB_VAR, which
+    # bench_offline times against the defaults
+    local pick
+    pick=$(tr -d '[:space:]' 2>/dev/null <"$OUT/$1/pick.env")
+    if [ -n "$pick" ]; then export "$2=$pick"; printf -v "$3" '%s' "$pick"; fi
+    echo "== $4 picked: ${pick:-defaults}"
+}
 STEPS=${STEPS:-tune offline decode offline-window16}
 OVERLAPS=${OVERLAPS:-}
 TUNING_AB=${TUNING_AB:-}
@@ -73,27 +81,19 @@ for name in $STEPS; do
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
             --pick-env "$OUT/tune64/pick.env"
-            PICK=$(tr -d '[:space:]' <"$OUT/tune64/pick.env" 2>/dev/null)
-            if [ -n "$PICK" ]; then export LOQUETIER_SMLM_TUNING=$PICK; TUNING_AB=$PICK; fi
-            echo "== SMLM tuning picked (rank-64 storage): ${PICK:-defaults}" ;;
+            use_pick tune64 LOQUETIER_SMLM_TUNING TUNING_AB "SMLM tuning (rank-64 storage)" ;;
         kernels-tuned) step kernels-tuned 200 env LOQUETIER_SMLM_TUNING="${KERNELS_TUNING:-}" "$PY" benchmarks/bench_kernels.py \
             --out "$OUT/kernels-tuned" ;;
         kernels) step kernels 200 "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" ;;
         tune-attn) step tune-attn 200 "$PY" -m benchmarks.tune_attention --out "$OUT/tune-attn" \
             --pick-env "$OUT/tune-attn/pick.env"
-            PICK=$(tr -d '[:space:]' <"$OUT/tune-attn/pick.env" 2>/dev/null)
-            if [ -n "$PICK" ]; then export LOQUETIER_ATTN_TUNING=$PICK; ATTN_AB=$PICK; fi
-            echo "== attention tuning picked: ${PICK:-defaults}" ;;
+            use_pick tune-attn LOQUETIER_ATTN_TUNING ATTN_AB "attention tuning" ;;
         unified) step unified 300 "$PY" -m benchmarks.bench_unified --model 8b --device cuda --no-baselines \
             --set unified_rate=20 --out "$OUT/unified" ;;
         finetune) step finetune 200 "$PY" -m benchmarks.bench_finetune --model 8b --device cuda --out "$OUT/finetune" ;;
         gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
         tune) step tune 150 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" --pick-env "$OUT/tune/pick.env"
-            # the split variant that beat the decode default by 3 % or more: the later steps run with
-            # it, and bench_offline times it against the defaults (--tuning-ab)
-            PICK=$(tr -d '[:space:]' <"$OUT/tune/pick.env" 2>/dev/null)
-            if [ -n "$PICK" ]; then export LOQUETIER_SMLM_TUNING=$PICK; TUNING_AB=$PICK; fi
-            echo "== SMLM tuning picked: ${PICK:-defaults}" ;;
+            use_pick tune LOQUETIER_SMLM_TUNING TUNING_AB "SMLM tuning" ;;
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
