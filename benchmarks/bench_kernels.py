@@ -35,6 +35,20 @@ PROJECTIONS = [("4096->4096 (q,o)", 4096, 4096), ("4096->1024 (k,v)", 4096, 1024
 FORWARD_BATCHES = [("decode 64 tok / 32 adapters", 64, 32), ("decode 256 tok / 32 adapters", 256, 32),
                    ("prefill 8192 tok / 8 adapters", 8192, 8)]
 BACKWARD_BATCH = ("train 4096 tok / 4 adapters", 4096, 4)
+# Backward variants, each checked against the reference and timed as one call in a CUDA graph (dv's
+# memset and every launch): ``kernels.smlm.Tuning`` fields over the defaults ("default": two passes).
+BACKWARD_VARIANTS: list[tuple[str, dict[str, int]]] = [
+    ("default", {}),
+    ("four launches", {"backward_passes": 4}),
+    ("64-row blocks", {"backward_block_rows": 64}),
+    ("block_n 32", {"backward_block_n": 32}),
+    ("block_n 128", {"backward_block_n": 128}),
+    ("g chunks >= 256 cols", {"backward_g_min_cols": 256}),
+    ("g chunks >= 4096 cols", {"backward_g_min_cols": 4096}),
+    ("4 programs/SM", {"backward_programs_per_sm": 4}),
+    ("4 warps", {"backward_warps": 4}),
+    ("3 stages", {"backward_stages": 3}),
+]
 TOL_BF16 = 3e-2  # max error relative to max |reference|, as in tests/kernels/test_smlm.py
 DEVICE = "cuda"
 
@@ -55,6 +69,7 @@ class Result:
     max_rel_err: float
     correct: bool
     times_us: dict[str, list[float]] = field(default_factory=dict)  # variant -> two medians
+    variant_errors: dict[str, float | str] = field(default_factory=dict)  # backward variant -> error vs ref
 
     def best(self, variant: str) -> float | None:
         t = self.times_us.get(variant)
@@ -242,6 +257,7 @@ def bench_backward(env: Env, proj, batch) -> Result:
     lora.grad_a.zero_()
     lora.grad_b.zero_()
     dx_ref = ref.backward_ref(g, x, v, lora, meta)
+    ref_grads = (lora.grad_a.clone(), lora.grad_b.clone())
     err = max(_rel_err(torch, dx_ours, dx_ref), _rel_err(torch, ga, lora.grad_a),
               _rel_err(torch, gb, lora.grad_b))
 
@@ -277,9 +293,37 @@ def bench_backward(env: Env, proj, batch) -> Result:
             ("part grad_A += dv^T @ x", lambda: smlm._grad_into(lora.grad_a, dv, x, lora, meta=meta, with_scale=False)),
             ("part grad_B += v^T @ g", lambda: smlm._grad_into(lora.grad_b, v, gs, lora, meta=meta, with_scale=True))):
         res.times_us[name] = _time(torch, do_bench, fn)
+    _backward_variants(env, res, (g, x, v, lora, meta, dx), (dx_ref, *ref_grads))
     res.times_us["reference"] = _time(torch, do_bench, reference)
     res.times_us["peft_loop"] = _time(torch, do_bench, peft_loop)
     return res
+
+
+def _backward_variants(env: Env, res: Result, args: tuple[Any, ...], expected: tuple[Any, ...]) -> None:
+    """Each of ``BACKWARD_VARIANTS``: its error against the reference (``expected``: dx, grad_a, grad_b
+    from zeroed gradients) and its time as one call replayed from a CUDA graph ("graph LABEL")."""
+    import dataclasses
+
+    torch, smlm = env.torch, env.smlm
+    g, x, v, lora, meta, dx = args
+    saved = smlm.TUNING
+    try:
+        for label, overrides in BACKWARD_VARIANTS:
+            smlm.TUNING = dataclasses.replace(smlm.Tuning(), **overrides)
+            try:
+                lora.grad_a.zero_()
+                lora.grad_b.zero_()
+                out = smlm.backward(g, x, v, lora, meta)
+                res.variant_errors[label] = max(_rel_err(torch, out, expected[0]),
+                                                _rel_err(torch, lora.grad_a, expected[1]),
+                                                _rel_err(torch, lora.grad_b, expected[2]))
+                res.times_us[f"graph {label}"] = _graph_time(
+                    torch, env.do_bench, [lambda: smlm.backward(g, x, v, lora, meta, 0, dx)])
+            except Exception as exc:  # noqa: BLE001 - a variant that does not build is a row, not the end
+                res.variant_errors[label] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
+            torch.cuda.synchronize()
+    finally:
+        smlm.TUNING = saved
 
 
 def _fmt(t: float | None, floor: float) -> str:
@@ -310,9 +354,12 @@ def engine_graph_us(r: Result) -> float | None:
 
 
 def backward_us(r: Result) -> tuple[float | None, str]:
-    """A backward case's time and what it is: the GPU time of its four launches, each timed apart,
-    where they were (the eager call adds the host's launch time, which moves with the machine's CPU
-    from run to run), else the eager call."""
+    """A backward case's time and what it is: the default path as one call in a CUDA graph where it
+    was timed so (dv's memset and its launches, no host launch time); else the GPU time of the four
+    launches, each timed apart (the eager call adds the host's launch time, which moves with the
+    machine's CPU from run to run); else the eager call."""
+    if isinstance(r.variant_errors.get("default"), float) and r.best("graph default"):
+        return r.best("graph default"), "the default path in a graph"
     launches = r.launches_us()
     if len(launches) == 4:
         return sum(launches.values()), "its four launches"
@@ -357,6 +404,11 @@ def verdict(results: list[Result], launch_pair_us: float | None = None) -> list[
                f"{sum(bwd_ratio(r) <= 3 for r in bwd)}/{len(bwd)}; "
                + ", ".join(f"{r.projection} {bwd_ratio(r):.1f}x" for r in bwd))
     for r in bwd:
+        four, two = r.best("graph four launches"), r.best("graph default")
+        if four and two:
+            out.append(f"Backward {r.projection} in a graph: two passes {two:.1f} us ({two / r.floor_us:.1f}x), "
+                       f"four launches {four:.1f} us ({four / r.floor_us:.1f}x): {four / two:.2f}x faster")
+    for r in bwd:
         if launches := r.launches_us():
             out.append(f"Backward {r.projection}, its launches apart (us): "
                        + ", ".join(f"{k} {t:.1f}" for k, t in launches.items()))
@@ -399,6 +451,30 @@ DOC_NOTES = """
 """
 
 
+def backward_variants_table(results: list[Result]) -> list[str]:
+    """The backward variants side by side: us in a graph (x floor) and the error against the reference."""
+    bwd = [r for r in results if r.kind == "backward" and r.variant_errors]
+    if not bwd:
+        return []
+    lines = ["## Backward variants", "",
+             "Each case's backward as one call replayed from a CUDA graph (dv's memset and every launch), "
+             "with `kernels.smlm.Tuning` fields over the defaults; error: max |ours - reference| / max |reference| "
+             "over dx, grad_A and grad_B.", "",
+             "| variant | " + " | ".join(r.projection for r in bwd) + " |",
+             "|---|" + "---|" * len(bwd)]
+    for label, overrides in BACKWARD_VARIANTS:
+        cells = []
+        for r in bwd:
+            err, t = r.variant_errors.get(label), r.best(f"graph {label}")
+            if isinstance(err, str) or t is None:
+                cells.append(str(err or "-"))
+            else:
+                cells.append(f"{t:.1f} ({t / r.floor_us:.2f}x), err {err:.0e}")
+        spec = ", ".join(f"{k}={val}" for k, val in overrides.items()) or "defaults"
+        lines.append(f"| {label} (`{spec}`) | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_doc(meta: dict[str, object], results: list[Result], path: Path) -> None:
     from benchmarks.harness.report import targets_table
 
@@ -427,6 +503,7 @@ def write_doc(meta: dict[str, object], results: list[Result], path: Path) -> Non
         "",
         table(results),
         "",
+        *backward_variants_table(results),
         DOC_NOTES.strip(),
         "",
     ]

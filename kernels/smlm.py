@@ -45,8 +45,10 @@ import triton
 
 from .launch import launch
 from .launch import tuning_from_spec as launch_tuning
-from .meta import SMLMMeta
+from .meta import FWD_BLOCK_ROWS, GRAD_BLOCK_ROWS, SMLMMeta
 from .smlm_jit import (
+    backward_g_kernel,
+    backward_x_kernel,
     expand_kernel,
     expand_parts_kernel,
     grad_kernel,
@@ -131,6 +133,16 @@ class Tuning:
     # costs what the atomic path does, at prefill sizes each expand column tile rereads every split's
     # partial sums (1.6x the atomic path at 1,024 rows, docs/benchmarks/tune_smlm.md)
     split_max_rows: int = 16
+    # backward: 2 passes (``backward_g_kernel``: dv and grad_b from one read of g; ``backward_x_kernel``:
+    # dx and grad_a from one read of x) or the 4 launches (shrink, expand and two grad_kernel launches)
+    backward_passes: int = 2
+    backward_block_rows: int = 256  # rows a program holds in one tile: 256 (grad_blocks) or 64 (blocks)
+    backward_block_n: int = 64  # columns a loop step of either pass
+    backward_programs_per_sm: int = 2  # column chunks per block until about this many programs per SM
+    backward_g_min_cols: int = 1024  # ... but no g chunk narrower (each chunk adds its dv with atomics)
+    backward_x_min_cols: int = 0  # ... nor x chunk (0: one loop step)
+    backward_warps: int = 8
+    backward_stages: int = 2
 
 
 TUNING_ENV = "LOQUETIER_SMLM_TUNING"
@@ -626,11 +638,72 @@ def backward(  # noqa: PLR0917
     assert x.dtype == g.dtype == lora.a.dtype
     _check_train_slots(lora, meta)
     gs = g.narrow(1, out_offset, lora.out_features)  # [n_train, out]
-    max_rows = min(meta.max_seg_len, 64)
     dv = torch.zeros(n_train, lora.max_rank, dtype=torch.float32, device=g.device)
+    if TUNING.backward_passes == 2:
+        _backward_passes(dx, dv, gs, x, v, lora, meta)
+        return dx
+    max_rows = min(meta.max_seg_len, 64)
     train = {"blocks": meta.blocks, "num_blocks": meta.num_train_blocks, "max_rows": max_rows}
     _shrink_into(dv, gs, lora.b, lora, **train, with_scale=True)  # dv = c * g @ b.T
     _expand_into(dx, dv, lora.a, lora, **train, with_scale=False)  # dx += dv @ a
     _grad_into(lora.grad_a, dv, x, lora, meta=meta, with_scale=False)  # grad_a += dv.T @ x
     _grad_into(lora.grad_b, v, gs, lora, meta=meta, with_scale=True)  # grad_b += c * v.T @ g
     return dx
+
+
+def _backward_blocks(meta: SMLMMeta) -> tuple[torch.Tensor, int, int]:
+    """(blocks, how many, BLOCK_M) of the two backward passes: every block of the training rows in
+    one tile of BLOCK_M rows (``TUNING.backward_block_rows``: the 256-row ``grad_blocks`` or the
+    64-row ``blocks``), BLOCK_M no wider than the longest segment needs."""
+    if TUNING.backward_block_rows == 64:
+        blocks, num_blocks, rows = meta.blocks, meta.num_train_blocks, FWD_BLOCK_ROWS
+    elif TUNING.backward_block_rows == GRAD_BLOCK_ROWS:
+        blocks, num_blocks, rows = meta.grad_blocks, meta.num_grad_blocks, GRAD_BLOCK_ROWS
+    else:
+        raise ValueError(f"backward_block_rows is {TUNING.backward_block_rows}: {FWD_BLOCK_ROWS} or {GRAD_BLOCK_ROWS}")
+    return blocks, num_blocks, max(16, min(rows, triton.next_power_of_2(meta.max_seg_len)))
+
+
+def _backward_cols(n: int, num_blocks: int, min_cols: int, block_n: int, device: torch.device) -> int:
+    """Columns a backward program covers: the width split into chunks until about
+    ``TUNING.backward_programs_per_sm`` programs run per SM, none narrower than ``min_cols``, a
+    whole number of ``block_n`` loop steps each."""
+    target = TUNING.backward_programs_per_sm * _num_sms(device)
+    chunks = max(1, min(triton.cdiv(target, num_blocks), triton.cdiv(n, max(min_cols, block_n))))
+    return triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
+
+
+def _backward_passes(dx: torch.Tensor, dv: torch.Tensor, gs: torch.Tensor, x: torch.Tensor,  # noqa: PLR0917
+                     v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> None:
+    """``backward`` in two launches: dv and grad_b from one pass over g, then dx and grad_a from one
+    pass over x (``backward_g_kernel``, ``backward_x_kernel``)."""
+    assert lora.grad_a is not None and lora.grad_b is not None
+    assert lora.grad_a.stride(2) == 1 and lora.grad_b.stride(2) == 1
+    blocks, num_blocks, block_m = _backward_blocks(meta)
+    block_n, block_r = TUNING.backward_block_n, _block_r(lora.max_rank)
+    n, k = gs.shape[1], x.shape[1]
+    g_cols = _backward_cols(n, num_blocks, TUNING.backward_g_min_cols, block_n, gs.device)
+    chunks = triton.cdiv(n, g_cols)
+    common = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r,
+              "num_warps": TUNING.backward_warps, "num_stages": TUNING.backward_stages, **_dot_kwargs(x)}
+    launch(backward_g_kernel, (num_blocks, chunks),
+        dv, dv.stride(0),
+        lora.grad_b, lora.grad_b.stride(0), lora.grad_b.stride(1),
+        v, v.stride(0),
+        gs, gs.stride(0), gs.stride(1),
+        lora.b, lora.b.stride(0), lora.b.stride(1), lora.b.stride(2),
+        lora.ranks, lora.scales, blocks,
+        n, g_cols,
+        ATOMIC_DV=chunks > 1, **common,
+    )  # fmt: skip
+    x_cols = _backward_cols(k, num_blocks, TUNING.backward_x_min_cols, block_n, x.device)
+    launch(backward_x_kernel, (num_blocks, triton.cdiv(k, x_cols)),
+        dx, dx.stride(0), dx.stride(1),
+        lora.grad_a, lora.grad_a.stride(0), lora.grad_a.stride(1),
+        dv, dv.stride(0),
+        x, x.stride(0), x.stride(1),
+        lora.a, lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
+        lora.ranks, blocks,
+        k, x_cols,
+        **common,
+    )  # fmt: skip

@@ -8,8 +8,10 @@ slot has rank 0 does nothing; ranks bound the loops and the masks, so an adapter
 Kernels: ``shrink_kernel`` / ``shrink_parts_kernel`` (v = x @ a.T, K split over programs with fp32
 atomics when the blocks alone cannot fill the GPU), ``expand_kernel`` / ``expand_parts_kernel``
 (y += scale * v @ b, one program per block and column tile), ``grad_kernel`` (grad_a / grad_b with
-fp32 atomics) and ``shrink_expand_kernel`` (both halves of the forward in one program for a block
-and a column chunk: v is recomputed by each chunk of a block, never stored). The ``*_parts`` kernels
+fp32 atomics), ``backward_g_kernel`` / ``backward_x_kernel`` (backward in two passes: dv and grad_b
+from one read of g, dx and grad_a from one read of x) and ``shrink_expand_kernel`` (both halves of
+the forward in one program for a block and a column chunk: v is recomputed by each chunk of a
+block, never stored). The ``*_parts`` kernels
 and ``shrink_expand_kernel`` serve up to three parts of a fused module, program axis 2 picking one.
 
 ``UPCAST`` (the interpreter) runs every ``tl.dot`` in fp32: the interpreter's bf16/fp16 dot is wrong.
@@ -213,6 +215,111 @@ def grad_kernel(  # noqa: PLR0917
             acc = acc * tl.load(scales_ptr + slot)
         g_tile = grad_ptr + slot.to(tl.int64) * stride_gs + offs_r[:, None] * stride_gr + offs_n[None, :]
         tl.atomic_add(g_tile, acc, mask=r_mask[:, None] & n_mask[None, :], sem="relaxed")
+
+
+# Backward in two passes (``smlm.backward``'s default): one over g, one over x and dx. Program
+# (pid0, pid1) = (a block of the training rows, BLOCK_M >= its rows, all in one tile; a column chunk of
+# ``cols_per_program`` columns walked BLOCK_N at a time). Each pass reads its big operands once.
+@triton.jit
+def backward_g_kernel(  # noqa: PLR0917
+    dv_ptr, stride_dvm,  # [T_train, R] fp32, zeroed: dv = scale * g @ b.T (atomics over column chunks)
+    gb_ptr, stride_gbs, stride_gbr,  # [S_train, R, N] fp32 grad_b, accumulated with atomics
+    v_ptr, stride_vm,  # [T_train, R] fp32, the forward shrink's training rows
+    g_ptr, stride_gm, stride_gn,  # [T_train, N] model dtype, this module's columns of the output grad
+    b_ptr, stride_bs, stride_br, stride_bn,  # [S, R, N] b, model dtype
+    ranks_ptr, scales_ptr, blocks_ptr,
+    N, cols_per_program,
+    ATOMIC_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """For one block and column chunk, reading each g tile once:
+    dv[rows, :r] (+)= scale * g[rows, cols] @ b[slot, :r, cols].T (summed over the chunk in registers;
+    ``ATOMIC_DV``: chunks add into dv, else the one chunk stores it) and
+    grad_b[slot, :r, cols] += scale * v[rows, :r].T @ g[rows, cols] (each tile complete over the block)."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    if r > 0:
+        scale = tl.load(scales_ptr + slot)
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        rows = offs_m.to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < r
+        vt = tl.load(v_ptr + rows[None, :] * stride_vm + offs_r[:, None],
+                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_M]
+        b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br  # [BLOCK_R, 1]
+        gb_rows = gb_ptr + slot.to(tl.int64) * stride_gbs + offs_r[:, None] * stride_gbr
+        g_rows = g_ptr + rows[:, None] * stride_gm  # [BLOCK_M, 1]
+        dv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        n_lo = pid_n * cols_per_program
+        n_hi = tl.minimum(n_lo + cols_per_program, N)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_hi
+            gt = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            bt = tl.load(b_rows + offs_n[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            dv = _dot(gt, tl.trans(bt), dv, UPCAST, IEEE)
+            gb = _dot(vt.to(gt.dtype), gt, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+            tl.atomic_add(gb_rows + offs_n[None, :], gb * scale, mask=r_mask[:, None] & n_mask[None, :],
+                          sem="relaxed")
+        dv_tile = dv_ptr + rows[:, None] * stride_dvm + offs_r[None, :]
+        if ATOMIC_DV:
+            tl.atomic_add(dv_tile, dv * scale, mask=m_mask[:, None] & r_mask[None, :], sem="relaxed")
+        else:
+            tl.store(dv_tile, dv * scale, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def backward_x_kernel(  # noqa: PLR0917
+    dx_ptr, stride_dxm, stride_dxn,  # [T_train, K] any float dtype, in place
+    ga_ptr, stride_gas, stride_gar,  # [S_train, R, K] fp32 grad_a, accumulated with atomics
+    dv_ptr, stride_dvm,  # [T_train, R] fp32, what backward_g_kernel left
+    x_ptr, stride_xm, stride_xn,  # [T_train, K] model dtype, the layer input's training rows
+    a_ptr, stride_as, stride_ar, stride_ak,  # [S, R, K] a, model dtype
+    ranks_ptr, blocks_ptr,
+    K, cols_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """For one block and column chunk: dx[rows, cols] += dv[rows, :r] @ a[slot, :r, cols] (dv rounded to
+    a's dtype, as the expand does) and grad_a[slot, :r, cols] += dv[rows, :r].T @ x[rows, cols]."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    r = tl.load(ranks_ptr + slot)
+    if r > 0:
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        rows = offs_m.to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < r
+        dvt = tl.load(dv_ptr + rows[:, None] * stride_dvm + offs_r[None, :],
+                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+        a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar  # [BLOCK_R, 1]
+        ga_rows = ga_ptr + slot.to(tl.int64) * stride_gas + offs_r[:, None] * stride_gar
+        x_rows = x_ptr + rows[:, None] * stride_xm
+        dx_rows = dx_ptr + rows[:, None] * stride_dxm
+        k_lo = pid_n * cols_per_program
+        k_hi = tl.minimum(k_lo + cols_per_program, K)
+        for k0 in range(k_lo, k_hi, BLOCK_N):
+            offs_k = k0 + tl.arange(0, BLOCK_N)
+            k_mask = offs_k < k_hi
+            tile_mask = m_mask[:, None] & k_mask[None, :]
+            at = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            xt = tl.load(x_rows + offs_k[None, :] * stride_xn, mask=tile_mask, other=0.0)
+            dvw = dvt.to(at.dtype)
+            ga = _dot(tl.trans(dvw), xt, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+            tl.atomic_add(ga_rows + offs_k[None, :], ga, mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
+            dxt = tl.load(dx_rows + offs_k[None, :] * stride_dxn, mask=tile_mask, other=0.0)
+            acc = _dot(dvw, at, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+            tl.store(dx_rows + offs_k[None, :] * stride_dxn, (dxt.to(tl.float32) + acc).to(dxt.dtype), mask=tile_mask)
 
 
 # The fused modules (q|k|v, gate|up) in one launch each: program axis 2 picks the part. Up to three

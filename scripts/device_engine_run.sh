@@ -28,14 +28,16 @@
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #   unified           bench_unified at 20 requests/s (no PEFT baseline): SLO and training share
 #   finetune          bench_finetune: concurrent packed jobs against PEFT one after another
+#   finetune-ab       bench_finetune, ours only, with LOQUETIER_SMLM_TUNING=$FINETUNE_AB (e.g.
+#                     backward_passes=4: the SMLM backward's four launches instead of its two passes)
 #
 # Here, once:   bash scripts/device_wheels.sh          # .whl/ (wheels + SmolLM2 tokenizer), ~45 MiB
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
 # Results land in $OUT: gemm/, tune/ and tune64/ (tune_smlm.*), tune-attn/ (tune_attention.*), kernels/
 # and kernels-tuned/ (kernels.json), offline/ and offline-window16/ (offline.*), decode/, unified/,
-# finetune/, and each step's log. A call brings back at most 8 files: pack $OUT into one archive at
-# the end of the command when more steps run.
+# finetune/, finetune-ab/, and each step's log. A call brings back at most 8 files: pack $OUT into one
+# archive at the end of the command when more steps run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -76,7 +78,7 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or unrolled" ;;
+            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or unrolled or backward_passes" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
@@ -91,6 +93,8 @@ for name in $STEPS; do
         unified) step unified 300 "$PY" -m benchmarks.bench_unified --model 8b --device cuda --no-baselines \
             --set unified_rate=20 --out "$OUT/unified" ;;
         finetune) step finetune 200 "$PY" -m benchmarks.bench_finetune --model 8b --device cuda --out "$OUT/finetune" ;;
+        finetune-ab) step finetune-ab 150 env LOQUETIER_SMLM_TUNING="$FINETUNE_AB" "$PY" -m benchmarks.bench_finetune \
+            --model 8b --device cuda --no-baselines --out "$OUT/finetune-ab" ;;
         gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
         tune) step tune 150 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" --pick-env "$OUT/tune/pick.env"
             use_pick tune LOQUETIER_SMLM_TUNING TUNING_AB "SMLM tuning" ;;

@@ -349,7 +349,8 @@ def test_shrink_rank_chunks_give_the_sums_of_one_tile(monkeypatch: pytest.Monkey
                         lambda shape, device: torch.full(shape, NAN, dtype=torch.float32, device=device))
 
     def run(tile: int) -> list[torch.Tensor]:
-        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=64, shrink_rank_tile=tile))
+        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=64, shrink_rank_tile=tile,
+                                                                   backward_passes=4))
         y_split, y_two = y0.clone(), y0.clone()
         smlm.forward_split(y_split, x, parts, meta)
         _two_launches(y_two, x, parts, meta)
@@ -375,6 +376,80 @@ def test_shrink_rank_chunks_give_the_sums_of_one_tile(monkeypatch: pytest.Monkey
     y_ref = y0.clone()
     reference.shrink_expand_ref(y_ref, x, parts, meta)
     _assert_close(chunked[0], y_ref, TOL[dtype], "forward_split (rank chunks) vs reference")
+
+
+# Training rows of one step: segments longer than 64 and 256 rows (split into several blocks of
+# either schedule), a row with no adapter, a slot of rank 0 here, ranks 8/16/64; inference rows after.
+BACKWARD_TRAIN = [0] * 70 + [-1] * 3 + [2] * 260 + [4] * 5 + [5] * 9 + [1] * 40
+BACKWARD_REST = [3] * 4 + [6] * 2
+
+
+@pytest.mark.parametrize(("dtype", "overrides", "chunked"), [
+    (torch.float32, {}, False),  # the defaults: 256-row blocks, one g chunk (dv stored, no atomics)
+    (torch.float32, {"backward_block_rows": 64, "backward_block_n": 16, "backward_programs_per_sm": 64,
+                     "backward_g_min_cols": 40, "backward_x_min_cols": 40}, True),
+    (torch.bfloat16, {"backward_block_n": 32, "backward_programs_per_sm": 64, "backward_g_min_cols": 32}, True),
+])
+def test_backward_passes_give_what_the_four_launches_and_the_reference_give(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, overrides: dict[str, int], chunked: bool) -> None:
+    """``Tuning.backward_passes`` 2 (dv and grad_b from one pass over g, dx and grad_a from one pass
+    over x) against the four launches and the torch reference: dx accumulated into a base dx and
+    into a fresh fp32 one, gradients accumulated onto what they held. Column chunks that end past the
+    width and blocks cut from long segments are covered; LoRA rows past a rank are NaN."""
+    gen = torch.Generator().manual_seed(len(overrides) * 7 + 1)
+    out_features, in_features, offset = 200, 300, 2
+    lora = _lora(dtype, list(PART_RANKS[0]), out_features, gen, in_features, num_train_slots=7)
+    slots = BACKWARD_TRAIN + BACKWARD_REST
+    n_train = len(BACKWARD_TRAIN)
+    meta = SMLMMeta.build(slots, n_train, DEVICE)
+    x = torch.randn(n_train, in_features, generator=gen).to(dtype).to(DEVICE)
+    g = torch.randn(n_train, offset + out_features + 3, generator=gen).to(dtype).to(DEVICE)
+    v = reference.shrink_ref(x, lora, SMLMMeta.build(BACKWARD_TRAIN, n_train, DEVICE))
+    dx0 = torch.randn(n_train, in_features, generator=gen).to(dtype).to(DEVICE)
+    assert lora.grad_a is not None and lora.grad_b is not None
+    lora.grad_a.copy_(torch.randn(lora.grad_a.shape, generator=gen))
+    lora.grad_b.copy_(torch.randn(lora.grad_b.shape, generator=gen))
+    grads0 = (lora.grad_a.clone(), lora.grad_b.clone())
+
+    kernels: dict[str, list[tuple[tuple[int, ...], dict[str, object]]]] = {}
+    launch = smlm.launch
+
+    def recording(kernel, grid, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        kernels.setdefault(kernel.fn.__name__, []).append((grid, kw))
+        return launch(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(smlm, "launch", recording)
+
+    def run(passes: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.Tuning(), backward_passes=passes, **overrides))
+        lora.grad_a.copy_(grads0[0])
+        lora.grad_b.copy_(grads0[1])
+        dx_into = smlm.backward(g, x, v, lora, meta, offset, dx0.clone())
+        dx_fresh = smlm.backward(g, x, v, lora, meta, offset)  # the gradients accumulate twice
+        return [dx_into, dx_fresh, lora.grad_a.clone(), lora.grad_b.clone()]
+
+    two = run(2)
+    assert set(kernels) == {"backward_g_kernel", "backward_x_kernel"}, sorted(kernels)
+    (g_grid, g_kw), (x_grid, _) = kernels["backward_g_kernel"][0], kernels["backward_x_kernel"][0]
+    assert (g_grid[1] > 1) == chunked and g_kw["ATOMIC_DV"] == chunked
+    assert x_grid[1] > 1  # the x pass in column chunks, the last one partial (300 columns)
+    kernels.clear()
+    four = run(4)
+    assert "backward_g_kernel" not in kernels and "grad_kernel" in kernels
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    for what, a, b in zip(("dx into a base", "fresh dx", "grad_a", "grad_b"), two, four, strict=True):
+        _assert_close(a, b, tol, f"{what}: two passes vs four launches")
+
+    lora.grad_a.copy_(grads0[0])
+    lora.grad_b.copy_(grads0[1])
+    ref_into = reference.backward_ref(g, x, v, lora, meta, offset, dx0.clone())
+    ref_fresh = reference.backward_ref(g, x, v, lora, meta, offset)
+    ref = [ref_into, ref_fresh, lora.grad_a.clone(), lora.grad_b.clone()]
+    for what, a, b in zip(("dx into a base", "fresh dx", "grad_a", "grad_b"), two, ref, strict=True):
+        _assert_close(a, b, TOL[dtype], f"{what}: two passes vs reference")
+    assert two[0].dtype == dtype and two[1].dtype == torch.float32
+    changed = (two[2] != grads0[0]).any(dim=(1, 2)).cpu().tolist()
+    assert changed == [r > 0 and s in BACKWARD_TRAIN for s, r in enumerate(PART_RANKS[0])], changed
 
 
 def test_inference_forward_takes_the_split_path_and_training_keeps_v() -> None:
