@@ -37,22 +37,22 @@ VARIANTS: dict[str, tuple[dict[str, int], str]] = {
     "default (atomic)": ({}, "atomic"),
     "ordered sums": ({}, "ordered"),
     "split partials (decode default)": ({}, "split"),
-    "split, 8/SM": ({"programs_per_sm": 8}, "split"),
-    "split, 2/SM": ({"programs_per_sm": 2}, "split"),
     "split, shrink 4 warps": ({"decode_shrink_warps": 4}, "split"),
-    "split, shrink rank tile 32": ({"shrink_rank_tile": 32}, "split"),
     "split, shrink rank tile 32, 4 warps": ({"shrink_rank_tile": 32, "decode_shrink_warps": 4}, "split"),
     "split, whole rank tile, 4 warps (before 2026-12-04)": ({"shrink_rank_tile": 0, "decode_shrink_warps": 4},
                                                             "split"),
-    "atomic, whole rank tile, 4 warps": ({"shrink_rank_tile": 0, "decode_shrink_warps": 4}, "atomic"),
     "split, expand N 128": ({"expand_block_n": 128}, "split"),
     "split, expand N 256": ({"expand_block_n": 256}, "split"),
-    "split, expand N 1024": ({"expand_block_n": 1024}, "split"),
     "split, expand 4 warps": ({"decode_expand_warps": 4}, "split"),
-    "split, expand 2 tiles": ({"expand_tiles": 2}, "split"),
     "split, expand loop over splits not unrolled": ({"expand_split_tile": 0}, "split"),
     "split, expand unrolls 4 splits": ({"expand_split_tile": 4}, "split"),
-    "split, expand unrolls 16 splits": ({"expand_split_tile": 16}, "split"),
+    "split, GEMV tiles up to 1 row": ({"gemv_max_rows": 1}, "split"),
+    "split, GEMV tiles up to 2 rows": ({"gemv_max_rows": 2}, "split"),
+    "split, GEMV tiles up to 4 rows": ({"gemv_max_rows": 4}, "split"),
+    "split, GEMV tiles up to 8 rows": ({"gemv_max_rows": 8}, "split"),
+    "split, GEMV up to 8 rows, expand 4 warps": ({"gemv_max_rows": 8, "decode_expand_warps": 4}, "split"),
+    "split, GEMV up to 8 rows, expand N 256": ({"gemv_max_rows": 8, "expand_block_n": 256}, "split"),
+    "atomic, GEMV tiles up to 8 rows": ({"gemv_max_rows": 8}, "atomic"),
     "split, expand N 256, 4 warps, not unrolled (before 2026-12-04 10:40)": (
         {"expand_block_n": 256, "expand_split_tile": 0, "decode_expand_warps": 4}, "split"),
 }
@@ -61,7 +61,7 @@ MODULES = {"q,k,v": ("h", "qkv", (("q", 0), ("k", Q), ("v", Q + KV))), "o": ("a"
            "gate,up": ("h", "gu", (("gate", 0), ("up", INTER))), "down": ("m", "down", (("down", 0),))}
 DECODE_DEFAULT = "split partials (decode default)"
 # timed per module too
-BREAKDOWN = [DECODE_DEFAULT, "split, expand N 256, 4 warps, not unrolled (before 2026-12-04 10:40)"]
+BREAKDOWN = [DECODE_DEFAULT, "split, GEMV tiles up to 8 rows"]
 BASELINE = "default (atomic)"
 
 

@@ -16,3 +16,15 @@ def dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def dot_or_mac(a, b, acc, GEMV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a @ b. GEMV (a has fewer than 16 rows: decode segments of a row or a few): fp32
+    multiply-adds summed over the inner axis, instead of a tensor-core tile padded to 16 rows. The
+    products are those of ``dot`` (bf16 x bf16 is exact in fp32); only the order of the sum differs."""
+    if GEMV:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:
+        acc = dot(a, b, acc, UPCAST, IEEE)
+    return acc

@@ -129,6 +129,9 @@ class Tuning:
     fused_block_n: int = 0  # 0: 256 for rank tiles up to 32, else 128
     fused_warps: int = 4
     fused_stages: int = 2
+    # segments of at most this many rows (a power of two, up to 8; 0: none) take shrink and expand
+    # tiles of their own height and fp32 multiply-adds instead of a tensor-core tile of 16 rows
+    gemv_max_rows: int = 0
     # forward_split (inference-only forwards) applies up to this longest segment: at decode sizes it
     # costs what the atomic path does, at prefill sizes each expand column tile rereads every split's
     # partial sums (1.6x the atomic path at 1,024 rows, docs/benchmarks/tune_smlm.md)
@@ -136,13 +139,16 @@ class Tuning:
     # backward: 2 passes (``backward_g_kernel``: dv and grad_b from one read of g; ``backward_x_kernel``:
     # dx and grad_a from one read of x) or the 4 launches (shrink, expand and two grad_kernel launches)
     backward_passes: int = 2
-    backward_block_rows: int = 256  # rows a program holds in one tile: 256 (grad_blocks) or 64 (blocks)
-    backward_block_n: int = 64  # columns a loop step of either pass
-    backward_programs_per_sm: int = 2  # column chunks per block until about this many programs per SM
-    backward_g_min_cols: int = 1024  # ... but no g chunk narrower (each chunk adds its dv with atomics)
-    backward_x_min_cols: int = 0  # ... nor x chunk (0: one loop step)
-    backward_warps: int = 8
-    backward_stages: int = 2
+    backward_block_rows: int = 256  # rows of a block: 256 (grad_blocks) or 64 (blocks)
+    backward_block_n: int = 64  # the g pass: columns a loop step
+    backward_programs_per_sm: int = 2  # the g pass: column chunks per block until about this many programs per SM
+    backward_g_min_cols: int = 256  # ... but no chunk narrower (each chunk adds its dv with atomics)
+    backward_warps: int = 8  # the g pass
+    backward_stages: int = 2  # the g pass
+    backward_x_block_m: int = 64  # the x pass: rows a loop step
+    backward_x_block_n: int = 128  # the x pass: columns a program
+    backward_x_warps: int = 4
+    backward_x_stages: int = 2
 
 
 TUNING_ENV = "LOQUETIER_SMLM_TUNING"
@@ -162,7 +168,13 @@ def tuning_from_spec(spec: str) -> Tuning:
 TUNING = tuning_from_env()
 
 
-def _block_m(max_rows: int) -> int:
+def _block_m(max_rows: int, gemv: bool = True) -> int:
+    """The row tile of the shrink and expand launches for segments of at most ``max_rows`` rows: 16,
+    32 or 64 (tensor-core tiles); with ``gemv``, segments of up to ``TUNING.gemv_max_rows`` rows take
+    a tile of their own size (1, 2, 4, 8) and multiply-adds instead of a tile padded to 16 rows."""
+    rows = triton.next_power_of_2(max(1, max_rows))
+    if gemv and rows <= min(TUNING.gemv_max_rows, 8):
+        return rows
     return 16 if max_rows <= 16 else 32 if max_rows <= 32 else 64
 
 
@@ -198,11 +210,11 @@ def _check_shrink_inputs(x: torch.Tensor, loras: Sequence[ModuleLoRA]) -> None:
 
 
 def _shrink_warps(block_m: int) -> int:
-    return TUNING.decode_shrink_warps if block_m == 16 else TUNING.shrink_warps
+    return TUNING.decode_shrink_warps if block_m <= 16 else TUNING.shrink_warps
 
 
 def _expand_warps(block_m: int) -> int:
-    return TUNING.decode_expand_warps if block_m == 16 else TUNING.expand_warps
+    return TUNING.decode_expand_warps if block_m <= 16 else TUNING.expand_warps
 
 
 def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
@@ -231,7 +243,8 @@ def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     past_fused = TUNING.fused_max_blocks + 1
     many = max(TUNING.programs_per_sm * _num_sms(device) + 1, past_fused)
     metas = []
-    for longest in (1, 17, 33):
+    gemv = [rows for rows in (1, 2, 4, 8) if _block_m(rows) == rows]  # each GEMV row tile
+    for longest in sorted({1, *gemv, (gemv[-1] + 1) if gemv else 1, 17, 33}):
         for blocks in sorted({1, past_fused, many}):
             slots = [slot] * longest + [-1, slot] * (blocks - 1)
             metas.append(SMLMMeta.build(slots, 0, device))
@@ -241,7 +254,7 @@ def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
 def _tiles_n(block_m: int) -> int:
     """Column tiles an expand program covers: ``TUNING.expand_tiles`` for decode-sized row blocks (a
     row or two each: latency-bound programs), one for prefill-sized ones."""
-    return max(1, TUNING.expand_tiles) if block_m == 16 else 1
+    return max(1, TUNING.expand_tiles) if block_m <= 16 else 1
 
 
 def _block_n(block_m: int) -> int:
@@ -603,7 +616,7 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[Module
         n0, n1, n2, o0, o1, o2, c0, c1, c2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
         x.shape[1],
-        BLOCK_M=_block_m(meta.max_seg_len), BLOCK_R=_block_r(first.max_rank),
+        BLOCK_M=_block_m(meta.max_seg_len, gemv=False), BLOCK_R=_block_r(first.max_rank),
         BLOCK_K=TUNING.fused_block_k, BLOCK_N=block_n,
         num_warps=TUNING.fused_warps, num_stages=TUNING.fused_stages, **_dot_kwargs(a0),
     )  # fmt: skip
@@ -676,16 +689,19 @@ def _backward_cols(n: int, num_blocks: int, min_cols: int, block_n: int, device:
 def _backward_passes(dx: torch.Tensor, dv: torch.Tensor, gs: torch.Tensor, x: torch.Tensor,  # noqa: PLR0917
                      v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> None:
     """``backward`` in two launches: dv and grad_b from one pass over g, then dx and grad_a from one
-    pass over x (``backward_g_kernel``, ``backward_x_kernel``)."""
-    assert lora.grad_a is not None and lora.grad_b is not None
-    assert lora.grad_a.stride(2) == 1 and lora.grad_b.stride(2) == 1
+    pass over x and dx (``backward_g_kernel``, ``backward_x_kernel``)."""
+    backward_g_pass(dv, gs, v, lora, meta)
+    backward_x_pass(dx, dv, x, lora, meta)
+
+
+def backward_g_pass(dv: torch.Tensor, gs: torch.Tensor, v: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> None:
+    """dv (zeroed, fp32) = scale * gs @ b.T and grad_b += scale * v.T @ gs over the training blocks."""
+    assert lora.grad_b is not None and lora.grad_b.stride(2) == 1
     blocks, num_blocks, block_m = _backward_blocks(meta)
     block_n, block_r = TUNING.backward_block_n, _block_r(lora.max_rank)
-    n, k = gs.shape[1], x.shape[1]
+    n = gs.shape[1]
     g_cols = _backward_cols(n, num_blocks, TUNING.backward_g_min_cols, block_n, gs.device)
     chunks = triton.cdiv(n, g_cols)
-    common = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r,
-              "num_warps": TUNING.backward_warps, "num_stages": TUNING.backward_stages, **_dot_kwargs(x)}
     launch(backward_g_kernel, (num_blocks, chunks),
         dv, dv.stride(0),
         lora.grad_b, lora.grad_b.stride(0), lora.grad_b.stride(1),
@@ -694,16 +710,24 @@ def _backward_passes(dx: torch.Tensor, dv: torch.Tensor, gs: torch.Tensor, x: to
         lora.b, lora.b.stride(0), lora.b.stride(1), lora.b.stride(2),
         lora.ranks, lora.scales, blocks,
         n, g_cols,
-        ATOMIC_DV=chunks > 1, **common,
+        ATOMIC_DV=chunks > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        num_warps=TUNING.backward_warps, num_stages=TUNING.backward_stages, **_dot_kwargs(gs),
     )  # fmt: skip
-    x_cols = _backward_cols(k, num_blocks, TUNING.backward_x_min_cols, block_n, x.device)
-    launch(backward_x_kernel, (num_blocks, triton.cdiv(k, x_cols)),
+
+
+def backward_x_pass(dx: torch.Tensor, dv: torch.Tensor, x: torch.Tensor, lora: ModuleLoRA, meta: SMLMMeta) -> None:
+    """dx += dv @ a and grad_a += dv.T @ x over the training blocks (dv: what ``backward_g_pass`` left)."""
+    assert lora.grad_a is not None and lora.grad_a.stride(2) == 1
+    blocks, num_blocks, block_m = _backward_blocks(meta)
+    k, block_r = x.shape[1], _block_r(lora.max_rank)
+    launch(backward_x_kernel, (num_blocks, triton.cdiv(k, TUNING.backward_x_block_n)),
         dx, dx.stride(0), dx.stride(1),
         lora.grad_a, lora.grad_a.stride(0), lora.grad_a.stride(1),
         dv, dv.stride(0),
         x, x.stride(0), x.stride(1),
         lora.a, lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
         lora.ranks, blocks,
-        k, x_cols,
-        **common,
+        k,
+        BLOCK_M=min(block_m, TUNING.backward_x_block_m), BLOCK_N=TUNING.backward_x_block_n, BLOCK_R=block_r,
+        num_warps=TUNING.backward_x_warps, num_stages=TUNING.backward_x_stages, **_dot_kwargs(x),
     )  # fmt: skip

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .jit_common import dot as _dot
+from .jit_common import dot_or_mac as _dot_or_mac
 
 
 @triton.jit
@@ -70,7 +71,7 @@ def _shrink_tile(  # noqa: PLR0917
             k_mask = ks < k_hi
             xt = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_rows + ks[None, :] * stride_wk, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _dot(xt, tl.trans(wt), acc, UPCAST, IEEE)
+            acc = _dot_or_mac(xt, tl.trans(wt), acc, BLOCK_M < 16, UPCAST, IEEE)
         acc = acc * scale
         v_tile = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :]
         v_mask = m_mask[:, None] & r_mask[None, :]
@@ -134,7 +135,7 @@ def _expand_tile(  # noqa: PLR0917
                     for s in range(1, num_splits):  # a fixed order: the same bits on every run
                         vt += tl.load(v_rows + s * stride_vs + rs[None, :], mask=v_mask, other=0.0)
                 wt = tl.load(w_base + rs[:, None] * stride_wr, mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _dot(vt.to(wt.dtype), wt, acc, UPCAST, IEEE)
+                acc = _dot_or_mac(vt.to(wt.dtype), wt, acc, BLOCK_M < 16, UPCAST, IEEE)
             yt = tl.load(y_tile, mask=y_mask, other=0.0)
             tl.store(y_tile, (yt.to(tl.float32) + scale * acc).to(yt.dtype), mask=y_mask)
 
@@ -217,9 +218,11 @@ def grad_kernel(  # noqa: PLR0917
         tl.atomic_add(g_tile, acc, mask=r_mask[:, None] & n_mask[None, :], sem="relaxed")
 
 
-# Backward in two passes (``smlm.backward``'s default): one over g, one over x and dx. Program
-# (pid0, pid1) = (a block of the training rows, BLOCK_M >= its rows, all in one tile; a column chunk of
-# ``cols_per_program`` columns walked BLOCK_N at a time). Each pass reads its big operands once.
+# Backward in two passes (``smlm.backward``'s default): one over g, one over x and dx, each reading its
+# big operands once. The g pass's program holds a whole block of training rows in one tile (BLOCK_M >=
+# its rows) and walks a column chunk of ``cols_per_program`` columns BLOCK_N at a time: dv is summed
+# over the chunk in registers, grad_b over the block. The x pass's program takes one column tile of a
+# block, BLOCK_M rows at a time (nothing it computes is summed over columns).
 @triton.jit
 def backward_g_kernel(  # noqa: PLR0917
     dv_ptr, stride_dvm,  # [T_train, R] fp32, zeroed: dv = scale * g @ b.T (atomics over column chunks)
@@ -251,7 +254,7 @@ def backward_g_kernel(  # noqa: PLR0917
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < r
         vt = tl.load(v_ptr + rows[None, :] * stride_vm + offs_r[:, None],
-                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_M]
+                     mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(g_ptr.dtype.element_ty)  # [BLOCK_R, BLOCK_M]
         b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br  # [BLOCK_R, 1]
         gb_rows = gb_ptr + slot.to(tl.int64) * stride_gbs + offs_r[:, None] * stride_gbr
         g_rows = g_ptr + rows[:, None] * stride_gm  # [BLOCK_M, 1]
@@ -264,7 +267,7 @@ def backward_g_kernel(  # noqa: PLR0917
             gt = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             bt = tl.load(b_rows + offs_n[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             dv = _dot(gt, tl.trans(bt), dv, UPCAST, IEEE)
-            gb = _dot(vt.to(gt.dtype), gt, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+            gb = _dot(vt, gt, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
             tl.atomic_add(gb_rows + offs_n[None, :], gb * scale, mask=r_mask[:, None] & n_mask[None, :],
                           sem="relaxed")
         dv_tile = dv_ptr + rows[:, None] * stride_dvm + offs_r[None, :]
@@ -282,12 +285,13 @@ def backward_x_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xn,  # [T_train, K] model dtype, the layer input's training rows
     a_ptr, stride_as, stride_ar, stride_ak,  # [S, R, K] a, model dtype
     ranks_ptr, blocks_ptr,
-    K, cols_per_program,
+    K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """For one block and column chunk: dx[rows, cols] += dv[rows, :r] @ a[slot, :r, cols] (dv rounded to
-    a's dtype, as the expand does) and grad_a[slot, :r, cols] += dv[rows, :r].T @ x[rows, cols]."""
+    """For one block and one column tile, BLOCK_M rows at a time: dx[rows, cols] += dv[rows, :r] @
+    a[slot, :r, cols] (dv rounded to a's dtype, as the expand does) and grad_a[slot, :r, cols] +=
+    dv[rows, :r].T @ x[rows, cols], summed over the block before its one atomic add."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     row_start = tl.load(blocks_ptr + pid * 3)
@@ -295,31 +299,28 @@ def backward_x_kernel(  # noqa: PLR0917
     slot = tl.load(blocks_ptr + pid * 3 + 2)
     r = tl.load(ranks_ptr + slot)
     if r > 0:
-        offs_m = row_start + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < row_end
-        rows = offs_m.to(tl.int64)
+        offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_mask = offs_k < K
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < r
-        dvt = tl.load(dv_ptr + rows[:, None] * stride_dvm + offs_r[None, :],
-                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
-        a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar  # [BLOCK_R, 1]
-        ga_rows = ga_ptr + slot.to(tl.int64) * stride_gas + offs_r[:, None] * stride_gar
-        x_rows = x_ptr + rows[:, None] * stride_xm
-        dx_rows = dx_ptr + rows[:, None] * stride_dxm
-        k_lo = pid_n * cols_per_program
-        k_hi = tl.minimum(k_lo + cols_per_program, K)
-        for k0 in range(k_lo, k_hi, BLOCK_N):
-            offs_k = k0 + tl.arange(0, BLOCK_N)
-            k_mask = offs_k < k_hi
+        at = tl.load(a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        ga = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < row_end
+            rows = offs_m.to(tl.int64)
             tile_mask = m_mask[:, None] & k_mask[None, :]
-            at = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            xt = tl.load(x_rows + offs_k[None, :] * stride_xn, mask=tile_mask, other=0.0)
-            dvw = dvt.to(at.dtype)
-            ga = _dot(tl.trans(dvw), xt, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
-            tl.atomic_add(ga_rows + offs_k[None, :], ga, mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
-            dxt = tl.load(dx_rows + offs_k[None, :] * stride_dxn, mask=tile_mask, other=0.0)
-            acc = _dot(dvw, at, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
-            tl.store(dx_rows + offs_k[None, :] * stride_dxn, (dxt.to(tl.float32) + acc).to(dxt.dtype), mask=tile_mask)
+            dvt = tl.load(dv_ptr + rows[:, None] * stride_dvm + offs_r[None, :],
+                          mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(at.dtype)  # [BLOCK_M, BLOCK_R]
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xn, mask=tile_mask, other=0.0)
+            ga = _dot(tl.trans(dvt), xt, ga, UPCAST, IEEE)
+            dx_tile = dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxn
+            dxt = tl.load(dx_tile, mask=tile_mask, other=0.0)
+            acc = _dot(dvt, at, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+            tl.store(dx_tile, (dxt.to(tl.float32) + acc).to(dxt.dtype), mask=tile_mask)
+        tl.atomic_add(ga_ptr + slot.to(tl.int64) * stride_gas + offs_r[:, None] * stride_gar + offs_k[None, :], ga,
+                      mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
 # The fused modules (q|k|v, gate|up) in one launch each: program axis 2 picks the part. Up to three

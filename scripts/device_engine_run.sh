@@ -66,9 +66,10 @@ step() {  # step NAME SECONDS CMD...: run with at most SECONDS (and what the cal
 use_pick() {  # use_pick STEP ENV_VAR AB_VAR WHAT: a tuner's pick (the variant that beat the defaults by
     # 3 % or more), if any, exported as ENV_VAR for the later steps and set as AB_VAR, which
     # bench_offline times against the defaults
+    # (PICKS=0: reported only, so that the A/B set by hand stays)
     local pick
     pick=$(tr -d '[:space:]' 2>/dev/null <"$OUT/$1/pick.env")
-    if [ -n "$pick" ]; then export "$2=$pick"; printf -v "$3" '%s' "$pick"; fi
+    if [ -n "$pick" ] && [ "${PICKS:-1}" != 0 ]; then export "$2=$pick"; printf -v "$3" '%s' "$pick"; fi
     echo "== $4 picked: ${pick:-defaults}"
 }
 STEPS=${STEPS:-tune offline decode offline-window16}
@@ -78,7 +79,7 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or unrolled or backward_passes" ;;
+            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \

@@ -378,6 +378,60 @@ def test_shrink_rank_chunks_give_the_sums_of_one_tile(monkeypatch: pytest.Monkey
     _assert_close(chunked[0], y_ref, TOL[dtype], "forward_split (rank chunks) vs reference")
 
 
+@pytest.mark.parametrize(("dtype", "num_parts", "run_rows", "block_m"), [
+    (torch.float32, 1, (1,), 1),  # one row per adapter: a decode step of distinct adapters
+    (torch.bfloat16, 3, (1, 2), 2),
+    (torch.float32, 3, (1, 3, 2), 4),  # a segment of 3 rows in a tile of 4
+    (torch.bfloat16, 1, (5, 8, 1), 8),
+])
+def test_gemv_tiles_give_what_the_tensor_core_tiles_give(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                         num_parts: int, run_rows: tuple[int, ...],
+                                                         block_m: int) -> None:
+    """``Tuning.gemv_max_rows``: decode segments of a few rows take shrink and expand tiles of their
+    own height and fp32 multiply-adds. The split path (K splits stored apart, a NaN-poisoned buffer)
+    and the two launches (split-K atomics) give what the 16-row tensor-core tiles give, and the
+    reference's values; rows without an adapter keep their bits."""
+    rng = random.Random(f"gemv{num_parts}{run_rows}")
+    slots: list[int] = []
+    for i in range(9):  # runs of the given lengths over the 7 slots, a row without adapter now and then
+        slots += [i % 7] * run_rows[i % len(run_rows)] + ([-1] if i % 5 == 4 else [])
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    parts, width = _parts(dtype, num_parts, seed=rng.randint(0, 999), in_features=160)
+    x = torch.randn(len(slots), 160, generator=torch.Generator().manual_seed(11)).to(dtype).to(DEVICE)
+    y0 = _base(len(slots), width, parts, dtype, seed=12)
+    monkeypatch.setattr(smlm, "_split_buffer",
+                        lambda shape, device: torch.full(shape, NAN, dtype=torch.float32, device=device))
+    tiles: set[int] = set()
+    launch = smlm.launch
+
+    def recording(kernel, grid, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        tiles.add(kw["BLOCK_M"])
+        return launch(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(smlm, "launch", recording)
+
+    def run(gemv_max_rows: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=16, gemv_max_rows=gemv_max_rows))
+        tiles.clear()
+        y_split, y_two = y0.clone(), y0.clone()
+        smlm.forward_split(y_split, x, parts, meta)
+        _two_launches(y_two, x, parts, meta)
+        return [y_split, y_two]
+
+    gemv = run(8)
+    assert tiles == {block_m}, tiles
+    tensor_core = run(0)
+    assert tiles == {16}, tiles
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    y_ref = y0.clone()
+    reference.shrink_expand_ref(y_ref, x, parts, meta)
+    for what, a, b in zip(("forward_split", "two launches"), gemv, tensor_core, strict=True):
+        _assert_close(a, b, tol, f"{what}: tiles of {block_m} rows vs 16")
+        _assert_close(a, y_ref, TOL[dtype], f"{what}: tiles of {block_m} rows vs reference")
+    bare = torch.tensor([s < 0 for s in slots])
+    assert torch.equal(gemv[0][bare.to(DEVICE)].cpu().nan_to_num(7.0), y0[bare.to(DEVICE)].cpu().nan_to_num(7.0))
+
+
 # Training rows of one step: segments longer than 64 and 256 rows (split into several blocks of
 # either schedule), a row with no adapter, a slot of rank 0 here, ranks 8/16/64; inference rows after.
 BACKWARD_TRAIN = [0] * 70 + [-1] * 3 + [2] * 260 + [4] * 5 + [5] * 9 + [1] * 40
@@ -385,10 +439,11 @@ BACKWARD_REST = [3] * 4 + [6] * 2
 
 
 @pytest.mark.parametrize(("dtype", "overrides", "chunked"), [
-    (torch.float32, {}, False),  # the defaults: 256-row blocks, one g chunk (dv stored, no atomics)
+    (torch.float32, {"backward_g_min_cols": 1024}, False),  # one g chunk: dv stored, no atomics
     (torch.float32, {"backward_block_rows": 64, "backward_block_n": 16, "backward_programs_per_sm": 64,
-                     "backward_g_min_cols": 40, "backward_x_min_cols": 40}, True),
-    (torch.bfloat16, {"backward_block_n": 32, "backward_programs_per_sm": 64, "backward_g_min_cols": 32}, True),
+                     "backward_g_min_cols": 40, "backward_x_block_m": 16, "backward_x_block_n": 32}, True),
+    (torch.bfloat16, {"backward_block_n": 32, "backward_programs_per_sm": 64, "backward_g_min_cols": 32,
+                      "backward_x_block_m": 128}, True),
 ])
 def test_backward_passes_give_what_the_four_launches_and_the_reference_give(
         monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, overrides: dict[str, int], chunked: bool) -> None:
