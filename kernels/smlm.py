@@ -129,9 +129,13 @@ class Tuning:
     fused_block_n: int = 0  # 0: 256 for rank tiles up to 32, else 128
     fused_warps: int = 4
     fused_stages: int = 2
-    # segments of at most this many rows (a power of two, up to 8; 0: none) take shrink and expand
-    # tiles of their own height and fp32 multiply-adds instead of a tensor-core tile of 16 rows
-    gemv_max_rows: int = 0
+    # expands of segments of at most this many rows (a power of two, up to 8; 0: none) take tiles of
+    # their own height and fp32 multiply-adds instead of a tensor-core tile of 16 rows. On the H200
+    # (tune_smlm, batch 32, one row an adapter) a layer's expands took 26.6 us against 35.0 us, gate|up's
+    # 12.3 against 18.5; at 8 rows a segment they lost (42.5 against 22.7 us), and the shrinks lost
+    # with them (33.8 against 28.1 us a layer): docs/benchmarks/tune_smlm.md
+    gemv_max_rows: int = 2
+    shrink_gemv_max_rows: int = 0  # the same for shrinks
     # forward_split (inference-only forwards) applies up to this longest segment: at decode sizes it
     # costs what the atomic path does, at prefill sizes each expand column tile rereads every split's
     # partial sums (1.6x the atomic path at 1,024 rows, docs/benchmarks/tune_smlm.md)
@@ -168,12 +172,13 @@ def tuning_from_spec(spec: str) -> Tuning:
 TUNING = tuning_from_env()
 
 
-def _block_m(max_rows: int, gemv: bool = True) -> int:
-    """The row tile of the shrink and expand launches for segments of at most ``max_rows`` rows: 16,
-    32 or 64 (tensor-core tiles); with ``gemv``, segments of up to ``TUNING.gemv_max_rows`` rows take
-    a tile of their own size (1, 2, 4, 8) and multiply-adds instead of a tile padded to 16 rows."""
+def _block_m(max_rows: int, gemv_rows: int = 0) -> int:
+    """The row tile of a shrink or expand launch for segments of at most ``max_rows`` rows: 16, 32 or
+    64 (tensor-core tiles); segments of up to ``gemv_rows`` rows (``TUNING.gemv_max_rows`` for
+    expands, ``TUNING.shrink_gemv_max_rows`` for shrinks) take a tile of their own height (1, 2, 4,
+    8) and multiply-adds instead of a tile padded to 16 rows."""
     rows = triton.next_power_of_2(max(1, max_rows))
-    if gemv and rows <= min(TUNING.gemv_max_rows, 8):
+    if rows <= min(gemv_rows, 8):
         return rows
     return 16 if max_rows <= 16 else 32 if max_rows <= 32 else 64
 
@@ -221,7 +226,7 @@ def _shrink_sizes(max_rows: int, max_rank: int, k: int, programs: int,
                   device: torch.device) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_R, BLOCK_K, split_k, rank chunks) of a shrink launch over ``programs`` row
     blocks; its grid's axis 1 is split_k * rank chunks."""
-    block_m, block_r = _block_m(max_rows), _block_r(max_rank)
+    block_m, block_r = _block_m(max_rows, TUNING.shrink_gemv_max_rows), _block_r(max_rank)
     if TUNING.shrink_rank_tile:
         block_r = min(block_r, _block_r(TUNING.shrink_rank_tile))
     chunks = triton.cdiv(_block_r(max_rank), block_r)
@@ -243,7 +248,8 @@ def variant_metas(slot: int, device: torch.device) -> list[SMLMMeta]:
     past_fused = TUNING.fused_max_blocks + 1
     many = max(TUNING.programs_per_sm * _num_sms(device) + 1, past_fused)
     metas = []
-    gemv = [rows for rows in (1, 2, 4, 8) if _block_m(rows) == rows]  # each GEMV row tile
+    gemv_rows = max(TUNING.gemv_max_rows, TUNING.shrink_gemv_max_rows)
+    gemv = [rows for rows in (1, 2, 4, 8) if _block_m(rows, gemv_rows) == rows]  # each GEMV row tile
     for longest in sorted({1, *gemv, (gemv[-1] + 1) if gemv else 1, 17, 33}):
         for blocks in sorted({1, past_fused, many}):
             slots = [slot] * longest + [-1, slot] * (blocks - 1)
@@ -312,7 +318,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
     """y[rows] += (scale *) v[rows, :r] @ w[slot, :r] over ``blocks``, in place; with ``splits``
     ([num_splits, T, R] partial sums, ``v`` its first), v is their sum, added in split order."""
     n = y.shape[1]
-    block_m = _block_m(max_rows)
+    block_m = _block_m(max_rows, TUNING.gemv_max_rows)
     block_n, tiles = _block_n(block_m), _tiles_n(block_m)
     grid = (num_blocks, triton.cdiv(n, block_n * tiles))
     launch(expand_kernel, grid,
@@ -434,7 +440,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         assert 0 <= offset and offset + lora.out_features <= y.shape[1] and lora.b.stride(2) == 1
     if not meta.num_blocks:
         return
-    block_m = _block_m(meta.max_seg_len)
+    block_m = _block_m(meta.max_seg_len, TUNING.gemv_max_rows)
     block_n, tiles = _block_n(block_m), _tiles_n(block_m)
     grid = (meta.num_blocks, triton.cdiv(max(lo.out_features for lo in loras), block_n * tiles), num)
     b0, b1, b2 = _padded([lo.b for lo in loras])
@@ -616,7 +622,7 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, parts: Sequence[tuple[Module
         n0, n1, n2, o0, o1, o2, c0, c1, c2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
         x.shape[1],
-        BLOCK_M=_block_m(meta.max_seg_len, gemv=False), BLOCK_R=_block_r(first.max_rank),
+        BLOCK_M=_block_m(meta.max_seg_len), BLOCK_R=_block_r(first.max_rank),
         BLOCK_K=TUNING.fused_block_k, BLOCK_N=block_n,
         num_warps=TUNING.fused_warps, num_stages=TUNING.fused_stages, **_dot_kwargs(a0),
     )  # fmt: skip

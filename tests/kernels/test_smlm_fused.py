@@ -387,10 +387,10 @@ def test_shrink_rank_chunks_give_the_sums_of_one_tile(monkeypatch: pytest.Monkey
 def test_gemv_tiles_give_what_the_tensor_core_tiles_give(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                                          num_parts: int, run_rows: tuple[int, ...],
                                                          block_m: int) -> None:
-    """``Tuning.gemv_max_rows``: decode segments of a few rows take shrink and expand tiles of their
-    own height and fp32 multiply-adds. The split path (K splits stored apart, a NaN-poisoned buffer)
-    and the two launches (split-K atomics) give what the 16-row tensor-core tiles give, and the
-    reference's values; rows without an adapter keep their bits."""
+    """``Tuning.gemv_max_rows`` and ``shrink_gemv_max_rows``: decode segments of a few rows take
+    expand and shrink tiles of their own height and fp32 multiply-adds. The split path (K splits
+    stored apart, a NaN-poisoned buffer) and the two launches (split-K atomics) give what the 16-row
+    tensor-core tiles give, and the reference's values; rows without an adapter keep their bits."""
     rng = random.Random(f"gemv{num_parts}{run_rows}")
     slots: list[int] = []
     for i in range(9):  # runs of the given lengths over the 7 slots, a row without adapter now and then
@@ -411,7 +411,8 @@ def test_gemv_tiles_give_what_the_tensor_core_tiles_give(monkeypatch: pytest.Mon
     monkeypatch.setattr(smlm, "launch", recording)
 
     def run(gemv_max_rows: int) -> list[torch.Tensor]:
-        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=16, gemv_max_rows=gemv_max_rows))
+        monkeypatch.setattr(smlm, "TUNING", smlm.Tuning(programs_per_sm=16, gemv_max_rows=gemv_max_rows,
+                                                        shrink_gemv_max_rows=gemv_max_rows))
         tiles.clear()
         y_split, y_two = y0.clone(), y0.clone()
         smlm.forward_split(y_split, x, parts, meta)
