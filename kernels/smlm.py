@@ -132,9 +132,10 @@ class Tuning:
     # expands of segments of at most this many rows (a power of two, up to 8; 0: none) take tiles of
     # their own height and fp32 multiply-adds instead of a tensor-core tile of 16 rows. On the H200
     # (tune_smlm, batch 32, one row an adapter) a layer's expands took 26.6 us against 35.0 us, gate|up's
-    # 12.3 against 18.5; at 8 rows a segment they lost (42.5 against 22.7 us), and the shrinks lost
-    # with them (33.8 against 28.1 us a layer): docs/benchmarks/tune_smlm.md
-    gemv_max_rows: int = 2
+    # 12.3 against 18.5, and lost at 8 rows a segment (42.5 against 22.7 us); the shrinks lost at any
+    # height (33.8 against 28.1 us a layer). In the engine 2 gave the same tokens/s as 0 (offline A/B,
+    # two rounds): off by default (docs/benchmarks/offline.md, tune_smlm.md)
+    gemv_max_rows: int = 0
     shrink_gemv_max_rows: int = 0  # the same for shrinks
     # forward_split (inference-only forwards) applies up to this longest segment: at decode sizes it
     # costs what the atomic path does, at prefill sizes each expand column tile rereads every split's
