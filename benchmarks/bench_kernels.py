@@ -419,7 +419,7 @@ def verdict(results: list[Result], launch_pair_us: float | None = None) -> list[
                        f"{two / four:.2f}x the time")
     for r in bwd:
         if launches := r.launches_us():
-            out.append(f"Backward {r.projection}, its launches apart (us): "
+            out.append(f"Backward {r.projection}, the four launches each timed apart, eager (us): "
                        + ", ".join(f"{k} {t:.1f}" for k, t in launches.items()))
     at32 = [r for r in fwd if r.num_adapters == 32]
     speed = [(r.best("peft_loop") or 0) / (r.best("ours") or float("inf")) for r in at32]
@@ -444,16 +444,21 @@ DOC_NOTES = """
 - Prefill: bound by reading x and reading + writing y; shrink's rank tile is `next_pow2(max_rank)`
   wide, so its tensor-core work is that of rank 64 even for rank-8 adapters (compute stays far under
   the memory time at these shapes).
-- Backward: 4 launches (dV = scale * g @ B^T, dX += dV @ A, grad_A += dV^T @ x, grad_B += scale *
-  V^T @ g), timed apart above. g is read twice (dV and grad_B); one pass over g would save a read
-  of g (its floor is 7.9 us of q,o's 33.5 us) but add fp32 atomics on dV per column tile, and every
-  launch runs at 2-3.5x its own floor; not done. grad_A/grad_B accumulate with fp32 atomics (one
-  per 256-row block per element), so gradients are not bit-reproducible run to run.
+- Backward: two passes (`Tuning.backward_passes`, 2). The g pass holds a block of up to 256
+  training rows in one tile and walks a chunk of g's columns (at least 256, more programs while
+  fewer than two a SM), 64 at a time: from each g tile it computes dV's share (summed over the chunk
+  in registers, chunks added with fp32 atomics) and grad_B's tile (complete over the block, one atomic
+  add). The x pass takes one 128-column tile of a block, 64 rows at a time: dX += dV @ A in place and
+  grad_A's tile summed over the block. g and x are each read once; the four launches
+  (`backward_passes=4`: dV = scale * g @ B^T, dX += dV @ A, grad_A += dV^T @ x, grad_B += scale *
+  V^T @ g, timed apart above) read g twice and dV three times. grad_A/grad_B and dV
+  accumulate with fp32 atomics, so gradients are not bit-reproducible run to run.
 - Decode in a graph: a shrink and an expand are two dependent launches, at least 2.2 us together
   (measured above), against floors of 1.4-8.8 us; the k,v and rank-8 cases cannot reach 3x their
   floor with two launches of their own.
 - Block sizes are fixed heuristics (`kernels.smlm.Tuning`, `LOQUETIER_SMLM_TUNING`;
-  `benchmarks/tune_smlm.py` times variants): BLOCK_M 16/32/64 from the longest segment, the shrink's
+  `benchmarks/tune_smlm.py` times variants): BLOCK_M 16/32/64 from the longest segment (GEMV tiles
+  of 1-8 rows for the shortest: `gemv_max_rows`, `shrink_gemv_max_rows`, off), the shrink's
   rank in chunks of 16 on the grid (a chunk past an adapter's rank idle), expand BLOCK_N 512 (decode,
   the loop over the K splits unrolled by 8) / 128, BLOCK_K 128 with 3 stages, 4 warps (2 for
   decode-sized shrinks, 8 for decode-sized expands).
