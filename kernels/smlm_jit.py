@@ -28,6 +28,16 @@ from .jit_common import dot_or_mac as _dot_or_mac
 
 
 @triton.jit
+def _block(blocks_ptr, ranks_ptr, pid):
+    """Block ``pid`` of a row-block schedule: its rows ``[row_start, row_end)``, its slot and that
+    slot's rank."""
+    row_start = tl.load(blocks_ptr + pid * 3)
+    row_end = tl.load(blocks_ptr + pid * 3 + 1)
+    slot = tl.load(blocks_ptr + pid * 3 + 2)
+    return row_start, row_end, slot, tl.load(ranks_ptr + slot)
+
+
+@triton.jit
 def _shrink_tile(  # noqa: PLR0917
     x_ptr, stride_xm, stride_xk, w_ptr, stride_ws, stride_wr, stride_wk, v_ptr, stride_vm, stride_vk,
     ranks_ptr, scales_ptr, blocks_ptr, pid, pid_kr, K, split_k,
@@ -191,12 +201,8 @@ def grad_kernel(  # noqa: PLR0917
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """grad[slot, :r, cols] += (scale[slot] *) l[rows, :r].T @ x[rows, cols] for one block, one tile."""
-    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_start = tl.load(blocks_ptr + pid * 3)
-    row_end = tl.load(blocks_ptr + pid * 3 + 1)
-    slot = tl.load(blocks_ptr + pid * 3 + 2)
-    r = tl.load(ranks_ptr + slot)
+    row_start, row_end, slot, r = _block(blocks_ptr, ranks_ptr, tl.program_id(0))
     if r > 0:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -240,12 +246,8 @@ def backward_g_kernel(  # noqa: PLR0917
     dv[rows, :r] (+)= scale * g[rows, cols] @ b[slot, :r, cols].T (summed over the chunk in registers;
     ``ATOMIC_DV``: chunks add into dv, else the one chunk stores it) and
     grad_b[slot, :r, cols] += scale * v[rows, :r].T @ g[rows, cols] (each tile complete over the block)."""
-    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_start = tl.load(blocks_ptr + pid * 3)
-    row_end = tl.load(blocks_ptr + pid * 3 + 1)
-    slot = tl.load(blocks_ptr + pid * 3 + 2)
-    r = tl.load(ranks_ptr + slot)
+    row_start, row_end, slot, r = _block(blocks_ptr, ranks_ptr, tl.program_id(0))
     if r > 0:
         scale = tl.load(scales_ptr + slot)
         offs_m = row_start + tl.arange(0, BLOCK_M)
@@ -292,12 +294,8 @@ def backward_x_kernel(  # noqa: PLR0917
     """For one block and one column tile, BLOCK_M rows at a time: dx[rows, cols] += dv[rows, :r] @
     a[slot, :r, cols] (dv rounded to a's dtype, as the expand does) and grad_a[slot, :r, cols] +=
     dv[rows, :r].T @ x[rows, cols], summed over the block before its one atomic add."""
-    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_start = tl.load(blocks_ptr + pid * 3)
-    row_end = tl.load(blocks_ptr + pid * 3 + 1)
-    slot = tl.load(blocks_ptr + pid * 3 + 2)
-    r = tl.load(ranks_ptr + slot)
+    row_start, row_end, slot, r = _block(blocks_ptr, ranks_ptr, tl.program_id(0))
     if r > 0:
         offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_mask = offs_k < K
