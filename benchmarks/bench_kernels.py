@@ -308,10 +308,10 @@ def _backward_variants(env: Env, res: Result, args: tuple[Any, ...], expected: t
     torch, smlm = env.torch, env.smlm
     g, x, v, lora, meta, dx = args
     saved = smlm.TUNING
-    if hasattr(smlm, "backward_g_pass"):  # the default's two passes apart, in graphs
-        dv = torch.zeros(x.shape[0], lora.max_rank, dtype=torch.float32, device=DEVICE)
-        res.times_us["pass g"] = _graph_time(torch, env.do_bench, [lambda: smlm.backward_g_pass(dv, g, v, lora, meta)])
-        res.times_us["pass x"] = _graph_time(torch, env.do_bench, [lambda: smlm.backward_x_pass(dx, dv, x, lora, meta)])
+    # the default's two passes apart, in graphs
+    dv = torch.zeros(x.shape[0], lora.max_rank, dtype=torch.float32, device=DEVICE)
+    res.times_us["pass g"] = _graph_time(torch, env.do_bench, [lambda: smlm.backward_g_pass(dv, g, v, lora, meta)])
+    res.times_us["pass x"] = _graph_time(torch, env.do_bench, [lambda: smlm.backward_x_pass(dx, dv, x, lora, meta)])
     try:
         for label, overrides in BACKWARD_VARIANTS:
             smlm.TUNING = dataclasses.replace(smlm.Tuning(), **overrides)

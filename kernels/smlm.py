@@ -91,8 +91,8 @@ def _num_sms(device: torch.device) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch parameters of the forward SMLM kernels (``benchmarks/tune_smlm.py`` times variants of
-    them on a GPU). 0 means "by the tile rule" for the block sizes."""
+    """Launch parameters of the SMLM kernels, forward and backward (``benchmarks/tune_smlm.py`` and
+    ``bench_kernels.py`` time variants of them on a GPU). 0 means "by the tile rule" for the block sizes."""
 
     programs_per_sm: int = 4  # shrink splits K until about this many programs per SM run
     shrink_block_k: int = 0  # 0: 128 when BLOCK_M * BLOCK_R <= 64 * 64, else 64
