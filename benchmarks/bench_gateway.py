@@ -239,6 +239,7 @@ async def run(args: argparse.Namespace, tmp: Path, bootstrap: str) -> dict[str, 
                # prompts are scheduled at once instead of held to be batched: less spread in the worker's time,
                # which both paths share and which otherwise hides the milliseconds measured here
                "LOQUETIER_ENGINE__PREFILL_COALESCE_MS": "0"}
+        env.pop("TRITON_INTERPRET", None)  # a CPU worker runs the torch reference ops, not Triton's interpreter
         for field in ("requests_topic", "training_topic", "control_topic", "results_topic", "dlq_topic", "group_id"):
             env[f"LOQUETIER_KAFKA__{field.upper()}"] = getattr(kafka, field)
         engine = create_engine(url)

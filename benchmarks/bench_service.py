@@ -176,6 +176,10 @@ async def run_service(args: argparse.Namespace, model_dir: Path, adapter_root: P
                    "LOQUETIER_WORKER__ENGINE_PROCESS": str(getattr(args, "engine_in", "process") == "process").lower()}
             for f in ("requests_topic", "training_topic", "control_topic", "results_topic", "dlq_topic", "group_id"):
                 env[f"LOQUETIER_KAFKA__{f.upper()}"] = getattr(kafka, f)
+            if args.device == "cpu":
+                # the torch reference ops, as the engine-alone replay here and a CPU worker run them: Triton's
+                # interpreter (TRITON_INTERPRET=1, set by the test session) is for kernel tests
+                env.pop("TRITON_INTERPRET", None)
             for k, v in engine_env(args).items():
                 env[f"LOQUETIER_ENGINE__{k.upper()}"] = str(v)
             port = procs.free_port()
@@ -252,9 +256,14 @@ async def _drive(args: argparse.Namespace, kafka: Any, url: str, worker: Any, wo
         warm_jobs = [f"warm-job-{k}-{uuid.uuid4().hex[:6]}" for k in range(prof.num_jobs)]
         for k, jid in enumerate(warm_jobs):
             await training.send(kafka.training_topic, job(jid, f"svc-warm-{k}-{jid[-6:]}", jobs[k][1][:16], 2), jid)
-        await stack.wait_for(lambda: ledger.num_answered(warm_ids) == len(warm_ids)
-                             and all(ledger.job_done[j] for j in warm_jobs), args.start_timeout,
-                             "the warm-up", worker, worker_log)
+        try:
+            await stack.wait_for(lambda: ledger.num_answered(warm_ids) == len(warm_ids)
+                                 and all(ledger.job_done[j] for j in warm_jobs), args.start_timeout,
+                                 "the warm-up", worker, worker_log)
+        except TimeoutError as e:
+            waiting = [r for r in warm_ids if ledger.num_answered([r]) == 0] + \
+                [j for j in warm_jobs if not ledger.job_done[j]]
+            raise TimeoutError(f"{e}\nstill waiting for: {waiting}") from None
         log(f"[service] warm-up done, {time.perf_counter() - t_start:.1f}s after spawn")
         await asyncio.sleep(1.0)
 

@@ -284,5 +284,6 @@ async def wait_for(predicate: Any, timeout_s: float, what: str, proc: subprocess
             tail = log.read_text(errors="replace")[-4000:] if log is not None else ""
             raise RuntimeError(f"the worker exited (rc {proc.returncode}) while waiting for {what}:\n{tail}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}; the worker's log ends:\n{tail}")
         await asyncio.sleep(0.05)

@@ -25,8 +25,8 @@ def test_bench_service_quick_on_cpu(kafka_bootstrap: str, pg_server_url: str, tm
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_service", "--model", "tiny", "--device", "cpu", "--quick",
-         "--out", str(out), "--cache", str(tmp_path / "cache"), "--start-timeout", "60"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+         "--out", str(out), "--cache", str(tmp_path / "cache"), "--start-timeout", "120"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420, check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((out / "service.json").read_text())
