@@ -389,8 +389,10 @@ def test_warm_lora_launches_build_every_forward_variant(tmp_path, monkeypatch) -
     from loquetier.lora.pool import LoRASlotPool
     from loquetier.models import LlamaModel
 
-    # wide enough that one block splits K (a 64-wide input never does)
-    path = make_tiny_model(tmp_path / "tiny", with_tokenizer=False, num_layers=1, hidden_size=512)
+    # wide enough that one block splits K (a 64-wide input never does); an MLP as wide as the model
+    # keeps the interpreter's gate|up and down launches small
+    path = make_tiny_model(tmp_path / "tiny", with_tokenizer=False, num_layers=1, hidden_size=512,
+                           intermediate_size=512)
     model = LlamaModel.from_pretrained(path, device=DEVICE, attn_impl="reference")
     pool = LoRASlotPool(model.dims, num_slots=2, max_rank=8, device=DEVICE)
     gen = torch.Generator().manual_seed(3)
