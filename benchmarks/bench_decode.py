@@ -23,6 +23,7 @@ from loquetier.engine.graphs import DecodeGraphs, DecodeRow
 from loquetier.kernels import fused, set_lora_overlap
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import LoRAConfig
+from loquetier.models import llama
 from loquetier.models.batch import BatchBuilder
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -47,6 +48,18 @@ def _timed_steps(engine: Engine, steps: int) -> list[float]:
         made = max(1, engine.num_steps - before)
         times += [(time.perf_counter() - t) / made] * made
     return times
+
+
+def _pipelined_ms(engine: Engine, steps: int) -> float:
+    """Milliseconds per decode step over ``steps`` calls of ``engine.step()`` with one synchronization
+    at the end: the rate of the engine's own loop, its host work beside the GPU's (``_timed_steps``
+    synchronizes around each call, so a call's host work adds to its time)."""
+    _sync()
+    before, t = engine.num_steps, time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync()
+    return (time.perf_counter() - t) / max(1, engine.num_steps - before) * 1e3
 
 
 def _profiled_gpu_ms(engine: Engine) -> float:
@@ -118,6 +131,35 @@ def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool 
     return {"max_abs_diff": diff, "max_abs_logit": scale, "argmax_agreement": agree}
 
 
+def _carry_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, steps: int) -> dict[str, float]:
+    """The fused graph against one captured with each layer's MLP output added at the layer's end
+    (``llama.CARRY_MLP_OUTPUT`` off: one more elementwise launch a layer), two rounds each, timed
+    step by step and pipelined; whether the two give the same logits bits."""
+    out: dict[str, float] = {}
+    try:
+        llama.CARRY_MLP_OUTPUT = False
+        added = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
+                             graphs.scratch_block, mode=graphs.mode)
+    finally:
+        llama.CARRY_MLP_OUTPUT = True
+    same = _compare_graphs(engine, fused_graphs, added)
+    out |= {f"carry_vs_add_{k}": v for k, v in same.items()}
+    times: dict[str, list[float]] = {"carry": [], "add": [], "carry_pipelined": [], "add_pipelined": []}
+    for _ in range(2):
+        for name, g in (("carry", fused_graphs), ("add", added)):
+            engine.runner.graphs = g
+            times[name] += _timed_steps(engine, steps)
+            times[f"{name}_pipelined"].append(_pipelined_ms(engine, steps))
+    engine.runner.graphs = fused_graphs
+    for name in ("carry", "add"):
+        out[f"fused_graph_{name}_step_ms_median"] = statistics.median(times[name]) * 1e3
+        out[f"fused_graph_{name}_pipelined_ms"] = statistics.median(times[f"{name}_pipelined"])
+    engine.runner.graphs = added
+    out["fused_graph_add_gpu_kernel_ms_per_step"] = _profiled_gpu_ms(engine)
+    engine.runner.graphs = fused_graphs
+    return out
+
+
 def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
              overlaps: tuple[str, ...] = ()) -> dict[str, float]:
     for i in range(batch):
@@ -157,6 +199,7 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
                     "fused_graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine),
                     "fused_graph_top_kernels": list(TOP_KERNELS),
                     **{f"fused_graph_{k}": v for k, v in check.items()}}
+            out |= _carry_ab(engine, graphs, fused_graphs, steps)
             for mode in overlaps:  # fused graphs with the LoRA shrinks beside the base GEMMs (1) or not (0)
                 try:
                     set_lora_overlap(mode == "1")
@@ -249,6 +292,14 @@ def main() -> None:
                   f"{r['fused_step_ms_median'] / floor_ms:.2f} |")
             print(f"| {name} | CUDA graph + fused | {ms:.2f} | {r['fused_graph_gpu_kernel_ms_per_step']:.2f} | "
                   f"{floor_ms:.2f} | {ms / floor_ms:.2f} |")
+        for way, what in (("carry", "MLP output carried into the next norm"), ("add", "MLP output added per layer")):
+            if f"fused_graph_{way}_step_ms_median" in r:
+                ms, piped = r[f"fused_graph_{way}_step_ms_median"], r[f"fused_graph_{way}_pipelined_ms"]
+                gpu = r.get(f"fused_graph_{way}_gpu_kernel_ms_per_step", r["fused_graph_gpu_kernel_ms_per_step"])
+                print(f"| {name} | CUDA graph + fused, {what} (2 rounds) | {ms:.2f} | {gpu:.2f} | {floor_ms:.2f} | "
+                      f"{ms / floor_ms:.2f} |")
+                print(f"| {name} | the same, pipelined (one sync per {args.steps} calls) | {piped:.2f} | – | "
+                      f"{floor_ms:.2f} | {piped / floor_ms:.2f} |")
         for mode in overlaps:
             if f"overlap_{mode}_graph_step_ms_median" in r:
                 ms = r[f"overlap_{mode}_graph_step_ms_median"]

@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     tuning_ab = (_take(pre, "--tuning-ab") or "").strip()  # Tuning overrides ("expand_tiles=4") vs the defaults
     attn_ab = (_take(pre, "--attn-ab") or "").strip()  # AttnTuning overrides ("block_n=64,warps=8") vs the defaults
     blas_ab = (_take(pre, "--blas-ab") or "").strip()  # a BLAS library ("cublaslt") vs the engine's, every case
+    # rounds of (MLP output carried into the next norm, added per layer): llama.CARRY_MLP_OUTPUT, every case
+    carry_rounds = int(_take(pre, "--carry-ab") or 0)
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -290,7 +292,15 @@ def main(argv: list[str] | None = None) -> int:
                              for _ in range(2) for lib in (own, blas_ab)], cases, recapture=True)
         finally:
             apply_blas(own, engine.device)
-    if overlaps or tuning_ab or attn_ab or blas_ab:
+    if carry_rounds:
+        from loquetier.models import llama
+
+        try:
+            compare("carry", [(label, functools.partial(setattr, llama, "CARRY_MLP_OUTPUT", label == "carried"))
+                              for _ in range(carry_rounds) for label in ("carried", "added")], cases, recapture=True)
+        finally:
+            llama.CARRY_MLP_OUTPUT = True
+    if overlaps or tuning_ab or attn_ab or blas_ab or carry_rounds:
         engine.capture_graphs(recapture=True)
     # decode windows chained (the next window queued before the host applies the last) or not
     default_chain = engine.window.chain
@@ -384,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
              "again for each, in turn (`--attn-ab`, `LOQUETIER_ATTN_TUNING`)", "attention tuning"),
             ("blas", "BLAS library of the base GEMMs", "Every case with the engine's BLAS library "
              "(`EngineConfig.blas`) and the one `--blas-ab` names, graphs captured again for each, in turn",
-             "BLAS library")):
+             "BLAS library"),
+            ("carry", "Each layer's MLP output carried into the next norm", "Every case with the fused path "
+             "carrying each layer's MLP output into the next norm's pass (`llama.CARRY_MLP_OUTPUT`, the default) "
+             "and adding it at the layer's end, graphs captured again for each, in turn (`--carry-ab`)",
+             "MLP output")):
         if results.get(kind):
             rows = [[r["setting"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
                      report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in results[kind]]
@@ -392,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas") for r in results.get(kind, [])]
+    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry")
+                for r in results.get(kind, [])]
     for r in [*results.values(), *compared]:
         if isinstance(r, dict):
             r.pop("tokens", None)

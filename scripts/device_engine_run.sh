@@ -22,8 +22,10 @@
 #                     comma list of LoRA overlap modes, default none) times the adapter cases again
 #                     with graphs captured in each mode; CHAIN_AB=N times the cases N rounds with
 #                     chained decode windows off, then on; BLAS_AB=LIB (cublaslt) times every case with
-#                     that BLAS library against the engine's, two rounds
-#   decode            bench_decode's batch-64 graph step (OVERLAPS: the fused graph in each mode too)
+#                     that BLAS library against the engine's, two rounds; CARRY_AB=N times every case N
+#                     rounds with each layer's MLP output carried into the next norm, then added per layer
+#   decode            bench_decode's batch-64 graph step, the fused graph with the MLP output carried and
+#                     added (two rounds, also pipelined) (OVERLAPS: the fused graph in each mode too)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #   unified           bench_unified at 20 requests/s (no PEFT baseline): SLO and training share
@@ -79,7 +81,7 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv" ;;
+            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv or fused_inference_rows" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
@@ -102,7 +104,7 @@ for name in $STEPS; do
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
-            --out "$OUT/offline" ;;
+            ${CARRY_AB:+--carry-ab "$CARRY_AB"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \

@@ -55,6 +55,35 @@ class _Step:
     sin_r: torch.Tensor
     attention: Attention
     fused: ModuleType | None = None  # kernels/fused.py when the inference rows go through it
+    # With the fused kernels: the last layer's MLP output for the inference rows, not yet added to
+    # their residual stream: the next norm (a layer's input norm, or the final one) adds it in its
+    # own pass (``add_rms_norm``), one elementwise launch a layer fewer.
+    residual: torch.Tensor | None = None
+
+
+def _norm_rest(h_r: torch.Tensor, w: torch.Tensor, eps: float, st: _Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_r plus the carried MLP output, its rms_norm) for the inference rows."""
+    if st.fused is None:
+        return h_r, rms_norm(h_r, w, eps)
+    if st.residual is None or not h_r.shape[0]:
+        return h_r, st.fused.rms_norm(h_r, w, eps)
+    delta, st.residual = st.residual, None
+    return st.fused.add_rms_norm(h_r, delta, w, eps)  # type: ignore[no-any-return]
+
+
+# Whether the fused path carries each layer's MLP output into the next norm's pass (True) or adds it
+# at the layer's end (False: one more elementwise launch a layer; the same bits). ``bench_decode``
+# times both; a captured graph keeps the setting it was captured with.
+CARRY_MLP_OUTPUT = True
+
+
+def _add_rest(h_r: torch.Tensor, d_r: torch.Tensor, st: _Step) -> torch.Tensor:
+    """The inference rows' residual stream after a layer's MLP: with the fused kernels (and rows),
+    ``d_r`` is carried to the next norm instead of added here."""
+    if st.fused is None or not CARRY_MLP_OUTPUT or not h_r.shape[0]:
+        return h_r + d_r
+    st.residual = d_r
+    return h_r
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -109,7 +138,7 @@ class DecoderLayer(nn.Module):
         eps = self.cfg.rms_norm_eps
         x_t = rms_norm(h_t, self.input_norm, eps)
         with torch.no_grad():
-            x_r = st.fused.rms_norm(h_r, self.input_norm, eps) if st.fused else rms_norm(h_r, self.input_norm, eps)
+            h_r, x_r = _norm_rest(h_r, self.input_norm, eps, st)
         qkv_t, qkv_r = lora_linear(x_t, x_r, self.qkv_weight, self.qkv_bias, self.qkv_loras, meta)
         a_t = self._attn_train(qkv_t, st)
         with torch.no_grad():
@@ -130,13 +159,13 @@ class DecoderLayer(nn.Module):
             m_r = st.fused.silu_mul(gu_r, inter) if st.fused else F.silu(gu_r[:, :inter]) * gu_r[:, inter:]
         d_t, d_r = lora_linear(m_t, m_r, self.down_weight, self.down_bias, self.down_loras, meta)
         with torch.no_grad():
-            h_r = h_r + d_r
+            h_r = _add_rest(h_r, d_r, st)
         return h_t + d_t, h_r
 
     def _forward_rest(self, empty: torch.Tensor, h_r: torch.Tensor, st: _Step, meta: SMLMMeta) -> torch.Tensor:
         """``forward``'s rest part alone (``empty``: the training part, zero rows), under no_grad."""
         eps, f = self.cfg.rms_norm_eps, st.fused
-        x_r = f.rms_norm(h_r, self.input_norm, eps) if f else rms_norm(h_r, self.input_norm, eps)
+        h_r, x_r = _norm_rest(h_r, self.input_norm, eps, st)
         qkv_r = lora_linear(empty, x_r, self.qkv_weight, self.qkv_bias, self.qkv_loras, meta)[1]
         a_r = self._attn_rest(qkv_r, st)
         o_r = lora_linear(empty, a_r, self.o_weight, self.o_bias, self.o_loras, meta)[1]
@@ -149,7 +178,7 @@ class DecoderLayer(nn.Module):
         inter = self.cfg.intermediate_size
         m_r = f.silu_mul(gu_r, inter) if f else F.silu(gu_r[:, :inter]) * gu_r[:, inter:]
         d_r = lora_linear(empty, m_r, self.down_weight, self.down_bias, self.down_loras, meta)[1]
-        return h_r + d_r
+        return _add_rest(h_r, d_r, st)
 
     def _split(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -316,7 +345,7 @@ class LlamaModel(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head  # [V, H]
         eps = self.cfg.rms_norm_eps
         with torch.no_grad():
-            hn_r = st.fused.rms_norm(h_r, self.norm, eps) if st.fused else rms_norm(h_r, self.norm, eps)
+            h_r, hn_r = _norm_rest(h_r, self.norm, eps, st)
             logits = (hn_r[batch.logits_indices] @ head.T).float() if batch.logits_indices.numel() else None
         if not batch.num_loss_groups:
             return ForwardOutput(logits, None, None, None)

@@ -120,10 +120,28 @@ def _peft_loss_and_grads(peft, adapter: str, seqs: list[list[int]]):
     return total.detach(), count, grads
 
 
-@pytest.mark.parametrize(("kind", "checkpointing"), [("llama", False), ("qwen2", False), ("llama", True)])
+@pytest.mark.parametrize(("kind", "checkpointing", "fused_rows"),
+                         [("llama", False, False), ("qwen2", False, False), ("llama", True, False),
+                          ("llama", True, True), ("qwen2", False, True)])
 def test_training_grads_match_peft_and_skip_inference_rows(
-    tmp_path: Path, kind: str, checkpointing: bool
+    tmp_path: Path, kind: str, checkpointing: bool, fused_rows: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``fused_rows``: the inference rows through the fused elementwise kernels (the interpreter on
+    CPU), each layer's MLP output carried into the next norm: one ``add_rms_norm`` pass per norm
+    after the first, none of them on the empty inference rows of a checkpointed training call."""
+    norms: list[tuple[str, int]] = []
+    if fused_rows:
+        pytest.importorskip("triton")
+        from loquetier.kernels import fused
+
+        if not fused.INTERPRET:  # the model here is on the CPU
+            pytest.skip("needs TRITON_INTERPRET=1 set before the kernels are imported")
+        for name in ("rms_norm", "add_rms_norm"):
+            def counted(h, *args, _fn=getattr(fused, name), _name=name):  # type: ignore[no-untyped-def]
+                norms.append((_name, h.shape[0]))
+                return _fn(h, *args)
+            monkeypatch.setattr(fused, name, counted)
+        monkeypatch.setattr(fused, "_forced", True)  # fused.force(True), undone after the test
     peft, model, pool = _build(kind, tmp_path, checkpointing)
     gen = torch.Generator().manual_seed(13)
     train = [("x", rand_tokens(gen, 4)), ("y", rand_tokens(gen, 3)), ("x", rand_tokens(gen, 4))]  # 11 rows
@@ -177,6 +195,9 @@ def test_training_grads_match_peft_and_skip_inference_rows(
             peft(torch.tensor([toks])).logits[0, :-1], torch.tensor(toks[1:]), reduction="sum"
         )
     assert_close(out.loss_sum[keys.index("eval-z")].detach(), ref)
+    if fused_rows:  # the 29 inference rows: one plain norm (layer 0's input), then each norm adds
+        layers = model.cfg.num_layers
+        assert [n for n in norms if n[1]] == [("rms_norm", 29)] + [("add_rms_norm", 29)] * (2 * layers)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-decode", "two-launches"])
