@@ -134,29 +134,33 @@ def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool 
 def _carry_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, steps: int) -> dict[str, float]:
     """The fused graph against one captured with each layer's MLP output added at the layer's end
     (``llama.CARRY_MLP_OUTPUT`` off: one more elementwise launch a layer), two rounds each, timed
-    step by step and pipelined; whether the two give the same logits bits."""
+    step by step and pipelined; whether the two give the same logits bits. The switch follows the
+    graph set in use: a set captures its graph at its first step."""
+    added = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
+                         graphs.scratch_block, mode=graphs.mode)
+    sets = {"carry": fused_graphs, "add": added}
+
+    def use(name: str) -> None:
+        llama.CARRY_MLP_OUTPUT = name == "carry"
+        engine.runner.graphs = sets[name]
+
     out: dict[str, float] = {}
-    try:
-        llama.CARRY_MLP_OUTPUT = False
-        added = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
-                             graphs.scratch_block, mode=graphs.mode)
-    finally:
-        llama.CARRY_MLP_OUTPUT = True
-    same = _compare_graphs(engine, fused_graphs, added)
-    out |= {f"carry_vs_add_{k}": v for k, v in same.items()}
     times: dict[str, list[float]] = {"carry": [], "add": [], "carry_pipelined": [], "add_pipelined": []}
-    for _ in range(2):
-        for name, g in (("carry", fused_graphs), ("add", added)):
-            engine.runner.graphs = g
-            times[name] += _timed_steps(engine, steps)
-            times[f"{name}_pipelined"].append(_pipelined_ms(engine, steps))
-    engine.runner.graphs = fused_graphs
+    try:
+        use("add")  # ``added`` captures its graph in the comparison, with the add per layer
+        out |= {f"carry_vs_add_{k}": v for k, v in _compare_graphs(engine, fused_graphs, added).items()}
+        for _ in range(2):
+            for name in ("carry", "add"):
+                use(name)
+                times[name] += _timed_steps(engine, steps)
+                times[f"{name}_pipelined"].append(_pipelined_ms(engine, steps))
+        use("add")
+        out["fused_graph_add_gpu_kernel_ms_per_step"] = _profiled_gpu_ms(engine)
+    finally:
+        use("carry")
     for name in ("carry", "add"):
         out[f"fused_graph_{name}_step_ms_median"] = statistics.median(times[name]) * 1e3
         out[f"fused_graph_{name}_pipelined_ms"] = statistics.median(times[f"{name}_pipelined"])
-    engine.runner.graphs = added
-    out["fused_graph_add_gpu_kernel_ms_per_step"] = _profiled_gpu_ms(engine)
-    engine.runner.graphs = fused_graphs
     return out
 
 
