@@ -21,6 +21,8 @@ SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+# a list of them stops at its first bad id: one error, not one an item (a few MiB of bad ids were millions)
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
 Int32 = Annotated[int, Field(ge=-(2**31), lt=2**31)]
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -62,6 +64,9 @@ class Limits:
     max_example_chars: int = 100_000  # prompt + completion of one text example
     max_example_tokens: int = 131_072  # prompt + completion ids of one token example
     max_list_items: int = 1_000_000
+    # Keys of any one map: a record's models have a few dozen fields at most, and every unknown key
+    # would be one more validation error to build
+    max_map_keys: int = 256
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -122,7 +127,23 @@ def unpack_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         raise RecordError("undecodable", f"not a msgpack value: {exc}") from None
     if not isinstance(obj, dict):
         raise RecordError("not_a_map", f"record must be a msgpack map, got {type(obj).__name__}")
+    check_map_widths(obj, limits.max_map_keys)
     return obj
+
+
+def check_map_widths(obj: object, max_keys: int) -> None:
+    """RecordError ``too_large`` when a map anywhere in ``obj`` has more than ``max_keys`` keys. One
+    pass over the containers, before validation: pydantic reports every unknown key of a map as an
+    error of its own, and a few MiB of them took seconds and gigabytes to report."""
+    stack: list[object] = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if len(item) > max_keys:
+                raise RecordError("too_large", f"a map has {len(item)} keys, the limit is {max_keys}", *ids_of(obj))
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
 
 
 def check_key(key: bytes | None, limits: Limits = DEFAULT_LIMITS) -> None:

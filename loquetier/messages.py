@@ -24,7 +24,7 @@ from loquetier.codec import (
     PositiveInt,
     Record,
     RecordError,
-    TokenId,
+    TokenIds,
     WireModel,
     check_schema,
     encode,
@@ -95,7 +95,7 @@ class SamplingSpec(WireModel):
     top_p: float = _finite(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # 0 disables top-k
     seed: Int64 | None = None
-    stop: list[StopString] = Field(default_factory=list)
+    stop: Annotated[list[StopString], Field(fail_fast=True)] = Field(default_factory=list)
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
@@ -114,7 +114,7 @@ class ChatMessage(WireModel):
     content: str
 
 
-ChatMessages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+ChatMessages = Annotated[list[ChatMessage], Field(fail_fast=True, min_length=1, max_length=MAX_CHAT_MESSAGES)]
 
 
 class GenerateRequest(Record):
@@ -123,7 +123,7 @@ class GenerateRequest(Record):
     request_id: Id
     adapter_id: Id | None = None
     prompt: str | None = Field(default=None, min_length=1)
-    prompt_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
+    prompt_token_ids: TokenIds | None = Field(default=None, min_length=1)
     messages: ChatMessages | None = None  # chat turns; the worker applies the model's chat template
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     slo: SLOSpec | None = None
@@ -144,11 +144,14 @@ class GenerateRequest(Record):
 # --- loquetier.training -----------------------------------------------------------------
 
 
+ModuleName = Annotated[str, Field(min_length=1, max_length=MAX_MODULE_CHARS)]
+
+
 class LoRASpec(WireModel):
     rank: int = Field(default=8, ge=1, le=MAX_LORA_RANK)
     alpha: float = _finite(default=16.0, gt=0, le=MAX_LORA_ALPHA)
     dropout: float = _finite(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=MAX_MODULE_CHARS)]] = Field(
+    target_modules: Annotated[list[ModuleName], Field(fail_fast=True)] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=MAX_TARGET_MODULES
     )
     use_rslora: bool = False
@@ -164,8 +167,8 @@ class TextExample(WireModel):
 class TokenExample(WireModel):
     """Used exactly as given: prompt ids + completion ids, nothing added."""
 
-    prompt_token_ids: list[TokenId]
-    completion_token_ids: list[TokenId] = Field(min_length=1)
+    prompt_token_ids: TokenIds
+    completion_token_ids: TokenIds = Field(min_length=1)
 
 
 class ChatExample(WireModel):
@@ -204,7 +207,7 @@ Example = Annotated[
 ]
 # Inline examples, or a path (local path or URI the worker can read) to a JSONL file of them.
 DataSpec = Annotated[
-    Annotated[list[Example], Tag("inline")]
+    Annotated[list[Example], Field(fail_fast=True), Tag("inline")]
     | Annotated[str, Tag("path"), Field(min_length=1, max_length=MAX_PATH_CHARS)],
     Discriminator(_data_form),
 ]

@@ -13,6 +13,7 @@ import orjson
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..codec import DEFAULT_LIMITS, RecordError, check_map_widths
 from .errors import APIError, bad_request
 
 
@@ -65,4 +66,9 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(value, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(value).__name__}", code="invalid_json")
+    try:
+        check_map_widths(value, DEFAULT_LIMITS.max_map_keys)  # each unknown key would be an error to build
+    except RecordError as exc:
+        raise bad_request(f"the request body has an object with too many fields: {exc.message}",
+                          code="invalid_value") from None
     return value

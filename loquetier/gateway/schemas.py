@@ -19,7 +19,7 @@ IGNORED = frozenset({
     "modalities", "verbosity", "reasoning_effort", "prompt_cache_retention",
 })
 Name = Annotated[str, Field(min_length=1, max_length=256)]
-Stop = str | Annotated[list[str], Field(max_length=16)] | None
+Stop = str | Annotated[list[str], Field(fail_fast=True, max_length=16)] | None
 
 
 class Body(BaseModel):
@@ -38,7 +38,7 @@ class TextPart(Body):
 
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)]
     name: str | None = None  # accepted, not used by chat templates
 
     def text(self) -> str:
@@ -88,7 +88,7 @@ class Sampling(Body):
 
 
 class ChatRequest(Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True, min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -114,8 +114,8 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
-        list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+    prompt: str | Annotated[list[str], Field(fail_fast=True, min_length=1, max_length=1)] | Annotated[
+        list[Annotated[int, Field(ge=0, lt=2**31)]], Field(fail_fast=True, min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=1)] | None = None
     echo: bool | None = None
     suffix: str | None = None

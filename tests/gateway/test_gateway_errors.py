@@ -154,6 +154,11 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
             ("POST", "/fine_tuning/jobs", json.dumps({"model": MODEL, "training_file": "f",
                                                      "hyperparameters": {"n_epochs": "many"}}).encode(), 400),
             ("POST", "/files", b"plain body", 400),
+            # each list stops at its first bad item; a map wider than any body has is refused before validation
+            ("POST", "/chat/completions", json.dumps({"model": MODEL, "messages": [{}] * 15_000}).encode(), 400),
+            ("POST", "/completions", json.dumps({"model": MODEL, "prompt": [-1] * 12_000}).encode(), 400),
+            ("POST", "/completions", json.dumps({"model": MODEL, "prompt": "hi",
+                                                 **{f"x{i}": 0 for i in range(2000)}}).encode(), 400),
             ("GET", "/fine_tuning/jobs?limit=abc", None, 400),
             ("GET", "/fine_tuning/jobs/ftjob-nope", None, 404),
             ("DELETE", "/models", None, 405),
@@ -164,6 +169,8 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
                 answer = await raw.request(method, url + path, content=body, headers=headers)
                 assert answer.status_code == status, (path, body and body[:80], answer.text)
                 assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+                if body and b'"x1999"' in body:
+                    assert "too many fields" in answer.json()["error"]["message"]
             files = [("not jsonl", b"hello\n", 400), ("bad example", b'{"prompt": "a"}\n', 400),
                      ("empty", b"\n\n", 400), ("too big", b'{"prompt": "a", "completion": "b"}\n' * 5000, 413)]
             for name, data, status in files:

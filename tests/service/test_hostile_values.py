@@ -191,3 +191,40 @@ def test_record_keys_are_bounded() -> None:
     with pytest.raises(RecordError) as caught:
         check_key(b"k" * 65, SMALL)
     assert caught.value.code == "too_large"
+
+
+def _many_errors(kind: TopicKind) -> bytes:
+    """A record within the size limit that would hold millions of validation errors."""
+    n = _rng.randrange(900_000, 1_000_000)
+    if kind == "training":
+        examples = [{"messages": [{}] * 1024}] * (n // 1024)  # two missing fields a message
+        return msgpack.packb({"schema": 1, "job_id": "j", "adapter_id": "a", "data": examples})
+    return _request(prompt=None, prompt_token_ids=[-1] * n, sampling={"stop": [""] * n})
+
+
+@pytest.mark.parametrize("kind", ["requests", "training"])
+def test_a_record_of_millions_of_bad_values_is_refused_at_once(kind: TopicKind) -> None:
+    """Each list stops at its first bad item (pydantic's FailFast): one record costs a handful of
+    errors to report, not one an item (seconds and gigabytes on the event loop before)."""
+    import time
+
+    data = _many_errors(kind)
+    assert len(data) <= Limits().max_record_bytes
+    t = time.perf_counter()
+    with pytest.raises(RecordError) as err:
+        decode_record(kind, data)
+    assert time.perf_counter() - t < 2.0  # a generous bound: about 0.1 s here, 10 s and more before
+    assert err.value.code in {"missing_field", "invalid_value"}
+    assert "more" not in err.value.message or int(err.value.message.split("... and ")[1].split()[0]) < 10
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_map_with_more_keys_than_any_record_has_is_too_large(where: str) -> None:
+    wide = {f"k{i}": i for i in range(Limits().max_map_keys + 1 + _rng.randrange(100_000))}
+    record = {"schema": 1, "request_id": "r1", "prompt": "hi", **(wide if where == "top" else {"sampling": wide})}
+    with pytest.raises(RecordError) as err:
+        decode_record("requests", msgpack.packb(record))
+    assert err.value.code == "too_large" and "keys" in err.value.message
+    assert err.value.request_id == "r1"  # so that the client hears why
+    narrow = {"schema": 1, "request_id": "r2", "prompt": "hi", "sampling": {"temperature": 0.5}}
+    assert decode_record("requests", msgpack.packb(narrow)).sampling.temperature == 0.5
