@@ -92,7 +92,7 @@ class Intake:
         elif isinstance(decoded, TrainingJobRecord):
             try:
                 await self._insert_job(decoded)
-            except AdapterTaken as exc:
+            except (AdapterTaken, JobIdTaken) as exc:
                 error = ErrorResult(job_id=decoded.job_id, code=exc.code, message=exc.message)
                 await self._publisher.publish(error, decoded.job_id)
                 log.info("job refused", extra={"job_id": decoded.job_id, "code": exc.code})
@@ -110,7 +110,7 @@ class Intake:
                 taken = await repo.adapter_taken(s, job.adapter_id, job.job_id)
                 if taken is not None:
                     raise AdapterTaken(job.adapter_id, taken.version)
-            await repo.insert_job_idempotent(
+            new = await repo.insert_job_idempotent(
                 s,
                 job_id=job.job_id,
                 kind=job.kind,
@@ -119,6 +119,10 @@ class Intake:
                 priority=job.priority,
                 total_steps=params.max_steps,
             )
+            if not new:  # a redelivery or a client's retry, or another job under a known id
+                stored = await repo.get_job(s, job.job_id)
+                if stored is not None and not same_job(stored.spec, job):
+                    raise JobIdTaken(job.job_id)
 
         await self._store.tx(insert)
         log.info("job accepted", extra={"job_id": job.job_id, "kind": job.kind, "adapter_id": job.adapter_id})
@@ -168,6 +172,31 @@ class AdapterTaken(Exception):
         self.message = (f"adapter {adapter_id!r} (version {version}) was made by another job or loaded by an "
                         "operator; set 'overwrite': true to train a new version of it, or use another adapter_id")
         super().__init__(f"{self.code}: {self.message}")
+
+
+class JobIdTaken(Exception):
+    """A training record that reuses a known ``job_id`` for another job (other data, adapter, kind or
+    parameters): the known job runs on unchanged, and the sender hears why its record did nothing."""
+
+    code = "duplicate_job_id"
+
+    def __init__(self, job_id: str) -> None:
+        self.message = (f"job_id {job_id!r} is known for a job with other content; the known job is unchanged. "
+                        "Use a new job_id for a new job")
+        super().__init__(f"{self.code}: {self.message}")
+
+
+def same_job(stored_spec: dict[str, Any], job: TrainingJobRecord) -> bool:
+    """Whether a stored job's spec is ``job`` again (its ``priority`` does not count), both read
+    through the wire model so that defaults and number forms compare alike."""
+    try:
+        stored = convert.job_spec(convert.job_from_spec(stored_spec))
+    except Exception:  # noqa: BLE001 - a spec this version cannot read is not this record
+        return False
+    ours = convert.job_spec(job)
+    stored.pop("priority", None)
+    ours.pop("priority", None)
+    return stored == ours
 
 
 def derived_command_id(record: Any) -> str:

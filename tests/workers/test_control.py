@@ -157,3 +157,72 @@ async def test_a_served_adapter_id_is_not_trained_over_without_overwrite(topics:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_known_job_id_with_other_content_is_refused_and_the_job_runs_on(topics: Any,
+                                                                              database_url: str) -> None:
+    """A training record reusing a job_id: the same job again (a redelivery, a client's retry, another
+    priority) changes nothing and says nothing; other content (data, adapter, parameters) is answered
+    ``duplicate_job_id`` and the known job runs on as it was sent."""
+    import uuid
+
+    from loquetier.messages import TrainingJobRecord
+
+    settings = await topics()
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    first = {"job_id": job_id, "adapter_id": f"dup-{job_id[-8:]}", "data": [{"prompt": "a", "completion": "b"}],
+             "params": {"max_steps": 3}}
+    async with running_worker(FakeEngine(), settings), client_for(settings) as client:
+        await client.submit_training(first)
+        stored = await query(database_url, lambda s: repo.get_job(s, job_id))
+        for _ in range(100):  # the row is written when the worker has taken the record
+            if stored is not None:
+                break
+            await asyncio.sleep(0.1)
+            stored = await query(database_url, lambda s: repo.get_job(s, job_id))
+        assert stored is not None
+        others = ({"data": [{"prompt": "x", "completion": "y"}]}, {"adapter_id": "somebody-else"},
+                  {"params": {"max_steps": 7}})
+        for other in others:
+            await client.submit_training(first | other)
+        await client.submit_training(TrainingJobRecord.model_validate(first | {"priority": 5}, strict=False))
+        await client.submit_training(first)
+        # one more of other content: the worker takes a key's records in order, so when its error has
+        # come the two copies before it have been taken, and they must have said nothing
+        await client.submit_training(first | {"params": {"max_steps": 9}})
+        results: list[Any] = []
+
+        async def read() -> None:  # an error is final for results(): follow until the job's end and 4 errors
+            async for r in client.results([job_id], follow=True):
+                results.append(r)
+                if any(x.type == "job_done" for x in results) and sum(x.type == "error" for x in results) >= 4:
+                    return
+
+        await asyncio.wait_for(read(), 60)
+    errors = [r for r in results if r.type == "error"]
+    assert [e.code for e in errors] == ["duplicate_job_id"] * 4
+    assert [r.status for r in results if r.type == "job_done"] == ["succeeded"]
+    row = await query(database_url, lambda s: repo.get_job(s, job_id))
+    assert row.adapter_id == first["adapter_id"] and row.spec["params"]["max_steps"] == 3
+    assert row.spec["data"] == first["data"]
+
+
+def test_a_job_as_the_gateway_stores_and_publishes_it_is_the_same_job() -> None:
+    """The gateway writes the job's row, then publishes the record: the worker's copy, read back from
+    the wire, is the stored job again (no duplicate_job_id for the gateway's own jobs), with random
+    floats, a path as data and every optional part set."""
+    import random
+
+    from loquetier.codec import encode
+    from loquetier.messages import TrainingJobRecord, decode_record
+    from workers.intake import same_job
+
+    rng = random.Random()
+    fields = {"job_id": f"ftjob-{rng.getrandbits(64):x}", "adapter_id": "ft-x", "base_adapter": None,
+              "data": "file-abc.jsonl", "eval_data": "file-def.jsonl",
+              "params": {"lr": rng.uniform(1e-6, 1e-2), "epochs": rng.randint(1, 9), "seed": rng.getrandbits(40)},
+              "priority": rng.randint(-5, 5), "lora": {"rank": 8, "alpha": rng.uniform(1, 64)}}
+    job = TrainingJobRecord.model_validate(fields, strict=False)
+    stored = job.model_dump(mode="json", by_alias=True)
+    assert same_job(stored, decode_record("training", encode(job)))
+    assert not same_job(stored, decode_record("training", encode(job.model_copy(update={"adapter_id": "ft-y"}))))
