@@ -132,6 +132,9 @@ class WorkerSettings(BaseModel):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     checkpoint_storage: Literal["db", "uri"] = "db"
     checkpoint_dir: Path = DEFAULT_CACHE_DIR / "checkpoints"
+    # A job's checkpoints kept (the newest; older rows and their files are deleted as a new one is
+    # stored): a job with checkpoint_every 1 would otherwise store weights and optimizer state at every step
+    keep_checkpoints: int = Field(default=3, ge=1, le=10_000)
     # Control "load" paths (and path base adapters) must resolve, symlinks followed, under
     # adapter_dir or one of adapter_roots (JSON list in the environment).
     adapter_dir: Path = DEFAULT_CACHE_DIR / "adapters"

@@ -9,6 +9,7 @@ adapter (control "unload") is dropped everywhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -46,6 +47,19 @@ async def store_blob(settings: WorkerSettings, name: str, data: bytes) -> dict[s
     path = settings.checkpoint_dir / blob_name(name)
     digest = await asyncio.to_thread(_write_file, path, data)
     return {"uri": f"file://{path}", "sha256": digest, "size_bytes": len(data)}
+
+
+def remove_blobs(settings: WorkerSettings, uris: list[str]) -> None:
+    """Delete the files of ``uris`` that lie under ``checkpoint_dir`` (others are left alone: a URI
+    names what a worker wrote there); a file already gone is fine."""
+    root = settings.checkpoint_dir.resolve()
+    for uri in uris:
+        if not uri.startswith("file://"):
+            continue
+        path = Path(uri.removeprefix("file://")).resolve()
+        if path.is_relative_to(root):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def blob_name(name: str) -> str:

@@ -26,7 +26,7 @@ from loquetier.settings import WorkerSettings
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
 
 from . import adapter_paths, convert
-from .adapters import AdapterSync, lora_fields, read_payload, store_blob
+from .adapters import AdapterSync, lora_fields, read_payload, remove_blobs, store_blob
 from .engine_client import EngineClient, EngineStopped
 from .errors import public_error
 from .inference import POISONED, poisoned_message
@@ -331,15 +331,16 @@ class LeasedJobs:
 
     async def _checkpoint(self, ev: JobCheckpoint, rj: RunningJob) -> None:
         blob = await self._store_blob(f"{ev.job_id}/step-{ev.step}.ckpt", ev.data)
-        row = await self._store.tx(
-            lambda s: repo.save_checkpoint(
-                s,
-                job_id=ev.job_id,
-                step=ev.step,
-                meta={"worker_id": self._worker_id, "loss": rj.loss},
-                **blob,
-            )
-        )
+        keep = self._settings.keep_checkpoints
+
+        async def save(s: Any) -> tuple[Any, list[str]]:
+            saved = await repo.save_checkpoint(
+                s, job_id=ev.job_id, step=ev.step, meta={"worker_id": self._worker_id, "loss": rj.loss}, **blob)
+            return saved, await repo.prune_checkpoints(s, ev.job_id, keep)
+
+        row, dropped = await self._store.tx(save)
+        if dropped:  # files of the checkpoints pruned above, once their rows are gone
+            await asyncio.to_thread(remove_blobs, self._settings, dropped)
         log.info("checkpoint stored", extra={"job_id": ev.job_id, "step": ev.step, "bytes": row.size_bytes})
         await self._publisher.publish(
             CheckpointResult(

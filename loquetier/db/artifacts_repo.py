@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -51,6 +51,17 @@ async def save_checkpoint(
     ).returning(CheckpointRow)
     result = await session.execute(upsert.execution_options(populate_existing=True))
     return result.scalar_one()
+
+
+async def prune_checkpoints(session: AsyncSession, job_id: str, keep: int) -> list[str]:
+    """Delete the checkpoints of ``job_id`` but the ``keep`` newest; the URIs of the deleted ones
+    (their files are the caller's to remove once the transaction commits)."""
+    newest = (select(CheckpointRow.step).where(CheckpointRow.job_id == job_id)
+              .order_by(CheckpointRow.step.desc()).limit(keep))
+    stmt = (delete(CheckpointRow)
+            .where(CheckpointRow.job_id == job_id, CheckpointRow.step.not_in(newest.scalar_subquery()))
+            .returning(CheckpointRow.uri))
+    return [uri for uri in (await session.execute(stmt)).scalars() if uri]
 
 
 async def latest_checkpoint(session: AsyncSession, job_id: str) -> CheckpointRow | None:

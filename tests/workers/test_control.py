@@ -215,7 +215,7 @@ def test_a_job_as_the_gateway_stores_and_publishes_it_is_the_same_job() -> None:
 
     from loquetier.codec import encode
     from loquetier.messages import TrainingJobRecord, decode_record
-    from workers.intake import same_job
+    from loquetier.workers.intake import same_job
 
     rng = random.Random()
     fields = {"job_id": f"ftjob-{rng.getrandbits(64):x}", "adapter_id": "ft-x", "base_adapter": None,

@@ -104,6 +104,36 @@ async def test_training_job_checkpoints_done_and_serves_the_adapter(topics: Any,
     assert job_row is not None and job_row.status == "succeeded" and job_row.step == 6
 
 
+async def test_a_job_keeps_its_newest_checkpoints_and_their_files(topics: Any, database_url: str,
+                                                                    tmp_path: Any) -> None:
+    """A checkpoint at every step keeps only ``keep_checkpoints`` rows and files: older ones go as
+    newer ones are stored (the store no longer grows with the job's length)."""
+    import random
+
+    from sqlalchemy import select
+
+    from loquetier.db.models import CheckpointRow
+
+    keep, steps = random.randint(2, 3), random.randint(8, 11)
+    root = tmp_path / "blobs"
+    settings = await topics(checkpoint_storage="uri", checkpoint_dir=root, keep_checkpoints=keep)
+    job = {"adapter_id": f"kept-{keep}-{steps}", "data": [{"prompt": "a b", "completion": "c"}],
+           "params": {"max_steps": steps, "checkpoint_every": 1, "seed": 5}}
+    async with running_worker(FakeEngine(), settings), client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        records = [r async for r in client.results([job_id])]
+    published = [r.step for r in records if r.type == "checkpoint"]
+    assert published == list(range(1, steps))  # each one was stored and announced
+    db = create_engine(database_url)
+    async with session_factory(db).begin() as s:
+        rows = (await s.scalars(select(CheckpointRow).where(CheckpointRow.job_id == job_id))).all()
+    await db.dispose()
+    assert sorted(r.step for r in rows) == published[-keep:]
+    files = sorted(p.name for p in root.rglob("*.ckpt"))
+    assert files == sorted(f"step-{step}.ckpt" for step in published[-keep:])
+    assert all(r.uri and r.uri.endswith(f"step-{r.step}.ckpt") for r in rows)
+
+
 async def test_a_slow_job_write_does_not_hold_up_tokens(topics: Any, database_url: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A job's events are recorded in the job's own lane: while its checkpoint's write hangs, a request
