@@ -63,6 +63,9 @@ class Limits:
     max_inline_examples: int = 10_000
     max_example_chars: int = 100_000  # prompt + completion of one text example
     max_example_tokens: int = 131_072  # prompt + completion ids of one token example
+    # Chat examples: each assistant turn is located by rendering the conversation up to it, so a
+    # record costs about (turns x assistant turns) summed over its examples in template work
+    max_chat_turn_renders: int = 1_000_000
     max_list_items: int = 1_000_000
     # Keys of any one map: a record's models have a few dozen fields at most, and every unknown key
     # would be one more validation error to build

@@ -348,6 +348,11 @@ def _examples_over_limit(
 ) -> str | None:
     if len(examples) > limits.max_inline_examples:
         return f"{name} has {len(examples)} examples, the limit is {limits.max_inline_examples}"
+    renders = sum(len(ex.messages) * sum(m.role == "assistant" for m in ex.messages)
+                  for ex in examples if isinstance(ex, ChatExample))
+    if renders > limits.max_chat_turn_renders:
+        return (f"{name}'s chat examples have {renders} (turns x assistant turns) summed, the limit is "
+                f"{limits.max_chat_turn_renders}: send fewer or shorter conversations a record")
     for index, ex in enumerate(examples):
         if isinstance(ex, TextExample):
             size, limit, unit = len(ex.prompt) + len(ex.completion), limits.max_example_chars, "chars"

@@ -228,3 +228,19 @@ def test_a_map_with_more_keys_than_any_record_has_is_too_large(where: str) -> No
     assert err.value.request_id == "r1"  # so that the client hears why
     narrow = {"schema": 1, "request_id": "r2", "prompt": "hi", "sampling": {"temperature": 0.5}}
     assert decode_record("requests", msgpack.packb(narrow)).sampling.temperature == 0.5
+
+
+def test_chat_examples_are_bounded_by_their_template_work() -> None:
+    """Locating each assistant turn renders the conversation up to it: a record of long conversations
+    of many assistant turns (minutes of template work, holding the data preparation) is too_large;
+    ordinary chat data at the same size passes."""
+    turns = _rng.randrange(900, 1024)
+    long_chat = {"messages": [{"role": "assistant", "content": "a"}] * turns}
+    n = 1_000_000 // (turns * turns) + 1 + _rng.randrange(50)
+    job = {"schema": 1, "job_id": "j", "adapter_id": "a", "data": [long_chat] * n}
+    with pytest.raises(RecordError) as err:
+        decode_record("training", msgpack.packb(job))
+    assert err.value.code == "too_large" and "assistant turns" in err.value.message and err.value.job_id == "j"
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 5}
+    ok = decode_record("training", msgpack.packb(job | {"data": [chat] * 10_000}))  # 10 x 5 a conversation
+    assert len(ok.data) == 10_000
