@@ -56,7 +56,7 @@ def _pipelined_ms(engine: Engine, steps: int) -> float:
     synchronizes around each call, so a call's host work adds to its time)."""
     _sync()
     before, t = engine.num_steps, time.perf_counter()
-    for _ in range(steps):
+    while engine.num_steps - before < steps:  # a call that runs a decode window makes several steps
         engine.step()
     _sync()
     return (time.perf_counter() - t) / max(1, engine.num_steps - before) * 1e3
@@ -146,6 +146,7 @@ def _carry_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, 
 
     out: dict[str, float] = {}
     times: dict[str, list[float]] = {"carry": [], "add": [], "carry_pipelined": [], "add_pipelined": []}
+    rows = len(engine.scheduler.running)
     try:
         use("add")  # ``added`` captures its graph in the comparison, with the add per layer
         out |= {f"carry_vs_add_{k}": v for k, v in _compare_graphs(engine, fused_graphs, added).items()}
@@ -156,6 +157,8 @@ def _carry_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, 
                 times[f"{name}_pipelined"].append(_pipelined_ms(engine, steps))
         use("add")
         out["fused_graph_add_gpu_kernel_ms_per_step"] = _profiled_gpu_ms(engine)
+        if len(engine.scheduler.running) != rows:  # a shrinking batch would time smaller steps
+            raise RuntimeError(f"{rows - len(engine.scheduler.running)} sequences finished during the timing")
     finally:
         use("carry")
     for name in ("carry", "add"):
@@ -170,7 +173,8 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
         prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
         engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
                            adapter_id=adapters[i % len(adapters)],
-                           sampling=SamplingParams(max_tokens=30 * steps + 60, temperature=0.0, ignore_eos=True))
+                           # every timing below at the full batch: 1,800 tokens outlast the case's ~1,100 steps
+                           sampling=SamplingParams(max_tokens=1800, temperature=0.0, ignore_eos=True))
     graphs = engine.runner.graphs
     engine.runner.graphs = None
     while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
