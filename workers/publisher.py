@@ -5,11 +5,12 @@ one partition. ``publish`` waits for the broker's acknowledgement (the caller ma
 source record done only afterwards); ``stream`` only enqueues (token records are a
 best-effort preview, the "result" record is the one that counts).
 
-A request with ``reply_to`` gets its records on that topic (a gateway's own). A record for a
-reply topic that cannot be written (its gateway's topic was deleted) is tried for
-``reply_timeout_s`` at most and then dropped, and a topic the broker reports unknown is skipped
-for 30 s: the outcome stays in the request's row, and one missing topic never holds up the
-worker's other work.
+A request with ``reply_to`` gets its records on that topic (a gateway's own). A reply topic the
+worker has not written to yet is looked up in the background (:mod:`.reply_topics`): its token
+records wait for the answer in order, nothing else does, and a missing topic's records are
+dropped (the outcome stays in the request's row). A record for a reply topic that cannot be
+written (its gateway's topic was deleted) is tried for ``reply_timeout_s`` at most and then
+dropped. So one missing topic, or many made-up names, never hold up the worker's other work.
 
 A record the broker can never take (over the size limit, invalid) is logged and skipped:
 ``publish`` returns False instead of retrying it forever, which once wedged a consumer.
@@ -40,12 +41,10 @@ from loquetier.codec import Record
 from loquetier.messages import DeadLetter, encode_record
 from loquetier.settings import KafkaSettings
 
+from .reply_topics import ReplyTopics
 from .topics import forbid_auto_create
 
 log = logging.getLogger(__name__)
-
-REPLY_DOWN_S = 30.0  # a reply topic found missing is not tried again for this long
-REPLY_LOOKUP_S = 2.0  # how long the first record for a reply topic waits to learn that the topic exists
 
 # Refusals that the same bytes will meet again however often they are sent.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
@@ -84,15 +83,18 @@ class Publisher:
         self._deadline: float | None = None
         self.num_published = 0
         self.num_retries = 0
-        self.num_replies_dropped = 0
-        self._reply_down_until: dict[str, float] = {}  # reply topic -> monotonic time to try again
-        self._replies_seen: set[str] = set()  # reply topics the broker knows
-        self._reply_lookups: dict[str, asyncio.Task[None]] = {}
+        self._num_dropped = 0
+        self.replies = ReplyTopics(self._producer, kafka.reply_prefix)
         self.num_skipped = 0
 
     @property
     def reply_prefix(self) -> str:
         return self._kafka.reply_prefix
+
+    @property
+    def num_replies_dropped(self) -> int:
+        """Records dropped because their reply topic is missing or could not be written."""
+        return self._num_dropped + self.replies.num_dropped
 
     async def start(self) -> None:
         backoff = 0.2
@@ -116,6 +118,7 @@ class Publisher:
 
     async def stop(self) -> None:
         self.closing = True
+        await self.replies.stop()
         try:
             await asyncio.wait_for(self._producer.stop(), timeout=5.0)
         except (TimeoutError, KafkaError) as exc:  # unsent records stay undone: redelivered later
@@ -134,61 +137,19 @@ class Publisher:
         return await self._send(topic or self._kafka.results_topic, key, value)
 
     async def stream(self, record: Record, key: str, *, topic: str | None = None) -> None:
-        """Enqueue without waiting for the acknowledgement (token previews)."""
+        """Enqueue without waiting for the acknowledgement (token previews); a record for a reply
+        topic not known yet is held until its lookup ends, so this never waits on one."""
         topic = topic or self._kafka.results_topic
-        if not await self._reply_usable(topic):
-            self.num_replies_dropped += 1
+        value = encode_record(record)
+        if not self.replies.is_known(topic):
+            self.replies.hold(topic, value, key.encode())
             return
         try:
-            await self._producer.send(topic, encode_record(record), key=key.encode())
+            await self._producer.send(topic, value, key=key.encode())
         except KafkaError as exc:
             log.warning("token record not sent", extra={"error": str(exc), "key": key, "topic": topic})
             if isinstance(exc, UnknownTopicOrPartitionError):  # gone, not a broker blip
-                self._mark_reply_down(topic)
-
-    def _is_reply(self, topic: str) -> bool:
-        return topic.startswith(self._kafka.reply_prefix)
-
-    async def _reply_usable(self, topic: str, *, wait_s: float = REPLY_LOOKUP_S, first_only: bool = True) -> bool:
-        """May a record go to ``topic`` now? A reply topic the producer has not seen is looked up for
-        ``wait_s``; a lookup that takes longer goes on in the background while token records for it are
-        dropped (they are previews; ``first_only``: only the first one waits), so a missing topic never
-        holds the event pump for the producer's whole request timeout. Only a topic the broker reports
-        unknown is marked down."""
-        if not self._is_reply(topic) or topic in self._replies_seen:
-            return True
-        if self._reply_is_down(topic):
-            return False
-        lookup = self._reply_lookups.get(topic)
-        if lookup is not None and first_only:
-            return False
-        if lookup is None:
-            lookup = asyncio.create_task(self._look_up_reply(topic))
-            self._reply_lookups[topic] = lookup
-            lookup.add_done_callback(lambda _: self._reply_lookups.pop(topic, None))
-        try:
-            await asyncio.wait_for(asyncio.shield(lookup), wait_s)
-        except TimeoutError:
-            return False
-        return topic in self._replies_seen
-
-    async def _look_up_reply(self, topic: str) -> None:
-        try:
-            await self._producer.partitions_for(topic)
-        except UnknownTopicOrPartitionError:
-            self._mark_reply_down(topic)
-        except KafkaError as exc:  # the broker away: not the topic's fault
-            log.warning("reply topic lookup failed", extra={"topic": topic, "error": repr(exc)})
-        else:
-            self._replies_seen.add(topic)
-
-    def _reply_is_down(self, topic: str) -> bool:
-        return self._is_reply(topic) and self._reply_down_until.get(topic, 0.0) > time.monotonic()
-
-    def _mark_reply_down(self, topic: str) -> None:
-        if self._is_reply(topic):
-            self._replies_seen.discard(topic)
-            self._reply_down_until[topic] = time.monotonic() + REPLY_DOWN_S
+                self.replies.mark_down(topic)
 
     async def dead_letter(self, letter: DeadLetter) -> bool:
         return await self.publish(
@@ -209,10 +170,11 @@ class Publisher:
             too_large = MessageSizeTooLargeError(f"{len(value)} bytes, the limit is {self.max_request_bytes}")
             return self._skip(topic, key, too_large)
         backoff = 0.1
-        give_up = time.monotonic() + self._kafka.reply_timeout_s if self._is_reply(topic) else None
-        if not await self._reply_usable(topic, wait_s=self._kafka.reply_timeout_s, first_only=False):
-            log.warning("reply topic unknown, record dropped", extra={"topic": topic})
-            self.num_replies_dropped += 1
+        is_reply = self.replies.is_reply(topic)
+        give_up = time.monotonic() + self._kafka.reply_timeout_s if is_reply else None
+        if not await self.replies.usable(topic, self._kafka.reply_timeout_s):
+            log.warning("reply topic unknown, record dropped", extra={"topic": topic[:256]})
+            self._num_dropped += 1
             return False
         while True:
             try:
@@ -226,8 +188,8 @@ class Publisher:
                     raise PublishAborted(f"{topic}: {exc!r}") from exc
                 if give_up is not None and time.monotonic() >= give_up:
                     log.warning("reply topic unwritable, record dropped", extra={"topic": topic, "error": repr(exc)})
-                    self.num_replies_dropped += 1
-                    self._mark_reply_down(topic)
+                    self._num_dropped += 1
+                    self.replies.mark_down(topic)
                     return False
                 self.num_retries += 1
                 log.warning("publish failed, retrying: %s %r", topic, exc, extra={"topic": topic, "error": repr(exc)})

@@ -16,10 +16,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from sqlalchemy import text, update
 
+from loquetier import services
 from loquetier.db import repo
 from loquetier.db.models import JobRow, RequestRow
 from loquetier.db.store import Store, StoreError
-from loquetier.messages import ErrorResult, GenerateRequest, decode_record
+from loquetier.messages import ErrorResult, GenerateRequest, GenerateResult, TokenResult, decode_record
 from loquetier.workers import convert
 from loquetier.workers.publisher import Publisher
 from tests.fakes import FakeEngine
@@ -240,3 +241,64 @@ async def test_database_errors_reach_users_without_sql(database_url: str) -> Non
         assert caught.value.code == "database_error" and "training_jobs" not in str(caught.value)
     finally:
         await store.close()
+
+
+async def test_reply_topics_are_looked_up_beside_the_records(topics: Any) -> None:
+    """Token records for a reply topic not known yet never wait for its lookup: a new gateway's
+    topic gets them all, in order, before the result; made-up names cost two lookups at most each
+    and never join the producer's metadata set."""
+    settings = await topics()
+    kafka = settings.kafka.model_copy(update={"reply_timeout_s": 10.0})
+    bootstrap = kafka.bootstrap or ""
+    publisher = Publisher(bootstrap, kafka, worker_id="w")
+    await publisher.start()
+    fresh = f"{kafka.reply_prefix}gw-{uuid.uuid4().hex[:8]}"
+    made_up = [f"{kafka.reply_prefix}nobody-{uuid.uuid4().hex[:8]}-{i}" for i in range(200)]
+    try:
+        await services.create_topics(bootstrap, [fresh], num_partitions=1)
+        started = time.monotonic()
+        for name in made_up:  # each returns at once: its record is held while the names are asked about
+            await asyncio.wait_for(publisher.stream(_token("r", 0), "r", topic=name), 0.5)
+        for index in range(3):
+            await asyncio.wait_for(publisher.stream(_token("mine", index), "mine", topic=fresh), 0.5)
+        assert time.monotonic() - started < 5
+        final = GenerateResult(request_id="mine", token_ids=[1, 2, 3], text="abc", finish_reason="length",
+                               usage={"prompt_tokens": 2, "completion_tokens": 3})  # type: ignore[arg-type]
+        assert await publisher.publish(final, "mine", topic=fresh)
+        assert not await publisher.publish(ErrorResult(request_id="r", code="x", message="y"), "r", topic=made_up[0])
+        while publisher.replies._pending:
+            await asyncio.sleep(0.05)
+        assert publisher.num_replies_dropped == len(made_up) + 1
+        assert publisher.replies.num_lookups <= 2 * (len(made_up) + 1)  # each name asked about twice at most
+        assert not set(made_up) & publisher._producer.client._topics
+        # a known topic's records go straight out; a missing one's are dropped without a lookup
+        lookups = publisher.replies.num_lookups
+        await publisher.stream(_token("mine", 3), "mine", topic=fresh)
+        await publisher.stream(_token("r", 1), "r", topic=made_up[1])
+        assert publisher.replies.num_lookups == lookups and publisher.num_replies_dropped == len(made_up) + 2
+    finally:
+        await publisher.stop()
+    records = await _read_one_partition(bootstrap, fresh, 5)
+    assert [(r.type, getattr(r, "index", None)) for r in records] == [
+        ("token", 0), ("token", 1), ("token", 2), ("result", None), ("token", 3)]
+
+
+def _token(rid: str, index: int) -> TokenResult:
+    return TokenResult(request_id=rid, index=index, token_ids=[index + 5], text=str(index))
+
+
+async def _read_one_partition(bootstrap: str, topic: str, num: int, timeout: float = 30) -> list[Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        part = TopicPartition(topic, 0)
+        consumer.assign([part])
+        await consumer.seek_to_beginning(part)
+        deadline = time.monotonic() + timeout
+        while len(out) < num and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                out += [decode_record("results", r.value) for r in records]
+        return out
+    finally:
+        await consumer.stop()
