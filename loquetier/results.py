@@ -49,12 +49,27 @@ class GenerateResult(Record):
     logprobs: list[float] | None = None
 
 
+class RecordRef(WireModel):
+    """Where one consumed record stood: a refusal of that record alone names it, so that a reader
+    who sent another record under the same id can tell the refusal is not its answer."""
+
+    topic: str = Field(min_length=1, max_length=249)
+    partition: NonNegInt
+    offset: NonNegInt
+
+    def key(self) -> tuple[str, int, int]:
+        return (self.topic, self.partition, self.offset)
+
+
 class ErrorResult(Record):
     type: Literal["error"] = "error"
     request_id: Id | None = None
     job_id: Id | None = None
     code: str = Field(min_length=1)
     message: str
+    # set: this refuses only the record there (unreadable, or an id another record holds), not the
+    # request or job under the id; nil: the outcome of the request or job
+    record: RecordRef | None = None
 
     @model_validator(mode="after")
     def _has_an_id(self) -> ErrorResult:
@@ -118,6 +133,7 @@ class ControlAck(Record):
     code: str | None = None  # null on success
     message: str = ""
     adapter_version: NonNegInt | None = None  # load: the version now served
+    record: RecordRef | None = None  # the command record answered (nil from workers before it was added)
 
 
 ResultRecord = Annotated[

@@ -8,7 +8,11 @@
 ``results`` reads ``loquetier.results`` from where it stood when the client started (so a
 result of anything submitted through this client is never missed), or from a timestamp.
 It ends once every id reached a final record ("result"/"error" for a request,
-"job_done"/"error" for a job, "control_ack" for a command) unless ``follow`` is set. The worker delivers at least once:
+"job_done"/"error" for a job, "control_ack" for a command) unless ``follow`` is set. An error or
+ack that names the record it answers (``record``) is skipped for an id this client sent unless it
+names a record this client sent: another producer's record under the same id (a typo, or a
+hostile reuse of an id it read) gets its own refusal, which is not this client's answer. The
+worker delivers at least once:
 a result may arrive twice, identical. A results log that shrinks under the reader (a broker
 that lost its data and started over) is read again from its beginning.
 """
@@ -53,6 +57,8 @@ class LoquetierClient:
             max_request_size=self.kafka.max_record_bytes + 64 * 1024,
         )
         self._start_offsets: dict[TopicPartition, int] = {}
+        self._sent: set[tuple[str, int, int]] = set()  # (topic, partition, offset) of every record sent
+        self._sent_ids: set[str] = set()  # the request, job and command ids of those records
 
     async def __aenter__(self) -> LoquetierClient:
         await self.start()
@@ -80,7 +86,19 @@ class LoquetierClient:
     # --- publishing ------------------------------------------------------------------------
 
     async def send(self, topic: str, record: Record, key: str | None) -> None:
-        await self._producer.send_and_wait(topic, encode_record(record), key=key.encode() if key else None)
+        sent = await self._producer.send_and_wait(topic, encode_record(record), key=key.encode() if key else None)
+        self._sent.add((sent.topic, sent.partition, sent.offset))
+        own_id = _record_id(record)
+        if own_id is not None:
+            self._sent_ids.add(own_id)
+
+    def _is_ours(self, record: Any, rid: str | None) -> bool:
+        """Whether a result record answers this client: anything but a refusal of one named record
+        under an id this client sent, unless that record is one of ours."""
+        ref = getattr(record, "record", None)
+        if ref is None or rid not in self._sent_ids:
+            return True
+        return ref.key() in self._sent
 
     async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[Any]:
         """Enqueue arbitrary bytes (tests, other encoders); await the result for the RecordMetadata."""
@@ -261,6 +279,8 @@ class LoquetierClient:
                         rid = _record_id(record)
                         if wanted is not None and rid not in wanted:
                             continue
+                        if not self._is_ours(record, rid):
+                            continue  # another producer's record under this id was refused
                         yield record
                         if record.type in FINAL_TYPES:
                             open_ids.discard(rid)

@@ -119,7 +119,7 @@ class Inference:
 
     async def _refuse_duplicate(self, rid: str, source: Source, reply_to: str | None) -> None:
         """Answer one record that reuses ``rid`` for other content; the first request is untouched."""
-        error = ErrorResult(request_id=rid, code="duplicate_request_id", message=_DUPLICATE)
+        error = ErrorResult(request_id=rid, code="duplicate_request_id", message=_DUPLICATE, record=source.ref())
         try:
             await self._publisher.publish(error, rid, topic=reply_to)
         except Exception:  # not done: the record comes back and is answered then
@@ -212,7 +212,7 @@ class Inference:
                 return True
             if row.content_sha256 is not None and row.content_sha256 != fingerprint:
                 error = ErrorResult(request_id=rid, code="duplicate_request_id", message=_DUPLICATE)
-                await self._deliver(rid, error, answered=row.answered_records)
+                await self._deliver(rid, error, answered=row.answered_records, refusal=True)
                 log.info("duplicate request_id refused", extra={"request_id": rid})
                 return False
             if row.finished_at is not None:
@@ -298,13 +298,14 @@ class Inference:
             log.exception("could not store a request outcome")
             return None
 
-    async def _deliver(self, rid: str, record: Any, *, answered: Collection[Any] = ()) -> int:
+    async def _deliver(self, rid: str, record: Any, *, answered: Collection[Any] = (), refusal: bool = False) -> int:
         """Publish ``record`` once per Kafka record waiting on ``rid``, mark each done, then note
         on the row the records it was published for; returns how many.
 
         A record whose key is in ``answered`` (the row's list) was answered before: it is only
-        marked done. The flight leaves ``inflight`` before the first publish, so two outcomes
-        racing for one request (an engine finish and a stop) never both go out."""
+        marked done. ``refusal``: ``record`` (an error) refuses each record alone, which it then
+        names. The flight leaves ``inflight`` before the first publish, so two outcomes racing for
+        one request (an engine finish and a stop) never both go out."""
         flight = self.inflight.pop(rid, None)
         QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
         if flight is None:
@@ -314,7 +315,8 @@ class Inference:
             while flight.sources:
                 source = flight.sources[0]
                 if source.key() not in answered:
-                    await self._publish_final(rid, record, flight.request.reply_to)
+                    answer = record.model_copy(update={"record": source.ref()}) if refusal else record
+                    await self._publish_final(rid, answer, flight.request.reply_to)
                     published.append(source)
                 flight.sources.pop(0)
                 self._on_done(source)

@@ -35,7 +35,7 @@ from .inference import Inference
 from .jobs import LeasedJobs
 from .metrics import RECORD_AGE, RECORDS
 from .publisher import Publisher
-from .sources import Source, record_timestamp
+from .sources import Source, record_ref, record_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,13 @@ class Intake:
         if isinstance(decoded, ControlCommand):
             command_id = decoded.command_id or derived_command_id(record)
             ack = await self._control.apply(decoded, command_id)
-            await self._publisher.publish(ack, command_id)
+            await self._publisher.publish(ack.model_copy(update={"record": record_ref(record)}), command_id)
         elif isinstance(decoded, TrainingJobRecord):
             try:
                 await self._insert_job(decoded)
             except (AdapterTaken, JobIdTaken) as exc:
-                error = ErrorResult(job_id=decoded.job_id, code=exc.code, message=exc.message)
+                error = ErrorResult(job_id=decoded.job_id, code=exc.code, message=exc.message,
+                                    record=record_ref(record))
                 await self._publisher.publish(error, decoded.job_id)
                 log.info("job refused", extra={"job_id": decoded.job_id, "code": exc.code})
             except Exception as exc:
@@ -134,9 +135,8 @@ class Intake:
         if kind == "control":
             await self._refuse_command(record, err)
         elif letter.request_id is not None or letter.job_id is not None:
-            error = ErrorResult(
-                request_id=letter.request_id, job_id=letter.job_id, code=err.code, message=err.message[:2000]
-            )
+            error = ErrorResult(request_id=letter.request_id, job_id=letter.job_id, code=err.code,
+                                message=err.message[:2000], record=record_ref(record))
             await self._publisher.publish(error, letter.request_id or letter.job_id)
         log.info(
             "record rejected",
@@ -159,7 +159,7 @@ class Intake:
         target = fields.get("target_id")
         target = target if isinstance(target, str) and 0 < len(target) <= MAX_ID_CHARS else None
         ack = ControlAck(command_id=command_id, action=action, target_id=target, ok=False, code=err.code,
-                         message=err.message[:2000])
+                         message=err.message[:2000], record=record_ref(record))
         await self._publisher.publish(ack, command_id)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from loquetier.messages import RecordRef
+
 
 class Source(NamedTuple):
     """Where a request record came from, and what marks it done."""
@@ -18,6 +20,10 @@ class Source(NamedTuple):
     offset: int
     epoch: int  # the offset tracker's, passed back with the offset to mark the record done
     timestamp: int | None  # ms, the record's own (producer's clock, or the broker's append time)
+
+    def ref(self) -> RecordRef:
+        """The record's place, as a refusal of this record alone names it."""
+        return RecordRef(topic=self.part.topic, partition=self.part.partition, offset=self.offset)
 
     def key(self) -> dict[str, Any]:
         """The record as ``answered_records`` lists it (JSON: compared by value)."""
@@ -33,3 +39,8 @@ def record_timestamp(record: Any) -> int | None:
     """A consumed record's timestamp in ms; None when it has none (-1 on the wire)."""
     stamp = getattr(record, "timestamp", None)
     return stamp if isinstance(stamp, int) and stamp >= 0 else None
+
+
+def record_ref(record: Any) -> RecordRef:
+    """A consumed record's place (aiokafka's ConsumerRecord)."""
+    return RecordRef(topic=record.topic, partition=record.partition, offset=record.offset)

@@ -29,14 +29,18 @@ Kind = str  # "chat" | "text"
 class Waiter:
     queue: asyncio.Queue[Any]
     deadline: float
+    sent: tuple[str, int, int] | None = None  # where the request's record stands
 
     async def next(self) -> Any:
         """The next record; 504 past the deadline; an ``error`` record as its APIError."""
-        remaining = self.deadline - time.monotonic()
-        try:
-            record = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
-        except TimeoutError:
-            raise APIError(504, "no result within the gateway's request timeout", code="timeout") from None
+        while True:
+            remaining = self.deadline - time.monotonic()
+            try:
+                record = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
+            except TimeoutError:
+                raise APIError(504, "no result within the gateway's request timeout", code="timeout") from None
+            if self._is_ours(record):
+                break
         if record.type == "error":
             raise from_worker(record.code, record.message)
         return record
@@ -46,10 +50,18 @@ class Waiter:
         out = []
         while not self.queue.empty():
             record = self.queue.get_nowait()
+            if not self._is_ours(record):
+                continue
             if record.type == "error":
                 raise from_worker(record.code, record.message)
             out.append(record)
         return out
+
+    def _is_ours(self, record: Any) -> bool:
+        """A refusal of one named record answers only that record: one another producer sent to
+        this gateway's topic under our request id is not our answer."""
+        ref = getattr(record, "record", None)
+        return ref is None or self.sent is None or ref.key() == self.sent
 
     async def final(self) -> GenerateResult:
         while True:

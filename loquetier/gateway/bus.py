@@ -80,11 +80,13 @@ class Bus:
 
     # --- publishing ------------------------------------------------------------------------
 
-    async def publish(self, topic: str, record: Record | bytes, key: str) -> None:
+    async def publish(self, topic: str, record: Record | bytes, key: str) -> tuple[str, int, int]:
         """Send (a record, or one already encoded) and wait for the broker's acknowledgement
-        (KafkaError when it does not take it)."""
+        (KafkaError when it does not take it); returns where the record stands (topic, partition,
+        offset), which a refusal of that record alone names."""
         value = record if isinstance(record, bytes) else encode_record(record)
-        await self._producer.send_and_wait(topic, value, key=key.encode())
+        sent = await self._producer.send_and_wait(topic, value, key=key.encode())
+        return (sent.topic, sent.partition, sent.offset)
 
     # --- replies ---------------------------------------------------------------------------
 

@@ -117,13 +117,13 @@ async def _complete(request: Request, gw: Gateway, kind: str, body: Sampling, ad
     gw.admit()
     queue = gw.bus.expect(rid)
     try:
-        await gw.bus.publish(gw.settings.kafka.requests_topic, value, rid)
+        sent = await gw.bus.publish(gw.settings.kafka.requests_topic, value, rid)
     except KafkaError as exc:
         gw.bus.forget(rid)
         log.warning("request not published", extra={"request_id": rid, "error": repr(exc)})
         raise APIError(503, "the message broker is unavailable; retry later", code="broker_unavailable") from None
     IN_FLIGHT.inc()
-    waiter = answers.Waiter(queue, time.monotonic() + gw.config.request_timeout_s)
+    waiter = answers.Waiter(queue, time.monotonic() + gw.config.request_timeout_s, sent)
     route = request.url.path
     if is_stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -89,3 +90,33 @@ def test_reply_to_must_be_a_topic_name() -> None:
         with pytest.raises(RecordError) as err:
             decode_record("requests", msgpack.packb(obj))
         assert err.value.code == "invalid_value" and err.value.request_id == "r1"
+
+
+async def test_a_refusal_of_another_record_is_not_the_gateways_answer() -> None:
+    """A record another producer sent under a gateway request's id, refused by the worker, has its
+    refusal land on the gateway's topic (its reply_to named it) under that id: the gateway's waiter
+    skips it and answers with the request's own outcome; a refusal of its own record is raised."""
+    from loquetier.gateway.answers import Waiter
+    from loquetier.gateway.errors import APIError
+    from loquetier.messages import ErrorResult, GenerateResult, RecordRef
+
+    ours = ("loquetier.requests", 1, 40)
+
+    def refusal(offset: int) -> ErrorResult:
+        return ErrorResult(request_id="r", code="duplicate_request_id", message="taken",
+                           record=RecordRef(topic="loquetier.requests", partition=1, offset=offset))
+
+    result = GenerateResult(request_id="r", token_ids=[5], text="hi", finish_reason="stop",
+                            usage={"prompt_tokens": 1, "completion_tokens": 1})  # type: ignore[arg-type]
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for record in (refusal(41), refusal(7), result):
+        queue.put_nowait(record)
+    waiter = Waiter(queue, time.monotonic() + 5, ours)
+    assert waiter.ready() == [result]
+    for record in (refusal(41), result):
+        queue.put_nowait(record)
+    assert await waiter.final() == result
+    queue.put_nowait(refusal(40))
+    with pytest.raises(APIError) as err:
+        await waiter.next()
+    assert err.value.code == "duplicate_request_id"

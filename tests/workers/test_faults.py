@@ -124,6 +124,38 @@ async def test_a_reused_request_id_with_other_content_is_refused(topics: Any, da
     assert row.status == "succeeded" and convert.from_stored(row.result).token_ids == first.token_ids
 
 
+class _SlowEngine(FakeEngine):
+    """A step every 10 ms: a long request stays in flight for as long as a test needs it."""
+
+    def step(self) -> list[Any]:
+        time.sleep(0.01)
+        return super().step()
+
+
+async def test_a_refusal_under_another_producers_id_is_not_its_answer(topics: Any) -> None:
+    """Records another producer sends under an id in flight (other content; unreadable) are refused
+    with errors that name them: that producer's client reads its refusals, the id's own client
+    skips them and gets its request's outcome (500 tokens at 10 ms a step: after the refusals); a
+    control ack names its command too."""
+    settings = await topics()
+    rid = f"mine-{uuid.uuid4().hex[:8]}"
+    async with (running_worker(_SlowEngine(), settings), client_for(settings) as mine,
+                client_for(settings) as other, client_for(settings) as watcher):
+        await mine.submit_generate(prompt_token_ids=[1, 2, 3], max_tokens=500, request_id=rid)
+        await other.submit_generate(prompt_token_ids=[4, 5], max_tokens=3, request_id=rid)
+        unreadable = {**request(rid, [6, 7]), "sampling": {"max_tokens": "many"}}
+        await (await other.send_raw(settings.kafka.requests_topic, msgpack.packb(unreadable), rid.encode()))
+        (duplicate,) = await _finals(other, rid, 1)  # its client: its own record refused
+        refusals = await _finals(watcher, rid, 2)  # a client that sent nothing under rid sees both
+        ack = await mine.control("cancel", f"nothing-{rid}", wait=True)
+        outcome = await mine.wait_result(rid, timeout=60)  # read from its start: the refusals come first
+    assert duplicate.type == "error" and duplicate.code == "duplicate_request_id" and duplicate.record is not None
+    assert sorted(r.code for r in refusals) == ["duplicate_request_id", "wrong_type"]
+    assert all(r.record is not None and r.record.topic == settings.kafka.requests_topic for r in refusals)
+    assert ack.code == "unknown_target" and ack.record is not None and ack.record.topic == settings.kafka.control_topic
+    assert outcome.type == "result" and outcome.finish_reason == "length" and len(outcome.token_ids) == 500
+
+
 async def _finals(client: Any, rid: str, num: int) -> list[Any]:
     """The first ``num`` final records of ``rid`` since the client started."""
     finals: list[Any] = []
