@@ -177,14 +177,15 @@ class EngineClient:
     async def add_job(self, adapter_id: str, data: Any, params: Any, **kwargs: Any) -> str:
         return cast(str, await self.call(engine_call("add_training_job", adapter_id, data, params, **kwargs)))
 
-    async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> Any:
+    async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None,
+                           stop: threading.Event | None = None) -> Any:
         """A job's data read, tokenized and checked in a worker thread, not on the engine thread:
-        a large data set then never stalls the steps (``Engine.prepare_data``). An engine without
-        that method gets ``data`` back unchanged."""
+        a large data set then never stalls the steps (``Engine.prepare_data``); setting ``stop``
+        ends the thread's work early. An engine without that method gets ``data`` back unchanged."""
         prepare = getattr(self._engine, "prepare_data", None)
         if prepare is None:
             return data
-        return await asyncio.to_thread(prepare, data, micro_batch_tokens)
+        return await asyncio.to_thread(prepare, data, micro_batch_tokens, stop)
 
     async def cancel_job(self, job_id: str) -> None:
         await self.call(engine_call("cancel_job", job_id))

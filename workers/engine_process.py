@@ -199,14 +199,15 @@ class ProcessEngineClient(EngineClient):
             self._pending[cid] = done
         self._outbox.put(("call", cid, fn))
 
-    async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> Any:
+    async def prepare_data(self, data: Any, micro_batch_tokens: int | None = None,
+                           stop: threading.Event | None = None) -> Any:
         """Tokenized and checked here, on a worker thread with a tokenizer of this process: the
         engine process only unpickles the result."""
         import asyncio
 
         if self._preparer is None:
             self._preparer = await asyncio.to_thread(self._make_preparer)
-        return await asyncio.to_thread(self._preparer.prepare, data, micro_batch_tokens)
+        return await asyncio.to_thread(self._preparer.prepare, data, micro_batch_tokens, stop)
 
     def _make_preparer(self) -> Any:
         from pathlib import Path

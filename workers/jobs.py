@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -193,15 +194,19 @@ class LeasedJobs:
         lease was lost meanwhile (cancelled, paused or taken), so the job must not start here."""
         if data is None:
             return None
-        task = asyncio.create_task(self._client.prepare_data(await self._data(data), micro_batch_tokens))
-        while not (await asyncio.wait({task}, timeout=self._settings.heartbeat_s))[0]:
-            ours = await self._store.tx(
-                lambda s: repo.renew_lease(s, job_id, self._worker_id, lease_s=self._settings.lease_s)
-            )
-            if not ours:
-                task.cancel()  # the thread finishes its work; its result is dropped
-                return None
-        return task.result()
+        stop = threading.Event()
+        task = asyncio.create_task(self._client.prepare_data(await self._data(data), micro_batch_tokens, stop))
+        try:
+            while not (await asyncio.wait({task}, timeout=self._settings.heartbeat_s))[0]:
+                ours = await self._store.tx(
+                    lambda s: repo.renew_lease(s, job_id, self._worker_id, lease_s=self._settings.lease_s)
+                )
+                if not ours:
+                    task.cancel()  # its thread stops within a few hundred examples (``stop``)
+                    return None
+            return task.result()
+        finally:
+            stop.set()  # a no-op once done; else (lease lost, worker stopping) the thread stops too
 
     async def _data(self, data: Any) -> Any:
         """Inline examples as they are; ``file:<file_id>`` (an upload) read from the ``files`` table;

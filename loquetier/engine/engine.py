@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import itertools
 import math
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -393,9 +394,11 @@ class Engine:
         return self.jobs.add(job_id, adapter_id, data, params, lora=lora, base_adapter=base_adapter,
                              eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint)
 
-    def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
-        """Tokenize and check a job's data ahead, on any thread, while the engine steps (JobBook.prepare)."""
-        return self.jobs.prepare(data, micro_batch_tokens)
+    def prepare_data(self, data: Any, micro_batch_tokens: int | None = None,
+                     stop: threading.Event | None = None) -> PreparedData:
+        """Tokenize and check a job's data ahead, on any thread, while the engine steps (JobBook.prepare);
+        setting ``stop`` ends it early."""
+        return self.jobs.prepare(data, micro_batch_tokens, stop)
 
     def cancel_job(self, job_id: str) -> bool:
         event = self.jobs.cancel(job_id)

@@ -24,7 +24,14 @@ from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.checkpoint import dump as dump_checkpoint
 from loquetier.lora.checkpoint import restore as restore_checkpoint
 from loquetier.lora.config import AdapterCapacityError, AdapterError, LoRAConfig
-from loquetier.lora.data import DataError, PreparedData, TrainSequence, data_fingerprint, tokenize_examples
+from loquetier.lora.data import (
+    DataCancelled,
+    DataError,
+    PreparedData,
+    TrainSequence,
+    data_fingerprint,
+    tokenize_examples,
+)
 from loquetier.lora.evaluate import EvaluationJob
 from loquetier.lora.job import TrainingJob
 from loquetier.lora.manager import AdapterManager
@@ -60,13 +67,22 @@ class DataPreparer:
         self.tokenizer, self.vocab_size, self.ceiling = tokenizer, vocab_size, max_num_batched_tokens
         self._lock = threading.Lock()
 
-    def prepare(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
+    def prepare(self, data: Any, micro_batch_tokens: int | None = None,
+                stop: threading.Event | None = None) -> PreparedData:
+        """A set ``stop`` (its job cancelled or moved) ends the wait for an earlier call and the
+        work itself within a few hundred examples: EngineError ``cancelled``."""
         limit = min(micro_batch_tokens or self.ceiling, self.ceiling)
-        with self._lock:
-            try:
-                seqs = tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit)
-            except (DataError, OSError, ValueError, TypeError) as exc:
-                raise EngineError("invalid_data", str(exc)) from exc
+        while not self._lock.acquire(timeout=0.2):
+            if stop is not None and stop.is_set():
+                raise EngineError("cancelled", "the data's preparation was stopped")
+        try:
+            seqs = tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit, stop=stop)
+        except DataCancelled as exc:
+            raise EngineError("cancelled", str(exc)) from exc
+        except (DataError, OSError, ValueError, TypeError) as exc:
+            raise EngineError("invalid_data", str(exc)) from exc
+        finally:
+            self._lock.release()
         return PreparedData(tuple(seqs), data_fingerprint(seqs), limit)
 
 
@@ -84,16 +100,18 @@ class JobBook:
 
     # ---- creation ----------------------------------------------------------------------------------
 
-    def prepare(self, data: Any, micro_batch_tokens: int | None = None) -> PreparedData:
+    def prepare(self, data: Any, micro_batch_tokens: int | None = None,
+                stop: threading.Event | None = None) -> PreparedData:
         """Read, tokenize and check ``data`` (inline examples or a JSONL path) for a job whose
         micro-batches hold ``micro_batch_tokens``. Safe on any thread while the engine steps (it
         reads no engine state and tokenizes with its own copy of the tokenizer), so a job's set-up
-        need not stall the steps: hand the result to ``add_training_job``."""
+        need not stall the steps: hand the result to ``add_training_job``. Setting ``stop`` ends
+        it early (EngineError ``cancelled``)."""
         with self._prepare_lock:
             if self._preparer is None:
                 tokenizer = copy.deepcopy(self.tokenizer) if self.tokenizer is not None else None
                 self._preparer = DataPreparer(tokenizer, self.vocab_size, self.config.scheduler.max_num_batched_tokens)
-        return self._preparer.prepare(data, micro_batch_tokens)
+        return self._preparer.prepare(data, micro_batch_tokens, stop)
 
     def _sequences(self, data: Any, max_tokens: int) -> tuple[list[TrainSequence], str | None]:
         """Sequences and (when prepared ahead) their fingerprint."""

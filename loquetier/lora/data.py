@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ DataSource = Sequence[Mapping[str, Any]] | str | Path
 # A JSONL data file is refused past these (its size is checked before it is read).
 MAX_DATA_FILE_BYTES = 1 << 30
 MAX_EXAMPLES = 1_000_000
+# Each assistant turn of a chat example is located by rendering the conversation up to it, so a data
+# set costs about (turns x assistant turns) summed over its chat examples in template work: past
+# this (about 8 s of rendering on one core) it is refused before any is done
+MAX_CHAT_TURN_RENDERS = 20_000_000
+_CHECK_EVERY = 256  # examples between two looks at a preparation's stop event
 _ENCODE_CHUNK = 4096  # texts per tokenizer call: one call per chunk, memory bounded by the chunk
 
 
@@ -100,20 +106,30 @@ def read_examples(source: DataSource, *, max_examples: int = MAX_EXAMPLES,
 
 def tokenize_examples(source: DataSource, tokenizer: Tokenizer | None = None, *,
                       vocab_size: int | None = None, max_tokens: int | None = None,
-                      add_special_tokens: bool = True, max_examples: int = MAX_EXAMPLES) -> list[TrainSequence]:
+                      add_special_tokens: bool = True, max_examples: int = MAX_EXAMPLES,
+                      max_chat_renders: int = MAX_CHAT_TURN_RENDERS,
+                      stop: threading.Event | None = None) -> list[TrainSequence]:
     """Validate and tokenize every example; errors name the example index.
 
     Text examples need ``tokenizer`` (with an EOS token); the prompt is tokenized with
     ``add_special_tokens`` (BOS, as an inference prompt would be), the completion without. A
     Hugging Face tokenizer encodes them in batches (one call per few thousand texts, not two per
-    example: 100,000 examples once took minutes).
+    example: 100,000 examples once took minutes). Chat examples whose template work (turns x
+    assistant turns, summed) passes ``max_chat_renders`` are refused before any is rendered. A set
+    ``stop`` ends the work within a few hundred examples (:class:`DataCancelled`).
     """
     examples = read_examples(source, max_examples=max_examples)
     if not examples:
         raise DataError("no examples")
-    encoded = _encode_texts(examples, tokenizer, add_special_tokens)
+    renders = sum(_chat_renders(ex) for ex in examples)
+    if renders > max_chat_renders:
+        raise DataError(f"the chat examples have {renders} (turns x assistant turns) summed, the limit is "
+                        f"{max_chat_renders}: use fewer or shorter conversations, or split them")
+    encoded = _encode_texts(examples, tokenizer, add_special_tokens, stop)
     out = []
     for index, example in enumerate(examples):
+        if stop is not None and index % _CHECK_EVERY == 0 and stop.is_set():
+            raise DataCancelled("the data's preparation was stopped")
         try:
             seq = _tokenize_one(example, tokenizer, encoded.get(index))
             if vocab_size is not None and any(t >= vocab_size for t in seq.token_ids):
@@ -128,26 +144,44 @@ def tokenize_examples(source: DataSource, tokenizer: Tokenizer | None = None, *,
     return out
 
 
+class DataCancelled(DataError):
+    """A preparation stopped by its caller (the job was cancelled, paused or moved meanwhile)."""
+
+
+def _chat_renders(example: object) -> int:
+    """Template work of one chat example: its turns times its assistant turns (0 for other kinds)."""
+    if not isinstance(example, Mapping):
+        return 0
+    messages = example.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    assistant = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant")
+    return len(messages) * assistant
+
+
 def _is_text(example: object) -> bool:
     return (isinstance(example, Mapping) and set(example) == {"prompt", "completion"}
             and isinstance(example["prompt"], str) and isinstance(example["completion"], str))
 
 
 def _encode_texts(examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer | None,
-                  special: bool) -> dict[int, tuple[list[int], list[int]]]:
+                  special: bool, stop: threading.Event | None = None) -> dict[int, tuple[list[int], list[int]]]:
     """example index -> (prompt ids, completion ids) of every text example, encoded in batches."""
     if tokenizer is None or tokenizer.eos_token_id is None:
         return {}
     texts = [i for i, ex in enumerate(examples) if _is_text(ex)]
-    prompts = _encode(tokenizer, [examples[i]["prompt"] for i in texts], special)
-    completions = _encode(tokenizer, [examples[i]["completion"] for i in texts], False)
+    prompts = _encode(tokenizer, [examples[i]["prompt"] for i in texts], special, stop)
+    completions = _encode(tokenizer, [examples[i]["completion"] for i in texts], False, stop)
     return dict(zip(texts, zip(prompts, completions, strict=True), strict=True))
 
 
-def _encode(tokenizer: Tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+def _encode(tokenizer: Tokenizer, texts: list[str], special: bool,
+            stop: threading.Event | None = None) -> list[list[int]]:
     out: list[list[int]] = []
     batched = isinstance(getattr(tokenizer, "is_fast", None), bool)  # a Hugging Face tokenizer: takes lists
     for lo in range(0, len(texts), _ENCODE_CHUNK):
+        if stop is not None and stop.is_set():
+            raise DataCancelled("the data's preparation was stopped")
         chunk = texts[lo : lo + _ENCODE_CHUNK]
         if batched:
             nonempty = [t for t in chunk if t]

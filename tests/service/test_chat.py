@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +187,38 @@ def test_chat_examples_need_a_template() -> None:
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     with pytest.raises(DataError, match="no chat template"):
         tokenize_examples(rows, make_tokenizer(chat_template=None))
+
+
+def test_chat_data_is_bounded_by_its_template_work(tokenizer: Any, tmp_path: Path) -> None:
+    """A data file of long conversations is refused before any is rendered, and a preparation whose
+    job went away stops within a few hundred examples instead of rendering to the end."""
+    import threading
+
+    from loquetier.engine.jobs import DataPreparer
+    from loquetier.lora.data import MAX_CHAT_TURN_RENDERS, DataCancelled
+
+    rng = random.Random()
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"w{rng.randint(0, 99)}"} for i in range(64)]
+    wide = tmp_path / "wide.jsonl"  # 64 turns x 32 assistant turns = 2,048 a conversation
+    wide.write_text(json.dumps({"messages": turns}) + "\n")
+    assert len(tokenize_examples(wide, tokenizer)) == 1
+    with pytest.raises(DataError, match=r"2048 \(turns x assistant turns\) summed, the limit is 2047"):
+        tokenize_examples(wide, tokenizer, max_chat_renders=2047)
+    many = MAX_CHAT_TURN_RENDERS // 2048 + 1
+    wide.write_text((json.dumps({"messages": turns}) + "\n") * many)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=f"{many * 2048} .*, the limit is {MAX_CHAT_TURN_RENDERS}"):
+        tokenize_examples(wide, tokenizer)
+    assert time.monotonic() - started < 30  # read and counted, not rendered (that would take minutes)
+
+    short = [{"messages": _chat(rng, 2)} for _ in range(2000)]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DataCancelled):
+        tokenize_examples(short, tokenizer, stop=stop)
+    preparer = DataPreparer(tokenizer, vocab_size=10_000, max_num_batched_tokens=4096)
+    with preparer._lock:  # another job's preparation holds the preparer: a stopped one does not wait for it
+        with pytest.raises(EngineError) as err:
+            preparer.prepare(short, 4096, stop)
+    assert err.value.code == "cancelled"
+    assert len(preparer.prepare(short[:10], 4096).sequences) == 10  # the lock is free again

@@ -3,6 +3,8 @@ lease, so a set-up longer than a lease never lets a second worker start the same
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 
 from loquetier.db import repo
 from loquetier.db.session import create_engine, session_factory
+from loquetier.engine.errors import EngineError
 from tests.fakes import FakeEngine
 from tests.workers.conftest import client_for, running_worker
 
@@ -23,9 +26,18 @@ class SlowPreparing(FakeEngine):
         super().__init__()
         self.prepare_s = prepare_s
         self.started: list[str] = []
+        self.preparing = threading.Event()
+        self.stopped = threading.Event()  # a preparation ended early by its stop event
 
-    def prepare_data(self, data: Any, micro_batch_tokens: int | None = None) -> Any:
-        time.sleep(self.prepare_s)  # on a worker thread: the engine thread and the event loop go on
+    def prepare_data(self, data: Any, micro_batch_tokens: int | None = None,
+                     stop: threading.Event | None = None) -> Any:
+        self.preparing.set()
+        deadline = time.monotonic() + self.prepare_s
+        while time.monotonic() < deadline:  # on a worker thread: the engine thread and the event loop go on
+            if stop is not None and stop.is_set():
+                self.stopped.set()
+                raise EngineError("cancelled", "the data's preparation was stopped")
+            time.sleep(0.02)
         return data
 
     def add_training_job(self, adapter_id: str, data: Any, params: Any, **kwargs: Any) -> str:  # type: ignore[override]
@@ -52,6 +64,21 @@ async def test_a_set_up_longer_than_a_lease_keeps_the_job_on_one_worker(topics: 
         row = await repo.get_job(s, job_id)
     await db.dispose()
     assert row is not None and row.status == "succeeded" and row.attempts == 1
+
+
+async def test_a_cancel_stops_the_data_preparation(topics: Any) -> None:
+    """A job cancelled while its data is prepared stops the preparing thread, which would otherwise
+    tokenize (and hold the preparer from every other job) to the end for nothing."""
+    settings = await topics(lease_s=1.0, heartbeat_s=0.25)
+    engine = SlowPreparing(prepare_s=120.0)
+    job = {"adapter_id": "setup-cancel", "data": [{"prompt": "a b", "completion": "c"}], "params": {"max_steps": 3}}
+    async with running_worker(engine, settings), client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        assert await asyncio.to_thread(engine.preparing.wait, 30)
+        ack = await client.control("cancel", job_id, wait=True)
+        assert ack.ok, ack
+        assert await asyncio.to_thread(engine.stopped.wait, 10)
+    assert engine.started == []
 
 
 async def test_a_data_path_is_read_only_from_under_the_data_roots(topics: Any, tmp_path: Any) -> None:
