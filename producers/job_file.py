@@ -27,10 +27,10 @@ MAX_INLINE_FILE_BYTES = 1 << 20  # larger data files travel as a path (a record 
 FORMAT_HELP = """\
 The job file is YAML or JSON: a TrainingJobRecord (docs/wire-format.md), e.g. examples/job.yaml:
 
-  adapter_id: mascot                # the adapter to train (created if new)
-  data: mascot.jsonl                # JSONL, relative to this file; or a list of examples
-  lora: {rank: 8, alpha: 16, target_modules: [q_proj, v_proj]}
-  params: {lr: 0.005, max_steps: 20, micro_batch_tokens: 1024}
+  adapter_id: codename              # the adapter to train (created if new)
+  data: codename.jsonl              # JSONL, relative to this file; or a list of examples
+  lora: {rank: 8, alpha: 16, target_modules: [q_proj, v_proj, o_proj, up_proj, down_proj]}
+  params: {lr: 0.005, max_steps: 8, micro_batch_tokens: 512, checkpoint_every: 2}
 
 An example (one JSON object a line) is {"messages": [{"role": "user", "content": ...},
 {"role": "assistant", "content": ...}]} (chat, loss on the answers), {"prompt": ..., "completion": ...}

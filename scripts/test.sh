@@ -31,14 +31,47 @@ if command -v docker-compose >/dev/null; then
     docker-compose -f compose.yaml config -q
 fi
 echo "== pytest"
+# Everything the tests start (broker, embedded PostgreSQL, workers, gateways) carries this mark in its
+# environment; whatever still runs when this script ends (a run interrupted by Ctrl-C or a timeout)
+# is stopped, and nothing without the mark is touched.
+export LOQUETIER_TEST_RUN="test-$$-$(date +%s%N)"
+marked() {
+    local p
+    for p in /proc/[0-9]*; do
+        [ "${p#/proc/}" = "$$" ] && continue
+        if tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qx "LOQUETIER_TEST_RUN=$LOQUETIER_TEST_RUN"; then
+            echo "${p#/proc/}"
+        fi
+    done
+}
+stop_leftovers() {
+    local pids
+    pids=$(marked)
+    [ -z "$pids" ] && return 0
+    echo "== stopping what the tests left running: $(echo "$pids" | tr '\n' ' ')" >&2
+    # shellcheck disable=SC2086
+    kill $pids 2>/dev/null || true
+    sleep 2
+    pids=$(marked)
+    # shellcheck disable=SC2086
+    [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+}
+trap stop_leftovers EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+pytest_run() {  # in the background, so that Ctrl-C or a timeout's TERM reaches the traps above at once
+    python -m pytest -q -p no:cacheprovider --timeout=600 "$@" &
+    wait $!
+}
 if [ "$#" -gt 0 ]; then  # the tests asked for, as asked
-    exec python -m pytest -q -p no:cacheprovider --timeout=600 "$@"
+    pytest_run "$@"
+    exit
 fi
 # The compute tests (kernels under the Triton interpreter, the engine, the model: CPU-bound, no
 # services, no subprocesses) on two processes, a file each at a time; then the service tests
 # (broker, PostgreSQL, worker subprocesses, timing-sensitive) alone, one after another.
 COMPUTE=(tests/kernels tests/engine tests/models tests/lora tests/architecture)
 rc=0
-python -m pytest -q -p no:cacheprovider --timeout=600 -n 2 --dist loadfile "${COMPUTE[@]}" || rc=$?
-python -m pytest -q -p no:cacheprovider --timeout=600 "${COMPUTE[@]/#/--ignore=}" || rc=$?
+pytest_run -n 2 --dist loadfile "${COMPUTE[@]}" || rc=$?
+pytest_run "${COMPUTE[@]/#/--ignore=}" || rc=$?
 exit "$rc"

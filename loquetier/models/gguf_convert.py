@@ -87,8 +87,17 @@ def _save_plain(model: object, out: Path) -> None:
 
 def ensure_smollm2(cache_dir: Path | None = None) -> Path:
     """The demo model as a safetensors HF directory, converted on first use and cached."""
-    out = (cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct"
-    return convert_gguf(find_smollm2_gguf(), out)
+    return convert_gguf(find_smollm2_gguf(), _smollm2_dir(cache_dir))
+
+
+def smollm2_is_cached(cache_dir: Path | None = None) -> bool:
+    """Whether :func:`ensure_smollm2` will find the converted model ready (no conversion)."""
+    out = _smollm2_dir(cache_dir)
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _smollm2_dir(cache_dir: Path | None) -> Path:
+    return (cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct"
 
 
 if __name__ == "__main__":
