@@ -121,9 +121,12 @@ class Control:
         )
         try:
             await self._client.load_adapter(adapter_id, str(copy))
+            data = await self._client.export_adapter(adapter_id)
+            # held as bytes from now on: an adapter loaded from the copy would be read from it again
+            # after the engine dropped it from memory, and the copy is deleted next
+            await self._client.load_adapter_bytes(adapter_id, data)
         finally:
             await asyncio.to_thread(shutil.rmtree, copy, True)
-        data = await self._client.export_adapter(adapter_id)
         fields = await asyncio.to_thread(lora_fields, data, {})  # parses the whole file: off the loop
         blob = await store_blob(self._settings, f"adapters/{adapter_id}/{uuid.uuid4().hex}.safetensors", data)
         row = await self._store.tx(

@@ -366,6 +366,8 @@ class LeasedJobs:
         blob = await self._store_blob(f"{job_id}/adapter.bin", adapter) if adapter is not None else None
         metrics = {k: float(v) for k, v in (ev.metrics or {}).items()}
         refused: list[str] = []  # set when another owner took the adapter_id while this job ran
+        # parses the whole adapter (hundreds of MB at a high rank): off the event loop, before the transaction
+        fields = await asyncio.to_thread(lora_fields, adapter, job.lora.model_dump()) if adapter is not None else {}
 
         async def record(s: Any) -> int | None:
             refused.clear()
@@ -385,7 +387,6 @@ class LeasedJobs:
                 refused.append(f"adapter_exists: adapter {job.adapter_id!r} (version {taken.version}) was made "
                                "by another job or an operator meanwhile; set 'overwrite': true to replace it")
             elif adapter is not None and blob is not None:
-                fields = lora_fields(adapter, job.lora.model_dump())
                 row = await repo.register_adapter(
                     s,
                     adapter_id=job.adapter_id,

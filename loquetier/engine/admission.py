@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from loquetier.engine.kv_cache import BlockManager
 from loquetier.engine.sequence import RequestState
+from loquetier.lora.config import AdapterCapacityError, AdapterError
 from loquetier.lora.manager import AdapterManager
 
 
@@ -43,13 +44,27 @@ class BlockAllocator:
 
 
 class AdapterSlotGate:
-    """``AdapterSlots`` over ``AdapterManager``: admission takes a GPU slot and a reference."""
+    """``AdapterSlots`` over ``AdapterManager``: admission takes a GPU slot and a reference.
+
+    An adapter whose weights were dropped from memory is read again from its directory here; one
+    that can no longer be read (the directory gone or changed) is listed in ``unavailable`` with
+    the reason, and its sequence waits, so the engine fails those requests alone after the
+    schedule instead of the step failing for everyone. No room in memory yet: the sequence waits."""
 
     def __init__(self, manager: AdapterManager) -> None:
         self.manager = manager
+        self.unavailable: dict[str, str] = {}  # adapter_id -> why it could not be read again
 
     def ensure_loaded(self, adapter_id: str) -> bool:
-        if adapter_id not in self.manager or self.manager.acquire_slot(adapter_id) is None:
+        if adapter_id not in self.manager or adapter_id in self.unavailable:
+            return False
+        try:
+            if self.manager.acquire_slot(adapter_id) is None:
+                return False
+        except AdapterCapacityError:
+            return False
+        except (AdapterError, OSError) as exc:
+            self.unavailable[adapter_id] = str(exc)[:500]
             return False
         self.manager.acquire(adapter_id)
         return True

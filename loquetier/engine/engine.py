@@ -118,9 +118,10 @@ class Engine:
         captured = graphs is not None and graphs.mode == "capture"
         graph_rows = graphs.max_tokens if captured and graphs.max_tokens > graphs.max_batch else 0
         prior = _gpu_prior(model, per_block / config.block_size, captured) if self.device.type == "cuda" else None
+        self._gate = AdapterSlotGate(self.adapters)
         self.scheduler = Scheduler(
             config.scheduler, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
-            AdapterSlotGate(self.adapters), prior_cost=prior,
+            self._gate, prior_cost=prior,
             graphs=GraphPaths(decode=captured, max_rows=graph_rows, max_mean_context=GRAPH_MAX_MEAN_CONTEXT),
             eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config, graphs=graphs)
@@ -259,6 +260,7 @@ class Engine:
             raise EngineError("no_slot", str(exc)) from exc
         except (AdapterError, OSError) as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
+        self._gate.unavailable.pop(adapter_id, None)  # readable again
         self.adapters.fill_free_slots()  # resident now if a slot is free, not in its first step
         return version
 
@@ -445,9 +447,10 @@ class Engine:
     def _step(self) -> list[EngineEvent]:
         self.adapters.new_step()
         batch: ScheduledBatch = self.scheduler.schedule(self._clock())
+        unreadable = self._fail_unreadable_adapters() if self._gate.unavailable else []
         if batch.is_empty:
             self.window.drop_chained()
-            return self.jobs.collect_idle()
+            return unreadable + self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
         window = self.window.size(batch)
         if window > 1:
@@ -457,7 +460,7 @@ class Engine:
                 warnings.warn(f"decode window of {window} steps failed, running one step: {exc!r}", stacklevel=2)
             else:
                 self.num_steps += window
-                return events
+                return unreadable + events
         self.window.drop_chained()  # a plain step: not the window queued on the device
         t0 = time.perf_counter()
         run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
@@ -474,6 +477,27 @@ class Engine:
                 self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
         events = failed + request_events(step_events, run.logprobs, self.requests, self.scheduler, self._clock)
         events += self.jobs.after_step(run)
+        return unreadable + events
+
+    def _fail_unreadable_adapters(self) -> list[EngineEvent]:
+        """Adapters that admission could not read again (their directory was deleted or changed since
+        they were loaded): their waiting requests fail ``adapter_unavailable`` and the adapter is
+        unloaded, so that it can be loaded again; nothing else is touched."""
+        events: list[EngineEvent] = []
+        now = self._clock()
+        for adapter_id, why in self._gate.unavailable.items():
+            for seq in [s for s in self.scheduler.waiting if s.adapter_id == adapter_id]:
+                if self.scheduler.finish(seq.seq_id, "abort", now) is not None:
+                    self.requests.drop(seq.seq_id)
+                    events.append(RequestFailed(seq.seq_id, "adapter_unavailable",
+                                                f"adapter {adapter_id!r} could not be read again: {why}"))
+            if adapter_id in self.adapters:
+                try:
+                    self.adapters.unload(adapter_id)
+                except AdapterError:  # still used by running sequences: those keep their slot's weights
+                    continue
+            warnings.warn(f"adapter {adapter_id!r} unloaded: it could not be read again ({why})", stacklevel=2)
+        self._gate.unavailable = {k: v for k, v in self._gate.unavailable.items() if k in self.adapters}
         return events
 
     def _lookup(self, seq_id: str) -> RequestState | None:

@@ -331,3 +331,37 @@ def test_an_adapter_request_without_any_inference_slot_is_refused_not_left_waiti
     assert refused.value.code == "no_slot" and "max_adapter_slots" in str(refused.value)
     out = engine.generate([[5, 6, 7]], sampling=SamplingParams(max_tokens=2, temperature=0.0))  # base rows still run
     assert len(out[0].token_ids) == 2
+
+
+def test_an_adapter_whose_directory_went_away_fails_its_requests_alone(model_dir: Path, tmp_path: Path) -> None:
+    """An adapter dropped from memory is read again from its directory when a request needs a slot
+    for it; with the directory deleted meanwhile, that request fails ``adapter_unavailable`` and the
+    adapter is unloaded (so it can be loaded again), while the step goes on for everyone else."""
+    import shutil
+
+    from loquetier.engine.events import RequestFailed
+
+    probe = make_engine(model_dir)
+    size = LoRAAdapter.load(_peft_dir(tmp_path / "probe", probe, "p"), probe.model.dims, 16).num_bytes
+    # one inference slot, memory for two adapters' weights
+    engine = make_engine(model_dir, max_adapter_slots=3, num_train_slots=2, adapter_cache_bytes=int(2.5 * size))
+    dirs = {name: _peft_dir(tmp_path, engine, name) for name in ("a0", "a1", "a2")}
+    for name, path in dirs.items():
+        engine.load_adapter(name, path)  # a2 drops a0's weights from memory (a0 keeps the slot for now)
+    shutil.rmtree(dirs["a0"])
+    rng = random.Random()
+    sampling = SamplingParams(max_tokens=4, temperature=0.0)
+    engine.add_request("r1", prompt_token_ids=prompt(rng), adapter_id="a1", sampling=sampling)  # takes a0's slot
+    done = {getattr(ev, "request_id", None): ev for ev in drain(engine)}
+    assert isinstance(done["r1"], RequestFinished)
+    engine.add_request("r0", prompt_token_ids=prompt(rng), adapter_id="a0", sampling=sampling)
+    engine.add_request("base", prompt_token_ids=prompt(rng), sampling=sampling)
+    done = {getattr(ev, "request_id", None): ev for ev in drain(engine)}
+    assert isinstance(done["r0"], RequestFailed) and done["r0"].code == "adapter_unavailable", done["r0"]
+    assert "does not exist" in done["r0"].message
+    assert isinstance(done["base"], RequestFinished) and len(done["base"].token_ids) == 4
+    assert not engine.has_adapter("a0")
+    engine.load_adapter("a0", _peft_dir(tmp_path / "again", engine, "a0"))
+    engine.add_request("r0-again", prompt_token_ids=prompt(rng), adapter_id="a0", sampling=sampling)
+    done = {getattr(ev, "request_id", None): ev for ev in drain(engine)}
+    assert isinstance(done["r0-again"], RequestFinished)
