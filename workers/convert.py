@@ -65,16 +65,20 @@ def request_kwargs(req: GenerateRequest) -> dict[str, Any]:
 
 
 def request_fingerprint(req: GenerateRequest) -> str:
-    """sha256 of what a request asks for (adapter, prompt or chat turns, sampling): two records with one
-    request_id and different fingerprints are two different requests. Priority, SLO and
-    streaming change how a request is served, not its answer, and are left out."""
-    content = {
+    """sha256 of what a request asks for (adapter, prompt or chat turns, sampling) and, when it has one,
+    where its answer goes (``reply_to``): two records with one request_id and different fingerprints
+    are two different requests. So a copy of a gateway's request naming another reply topic is
+    refused, not sent the stored answer. Priority, SLO and streaming change how a request is
+    served, not its answer, and are left out."""
+    content: dict[str, Any] = {
         "adapter_id": req.adapter_id,
         "prompt": req.prompt,
         "prompt_token_ids": req.prompt_token_ids,
         "messages": [m.model_dump(mode="json") for m in req.messages] if req.messages is not None else None,
         "sampling": req.sampling.model_dump(mode="json"),
     }
+    if req.reply_to is not None:  # absent: the fingerprint of rows stored before reply_to counted
+        content["reply_to"] = req.reply_to
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 

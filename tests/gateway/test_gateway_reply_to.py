@@ -64,6 +64,12 @@ async def test_records_go_to_the_reply_topic_only(topics: Any, database_url: str
         assert {r.request_id for r in replies} == {ours}
         assert replies[-1].type == "result" and [r.type for r in replies[:-1]] == ["token"] * (len(replies) - 1)
         assert "".join(r.text for r in replies[:-1]) == replies[-1].text
+        # a copy of the finished request naming another reply topic is refused, not sent the answer
+        thief = f"{kafka.reply_prefix}thief-{ours}"
+        await services.create_topics(bootstrap, [thief], num_partitions=1)
+        await client.send(kafka.requests_topic, request(ours, thief, "the quick brown fox"), ours)
+        (stolen,) = await read_topic(bootstrap, thief, want=1)
+        assert stolen.type == "error" and stolen.code == "duplicate_request_id" and stolen.record is not None
 
         # a topic outside the prefix: refused, the error goes to the shared topic and the DLQ
         await client.send(kafka.requests_topic, request(refused, kafka.control_topic, "hello"), refused)
