@@ -408,5 +408,9 @@ async def finish_failed(session: Any, rid: str, error: ErrorResult, status: str)
 
 
 def _chat_ids_on(turns: list[dict[str, Any]], engine: Any) -> list[int]:
-    """Run on the engine's side (a module-level function: it may be pickled to an engine process)."""
+    """Run on the engine's side (a module-level function: it may be pickled to an engine process). A chat
+    whose turns cannot fit the context is refused before the template renders it."""
+    check = getattr(engine, "check_prompt_chars", None)
+    if check is not None:
+        check(sum(len(t["content"]) for t in turns))
     return chat_prompt_ids(getattr(engine, "tokenizer", None), turns)

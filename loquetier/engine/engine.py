@@ -331,7 +331,7 @@ class Engine:
         if priority < 0:
             raise EngineError("invalid_request", "priority must be >= 0")
         sampling = sampling or SamplingParams()
-        ids = self.requests.prompt_ids(prompt, prompt_token_ids, self.model.cfg.vocab_size)
+        ids = self.requests.prompt_ids(prompt, prompt_token_ids, self.model.cfg.vocab_size, self.max_model_len)
         room = self.max_model_len - len(ids)
         if room < 1:
             raise EngineError("prompt_too_long", f"prompt of {len(ids)} tokens leaves no room in the "
@@ -346,6 +346,11 @@ class Engine:
             raise EngineError("invalid_request", str(exc)) from exc
         self.requests.add(seq, stream)
         self.scheduler.add_request(seq)
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        """Refuse (``prompt_too_long``) a text prompt or chat of ``num_chars`` characters that cannot fit
+        the context, before any rendering or tokenizing."""
+        self.requests.check_text_fits(num_chars, self.max_model_len)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its RequestFinished (finish_reason "abort") comes with the next step."""

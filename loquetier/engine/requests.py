@@ -76,20 +76,49 @@ class RequestBook:
     def wants_logprobs(self, request_id: str) -> bool:
         return self._requests[request_id].seq.sampling.logprobs
 
-    def prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None, vocab_size: int) -> list[int]:
+    def prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None, vocab_size: int,
+                   max_len: int | None = None) -> list[int]:
+        """The prompt's token ids. With ``max_len`` (the context), a prompt that cannot fit is refused
+        ``prompt_too_long`` before it is tokenized or its ids are checked (that work is on the engine
+        thread, and a million characters took about a second)."""
         if (prompt is None) == (prompt_token_ids is None):
             raise EngineError("invalid_request", "give exactly one of prompt or prompt_token_ids")
         if prompt is not None:
             if self.tokenizer is None:
                 raise EngineError("invalid_request", "this model has no tokenizer: send prompt_token_ids")
+            if max_len is not None:
+                self.check_text_fits(len(prompt), max_len)
             ids = list(self.tokenizer(prompt)["input_ids"])
         else:
             ids = list(prompt_token_ids or [])
+            if max_len is not None and len(ids) >= max_len:
+                raise EngineError("prompt_too_long", f"prompt of {len(ids)} tokens leaves no room in the "
+                                  f"context of {max_len} tokens")
         if not ids:
             raise EngineError("invalid_request", "empty prompt")
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
             raise EngineError("invalid_request", f"prompt token ids must be ints in [0, {vocab_size})")
         return ids
+
+    def check_text_fits(self, num_chars: int, max_len: int) -> None:
+        """Refuse ``prompt_too_long`` a text of ``num_chars`` characters that must take more than
+        ``max_len`` tokens: no token of this vocabulary covers more characters than its longest piece."""
+        widest = self._widest_piece()
+        if widest and num_chars > max_len * widest:
+            raise EngineError("prompt_too_long", f"a prompt of {num_chars} characters takes more than the context "
+                              f"of {max_len} tokens (no token of this model covers more than {widest} characters)")
+
+    def _widest_piece(self) -> int:
+        """The most characters one token's piece can stand for (0: unknown, no bound)."""
+        widest = getattr(self, "_widest", None)
+        if widest is None:
+            try:
+                vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+                widest = max((len(piece) for piece in vocab), default=0)
+            except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary view: no bound
+                widest = 0
+            self._widest = widest
+        return int(widest)
 
     def effective_sampling(self, sampling: SamplingParams, room: int, vocab_size: int | None = None) -> SamplingParams:
         """Cap max_tokens to the context left; every EOS id of the model stops the request; a top_k

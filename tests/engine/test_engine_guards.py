@@ -365,3 +365,37 @@ def test_an_adapter_whose_directory_went_away_fails_its_requests_alone(model_dir
     engine.add_request("r0-again", prompt_token_ids=prompt(rng), adapter_id="a0", sampling=sampling)
     done = {getattr(ev, "request_id", None): ev for ev in drain(engine)}
     assert isinstance(done["r0-again"], RequestFinished)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(model_dir: Path) -> None:
+    """Tokenizing runs on the engine thread: a prompt longer in characters than the context can hold
+    in tokens (no token covers more characters than the vocabulary's widest piece) is refused
+    ``prompt_too_long`` without tokenizing it; token ids past the context without checking each."""
+    engine = make_engine(model_dir)
+    assert engine.tokenizer is not None
+    widest = max(len(piece) for piece in engine.tokenizer.get_vocab())
+    calls: list[int] = []
+    real = engine.requests.tokenizer
+
+    class Counting:  # the tokenizer, its calls on a text counted
+        def __call__(self, text: str, **kwargs: Any) -> Any:
+            calls.append(len(text))
+            return real(text, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    engine.requests.tokenizer = Counting()
+    engine.requests._widest = widest
+    too_long = "ab " * (engine.max_model_len * widest // 3 + 1)
+    with pytest.raises(EngineError) as caught:
+        engine.add_request("long", prompt=too_long)
+    assert caught.value.code == "prompt_too_long" and "characters" in caught.value.message and calls == []
+    with pytest.raises(EngineError) as caught:
+        engine.add_request("ids", prompt_token_ids=[5] * engine.max_model_len + [10**9])
+    assert caught.value.code == "prompt_too_long"  # not the out-of-vocabulary id at its end
+    fits = "ab " * 20
+    engine.add_request("short", prompt=fits, sampling=SamplingParams(max_tokens=2))
+    assert calls == [len(fits)]
+    done = [ev for ev in drain(engine) if isinstance(ev, RequestFinished)]
+    assert [ev.request_id for ev in done] == ["short"]
