@@ -135,6 +135,9 @@ class WorkerSettings(BaseModel):
     # A job's checkpoints kept (the newest; older rows and their files are deleted as a new one is
     # stored): a job with checkpoint_every 1 would otherwise store weights and optimizer state at every step
     keep_checkpoints: int = Field(default=3, ge=1, le=10_000)
+    # Versions of one adapter kept (the newest; older rows and their files are deleted as a new one is
+    # registered): every load of a path or finished fine-tune with overwrite adds a version
+    keep_adapter_versions: int = Field(default=5, ge=1, le=10_000)
     # Control "load" paths (and path base adapters) must resolve, symlinks followed, under
     # adapter_dir or one of adapter_roots (JSON list in the environment).
     adapter_dir: Path = DEFAULT_CACHE_DIR / "adapters"

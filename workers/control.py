@@ -33,7 +33,7 @@ from loquetier.messages import ControlAck, ControlCommand, JobDoneResult
 from loquetier.settings import WorkerSettings
 
 from . import adapter_paths
-from .adapters import AdapterSync, lora_fields, store_blob
+from .adapters import AdapterSync, lora_fields, remove_blobs, store_blob
 from .engine_client import EngineClient
 from .errors import ControlError
 from .inference import Inference
@@ -129,11 +129,15 @@ class Control:
             await asyncio.to_thread(shutil.rmtree, copy, True)
         fields = await asyncio.to_thread(lora_fields, data, {})  # parses the whole file: off the loop
         blob = await store_blob(self._settings, f"adapters/{adapter_id}/{uuid.uuid4().hex}.safetensors", data)
-        row = await self._store.tx(
-            lambda s: repo.register_adapter(
+        async def register(s: Any) -> tuple[Any, list[str]]:
+            row = await repo.register_adapter(
                 s, adapter_id=adapter_id, source_kind="path", source=str(directory), **blob, **fields
             )
-        )
+            return row, await repo.prune_adapter_versions(s, adapter_id, self._settings.keep_adapter_versions)
+
+        row, pruned = await self._store.tx(register)
+        if pruned:  # files of the versions deleted above, once their rows are gone
+            await asyncio.to_thread(remove_blobs, self._settings, pruned)
         self._adapters.mark_loaded(adapter_id, row.version)
         return f"adapter {adapter_id!r} loaded from {path}", row.version
 

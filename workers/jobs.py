@@ -366,6 +366,7 @@ class LeasedJobs:
         blob = await self._store_blob(f"{job_id}/adapter.bin", adapter) if adapter is not None else None
         metrics = {k: float(v) for k, v in (ev.metrics or {}).items()}
         refused: list[str] = []  # set when another owner took the adapter_id while this job ran
+        pruned: list[str] = []  # files of the adapter versions deleted below
         # parses the whole adapter (hundreds of MB at a high rank): off the event loop, before the transaction
         fields = await asyncio.to_thread(lora_fields, adapter, job.lora.model_dump()) if adapter is not None else {}
 
@@ -397,11 +398,14 @@ class LeasedJobs:
                     **blob,
                 )
                 version = row.version
+                pruned[:] = await repo.prune_adapter_versions(s, job.adapter_id, self._settings.keep_adapter_versions)
             final, error = ("failed", refused[0]) if refused else (status, ev.error)
             await repo.finish_job(s, job_id, status=final, worker_id=self._worker_id, error=error)
             return version
 
         version = await self._store.tx(record)
+        if pruned:  # once their rows are gone
+            await asyncio.to_thread(remove_blobs, self._settings, pruned)
         self.running.pop(job_id, None)
         if refused:  # serve the owner's version here again, not what this job trained
             self._adapters.versions.pop(job.adapter_id, None)

@@ -64,6 +64,17 @@ async def prune_checkpoints(session: AsyncSession, job_id: str, keep: int) -> li
     return [uri for uri in (await session.execute(stmt)).scalars() if uri]
 
 
+async def prune_adapter_versions(session: AsyncSession, adapter_id: str, keep: int) -> list[str]:
+    """Delete the versions of ``adapter_id`` but the ``keep`` newest (whatever their status); the URIs
+    of the deleted ones (their files are the caller's to remove once the transaction commits)."""
+    newest = (select(AdapterRow.version).where(AdapterRow.adapter_id == adapter_id)
+              .order_by(AdapterRow.version.desc()).limit(keep))
+    stmt = (delete(AdapterRow)
+            .where(AdapterRow.adapter_id == adapter_id, AdapterRow.version.not_in(newest.scalar_subquery()))
+            .returning(AdapterRow.uri))
+    return [uri for uri in (await session.execute(stmt)).scalars() if uri]
+
+
 async def latest_checkpoint(session: AsyncSession, job_id: str) -> CheckpointRow | None:
     query = (
         select(CheckpointRow)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -132,6 +133,35 @@ async def test_a_job_keeps_its_newest_checkpoints_and_their_files(topics: Any, d
     files = sorted(p.name for p in root.rglob("*.ckpt"))
     assert files == sorted(f"step-{step}.ckpt" for step in published[-keep:])
     assert all(r.uri and r.uri.endswith(f"step-{r.step}.ckpt") for r in rows)
+
+
+async def test_an_adapter_keeps_its_newest_versions_and_their_files(topics: Any, database_url: str,
+                                                                    tmp_path: Any) -> None:
+    """Each fine-tune with ``overwrite`` registers a new version of its adapter: only the newest
+    ``keep_adapter_versions`` rows and files are kept, the served version among them."""
+    from sqlalchemy import select
+
+    from loquetier.db.models import AdapterRow
+
+    keep, jobs = 2, 4
+    root = tmp_path / "blobs"
+    settings = await topics(checkpoint_storage="uri", checkpoint_dir=root, keep_adapter_versions=keep)
+    adapter_id = f"versions-{uuid.uuid4().hex[:6]}"
+    finals = []
+    async with running_worker(FakeEngine(), settings), client_for(settings) as client:
+        for seed in range(jobs):
+            job_id = await client.submit_training({"adapter_id": adapter_id, "overwrite": True,
+                                                   "data": [{"prompt": "a b", "completion": "c"}],
+                                                   "params": {"max_steps": 2, "seed": seed}})
+            finals.append([r async for r in client.results([job_id])][-1])
+    assert [(f.status, f.adapter_version) for f in finals] == [("succeeded", v) for v in range(1, jobs + 1)]
+    db = create_engine(database_url)
+    async with session_factory(db).begin() as s:
+        rows = (await s.scalars(select(AdapterRow).where(AdapterRow.adapter_id == adapter_id))).all()
+    await db.dispose()
+    assert sorted(r.version for r in rows) == list(range(jobs - keep + 1, jobs + 1))
+    kept = {f.job_id for f in finals[-keep:]}
+    assert {p.parent.name for p in root.rglob("adapter.bin")} == kept
 
 
 async def test_a_slow_job_write_does_not_hold_up_tokens(topics: Any, database_url: str,
