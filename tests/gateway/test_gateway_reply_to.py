@@ -21,8 +21,10 @@ from tests.workers.test_worker_e2e import query
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 
-async def read_topic(bootstrap: str, topic: str, want: int, timeout: float = 60) -> list[Any]:
-    """The first ``want`` decoded records of a one-partition topic (fewer if the timeout passes)."""
+async def read_topic(bootstrap: str, topic: str, want: int, timeout: float = 60,
+                     until: str | None = None) -> list[Any]:
+    """The first ``want`` decoded records of a one-partition topic (fewer if the timeout passes);
+    with ``until``, on until a record of that type is among them."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     out: list[Any] = []
@@ -31,7 +33,10 @@ async def read_topic(bootstrap: str, topic: str, want: int, timeout: float = 60)
         consumer.assign([part])
         await consumer.seek_to_beginning(part)
         deadline = asyncio.get_running_loop().time() + timeout
-        while len(out) < want and asyncio.get_running_loop().time() < deadline:
+        def done() -> bool:
+            return len(out) >= want and (until is None or any(r.type == until for r in out))
+
+        while not done() and asyncio.get_running_loop().time() < deadline:
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 out += [decode_record("results", r.value) for r in records]
         return out
@@ -60,7 +65,7 @@ async def test_records_go_to_the_reply_topic_only(topics: Any, database_url: str
             await client.send(kafka.requests_topic, request(made_up, f"{kafka.reply_prefix}nobody-{ours}-{index}",
                                                             "hello"), made_up)
         await client.send(kafka.requests_topic, request(ours, reply, "the quick brown fox"), ours)
-        replies = await read_topic(bootstrap, reply, want=2, timeout=20)
+        replies = await read_topic(bootstrap, reply, want=2, timeout=20, until="result")
         assert {r.request_id for r in replies} == {ours}
         assert replies[-1].type == "result" and [r.type for r in replies[:-1]] == ["token"] * (len(replies) - 1)
         assert "".join(r.text for r in replies[:-1]) == replies[-1].text
