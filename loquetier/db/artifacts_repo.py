@@ -56,22 +56,22 @@ async def save_checkpoint(
 async def prune_checkpoints(session: AsyncSession, job_id: str, keep: int) -> list[str]:
     """Delete the checkpoints of ``job_id`` but the ``keep`` newest; the URIs of the deleted ones
     (their files are the caller's to remove once the transaction commits)."""
-    newest = (select(CheckpointRow.step).where(CheckpointRow.job_id == job_id)
-              .order_by(CheckpointRow.step.desc()).limit(keep))
-    stmt = (delete(CheckpointRow)
-            .where(CheckpointRow.job_id == job_id, CheckpointRow.step.not_in(newest.scalar_subquery()))
-            .returning(CheckpointRow.uri))
-    return [uri for uri in (await session.execute(stmt)).scalars() if uri]
+    return await _delete_all_but_newest(session, CheckpointRow, CheckpointRow.job_id == job_id,
+                                        CheckpointRow.step, keep)
 
 
 async def prune_adapter_versions(session: AsyncSession, adapter_id: str, keep: int) -> list[str]:
     """Delete the versions of ``adapter_id`` but the ``keep`` newest (whatever their status); the URIs
     of the deleted ones (their files are the caller's to remove once the transaction commits)."""
-    newest = (select(AdapterRow.version).where(AdapterRow.adapter_id == adapter_id)
-              .order_by(AdapterRow.version.desc()).limit(keep))
-    stmt = (delete(AdapterRow)
-            .where(AdapterRow.adapter_id == adapter_id, AdapterRow.version.not_in(newest.scalar_subquery()))
-            .returning(AdapterRow.uri))
+    return await _delete_all_but_newest(session, AdapterRow, AdapterRow.adapter_id == adapter_id,
+                                        AdapterRow.version, keep)
+
+
+async def _delete_all_but_newest(session: AsyncSession, table: Any, owner: Any, order: Any, keep: int) -> list[str]:
+    """Delete the rows of ``table`` matching ``owner`` but the ``keep`` greatest by ``order``; the
+    URIs of the deleted rows that had one."""
+    newest = select(order).where(owner).order_by(order.desc()).limit(keep)
+    stmt = delete(table).where(owner, order.not_in(newest.scalar_subquery())).returning(table.uri)
     return [uri for uri in (await session.execute(stmt)).scalars() if uri]
 
 

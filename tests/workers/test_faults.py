@@ -24,6 +24,7 @@ from loquetier.messages import ErrorResult, GenerateRequest, GenerateResult, Tok
 from loquetier.workers import convert
 from loquetier.workers.publisher import Publisher
 from tests.fakes import FakeEngine
+from tests.gateway.test_gateway_reply_to import read_topic
 from tests.workers.conftest import client_for, running_worker
 from tests.workers.test_worker_e2e import query
 
@@ -310,27 +311,10 @@ async def test_reply_topics_are_looked_up_beside_the_records(topics: Any) -> Non
         assert publisher.replies.num_lookups == lookups and publisher.num_replies_dropped == len(made_up) + 2
     finally:
         await publisher.stop()
-    records = await _read_one_partition(bootstrap, fresh, 5)
+    records = await read_topic(bootstrap, fresh, want=5)
     assert [(r.type, getattr(r, "index", None)) for r in records] == [
         ("token", 0), ("token", 1), ("token", 2), ("result", None), ("token", 3)]
 
 
 def _token(rid: str, index: int) -> TokenResult:
     return TokenResult(request_id=rid, index=index, token_ids=[index + 5], text=str(index))
-
-
-async def _read_one_partition(bootstrap: str, topic: str, num: int, timeout: float = 30) -> list[Any]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    out: list[Any] = []
-    try:
-        part = TopicPartition(topic, 0)
-        consumer.assign([part])
-        await consumer.seek_to_beginning(part)
-        deadline = time.monotonic() + timeout
-        while len(out) < num and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                out += [decode_record("results", r.value) for r in records]
-        return out
-    finally:
-        await consumer.stop()
