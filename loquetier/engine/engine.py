@@ -332,10 +332,7 @@ class Engine:
             raise EngineError("invalid_request", "priority must be >= 0")
         sampling = sampling or SamplingParams()
         ids = self.requests.prompt_ids(prompt, prompt_token_ids, self.model.cfg.vocab_size, self.max_model_len)
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise EngineError("prompt_too_long", f"prompt of {len(ids)} tokens leaves no room in the "
-                              f"context of {self.max_model_len} tokens")
+        room = self.max_model_len - len(ids)  # >= 1: prompt_ids refuses a prompt that leaves none
         if self.blocks.blocks_needed(len(ids) + 1) > self.blocks.num_blocks:
             raise EngineError("prompt_too_long", "the prompt does not fit in the KV cache")
         sampling = self.requests.effective_sampling(sampling, room, self.model.cfg.vocab_size)

@@ -62,6 +62,7 @@ class _Request:
 class RequestBook:
     def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int], seed: int, device: torch.device) -> None:
         self.tokenizer, self.eos_token_ids, self.device = tokenizer, tuple(eos_token_ids), device
+        self._widest: int | None = None  # the vocabulary's widest piece in characters, read once
         self._requests: dict[str, _Request] = {}
         # Seeds for requests without one (the sampler's noise is counter-based, per request).
         self.generator = torch.Generator().manual_seed(seed)
@@ -91,9 +92,9 @@ class RequestBook:
             ids = list(self.tokenizer(prompt)["input_ids"])
         else:
             ids = list(prompt_token_ids or [])
-            if max_len is not None and len(ids) >= max_len:
-                raise EngineError("prompt_too_long", f"prompt of {len(ids)} tokens leaves no room in the "
-                                  f"context of {max_len} tokens")
+        if max_len is not None and len(ids) >= max_len:
+            raise EngineError("prompt_too_long", f"prompt of {len(ids)} tokens leaves no room in the "
+                              f"context of {max_len} tokens")
         if not ids:
             raise EngineError("invalid_request", "empty prompt")
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
@@ -110,15 +111,13 @@ class RequestBook:
 
     def _widest_piece(self) -> int:
         """The most characters one token's piece can stand for (0: unknown, no bound)."""
-        widest = getattr(self, "_widest", None)
-        if widest is None:
+        if self._widest is None:
             try:
                 vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
-                widest = max((len(piece) for piece in vocab), default=0)
+                self._widest = max((len(piece) for piece in vocab), default=0)
             except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary view: no bound
-                widest = 0
-            self._widest = widest
-        return int(widest)
+                self._widest = 0
+        return self._widest
 
     def effective_sampling(self, sampling: SamplingParams, room: int, vocab_size: int | None = None) -> SamplingParams:
         """Cap max_tokens to the context left; every EOS id of the model stops the request; a top_k

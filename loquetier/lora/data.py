@@ -128,8 +128,8 @@ def tokenize_examples(source: DataSource, tokenizer: Tokenizer | None = None, *,
     encoded = _encode_texts(examples, tokenizer, add_special_tokens, stop)
     out = []
     for index, example in enumerate(examples):
-        if stop is not None and index % _CHECK_EVERY == 0 and stop.is_set():
-            raise DataCancelled("the data's preparation was stopped")
+        if index % _CHECK_EVERY == 0:
+            _stop_if_set(stop)
         try:
             seq = _tokenize_one(example, tokenizer, encoded.get(index))
             if vocab_size is not None and any(t >= vocab_size for t in seq.token_ids):
@@ -146,6 +146,11 @@ def tokenize_examples(source: DataSource, tokenizer: Tokenizer | None = None, *,
 
 class DataCancelled(DataError):
     """A preparation stopped by its caller (the job was cancelled, paused or moved meanwhile)."""
+
+
+def _stop_if_set(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise DataCancelled("the data's preparation was stopped")
 
 
 def _chat_renders(example: object) -> int:
@@ -180,8 +185,7 @@ def _encode(tokenizer: Tokenizer, texts: list[str], special: bool,
     out: list[list[int]] = []
     batched = isinstance(getattr(tokenizer, "is_fast", None), bool)  # a Hugging Face tokenizer: takes lists
     for lo in range(0, len(texts), _ENCODE_CHUNK):
-        if stop is not None and stop.is_set():
-            raise DataCancelled("the data's preparation was stopped")
+        _stop_if_set(stop)
         chunk = texts[lo : lo + _ENCODE_CHUNK]
         if batched:
             nonempty = [t for t in chunk if t]

@@ -41,7 +41,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+    if _is_converted(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
@@ -92,8 +92,11 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
 
 def smollm2_is_cached(cache_dir: Path | None = None) -> bool:
     """Whether :func:`ensure_smollm2` will find the converted model ready (no conversion)."""
-    out = _smollm2_dir(cache_dir)
-    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    return _is_converted(_smollm2_dir(cache_dir))
+
+
+def _is_converted(out_dir: Path) -> bool:
+    return (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file()
 
 
 def _smollm2_dir(cache_dir: Path | None) -> Path:
