@@ -3,11 +3,12 @@
 Manual commits only (``enable_auto_commit=False``): each partition is committed up to the
 highest offset below which every record is done (:mod:`loquetier.workers.offsets`).
 Back-pressure pauses the request partitions while ``max_inflight`` requests are in the
-worker and resumes them when half have drained; paused records stay in Kafka, so nothing
-accepted is ever dropped. On a rebalance the revoked partitions are drained (their
-in-flight records finish and are committed) before the new owner starts; what does not
-finish in time keeps running here and the new owner waits for its row instead of
-computing it again.
+worker and resumes them when half have drained, and the control partitions while
+``max_commands`` commands wait to be applied (they run one at a time beside the intake);
+paused records stay in Kafka, so nothing accepted is ever dropped. On a rebalance the
+revoked partitions are drained (their in-flight records finish and are committed) before
+the new owner starts; what does not finish in time keeps running here and the new owner
+waits for its row instead of computing it again.
 
 Committed offsets are trusted across restarts. A broker's ListOffsets answer is not used to
 judge them: the embedded broker (tansu) answers the start of the last batch + 1 there (50
@@ -64,12 +65,16 @@ class Consumer:
         worker_id: str,
         max_inflight: int,
         inflight: Callable[[], int],
+        commands: Callable[[], int] = lambda: 0,
+        max_commands: int = 64,
         drain_timeout_s: float = 10.0,
     ):
         self._kafka = kafka
         self._handler = handler
         self._max_inflight = max_inflight
         self._inflight = inflight
+        self._commands = commands  # control commands accepted and not yet applied
+        self._max_commands = max_commands
         self._drain_timeout_s = drain_timeout_s
         self._kinds: dict[str, TopicKind] = {
             kafka.requests_topic: "requests",
@@ -94,7 +99,7 @@ class Consumer:
             metadata_max_age_ms=5_000,  # a topic created after start is seen within seconds
         )
         forbid_auto_create(self.consumer)
-        self.is_paused = False
+        self._paused: dict[str, bool] = {kafka.requests_topic: False, kafka.control_topic: False}
         self.num_assignments = 0
         self._stopping = asyncio.Event()
         self._expected: dict[TopicPartition, int] = {}  # where reading resumes, per partition
@@ -146,29 +151,37 @@ class Consumer:
             self._apply_backpressure()
             await self.commit()
 
-    def _apply_backpressure(self) -> None:
-        inflight = self._inflight()
-        if not self.is_paused and inflight >= self._max_inflight:
-            self._set_paused(True)
-        elif self.is_paused and inflight <= self._max_inflight // 2:
-            self._set_paused(False)
+    @property
+    def is_paused(self) -> bool:
+        """Whether the request partitions are paused for back-pressure."""
+        return self._paused[self._kafka.requests_topic]
 
-    def _request_parts(self) -> list[TopicPartition]:
-        return [p for p in self.consumer.assignment() if p.topic == self._kafka.requests_topic]
+    def _apply_backpressure(self) -> None:
+        for topic, (num, limit) in (
+            (self._kafka.requests_topic, (self._inflight(), self._max_inflight)),
+            (self._kafka.control_topic, (self._commands(), self._max_commands)),
+        ):
+            if not self._paused[topic] and num >= limit:
+                self._set_paused(topic, True, num)
+            elif self._paused[topic] and num <= limit // 2:
+                self._set_paused(topic, False, num)
+
+    def _parts(self, topic: str) -> list[TopicPartition]:
+        return [p for p in self.consumer.assignment() if p.topic == topic]
 
     def request_partitions(self) -> list[TopicPartition]:
         """The request partitions this consumer owns now."""
-        return self._request_parts()
+        return self._parts(self._kafka.requests_topic)
 
-    def _set_paused(self, paused: bool) -> None:
-        parts = self._request_parts()
+    def _set_paused(self, topic: str, paused: bool, num: int) -> None:
+        parts = self._parts(topic)
         if paused:
             self.consumer.pause(*parts)
         else:
             self.consumer.resume(*parts)
-        self.is_paused = paused
-        PAUSED.set(len(parts) if paused else 0)
-        log.info("back-pressure", extra={"paused": paused, "inflight": self._inflight()})
+        self._paused[topic] = paused
+        PAUSED.labels(self._kinds[topic]).set(len(parts) if paused else 0)
+        log.info("back-pressure", extra={"topic": topic, "paused": paused, "waiting": num})
 
     async def commit(self, parts: set[TopicPartition] | None = None) -> bool:
         points = self.tracker.commit_points(parts)
@@ -209,8 +222,9 @@ class Consumer:
         else:
             await self._expect_committed(assigned)
         self.num_assignments += 1
-        if self.is_paused:
-            self.consumer.pause(*self._request_parts())
+        for topic, paused in self._paused.items():
+            if paused:
+                self.consumer.pause(*self._parts(topic))
         log.info("partitions assigned", extra={"partitions": sorted(map(str, assigned))})
 
     def _group_went_back(self) -> bool:

@@ -3,7 +3,11 @@
 A record that does not decode goes to ``loquetier.dlq`` with the reason, plus an "error"
 result when a request_id or job_id can be read from it; the worker keeps running. A
 training record is done once its job row exists (Postgres owns it from then on); a
-control record once it has been applied.
+control record once it has been applied and acknowledged.
+
+Control commands are applied one at a time, in the order they were read, in their own task:
+a command can take long (a ``load`` reads and copies a multi-GiB adapter), and request
+records read meanwhile must not wait for it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .control import Control
 from .errors import public_error
 from .inference import Inference
 from .jobs import LeasedJobs
+from .lanes import Lanes
 from .metrics import RECORD_AGE, RECORDS
 from .publisher import Publisher
 from .sources import Source, record_ref, record_timestamp
@@ -62,6 +67,8 @@ class Intake:
         self._max_excerpt_bytes = max_excerpt_bytes
         self._done = done  # (partition, offset, epoch) -> None: the record may be committed
         self.tasks: set[asyncio.Task[None]] = set()
+        self._commands = Lanes("control command")
+        self.num_commands = 0  # read and not yet applied: the consumer pauses the control topic past a limit
 
     async def handle(self, kind: TopicKind, record: Any, epoch: int) -> None:
         part, offset = _partition(record), record.offset
@@ -86,10 +93,9 @@ class Intake:
                 task.add_done_callback(self.tasks.discard)
             return
         if isinstance(decoded, ControlCommand):
-            command_id = decoded.command_id or derived_command_id(record)
-            ack = await self._control.apply(decoded, command_id)
-            await self._publisher.publish(ack.model_copy(update={"record": record_ref(record)}), command_id)
-        elif isinstance(decoded, TrainingJobRecord):
+            self._queue_command(decoded, record, epoch)
+            return
+        if isinstance(decoded, TrainingJobRecord):
             try:
                 await self._insert_job(decoded)
             except (AdapterTaken, JobIdTaken) as exc:
@@ -102,6 +108,30 @@ class Intake:
                 log.warning("record failed", extra={"kind": kind, "offset": offset, "code": code})
                 await self._reject(record, RecordError(code, message, None, decoded.job_id), kind)
         self._done(part, offset, epoch)
+
+    def _queue_command(self, cmd: ControlCommand, record: Any, epoch: int) -> None:
+        """Apply ``cmd`` after every command read before it; done (committable) once acknowledged.
+        A command whose ack cannot be published stays pending and comes back on a restart."""
+        command_id = cmd.command_id or derived_command_id(record)
+        part, offset = _partition(record), record.offset
+
+        async def apply() -> None:
+            ack = await self._control.apply(cmd, command_id)
+            await self._publisher.publish(ack.model_copy(update={"record": record_ref(record)}), command_id)
+            self._done(part, offset, epoch)
+
+        self.num_commands += 1
+        task = self._commands.submit("control", apply)
+        self.tasks.add(task)
+        task.add_done_callback(self._command_ended)
+
+    def _command_ended(self, task: asyncio.Task[None]) -> None:
+        self.num_commands -= 1
+        self.tasks.discard(task)
+
+    async def finish_commands(self) -> None:
+        """Wait until every command read so far is applied (cancelling the wait cancels none)."""
+        await self._commands.drain()
 
     async def _insert_job(self, job: TrainingJobRecord) -> None:
         params = job.params

@@ -24,7 +24,7 @@ RECORDS = Counter("loquetier_records_total", "Consumed records by topic kind and
 QUEUE_DEPTH = Gauge("loquetier_queue_depth", "Work waiting or running, by queue", ["queue"])
 SLOTS_IN_USE = Gauge("loquetier_adapter_slots_in_use", "Adapter slots in use on the device")
 TRAIN_LOSS = Gauge("loquetier_training_loss", "Latest training loss reported by a job on this worker")
-PAUSED = Gauge("loquetier_partitions_paused", "Request partitions paused for back-pressure")
+PAUSED = Gauge("loquetier_partitions_paused", "Partitions paused for back-pressure, by topic kind", ["kind"])
 # fine buckets below 10 ms: the target is a p99 under 10 ms (workers/loop_lag.py)
 LOOP_LAG = Histogram(
     "loquetier_event_loop_lag_seconds", "How late a periodic 10 ms timer ran on the worker's event loop",

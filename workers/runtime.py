@@ -91,6 +91,7 @@ class Worker:
             worker_id=self.worker_id,
             max_inflight=ws.max_inflight,
             inflight=self._num_inflight,
+            commands=lambda: self.intake.num_commands,
             drain_timeout_s=self.drain_timeout_s,
         )
         self.jobs = LeasedJobs(
@@ -238,6 +239,7 @@ class Worker:
             self.engine_failed(self.engine_failure or "the engine thread is not running")
         is_engine_ok = self.engine_failure is None
         await _step("mark draining", self._mark("draining"))
+        await _step("apply control commands", self.intake.finish_commands(), timeout_s=5.0)
         await _step("record job events", self.job_lanes.drain(), timeout_s=10.0)
         await _step("release jobs", self.jobs.release_all(is_clean=is_engine_ok))
         await _step("drain requests", self._drain(), timeout_s=self.drain_timeout_s + 1.0)
@@ -354,9 +356,9 @@ async def _step(what: str, awaitable: Awaitable[T], *, timeout_s: float = 15.0) 
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise  # the stop itself is being cancelled
-        log.warning("stop step failed", extra={"step": what, "error": repr(exc)[:500]})
+        log.warning("stop step failed: %s", what, extra={"step": what, "error": repr(exc)[:500]})
     except Exception as exc:
-        log.warning("stop step failed", extra={"step": what, "error": repr(exc)[:500]})
+        log.warning("stop step failed: %s", what, extra={"step": what, "error": repr(exc)[:500]})
     return None
 
 

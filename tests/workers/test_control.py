@@ -226,3 +226,53 @@ def test_a_job_as_the_gateway_stores_and_publishes_it_is_the_same_job() -> None:
     stored = job.model_dump(mode="json", by_alias=True)
     assert same_job(stored, decode_record("training", encode(job)))
     assert not same_job(stored, decode_record("training", encode(job.model_copy(update={"adapter_id": "ft-y"}))))
+
+
+async def test_a_slow_command_holds_up_neither_requests_nor_the_worker(topics: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run one at a time beside the intake: while a load hangs (a multi-GiB adapter being
+    read), requests still stream and finish; commands read meanwhile wait their turn, the control
+    topic is paused once 64 wait, and every one is applied and acknowledged after the load."""
+    from loquetier.workers.control import Control
+
+    entered, gate = asyncio.Event(), asyncio.Event()
+    applied: list[tuple[str, bool]] = []
+    original_load, original_apply = Control._load, Control.apply
+
+    async def slow_load(self: Control, cmd: Any) -> Any:
+        entered.set()
+        await asyncio.wait_for(gate.wait(), 60)
+        return await original_load(self, cmd)
+
+    async def apply(self: Control, cmd: Any, command_id: str) -> Any:
+        applied.append((command_id, gate.is_set()))
+        return await original_apply(self, cmd, command_id)
+
+    monkeypatch.setattr(Control, "_load", slow_load)
+    monkeypatch.setattr(Control, "apply", apply)
+    settings = await topics()
+    control_topic = settings.kafka.control_topic
+    async with running_worker(FakeEngine(), settings) as worker, client_for(settings) as client:
+        load = await client.control("load", "slow-adapter", source="db")
+        await asyncio.wait_for(entered.wait(), 30)
+        rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, stream=True)
+        result = await client.wait_result(rid, timeout=20)
+        assert result.type == "result" and result.token_ids == [6, 7, 8, 6]
+        later = [await client.control("resume", f"later-{i}") for i in range(150)]
+        await until(lambda: _true(worker.consumer._paused[control_topic]))
+        assert 64 <= worker.intake.num_commands < 150 and not gate.is_set()
+        again = await client.submit_generate(prompt_token_ids=[9, 10], max_tokens=2)
+        assert (await client.wait_result(again, timeout=20)).type == "result"
+        assert applied == [(load, False)]
+        acks = client.results([load, *later])
+        gate.set()
+        got = {}
+        async for ack in acks:
+            got[ack.command_id] = ack
+            if len(got) == 1 + len(later):
+                break
+        await until(lambda: _true(not worker.consumer._paused[control_topic] and worker.intake.num_commands == 0))
+    assert got[load].code == "unknown_adapter"  # no such adapter in the database: the load ran to its end
+    assert {got[c].code for c in later} == {"unknown_job"}
+    assert applied[0] == (load, False) and len(applied) == 1 + len(later)
+    assert {c for c, _ in applied} == {load, *later} and all(after_gate for _, after_gate in applied[1:])
