@@ -98,6 +98,7 @@ class SamplingSpec(WireModel):
     seed: Int64 | None = None
     stop: Annotated[list[StopString], Field(fail_fast=True)] = Field(default_factory=list)
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    ignore_eos: bool = False  # generate max_tokens tokens whatever comes (benchmarks); stop strings still stop
 
 
 class SLOSpec(WireModel):

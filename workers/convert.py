@@ -43,6 +43,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         seed=spec.seed,
         stop=tuple(spec.stop),
         logprobs=bool(spec.logprobs),
+        ignore_eos=spec.ignore_eos,
     )
 
 
@@ -70,12 +71,15 @@ def request_fingerprint(req: GenerateRequest) -> str:
     are two different requests. So a copy of a gateway's request naming another reply topic is
     refused, not sent the stored answer. Priority, SLO and streaming change how a request is
     served, not its answer, and are left out."""
+    sampling = req.sampling.model_dump(mode="json")
+    if not sampling["ignore_eos"]:  # left out when off: the fingerprint of rows stored before it existed
+        del sampling["ignore_eos"]
     content: dict[str, Any] = {
         "adapter_id": req.adapter_id,
         "prompt": req.prompt,
         "prompt_token_ids": req.prompt_token_ids,
         "messages": [m.model_dump(mode="json") for m in req.messages] if req.messages is not None else None,
-        "sampling": req.sampling.model_dump(mode="json"),
+        "sampling": sampling,
     }
     if req.reply_to is not None:  # absent: the fingerprint of rows stored before reply_to counted
         content["reply_to"] = req.reply_to

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -50,10 +50,24 @@ async def file_data(session: AsyncSession, file_id: str) -> bytes | None:
     return data
 
 
-async def list_files(session: AsyncSession, tenant_id: str | None, *, limit: int = 100) -> list[FileRow]:
-    query = select(FileRow).options(defer(FileRow.data)).order_by(FileRow.created_at.desc()).limit(limit)
+async def list_files(session: AsyncSession, tenant_id: str | None, *, limit: int = 100, after: str | None = None,
+                     newest_first: bool = True, purpose: str | None = None) -> list[FileRow]:
+    """A tenant's files without their bytes, by creation time; ``after`` = the last file_id of the
+    previous page (an unknown one: no rows)."""
+    query = select(FileRow).options(defer(FileRow.data))
     query = query.where(FileRow.tenant_id.is_(None) if tenant_id is None else FileRow.tenant_id == tenant_id)
-    return list((await session.scalars(query)).all())
+    if purpose is not None:
+        query = query.where(FileRow.purpose == purpose)
+    key = tuple_(FileRow.created_at, FileRow.file_id)
+    if after is not None:
+        anchor = await get_file(session, after)
+        if anchor is None or anchor.tenant_id != tenant_id:
+            return []
+        mark = tuple_(anchor.created_at, anchor.file_id)
+        query = query.where(key < mark if newest_first else key > mark)
+    order = (FileRow.created_at.desc(), FileRow.file_id.desc()) if newest_first else (FileRow.created_at,
+                                                                                         FileRow.file_id)
+    return list((await session.scalars(query.order_by(*order).limit(limit))).all())
 
 
 async def delete_file(session: AsyncSession, file_id: str) -> bool:

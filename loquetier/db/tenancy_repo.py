@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
+from loquetier.db.jobs_repo import FINAL_JOB_STATUSES
 from loquetier.db.models import AdapterRow, CheckpointRow, JobRow
 
 
@@ -51,6 +52,15 @@ async def adapter_owner(session: AsyncSession, adapter_id: str) -> tuple[bool, s
     )
     first = row.first()
     return (False, None) if first is None else (True, first[0])
+
+
+async def unfinished_jobs_of_adapter(session: AsyncSession, adapter_id: str) -> list[str]:
+    """Jobs not yet finished that train ``adapter_id`` or start from it."""
+    query = select(JobRow.job_id).where(
+        JobRow.status.not_in(FINAL_JOB_STATUSES),
+        or_(JobRow.adapter_id == adapter_id, JobRow.spec["base_adapter"].astext == adapter_id),
+    ).order_by(JobRow.created_at)
+    return list((await session.scalars(query)).all())
 
 
 async def tenant_job(session: AsyncSession, job_id: str, tenant_id: str) -> JobRow | None:

@@ -1,7 +1,8 @@
 """From result records to OpenAI answers: whole JSON objects, or SSE chunks as tokens arrive.
 
 ``Waiter`` takes the records of one request from the gateway's reply queue: token records
-(only for streams) and then one final ``result`` or ``error``. A stream's text is the
+(only for streams) and then one final ``result`` or ``error``. A call with several choices
+(``n``, or several prompts) is one request record per choice, whose answers are merged here. A stream's text is the
 concatenation of its token records' text; if the final text carries more (a token record
 lost on the way: they are best-effort), the missing tail goes out as a last delta, so a
 stream always ends with the same text as the same request without streaming.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ class Waiter:
     queue: asyncio.Queue[Any]
     deadline: float
     sent: tuple[str, int, int] | None = None  # where the request's record stands
+    done: bool = False  # its final record (result or error) arrived
 
     async def next(self) -> Any:
         """The next record; 504 past the deadline; an ``error`` record as its APIError."""
@@ -41,21 +43,23 @@ class Waiter:
                 raise APIError(504, "no result within the gateway's request timeout", code="timeout") from None
             if self._is_ours(record):
                 break
-        if record.type == "error":
-            raise from_worker(record.code, record.message)
-        return record
+        return self._checked(record)
 
     def ready(self) -> list[Any]:
         """Records already waiting (none if an error is among them: that one is raised)."""
         out = []
         while not self.queue.empty():
             record = self.queue.get_nowait()
-            if not self._is_ours(record):
-                continue
-            if record.type == "error":
-                raise from_worker(record.code, record.message)
-            out.append(record)
+            if self._is_ours(record):
+                out.append(self._checked(record))
         return out
+
+    def _checked(self, record: Any) -> Any:
+        if record.type in ("result", "error"):
+            self.done = True
+        if record.type == "error":
+            raise from_worker(record.code, record.message)
+        return record
 
     def _is_ours(self, record: Any) -> bool:
         """A refusal of one named record answers only that record: one another producer sent to
@@ -71,10 +75,13 @@ class Waiter:
                 return record
 
 
-def usage(result: GenerateResult) -> dict[str, int]:
-    u = result.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+def usage(results: Sequence[GenerateResult], prompt_of: Sequence[int]) -> dict[str, int]:
+    """Token counts of one call: each prompt counted once (``n`` choices share it), every completion."""
+    prompts = {p: r.usage.prompt_tokens for r, p in zip(results, prompt_of, strict=True)}
+    prompt_tokens = sum(prompts.values())
+    completion_tokens = sum(r.usage.completion_tokens for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def chat_logprobs(result: GenerateResult, tokens: TokenText) -> dict[str, Any] | None:
@@ -88,6 +95,7 @@ def chat_logprobs(result: GenerateResult, tokens: TokenText) -> dict[str, Any] |
 
 
 def text_logprobs(result: GenerateResult, tokens: TokenText) -> dict[str, Any] | None:
+    """``top_logprobs`` holds the chosen token alone: the worker returns no alternatives."""
     if result.logprobs is None:
         return None
     pieces = tokens.pieces(result.token_ids)
@@ -95,26 +103,26 @@ def text_logprobs(result: GenerateResult, tokens: TokenText) -> dict[str, Any] |
     for piece in pieces:
         offsets.append(at)
         at += len(piece)
-    return {"tokens": pieces, "token_logprobs": list(result.logprobs), "top_logprobs": None, "text_offset": offsets}
+    logprobs = list(result.logprobs)
+    return {"tokens": pieces, "token_logprobs": logprobs, "text_offset": offsets,
+            "top_logprobs": [{piece: lp} for piece, lp in zip(pieces, logprobs, strict=False)]}
 
 
-def whole(kind: Kind, rid: str, model: str, result: GenerateResult, tokens: TokenText) -> dict[str, Any]:
-    """The non-streaming answer."""
+def whole(kind: Kind, rid: str, model: str, results: Sequence[GenerateResult], prompt_of: Sequence[int],
+          tokens: TokenText) -> dict[str, Any]:
+    """The non-streaming answer: one choice per result, in order."""
     created = int(time.time())
-    if kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": result.text, "refusal": None},
-            "logprobs": chat_logprobs(result, tokens),
-            "finish_reason": result.finish_reason,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": result.text, "logprobs": text_logprobs(result, tokens),
-                  "finish_reason": result.finish_reason}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-            "usage": usage(result), "system_fingerprint": None}
+    choices: list[dict[str, Any]] = []
+    for index, result in enumerate(results):
+        if kind == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                            "logprobs": chat_logprobs(result, tokens), "finish_reason": result.finish_reason})
+        else:
+            choices.append({"index": index, "text": result.text, "logprobs": text_logprobs(result, tokens),
+                            "finish_reason": result.finish_reason})
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+            "usage": usage(results, prompt_of), "system_fingerprint": None}
 
 
 class Chunks:
@@ -132,27 +140,27 @@ class Chunks:
             obj["usage"] = None
         return _sse(orjson.dumps(obj))
 
-    def _choice(self, text: str | None, finish: str | None, logprobs: Any = None, *, role: bool = False) -> dict[
-            str, Any]:
+    def _choice(self, index: int, text: str | None, finish: str | None, logprobs: Any = None, *,
+                role: bool = False) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {} if text is None else {"content": text}
             if role:
                 delta["role"] = "assistant"
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
-    def first(self) -> bytes | None:
-        return self._event([self._choice("", None, role=True)]) if self.kind == "chat" else None
+    def first(self, index: int) -> bytes | None:
+        return self._event([self._choice(index, "", None, role=True)]) if self.kind == "chat" else None
 
-    def delta(self, text: str) -> bytes:
-        return self._event([self._choice(text, None)])
+    def delta(self, index: int, text: str) -> bytes:
+        return self._event([self._choice(index, text, None)])
 
-    def last(self, result: GenerateResult, tokens: TokenText) -> list[bytes]:
+    def finish(self, index: int, result: GenerateResult, tokens: TokenText) -> bytes:
         logprobs = (chat_logprobs if self.kind == "chat" else text_logprobs)(result, tokens)
-        out = [self._event([self._choice(None if self.kind == "chat" else "", result.finish_reason, logprobs)])]
-        if self.include_usage:
-            out.append(self._event([], usage=usage(result)))
-        return out
+        return self._event([self._choice(index, None if self.kind == "chat" else "", result.finish_reason, logprobs)])
+
+    def usage(self, results: Sequence[GenerateResult], prompt_of: Sequence[int]) -> bytes:
+        return self._event([], usage=usage(results, prompt_of))
 
 
 def error_event(error: APIError) -> bytes:
@@ -171,26 +179,65 @@ def _sse(data: bytes) -> bytes:
 _LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
-async def stream(waiter: Waiter, chunks: Chunks, tokens: TokenText) -> AsyncIterator[bytes]:
-    """Token records as deltas, the final record as the closing chunk(s), then ``[DONE]``."""
-    first = chunks.first()
-    if first is not None:
-        yield first
-    sent = ""
+async def first_records(waiters: Sequence[Waiter]) -> list[Any]:
+    """Each waiter's first record, so that a request the worker refuses (``prompt_too_long``,
+    ``unknown_adapter``) is an HTTP error before a stream's headers go out; the first error wins."""
+    tasks = [asyncio.ensure_future(w.next()) for w in waiters]
     try:
-        while True:
-            records = [await waiter.next(), *waiter.ready()]  # a client that fell behind gets one delta
-            text = "".join(r.text for r in records if r.type == "token")
-            if text:
-                sent += text
-                yield chunks.delta(text)
-            result = next((r for r in records if r.type == "result"), None)
-            if result is not None:
-                if result.text.startswith(sent) and len(result.text) > len(sent):
-                    yield chunks.delta(result.text[len(sent):])
-                for event in chunks.last(result, tokens):
-                    yield event
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task in done and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def stream(waiters: Sequence[Waiter], firsts: Sequence[Any], prompt_of: Sequence[int], chunks: Chunks,
+                 tokens: TokenText) -> AsyncIterator[bytes]:
+    """Token records as deltas, each final record as its choice's closing chunk, the usage chunk
+    when asked, then ``[DONE]``. Choices interleave as their records arrive."""
+    arrived: asyncio.Queue[tuple[int, list[Any] | APIError]] = asyncio.Queue()
+
+    async def pump(index: int, waiter: Waiter, first: Any) -> None:
+        try:
+            records = [first, *waiter.ready()]  # a client that fell behind gets one delta
+            while True:
+                await arrived.put((index, records))
+                if any(r.type == "result" for r in records):
+                    return
+                records = [await waiter.next(), *waiter.ready()]
+        except APIError as error:
+            await arrived.put((index, error))
+
+    for index in range(len(waiters)):
+        first = chunks.first(index)
+        if first is not None:
+            yield first
+    pumps = [asyncio.ensure_future(pump(i, w, f)) for i, (w, f) in enumerate(zip(waiters, firsts, strict=True))]
+    sent = [""] * len(waiters)
+    results: list[GenerateResult | None] = [None] * len(waiters)
+    try:
+        while any(r is None for r in results):
+            index, batch = await arrived.get()
+            if isinstance(batch, APIError):  # headers are out: the error travels as an event, the stream ends
+                yield error_event(batch)
                 break
-    except APIError as error:  # headers are out: the error travels as an event, then the stream ends
-        yield error_event(error)
+            text = "".join(r.text for r in batch if r.type == "token")
+            if text:
+                sent[index] += text
+                yield chunks.delta(index, text)
+            result = next((r for r in batch if r.type == "result"), None)
+            if result is not None:
+                if result.text.startswith(sent[index]) and len(result.text) > len(sent[index]):
+                    yield chunks.delta(index, result.text[len(sent[index]):])
+                results[index] = result
+                yield chunks.finish(index, result, tokens)
+        else:
+            if chunks.include_usage:
+                yield chunks.usage([r for r in results if r is not None], prompt_of)
+    finally:
+        for task in pumps:
+            task.cancel()
     yield b"data: [DONE]\n\n"

@@ -49,6 +49,7 @@ ROUTES = [
     Route("/metrics", metrics, methods=["GET"]),
     Route("/v1/models", models.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", models.get_model, methods=["GET"]),
+    Route("/v1/models/{model:path}", models.delete_model, methods=["DELETE"]),
     Route("/v1/chat/completions", completions.chat_completions, methods=["POST"]),
     Route("/v1/completions", completions.completions, methods=["POST"]),
     Route("/v1/files", files.upload, methods=["POST"]),
@@ -60,6 +61,8 @@ ROUTES = [
     Route("/v1/fine_tuning/jobs", fine_tuning.list_jobs, methods=["GET"]),
     Route("/v1/fine_tuning/jobs/{job_id}", fine_tuning.get_job, methods=["GET"]),
     Route("/v1/fine_tuning/jobs/{job_id}/cancel", fine_tuning.cancel, methods=["POST"]),
+    Route("/v1/fine_tuning/jobs/{job_id}/pause", fine_tuning.pause, methods=["POST"]),
+    Route("/v1/fine_tuning/jobs/{job_id}/resume", fine_tuning.resume, methods=["POST"]),
     Route("/v1/fine_tuning/jobs/{job_id}/events", fine_tuning.events, methods=["GET"]),
     Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", fine_tuning.checkpoints, methods=["GET"]),
 ]

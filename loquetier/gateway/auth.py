@@ -77,6 +77,6 @@ class Auth:
             wait_s = (1.0 - bucket.tokens) * 60.0 / per_minute
             raise APIError(
                 429, f"rate limit of {per_minute} requests per minute reached; retry in {wait_s:.1f} s",
-                code="rate_limit_exceeded",
+                code="rate_limit_exceeded", retry_after=wait_s,
             )
         bucket.tokens -= 1.0

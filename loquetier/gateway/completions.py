@@ -5,7 +5,10 @@ room in this gateway (429); only then is a ``GenerateRequest`` published, with t
 reply topic as ``reply_to``. So a refused call leaves nothing behind: no record, no row.
 
 The body's ``loquetier`` field (``extra_body`` in the SDKs) carries our own knobs: ``priority``,
-``ttft_ms`` / ``tpot_ms`` latency targets and ``top_k``.
+``ttft_ms`` / ``tpot_ms`` latency targets and ``top_k``. A call with ``n`` choices or several
+prompts publishes one request record per choice and merges their answers. A stream waits for
+each choice's first record before its headers go out, so a request the worker refuses is an
+HTTP error the clients can act on, not an event inside a 200.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from loquetier.codec import DEFAULT_LIMITS
-from loquetier.messages import ControlCommand, GenerateRequest, encode_record
+from loquetier.messages import ControlCommand, GenerateRequest, GenerateResult, encode_record
 
 from . import answers
 from .body import read_json
@@ -48,8 +52,10 @@ async def chat_completions(request: Request) -> Response:
         raise bad_request("chat completions need a Loquetier version whose requests carry 'messages'; "
                           "use /v1/completions with a prompt", code="chat_unavailable")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    sampling = _sampling(body, body.token_limit(), 1 if body.logprobs else None)
-    return await _complete(request, gw, "chat", body, adapter_id, {"messages": messages}, sampling)
+    # no limit asked: up to the context, as OpenAI does (the worker caps it to the room the prompt leaves)
+    limit = body.token_limit() or DEFAULT_LIMITS.max_new_tokens
+    sampling = _sampling(body, limit, 1 if body.logprobs else None)
+    return await _complete(request, gw, "chat", body, adapter_id, [{"messages": messages}], sampling)
 
 
 async def completions(request: Request) -> Response:
@@ -58,27 +64,26 @@ async def completions(request: Request) -> Response:
     body = parse(CompletionRequest, await read_json(request))
     body.check_supported()
     adapter_id = await gw.resolve_model(owner, body.model)
-    prompt = body.prompt
-    if isinstance(prompt, list) and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    fields = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
-    if fields.get("prompt") == "":
-        raise bad_request("prompt must not be empty", param="prompt")
+    prompts: list[dict[str, Any]] = []
+    for index, prompt in enumerate(body.prompts()):
+        if prompt == "":
+            raise bad_request("prompt must not be empty", param="prompt" if len(body.prompts()) == 1 else
+                              f"prompt.{index}")
+        prompts.append({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt})
     limit = body.max_tokens or LEGACY_DEFAULT_MAX_TOKENS
     sampling = _sampling(body, limit, 1 if body.logprobs is not None else None)
-    return await _complete(request, gw, "text", body, adapter_id, fields, sampling)
+    return await _complete(request, gw, "text", body, adapter_id, prompts, sampling)
 
 
-def _sampling(body: Sampling, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"stop": body.stops(), "seed": body.seed, "logprobs": logprobs}
-    if max_tokens is not None:
-        spec["max_tokens"] = max_tokens
+def _sampling(body: Sampling, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"stop": body.stops(), "seed": body.seed, "logprobs": logprobs, "max_tokens": max_tokens,
+                            "top_k": body.sampling_top_k()}
     if body.temperature is not None:
         spec["temperature"] = body.temperature
     if body.top_p is not None:
         spec["top_p"] = body.top_p
-    if body.loquetier is not None:
-        spec["top_k"] = body.loquetier.top_k
+    if body.ignore_eos:
+        spec["ignore_eos"] = True
     return spec
 
 
@@ -108,56 +113,116 @@ def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, field
     return value
 
 
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice ``j`` of ``n`` samples with ``seed + j``: the choices differ, and a call is repeatable."""
+    if seed is None or choice == 0:
+        return seed
+    return (seed + choice + 2**63) % 2**64 - 2**63  # stays a signed 64-bit value
+
+
+@dataclass
+class _Choice:
+    rid: str  # the request record's id
+    value: bytes  # the record, encoded
+    prompt: int  # which prompt of the call it completes
+
+
+def _choices(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, prompts: list[dict[str, Any]],
+             sampling: dict[str, Any]) -> list[_Choice]:
+    """One request record per choice (prompts x n), in the order of the answer's ``index``."""
+    n = body.num_choices()
+    many = len(prompts) * n > 1
+    out = []
+    for p, fields in enumerate(prompts):
+        for j in range(n):
+            sub = f"{rid}-{p * n + j}" if many else rid
+            spec = sampling | {"seed": _choice_seed(sampling.get("seed"), j)}
+            out.append(_Choice(sub, _record(sub, gw, body, adapter_id, fields, spec), p))
+    return out
+
+
 async def _complete(request: Request, gw: Gateway, kind: str, body: Sampling, adapter_id: str | None,
-                    fields: dict[str, Any], sampling: dict[str, Any]) -> Response:
-    is_stream = bool(body.stream)
+                    prompts: list[dict[str, Any]], sampling: dict[str, Any]) -> Response:
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    value = _record(rid, gw, body, adapter_id, fields, sampling)
+    choices = _choices(rid, gw, body, adapter_id, prompts, sampling)
     await gw.require_worker()
-    gw.admit()
-    queue = gw.bus.expect(rid)
-    try:
-        sent = await gw.bus.publish(gw.settings.kafka.requests_topic, value, rid)
-    except KafkaError as exc:
-        gw.bus.forget(rid)
-        log.warning("request not published", extra={"request_id": rid, "error": repr(exc)})
-        raise APIError(503, "the message broker is unavailable; retry later", code="broker_unavailable") from None
+    gw.admit(len(choices))
+    waiters = await _publish(gw, choices)
     IN_FLIGHT.inc()
-    waiter = answers.Waiter(queue, time.monotonic() + gw.config.request_timeout_s, sent)
     route = request.url.path
-    if is_stream:
+    prompt_of = [c.prompt for c in choices]
+    try:
+        if body.stream:
+            firsts = await answers.first_records(waiters)
+        else:
+            results = await _finals(waiters)
+    except BaseException:  # an error, the timeout, or a client that went away
+        _end(gw, choices, waiters)
+        raise
+    if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = answers.Chunks(kind, rid, body.model, include_usage)
+        events = answers.stream(waiters, firsts, prompt_of, chunks, gw.tokens)
         return StreamingResponse(
-            _streamed(gw, rid, route, answers.stream(waiter, chunks, gw.tokens)),
+            _streamed(gw, choices, waiters, events),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Request-Id": rid},
         )
-    try:
-        result = await waiter.final()
-    except asyncio.CancelledError:
-        _cancel_soon(gw, rid)
-        raise
-    finally:
-        gw.bus.forget(rid)
-        IN_FLIGHT.dec()
-    TOKENS.labels(route).inc(result.usage.completion_tokens)
-    answer = answers.whole(kind, rid, body.model, result, gw.tokens)
+    _end(gw, choices, waiters)
+    TOKENS.labels(route).inc(sum(r.usage.completion_tokens for r in results))
+    answer = answers.whole(kind, rid, body.model, results, prompt_of, gw.tokens)
     return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Request-Id": rid})
 
 
-async def _streamed(gw: Gateway, rid: str, route: str, events: Any) -> Any:
-    """Forward the SSE events; a client that leaves early gets its request cancelled."""
-    finished = False
+async def _publish(gw: Gateway, choices: list[_Choice]) -> list[answers.Waiter]:
+    """Publish every choice's record; if the broker fails part-way, those already out are cancelled."""
+    queues = [gw.bus.expect(c.rid) for c in choices]
+    sent = []
+    try:
+        for choice in choices:
+            sent.append(await gw.bus.publish(gw.settings.kafka.requests_topic, choice.value, choice.rid))
+    except KafkaError as exc:
+        for choice in choices:
+            gw.bus.forget(choice.rid)
+        for choice in choices[:len(sent)]:
+            _cancel_soon(gw, choice.rid)
+        log.warning("request not published", extra={"request_id": choices[0].rid, "error": repr(exc)})
+        raise APIError(503, "the message broker is unavailable; retry later", code="broker_unavailable") from None
+    deadline = time.monotonic() + gw.config.request_timeout_s
+    return [answers.Waiter(q, deadline, ref) for q, ref in zip(queues, sent, strict=True)]
+
+
+async def _finals(waiters: list[answers.Waiter]) -> list[GenerateResult]:
+    """Every choice's result; the first error ends the call."""
+    tasks = [asyncio.ensure_future(w.final()) for w in waiters]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task in done and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _end(gw: Gateway, choices: list[_Choice], waiters: list[answers.Waiter]) -> None:
+    """The call is over: stop waiting, and ask the workers to stop what is still running for it."""
+    for choice, waiter in zip(choices, waiters, strict=True):
+        gw.bus.forget(choice.rid)
+        if not waiter.done:
+            _cancel_soon(gw, choice.rid)
+    IN_FLIGHT.dec()
+
+
+async def _streamed(gw: Gateway, choices: list[_Choice], waiters: list[answers.Waiter], events: Any) -> Any:
+    """Forward the SSE events; whatever has not finished when they end (a client that left early,
+    an error in another choice) is cancelled."""
     try:
         async for event in events:
             yield event
-        finished = True
     finally:
-        gw.bus.forget(rid)
-        IN_FLIGHT.dec()
-        if not finished:
-            _cancel_soon(gw, rid)
+        _end(gw, choices, waiters)
 
 
 _background: set[asyncio.Task[None]] = set()

@@ -7,6 +7,7 @@ its details) into the JSON answer.
 from __future__ import annotations
 
 import logging
+import math
 
 import orjson
 from starlette.requests import Request
@@ -41,19 +42,23 @@ WORKER_STATUS = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.retry_after = retry_after  # seconds, sent as Retry-After (the SDKs wait that long)
 
     def body(self) -> dict[str, object]:
         error_type = _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
 
     def response(self) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         return Response(orjson.dumps(self.body()), self.status, headers, media_type="application/json")
 
 

@@ -75,11 +75,27 @@ async def _own_file(gw: Gateway, tenant_id: str, file_id: str, *, with_data: boo
     return row
 
 
+MAX_LIST = 10_000  # OpenAI's limit and default for one page of files
+
+
 async def list_files(request: Request) -> Response:
+    """Newest first unless ``order=asc``; ``limit`` (1-10,000), ``after`` (a file id), ``purpose``."""
     gw: Gateway = request.app.state.gateway
     owner = await gw.auth.owner(request)
-    rows = await gw.tx(lambda s: files_repo.list_files(s, owner.tenant_id))
-    return _json({"object": "list", "data": [file_object(r) for r in rows], "has_more": False})
+    query = request.query_params
+    raw = query.get("limit", str(MAX_LIST))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
+        raise bad_request(f"limit must be an integer from 1 to {MAX_LIST}", param="limit")
+    limit = int(raw)
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_request("order must be 'asc' or 'desc'", param="order")
+    after, purpose = query.get("after"), query.get("purpose")
+    rows = await gw.tx(lambda s: files_repo.list_files(s, owner.tenant_id, limit=limit + 1, after=after,
+                                                       newest_first=order == "desc", purpose=purpose))
+    data = [file_object(r) for r in rows[:limit]]
+    return _json({"object": "list", "data": data, "has_more": len(rows) > limit,
+                  "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
 
 async def get_file(request: Request) -> Response:

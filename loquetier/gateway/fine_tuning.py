@@ -1,4 +1,4 @@
-"""``/v1/fine_tuning/jobs``: create, list, get, cancel, events and checkpoints.
+"""``/v1/fine_tuning/jobs``: create, list, get, cancel, pause, resume, events and checkpoints.
 
 Creating a job writes its ``training_jobs`` row (with the caller's tenant) and then publishes
 the ``TrainingJobRecord`` record on the training topic, which wakes a worker; the worker's own
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -124,7 +124,7 @@ async def create(request: Request) -> Response:
     adapter_id = f"ft-{body.suffix or 'lora'}-{uuid.uuid4().hex[:8]}"
     fields: dict[str, Any] = {
         "job_id": job_id, "adapter_id": adapter_id, "base_adapter": base_adapter, "data": data, "eval_data": eval_data,
-        "params": _params(body.hyperparameters, body.seed, options.params if options else None),
+        "params": _params(body.all_hyperparameters(), body.seed, options.params if options else None),
         "priority": options.priority if options else 0,
     }
     if options is not None and options.lora is not None:
@@ -186,6 +186,57 @@ async def cancel(request: Request) -> Response:
             log.warning("cancel record not published", extra={"job_id": row.job_id, "error": repr(exc)})
         await gw.tx(lambda s: repo.finish_job(s, row.job_id, status="cancelled", error="cancelled through the API"))
     return _json(job_object(await _job(gw, owner, row.job_id), gw))
+
+
+async def pause(request: Request) -> Response:
+    """Pause in the row (the owner's next lease renewal fails and it stops the job; it resumes from its
+    last checkpoint); the control record lets the worker that consumes it stop the job sooner."""
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    row = await _job(gw, owner, request.path_params["job_id"])
+    if row.status not in ("queued", "running", "paused"):
+        raise bad_request(f"the job is {row.status}: only queued or running jobs pause", code="invalid_state",
+                          param="fine_tuning_job_id")
+    if row.status != "paused":
+        await _command(gw, "pause", row.job_id)
+        await gw.tx(lambda s: repo.pause_job(s, row.job_id))
+    return await _state_now(gw, owner, row.job_id, "paused")
+
+
+async def resume(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    owner = await gw.auth.owner(request)
+    row = await _job(gw, owner, request.path_params["job_id"])
+    if row.status != "paused":
+        raise bad_request(f"the job is {row.status}: only paused jobs resume", code="invalid_state",
+                          param="fine_tuning_job_id")
+    if await gw.tx(lambda s: repo.set_job_status(s, row.job_id, "queued", from_statuses=("paused",))):
+        try:  # wakes a worker now; workers also claim queued jobs by polling
+            await gw.bus.publish(gw.settings.kafka.training_topic, _job_record(row), row.job_id)
+        except (KafkaError, ValidationError) as exc:
+            log.warning("training record not published", extra={"job_id": row.job_id, "error": repr(exc)})
+    return _json(job_object(await _job(gw, owner, row.job_id), gw))
+
+
+async def _command(gw: Gateway, action: Literal["pause"], job_id: str) -> None:
+    try:
+        command_id = f"{action}-{job_id}-{uuid.uuid4().hex[:8]}"
+        command = ControlCommand(action=action, target_id=job_id, command_id=command_id)
+        await gw.bus.publish(gw.settings.kafka.control_topic, command, job_id)
+    except KafkaError as exc:
+        log.warning("control record not published", extra={"job_id": job_id, "action": action, "error": repr(exc)})
+
+
+async def _state_now(gw: Gateway, owner: KeyOwner, job_id: str, wanted: str) -> Response:
+    """The job after a change that raced with its worker: 400 if it ended another way meanwhile."""
+    row = await _job(gw, owner, job_id)
+    if row.status != wanted:
+        raise bad_request(f"the job is {row.status}", code="invalid_state", param="fine_tuning_job_id")
+    return _json(job_object(row, gw))
+
+
+def _job_record(row: JobRow) -> TrainingJobRecord:
+    return TrainingJobRecord.model_validate(row.spec, strict=False)
 
 
 async def events(request: Request) -> Response:

@@ -2,8 +2,8 @@
 
 Fields that OpenAI's clients send and that change nothing here (``user``, ``metadata``,
 ``store``, ...) are accepted and ignored; fields that would change the answer in a way we do
-not support (``n > 1``, tools, penalties, ``echo``) are refused with a 400 that says so,
-never silently dropped. Any other unknown field is refused too (a misspelt option is an error).
+not support (tools, penalties, ``echo``, ``min_p``) are refused with a 400 that says so, never
+silently dropped. Any other unknown field is refused too (a misspelt option is an error).
 """
 
 from __future__ import annotations
@@ -34,15 +34,35 @@ class StreamOptions(Body):
 class TextPart(Body):
     type: Literal["text"]
     text: str
+    cache_control: Any = None  # a prompt-caching hint some clients attach to parts: nothing to do here
 
 
 class ChatMessage(Body):
+    """One turn. An assistant turn may be a previous answer sent back as the SDK returned it: its
+    ``refusal``, ``audio`` and ``annotations`` are accepted and ignored, ``content`` may be null,
+    and ``tool_calls`` / ``function_call`` may be null or empty (real ones are refused)."""
+
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(fail_fast=True)]
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None
     name: str | None = None  # accepted, not used by chat templates
+    refusal: str | None = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def check_supported(self, index: int) -> None:
+        if self.tool_calls or self.function_call is not None:
+            raise bad_request("tool calls are not supported", param=f"messages.{index}.tool_calls",
+                              code="unsupported_value")
+        if self.content is None and self.role != "assistant":
+            raise bad_request(f"messages.{index}.content: only an assistant turn may have no content",
+                              param=f"messages.{index}.content")
 
 
 class RequestOptions(Body):
@@ -52,6 +72,9 @@ class RequestOptions(Body):
     ttft_ms: Annotated[float, Field(gt=0)] | None = None
     tpot_ms: Annotated[float, Field(gt=0)] | None = None
     top_k: Annotated[int, Field(ge=0)] = 0
+
+
+MAX_CHOICES = 64  # n x prompts of one call: each is its own request record
 
 
 class Sampling(Body):
@@ -65,21 +88,42 @@ class Sampling(Body):
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     loquetier: RequestOptions | None = None
+    # what vLLM's and SGLang's servers take at the top level (``extra_body`` in the SDKs)
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: off
+    ignore_eos: bool | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise bad_request("n > 1 is not supported: send one request per completion", param="n",
-                              code="unsupported_value")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise bad_request(f"{name} is not supported (only 0)", param=name, code="unsupported_value")
+        for name, neutral in (("frequency_penalty", 0), ("presence_penalty", 0), ("min_p", 0),
+                              ("repetition_penalty", 1), ("min_tokens", 0)):
+            if getattr(self, name) not in (None, neutral):
+                raise bad_request(f"{name} is not supported (only {neutral})", param=name, code="unsupported_value")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_value")
+        if self.skip_special_tokens is False or self.spaces_between_special_tokens is False:
+            raise bad_request("special tokens are always left out of the text", param="skip_special_tokens",
+                              code="unsupported_value")
+        if self.top_k not in (None, -1, 0) and self.loquetier is not None and self.loquetier.top_k not in (
+                0, self.top_k):
+            raise bad_request("top_k and loquetier.top_k differ: send one", param="top_k")
+
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    def sampling_top_k(self) -> int:
+        """The top_k to sample with, from either place it may be sent (0: off)."""
+        if self.top_k not in (None, -1, 0):
+            return self.top_k or 0
+        return self.loquetier.top_k if self.loquetier is not None else 0
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -98,8 +142,15 @@ class ChatRequest(Sampling):
     function_call: Any = None
     response_format: dict[str, Any] | None = None
 
+    chat_template_kwargs: dict[str, Any] | None = None
+
     def check_supported(self) -> None:
         super().check_supported()
+        for index, message in enumerate(self.messages):
+            message.check_supported(index)
+        if self.chat_template_kwargs:
+            raise bad_request("chat_template_kwargs are not supported: the worker renders turns with the model's "
+                              "own template", param="chat_template_kwargs", code="unsupported_value")
         if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call is not None:
             raise bad_request("tools and function calling are not supported", param="tools", code="unsupported_value")
         if self.response_format not in (None, {"type": "text"}):
@@ -113,9 +164,14 @@ class ChatRequest(Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
+TokenList = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(fail_fast=True, min_length=1)]
+
+
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(fail_fast=True, min_length=1, max_length=1)] | Annotated[
-        list[Annotated[int, Field(ge=0, lt=2**31)]], Field(fail_fast=True, min_length=1)]
+    """``prompt``: a string, token ids, or a list of either (one completion each, ``n`` times)."""
+
+    prompt: str | TokenList | Annotated[list[str], Field(fail_fast=True, min_length=1, max_length=MAX_CHOICES)] | \
+        Annotated[list[TokenList], Field(fail_fast=True, min_length=1, max_length=MAX_CHOICES)]
     logprobs: Annotated[int, Field(ge=0, le=1)] | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -127,8 +183,17 @@ class CompletionRequest(Sampling):
             raise bad_request("echo is not supported", param="echo", code="unsupported_value")
         if self.suffix:
             raise bad_request("suffix is not supported", param="suffix", code="unsupported_value")
-        if self.best_of not in (None, 1):
-            raise bad_request("best_of > 1 is not supported", param="best_of", code="unsupported_value")
+        if self.best_of not in (None, 1, self.n):
+            raise bad_request("best_of above n is not supported", param="best_of", code="unsupported_value")
+        if len(self.prompts()) * self.num_choices() > MAX_CHOICES:
+            raise bad_request(f"at most {MAX_CHOICES} completions a call (prompts x n)", param="n")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per entry (a bare string or token list is one prompt)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]
+        return list(prompt)
 
 
 class Hyperparameters(Body):
@@ -159,8 +224,39 @@ class FineTuneRequest(Body):
     def check_supported(self) -> None:
         if self.method is not None and self.method.get("type", "supervised") != "supervised":
             raise bad_request("only supervised fine-tuning is supported", param="method", code="unsupported_value")
+        method = self.method_hyperparameters()
+        if method is not None and self.hyperparameters is not None and method != self.hyperparameters:
+            raise bad_request("hyperparameters and method.supervised.hyperparameters differ: send one",
+                              param="method.supervised.hyperparameters")
         if self.integrations:
             raise bad_request("integrations are not supported", param="integrations", code="unsupported_value")
+
+    def method_hyperparameters(self) -> Hyperparameters | None:
+        """``method.supervised.hyperparameters`` (where the SDKs now send them), validated."""
+        if self.method is None:
+            return None
+        unknown = set(self.method) - {"type", "supervised"}
+        if unknown:
+            raise bad_request(f"method.{sorted(unknown)[0]}: unknown field", param="method",
+                              code="unknown_parameter")
+        supervised = self.method.get("supervised")
+        if supervised is None:
+            return None
+        if not isinstance(supervised, dict) or set(supervised) - {"hyperparameters"}:
+            raise bad_request("method.supervised takes only 'hyperparameters'", param="method.supervised")
+        hyper = supervised.get("hyperparameters")
+        if hyper is None:
+            return None
+        try:
+            return Hyperparameters.model_validate(hyper)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False, include_input=False)[0]
+            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "int", "float", "literal")))
+            raise bad_request(f"method.supervised.hyperparameters.{loc}: {err['msg']}",
+                              param=f"method.supervised.hyperparameters.{loc}") from None
+
+    def all_hyperparameters(self) -> Hyperparameters | None:
+        return self.hyperparameters or self.method_hyperparameters()
 
 
 B = TypeVar("B", bound=Body)

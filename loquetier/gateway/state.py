@@ -20,7 +20,7 @@ from loquetier.settings import Settings
 
 from .auth import Auth
 from .bus import Bus
-from .errors import APIError, not_found
+from .errors import APIError, bad_request, not_found
 from .tokens import TokenText
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ class Gateway:
         self._adapters[tenant_id] = (now + self.config.model_cache_s, names)
         return names
 
+    def forget_adapters(self, tenant_id: str) -> None:
+        """Drop the cached adapter names of ``tenant_id`` (one of them was deleted)."""
+        self._adapters.pop(tenant_id, None)
+
     async def resolve_model(self, owner: KeyOwner, model: str) -> str | None:
         """``model`` -> the adapter id to use (None: the base model); 404 if the caller may not use it."""
         if model == self.model_name:
@@ -105,8 +109,12 @@ class Gateway:
         if count == 0:
             raise APIError(503, "no worker is running; start one (`loquetier worker`) and retry", code="no_worker")
 
-    def admit(self) -> None:
-        """429 when this gateway already waits on ``max_inflight`` results."""
-        if self.bus.num_waiting >= self.config.max_inflight:
+    def admit(self, num: int = 1) -> None:
+        """429 when ``num`` more results would take this gateway past ``max_inflight`` waiting ones; 400
+        when ``num`` alone is past it (waiting would not help)."""
+        if num > self.config.max_inflight:
+            raise bad_request(f"{num} completions in one call are more than this gateway's limit of "
+                              f"{self.config.max_inflight} requests in flight", param="n")
+        if self.bus.num_waiting + num > self.config.max_inflight:
             raise APIError(429, f"the gateway is at its limit of {self.config.max_inflight} requests in flight; "
-                           "retry shortly", code="too_many_requests")
+                           "retry shortly", code="too_many_requests", retry_after=1)

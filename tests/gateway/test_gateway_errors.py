@@ -68,7 +68,7 @@ async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, m
         with pytest.raises(openai.NotFoundError) as unknown:
             await api.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
         assert assert_error(unknown.value, 404, "model_not_found")["param"] == "model"
-        for kwargs, param in [({"n": 2}, "n"), ({"temperature": "hot"}, "temperature"),
+        for kwargs, param in [({"n": 2}, "n"), ({"n": 65}, "n"), ({"temperature": "hot"}, "temperature"),
                               ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                               ({"max_tokens": 0}, "max_tokens"),
                               ({"top_logprobs": 3, "logprobs": True}, "top_logprobs")]:
@@ -83,6 +83,7 @@ async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, m
         with pytest.raises(openai.RateLimitError) as limited_exc:
             await rate.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0)
         assert_error(limited_exc.value, 429, "rate_limit_exceeded")
+        assert 1 <= int(limited_exc.value.response.headers["retry-after"]) <= 60
         stream = await api.completions.create(model=MODEL, prompt="open stream", max_tokens=4, stream=True)
         first = await stream.__anext__()  # the stream holds the gateway's only in-flight place until read out
         assert first.id.startswith("cmpl-")

@@ -55,8 +55,10 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
         assert uploaded.bytes == len(data) and uploaded.purpose == "fine-tune" and uploaded.filename == "train.jsonl"
         assert (await api.files.retrieve(uploaded.id)).id == uploaded.id
         assert (await api.files.content(uploaded.id)).content == data
-        job = await api.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id, suffix="colors",
-                                                hyperparameters={"n_epochs": 2}, extra_body={"loquetier": OPTIONS})
+        # the hyperparameters where the SDK now sends them
+        job = await api.fine_tuning.jobs.create(
+            model=MODEL, training_file=uploaded.id, suffix="colors", extra_body={"loquetier": OPTIONS},
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
         assert job.status == "queued" and job.training_file == uploaded.id and job.fine_tuned_model is None
         assert job.hyperparameters.n_epochs == 2 and job.user_provided_suffix == "colors"
         with pytest.raises(openai.BadRequestError) as in_use:
@@ -115,6 +117,16 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
         follow = await api.fine_tuning.jobs.create(model=adapter_id, training_file=uploaded.id,
                                                    extra_body={"loquetier": long})
         assert follow.model == adapter_id
+        with pytest.raises(openai.BadRequestError) as busy:
+            await api.models.delete(adapter_id)  # a job starts from it
+        assert busy.value.body["code"] == "model_in_use"
+        assert (await api.fine_tuning.jobs.pause(follow.id)).status == "paused"
+        assert (await query(database_url, lambda s: repo.get_job(s, follow.id))).status == "paused"
+        with pytest.raises(openai.BadRequestError):
+            await api.fine_tuning.jobs.pause(job.id)  # succeeded: nothing to pause
+        assert (await api.fine_tuning.jobs.resume(follow.id)).status == "queued"
+        with pytest.raises(openai.BadRequestError):
+            await api.fine_tuning.jobs.resume(follow.id)  # not paused
         cancelled = await api.fine_tuning.jobs.cancel(follow.id)
         assert cancelled.status == "cancelled"
         assert (await wait_job(api, follow.id)).status == "cancelled"
@@ -124,6 +136,27 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
         assert [j.id for j in page.data] == [follow.id] and page.has_more
         rest = await api.fine_tuning.jobs.list(limit=5, after=follow.id)
         assert [j.id for j in rest.data] == [job.id] and not rest.has_more
+        # files page through, newest first unless asked otherwise
+        more = [await api.files.create(file=(f"more-{i}.jsonl", data), purpose="fine-tune") for i in range(2)]
+        everything = [more[1].id, more[0].id, uploaded.id]
+        first = await api.files.list(extra_query={"limit": 2})
+        assert [f.id for f in first.data] == everything[:2] and first.has_more
+        second = await api.files.list(extra_query={"limit": 2, "after": first.data[-1].id})
+        assert [f.id for f in second.data] == everything[2:] and not second.has_more
+        assert [f.id async for f in api.files.list(order="asc", extra_query={"limit": 1})] == everything[::-1]
+        assert [f.id async for f in other.files.list()] == []
+
+        # deleting a fine-tuned model: the owner's only, never the base or a shared one
+        denied = openai.PermissionDeniedError
+        for who, model, error in ((other, adapter_id, openai.NotFoundError), (api, shared, denied),
+                                  (api, MODEL, denied)):
+            with pytest.raises(error):
+                await who.models.delete(model)
+        deleted = await api.models.delete(adapter_id)
+        assert deleted.id == adapter_id and deleted.deleted
+        assert adapter_id not in [m.id for m in (await api.models.list()).data]
+        with pytest.raises(openai.NotFoundError):
+            await api.completions.create(model=adapter_id, prompt=prompt, max_tokens=2)
         assert (await api.files.delete(uploaded.id)).deleted
         with pytest.raises(openai.NotFoundError):
             await api.files.retrieve(uploaded.id)

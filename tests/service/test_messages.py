@@ -135,3 +135,29 @@ def test_error_carries_ids_of_bad_records() -> None:
 def test_limits_validate() -> None:
     with pytest.raises(ValueError):
         Limits(max_record_bytes=0)
+
+
+def test_a_request_fingerprint_counts_what_changes_the_answer_and_keeps_older_rows_valid() -> None:
+    """``ignore_eos`` and ``reply_to`` count only when set, so a row stored before either existed keeps
+    its fingerprint; priority and streaming do not count."""
+    import hashlib
+    import json
+    import random
+
+    from loquetier.workers.convert import request_fingerprint
+
+    rng = random.Random()
+    sampling = {"max_tokens": rng.randint(1, 500), "temperature": rng.uniform(0, 2), "seed": rng.getrandbits(40)}
+    base = {"request_id": f"r-{rng.getrandbits(32):x}", "prompt_token_ids": [rng.randint(3, 300) for _ in range(7)],
+            "sampling": sampling}
+    req = GenerateRequest.model_validate(base, strict=False)
+    old_sampling = {k: v for k, v in req.sampling.model_dump(mode="json").items() if k != "ignore_eos"}
+    stored_before = hashlib.sha256(json.dumps(
+        {"adapter_id": None, "prompt": None, "prompt_token_ids": req.prompt_token_ids, "messages": None,
+         "sampling": old_sampling}, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+    assert request_fingerprint(req) == stored_before
+    same = GenerateRequest.model_validate(base | {"priority": 5, "stream": True}, strict=False)
+    assert request_fingerprint(same) == stored_before
+    for changed in ({"sampling": sampling | {"ignore_eos": True}}, {"reply_to": "loquetier.reply.x"},
+                    {"prompt_token_ids": [*base["prompt_token_ids"], 9]}):
+        assert request_fingerprint(GenerateRequest.model_validate(base | changed, strict=False)) != stored_before
