@@ -51,8 +51,42 @@ def chat_prompt_ids(tokenizer: Any, messages: Turns) -> list[int]:
     return _ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
 
 
+TURN_KEYS = frozenset({"role", "content", "name", "weight"})
+
+
+def turn_problem(index: int, message: Any, roles: frozenset[str]) -> str | None:
+    """What is wrong with one turn of a chat training example (None: nothing). A turn is
+    ``{"role", "content"}``, with OpenAI's optional ``name`` (kept out of the template) and, on an
+    assistant turn, ``weight`` 0 (context only, not learned) or 1 (learned, the default)."""
+    if not isinstance(message, Mapping) or not {"role", "content"} <= set(message) or not set(message) <= TURN_KEYS:
+        return f"messages[{index}] must be an object with 'role' and 'content' (and optionally 'name', 'weight')"
+    if message["role"] not in roles or not isinstance(message["content"], str):
+        return f"messages[{index}]: 'role' must be one of {sorted(roles)} and 'content' a string"
+    if "name" in message and not isinstance(message["name"], str):
+        return f"messages[{index}]: 'name' must be a string"
+    if "weight" in message and (message["role"] != "assistant" or message["weight"] not in (0, 1)
+                                or isinstance(message["weight"], bool)):
+        return f"messages[{index}]: 'weight' is 0 or 1, on assistant turns only"
+    return None
+
+
+def answer_problem(messages: Sequence[Mapping[str, Any]]) -> str | None:
+    """An example must end with an assistant answer, and the model must learn at least one turn."""
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+        return "the last message must be the assistant's non-empty answer (what the model learns)"
+    if not any(is_learned(m) for m in messages):
+        return "every assistant turn has weight 0: nothing to learn"
+    return None
+
+
+def is_learned(message: Mapping[str, Any]) -> bool:
+    """Whether the model learns this turn: an assistant turn without ``weight`` 0."""
+    return message.get("role") == "assistant" and message.get("weight", 1) == 1
+
+
 def chat_segments(tokenizer: Any, messages: Turns) -> list[tuple[list[int], bool]]:
-    """A chat example as ``(token_ids, is_target)`` segments, in order; targets are the assistant turns.
+    """A chat example as ``(token_ids, is_target)`` segments, in order; targets are the assistant turns
+    (but those with ``weight`` 0).
 
     Each assistant turn spans from where the template's prompt for it ends (the text a request
     with the turns before it would send) to where the conversation up to it ends, so the
@@ -64,7 +98,7 @@ def chat_segments(tokenizer: Any, messages: Turns) -> list[tuple[list[int], bool
     pieces: list[tuple[str, bool]] = []
     done = 0  # characters of ``full`` already in pieces
     for index, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if not is_learned(message):
             continue
         start_text = render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
         end_text = render(tokenizer, messages[: index + 1], add_generation_prompt=False)

@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from loquetier.chat import answer_problem, turn_problem
+
 FILE_DATA = re.compile(r"^file:(file-[0-9a-f]{1,64})$")  # a job's data naming an uploaded file
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 
@@ -84,10 +86,7 @@ def _messages_problem(messages: Any) -> str | None:
     if not isinstance(messages, list) or len(messages) < 2:
         return "'messages' must be a list of at least two messages"
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            return f"messages[{index}] must be an object with exactly 'role' and 'content'"
-        if message["role"] not in ROLES or not isinstance(message["content"], str):
-            return f"messages[{index}]: 'role' must be one of {sorted(ROLES)} and 'content' a string"
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
-        return "the last message must be the assistant's non-empty answer (what the model learns)"
-    return None
+        problem = turn_problem(index, message, ROLES)
+        if problem is not None:
+            return problem
+    return answer_problem(messages)

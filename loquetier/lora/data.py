@@ -243,19 +243,17 @@ def _tokenize_one(example: Mapping[str, Any], tokenizer: Tokenizer | None,
 
 
 def _chat_sequence(messages: Any, tokenizer: Tokenizer | None) -> TrainSequence:
-    from loquetier.chat import ROLE_ALIASES, chat_segments
+    from loquetier.chat import ROLE_ALIASES, answer_problem, chat_segments, turn_problem
     from loquetier.engine.errors import EngineError
 
-    roles = {"system", "user", "assistant", *ROLE_ALIASES}
+    roles = frozenset({"system", "user", "assistant", *ROLE_ALIASES})
     if not isinstance(messages, list) or not messages:
         raise DataError("messages must be a non-empty list of {role, content} maps")
-    for index, m in enumerate(messages):
-        if not isinstance(m, Mapping) or set(m) != {"role", "content"} or m["role"] not in roles \
-                or not isinstance(m["content"], str):
-            raise DataError(f"messages[{index}] must be {{role, content}} with role one of {sorted(roles)} "
-                            "and content a string")
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
-        raise DataError("the last message must be the assistant's non-empty answer (what the model learns)")
+    problem = next((p for p in (turn_problem(i, m, roles) for i, m in enumerate(messages)) if p), None)
+    if problem is None:
+        problem = answer_problem(messages)
+    if problem is not None:
+        raise DataError(problem)
     try:
         segments = chat_segments(tokenizer, messages)
     except EngineError as exc:

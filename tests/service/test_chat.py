@@ -168,11 +168,38 @@ def test_chat_examples_tokenize_with_labels_on_answers(tokenizer: Any, tmp_path:
             assert seq.num_target_tokens == len(learned)
 
 
+def test_assistant_turns_of_weight_0_are_context_not_learned(tokenizer: Any) -> None:
+    """OpenAI's chat fine-tuning format: ``weight`` 0 keeps an assistant turn out of the loss, ``name``
+    stays out of the template; an uploaded file takes both, as the engine does."""
+    from loquetier.training_files import parse_jsonl
+
+    rng = random.Random()
+    turns = _chat(rng, rng.randint(3, 6))
+    answers = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+    skipped = set(rng.sample(answers[:-1], rng.randint(1, len(answers) - 1)))
+    weights = {i: 0 if i in skipped else rng.choice([1, None]) for i in answers}  # None: no weight (learned)
+    weighted = [m | ({"weight": weights[i]} if weights.get(i) is not None else {})
+                | ({"name": "someone"} if m["role"] == "user" else {}) for i, m in enumerate(turns)]
+    seq = tokenize_examples([{"messages": weighted}], tokenizer)[0]
+    plain = tokenize_examples([{"messages": turns}], tokenizer)[0]
+    assert seq.token_ids == plain.token_ids  # the same conversation: only the loss differs
+    learned = tokenizer.decode([t for t, label in zip(seq.token_ids, seq.labels, strict=True)
+                                if label != IGNORE_INDEX])
+    assert learned == "".join(f"{turns[i]['content']}</s>\n" for i in answers if i not in skipped)
+    assert 0 < seq.num_target_tokens < plain.num_target_tokens
+    assert parse_jsonl((json.dumps({"messages": weighted}) + "\n").encode())[0]["messages"] == weighted
+
+
 @pytest.mark.parametrize(
     ("messages", "match"),
     [
         ([{"role": "user", "content": "q"}], "last message"),
-        ([{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}], "role one of"),
+        ([{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}], "'role' must be one of"),
+        ([{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}], "weight"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}], "weight"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": True}], "weight"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}], "nothing to learn"),
+        ([{"role": "user", "content": "q", "name": 7}, {"role": "assistant", "content": "a"}], "'name'"),
         ("hello", "non-empty list"),
         ([{"role": "user", "content": "q", "extra": 1}, {"role": "assistant", "content": "a"}], "messages\\[0\\]"),
     ],
