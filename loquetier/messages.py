@@ -311,6 +311,9 @@ def decode_record(kind: TopicKind, data: bytes, limits: Limits = DEFAULT_LIMITS)
     """
     obj = unpack_map(data, limits)
     check_schema(obj, SUPPORTED_SCHEMA_VERSIONS)
+    ids = obj.get("prompt_token_ids") if kind == "requests" else None
+    if isinstance(ids, list) and len(ids) > limits.max_prompt_tokens:  # before validating each id
+        raise RecordError("too_large", _too_many_ids(len(ids), limits), *ids_of(obj))
     try:
         record = _ADAPTERS[kind].validate_python(obj)
     except ValidationError as exc:
@@ -319,6 +322,10 @@ def decode_record(kind: TopicKind, data: bytes, limits: Limits = DEFAULT_LIMITS)
     if problem:
         raise RecordError("too_large", problem, *ids_of(obj))
     return record
+
+
+def _too_many_ids(num: int, limits: Limits) -> str:
+    return f"prompt_token_ids has {num} tokens, the limit is {limits.max_prompt_tokens}"
 
 
 def _over_limit(record: object, limits: Limits) -> str | None:
@@ -331,7 +338,7 @@ def _over_limit(record: object, limits: Limits) -> str | None:
             return f"messages have {num_chat_chars} chars of content, the limit is {limits.max_prompt_chars}"
         ids = record.prompt_token_ids
         if ids is not None and len(ids) > limits.max_prompt_tokens:
-            return f"prompt_token_ids has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}"
+            return _too_many_ids(len(ids), limits)
         if sampling.max_tokens > limits.max_new_tokens:
             return f"sampling.max_tokens is {sampling.max_tokens}, the limit is {limits.max_new_tokens}"
         if len(sampling.stop) > limits.max_stop_sequences:

@@ -172,6 +172,13 @@ class GatewaySettings(BaseModel):
     max_body_bytes: PositiveInt = 4 * 1024 * 1024  # a JSON body larger than this is refused (413)
     max_file_bytes: PositiveInt = 16 * 1024 * 1024  # an uploaded training file larger than this is refused (413)
     max_inflight: PositiveInt = 1024  # requests waiting for results at once; more get 429
+    max_inflight_per_key: PositiveInt = 256  # of those, one API key's at once: one caller cannot fill the gateway
+    stream_stall_s: PositiveFloat = 60.0  # a stream whose client reads nothing for this long loses its places
+    # what one tenant may keep (403 quota_exceeded past it): files, their bytes, unfinished jobs, served adapters
+    max_files_per_tenant: PositiveInt = 1000
+    max_file_bytes_per_tenant: PositiveInt = 2 * 1024**3
+    max_jobs_per_tenant: PositiveInt = 32
+    max_adapters_per_tenant: PositiveInt = 256
     request_timeout_s: PositiveFloat = 600.0
     key_cache_s: float = Field(default=10.0, ge=0)  # a revoked key stops working within this
     model_cache_s: float = Field(default=2.0, ge=0)

@@ -3,9 +3,9 @@
 Manual commits only (``enable_auto_commit=False``): each partition is committed up to the
 highest offset below which every record is done (:mod:`loquetier.workers.offsets`).
 Back-pressure pauses the request partitions while ``max_inflight`` requests are in the
-worker and resumes them when half have drained, and the control partitions while
-``max_commands`` commands wait to be applied (they run one at a time beside the intake);
-paused records stay in Kafka, so nothing accepted is ever dropped. On a rebalance the
+worker and resumes them when half have drained, and the training or control partitions
+while ``max_waiting`` of their records wait to be handled (they run one at a time beside
+the intake); paused records stay in Kafka, so nothing accepted is ever dropped. On a rebalance the
 revoked partitions are drained (their in-flight records finish and are committed) before
 the new owner starts; what does not finish in time keeps running here and the new owner
 waits for its row instead of computing it again.
@@ -65,16 +65,16 @@ class Consumer:
         worker_id: str,
         max_inflight: int,
         inflight: Callable[[], int],
-        commands: Callable[[], int] = lambda: 0,
-        max_commands: int = 64,
+        waiting: Callable[[TopicKind], int] = lambda kind: 0,
+        max_waiting: int = 64,
         drain_timeout_s: float = 10.0,
     ):
         self._kafka = kafka
         self._handler = handler
         self._max_inflight = max_inflight
         self._inflight = inflight
-        self._commands = commands  # control commands accepted and not yet applied
-        self._max_commands = max_commands
+        self._waiting = waiting  # training or control records read and not yet handled
+        self._max_waiting = max_waiting
         self._drain_timeout_s = drain_timeout_s
         self._kinds: dict[str, TopicKind] = {
             kafka.requests_topic: "requests",
@@ -99,7 +99,7 @@ class Consumer:
             metadata_max_age_ms=5_000,  # a topic created after start is seen within seconds
         )
         forbid_auto_create(self.consumer)
-        self._paused: dict[str, bool] = {kafka.requests_topic: False, kafka.control_topic: False}
+        self._paused: dict[str, bool] = dict.fromkeys(self._kinds, False)
         self.num_assignments = 0
         self._stopping = asyncio.Event()
         self._expected: dict[TopicPartition, int] = {}  # where reading resumes, per partition
@@ -157,10 +157,9 @@ class Consumer:
         return self._paused[self._kafka.requests_topic]
 
     def _apply_backpressure(self) -> None:
-        for topic, (num, limit) in (
-            (self._kafka.requests_topic, (self._inflight(), self._max_inflight)),
-            (self._kafka.control_topic, (self._commands(), self._max_commands)),
-        ):
+        for topic, kind in self._kinds.items():
+            num, limit = ((self._inflight(), self._max_inflight) if kind == "requests"
+                          else (self._waiting(kind), self._max_waiting))
             if not self._paused[topic] and num >= limit:
                 self._set_paused(topic, True, num)
             elif self._paused[topic] and num <= limit // 2:

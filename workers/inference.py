@@ -51,6 +51,10 @@ from .sources import Source
 
 log = logging.getLogger(__name__)
 
+# Copies of a running request (redeliveries, a client's retries) wait for its answer with it, up to
+# this many; later copies are done at once: the request's one answer reaches their readers too.
+MAX_JOINED = 8
+
 DoneHook = Callable[[Source], None]
 
 
@@ -94,10 +98,15 @@ class Inference:
         self.inflight: dict[str, Inflight] = {}
         self.num_computed = 0
         self._noting: set[asyncio.Task[None]] = set()  # answered records being written to rows
+        self._num_refusing = 0  # duplicate_request_id answers being published
 
     @property
     def num_inflight(self) -> int:
-        return len(self.inflight)
+        """Requests in flight, and refusals of copies not yet sent (back-pressure counts both)."""
+        return len(self.inflight) + self._num_refusing
+
+    def _refused(self, _: asyncio.Task[None]) -> None:
+        self._num_refusing -= 1
 
     def num_pending(self, parts: set[Any]) -> int:
         return sum(1 for f in self.inflight.values() for s in f.sources if s.part in parts)
@@ -109,10 +118,16 @@ class Inference:
         fingerprint = convert.request_fingerprint(req)
         running = self.inflight.get(req.request_id)
         if running is not None and running.fingerprint == fingerprint:
-            running.sources.append(source)
+            if len(running.sources) < MAX_JOINED:
+                running.sources.append(source)
+            else:  # the one answer reaches this copy's reader too (same id, same topic): nothing to hold
+                self._on_done(source)
             return None
         if running is not None:
-            return asyncio.create_task(self._refuse_duplicate(req.request_id, source, req.reply_to))
+            self._num_refusing += 1
+            task = asyncio.create_task(self._refuse_duplicate(req.request_id, source, req.reply_to))
+            task.add_done_callback(self._refused)
+            return task
         self.inflight[req.request_id] = Inflight(req, [source], fingerprint)
         QUEUE_DEPTH.labels("inflight_requests").set(len(self.inflight))
         return asyncio.create_task(self._start(req, source, fingerprint), name=f"request:{req.request_id}")
@@ -299,8 +314,8 @@ class Inference:
             return None
 
     async def _deliver(self, rid: str, record: Any, *, answered: Collection[Any] = (), refusal: bool = False) -> int:
-        """Publish ``record`` once per Kafka record waiting on ``rid``, mark each done, then note
-        on the row the records it was published for; returns how many.
+        """Publish ``record`` for the Kafka records waiting on ``rid``, mark each done, then note on
+        the row the records it was published for; returns how many.
 
         A record whose key is in ``answered`` (the row's list) was answered before: it is only
         marked done. ``refusal``: ``record`` (an error) refuses each record alone, which it then
@@ -312,11 +327,19 @@ class Inference:
             return 0
         published: list[Source] = []
         try:
+            if not refusal:  # copies of one request share its topic and key: one publish answers them all
+                waiting = [source for source in flight.sources if source.key() not in answered]
+                if waiting:
+                    await self._publish_final(rid, record, flight.request.reply_to)
+                    published = waiting
+                for source in flight.sources:
+                    self._on_done(source)
+                return len(published)
             while flight.sources:
                 source = flight.sources[0]
                 if source.key() not in answered:
-                    answer = record.model_copy(update={"record": source.ref()}) if refusal else record
-                    await self._publish_final(rid, answer, flight.request.reply_to)
+                    await self._publish_final(rid, record.model_copy(update={"record": source.ref()}),
+                                              flight.request.reply_to)
                     published.append(source)
                 flight.sources.pop(0)
                 self._on_done(source)

@@ -5,16 +5,19 @@ result when a request_id or job_id can be read from it; the worker keeps running
 training record is done once its job row exists (Postgres owns it from then on); a
 control record once it has been applied and acknowledged.
 
-Control commands are applied one at a time, in the order they were read, in their own task:
-a command can take long (a ``load`` reads and copies a multi-GiB adapter), and request
-records read meanwhile must not wait for it.
+Training and control records are handled one at a time per topic, in the order read, in a
+lane beside the request intake (a ``load`` reads a multi-GiB adapter; a training record can
+carry MiBs of examples, decoded off the event loop); a record whose partition went to another
+worker before its turn is left to that worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, get_args
 
 from loquetier.codec import MAX_ID_CHARS, Limits, check_key
@@ -56,6 +59,7 @@ class Intake:
         *,
         limits: Limits,
         done: Any,
+        is_current: Callable[[Any, int], bool] = lambda part, epoch: True,
         max_excerpt_bytes: int = 64 * 1024,
     ) -> None:
         self._store = store
@@ -67,14 +71,49 @@ class Intake:
         self._max_excerpt_bytes = max_excerpt_bytes
         self._done = done  # (partition, offset, epoch) -> None: the record may be committed
         self.tasks: set[asyncio.Task[None]] = set()
-        self._commands = Lanes("control command")
-        self.num_commands = 0  # read and not yet applied: the consumer pauses the control topic past a limit
+        self._is_current = is_current  # (partition, epoch) -> whether this worker still owns that record
+        self._lanes = Lanes("record handling")  # one lane per topic kind: training, control
+        # read and not yet handled, per lane: the consumer pauses a topic past a limit
+        self.num_waiting: dict[TopicKind, int] = {"training": 0, "control": 0, "requests": 0}
 
     async def handle(self, kind: TopicKind, record: Any, epoch: int) -> None:
+        """Requests are decoded here and run in tasks of their own; training and control records are
+        handled one at a time per topic, in the order read, in a lane beside this intake: a command
+        can take long (a ``load`` of a multi-GiB adapter), a training record can carry MiBs of
+        inline examples, and the request records read meanwhile must not wait for them."""
+        if kind == "requests":
+            await self._handle(kind, record, epoch)
+            return
+        part = _partition(record)
+
+        async def handle() -> None:
+            if not self._is_current(part, epoch):  # the partition went to another worker meanwhile
+                log.info("record left to the partition's new owner", extra={"kind": kind, "offset": record.offset})
+                return
+            await self._handle(kind, record, epoch)
+
+        self.num_waiting[kind] += 1
+        task = self._lanes.submit(kind, handle)
+        self.tasks.add(task)
+        task.add_done_callback(functools.partial(self._lane_ended, kind))
+
+    def _lane_ended(self, kind: TopicKind, task: asyncio.Task[None]) -> None:
+        self.num_waiting[kind] -= 1
+        self.tasks.discard(task)
+
+    async def finish_lanes(self) -> None:
+        """Wait until every training and control record read so far is handled (cancelling the wait
+        cancels none)."""
+        await self._lanes.drain()
+
+    async def _handle(self, kind: TopicKind, record: Any, epoch: int) -> None:
         part, offset = _partition(record), record.offset
         try:
             check_key(_bytes(record.key), self._limits)
-            decoded = decode_record(kind, record.value, self._limits)
+            if kind == "training":  # up to max_record_bytes of examples: validation takes up to a second
+                decoded = await asyncio.to_thread(decode_record, kind, record.value, self._limits)
+            else:
+                decoded = decode_record(kind, record.value, self._limits)
             _check_storable(decoded)
             _check_reply_to(decoded, self._publisher.reply_prefix)
         except RecordError as err:
@@ -92,10 +131,11 @@ class Intake:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             return
-        if isinstance(decoded, ControlCommand):
-            self._queue_command(decoded, record, epoch)
-            return
-        if isinstance(decoded, TrainingJobRecord):
+        if isinstance(decoded, ControlCommand):  # done (committable) once acknowledged
+            command_id = decoded.command_id or derived_command_id(record)
+            ack = await self._control.apply(decoded, command_id)
+            await self._publisher.publish(ack.model_copy(update={"record": record_ref(record)}), command_id)
+        elif isinstance(decoded, TrainingJobRecord):
             try:
                 await self._insert_job(decoded)
             except (AdapterTaken, JobIdTaken) as exc:
@@ -109,32 +149,9 @@ class Intake:
                 await self._reject(record, RecordError(code, message, None, decoded.job_id), kind)
         self._done(part, offset, epoch)
 
-    def _queue_command(self, cmd: ControlCommand, record: Any, epoch: int) -> None:
-        """Apply ``cmd`` after every command read before it; done (committable) once acknowledged.
-        A command whose ack cannot be published stays pending and comes back on a restart."""
-        command_id = cmd.command_id or derived_command_id(record)
-        part, offset = _partition(record), record.offset
-
-        async def apply() -> None:
-            ack = await self._control.apply(cmd, command_id)
-            await self._publisher.publish(ack.model_copy(update={"record": record_ref(record)}), command_id)
-            self._done(part, offset, epoch)
-
-        self.num_commands += 1
-        task = self._commands.submit("control", apply)
-        self.tasks.add(task)
-        task.add_done_callback(self._command_ended)
-
-    def _command_ended(self, task: asyncio.Task[None]) -> None:
-        self.num_commands -= 1
-        self.tasks.discard(task)
-
-    async def finish_commands(self) -> None:
-        """Wait until every command read so far is applied (cancelling the wait cancels none)."""
-        await self._commands.drain()
-
     async def _insert_job(self, job: TrainingJobRecord) -> None:
         params = job.params
+        spec = await asyncio.to_thread(convert.job_spec, job)  # MiBs of inline examples: off the loop
 
         async def insert(s: Any) -> None:
             if job.kind == "finetune" and not job.overwrite:
@@ -146,13 +163,13 @@ class Intake:
                 job_id=job.job_id,
                 kind=job.kind,
                 adapter_id=job.adapter_id,
-                spec=convert.job_spec(job),
+                spec=spec,
                 priority=job.priority,
                 total_steps=params.max_steps,
             )
             if not new:  # a redelivery or a client's retry, or another job under a known id
                 stored = await repo.get_job(s, job.job_id)
-                if stored is not None and not same_job(stored.spec, job):
+                if stored is not None and not await asyncio.to_thread(same_job, stored.spec, job):
                     raise JobIdTaken(job.job_id)
 
         await self._store.tx(insert)

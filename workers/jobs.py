@@ -122,7 +122,7 @@ class LeasedJobs:
         if job_id in self.running:  # our own job, its lease renewed by the claim: it runs here already
             return
         try:
-            job = convert.job_from_spec(row.spec)
+            job = await asyncio.to_thread(convert.job_from_spec, row.spec)  # MiBs of inline examples: off the loop
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
             payload = await asyncio.to_thread(read_payload, ckpt.data, ckpt.uri, ckpt.sha256) if ckpt else None
             base = await self._base_adapter(job.base_adapter)

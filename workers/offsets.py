@@ -93,6 +93,12 @@ class OffsetTracker(Generic[P]):
         if offsets is not None:
             offsets.done(offset, epoch)
 
+    def is_current(self, part: P, epoch: int) -> bool:
+        """Whether a record accepted in ``epoch`` of ``part`` still counts: the partition is still
+        owned here and its offsets have not gone back since."""
+        offsets = self._parts.get(part)
+        return offsets is not None and offsets.epoch == epoch
+
     def num_pending(self, part: P | None = None) -> int:
         if part is not None:
             found = self._parts.get(part)

@@ -91,7 +91,7 @@ class Worker:
             worker_id=self.worker_id,
             max_inflight=ws.max_inflight,
             inflight=self._num_inflight,
-            commands=lambda: self.intake.num_commands,
+            waiting=lambda kind: self.intake.num_waiting[kind],
             drain_timeout_s=self.drain_timeout_s,
         )
         self.jobs = LeasedJobs(
@@ -127,6 +127,7 @@ class Worker:
             self.control,
             limits=limits,
             done=self.consumer.done,
+            is_current=self.consumer.tracker.is_current,
             max_excerpt_bytes=settings.kafka.max_dlq_excerpt_bytes,
         )
         self.reconciler = Reconciler(
@@ -239,7 +240,7 @@ class Worker:
             self.engine_failed(self.engine_failure or "the engine thread is not running")
         is_engine_ok = self.engine_failure is None
         await _step("mark draining", self._mark("draining"))
-        await _step("apply control commands", self.intake.finish_commands(), timeout_s=5.0)
+        await _step("handle training and control records", self.intake.finish_lanes(), timeout_s=5.0)
         await _step("record job events", self.job_lanes.drain(), timeout_s=10.0)
         await _step("release jobs", self.jobs.release_all(is_clean=is_engine_ok))
         await _step("drain requests", self._drain(), timeout_s=self.drain_timeout_s + 1.0)

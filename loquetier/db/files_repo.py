@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -35,6 +35,14 @@ async def add_file(
     await session.flush()
     await session.refresh(row)
     return row
+
+
+async def tenant_usage(session: AsyncSession, tenant_id: str) -> tuple[int, int]:
+    """(number of files, their bytes) stored for ``tenant_id``."""
+    row = (await session.execute(
+        select(func.count(), func.coalesce(func.sum(FileRow.size_bytes), 0)).where(FileRow.tenant_id == tenant_id)
+    )).one()
+    return int(row[0]), int(row[1])
 
 
 async def get_file(session: AsyncSession, file_id: str, *, with_data: bool = False) -> FileRow | None:

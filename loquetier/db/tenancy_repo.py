@@ -54,6 +54,15 @@ async def adapter_owner(session: AsyncSession, adapter_id: str) -> tuple[bool, s
     return (False, None) if first is None else (True, first[0])
 
 
+async def tenant_counts(session: AsyncSession, tenant_id: str) -> tuple[int, int]:
+    """(the tenant's unfinished jobs, its adapters with a ready version)."""
+    jobs = await session.scalar(select(func.count()).select_from(JobRow).where(
+        JobRow.tenant_id == tenant_id, JobRow.status.not_in(FINAL_JOB_STATUSES)))
+    adapters = await session.scalar(select(func.count(func.distinct(AdapterRow.adapter_id))).where(
+        AdapterRow.tenant_id == tenant_id, AdapterRow.status == "ready"))
+    return int(jobs or 0), int(adapters or 0)
+
+
 async def unfinished_jobs_of_adapter(session: AsyncSession, adapter_id: str) -> list[str]:
     """Jobs not yet finished that train ``adapter_id`` or start from it."""
     query = select(JobRow.job_id).where(

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -40,6 +40,7 @@ from .state import Gateway
 log = logging.getLogger(__name__)
 
 LEGACY_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_CALL_BYTES = 16 * 2**20  # a call's request records together (n copies of a long prompt add up)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -55,7 +56,7 @@ async def chat_completions(request: Request) -> Response:
     # no limit asked: up to the context, as OpenAI does (the worker caps it to the room the prompt leaves)
     limit = body.token_limit() or DEFAULT_LIMITS.max_new_tokens
     sampling = _sampling(body, limit, 1 if body.logprobs else None)
-    return await _complete(request, gw, "chat", body, adapter_id, [{"messages": messages}], sampling)
+    return await _complete(request, gw, owner.key_id, "chat", body, adapter_id, [{"messages": messages}], sampling)
 
 
 async def completions(request: Request) -> Response:
@@ -72,7 +73,7 @@ async def completions(request: Request) -> Response:
         prompts.append({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt})
     limit = body.max_tokens or LEGACY_DEFAULT_MAX_TOKENS
     sampling = _sampling(body, limit, 1 if body.logprobs is not None else None)
-    return await _complete(request, gw, "text", body, adapter_id, prompts, sampling)
+    return await _complete(request, gw, owner.key_id, "text", body, adapter_id, prompts, sampling)
 
 
 def _sampling(body: Sampling, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
@@ -141,35 +142,63 @@ def _choices(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, prom
     return out
 
 
-async def _complete(request: Request, gw: Gateway, kind: str, body: Sampling, adapter_id: str | None,
-                    prompts: list[dict[str, Any]], sampling: dict[str, Any]) -> Response:
+@dataclass
+class _Call:
+    """One HTTP call's records in flight: what ``_end`` releases, once."""
+
+    gw: Gateway
+    key_id: str
+    choices: list[_Choice]
+    waiters: list[answers.Waiter] = field(default_factory=list)
+    ended: bool = False
+    sending_since: float | None = None  # a stream's event waits on a client that does not read
+
+    def end(self) -> None:
+        """Stop waiting, free the call's places, and ask the workers to stop what still runs for it."""
+        if self.ended:
+            return
+        self.ended = True
+        for choice, waiter in zip(self.choices, self.waiters, strict=False):
+            self.gw.bus.forget(choice.rid)
+            if not waiter.done:
+                _cancel_soon(self.gw, choice.rid)
+        self.gw.release(self.key_id, len(self.choices))
+        IN_FLIGHT.dec()
+
+
+async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body: Sampling,
+                    adapter_id: str | None, prompts: list[dict[str, Any]], sampling: dict[str, Any]) -> Response:
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    choices = _choices(rid, gw, body, adapter_id, prompts, sampling)
+    count = len(prompts) * body.num_choices()
+    gw.admit(count, key_id)  # before any work: a full gateway or key is refused at once
+    # validating and encoding a large call takes tens of ms: off the loop that serves every stream
+    choices = await asyncio.to_thread(_choices, rid, gw, body, adapter_id, prompts, sampling)
     await gw.require_worker()
-    gw.admit(len(choices))
-    waiters = await _publish(gw, choices)
+    gw.admit(count, key_id)
+    call = _Call(gw, key_id, choices)
+    gw.hold(key_id, count)
     IN_FLIGHT.inc()
-    route = request.url.path
-    prompt_of = [c.prompt for c in choices]
     try:
+        call.waiters = await _publish(gw, choices)
         if body.stream:
-            firsts = await answers.first_records(waiters)
+            firsts = await answers.first_records(call.waiters)
         else:
-            results = await _finals(waiters)
+            results = await _finals(call.waiters)
     except BaseException:  # an error, the timeout, or a client that went away
-        _end(gw, choices, waiters)
+        call.end()
         raise
+    prompt_of = [c.prompt for c in choices]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = answers.Chunks(kind, rid, body.model, include_usage)
-        events = answers.stream(waiters, firsts, prompt_of, chunks, gw.tokens)
+        events = answers.stream(call.waiters, firsts, prompt_of, chunks, gw.tokens)
         return StreamingResponse(
-            _streamed(gw, choices, waiters, events),
+            _streamed(call, events),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Request-Id": rid},
         )
-    _end(gw, choices, waiters)
-    TOKENS.labels(route).inc(sum(r.usage.completion_tokens for r in results))
+    call.end()
+    TOKENS.labels(request.url.path).inc(sum(r.usage.completion_tokens for r in results))
     answer = answers.whole(kind, rid, body.model, results, prompt_of, gw.tokens)
     return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Request-Id": rid})
 
@@ -206,23 +235,34 @@ async def _finals(waiters: list[answers.Waiter]) -> list[GenerateResult]:
             task.cancel()
 
 
-def _end(gw: Gateway, choices: list[_Choice], waiters: list[answers.Waiter]) -> None:
-    """The call is over: stop waiting, and ask the workers to stop what is still running for it."""
-    for choice, waiter in zip(choices, waiters, strict=True):
-        gw.bus.forget(choice.rid)
-        if not waiter.done:
-            _cancel_soon(gw, choice.rid)
-    IN_FLIGHT.dec()
-
-
-async def _streamed(gw: Gateway, choices: list[_Choice], waiters: list[answers.Waiter], events: Any) -> Any:
+async def _streamed(call: _Call, events: Any) -> Any:
     """Forward the SSE events; whatever has not finished when they end (a client that left early,
-    an error in another choice) is cancelled."""
+    an error in another choice) is cancelled. A client that stops reading (its socket full, so an
+    event cannot be sent) for ``stream_stall_s`` loses its call: the places it held are freed for
+    other callers and the stream ends when the send returns, if it ever does."""
+    watchdog = asyncio.create_task(_watch_stall(call))
     try:
         async for event in events:
+            call.sending_since = time.monotonic()
             yield event
+            call.sending_since = None
+            if call.ended:
+                return
     finally:
-        _end(gw, choices, waiters)
+        watchdog.cancel()
+        call.end()
+        await events.aclose()
+
+
+async def _watch_stall(call: _Call) -> None:
+    limit = call.gw.config.stream_stall_s
+    while not call.ended:
+        await asyncio.sleep(min(1.0, limit / 4))
+        since = call.sending_since
+        if since is not None and time.monotonic() - since > limit:
+            log.warning("stream client stopped reading; its call is ended",
+                        extra={"request_id": call.choices[0].rid, "stalled_s": round(time.monotonic() - since, 1)})
+            call.end()
 
 
 _background: set[asyncio.Task[None]] = set()

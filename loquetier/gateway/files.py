@@ -63,8 +63,18 @@ async def upload(request: Request) -> Response:
         examples = await asyncio.to_thread(parse_jsonl, data)
     except TrainingFileError as exc:
         raise bad_request(f"not a usable fine-tuning file: {exc}", param="file", code="invalid_file") from None
-    row = await gw.tx(lambda s: files_repo.add_file(
-        s, tenant_id=owner.tenant_id, purpose="fine-tune", filename=filename, data=data, num_examples=len(examples)))
+    config = gw.config
+
+    async def add(s: Any) -> FileRow:
+        num, size = await files_repo.tenant_usage(s, owner.tenant_id)
+        if num + 1 > config.max_files_per_tenant or size + len(data) > config.max_file_bytes_per_tenant:
+            raise APIError(403, f"your files would pass the limit of {config.max_files_per_tenant} files or "
+                           f"{config.max_file_bytes_per_tenant} bytes (you have {num}, {size} bytes): delete "
+                           "some first", code="quota_exceeded")
+        return await files_repo.add_file(s, tenant_id=owner.tenant_id, purpose="fine-tune", filename=filename,
+                                         data=data, num_examples=len(examples))
+
+    row = await gw.tx(add)
     return _json(file_object(row))
 
 
@@ -84,7 +94,7 @@ async def list_files(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     query = request.query_params
     raw = query.get("limit", str(MAX_LIST))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIST:
         raise bad_request(f"limit must be an integer from 1 to {MAX_LIST}", param="limit")
     limit = int(raw)
     order = query.get("order", "desc")

@@ -31,7 +31,7 @@ from loquetier.messages import ControlCommand, TrainingJobRecord
 from loquetier.training_files import file_id_of
 
 from .body import read_json
-from .errors import bad_request, not_found
+from .errors import APIError, bad_request, not_found
 from .schemas import FineTuneRequest, Hyperparameters, parse
 from .state import Gateway
 
@@ -136,9 +136,22 @@ async def create(request: Request) -> Response:
         loc = ".".join(map(str, err["loc"]))
         raise bad_request(f"loquetier.{loc}: {err['msg']}", param=f"loquetier.{loc}") from None
     spec = job.model_dump(mode="json", by_alias=True)
-    await gw.tx(lambda s: repo.insert_job_idempotent(
-        s, job_id=job_id, kind="finetune", adapter_id=adapter_id, spec=spec, priority=job.priority,
-        total_steps=job.params.max_steps, tenant_id=owner.tenant_id))
+    config = gw.config
+
+    async def insert(s: Any) -> None:
+        jobs, adapters = await tenancy_repo.tenant_counts(s, owner.tenant_id)
+        if jobs + 1 > config.max_jobs_per_tenant:
+            raise APIError(403, f"you have {jobs} unfinished fine-tuning jobs, the limit is "
+                           f"{config.max_jobs_per_tenant}: wait for some or cancel them", code="quota_exceeded")
+        if adapters + 1 > config.max_adapters_per_tenant:
+            raise APIError(403, f"you have {adapters} fine-tuned models, the limit is "
+                           f"{config.max_adapters_per_tenant}: delete some first (DELETE /v1/models/{{id}})",
+                           code="quota_exceeded")
+        await repo.insert_job_idempotent(
+            s, job_id=job_id, kind="finetune", adapter_id=adapter_id, spec=spec, priority=job.priority,
+            total_steps=job.params.max_steps, tenant_id=owner.tenant_id)
+
+    await gw.tx(insert)
     try:
         await gw.bus.publish(gw.settings.kafka.training_topic, job, job_id)
     except KafkaError as exc:  # the row is there: a worker claims it on its next poll
@@ -159,7 +172,7 @@ def _limit(request: Request, default: int = 20) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:
         raise bad_request("limit must be an integer from 1 to 100", param="limit")
     return int(raw)
 

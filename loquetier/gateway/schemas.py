@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loquetier.codec import DEFAULT_LIMITS
+
 from .errors import bad_request
 
 IGNORED = frozenset({
@@ -164,7 +166,8 @@ class ChatRequest(Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-TokenList = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(fail_fast=True, min_length=1)]
+TokenList = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(
+    fail_fast=True, min_length=1, max_length=DEFAULT_LIMITS.max_prompt_tokens)]
 
 
 class CompletionRequest(Sampling):

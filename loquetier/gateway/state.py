@@ -48,6 +48,7 @@ class Gateway:
         self.tokens = TokenText(settings.engine.model_dir)
         self._adapters: dict[str | None, tuple[float, frozenset[str]]] = {}
         self._workers_checked = (0.0, 0)
+        self._held: dict[str, int] = {}  # key_id -> its requests in flight here
 
     async def start(self) -> None:
         await self.bus.start()
@@ -109,12 +110,28 @@ class Gateway:
         if count == 0:
             raise APIError(503, "no worker is running; start one (`loquetier worker`) and retry", code="no_worker")
 
-    def admit(self, num: int = 1) -> None:
-        """429 when ``num`` more results would take this gateway past ``max_inflight`` waiting ones; 400
-        when ``num`` alone is past it (waiting would not help)."""
-        if num > self.config.max_inflight:
-            raise bad_request(f"{num} completions in one call are more than this gateway's limit of "
-                              f"{self.config.max_inflight} requests in flight", param="n")
+    def admit(self, num: int, key_id: str) -> None:
+        """429 when ``num`` more results would take this gateway past ``max_inflight`` waiting ones, or
+        the key past ``max_inflight_per_key``; 400 when ``num`` alone is past a limit (waiting would
+        not help)."""
+        limit = min(self.config.max_inflight, self.config.max_inflight_per_key)
+        if num > limit:
+            raise bad_request(f"{num} completions in one call are more than this gateway's limit of {limit} "
+                              "requests in flight", param="n")
         if self.bus.num_waiting + num > self.config.max_inflight:
             raise APIError(429, f"the gateway is at its limit of {self.config.max_inflight} requests in flight; "
                            "retry shortly", code="too_many_requests", retry_after=1)
+        if self._held.get(key_id, 0) + num > self.config.max_inflight_per_key:
+            raise APIError(429, f"this API key is at its limit of {self.config.max_inflight_per_key} requests in "
+                           "flight; retry when some have finished", code="too_many_requests", retry_after=1)
+
+    def hold(self, key_id: str, num: int) -> None:
+        """``num`` of the key's requests are in flight (``admit`` counts them until ``release``)."""
+        self._held[key_id] = self._held.get(key_id, 0) + num
+
+    def release(self, key_id: str, num: int) -> None:
+        left = self._held.get(key_id, 0) - num
+        if left > 0:
+            self._held[key_id] = left
+        else:
+            self._held.pop(key_id, None)

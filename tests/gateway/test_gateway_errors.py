@@ -205,3 +205,75 @@ async def test_chat_without_wire_messages_says_so(gateway_setup: Any, database_u
             await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
         assert_error(err.value, 400, "chat_unavailable")
         await api.close()
+
+
+async def test_one_key_cannot_hold_the_gateway(gateway_setup: Any, database_url: str, make_engine: Any) -> None:
+    """A key has at most ``max_inflight_per_key`` requests in flight; other keys are not held up, and the
+    key calls again once its requests are answered."""
+    import asyncio
+
+    settings = await gateway_setup(max_inflight_per_key=16)
+    key, other_key = [await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}") for _ in range(2)]
+    async with running_worker(make_engine(), settings), running_gateway(settings) as url:
+        api, other = client(url, key), client(url, other_key)
+        stream = await api.completions.create(model=MODEL, prompt="a long story", max_tokens=200, n=16,
+                                              stream=True, extra_body={"ignore_eos": True})
+        first = await stream.__anext__()
+        with pytest.raises(openai.RateLimitError) as held:  # the stream holds all 16 of the key's places
+            await api.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert "API key" in assert_error(held.value, 429, "too_many_requests")["message"]
+        assert int(held.value.response.headers["retry-after"]) >= 1
+        assert (await other.completions.create(model=MODEL, prompt="hi", max_tokens=2)).usage.completion_tokens
+        chunks = [first, *[c async for c in stream]]
+        assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == list(range(16))
+        again = await asyncio.wait_for(api.completions.create(model=MODEL, prompt="hi", max_tokens=2), 30)
+        assert again.usage.completion_tokens >= 1
+        await api.close()
+        await other.close()
+
+
+async def test_a_stream_whose_client_reads_nothing_lets_its_places_go() -> None:
+    """An event that cannot be sent (the client's socket is full, so the server does not ask for the
+    next one) for ``stream_stall_s``: the call ends, its places are freed and its requests cancelled,
+    while the send still hangs."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from loquetier.gateway import completions
+    from loquetier.gateway.answers import Waiter
+
+    released: list[tuple[str, int]] = []
+    forgotten: list[str] = []
+    cancels: list[Any] = []
+
+    async def publish(topic: str, record: Any, key: str) -> tuple[str, int, int]:
+        cancels.append((topic, record.action, record.target_id))
+        return (topic, 0, len(cancels))
+
+    gw = SimpleNamespace(config=SimpleNamespace(stream_stall_s=0.3), settings=SimpleNamespace(
+        kafka=SimpleNamespace(control_topic="ctl")), bus=SimpleNamespace(forget=forgotten.append, publish=publish),
+        release=lambda key_id, num: released.append((key_id, num)))
+    choices = [completions._Choice(f"cmpl-x-{i}", b"", 0) for i in range(3)]
+    waiters = [Waiter(asyncio.Queue(), time.monotonic() + 60) for _ in choices]
+    waiters[1].done = True  # answered already: nothing to cancel
+    call = completions._Call(gw, "key-1", choices, waiters)  # type: ignore[arg-type]
+    completions.IN_FLIGHT.inc()
+
+    async def events() -> Any:
+        for i in range(1000):
+            yield f"data: {i}\n\n".encode()
+
+    sent = completions._streamed(call, events())
+    assert await sent.__anext__() == b"data: 0\n\n"
+    assert await sent.__anext__() == b"data: 1\n\n"  # the server asks for no more: its send hangs
+    started = time.monotonic()
+    while not call.ended:
+        await asyncio.sleep(0.05)
+        assert time.monotonic() - started < 5
+    await asyncio.sleep(0.1)  # the cancels are published in the background
+    assert released == [("key-1", 3)] and forgotten == [c.rid for c in choices]
+    assert sorted(cancels) == [("ctl", "cancel", "cmpl-x-0"), ("ctl", "cancel", "cmpl-x-2")]
+    with pytest.raises(StopAsyncIteration):  # the send returned at last: the stream ends
+        await sent.__anext__()
+    assert released == [("key-1", 3)]  # once

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,3 +70,42 @@ def test_training_file_lines() -> None:
     assert file_id_of("file:file-0a1b") == "file-0a1b"
     assert file_id_of("file:///tmp/data.jsonl") is None and file_id_of("/tmp/x.jsonl") is None
     assert file_id_of([{"prompt": "a"}]) is None
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+async def test_a_tenant_keeps_within_its_quotas(gateway_setup: Any, database_url: str) -> None:
+    """Files (count and bytes), unfinished jobs: past a limit the call is a 403 ``quota_exceeded`` that
+    says what to free, nothing is stored, and freeing room lets the next call through."""
+    import openai
+
+    from tests.gateway.conftest import MODEL, client, new_key, running_gateway
+
+    settings = await gateway_setup(max_files_per_tenant=2, max_file_bytes_per_tenant=4000, max_jobs_per_tenant=1)
+    api_key, other_key = [await new_key(database_url, f"q-{uuid.uuid4().hex[:6]}") for _ in range(2)]
+    line = json.dumps({"prompt": os.urandom(8).hex(), "completion": " " + os.urandom(4).hex()}) + "\n"
+    small = line.encode() * 3
+    async with running_gateway(settings) as url:
+        api, other = client(url, api_key), client(url, other_key)
+        first = await api.files.create(file=("a.jsonl", small), purpose="fine-tune")
+        await api.files.create(file=("b.jsonl", small), purpose="fine-tune")
+        with pytest.raises(openai.PermissionDeniedError) as over:
+            await api.files.create(file=("c.jsonl", small), purpose="fine-tune")
+        assert over.value.body["code"] == "quota_exceeded" and "delete" in over.value.body["message"]
+        assert len([f async for f in api.files.list()]) == 2
+        await other.files.create(file=("c.jsonl", small), purpose="fine-tune")  # another tenant's own quota
+        await api.files.delete(first.id)
+        with pytest.raises(openai.PermissionDeniedError):  # room for a file, not for its bytes
+            await api.files.create(file=("big.jsonl", line.encode() * (4000 // len(line))), purpose="fine-tune")
+        kept = await api.files.create(file=("c.jsonl", small), purpose="fine-tune")
+        params = {"loquetier": {"params": {"max_steps": 10_000}}}
+        job = await api.fine_tuning.jobs.create(model=MODEL, training_file=kept.id, extra_body=params)
+        with pytest.raises(openai.PermissionDeniedError) as busy:
+            await api.fine_tuning.jobs.create(model=MODEL, training_file=kept.id, extra_body=params)
+        assert busy.value.body["code"] == "quota_exceeded"
+        assert [j.id async for j in api.fine_tuning.jobs.list()] == [job.id]
+        await api.fine_tuning.jobs.cancel(job.id)
+        again = await api.fine_tuning.jobs.create(model=MODEL, training_file=kept.id, extra_body=params)
+        await api.fine_tuning.jobs.cancel(again.id)
+        await api.close()
+        await other.close()

@@ -260,7 +260,7 @@ async def test_a_slow_command_holds_up_neither_requests_nor_the_worker(topics: A
         assert result.type == "result" and result.token_ids == [6, 7, 8, 6]
         later = [await client.control("resume", f"later-{i}") for i in range(150)]
         await until(lambda: _true(worker.consumer._paused[control_topic]))
-        assert 64 <= worker.intake.num_commands < 150 and not gate.is_set()
+        assert 64 <= worker.intake.num_waiting["control"] < 150 and not gate.is_set()
         again = await client.submit_generate(prompt_token_ids=[9, 10], max_tokens=2)
         assert (await client.wait_result(again, timeout=20)).type == "result"
         assert applied == [(load, False)]
@@ -271,8 +271,83 @@ async def test_a_slow_command_holds_up_neither_requests_nor_the_worker(topics: A
             got[ack.command_id] = ack
             if len(got) == 1 + len(later):
                 break
-        await until(lambda: _true(not worker.consumer._paused[control_topic] and worker.intake.num_commands == 0))
+        await until(lambda: _true(not worker.consumer._paused[control_topic]
+                                  and not worker.intake.num_waiting["control"]))
     assert got[load].code == "unknown_adapter"  # no such adapter in the database: the load ran to its end
     assert {got[c].code for c in later} == {"unknown_job"}
     assert applied[0] == (load, False) and len(applied) == 1 + len(later)
     assert {c for c, _ in applied} == {load, *later} and all(after_gate for _, after_gate in applied[1:])
+
+
+async def test_a_slow_training_record_holds_up_neither_requests_nor_commands(
+        topics: Any, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training records have a lane of their own too: while one's insert hangs (MiBs of inline examples
+    being checked and stored), requests are served and commands applied; then the job is accepted."""
+    from loquetier.workers.intake import Intake
+
+    entered, gate = asyncio.Event(), asyncio.Event()
+    original = Intake._insert_job
+
+    async def slow_insert(self: Intake, job: Any) -> None:
+        entered.set()
+        await asyncio.wait_for(gate.wait(), 60)
+        await original(self, job)
+
+    monkeypatch.setattr(Intake, "_insert_job", slow_insert)
+    settings = await topics()
+    job = {"adapter_id": "lane-a", "data": [{"prompt": "a", "completion": "b"}], "params": {"max_steps": 2}}
+    async with running_worker(FakeEngine(), settings) as worker, client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        await asyncio.wait_for(entered.wait(), 30)
+        rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4)
+        assert (await client.wait_result(rid, timeout=20)).type == "result"
+        ack = await client.control("resume", "no-such-job", wait=True)
+        assert ack.code == "unknown_job"
+        assert worker.intake.num_waiting["training"] == 1 and not gate.is_set()
+        gate.set()
+        done = [r async for r in client.results([job_id])][-1]
+    assert done.type == "job_done" and done.status == "succeeded"
+    assert (await query(database_url, lambda s: repo.get_job(s, job_id))).status == "succeeded"
+
+
+async def test_a_record_whose_partition_moved_before_its_turn_is_left_alone() -> None:
+    """A command read before a rebalance and not applied by the time its partition went to another
+    worker is not applied here (the new owner reads it again): no second application."""
+    from types import SimpleNamespace
+
+    from loquetier.codec import Limits
+    from loquetier.messages import ControlCommand, encode_record
+    from loquetier.workers.intake import Intake
+
+    applied: list[str] = []
+    owned = {"yes": True}
+    done: list[int] = []
+    gate = asyncio.Event()
+
+    async def apply(cmd: Any, command_id: str) -> Any:
+        applied.append(command_id)
+        await gate.wait()
+        from loquetier.messages import ControlAck
+        return ControlAck(command_id=command_id, action=cmd.action, target_id=cmd.target_id, ok=True, message="ok")
+
+    async def publish(*_: Any, **__: Any) -> bool:
+        return True
+
+    publisher = SimpleNamespace(publish=publish, reply_prefix="loquetier.reply.")
+    intake = Intake(SimpleNamespace(), publisher, SimpleNamespace(), SimpleNamespace(),  # type: ignore[arg-type]
+                    SimpleNamespace(apply=apply), limits=Limits(), done=lambda part, offset, epoch: done.append(offset),
+                    is_current=lambda part, epoch: owned["yes"])
+
+    def record(offset: int) -> Any:
+        cmd = ControlCommand(action="resume", target_id=f"job-{offset}", command_id=f"c{offset}")
+        return SimpleNamespace(topic="ctl", partition=0, offset=offset, key=b"k", value=encode_record(cmd),
+                               timestamp=0, headers=())
+
+    for offset in range(3):
+        await intake.handle("control", record(offset), 0)
+    while not applied:
+        await asyncio.sleep(0.01)
+    owned["yes"] = False  # revoked while the first command runs
+    gate.set()
+    await intake.finish_lanes()
+    assert applied == ["c0"] and done == [0] and intake.num_waiting["control"] == 0

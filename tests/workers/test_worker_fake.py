@@ -51,24 +51,46 @@ async def test_request_round_trip_and_redelivery(topics: Any, database_url: str)
     assert second.model_dump() == result.model_dump()
 
 
-async def test_duplicates_in_flight_compute_once(topics: Any, database_url: str) -> None:
+async def test_duplicates_in_flight_compute_once_and_answer_once(topics: Any, database_url: str) -> None:
+    """Copies of a running request (retries, redeliveries, a flood of them) compute once and are answered
+    by one result record: every copy reads it under the same id. None stays pending."""
+    import threading
+
+    from loquetier.workers.inference import MAX_JOINED
+    from tests.workers.test_restarts import final_records
+
+    gate = threading.Event()
+
+    class HeldEngine(FakeEngine):
+        def step(self) -> list[Any]:  # no progress until every copy has been read
+            if not gate.is_set():
+                time.sleep(0.005)
+                return []
+            return super().step()
+
     settings = await topics()
-    engine = FakeEngine()
-    async with running_worker(engine, settings), client_for(settings) as client:
-        rid = "dup-1"
-        for _ in range(3):
+    engine = HeldEngine()
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        rid = f"dup-{uuid.uuid4().hex[:6]}"
+        for _ in range(3 * MAX_JOINED):
             await client.submit_generate(prompt_token_ids=[1, 2], max_tokens=30, request_id=rid)
-        seen = []
-
-        async def collect() -> None:
-            async for r in client.results([rid], follow=True):
-                seen.append(r)
-                if len(seen) == 3:
-                    return
-
-        await asyncio.wait_for(collect(), 30)
+        deadline = time.monotonic() + 20
+        flight = None
+        while flight is None or len(flight.sources) < MAX_JOINED or rid not in engine.requests:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+            flight = worker.inference.inflight.get(rid)
+        await asyncio.sleep(0.5)  # the rest of the copies are read meanwhile, and done before the answer
+        assert len(flight.sources) == MAX_JOINED and worker.consumer.tracker.num_pending() == MAX_JOINED
+        gate.set()
+        assert (await client.wait_result(rid, timeout=30)).type == "result"
+        deadline = time.monotonic() + 20
+        while worker.consumer.tracker.num_pending() or worker.inference.num_inflight:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert len(worker.inference.inflight) == 0
     assert engine.submitted_ids.count(rid) == 1
-    assert len({r.model_dump_json() for r in seen}) == 1
+    assert (await final_records(settings, [rid]))[rid] == 1
 
 
 async def test_training_job_checkpoints_done_and_serves_the_adapter(topics: Any, database_url: str) -> None:
