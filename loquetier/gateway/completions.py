@@ -158,9 +158,9 @@ class _Call:
         if self.ended:
             return
         self.ended = True
-        for choice, waiter in zip(self.choices, self.waiters, strict=False):
+        for index, choice in enumerate(self.choices):  # waiters is empty when publishing did not finish
             self.gw.bus.forget(choice.rid)
-            if not waiter.done:
+            if index >= len(self.waiters) or not self.waiters[index].done:
                 _cancel_soon(self.gw, choice.rid)
         self.gw.release(self.key_id, len(self.choices))
         IN_FLIGHT.dec()
@@ -192,11 +192,8 @@ async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = answers.Chunks(kind, rid, body.model, include_usage)
         events = answers.stream(call.waiters, firsts, prompt_of, chunks, gw.tokens)
-        return StreamingResponse(
-            _streamed(call, events),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": rid},
-        )
+        return _CallStream(call, _streamed(call, events), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
     call.end()
     TOKENS.labels(request.url.path).inc(sum(r.usage.completion_tokens for r in results))
     answer = answers.whole(kind, rid, body.model, results, prompt_of, gw.tokens)
@@ -233,6 +230,21 @@ async def _finals(waiters: list[answers.Waiter]) -> list[GenerateResult]:
     finally:
         for task in tasks:
             task.cancel()
+
+
+class _CallStream(StreamingResponse):
+    """A stream that ends its call however the response ends: a client gone before the first event
+    never starts the body's generator, whose own ``finally`` then never runs."""
+
+    def __init__(self, call: _Call, content: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.call = call
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.call.end()
 
 
 async def _streamed(call: _Call, events: Any) -> Any:
