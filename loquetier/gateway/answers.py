@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -24,6 +24,7 @@ from .errors import APIError, from_worker
 from .tokens import TokenText
 
 Kind = str  # "chat" | "text"
+T = TypeVar("T")
 
 
 @dataclass
@@ -179,10 +180,9 @@ def _sse(data: bytes) -> bytes:
 _LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
-async def first_records(waiters: Sequence[Waiter]) -> list[Any]:
-    """Each waiter's first record, so that a request the worker refuses (``prompt_too_long``,
-    ``unknown_adapter``) is an HTTP error before a stream's headers go out; the first error wins."""
-    tasks = [asyncio.ensure_future(w.next()) for w in waiters]
+async def side_by_side(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Every awaitable's value, awaited side by side; the first to raise cancels the rest and raises."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:
@@ -192,6 +192,12 @@ async def first_records(waiters: Sequence[Waiter]) -> list[Any]:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def first_records(waiters: Sequence[Waiter]) -> list[Any]:
+    """Each waiter's first record, so that a request the worker refuses (``prompt_too_long``,
+    ``unknown_adapter``) is an HTTP error before a stream's headers go out; the first error wins."""
+    return await side_by_side([w.next() for w in waiters])
 
 
 async def stream(waiters: Sequence[Waiter], firsts: Sequence[Any], prompt_of: Sequence[int], chunks: Chunks,

@@ -220,16 +220,7 @@ async def _publish(gw: Gateway, choices: list[_Choice]) -> list[answers.Waiter]:
 
 async def _finals(waiters: list[answers.Waiter]) -> list[GenerateResult]:
     """Every choice's result; the first error ends the call."""
-    tasks = [asyncio.ensure_future(w.final()) for w in waiters]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task in done and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        return [task.result() for task in tasks]
-    finally:
-        for task in tasks:
-            task.cancel()
+    return await answers.side_by_side([w.final() for w in waiters])
 
 
 class _CallStream(StreamingResponse):
