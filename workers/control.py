@@ -158,6 +158,7 @@ class Control:
         if job is None:
             return await self._cancel_request(target)
         if not await self._store.tx(lambda s: repo.finish_job(s, target, status="cancelled", error="cancelled")):
+            await self._jobs.stop_local(target)  # finished meanwhile (e.g. cancelled by a gateway): not here either
             raise ControlError("invalid_state", f"job {target!r} is already {job.status}")
         await self._jobs.stop_local(target)
         await self._publisher.publish(
@@ -186,6 +187,7 @@ class Control:
     async def _pause(self, cmd: ControlCommand) -> Outcome:
         job = await self._job(cmd.target_id)
         if not await self._store.tx(lambda s: repo.pause_job(s, cmd.target_id)):
+            await self._jobs.stop_local(cmd.target_id)  # paused or ended already: it must not run here either
             raise ControlError("invalid_state", f"job {cmd.target_id!r} is {job.status}: only queued or running "
                                                 "jobs pause")
         await self._jobs.stop_local(cmd.target_id)

@@ -54,6 +54,12 @@ async def adapter_owner(session: AsyncSession, adapter_id: str) -> tuple[bool, s
     return (False, None) if first is None else (True, first[0])
 
 
+async def lock_tenant(session: AsyncSession, tenant_id: str) -> None:
+    """Hold the tenant's advisory lock until the transaction ends: quota checks of one tenant (count,
+    then insert) run one after another, so concurrent calls cannot all pass one count."""
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended("tenant:" + tenant_id, 0))))
+
+
 async def tenant_counts(session: AsyncSession, tenant_id: str) -> tuple[int, int]:
     """(the tenant's unfinished jobs, its adapters with a ready version)."""
     jobs = await session.scalar(select(func.count()).select_from(JobRow).where(

@@ -89,8 +89,8 @@ def _sampling(body: Sampling, max_tokens: int, logprobs: int | None) -> dict[str
 
 
 def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, fields: dict[str, Any],
-            sampling: dict[str, Any]) -> bytes:
-    """The request record, encoded, or a 400/413 that says what is wrong."""
+            sampling: dict[str, Any]) -> GenerateRequest:
+    """The request record, validated, or a 400 that says what is wrong."""
     options = body.loquetier
     slo = {"ttft_ms": options.ttft_ms, "tpot_ms": options.tpot_ms} if options is not None else None
     try:
@@ -108,10 +108,7 @@ def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, field
         raise bad_request(f"the prompt is longer than {limits.max_prompt_chars} characters", param="prompt")
     if record.sampling.max_tokens > limits.max_new_tokens:
         raise bad_request(f"max_tokens is above {limits.max_new_tokens}", param="max_tokens")
-    value = encode_record(record)
-    if len(value) > gw.settings.kafka.max_record_bytes:
-        raise APIError(413, "the request is larger than the broker's record limit", code="request_too_large")
-    return value
+    return record
 
 
 def _choice_seed(seed: int | None, choice: int) -> int | None:
@@ -130,15 +127,29 @@ class _Choice:
 
 def _choices(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, prompts: list[dict[str, Any]],
              sampling: dict[str, Any]) -> list[_Choice]:
-    """One request record per choice (prompts x n), in the order of the answer's ``index``."""
+    """One encoded request record per choice (prompts x n), in the order of the answer's ``index``.
+    Each prompt is validated once; a call's records together stay within ``MAX_CALL_BYTES``, checked
+    from each prompt's first record before its copies are encoded (413 otherwise)."""
     n = body.num_choices()
     many = len(prompts) * n > 1
-    out = []
+    out: list[_Choice] = []
+    total = 0
     for p, fields in enumerate(prompts):
+        record = _record(rid, gw, body, adapter_id, fields, sampling)
         for j in range(n):
             sub = f"{rid}-{p * n + j}" if many else rid
-            spec = sampling | {"seed": _choice_seed(sampling.get("seed"), j)}
-            out.append(_Choice(sub, _record(sub, gw, body, adapter_id, fields, spec), p))
+            seed = _choice_seed(record.sampling.seed, j)
+            copy = record.model_copy(update={"request_id": sub, "sampling": record.sampling.model_copy(
+                update={"seed": seed})}) if many else record
+            value = encode_record(copy)
+            if len(value) > gw.settings.kafka.max_record_bytes:
+                raise APIError(413, "the request is larger than the broker's record limit", code="request_too_large")
+            if j == 0 and total + len(value) * n > MAX_CALL_BYTES:  # the copies differ by a few bytes
+                raise APIError(413, f"the call's {len(prompts) * n} request records would take more than "
+                               f"{MAX_CALL_BYTES // 2**20} MiB: send fewer choices or shorter prompts",
+                               code="request_too_large")
+            total += len(value)
+            out.append(_Choice(sub, value, p))
     return out
 
 
@@ -249,7 +260,11 @@ async def _streamed(call: _Call, events: Any) -> Any:
             call.sending_since = time.monotonic()
             yield event
             call.sending_since = None
-            if call.ended:
+            if call.ended:  # by the watchdog: say so, rather than end like a finished answer
+                yield answers.error_event(APIError(504, "the client read nothing for "
+                                                   f"{call.gw.config.stream_stall_s:g} s; the call was ended",
+                                                   code="stream_stalled"))
+                yield b"data: [DONE]\n\n"
                 return
     finally:
         watchdog.cancel()

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 
-from loquetier.db import files_repo
+from loquetier.db import files_repo, tenancy_repo
 from loquetier.db.models import FileRow
 from loquetier.training_files import TrainingFileError, parse_jsonl
 
@@ -66,6 +66,7 @@ async def upload(request: Request) -> Response:
     config = gw.config
 
     async def add(s: Any) -> FileRow:
+        await tenancy_repo.lock_tenant(s, owner.tenant_id)  # concurrent uploads count one after another
         num, size = await files_repo.tenant_usage(s, owner.tenant_id)
         if num + 1 > config.max_files_per_tenant or size + len(data) > config.max_file_bytes_per_tenant:
             raise APIError(403, f"your files would pass the limit of {config.max_files_per_tenant} files or "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -139,12 +139,13 @@ async def create(request: Request) -> Response:
     config = gw.config
 
     async def insert(s: Any) -> None:
+        await tenancy_repo.lock_tenant(s, owner.tenant_id)  # concurrent creations count one after another
         jobs, adapters = await tenancy_repo.tenant_counts(s, owner.tenant_id)
         if jobs + 1 > config.max_jobs_per_tenant:
             raise APIError(403, f"you have {jobs} unfinished fine-tuning jobs, the limit is "
                            f"{config.max_jobs_per_tenant}: wait for some or cancel them", code="quota_exceeded")
-        if adapters + 1 > config.max_adapters_per_tenant:
-            raise APIError(403, f"you have {adapters} fine-tuned models, the limit is "
+        if adapters + jobs + 1 > config.max_adapters_per_tenant:  # each unfinished job makes one more
+            raise APIError(403, f"you have {adapters} fine-tuned models and {jobs} jobs making more, the limit is "
                            f"{config.max_adapters_per_tenant}: delete some first (DELETE /v1/models/{{id}})",
                            code="quota_exceeded")
         await repo.insert_job_idempotent(
@@ -202,16 +203,16 @@ async def cancel(request: Request) -> Response:
 
 
 async def pause(request: Request) -> Response:
-    """Pause in the row (the owner's next lease renewal fails and it stops the job; it resumes from its
-    last checkpoint); the control record lets the worker that consumes it stop the job sooner."""
+    """Pause in the row: the owner's next lease renewal (each heartbeat) fails and it stops the job,
+    which resumes from its last checkpoint. No control record: one applied after a later resume
+    would pause the job again."""
     gw: Gateway = request.app.state.gateway
     owner = await gw.auth.owner(request)
     row = await _job(gw, owner, request.path_params["job_id"])
     if row.status not in ("queued", "running", "paused"):
         raise bad_request(f"the job is {row.status}: only queued or running jobs pause", code="invalid_state",
                           param="fine_tuning_job_id")
-    if row.status != "paused":
-        await _command(gw, "pause", row.job_id)
+    if row.status != "paused":  # the row only: a command could arrive after a resume and pause again
         await gw.tx(lambda s: repo.pause_job(s, row.job_id))
     return await _state_now(gw, owner, row.job_id, "paused")
 
@@ -229,15 +230,6 @@ async def resume(request: Request) -> Response:
         except (KafkaError, ValidationError) as exc:
             log.warning("training record not published", extra={"job_id": row.job_id, "error": repr(exc)})
     return _json(job_object(await _job(gw, owner, row.job_id), gw))
-
-
-async def _command(gw: Gateway, action: Literal["pause"], job_id: str) -> None:
-    try:
-        command_id = f"{action}-{job_id}-{uuid.uuid4().hex[:8]}"
-        command = ControlCommand(action=action, target_id=job_id, command_id=command_id)
-        await gw.bus.publish(gw.settings.kafka.control_topic, command, job_id)
-    except KafkaError as exc:
-        log.warning("control record not published", extra={"job_id": job_id, "action": action, "error": repr(exc)})
 
 
 async def _state_now(gw: Gateway, owner: KeyOwner, job_id: str, wanted: str) -> Response:

@@ -274,6 +274,39 @@ async def test_a_stream_whose_client_reads_nothing_lets_its_places_go() -> None:
     await asyncio.sleep(0.1)  # the cancels are published in the background
     assert released == [("key-1", 3)] and forgotten == [c.rid for c in choices]
     assert sorted(cancels) == [("ctl", "cancel", "cmpl-x-0"), ("ctl", "cancel", "cmpl-x-2")]
-    with pytest.raises(StopAsyncIteration):  # the send returned at last: the stream ends
+    stalled = await sent.__anext__()  # the send returned at last: the stream says why it ends
+    assert json.loads(stalled.removeprefix(b"data: "))["error"]["code"] == "stream_stalled"
+    assert await sent.__anext__() == b"data: [DONE]\n\n"
+    with pytest.raises(StopAsyncIteration):
         await sent.__anext__()
     assert released == [("key-1", 3)]  # once
+
+
+def test_a_call_is_bounded_in_bytes_before_its_copies_are_made() -> None:
+    """n copies of a long prompt: 413 once the call's records would pass 16 MiB, checked from the first
+    record; a call within the bound gets one record per choice, each with its own id and seed."""
+    import random
+    import time
+    from types import SimpleNamespace
+
+    from loquetier.gateway import completions
+    from loquetier.gateway.schemas import CompletionRequest, parse
+    from loquetier.messages import decode_record
+
+    gw = SimpleNamespace(settings=SimpleNamespace(kafka=SimpleNamespace(max_record_bytes=4 * 2**20)),
+                         bus=SimpleNamespace(topic="loquetier.reply.gw"))
+    huge = parse(CompletionRequest, {"model": MODEL, "prompt": "\U0001f600" * 999_000, "n": 64, "max_tokens": 1})
+    started = time.monotonic()
+    with pytest.raises(completions.APIError) as caught:
+        completions._choices("cmpl-x", gw, huge, None, [{"prompt": huge.prompt}], {"max_tokens": 1})  # type: ignore[arg-type]
+    assert caught.value.status == 413 and caught.value.code == "request_too_large"
+    assert time.monotonic() - started < 2  # refused from the first record, not after 64
+    seed = random.randint(-(2**63), 2**63 - 1)
+    body = parse(CompletionRequest, {"model": MODEL, "prompt": ["a b", "c d"], "n": 3, "seed": seed})
+    made = completions._choices("cmpl-y", gw, body, None, [{"prompt": "a b"}, {"prompt": "c d"}],  # type: ignore[arg-type]
+                                {"max_tokens": 4, "seed": seed})
+    records = [decode_record("requests", c.value) for c in made]
+    assert [c.rid for c in made] == [r.request_id for r in records] == [f"cmpl-y-{i}" for i in range(6)]
+    assert [c.prompt for c in made] == [0, 0, 0, 1, 1, 1] and [r.prompt for r in records] == ["a b"] * 3 + ["c d"] * 3
+    assert len({r.sampling.seed for r in records[:3]}) == 3 and records[0].sampling.seed == seed
+    assert all(r.reply_to == "loquetier.reply.gw" for r in records)

@@ -94,6 +94,12 @@ async def test_a_tenant_keeps_within_its_quotas(gateway_setup: Any, database_url
         assert over.value.body["code"] == "quota_exceeded" and "delete" in over.value.body["message"]
         assert len([f async for f in api.files.list()]) == 2
         await other.files.create(file=("c.jsonl", small), purpose="fine-tune")  # another tenant's own quota
+        import asyncio
+
+        racing = await asyncio.gather(*[other.files.create(file=(f"r{i}.jsonl", small), purpose="fine-tune")
+                                        for i in range(5)], return_exceptions=True)
+        assert sum(not isinstance(r, Exception) for r in racing) == 1  # counted one after another: 2 in all
+        assert all(isinstance(r, openai.PermissionDeniedError) for r in racing if isinstance(r, Exception))
         await api.files.delete(first.id)
         with pytest.raises(openai.PermissionDeniedError):  # room for a file, not for its bytes
             await api.files.create(file=("big.jsonl", line.encode() * (4000 // len(line))), purpose="fine-tune")
