@@ -174,6 +174,8 @@ class GatewaySettings(BaseModel):
     max_inflight: PositiveInt = 1024  # requests waiting for results at once; more get 429
     max_inflight_per_key: PositiveInt = 256  # of those, one API key's at once: one caller cannot fill the gateway
     stream_stall_s: PositiveFloat = 60.0  # a stream whose client reads nothing for this long loses its places
+    # chat completions without max_tokens: None = up to the end of the context, as OpenAI's (slow on a CPU)
+    default_max_tokens: PositiveInt | None = None
     # what one tenant may keep (403 quota_exceeded past it): files, their bytes, unfinished jobs, served adapters
     max_files_per_tenant: PositiveInt = 1000
     max_file_bytes_per_tenant: PositiveInt = 2 * 1024**3

@@ -53,8 +53,13 @@ def register(table: str, parser: argparse.ArgumentParser) -> None:
             p.set_defaults(func=_control)
     else:
         for action in ACTIONS["jobs"]:
-            p = sub.add_parser(action, help=f"{action} a training job (the worker acknowledges it)")
-            p.add_argument("job_id")
+            if action == "cancel":
+                p = sub.add_parser(action, help="cancel a training job, or a running request by its request id "
+                                                "(`loquetier requests` lists them; the worker acknowledges it)")
+                p.add_argument("job_id", metavar="ID", help="a job id or a request id")
+            else:
+                p = sub.add_parser(action, help=f"{action} a training job (the worker acknowledges it)")
+                p.add_argument("job_id")
             p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for a worker")
             p.set_defaults(func=_control)
 

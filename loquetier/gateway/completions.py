@@ -18,8 +18,9 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -38,6 +39,7 @@ from .schemas import ChatRequest, CompletionRequest, Sampling, parse
 from .state import Gateway
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LEGACY_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CALL_BYTES = 16 * 2**20  # a call's request records together (n copies of a long prompt add up)
@@ -54,7 +56,7 @@ async def chat_completions(request: Request) -> Response:
                           "use /v1/completions with a prompt", code="chat_unavailable")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     # no limit asked: up to the context, as OpenAI does (the worker caps it to the room the prompt leaves)
-    limit = body.token_limit() or DEFAULT_LIMITS.max_new_tokens
+    limit = body.token_limit() or gw.config.default_max_tokens or DEFAULT_LIMITS.max_new_tokens
     sampling = _sampling(body, limit, 1 if body.logprobs else None)
     return await _complete(request, gw, owner.key_id, "chat", body, adapter_id, [{"messages": messages}], sampling)
 
@@ -191,10 +193,11 @@ async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body:
     IN_FLIGHT.inc()
     try:
         call.waiters = await _publish(gw, choices)
+        # a client that leaves (its own timeout, Ctrl-C) ends the call: its requests are cancelled
         if body.stream:
-            firsts = await answers.first_records(call.waiters)
+            firsts = await _unless_gone(request, answers.first_records(call.waiters))
         else:
-            results = await _finals(call.waiters)
+            results = await _unless_gone(request, _finals(call.waiters))
     except BaseException:  # an error, the timeout, or a client that went away
         call.end()
         raise
@@ -227,6 +230,34 @@ async def _publish(gw: Gateway, choices: list[_Choice]) -> list[answers.Waiter]:
         raise APIError(503, "the message broker is unavailable; retry later", code="broker_unavailable") from None
     deadline = time.monotonic() + gw.config.request_timeout_s
     return [answers.Waiter(q, deadline, ref) for q, ref in zip(queues, sent, strict=True)]
+
+
+class ClientGone(APIError):
+    """The HTTP client closed its connection before the answer (499, as proxies log it; nobody reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection before the answer", code="client_gone")
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s value, or ClientGone as soon as the client disconnects. The body has been read, so
+    the next ASGI message is the disconnect: a client that stops waiting (an SDK's timeout) does not
+    leave its requests computing for nobody."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ClientGone
+        return task.result()
+    finally:
+        task.cancel()
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _finals(waiters: list[answers.Waiter]) -> list[GenerateResult]:

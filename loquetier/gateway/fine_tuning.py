@@ -277,7 +277,7 @@ def _events(row: JobRow, ckpts: list[Any]) -> list[dict[str, Any]]:
         out.append(_event(row, f"step-{row.step}", row.updated_at,
                           f"Step {row.step}/{row.total_steps or '?'}: training loss={row.last_loss}", data))
     if row.finished_at is not None:
-        message = f"The job has {row.status}"
+        message = "The job was cancelled" if row.status == "cancelled" else f"The job has {row.status}"
         if row.status == "succeeded":
             message += f"; new fine-tuned model: {row.adapter_id}"
         elif row.error:

@@ -310,3 +310,33 @@ def test_a_call_is_bounded_in_bytes_before_its_copies_are_made() -> None:
     assert [c.prompt for c in made] == [0, 0, 0, 1, 1, 1] and [r.prompt for r in records] == ["a b"] * 3 + ["c d"] * 3
     assert len({r.sampling.seed for r in records[:3]}) == 3 and records[0].sampling.seed == seed
     assert all(r.reply_to == "loquetier.reply.gw" for r in records)
+
+
+async def test_a_client_that_stops_waiting_has_its_request_cancelled(
+    gateway_setup: Any, database_url: str, make_engine: Any
+) -> None:
+    """A non-streaming client that gives up (the SDK's timeout) closes its connection: the gateway
+    cancels its requests instead of computing them for nobody."""
+    import asyncio
+    import time
+
+    from openai import AsyncOpenAI
+
+    settings = await gateway_setup()
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    topic = settings.kafka.requests_topic
+
+    async def statuses() -> list[str]:
+        rows = await query(database_url, lambda s: s.scalars(select(RequestRow).where(RequestRow.kafka_topic == topic)))
+        return [r.status for r in rows.all()]
+
+    async with running_worker(make_engine(), settings), running_gateway(settings) as url:
+        impatient = AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.completions.create(model=MODEL, prompt="a long story", max_tokens=480, n=2,
+                                               extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while (now := await statuses()) != ["cancelled", "cancelled"]:
+            assert time.monotonic() < deadline and "succeeded" not in now, now
+            await asyncio.sleep(0.2)
+        await impatient.close()
