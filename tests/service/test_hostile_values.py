@@ -199,7 +199,8 @@ def _many_errors(kind: TopicKind) -> bytes:
     if kind == "training":
         examples = [{"messages": [{}] * 1024}] * (n // 1024)  # two missing fields a message
         return msgpack.packb({"schema": 1, "job_id": "j", "adapter_id": "a", "data": examples})
-    return _request(prompt=None, prompt_token_ids=[-1] * n, sampling={"stop": [""] * n})
+    # token ids within the count limit (past it the record is too_large before any id is validated)
+    return _request(prompt=None, prompt_token_ids=[-1] * Limits().max_prompt_tokens, sampling={"stop": [""] * n})
 
 
 @pytest.mark.parametrize("kind", ["requests", "training"])
@@ -216,6 +217,18 @@ def test_a_record_of_millions_of_bad_values_is_refused_at_once(kind: TopicKind) 
     assert time.perf_counter() - t < 2.0  # a generous bound: about 0.1 s here, 10 s and more before
     assert err.value.code in {"missing_field", "invalid_value"}
     assert "more" not in err.value.message or int(err.value.message.split("... and ")[1].split()[0]) < 10
+
+
+def test_too_many_token_ids_are_refused_before_any_is_validated() -> None:
+    import time
+
+    n = _rng.randrange(Limits().max_prompt_tokens + 1, 1_000_000)
+    data = _request(prompt=None, prompt_token_ids=[-1] * n)
+    t = time.perf_counter()
+    with pytest.raises(RecordError) as err:
+        decode_record("requests", data)
+    assert time.perf_counter() - t < 0.5  # 25 ms here for 1M ids; 158 ms when each was validated first
+    assert err.value.code == "too_large" and f"has {n} tokens" in err.value.message and err.value.request_id
 
 
 @pytest.mark.parametrize("where", ["top", "nested"])
