@@ -148,9 +148,12 @@ def assert_same_job(events: list[EngineEvent], solo_done: list[JobFinished], job
     assert done[0].metrics["steps"] == solo_done[0].metrics["steps"]
     assert done[0].metrics["tokens"] == solo_done[0].metrics["tokens"]
     together, alone = LoRAAdapter.from_bytes(done[0].adapter), LoRAAdapter.from_bytes(solo_done[0].adapter)
+    # The training rows share each step's GEMMs with other rows than when alone, so fp32 sums run in
+    # another order: one weight in 512 came out 2.5e-6 apart (seeded at random, 2026-12-05). A step the
+    # failure reached would show as NaN, another step count or a far larger change.
     for key, (a, b) in alone.weights.items():
-        torch.testing.assert_close(together.weights[key][0], a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(together.weights[key][1], b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together.weights[key][0], a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together.weights[key][1], b, rtol=1e-4, atol=1e-5)
 
 
 class _FailingBackward(torch.autograd.Function):
