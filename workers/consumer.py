@@ -5,10 +5,10 @@ highest offset below which every record is done (:mod:`loquetier.workers.offsets
 Back-pressure pauses the request partitions while ``max_inflight`` requests are in the
 worker and resumes them when half have drained, and the training or control partitions
 while ``max_waiting`` of their records wait to be handled (they run one at a time beside
-the intake); paused records stay in Kafka, so nothing accepted is ever dropped. On a rebalance the
-revoked partitions are drained (their in-flight records finish and are committed) before
-the new owner starts; what does not finish in time keeps running here and the new owner
-waits for its row instead of computing it again.
+the intake); paused records stay in Kafka, so nothing accepted is ever dropped. On a
+rebalance the revoked partitions are drained (their in-flight records finish and are
+committed) before the new owner starts; what does not finish in time keeps running here and
+the new owner waits for its row instead of computing it again.
 
 Committed offsets are trusted across restarts. A broker's ListOffsets answer is not used to
 judge them: the embedded broker (tansu) answers the start of the last batch + 1 there (50
@@ -150,11 +150,6 @@ class Consumer:
             self._check_log_ends(batches)
             self._apply_backpressure()
             await self.commit()
-
-    @property
-    def is_paused(self) -> bool:
-        """Whether the request partitions are paused for back-pressure."""
-        return self._paused[self._kafka.requests_topic]
 
     def _apply_backpressure(self) -> None:
         for topic, kind in self._kinds.items():

@@ -157,10 +157,10 @@ class Control:
         job = await self._store.tx(lambda s: repo.get_job(s, target))
         if job is None:
             return await self._cancel_request(target)
-        if not await self._store.tx(lambda s: repo.finish_job(s, target, status="cancelled", error="cancelled")):
-            await self._jobs.stop_local(target)  # finished meanwhile (e.g. cancelled by a gateway): not here either
+        cancelled = await self._store.tx(lambda s: repo.finish_job(s, target, status="cancelled", error="cancelled"))
+        await self._jobs.stop_local(target)  # also when it ended meanwhile (e.g. cancelled by a gateway)
+        if not cancelled:
             raise ControlError("invalid_state", f"job {target!r} is already {job.status}")
-        await self._jobs.stop_local(target)
         await self._publisher.publish(
             JobDoneResult(job_id=target, adapter_id=job.adapter_id, status="cancelled", step=job.step), target
         )
@@ -186,11 +186,11 @@ class Control:
 
     async def _pause(self, cmd: ControlCommand) -> Outcome:
         job = await self._job(cmd.target_id)
-        if not await self._store.tx(lambda s: repo.pause_job(s, cmd.target_id)):
-            await self._jobs.stop_local(cmd.target_id)  # paused or ended already: it must not run here either
+        paused = await self._store.tx(lambda s: repo.pause_job(s, cmd.target_id))
+        await self._jobs.stop_local(cmd.target_id)  # also when paused or ended already: not here either
+        if not paused:
             raise ControlError("invalid_state", f"job {cmd.target_id!r} is {job.status}: only queued or running "
                                                 "jobs pause")
-        await self._jobs.stop_local(cmd.target_id)
         return f"job {cmd.target_id!r} paused", None
 
     async def _resume(self, cmd: ControlCommand) -> Outcome:

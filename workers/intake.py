@@ -74,7 +74,7 @@ class Intake:
         self._is_current = is_current  # (partition, epoch) -> whether this worker still owns that record
         self._lanes = Lanes("record handling")  # one lane per topic kind: training, control
         # read and not yet handled, per lane: the consumer pauses a topic past a limit
-        self.num_waiting: dict[TopicKind, int] = {"training": 0, "control": 0, "requests": 0}
+        self.num_waiting: dict[TopicKind, int] = {"training": 0, "control": 0}
 
     async def handle(self, kind: TopicKind, record: Any, epoch: int) -> None:
         """Requests are decoded here and run in tasks of their own; training and control records are
@@ -169,7 +169,7 @@ class Intake:
             )
             if not new:  # a redelivery or a client's retry, or another job under a known id
                 stored = await repo.get_job(s, job.job_id)
-                if stored is not None and not await asyncio.to_thread(same_job, stored.spec, job):
+                if stored is not None and not await asyncio.to_thread(same_job, stored.spec, spec):
                     raise JobIdTaken(job.job_id)
 
         await self._store.tx(insert)
@@ -233,14 +233,15 @@ class JobIdTaken(Exception):
         super().__init__(f"{self.code}: {self.message}")
 
 
-def same_job(stored_spec: dict[str, Any], job: TrainingJobRecord) -> bool:
-    """Whether a stored job's spec is ``job`` again (its ``priority`` does not count), both read
-    through the wire model so that defaults and number forms compare alike."""
+def same_job(stored_spec: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """Whether a stored job's spec is ``spec`` (a record's ``convert.job_spec``) again, its
+    ``priority`` aside; the stored one is read through the wire model so that defaults and number
+    forms compare alike."""
     try:
         stored = convert.job_spec(convert.job_from_spec(stored_spec))
     except Exception:  # noqa: BLE001 - a spec this version cannot read is not this record
         return False
-    ours = convert.job_spec(job)
+    ours = dict(spec)
     stored.pop("priority", None)
     ours.pop("priority", None)
     return stored == ours

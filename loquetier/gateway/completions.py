@@ -157,12 +157,12 @@ def _choices(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, prom
 
 @dataclass
 class _Call:
-    """One HTTP call's records in flight: what ``_end`` releases, once."""
+    """One HTTP call's records in flight: what ``end`` releases, once."""
 
     gw: Gateway
     key_id: str
     choices: list[_Choice]
-    waiters: list[answers.Waiter] = field(default_factory=list)
+    waiters: list[answers.Waiter] = field(default_factory=list)  # one per choice published so far
     ended: bool = False
     sending_since: float | None = None  # a stream's event waits on a client that does not read
 
@@ -171,9 +171,9 @@ class _Call:
         if self.ended:
             return
         self.ended = True
-        for index, choice in enumerate(self.choices):  # waiters is empty when publishing did not finish
+        for index, choice in enumerate(self.choices):
             self.gw.bus.forget(choice.rid)
-            if index >= len(self.waiters) or not self.waiters[index].done:
+            if index < len(self.waiters) and not self.waiters[index].done:  # published, not answered
                 _cancel_soon(self.gw, choice.rid)
         self.gw.release(self.key_id, len(self.choices))
         IN_FLIGHT.dec()
@@ -192,7 +192,7 @@ async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body:
     gw.hold(key_id, count)
     IN_FLIGHT.inc()
     try:
-        call.waiters = await _publish(gw, choices)
+        await _publish(call)
         # a client that leaves (its own timeout, Ctrl-C) ends the call: its requests are cancelled
         if body.stream:
             firsts = await _unless_gone(request, answers.first_records(call.waiters))
@@ -214,22 +214,19 @@ async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body:
     return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Request-Id": rid})
 
 
-async def _publish(gw: Gateway, choices: list[_Choice]) -> list[answers.Waiter]:
-    """Publish every choice's record; if the broker fails part-way, those already out are cancelled."""
-    queues = [gw.bus.expect(c.rid) for c in choices]
-    sent = []
+async def _publish(call: _Call) -> None:
+    """Publish every choice's record, each one's waiter into ``call.waiters`` once it is out; a
+    broker that fails part-way is a 503, and ``call.end`` cancels the records already out."""
+    gw, choices = call.gw, call.choices
+    queues = [gw.bus.expect(c.rid) for c in choices]  # before publishing: no early record is missed
+    deadline = time.monotonic() + gw.config.request_timeout_s
     try:
-        for choice in choices:
-            sent.append(await gw.bus.publish(gw.settings.kafka.requests_topic, choice.value, choice.rid))
+        for choice, queue in zip(choices, queues, strict=True):
+            sent = await gw.bus.publish(gw.settings.kafka.requests_topic, choice.value, choice.rid)
+            call.waiters.append(answers.Waiter(queue, deadline, sent))
     except KafkaError as exc:
-        for choice in choices:
-            gw.bus.forget(choice.rid)
-        for choice in choices[:len(sent)]:
-            _cancel_soon(gw, choice.rid)
         log.warning("request not published", extra={"request_id": choices[0].rid, "error": repr(exc)})
         raise APIError(503, "the message broker is unavailable; retry later", code="broker_unavailable") from None
-    deadline = time.monotonic() + gw.config.request_timeout_s
-    return [answers.Waiter(q, deadline, ref) for q, ref in zip(queues, sent, strict=True)]
 
 
 class ClientGone(APIError):

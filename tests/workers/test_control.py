@@ -215,6 +215,7 @@ def test_a_job_as_the_gateway_stores_and_publishes_it_is_the_same_job() -> None:
 
     from loquetier.codec import encode
     from loquetier.messages import TrainingJobRecord, decode_record
+    from loquetier.workers import convert
     from loquetier.workers.intake import same_job
 
     rng = random.Random()
@@ -224,8 +225,9 @@ def test_a_job_as_the_gateway_stores_and_publishes_it_is_the_same_job() -> None:
               "priority": rng.randint(-5, 5), "lora": {"rank": 8, "alpha": rng.uniform(1, 64)}}
     job = TrainingJobRecord.model_validate(fields, strict=False)
     stored = job.model_dump(mode="json", by_alias=True)
-    assert same_job(stored, decode_record("training", encode(job)))
-    assert not same_job(stored, decode_record("training", encode(job.model_copy(update={"adapter_id": "ft-y"}))))
+    assert same_job(stored, convert.job_spec(decode_record("training", encode(job))))
+    other = job.model_copy(update={"adapter_id": "ft-y"})
+    assert not same_job(stored, convert.job_spec(decode_record("training", encode(other))))
 
 
 async def test_a_slow_command_holds_up_neither_requests_nor_the_worker(topics: Any,
