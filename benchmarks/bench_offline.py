@@ -154,6 +154,47 @@ def run_hf(model: Any, batch: int, adapter_names: list[str] | None, gen: torch.G
     return {"tokens_per_s": batch * new_tokens / dt, "seconds": dt, "batch": batch, "new_tokens": new_tokens}
 
 
+LORA_HALVES = ("both", "shrinks only", "expands only", "neither")
+
+
+def set_lora_halves(which: str) -> Callable[[], None]:
+    """Timing only (the tokens are not the model's): the decode-sized LoRA forwards
+    (``smlm.split_shrink``) launch both halves ("both"), their shrinks alone, their expands alone
+    (over zeros that stand in for the shrinks' partial sums: no launch, no NaN) or neither, for the
+    graphs captured next. Returns what puts the real path back."""
+    from loquetier.kernels import smlm
+
+    real_split, real_launch, real_buffer = smlm.split_shrink, smlm.launch, smlm._split_buffer
+    zeros: dict[tuple[tuple[int, int, int], torch.device], torch.Tensor] = {}
+
+    def zero_buffer(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        key = (shape, torch.device(device))
+        if key not in zeros:
+            zeros[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return zeros[key]
+
+    def no_shrink(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
+        if kernel not in (smlm.shrink_kernel, smlm.shrink_parts_kernel):
+            real_launch(kernel, grid, *args, **meta)
+
+    def shrinks_only(*args: Any, **kwargs: Any) -> Callable[[torch.Tensor], None]:
+        real_split(*args, **kwargs)
+        return smlm._nothing
+
+    def restore() -> None:
+        smlm.split_shrink, smlm.launch, smlm._split_buffer = real_split, real_launch, real_buffer
+
+    if which == "shrinks only":
+        smlm.split_shrink = shrinks_only
+    elif which == "expands only":
+        smlm.launch, smlm._split_buffer = no_shrink, zero_buffer
+    elif which == "neither":
+        smlm.split_shrink = lambda *args, **kwargs: smlm._nothing
+    elif which != "both":
+        raise ValueError(f"unknown LoRA halves {which!r}")
+    return restore
+
+
 def _take(argv: list[str], flag: str) -> str | None:
     """The value after ``flag`` in ``argv`` (both removed), or None when it is not there."""
     if flag not in argv:
@@ -175,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     blas_ab = (_take(pre, "--blas-ab") or "").strip()  # a BLAS library ("cublaslt") vs the engine's, every case
     # rounds of (MLP output carried into the next norm, added per layer): llama.CARRY_MLP_OUTPUT, every case
     carry_rounds = int(_take(pre, "--carry-ab") or 0)
+    # rounds of the adapter cases with both halves of the decode-sized LoRA forwards, the shrinks alone,
+    # the expands alone and neither (timing only: what each half adds to a served step)
+    halves_rounds = int(_take(pre, "--lora-halves") or 0)
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -300,7 +344,21 @@ def main(argv: list[str] | None = None) -> int:
                               for _ in range(carry_rounds) for label in ("carried", "added")], cases, recapture=True)
         finally:
             llama.CARRY_MLP_OUTPUT = True
-    if overlaps or tuning_ab or attn_ab or blas_ab or carry_rounds:
+    if halves_rounds:
+        restore: list[Callable[[], None]] = []
+
+        def halves(which: str) -> None:
+            while restore:
+                restore.pop()()
+            restore.append(set_lora_halves(which))
+
+        try:
+            compare("halves", [(which, functools.partial(halves, which))
+                               for _ in range(halves_rounds) for which in LORA_HALVES], lora_cases, recapture=True)
+        finally:
+            while restore:
+                restore.pop()()
+    if overlaps or tuning_ab or attn_ab or blas_ab or carry_rounds or halves_rounds:
         engine.capture_graphs(recapture=True)
     # decode windows chained (the next window queued before the host applies the last) or not
     default_chain = engine.window.chain
@@ -398,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             ("carry", "Each layer's MLP output carried into the next norm", "Every case with the fused path "
              "carrying each layer's MLP output into the next norm's pass (`llama.CARRY_MLP_OUTPUT`, the default) "
              "and adding it at the layer's end, graphs captured again for each, in turn (`--carry-ab`)",
-             "MLP output")):
+             "MLP output"),
+            ("halves", "The two halves of the LoRA work in a decode step", "Timing only (the tokens are not "
+             "the model's): the adapter cases with the decode-sized LoRA forwards launching both halves, the "
+             "shrinks alone, the expands alone (over zeros) and neither, graphs captured again for each, in "
+             "turn (`--lora-halves`)", "LoRA launches")):
         if results.get(kind):
             rows = [[r["setting"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
                      report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in results[kind]]
@@ -406,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry")
+    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry", "halves")
                 for r in results.get(kind, [])]
     for r in [*results.values(), *compared]:
         if isinstance(r, dict):

@@ -23,7 +23,9 @@
 #                     with graphs captured in each mode; CHAIN_AB=N times the cases N rounds with
 #                     chained decode windows off, then on; BLAS_AB=LIB (cublaslt) times every case with
 #                     that BLAS library against the engine's, two rounds; CARRY_AB=N times every case N
-#                     rounds with each layer's MLP output carried into the next norm, then added per layer
+#                     rounds with each layer's MLP output carried into the next norm, then added per layer;
+#                     HALVES=N times the adapter cases N rounds with the decode-sized LoRA forwards
+#                     launching both halves, the shrinks alone, the expands alone, neither (timing only)
 #   decode            bench_decode's batch-64 graph step, the fused graph with the MLP output carried and
 #                     added (two rounds, also pipelined) (OVERLAPS: the fused graph in each mode too)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
@@ -104,7 +106,7 @@ for name in $STEPS; do
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
-            ${CARRY_AB:+--carry-ab "$CARRY_AB"} --out "$OUT/offline" ;;
+            ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
