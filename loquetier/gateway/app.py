@@ -27,17 +27,30 @@ from .metrics import REGISTRY, Metrics
 from .state import Gateway
 
 
-async def health(request: Request) -> Response:
-    """Liveness and readiness: the gateway answers, and whether a worker is running."""
-    gw: Gateway = request.app.state.gateway
+async def _status(gw: Gateway) -> dict[str, object]:
     try:
         await gw.require_worker()
         worker = "ok"
     except APIError as exc:
         worker = exc.code or "unavailable"
-    body = {"status": "ok", "gateway_id": gw.config.id, "reply_topic": gw.bus.topic, "model": gw.model_name,
+    return {"status": "ok", "gateway_id": gw.config.id, "reply_topic": gw.bus.topic, "model": gw.model_name,
             "worker": worker, "in_flight": gw.bus.num_waiting}
+
+
+async def health(request: Request) -> Response:
+    """Liveness: 200 while the gateway answers; the body says whether a worker is running."""
+    body = await _status(request.app.state.gateway)
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def ready(request: Request) -> Response:
+    """Readiness: 200 when a worker is running, so that completions can be served; else 503 (with
+    ``Retry-After``), so that a load balancer sends requests to another gateway meanwhile."""
+    body = await _status(request.app.state.gateway)
+    if body["worker"] == "ok":
+        return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps({**body, "status": "not_ready"}), status_code=503, media_type="application/json",
+                    headers={"Retry-After": "5"})
 
 
 async def metrics(request: Request) -> Response:
@@ -46,6 +59,7 @@ async def metrics(request: Request) -> Response:
 
 ROUTES = [
     Route("/health", health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/v1/models", models.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", models.get_model, methods=["GET"]),

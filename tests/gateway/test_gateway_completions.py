@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 
 from loquetier.engine.sequence import SamplingParams
@@ -46,4 +47,7 @@ async def test_text_completion_equals_engine_and_stream_equals_whole(
         assert len(lp.tokens) == len(lp.token_logprobs) == scored.usage.completion_tokens
         assert all(v <= 0.0 for v in lp.token_logprobs) and not any(t.startswith("token_id:") for t in lp.tokens)
         assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+        async with httpx.AsyncClient() as raw:  # a worker runs: ready
+            ready = await raw.get(url.removesuffix("/v1") + "/ready")
+        assert ready.status_code == 200 and ready.json()["worker"] == "ok"
         await api.close()

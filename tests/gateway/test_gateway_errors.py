@@ -118,8 +118,11 @@ async def test_503_without_a_worker(gateway_setup: Any, database_url: str) -> No
             await gone.models.list()  # key_cache_s=0: at once
         async with httpx.AsyncClient() as raw:
             health = (await raw.get(url.removesuffix("/v1") + "/health")).json()
+            ready = await raw.get(url.removesuffix("/v1") + "/ready")
             metrics = (await raw.get(url.removesuffix("/v1") + "/metrics")).text
         assert health["status"] == "ok" and health["worker"] == "no_worker"
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "5"  # alive, but not ready to serve
+        assert ready.json()["status"] == "not_ready" and ready.json()["worker"] == "no_worker"
         assert 'loquetier_gateway_http_requests_total{route="/v1/completions",status="503"}' in metrics
         await api.close()
         await gone.close()
