@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from loquetier.codec import (
     DEFAULT_LIMITS,
@@ -119,6 +128,33 @@ class ChatMessage(WireModel):
 ChatMessages = Annotated[list[ChatMessage], Field(fail_fast=True, min_length=1, max_length=MAX_CHAT_MESSAGES)]
 
 
+class ChatTrainingTurn(ChatMessage):
+    """A turn of a chat training example: a request's turn, with OpenAI's optional ``name`` (kept out
+    of the template) and, on an assistant turn, ``weight`` 0 (context only, not learned) or 1
+    (learned, the default), as in a data file. Unset ones are left out of the dump, so a turn without
+    them reads and compares as before they existed."""
+
+    name: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    weight: int | None = Field(default=None, ge=0, le=1)  # strict: true and false are not weights
+
+    @model_validator(mode="after")
+    def _weight_on_answers(self) -> ChatTrainingTurn:
+        for key in ("name", "weight"):
+            if key in self.model_fields_set and getattr(self, key) is None:
+                raise ValueError(f"'{key}' may be left out, not null")
+        if self.weight is not None and self.role != "assistant":
+            raise ValueError("'weight' is 0 or 1, on assistant turns only")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in ("name", "weight"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
 class GenerateRequest(Record):
     """One inference request; ``request_id`` is the client's idempotency key."""
 
@@ -176,13 +212,15 @@ class TokenExample(WireModel):
 class ChatExample(WireModel):
     """Chat turns rendered with the model's chat template; loss on the assistant turns only."""
 
-    messages: ChatMessages
+    messages: Annotated[list[ChatTrainingTurn], Field(fail_fast=True, min_length=1, max_length=MAX_CHAT_MESSAGES)]
 
     @model_validator(mode="after")
     def _ends_with_an_answer(self) -> ChatExample:
         last = self.messages[-1]
         if last.role != "assistant" or not last.content:
             raise ValueError("the last message must be the assistant's non-empty answer (what the model learns)")
+        if not any(m.role == "assistant" and m.weight != 0 for m in self.messages):
+            raise ValueError("every assistant turn has weight 0: nothing to learn")
         return self
 
 

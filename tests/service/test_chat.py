@@ -16,6 +16,7 @@ from loquetier.chat import chat_prompt_ids, chat_segments
 from loquetier.engine.errors import EngineError
 from loquetier.lora.data import IGNORE_INDEX, DataError, tokenize_examples
 from loquetier.messages import ChatExample, GenerateRequest, Limits, RecordError, TrainingJobRecord, decode_record
+from workers.convert import job_data, job_from_spec, job_spec
 
 ROLES = ["system", "user", "assistant"]
 
@@ -188,6 +189,13 @@ def test_assistant_turns_of_weight_0_are_context_not_learned(tokenizer: Any) -> 
     assert learned == "".join(f"{turns[i]['content']}</s>\n" for i in answers if i not in skipped)
     assert 0 < seq.num_target_tokens < plain.num_target_tokens
     assert parse_jsonl((json.dumps({"messages": weighted}) + "\n").encode())[0]["messages"] == weighted
+    # inline on the training topic too: the examples the worker hands the engine are the file's turns
+    job = decode_record("training", _pack(job_id="jw", adapter_id="a", data=[{"messages": weighted},
+                                                                             {"messages": turns}]))
+    assert isinstance(job, TrainingJobRecord)
+    assert job_data(job.data) == [{"messages": weighted}, {"messages": turns}]  # no key a turn did not set
+    assert job_data(job_from_spec(job_spec(job)).data) == job_data(job.data)  # the stored spec reads the same
+    assert tokenize_examples(job_data(job.data)[:1], tokenizer)[0].labels == seq.labels
 
 
 @pytest.mark.parametrize(
@@ -208,6 +216,20 @@ def test_bad_chat_examples_name_the_example(tokenizer: Any, messages: Any, match
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     with pytest.raises(DataError, match=rf"example 1: .*{match}"):
         tokenize_examples([good, {"messages": messages}], tokenizer)
+    # inline on the training topic, the same example is refused before any worker takes the job
+    with pytest.raises(RecordError) as caught:
+        decode_record("training", _pack(job_id="jb", adapter_id="a", data=[good, {"messages": messages}]))
+    assert caught.value.code in ("invalid_value", "wrong_type", "unknown_field") and "data" in caught.value.message
+
+
+@pytest.mark.parametrize("turn", [{"role": "user", "content": "q", "name": None},
+                                  {"role": "assistant", "content": "q", "weight": None},
+                                  {"role": "system", "content": "q", "weight": 0}])
+def test_inline_chat_turns_refuse_null_and_misplaced_fields(turn: dict[str, Any]) -> None:
+    data = [{"messages": [turn, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}]
+    with pytest.raises(RecordError) as caught:
+        decode_record("training", _pack(job_id="jn", adapter_id="a", data=data))
+    assert caught.value.code == "invalid_value"
 
 
 def test_chat_examples_need_a_template() -> None:
