@@ -699,3 +699,40 @@ def test_smlm_tuning_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv(smlm.TUNING_ENV, bad)
         with pytest.raises(ValueError, match="LOQUETIER_SMLM_TUNING: expected NAME=INT"):
             smlm.tuning_from_env()
+
+
+@pytest.mark.parametrize(("which", "kernels"), [("both", {"shrink_parts_kernel", "expand_parts_kernel"}),
+                                                ("shrinks only", {"shrink_parts_kernel"}),
+                                                ("expands only", {"expand_parts_kernel"}),
+                                                ("neither", set())])
+def test_the_lora_halves_probe_launches_what_it_names(monkeypatch: pytest.MonkeyPatch, which: str,
+                                                       kernels: set[str]) -> None:
+    """``bench_offline --lora-halves``: each setting launches the halves it names of a decode-sized
+    LoRA forward (the expands alone add terms of zeros: y unchanged, no NaN), and putting it back
+    restores the real path."""
+    from benchmarks.bench_offline import set_lora_halves
+
+    meta, parts, x, y0 = _decode_case(f"probe{which}", 3, in_features=300, seed=3)
+    want = y0.clone()
+    smlm.forward_split(want, x, parts, meta)
+    seen: list[str] = []
+    real = smlm.launch
+
+    def counted(kernel, grid, *args, **meta_args):  # type: ignore[no-untyped-def]
+        seen.append(kernel.fn.__name__)
+        real(kernel, grid, *args, **meta_args)
+
+    monkeypatch.setattr(smlm, "launch", counted)
+    split = smlm.split_shrink
+    restore = set_lora_halves(which)
+    try:
+        y = y0.clone()
+        smlm.split_shrink(x, parts, meta)(y)
+    finally:
+        restore()
+    assert set(seen) == kernels
+    assert smlm.split_shrink is split and smlm.launch is counted
+    assert torch.equal(y.isnan(), y0.isnan())
+    assert torch.equal(y.nan_to_num(), (want if which == "both" else y0).nan_to_num())
+    with pytest.raises(ValueError, match="unknown"):
+        set_lora_halves("half")
