@@ -736,3 +736,44 @@ def test_the_lora_halves_probe_launches_what_it_names(monkeypatch: pytest.Monkey
     assert torch.equal(y.nan_to_num(), (want if which == "both" else y0).nan_to_num())
     with pytest.raises(ValueError, match="unknown"):
         set_lora_halves("half")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["round_robin", "uneven_no_adapter"])
+def test_silu_mul_expands_gate_up_rows_as_the_expand_does(dtype: torch.dtype, layout: str) -> None:
+    """``ops.lora_linear_rows`` (``set_lora_rows``) launches gate|up's shrink alone and hands its K
+    splits to ``fused.silu_mul``, which expands each row's terms as it reads the GEMM's output: the
+    output of the expands then SiLU·mul, up to the order of the rank-sized sums (slots of ranks 8, 16
+    and 64, slots a part does not target, rows without an adapter; everything past a slot's rank is
+    NaN, never read). Off, and for prefill-sized steps, it expands as ``lora_linear`` does."""
+    from loquetier.kernels import fused
+
+    rng = random.Random(f"rows{layout}{dtype}")
+    slots = _slots(layout, 24, rng)
+    meta = SMLMMeta.build(slots, 0, DEVICE)
+    inter, gen = 40, torch.Generator().manual_seed(rng.randint(0, 999))
+    parts = [(_lora(dtype, list(PART_RANKS[0]), inter, gen, 300), 0),
+             (_lora(dtype, list(PART_RANKS[1]), inter, gen, 300), inter)]
+    weight = (torch.randn(2 * inter, 300, generator=gen) / 20).to(dtype).to(DEVICE)
+    x = torch.randn(len(slots), 300, generator=gen).to(dtype).to(DEVICE)
+    expanded = torch.nn.functional.linear(x, weight)
+    smlm.forward_split(expanded, x, parts, meta)
+    want = fused.silu_mul(expanded, inter)
+    try:
+        ops.set_lora_rows(False)
+        y, rows = ops.lora_linear_rows(x, weight, None, parts, meta)
+        assert rows is None and torch.equal(y, expanded)
+        ops.set_lora_rows(True)
+        long_meta = SMLMMeta.build([3] * 40, 0, DEVICE)
+        x_long = torch.randn(40, 300, generator=gen).to(dtype).to(DEVICE)
+        assert ops.lora_linear_rows(x_long, weight, None, parts, long_meta)[1] is None  # prefill-sized
+        y, rows = ops.lora_linear_rows(x, weight, None, parts, meta)
+    finally:
+        ops.set_lora_rows(None)
+    assert rows is not None and torch.equal(y, torch.nn.functional.linear(x, weight))  # no terms in y
+    got = fused.silu_mul(y, inter, lora=rows)
+    assert not got.isnan().any()
+    base_rows = torch.tensor([s < 0 for s in slots], device=DEVICE)
+    assert torch.equal(got[base_rows], fused.silu_mul(y, inter)[base_rows])  # no adapter: no term
+    _assert_close(got, want, TOL[dtype], "row expands")
+    assert not torch.equal(got, fused.silu_mul(y, inter))  # the terms are there
