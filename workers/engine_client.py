@@ -5,6 +5,12 @@ queued commands (submit, abort, load adapter, ...) and running ``engine.step()``
 there is work; step events travel back to the event loop through an ``asyncio.Queue``.
 Nothing here blocks the event loop, so Kafka and Postgres I/O keep flowing while a step
 runs.
+
+The engine runs at most ``MAX_STEPS_AHEAD`` steps with events ahead of the loop: when the loop
+falls that far behind (a slow database, a flood of records), the engine waits, applying commands
+meanwhile, until ``next_events`` takes what is queued. Without that bound a fast engine fills
+memory with events nobody reads yet and floods the loop with wake-ups, so the loop answers
+nothing else (issue 1: one busy job must not freeze or kill a worker).
 """
 
 from __future__ import annotations
@@ -84,6 +90,13 @@ class EngineStopped(RuntimeError):
 
 StepHook = Callable[[float, list[Any]], None]
 
+# Steps whose events the loop has not taken yet, at most; then the engine waits for the loop.
+MAX_STEPS_AHEAD = 64
+
+
+def _nothing(engine: EngineLike) -> None:
+    """A command that does nothing: it wakes an engine thread that waits for the loop."""
+
 
 def _invoke(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], engine: EngineLike) -> Any:
     return getattr(engine, name)(*args, **kwargs)
@@ -98,8 +111,12 @@ def engine_call(name: str, *args: Any, **kwargs: Any) -> Callable[[EngineLike], 
 class EngineClient:
     """Async facade over an engine running in its own thread."""
 
-    def __init__(self, engine: EngineLike, *, on_step: StepHook | None = None, idle_wait_s: float = 0.02):
+    def __init__(self, engine: EngineLike, *, on_step: StepHook | None = None, idle_wait_s: float = 0.02,
+                 max_steps_ahead: int = MAX_STEPS_AHEAD):
         self._engine = engine
+        self.max_steps_ahead = max_steps_ahead
+        self._ahead = 0  # lists of step events posted and not yet taken by next_events
+        self._ahead_lock = threading.Lock()
         self._on_step = on_step
         self._idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue[tuple[Callable[[EngineLike], Any], Future[Any]]] = queue.SimpleQueue()
@@ -230,13 +247,24 @@ class EngineClient:
         if isinstance(item, BaseException):
             raise StepFailed(_reason(item)) from item
         events = list(item)
+        taken = 1
         while not self._events.empty():
             more = self._events.get_nowait()
             if isinstance(more, BaseException):
                 self._failed = more
                 break
             events.extend(more)
+            taken += 1
+        self._taken(taken)
         return events
+
+    def _taken(self, count: int) -> None:
+        """``count`` lists of step events reached the loop: the engine may run that many steps more."""
+        with self._ahead_lock:
+            was_full = self._ahead >= self.max_steps_ahead
+            self._ahead -= count
+        if was_full:  # the engine thread may be waiting: wake it now, not at its next poll
+            self._submit(_nothing, Future())
 
     # --- the engine thread ---------------------------------------------------------------
 
@@ -257,7 +285,7 @@ class EngineClient:
         engine = self._engine
         while not self._stopping.is_set():
             self._apply_commands(block=False)
-            if not engine.has_work():
+            if not engine.has_work() or self._ahead >= self.max_steps_ahead:
                 self._apply_commands(block=True)
                 continue
             started = time.perf_counter()
@@ -288,6 +316,9 @@ class EngineClient:
 
     def _post(self, item: list[Any] | BaseException) -> None:
         loop = self._loop
+        if not isinstance(item, BaseException):
+            with self._ahead_lock:
+                self._ahead += 1
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._events.put_nowait, item)
 

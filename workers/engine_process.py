@@ -8,10 +8,16 @@ and later admissions (docs/benchmarks/service.md). Here the engine runs in a chi
 one pipe:
 
 - worker -> engine: ``("call", id, fn)`` with ``fn(engine)`` a picklable command
-  (``engine_client.engine_call``), applied between steps in the order sent; ``("stop",)``.
+  (``engine_client.engine_call``), applied between steps in the order sent; ``("taken", n)`` when the
+  worker's loop took the events of ``n`` steps; ``("stop",)``.
 - engine -> worker: ``("ready", info)`` once the model is loaded, warmed up and its graphs captured;
   ``("result", id, ok, value)``; ``("step", seconds, events)`` after every step; ``("failed", reason)``
   when a step raised (the engine process then exits).
+
+The engine runs at most ``spec.max_steps_ahead`` steps with events that the worker's loop has not
+taken yet (the ``taken`` messages count them down), as the engine thread does
+(``engine_client.MAX_STEPS_AHEAD``); the pipe's reader never waits, so answers to commands always
+get through.
 
 :class:`ProcessEngineClient` has the same async face as :class:`~.engine_client.EngineClient`, so
 the worker does not know where its engine runs. A job's data is tokenized on the worker's side (a
@@ -38,7 +44,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .engine_client import EngineClient, EngineLike, _reason
+from .engine_client import MAX_STEPS_AHEAD, EngineClient, EngineLike, _reason
 from .thread_names import ENGINE_THREAD, set_os_thread_name
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,7 @@ class EngineSpec:
     limits: dict[str, Any]
     switch_interval_s: float = 0.005
     log_level: str = "INFO"
+    max_steps_ahead: int = MAX_STEPS_AHEAD
 
 
 def build_engine(spec: EngineSpec) -> Any:
@@ -100,7 +107,8 @@ class ProcessEngineClient(EngineClient):
     stop and ends the process."""
 
     def __init__(self, spec: EngineSpec, *, on_step: Callable[[float, list[Any]], None] | None = None):
-        super().__init__(None, on_step=on_step)  # type: ignore[arg-type]  # the engine lives elsewhere
+        super().__init__(None, on_step=on_step,  # type: ignore[arg-type]  # the engine lives elsewhere
+                         max_steps_ahead=spec.max_steps_ahead)
         self.spec = spec
         self.info: dict[str, Any] = {}
         self._process: Any = None
@@ -192,6 +200,11 @@ class ProcessEngineClient(EngineClient):
         return None if self._process is None else int(self._process.pid)
 
     # --- commands ------------------------------------------------------------------------
+
+    def _taken(self, count: int) -> None:  # the engine process counts what it may run ahead
+        with self._ahead_lock:
+            self._ahead -= count
+        self._outbox.put(("taken", count))
 
     def _submit(self, fn: Callable[[EngineLike], Any], done: Future[Any]) -> None:
         cid = next(self._ids)
@@ -347,7 +360,10 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             send(("result", cid, False, TypeError(f"the engine's answer cannot cross to the worker: {exc}")))
 
+    ahead = 0  # steps whose events the worker's loop has not taken yet
+
     def apply(*, block: bool) -> None:
+        nonlocal ahead
         while True:
             try:
                 message = inbox.get(timeout=0.02) if block else inbox.get_nowait()
@@ -356,18 +372,23 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
             if message is None:
                 return
             block = False
+            if message[0] == "taken":
+                ahead -= message[1]
+                continue
             _, cid, fn = message
             run(cid, fn)
 
     try:
         while not stopping.is_set():
             apply(block=False)
-            if not engine.has_work():
+            if not engine.has_work() or ahead >= spec.max_steps_ahead:
                 apply(block=True)
                 continue
             started = time.perf_counter()
             events = engine.step()
             send(("step", time.perf_counter() - started, events))
+            if events:
+                ahead += 1
     except BaseException as exc:  # noqa: BLE001  # a broken engine: report it, then exit
         log.error("engine step failed; the engine process stops", exc_info=exc, extra={"reason": _reason(exc)})
         try:

@@ -1,16 +1,19 @@
 """The engine thread's failure is visible at once: a broken engine (EngineBroken) ends the event
-stream with its reason, and no coroutine waits forever on a command nobody will run."""
+stream with its reason, and no coroutine waits forever on a command nobody will run; an engine
+runs only a bounded number of steps ahead of a loop that falls behind."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from loquetier.engine.sequence import SamplingParams
 from loquetier.workers.engine_client import EngineClient, EngineStopped, StepFailed
+from tests.fakes import FakeEngine
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -67,3 +70,22 @@ async def test_commands_queued_when_the_thread_ends_fail_instead_of_hanging(make
         with pytest.raises(EngineStopped, match="KeyboardInterrupt"):
             await asyncio.wait_for(task, 5)
     await client.stop()
+
+
+async def test_the_engine_waits_for_a_loop_that_falls_behind_and_still_answers_commands() -> None:
+    engine = FakeEngine()
+    engine.add_training_job("a", [], SimpleNamespace(max_steps=10**9, checkpoint_every=0, seed=0), job_id="j")
+    client = EngineClient(engine, max_steps_ahead=5)
+    await client.start()
+    try:
+        await asyncio.sleep(0.5)  # the loop takes nothing: a fake step takes microseconds
+        assert engine.jobs["j"].step == 5
+        assert (await asyncio.wait_for(client.stats(), 5))["num_jobs"] == 1  # commands still run
+        events = await asyncio.wait_for(client.next_events(), 5)
+        assert [ev.step for ev in events] == [1, 2, 3, 4, 5]
+        seen = [ev.step for ev in await asyncio.wait_for(client.next_events(), 5)]
+        assert seen[0] == 6 and len(seen) <= 5  # woken at once, and bounded again
+        await asyncio.sleep(0.3)
+        assert engine.jobs["j"].step == seen[-1] + 5
+    finally:
+        await client.stop()

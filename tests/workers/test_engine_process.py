@@ -4,6 +4,7 @@ this process, errors that keep their code, a job's data prepared there, and a de
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
@@ -132,3 +133,23 @@ def test_an_engine_that_cannot_start_says_why(tmp_path: Path, no_interpreter: No
     with pytest.raises(EngineProcessFailed) as caught:
         client.launch(120.0)
     assert caught.value.reason and not client.is_running
+
+
+async def test_an_engine_process_waits_for_a_loop_that_falls_behind(tiny_model_dir: Path,
+                                                                     no_interpreter: None) -> None:
+    client = ProcessEngineClient(dataclasses.replace(_spec(tiny_model_dir), max_steps_ahead=3))
+    await asyncio.to_thread(client.launch, 300.0)
+    await client.start()
+    try:
+        streamed = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        await client.submit("r", prompt_token_ids=[5, 6, 7], sampling=streamed, stream=True)
+        await asyncio.sleep(2.0)  # the loop takes nothing; a tiny step takes milliseconds
+        assert client.num_steps == 3
+        stats = await asyncio.wait_for(client.stats(), 10)  # answers still cross
+        assert stats["num_steps"] == 3 and stats["num_running"] == 1
+        tokens = [t for ev in await asyncio.wait_for(client.next_events(), 10) for t in ev.token_ids]
+        assert 3 <= len(tokens) < 40
+        events = await _until(client, lambda seen: any(isinstance(ev, RequestFinished) for ev in seen), 60)
+        assert len(tokens) + sum(len(ev.token_ids) for ev in events if isinstance(ev, TokenEvent)) == 40
+    finally:
+        await client.stop()
