@@ -1,9 +1,10 @@
-"""``loquetier adapters load|unload|export`` and ``loquetier jobs cancel|pause|resume``.
+"""``loquetier adapters load|unload|export`` and ``loquetier jobs cancel|pause|resume|events``.
 
 Each control command waits for the worker's ``control_ack`` (docs/wire-format.md) and says
 what happened in one line: done, the worker's reason, or no answer within ``--timeout``.
 ``export`` needs no worker: it reads the adapter's stored version from PostgreSQL and writes
-it as a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+it as a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``); nor does
+``events``, which prints a job's history from PostgreSQL, oldest first.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def register(table: str, parser: argparse.ArgumentParser) -> None:
                 p.add_argument("job_id")
             p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for a worker")
             p.set_defaults(func=_control)
+        events = sub.add_parser("events", help="a job's history: status changes, checkpoints, metrics (oldest first)")
+        events.add_argument("job_id")
+        events.add_argument("--limit", type=int, default=50, help="newest entries shown (default 50)")
+        events.set_defaults(func=_events)
 
 
 # --- commands through the worker --------------------------------------------------------------
@@ -120,7 +125,36 @@ def staged_path(adapter_id: str, path: Path) -> Path:
     return staged
 
 
-# --- export (PostgreSQL only) -----------------------------------------------------------------
+# --- PostgreSQL only --------------------------------------------------------------------------
+
+
+EVENT_COLUMNS = ["created_at", "level", "kind", "worker_id", "message"]
+
+
+def _events(args: argparse.Namespace) -> int:
+    from .cli_tables import render
+
+    if args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    rows = asyncio.run(job_events(database_url(), args.job_id, args.limit))
+    print(render(EVENT_COLUMNS, [[getattr(e, c) for c in EVENT_COLUMNS] for e in reversed(rows)],
+                 uncut=frozenset({"message"})))
+    return 0
+
+
+async def job_events(url: str, job_id: str, limit: int) -> list[Any]:
+    """The newest ``limit`` entries of the job's history, newest first; a job that does not exist is an error."""
+    from loquetier.db import repo
+
+    async def read(session: Any) -> list[Any] | None:
+        if await repo.get_job(session, job_id) is None:
+            return None
+        return await repo.job_events(session, job_id, limit=limit)
+
+    rows = await query(url, read)
+    if rows is None:
+        raise UserError(f"no job {job_id!r} in the database", _HINTS["unknown_job"])
+    return rows
 
 
 def _export(args: argparse.Namespace) -> int:

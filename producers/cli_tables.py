@@ -76,7 +76,7 @@ def register(subparsers: Any) -> None:
 
 
 HELP = {
-    "jobs": "the latest training jobs (from PostgreSQL); also: jobs cancel|pause|resume JOB_ID",
+    "jobs": "the latest training jobs (from PostgreSQL); also: jobs cancel|pause|resume|events JOB_ID",
     "requests": "the latest inference requests (from PostgreSQL)",
     "adapters": "the adapters (from PostgreSQL); also: adapters load|unload|export",
 }
@@ -85,7 +85,7 @@ _BYTES_COLUMNS = frozenset({"size_bytes"})
 _MS_COLUMNS = frozenset({"queued_ms", "ttft_ms", "tpot_ms"})
 
 
-def _cell(value: Any, column: str = "") -> str:
+def _cell(value: Any, column: str = "", *, cut: bool = True) -> str:
     if value is None:
         return "-"
     if column in _BYTES_COLUMNS and isinstance(value, int):
@@ -99,7 +99,7 @@ def _cell(value: Any, column: str = "") -> str:
     if hasattr(value, "strftime"):
         return str(value.strftime("%Y-%m-%d %H:%M:%S"))
     text = " ".join(str(value).split())
-    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+    return text if not cut or len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
 
 
 def human_bytes(num: int) -> str:
@@ -111,8 +111,9 @@ def human_bytes(num: int) -> str:
     return f"{num} B"
 
 
-def render(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_cell(v, c) for v, c in zip(row, columns, strict=True)] for row in rows]
+def render(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, uncut: frozenset[str] = frozenset()) -> str:
+    """A plain-text table; long text is cut to ``MAX_CELL_CHARS`` but in the ``uncut`` columns."""
+    cells = [[_cell(v, c, cut=c not in uncut) for v, c in zip(row, columns, strict=True)] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]

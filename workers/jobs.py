@@ -158,6 +158,8 @@ class LeasedJobs:
             return
         step = ckpt.step if ckpt else 0
         self.running[job_id] = RunningJob(job, step=step, total_steps=row.total_steps)
+        if ckpt is not None:
+            await self._told(job_id, "restored", f"Goes on from the checkpoint of step {step}", {"step": step})
         log.info(
             "job started",
             extra={
@@ -333,6 +335,15 @@ class LeasedJobs:
 
     async def _store_blob(self, name: str, data: bytes) -> dict[str, Any]:
         return await store_blob(self._settings, name, data)
+
+    async def _told(self, job_id: str, kind: str, message: str, data: dict[str, Any]) -> None:
+        """An entry in the job's history that no row transition writes; the job goes on without it
+        when the database refuses it."""
+        try:
+            await self._store.tx(lambda s: repo.record_job_event(s, job_id, kind, message, data=data,
+                                                                 worker_id=self._worker_id))
+        except Exception as exc:  # noqa: BLE001  # history only: never stops the job
+            log.warning("job history entry not stored", extra={"job_id": job_id, "kind": kind, "error": repr(exc)})
 
     async def _checkpoint(self, ev: JobCheckpoint, rj: RunningJob) -> None:
         blob = await self._store_blob(f"{ev.job_id}/step-{ev.step}.ckpt", ev.data)

@@ -12,6 +12,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loquetier.db.jobs_repo import record_job_event
 from loquetier.db.models import AdapterRow, CheckpointRow, JobRow
 
 
@@ -50,7 +51,10 @@ async def save_checkpoint(
         set_=replace | {"created_at": func.now()},
     ).returning(CheckpointRow)
     result = await session.execute(upsert.execution_options(populate_existing=True))
-    return result.scalar_one()
+    row = result.scalar_one()
+    await record_job_event(session, job_id, "checkpoint", f"Checkpoint saved at step {step}", step=step,
+                           data={"step": step, "size_bytes": row.size_bytes})
+    return row
 
 
 async def prune_checkpoints(session: AsyncSession, job_id: str, keep: int) -> list[str]:

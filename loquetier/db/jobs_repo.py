@@ -4,6 +4,10 @@ A job is owned by the worker named in ``worker_id`` while ``lease_expires_at`` i
 future. Owners renew the lease with every heartbeat or progress update; a job whose lease
 ran out is claimable again and resumes from its latest checkpoint. Functions run in the
 caller's transaction and never commit.
+
+Every transition that happens writes its entry in the job's history (``job_events``) in the same
+transaction, so the history holds exactly what the rows went through: a transition that does not
+apply (a replayed finish, a pause of a finished job) writes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, case, func, or_, select, 
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loquetier.db.models import JobRow
+from loquetier.db.models import JobEventRow, JobRow
 
 FINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -33,6 +37,37 @@ def _claimable() -> ColumnElement[bool]:
 
 def _owned(job_id: str, worker_id: str) -> ColumnElement[bool]:
     return and_(JobRow.job_id == job_id, JobRow.worker_id == worker_id, JobRow.status == "running")
+
+
+async def record_job_event(  # noqa: PLR0913
+    session: AsyncSession,
+    job_id: str,
+    kind: str,
+    message: str,
+    *,
+    level: str = "info",
+    step: int | None = None,
+    data: dict[str, Any] | None = None,
+    worker_id: str | None = None,
+) -> None:
+    """Add an entry to the job's history. With ``step`` (checkpoints, metrics) one entry per
+    (kind, step): a checkpoint's is kept as first written, a metrics entry takes the newer values."""
+    stmt = insert(JobEventRow).values(job_id=job_id, kind=kind, level=level, message=message, step=step,
+                                      data=data or {}, worker_id=worker_id)
+    if step is not None:
+        where = JobEventRow.step.is_not(None)
+        target = [JobEventRow.job_id, JobEventRow.kind, JobEventRow.step]
+        if kind == "metrics":
+            stmt = stmt.on_conflict_do_update(index_elements=target, index_where=where, set_={
+                "message": stmt.excluded.message, "data": stmt.excluded.data,
+                "worker_id": stmt.excluded.worker_id, "created_at": func.now()})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=target, index_where=where)
+    await session.execute(stmt)
+
+
+def _job_noun(kind: str) -> str:
+    return "evaluation" if kind == "evaluate" else "fine-tuning"
 
 
 async def insert_job_idempotent(
@@ -61,7 +96,11 @@ async def insert_job_idempotent(
         .on_conflict_do_nothing(index_elements=[JobRow.job_id])
         .returning(JobRow.job_id)
     )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    if (await session.execute(stmt)).scalar_one_or_none() is None:
+        return False
+    await record_job_event(session, job_id, "created", f"Created {_job_noun(kind)} job {job_id}",
+                           data={"adapter_id": adapter_id, "priority": priority})
+    return True
 
 
 async def claim_job(
@@ -79,7 +118,7 @@ async def claim_job(
     skipped, so concurrent workers get different jobs. Increments ``attempts``; rows that
     already have ``max_attempts`` are left to :func:`poison_jobs`.
     """
-    query = select(JobRow.job_id).where(_claimable())
+    query = select(JobRow.job_id, JobRow.status, JobRow.worker_id).where(_claimable())
     if max_attempts is not None:
         query = query.where(JobRow.attempts < max_attempts)
     if job_id is not None:
@@ -91,12 +130,12 @@ async def claim_job(
         .limit(1)
         .with_for_update(skip_locked=True)
     )
-    picked = await session.scalar(query)
+    picked = (await session.execute(query)).first()
     if picked is None:
         return None
     stmt = (
         update(JobRow)
-        .where(JobRow.job_id == picked)
+        .where(JobRow.job_id == picked.job_id)
         .values(
             status="running",
             worker_id=worker_id,
@@ -108,7 +147,19 @@ async def claim_job(
         .returning(JobRow)
         .execution_options(populate_existing=True)
     )
-    return (await session.execute(stmt)).scalar_one()
+    row = (await session.execute(stmt)).scalar_one()
+    data = {"attempt": row.attempts, "worker_id": worker_id}
+    if picked.status == "running":  # its owner stopped renewing: the job goes on from its latest checkpoint
+        await record_job_event(
+            session, row.job_id, "started",
+            f"Started again on worker {worker_id} (attempt {row.attempts}): "
+            f"the lease of worker {picked.worker_id} expired", level="warn",
+            data=data | {"previous_worker_id": picked.worker_id}, worker_id=worker_id)
+    else:
+        await record_job_event(session, row.job_id, "started",
+                               f"Started on worker {worker_id} (attempt {row.attempts})", data=data,
+                               worker_id=worker_id)
+    return row
 
 
 async def renew_lease(session: AsyncSession, job_id: str, worker_id: str, *, lease_s: float) -> bool:
@@ -155,8 +206,23 @@ async def update_job_progress(
     values.update({k: v for k, v in optional.items() if v is not None})
     if metrics:
         values["metrics"] = JobRow.metrics.op("||")(bindparam("metrics_patch", metrics, type_=JSONB))
-    stmt = update(JobRow).where(_owned(job_id, worker_id)).values(**values).returning(JobRow.job_id)
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    stmt = update(JobRow).where(_owned(job_id, worker_id)).values(**values).returning(
+        JobRow.total_steps, JobRow.epoch, JobRow.last_loss, JobRow.last_eval_loss, JobRow.tokens_processed)
+    row = (await session.execute(stmt)).first()
+    if row is None:
+        return False
+    if step > 0:
+        data = {"step": step, "total_steps": row.total_steps, "epoch": row.epoch, "train_loss": row.last_loss,
+                "eval_loss": row.last_eval_loss, "tokens_processed": row.tokens_processed}
+        message = f"Step {step}/{row.total_steps or '?'}: training loss={_num(row.last_loss)}"
+        if row.last_eval_loss is not None:
+            message += f", eval loss={_num(row.last_eval_loss)}"
+        await record_job_event(session, job_id, "metrics", message, step=step, data=data, worker_id=worker_id)
+    return True
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 async def release_job(session: AsyncSession, job_id: str, worker_id: str, *, status: str = "queued") -> bool:
@@ -172,13 +238,26 @@ async def release_job(session: AsyncSession, job_id: str, worker_id: str, *, sta
         .values(status=status, worker_id=None, lease_expires_at=None, attempts=func.greatest(JobRow.attempts - 1, 0))
         .returning(JobRow.job_id)
     )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    if (await session.execute(stmt)).scalar_one_or_none() is None:
+        return False
+    if status == "paused":
+        await record_job_event(session, job_id, "paused", f"Paused; worker {worker_id} gave its claim back",
+                               worker_id=worker_id)
+    else:
+        await record_job_event(session, job_id, "requeued",
+                               f"Handed back by worker {worker_id}; queued for the next worker", worker_id=worker_id)
+    return True
 
 
 async def expire_lease(session: AsyncSession, job_id: str, worker_id: str) -> bool:
     """End our lease now (the engine failed under the job): claimable at once, the claim still counted."""
     stmt = update(JobRow).where(_owned(job_id, worker_id)).values(lease_expires_at=func.now()).returning(JobRow.job_id)
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    if (await session.execute(stmt)).scalar_one_or_none() is None:
+        return False
+    await record_job_event(session, job_id, "lease_expired",
+                           f"The engine failed under the job on worker {worker_id}; the next claim resumes it "
+                           "from its latest checkpoint", level="warn", worker_id=worker_id)
+    return True
 
 
 async def pause_job(session: AsyncSession, job_id: str) -> bool:
@@ -195,7 +274,10 @@ async def pause_job(session: AsyncSession, job_id: str) -> bool:
         )
         .returning(JobRow.job_id)
     )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    if (await session.execute(stmt)).scalar_one_or_none() is None:
+        return False
+    await record_job_event(session, job_id, "paused", "Paused")
+    return True
 
 
 async def poison_jobs(session: AsyncSession, *, max_attempts: int, error: str) -> list[JobRow]:
@@ -208,7 +290,20 @@ async def poison_jobs(session: AsyncSession, *, max_attempts: int, error: str) -
         .returning(JobRow)
         .execution_options(populate_existing=True)
     )
-    return list((await session.execute(stmt)).scalars().all())
+    rows = list((await session.execute(stmt)).scalars().all())
+    for row in rows:
+        await record_job_event(session, row.job_id, "failed", _final_message(row, "failed", error), level="error")
+    return rows
+
+
+def _final_message(row: Any, status: str, error: str | None) -> str:
+    if status == "cancelled":
+        return "The job was cancelled"
+    if status == "failed":
+        return f"The job has failed: {(error or 'no reason given')[:500]}"
+    if row.kind == "finetune":
+        return f"The job has succeeded; new fine-tuned model: {row.adapter_id}"
+    return "The job has succeeded"
 
 
 async def finish_job(
@@ -227,9 +322,14 @@ async def finish_job(
         update(JobRow)
         .where(where, JobRow.status.not_in(FINAL_JOB_STATUSES))
         .values(status=status, error=error, finished_at=func.now(), lease_expires_at=None)
-        .returning(JobRow.job_id)
+        .returning(JobRow.kind, JobRow.adapter_id)
     )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    row = (await session.execute(stmt)).first()
+    if row is None:
+        return False
+    await record_job_event(session, job_id, status, _final_message(row, status, error),
+                           level="error" if status == "failed" else "info", worker_id=worker_id)
+    return True
 
 
 async def set_job_status(
@@ -242,7 +342,22 @@ async def set_job_status(
         .values(status=status)
         .returning(JobRow.job_id)
     )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    if (await session.execute(stmt)).scalar_one_or_none() is None:
+        return False
+    if status == "queued" and from_statuses == ("paused",):
+        await record_job_event(session, job_id, "resumed", "Resumed; queued for the next worker")
+    else:
+        await record_job_event(session, job_id, status, f"Status set to {status}")
+    return True
+
+
+async def job_events(session: AsyncSession, job_id: str, *, before_id: int | None = None,
+                     limit: int = 20) -> list[JobEventRow]:
+    """The job's history, newest first; ``before_id`` pages on from an entry."""
+    query = select(JobEventRow).where(JobEventRow.job_id == job_id)
+    if before_id is not None:
+        query = query.where(JobEventRow.id < before_id)
+    return list((await session.scalars(query.order_by(JobEventRow.id.desc()).limit(limit))).all())
 
 
 async def get_job(session: AsyncSession, job_id: str) -> JobRow | None:

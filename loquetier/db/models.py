@@ -43,6 +43,7 @@ NAMING_CONVENTION = {
 REQUEST_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 JOB_KINDS = ("finetune", "evaluate")
+JOB_EVENT_LEVELS = ("info", "warn", "error")
 ADAPTER_STATUSES = ("training", "ready", "failed", "archived")
 ADAPTER_SOURCES = ("path", "job", "upload")
 WORKER_STATUSES = ("starting", "running", "draining", "stopped")
@@ -147,6 +148,31 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
     updated_at: Mapped[datetime] = _updated()
+
+
+class JobEventRow(Base):
+    """One entry of a job's history, written in the transaction that made it happen: created,
+    started (each claim), paused, resumed, handed back, lease expired, a checkpoint, a metrics report,
+    the final status. ``step`` is set for checkpoints and metrics only; a replayed report of the
+    same step adds nothing."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (
+        _one_of("level", JOB_EVENT_LEVELS),
+        Index("ix_job_events_job_id_id", "job_id", "id"),
+        Index("uq_job_events_job_id_kind_step", "job_id", "kind", "step", unique=True,
+              postgresql_where=text("step IS NOT NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ID, ForeignKey("training_jobs.job_id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    level: Mapped[str] = mapped_column(String(8), server_default="info")
+    message: Mapped[str] = mapped_column(Text)
+    step: Mapped[int | None] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    worker_id: Mapped[str | None] = mapped_column(ID)
+    created_at: Mapped[datetime] = _created()
 
 
 class CheckpointRow(Base):

@@ -245,46 +245,30 @@ def _job_record(row: JobRow) -> TrainingJobRecord:
 
 
 async def events(request: Request) -> Response:
+    """The job's history (``job_events``), newest first; ``after`` pages on to older entries."""
     gw: Gateway = request.app.state.gateway
     owner = await gw.auth.owner(request)
     row = await _job(gw, owner, request.path_params["job_id"])
-    ckpts = await gw.tx(lambda s: tenancy_repo.job_checkpoints(s, row.job_id))
-    items = _events(row, ckpts)
     after = request.query_params.get("after")
+    before_id = None
     if after is not None:
-        ids = [e["id"] for e in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
+        digits = after.removeprefix(EVENT_PREFIX)
+        if not after.startswith(EVENT_PREFIX) or not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+            raise bad_request(f"after must be an event id of this job ({EVENT_PREFIX}…)", param="after")
+        before_id = int(digits)
     limit = _limit(request)
-    return _json({"object": "list", "data": items[:limit], "has_more": len(items) > limit})
+    rows = await gw.tx(lambda s: repo.job_events(s, row.job_id, before_id=before_id, limit=limit + 1))
+    items = [_event(e) for e in rows[:limit]]
+    return _json({"object": "list", "data": items, "has_more": len(rows) > limit})
 
 
-def _event(row: JobRow, name: str, at: Any, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"object": "fine_tuning.job.event", "id": f"ftevent-{row.job_id}-{name}", "created_at": _ts(at),
-            "level": "error" if name == "failed" else "info", "message": message, "data": data or {},
-            "type": "metrics" if name.startswith("step") else "message"}
+EVENT_PREFIX = "ftevent-"
 
 
-def _events(row: JobRow, ckpts: list[Any]) -> list[dict[str, Any]]:
-    """The job's story, newest first, from its row and checkpoints (nothing else is stored)."""
-    out = [_event(row, "created", row.created_at, f"Created fine-tuning job {row.job_id}")]  # in story order
-    if row.started_at is not None:
-        out.append(_event(row, "started", row.started_at, f"Fine-tuning job started (attempt {row.attempts})"))
-    out += [_event(row, f"checkpoint-{c.step}", c.created_at, f"Checkpoint saved at step {c.step}",
-                   {"step": c.step, "size_bytes": c.size_bytes}) for c in reversed(ckpts)]
-    if row.step > 0:
-        data = {"step": row.step, "total_steps": row.total_steps, "train_loss": row.last_loss,
-                "eval_loss": row.last_eval_loss}
-        out.append(_event(row, f"step-{row.step}", row.updated_at,
-                          f"Step {row.step}/{row.total_steps or '?'}: training loss={row.last_loss}", data))
-    if row.finished_at is not None:
-        message = "The job was cancelled" if row.status == "cancelled" else f"The job has {row.status}"
-        if row.status == "succeeded":
-            message += f"; new fine-tuned model: {row.adapter_id}"
-        elif row.error:
-            message += f": {row.error[:500]}"
-        out.append(_event(row, row.status, row.finished_at, message))
-    out.reverse()  # newest first, as OpenAI lists them
-    return out
+def _event(event: Any) -> dict[str, Any]:
+    return {"object": "fine_tuning.job.event", "id": f"{EVENT_PREFIX}{event.id}", "created_at": _ts(event.created_at),
+            "level": event.level, "message": event.message, "data": event.data or {},
+            "type": "metrics" if event.kind == "metrics" else "message"}
 
 
 async def checkpoints(request: Request) -> Response:

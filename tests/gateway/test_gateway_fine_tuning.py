@@ -74,6 +74,9 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
         ckpts = await api.fine_tuning.jobs.checkpoints.list(job.id)
         final_step = done.model_extra["loquetier"]["step"]
         assert 0 < final_step <= 6 and {3, final_step} <= {c.step_number for c in ckpts.data}
+        last_metrics = next(e for e in events.data if e.type == "metrics")
+        assert last_metrics.data["step"] == final_step and last_metrics.data["train_loss"] > 0
+        assert "Checkpoint saved at step 3" in messages
         listed = await api.fine_tuning.jobs.list(limit=10)
         assert [j.id for j in listed.data] == [job.id]
         assert adapter_id in [m.id for m in (await api.models.list()).data]
@@ -130,6 +133,15 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
         cancelled = await api.fine_tuning.jobs.cancel(follow.id)
         assert cancelled.status == "cancelled"
         assert (await wait_job(api, follow.id)).status == "cancelled"
+        story = [e async for e in api.fine_tuning.jobs.list_events(follow.id, limit=2)]  # pages of two, newest first
+        told = [e.message for e in reversed(story)]
+        paused_at = next(i for i, m in enumerate(told) if m.startswith("Paused"))
+        assert told[0].startswith("Created") and told[-1] == "The job was cancelled"
+        assert told.index("Resumed; queued for the next worker") > paused_at
+        assert len({e.id for e in story}) == len(story)
+        with pytest.raises(openai.BadRequestError) as bad_after:
+            await api.fine_tuning.jobs.list_events(follow.id, after="not-an-event")
+        assert bad_after.value.body["param"] == "after"
         with pytest.raises(openai.BadRequestError):
             await api.fine_tuning.jobs.cancel(job.id)  # already succeeded
         page = await api.fine_tuning.jobs.list(limit=1)

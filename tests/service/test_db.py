@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -19,7 +20,7 @@ from loquetier.db.session import async_url, create_engine, session_factory
 
 pytestmark = pytest.mark.postgres
 
-TABLES = {"inference_requests", "training_jobs", "adapters", "checkpoints", "workers"}
+TABLES = {"inference_requests", "training_jobs", "adapters", "checkpoints", "workers", "job_events"}
 
 
 async def _tables(url: str) -> set[str]:
@@ -68,7 +69,7 @@ async def test_answered_records_migrate_up_and_down_keeping_rows(empty_database:
         await engine.dispose()
     await migrate.upgrade_async(empty_database)
     assert "answered_records" in await _columns(empty_database, "inference_requests")
-    assert await migrate.current_revision(empty_database) == migrate.head_revision() == "0005"
+    assert await migrate.current_revision(empty_database) == migrate.head_revision()
 
 
 async def test_autogenerate_reports_no_drift(database_url: str) -> None:
@@ -359,3 +360,95 @@ async def test_answered_records_are_appended_and_bounded(sessions: async_session
     async with sessions() as s:
         row = await repo.get_request(s, "r1")
         assert row is not None and row.answered_records == [key(o) for o in range(30 - MAX_ANSWERED_RECORDS, 30)]
+
+
+async def _story(sessions: async_sessionmaker[AsyncSession], job_id: str) -> list[tuple[str, str, Any]]:
+    async with sessions() as s:
+        rows = await repo.job_events(s, job_id, limit=100)
+    return [(e.kind, e.level, e.step) for e in reversed(rows)]
+
+
+async def test_every_transition_writes_its_history_once(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1", "j2")
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w1", lease_s=0.05, job_id="j1") is not None
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=0.05, step=3, total_steps=9, last_loss=2.5)
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=0.05, step=3, last_eval_loss=1.75)  # same step
+        await repo.save_checkpoint(s, job_id="j1", step=3, data=b"three")
+        await repo.save_checkpoint(s, job_id="j1", step=3, data=b"THREE")  # a replay: no second entry
+    await asyncio.sleep(0.1)
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w2", lease_s=30, job_id="j1") is not None  # w1's lease expired
+        assert not await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=4)  # not w1's: nothing written
+        assert await repo.release_job(s, "j1", "w2", status="paused")
+        assert not await repo.pause_job(s, "j1")  # already paused
+        assert await repo.set_job_status(s, "j1", "queued", from_statuses=("paused",))
+        assert await repo.claim_job(s, "w2", lease_s=30, job_id="j1") is not None
+        assert await repo.release_job(s, "j1", "w2")  # drain
+        assert await repo.claim_job(s, "w3", lease_s=30, job_id="j1") is not None
+        assert await repo.expire_lease(s, "j1", "w3")
+        assert await repo.finish_job(s, "j1", status="succeeded")
+        assert not await repo.finish_job(s, "j1", status="failed", error="late")  # final is final
+        assert await repo.finish_job(s, "j2", status="failed", error="x" * 900)
+    assert await _story(sessions, "j1") == [
+        ("created", "info", None), ("started", "info", None), ("metrics", "info", 3), ("checkpoint", "info", 3),
+        ("started", "warn", None), ("paused", "info", None), ("resumed", "info", None), ("started", "info", None),
+        ("requeued", "info", None), ("started", "info", None), ("lease_expired", "warn", None),
+        ("succeeded", "info", None)]
+    async with sessions() as s:
+        newest = await repo.job_events(s, "j1", limit=100)
+        by_kind = {e.kind: e for e in newest}
+        metrics = by_kind["metrics"]
+        assert metrics.data == {"step": 3, "total_steps": 9, "epoch": 0.0, "train_loss": 2.5, "eval_loss": 1.75,
+                                "tokens_processed": 0}
+        assert metrics.message == "Step 3/9: training loss=2.5, eval loss=1.75" and metrics.worker_id == "w1"
+        [again] = [e for e in newest if e.kind == "started" and e.level == "warn"]  # the claim after the expiry
+        assert again.data == {"attempt": 2, "worker_id": "w2", "previous_worker_id": "w1"}
+        assert "lease of worker w1 expired" in again.message
+        assert by_kind["succeeded"].message == "The job has succeeded; new fine-tuned model: a"
+        assert [e.id for e in newest] == sorted((e.id for e in newest), reverse=True)
+        older = await repo.job_events(s, "j1", before_id=newest[2].id, limit=3)
+        assert [e.id for e in older] == [e.id for e in newest[3:6]]
+        failed = await repo.job_events(s, "j2", limit=1)
+        assert failed[0].level == "error" and failed[0].message == "The job has failed: " + "x" * 500
+
+
+async def test_poisoned_jobs_say_why_in_their_history(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j1") is not None
+        assert await repo.expire_lease(s, "j1", "w1")
+    async with sessions.begin() as s:  # claimable once now() is past the lease's end
+        assert [j.job_id for j in await repo.poison_jobs(s, max_attempts=1, error="poisoned: once")] == ["j1"]
+    assert [k for k, _, _ in await _story(sessions, "j1")] == ["created", "started", "lease_expired", "failed"]
+    async with sessions() as s:
+        assert (await repo.job_events(s, "j1", limit=1))[0].message == "The job has failed: poisoned: once"
+
+
+async def test_job_history_is_backfilled_by_its_migration(empty_database: str) -> None:
+    await migrate.upgrade_async(empty_database, "0005")
+    engine = create_engine(empty_database)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO training_jobs (job_id, adapter_id, spec, status, attempts, created_at, started_at,"
+                " finished_at, error) VALUES ('old', 'a', '{}', 'failed', 2, now() - interval '3 hours',"
+                " now() - interval '2 hours', now() - interval '1 hour', 'out of memory'),"
+                " ('new', 'b', '{}', 'queued', 0, now(), NULL, NULL, NULL)"))
+            await conn.execute(text(
+                "INSERT INTO checkpoints (job_id, step, data, sha256, size_bytes, created_at)"
+                " VALUES ('old', 7, 'x', repeat('0', 64), 1, now() - interval '90 minutes')"))
+        await migrate.upgrade_async(empty_database, "0006")
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT job_id, kind, level, step, message FROM job_events ORDER BY id"))).all()
+        assert [tuple(r[:4]) for r in rows] == [
+            ("old", "created", "info", None), ("old", "started", "info", None), ("old", "checkpoint", "info", 7),
+            ("old", "failed", "error", None), ("new", "created", "info", None)]
+        assert rows[3][4] == "The job has failed: out of memory" and rows[0][4] == "Created fine-tuning job old"
+        await migrate.downgrade_async(empty_database, "0005")
+        assert "job_events" not in await _tables(empty_database)
+    finally:
+        await engine.dispose()
+    await migrate.upgrade_async(empty_database)
+    assert "job_events" in await _tables(empty_database)

@@ -98,6 +98,15 @@ async def test_generate_train_tables_and_export(
         assert header.split()[-1] == "error" and any("cli-bad" in r and "max_lora_rank" in r for r in rows)
         code, out, _ = await run(capsys, "requests", "--limit", "3")
         assert code == 0 and "e+" not in out  # readable numbers, never 2.177e+04
+        code, out, _ = await run(capsys, "jobs", "events", "cli-example")
+        header, *rows = out.splitlines()
+        assert code == 0 and header.split() == ["created_at", "level", "kind", "worker_id", "message"]
+        assert "Created fine-tuning job cli-example" in rows[0] and "Step 8/8: training loss=" in out
+        assert rows[-1].split()[3] == "succeeded" and rows[-1].endswith("new fine-tuned model: codename")
+        code, out, _ = await run(capsys, "jobs", "events", "cli-bad", "--limit", "1")
+        assert code == 0 and len(out.splitlines()) == 2 and "max_lora_rank" in out  # the whole reason, uncut
+        code, _, err = await run(capsys, "jobs", "events", "no-such-job")
+        assert code == 1 and "no job 'no-such-job'" in err and "`loquetier jobs` lists the jobs" in err
 
         out_dir = tmp_path / "codename-peft"
         code, out, _ = await run(capsys, "adapters", "export", "codename", str(out_dir))

@@ -69,6 +69,14 @@ async def test_kill9_mid_training_resumes_elsewhere_with_identical_result(
         assert job_row.worker_id == survivor.worker_id and job_row.attempts == 2
         resumed = [e for e in survivor.logs() if e.get("msg") == "job started" and e.get("job_id") == job_id]
         assert resumed and resumed[-1]["from_step"] >= step_at_kill  # lost work <= checkpoint_every steps
+        story = list(reversed(await query(database_url, lambda s: repo.job_events(s, job_id, limit=1000))))
+        starts = [e for e in story if e.kind == "started"]
+        assert [(e.worker_id, e.level) for e in starts] == [(victim.worker_id, "info"), (survivor.worker_id, "warn")]
+        assert starts[1].data["previous_worker_id"] == victim.worker_id
+        [restored] = [e for e in story if e.kind == "restored"]
+        assert restored.worker_id == survivor.worker_id and restored.data["step"] == resumed[-1]["from_step"]
+        assert story.index(starts[1]) < story.index(restored) and story[-1].kind == "succeeded"
+        assert [e.step for e in story if e.kind == "metrics"][-1] == 80
         adapter = await query(database_url, lambda s: s.scalar(
             select(AdapterRow).where(AdapterRow.adapter_id == "migrated")))
         assert survivor.terminate() == 0  # SIGTERM: graceful stop
