@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loquetier.db.jobs_repo import record_job_event
+from loquetier.db.jobs_repo import json_safe, record_job_event
 from loquetier.db.models import AdapterRow, CheckpointRow, JobRow
 
 
@@ -43,7 +43,7 @@ async def save_checkpoint(
     meta: dict[str, Any] | None = None,
 ) -> CheckpointRow:
     """Store (or replace) the checkpoint of ``job_id`` at ``step``."""
-    values = {"job_id": job_id, "step": step, "meta": meta or {}, **_payload(data, uri, sha256, size_bytes)}
+    values = {"job_id": job_id, "step": step, "meta": json_safe(meta or {}), **_payload(data, uri, sha256, size_bytes)}
     stmt = insert(CheckpointRow).values(**values)
     replace = {k: stmt.excluded[k] for k in ("data", "uri", "sha256", "size_bytes", "meta")}
     upsert = stmt.on_conflict_do_update(

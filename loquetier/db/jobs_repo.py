@@ -12,6 +12,7 @@ apply (a replayed finish, a pause of a finished job) writes nothing.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -39,6 +40,19 @@ def _owned(job_id: str, worker_id: str) -> ColumnElement[bool]:
     return and_(JobRow.job_id == job_id, JobRow.worker_id == worker_id, JobRow.status == "running")
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as ``None``: JSON has no NaN or infinity, and
+    PostgreSQL refuses a ``jsonb`` holding one, with the whole transaction (a diverged loss,
+    an evaluation of nothing)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 async def record_job_event(  # noqa: PLR0913
     session: AsyncSession,
     job_id: str,
@@ -53,7 +67,7 @@ async def record_job_event(  # noqa: PLR0913
     """Add an entry to the job's history. With ``step`` (checkpoints, metrics) one entry per
     (kind, step): a checkpoint's is kept as first written, a metrics entry takes the newer values."""
     stmt = insert(JobEventRow).values(job_id=job_id, kind=kind, level=level, message=message, step=step,
-                                      data=data or {}, worker_id=worker_id)
+                                      data=json_safe(data or {}), worker_id=worker_id)
     if step is not None:
         where = JobEventRow.step.is_not(None)
         target = [JobEventRow.job_id, JobEventRow.kind, JobEventRow.step]
@@ -205,7 +219,7 @@ async def update_job_progress(
     }
     values.update({k: v for k, v in optional.items() if v is not None})
     if metrics:
-        values["metrics"] = JobRow.metrics.op("||")(bindparam("metrics_patch", metrics, type_=JSONB))
+        values["metrics"] = JobRow.metrics.op("||")(bindparam("metrics_patch", json_safe(metrics), type_=JSONB))
     stmt = update(JobRow).where(_owned(job_id, worker_id)).values(**values).returning(
         JobRow.total_steps, JobRow.epoch, JobRow.last_loss, JobRow.last_eval_loss, JobRow.tokens_processed)
     row = (await session.execute(stmt)).first()

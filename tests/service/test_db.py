@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -452,3 +453,20 @@ async def test_job_history_is_backfilled_by_its_migration(empty_database: str) -
         await engine.dispose()
     await migrate.upgrade_async(empty_database)
     assert "job_events" in await _tables(empty_database)
+
+
+async def test_non_finite_numbers_are_stored_as_null_not_refused(sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:  # an evaluation of nothing, a diverged run: no JSON for NaN or infinity
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j1") is not None
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=2, last_loss=1.5,
+                                              last_eval_loss=math.nan,
+                                              metrics={"eval_loss": math.nan, "grad": [1.0, -math.inf]})
+        await repo.save_checkpoint(s, job_id="j1", step=2, data=b"two", meta={"loss": math.inf})
+    async with sessions() as s:
+        row = await repo.get_job(s, "j1")
+        assert row is not None and row.metrics == {"eval_loss": None, "grad": [1.0, None]}
+        assert math.isnan(row.last_eval_loss)  # a float column keeps it
+        metrics, = [e for e in await repo.job_events(s, "j1") if e.kind == "metrics"]
+        assert metrics.data["eval_loss"] is None and metrics.message == "Step 2/?: training loss=1.5, eval loss=nan"
+        assert (await repo.latest_checkpoint(s, "j1")).meta == {"loss": None}  # type: ignore[union-attr]
