@@ -78,3 +78,62 @@ async def test_cancelling_a_lane_task_spares_the_work_before_it() -> None:
     await asyncio.wait_for(lanes.drain(), 5.0)
     assert done == ["first"] and second.cancelled()
     assert called == ["first"]  # work cancelled before its turn is never even called
+
+
+async def test_only_the_newest_waiting_value_of_a_slot_is_handled() -> None:
+    lanes = Lanes()
+    gate = asyncio.Event()
+    done: list[str] = []
+
+    async def write(name: str) -> None:  # a checkpoint write that takes long
+        if name == "c1":
+            await gate.wait()
+        done.append(name)
+
+    async def handle(value: str) -> None:
+        if value.startswith("c"):
+            await write(value)
+        else:
+            done.append(value)
+
+    assert lanes.submit_latest("job", "ckpt", "c1", handle)
+    for _ in range(3):
+        await asyncio.sleep(0)  # c1 is being written now
+    assert lanes.submit_latest("job", "progress", "p2", handle)
+    assert lanes.submit_latest("job", "ckpt", "c2", handle)
+    for step in range(3, 1000):  # every step's report and checkpoint while c1 is written
+        assert not lanes.submit_latest("job", "progress", f"p{step}", handle)
+        assert not lanes.submit_latest("job", "ckpt", f"c{step}", handle)
+    lanes.submit("job", functools.partial(write, "finished"))
+    assert lanes.num_replaced == {"progress": 997, "ckpt": 997}
+    assert len(lanes._latest) == 2  # two values wait, not 2,000
+    gate.set()
+    await asyncio.wait_for(lanes.drain(), 5)
+    assert done == ["c1", "p999", "c999", "finished"]  # in order, the newest of each
+    assert lanes.submit_latest("job", "ckpt", "c1000", handle)  # nothing waits: queued again
+    await asyncio.wait_for(lanes.drain(), 5)
+    assert done[-1] == "c1000"
+
+
+async def test_a_latest_value_cancelled_before_its_turn_leaves_its_slot_free() -> None:
+    lanes = Lanes()
+    gate = asyncio.Event()
+    done: list[str] = []
+
+    async def handle(value: str) -> None:
+        if value == "first":
+            await gate.wait()
+        done.append(value)
+
+    lanes.submit_latest("job", "p", "first", handle)
+    await asyncio.sleep(0)
+    lanes.submit_latest("job", "c", "doomed", handle)
+    doomed = lanes._tails["job"]
+    doomed.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(lanes.drain(), 5)
+    assert done == ["first"] and lanes._latest == {}
+    assert lanes.submit_latest("job", "c", "again", handle)
+    await asyncio.wait_for(lanes.drain(), 5)
+    assert done == ["first", "again"]
