@@ -45,6 +45,10 @@ def parse_jsonl(data: bytes, *, max_examples: int = 100_000) -> list[dict[str, A
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TrainingFileError(f"line {number}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TrainingFileError(f"line {number}: nested too deeply") from None
+        except ValueError as exc:  # an integer of more digits than Python converts
+            raise TrainingFileError(f"line {number}: {exc}") from None
         problem = example_problem(value)
         if problem:
             raise TrainingFileError(f"line {number}: {problem}")

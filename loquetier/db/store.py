@@ -80,7 +80,8 @@ def public_error(exc: BaseException) -> StoreError | None:
         return None
     state = str(getattr(getattr(exc, "orig", exc), "sqlstate", "") or "")
     if state.startswith("22"):  # data exception: a value the column cannot hold
-        return StoreError("invalid_value", "a value is out of the range the database can store")
+        return StoreError("invalid_value", "a value the database cannot store: a number out of its range, "
+                          "or a NUL character (\\u0000) in text")
     return StoreError("database_error", "the database refused the operation")
 
 

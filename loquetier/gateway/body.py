@@ -37,7 +37,7 @@ class BodyLimit:
             return
         limit = self.max_upload_bytes if scope["path"].startswith(self.upload_prefix) else self.max_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        if length is not None and (not length.isdigit() or len(length) > 18 or int(length) > limit):
             error = BodyTooLarge(limit) if length.isdigit() else bad_request("bad Content-Length header")
             await error.response()(scope, receive, send)
             return

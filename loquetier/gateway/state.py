@@ -16,6 +16,7 @@ from typing import TypeVar
 from loquetier.db import keys_repo, tenancy_repo, workers_repo
 from loquetier.db.keys_repo import KeyOwner
 from loquetier.db.session import DatabaseError, Session, create_engine, session_factory
+from loquetier.db.store import public_error
 from loquetier.settings import Settings
 
 from .auth import Auth
@@ -58,11 +59,18 @@ class Gateway:
         await self.db.dispose()
 
     async def tx(self, fn: Callable[[Session], Awaitable[T]]) -> T:
-        """``fn`` in one transaction; a database failure is a 503, never a traceback."""
+        """``fn`` in one transaction; a database failure is a 503, never a traceback; a value the
+        database cannot hold (a NUL character in an id, a number out of range) is the caller's 400."""
         try:
             async with self._sessions.begin() as session:
                 return await fn(session)
-        except (DatabaseError, OSError) as exc:
+        except DatabaseError as exc:
+            refused = public_error(exc)
+            if refused is not None and refused.code == "invalid_value":
+                raise APIError(400, refused.message, code="invalid_value") from None
+            log.warning("database call failed", extra={"error": str(exc)[:300]})
+            raise APIError(503, "the database is unavailable; retry later", code="database_unavailable") from None
+        except OSError as exc:
             log.warning("database call failed", extra={"error": str(exc)[:300]})
             raise APIError(503, "the database is unavailable; retry later", code="database_unavailable") from None
 

@@ -164,6 +164,15 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
             ("POST", "/completions", json.dumps({"model": MODEL, "prompt": "hi",
                                                  **{f"x{i}": 0 for i in range(2000)}}).encode(), 400),
             ("GET", "/fine_tuning/jobs?limit=abc", None, 400),
+            # more digits than Python converts, and NUL characters PostgreSQL cannot hold: 400s, not 500 or 503
+            ("GET", "/fine_tuning/jobs?limit=" + "9" * 5000, None, 400),
+            ("GET", "/files?limit=" + "9" * 5000, None, 400),
+            ("GET", "/fine_tuning/jobs/a%00b", None, 400),
+            ("POST", "/fine_tuning/jobs/a%00b/cancel", None, 400),
+            ("GET", "/files/a%00b", None, 400),
+            ("GET", "/fine_tuning/jobs?after=%00", None, 400),
+            ("POST", "/completions", json.dumps({"model": "a\u0000b", "prompt": "hi"}).encode(), 400),
+            ("POST", "/fine_tuning/jobs", json.dumps({"model": MODEL, "training_file": "f\u0000"}).encode(), 400),
             ("GET", "/fine_tuning/jobs/ftjob-nope", None, 404),
             ("DELETE", "/models", None, 405),
             ("GET", "/no/such/path", None, 404),
@@ -176,6 +185,8 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
                 if body and b'"x1999"' in body:
                     assert "too many fields" in answer.json()["error"]["message"]
             files = [("not jsonl", b"hello\n", 400), ("bad example", b'{"prompt": "a"}\n', 400),
+                     ("deep", b"[" * 50_000 + b"]" * 50_000 + b"\n", 400),
+                     ("bigint", b'{"prompt_token_ids": [' + b"9" * 5000 + b'], "completion_token_ids": [1]}\n', 400),
                      ("empty", b"\n\n", 400), ("too big", b'{"prompt": "a", "completion": "b"}\n' * 5000, 413)]
             for name, data, status in files:
                 answer = await raw.post(url + "/files", headers=headers, data={"purpose": "fine-tune"},
