@@ -203,7 +203,9 @@ async def update_job_progress(
 ) -> bool:
     """Store progress and renew the lease; ``False`` if the job is no longer ours.
 
-    ``metrics`` is merged into the stored map (JSONB ``||``); ``None`` fields are kept.
+    ``metrics`` is merged into the stored map (JSONB ``||``); ``None`` fields are kept. The job's
+    history gets a metrics entry for a report with ``metrics`` (an evaluation, the end), at the last
+    step, or when it has none from the last ``METRICS_EVENT_EVERY_S``.
     """
     values: dict[str, Any] = {
         "step": step,
@@ -225,7 +227,7 @@ async def update_job_progress(
     row = (await session.execute(stmt)).first()
     if row is None:
         return False
-    if step > 0:
+    if step > 0 and (metrics or total_steps == step or not await _metrics_told_since(session, job_id)):
         data = {"step": step, "total_steps": row.total_steps, "epoch": row.epoch, "train_loss": row.last_loss,
                 "eval_loss": row.last_eval_loss, "tokens_processed": row.tokens_processed}
         message = f"Step {step}/{row.total_steps or '?'}: training loss={_num(row.last_loss)}"
@@ -233,6 +235,18 @@ async def update_job_progress(
             message += f", eval loss={_num(row.last_eval_loss)}"
         await record_job_event(session, job_id, "metrics", message, step=step, data=data, worker_id=worker_id)
     return True
+
+
+# A metrics entry in a job's history at most this often, besides those of an evaluation or the end, so
+# that a long job's history is not thousands of loss readings (progress reports come every 2 s).
+METRICS_EVENT_EVERY_S = 30.0
+
+
+async def _metrics_told_since(session: AsyncSession, job_id: str) -> bool:
+    since = func.now() - timedelta(seconds=METRICS_EVENT_EVERY_S)
+    query = select(JobEventRow.id).where(JobEventRow.job_id == job_id, JobEventRow.kind == "metrics",
+                                         JobEventRow.created_at > since).limit(1)
+    return await session.scalar(query) is not None
 
 
 def _num(value: float | None) -> str:

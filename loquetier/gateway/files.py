@@ -95,7 +95,7 @@ async def list_files(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     query = request.query_params
     raw = query.get("limit", str(MAX_LIST))
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 4 or not 1 <= int(raw) <= MAX_LIST:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_LIST)) or not 1 <= int(raw) <= MAX_LIST:
         raise bad_request(f"limit must be an integer from 1 to {MAX_LIST}", param="limit")
     limit = int(raw)
     order = query.get("order", "desc")

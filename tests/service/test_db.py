@@ -374,7 +374,8 @@ async def test_every_transition_writes_its_history_once(sessions: async_sessionm
     async with sessions.begin() as s:
         assert await repo.claim_job(s, "w1", lease_s=0.05, job_id="j1") is not None
         assert await repo.update_job_progress(s, "j1", "w1", lease_s=0.05, step=3, total_steps=9, last_loss=2.5)
-        assert await repo.update_job_progress(s, "j1", "w1", lease_s=0.05, step=3, last_eval_loss=1.75)  # same step
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=0.05, step=3, last_eval_loss=1.75,
+                                              metrics={"eval_loss": 1.75})  # an evaluation at the same step
         await repo.save_checkpoint(s, job_id="j1", step=3, data=b"three")
         await repo.save_checkpoint(s, job_id="j1", step=3, data=b"THREE")  # a replay: no second entry
     await asyncio.sleep(0.1)
@@ -470,3 +471,23 @@ async def test_non_finite_numbers_are_stored_as_null_not_refused(sessions: async
         metrics, = [e for e in await repo.job_events(s, "j1") if e.kind == "metrics"]
         assert metrics.data["eval_loss"] is None and metrics.message == "Step 2/?: training loss=1.5, eval loss=nan"
         assert (await repo.latest_checkpoint(s, "j1")).meta == {"loss": None}  # type: ignore[union-attr]
+
+
+async def test_a_long_job_reports_into_its_history_at_most_every_half_minute(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j1") is not None
+    for step in range(1, 8):  # reports every 2 s would be 900 entries in half an hour
+        async with sessions.begin() as s:
+            assert await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=step, total_steps=9, last_loss=1.0)
+    async with sessions.begin() as s:
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=8, metrics={"eval_loss": 0.5})
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=9, total_steps=9)
+    assert [st for kind, _, st in await _story(sessions, "j1") if kind == "metrics"] == [1, 8, 9]
+    async with sessions.begin() as s:  # once the last entry is older than the interval, the next report is told
+        await s.execute(text("UPDATE job_events SET created_at = now() - interval '31 seconds' WHERE job_id = 'j1'"))
+    async with sessions.begin() as s:
+        assert await repo.update_job_progress(s, "j1", "w1", lease_s=30, step=10, total_steps=12)
+    assert [st for kind, _, st in await _story(sessions, "j1") if kind == "metrics"] == [1, 8, 9, 10]
