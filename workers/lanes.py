@@ -9,18 +9,12 @@ Invariants: ``submit(key, work)`` calls ``work()`` and awaits what it returns on
 of the same key has ended (returned, raised: a failure is logged and does not stop the lane, or was
 cancelled); it returns at once; work cancelled before its turn is never called (no coroutine is made
 that nobody awaits); ``drain`` waits for every lane, and cancelling it cancels none.
-
-``submit_latest(key, slot, value, handle)`` is for values of which only the newest matters (a job's
-progress report, its checkpoint): a value that arrives while an earlier one of the same slot still
-waits for its turn replaces it, so a lane held up by slow I/O (a checkpoint of hundreds of MB being
-written) holds at most one waiting value a slot, not one for every step meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,30 +25,6 @@ class Lanes:
     def __init__(self, what: str = "event handling") -> None:
         self._what = what
         self._tails: dict[Any, asyncio.Task[None]] = {}
-        self._latest: dict[tuple[Any, Any], Any] = {}  # (key, slot): the value waiting for its turn
-        self.num_replaced: Counter[Any] = Counter()  # by slot: values replaced by newer ones before their turn
-
-    def submit_latest(self, key: Any, slot: Any, value: Any, handle: Callable[[Any], Awaitable[Any]]) -> bool:
-        """Run ``handle(value)`` in lane ``key``'s order, or, when a value of ``slot`` is still waiting
-        there, let this one take its place (``False``: nothing new was queued)."""
-        waiting = (key, slot) in self._latest
-        self._latest[key, slot] = value
-        if waiting:
-            self.num_replaced[slot] += 1
-            return False
-        started = False
-
-        def take() -> Awaitable[Any]:
-            nonlocal started
-            started = True
-            return handle(self._latest.pop((key, slot)))
-
-        def forget_unstarted(_: asyncio.Task[None]) -> None:  # cancelled before its turn: none waits now
-            if not started:
-                self._latest.pop((key, slot), None)
-
-        self.submit(key, take).add_done_callback(forget_unstarted)
-        return True
 
     def submit(self, key: Any, work: Callable[[], Awaitable[Any]]) -> asyncio.Task[None]:
         """Run ``work()`` after the lane ``key``'s earlier work; returns its task at once."""

@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _JOB_EVENTS = (JobProgress, JobEvaluated, JobCheckpoint, JobFinished)
-# Of these, one waiting in a job's lane is replaced by a newer one: a job that checkpoints faster than
-# the database stores its checkpoints keeps one waiting, not one for every interval, in memory.
-_LATEST_ONLY = (JobProgress, JobCheckpoint)
 _STOP_GRACE_S = 5.0  # past the drain: answering, committing and leaving the group
 
 
@@ -312,12 +309,6 @@ class Worker:
             for ev in events:
                 if isinstance(ev, TokenEvent):
                     await self.inference.on_event(ev)  # only enqueued: keeps tokens before the result
-                    continue
-                if isinstance(ev, _LATEST_ONLY):  # a step's report or checkpoint: the newest one is enough
-                    queued = self.job_lanes.submit_latest(ev.job_id, type(ev), ev, self.jobs.on_event)
-                    if not queued and isinstance(ev, JobCheckpoint):
-                        log.warning("a checkpoint waiting to be stored was replaced by a newer one",
-                                    extra={"job_id": ev.job_id, "step": ev.step})
                     continue
                 if isinstance(ev, _JOB_EVENTS):
                     self.job_lanes.submit(ev.job_id, functools.partial(self.jobs.on_event, ev))

@@ -73,12 +73,10 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
         assert messages[0].startswith("The job has succeeded") and messages[-1].startswith("Created")
         ckpts = await api.fine_tuning.jobs.checkpoints.list(job.id)
         final_step = done.model_extra["loquetier"]["step"]
-        # every 3 steps and at the end (one still waiting when a newer one comes is skipped: workers/lanes.py)
-        stored = {c.step_number for c in ckpts.data}
-        assert 0 < final_step <= 6 and final_step in stored and stored <= {3, final_step}
+        assert 0 < final_step <= 6 and {3, final_step} <= {c.step_number for c in ckpts.data}
         last_metrics = next(e for e in events.data if e.type == "metrics")
         assert last_metrics.data["step"] == final_step and last_metrics.data["train_loss"] > 0
-        assert f"Checkpoint saved at step {final_step}" in messages
+        assert "Checkpoint saved at step 3" in messages
         listed = await api.fine_tuning.jobs.list(limit=10)
         assert [j.id for j in listed.data] == [job.id]
         assert adapter_id in [m.id for m in (await api.models.list()).data]
