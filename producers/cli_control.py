@@ -35,7 +35,7 @@ _HINTS = {
 }
 
 
-def register(table: str, parser: argparse.ArgumentParser) -> None:
+def register(table: str, parser: argparse.ArgumentParser) -> Any:
     sub = parser.add_subparsers(dest="action", metavar="[ACTION]", required=False)
     if table == "adapters":
         load = sub.add_parser("load", help="load a PEFT adapter directory under ADAPTER_ID, on every worker")
@@ -63,10 +63,7 @@ def register(table: str, parser: argparse.ArgumentParser) -> None:
                 p.add_argument("job_id")
             p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for a worker")
             p.set_defaults(func=_control)
-        events = sub.add_parser("events", help="a job's history: status changes, checkpoints, metrics (oldest first)")
-        events.add_argument("job_id")
-        events.add_argument("--limit", type=int, default=50, help="newest entries shown (default 50)")
-        events.set_defaults(func=_events)
+    return sub
 
 
 # --- commands through the worker --------------------------------------------------------------
@@ -128,33 +125,6 @@ def staged_path(adapter_id: str, path: Path) -> Path:
 # --- PostgreSQL only --------------------------------------------------------------------------
 
 
-EVENT_COLUMNS = ["created_at", "level", "kind", "worker_id", "message"]
-
-
-def _events(args: argparse.Namespace) -> int:
-    from .cli_tables import render
-
-    if args.limit < 1:
-        raise UserError("--limit must be at least 1")
-    rows = asyncio.run(job_events(database_url(), args.job_id, args.limit))
-    print(render(EVENT_COLUMNS, [[getattr(e, c) for c in EVENT_COLUMNS] for e in reversed(rows)],
-                 uncut=frozenset({"message"})))
-    return 0
-
-
-async def job_events(url: str, job_id: str, limit: int) -> list[Any]:
-    """The newest ``limit`` entries of the job's history, newest first; a job that does not exist is an error."""
-    from loquetier.db import repo
-
-    async def read(session: Any) -> list[Any] | None:
-        if await repo.get_job(session, job_id) is None:
-            return None
-        return await repo.job_events(session, job_id, limit=limit)
-
-    rows = await query(url, read)
-    if rows is None:
-        raise UserError(f"no job {job_id!r} in the database", _HINTS["unknown_job"])
-    return rows
 
 
 def _export(args: argparse.Namespace) -> int:

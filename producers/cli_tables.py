@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from loquetier.cli_errors import UserError
 from loquetier.db.models import AdapterRow, JobRow, RequestRow
 
 TABLES: dict[str, tuple[Any, list[str], Any]] = {
@@ -72,7 +73,13 @@ def register(subparsers: Any) -> None:
         p.add_argument("--limit", type=int, default=20, help="newest rows shown (default 20)")
         p.set_defaults(func=_show, table=name)
         if name in cli_control.ACTIONS:
-            cli_control.register(name, p)
+            actions = cli_control.register(name, p)
+            if name == "jobs":
+                events = actions.add_parser("events", help="a job's history: status changes, checkpoints, metrics "
+                                                           "(oldest first)")
+                events.add_argument("job_id")
+                events.add_argument("--limit", type=int, default=50, help="newest entries shown (default 50)")
+                events.set_defaults(func=_events)
 
 
 HELP = {
@@ -141,3 +148,34 @@ def _show(args: argparse.Namespace) -> int:
     if not rows:
         print(f"(no {args.table} yet)")
     return 0
+
+
+EVENT_COLUMNS = ["created_at", "level", "kind", "worker_id", "message"]
+
+
+def _events(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    from .cli_support import database_url
+
+    rows = asyncio.run(job_events(database_url(), args.job_id, args.limit))
+    print(render(EVENT_COLUMNS, [[getattr(e, c) for c in EVENT_COLUMNS] for e in reversed(rows)],
+                 uncut=frozenset({"message"})))
+    return 0
+
+
+async def job_events(url: str, job_id: str, limit: int) -> list[Any]:
+    """The newest ``limit`` entries of the job's history, newest first; a job that does not exist is an error."""
+    from loquetier.db import repo
+
+    from .cli_support import query
+
+    async def read(session: Any) -> list[Any] | None:
+        if await repo.get_job(session, job_id) is None:
+            return None
+        return await repo.job_events(session, job_id, limit=limit)
+
+    rows = await query(url, read)
+    if rows is None:
+        raise UserError(f"no job {job_id!r} in the database", "`loquetier jobs` lists the jobs")
+    return rows
