@@ -1,10 +1,10 @@
-"""``loquetier adapters load|unload|export`` and ``loquetier jobs cancel|pause|resume|events``.
+"""``loquetier adapters load|unload|export`` and ``loquetier jobs cancel|pause|resume``.
 
 Each control command waits for the worker's ``control_ack`` (docs/wire-format.md) and says
 what happened in one line: done, the worker's reason, or no answer within ``--timeout``.
 ``export`` needs no worker: it reads the adapter's stored version from PostgreSQL and writes
-it as a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``); nor does
-``events``, which prints a job's history from PostgreSQL, oldest first.
+it as a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+``register`` returns the subcommands it made, for ``cli_tables`` to add ``jobs events``.
 """
 
 from __future__ import annotations
@@ -122,9 +122,7 @@ def staged_path(adapter_id: str, path: Path) -> Path:
     return staged
 
 
-# --- PostgreSQL only --------------------------------------------------------------------------
-
-
+# --- export (PostgreSQL only) -----------------------------------------------------------------
 
 
 def _export(args: argparse.Namespace) -> int:

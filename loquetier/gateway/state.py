@@ -64,13 +64,10 @@ class Gateway:
         try:
             async with self._sessions.begin() as session:
                 return await fn(session)
-        except DatabaseError as exc:
+        except (DatabaseError, OSError) as exc:
             refused = public_error(exc)
             if refused is not None and refused.code == "invalid_value":
                 raise APIError(400, refused.message, code="invalid_value") from None
-            log.warning("database call failed", extra={"error": str(exc)[:300]})
-            raise APIError(503, "the database is unavailable; retry later", code="database_unavailable") from None
-        except OSError as exc:
             log.warning("database call failed", extra={"error": str(exc)[:300]})
             raise APIError(503, "the database is unavailable; retry later", code="database_unavailable") from None
 
