@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from loquetier.codec import DEFAULT_LIMITS
 
@@ -166,19 +167,71 @@ class ChatRequest(Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-TokenList = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(
-    fail_fast=True, min_length=1, max_length=DEFAULT_LIMITS.max_prompt_tokens)]
+PROMPT_SHAPES = "a string, a list of token ids, a list of strings or a list of token-id lists"
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _prompt_error(where: str, what: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_prompt", "{where} {what}", {"where": where, "what": what})
+
+
+def _check_tokens(ids: list[Any], where: str) -> None:
+    if not ids:
+        raise _prompt_error(where, "is an empty token list")
+    if len(ids) > DEFAULT_LIMITS.max_prompt_tokens:
+        raise _prompt_error(where, f"holds {len(ids)} token ids, more than {DEFAULT_LIMITS.max_prompt_tokens}")
+    for i, t in enumerate(ids):
+        if type(t) is not int:  # bool is an int to Python, not to JSON
+            raise _prompt_error(f"{where}[{i}]", f"is {_json_type(t)}: token ids are integers")
+        if not 0 <= t < 2**31:
+            raise _prompt_error(f"{where}[{i}]", f"= {t}: token ids are in [0, 2^31)")
+
+
+def check_prompt(value: Any) -> str | list[int] | list[str] | list[list[int]]:
+    """``prompt`` as OpenAI takes it, every problem named with its position (``prompt[1][3]``)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _prompt_error("prompt", f"is {_json_type(value)}: it must be {PROMPT_SHAPES}")
+    if not value:
+        raise _prompt_error("prompt", f"is an empty list: it must be {PROMPT_SHAPES}")
+    first = value[0]
+    if type(first) is int:
+        _check_tokens(value, "prompt")
+        return value
+    if len(value) > MAX_CHOICES:
+        raise _prompt_error("prompt", f"holds {len(value)} prompts, more than {MAX_CHOICES} a call")
+    if isinstance(first, str):
+        for i, p in enumerate(value):
+            if not isinstance(p, str):
+                raise _prompt_error(f"prompt[{i}]", f"is {_json_type(p)} in a list of strings")
+        return value
+    if isinstance(first, list):
+        for i, p in enumerate(value):
+            if not isinstance(p, list):
+                raise _prompt_error(f"prompt[{i}]", f"is {_json_type(p)} in a list of token-id lists")
+            _check_tokens(p, f"prompt[{i}]")
+        return value
+    raise _prompt_error("prompt[0]", f"is {_json_type(first)}: prompt must be {PROMPT_SHAPES}")
 
 
 class CompletionRequest(Sampling):
     """``prompt``: a string, token ids, or a list of either (one completion each, ``n`` times)."""
 
-    prompt: str | TokenList | Annotated[list[str], Field(fail_fast=True, min_length=1, max_length=MAX_CHOICES)] | \
-        Annotated[list[TokenList], Field(fail_fast=True, min_length=1, max_length=MAX_CHOICES)]
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: Annotated[int, Field(ge=0, le=1)] | None = None
     echo: bool | None = None
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, value: Any) -> str | list[int] | list[str] | list[list[int]]:
+        return check_prompt(value)
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -275,4 +328,5 @@ def parse(model: type[B], data: dict[str, Any]) -> B:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "list", "int", "function")))
         code = "unknown_parameter" if err["type"] == "extra_forbidden" else "invalid_type" if err["type"].endswith(
             "_type") else "invalid_value"
-        raise bad_request(f"{loc or 'body'}: {err['msg']}", param=loc or None, code=code) from None
+        message = err["msg"] if err["type"] == "invalid_prompt" else f"{loc or 'body'}: {err['msg']}"  # names its place
+        raise bad_request(message, param=loc or None, code=code) from None
