@@ -135,6 +135,10 @@ class WorkerSettings(BaseModel):
     # A job's checkpoints kept (the newest; older rows and their files are deleted as a new one is
     # stored): a job with checkpoint_every 1 would otherwise store weights and optimizer state at every step
     keep_checkpoints: int = Field(default=3, ge=1, le=10_000)
+    # A training job with this many checkpoints sent by the engine and not yet stored takes no step
+    # until one is: a job that checkpoints faster than the database stores (checkpoint_every 1 on a large
+    # model) waits, instead of piling up checkpoints' bytes in the worker. 0: no bound.
+    max_unstored_checkpoints: int = Field(default=2, ge=0, le=1000)
     # Versions of one adapter kept (the newest; older rows and their files are deleted as a new one is
     # registered): every load of a path or finished fine-tune with overwrite adds a version
     keep_adapter_versions: int = Field(default=5, ge=1, le=10_000)

@@ -75,6 +75,8 @@ class FakeEngine:
         self.num_submitted = 0
         self.submitted_ids: list[str] = []
         self.arrived_at: dict[str, float | None] = {}  # request_id -> the arrived_at it was added with
+        self.max_unstored_checkpoints = 0
+        self.stored_checkpoints: list[str] = []  # job ids, one per checkpoint_stored call
 
     @classmethod
     def from_pretrained(
@@ -216,6 +218,13 @@ class FakeEngine:
 
     def resume_job(self, job_id: str) -> None:
         self.jobs[job_id].paused = False
+
+    def set_checkpoint_window(self, max_unstored: int) -> None:
+        self.max_unstored_checkpoints = max_unstored
+
+    def checkpoint_stored(self, job_id: str) -> bool:
+        self.stored_checkpoints.append(job_id)
+        return job_id in self.jobs
 
     def evaluate(self, adapter_id: str, data: Any) -> dict[str, float]:
         return {"loss": 0.5, "token_accuracy": 0.75}

@@ -283,6 +283,21 @@ class LeasedJobs:
     # --- engine events -------------------------------------------------------------------
 
     async def on_event(self, ev: JobEvent) -> None:
+        if isinstance(ev, JobCheckpoint):
+            try:
+                await self._on_event(ev)
+            finally:  # stored or not, the engine may let the job go on (WorkerSettings.max_unstored_checkpoints)
+                await self._checkpoint_done(ev.job_id)
+        else:
+            await self._on_event(ev)
+
+    async def _checkpoint_done(self, job_id: str) -> None:
+        try:
+            await asyncio.wait_for(self._client.checkpoint_stored(job_id), self._settings.drain_timeout_s)
+        except Exception as exc:  # noqa: BLE001  # a stopped engine holds no job
+            log.warning("engine not told of a stored checkpoint", extra={"job_id": job_id, "error": repr(exc)})
+
+    async def _on_event(self, ev: JobEvent) -> None:
         rj = self.running.get(ev.job_id)
         if rj is None:
             return  # a job we stopped; its late events mean nothing

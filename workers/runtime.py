@@ -203,6 +203,7 @@ class Worker:
         ws = self.settings.worker
         max_jobs = self.jobs.max_jobs
         await self.client.start()
+        await self.client.set_checkpoint_window(ws.max_unstored_checkpoints)
         capacity = {
             "max_inflight": ws.max_inflight,
             "max_jobs": max_jobs,

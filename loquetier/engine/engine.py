@@ -416,6 +416,17 @@ class Engine:
     def resume_job(self, job_id: str) -> bool:
         return self.jobs.set_paused(job_id, False)
 
+    def set_checkpoint_window(self, max_unstored: int) -> None:
+        """For a caller that stores each ``JobCheckpoint`` at its own pace (a worker writing to a
+        database): a training job with ``max_unstored`` checkpoints not yet said stored
+        (``checkpoint_stored``) takes no step until one is, so a job that checkpoints faster than its
+        checkpoints are stored waits instead of piling up their bytes. 0 (the default): no hold."""
+        self.jobs.set_checkpoint_window(max_unstored)
+
+    def checkpoint_stored(self, job_id: str) -> bool:
+        """One of the job's checkpoints is stored (or given up); False if the job is not training."""
+        return self.jobs.checkpoint_stored(job_id)
+
     def evaluate(self, adapter_id: str | None, data: Any, micro_batch_tokens: int | None = None) -> dict[str, float]:
         """Mean completion-token loss and token accuracy of an adapter (None = base) on ``data``."""
         job_id = self.jobs.add_eval(f"eval-{next(self._ids)}", adapter_id, data, micro_batch_tokens)

@@ -57,7 +57,8 @@ class JobFeed:
 
     def __init__(self, job: TrainingJob | EvaluationJob, slot: int, *, parent: str | None = None) -> None:
         self.job, self.slot, self.parent = job, slot, parent
-        self.paused = False
+        self.paused = False  # by its owner (``Engine.pause_job``)
+        self.held = False  # by the engine: too many of its checkpoints are not yet stored (``JobBook``)
         self._mb: MicroBatch | None = None
         self._pending: deque[TrainSequence] = deque()
         self.loss_sum, self.count, self.correct = 0.0, 0, 0
@@ -78,8 +79,13 @@ class JobFeed:
     def is_eval(self) -> bool:
         return self.job.is_eval
 
+    @property
+    def is_stopped(self) -> bool:
+        """Paused or held: it offers no tokens, and needs no step."""
+        return self.paused or self.held
+
     def num_ready_tokens(self) -> int:
-        if self.paused:
+        if self.is_stopped:
             return 0
         if self._pending:
             return sum(s.num_tokens for s in self._pending)

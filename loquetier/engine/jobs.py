@@ -48,6 +48,7 @@ class _Train:
     started: float
     last_step: int
     child: JobFeed | None = None
+    unstored: int = 0  # checkpoints sent and not yet said stored (``JobBook.checkpoint_stored``)
 
 
 @dataclass
@@ -97,6 +98,8 @@ class JobBook:
         self.eval_results: dict[str, dict[str, float]] = {}
         self._prepare_lock = threading.Lock()
         self._preparer: DataPreparer | None = None
+        # > 0: a training job with this many checkpoints not yet stored takes no step (set_checkpoint_window)
+        self.max_unstored_checkpoints = 0
 
     # ---- creation ----------------------------------------------------------------------------------
 
@@ -234,7 +237,9 @@ class JobBook:
         return pieces
 
     def has_work(self) -> bool:
-        return bool(self._feeds)
+        """Whether a job needs a step: paused and held jobs need none (an engine with nothing else to
+        do waits for a command instead of stepping empty batches)."""
+        return any(not feed.is_stopped for feed in self._feeds.values())
 
     def live_adapter(self, adapter_id: str) -> LoRAAdapter | None:
         for t in self._train.values():
@@ -247,9 +252,33 @@ class JobBook:
 
     def stats(self) -> dict[str, Any]:
         return {jid: {"step": t.job.step, "total_steps": t.job.total_steps, "paused": t.feed.paused,
-                      "tokens": t.job.metrics.num_tokens} for jid, t in self._train.items()}
+                      "held": t.feed.held, "unstored_checkpoints": t.unstored, "tokens": t.job.metrics.num_tokens}
+                for jid, t in self._train.items()}
 
     # ---- control -----------------------------------------------------------------------------------
+
+    def set_checkpoint_window(self, max_unstored: int) -> None:
+        """Hold a training job (it takes no step) while ``max_unstored`` of its checkpoints are not yet
+        stored (``checkpoint_stored``); 0: never hold (a checkpoint counts as stored once a step returns
+        it, as for a caller that keeps the events itself)."""
+        if isinstance(max_unstored, bool) or not isinstance(max_unstored, int) or max_unstored < 0:
+            raise ValueError(f"max_unstored must be an integer >= 0, got {max_unstored!r}")
+        self.max_unstored_checkpoints = max_unstored
+        for t in self._train.values():
+            self._hold(t)
+
+    def checkpoint_stored(self, job_id: str) -> bool:
+        """One of the job's checkpoints is stored (or given up): a held job goes on. False if unknown."""
+        t = self._train.get(job_id)
+        if t is None:
+            return False
+        t.unstored = max(0, t.unstored - 1)
+        self._hold(t)
+        return True
+
+    def _hold(self, t: _Train) -> None:
+        bound = self.max_unstored_checkpoints
+        t.feed.held = bool(bound) and t.unstored >= bound
 
     def set_paused(self, job_id: str, paused: bool) -> bool:
         t = self._train.get(job_id)
@@ -358,6 +387,9 @@ class JobBook:
             return events
         if job.should_checkpoint:
             events.append(JobCheckpoint(job.job_id, job.step, dump_checkpoint(job)))
+            if self.max_unstored_checkpoints:
+                t.unstored += 1
+                self._hold(t)
         if job.is_done:
             trained = job.finish()  # first: weights it refuses leave the job registered, to be failed
             self._unregister(job.job_id)

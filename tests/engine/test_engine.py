@@ -171,6 +171,48 @@ def test_checkpoint_resume_in_a_fresh_engine_matches_uninterrupted(model_dir: Pa
     assert again.metrics["loss"] == pytest.approx(final.metrics["loss"], rel=1e-5)
 
 
+def test_a_job_waits_while_its_checkpoints_are_not_stored_and_trains_the_same(model_dir: Path) -> None:
+    """With a checkpoint window of 1, a job that checkpoints every step stops after each checkpoint
+    (no step, no work for the engine) until it is said stored; its steps, checkpoints and weights are
+    those of a job that never waits."""
+    params = TrainingParams(optimizer="adamw", lr=5e-3, max_steps=5, micro_batch_tokens=20, seed=3,
+                            checkpoint_every=1)
+    free = make_engine(model_dir)
+    free.add_training_job("t1", train_data(1), params, lora=LORA, job_id="j")
+    unheld = free.run_until_idle()
+
+    held = make_engine(model_dir)
+    held.set_checkpoint_window(1)
+    held.add_training_job("t1", train_data(1), params, lora=LORA, job_id="j")
+    events: list = []
+    for expected_step in range(1, 6):
+        while not any(isinstance(e, JobCheckpoint) and e.step == expected_step for e in events):
+            assert held.has_work()
+            events += held.step()
+        if expected_step == 5:
+            break
+        stats = held.jobs.stats()["j"]
+        assert stats["held"] and stats["unstored_checkpoints"] == 1 and stats["step"] == expected_step
+        assert not held.has_work()  # nothing to step: the worker's engine thread waits for a command
+        for _ in range(3):
+            events += held.step()
+        assert held.jobs.stats()["j"]["step"] == expected_step
+        assert held.checkpoint_stored("j")
+        assert not held.jobs.stats()["j"]["held"]
+    events += held.run_until_idle()
+    assert not held.checkpoint_stored("j")  # finished: unknown
+    steps = [e.step for e in events if isinstance(e, JobCheckpoint)]
+    assert steps == [e.step for e in unheld if isinstance(e, JobCheckpoint)] == [1, 2, 3, 4, 5]
+    mine, theirs = (next(e for e in evs if isinstance(e, JobFinished)) for evs in (events, unheld))
+    assert mine.status == theirs.status == "succeeded"
+    for key, (a, b) in LoRAAdapter.from_bytes(theirs.adapter).weights.items():
+        other = LoRAAdapter.from_bytes(mine.adapter).weights[key]
+        torch.testing.assert_close(other[0], a, rtol=0, atol=0)
+        torch.testing.assert_close(other[1], b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_unstored"):
+        held.set_checkpoint_window(-1)
+
+
 def test_streaming_stop_strings_abort_and_kv_reclaimed(model_dir: Path) -> None:
     engine = make_engine(model_dir)
     total_blocks = engine.blocks.num_free_blocks
@@ -261,6 +303,7 @@ def test_pause_resume_and_evaluate(model_dir: Path) -> None:
     for _ in range(3):
         engine.step()
     assert engine.jobs.stats()["j"]["step"] == step
+    assert not engine.has_work()  # a paused job needs no step
     engine.resume_job("j")
     engine.run_until_idle()
     trained = engine.evaluate("t", train_data(0))

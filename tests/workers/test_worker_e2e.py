@@ -100,3 +100,41 @@ async def test_training_job_then_serving_the_new_adapter(topics: Any, database_u
     trained = LoRAAdapter.from_bytes(adapter.data)
     assert any(float(b.abs().sum()) > 0 for _, b in trained.weights.values())
     assert torch.is_tensor(next(iter(trained.weights.values()))[0])
+
+
+async def test_a_job_waits_for_its_checkpoints_to_be_stored(topics: Any, database_url: str, make_engine: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint at every step while the database stores slowly: the job stops two checkpoints ahead
+    of the store (``max_unstored_checkpoints``) instead of piling up their bytes in the worker, and goes
+    on once they are stored; every checkpoint is stored and the job's result is the one it would have."""
+    import asyncio
+
+    from loquetier.workers.jobs import LeasedJobs
+
+    entered, gate = asyncio.Event(), asyncio.Event()
+    original = LeasedJobs._checkpoint
+
+    async def slow(self: LeasedJobs, ev: Any, rj: Any) -> None:
+        if ev.step == 1:
+            entered.set()
+            await asyncio.wait_for(gate.wait(), 60)  # a database that takes its time
+        await original(self, ev, rj)
+
+    monkeypatch.setattr(LeasedJobs, "_checkpoint", slow)
+    settings = await topics(max_unstored_checkpoints=2)
+    steps = 7
+    job = {"adapter_id": "e2e-held", "data": train_data(2), "lora": LORA,
+           "params": {"lr": 5e-3, "max_steps": steps, "micro_batch_tokens": 20, "seed": 4, "checkpoint_every": 1}}
+    async with running_worker(make_engine(), settings) as worker, client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        await asyncio.wait_for(entered.wait(), 60)
+        await asyncio.sleep(2.0)  # hundreds of tiny steps' time
+        held = (await worker.client.stats())["jobs"][job_id]
+        assert held["held"] and held["step"] == 2 and held["unstored_checkpoints"] == 2, held
+        gate.set()
+        records = [r async for r in client.results([job_id])]
+    assert [r.step for r in records if r.type == "checkpoint"] == list(range(1, steps + 1))
+    assert records[-1].type == "job_done" and records[-1].status == "succeeded" and records[-1].step == steps
+    stored = await query(database_url, lambda s: s.scalars(select(CheckpointRow.step).where(
+        CheckpointRow.job_id == job_id)))
+    assert sorted(stored.all()) == list(range(steps - settings.worker.keep_checkpoints + 1, steps + 1))
