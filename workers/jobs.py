@@ -361,15 +361,27 @@ class LeasedJobs:
             log.warning("job history entry not stored", extra={"job_id": job_id, "kind": kind, "error": repr(exc)})
 
     async def _checkpoint(self, ev: JobCheckpoint, rj: RunningJob) -> None:
+        # a worker whose lease ran out while its job went on elsewhere writes no file and no row of it:
+        # the new holder's checkpoints (the same names) are the job's
+        other = await self._store.tx(lambda s: repo.job_taken_by(s, ev.job_id, self._worker_id))
+        if other is not None:
+            await self._not_ours(ev, other)
+            return
         blob = await self._store_blob(f"{ev.job_id}/step-{ev.step}.ckpt", ev.data)
         keep = self._settings.keep_checkpoints
 
-        async def save(s: Any) -> tuple[Any, list[str]]:
+        async def save(s: Any) -> tuple[Any, list[str], str | None]:
+            taken = await repo.job_taken_by(s, ev.job_id, self._worker_id, lock=True)
+            if taken is not None:
+                return None, [], taken
             saved = await repo.save_checkpoint(
                 s, job_id=ev.job_id, step=ev.step, meta={"worker_id": self._worker_id, "loss": rj.loss}, **blob)
-            return saved, await repo.prune_checkpoints(s, ev.job_id, keep)
+            return saved, await repo.prune_checkpoints(s, ev.job_id, keep), None
 
-        row, dropped = await self._store.tx(save)
+        row, dropped, other = await self._store.tx(save)
+        if row is None:
+            await self._not_ours(ev, other)
+            return
         if dropped:  # files of the checkpoints pruned above, once their rows are gone
             await asyncio.to_thread(remove_blobs, self._settings, dropped)
         log.info("checkpoint stored", extra={"job_id": ev.job_id, "step": ev.step, "bytes": row.size_bytes})
@@ -384,6 +396,11 @@ class LeasedJobs:
             ),
             ev.job_id,
         )
+
+    async def _not_ours(self, ev: JobCheckpoint, holder: str | None) -> None:
+        log.warning("checkpoint not stored: another worker holds the job",
+                    extra={"job_id": ev.job_id, "step": ev.step, "holder": holder})
+        await self._drop(ev.job_id, f"lease lost to {holder}")
 
     async def _finish(self, ev: JobFinished, rj: RunningJob) -> None:
         job, job_id = rj.job, ev.job_id

@@ -31,6 +31,16 @@ def _payload(
     return {"data": None, "uri": uri, "sha256": sha256, "size_bytes": size_bytes}
 
 
+async def job_taken_by(session: AsyncSession, job_id: str, worker_id: str, *, lock: bool = False) -> str | None:
+    """The worker that holds ``job_id`` when it is another than ``worker_id`` (a worker whose lease ran
+    out and whose job another worker took): such a worker must not store the job's checkpoints. None when
+    the job is ours, held by nobody (paused, queued: a checkpoint of steps already made stays good) or
+    unknown. ``lock``: hold the job's row until the transaction ends, so that no claim comes between."""
+    stmt = select(JobRow.worker_id).where(JobRow.job_id == job_id)
+    holder = await session.scalar(stmt.with_for_update() if lock else stmt)
+    return holder if holder is not None and holder != worker_id else None
+
+
 async def save_checkpoint(
     session: AsyncSession,
     *,

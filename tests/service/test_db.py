@@ -232,6 +232,24 @@ async def test_checkpoints(sessions: async_sessionmaker[AsyncSession]) -> None:
             await repo.save_checkpoint(s, job_id="j1", step=5)
 
 
+async def test_a_checkpoint_is_refused_to_a_worker_whose_job_went_elsewhere(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:
+        assert await repo.job_taken_by(s, "j1", "w1") is None  # queued: nobody holds it
+        assert await repo.claim_job(s, "w1", lease_s=30) is not None
+        assert await repo.job_taken_by(s, "j1", "w1", lock=True) is None  # ours
+        assert await repo.job_taken_by(s, "j1", "w2") == "w1"
+        assert await repo.job_taken_by(s, "no-such-job", "w2") is None
+        assert await repo.expire_lease(s, "j1", "w1")
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w2", lease_s=30) is not None  # w1's lease ran out; w2 goes on
+        assert await repo.job_taken_by(s, "j1", "w1") == "w2"
+        assert await repo.pause_job(s, "j1")
+        assert await repo.job_taken_by(s, "j1", "w1") is None  # paused: a checkpoint of made steps is good
+
+
 async def test_adapters_are_versioned(sessions: async_sessionmaker[AsyncSession]) -> None:
     common = {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"], "source_kind": "path"}
     async with sessions.begin() as s:

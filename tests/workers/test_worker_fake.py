@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -155,6 +156,57 @@ async def test_a_job_keeps_its_newest_checkpoints_and_their_files(topics: Any, d
     files = sorted(p.name for p in root.rglob("*.ckpt"))
     assert files == sorted(f"step-{step}.ckpt" for step in published[-keep:])
     assert all(r.uri and r.uri.endswith(f"step-{r.step}.ckpt") for r in rows)
+
+
+async def test_a_worker_whose_job_went_elsewhere_stores_none_of_its_checkpoints(
+    topics: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker took the job (this one's lease ran out): the next checkpoint is neither stored
+    nor announced, and the job stops here; the checkpoints made before stay."""
+    from sqlalchemy import select, update
+
+    from loquetier.db.models import CheckpointRow, JobRow
+    from loquetier.workers.jobs import LeasedJobs
+
+    original = LeasedJobs._checkpoint
+
+    async def taken_at_step_2(self: LeasedJobs, ev: Any, rj: Any) -> None:
+        if ev.step == 2:
+            db = create_engine(database_url)
+            async with session_factory(db).begin() as s:
+                await s.execute(update(JobRow).where(JobRow.job_id == ev.job_id).values(worker_id="w-elsewhere"))
+            await db.dispose()
+        await original(self, ev, rj)
+
+    monkeypatch.setattr(LeasedJobs, "_checkpoint", taken_at_step_2)
+    settings = await topics()
+    engine = FakeEngine()
+    job = {"adapter_id": "fake-moved", "data": [{"prompt": "a b", "completion": "c"}],
+           "params": {"max_steps": 6, "checkpoint_every": 1, "seed": 2}}
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        deadline = time.monotonic() + 30
+        while job_id in worker.jobs.running or not engine.stored_checkpoints:
+            assert time.monotonic() < deadline, "the job did not stop here"
+            await asyncio.sleep(0.05)
+        assert job_id not in engine.jobs  # cancelled in the engine
+        records: list[Any] = []
+
+        async def read() -> None:
+            async for record in client.results([job_id], follow=True, from_beginning=True):
+                records.append(record)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(read(), 3.0)
+    db = create_engine(database_url)
+    async with session_factory(db).begin() as s:
+        steps = (await s.scalars(select(CheckpointRow.step).where(CheckpointRow.job_id == job_id))).all()
+        row = await repo.get_job(s, job_id)
+    await db.dispose()
+    assert sorted(steps) == [1]
+    assert row is not None and row.worker_id == "w-elsewhere" and row.status == "running"
+    assert [r.step for r in records if r.type == "checkpoint"] == [1]
+    assert "job_done" not in [r.type for r in records]  # the job goes on elsewhere
 
 
 async def test_an_adapter_keeps_its_newest_versions_and_their_files(topics: Any, database_url: str,
