@@ -163,7 +163,9 @@ async def test_a_worker_whose_job_went_elsewhere_stores_none_of_its_checkpoints(
 ) -> None:
     """Another worker took the job (this one's lease ran out): the next checkpoint is neither stored
     nor announced, and the job stops here; the checkpoints made before stay."""
-    from sqlalchemy import select, update
+    from datetime import timedelta
+
+    from sqlalchemy import func, select, update
 
     from loquetier.db.models import CheckpointRow, JobRow
     from loquetier.workers.jobs import LeasedJobs
@@ -174,7 +176,8 @@ async def test_a_worker_whose_job_went_elsewhere_stores_none_of_its_checkpoints(
         if ev.step == 2:
             db = create_engine(database_url)
             async with session_factory(db).begin() as s:
-                await s.execute(update(JobRow).where(JobRow.job_id == ev.job_id).values(worker_id="w-elsewhere"))
+                await s.execute(update(JobRow).where(JobRow.job_id == ev.job_id).values(
+                    worker_id="w-elsewhere", lease_expires_at=func.now() + timedelta(hours=1)))  # renewed there
             await db.dispose()
         await original(self, ev, rj)
 
