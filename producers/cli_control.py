@@ -23,7 +23,7 @@ from .cli_support import client, database_url, kafka_settings, query
 ACTIONS = {"adapters": ("load", "unload", "export"), "jobs": ("cancel", "pause", "resume")}
 DEFAULT_TIMEOUT_S = 30.0
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_HINTS = {
+HINTS = {  # what to try next, by the worker's error code (also for `jobs events`, cli_tables)
     "unknown_adapter": "`loquetier adapters` lists the adapters",
     "unknown_job": "`loquetier jobs` lists the jobs",
     "unknown_target": "`loquetier jobs` and `loquetier requests` list what can be cancelled",
@@ -76,7 +76,7 @@ def _control(args: argparse.Namespace) -> int:
     ack = asyncio.run(_send(kafka, args.action, target, path, args.timeout))
     if not ack.ok:
         print(f"error {ack.code}: {ack.message}")
-        hint = _HINTS.get(ack.code or "")
+        hint = HINTS.get(ack.code or "")
         if hint:
             print(f"  {hint}")
         return 1

@@ -168,6 +168,7 @@ async def job_events(url: str, job_id: str, limit: int) -> list[Any]:
     """The newest ``limit`` entries of the job's history, newest first; a job that does not exist is an error."""
     from loquetier.db import repo
 
+    from .cli_control import HINTS
     from .cli_support import query
 
     async def read(session: Any) -> list[Any] | None:
@@ -177,5 +178,5 @@ async def job_events(url: str, job_id: str, limit: int) -> list[Any]:
 
     rows = await query(url, read)
     if rows is None:
-        raise UserError(f"no job {job_id!r} in the database", "`loquetier jobs` lists the jobs")
+        raise UserError(f"no job {job_id!r} in the database", HINTS["unknown_job"])
     return rows
