@@ -361,12 +361,13 @@ class LeasedJobs:
             log.warning("job history entry not stored", extra={"job_id": job_id, "kind": kind, "error": repr(exc)})
 
     async def _checkpoint(self, ev: JobCheckpoint, rj: RunningJob) -> None:
-        # a worker whose lease ran out while its job went on elsewhere writes no file and no row of it:
-        # the new holder's checkpoints (the same names) are the job's
-        other = await self._store.tx(lambda s: repo.job_taken_by(s, ev.job_id, self._worker_id))
-        if other is not None:
-            await self._not_ours(ev, other)
-            return
+        # a worker whose lease ran out while its job went on elsewhere writes no row (checked in the
+        # row's transaction, below) and no file (checked first: the new holder's files have the same names)
+        if self._settings.checkpoint_storage == "uri":
+            other = await self._store.tx(lambda s: repo.job_taken_by(s, ev.job_id, self._worker_id))
+            if other is not None:
+                await self._not_ours(ev, other)
+                return
         blob = await self._store_blob(f"{ev.job_id}/step-{ev.step}.ckpt", ev.data)
         keep = self._settings.keep_checkpoints
 

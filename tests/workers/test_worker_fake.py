@@ -158,11 +158,13 @@ async def test_a_job_keeps_its_newest_checkpoints_and_their_files(topics: Any, d
     assert all(r.uri and r.uri.endswith(f"step-{r.step}.ckpt") for r in rows)
 
 
+@pytest.mark.parametrize("storage", ["db", "uri"])
 async def test_a_worker_whose_job_went_elsewhere_stores_none_of_its_checkpoints(
-    topics: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+    topics: Any, database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, storage: str
 ) -> None:
     """Another worker took the job (this one's lease ran out): the next checkpoint is neither stored
-    nor announced, and the job stops here; the checkpoints made before stay."""
+    (no row, and with file storage no file) nor announced, and the job stops here; the checkpoints made
+    before stay."""
     from datetime import timedelta
 
     from sqlalchemy import func, select, update
@@ -182,7 +184,8 @@ async def test_a_worker_whose_job_went_elsewhere_stores_none_of_its_checkpoints(
         await original(self, ev, rj)
 
     monkeypatch.setattr(LeasedJobs, "_checkpoint", taken_at_step_2)
-    settings = await topics()
+    root = tmp_path / "blobs"
+    settings = await topics(checkpoint_storage=storage, checkpoint_dir=root)
     engine = FakeEngine()
     job = {"adapter_id": "fake-moved", "data": [{"prompt": "a b", "completion": "c"}],
            "params": {"max_steps": 6, "checkpoint_every": 1, "seed": 2}}
@@ -210,6 +213,7 @@ async def test_a_worker_whose_job_went_elsewhere_stores_none_of_its_checkpoints(
     assert row is not None and row.worker_id == "w-elsewhere" and row.status == "running"
     assert [r.step for r in records if r.type == "checkpoint"] == [1]
     assert "job_done" not in [r.type for r in records]  # the job goes on elsewhere
+    assert sorted(p.name for p in root.rglob("*.ckpt")) == (["step-1.ckpt"] if storage == "uri" else [])
 
 
 async def test_an_adapter_keeps_its_newest_versions_and_their_files(topics: Any, database_url: str,
