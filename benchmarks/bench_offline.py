@@ -219,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     # rounds of the adapter cases with both halves of the decode-sized LoRA forwards, the shrinks alone,
     # the expands alone and neither (timing only: what each half adds to a served step)
     halves_rounds = int(_take(pre, "--lora-halves") or 0)
-    # rounds of (gate|up's expands done by SiLU·mul row by row, by the expand kernel): set_lora_rows
-    rows_rounds = int(_take(pre, "--rows-ab") or 0)
     args = common.parse_args(__doc__.splitlines()[0], pre)
     log = common.Logger()
     spec, dev, dtype = args.spec, args.device, args.dtype
@@ -360,17 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             while restore:
                 restore.pop()()
-    if rows_rounds:
-        from loquetier.kernels import lora_rows, set_lora_rows
-
-        default_rows = lora_rows()
-        try:
-            compare("rows", [(label, functools.partial(set_lora_rows, label == "SiLU·mul"))
-                             for _ in range(rows_rounds) for label in ("SiLU·mul", "expand kernel")], lora_cases,
-                    recapture=True)
-        finally:
-            set_lora_rows(default_rows)
-    if overlaps or tuning_ab or attn_ab or blas_ab or carry_rounds or halves_rounds or rows_rounds:
+    if overlaps or tuning_ab or attn_ab or blas_ab or carry_rounds or halves_rounds:
         engine.capture_graphs(recapture=True)
     # decode windows chained (the next window queued before the host applies the last) or not
     default_chain = engine.window.chain
@@ -472,10 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             ("halves", "The two halves of the LoRA work in a decode step", "Timing only (the tokens are not "
              "the model's): the adapter cases with the decode-sized LoRA forwards launching both halves, the "
              "shrinks alone, the expands alone (over zeros) and neither, graphs captured again for each, in "
-             "turn (`--lora-halves`)", "LoRA launches"),
-            ("rows", "gate|up's expands in SiLU·mul", "The adapter cases with gate|up's LoRA expands done row by "
-             "row by the SiLU·mul kernel (`set_lora_rows`, `LOQUETIER_LORA_ROWS`) and by the expand kernel, "
-             "graphs captured again for each, in turn (`--rows-ab`)", "gate|up expands")):
+             "turn (`--lora-halves`)", "LoRA launches")):
         if results.get(kind):
             rows = [[r["setting"], r["case"].removeprefix("ours_"), report.fmt(r["tokens_per_s"]),
                      report.fmt(r["x_floor"], 3), report.fmt(r["decode_step_ms"], 2)] for r in results[kind]]
@@ -483,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry", "halves", "rows")
+    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry", "halves")
                 for r in results.get(kind, [])]
     for r in [*results.values(), *compared]:
         if isinstance(r, dict):

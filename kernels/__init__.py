@@ -10,19 +10,16 @@ from .ops import (
     force_backend,
     fused_decode_enabled,
     lora_linear,
-    lora_linear_rows,
     lora_overlap,
-    lora_rows,
     overlap_scope,
     set_deterministic,
     set_fused_decode,
     set_lora_overlap,
-    set_lora_rows,
     variant_metas,
     warm_lora_linear,
 )
 from .weights import ModuleLoRA
 
 __all__ = ["ModuleLoRA", "SMLMMeta", "backend_for", "deterministic_enabled", "force_backend", "fused_decode_enabled",
-           "lora_linear", "lora_linear_rows", "lora_overlap", "lora_rows", "overlap_scope", "set_deterministic",
-           "set_fused_decode", "set_lora_overlap", "set_lora_rows", "variant_metas", "warm_lora_linear"]
+           "lora_linear", "lora_overlap", "overlap_scope", "set_deterministic", "set_fused_decode",
+           "set_lora_overlap", "variant_metas", "warm_lora_linear"]

@@ -19,7 +19,6 @@ Training rows keep the torch expressions (autograd); model code picks these thro
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -177,96 +176,25 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: 
     return q, k
 
 
-@dataclass(frozen=True)
-class RowLoRA:
-    """A fused module's LoRA terms, left for the kernel that reads the module's output to add row by
-    row (``ops.lora_linear_rows``): the shrink's K splits' partial sums and each part's B pool."""
-
-    splits: torch.Tensor  # [num_splits, T, P * max_rank] fp32; part p's v: columns p * max_rank on
-    slots: torch.Tensor  # [T] int32, each row's adapter slot, -1: none
-    parts: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]  # per part: b [S, R, N], ranks, scales
-    max_rank: int
-
-
 @triton.jit
-def _row_term(  # noqa: PLR0917
-    row, slot, cols, mask, sp_ptr, stride_ss, stride_sm, num_splits, v_col0,
-    b_ptr, stride_bs, stride_br, ranks_ptr, scales_ptr,
-    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """scale[slot] * v[row] @ b[slot, :r, cols] in fp32 (0 without an adapter): the expand of one row,
-    v summed over the shrink's K splits in split order and rounded to b's dtype, as the expand does."""
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    if slot >= 0:
-        r = tl.load(ranks_ptr + slot)
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, r, BLOCK_R):
-            rs = r0 + offs_r
-            r_mask = rs < r
-            vp = sp_ptr + row * stride_sm + v_col0 + rs
-            v = tl.load(vp, mask=r_mask, other=0.0)
-            for split in range(1, num_splits):
-                v += tl.load(vp + split * stride_ss, mask=r_mask, other=0.0)
-            vb = v.to(b_ptr.dtype.element_ty).to(tl.float32)
-            bt = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rs[:, None] * stride_br + cols[None, :],
-                         mask=r_mask[:, None] & mask[None, :], other=0.0)
-            acc += tl.sum(vb[:, None] * bt.to(tl.float32), axis=0)
-        acc = tl.load(scales_ptr + slot) * acc
-    return acc
-
-
-@triton.jit
-def _silu_mul_kernel(  # noqa: PLR0917
-    gu_ptr, stride_gu, out_ptr, stride_o, inter,
-    sp_ptr, stride_ss, stride_sm, num_splits, slots_ptr, max_rank,
-    bg_ptr, bu_ptr, stride_bs, stride_br, rg_ptr, ru_ptr, sg_ptr, su_ptr,
-    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _silu_mul_kernel(gu_ptr, stride_gu, out_ptr, stride_o, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
     u = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
-    if ROWS:  # gate|up's LoRA terms, expanded here, added and rounded as the expand adds them
-        slot = tl.load(slots_ptr + row)
-        tg = _row_term(row, slot, cols, mask, sp_ptr, stride_ss, stride_sm, num_splits, 0,
-                       bg_ptr, stride_bs, stride_br, rg_ptr, sg_ptr, BLOCK_R, BLOCK)
-        tu = _row_term(row, slot, cols, mask, sp_ptr, stride_ss, stride_sm, num_splits, max_rank,
-                       bu_ptr, stride_bs, stride_br, ru_ptr, su_ptr, BLOCK_R, BLOCK)
-        g = (g.to(tl.float32) + tg).to(g.dtype)
-        u = (u.to(tl.float32) + tu).to(u.dtype)
     gf = g.to(tl.float32)
     s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
     tl.store(out_ptr + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
 
-ROW_BLOCK = 256  # silu_mul's columns a program when it expands LoRA terms (a [16, 256] b tile)
-
-
-def silu_mul(gu: torch.Tensor, inter: int, lora: RowLoRA | None = None) -> torch.Tensor:
-    """gu [n, 2 * inter] (gate then up) -> silu(gate) * up [n, inter]. ``lora``: gate|up's LoRA terms
-    not yet in gu (``ops.lora_linear_rows``), expanded and added row by row first."""
+def silu_mul(gu: torch.Tensor, inter: int) -> torch.Tensor:
+    """gu [n, 2 * inter] (gate then up) -> silu(gate) * up [n, inter]."""
     assert gu.dim() == 2 and gu.shape[1] == 2 * inter and gu.stride(1) == 1
     out = torch.empty(gu.shape[0], inter, dtype=gu.dtype, device=gu.device)
-    if not gu.shape[0]:
-        return out
-    block = 1024 if not INTERPRET else triton.next_power_of_2(inter)
-    if lora is None:
+    if gu.shape[0]:
+        block = 1024 if not INTERPRET else triton.next_power_of_2(inter)
         launch(_silu_mul_kernel, (gu.shape[0], triton.cdiv(inter, block)),
-            gu, gu.stride(0), out, out.stride(0), inter, gu, 0, 0, 0, gu, 0, gu, gu, 0, 0, gu, gu, gu, gu,
-            ROWS=False, BLOCK_R=16, BLOCK=block, num_warps=4,
+            gu, gu.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=4,
         )  # fmt: skip
-        return out
-    (bg, rg, sg), (bu, ru, su) = lora.parts
-    sp = lora.splits
-    assert len(lora.parts) == 2 and bg.shape[2] == bu.shape[2] == inter and bg.stride() == bu.stride()
-    assert sp.dtype == torch.float32 and sp.shape[1:] == (gu.shape[0], 2 * lora.max_rank) and sp.stride(2) == 1
-    assert lora.slots.shape == (gu.shape[0],) and bg.stride(2) == 1
-    block = min(block, ROW_BLOCK)
-    launch(_silu_mul_kernel, (gu.shape[0], triton.cdiv(inter, block)),
-        gu, gu.stride(0), out, out.stride(0), inter,
-        sp, sp.stride(0), sp.stride(1), sp.shape[0], lora.slots, lora.max_rank,
-        bg, bu, bg.stride(0), bg.stride(1), rg, ru, sg, su,
-        ROWS=True, BLOCK_R=16, BLOCK=block, num_warps=4,
-    )  # fmt: skip
     return out

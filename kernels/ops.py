@@ -23,14 +23,6 @@ H200, 0.43-0.58 ms off a batch-64 decode step with 32 adapters in two runs,
 docs/benchmarks/offline.md). Eager steps keep one stream: two stream switches per module would cost
 more host time than they hide.
 ``LOQUETIER_LORA_OVERLAP=0/1`` (default 1) or ``set_lora_overlap``.
-
-Row expands (``lora_linear_rows``, inference rows only): for a decode-sized step whose next kernel can
-expand the LoRA terms itself (``fused.silu_mul`` after gate|up), only the shrink is launched (beside
-the GEMM in graphs, as above) and its K splits go to that kernel, which adds each row's terms as it
-reads the GEMM's output: one launch, and one read and write of the output, fewer a module. The terms
-are the expand's up to the summation order of the rank-sized product (a per-row sum in place of a
-tensor-core dot). ``LOQUETIER_LORA_ROWS=0/1`` (default 0: not yet timed on a GPU) or ``set_lora_rows``;
-eager and graph steps alike.
 """
 
 from __future__ import annotations
@@ -147,31 +139,11 @@ OVERLAP_ENV = "LOQUETIER_LORA_OVERLAP"
 _ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
-def _switch_from_env(name: str, default: str) -> bool:
-    value = os.environ.get(name, default).strip().lower() or default
-    if value not in _ON + _OFF:
-        raise ValueError(f"{name} must be 1 or 0 (on or off), got {value!r}")
-    return value in _ON
-
-
 def _overlap_from_env() -> bool:
-    return _switch_from_env(OVERLAP_ENV, "1")
-
-
-ROWS_ENV = "LOQUETIER_LORA_ROWS"
-_rows = _switch_from_env(ROWS_ENV, "0")
-
-
-def set_lora_rows(on: bool | None) -> None:
-    """Whether ``lora_linear_rows`` leaves a decode-sized step's expands to the kernel after it (True)
-    or expands as ``lora_linear`` does (False); None: back to ``LOQUETIER_LORA_ROWS`` (default off). A
-    graph keeps the setting it was captured with."""
-    global _rows
-    _rows = _switch_from_env(ROWS_ENV, "0") if on is None else bool(on)
-
-
-def lora_rows() -> bool:
-    return _rows
+    value = os.environ.get(OVERLAP_ENV, "1").strip().lower() or "1"
+    if value not in _ON + _OFF:
+        raise ValueError(f"{OVERLAP_ENV} must be 1 or 0 (on or off), got {value!r}")
+    return value in _ON
 
 
 _overlap = _overlap_from_env()
@@ -280,42 +252,6 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  
     main.wait_stream(side)
     finish(y)
     return y, vs
-
-
-def lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0917
-                     loras: Sequence[LoRAPart] = (), meta: SMLMMeta | None = None) -> tuple[torch.Tensor, Any]:
-    """``lora_linear`` of inference rows alone (no grad), for a caller whose next kernel can expand the
-    LoRA terms row by row (``fused.silu_mul``'s ``lora``): (y, None) as ``lora_linear`` gives it, or,
-    where row expands apply (``set_lora_rows``, a decode-sized step, parts that share one shrink),
-    (y without its LoRA terms, a ``fused.RowLoRA`` of the shrink's K splits and the parts' B pools)."""
-    if meta is not None and (meta.num_tokens != x.shape[0] or meta.num_train_tokens):
-        raise ValueError(f"meta covers {meta.num_tokens} rows ({meta.num_train_tokens} training), "
-                         f"batch has {x.shape[0]} inference rows")
-    with torch.no_grad():
-        backend = backend_for(x.device)
-        if not (_rows and meta is not None and backend.name == "triton" and meta.num_segments
-                and backend.forward_split is not None and backend.forward_split[0](meta)
-                and [off for _, off in loras] == [i * loras[0][0].out_features for i in range(len(loras))]
-                and all(lo.out_features == loras[0][0].out_features for lo, _ in loras)):
-            return _forward(x, weight, bias, loras, meta, backend, keep_v=False)[0], None
-        from . import fused, smlm
-
-        modules = [lo for lo, _ in loras]
-        if not smlm.parts_fit(modules) and len(modules) > 1:
-            return _forward(x, weight, bias, loras, meta, backend, keep_v=False)[0], None
-        if _overlap and _overlap_depth and x.is_cuda:  # the shrink beside the GEMM, as _forward does
-            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                splits = smlm.shrink_splits(x, loras, meta)
-            y = F.linear(x, weight, bias)
-            main.wait_stream(side)
-        else:
-            splits = smlm.shrink_splits(x, loras, meta)
-            y = F.linear(x, weight, bias)
-        assert splits is not None
-        parts = tuple((lo.b, lo.ranks, lo.scales) for lo in modules)
-        return y, fused.RowLoRA(splits, meta.token_slots, parts, modules[0].max_rank)
 
 
 class _LoRALinear(torch.autograd.Function):

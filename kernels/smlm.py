@@ -496,6 +496,7 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
     ``forward_split``; ``finish`` must run once, before the next ``split_shrink`` on the same stream
     reuses nothing of this one's (each call has its own buffer)."""
     loras = [lo for lo, _ in parts]
+    first = loras[0]
     _check_shrink_inputs(x, loras)
     if not meta.num_blocks:
         return _nothing
@@ -506,41 +507,13 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
             for f in finishes:
                 f(y)
         return finish_each
-    splits = shrink_splits(x, parts, meta)
-    assert splits is not None
-    v = splits[0]
-    if len(parts) == 1:
-        lora, offset = parts[0]
-
-        def finish_one(y: torch.Tensor) -> None:
-            _check_parts(y, x, parts)
-            _expand_into(y.narrow(1, offset, lora.out_features), v, lora.b, lora, blocks=meta.blocks,
-                         num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True, splits=splits)
-        return finish_one
-
-    def finish_parts(y: torch.Tensor) -> None:
-        _check_parts(y, x, parts)
-        expand_parts(y, v, parts, meta, splits=splits)
-    return finish_parts
-
-
-def shrink_splits(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta) -> torch.Tensor | None:
-    """The shrink of ``split_shrink`` alone: launched now, its K splits' partial sums returned,
-    ``[split_k, T, P * max_rank]`` fp32 (part p's v is columns ``p * max_rank`` on, summed over the
-    splits in order), for a kernel that does the expand itself (``fused.silu_mul``'s ``lora``). None
-    when there is nothing to shrink (no blocks) or the parts cannot share one launch (``parts_fit``)."""
-    loras = [lo for lo, _ in parts]
-    first = loras[0]
-    _check_shrink_inputs(x, loras)
-    if not meta.num_blocks or (len(parts) > 1 and not parts_fit(loras)):
-        return None
     num, r, k = len(parts), first.max_rank, x.shape[1]
     block_m, block_r, block_k, split_k, chunks = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num,
                                                                x.device)
     splits = _split_buffer((split_k, x.shape[0], num * r), x.device)
     v = splits[0]
     if num == 1:
-        lora, _ = parts[0]
+        lora, offset = parts[0]
         launch(shrink_kernel, (meta.num_blocks, split_k * chunks),
             x, x.stride(0), x.stride(1),
             lora.a, lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
@@ -551,7 +524,12 @@ def shrink_splits(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
             num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(lora.a),
         )  # fmt: skip
-        return splits
+
+        def finish_one(y: torch.Tensor) -> None:
+            _check_parts(y, x, parts)
+            _expand_into(y.narrow(1, offset, lora.out_features), v, lora.b, lora, blocks=meta.blocks,
+                         num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True, splits=splits)
+        return finish_one
     a0, a1, a2 = _padded([lo.a for lo in loras])
     r0, r1, r2 = _padded([lo.ranks for lo in loras])
     launch(shrink_parts_kernel, (meta.num_blocks, split_k * chunks, num),
@@ -564,7 +542,11 @@ def shrink_splits(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
         num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
-    return splits
+
+    def finish_parts(y: torch.Tensor) -> None:
+        _check_parts(y, x, parts)
+        expand_parts(y, v, parts, meta, splits=splits)
+    return finish_parts
 
 
 def _nothing(y: torch.Tensor) -> None:

@@ -25,8 +25,7 @@
 #                     that BLAS library against the engine's, two rounds; CARRY_AB=N times every case N
 #                     rounds with each layer's MLP output carried into the next norm, then added per layer;
 #                     HALVES=N times the adapter cases N rounds with the decode-sized LoRA forwards
-#                     launching both halves, the shrinks alone, the expands alone, neither (timing only);
-#                     ROWS_AB=N: N rounds of gate|up's expands done by SiLU·mul, then by the expand kernel
+#                     launching both halves, the shrinks alone, the expands alone, neither (timing only)
 #   decode            bench_decode's batch-64 graph step, the fused graph with the MLP output carried and
 #                     added (two rounds, also pipelined) (OVERLAPS: the fused graph in each mode too)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
@@ -84,7 +83,7 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "${GPU_TESTS_K:-cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv or fused_inference_rows or row_expands or rows}" ;;
+            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "${GPU_TESTS_K:-cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv or fused_inference_rows}" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
@@ -107,8 +106,7 @@ for name in $STEPS; do
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
-            ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} ${ROWS_AB:+--rows-ab "$ROWS_AB"} \
-            --out "$OUT/offline" ;;
+            ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \

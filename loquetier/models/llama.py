@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loquetier.kernels import SMLMMeta, lora_linear, lora_linear_rows, variant_metas, warm_lora_linear
+from loquetier.kernels import SMLMMeta, lora_linear, variant_metas, warm_lora_linear
 from loquetier.kernels.model_ops import fused_ops
 from loquetier.lora.pool import LoRASlotPool, ModelDims
 
@@ -174,13 +174,9 @@ class DecoderLayer(nn.Module):
         else:
             h_r = h_r + o_r
             x_r = rms_norm(h_r, self.post_norm, eps)
+        gu_r = lora_linear(empty, x_r, self.gate_up_weight, self.gate_up_bias, self.gate_up_loras, meta)[1]
         inter = self.cfg.intermediate_size
-        if f and self.gate_up_loras:  # SiLU·mul can expand gate|up's LoRA terms itself (ops.set_lora_rows)
-            gu_r, rows = lora_linear_rows(x_r, self.gate_up_weight, self.gate_up_bias, self.gate_up_loras, meta)
-            m_r = f.silu_mul(gu_r, inter, lora=rows)
-        else:
-            gu_r = lora_linear(empty, x_r, self.gate_up_weight, self.gate_up_bias, self.gate_up_loras, meta)[1]
-            m_r = f.silu_mul(gu_r, inter) if f else F.silu(gu_r[:, :inter]) * gu_r[:, inter:]
+        m_r = f.silu_mul(gu_r, inter) if f else F.silu(gu_r[:, :inter]) * gu_r[:, inter:]
         d_r = lora_linear(empty, m_r, self.down_weight, self.down_bias, self.down_loras, meta)[1]
         return _add_rest(h_r, d_r, st)
 

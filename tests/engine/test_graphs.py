@@ -18,7 +18,7 @@ import torch
 
 from loquetier import Engine, SamplingParams, TrainingParams
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow, HostStaging, bucket_sizes
-from loquetier.kernels import force_backend, ops, set_lora_overlap, set_lora_rows
+from loquetier.kernels import force_backend, set_lora_overlap
 from tests.engine.test_engine import make_engine, train_data
 from tests.tiny import make_tiny_model
 
@@ -76,44 +76,6 @@ def test_decode_through_the_static_layout_matches_plain_steps(model_dir: Path, b
     base = graphs.generate(PROMPTS[:3], sampling=SamplingParams(max_tokens=4, temperature=0.0))
     assert [o.token_ids for o in base] == [
         o.token_ids for o in plain.generate(PROMPTS[:3], sampling=SamplingParams(max_tokens=4, temperature=0.0))]
-
-
-def test_row_expands_give_the_same_tokens_and_logprobs(model_dir: Path, backend: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The graph layout's decode steps with gate|up's LoRA terms expanded by SiLU·mul row by row
-    (``set_lora_rows``) give the tokens of the expands, and logprobs within the rank-sized sums'
-    summation order, with adapters of other targets and rows without one in the same steps."""
-    if backend != "triton":
-        pytest.skip("row expands need the Triton SMLM and fused kernels")
-    from loquetier.kernels import fused
-
-    handed = {"n": 0}
-    rows = ops.lora_linear_rows
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        out = rows(*args, **kwargs)
-        handed["n"] += out[1] is not None
-        return out
-
-    monkeypatch.setattr(ops, "lora_linear_rows", counted)
-    from loquetier.models import llama
-
-    monkeypatch.setattr(llama, "lora_linear_rows", counted)
-    sampling = SamplingParams(max_tokens=4, temperature=0.0, logprobs=True)
-    outs = []
-    fused.force(True)
-    try:
-        for on in (False, True):
-            set_lora_rows(on)
-            engine = graph_engine(model_dir, backend)
-            outs.append(engine.generate(PROMPTS[:5], adapter_ids=ADAPTERS[:5], sampling=sampling))
-    finally:
-        set_lora_rows(None)
-        fused.force(None)
-    assert handed["n"] > 0  # the second run expanded rows in SiLU·mul
-    assert [o.token_ids for o in outs[1]] == [o.token_ids for o in outs[0]]
-    for got, want in zip(outs[1], outs[0], strict=True):
-        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
 
 
 def test_scratch_block_is_never_handed_out_and_padding_writes_only_there(model_dir: Path) -> None:
@@ -179,34 +141,29 @@ def test_graph_rows_reject_a_short_block_table(model_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-@pytest.mark.parametrize(("overlap", "rows"), [(False, False), (True, False), (True, True)])
-def test_captured_graphs_match_plain_steps_on_cuda(model_dir: Path, overlap: bool, rows: bool) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_captured_graphs_match_plain_steps_on_cuda(model_dir: Path, overlap: bool) -> None:
     """On a GPU: the captured graphs (fp32, so token equality is meaningful) against plain steps,
     with adapters, across buckets, after an adapter reload between replays; with the graphs' LoRA
-    shrinks on a side stream beside the base GEMMs and without (``set_lora_overlap``), and with
-    gate|up's expands done by SiLU·mul, in both engines (``set_lora_rows``)."""
+    shrinks on a side stream beside the base GEMMs and without (``set_lora_overlap``)."""
     force_backend(None)
-    set_lora_rows(rows)
+    plain = make_engine(model_dir, device="cuda", cuda_graphs="off")
+    graphs = make_engine(model_dir, device="cuda", cuda_graphs="on")
+    set_lora_overlap(overlap)
     try:
-        plain = make_engine(model_dir, device="cuda", cuda_graphs="off")
-        graphs = make_engine(model_dir, device="cuda", cuda_graphs="on")
-        set_lora_overlap(overlap)
-        try:
-            assert graphs.capture_graphs() > 0
-        finally:
-            set_lora_overlap(None)
-        sampling = SamplingParams(max_tokens=8, temperature=0.0)
-        want = plain.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
-        got = graphs.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
-        assert [o.token_ids for o in got] == [o.token_ids for o in want]
-        assert graphs.runner.graphs is not None and graphs.runner.graphs.num_replays > 0
-        for engine in (plain, graphs):  # a reload writes new weights into the same slot storage
-            engine.load_adapter("a", _reloaded(engine))
-        want = plain.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
-        got = graphs.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
-        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert graphs.capture_graphs() > 0
     finally:
-        set_lora_rows(None)
+        set_lora_overlap(None)
+    sampling = SamplingParams(max_tokens=8, temperature=0.0)
+    want = plain.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
+    got = graphs.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert graphs.runner.graphs is not None and graphs.runner.graphs.num_replays > 0
+    for engine in (plain, graphs):  # a reload writes new weights into the same slot storage
+        engine.load_adapter("a", _reloaded(engine))
+    want = plain.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
+    got = graphs.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=sampling)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
 def _reloaded(engine: Engine):  # type: ignore[no-untyped-def]
