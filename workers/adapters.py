@@ -139,9 +139,10 @@ class AdapterSync:
         return True
 
     async def unload(self, adapter_id: str) -> None:
-        self.versions.pop(adapter_id, None)
+        """Unload from the engine, then forget its version (an engine that refuses keeps both)."""
         if await self._client.has_adapter(adapter_id):
             await self._client.unload_adapter(adapter_id)
+        self.versions.pop(adapter_id, None)
 
     def mark_loaded(self, adapter_id: str, version: int | None) -> None:
         self.versions[adapter_id] = version

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from loquetier.db import repo
+from loquetier.db import repo, tenancy_repo
 from loquetier.db.store import Store
 from loquetier.messages import ControlAck, ControlCommand, JobDoneResult
 from loquetier.settings import WorkerSettings
@@ -143,11 +143,17 @@ class Control:
 
     async def _unload(self, cmd: ControlCommand) -> Outcome:
         adapter_id = cmd.target_id
-        num_archived = await self._store.tx(lambda s: repo.archive_adapter(s, adapter_id))
+        # Refusals first, archiving last: an unload that is refused changes nothing, here or in the
+        # table (archived versions are never served again, by any worker)
+        jobs = await self._store.tx(lambda s: tenancy_repo.unfinished_jobs_of_adapter(s, adapter_id))
+        if jobs:
+            raise ControlError("adapter_busy", f"adapter {adapter_id!r} is trained or used as a base by unfinished "
+                                               f"job(s) {', '.join(jobs[:5])}; cancel them first")
         is_loaded = adapter_id in self._adapters.versions or await self._client.has_adapter(adapter_id)
+        await self._adapters.unload(adapter_id)  # the engine may refuse: then nothing is archived
+        num_archived = await self._store.tx(lambda s: repo.archive_adapter(s, adapter_id))
         if not num_archived and not is_loaded:
             raise ControlError("unknown_adapter", f"adapter {adapter_id!r} is neither served nor registered")
-        await self._adapters.unload(adapter_id)
         return f"adapter {adapter_id!r} unloaded ({num_archived} version(s) archived)", None
 
     # --- jobs and requests ------------------------------------------------------------------

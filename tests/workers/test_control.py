@@ -89,6 +89,36 @@ async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_u
         await asyncio.wait_for(worker._stop.wait(), 20)
 
 
+async def test_an_unload_refused_while_a_job_trains_the_adapter_changes_nothing(topics: Any, database_url: str) -> None:
+    """An unload of an adapter that an unfinished job trains is refused (``adapter_busy``, naming the
+    job) before anything is archived: the adapter stays registered and served, here and after a
+    restart; once the job is cancelled the unload archives it."""
+    settings = await topics()
+    engine = FakeEngine()
+    job = {"adapter_id": "busy-a", "data": [{"prompt": "a", "completion": "b"}], "params": {"max_steps": 3}}
+
+    async def ready() -> dict[str, int]:
+        return await query(database_url, lambda s: repo.ready_versions(s, ["busy-a"]))
+
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        first = await client.submit_training(job)
+        assert [r async for r in client.results([first])][-1].status == "succeeded"
+        assert await ready() == {"busy-a": 1}
+        again = await client.submit_training(job | {"overwrite": True,
+                                                    "params": {"max_steps": 10**7, "checkpoint_every": 1000}})
+        await until(lambda: _true(again in worker.jobs.running))
+        ack = await client.control("unload", "busy-a", wait=True)
+        assert not ack.ok and ack.code == "adapter_busy" and again in ack.message
+        assert await ready() == {"busy-a": 1}  # nothing archived
+        rid = await client.submit_generate(prompt_token_ids=[1], max_tokens=1, adapter_id="busy-a")
+        served = await client.wait_result(rid, 20)
+        assert served.type == "result", served
+        assert (await client.control("cancel", again, wait=True)).ok
+        assert (await client.control("unload", "busy-a", wait=True)).ok
+        assert await ready() == {}
+        await until(lambda: _true(not engine.has_adapter("busy-a")))
+
+
 async def test_drain_is_forbidden_without_a_configured_token(topics: Any) -> None:
     settings = await topics()
     async with running_worker(FakeEngine(), settings) as worker, client_for(settings) as client:
