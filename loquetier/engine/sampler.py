@@ -7,7 +7,7 @@ shares its batch, on CPU or CUDA alike. Requests without a seed get one from the
 
 Semantics, per row (logits fp32 [V])::
 
-    if temperature == 0: token = argmax(logits)
+    if temperature < GREEDY_BELOW (1e-5): token = argmax(logits)
     else:
         z = logits / temperature
         z[rank(z) >= top_k] = -inf                      (top_k > 0)
@@ -27,6 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+# Temperatures below this are greedy: dividing logits by 1e-39 overflows fp32 to inf, and the argmax
+# of a row of infs is its first id, not its best token.
+GREEDY_BELOW = 1e-5
 
 if TYPE_CHECKING:
     from loquetier.engine.sequence import SamplingParams
@@ -75,7 +79,7 @@ class SamplingTensors:
         # A row without a seed draws one from the engine's generator (all such rows in one draw);
         # a greedy row's seed is never read.
         seeds = [(p.seed & _M32) if p.seed is not None else 0 for p in params]
-        unseeded = [i for i, p in enumerate(params) if p.seed is None and p.temperature > 0]
+        unseeded = [i for i, p in enumerate(params) if p.seed is None and p.temperature >= GREEDY_BELOW]
         if unseeded:
             draws = torch.randint(0, 2**32, (len(unseeded),), generator=generator).tolist()
             for i, seed in zip(unseeded, draws, strict=True):
@@ -83,7 +87,8 @@ class SamplingTensors:
         dev = torch.device(device)
         # One host tensor, one copy (asynchronous from pinned memory): float64 holds every value
         # exactly (seeds < 2**32, steps, top_k below 2**53; larger top_k keep every token either way).
-        packed = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
+        temps = [p.temperature if p.temperature >= GREEDY_BELOW else 0.0 for p in params]
+        packed = torch.tensor([temps, [p.top_p for p in params],
                                [min(p.top_k, _MAX_TOP_K) for p in params], seeds, list(steps)],
                               dtype=torch.float64)
         if dev.type == "cuda":
@@ -96,7 +101,7 @@ class SamplingTensors:
             step=packed[4].long(),
             any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params),
-            all_greedy=all(p.temperature == 0 for p in params),
+            all_greedy=not any(temps),
         )
 
 
@@ -105,7 +110,7 @@ class SamplingTensors:
         each row's step counter advanced, and unseeded sampled rows given fresh seeds, drawn as the
         next step's ``build`` would draw them."""
         seed = self.seed
-        unseeded = [i for i, p in enumerate(params) if p.seed is None and p.temperature > 0]
+        unseeded = [i for i, p in enumerate(params) if p.seed is None and p.temperature >= GREEDY_BELOW]
         if unseeded:
             draws = torch.randint(0, 2**32, (len(unseeded),), generator=generator)
             index = torch.tensor(unseeded, dtype=torch.int64)

@@ -32,9 +32,10 @@ from typing import Protocol, runtime_checkable
 class SamplingParams:
     """How to sample one request. Wire names: max_tokens, temperature, top_p, top_k, seed, stop, logprobs.
 
-    ``temperature == 0`` means greedy; ``top_k == 0`` disables top-k; ``seed`` None draws from the
-    engine's generator. ``stop`` strings are matched by the detokenizing side (the engine), which then
-    calls ``Scheduler.finish(seq_id, "stop")``; ``stop_token_ids`` and EOS are checked by the scheduler.
+    ``temperature`` 0 (or below ``sampler.GREEDY_BELOW``, 1e-5) means greedy; ``top_k == 0`` disables
+    top-k; ``seed`` None draws from the engine's generator. ``stop`` strings are matched by the
+    detokenizing side (the engine), which then calls ``Scheduler.finish(seq_id, "stop")``;
+    ``stop_token_ids`` and EOS are checked by the scheduler.
     """
 
     max_tokens: int = 16
@@ -66,7 +67,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5  # sampler.GREEDY_BELOW
 
 
 class SequenceStatus(enum.Enum):

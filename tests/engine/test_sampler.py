@@ -39,6 +39,22 @@ def test_greedy_is_argmax_and_logprobs_match_log_softmax() -> None:
     )
 
 
+def test_temperatures_too_small_to_divide_by_are_greedy() -> None:
+    """Logits divided by 1e-39 overflow fp32 (every row all infs, whose argmax is id 0): temperatures
+    below 1e-5 are greedy, seeded or not, and 1e-5 itself still samples, here also the argmax."""
+    logits = _logits(8, seed=7) + 30.0  # positive logits: a tiny temperature makes them +inf
+    want = logits.argmax(-1)
+    assert not torch.equal(want, torch.zeros_like(want))
+    for temp in (1e-45, 1e-39, 1e-30, 9.99e-6):
+        for seed in (None, 11):
+            st = SamplingTensors.build([P(temperature=temp, seed=seed)] * 8, [3] * 8)
+            assert st.all_greedy, temp
+            assert torch.equal(sample(logits, st).token_ids, want), (temp, seed)
+    st = SamplingTensors.build([P(temperature=1e-5, seed=5)] * 8, [0] * 8)
+    assert not st.all_greedy
+    assert torch.equal(sample(logits, st).token_ids, want)
+
+
 def test_seeded_rows_reproducible_regardless_of_batch() -> None:
     row = _logits(1, seed=1)
     mine = P(temperature=0.9, top_p=0.95, seed=1234)
