@@ -36,7 +36,9 @@ def parse_jsonl(data: bytes, *, max_examples: int = 100_000) -> list[dict[str, A
     except UnicodeDecodeError as exc:
         raise TrainingFileError(f"the file is not UTF-8 (byte {exc.start})") from None
     examples: list[dict[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at "\n" only ("\r\n" is "\n" after JSON whitespace): str.splitlines would
+    # also cut at U+2028, U+2029 or U+0085, which JSON strings may hold as they are
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         if len(examples) >= max_examples:

@@ -52,6 +52,14 @@ def test_training_file_lines() -> None:
                           {"role": "assistant", "content": "a"}]}]
     data = ("\n".join(json.dumps(g) for g in good) + "\n\n").encode()
     assert parse_jsonl(data) == good
+    # separators that str.splitlines also cuts at are text inside a JSON string; CRLF files read the same
+    odd = [{"prompt": f"first{c}second", "completion": "ok"} for c in ("\u2028", "\u2029", "\x85", "\x1c")]
+    raw = "\r\n".join(json.dumps(o, ensure_ascii=False) for o in odd).encode()
+    assert parse_jsonl(raw) == odd
+    broken = raw.split(b"\r\n")
+    broken[2] = broken[2][:-1]  # the third line loses its closing brace: the count of lines stays right
+    with pytest.raises(TrainingFileError, match="line 3: invalid JSON"):
+        parse_jsonl(b"\r\n".join(broken))
     bad = {
         b'{"prompt": "a"}': "line 1",
         b'{"prompt": "a", "completion": "b"}\n{"prompt": 1, "completion": "b"}': "line 2",
