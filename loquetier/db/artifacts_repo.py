@@ -119,19 +119,24 @@ async def register_adapter(
 ) -> AdapterRow:
     """Add the next version of ``adapter_id`` (1, 2, ...); concurrent callers serialize.
 
-    An adapter made by a job belongs to the job's tenant (null: shared, an operator's).
+    An adapter made by a job belongs to the job's tenant (null: shared, an operator's); a later
+    version keeps the owner of the versions before it, whoever made it (an operator's overwrite of a
+    tenant's adapter leaves it the tenant's, not shared).
     """
     if tenant_id is None and job_id is not None:
         tenant_id = await session.scalar(select(JobRow.tenant_id).where(JobRow.job_id == job_id))
     await session.execute(
         text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"adapter:{adapter_id}"}
     )
-    latest = await session.scalar(
-        select(func.max(AdapterRow.version)).where(AdapterRow.adapter_id == adapter_id)
-    )
+    before = (await session.execute(
+        select(AdapterRow.version, AdapterRow.tenant_id).where(AdapterRow.adapter_id == adapter_id)
+        .order_by(AdapterRow.version.desc()).limit(1)
+    )).first()
+    if before is not None:
+        tenant_id = before.tenant_id
     row = AdapterRow(
         adapter_id=adapter_id,
-        version=(latest or 0) + 1,
+        version=(before.version if before is not None else 0) + 1,
         status=status,
         rank=rank,
         alpha=alpha,

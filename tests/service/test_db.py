@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from loquetier.db import migrate, repo
+from loquetier.db import migrate, repo, tenancy_repo
 from loquetier.db.models import Base
 from loquetier.db.session import async_url, create_engine, session_factory
 
@@ -263,6 +263,27 @@ async def test_adapters_are_versioned(sessions: async_sessionmaker[AsyncSession]
         second = await repo.get_adapter(s, "a", version=2)
         assert second is not None and second.status == "training"
         assert await repo.get_adapter(s, "missing") is None
+
+
+async def test_a_later_version_keeps_the_adapters_owner(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """An adapter's id belongs to the tenant of its versions: an operator's overwrite (a job of no
+    tenant, or a load) leaves it the tenant's, not shared, and only that tenant sees it."""
+    common = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj"], "source_kind": "job"}
+    async with sessions.begin() as s:
+        await s.execute(text("INSERT INTO tenants (tenant_id) VALUES ('tenant-a'), ('tenant-b')"))
+        first = await repo.register_adapter(s, adapter_id="owned", data=b"w1", tenant_id="tenant-a", **common)  # type: ignore[arg-type]
+        second = await repo.register_adapter(s, adapter_id="owned", data=b"w2", **common)  # type: ignore[arg-type]
+        third = await repo.register_adapter(s, adapter_id="owned", data=b"w3", tenant_id="tenant-b", **common)  # type: ignore[arg-type]
+        assert [r.tenant_id for r in (first, second, third)] == ["tenant-a"] * 3
+        await repo.archive_adapter(s, "owned")
+        fourth = await repo.register_adapter(s, adapter_id="owned", data=b"w4", **common)  # type: ignore[arg-type]
+        assert (fourth.version, fourth.tenant_id) == (4, "tenant-a")
+        shared = await repo.register_adapter(s, adapter_id="ops", data=b"w", **common)  # type: ignore[arg-type]
+        again = await repo.register_adapter(s, adapter_id="ops", data=b"w", tenant_id="tenant-b", **common)  # type: ignore[arg-type]
+        assert (shared.tenant_id, again.tenant_id) == (None, None)
+    async with sessions() as s:
+        assert [a for a, _, _ in await tenancy_repo.visible_adapters(s, "tenant-b")] == ["ops"]
+        assert [a for a, _, _ in await tenancy_repo.visible_adapters(s, "tenant-a")] == ["ops", "owned"]
 
 
 async def test_workers(sessions: async_sessionmaker[AsyncSession]) -> None:
