@@ -28,9 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-# Temperatures below this are greedy: dividing logits by 1e-39 overflows fp32 to inf, and the argmax
-# of a row of infs is its first id, not its best token.
-GREEDY_BELOW = 1e-5
+from loquetier.engine.sequence import GREEDY_BELOW
 
 if TYPE_CHECKING:
     from loquetier.engine.sequence import SamplingParams

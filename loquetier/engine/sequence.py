@@ -27,12 +27,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+# Temperatures below this are greedy: dividing logits by 1e-39 overflows fp32 to inf, and the argmax
+# of a row of infs is its first id, not its best token.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request. Wire names: max_tokens, temperature, top_p, top_k, seed, stop, logprobs.
 
-    ``temperature`` 0 (or below ``sampler.GREEDY_BELOW``, 1e-5) means greedy; ``top_k == 0`` disables
+    ``temperature`` 0 (or below ``GREEDY_BELOW``, 1e-5) means greedy; ``top_k == 0`` disables
     top-k; ``seed`` None draws from the engine's generator. ``stop`` strings are matched by the
     detokenizing side (the engine), which then calls ``Scheduler.finish(seq_id, "stop")``;
     ``stop_token_ids`` and EOS are checked by the scheduler.
@@ -67,7 +71,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature < 1e-5  # sampler.GREEDY_BELOW
+        return self.temperature < GREEDY_BELOW
 
 
 class SequenceStatus(enum.Enum):
