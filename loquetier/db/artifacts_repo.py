@@ -123,8 +123,6 @@ async def register_adapter(
     version keeps the owner of the versions before it, whoever made it (an operator's overwrite of a
     tenant's adapter leaves it the tenant's, not shared).
     """
-    if tenant_id is None and job_id is not None:
-        tenant_id = await session.scalar(select(JobRow.tenant_id).where(JobRow.job_id == job_id))
     await session.execute(
         text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"adapter:{adapter_id}"}
     )
@@ -134,6 +132,8 @@ async def register_adapter(
     )).first()
     if before is not None:
         tenant_id = before.tenant_id
+    elif tenant_id is None and job_id is not None:
+        tenant_id = await session.scalar(select(JobRow.tenant_id).where(JobRow.job_id == job_id))
     row = AdapterRow(
         adapter_id=adapter_id,
         version=(before.version if before is not None else 0) + 1,
