@@ -85,13 +85,36 @@ def usage(results: Sequence[GenerateResult], prompt_of: Sequence[int]) -> dict[s
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def scored_tokens(result: GenerateResult, tokens: TokenText) -> tuple[list[str], list[float], list[int]]:
+    """The texts, log-probabilities and text offsets of the tokens whose text is in the answer.
+
+    A stop string cuts the answer's text inside the generated tokens: the tokens that start at or
+    past the cut (the stop string's own, and any the worker sampled after it) are left out, so every
+    offset lies inside ``text``. Without a tokenizer nothing is cut and the offsets count the
+    placeholders' lengths."""
+    pieces, logprobs = tokens.pieces(list(result.token_ids)), list(result.logprobs or [])
+    spans = tokens.offsets(list(result.token_ids))
+    if spans is None:
+        offsets, at = [], 0
+        for piece in pieces:
+            offsets.append(at)
+            at += len(piece)
+        return pieces, logprobs, offsets
+    offsets, full = spans
+    if len(full) > len(result.text) and full.startswith(result.text):
+        keep = sum(1 for at in offsets if at < len(result.text))  # offsets never decrease
+        pieces, logprobs, offsets = pieces[:keep], logprobs[:keep], offsets[:keep]
+    return pieces, logprobs, offsets
+
+
 def chat_logprobs(result: GenerateResult, tokens: TokenText) -> dict[str, Any] | None:
     if result.logprobs is None:
         return None
-    pieces = tokens.pieces(result.token_ids)
+    pieces, logprobs, _ = scored_tokens(result, tokens)
+    raw = tokens.token_bytes(list(result.token_ids[: len(pieces)]))
     return {"content": [
-        {"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": []}
-        for piece, lp in zip(pieces, result.logprobs, strict=False)
+        {"token": piece, "logprob": lp, "bytes": token_bytes, "top_logprobs": []}
+        for piece, lp, token_bytes in zip(pieces, logprobs, raw, strict=False)
     ], "refusal": None}
 
 
@@ -99,12 +122,7 @@ def text_logprobs(result: GenerateResult, tokens: TokenText) -> dict[str, Any] |
     """``top_logprobs`` holds the chosen token alone: the worker returns no alternatives."""
     if result.logprobs is None:
         return None
-    pieces = tokens.pieces(result.token_ids)
-    offsets, at = [], 0
-    for piece in pieces:
-        offsets.append(at)
-        at += len(piece)
-    logprobs = list(result.logprobs)
+    pieces, logprobs, offsets = scored_tokens(result, tokens)
     return {"tokens": pieces, "token_logprobs": logprobs, "text_offset": offsets,
             "top_logprobs": [{piece: lp} for piece, lp in zip(pieces, logprobs, strict=False)]}
 
