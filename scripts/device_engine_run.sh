@@ -28,6 +28,8 @@
 #                     launching both halves, the shrinks alone, the expands alone, neither (timing only)
 #   decode            bench_decode's batch-64 graph step, the fused graph with the MLP output carried and
 #                     added (two rounds, also pipelined) (OVERLAPS: the fused graph in each mode too)
+#   dense             bench_lora_dense: a decode step's linear layers in CUDA graphs, the LoRA terms by
+#                     the SMLM path against dense cuBLAS GEMMs over every slot (pool ranks 16 and 64)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #   unified           bench_unified at 20 requests/s (no PEFT baseline): SLO and training share
@@ -39,7 +41,7 @@
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
 # Results land in $OUT: gemm/, tune/ and tune64/ (tune_smlm.*), tune-attn/ (tune_attention.*), kernels/
-# and kernels-tuned/ (kernels.json), offline/ and offline-window16/ (offline.*), decode/, unified/,
+# and kernels-tuned/ (kernels.json), offline/ and offline-window16/ (offline.*), decode/, dense/ (lora_dense.*), unified/,
 # finetune/, finetune-ab/, and each step's log. A call brings back at most 8 files: pack $OUT into one
 # archive at the end of the command when more steps run.
 set -uo pipefail
@@ -109,6 +111,7 @@ for name in $STEPS; do
             ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
+        dense) step dense 300 "$PY" -m benchmarks.bench_lora_dense --out "$OUT/dense" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
             --no-mixed-ranks --out "$OUT/serving" ;;
         offline-window16) step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda \
