@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
         ops.set_lora_overlap(True)
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                                "gpu": torch.cuda.get_device_name() if is_gpu else "cpu (interpreter)",
-                               "torch": torch.__version__, "command": " ".join(sys.argv),
+                               "torch": torch.__version__,
+                               "command": " ".join(["python -m benchmarks.bench_lora_dense", *sys.argv[1:]]),
                                "dims": {k: v for k, v in d.items() if k not in ("batches", "pool_ranks")},
                                "batches": {}}
     for rows in d["batches"]:
