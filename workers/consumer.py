@@ -111,6 +111,7 @@ class Consumer:
         while True:
             try:
                 await self.consumer.start()
+                leave_from_generation_zero(self.consumer)
                 return
             except KafkaError as exc:
                 log.warning("broker unavailable at start, retrying", extra={"error": str(exc)})
@@ -279,3 +280,32 @@ class Consumer:
                 break
             await asyncio.sleep(0.2)
         await self.consumer.stop()
+
+
+def leave_from_generation_zero(consumer: AIOKafkaConsumer) -> None:
+    """Make a started consumer leave its group on stop from generation 0 too.
+
+    tansu numbers a group's first generation 0, and aiokafka sends LeaveGroup on stop only from a
+    generation above 0: a member of generation 0 that stopped would still hold its partitions
+    until its session ran out (10 s), and the group's next member would wait that long for them.
+    The leave is sent where aiokafka's own would be (its heartbeats stopped, before it forgets its
+    member id). Real Kafka starts at generation 1, where aiokafka leaves by itself."""
+    from aiokafka.protocol.group import LeaveGroupRequest
+
+    coordinator = getattr(consumer, "_coordinator", None)
+    own_leave = getattr(coordinator, "_maybe_leave_group", None)
+    if coordinator is None or own_leave is None:
+        return
+
+    async def maybe_leave_group() -> None:
+        if (coordinator.generation == 0 and coordinator.member_id
+                and getattr(coordinator, "_group_instance_id", None) is None):
+            try:
+                await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id))
+            except KafkaError as exc:  # the session runs out instead
+                log.warning("leaving the group failed", extra={"error": repr(exc)})
+            else:
+                log.info("left the group", extra={"generation": 0})
+        await own_leave()
+
+    coordinator._maybe_leave_group = maybe_leave_group

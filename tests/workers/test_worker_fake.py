@@ -321,3 +321,30 @@ async def test_a_record_answered_before_its_offset_was_committed_is_not_answered
     finally:
         await probe.stop()
     assert len((await row(database_url, rid)).answered_records) == 2
+
+
+async def test_a_stopped_worker_leaves_the_group_from_its_first_generation(topics: Any) -> None:
+    """tansu numbers a group's first generation 0, from which aiokafka never leaves by itself: the
+    stopped worker held its partitions until its 10-second session ran out, and the next worker of
+    the group waited that long for them."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    settings = await topics()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    await admin.start()
+
+    async def members() -> list[Any]:
+        [response] = await admin.describe_consumer_groups([settings.kafka.group_id])
+        [(error, _group, _state, _kind, _protocol, found)] = response.groups
+        assert error == 0
+        return list(found)
+
+    try:
+        async with running_worker(FakeEngine(), settings) as worker, client_for(settings) as client:
+            rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=2)
+            assert (await client.wait_result(rid, timeout=20)).type == "result"
+            assert worker.consumer.consumer._coordinator.generation == 0
+            assert len(await members()) == 1
+        assert await members() == []  # left at once, not at the session's end
+    finally:
+        await admin.close()
