@@ -127,9 +127,17 @@ async def delete_file(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     file_id = request.path_params["file_id"]
     await _own_file(gw, owner.tenant_id, file_id)
-    users = await gw.tx(lambda s: files_repo.jobs_using_file(s, file_id))
-    if users:
-        raise bad_request(f"the file is used by unfinished fine-tuning job(s) {', '.join(users[:5])}",
-                          param="file_id", code="file_in_use")
-    await gw.tx(lambda s: files_repo.delete_file(s, file_id))
+
+    async def delete(s: Any) -> bool:
+        # under the tenant's lock, which a job's creation holds while it checks its files and inserts:
+        # a job created on the file meanwhile is seen here, or sees the file gone
+        await tenancy_repo.lock_tenant(s, owner.tenant_id)
+        users = await files_repo.jobs_using_file(s, file_id)
+        if users:
+            raise bad_request(f"the file is used by unfinished fine-tuning job(s) {', '.join(users[:5])}",
+                              param="file_id", code="file_in_use")
+        return await files_repo.delete_file(s, file_id)
+
+    if not await gw.tx(delete):  # another call deleted it meanwhile
+        raise not_found(f"no file {file_id!r}", code="file_not_found", param="file_id")
     return _json({"id": file_id, "object": "file", "deleted": True})

@@ -140,6 +140,9 @@ async def create(request: Request) -> Response:
 
     async def insert(s: Any) -> None:
         await tenancy_repo.lock_tenant(s, owner.tenant_id)  # concurrent creations count one after another
+        for file_id, param in ((body.training_file, "training_file"), (body.validation_file, "validation_file")):
+            if file_id and await files_repo.get_file(s, file_id) is None:  # deleted since it was looked up
+                raise not_found(f"no file {file_id!r}", code="file_not_found", param=param)
         jobs, adapters = await tenancy_repo.tenant_counts(s, owner.tenant_id)
         if jobs + 1 > config.max_jobs_per_tenant:
             raise APIError(403, f"you have {jobs} unfinished fine-tuning jobs, the limit is "

@@ -186,3 +186,33 @@ async def test_a_job_naming_a_missing_file_fails_with_the_reason(topics: Any, ma
         done = [r async for r in kafka.results([job_id])][-1]
     assert done.type == "job_done" and done.status == "failed"
     assert done.error.startswith("invalid_data: ") and missing in done.error
+
+
+async def test_a_file_deleted_while_a_job_is_created_on_it_refuses_one_of_the_two(
+    gateway_setup: Any, database_url: str
+) -> None:
+    """The delete's check of the file's jobs and the job's check of its file ran in transactions of
+    their own: both calls could pass, leaving a queued job on a deleted file that failed later."""
+    rng = random.Random(uuid.uuid4().int)
+    settings = await gateway_setup()
+    key = await new_key(database_url, f"race-{uuid.uuid4().hex[:6]}")
+    async with running_gateway(settings) as url:
+        api = client(url, key)
+
+        async def race() -> tuple[Any, Any]:
+            uploaded = await api.files.create(file=("train.jsonl", training_file(rng)), purpose="fine-tune")
+            made, deleted = await asyncio.gather(
+                api.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id, extra_body={"loquetier": OPTIONS}),
+                api.files.delete(uploaded.id), return_exceptions=True)
+            return made, deleted
+
+        outcomes = [await race() for _ in range(6)]
+        for made, deleted in outcomes:
+            if isinstance(made, BaseException):  # the delete came first: the job names a missing file
+                assert isinstance(made, openai.NotFoundError) and made.body["code"] == "file_not_found", made
+                assert not isinstance(deleted, BaseException) and deleted.deleted, deleted
+            else:  # the job came first: the file is in use
+                assert isinstance(deleted, openai.BadRequestError) and deleted.body["code"] == "file_in_use", deleted
+                assert made.status == "queued"
+                await api.fine_tuning.jobs.cancel(made.id)
+        await api.close()
