@@ -310,7 +310,9 @@ class ControlCommand(Record):
     path: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_CHARS)  # load: PEFT directory
     # load: "db" or "job:<job_id>"; anything else is refused, never read as "db"
     source: str | None = Field(default=None, pattern=rf"^(db|job:[^\x00]{{1,{MAX_ID_CHARS}}})$")
-    worker_id: Id | None = None  # only this worker acts; null = every worker
+    # drain: the worker to drain (else target_id). The other commands act on the state every worker
+    # shares (PostgreSQL), whichever worker reads them: they refuse a worker_id rather than ignore it.
+    worker_id: Id | None = None
     token: str | None = Field(default=None, max_length=1024)  # drain: the operator token
 
     @model_validator(mode="after")
@@ -320,6 +322,8 @@ class ControlCommand(Record):
             raise ValueError("'load' needs exactly one of 'path' or 'source'")
         if self.action != "load" and (has_path or has_source):
             raise ValueError(f"'{self.action}' takes no 'path' or 'source'")
+        if self.action != "drain" and self.worker_id is not None:
+            raise ValueError(f"'{self.action}' takes no 'worker_id': it acts on every worker (only 'drain' targets one)")
         return self
 
 

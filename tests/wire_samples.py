@@ -63,9 +63,10 @@ SAMPLES: list[tuple[TopicKind, Any]] = [
     ),
     ("training", TrainingJobRecord(job_id="j2", kind="evaluate", adapter_id="a", data="s3://bucket/eval.jsonl")),
     ("control", ControlCommand(action="load", target_id="support-bot", path="/adapters/support-bot")),
-    ("control", ControlCommand(action="load", target_id="b", source="db", worker_id="w1")),
+    ("control", ControlCommand(action="load", target_id="b", source="db")),
     ("control", ControlCommand(command_id="c1", action="cancel", target_id="j1")),
     ("control", ControlCommand(action="drain", target_id="*", token="operator-secret")),
+    ("control", ControlCommand(action="drain", target_id="w1", worker_id="w1", token="operator-secret")),
     ("results", TokenResult(request_id="r1", index=0, token_ids=[9, 10], text="Hi", logprobs=[-0.1, -0.2])),
     (
         "results",

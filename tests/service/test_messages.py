@@ -90,6 +90,7 @@ BAD: list[tuple[str, TopicKind, bytes, str]] = [
     ("load without path", "control", _pack(action="load", target_id="a"), "invalid_value"),
     ("cancel with path", "control", _pack(action="cancel", target_id="a", path="/x"), "invalid_value"),
     ("unknown action", "control", _pack(action="explode", target_id="a"), "invalid_value"),
+    ("pause for one worker", "control", _pack(action="pause", target_id="j1", worker_id="w9"), "invalid_value"),
     ("unknown result type", "results", _pack(type="weird", request_id="r9"), "wrong_type"),
     ("result without type", "results", _pack(request_id="r9"), "wrong_type"),
     ("error without id", "results", _pack(type="error", code="c", message="m"), "invalid_value"),
