@@ -32,7 +32,7 @@ def file_id_of(data: object) -> str | None:
 def parse_jsonl(data: bytes, *, max_examples: int = 100_000) -> list[dict[str, Any]]:
     """Every non-blank line as an example map; the first bad line raises TrainingFileError."""
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark that editors on Windows write is not part of line 1
     except UnicodeDecodeError as exc:
         raise TrainingFileError(f"the file is not UTF-8 (byte {exc.start})") from None
     examples: list[dict[str, Any]] = []

@@ -104,4 +104,6 @@ def create_app(settings: Settings, *, bootstrap: str, database_url: str) -> Star
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected},
         lifespan=lifespan,
     )
+    # "/v1/files/" is an unknown path (a JSON 404), not a bodiless 307 to "/v1/files"
+    app.router.redirect_slashes = False
     return app

@@ -8,9 +8,10 @@ silently dropped. Any other unknown field is refused too (a misspelt option is a
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from loquetier.codec import DEFAULT_LIMITS
@@ -22,7 +23,37 @@ IGNORED = frozenset({
     "modalities", "verbosity", "reasoning_effort", "prompt_cache_retention",
 })
 Name = Annotated[str, Field(min_length=1, max_length=256)]
-Stop = str | Annotated[list[str], Field(fail_fast=True, max_length=16)] | None
+MAX_STOPS = 16
+# Validation errors whose message already names its place (``prompt[1][3] is ...``)
+NAMED = frozenset({"invalid_prompt", "invalid_field"})
+# A union member's tag in an error's location ('str', 'list[str]', 'constrained-int', "literal['auto']",
+# 'function-after[...]'): not a field, left out of the path a 400 names
+_UNION_TAG = re.compile(r"(str|int|float|bool|bytes|none|list|dict)|[\w-]*-[\w-]+|[\w-]+\[.*\]", re.DOTALL)
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """An error's location as the body's field path (``messages.2.content``), union tags left out."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or not _UNION_TAG.fullmatch(p))
+
+
+def _check_stop(value: Any) -> Any:
+    """``stop``: null, a string, or a list of at most 16 strings; each problem named as it is."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise PydanticCustomError("invalid_field", "stop is {what}: it must be a string, a list of strings or null",
+                                  {"what": _json_type(value)})
+    if len(value) > MAX_STOPS:
+        raise PydanticCustomError("invalid_field", "stop holds {n} strings, more than {limit}",
+                                  {"n": len(value), "limit": MAX_STOPS})
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise PydanticCustomError("invalid_field", "stop[{i}] is {what}: stop sequences are strings",
+                                      {"i": i, "what": _json_type(item)})
+    return value
+
+
+Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
 
 
 class Body(BaseModel):
@@ -307,7 +338,7 @@ class FineTuneRequest(Body):
             return Hyperparameters.model_validate(hyper)
         except ValidationError as exc:
             err = exc.errors(include_url=False, include_input=False)[0]
-            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "int", "float", "literal")))
+            loc = field_path(err["loc"])
             raise bad_request(f"method.supervised.hyperparameters.{loc}: {err['msg']}",
                               param=f"method.supervised.hyperparameters.{loc}") from None
 
@@ -325,8 +356,8 @@ def parse(model: type[B], data: dict[str, Any]) -> B:
         return model.model_validate(fields)
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "list", "int", "function")))
+        loc = field_path(err["loc"])
         code = "unknown_parameter" if err["type"] == "extra_forbidden" else "invalid_type" if err["type"].endswith(
             "_type") else "invalid_value"
-        message = err["msg"] if err["type"] == "invalid_prompt" else f"{loc or 'body'}: {err['msg']}"  # names its place
+        message = err["msg"] if err["type"] in NAMED else f"{loc or 'body'}: {err['msg']}"  # names its place
         raise bad_request(message, param=loc or None, code=code) from None

@@ -179,6 +179,8 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
             ("GET", "/fine_tuning/jobs/ftjob-nope", None, 404),
             ("DELETE", "/models", None, 405),
             ("GET", "/no/such/path", None, 404),
+            ("GET", "/files/", None, 404),  # a JSON 404, not a bodiless redirect to /files
+            ("POST", "/completions", json.dumps({"model": MODEL, "prompt": "hi", "stop": ["s"] * 17}).encode(), 400),
         ]
         async with httpx.AsyncClient(timeout=30) as raw:
             for method, path, body, status in cases:
@@ -187,6 +189,8 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
                 assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
                 if body and b'"x1999"' in body:
                     assert "too many fields" in answer.json()["error"]["message"]
+                if body and b'"stop"' in body:
+                    assert answer.json()["error"]["message"] == "stop holds 17 strings, more than 16"
             files = [("not jsonl", b"hello\n", 400), ("bad example", b'{"prompt": "a"}\n', 400),
                      ("deep", b"[" * 50_000 + b"]" * 50_000 + b"\n", 400),
                      ("bigint", b'{"prompt_token_ids": [' + b"9" * 5000 + b'], "completion_token_ids": [1]}\n', 400),

@@ -52,6 +52,7 @@ def test_training_file_lines() -> None:
                           {"role": "assistant", "content": "a"}]}]
     data = ("\n".join(json.dumps(g) for g in good) + "\n\n").encode()
     assert parse_jsonl(data) == good
+    assert parse_jsonl(b"\xef\xbb\xbf" + data) == good  # a byte order mark before line 1
     # separators that str.splitlines also cuts at are text inside a JSON string; CRLF files read the same
     odd = [{"prompt": f"first{c}second", "completion": "ok"} for c in ("\u2028", "\u2029", "\x85", "\x1c")]
     raw = "\r\n".join(json.dumps(o, ensure_ascii=False) for o in odd).encode()

@@ -9,7 +9,7 @@ import pytest
 
 from loquetier.codec import DEFAULT_LIMITS
 from loquetier.gateway.errors import APIError
-from loquetier.gateway.schemas import MAX_CHOICES, CompletionRequest, parse
+from loquetier.gateway.schemas import MAX_CHOICES, CompletionRequest, FineTuneRequest, parse
 
 
 def _refusal(prompt: Any) -> APIError:
@@ -49,3 +49,30 @@ def test_every_prompt_shape_openai_takes_is_accepted() -> None:
     ]
     for prompt, prompts in cases:
         assert parse(CompletionRequest, {"model": "m", "prompt": prompt}).prompts() == prompts
+
+
+@pytest.mark.parametrize(("stop", "message"), [
+    (["s"] * 17, "stop holds 17 strings, more than 16"),
+    (["a", 3], "stop[1] is an integer: stop sequences are strings"),
+    ({"s": 1}, "stop is an object: it must be a string, a list of strings or null"),
+])
+def test_each_wrong_stop_is_named_as_it_is(stop: Any, message: str) -> None:
+    with pytest.raises(APIError) as caught:
+        parse(CompletionRequest, {"model": "m", "prompt": "p", "stop": stop})
+    assert caught.value.status == 400 and caught.value.param == "stop" and caught.value.message == message
+    assert parse(CompletionRequest, {"model": "m", "prompt": "p", "stop": ["s"] * 16}).stops() == ["s"] * 16
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"learning_rate_multiplier": -1.0}}, "hyperparameters.learning_rate_multiplier"),
+    ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+     "method.supervised.hyperparameters.n_epochs"),
+])
+def test_a_bad_hyperparameter_names_its_field_alone(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(APIError) as caught:
+        request = parse(FineTuneRequest, {"model": "m", "training_file": "file-1", **body})
+        request.all_hyperparameters()
+    assert caught.value.status == 400 and caught.value.param == param
+    assert caught.value.message.startswith(f"{param}: ") and "constrained" not in caught.value.message
