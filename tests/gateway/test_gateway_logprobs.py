@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
@@ -19,6 +20,12 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tok")
     make_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def byte_level(tokenizer_dir: Path) -> tuple[Any, TokenText]:
+    """The tiny byte-level BPE tokenizer, and the gateway's view of it."""
+    return make_tokenizer(), TokenText(tokenizer_dir)
 
 
 def sentencepiece_style(path: Path) -> Tokenizer:
@@ -71,10 +78,9 @@ def test_each_token_starts_where_the_text_before_it_ends(tokenizer_dir: Path, te
     assert offsets[-1] == len(text)  # the EOS adds no text
 
 
-def test_tokens_past_a_stop_string_leave_the_logprobs(tokenizer_dir: Path) -> None:
+def test_tokens_past_a_stop_string_leave_the_logprobs(tokenizer_dir: Path, byte_level: tuple[Any, TokenText]) -> None:
     rng = random.Random(7)
-    tokenizer = make_tokenizer()
-    tokens = TokenText(tokenizer_dir)
+    tokenizer, tokens = byte_level
     generated = "a pirate says arr matey and sails the open sea"
     ids = tokenizer.encode(generated, add_special_tokens=False)
     for stop in (" matey", "y and s", "a", "sea", "ls the"):
@@ -92,10 +98,9 @@ def test_tokens_past_a_stop_string_leave_the_logprobs(tokenizer_dir: Path) -> No
         assert [c["logprob"] for c in chat["content"]] == lp["token_logprobs"]
 
 
-def test_a_text_without_a_stop_string_keeps_every_token(tokenizer_dir: Path) -> None:
+def test_a_text_without_a_stop_string_keeps_every_token(tokenizer_dir: Path, byte_level: tuple[Any, TokenText]) -> None:
     rng = random.Random(8)
-    tokenizer = make_tokenizer()
-    tokens = TokenText(tokenizer_dir)
+    tokenizer, tokens = byte_level
     text = "fine tuning and inference share one step"
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
     result = _result(ids, text, rng)
@@ -114,10 +119,9 @@ def test_without_a_tokenizer_nothing_is_cut(tmp_path: Path) -> None:
     assert lp["text_offset"] == [0, 11, 22] and lp["token_logprobs"] == result.logprobs
 
 
-def test_chat_logprobs_give_each_tokens_own_bytes(tokenizer_dir: Path) -> None:
+def test_chat_logprobs_give_each_tokens_own_bytes(tokenizer_dir: Path, byte_level: tuple[Any, TokenText]) -> None:
     rng = random.Random(10)
-    tokenizer = make_tokenizer()
-    tokens = TokenText(tokenizer_dir)
+    tokenizer, tokens = byte_level
     text = "naïve 日本語 🙂 sea"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert any("\ufffd" in piece for piece in tokens.pieces(ids))  # some tokens hold part of a character
