@@ -323,7 +323,8 @@ class ControlCommand(Record):
         if self.action != "load" and (has_path or has_source):
             raise ValueError(f"'{self.action}' takes no 'path' or 'source'")
         if self.action != "drain" and self.worker_id is not None:
-            raise ValueError(f"'{self.action}' takes no 'worker_id': it acts on every worker (only 'drain' targets one)")
+            raise ValueError(f"'{self.action}' takes no 'worker_id': it acts on every worker "
+                             "(only 'drain' targets one)")
         return self
 
 

@@ -50,6 +50,19 @@ class KafkaSettings(BaseModel):
     reply_prefix: str = Field(default="loquetier.replies.", min_length=1)
     reply_timeout_s: PositiveFloat = 30.0  # how long a worker retries a reply topic before dropping the record
     max_dlq_excerpt_bytes: PositiveInt = 64 * 1024  # of a bad key and of a bad value kept in its DLQ record
+    # A worker that stops answering heartbeats for this long leaves the group and its partitions go
+    # to the others: the takeover after a crash is this plus the rejoin, which tansu holds open for
+    # half of it (6 s -> about 9 s). Heartbeats run on the worker's event loop, whose lag stays
+    # far below a second (docs/benchmarks/service.md).
+    session_timeout_ms: int = Field(default=6_000, ge=1_000, le=300_000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=50, le=100_000)
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_in_a_session(self) -> KafkaSettings:
+        if 3 * self.heartbeat_interval_ms > self.session_timeout_ms:
+            raise ValueError(f"heartbeat_interval_ms={self.heartbeat_interval_ms} must be at most a third of "
+                             f"session_timeout_ms={self.session_timeout_ms}")
+        return self
 
     def topics(self) -> list[str]:
         return [

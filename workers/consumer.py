@@ -93,8 +93,8 @@ class Consumer:
             # a request waits for this fetch: on tansu a record came back a median 115 ms after it
             # was produced with aiokafka's default 500 ms wait, 6 ms with 20 ms (docs/benchmarks/service.md)
             fetch_max_wait_ms=20,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
             retry_backoff_ms=200,
             metadata_max_age_ms=5_000,  # a topic created after start is seen within seconds
         )
@@ -287,7 +287,7 @@ def leave_from_generation_zero(consumer: AIOKafkaConsumer) -> None:
 
     tansu numbers a group's first generation 0, and aiokafka sends LeaveGroup on stop only from a
     generation above 0: a member of generation 0 that stopped would still hold its partitions
-    until its session ran out (10 s), and the group's next member would wait that long for them.
+    until its session ran out, and the group's next member would wait that long for them.
     The leave is sent where aiokafka's own would be (its heartbeats stopped, before it forgets its
     member id). Real Kafka starts at generation 1, where aiokafka leaves by itself."""
     from aiokafka.protocol.group import LeaveGroupRequest

@@ -23,6 +23,9 @@ def make_settings(bootstrap: str, database_url: str, prefix: str, **worker: Any)
         dlq_topic=f"{prefix}.dlq",
         group_id=f"{prefix}-workers",
         num_partitions=2,
+        # tansu holds a group's join open for half the session: each worker start waits 1.5 s, not 3 s
+        session_timeout_ms=3_000,
+        heartbeat_interval_ms=300,
     )
     defaults: dict[str, Any] = {
         "id": f"{prefix}-w0",

@@ -325,7 +325,7 @@ async def test_a_record_answered_before_its_offset_was_committed_is_not_answered
 
 async def test_a_stopped_worker_leaves_the_group_from_its_first_generation(topics: Any) -> None:
     """tansu numbers a group's first generation 0, from which aiokafka never leaves by itself: the
-    stopped worker held its partitions until its 10-second session ran out, and the next worker of
+    stopped worker held its partitions until its session ran out, and the next worker of
     the group waited that long for them."""
     from aiokafka.admin import AIOKafkaAdminClient
 
