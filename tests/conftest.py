@@ -127,6 +127,29 @@ async def database_url(pg_server_url: str) -> AsyncIterator[str]:
         await drop_database(url)
 
 
+@pytest.fixture(autouse=True)
+async def _no_job_outlives_its_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """The database is the session's: a job a test leaves unfinished (a stalled engine's, a paused
+    one) would be claimed by the next test's worker once its lease ran out, and trained there beside
+    that test's own work. Each test's unfinished jobs end with it."""
+    yield
+    if "database_url" not in request.fixturenames:
+        return
+    from sqlalchemy import func, update
+
+    from loquetier.db.jobs_repo import FINAL_JOB_STATUSES
+    from loquetier.db.models import JobRow
+    from loquetier.db.session import create_engine, session_factory
+
+    engine = create_engine(request.getfixturevalue("database_url"))
+    try:
+        async with session_factory(engine).begin() as s:
+            await s.execute(update(JobRow).where(JobRow.status.not_in(FINAL_JOB_STATUSES)).values(
+                status="cancelled", error="cancelled: its test ended", lease_expires_at=None, finished_at=func.now()))
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture
 async def empty_database(pg_server_url: str) -> AsyncIterator[str]:
     """A fresh, unmigrated database for one test (migration up/down tests)."""
