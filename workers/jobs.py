@@ -39,6 +39,27 @@ log = logging.getLogger(__name__)
 JobEvent = JobProgress | JobEvaluated | JobCheckpoint | JobFinished
 
 
+def coalesce_progress(events: list[Any]) -> list[Any]:
+    """A job's run of progress events in one batch as its last one. The earlier ones carry nothing
+    the last does not (step, loss and rate are each the latest), and every job event is a task in the
+    job's lane: a worker loop that fell behind a fast engine would queue one per step without bound.
+    A progress event never moves past another event of its job (an evaluation, a checkpoint, the
+    end), so each lane keeps the engine's order."""
+    out: list[Any] = []
+    at: dict[str, int] = {}  # job_id -> its progress in out, while no other event of the job followed
+    for ev in events:
+        if isinstance(ev, JobProgress):
+            i = at.get(ev.job_id)
+            if i is not None:
+                out[i] = ev
+                continue
+            at[ev.job_id] = len(out)
+        elif isinstance(ev, JobEvaluated | JobCheckpoint | JobFinished):
+            at.pop(ev.job_id, None)
+        out.append(ev)
+    return out
+
+
 @dataclass
 class RunningJob:
     job: TrainingJobRecord

@@ -37,7 +37,7 @@ from .control import Control
 from .engine_client import EngineClient, EngineLike, StepFailed
 from .inference import Inference, coalesce_tokens
 from .intake import Intake
-from .jobs import LeasedJobs
+from .jobs import LeasedJobs, coalesce_progress
 from .lanes import Lanes
 from .loop_lag import LoopLag
 from .publisher import Publisher
@@ -303,7 +303,7 @@ class Worker:
         pending: set[asyncio.Task[None]] = set()
         while True:
             try:
-                events = coalesce_tokens(await self.client.next_events())
+                events = coalesce_progress(coalesce_tokens(await self.client.next_events()))
             except StepFailed as exc:
                 self.engine_failed(f"an engine step failed: {exc}"[:500])
                 return

@@ -3,8 +3,9 @@ every step it takes at once into one record, in order, before the request's outc
 
 from __future__ import annotations
 
-from loquetier.engine.events import RequestFailed, TokenEvent
+from loquetier.engine.events import JobCheckpoint, JobFinished, JobProgress, RequestFailed, TokenEvent
 from loquetier.workers.inference import coalesce_tokens
+from loquetier.workers.jobs import coalesce_progress
 
 
 def test_tokens_of_several_steps_become_one_event_per_request() -> None:
@@ -19,3 +20,15 @@ def test_an_outcome_stays_after_its_tokens_and_closes_them() -> None:
     out = coalesce_tokens(events)
     assert out == [TokenEvent("a", [1, 2], "xy"), done, TokenEvent("a", [3], "z")]
     assert coalesce_tokens([]) == []
+
+
+def test_a_jobs_progress_of_several_steps_becomes_its_last_and_stays_before_its_other_events() -> None:
+    def progress(job: str, step: int) -> JobProgress:
+        return JobProgress(job, step, 10, 0, 1.0 / step, 1e-3, 64 * step, 100.0 + step)
+
+    saved, done = JobCheckpoint("j1", 2, b"ck"), JobFinished("j1", "a1", "succeeded")
+    token = TokenEvent("r", [5], "x")
+    events = [progress("j1", 1), progress("j1", 2), token, progress("j2", 1), saved, progress("j1", 3),
+              progress("j2", 2), progress("j1", 4), done]
+    assert coalesce_progress(events) == [progress("j1", 2), token, progress("j2", 2), saved, progress("j1", 4), done]
+    assert coalesce_progress([progress("j1", 1)]) == [progress("j1", 1)] and coalesce_progress([]) == []
