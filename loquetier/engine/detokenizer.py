@@ -8,7 +8,7 @@ from typing import Any
 # Tokens that may wait for visible text before a window is read anyway. A UTF-8 character takes at
 # most 4 byte tokens; the bound keeps a degenerate run (skipped special tokens, invalid bytes) from
 # growing the window, and with it the cost per token, without end.
-_MAX_PENDING = 16
+MAX_PENDING = 16
 
 
 class IncrementalDetokenizer:
@@ -62,7 +62,7 @@ class IncrementalDetokenizer:
         context = self._decode(token_ids[self._prefix : self._read]) if self._read > self._prefix else ""
         window = self._decode(token_ids[self._prefix :])
         waiting = window.endswith("\ufffd") or len(window) <= len(context)
-        if not final and waiting and len(token_ids) - self._read < _MAX_PENDING:
+        if not final and waiting and len(token_ids) - self._read < MAX_PENDING:
             # an unfinished character, or nothing visible yet (a skipped special token, a lone
             # SentencePiece space that decodes to nothing at a window's start): wait for more
             return

@@ -111,7 +111,7 @@ def chat_logprobs(result: GenerateResult, tokens: TokenText) -> dict[str, Any] |
     if result.logprobs is None:
         return None
     pieces, logprobs, _ = scored_tokens(result, tokens)
-    raw = tokens.token_bytes(list(result.token_ids[: len(pieces)]))
+    raw = tokens.token_bytes(list(result.token_ids[: len(pieces)]), pieces)
     return {"content": [
         {"token": piece, "logprob": lp, "bytes": token_bytes, "top_logprobs": []}
         for piece, lp, token_bytes in zip(pieces, logprobs, raw, strict=False)

@@ -12,11 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from loquetier.engine.detokenizer import MAX_PENDING
 
-# Byte tokens an unfinished character may wait for (a UTF-8 character takes at most 4; the bound
-# keeps a run of invalid bytes from growing the decoded window without end).
-_MAX_PENDING = 16
+log = logging.getLogger(__name__)
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -65,12 +63,13 @@ class TokenText:
             return [f"token_id:{t}" for t in token_ids]
         return [self._tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
 
-    def token_bytes(self, token_ids: list[int]) -> list[list[int]]:
-        """Each token's own bytes. A token that holds part of a character (a byte-level BPE byte, a
-        SentencePiece ``<0xNN>`` fallback) has bytes that are no UTF-8 text alone: they are read
-        from its vocabulary entry, not from its decoded piece (which shows U+FFFD)."""
+    def token_bytes(self, token_ids: list[int], pieces: list[str]) -> list[list[int]]:
+        """Each token's own bytes (``pieces``: their texts, as :meth:`pieces` gives them). A token that
+        holds part of a character (a byte-level BPE byte, a SentencePiece ``<0xNN>`` fallback) has
+        bytes that are no UTF-8 text alone: they are read from its vocabulary entry, not from its
+        decoded piece (which shows U+FFFD)."""
         out = []
-        for token_id, piece in zip(token_ids, self.pieces(token_ids), strict=True):
+        for token_id, piece in zip(token_ids, pieces, strict=True):
             entry = self._tokenizer.id_to_token(token_id) if self._tokenizer is not None else None
             out.append(list(self._entry_bytes(entry) or piece.encode()))
         return out
@@ -106,7 +105,7 @@ class TokenText:
         for end in range(1, len(token_ids) + 1):
             starts.append(len(text))
             window = decode(token_ids[prefix:end])
-            if window.endswith("\ufffd") and end - read < _MAX_PENDING and end < len(token_ids):
+            if window.endswith("\ufffd") and end - read < MAX_PENDING and end < len(token_ids):
                 continue  # an unfinished character: its text comes with a later token
             text += window[len(decode(token_ids[prefix:read])):]
             prefix, read = read, end
