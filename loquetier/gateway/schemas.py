@@ -28,7 +28,7 @@ MAX_STOPS = 16
 NAMED = frozenset({"invalid_prompt", "invalid_field"})
 # A union member's tag in an error's location ('str', 'list[str]', 'constrained-int', "literal['auto']",
 # 'function-after[...]'): not a field, left out of the path a 400 names
-_UNION_TAG = re.compile(r"(str|int|float|bool|bytes|none|list|dict)|[\w-]*-[\w-]+|[\w-]+\[.*\]", re.DOTALL)
+_UNION_TAG = re.compile(r"(str|int|float|bool|bytes|none|list|dict)|[a-z]+(-[a-z]+)+|[\w-]+\[.*\]", re.DOTALL)
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:
