@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from benchmarks.harness.models import SPECS, prepare_base
 from loquetier import Engine, SamplingParams
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow
 from loquetier.kernels import fused, set_lora_overlap
-from loquetier.kernels import launch as launch_mod
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import LoRAConfig
 from loquetier.models import llama
@@ -133,72 +131,44 @@ def _check_graph_logits(engine: Engine, graphs: DecodeGraphs, fused_graph: bool 
     return {"max_abs_diff": diff, "max_abs_logit": scale, "argmax_agreement": agree}
 
 
-def _graph_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, steps: int,  # noqa: PLR0917
-              names: tuple[str, str], switch: Callable[[str], None]) -> dict[str, float]:
-    """The fused graph (captured with setting ``names[0]``) against one captured with ``names[1]``
-    (``switch(name)`` sets either), two rounds each, timed step by step and pipelined; whether the two
-    give the same logits bits. The switch follows the graph set in use: a set captures its graph at
-    its first step."""
-    mine, other = names
-    captured = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
-                            graphs.scratch_block, mode=graphs.mode)
-    sets = {mine: fused_graphs, other: captured}
+def _carry_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, steps: int) -> dict[str, float]:
+    """The fused graph against one captured with each layer's MLP output added at the layer's end
+    (``llama.CARRY_MLP_OUTPUT`` off: one more elementwise launch a layer), two rounds each, timed
+    step by step and pipelined; whether the two give the same logits bits. The switch follows the
+    graph set in use: a set captures its graph at its first step."""
+    added = DecodeGraphs(engine.model, engine.kv, graphs.max_batch, graphs.max_model_len,
+                         graphs.scratch_block, mode=graphs.mode)
+    sets = {"carry": fused_graphs, "add": added}
 
     def use(name: str) -> None:
-        switch(name)
+        llama.CARRY_MLP_OUTPUT = name == "carry"
         engine.runner.graphs = sets[name]
 
     out: dict[str, float] = {}
-    times: dict[str, list[float]] = {k: [] for n in names for k in (n, f"{n}_pipelined")}
+    times: dict[str, list[float]] = {"carry": [], "add": [], "carry_pipelined": [], "add_pipelined": []}
     rows = len(engine.scheduler.running)
     try:
-        use(other)  # ``captured`` captures its graph in the comparison, with the other setting
-        out |= {f"{mine}_vs_{other}_{k}": v for k, v in _compare_graphs(engine, fused_graphs, captured).items()}
+        use("add")  # ``added`` captures its graph in the comparison, with the add per layer
+        out |= {f"carry_vs_add_{k}": v for k, v in _compare_graphs(engine, fused_graphs, added).items()}
         for _ in range(2):
-            for name in names:
+            for name in ("carry", "add"):
                 use(name)
                 times[name] += _timed_steps(engine, steps)
                 times[f"{name}_pipelined"].append(_pipelined_ms(engine, steps))
-        use(other)
-        out[f"fused_graph_{other}_gpu_kernel_ms_per_step"] = _profiled_gpu_ms(engine)
-        out[f"fused_graph_{other}_top_kernels"] = list(TOP_KERNELS)  # type: ignore[assignment]
+        use("add")
+        out["fused_graph_add_gpu_kernel_ms_per_step"] = _profiled_gpu_ms(engine)
         if len(engine.scheduler.running) != rows:  # a shrinking batch would time smaller steps
             raise RuntimeError(f"{rows - len(engine.scheduler.running)} sequences finished during the timing")
     finally:
-        use(mine)
-    for name in names:
+        use("carry")
+    for name in ("carry", "add"):
         out[f"fused_graph_{name}_step_ms_median"] = statistics.median(times[name]) * 1e3
         out[f"fused_graph_{name}_pipelined_ms"] = statistics.median(times[f"{name}_pipelined"])
     return out
 
 
-def _carry_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, steps: int) -> dict[str, float]:
-    """Each layer's MLP output carried into the next norm (the default) against added at the layer's
-    end (``llama.CARRY_MLP_OUTPUT`` off: one more elementwise launch a layer)."""
-    return _graph_ab(engine, graphs, fused_graphs, steps, ("carry", "add"),
-                     lambda name: setattr(llama, "CARRY_MLP_OUTPUT", name == "carry"))
-
-
-def _pdl_ab(engine: Engine, graphs: DecodeGraphs, fused_graphs: DecodeGraphs, steps: int) -> dict[str, float]:
-    """The fused graph with its kernels launched plainly (``fused_graphs``, captured with the setting
-    of ``LOQUETIER_PDL``) against one captured with programmatic dependent launch on
-    (``launch.set_pdl``): each elementwise, attention and expand kernel launched while the kernel
-    before it finishes."""
-    default = "pdl" if launch_mod.pdl_enabled() else "nopdl"
-    names = (default, "nopdl" if default == "pdl" else "pdl")
-    try:
-        return _graph_ab(engine, graphs, fused_graphs, steps, names,
-                         lambda name: launch_mod.set_pdl(name == "pdl"))
-    finally:
-        launch_mod.set_pdl(None)
-
-
-AB = {"carry": _carry_ab, "pdl": _pdl_ab}  # --ab: the fused graph against another capture of it
-
-
-def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,  # noqa: PLR0917
-             overlaps: tuple[str, ...] = (), abs_: tuple[Callable[..., dict[str, float]], ...] = ()
-             ) -> dict[str, float]:
+def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
+             overlaps: tuple[str, ...] = ()) -> dict[str, float]:
     for i in range(batch):
         prompt = torch.randint(3, min(30000, engine.model.cfg.vocab_size), (200,)).tolist()
         engine.add_request(f"d{len(adapters)}-{i}-{time.time()}", prompt_token_ids=prompt,
@@ -237,11 +207,7 @@ def run_case(engine: Engine, batch: int, adapters: list[str | None], steps: int,
                     "fused_graph_gpu_kernel_ms_per_step": _profiled_gpu_ms(engine),
                     "fused_graph_top_kernels": list(TOP_KERNELS),
                     **{f"fused_graph_{k}": v for k, v in check.items()}}
-            for ab in abs_:  # each A/B its own try: one that fails keeps the others' numbers
-                try:
-                    out |= ab(engine, graphs, fused_graphs, steps)
-                except Exception as exc:  # noqa: BLE001
-                    out[f"{ab.__name__.strip('_')}_error"] = repr(exc)[:500]
+            out |= _carry_ab(engine, graphs, fused_graphs, steps)
             for mode in overlaps:  # fused graphs with the LoRA shrinks beside the base GEMMs (1) or not (0)
                 try:
                     set_lora_overlap(mode == "1")
@@ -282,15 +248,8 @@ def main() -> None:
     ap.add_argument("--lora-overlap", default="0,1",
                     help="time the fused graph again with its LoRA shrinks beside the base GEMMs (1) or not (0), "
                          "each captured anew, in this order (comma list; '' none)")
-    ap.add_argument("--ab", default="pdl",
-                    help=f"comma list of {sorted(AB)}: the fused graph against one captured with that switch "
-                         "flipped, two rounds each ('' none)")
     args = ap.parse_args()
     overlaps = tuple(m for m in args.lora_overlap.split(",") if m)
-    unknown = [a for a in args.ab.split(",") if a and a not in AB]
-    if unknown:
-        ap.error(f"--ab: unknown {unknown}; choose from {sorted(AB)}")
-    abs_ = tuple(AB[a] for a in args.ab.split(",") if a)
     if args.quick:
         args.steps = min(args.steps, 8)
     spec = SPECS[args.model]
@@ -312,7 +271,7 @@ def main() -> None:
     results: dict[str, object] = {"floor_ms": floor_ms, "gpu": torch.cuda.get_device_name() if args.device == "cuda"
                                   else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     for name, adapters in (("no adapters", [None]), ("32 adapters r16", [f"a{i}" for i in range(32)])):
-        r = run_case(engine, args.batch, adapters, args.steps, overlaps if adapters != [None] else (), abs_)
+        r = run_case(engine, args.batch, adapters, args.steps, overlaps if adapters != [None] else ())
         r["x_floor"] = r["step_ms_median"] / floor_ms
         if "graph_step_ms_median" in r:
             r["graph_x_floor"] = r["graph_step_ms_median"] / floor_ms
@@ -341,8 +300,7 @@ def main() -> None:
                   f"{r['fused_step_ms_median'] / floor_ms:.2f} |")
             print(f"| {name} | CUDA graph + fused | {ms:.2f} | {r['fused_graph_gpu_kernel_ms_per_step']:.2f} | "
                   f"{floor_ms:.2f} | {ms / floor_ms:.2f} |")
-        for way, what in (("carry", "MLP output carried into the next norm"), ("add", "MLP output added per layer"),
-                          ("nopdl", "plain launches"), ("pdl", "programmatic dependent launch")):
+        for way, what in (("carry", "MLP output carried into the next norm"), ("add", "MLP output added per layer")):
             if f"fused_graph_{way}_step_ms_median" in r:
                 ms, piped = r[f"fused_graph_{way}_step_ms_median"], r[f"fused_graph_{way}_pipelined_ms"]
                 gpu = r.get(f"fused_graph_{way}_gpu_kernel_ms_per_step", r["fused_graph_gpu_kernel_ms_per_step"])

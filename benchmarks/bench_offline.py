@@ -216,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     blas_ab = (_take(pre, "--blas-ab") or "").strip()  # a BLAS library ("cublaslt") vs the engine's, every case
     # rounds of (MLP output carried into the next norm, added per layer): llama.CARRY_MLP_OUTPUT, every case
     carry_rounds = int(_take(pre, "--carry-ab") or 0)
-    # rounds of (plain launches, programmatic dependent launch): kernels.launch.set_pdl, every case
-    pdl_rounds = int(_take(pre, "--pdl-ab") or 0)
     # rounds of the adapter cases with both halves of the decode-sized LoRA forwards, the shrinks alone,
     # the expands alone and neither (timing only: what each half adds to a served step)
     halves_rounds = int(_take(pre, "--lora-halves") or 0)
@@ -346,16 +344,6 @@ def main(argv: list[str] | None = None) -> int:
                               for _ in range(carry_rounds) for label in ("carried", "added")], cases, recapture=True)
         finally:
             llama.CARRY_MLP_OUTPUT = True
-    if pdl_rounds:
-        from loquetier.kernels import launch as launch_mod
-
-        try:
-            compare("pdl", [(label, functools.partial(launch_mod.set_pdl, label == "PDL"))
-                            for _ in range(pdl_rounds) for label in ("plain", "PDL")], cases, recapture=True)
-        except Exception as exc:  # noqa: BLE001 - a capture that fails with it keeps the page
-            errors["pdl"] = repr(exc)[:500]
-        finally:
-            launch_mod.set_pdl(None)
     if halves_rounds:
         restore: list[Callable[[], None]] = []
 
@@ -370,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             while restore:
                 restore.pop()()
-    if overlaps or tuning_ab or attn_ab or blas_ab or carry_rounds or pdl_rounds or halves_rounds:
+    if overlaps or tuning_ab or attn_ab or blas_ab or carry_rounds or halves_rounds:
         engine.capture_graphs(recapture=True)
     # decode windows chained (the next window queued before the host applies the last) or not
     default_chain = engine.window.chain
@@ -469,10 +457,6 @@ def main(argv: list[str] | None = None) -> int:
              "carrying each layer's MLP output into the next norm's pass (`llama.CARRY_MLP_OUTPUT`, the default) "
              "and adding it at the layer's end, graphs captured again for each, in turn (`--carry-ab`)",
              "MLP output"),
-            ("pdl", "Programmatic dependent launch", "Every case with the decode step's elementwise, attention "
-             "and LoRA expand kernels launched plainly, then with programmatic dependent launch (each launched "
-             "while the kernel before it finishes, `LOQUETIER_PDL`), graphs captured again for each, in turn "
-             "(`--pdl-ab`)", "launches"),
             ("halves", "The two halves of the LoRA work in a decode step", "Timing only (the tokens are not "
              "the model's): the adapter cases with the decode-sized LoRA forwards launching both halves, the "
              "shrinks alone, the expands alone (over zeros) and neither, graphs captured again for each, in "
@@ -484,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry", "pdl", "halves")
+    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry", "halves")
                 for r in results.get(kind, [])]
     for r in [*results.values(), *compared]:
         if isinstance(r, dict):

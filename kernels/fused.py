@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_common import pdl_wait
-from .launch import launch, pdl_meta
+from .launch import launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _forced: bool | None = None
@@ -50,13 +49,11 @@ def enabled(device: torch.device) -> bool:
 def _rms_norm_kernel(  # noqa: PLR0917
     x_ptr, stride_x, d_ptr, stride_d, h_ptr, stride_h, w_ptr, out_ptr, stride_o,
     n_cols, eps,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: read before the wait
-    pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # the residual add, rounded to the model dtype as torch's `h + d` is
         d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0)
@@ -65,6 +62,7 @@ def _rms_norm_kernel(  # noqa: PLR0917
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     y = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=mask)
 
 
@@ -82,7 +80,7 @@ def _norm(
             x, x.stride(0), d, d.stride(0), h, h.stride(0), w, out, out.stride(0),
             x.shape[1], eps,
             HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
-            num_warps=8 if x.shape[1] >= 4096 else 4, **pdl_meta(x),
+            num_warps=8 if x.shape[1] >= 4096 else 4,
         )  # fmt: skip
     return h, out
 
@@ -105,7 +103,6 @@ def _rope_kernel(  # noqa: PLR0917
     num_heads, num_kv_heads,
     kc_ptr, vc_ptr, stride_slot, slots_ptr, first_row,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, CACHE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One (row, head) of q or k: out = x * cos + rotate_half(x) * sin, each product rounded to the
     dtype before the sum (as the torch expression is). With ``CACHE``, rows from ``first_row`` on
@@ -115,7 +112,6 @@ def _rope_kernel(  # noqa: PLR0917
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < HALF
-    pdl_wait(PDL)
     src = qkv_ptr + row * stride_qkv + head * HEAD_DIM
     x1 = tl.load(src + offs, mask=mask, other=0.0)
     x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
@@ -175,17 +171,16 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: 
             qkv, qkv.stride(0), cos, sin, cos.stride(0), q, k, num_heads, num_kv_heads,
             kc, vc, num_kv_heads * head_dim, slots, first,
             HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(half), CACHE=cache is not None,
-            num_warps=1, **pdl_meta(qkv),
+            num_warps=1,
         )  # fmt: skip
     return q, k
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, stride_gu, out_ptr, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, stride_gu, out_ptr, stride_o, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    pdl_wait(PDL)
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
     u = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
     gf = g.to(tl.float32)
@@ -200,6 +195,6 @@ def silu_mul(gu: torch.Tensor, inter: int) -> torch.Tensor:
     if gu.shape[0]:
         block = 1024 if not INTERPRET else triton.next_power_of_2(inter)
         launch(_silu_mul_kernel, (gu.shape[0], triton.cdiv(inter, block)),
-            gu, gu.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=4, **pdl_meta(gu),
+            gu, gu.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return out

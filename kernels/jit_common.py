@@ -5,27 +5,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-try:  # grid dependency control (programmatic dependent launch), Hopper and later
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    HAS_GDC = True
-except ImportError:  # a Triton without it: launch.pdl_meta never asks for PDL
-    HAS_GDC = False
-    gdc_launch_dependents = gdc_wait = None
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """With ``PDL`` (the kernel was launched with ``launch_pdl``, ``launch.pdl_meta``): wait until the
-    kernels before this one on its stream have finished and their writes are visible, then let the
-    next kernel launch. Every program calls it before it reads what an earlier kernel wrote or writes
-    what one reads, and unconditionally (a program that exits without waiting would let the next
-    kernel run ahead of this one's predecessor). Before it, a program may read only what was written
-    two kernels back or earlier (weights, the step's metadata). Without ``PDL``: nothing."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
 
 @triton.jit
 def dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):

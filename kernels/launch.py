@@ -25,8 +25,6 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MISSING = object()
-PDL_ENV = "LOQUETIER_PDL"
-_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
 def _enabled() -> bool:
@@ -91,45 +89,6 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
         return
     compiled, trailing = entry
     compiled[(*grid, 1, 1)[:3]](*args, *trailing)
-
-
-def _pdl_from_env() -> bool:
-    value = os.environ.get(PDL_ENV, "0").strip().lower() or "0"
-    if value not in _ON + _OFF:
-        raise ValueError(f"{PDL_ENV} must be 1 or 0 (on or off), got {value!r}")
-    return value in _ON
-
-
-_pdl = _pdl_from_env()
-_pdl_capable: dict[torch.device, bool] = {}
-
-
-def set_pdl(on: bool | None) -> None:
-    """Programmatic dependent launch for the kernels that take a ``PDL`` constexpr (the decode step's
-    elementwise kernels, paged attention and the SMLM expands): on a GPU of compute capability 9 or
-    more, such a kernel is launched while the kernel before it on its stream finishes, and waits on
-    the device (``jit_common.pdl_wait``) before it reads anything that kernel wrote. None: back to
-    ``LOQUETIER_PDL`` (default off). A captured graph keeps the setting it was captured with."""
-    global _pdl
-    _pdl = _pdl_from_env() if on is None else bool(on)
-
-
-def pdl_enabled() -> bool:
-    return _pdl
-
-
-def pdl_meta(t: torch.Tensor) -> dict[str, Any]:
-    """The launch keywords for a kernel with a ``PDL`` constexpr whose data lives where ``t`` does:
-    ``PDL=True`` and Triton's ``launch_pdl`` when programmatic dependent launch is on and the device
-    has it (CUDA, compute capability 9.0 or more), else ``PDL=False`` (a plain launch)."""
-    if not _pdl or INTERPRET or not t.is_cuda:
-        return {"PDL": False}
-    capable = _pdl_capable.get(t.device)
-    if capable is None:
-        from .jit_common import HAS_GDC
-
-        capable = _pdl_capable[t.device] = HAS_GDC and torch.cuda.get_device_capability(t.device)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if capable else {"PDL": False}
 
 
 def clear() -> None:

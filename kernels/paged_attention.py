@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from .jit_common import dot as _dot
-from .jit_common import pdl_wait
-from .launch import launch, pdl_meta, tuning_from_spec
+from .launch import launch, tuning_from_spec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -74,7 +73,7 @@ def paged_decode_kernel(  # noqa: PLR0917
     qk_scale, window, num_splits,  # scale * log2(e); window <= 0: none
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """out[s, h*G + g] = softmax_t(q[s, h*G + g] . k[t, h] * scale) @ v[:, h] over this program's
     partition of the visible keys t in [max(0, ctx - window), ctx)."""
@@ -93,7 +92,6 @@ def paged_decode_kernel(  # noqa: PLR0917
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g  # [BLOCK_G] query heads of this group
-    pdl_wait(PDL)  # the context lengths are the step's metadata; q and the cache's keys are not
     q_rows = q_ptr + seq.to(tl.int64) * stride_qn + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_rows, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     table = bt_ptr + (seq_offset + seq).to(tl.int64) * stride_bt
@@ -133,7 +131,7 @@ def paged_decode_combine_kernel(  # noqa: PLR0917
     lse_ptr, stride_ls, stride_lp,  # [S, splits, Hq] fp32 base-2 log-sum-exp
     o_ptr, stride_os, stride_oh,  # [S, Hq, D] out
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[s, h] = sum_p w_p * part[s, p, h] / sum_p w_p with w_p = 2 ** (lse[s, p, h] - max_p lse)."""
     seq = tl.program_id(0).to(tl.int64)
@@ -141,7 +139,6 @@ def paged_decode_combine_kernel(  # noqa: PLR0917
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     p_mask = offs_p < num_splits
-    pdl_wait(PDL)
     lse = tl.load(lse_ptr + seq * stride_ls + offs_p * stride_lp + head, mask=p_mask, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, axis=0))  # partition 0 is never empty: the max is finite
     rows = part_ptr + seq * stride_ps + offs_p[:, None] * stride_pp + head * stride_ph + offs_d[None, :]
@@ -239,7 +236,7 @@ def paged_decode(  # noqa: PLR0917
         HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         IS_SPLIT=splits > 1, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
-        num_warps=tuning.warps, num_stages=tuning.stages, **pdl_meta(q),
+        num_warps=tuning.warps, num_stages=tuning.stages,
     )  # fmt: skip
     if splits > 1:
         launch(paged_decode_combine_kernel, (num_seqs, num_heads),
@@ -248,6 +245,6 @@ def paged_decode(  # noqa: PLR0917
             out, out.stride(0), out.stride(1),
             splits,
             HEAD_DIM=head_dim, BLOCK_P=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-            num_warps=4, **pdl_meta(q),
+            num_warps=4,
         )  # fmt: skip
     return out

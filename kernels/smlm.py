@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 
-from .launch import launch, pdl_meta
+from .launch import launch
 from .launch import tuning_from_spec as launch_tuning
 from .meta import FWD_BLOCK_ROWS, GRAD_BLOCK_ROWS, SMLMMeta
 from .smlm_jit import (
@@ -330,7 +330,7 @@ def _expand_into(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, lora: Module
         n,
         HAS_SCALE=with_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
-        num_warps=_expand_warps(block_m), num_stages=TUNING.expand_stages, **_dot_kwargs(w), **pdl_meta(y),
+        num_warps=_expand_warps(block_m), num_stages=TUNING.expand_stages, **_dot_kwargs(w),
     )
 
 
@@ -457,7 +457,7 @@ def expand_parts(y: torch.Tensor, v: torch.Tensor, parts: Sequence[tuple[ModuleL
         n0, n1, n2, o0, o1, o2,
         r0, r1, r2, s0, s1, s2, meta.blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_RANK_STEP, TILES_N=tiles, SPLIT_TILE=_split_tile(splits),
-        num_warps=_expand_warps(block_m), num_stages=TUNING.expand_stages, **_dot_kwargs(b0), **pdl_meta(y),
+        num_warps=_expand_warps(block_m), num_stages=TUNING.expand_stages, **_dot_kwargs(b0),
     )  # fmt: skip
 
 

@@ -25,7 +25,6 @@ import triton.language as tl
 
 from .jit_common import dot as _dot
 from .jit_common import dot_or_mac as _dot_or_mac
-from .jit_common import pdl_wait
 
 
 @triton.jit
@@ -98,7 +97,7 @@ def _expand_tile(  # noqa: PLR0917
     ranks_ptr, scales_ptr, blocks_ptr, pid, pid_n, N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """The body of both expand kernels: block ``pid``, column tiles ``pid_n * TILES_N`` and the
     ``TILES_N - 1`` after it, one module (or part). ``v`` is the sum of ``num_splits`` partial buffers
@@ -118,7 +117,6 @@ def _expand_tile(  # noqa: PLR0917
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scales_ptr + slot)
-    pdl_wait(PDL)  # the schedule, ranks and scales come before it; v and y (the GEMM's output) after
 
     offs_r = tl.arange(0, BLOCK_R)
     w_slot = w_ptr + slot.to(tl.int64) * stride_ws
@@ -182,13 +180,13 @@ def expand_kernel(  # noqa: PLR0917
     N,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, cols] += (scale[slot] *) v[rows, :r] @ w[slot, :r, cols] for one block, TILES_N column tiles."""
     _expand_tile(y_ptr, stride_ym, stride_yn, v_ptr, stride_vm, stride_vs, num_splits,
                  w_ptr, stride_ws, stride_wr, stride_wn,
                  ranks_ptr, scales_ptr, blocks_ptr, tl.program_id(0), tl.program_id(1), N,
-                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE, UPCAST, IEEE, PDL)
+                 HAS_SCALE, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE, UPCAST, IEEE)
 
 
 @triton.jit
@@ -362,7 +360,7 @@ def expand_parts_kernel(  # noqa: PLR0917
     n0, n1, n2, off0, off1, off2,  # per part: output width and first column in y
     r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr, blocks_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TILES_N: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_TILE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """y[rows, off_p + cols] += scale_p[slot] * v[rows, p*R : p*R + r_p] @ w_p[slot, :r_p, cols]."""
     part = tl.program_id(2)
@@ -392,7 +390,7 @@ def expand_parts_kernel(  # noqa: PLR0917
     _expand_tile(y_ptr + col0 * stride_yn, stride_ym, stride_yn, v_ptr + part * part_cols, stride_vm,
                  stride_vs, num_splits, w_ptr, stride_ws, stride_wr, stride_wn, ranks_ptr, scales_ptr, blocks_ptr,
                  tl.program_id(0), tl.program_id(1), N, True, BLOCK_M, BLOCK_N, BLOCK_R, TILES_N, SPLIT_TILE,
-                 UPCAST, IEEE, PDL)
+                 UPCAST, IEEE)
 
 
 # Shrink and expand in one launch, for decode-sized blocks (``smlm.shrink_expand``). Program

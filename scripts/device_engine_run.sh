@@ -25,12 +25,9 @@
 #                     that BLAS library against the engine's, two rounds; CARRY_AB=N times every case N
 #                     rounds with each layer's MLP output carried into the next norm, then added per layer;
 #                     HALVES=N times the adapter cases N rounds with the decode-sized LoRA forwards
-#                     launching both halves, the shrinks alone, the expands alone, neither (timing only);
-#                     PDL_AB=N times every case N rounds with plain launches, then with programmatic
-#                     dependent launch (LOQUETIER_PDL)
-#   decode            bench_decode's batch-64 graph step, the fused graph against one captured with
-#                     each switch DECODE_AB names flipped (default pdl; carry: the MLP output added per
-#                     layer), two rounds, also pipelined (OVERLAPS: the fused graph in each mode too)
+#                     launching both halves, the shrinks alone, the expands alone, neither (timing only)
+#   decode            bench_decode's batch-64 graph step, the fused graph with the MLP output carried and
+#                     added (two rounds, also pipelined) (OVERLAPS: the fused graph in each mode too)
 #   dense             bench_lora_dense: a decode step's linear layers in CUDA graphs, the LoRA terms by
 #                     the SMLM path against dense cuBLAS GEMMs over every slot (pool ranks 16 and 64)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
@@ -111,10 +108,9 @@ for name in $STEPS; do
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
-            ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} ${PDL_AB:+--pdl-ab "$PDL_AB"} \
-            --out "$OUT/offline" ;;
+            ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} --out "$OUT/offline" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
-            --lora-overlap "$OVERLAPS" --ab "${DECODE_AB-pdl}" --out "$OUT/decode" ;;
+            --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         dense) step dense 300 "$PY" -m benchmarks.bench_lora_dense --out "$OUT/dense" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
             --no-mixed-ranks --out "$OUT/serving" ;;

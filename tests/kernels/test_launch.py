@@ -90,29 +90,3 @@ def test_interpreter_or_switch_off_always_goes_through_triton(monkeypatch: pytes
     for _ in range(3):
         launch_mod.launch(k, (1,), x, 3, 1.0, BLOCK=32)
     assert k.builds == 3
-
-
-def test_pdl_is_off_unless_asked_and_never_asked_off_a_capable_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Programmatic dependent launch: off by default; on, a kernel is launched with it only where the
-    device has it (CUDA, compute capability 9 or more), else plainly (``PDL=False``, no ``launch_pdl``)."""
-    x = torch.randn(4)
-    monkeypatch.delenv(launch_mod.PDL_ENV, raising=False)
-    launch_mod.set_pdl(None)
-    assert not launch_mod.pdl_enabled() and launch_mod.pdl_meta(x) == {"PDL": False}
-    try:
-        launch_mod.set_pdl(True)
-        assert launch_mod.pdl_enabled()
-        assert launch_mod.pdl_meta(x) == {"PDL": False}  # a CPU tensor: no such launch
-        if torch.cuda.is_available():
-            capable = torch.cuda.get_device_capability()[0] >= 9
-            want = {"PDL": True, "launch_pdl": True} if capable else {"PDL": False}
-            assert launch_mod.pdl_meta(x.cuda()) == want
-        monkeypatch.setenv(launch_mod.PDL_ENV, "on")
-        launch_mod.set_pdl(None)
-        assert launch_mod.pdl_enabled()
-        monkeypatch.setenv(launch_mod.PDL_ENV, "sometimes")
-        with pytest.raises(ValueError, match="LOQUETIER_PDL must be 1 or 0"):
-            launch_mod.set_pdl(None)
-    finally:
-        monkeypatch.delenv(launch_mod.PDL_ENV, raising=False)
-        launch_mod.set_pdl(None)
