@@ -51,12 +51,13 @@ class AdapterSlotGate:
     the reason, and its sequence waits, so the engine fails those requests alone after the
     schedule instead of the step failing for everyone. No room in memory yet: the sequence waits."""
 
-    def __init__(self, manager: AdapterManager) -> None:
+    def __init__(self, manager: AdapterManager, held: Callable[[str], bool] = lambda _: False) -> None:
         self.manager = manager
         self.unavailable: dict[str, str] = {}  # adapter_id -> why it could not be read again
+        self.held = held  # adapters whose new sequences wait (new weights go in once the running ones end)
 
     def ensure_loaded(self, adapter_id: str) -> bool:
-        if adapter_id not in self.manager or adapter_id in self.unavailable:
+        if adapter_id not in self.manager or adapter_id in self.unavailable or self.held(adapter_id):
             return False
         try:
             if self.manager.acquire_slot(adapter_id) is None:

@@ -127,6 +127,7 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config, graphs=graphs)
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
         self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
+        self._gate.held = self.jobs.install_pending
         self._clock = time.monotonic
         self.isolation = StepIsolation(self.runner, self.scheduler, self.requests, self.jobs)
         self.window = DecodeWindow(self.scheduler, self.runner, self.blocks, self.requests, self.jobs,
@@ -256,6 +257,7 @@ class Engine:
         _check_id(adapter_id, "adapter_id")
         try:
             version = self.adapters.load(adapter_id, source)
+            self.jobs.drop_install(adapter_id)  # this load replaces weights a job left waiting for it
         except AdapterCapacityError as exc:
             raise EngineError("no_slot", str(exc)) from exc
         except (AdapterError, OSError) as exc:
@@ -272,6 +274,7 @@ class Engine:
         return self.load_adapter(adapter_id, adapter)
 
     def unload_adapter(self, adapter_id: str) -> None:
+        _check_id(adapter_id, "adapter_id")
         if adapter_id not in self.adapters:
             raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
         try:
@@ -280,9 +283,10 @@ class Engine:
             raise EngineError("adapter_busy", str(exc)) from exc
 
     def has_adapter(self, adapter_id: str) -> bool:
-        return adapter_id in self.adapters
+        return isinstance(adapter_id, str) and "\x00" not in adapter_id and adapter_id in self.adapters
 
     def adapter_version(self, adapter_id: str) -> int:
+        _check_id(adapter_id, "adapter_id")
         return self.adapters.version(adapter_id)
 
     def export_adapter(self, adapter_id: str) -> bytes:
@@ -294,6 +298,7 @@ class Engine:
         self._adapter(adapter_id).save(peft_dir)
 
     def _adapter(self, adapter_id: str) -> LoRAAdapter:
+        _check_id(adapter_id, "adapter_id")
         live = self.jobs.live_adapter(adapter_id)
         if live is not None:
             return live
@@ -319,9 +324,15 @@ class Engine:
         and it orders the request among others. None, or a time in the future, is now; a wait longer than
         :data:`MAX_ARRIVAL_WAIT_S` is capped there."""
         _check_id(request_id, "request_id")
+        if adapter_id is not None:
+            _check_id(adapter_id, "adapter_id")
         if self.requests.has(request_id):
             raise EngineError("duplicate_request", f"request {request_id!r} is already running")
         if adapter_id is not None and adapter_id not in self.adapters:
+            job = self.jobs.training_job_of(adapter_id)
+            if job is not None:
+                raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is being trained by job {job!r}: it "
+                                  "can be used once the job succeeds")
             raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
         if adapter_id is not None and self.config.max_adapter_slots <= self.config.num_train_slots \
                 and self.adapters.slot_of(adapter_id) is None:  # it could never get a slot: it would wait forever
@@ -395,6 +406,8 @@ class Engine:
         job_id = job_id or f"job-{next(self._ids)}"
         _check_id(job_id, "job_id")
         _check_id(adapter_id, "adapter_id")
+        if isinstance(base_adapter, str) and "\x00" in base_adapter:
+            raise EngineError("invalid_request", "base_adapter must not contain NUL")
         return self.jobs.add(job_id, adapter_id, data, params, lora=lora, base_adapter=base_adapter,
                              eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint)
 
@@ -429,6 +442,8 @@ class Engine:
 
     def evaluate(self, adapter_id: str | None, data: Any, micro_batch_tokens: int | None = None) -> dict[str, float]:
         """Mean completion-token loss and token accuracy of an adapter (None = base) on ``data``."""
+        if adapter_id is not None:
+            _check_id(adapter_id, "adapter_id")
         job_id = self.jobs.add_eval(f"eval-{next(self._ids)}", adapter_id, data, micro_batch_tokens)
         while (result := self.jobs.eval_result(job_id)) is None:
             events = self._step()
@@ -551,8 +566,9 @@ def waited_s(arrived_at: float | None) -> float:
 
 
 def _check_id(value: object, name: str) -> None:
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise EngineError("invalid_request", f"{name} must be a non-empty string of at most 256 characters")
+    if not isinstance(value, str) or not value or len(value) > 256 or "\x00" in value:
+        raise EngineError("invalid_request", f"{name} must be a non-empty string of at most 256 characters, "
+                          "without NUL")
 
 
 def _freeze_heap() -> None:

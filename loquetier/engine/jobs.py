@@ -100,6 +100,8 @@ class JobBook:
         self._preparer: DataPreparer | None = None
         # > 0: a training job with this many checkpoints not yet stored takes no step (set_checkpoint_window)
         self.max_unstored_checkpoints = 0
+        # adapter id -> weights a job trained, waiting for the adapter of that id to be idle (``_install``)
+        self._installs: dict[str, LoRAAdapter] = {}
 
     # ---- creation ----------------------------------------------------------------------------------
 
@@ -152,6 +154,9 @@ class JobBook:
                 params = TrainingParams(**{**params.__dict__, "priority": priority})
         except (TypeError, ValueError) as exc:
             raise EngineError("invalid_job", f"bad training params: {exc}") from exc
+        training = self.training_job_of(adapter_id)
+        if training is not None:
+            raise EngineError("bad_adapter", f"adapter {adapter_id!r} is already being trained by job {training!r}")
         seqs, fingerprint = self._sequences(data, params.micro_batch_tokens)
         eval_seqs = self._sequences(eval_data, params.micro_batch_tokens)[0] if eval_data is not None else None
         try:
@@ -159,7 +164,7 @@ class JobBook:
                 job = restore_checkpoint(checkpoint, self.adapters, seqs, eval_data=eval_seqs,
                                          data_fingerprint=fingerprint)
                 if job.job_id != job_id or job.adapter_id != adapter_id:
-                    self.adapters.release_train_slot(job.adapter_id)
+                    job.abandon()
                     raise EngineError("invalid_job", f"checkpoint belongs to job {job.job_id!r} "
                                       f"(adapter {job.adapter_id!r})")
             else:
@@ -241,6 +246,33 @@ class JobBook:
         do waits for a command instead of stepping empty batches)."""
         return any(not feed.is_stopped for feed in self._feeds.values())
 
+    def training_job_of(self, adapter_id: str) -> str | None:
+        """The id of the job that trains ``adapter_id``, if one does."""
+        return next((jid for jid, t in self._train.items() if t.job.adapter_id == adapter_id), None)
+
+    def install_pending(self, adapter_id: str) -> bool:
+        """Whether a job's trained weights wait to replace ``adapter_id``: its new sequences wait too
+        (``AdapterSlotGate.held``), so that the running ones finish and the new weights go in."""
+        return adapter_id in self._installs
+
+    def drop_install(self, adapter_id: str) -> None:
+        """Forget trained weights waiting for ``adapter_id`` (an explicit load replaced it)."""
+        self._installs.pop(adapter_id, None)
+
+    def _install(self, adapter_id: str, trained: LoRAAdapter) -> None:
+        """Make a finished job's weights the adapter ``adapter_id`` (a new version): now when no
+        running sequence uses that id (or none is loaded), else once the sequences that use it have
+        finished; new ones wait meanwhile. A load refused for room keeps waiting too."""
+        if adapter_id in self.adapters and (self.adapters.num_refs(adapter_id) or self.adapters.is_pinned(adapter_id)):
+            self._installs[adapter_id] = trained
+            return
+        try:
+            self.adapters.load(adapter_id, trained)
+        except AdapterError:
+            self._installs[adapter_id] = trained
+            return
+        self.adapters.fill_free_slots()
+
     def live_adapter(self, adapter_id: str) -> LoRAAdapter | None:
         for t in self._train.values():
             if t.job.adapter_id == adapter_id:
@@ -305,7 +337,7 @@ class JobBook:
                 self._unregister(t.child.job_id)
             self._unregister(job_id)
             t.job.zero_grad()
-            self.adapters.release_train_slot(t.job.adapter_id)
+            t.job.abandon()
             return JobFinished(job_id, t.job.adapter_id, status, self._metrics(t.job), error=error)
         e = self._evals.pop(job_id, None)
         if e is not None:
@@ -340,6 +372,8 @@ class JobBook:
 
     def collect_idle(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []
+        for adapter_id in list(self._installs):  # trained weights whose adapter id was in use
+            self._install(adapter_id, self._installs.pop(adapter_id))
         for job_id in list(self._train):
             try:
                 events += self._advance(self._train[job_id])
@@ -394,6 +428,7 @@ class JobBook:
             trained = job.finish()  # first: weights it refuses leave the job registered, to be failed
             self._unregister(job.job_id)
             del self._train[job.job_id]
+            self._install(job.adapter_id, trained)
             events.append(JobFinished(job.job_id, job.adapter_id, "succeeded", self._metrics(job),
                                       adapter=trained.to_bytes()))
         return events

@@ -43,14 +43,24 @@ class JobMetrics:
     num_target_tokens: int = 0  # completion tokens scored
 
 
+TRAIN_KEY_PREFIX = "\x00train:"  # ids with a NUL are refused (Engine, wire), so no adapter id is a job's key
+
+
+def train_key(job_id: str) -> str:
+    """The adapter manager's key for the weights a job trains."""
+    return TRAIN_KEY_PREFIX + job_id
+
+
 class TrainingJob:
     def __init__(self, job_id: str, adapter_id: str, manager: AdapterManager,
                  data: Sequence[TrainSequence], params: TrainingParams, *,
                  lora: LoRAConfig | None = None, init: LoRAAdapter | None = None,
                  eval_data: Sequence[TrainSequence] | None = None, data_fingerprint: str | None = None) -> None:
         """Start a job. ``init`` (an existing adapter to continue from) or ``lora`` (a new
-        PEFT-initialised adapter drawn from ``params.seed``). Registers ``adapter_id`` with the
-        manager (replacing an idle adapter of that id) and takes a training slot."""
+        PEFT-initialised adapter drawn from ``params.seed``). Registers the weights with the manager
+        under a key of the job's own (``train_key``), not under ``adapter_id``: an adapter of that id
+        keeps serving its weights while the job trains, and nothing can ask for the weights in
+        training by name. Takes a training slot."""
         if init is None:
             if lora is None:
                 raise AdapterError("a training job needs either `lora` (new adapter) or `init`")
@@ -71,8 +81,13 @@ class TrainingJob:
         self.checkpointed_step, self._last_eval = -1, -1  # step of the last checkpoint (checkpoint.py)
         self._window: tuple[DataCursor, int, int, int] | None = None  # see rewind()
         self._fingerprint = data_fingerprint
-        manager.load(adapter_id, init)
-        self.slot = manager.acquire_train_slot(adapter_id)
+        self.key = train_key(job_id)
+        manager.load(self.key, init)
+        try:
+            self.slot = manager.acquire_train_slot(self.key)
+        except AdapterError:
+            manager.unload(self.key)
+            raise
         self._build_masters(init)
 
     # --- the scheduler's TrainWork protocol ---------------------------------------------------
@@ -166,7 +181,7 @@ class TrainingJob:
         self.metrics.lrs.append(lr)
         self._accum.clear()
         self.step += 1
-        self.manager.mark_updated(self.adapter_id)
+        self.manager.mark_updated(self.key)
 
     def zero_grad(self) -> None:
         torch._foreach_zero_(self._grads)
@@ -210,10 +225,17 @@ class TrainingJob:
         return LoRAAdapter(self.config, weights)
 
     def finish(self) -> LoRAAdapter:
-        """Release the training slot; the manager keeps the trained adapter (new version)."""
+        """Release the training slot and the job's key; returns the trained adapter (the caller
+        installs it under ``adapter_id``)."""
         trained = self.adapter()
-        self.manager.release_train_slot(self.adapter_id, trained)
+        self.manager.release_train_slot(self.key, trained)
+        self.manager.unload(self.key)
         return trained
+
+    def abandon(self) -> None:
+        """Release the training slot and the job's key, keeping nothing (a failed or cancelled job)."""
+        self.manager.release_train_slot(self.key)
+        self.manager.unload(self.key)
 
     def _build_masters(self, init: LoRAAdapter) -> None:
         device, r = self.manager.pool.device, self.config.rank

@@ -12,7 +12,7 @@ from loquetier.lora.adapter import LoRAAdapter, peft_key
 from loquetier.lora.config import AdapterError, LoRAConfig
 from loquetier.lora.data import TrainSequence, tokenize_examples
 from loquetier.lora.evaluate import EvaluationJob
-from loquetier.lora.job import TrainingJob
+from loquetier.lora.job import TrainingJob, train_key
 from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import LoRASlotPool
@@ -198,7 +198,9 @@ def test_tiny_model_learns_a_mapping_and_leaves_others_alone() -> None:
     for prompt, completion in pairs:
         assert engine.greedy(prompt, job.slot, max_new=5, eos=2) == completion
 
-    trained = job.finish()
+    trained = job.finish()  # the job's own key is gone; the caller installs the weights under their id
+    assert train_key(job.job_id) not in manager and "L" not in manager
+    manager.load("L", trained)
     assert manager.slot_of("L") is None and not manager.is_pinned("L")
     manager.new_step()
     slot = manager.acquire_slot("L")  # served from an inference slot, same answers
@@ -213,6 +215,9 @@ def test_job_rejects_dropout_and_a_second_trainer() -> None:
     data = token_data(1, 2)
     with pytest.raises(AdapterError, match="dropout"):
         TrainingJob("j", "a", manager, data, TrainingParams(), lora=LoRAConfig(dropout=0.1))
-    TrainingJob("j", "a", manager, data, TrainingParams(), lora=LoRAConfig())
+    job = TrainingJob("j", "a", manager, data, TrainingParams(), lora=LoRAConfig())
+    assert "a" not in manager and train_key("j") in manager  # trained under the job's key, not by name
     with pytest.raises(AdapterError, match="being trained"):
-        TrainingJob("k", "a", manager, data, TrainingParams(), lora=LoRAConfig())
+        TrainingJob("j", "a", manager, data, TrainingParams(), lora=LoRAConfig())
+    job.abandon()
+    assert train_key("j") not in manager and manager.pool.num_train_slots == 2

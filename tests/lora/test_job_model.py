@@ -80,6 +80,7 @@ def test_shared_steps_through_the_model_core_match_alone_and_export_to_peft(tmp_
 
     # export: HF PEFT on the HF model gives the engine's logits for the trained adapter
     trained = together[0].finish()
+    manager.load("A", trained)
     trained.save(tmp_path / "A")
     manager.new_step()
     slot = manager.acquire_slot("A")
