@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
 import time
@@ -314,6 +315,12 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
     (or until the worker's end of the pipe closes: a dead worker leaves no engine behind)."""
     from . import logs
 
+    # A SIGTERM or Ctrl-C to the worker's whole process group (systemd's default KillMode, `kill --
+    # -PGID`, a terminal) reaches this process too: the worker stops it (a "stop" command, or the
+    # pipe closing when the worker is gone), so that the worker drains first instead of finding its
+    # engine dead and leaving every request in flight for redelivery.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(spec.log_level)
     set_os_thread_name(ENGINE_THREAD)
     sys.setswitchinterval(spec.switch_interval_s)

@@ -125,6 +125,27 @@ async def test_a_killed_engine_process_is_seen_at_once(tiny_model_dir: Path, no_
         await client.stop()
 
 
+async def test_a_signal_to_the_process_group_leaves_the_engine_to_its_worker(tiny_model_dir: Path,
+                                                                            no_interpreter: None) -> None:
+    """SIGTERM and SIGINT reach the engine process too when the worker's process group is signalled:
+    the engine goes on serving (the worker drains, then stops it), and still stops when told."""
+    client = ProcessEngineClient(_spec(tiny_model_dir))
+    await asyncio.to_thread(client.launch, 300.0)
+    await client.start()
+    try:
+        assert client.pid is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            os.kill(client.pid, sig)
+        await asyncio.sleep(0.5)
+        await client.submit("r", prompt_token_ids=[5, 6, 7], sampling=GREEDY)
+        seen = await _until(client, lambda s: any(isinstance(e, RequestFinished) for e in s))
+        assert [e.request_id for e in seen if isinstance(e, RequestFinished)] == ["r"]
+        assert client.is_running and client.failure is None
+    finally:
+        await client.stop()
+    assert not client.is_running and client._process.exitcode == 0
+
+
 def test_an_engine_that_cannot_start_says_why(tmp_path: Path, no_interpreter: None) -> None:
     model = tmp_path / "broken"
     model.mkdir()
