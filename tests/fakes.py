@@ -71,6 +71,8 @@ class FakeEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self.requests: dict[str, _Req] = {}
         self.jobs: dict[str, _Job] = {}
+        self._cancelled: list[Any] = []  # JobFinished("cancelled") of cancel_job, given out by the next step
+        self.hold_cancelled = False  # tests: keep those events back (a slow step) until set False
         self.adapters: dict[str, bytes] = {}
         self.num_submitted = 0
         self.submitted_ids: list[str] = []
@@ -119,10 +121,13 @@ class FakeEngine:
         return self.requests.pop(request_id, None) is not None
 
     def has_work(self) -> bool:
-        return bool(self.requests) or any(not j.paused for j in self.jobs.values())
+        return (bool(self.requests) or (bool(self._cancelled) and not self.hold_cancelled)
+                or any(not j.paused for j in self.jobs.values()))
 
     def step(self) -> list[Any]:
         events: list[Any] = []
+        if not self.hold_cancelled:  # as the engine: a cancel's event comes with the next step
+            events, self._cancelled = list(self._cancelled), []
         for req in list(self.requests.values()):
             token = (req.prompt_ids[len(req.out) % len(req.prompt_ids)] + 1) % VOCAB
             req.out.append(token)
@@ -210,8 +215,11 @@ class FakeEngine:
             events.append(JobFinished(job.job_id, job.adapter_id, "succeeded", {"loss": loss}, adapter))
         return events
 
-    def cancel_job(self, job_id: str) -> None:
-        self.jobs.pop(job_id, None)
+    def cancel_job(self, job_id: str) -> bool:
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            self._cancelled.append(JobFinished(job_id, job.adapter_id, "cancelled", {"steps": float(job.step)}))
+        return job is not None
 
     def pause_job(self, job_id: str) -> None:
         self.jobs[job_id].paused = True

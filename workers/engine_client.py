@@ -206,8 +206,9 @@ class EngineClient:
             return data
         return await asyncio.to_thread(prepare, data, micro_batch_tokens, stop)
 
-    async def cancel_job(self, job_id: str) -> None:
-        await self.call(engine_call("cancel_job", job_id))
+    async def cancel_job(self, job_id: str) -> bool:
+        """Whether the engine held the job (its ``JobFinished("cancelled")`` then comes with a later step)."""
+        return bool(await self.call(engine_call("cancel_job", job_id)))
 
     async def pause_job(self, job_id: str) -> None:
         await self.call(engine_call("pause_job", job_id))

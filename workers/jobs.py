@@ -37,6 +37,7 @@ from .publisher import Publisher
 log = logging.getLogger(__name__)
 
 JobEvent = JobProgress | JobEvaluated | JobCheckpoint | JobFinished
+RUN_END_WAIT_S = 60.0  # how long a job's new run waits for the engine to end the one stopped before
 
 
 def coalesce_progress(events: list[Any]) -> list[Any]:
@@ -58,6 +59,16 @@ def coalesce_progress(events: list[Any]) -> list[Any]:
             at.pop(ev.job_id, None)
         out.append(ev)
     return out
+
+
+@dataclass
+class _Stopping:
+    """A run this worker stopped: ``ended`` is set when its JobFinished arrives. ``certain``: the
+    engine held the run when told to cancel it, so that event will come; else the run had already
+    ended in the engine, and its JobFinished may be on its way or already handled."""
+
+    ended: asyncio.Event
+    certain: bool = True
 
 
 @dataclass
@@ -97,6 +108,10 @@ class LeasedJobs:
         self._wake = asyncio.Event()
         self.accepting = True
         self.running: dict[str, RunningJob] = {}
+        # jobs stopped here whose run the engine has not yet said ended (its JobFinished): the events
+        # of that run are dropped, and the job starts here again only once it has (``_launch``)
+        self._stopping: dict[str, _Stopping] = {}
+        self._launching: set[str] = set()  # a claim's set-up in progress (data, checkpoint), by job id
 
     def wake(self) -> None:
         self._wake.set()
@@ -140,8 +155,18 @@ class LeasedJobs:
 
     async def _launch(self, row: JobRow) -> None:
         job_id = row.job_id
-        if job_id in self.running:  # our own job, its lease renewed by the claim: it runs here already
+        # our own job, its lease renewed by the claim: it runs here already, or is being set up by an
+        # earlier claim (a pause and a resume inside one set-up)
+        if job_id in self.running or job_id in self._launching:
             return
+        self._launching.add(job_id)
+        try:
+            await self._launch_new(row)
+        finally:
+            self._launching.discard(job_id)
+
+    async def _launch_new(self, row: JobRow) -> None:
+        job_id = row.job_id
         try:
             job = await asyncio.to_thread(convert.job_from_spec, row.spec)  # MiBs of inline examples: off the loop
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
@@ -151,6 +176,8 @@ class LeasedJobs:
             eval_data = await self._prepare(job_id, job.eval_data, job.params.micro_batch_tokens)
             if data is None or (job.eval_data is not None and eval_data is None):
                 log.info("job lost while its data was prepared", extra={"job_id": job_id})
+                return
+            if not await self._run_ended(job_id):
                 return
             await self._client.add_job(
                 job.adapter_id,
@@ -168,6 +195,11 @@ class LeasedJobs:
             log.info("job not started: the engine stopped", extra={"job_id": job_id})
             return
         except Exception as exc:
+            if isinstance(exc, EngineError) and exc.code == "duplicate_job":
+                # a run this worker stopped is still in the engine: not this job's failure; its lease
+                # runs out and it is claimed again
+                log.warning("job not started: its last run is still in the engine", extra={"job_id": job_id})
+                return
             code, message = public_error(exc, "this job", log, job_id=job_id)
             error = f"{code}: {message}"
             log.warning("job failed to start", extra={"job_id": job_id, "error": error})
@@ -195,6 +227,27 @@ class LeasedJobs:
             ProgressResult(job_id=job_id, adapter_id=job.adapter_id, step=step, total_steps=row.total_steps),
             job_id,
         )
+
+    async def _run_ended(self, job_id: str) -> bool:
+        """Wait until the engine has ended the run of ``job_id`` that this worker last stopped, if any
+        (its JobFinished arrived): a new run added before would meet that one's late events, or the
+        engine would refuse it as a duplicate. False: it did not end in time (the job is left to its
+        lease, and claimed again later)."""
+        stopping = self._stopping.get(job_id)
+        if stopping is None:
+            return True
+        # a cancelled run's JobFinished comes with the engine's next step; a run that had already
+        # ended has its event on the way, or handled: it is waited for a while only
+        wait_s = RUN_END_WAIT_S if stopping.certain else self._settings.drain_timeout_s
+        try:
+            await asyncio.wait_for(stopping.ended.wait(), wait_s)
+        except TimeoutError:
+            if stopping.certain:
+                log.warning("job not started: its last run has not ended in the engine", extra={"job_id": job_id})
+                return False
+        if self._stopping.get(job_id) is stopping:
+            del self._stopping[job_id]
+        return True
 
     async def _base_adapter(self, base: str | None) -> str | None:
         """A known adapter id as is; else a PEFT directory under the adapter roots (resolved)."""
@@ -267,7 +320,10 @@ class LeasedJobs:
 
     async def _drop(self, job_id: str, why: str) -> None:
         if self.running.pop(job_id, None) is not None:
-            await self._client.cancel_job(job_id)
+            # until its JobFinished arrives (the cancel's, or one already on its way) the run's events
+            # are dropped, and a new run of the job waits (``_run_ended``)
+            stopping = self._stopping[job_id] = _Stopping(asyncio.Event())
+            stopping.certain = await self._client.cancel_job(job_id)
             log.info("job stopped here", extra={"job_id": job_id, "reason": why})
 
     async def stop_local(self, job_id: str) -> bool:
@@ -304,6 +360,12 @@ class LeasedJobs:
     # --- engine events -------------------------------------------------------------------
 
     async def on_event(self, ev: JobEvent) -> None:
+        stopped = self._stopping.get(ev.job_id)
+        if stopped is not None:  # a run this worker stopped: its late events mean nothing
+            if isinstance(ev, JobFinished):  # the engine let it go: the job may start here again
+                del self._stopping[ev.job_id]
+                stopped.ended.set()
+            return
         if isinstance(ev, JobCheckpoint):
             try:
                 await self._on_event(ev)

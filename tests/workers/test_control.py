@@ -89,6 +89,40 @@ async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_u
         await asyncio.wait_for(worker._stop.wait(), 20)
 
 
+async def test_a_resume_waits_for_the_paused_run_to_end_and_its_late_events_change_nothing(
+        topics: Any, database_url: str) -> None:
+    """A pause, then a resume while the engine has not yet reported the paused run's end (its
+    JobFinished("cancelled") comes with a later step): the new run starts only once that event has
+    come, the event does not end the job, and the job runs on in one run until it is cancelled."""
+    settings = await topics()
+    engine = FakeEngine()
+    job = {"adapter_id": "flip-a", "data": [{"prompt": "a", "completion": "b"}],
+           "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
+
+    async def status(job_id: str) -> str:
+        row = await query(database_url, lambda s: repo.get_job(s, job_id))
+        return row.status if row else ""
+
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        job_id = await client.submit_training(job)
+        await until(lambda: _true(job_id in worker.jobs.running and job_id in engine.jobs))
+        for _ in range(3):
+            engine.hold_cancelled = True  # the paused run's end is reported late
+            assert (await client.control("pause", job_id, wait=True)).ok
+            assert (await client.control("resume", job_id, wait=True)).ok
+            await asyncio.sleep(1.0)  # the resume's claim had time to start a run
+            assert job_id not in engine.jobs, "a new run started before the engine ended the paused one"
+            engine.hold_cancelled = False
+            await worker.client.stats()  # a command: the engine's loop looks for work again
+            await until(lambda: _true(job_id in worker.jobs.running and job_id in engine.jobs))
+            await asyncio.sleep(0.5)  # the late event has been handled
+            assert await status(job_id) == "running" and job_id in worker.jobs.running
+        assert (await client.control("cancel", job_id, wait=True)).ok
+        done = [r async for r in client.results([job_id]) if r.type == "job_done"]
+        assert [d.status for d in done] == ["cancelled"] and await status(job_id) == "cancelled"
+        assert job_id not in engine.jobs and job_id not in worker.jobs.running
+
+
 async def test_an_unload_refused_while_a_job_trains_the_adapter_changes_nothing(topics: Any, database_url: str) -> None:
     """An unload of an adapter that an unfinished job trains is refused (``adapter_busy``, naming the
     job) before anything is archived: the adapter stays registered and served, here and after a
