@@ -230,7 +230,7 @@ class ProcessEngineClient(EngineClient):
         from loquetier.engine.jobs import DataPreparer
 
         return DataPreparer(load_tokenizer(Path(self.spec.model_dir)), int(self.info["vocab_size"]),
-                            int(self.info["max_num_batched_tokens"]))
+                            int(self.info["max_num_batched_tokens"]), self.info.get("max_model_len"))
 
     def _fail_pending(self) -> None:
         with self._pending_lock:
@@ -337,7 +337,8 @@ def _engine_main(conn: Connection, spec: EngineSpec) -> None:  # noqa: C901, PLR
         send(("startup_failed", _reason(exc)))
         return
     send(("ready", {"device": str(engine.device), "pid": os.getpid(), "vocab_size": engine.model.cfg.vocab_size,
-                    "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens}))
+                    "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
+                    "max_model_len": engine.max_model_len}))
 
     inbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
     stopping = threading.Event()

@@ -126,7 +126,7 @@ class Engine:
             eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config, graphs=graphs)
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)
-        self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config)
+        self.jobs = JobBook(self.adapters, self.scheduler, tokenizer, cfg.vocab_size, config, self.max_model_len)
         self._gate.held = self.jobs.install_pending
         self._clock = time.monotonic
         self.isolation = StepIsolation(self.runner, self.scheduler, self.requests, self.jobs)

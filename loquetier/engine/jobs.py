@@ -64,8 +64,10 @@ class DataPreparer:
     time (HF fast tokenizers take one user at a time): for ``JobBook.prepare``, and for a worker
     whose engine runs in another process (the work then stays off the engine's interpreter)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None) -> None:
         self.tokenizer, self.vocab_size, self.ceiling = tokenizer, vocab_size, max_num_batched_tokens
+        self.max_model_len = max_model_len
         self._lock = threading.Lock()
 
     def prepare(self, data: Any, micro_batch_tokens: int | None = None,
@@ -77,7 +79,8 @@ class DataPreparer:
             if stop is not None and stop.is_set():
                 raise EngineError("cancelled", "the data's preparation was stopped")
         try:
-            seqs = tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit, stop=stop)
+            seqs = tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit,
+                                     max_len=self.max_model_len, stop=stop)
         except DataCancelled as exc:
             raise EngineError("cancelled", str(exc)) from exc
         except (DataError, OSError, ValueError, TypeError) as exc:
@@ -88,10 +91,10 @@ class DataPreparer:
 
 
 class JobBook:
-    def __init__(self, adapters: AdapterManager, scheduler: Scheduler, tokenizer: Any, vocab_size: int,
-                 config: EngineConfig) -> None:
+    def __init__(self, adapters: AdapterManager, scheduler: Scheduler, tokenizer: Any, vocab_size: int,  # noqa: PLR0917
+                 config: EngineConfig, max_model_len: int | None = None) -> None:
         self.adapters, self.scheduler, self.tokenizer = adapters, scheduler, tokenizer
-        self.vocab_size, self.config = vocab_size, config
+        self.vocab_size, self.config, self.max_model_len = vocab_size, config, max_model_len
         self._train: dict[str, _Train] = {}
         self._evals: dict[str, _Eval] = {}
         self._feeds: dict[str, JobFeed] = {}
@@ -115,7 +118,8 @@ class JobBook:
         with self._prepare_lock:
             if self._preparer is None:
                 tokenizer = copy.deepcopy(self.tokenizer) if self.tokenizer is not None else None
-                self._preparer = DataPreparer(tokenizer, self.vocab_size, self.config.scheduler.max_num_batched_tokens)
+                self._preparer = DataPreparer(tokenizer, self.vocab_size, self.config.scheduler.max_num_batched_tokens,
+                                              self.max_model_len)
         return self._preparer.prepare(data, micro_batch_tokens, stop)
 
     def _sequences(self, data: Any, max_tokens: int) -> tuple[list[TrainSequence], str | None]:
@@ -129,7 +133,8 @@ class JobBook:
                                       f"a sequence of {longest} tokens exceeds micro_batch_tokens={limit}")
             return list(data.sequences), data.fingerprint
         try:
-            return tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit), None
+            return tokenize_examples(data, self.tokenizer, vocab_size=self.vocab_size, max_tokens=limit,
+                                     max_len=self.max_model_len), None
         except (DataError, OSError, ValueError, TypeError) as exc:
             raise EngineError("invalid_data", str(exc)) from exc
 

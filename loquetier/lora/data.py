@@ -11,6 +11,7 @@ per-row target (row ``i`` predicts ``labels[i + 1]``), so loss is only on comple
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -60,9 +61,10 @@ class TrainSequence:
         """Row ``i``'s next-token target: ``labels[i + 1]`` (the last row has none)."""
         return (*self.labels[1:], IGNORE_INDEX)
 
-    @property
+    @functools.cached_property
     def num_target_tokens(self) -> int:
-        """Completion tokens that have a token before them (the loss denominator's share)."""
+        """Completion tokens that have a token before them (the loss denominator's share); counted
+        once (a runner asks every step of a micro-batch)."""
         return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
 
 
@@ -106,10 +108,11 @@ def read_examples(source: DataSource, *, max_examples: int = MAX_EXAMPLES,
 
 def tokenize_examples(source: DataSource, tokenizer: Tokenizer | None = None, *,
                       vocab_size: int | None = None, max_tokens: int | None = None,
-                      add_special_tokens: bool = True, max_examples: int = MAX_EXAMPLES,
+                      max_len: int | None = None, add_special_tokens: bool = True, max_examples: int = MAX_EXAMPLES,
                       max_chat_renders: int = MAX_CHAT_TURN_RENDERS,
                       stop: threading.Event | None = None) -> list[TrainSequence]:
-    """Validate and tokenize every example; errors name the example index.
+    """Validate and tokenize every example; errors name the example index. ``max_len``: the
+    model's context (``max_model_len``); a longer sequence is refused, as a longer prompt is.
 
     Text examples need ``tokenizer`` (with an EOS token); the prompt is tokenized with
     ``add_special_tokens`` (BOS, as an inference prompt would be), the completion without. A
@@ -134,6 +137,9 @@ def tokenize_examples(source: DataSource, tokenizer: Tokenizer | None = None, *,
             seq = _tokenize_one(example, tokenizer, encoded.get(index))
             if vocab_size is not None and any(t >= vocab_size for t in seq.token_ids):
                 raise DataError(f"token id >= the model's vocab_size {vocab_size}")
+            if max_len is not None and seq.num_tokens > max_len:
+                raise DataError(f"{seq.num_tokens} tokens exceed the model's context of {max_len} tokens "
+                                "(max_model_len): shorten or split it")
             if max_tokens is not None and seq.num_tokens > max_tokens:
                 raise DataError(f"{seq.num_tokens} tokens exceed micro_batch_tokens={max_tokens}")
             if seq.num_target_tokens == 0:

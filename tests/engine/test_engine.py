@@ -281,6 +281,11 @@ def test_bad_jobs_get_clear_errors(model_dir: Path) -> None:
     engine = make_engine(model_dir)
     with pytest.raises(EngineError, match="invalid_data"):
         engine.add_training_job("t", [{"prompt": 3}], job_params(1), lora=LORA)
+    long = [{"prompt_token_ids": [5] * engine.max_model_len, "completion_token_ids": [6]}]
+    for prepare in (False, True):  # inline, and prepared ahead on another thread
+        with pytest.raises(EngineError, match="exceed the model's context"):
+            data = engine.prepare_data(long, 4 * engine.max_model_len) if prepare else long
+            engine.add_training_job("t", data, TrainingParams(micro_batch_tokens=4 * engine.max_model_len), lora=LORA)
     with pytest.raises(EngineError, match="invalid_job"):
         engine.add_training_job("t", train_data(0), {"lr": -1}, lora=LORA)
     with pytest.raises(EngineError, match="bad_adapter|invalid_job"):

@@ -86,6 +86,16 @@ def test_invalid_examples(example: object, message: str) -> None:
         tokenize_examples("/nonexistent.jsonl")
 
 
+def test_a_sequence_longer_than_the_models_context_is_refused() -> None:
+    """A training sequence past ``max_len`` (the model's ``max_model_len``) is refused by name, even
+    where its micro-batch would hold it; one that fits exactly is taken."""
+    fits = {"prompt_token_ids": [1] * 11, "completion_token_ids": [2]}
+    assert tokenize_examples([fits], vocab_size=64, max_tokens=64, max_len=12)[0].num_tokens == 12
+    longer = {"prompt_token_ids": [1] * 12, "completion_token_ids": [2]}
+    with pytest.raises(DataError, match=r"example 1: 13 tokens exceed the model's context of 12 tokens"):
+        tokenize_examples([fits, longer], vocab_size=64, max_tokens=64, max_len=12)
+
+
 def seqs(lengths: list[int]):
     return [make_sequence([1] * (n - 1), [i + 3]) for i, n in enumerate(lengths)]
 
