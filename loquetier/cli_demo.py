@@ -21,9 +21,13 @@ from loquetier.settings import get_settings
 
 
 def register(subparsers: Any) -> None:
-    demo = subparsers.add_parser("demo", help="the guided scenario on the real small model")
+    demo = subparsers.add_parser(
+        "demo", help="the guided scenario on the real small model",
+        description="Starts a broker, PostgreSQL and a worker on SmolLM2-135M-Instruct, serves chat requests "
+        "with two adapters while a new adapter trains, then answers with it; stops what it started unless "
+        "--serve.")
     demo.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
-    demo.add_argument("--device", default=None)
+    demo.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     demo.add_argument("--steps", type=int, default=8, help="fine-tuning steps of the new adapter")
     demo.add_argument("--requests", type=int, default=6, help="chat requests served while it trains")
     demo.add_argument("--serve", action="store_true", help="leave services and worker running afterwards")

@@ -36,12 +36,19 @@ def register(subparsers: Any) -> None:
     up.add_argument("--no-gateway", action="store_true", help="no OpenAI-compatible gateway")
     up.add_argument("--timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for the worker")
     up.set_defaults(func=_up)
-    down = subparsers.add_parser("down", help="stop what `loquetier up` started")
+    down = subparsers.add_parser(
+        "down", help="stop what `loquetier up` started",
+        description="Stops the gateway, the worker, the broker and PostgreSQL that `loquetier up` (or `make demo "
+        "ARGS=--serve`) started. The database and the converted model stay for the next `up`; --purge deletes "
+        "the database too.")
     down.add_argument("--purge", action="store_true",
                       help="also delete the local state: database, logs, checkpoints, staged adapters, keys "
                       "(the converted model stays)")
     down.set_defaults(func=_down)
-    env = subparsers.add_parser("env", help='the running stack\'s settings as export lines: eval "$(loquetier env)"')
+    env = subparsers.add_parser(
+        "env", help='the running stack\'s settings as export lines: eval "$(loquetier env)"',
+        description="Prints the LOQUETIER_* settings of the stack `loquetier up` started (broker, database, "
+        "gateway) as export lines, so that other shells and programs reach the same stack.")
     env.set_defaults(func=_env)
     sql = subparsers.add_parser("sql", help="open psql on the stack's database (arguments go to psql)",
                                 description="Runs psql on LOQUETIER_DATABASE__URL (or the running local stack's), "
@@ -169,12 +176,16 @@ def _down(args: argparse.Namespace) -> int:
     from loquetier.gateway import local
 
     settings = get_settings()
+    stopped = []
     if local.stop(settings):
-        print("gateway stopped")
+        stopped.append("gateway")
     if local_worker.stop(settings):
-        print("worker stopped")
-    for name in services.down(settings):
+        stopped.append("worker")
+    stopped += services.down(settings)
+    for name in stopped:
         print(f"{name} stopped")
+    if not stopped:
+        print("nothing was running")
     if not args.purge:
         if env_path(settings).is_file():
             env_path(settings).unlink()

@@ -33,8 +33,8 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--adapter", default=None, help="adapter_id (default: the base model); see `loquetier adapters`")
     gen.add_argument("--system", default=None, help="a system turn before the user's message")
     gen.add_argument("--raw", action="store_true", help="send PROMPT as raw text, no chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     gen.add_argument("--request-id", default=None)
     gen.add_argument("--no-stream", action="store_true", help="print only the final text")
     gen.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default 120)")
@@ -115,6 +115,9 @@ async def _print_answer(producer: Any, rid: str) -> int:
                 print(record.text, end="", flush=True)
             elif record.type == "result":
                 print("" if streamed else record.text)
+                if getattr(record, "finish_reason", None) == "cancelled":
+                    print(f"(cancelled: request {rid} was cancelled before it finished)", file=sys.stderr)
+                    return 1
                 return 0
             elif record.type == "error":
                 if streamed:
@@ -159,7 +162,9 @@ async def train(job: Any, kafka: KafkaSettings, *, detach: bool = False) -> int:
         job_id = await producer.submit_training(job)
         print(job_id)
         if detach:
-            print(f"follow it with `loquetier results {job_id}` or `loquetier jobs`", file=sys.stderr)
+            print(f"follow it with `loquetier results {job_id}` (a job refused at intake, e.g. an adapter_id "
+                  "that exists without `overwrite: true`, says why there, and never shows in `loquetier jobs`)",
+                  file=sys.stderr)
             return 0
         bar = tqdm(desc=job_id, unit="step", dynamic_ncols=True)
         try:

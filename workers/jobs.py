@@ -22,6 +22,7 @@ from loquetier.db.models import JobRow
 from loquetier.db.store import Store
 from loquetier.engine.errors import EngineError
 from loquetier.engine.events import JobCheckpoint, JobEvaluated, JobFinished, JobProgress
+from loquetier.lora import tensor_io
 from loquetier.messages import CheckpointResult, ErrorResult, JobDoneResult, ProgressResult, TrainingJobRecord
 from loquetier.settings import WorkerSettings
 from loquetier.training_files import TrainingFileError, file_id_of, parse_jsonl
@@ -79,6 +80,21 @@ class RunningJob:
     loss: float | None = None
     eval_loss: float | None = None
     last_report: float = 0.0
+
+
+def _resumed_at(checkpoint: bytes | None) -> dict[str, Any]:
+    """A resumed job's epoch, tokens and loss at its checkpoint (its header), for the progress record
+    that says the job runs again; nothing (zeros) for a job from its start or an unreadable header."""
+    if checkpoint is None:
+        return {}
+    try:
+        header = tensor_io.header(checkpoint)
+        metrics = header.get("metrics") or {}
+        losses = metrics.get("losses") or []
+        return {"epoch": max(0.0, float(header["cursor"][0])), "tokens_processed": max(0, int(metrics["num_tokens"])),
+                "loss": float(losses[-1]) if losses else None}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return {}
 
 
 class LeasedJobs:
@@ -224,7 +240,8 @@ class LeasedJobs:
             },
         )
         await self._publisher.publish(
-            ProgressResult(job_id=job_id, adapter_id=job.adapter_id, step=step, total_steps=row.total_steps),
+            ProgressResult(job_id=job_id, adapter_id=job.adapter_id, step=step, total_steps=row.total_steps,
+                           **_resumed_at(payload)),
             job_id,
         )
 

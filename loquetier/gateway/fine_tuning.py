@@ -213,7 +213,7 @@ async def pause(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     row = await _job(gw, owner, request.path_params["job_id"])
     if row.status not in ("queued", "running", "paused"):
-        raise bad_request(f"the job is {row.status}: only queued or running jobs pause", code="invalid_state",
+        raise bad_request(f"the job's status is {row.status}: only queued or running jobs pause", code="invalid_state",
                           param="fine_tuning_job_id")
     if row.status != "paused":  # the row only: a command could arrive after a resume and pause again
         await gw.tx(lambda s: repo.pause_job(s, row.job_id))
@@ -225,7 +225,7 @@ async def resume(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     row = await _job(gw, owner, request.path_params["job_id"])
     if row.status != "paused":
-        raise bad_request(f"the job is {row.status}: only paused jobs resume", code="invalid_state",
+        raise bad_request(f"the job's status is {row.status}: only paused jobs resume", code="invalid_state",
                           param="fine_tuning_job_id")
     if await gw.tx(lambda s: repo.set_job_status(s, row.job_id, "queued", from_statuses=("paused",))):
         try:  # wakes a worker now; workers also claim queued jobs by polling
@@ -239,7 +239,8 @@ async def _state_now(gw: Gateway, owner: KeyOwner, job_id: str, wanted: str) -> 
     """The job after a change that raced with its worker: 400 if it ended another way meanwhile."""
     row = await _job(gw, owner, job_id)
     if row.status != wanted:
-        raise bad_request(f"the job is {row.status}", code="invalid_state", param="fine_tuning_job_id")
+        raise bad_request(f"the job's status is {row.status}, not {wanted}: its worker changed it meanwhile",
+                          code="invalid_state", param="fine_tuning_job_id")
     return _json(job_object(row, gw))
 
 

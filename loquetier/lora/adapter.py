@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +178,8 @@ class LoRAAdapter:
         config = self.config.to_peft_dict(self.base_model_name_or_path)
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(self._peft_tensors(), path / WEIGHTS_FILE, metadata={"format": "pt"})
+        # safetensors creates its file mode 600: give it the mode the umask gave the config file
+        (path / WEIGHTS_FILE).chmod(stat.S_IMODE((path / CONFIG_FILE).stat().st_mode))
 
     def _peft_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -37,6 +37,8 @@ def test_our_save_loads_in_peft_with_same_logits(tmp_path: Path, rslora: bool) -
         dims, rank=4, modules=("q_proj", "v_proj", "down_proj", "up_proj"), rslora=rslora
     )
     adapter.save(tmp_path / "a")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "a").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the config (safetensors makes 600)
     ids = torch.tensor([[1, 5, 9, 17, 33, 2, 8]])
 
     # hand-merged reference: W' = W + scale * B @ A
