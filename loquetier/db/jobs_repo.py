@@ -16,9 +16,10 @@ import math
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from loquetier.db.models import JobEventRow, JobRow
 
@@ -34,6 +35,15 @@ def _claimable() -> ColumnElement[bool]:
         JobRow.status == "queued",
         and_(JobRow.status == "running", JobRow.lease_expires_at < func.now()),
     )
+
+
+def _adapter_in_training() -> ColumnElement[bool]:
+    """Another finetune of the row's adapter runs (on whichever worker, its lease valid or not): one
+    adapter trains one job at a time, so that each version starts from the one before and requests
+    meet the same adapter on every worker."""
+    other = aliased(JobRow)
+    return exists().where(other.adapter_id == JobRow.adapter_id, other.job_id != JobRow.job_id,
+                          other.kind == "finetune", other.status == "running")
 
 
 def _owned(job_id: str, worker_id: str) -> ColumnElement[bool]:
@@ -130,9 +140,13 @@ async def claim_job(
 
     Highest ``priority`` first, then oldest. Rows locked by another transaction are
     skipped, so concurrent workers get different jobs. Increments ``attempts``; rows that
-    already have ``max_attempts`` are left to :func:`poison_jobs`.
+    already have ``max_attempts`` are left to :func:`poison_jobs`. A finetune waits, queued,
+    while another finetune of its adapter runs (``_adapter_in_training``); two claims of two
+    finetunes of one adapter serialize on the adapter's lock, and the second finds the first.
     """
-    query = select(JobRow.job_id, JobRow.status, JobRow.worker_id).where(_claimable())
+    waits = and_(JobRow.kind == "finetune", _adapter_in_training())
+    query = select(JobRow.job_id, JobRow.status, JobRow.worker_id, JobRow.kind, JobRow.adapter_id).where(
+        _claimable(), ~waits)
     if max_attempts is not None:
         query = query.where(JobRow.attempts < max_attempts)
     if job_id is not None:
@@ -147,6 +161,11 @@ async def claim_job(
     picked = (await session.execute(query)).first()
     if picked is None:
         return None
+    if picked.kind == "finetune":
+        lock = func.pg_advisory_xact_lock(func.hashtextextended("train:" + picked.adapter_id, 0))
+        await session.execute(select(lock))
+        if (await session.execute(select(waits).where(JobRow.job_id == picked.job_id))).scalar_one():
+            return None  # a finetune of its adapter was claimed meanwhile: this one waits; the next claim goes on
     stmt = (
         update(JobRow)
         .where(JobRow.job_id == picked.job_id)

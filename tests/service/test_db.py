@@ -136,15 +136,17 @@ async def test_request_insert_is_idempotent(sessions: async_sessionmaker[AsyncSe
         assert await repo.get_request(s, "nope") is None
 
 
-async def _add_jobs(sessions: async_sessionmaker[AsyncSession], *ids: str, priority: int = 0) -> None:
+async def _add_jobs(sessions: async_sessionmaker[AsyncSession], *ids: str, priority: int = 0,
+                    adapter_id: str | None = None) -> None:
+    """Finetunes ``ids``, each of an adapter of its own (named as the job) unless ``adapter_id``."""
     async with sessions.begin() as s:
         for job_id in ids:
             spec = {"job_id": job_id}
             assert await repo.insert_job_idempotent(
-                s, job_id=job_id, kind="finetune", adapter_id="a", spec=spec, priority=priority
+                s, job_id=job_id, kind="finetune", adapter_id=adapter_id or job_id, spec=spec, priority=priority
             )
             assert not await repo.insert_job_idempotent(
-                s, job_id=job_id, kind="finetune", adapter_id="a", spec={}
+                s, job_id=job_id, kind="finetune", adapter_id=adapter_id or job_id, spec={}
             )
 
 
@@ -164,6 +166,30 @@ async def test_concurrent_claims_get_different_jobs(sessions: async_sessionmaker
         row = await repo.get_job(s, "urgent")
         assert row is not None and row.status == "running" and row.worker_id == "w1" and row.attempts == 1
         assert row.lease_expires_at is not None and row.started_at is not None
+
+
+async def test_one_adapter_trains_one_job_at_a_time(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Finetunes of one adapter run one after another, whichever workers claim them (two claims at
+    once included); another adapter's job and an evaluation of the adapter are claimed meanwhile."""
+    await _add_jobs(sessions, "first", "second", adapter_id="shared")
+    await _add_jobs(sessions, "other")
+    async with sessions.begin() as s:
+        assert await repo.insert_job_idempotent(s, job_id="eval", kind="evaluate", adapter_id="shared", spec={})
+    async with sessions() as s1, sessions() as s2:
+        t1, t2 = await s1.begin(), await s2.begin()
+        one = await repo.claim_job(s1, "w1", lease_s=30, job_id="first")
+        two = asyncio.create_task(repo.claim_job(s2, "w2", lease_s=30, job_id="second"))
+        await asyncio.sleep(0.3)  # the second claim waits for the adapter's lock until the first commits
+        assert one is not None and not two.done()
+        await t1.commit()
+        assert await two is None  # then it finds the first running
+        await t2.commit()
+    async with sessions.begin() as s:
+        claimed = [await repo.claim_job(s, "w2", lease_s=30) for _ in range(3)]
+        assert sorted(j.job_id for j in claimed if j is not None) == ["eval", "other"]
+        assert await repo.finish_job(s, "first", status="succeeded", worker_id="w1")
+        after = await repo.claim_job(s, "w2", lease_s=30)
+        assert after is not None and after.job_id == "second"
 
 
 async def test_expired_lease_is_reclaimed(sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -362,7 +388,7 @@ async def test_stale_requests_are_those_below_the_offset_nobody_runs(
 
 
 async def test_an_adapter_is_taken_when_another_maker_serves_it(sessions: async_sessionmaker[AsyncSession]) -> None:
-    await _add_jobs(sessions, "j1", "j2")
+    await _add_jobs(sessions, "j1", "j2", adapter_id="a")
     common = {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj"]}
     async with sessions.begin() as s:
         assert await repo.adapter_taken(s, "a", "j1") is None  # nothing served yet
@@ -409,7 +435,8 @@ async def _story(sessions: async_sessionmaker[AsyncSession], job_id: str) -> lis
 
 
 async def test_every_transition_writes_its_history_once(sessions: async_sessionmaker[AsyncSession]) -> None:
-    await _add_jobs(sessions, "j1", "j2")
+    await _add_jobs(sessions, "j1", adapter_id="a")
+    await _add_jobs(sessions, "j2")
     async with sessions.begin() as s:
         assert await repo.claim_job(s, "w1", lease_s=0.05, job_id="j1") is not None
         assert await repo.update_job_progress(s, "j1", "w1", lease_s=0.05, step=3, total_steps=9, last_loss=2.5)
