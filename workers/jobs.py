@@ -185,6 +185,12 @@ class LeasedJobs:
         job_id = row.job_id
         try:
             job = await asyncio.to_thread(convert.job_from_spec, row.spec)  # MiBs of inline examples: off the loop
+            if job.kind == "finetune" and not job.overwrite:  # made meanwhile, e.g. by a job that ran before it
+                taken = await self._store.tx(lambda s: repo.adapter_taken(s, job.adapter_id, job_id))
+                if taken is not None:
+                    raise EngineError("adapter_exists", f"adapter {job.adapter_id!r} (version {taken.version}) was "
+                                      "made by another job or an operator before this job started; set 'overwrite': "
+                                      "true to train a new version of it, or use another adapter_id")
             ckpt = await self._store.tx(lambda s: repo.latest_checkpoint(s, job_id))
             payload = await asyncio.to_thread(read_payload, ckpt.data, ckpt.uri, ckpt.sha256) if ckpt else None
             base = await self._base_adapter(job.base_adapter)

@@ -123,6 +123,38 @@ async def test_a_resume_waits_for_the_paused_run_to_end_and_its_late_events_chan
         assert job_id not in engine.jobs and job_id not in worker.jobs.running
 
 
+async def test_finetunes_of_one_adapter_run_one_after_another(topics: Any, database_url: str) -> None:
+    """A second finetune of an adapter waits, queued, while the first trains it; after the first is
+    cancelled it runs. A later job without ``overwrite`` is refused at its start once the adapter was
+    made by the one before (no wasted training); with ``overwrite`` it trains the next version."""
+    settings = await topics()
+    engine = FakeEngine()
+    data = [{"prompt": "a", "completion": "b"}]
+    long = {"adapter_id": "serial-a", "data": data, "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
+
+    async def status(job_id: str) -> str:
+        row = await query(database_url, lambda s: repo.get_job(s, job_id))
+        return row.status if row else ""
+
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        first = await client.submit_training(long)
+        await until(lambda: _true(first in engine.jobs))
+        second = await client.submit_training(long | {"params": {"max_steps": 3}})
+        third = await client.submit_training(long | {"params": {"max_steps": 3}})  # accepted: no version yet
+        await asyncio.sleep(1.5)  # polls and claims go by
+        assert [await status(second), await status(third)] == ["queued", "queued"]
+        assert second not in engine.jobs and third not in engine.jobs
+        assert (await client.control("cancel", first, wait=True)).ok
+        assert [r async for r in client.results([second])][-1].status == "succeeded"
+        done = [r async for r in client.results([third]) if r.type == "job_done"][-1]
+        assert done.status == "failed" and "adapter_exists" in (done.error or "") and done.step == 0
+        assert third not in engine.jobs
+        fourth = await client.submit_training(long | {"overwrite": True, "params": {"max_steps": 3}})
+        done = [r async for r in client.results([fourth]) if r.type == "job_done"][-1]
+        assert done.status == "succeeded" and done.adapter_version == 2
+        assert worker.jobs.running == {}
+
+
 async def test_an_unload_refused_while_a_job_trains_the_adapter_changes_nothing(topics: Any, database_url: str) -> None:
     """An unload of an adapter that an unfinished job trains is refused (``adapter_busy``, naming the
     job) before anything is archived: the adapter stays registered and served, here and after a
