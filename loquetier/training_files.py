@@ -75,7 +75,11 @@ def example_problem(value: Any) -> str | None:
             ids = value[name]
             if not isinstance(ids, list) or not all(_is_token(t) for t in ids):
                 return f"'{name}' must be a list of token ids (integers in [0, 2^31))"
-        return None if value["completion_token_ids"] else "'completion_token_ids' must not be empty"
+        if not value["completion_token_ids"]:
+            return "'completion_token_ids' must not be empty"
+        if not value["prompt_token_ids"]:  # the engine learns each completion token from the one before it
+            return "'prompt_token_ids' must not be empty: the first completion token needs a token before it"
+        return None
     if keys == {"messages"}:
         return _messages_problem(value["messages"])
     return (

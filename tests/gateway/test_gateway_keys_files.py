@@ -66,6 +66,7 @@ def test_training_file_lines() -> None:
         b'{"prompt": "a", "completion": "b"}\n{"prompt": 1, "completion": "b"}': "line 2",
         b'{"prompt": "a", "completion": ""}': "non-empty",
         b'{"prompt_token_ids": [1], "completion_token_ids": [-1]}': "token ids",
+        b'{"prompt_token_ids": [], "completion_token_ids": [4]}': "needs a token before it",
         b'{"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "v"}]}': "assistant",
         b'{"messages": [{"role": "robot", "content": "u"}, {"role": "assistant", "content": "v"}]}': "role",
         b"[1, 2]": "JSON object",
