@@ -63,6 +63,7 @@ class _Job:
     seed: int
     step: int = 0
     paused: bool = False
+    install: bool = True  # as the engine's: on success the adapter is the job's result
 
 
 class FakeEngine:
@@ -157,6 +158,10 @@ class FakeEngine:
         self.adapters[adapter_id] = data
         return 1
 
+    def replace_adapter(self, adapter_id: str, source: bytes) -> bool:
+        self.adapters[adapter_id] = source
+        return True
+
     def load_adapter(self, adapter_id: str, path: Any) -> int:
         return self.load_adapter_bytes(adapter_id, str(path).encode())
 
@@ -183,12 +188,14 @@ class FakeEngine:
         priority: int = 0,
         kind: str = "finetune",
         checkpoint: bytes | None = None,
+        install: bool = True,
     ) -> str:
         job_id = job_id or f"job-{len(self.jobs)}"
         total = params.max_steps or 4
         job = _Job(
             job_id, adapter_id, kind, total if kind == "finetune" else 1, params.checkpoint_every, params.seed
         )
+        job.install = install
         if checkpoint is not None:
             job.step = json.loads(checkpoint)["step"]
         self.jobs[job_id] = job
@@ -211,7 +218,8 @@ class FakeEngine:
         if job.step >= job.total_steps:
             del self.jobs[job.job_id]
             adapter = f"adapter:{job.adapter_id}:{job.step}:{job.seed}".encode()
-            self.adapters[job.adapter_id] = adapter
+            if job.install:
+                self.adapters[job.adapter_id] = adapter
             events.append(JobFinished(job.job_id, job.adapter_id, "succeeded", {"loss": loss}, adapter))
         return events
 

@@ -127,7 +127,8 @@ class AdapterSync:
             if self.versions.get(row.adapter_id) == row.version:
                 return
             payload = await asyncio.to_thread(read_payload, row.data, row.uri, row.sha256)
-            await self._client.load_adapter_bytes(row.adapter_id, payload)
+            # a newer version of an adapter in use goes in once its running sequences end
+            await self._client.replace_adapter_bytes(row.adapter_id, payload)
             self.versions[row.adapter_id] = row.version
             log.info("adapter loaded", extra={"adapter_id": row.adapter_id, "version": row.version})
 

@@ -212,6 +212,7 @@ class LeasedJobs:
                 priority=max(0, job.priority),
                 kind=job.kind,
                 checkpoint=payload,
+                install=False,  # the worker installs a result once it is stored and accepted (_finish)
             )
         except EngineStopped:  # the worker stops: the job's lease runs out and a worker resumes it
             log.info("job not started: the engine stopped", extra={"job_id": job_id})
@@ -557,13 +558,11 @@ class LeasedJobs:
         if pruned:  # once their rows are gone
             await asyncio.to_thread(remove_blobs, self._settings, pruned)
         self.running.pop(job_id, None)
-        if refused:  # serve the owner's version here again, not what this job trained
-            self._adapters.versions.pop(job.adapter_id, None)
-            await self._adapters.load_latest(job.adapter_id)
+        if refused:  # the engine never served what this job trained: the owner's version stays
             ev = JobFinished(job_id, job.adapter_id, "failed", ev.metrics, error=refused[0])
         elif adapter is not None:
-            if not await self._client.has_adapter(job.adapter_id):
-                await self._client.load_adapter_bytes(job.adapter_id, adapter)
+            # now, or once the sequences running on the version before end (new ones wait for it)
+            await self._client.replace_adapter_bytes(job.adapter_id, adapter)
             self._adapters.mark_loaded(job.adapter_id, version)
         log.info("job finished", extra={"job_id": job_id, "status": ev.status, "adapter_version": version})
         await self._publisher.publish(convert.job_done_result(ev, rj.step, version, job.kind), job_id)

@@ -273,6 +273,23 @@ class Engine:
             raise EngineError("bad_adapter", str(exc)) from exc
         return self.load_adapter(adapter_id, adapter)
 
+    def replace_adapter(self, adapter_id: str, source: bytes | LoRAAdapter) -> bool:
+        """Make ``source`` the adapter ``adapter_id`` (a new version): at once when no running sequence
+        uses that id (True), else once the ones that use it have finished, new ones waiting meanwhile
+        (False), so that no sequence mixes two versions and a busy adapter still gets its update."""
+        _check_id(adapter_id, "adapter_id")
+        try:
+            adapter = source if isinstance(source, LoRAAdapter) else LoRAAdapter.from_bytes(
+                source, self.model.dims, self.config.max_lora_rank)
+            adapter.validate(self.model.dims)
+            if adapter.rank > self.config.max_lora_rank:
+                raise AdapterError(f"adapter {adapter_id!r} has rank {adapter.rank} > max_lora_rank "
+                                   f"{self.config.max_lora_rank}")
+        except (AdapterError, ValueError) as exc:
+            raise EngineError("bad_adapter", str(exc)) from exc
+        self._gate.unavailable.pop(adapter_id, None)
+        return self.jobs.install(adapter_id, adapter)
+
     def unload_adapter(self, adapter_id: str) -> None:
         _check_id(adapter_id, "adapter_id")
         if adapter_id not in self.adapters:
@@ -401,15 +418,20 @@ class Engine:
     def add_training_job(self, adapter_id: str, data: Any, params: TrainingParams | Mapping[str, Any] | None = None,
                          lora: Mapping[str, Any] | None = None, base_adapter: str | None = None,
                          eval_data: Any = None, job_id: str | None = None, priority: int | None = None,
-                         kind: str = "finetune", checkpoint: bytes | None = None) -> str:
-        """Start a fine-tuning (or "evaluate") job; returns its job id. ``checkpoint`` resumes a run."""
+                         kind: str = "finetune", checkpoint: bytes | None = None, install: bool = True) -> str:
+        """Start a fine-tuning (or "evaluate") job; returns its job id. ``checkpoint`` resumes a run.
+        The job trains under a key of its own: requests keep the adapter ``adapter_id`` as it was (or
+        unknown, if new). ``install``: when the job succeeds, its weights become ``adapter_id`` (as
+        ``replace_adapter`` does); False leaves that to the caller (the JobFinished event carries
+        them)."""
         job_id = job_id or f"job-{next(self._ids)}"
         _check_id(job_id, "job_id")
         _check_id(adapter_id, "adapter_id")
         if isinstance(base_adapter, str) and "\x00" in base_adapter:
             raise EngineError("invalid_request", "base_adapter must not contain NUL")
         return self.jobs.add(job_id, adapter_id, data, params, lora=lora, base_adapter=base_adapter,
-                             eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint)
+                             eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint,
+                             install=install)
 
     def prepare_data(self, data: Any, micro_batch_tokens: int | None = None,
                      stop: threading.Event | None = None) -> PreparedData:

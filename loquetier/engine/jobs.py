@@ -49,6 +49,7 @@ class _Train:
     last_step: int
     child: JobFeed | None = None
     unstored: int = 0  # checkpoints sent and not yet said stored (``JobBook.checkpoint_stored``)
+    install: bool = True  # on success, the weights become the adapter (``JobBook.install``)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class JobBook:
         self._preparer: DataPreparer | None = None
         # > 0: a training job with this many checkpoints not yet stored takes no step (set_checkpoint_window)
         self.max_unstored_checkpoints = 0
-        # adapter id -> weights a job trained, waiting for the adapter of that id to be idle (``_install``)
+        # adapter id -> weights a job trained, waiting for the adapter of that id to be idle (``install``)
         self._installs: dict[str, LoRAAdapter] = {}
 
     # ---- creation ----------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ class JobBook:
 
     def add(self, job_id: str, adapter_id: str, data: Any, params: TrainingParams | Mapping[str, Any] | None,
             *, lora: Mapping[str, Any] | None, base_adapter: str | None, eval_data: Any,
-            priority: int | None, kind: str, checkpoint: bytes | None) -> str:
+            priority: int | None, kind: str, checkpoint: bytes | None, install: bool = True) -> str:
         self._check_new(job_id)
         if kind == "evaluate":
             return self.add_eval(job_id, adapter_id, data, None)
@@ -183,7 +184,7 @@ class JobBook:
         except (TypeError, ValueError) as exc:
             raise EngineError("invalid_job", str(exc)) from exc
         feed = JobFeed(job, job.slot)
-        self._train[job_id] = _Train(job, feed, time.perf_counter(), job.step)
+        self._train[job_id] = _Train(job, feed, time.perf_counter(), job.step, install=install)
         self._register(feed)
         return job_id
 
@@ -264,19 +265,22 @@ class JobBook:
         """Forget trained weights waiting for ``adapter_id`` (an explicit load replaced it)."""
         self._installs.pop(adapter_id, None)
 
-    def _install(self, adapter_id: str, trained: LoRAAdapter) -> None:
-        """Make a finished job's weights the adapter ``adapter_id`` (a new version): now when no
-        running sequence uses that id (or none is loaded), else once the sequences that use it have
-        finished; new ones wait meanwhile. A load refused for room keeps waiting too."""
+    def install(self, adapter_id: str, adapter: LoRAAdapter) -> bool:
+        """Make ``adapter`` (a finished job's weights, a newer stored version) the adapter
+        ``adapter_id`` (a new version): now when no running sequence uses that id (or none is
+        loaded; True), else once the sequences that use it have finished, new ones waiting meanwhile
+        (False). A load refused for room keeps waiting too. A later install replaces one that waits."""
+        self._installs.pop(adapter_id, None)
         if adapter_id in self.adapters and (self.adapters.num_refs(adapter_id) or self.adapters.is_pinned(adapter_id)):
-            self._installs[adapter_id] = trained
-            return
+            self._installs[adapter_id] = adapter
+            return False
         try:
-            self.adapters.load(adapter_id, trained)
+            self.adapters.load(adapter_id, adapter)
         except AdapterError:
-            self._installs[adapter_id] = trained
-            return
+            self._installs[adapter_id] = adapter
+            return False
         self.adapters.fill_free_slots()
+        return True
 
     def live_adapter(self, adapter_id: str) -> LoRAAdapter | None:
         for t in self._train.values():
@@ -378,7 +382,7 @@ class JobBook:
     def collect_idle(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []
         for adapter_id in list(self._installs):  # trained weights whose adapter id was in use
-            self._install(adapter_id, self._installs.pop(adapter_id))
+            self.install(adapter_id, self._installs.pop(adapter_id))
         for job_id in list(self._train):
             try:
                 events += self._advance(self._train[job_id])
@@ -433,7 +437,8 @@ class JobBook:
             trained = job.finish()  # first: weights it refuses leave the job registered, to be failed
             self._unregister(job.job_id)
             del self._train[job.job_id]
-            self._install(job.adapter_id, trained)
+            if t.install:
+                self.install(job.adapter_id, trained)
             events.append(JobFinished(job.job_id, job.adapter_id, "succeeded", self._metrics(job),
                                       adapter=trained.to_bytes()))
         return events

@@ -158,3 +158,20 @@ def test_a_load_of_an_adapter_in_use_is_refused_and_the_trained_weights_still_go
     operator = random_adapter(engine, 78, 4, ("q_proj", "v_proj"))
     engine.load_adapter("a", operator)  # idle now: an operator's load replaces the trained version
     assert answer(engine, "a") == answer(reference(model_dir, "a", operator), "a")
+
+
+def test_a_caller_that_installs_results_itself_gets_them_in_the_event(model_dir: Path) -> None:
+    """``install=False`` (a worker stores and accepts a result first): the job's end changes no
+    adapter; ``replace_adapter`` with the event's bytes then does what the install would have."""
+    seed = random.randrange(10**6)
+    engine = make_engine(model_dir)
+    before = answer(engine, "a")
+    engine.add_training_job("a", train_data(seed % 50), params(seed, steps=2), lora=LORA, job_id="ji", install=False)
+    finished, _ = run_job(engine)
+    assert finished.status == "succeeded" and finished.adapter is not None
+    assert answer(engine, "a") == before  # not installed
+    with pytest.raises(EngineError) as err:
+        engine.replace_adapter("a", b"not an adapter")
+    assert err.value.code == "bad_adapter" and answer(engine, "a") == before
+    assert engine.replace_adapter("a", finished.adapter)  # idle: at once
+    assert answer(engine, "a") == answer(reference(model_dir, "a", finished.adapter), "a")
