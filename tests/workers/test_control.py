@@ -31,6 +31,17 @@ async def until(fn: Any, timeout: float = 20) -> Any:
     raise TimeoutError
 
 
+def long_job(adapter_id: str) -> dict[str, Any]:
+    """A training record that runs until it is stopped (10^7 steps of the fake engine)."""
+    return {"adapter_id": adapter_id, "data": [{"prompt": "a", "completion": "b"}],
+            "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
+
+
+async def job_status(database_url: str, job_id: str) -> str:
+    row = await query(database_url, lambda s: repo.get_job(s, job_id))
+    return row.status if row else ""
+
+
 def peft_dir(path: Path, config: bytes = b'{"r": 4}', weights: bytes = b"\x00" * 64) -> Path:
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_bytes(config)
@@ -41,19 +52,14 @@ def peft_dir(path: Path, config: bytes = b'{"r": 4}', weights: bytes = b"\x00" *
 async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_url: str) -> None:
     settings = await topics(operator_token=TOKEN)
     engine = FakeEngine()
-    job = {"adapter_id": "ctl-a", "data": [{"prompt": "a", "completion": "b"}],
-           "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
-
-    async def status(job_id: str) -> str:
-        row = await query(database_url, lambda s: repo.get_job(s, job_id))
-        return row.status if row else ""
+    job = long_job("ctl-a")
 
     async with running_worker(engine, settings) as worker, client_for(settings) as client:
         job_id = await client.submit_training(job)
         await until(lambda: _true(job_id in worker.jobs.running))
         ack = await client.control("pause", job_id, wait=True)
         assert ack.ok and ack.code is None and ack.action == "pause" and ack.worker_id == worker.worker_id
-        assert await status(job_id) == "paused"
+        assert await job_status(database_url, job_id) == "paused"
         await until(lambda: _true(job_id not in engine.jobs))
         again = await client.control("pause", job_id, wait=True)
         assert not again.ok and again.code == "invalid_state"
@@ -61,7 +67,7 @@ async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_u
         await until(lambda: _true(job_id in engine.jobs and not engine.jobs[job_id].paused))
         assert (await client.control("cancel", job_id, wait=True)).ok
         done = [r async for r in client.results([job_id]) if r.type == "job_done"][-1]
-        assert done.status == "cancelled" and await status(job_id) == "cancelled"
+        assert done.status == "cancelled" and await job_status(database_url, job_id) == "cancelled"
         assert job_id not in engine.jobs
         row = await query(database_url, lambda s: repo.get_job(s, job_id))
         assert row.attempts == 1  # the pause gave its claim back: only the resumed claim counts
@@ -96,12 +102,7 @@ async def test_a_resume_waits_for_the_paused_run_to_end_and_its_late_events_chan
     come, the event does not end the job, and the job runs on in one run until it is cancelled."""
     settings = await topics()
     engine = FakeEngine()
-    job = {"adapter_id": "flip-a", "data": [{"prompt": "a", "completion": "b"}],
-           "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
-
-    async def status(job_id: str) -> str:
-        row = await query(database_url, lambda s: repo.get_job(s, job_id))
-        return row.status if row else ""
+    job = long_job("flip-a")
 
     async with running_worker(engine, settings) as worker, client_for(settings) as client:
         job_id = await client.submit_training(job)
@@ -116,10 +117,10 @@ async def test_a_resume_waits_for_the_paused_run_to_end_and_its_late_events_chan
             await worker.client.stats()  # a command: the engine's loop looks for work again
             await until(lambda: _true(job_id in worker.jobs.running and job_id in engine.jobs))
             await asyncio.sleep(0.5)  # the late event has been handled
-            assert await status(job_id) == "running" and job_id in worker.jobs.running
+            assert await job_status(database_url, job_id) == "running" and job_id in worker.jobs.running
         assert (await client.control("cancel", job_id, wait=True)).ok
         done = [r async for r in client.results([job_id]) if r.type == "job_done"]
-        assert [d.status for d in done] == ["cancelled"] and await status(job_id) == "cancelled"
+        assert [d.status for d in done] == ["cancelled"] and await job_status(database_url, job_id) == "cancelled"
         assert job_id not in engine.jobs and job_id not in worker.jobs.running
 
 
@@ -129,12 +130,7 @@ async def test_finetunes_of_one_adapter_run_one_after_another(topics: Any, datab
     made by the one before (no wasted training); with ``overwrite`` it trains the next version."""
     settings = await topics()
     engine = FakeEngine()
-    data = [{"prompt": "a", "completion": "b"}]
-    long = {"adapter_id": "serial-a", "data": data, "params": {"max_steps": 10**7, "checkpoint_every": 1000}}
-
-    async def status(job_id: str) -> str:
-        row = await query(database_url, lambda s: repo.get_job(s, job_id))
-        return row.status if row else ""
+    long = long_job("serial-a")
 
     async with running_worker(engine, settings) as worker, client_for(settings) as client:
         first = await client.submit_training(long)
@@ -142,7 +138,7 @@ async def test_finetunes_of_one_adapter_run_one_after_another(topics: Any, datab
         second = await client.submit_training(long | {"params": {"max_steps": 3}})
         third = await client.submit_training(long | {"params": {"max_steps": 3}})  # accepted: no version yet
         await asyncio.sleep(1.5)  # polls and claims go by
-        assert [await status(second), await status(third)] == ["queued", "queued"]
+        assert [await job_status(database_url, second), await job_status(database_url, third)] == ["queued", "queued"]
         assert second not in engine.jobs and third not in engine.jobs
         assert (await client.control("cancel", first, wait=True)).ok
         assert [r async for r in client.results([second])][-1].status == "succeeded"
