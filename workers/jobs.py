@@ -517,13 +517,15 @@ class LeasedJobs:
         blob = await self._store_blob(f"{job_id}/adapter.bin", adapter) if adapter is not None else None
         metrics = {k: float(v) for k, v in (ev.metrics or {}).items()}
         refused: list[str] = []  # set when another owner took the adapter_id while this job ran
+        lost: list[bool] = []  # set when the row is no longer this worker's (paused, cancelled, taken)
         pruned: list[str] = []  # files of the adapter versions deleted below
         # parses the whole adapter (hundreds of MB at a high rank): off the event loop, before the transaction
         fields = await asyncio.to_thread(lora_fields, adapter, job.lora.model_dump()) if adapter is not None else {}
 
         async def record(s: Any) -> int | None:
             refused.clear()
-            await repo.update_job_progress(
+            lost.clear()
+            ours = await repo.update_job_progress(
                 s,
                 job_id,
                 self._worker_id,
@@ -533,6 +535,9 @@ class LeasedJobs:
                 last_loss=metrics.get("loss"),
                 last_eval_loss=metrics.get("eval_loss"),
             )
+            if not ours:  # its row moved on meanwhile: this run's outcome is not the job's
+                lost.append(True)
+                return None
             version = None
             taken = await repo.adapter_taken(s, job.adapter_id, job_id) if adapter and not job.overwrite else None
             if taken is not None:
@@ -555,6 +560,15 @@ class LeasedJobs:
             return version
 
         version = await self._store.tx(record)
+        if lost:
+            if blob is not None and blob.get("uri"):  # the adapter file written for a version never registered
+                await asyncio.to_thread(remove_blobs, self._settings, [blob["uri"]])
+            self.running.pop(job_id, None)
+            log.warning("job result dropped: the job is no longer this worker's",
+                        extra={"job_id": job_id, "status": ev.status})
+            QUEUE_DEPTH.labels("jobs_running").set(len(self.running))
+            self.wake()
+            return
         if pruned:  # once their rows are gone
             await asyncio.to_thread(remove_blobs, self._settings, pruned)
         self.running.pop(job_id, None)

@@ -307,7 +307,8 @@ class Engine:
         return self.adapters.version(adapter_id)
 
     def export_adapter(self, adapter_id: str) -> bytes:
-        """The adapter's current weights (a training adapter's live weights) as bytes."""
+        """The weights requests for ``adapter_id`` get, as bytes (never a job's weights in training:
+        those are the job's, under a key of its own, until it succeeds)."""
         return self._adapter(adapter_id).to_bytes()
 
     def save_adapter(self, adapter_id: str, peft_dir: str | Path) -> None:
@@ -316,9 +317,6 @@ class Engine:
 
     def _adapter(self, adapter_id: str) -> LoRAAdapter:
         _check_id(adapter_id, "adapter_id")
-        live = self.jobs.live_adapter(adapter_id)
-        if live is not None:
-            return live
         if adapter_id not in self.adapters:
             raise EngineError("unknown_adapter", f"adapter {adapter_id!r} is not loaded")
         return self.adapters.get(adapter_id)

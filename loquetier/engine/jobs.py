@@ -282,12 +282,6 @@ class JobBook:
         self.adapters.fill_free_slots()
         return True
 
-    def live_adapter(self, adapter_id: str) -> LoRAAdapter | None:
-        for t in self._train.values():
-            if t.job.adapter_id == adapter_id:
-                return t.job.adapter()
-        return None
-
     def eval_result(self, job_id: str) -> dict[str, float] | None:
         return self.eval_results.pop(job_id, None)
 

@@ -175,3 +175,20 @@ def test_a_caller_that_installs_results_itself_gets_them_in_the_event(model_dir:
     assert err.value.code == "bad_adapter" and answer(engine, "a") == before
     assert engine.replace_adapter("a", finished.adapter)  # idle: at once
     assert answer(engine, "a") == answer(reference(model_dir, "a", finished.adapter), "a")
+
+
+def test_an_adapter_in_training_exports_and_reloads_its_served_weights(model_dir: Path) -> None:
+    """``export_adapter`` gives what requests get (the version before, not the job's weights in
+    training); a load of new weights under the id while the job trains is what is served and exported."""
+    seed = random.randrange(10**6)
+    engine = make_engine(model_dir)
+    served = engine.export_adapter("a")
+    engine.add_training_job("a", train_data(seed % 50), params(seed, steps=40), base_adapter="b", job_id="je")
+    for _ in range(4):
+        engine.step()
+    assert engine.jobs.training_job_of("a") == "je" and engine.export_adapter("a") == served
+    operator = random_adapter(engine, 79, 4, ("q_proj", "v_proj"))
+    engine.load_adapter("a", operator)
+    assert engine.export_adapter("a") == operator.to_bytes()
+    assert answer(engine, "a") == answer(reference(model_dir, "a", operator), "a")
+    engine.cancel_job("je")

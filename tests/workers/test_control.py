@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from loquetier.db import repo
+from loquetier.engine.events import JobFinished
 from tests.fakes import FakeEngine
 from tests.workers.conftest import client_for, running_worker
 from tests.workers.test_worker_e2e import query
@@ -149,6 +150,22 @@ async def test_finetunes_of_one_adapter_run_one_after_another(topics: Any, datab
         done = [r async for r in client.results([fourth]) if r.type == "job_done"][-1]
         assert done.status == "succeeded" and done.adapter_version == 2
         assert worker.jobs.running == {}
+
+
+async def test_a_result_that_comes_after_its_job_moved_on_is_dropped(topics: Any, database_url: str) -> None:
+    """The engine's success arrives after the job's row was cancelled elsewhere (and before this
+    worker's heartbeat noticed): no adapter version is registered or served, the row stays cancelled."""
+    settings = await topics()
+    engine = FakeEngine()
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        job_id = await client.submit_training(long_job("late-a"))
+        await until(lambda: _true(job_id in worker.jobs.running))
+        rj = worker.jobs.running[job_id]
+        await query(database_url, lambda s: repo.finish_job(s, job_id, status="cancelled"))
+        await worker.jobs._finish(JobFinished(job_id, "late-a", "succeeded", {"loss": 0.5}, b"trained"), rj)
+        assert await query(database_url, lambda s: repo.get_adapter(s, "late-a")) is None
+        assert not engine.has_adapter("late-a") and job_id not in worker.jobs.running
+        assert await job_status(database_url, job_id) == "cancelled"
 
 
 async def test_an_unload_refused_while_a_job_trains_the_adapter_changes_nothing(topics: Any, database_url: str) -> None:
