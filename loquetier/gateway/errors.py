@@ -38,6 +38,10 @@ WORKER_STATUS = {
     "unknown_field": 400,
     "too_large": 400,
     "prompt_too_long": 400,
+    # the worker stopped (a drain, a restart) or its engine failed before the request finished: nothing
+    # is wrong with the request, another worker can serve it (the SDKs retry a 503 by themselves)
+    "worker_stopped": 503,
+    "engine_failed": 503,
 }
 
 
@@ -73,6 +77,8 @@ def not_found(message: str, *, code: str = "not_found", param: str | None = None
 def from_worker(code: str, message: str) -> APIError:
     """An ``error`` result record as an HTTP error."""
     status = WORKER_STATUS.get(code, 500)
+    if status == 503:
+        return APIError(503, "the worker stopped before it finished this request; retry", code=code, retry_after=1)
     return APIError(status, message if status < 500 else "the worker could not complete this request", code=code)
 
 

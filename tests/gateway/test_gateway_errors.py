@@ -361,3 +361,19 @@ async def test_a_client_that_stops_waiting_has_its_request_cancelled(
             assert time.monotonic() < deadline and "succeeded" not in now, now
             await asyncio.sleep(0.2)
         await impatient.close()
+
+
+def test_a_request_cut_off_by_its_worker_is_a_503_to_retry() -> None:
+    """A worker that stopped (drain, restart) or whose engine failed before the request finished: a 503
+    with Retry-After, which the SDKs retry, not a 500; the request itself was fine. A poisoned request
+    (it broke engines) stays a 500, and a client error keeps its message."""
+    from loquetier.gateway.errors import from_worker
+
+    for code in ("worker_stopped", "engine_failed"):
+        err = from_worker(code, "the worker is stopping")
+        response = err.response()
+        assert err.status == 503 and response.headers["retry-after"] == "1"
+        assert json.loads(response.body)["error"]["code"] == code
+    assert from_worker("poisoned", "x").status == 500
+    bad = from_worker("prompt_too_long", "the prompt holds 9000 tokens")
+    assert bad.status == 400 and bad.message == "the prompt holds 9000 tokens"
