@@ -88,29 +88,25 @@ def test_a_second_job_on_an_adapter_in_training_is_refused(model_dir: Path) -> N
 
 def test_an_adapter_keeps_serving_its_version_while_a_job_trains_the_next(model_dir: Path) -> None:
     """"a" is served with its own weights at every step of a job that trains a new version of it from
-    "b"'s weights, then with the trained ones; a cancelled job leaves "a" as it was."""
+    "b"'s weights; cancelled, the job leaves "a" as it was (its success is the next tests' case)."""
     seed = random.randrange(10**6)
     engine = make_engine(model_dir, default_ttft_ms=600_000.0, default_tpot_ms=600_000.0)
     before = answer(engine, "a")
     version = engine.adapter_version("a")
     engine.add_training_job("a", train_data(seed % 50), params(seed, steps=40), base_adapter="b", job_id="jn")
+    trained_steps = 0
     for i in range(3):  # each one served while the job trains
-        assert engine.jobs.training_job_of("a") == "jn"
         engine.add_request(f"mid{i}", prompt_token_ids=PROMPT, adapter_id="a", sampling=GREEDY)
         done: list[list[int]] = []
         while not done:
+            before_step = engine.runner.num_backward_rows
             done = [e.token_ids for e in engine.step() if isinstance(e, RequestFinished)]
+            trained_steps += engine.runner.num_backward_rows > before_step
         assert done == [before], f"request {i} did not get the version before"
-    assert engine.jobs.training_job_of("a") == "jn", "the job ended before the requests"
-    finished, _ = run_job(engine, max_steps=2000)
-    assert finished.status == "succeeded" and engine.adapter_version("a") > version
-    after = answer(engine, "a")
-    assert after == answer(reference(model_dir, "a", finished.adapter), "a") and after != before
-
-    engine.add_training_job("a", train_data(seed % 50 + 1), params(seed + 1), job_id="jc")  # from "a" itself
+    assert engine.jobs.training_job_of("a") == "jn" and trained_steps > 0, "the requests did not meet the training"
+    engine.cancel_job("jn")
     engine.step()
-    engine.cancel_job("jc")
-    assert answer(engine, "a") == after
+    assert engine.adapter_version("a") == version and answer(engine, "a") == before
 
 
 def test_trained_weights_wait_for_the_running_sequences_of_their_adapter(model_dir: Path) -> None:
