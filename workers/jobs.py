@@ -69,6 +69,7 @@ class _Stopping:
     ended in the engine, and its JobFinished may be on its way or already handled."""
 
     ended: asyncio.Event
+    adapter_id: str
     certain: bool = True
 
 
@@ -199,7 +200,7 @@ class LeasedJobs:
             if data is None or (job.eval_data is not None and eval_data is None):
                 log.info("job lost while its data was prepared", extra={"job_id": job_id})
                 return
-            if not await self._run_ended(job_id):
+            if not await self._run_ended(job_id) or not await self._adapter_free(job_id, job.adapter_id):
                 return
             await self._client.add_job(
                 job.adapter_id,
@@ -218,9 +219,9 @@ class LeasedJobs:
             log.info("job not started: the engine stopped", extra={"job_id": job_id})
             return
         except Exception as exc:
-            if isinstance(exc, EngineError) and exc.code == "duplicate_job":
-                # a run this worker stopped is still in the engine: not this job's failure; its lease
-                # runs out and it is claimed again
+            if isinstance(exc, EngineError) and exc.code in ("duplicate_job", "adapter_busy"):
+                # a run this worker stopped (of this job, or of another job of its adapter) is still in
+                # the engine: not this job's failure; its lease runs out and it is claimed again
                 log.warning("job not started: its last run is still in the engine", extra={"job_id": job_id})
                 return
             code, message = public_error(exc, "this job", log, job_id=job_id)
@@ -271,6 +272,21 @@ class LeasedJobs:
                 return False
         if self._stopping.get(job_id) is stopping:
             del self._stopping[job_id]
+        return True
+
+    async def _adapter_free(self, job_id: str, adapter_id: str) -> bool:
+        """Wait until no other job of ``adapter_id`` runs here or has a stopped run the engine has not
+        ended (a cancel whose row changed before this worker stopped the run): the engine trains an
+        adapter once, and would refuse this job. False: still busy after ``RUN_END_WAIT_S``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RUN_END_WAIT_S
+        while any(jid != job_id and rj.job.adapter_id == adapter_id for jid, rj in self.running.items()) or any(
+                jid != job_id and st.certain and st.adapter_id == adapter_id for jid, st in self._stopping.items()):
+            if loop.time() > deadline:
+                log.warning("job not started: another run of its adapter has not ended here",
+                            extra={"job_id": job_id, "adapter_id": adapter_id})
+                return False
+            await asyncio.sleep(0.05)
         return True
 
     async def _base_adapter(self, base: str | None) -> str | None:
@@ -343,10 +359,11 @@ class LeasedJobs:
                 await self._drop(job_id, "lease lost (cancelled, paused or taken over)")
 
     async def _drop(self, job_id: str, why: str) -> None:
-        if self.running.pop(job_id, None) is not None:
+        rj = self.running.pop(job_id, None)
+        if rj is not None:
             # until its JobFinished arrives (the cancel's, or one already on its way) the run's events
             # are dropped, and a new run of the job waits (``_run_ended``)
-            stopping = self._stopping[job_id] = _Stopping(asyncio.Event())
+            stopping = self._stopping[job_id] = _Stopping(asyncio.Event(), rj.job.adapter_id)
             stopping.certain = await self._client.cancel_job(job_id)
             log.info("job stopped here", extra={"job_id": job_id, "reason": why})
 

@@ -162,7 +162,7 @@ class JobBook:
             raise EngineError("invalid_job", f"bad training params: {exc}") from exc
         training = self.training_job_of(adapter_id)
         if training is not None:
-            raise EngineError("bad_adapter", f"adapter {adapter_id!r} is already being trained by job {training!r}")
+            raise EngineError("adapter_busy", f"adapter {adapter_id!r} is already being trained by job {training!r}")
         seqs, fingerprint = self._sequences(data, params.micro_batch_tokens)
         eval_seqs = self._sequences(eval_data, params.micro_batch_tokens)[0] if eval_data is not None else None
         try:

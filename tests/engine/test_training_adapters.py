@@ -81,7 +81,7 @@ def test_a_second_job_on_an_adapter_in_training_is_refused(model_dir: Path) -> N
     engine.add_training_job("t", train_data(0), params(1), lora=LORA, job_id="j1")
     with pytest.raises(EngineError, match="already being trained by job 'j1'") as err:
         engine.add_training_job("t", train_data(1), params(2), lora=LORA, job_id="j2")
-    assert err.value.code == "bad_adapter"
+    assert err.value.code == "adapter_busy"
     engine.cancel_job("j1")
     assert not engine.has_adapter("t") and engine.adapters.adapter_ids == ["a", "b"]
 

@@ -126,9 +126,9 @@ async def test_a_resume_waits_for_the_paused_run_to_end_and_its_late_events_chan
 
 
 async def test_finetunes_of_one_adapter_run_one_after_another(topics: Any, database_url: str) -> None:
-    """A second finetune of an adapter waits, queued, while the first trains it; after the first is
-    cancelled it runs. A later job without ``overwrite`` is refused at its start once the adapter was
-    made by the one before (no wasted training); with ``overwrite`` it trains the next version."""
+    """Finetunes of an adapter wait, queued, while the first trains it; after the first is cancelled
+    they run one at a time: the one that runs first makes the adapter, the other (no ``overwrite``)
+    is refused as it starts (no wasted training); with ``overwrite`` a job trains the next version."""
     settings = await topics()
     engine = FakeEngine()
     long = long_job("serial-a")
@@ -142,10 +142,12 @@ async def test_finetunes_of_one_adapter_run_one_after_another(topics: Any, datab
         assert [await job_status(database_url, second), await job_status(database_url, third)] == ["queued", "queued"]
         assert second not in engine.jobs and third not in engine.jobs
         assert (await client.control("cancel", first, wait=True)).ok
-        assert [r async for r in client.results([second])][-1].status == "succeeded"
-        done = [r async for r in client.results([third]) if r.type == "job_done"][-1]
-        assert done.status == "failed" and "adapter_exists" in (done.error or "") and done.step == 0
-        assert third not in engine.jobs
+        # the two run one after the other, in the order intake stored them (their records may sit on
+        # different partitions): the first to run makes the adapter, the other is refused as it starts
+        done = {j: [r async for r in client.results([j]) if r.type == "job_done"][-1] for j in (second, third)}
+        made, refused = sorted(done.values(), key=lambda d: d.status != "succeeded")
+        assert made.status == "succeeded" and made.adapter_version == 1
+        assert refused.status == "failed" and "adapter_exists" in (refused.error or "") and refused.step == 0
         fourth = await client.submit_training(long | {"overwrite": True, "params": {"max_steps": 3}})
         done = [r async for r in client.results([fourth]) if r.type == "job_done"][-1]
         assert done.status == "succeeded" and done.adapter_version == 2
