@@ -118,15 +118,17 @@ def engine_env(args: argparse.Namespace) -> dict[str, Any]:
     block_size = 16
     bytes_per_block = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * block_size * (
         4 if args.dtype == "float32" else 2)
-    return {
+    env: dict[str, Any] = {
         "max_num_seqs": prof.max_num_seqs,
         # the worker's prefill chunk is the engine's default (512): a step must hold one
         "max_num_batched_tokens": max(prof.max_num_batched_tokens, 512),
-        "num_kv_blocks": max(64, int(prof.kv_memory_gb * (1 << 30) // bytes_per_block)),
         "block_size": block_size,
         "max_adapter_slots": prof.num_adapters + prof.num_jobs,
         "max_lora_rank": 64,
     }
+    if args.device != "cuda":  # on a GPU the KV cache is sized from the card, as a worker's is by default
+        env["num_kv_blocks"] = max(64, int(prof.kv_memory_gb * (1 << 30) // bytes_per_block))
+    return env
 
 
 def engine_limits(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,6 +202,9 @@ async def run_service(args: argparse.Namespace, model_dir: Path, adapter_root: P
             extra["loop_lag_whole_run"] = {k: lag_all[-1].get(k) for k in ("num", "p50_ms", "p99_ms", "max_ms")} \
                 if lag_all else None
             extra["worker_rc"] = rc
+            kv = stack.log_lines(worker_log, "kv cache")  # the worker's KV cache and, sized from the GPU, its plan
+            extra["kv_cache"] = {k: v for k, v in kv[-1].items() if k not in ("ts", "time", "level", "logger", "msg")} \
+                if kv else None
             return extra.pop("_run")  # type: ignore[no-any-return]
 
 
@@ -477,7 +482,8 @@ def write(args: argparse.Namespace, trace: Trace, svc: ServiceRun, alone: dict[s
          "training when it starts (as in the engine-alone replay), cancelled after it. "
          f"SLO {DEFAULT_TTFT_S:.0f} s TTFT / {DEFAULT_TPOT_S * 1e3:.0f} ms TPOT. SmolLM2 "
          "tokenizer (vocabulary 49152): output is detokenized as in production. Service times are a client's: "
-         "from the moment a request is handed to its producer to the moment its records are read back."),
+         "from the moment a request is handed to its producer to the moment its records are read back."
+         + (f" The worker's KV cache (its log's `kv cache` line): {x['kv_cache']}." if x.get("kv_cache") else "")),
         ("Serving", report.markdown_table(report.SERVING_HEADERS, report.serving_rows(summaries))),
         ("Training",
          report.markdown_table(["run", "tokens/s"], [

@@ -94,7 +94,11 @@ class EngineSettings(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # worker: bfloat16 on CUDA
     max_num_seqs: int = _SCHEDULER.max_num_seqs
     max_num_batched_tokens: int = 4096  # worker: steps twice the engine's default, for a served GPU
+    # the KV cache: num_kv_blocks, else kv_memory_gb, else (on CUDA) what gpu_memory_utilization of the
+    # card leaves after the weights, adapter slots, the largest step and training state
     num_kv_blocks: int | None = _ENGINE.num_kv_blocks
+    kv_memory_gb: float | None = _ENGINE.kv_memory_gb
+    gpu_memory_utilization: float = _ENGINE.gpu_memory_utilization
     block_size: int = _ENGINE.block_size
     max_adapter_slots: int = _ENGINE.max_adapter_slots
     max_lora_rank: int = _ENGINE.max_lora_rank
@@ -113,7 +117,8 @@ class EngineSettings(BaseModel):
 
     def limits(self) -> dict[str, Any]:
         """``Engine.from_pretrained`` keyword limits (device and dtype are resolved apart)."""
-        names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "max_adapter_slots",
+        names = ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "kv_memory_gb", "gpu_memory_utilization",
+                 "block_size", "max_adapter_slots",
                  "max_lora_rank", "adapter_cache_bytes", "default_ttft_ms", "default_tpot_ms", "cuda_graphs",
                  "tpot_burst",
                  "tpot_lookahead", "prefill_coalesce_ms", "ttft_step_share", "ttft_headroom",

@@ -69,6 +69,11 @@ def build_engine(spec: EngineSpec) -> Any:
     from loquetier.engine.engine import Engine
 
     engine = Engine.from_pretrained(spec.model_dir, device=spec.device, dtype=spec.dtype, **spec.limits)
+    kv = {"num_kv_blocks": engine.blocks.num_blocks, "block_size": engine.config.block_size,
+          "kv_tokens": engine.blocks.num_blocks * engine.config.block_size}
+    if engine.memory_plan is not None:  # sized from the GPU's memory: say where it went
+        kv.update(engine.memory_plan.as_dict())
+    log.info("kv cache", extra=kv)
     if engine.device.type == "cuda":  # kernel builds before the first request, not inside a served step
         log.info("engine warmed up", extra=engine.warmup())
     captured = engine.capture_graphs()  # before the first request: no capture inside a served step

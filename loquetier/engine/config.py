@@ -23,8 +23,12 @@ class EngineConfig:
     dtype: str = "float32"
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped at 8192)
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: sized from kv_memory_gb
-    kv_memory_gb: float = 1.0
+    # The KV cache: num_kv_blocks blocks, else kv_memory_gb of memory, else on CUDA what is left of
+    # gpu_memory_utilization of the card after the weights, adapter slots, the largest step and
+    # training state (measured at start: engine/memory.py), and 1 GiB on the CPU.
+    num_kv_blocks: int | None = None
+    kv_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
     max_adapter_slots: int = 8  # GPU slots, training slots included
     num_train_slots: int = 4  # slots [0, num_train_slots) carry gradients
     max_lora_rank: int = 64
@@ -69,8 +73,10 @@ class EngineConfig:
             raise ValueError("num_train_slots must be in [0, max_adapter_slots]")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
-        if self.kv_memory_gb <= 0:
+        if self.kv_memory_gb is not None and not self.kv_memory_gb > 0:
             raise ValueError("kv_memory_gb must be > 0")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in [0.05, 1.0]")
         if self.cuda_graphs not in ("auto", "on", "off", "eager"):
             raise ValueError(f"cuda_graphs must be 'auto', 'on', 'off' or 'eager', got {self.cuda_graphs!r}")
         if self.graph_max_tokens is not None and self.graph_max_tokens < 0:

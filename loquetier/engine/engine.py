@@ -35,6 +35,8 @@ from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
 from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager
+from loquetier.engine.memory import MemoryPlan
+from loquetier.engine.memory import measure as measure_memory
 from loquetier.engine.postprocess import request_events
 from loquetier.engine.requests import GenerationOutput, RequestBook
 from loquetier.engine.runner import ModelRunner
@@ -95,18 +97,24 @@ def apply_blas(choice: str, device: torch.device) -> str | None:
 
 class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Any, config: EngineConfig) -> None:
-        self.config, self.model, self.tokenizer = config, model, tokenizer
         self.device = model.device
         self.blas = apply_blas(config.blas, self.device)  # before any graph is captured
         cfg = model.cfg
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
+        # where the GPU's memory goes, when the engine sized its KV cache itself (engine/memory.py)
+        self.memory_plan: MemoryPlan | None = None
+        if config.num_kv_blocks is None and config.kv_memory_gb is None and self.device.type == "cuda":
+            self.memory_plan = measure_memory(model, tokenizer, config, type(self), self.max_model_len)
+            config = dataclasses.replace(config, num_kv_blocks=self.memory_plan.num_blocks)
+        self.config, self.model, self.tokenizer = config, model, tokenizer
         pool = LoRASlotPool(model.dims, num_slots=config.max_adapter_slots, max_rank=config.max_lora_rank,
                             num_train_slots=config.num_train_slots, dtype=cfg.dtype, device=self.device)
         model.attach_lora_pool(pool)
         self.adapters = AdapterManager(pool, max_cpu_bytes=config.adapter_cache_bytes)
         per_block = KVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads,
                                             cfg.head_dim, cfg.dtype)
-        num_blocks = config.num_kv_blocks or max(1, int(config.kv_memory_gb * (1 << 30)) // per_block)
+        kv_gb = 1.0 if config.kv_memory_gb is None else config.kv_memory_gb
+        num_blocks = config.num_kv_blocks or max(1, int(kv_gb * (1 << 30)) // per_block)
         # one block more than the manager hands out: the scratch block of padded graph rows
         self.kv = model.make_kv_cache(num_blocks + 1, config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
