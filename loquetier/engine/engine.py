@@ -45,6 +45,7 @@ from loquetier.engine.sequence import RequestState, SamplingParams, ScheduledBat
 from loquetier.lora.adapter import LoRAAdapter
 from loquetier.lora.config import AdapterCapacityError, AdapterError, LoRAConfig
 from loquetier.lora.data import PreparedData
+from loquetier.lora.job import is_internal_key
 from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
@@ -287,12 +288,11 @@ class Engine:
         (False), so that no sequence mixes two versions and a busy adapter still gets its update."""
         _check_id(adapter_id, "adapter_id")
         try:
-            adapter = source if isinstance(source, LoRAAdapter) else LoRAAdapter.from_bytes(
-                source, self.model.dims, self.config.max_lora_rank)
-            adapter.validate(self.model.dims)
-            if adapter.rank > self.config.max_lora_rank:
-                raise AdapterError(f"adapter {adapter_id!r} has rank {adapter.rank} > max_lora_rank "
-                                   f"{self.config.max_lora_rank}")
+            if isinstance(source, LoRAAdapter):
+                adapter = source
+                self.adapters.check_holdable(adapter_id, adapter)
+            else:
+                adapter = LoRAAdapter.from_bytes(source, self.model.dims, self.config.max_lora_rank)
         except (AdapterError, ValueError) as exc:
             raise EngineError("bad_adapter", str(exc)) from exc
         self._gate.unavailable.pop(adapter_id, None)
@@ -308,7 +308,7 @@ class Engine:
             raise EngineError("adapter_busy", str(exc)) from exc
 
     def has_adapter(self, adapter_id: str) -> bool:
-        return isinstance(adapter_id, str) and "\x00" not in adapter_id and adapter_id in self.adapters
+        return _valid_id(adapter_id) and adapter_id in self.adapters
 
     def adapter_version(self, adapter_id: str) -> int:
         _check_id(adapter_id, "adapter_id")
@@ -433,7 +433,7 @@ class Engine:
         job_id = job_id or f"job-{next(self._ids)}"
         _check_id(job_id, "job_id")
         _check_id(adapter_id, "adapter_id")
-        if isinstance(base_adapter, str) and "\x00" in base_adapter:
+        if is_internal_key(base_adapter):  # an adapter id or a path, never a job's weights in training
             raise EngineError("invalid_request", "base_adapter must not contain NUL")
         return self.jobs.add(job_id, adapter_id, data, params, lora=lora, base_adapter=base_adapter,
                              eval_data=eval_data, priority=priority, kind=kind, checkpoint=checkpoint,
@@ -593,8 +593,14 @@ def waited_s(arrived_at: float | None) -> float:
     return min(max(0.0, time.time() - float(arrived_at)), MAX_ARRIVAL_WAIT_S)
 
 
+def _valid_id(value: object) -> bool:
+    """A request, job or adapter id: a non-empty string of at most 256 characters, none of the
+    engine's own keys."""
+    return isinstance(value, str) and 0 < len(value) <= 256 and not is_internal_key(value)
+
+
 def _check_id(value: object, name: str) -> None:
-    if not isinstance(value, str) or not value or len(value) > 256 or "\x00" in value:
+    if not _valid_id(value):
         raise EngineError("invalid_request", f"{name} must be a non-empty string of at most 256 characters, "
                           "without NUL")
 

@@ -33,8 +33,9 @@ from loquetier.engine.errors import EngineError
 from loquetier.lora.pool import TARGET_MODULES, ModelDims
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from loquetier.engine.config import EngineConfig
-    from loquetier.engine.engine import Engine
     from loquetier.models.llama import LlamaModel
 
 _GIB = float(1 << 30)
@@ -106,9 +107,10 @@ def probe_blocks(config: EngineConfig, max_model_len: int) -> int:
     return math.ceil(tokens / config.block_size) + math.ceil(tokens / seq) + 2
 
 
-def measure(model: LlamaModel, tokenizer: Any, config: EngineConfig, engine_cls: type[Engine],
+def measure(model: LlamaModel, tokenizer: Any, config: EngineConfig, engine_cls: Callable[..., Any],
             max_model_len: int) -> MemoryPlan:
-    """Profile the largest steps on a probe engine (discarded after), then plan the KV cache."""
+    """Profile the largest steps on a probe engine (``engine_cls(model, tokenizer, config)``,
+    discarded after), then plan the KV cache."""
     device = model.device
     torch.cuda.synchronize(device)
     gc.collect()
@@ -146,7 +148,7 @@ def kv_block_bytes(model: LlamaModel, config: EngineConfig) -> int:
     return KVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
 
 
-def run_largest_steps(probe: Engine, config: EngineConfig, max_model_len: int) -> None:
+def run_largest_steps(probe: Any, config: EngineConfig, max_model_len: int) -> None:
     """A training step of ``max_num_batched_tokens`` target tokens at the largest rank, then a
     prefill of as many prompt tokens over an adapter of that rank (random ids, greedy, one token)."""
     from loquetier.engine.sequence import SamplingParams

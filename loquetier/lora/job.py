@@ -46,6 +46,11 @@ class JobMetrics:
 TRAIN_KEY_PREFIX = "\x00train:"  # ids with a NUL are refused (Engine, wire), so no adapter id is a job's key
 
 
+def is_internal_key(value: object) -> bool:
+    """An engine-private manager key (it has a NUL): refused wherever a caller names an adapter."""
+    return isinstance(value, str) and "\x00" in value
+
+
 def train_key(job_id: str) -> str:
     """The adapter manager's key for the weights a job trains."""
     return TRAIN_KEY_PREFIX + job_id

@@ -61,7 +61,6 @@ class AdapterManager:
         path: Path | None = None
         if isinstance(source, LoRAAdapter):
             adapter = source
-            adapter.validate(self.pool.dims)
         else:
             if source is None:
                 if self.adapter_root is None:
@@ -70,9 +69,7 @@ class AdapterManager:
             else:
                 path = Path(source)
             adapter = LoRAAdapter.load(path, self.pool.dims, self.pool.max_rank)
-        if adapter.rank > self.pool.max_rank:
-            raise AdapterError(f"adapter {adapter_id!r} has rank {adapter.rank} > the slot pool's "
-                               f"max_rank {self.pool.max_rank}")
+        self.check_holdable(adapter_id, adapter)
         self._make_room(adapter.num_bytes, exclude=adapter_id)
         if old is not None:
             self._drop_slot(old)
@@ -80,6 +77,15 @@ class AdapterManager:
         self._entries[adapter_id] = entry
         self._entries.move_to_end(adapter_id)
         return entry.version
+
+    def check_holdable(self, adapter_id: str, adapter: LoRAAdapter) -> None:
+        """Refuse weights this pool cannot hold: shapes other than the model's, or a rank above the
+        slots' (``LoRAAdapter.load`` / ``from_bytes`` check both as they read; an adapter built in
+        memory is checked here)."""
+        adapter.validate(self.pool.dims)
+        if adapter.rank > self.pool.max_rank:
+            raise AdapterError(f"adapter {adapter_id!r} has rank {adapter.rank} > the slot pool's "
+                               f"max_rank {self.pool.max_rank}")
 
     def check_fits(self, config: LoRAConfig) -> None:
         """Refuse a new adapter of ``config`` that this engine cannot hold, before any of its memory
