@@ -67,11 +67,22 @@ if [ "$#" -gt 0 ]; then  # the tests asked for, as asked
     pytest_run "$@"
     exit
 fi
-# The compute tests (kernels under the Triton interpreter, the engine, the model: CPU-bound, no
-# services, no subprocesses) on two processes, a file each at a time; then the service tests
-# (broker, PostgreSQL, worker subprocesses, timing-sensitive) alone, one after another.
+# Two groups at once. The service tests (broker, PostgreSQL, worker subprocesses, timing-sensitive)
+# one after another at normal priority; they wait on sockets and timers more than they compute.
+# Beside them the compute tests (kernels under the Triton interpreter, the engine, the model:
+# CPU-bound, no services, no subprocesses) on two processes at the lowest priority, so they take
+# only the cycles the service tests leave; their output follows the service tests'.
 COMPUTE=(tests/kernels tests/engine tests/models tests/lora tests/architecture)
+compute_log=$(mktemp)
+nice -n 19 python -m pytest -q -p no:cacheprovider --timeout=900 -n 2 --dist loadfile "${COMPUTE[@]}" \
+    >"$compute_log" 2>&1 &
+compute=$!
 rc=0
-pytest_run -n 2 --dist loadfile "${COMPUTE[@]}" || rc=$?
 pytest_run "${COMPUTE[@]/#/--ignore=}" || rc=$?
+compute_rc=0
+wait "$compute" || compute_rc=$?
+echo "== compute tests (${COMPUTE[*]})"
+cat "$compute_log"
+rm -f "$compute_log"
+[ "$compute_rc" -eq 0 ] || rc=$compute_rc
 exit "$rc"
