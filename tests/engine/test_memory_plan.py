@@ -120,7 +120,8 @@ def test_an_engine_sized_from_the_gpu_runs_its_largest_steps_inside_its_share(mo
     out = engine.generate([ids(200) for _ in range(12)], None, SamplingParams(max_tokens=4, temperature=0.0))
     engine.run_until_idle()
     assert all(len(o.token_ids) == 4 for o in out)
-    assert torch.cuda.max_memory_reserved() <= utilization * total
+    # the caching allocator rounds what it reserves up (2 MiB pages, segments): 1 % of the card for that
+    assert plan.other + torch.cuda.max_memory_reserved() <= (utilization + 0.01) * total
 
 
 def test_the_probe_runs_a_full_training_step_and_full_prefills(model_dir: Path) -> None:
