@@ -99,12 +99,23 @@ def plan_kv_blocks(*, total: int, utilization: float, other: int, resident: int,
     return plan
 
 
-def probe_blocks(config: EngineConfig, max_model_len: int) -> int:
-    """A KV cache just large enough for the probe's steps: one step of sequences of up to the
-    longest context, ``max_num_batched_tokens`` in all, plus the blocks a sequence may round up."""
-    tokens = config.scheduler.max_num_batched_tokens
+def _probe_sequences(config: EngineConfig, max_model_len: int) -> tuple[list[int], list[int]]:
+    """The probe's training sequence lengths (``max_num_batched_tokens`` in all, each at most the
+    longest context) and prompt lengths (one prefill chunk each, as many as fill a step)."""
+    tokens, limits = config.scheduler.max_num_batched_tokens, config.scheduler
     seq = max(2, min(max_model_len, tokens))
-    return math.ceil(tokens / config.block_size) + math.ceil(tokens / seq) + 2
+    train = [seq] * (tokens // seq) + ([tokens % seq] if tokens % seq >= 2 else [])
+    chunk = max(1, min(seq - 1, limits.max_prefill_chunk))  # each prompt leaves room for its token
+    prompts = [chunk] * min(math.ceil(tokens / chunk), limits.max_num_seqs)
+    return train, prompts
+
+
+def probe_blocks(config: EngineConfig, max_model_len: int) -> int:
+    """A KV cache just large enough for the probe's steps (the larger of its two sets of sequences,
+    each sequence one token longer than its rows and rounded up to whole blocks)."""
+    bs = config.block_size
+    return max(sum(math.ceil((n + 1) / bs) for n in lengths)
+               for lengths in _probe_sequences(config, max_model_len)) + 1
 
 
 def measure(model: LlamaModel, tokenizer: Any, config: EngineConfig, engine_cls: Callable[..., Any],
@@ -154,8 +165,7 @@ def run_largest_steps(probe: Any, config: EngineConfig, max_model_len: int) -> N
     from loquetier.engine.sequence import SamplingParams
     from loquetier.lora.params import TrainingParams
 
-    tokens = config.scheduler.max_num_batched_tokens
-    seq = max(2, min(max_model_len, tokens))
+    train, prompts = _probe_sequences(config, max_model_len)
     vocab = probe.model.cfg.vocab_size
     gen = torch.Generator().manual_seed(20261206)
 
@@ -164,13 +174,13 @@ def run_largest_steps(probe: Any, config: EngineConfig, max_model_len: int) -> N
 
     rank, targets = config.max_lora_rank, list(TARGET_MODULES)
     if config.num_train_slots > 0:
-        sizes = [seq] * (tokens // seq) + ([tokens % seq] if tokens % seq >= 2 else [])
-        examples = [{"prompt_token_ids": ids(1), "completion_token_ids": ids(n - 1)} for n in sizes]
-        probe.add_training_job(
-            PROBE_JOB, examples, TrainingParams(max_steps=1, micro_batch_tokens=tokens, min_share=1.0),
-            lora=dict(rank=rank, alpha=rank, target_modules=targets), job_id=PROBE_JOB, install=True)
+        examples = [{"prompt_token_ids": ids(1), "completion_token_ids": ids(n - 1)} for n in train]
+        params = TrainingParams(max_steps=1, micro_batch_tokens=sum(train), min_share=1.0)
+        probe.add_training_job(PROBE_JOB, examples, params, lora=dict(rank=rank, alpha=rank, target_modules=targets),
+                               job_id=PROBE_JOB, install=True)
         probe.run_until_idle()
-    adapter = PROBE_JOB if PROBE_JOB in probe.adapters else None
-    prompts = [ids(seq - 1) for _ in range(max(1, tokens // seq))]  # each leaves room for its token
+    serving_slots = config.max_adapter_slots > config.num_train_slots
+    adapter = PROBE_JOB if serving_slots and PROBE_JOB in probe.adapters else None
+    prompt_ids = [ids(n) for n in prompts]
     greedy = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    probe.generate(prompts, [adapter] * len(prompts), greedy)
+    probe.generate(prompt_ids, [adapter] * len(prompt_ids), greedy)

@@ -124,24 +124,28 @@ def test_an_engine_sized_from_the_gpu_runs_its_largest_steps_inside_its_share(mo
     assert plan.other + torch.cuda.max_memory_reserved() <= (utilization + 0.01) * total
 
 
-def test_the_probe_runs_a_full_training_step_and_full_prefills(model_dir: Path) -> None:
+@pytest.mark.parametrize(("slots", "train"), [(3, 1), (1, 1), (2, 0)])
+def test_the_probe_runs_a_full_training_step_and_full_prefills(model_dir: Path, slots: int, train: int) -> None:
     """What the GPU probe runs, here on the CPU: its KV cache holds the steps, the job trains its one
-    step over every token of a step, and the prompts fill another."""
+    step over every token of a step, and the prompts fill another; with every slot a training slot
+    the prompts run on the base model, and with none there is no job."""
     from loquetier.engine.memory import PROBE_JOB, probe_blocks, run_largest_steps
 
-    config = EngineConfig.from_kwargs(block_size=8, max_num_batched_tokens=192, max_prefill_chunk=64,
-                                      max_lora_rank=8, max_adapter_slots=3, num_train_slots=1, max_model_len=80)
-    probe = Engine.from_pretrained(model_dir, num_kv_blocks=probe_blocks(config, 80), block_size=8,
-                                   max_num_batched_tokens=192, max_prefill_chunk=64, max_lora_rank=8,
-                                   max_adapter_slots=3, num_train_slots=1, max_model_len=80)
+    limits = dict(block_size=8, max_num_batched_tokens=192, max_prefill_chunk=64, max_lora_rank=8,
+                  max_adapter_slots=slots, num_train_slots=train, max_model_len=80)
+    probe = Engine.from_pretrained(model_dir, num_kv_blocks=probe_blocks(EngineConfig.from_kwargs(**limits), 80),
+                                   **limits)
     trained: list[int] = []
+    prompted: list[int] = []
     step = probe.runner.run
 
     def run(batch, pieces, sampling):  # noqa: ANN001, ANN202
         trained.append(sum(pieces.train_tokens.values()))
+        prompted.append(sum(c.length for c in batch.prefill_chunks))
         return step(batch, pieces, sampling)
 
     probe.runner.run = run  # type: ignore[method-assign]
     run_largest_steps(probe, probe.config, probe.max_model_len)
-    assert PROBE_JOB in probe.adapters  # installed: the job succeeded, and the prompts ran over it
-    assert max(trained) == 192, trained
+    assert (PROBE_JOB in probe.adapters) == (train > 0)  # installed: the job succeeded
+    assert max(trained) == (192 if train else 0), trained
+    assert max(prompted) == 192, prompted  # three prompts of one chunk each, in one step
