@@ -57,11 +57,11 @@ def _print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
 async def run_scenario(bootstrap: str, database_url: str, model: Path, *, steps: int, num_requests: int,
                        worker: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
+    from loquetier.models.tokenizer_load import load_tokenizer
     from loquetier.producers.client import LoquetierClient
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer = load_tokenizer(model)
     report: dict[str, Any] = {"answers": [], "steps": steps}
     print("waiting for the worker to register (model load)...")
     await _wait_for(database_url, status_repo.RUNNING_WORKER_SQL, "the worker", worker)

@@ -231,8 +231,8 @@ class ProcessEngineClient(EngineClient):
     def _make_preparer(self) -> Any:
         from pathlib import Path
 
-        from loquetier.engine.engine import load_tokenizer
         from loquetier.engine.jobs import DataPreparer
+        from loquetier.models.tokenizer_load import load_tokenizer
 
         return DataPreparer(load_tokenizer(Path(self.spec.model_dir)), int(self.info["vocab_size"]),
                             int(self.info["max_num_batched_tokens"]), self.info.get("max_model_len"))

@@ -52,19 +52,11 @@ from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
+from loquetier.models.tokenizer_load import load_tokenizer
 
 _WARMUP_ADAPTER = "__loquetier_warmup__"
 _WARMUP_TRAIN = "__loquetier_warmup_train__"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    """The model directory's tokenizer (None when it ships none)."""
-    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def _gpu_prior(model: LlamaModel, kv_bytes_per_token: float, captured: bool) -> StepCost:
