@@ -152,7 +152,12 @@ class Control:
         is_loaded = adapter_id in self._adapters.versions or await self._client.has_adapter(adapter_id)
         await self._adapters.unload(adapter_id)  # the engine may refuse: then nothing is archived
         num_archived = await self._store.tx(lambda s: repo.archive_adapter(s, adapter_id))
-        if not num_archived and not is_loaded:
+        # the archived versions' weights go (their rows stay): an unload the gateway archived first
+        # (a deleted model) comes here too, with nothing left to archive
+        dropped = await self._store.tx(lambda s: repo.drop_archived_payloads(s, adapter_id))
+        if dropped:
+            await asyncio.to_thread(remove_blobs, self._settings, dropped)
+        if not num_archived and not is_loaded and not dropped:
             raise ControlError("unknown_adapter", f"adapter {adapter_id!r} is neither served nor registered")
         return f"adapter {adapter_id!r} unloaded ({num_archived} version(s) archived)", None
 

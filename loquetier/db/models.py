@@ -202,7 +202,8 @@ class AdapterRow(Base):
     __table_args__ = (
         _one_of("status", ADAPTER_STATUSES),
         _one_of("source_kind", ADAPTER_SOURCES),
-        CheckConstraint("data IS NOT NULL OR uri IS NOT NULL", name="has_payload"),
+        # an archived version keeps its record, not its weights (0007)
+        CheckConstraint("status = 'archived' OR data IS NOT NULL OR uri IS NOT NULL", name="has_payload"),
     )
 
     adapter_id: Mapped[str] = mapped_column(ID, primary_key=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from loquetier.db.artifacts_repo import (
     adapter_taken,
     archive_adapter,
+    drop_archived_payloads,
     get_adapter,
     job_taken_by,
     latest_checkpoint,
@@ -53,6 +54,7 @@ __all__ = [
     "adapter_taken",
     "add_answered_records",
     "archive_adapter",
+    "drop_archived_payloads",
     "claim_job",
     "drain_workers",
     "expire_lease",

@@ -522,6 +522,37 @@ async def test_job_history_is_backfilled_by_its_migration(empty_database: str) -
     assert "job_events" in await _tables(empty_database)
 
 
+async def test_archived_versions_lose_their_bytes_in_the_migration_and_keep_their_rows(empty_database: str) -> None:
+    await migrate.upgrade_async(empty_database, "0006")
+    engine = create_engine(empty_database)
+    insert = ("INSERT INTO adapters (adapter_id, version, status, rank, alpha, target_modules, source_kind, data, uri,"
+              " sha256, size_bytes) VALUES ('{a}', {v}, '{st}', 4, 8, '[\"q_proj\"]', 'path', {data}, {uri},"
+              " repeat('0', 64), 3)")
+    try:
+        async with engine.begin() as conn:
+            for a, v, st, data, uri in (("old", 1, "archived", "'abc'", "NULL"), ("old", 2, "archived", "NULL",
+                                        "'file:///x/a.bin'"), ("live", 1, "ready", "'abc'", "NULL")):
+                await conn.execute(text(insert.format(a=a, v=v, st=st, data=data, uri=uri)))
+            with pytest.raises(IntegrityError):  # before 0007 every version needs a payload
+                async with conn.begin_nested():
+                    await conn.execute(text("UPDATE adapters SET data = NULL WHERE adapter_id = 'live'"))
+        await migrate.upgrade_async(empty_database, "0007")
+        async with engine.begin() as conn:
+            rows = (await conn.execute(text(
+                "SELECT adapter_id, version, data IS NULL, uri FROM adapters ORDER BY adapter_id DESC, version"))).all()
+            assert [tuple(r) for r in rows] == [("old", 1, True, None), ("old", 2, True, "file:///x/a.bin"),
+                                                ("live", 1, False, None)]
+            with pytest.raises(IntegrityError):  # a version served needs its weights still
+                async with conn.begin_nested():
+                    await conn.execute(text("UPDATE adapters SET data = NULL WHERE adapter_id = 'live'"))
+        await migrate.downgrade_async(empty_database, "0006")  # what has no payload cannot stay
+        async with engine.connect() as conn:
+            left = (await conn.execute(text("SELECT adapter_id, version FROM adapters ORDER BY 1 DESC, 2"))).all()
+        assert [tuple(r) for r in left] == [("old", 2), ("live", 1)]
+    finally:
+        await engine.dispose()
+
+
 async def test_non_finite_numbers_are_stored_as_null_not_refused(sessions: async_sessionmaker[AsyncSession]) -> None:
     await _add_jobs(sessions, "j1")
     async with sessions.begin() as s:  # an evaluation of nothing, a diverged run: no JSON for NaN or infinity

@@ -245,6 +245,47 @@ async def test_an_adapter_keeps_its_newest_versions_and_their_files(topics: Any,
     assert {p.parent.name for p in root.rglob("adapter.bin")} == kept
 
 
+@pytest.mark.parametrize("storage", ["db", "uri"])
+async def test_an_unloaded_adapter_keeps_its_record_and_drops_its_weights(topics: Any, database_url: str,
+                                                                          tmp_path: Any, storage: str) -> None:
+    """Unloading archives every version: the rows stay (checksum, size, source), their bytes or
+    files go, and the adapter is not served again. Another adapter's files stay."""
+    from sqlalchemy import select
+
+    from loquetier.db.models import AdapterRow
+
+    root = tmp_path / "blobs"
+    settings = await topics(checkpoint_storage=storage, checkpoint_dir=root, operator_token="op")
+    gone, kept = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("gone", "kept"))
+    engine = FakeEngine()
+    async with running_worker(engine, settings), client_for(settings) as client:
+        for adapter_id, overwrite in ((gone, False), (gone, True), (kept, False)):
+            job_id = await client.submit_training({"adapter_id": adapter_id, "overwrite": overwrite,
+                                                   "data": [{"prompt": "a b", "completion": "c"}],
+                                                   "params": {"max_steps": 2}})
+            assert [r async for r in client.results([job_id])][-1].status == "succeeded"
+        ack = await client.control("unload", gone, wait=True)
+        assert ack.ok and "2 version(s) archived" in ack.message
+        rid = await client.submit_generate(prompt_token_ids=[1], max_tokens=1, adapter_id=gone)
+        assert (await client.wait_result(rid, 20)).code == "unknown_adapter"
+        again = await client.control("unload", gone, wait=True)  # nothing left to archive or drop
+        assert not again.ok and again.code == "unknown_adapter"
+    db = create_engine(database_url)
+    async with session_factory(db).begin() as s:
+        rows = (await s.scalars(select(AdapterRow).where(AdapterRow.adapter_id.in_([gone, kept])))).all()
+    await db.dispose()
+    by_id = {(r.adapter_id, r.version): r for r in rows}
+    assert sorted(by_id) == [(gone, 1), (gone, 2), (kept, 1)]
+    for version in (1, 2):
+        row = by_id[(gone, version)]
+        assert row.status == "archived" and row.data is None and row.uri is None
+        assert row.sha256 and row.size_bytes and row.job_id
+    alive = by_id[(kept, 1)]
+    assert alive.status == "ready" and (alive.data is not None) == (storage == "db")
+    files = {p.parent.name for p in root.rglob("adapter.bin")}
+    assert files == ({alive.job_id} if storage == "uri" else set())
+
+
 async def test_a_slow_job_write_does_not_hold_up_tokens(topics: Any, database_url: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A job's events are recorded in the job's own lane: while its checkpoint's write hangs, a request
