@@ -154,10 +154,10 @@ class Control:
         num_archived = await self._store.tx(lambda s: repo.archive_adapter(s, adapter_id))
         # the archived versions' weights go (their rows stay): an unload the gateway archived first
         # (a deleted model) comes here too, with nothing left to archive
-        dropped = await self._store.tx(lambda s: repo.drop_archived_payloads(s, adapter_id))
-        if dropped:
-            await asyncio.to_thread(remove_blobs, self._settings, dropped)
-        if not num_archived and not is_loaded and not dropped:
+        num_dropped, files = await self._store.tx(lambda s: repo.drop_archived_payloads(s, adapter_id))
+        if files:
+            await asyncio.to_thread(remove_blobs, self._settings, files)
+        if not num_archived and not is_loaded and not num_dropped:
             raise ControlError("unknown_adapter", f"adapter {adapter_id!r} is neither served nor registered")
         return f"adapter {adapter_id!r} unloaded ({num_archived} version(s) archived)", None
 

@@ -185,14 +185,15 @@ async def ready_versions(session: AsyncSession, adapter_ids: list[str]) -> dict[
     return {adapter_id: int(version) for adapter_id, version in rows.all()}
 
 
-async def drop_archived_payloads(session: AsyncSession, adapter_id: str) -> list[str]:
+async def drop_archived_payloads(session: AsyncSession, adapter_id: str) -> tuple[int, list[str]]:
     """Clear the weights of ``adapter_id``'s archived versions (their rows stay, with checksum and
-    size); the URIs of the files they had (the caller's to remove once the transaction commits)."""
+    size): how many versions had weights, and the URIs of their files (the caller's to remove once
+    the transaction commits)."""
     held = (AdapterRow.adapter_id == adapter_id, AdapterRow.status == "archived",
             AdapterRow.data.is_not(None) | AdapterRow.uri.is_not(None))
     uris = (await session.scalars(select(AdapterRow.uri).where(*held).with_for_update())).all()
     await session.execute(update(AdapterRow).where(*held).values(data=None, uri=None))
-    return [uri for uri in uris if uri]
+    return len(uris), [uri for uri in uris if uri]
 
 
 async def archive_adapter(session: AsyncSession, adapter_id: str) -> int:

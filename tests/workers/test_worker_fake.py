@@ -256,10 +256,10 @@ async def test_an_unloaded_adapter_keeps_its_record_and_drops_its_weights(topics
 
     root = tmp_path / "blobs"
     settings = await topics(checkpoint_storage=storage, checkpoint_dir=root, operator_token="op")
-    gone, kept = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("gone", "kept"))
+    gone, kept, deleted = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("gone", "kept", "deleted"))
     engine = FakeEngine()
     async with running_worker(engine, settings), client_for(settings) as client:
-        for adapter_id, overwrite in ((gone, False), (gone, True), (kept, False)):
+        for adapter_id, overwrite in ((gone, False), (gone, True), (kept, False), (deleted, False)):
             job_id = await client.submit_training({"adapter_id": adapter_id, "overwrite": overwrite,
                                                    "data": [{"prompt": "a b", "completion": "c"}],
                                                    "params": {"max_steps": 2}})
@@ -270,14 +270,17 @@ async def test_an_unloaded_adapter_keeps_its_record_and_drops_its_weights(topics
         assert (await client.wait_result(rid, 20)).code == "unknown_adapter"
         again = await client.control("unload", gone, wait=True)  # nothing left to archive or drop
         assert not again.ok and again.code == "unknown_adapter"
-    db = create_engine(database_url)
-    async with session_factory(db).begin() as s:
-        rows = (await s.scalars(select(AdapterRow).where(AdapterRow.adapter_id.in_([gone, kept])))).all()
-    await db.dispose()
+        db = create_engine(database_url)
+        async with session_factory(db).begin() as s:  # a model deleted in the gateway: archived, then unloaded
+            assert await repo.archive_adapter(s, deleted) == 1
+        assert (await client.control("unload", deleted, wait=True)).ok
+        async with session_factory(db).begin() as s:
+            rows = (await s.scalars(select(AdapterRow).where(AdapterRow.adapter_id.in_([gone, kept, deleted])))).all()
+        await db.dispose()
     by_id = {(r.adapter_id, r.version): r for r in rows}
-    assert sorted(by_id) == [(gone, 1), (gone, 2), (kept, 1)]
-    for version in (1, 2):
-        row = by_id[(gone, version)]
+    assert sorted(by_id) == sorted([(gone, 1), (gone, 2), (kept, 1), (deleted, 1)])
+    for adapter_id, version in ((gone, 1), (gone, 2), (deleted, 1)):
+        row = by_id[(adapter_id, version)]
         assert row.status == "archived" and row.data is None and row.uri is None
         assert row.sha256 and row.size_bytes and row.job_id
     alive = by_id[(kept, 1)]
