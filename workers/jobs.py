@@ -64,11 +64,10 @@ def coalesce_progress(events: list[Any]) -> list[Any]:
 
 @dataclass
 class _Stopping:
-    """A run this worker stopped: ``ended`` is set when its JobFinished arrives. ``certain``: the
-    engine held the run when told to cancel it, so that event will come; else the run had already
-    ended in the engine, and its JobFinished may be on its way or already handled."""
+    """A run this worker stopped, until its JobFinished arrives. ``certain``: the engine held the run
+    when told to cancel it, so that event will come; else the run had already ended in the engine,
+    and its JobFinished may be on its way or already handled."""
 
-    ended: asyncio.Event
     adapter_id: str
     certain: bool = True
 
@@ -200,7 +199,7 @@ class LeasedJobs:
             if data is None or (job.eval_data is not None and eval_data is None):
                 log.info("job lost while its data was prepared", extra={"job_id": job_id})
                 return
-            if not await self._run_ended(job_id) or not await self._adapter_free(job_id, job.adapter_id):
+            if not await self._runs_ended(job_id, job.adapter_id):
                 return
             await self._client.add_job(
                 job.adapter_id,
@@ -253,41 +252,33 @@ class LeasedJobs:
             job_id,
         )
 
-    async def _run_ended(self, job_id: str) -> bool:
-        """Wait until the engine has ended the run of ``job_id`` that this worker last stopped, if any
-        (its JobFinished arrived): a new run added before would meet that one's late events, or the
-        engine would refuse it as a duplicate. False: it did not end in time (the job is left to its
-        lease, and claimed again later)."""
-        stopping = self._stopping.get(job_id)
-        if stopping is None:
-            return True
-        # a cancelled run's JobFinished comes with the engine's next step; a run that had already
-        # ended has its event on the way, or handled: it is waited for a while only
-        wait_s = RUN_END_WAIT_S if stopping.certain else self._settings.drain_timeout_s
-        try:
-            await asyncio.wait_for(stopping.ended.wait(), wait_s)
-        except TimeoutError:
-            if stopping.certain:
-                log.warning("job not started: its last run has not ended in the engine", extra={"job_id": job_id})
-                return False
-        if self._stopping.get(job_id) is stopping:
-            del self._stopping[job_id]
-        return True
-
-    async def _adapter_free(self, job_id: str, adapter_id: str) -> bool:
-        """Wait until no other job of ``adapter_id`` runs here or has a stopped run the engine has not
-        ended (a cancel whose row changed before this worker stopped the run): the engine trains an
-        adapter once, and would refuse this job. False: still busy after ``RUN_END_WAIT_S``."""
+    async def _runs_ended(self, job_id: str, adapter_id: str) -> bool:
+        """Wait until no run that would meet this one is left on this worker: the run of ``job_id``
+        this worker last stopped (its late events would be taken for the new run's, or the engine
+        would refuse the new one as a duplicate), and any other job's run of ``adapter_id``, running
+        or stopped (a cancel whose row changed before this worker stopped the run): the engine trains
+        an adapter once. A stopped run of this job that had already ended in the engine has its
+        JobFinished on the way, or handled: it is waited for a while only. False: a run was still
+        there after ``RUN_END_WAIT_S`` (the job is left to its lease, and claimed again later)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + RUN_END_WAIT_S
-        while any(jid != job_id and rj.job.adapter_id == adapter_id for jid, rj in self.running.items()) or any(
-                jid != job_id and st.certain and st.adapter_id == adapter_id for jid, st in self._stopping.items()):
-            if loop.time() > deadline:
-                log.warning("job not started: another run of its adapter has not ended here",
+        start = loop.time()
+        own = self._stopping.get(job_id)
+        while True:
+            waited = loop.time() - start
+            if own is not None and self._stopping.get(job_id) is own and not own.certain \
+                    and waited > self._settings.drain_timeout_s:
+                del self._stopping[job_id]
+            own_left = own is not None and self._stopping.get(job_id) is own
+            others = any(jid != job_id and rj.job.adapter_id == adapter_id for jid, rj in self.running.items()) \
+                or any(jid != job_id and st.certain and st.adapter_id == adapter_id
+                       for jid, st in self._stopping.items())
+            if not own_left and not others:
+                return True
+            if waited > RUN_END_WAIT_S:
+                log.warning("job not started: an earlier run of it or of its adapter has not ended here",
                             extra={"job_id": job_id, "adapter_id": adapter_id})
                 return False
             await asyncio.sleep(0.05)
-        return True
 
     async def _base_adapter(self, base: str | None) -> str | None:
         """A known adapter id as is; else a PEFT directory under the adapter roots (resolved)."""
@@ -362,8 +353,8 @@ class LeasedJobs:
         rj = self.running.pop(job_id, None)
         if rj is not None:
             # until its JobFinished arrives (the cancel's, or one already on its way) the run's events
-            # are dropped, and a new run of the job waits (``_run_ended``)
-            stopping = self._stopping[job_id] = _Stopping(asyncio.Event(), rj.job.adapter_id)
+            # are dropped, and a new run of the job waits (``_runs_ended``)
+            stopping = self._stopping[job_id] = _Stopping(rj.job.adapter_id)
             stopping.certain = await self._client.cancel_job(job_id)
             log.info("job stopped here", extra={"job_id": job_id, "reason": why})
 
@@ -405,7 +396,6 @@ class LeasedJobs:
         if stopped is not None:  # a run this worker stopped: its late events mean nothing
             if isinstance(ev, JobFinished):  # the engine let it go: the job may start here again
                 del self._stopping[ev.job_id]
-                stopped.ended.set()
             return
         if isinstance(ev, JobCheckpoint):
             try:
