@@ -182,10 +182,15 @@ class Control:
             log.info("request aborted", extra={"request_id": rid})
             return f"request {rid!r} cancelled", None
         row = await self._store.tx(lambda s: repo.get_request(s, rid))
+        if row is None or row.finished_at is None:  # not read yet, or on its way to the engine here
+            self._inference.note_cancel(rid)
         if row is None:
-            raise ControlError("unknown_target", f"no job or request {rid!r}")
+            raise ControlError("unknown_target", f"no job or request {rid!r} yet; a request of this id that "
+                                                 "arrives within 10 minutes is cancelled then")
         if row.finished_at is not None:
             raise ControlError("invalid_state", f"request {rid!r} is already {row.status}")
+        if row.worker_id == self._worker_id:
+            return f"request {rid!r} cancelled as it reaches the engine", None
         raise ControlError("elsewhere", f"request {rid!r} runs on worker {row.worker_id!r}, which "
                                         "does not read the control topic; it cannot be cancelled from here")
 

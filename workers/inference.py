@@ -31,6 +31,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ from typing import Any
 from loquetier.chat import chat_prompt_ids
 from loquetier.db import repo
 from loquetier.db.store import Store
-from loquetier.engine.events import RequestFailed, RequestFinished, TokenEvent
+from loquetier.engine.events import RequestFailed, RequestFinished, Timings, TokenEvent, Usage
 from loquetier.messages import ErrorResult, GenerateRequest, TokenResult
 
 from . import convert
@@ -59,6 +60,10 @@ DoneHook = Callable[[Source], None]
 
 
 POISONED = "poisoned"
+# A cancel that arrives before its request (the request's partition is behind, or paused while the
+# worker is full) is remembered this long, for this many ids, and the request is dropped when read.
+EARLY_CANCEL_TTL_S = 600.0
+MAX_EARLY_CANCELS = 10_000
 
 
 @dataclass
@@ -99,6 +104,29 @@ class Inference:
         self.num_computed = 0
         self._noting: set[asyncio.Task[None]] = set()  # answered records being written to rows
         self._num_refusing = 0  # duplicate_request_id answers being published
+        self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request_id -> when the cancel came
+
+    def note_cancel(self, rid: str) -> None:
+        """Remember a cancel of a request this worker is not running (not read yet, or between its
+        intake and the engine): the request is answered ``cancelled`` instead of computed."""
+        now = time.monotonic()
+        self._early_cancels.pop(rid, None)
+        self._early_cancels[rid] = now
+        while self._early_cancels and (len(self._early_cancels) > MAX_EARLY_CANCELS
+                                       or next(iter(self._early_cancels.values())) < now - EARLY_CANCEL_TTL_S):
+            self._early_cancels.popitem(last=False)
+
+    def _cancelled_early(self, rid: str) -> bool:
+        when = self._early_cancels.pop(rid, None)
+        return when is not None and when >= time.monotonic() - EARLY_CANCEL_TTL_S
+
+    async def _answer_cancelled(self, rid: str) -> None:
+        """The answer of a request cancelled before it reached the engine: no tokens, ``cancelled``."""
+        flight = self.inflight.get(rid)
+        prompt = len(flight.request.prompt_token_ids or []) if flight else 0
+        log.info("request cancelled before it started", extra={"request_id": rid})
+        await self.on_event(RequestFinished(request_id=rid, token_ids=[], text="", finish_reason="abort",
+                                            usage=Usage(prompt, 0), timings=Timings(0.0, None, None)))
 
     @property
     def num_inflight(self) -> int:
@@ -163,6 +191,9 @@ class Inference:
             )
             if not is_new and not await self._take_over(rid, fingerprint):
                 return
+            if self._cancelled_early(rid):
+                await self._answer_cancelled(rid)
+                return
             if req.adapter_id is not None and not await self._adapters.ensure(req.adapter_id):
                 await self._fail(rid, "unknown_adapter", f"adapter {req.adapter_id!r} is not registered")
                 return
@@ -189,6 +220,8 @@ class Inference:
                 return
             flight = self.inflight[rid]
             flight.in_engine = True
+            if self._cancelled_early(rid) and await self._client.abort(rid):  # came while it was handed over
+                log.info("request aborted", extra={"request_id": rid})
             INTAKE.observe(time.monotonic() - flight.started)
             self.num_computed += 1
             log.info(

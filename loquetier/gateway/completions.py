@@ -167,16 +167,38 @@ class _Call:
     sending_since: float | None = None  # a stream's event waits on a client that does not read
 
     def end(self) -> None:
-        """Stop waiting, free the call's places, and ask the workers to stop what still runs for it."""
+        """Stop waiting and ask the workers to stop what still runs for the call. The places of its
+        answered or unpublished requests are free at once; a request that was published and not
+        answered keeps its place until its worker's final record (the cancelled result) or its
+        deadline, so a key that calls and leaves cannot hold more of the workers than its limit."""
         if self.ended:
             return
         self.ended = True
+        running = []
         for index, choice in enumerate(self.choices):
-            self.gw.bus.forget(choice.rid)
-            if index < len(self.waiters) and not self.waiters[index].done:  # published, not answered
+            waiter = self.waiters[index] if index < len(self.waiters) else None
+            if waiter is not None and not waiter.done:  # published, not answered
                 _cancel_soon(self.gw, choice.rid)
-        self.gw.release(self.key_id, len(self.choices))
+                running.append((choice.rid, waiter))
+            else:
+                self.gw.bus.forget(choice.rid)
+        self.gw.release(self.key_id, len(self.choices) - len(running))
+        if running:
+            _in_background(_release_when_answered(self.gw, self.key_id, running))
         IN_FLIGHT.dec()
+
+
+async def _release_when_answered(gw: Gateway, key_id: str, running: list[tuple[str, answers.Waiter]]) -> None:
+    """Free each place of an ended call once its request's final record has come, or its deadline."""
+    for rid, waiter in running:
+        try:
+            while not waiter.done:
+                await waiter.next()  # its tokens, then the cancelled result; an error record raises
+        except Exception:  # noqa: S110  # an error record or the deadline: either way it is over
+            pass
+        finally:
+            gw.bus.forget(rid)
+            gw.release(key_id, 1)
 
 
 async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body: Sampling,
@@ -322,6 +344,10 @@ def _cancel_soon(gw: Gateway, rid: str) -> None:
             command = ControlCommand(action="cancel", target_id=rid, command_id=f"cancel-{rid}")
             await gw.bus.publish(gw.settings.kafka.control_topic, command, rid)
 
-    task = asyncio.create_task(cancel())
+    _in_background(cancel())
+
+
+def _in_background(work: Any) -> None:
+    task = asyncio.create_task(work)
     _background.add(task)
     task.add_done_callback(_background.discard)

@@ -464,3 +464,52 @@ async def test_a_record_whose_partition_moved_before_its_turn_is_left_alone() ->
     gate.set()
     await intake.finish_lanes()
     assert applied == ["c0"] and done == [0] and intake.num_waiting["control"] == 0
+
+
+async def test_a_cancel_that_comes_before_its_request_drops_it_unrun(topics: Any, database_url: str) -> None:
+    """A client that gives up before the worker reads its request (a backlog, a paused partition):
+    the cancel is remembered, and the request is answered ``cancelled`` without reaching the engine."""
+    settings = await topics()
+    engine = FakeEngine()
+    async with running_worker(engine, settings), client_for(settings) as client:
+        rid = f"early-{os.urandom(4).hex()}"
+        ack = await client.control("cancel", rid, wait=True)
+        assert not ack.ok and ack.code == "unknown_target" and "cancelled then" in ack.message
+        await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=50, request_id=rid)
+        result = await client.wait_result(rid, 20)
+        assert result.type == "result" and result.finish_reason == "cancelled" and result.token_ids == []
+        assert result.usage.prompt_tokens == 3 and result.usage.completion_tokens == 0
+        assert rid not in engine.submitted_ids
+        row = await query(database_url, lambda s: repo.get_request(s, rid))
+        assert row is not None and row.status == "cancelled"
+        other = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4)  # others still run
+        assert (await client.wait_result(other, 20)).finish_reason == "length"
+
+
+async def test_a_cancel_during_the_hand_over_to_the_engine_stops_the_request(
+        topics: Any, database_url: str, make_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancel comes after the worker took the request and before the engine holds it: the
+    request is stopped as it reaches the engine, not computed to its end."""
+    from loquetier.workers.inference import Inference
+
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow_chat_ids(self: Inference, req: Any) -> list[int]:
+        entered.set()
+        await gate.wait()
+        return [5, 6, 7, 8]
+
+    monkeypatch.setattr(Inference, "_chat_ids", slow_chat_ids)
+    settings = await topics()
+    async with running_worker(make_engine(), settings), client_for(settings) as client:
+        rid = await client.submit_generate(messages=[{"role": "user", "content": "hi"}], max_tokens=200,
+                                           temperature=0.0)
+        await asyncio.wait_for(entered.wait(), 20)
+        ack = await client.control("cancel", rid, wait=True)
+        assert ack.ok and "as it reaches the engine" in ack.message
+        gate.set()
+        result = await client.wait_result(rid, 30)
+        assert result.type == "result" and result.finish_reason == "cancelled"
+        assert result.usage.completion_tokens < 200
+        row = await query(database_url, lambda s: repo.get_request(s, rid))
+        assert row is not None and row.status == "cancelled"
