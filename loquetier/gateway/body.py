@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..codec import DEFAULT_LIMITS, RecordError, check_map_widths
@@ -55,9 +55,18 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+def client_left_mid_body() -> APIError:
+    """A client that closed its connection before its whole body came (499, as proxies log it; nobody
+    reads it): not the gateway's error, and no traceback."""
+    return APIError(499, "the client closed the connection before its request body was read", code="client_gone")
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise client_left_mid_body() from None
     if not body:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:

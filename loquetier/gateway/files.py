@@ -12,14 +12,14 @@ from typing import Any
 
 import orjson
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from loquetier.db import files_repo, tenancy_repo
 from loquetier.db.models import FileRow
 from loquetier.training_files import TrainingFileError, parse_jsonl
 
-from .body import BodyTooLarge
+from .body import BodyTooLarge, client_left_mid_body
 from .errors import APIError, bad_request, not_found
 from .state import Gateway
 
@@ -44,6 +44,8 @@ async def upload(request: Request) -> Response:
         form = await request.form(max_files=1, max_fields=8, max_part_size=limit)
     except BodyTooLarge:
         raise
+    except ClientDisconnect:
+        raise client_left_mid_body() from None
     except Exception as exc:  # the multipart parser's own errors (malformed body, too many parts)
         detail = getattr(exc, "detail", None) or "malformed multipart body"
         raise bad_request(f"could not read the upload: {detail}", code="invalid_body") from None

@@ -255,8 +255,8 @@ async def test_one_key_cannot_hold_the_gateway(gateway_setup: Any, database_url:
 
 async def test_a_stream_whose_client_reads_nothing_lets_its_places_go() -> None:
     """An event that cannot be sent (the client's socket is full, so the server does not ask for the
-    next one) for ``stream_stall_s``: the call ends, its places are freed and its requests cancelled,
-    while the send still hangs."""
+    next one) for ``stream_stall_s``: the call ends and its requests are cancelled while the send
+    still hangs; each running request's place is freed when its cancelled result comes."""
     import asyncio
     import time
     from types import SimpleNamespace
@@ -293,14 +293,18 @@ async def test_a_stream_whose_client_reads_nothing_lets_its_places_go() -> None:
         await asyncio.sleep(0.05)
         assert time.monotonic() - started < 5
     await asyncio.sleep(0.1)  # the cancels are published in the background
-    assert released == [("key-1", 3)] and forgotten == [c.rid for c in choices]
+    assert released == [("key-1", 1)] and forgotten == [choices[1].rid]  # the answered one's place
     assert sorted(cancels) == [("ctl", "cancel", "cmpl-x-0"), ("ctl", "cancel", "cmpl-x-2")]
+    for i in (0, 2):  # the cancelled results: the places of the running requests go with them
+        waiters[i].queue.put_nowait(SimpleNamespace(type="result", record=None))
+    await asyncio.sleep(0.1)
+    assert sum(n for _, n in released) == 3 and sorted(forgotten) == sorted(c.rid for c in choices)
     stalled = await sent.__anext__()  # the send returned at last: the stream says why it ends
     assert json.loads(stalled.removeprefix(b"data: "))["error"]["code"] == "stream_stalled"
     assert await sent.__anext__() == b"data: [DONE]\n\n"
     with pytest.raises(StopAsyncIteration):
         await sent.__anext__()
-    assert released == [("key-1", 3)]  # once
+    assert sum(n for _, n in released) == 3  # once
 
 
 def test_a_call_is_bounded_in_bytes_before_its_copies_are_made() -> None:
@@ -377,3 +381,33 @@ def test_a_request_cut_off_by_its_worker_is_a_503_to_retry() -> None:
     assert from_worker("poisoned", "x").status == 500
     bad = from_worker("prompt_too_long", "the prompt holds 9000 tokens")
     assert bad.status == 400 and bad.message == "the prompt holds 9000 tokens"
+
+
+async def test_a_client_that_leaves_mid_body_is_a_499_not_a_gateway_error(gateway_setup: Any, database_url: str) -> None:
+    """A body cut short by its client (Content-Length promised more): counted as 499, no 500."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from loquetier.gateway.metrics import HTTP_REQUESTS
+
+    def count(route: str, status: str) -> float:
+        return HTTP_REQUESTS.labels(route, status)._value.get()
+
+    settings = await gateway_setup()
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    async with running_gateway(settings) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        for path, ctype in (("/v1/chat/completions", "application/json"),
+                            ("/v1/files", "multipart/form-data; boundary=xyz")):
+            before = (count(path, "500"), count(path, "499"))
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                             f"Content-Type: {ctype}\r\nContent-Length: 100\r\n\r\n--xyz".encode())
+                await writer.drain()
+                writer.close()
+            deadline = asyncio.get_running_loop().time() + 10
+            while count(path, "499") < before[1] + 3:
+                assert asyncio.get_running_loop().time() < deadline, (path, count(path, "499"), count(path, "500"))
+                await asyncio.sleep(0.05)
+            assert count(path, "500") == before[0]
