@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from loquetier.chat import answer_problem, turn_problem
+from loquetier.messages import MAX_CHAT_MESSAGES
 
 FILE_DATA = re.compile(r"^file:(file-[0-9a-f]{1,64})$")  # a job's data naming an uploaded file
 ROLES = frozenset({"system", "developer", "user", "assistant"})
@@ -51,7 +52,7 @@ def parse_jsonl(data: bytes, *, max_examples: int = 100_000) -> list[dict[str, A
             raise TrainingFileError(f"line {number}: nested too deeply") from None
         except ValueError as exc:  # an integer of more digits than Python converts
             raise TrainingFileError(f"line {number}: {exc}") from None
-        problem = example_problem(value)
+        problem = example_problem(value) or _text_problem(value)
         if problem:
             raise TrainingFileError(f"line {number}: {problem}")
         examples.append(value)
@@ -88,6 +89,19 @@ def example_problem(value: Any) -> str | None:
     )
 
 
+def _text_problem(value: Any) -> str | None:
+    """A string no tokenizer can take: JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which are not Unicode text (UTF-8 cannot hold them)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"a string holds a lone surrogate (\\u{ord(value[exc.start]):04x}), which is not text"
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((p for p in map(_text_problem, items) if p), None)
+
+
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
@@ -95,6 +109,8 @@ def _is_token(value: Any) -> bool:
 def _messages_problem(messages: Any) -> str | None:
     if not isinstance(messages, list) or len(messages) < 2:
         return "'messages' must be a list of at least two messages"
+    if len(messages) > MAX_CHAT_MESSAGES:
+        return f"'messages' holds {len(messages)} messages, more than {MAX_CHAT_MESSAGES}"
     for index, message in enumerate(messages):
         problem = turn_problem(index, message, ROLES)
         if problem is not None:

@@ -383,7 +383,8 @@ def test_a_request_cut_off_by_its_worker_is_a_503_to_retry() -> None:
     assert bad.status == 400 and bad.message == "the prompt holds 9000 tokens"
 
 
-async def test_a_client_that_leaves_mid_body_is_a_499_not_a_gateway_error(gateway_setup: Any, database_url: str) -> None:
+async def test_a_client_that_leaves_mid_body_is_a_499_not_a_gateway_error(gateway_setup: Any,
+                                                                        database_url: str) -> None:
     """A body cut short by its client (Content-Length promised more): counted as 499, no 500."""
     import asyncio
     from urllib.parse import urlsplit

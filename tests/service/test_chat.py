@@ -271,3 +271,21 @@ def test_chat_data_is_bounded_by_its_template_work(tokenizer: Any, tmp_path: Pat
             preparer.prepare(short, 4096, stop)
     assert err.value.code == "cancelled"
     assert len(preparer.prepare(short[:10], 4096).sequences) == 10  # the lock is free again
+
+
+@pytest.mark.parametrize(("line", "match"), [
+    ('{"prompt": "a\\ud800b", "completion": "c"}', r"line 2: a string holds a lone surrogate \(\\ud800\)"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udfff"}]}',
+     r"line 2: a string holds a lone surrogate \(\\udfff\)"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 513}),
+     "line 2: 'messages' holds 1026 messages, more than 1024"),
+])
+def test_an_upload_refuses_what_its_job_would_fail_on_by_line(line: str, match: str) -> None:
+    """Lone surrogates (JSON escapes that are not text) and chats past the turn limit are refused with
+    the file, by line, not later as a failed job."""
+    from loquetier.training_files import TrainingFileError, parse_jsonl
+
+    good = '{"prompt": "a \\u00e9\\ud83d\\ude00 b", "completion": "c"}'  # a surrogate pair is text
+    assert parse_jsonl(f"{good}\n".encode())[0]["prompt"] == "a é😀 b"
+    with pytest.raises(TrainingFileError, match=match):
+        parse_jsonl(f"{good}\n{line}\n".encode())
