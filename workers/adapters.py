@@ -21,7 +21,7 @@ from loquetier.db.models import AdapterRow
 from loquetier.db.store import Store
 from loquetier.settings import WorkerSettings
 
-from .engine_client import EngineClient
+from .engine_client import EngineClient, EngineStopped
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,9 @@ class AdapterSync:
         self.versions[adapter_id] = version
 
     async def sync(self) -> None:
-        """Reload adapters with a newer ready version; drop archived ones."""
+        """Reload adapters with a newer ready version; drop archived ones. One adapter that cannot
+        change now (an archived one still in use by running requests, a file that cannot be read)
+        is tried again at the next sync and holds up none of the others."""
         known = list(self.versions)
         if not known:
             return
@@ -157,8 +159,14 @@ class AdapterSync:
         for adapter_id in known:
             version = latest.get(adapter_id)
             loaded = self.versions.get(adapter_id)
-            if version is None:
-                if loaded is not None:  # it came from the table and is archived now
-                    await self.unload(adapter_id)
-            elif loaded is None or version > loaded:
-                await self.load_latest(adapter_id)
+            try:
+                if version is None:
+                    if loaded is not None:  # it came from the table and is archived now
+                        await self.unload(adapter_id)
+                elif loaded is None or version > loaded:
+                    await self.load_latest(adapter_id)
+            except EngineStopped:
+                raise
+            except Exception as exc:
+                log.info("adapter not synced now; tried again at the next sync",
+                         extra={"adapter_id": adapter_id, "error": repr(exc)[:300]})
