@@ -17,12 +17,21 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.kafka, pytest.mark.postgres]
 
 
-def _services() -> set[tuple[int, str]]:
-    """Broker, PostgreSQL and worker processes (the machine's own PostgreSQL included)."""
+def _services(cache: Path) -> set[tuple[int, str]]:
+    """Broker, PostgreSQL and worker processes of the demo that uses ``cache``: its path in their
+    command line (the embedded PostgreSQL's data directory) or environment (what the demo started).
+    Other stacks on the machine (another test session's broker and databases) are not the demo's."""
     found = set()
+    mark = f"LOQUETIER_CACHE_DIR={cache}"
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(k in cmd for k in ("tansu", "postgres", "loquetier.cli worker")):
+        if not any(k in cmd for k in ("tansu", "postgres", "loquetier.cli worker")):
+            continue
+        try:
+            env = p.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            env = {}
+        if str(cache) in cmd or f"LOQUETIER_CACHE_DIR={env.get('LOQUETIER_CACHE_DIR')}" == mark:
             found.add((p.info["pid"], cmd[:120]))
     return found
 
@@ -49,7 +58,7 @@ def test_demo_scenario_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
         subprocess.run([sys.executable, "-m", "loquetier.models.gguf_convert"], check=True, env={
             **env, "LOQUETIER_CACHE_DIR": str(shared_models)}, timeout=600)
     report_path = tmp_path / "report.json"
-    before = _services()
+    before = _services(cache)
     proc = subprocess.run(
         [sys.executable, "-m", "loquetier.cli", "demo", "--model", str(model), "--steps", "6",
          "--requests", "3", "--report", str(report_path)],
@@ -68,4 +77,4 @@ def test_demo_scenario_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     assert report["job"]["status"] == "succeeded"
     assert report["jobs"] and {j["status"] for j in report["jobs"]} == {"succeeded"}
     assert "worker and services stopped" in proc.stdout
-    assert _services() - before == set()
+    assert _services(cache) - before == set()
