@@ -35,7 +35,7 @@ from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
 from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
 from loquetier.engine.kv_cache import BlockManager
-from loquetier.engine.memory import MemoryPlan
+from loquetier.engine.memory import MemoryPlan, kv_block_bytes
 from loquetier.engine.memory import measure as measure_memory
 from loquetier.engine.postprocess import request_events
 from loquetier.engine.requests import GenerationOutput, RequestBook
@@ -50,7 +50,6 @@ from loquetier.lora.manager import AdapterManager
 from loquetier.lora.params import TrainingParams
 from loquetier.lora.pool import TARGET_MODULES, LoRASlotPool
 from loquetier.models.attention import decode_uses_triton
-from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
 from loquetier.models.tokenizer_load import load_tokenizer
 
@@ -104,8 +103,7 @@ class Engine:
                             num_train_slots=config.num_train_slots, dtype=cfg.dtype, device=self.device)
         model.attach_lora_pool(pool)
         self.adapters = AdapterManager(pool, max_cpu_bytes=config.adapter_cache_bytes)
-        per_block = KVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads,
-                                            cfg.head_dim, cfg.dtype)
+        per_block = kv_block_bytes(model, config)
         kv_gb = 1.0 if config.kv_memory_gb is None else config.kv_memory_gb
         num_blocks = config.num_kv_blocks or max(1, int(kv_gb * (1 << 30)) // per_block)
         # one block more than the manager hands out: the scratch block of padded graph rows
