@@ -36,7 +36,7 @@ from . import adapter_paths
 from .adapters import AdapterSync, lora_fields, remove_blobs, store_blob
 from .engine_client import EngineClient
 from .errors import ControlError
-from .inference import Inference
+from .inference import EARLY_CANCEL_TTL_S, Inference
 from .jobs import LeasedJobs
 from .publisher import Publisher
 
@@ -186,7 +186,8 @@ class Control:
             self._inference.note_cancel(rid)
         if row is None:
             raise ControlError("unknown_target", f"no job or request {rid!r} yet; a request of this id that "
-                                                 "arrives within 10 minutes is cancelled then")
+                                                 f"arrives within {EARLY_CANCEL_TTL_S / 60:g} minutes is "
+                                                 "cancelled then")
         if row.finished_at is not None:
             raise ControlError("invalid_state", f"request {rid!r} is already {row.status}")
         if row.worker_id == self._worker_id:

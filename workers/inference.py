@@ -124,6 +124,13 @@ class Inference:
         """The answer of a request cancelled before it reached the engine: no tokens, ``cancelled``."""
         flight = self.inflight.get(rid)
         prompt = len(flight.request.prompt_token_ids or []) if flight else 0
+        if flight is not None and flight.request.messages is not None:  # usage counts the rendered chat
+            try:
+                prompt = len(await self._chat_ids(flight.request))
+            except EngineStopped:
+                raise
+            except Exception:  # a chat the template refuses: it had no prompt to count
+                prompt = 0
         log.info("request cancelled before it started", extra={"request_id": rid})
         await self.on_event(RequestFinished(request_id=rid, token_ids=[], text="", finish_reason="abort",
                                             usage=Usage(prompt, 0), timings=Timings(0.0, None, None)))

@@ -486,6 +486,28 @@ async def test_a_cancel_that_comes_before_its_request_drops_it_unrun(topics: Any
         assert (await client.wait_result(other, 20)).finish_reason == "length"
 
 
+async def test_a_chat_cancelled_before_it_is_read_reports_its_rendered_prompt(
+        topics: Any, database_url: str, make_engine: Any) -> None:
+    """A chat request answered ``cancelled`` unrun still reports its prompt's size: the chat as the
+    model's template renders it, as a run would have counted it."""
+    from loquetier.chat import chat_prompt_ids
+
+    settings = await topics()
+    engine = make_engine()
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers."}]
+    expected = len(chat_prompt_ids(engine.tokenizer, turns))
+    async with running_worker(engine, settings), client_for(settings) as client:
+        rid = f"early-chat-{os.urandom(4).hex()}"
+        ack = await client.control("cancel", rid, wait=True)
+        assert not ack.ok and ack.code == "unknown_target" and "10 minutes" in ack.message
+        await client.submit_generate(messages=turns, max_tokens=50, request_id=rid)
+        result = await client.wait_result(rid, 30)
+        assert result.type == "result" and result.finish_reason == "cancelled" and result.token_ids == []
+        assert expected > 4 and result.usage.prompt_tokens == expected
+        row = await query(database_url, lambda s: repo.get_request(s, rid))
+        assert row is not None and row.status == "cancelled" and row.prompt_tokens == expected
+
+
 async def test_a_cancel_during_the_hand_over_to_the_engine_stops_the_request(
         topics: Any, database_url: str, make_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cancel comes after the worker took the request and before the engine holds it: the
