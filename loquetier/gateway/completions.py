@@ -104,13 +104,37 @@ def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, field
         )
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
-        raise bad_request(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}") from None
+        param = _body_field(body, err["loc"])
+        raise bad_request(f"{param or 'request'}: {err['msg']}", param=param) from None
     limits = DEFAULT_LIMITS
     if record.prompt is not None and len(record.prompt) > limits.max_prompt_chars:
         raise bad_request(f"the prompt is longer than {limits.max_prompt_chars} characters", param="prompt")
     if record.sampling.max_tokens > limits.max_new_tokens:
         raise bad_request(f"max_tokens is above {limits.max_new_tokens}", param="max_tokens")
     return record
+
+
+def _body_field(body: Sampling, loc: tuple[int | str, ...]) -> str | None:
+    """The body field a request record's invalid value came from (``sampling.top_k`` is the body's
+    ``top_k`` or ``loquetier.top_k``, ``slo.ttft_ms`` is ``loquetier.ttft_ms``); None: the request."""
+    parts = [str(p) for p in loc]
+    if not parts:
+        return None
+    head, rest = parts[0], parts[1:]
+    if head == "sampling" and rest:
+        name = rest[0]
+        if name == "top_k" and body.top_k in (None, -1, 0):
+            return "loquetier.top_k"
+        if name == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None:
+            return "max_completion_tokens"
+        return ".".join(rest)
+    if head in ("slo", "priority"):
+        return ".".join(["loquetier", *(rest or [head])])
+    if head == "prompt_token_ids":
+        return "prompt"
+    if head in ("prompt", "messages"):
+        return ".".join(parts)
+    return None
 
 
 def _choice_seed(seed: int | None, choice: int) -> int | None:

@@ -47,9 +47,13 @@ async def upload(request: Request) -> Response:
     except ClientDisconnect:
         raise client_left_mid_body() from None
     except Exception as exc:  # the multipart parser's own errors (malformed body, too many parts)
-        detail = getattr(exc, "detail", None) or "malformed multipart body"
-        raise bad_request(f"could not read the upload: {detail}", code="invalid_body") from None
+        detail = str(getattr(exc, "detail", None) or "malformed multipart body").rstrip(".")
+        raise bad_request(f"could not read the upload: {detail} (are its parts separated by the boundary that "
+                          "its content-type header names?)", code="invalid_body") from None
     try:
+        if not form:  # a boundary that matches nothing parses as an empty form
+            raise bad_request("could not read the upload: the multipart body holds no parts (does its "
+                              "boundary match the content-type header's?)", code="invalid_body")
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != "fine-tune":
             raise bad_request("purpose must be 'fine-tune'", param="purpose")

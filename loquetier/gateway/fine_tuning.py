@@ -111,6 +111,50 @@ def _params(hyper: Hyperparameters | None, seed: int | None, extra: dict[str, An
     return params | (extra or {})
 
 
+# a job record's params that the body's hyperparameters set, and the names the body gives them
+_HYPER_FIELDS = {"epochs": "n_epochs", "grad_accum": "batch_size", "lr": "learning_rate_multiplier"}
+_RECORD_FIELDS = {"data": "training_file", "eval_data": "validation_file", "adapter_id": "suffix",
+                  "base_adapter": "model", "priority": "loquetier.priority"}
+
+
+def _body_field(body: FineTuneRequest, loc: tuple[int | str, ...]) -> str:
+    """The body field a job record's invalid value came from (``params.lr`` may be the body's
+    ``learning_rate_multiplier``, ``lora.rank`` is ``loquetier.lora.rank``)."""
+    head, rest = str(loc[0]) if loc else "", ".".join(map(str, loc[1:]))
+    if head == "params" and loc[1:]:
+        name = str(loc[1])
+        options = body.loquetier.params if body.loquetier is not None else None
+        if options and name in options:
+            return f"loquetier.params.{rest}"
+        if name == "seed":
+            return "seed"
+        if name in _HYPER_FIELDS:
+            where = "hyperparameters" if body.hyperparameters is not None else "method.supervised.hyperparameters"
+            return f"{where}.{_HYPER_FIELDS[name]}"
+    if head in _RECORD_FIELDS:
+        return _RECORD_FIELDS[head]
+    return "loquetier." + ".".join(map(str, loc)) if loc else "body"
+
+
+def job_record(body: FineTuneRequest, base_adapter: str | None, data: Any, eval_data: Any) -> TrainingJobRecord:
+    """The training job record a creation body asks for, validated, or a 400 naming the body's field."""
+    options = body.loquetier
+    fields: dict[str, Any] = {
+        "job_id": f"ftjob-{uuid.uuid4().hex[:24]}", "adapter_id": f"ft-{body.suffix or 'lora'}-{uuid.uuid4().hex[:8]}",
+        "base_adapter": base_adapter, "data": data, "eval_data": eval_data,
+        "params": _params(body.all_hyperparameters(), body.seed, options.params if options else None),
+        "priority": options.priority if options else 0,
+    }
+    if options is not None and options.lora is not None:
+        fields["lora"] = options.lora
+    try:
+        return TrainingJobRecord.model_validate(fields, strict=False)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        param = _body_field(body, err["loc"])
+        raise bad_request(f"{param}: {err['msg']}", param=param) from None
+
+
 async def create(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     owner = await gw.auth.owner(request)
@@ -119,22 +163,8 @@ async def create(request: Request) -> Response:
     base_adapter = await gw.resolve_model(owner, body.model)
     data = await _own_file(gw, owner, body.training_file, "training_file")
     eval_data = await _own_file(gw, owner, body.validation_file, "validation_file") if body.validation_file else None
-    options = body.loquetier
-    job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
-    adapter_id = f"ft-{body.suffix or 'lora'}-{uuid.uuid4().hex[:8]}"
-    fields: dict[str, Any] = {
-        "job_id": job_id, "adapter_id": adapter_id, "base_adapter": base_adapter, "data": data, "eval_data": eval_data,
-        "params": _params(body.all_hyperparameters(), body.seed, options.params if options else None),
-        "priority": options.priority if options else 0,
-    }
-    if options is not None and options.lora is not None:
-        fields["lora"] = options.lora
-    try:
-        job = TrainingJobRecord.model_validate(fields, strict=False)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        loc = ".".join(map(str, err["loc"]))
-        raise bad_request(f"loquetier.{loc}: {err['msg']}", param=f"loquetier.{loc}") from None
+    job = job_record(body, base_adapter, data, eval_data)
+    job_id, adapter_id = job.job_id, job.adapter_id
     spec = job.model_dump(mode="json", by_alias=True)
     config = gw.config
 

@@ -338,9 +338,8 @@ class FineTuneRequest(Body):
             return Hyperparameters.model_validate(hyper)
         except ValidationError as exc:
             err = exc.errors(include_url=False, include_input=False)[0]
-            loc = field_path(err["loc"])
-            raise bad_request(f"method.supervised.hyperparameters.{loc}: {err['msg']}",
-                              param=f"method.supervised.hyperparameters.{loc}") from None
+            param = ".".join(filter(None, ("method.supervised.hyperparameters", field_path(err["loc"]))))
+            raise bad_request(f"{param}: {err['msg']}", param=param) from None
 
     def all_hyperparameters(self) -> Hyperparameters | None:
         return self.hyperparameters or self.method_hyperparameters()

@@ -71,7 +71,8 @@ async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, m
         for kwargs, param in [({"n": 2}, "n"), ({"n": 65}, "n"), ({"temperature": "hot"}, "temperature"),
                               ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                               ({"max_tokens": 0}, "max_tokens"),
-                              ({"top_logprobs": 3, "logprobs": True}, "top_logprobs")]:
+                              ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+                              ({"extra_body": {"top_k": 2**40}}, "top_k")]:
             with pytest.raises(openai.BadRequestError) as bad:
                 await api.chat.completions.create(model=MODEL, messages=msgs, **kwargs)
             assert assert_error(bad.value, 400)["param"] == param, kwargs
@@ -202,6 +203,17 @@ async def test_malformed_bodies_are_4xx_and_record_nothing(
             answer = await raw.post(url + "/files", headers=headers, data={"purpose": "assistants"},
                                     files={"file": ("x.jsonl", b'{"prompt": "a", "completion": "b"}\n')})
             assert answer.status_code == 400 and answer.json()["error"]["param"] == "purpose"
+            form = (b'--right\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+                    b'--right\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
+                    b'{"prompt": "a", "completion": "b"}\n\r\n--right--\r\n')
+            wrong = await raw.post(url + "/files", content=form,
+                                   headers=headers | {"Content-Type": "multipart/form-data; boundary=wrong"})
+            assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "invalid_body", wrong.text
+            assert "boundary" in wrong.json()["error"]["message"]
+            empty = await raw.post(url + "/files", content=b"",
+                                   headers=headers | {"Content-Type": "multipart/form-data; boundary=right"})
+            assert empty.status_code == 400 and empty.json()["error"]["code"] == "invalid_body", empty.text
+            assert "no parts" in empty.json()["error"]["message"]
             chunked = await raw.post(url + "/completions", headers=headers,
                                      content=_chunks(json.dumps({"model": MODEL, "prompt": huge}).encode()))
             assert chunked.status_code == 413

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from loquetier.codec import DEFAULT_LIMITS
 from loquetier.gateway.errors import APIError
-from loquetier.gateway.schemas import MAX_CHOICES, CompletionRequest, FineTuneRequest, parse
+from loquetier.gateway import completions, fine_tuning
+from loquetier.gateway.schemas import MAX_CHOICES, ChatRequest, CompletionRequest, FineTuneRequest, parse
 
 
 def _refusal(prompt: Any) -> APIError:
@@ -76,3 +78,47 @@ def test_a_bad_hyperparameter_names_its_field_alone(body: dict[str, Any], param:
         request.all_hyperparameters()
     assert caught.value.status == 400 and caught.value.param == param
     assert caught.value.message.startswith(f"{param}: ") and "constrained" not in caught.value.message
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"top_k": 2**31 + random.randrange(2**20)}, "top_k"),
+    ({"loquetier": {"top_k": 2**31 + random.randrange(2**20)}}, "loquetier.top_k"),
+])
+def test_a_value_the_request_record_refuses_names_the_body_field(body: dict[str, Any], param: str) -> None:
+    """Values that pass the body's own checks and fail the request record's are named as the client
+    sent them, not by the record's layout (``sampling.top_k``)."""
+    request = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body})
+    gw: Any = SimpleNamespace(bus=SimpleNamespace(topic="replies"))
+    with pytest.raises(APIError) as caught:
+        completions._record("r1", gw, request, None, {"messages": [{"role": "user", "content": "hi"}]},
+                            completions._sampling(request, 16, None))
+    assert caught.value.status == 400 and caught.value.param == param
+    assert caught.value.message.startswith(f"{param}: ")
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"hyperparameters": {"learning_rate_multiplier": 1e-320}}, "hyperparameters.learning_rate_multiplier"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e-320}}}},
+     "method.supervised.hyperparameters.learning_rate_multiplier"),
+    ({"loquetier": {"params": {"lr": -1.0}}}, "loquetier.params.lr"),
+    ({"loquetier": {"params": {"max_steps": 0}}}, "loquetier.params.max_steps"),
+    ({"loquetier": {"lora": {"rank": 0}}}, "loquetier.lora.rank"),
+])
+def test_a_value_the_job_record_refuses_names_the_body_field(body: dict[str, Any], param: str) -> None:
+    """A multiplier so small that the learning rate it makes is 0 is the multiplier's fault, not the
+    record's ``params.lr``; our own knobs are named under ``loquetier``."""
+    request = parse(FineTuneRequest, {"model": "m", "training_file": "file-1", **body})
+    request.check_supported()
+    with pytest.raises(APIError) as caught:
+        fine_tuning.job_record(request, None, [{"prompt": "a", "completion": "b"}], None)
+    assert caught.value.status == 400 and caught.value.param == param, caught.value.message
+    assert caught.value.message.startswith(f"{param}: ")
+
+
+def test_hyperparameters_that_are_not_an_object_name_the_field_without_a_trailing_dot() -> None:
+    request = parse(FineTuneRequest, {"model": "m", "training_file": "file-1",
+                                      "method": {"type": "supervised", "supervised": {"hyperparameters": [1]}}})
+    with pytest.raises(APIError) as caught:
+        request.all_hyperparameters()
+    assert caught.value.param == "method.supervised.hyperparameters"
+    assert caught.value.message.startswith("method.supervised.hyperparameters: ")
