@@ -141,6 +141,13 @@ class Tuning:
     # costs what the atomic path does, at prefill sizes each expand column tile rereads every split's
     # partial sums (1.6x the atomic path at 1,024 rows, docs/benchmarks/tune_smlm.md)
     split_max_rows: int = 16
+    # CUDA graphs (``loquetier.engine.graphs``): the row tile (and longest row block) of the launches
+    # in graphs of prefill-sized buckets (past the batch: prompt chunks laid out as rows; 16, 32 or
+    # 64). Decode buckets always take 16 (a row or two an adapter)
+    graph_prefill_rows: int = 16
+    # 1: a graph's launches walk as many row blocks as a step of its bucket can lay out (its rows over
+    # the row tile, plus one per adapter slot); 0: one per row, most of them empty at prefill sizes
+    graph_bounded_blocks: int = 1
     # backward: 2 passes (``backward_g_kernel``: dv and grad_b from one read of g; ``backward_x_kernel``:
     # dx and grad_a from one read of x) or the 4 launches (shrink, expand and two grad_kernel launches)
     backward_passes: int = 2

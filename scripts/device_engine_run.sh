@@ -26,6 +26,7 @@
 #                     rounds with each layer's MLP output carried into the next norm, then added per layer;
 #                     HALVES=N times the adapter cases N rounds with the decode-sized LoRA forwards
 #                     launching both halves, the shrinks alone, the expands alone, neither (timing only)
+#   offline-ab2       bench_offline again, its adapter cases timed with TUNING_AB2 against the defaults
 #   decode            bench_decode's batch-64 graph step, the fused graph with the MLP output carried and
 #                     added (two rounds, also pipelined) (OVERLAPS: the fused graph in each mode too)
 #   dense             bench_lora_dense: a decode step's linear layers in CUDA graphs, the LoRA terms by
@@ -41,7 +42,7 @@
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
 # Results land in $OUT: gemm/, tune/ and tune64/ (tune_smlm.*), tune-attn/ (tune_attention.*), kernels/
-# and kernels-tuned/ (kernels.json), offline/ and offline-window16/ (offline.*), decode/, dense/ (lora_dense.*), unified/,
+# and kernels-tuned/ (kernels.json), offline/, offline-ab2/ and offline-window16/ (offline.*), decode/, dense/ (lora_dense.*), unified/,
 # finetune/, finetune-ab/, and each step's log. A call brings back at most 8 files: pack $OUT into one
 # archive at the end of the command when more steps run.
 set -uo pipefail
@@ -109,6 +110,8 @@ for name in $STEPS; do
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
             ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} --out "$OUT/offline" ;;
+        offline-ab2) step offline-ab2 "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda \
+            --no-baselines --tuning-ab "$TUNING_AB2" --out "$OUT/offline-ab2" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
             --lora-overlap "$OVERLAPS" --out "$OUT/decode" ;;
         dense) step dense 300 "$PY" -m benchmarks.bench_lora_dense --out "$OUT/dense" ;;

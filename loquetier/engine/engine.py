@@ -148,7 +148,8 @@ class Engine:
         max_tokens = limits.max_num_batched_tokens if config.graph_max_tokens is None else config.graph_max_tokens
         return DecodeGraphs(model, self.kv, limits.max_num_seqs, self.max_model_len, scratch_block,
                             mode="eager" if mode == "eager" else "capture",
-                            max_tokens=min(max_tokens, limits.max_num_batched_tokens))
+                            max_tokens=min(max_tokens, limits.max_num_batched_tokens),
+                            max_segments=config.max_adapter_slots)
 
     def warmup(self) -> dict[str, Any]:
         """Run every kind of step once before serving, so no served step waits for a kernel build.

@@ -63,7 +63,20 @@ class _Group(NamedTuple):
     needs_logits: bool
 
 
-_SEG_ROWS = 16  # the SMLM kernels' row tile in captured graphs, and the longest row block they lay out
+_SEG_ROWS = 16  # the SMLM kernels' row tile in captured decode graphs, and the longest row block they lay out
+
+
+def _graph_tiling() -> tuple[int, bool]:
+    """(row tile of prefill-sized buckets, whether launches walk only the row blocks a step can lay
+    out): ``graph_prefill_rows`` and ``graph_bounded_blocks`` of the SMLM kernels' tuning."""
+    try:
+        from loquetier.kernels import smlm
+    except ImportError:  # no Triton: the torch reference, which walks host segments
+        return _SEG_ROWS, True
+    rows = smlm.TUNING.graph_prefill_rows
+    if rows not in (16, 32, 64):
+        raise ValueError(f"graph_prefill_rows must be 16, 32 or 64, got {rows}")
+    return rows, bool(smlm.TUNING.graph_bounded_blocks)
 
 
 GRAPH_MAX_MEAN_CONTEXT = 256  # prompt rows of a graph step read at most this many keys each, on average
@@ -160,6 +173,7 @@ class DecodeGraphs:
         scratch_block: int,
         mode: str = "capture",
         max_tokens: int | None = None,
+        max_segments: int | None = None,
     ) -> None:
         if mode not in ("capture", "eager"):
             raise ValueError(f"mode must be 'capture' or 'eager', got {mode!r}")
@@ -174,6 +188,8 @@ class DecodeGraphs:
         self.max_tokens = max(max_batch, max_tokens or max_batch)  # rows of the largest bucket
         self.buckets = bucket_sizes(max_batch, self.max_tokens)
         self.max_batch, self.max_model_len = max_batch, max_model_len
+        # adapter segments a step can have (rows are sorted by slot: one per slot in use); None: any
+        self.max_segments = max_segments
         self.block_size, self.scratch_block = kv.block_size, scratch_block
         self.max_blocks = -(-max_model_len // kv.block_size)
         dev, n = model.device, self.max_tokens
@@ -220,6 +236,17 @@ class DecodeGraphs:
         """Logits rows of a bucket: every row of a decode bucket, ``max_batch`` (one per sequence at
         most) past it."""
         return min(bucket, self.max_batch)
+
+    def tiling(self, bucket: int) -> tuple[int, int]:
+        """(row tile, row blocks) of a bucket's SMLM launches. Decode buckets tile rows by 16; prefill
+        buckets by ``Tuning.graph_prefill_rows``. A step of ``bucket`` rows in at most ``max_segments``
+        segments lays out at most ``bucket / tile + max_segments`` blocks (each segment's last block
+        may be short); the launches walk that many (``graph_bounded_blocks``), or one per row."""
+        prefill_rows, bounded = _graph_tiling()
+        rows = prefill_rows if bucket > self.max_batch else _SEG_ROWS
+        if not bounded or self.max_segments is None:
+            return rows, bucket
+        return rows, min(bucket, -(-bucket // rows) + self.max_segments)
 
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None)
@@ -352,12 +379,16 @@ class DecodeGraphs:
         if len(logit_rows) > num_logits:
             raise ValueError(f"{len(logit_rows)} rows need logits; graphs take at most {num_logits}")
         segments, _ = segments_of(slots[:n])
-        # Blocks of at most _SEG_ROWS rows: the captured launches tile rows by _SEG_ROWS anyway (the two
+        # Blocks of at most the bucket's row tile: the captured launches tile rows by it anyway (the two
         # SMLM launches reload their weight tiles per row tile), so shorter blocks load the same and run
         # on more programs, and the one-launch decode kernel (it recomputes v per column chunk) never
-        # meets a block longer than its row tile. There are never more blocks than rows (<= bucket).
-        blocks = row_blocks(segments, _SEG_ROWS)
-        blocks += [(0, 0, 0)] * (bucket - len(blocks))
+        # meets a block longer than its row tile.
+        seg_rows, num_blocks = self.tiling(bucket)
+        blocks = row_blocks(segments, seg_rows)
+        if len(blocks) > num_blocks:
+            raise ValueError(f"{len(segments)} adapter segments lay out {len(blocks)} row blocks; the graphs "
+                             f"of {bucket} rows walk {num_blocks} (max_segments {self.max_segments})")
+        blocks += [(0, 0, 0)] * (num_blocks - len(blocks))
         rows_t = torch.tensor(logit_rows + [0] * (num_logits - len(logit_rows)), dtype=torch.int64)
         stage = self._staging
         stage.begin()
@@ -367,7 +398,7 @@ class DecodeGraphs:
         stage.put(ctx, self.context_lens[:bucket])
         stage.put(torch.tensor(slots, dtype=torch.int64), self.token_slots[:bucket])
         stage.put(row_tables, self.block_tables[:bucket, :cols])
-        stage.put(torch.tensor(blocks, dtype=torch.int64), self.blocks[:bucket])
+        stage.put(torch.tensor(blocks, dtype=torch.int64), self.blocks[:num_blocks])
         stage.put(rows_t, self.logits_rows[:num_logits])
         stage.flush()
         if self.mode == "eager":  # the reference attention reads host context lengths and tables
@@ -379,12 +410,13 @@ class DecodeGraphs:
         """A ForwardBatch over the static buffers. Host fields that size launches are fixed per bucket
         when capturing; ``eager`` (eager mode) gives the reference paths the real host values."""
         host_segments = tuple(segments) if eager else ((0, 1, 0),) if with_lora else ()
+        seg_rows, num_blocks = self.tiling(bucket)
         meta = SMLMMeta(
             token_slots=self.token_slots[:bucket],
             seg_starts=self._empty_i32, seg_lens=self._empty_i32, seg_slots=self._empty_i32,
-            blocks=self.blocks[:bucket], grad_blocks=self.blocks[:0],
+            blocks=self.blocks[:num_blocks], grad_blocks=self.blocks[:0],
             num_tokens=bucket, num_train_tokens=0, num_train_segments=0,
-            max_seg_len=_SEG_ROWS, num_blocks=bucket if with_lora else 0, num_train_blocks=0, num_grad_blocks=0,
+            max_seg_len=seg_rows, num_blocks=num_blocks if with_lora else 0, num_train_blocks=0, num_grad_blocks=0,
             host_segments=host_segments,
         )
         if eager and not self._triton_decode:  # the reference attention reads the real host tables

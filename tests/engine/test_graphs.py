@@ -47,8 +47,20 @@ def graph_engine(model_dir: Path, backend: str, **limits) -> Engine:
         engine.model.attn_impl = "triton"  # the paged-decode kernel, as on the GPU
         engine.runner.graphs = DecodeGraphs(engine.model, engine.kv, engine.config.scheduler.max_num_seqs,
                                             engine.max_model_len, engine.blocks.num_blocks, mode="eager",
-                                            max_tokens=engine.config.scheduler.max_num_batched_tokens)
+                                            max_tokens=engine.config.scheduler.max_num_batched_tokens,
+                                            max_segments=engine.config.max_adapter_slots)
     return engine
+
+
+@pytest.fixture(params=["rows16", "rows64"])
+def graph_tiling(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The SMLM launches of prefill-sized graph buckets: row tiles of 16 or 64 over the blocks a step
+    can lay out (``Tuning.graph_prefill_rows``)."""
+    from loquetier.kernels import smlm
+
+    rows = {"rows16": 16, "rows64": 64}[request.param]
+    monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, graph_prefill_rows=rows))
+    return str(request.param)
 
 
 def test_bucket_sizes() -> None:
@@ -172,10 +184,14 @@ def _reloaded(engine: Engine):  # type: ignore[no-untyped-def]
     return random_adapter(engine, 99, 8, ("q_proj", "o_proj", "down_proj"))
 
 
-def test_prefill_chunks_through_the_graph_layout_match_plain_steps(model_dir: Path, backend: str) -> None:
+def test_prefill_chunks_through_the_graph_layout_match_plain_steps(model_dir: Path, backend: str,
+                                                                   graph_tiling: str) -> None:
     """Prompt tokens laid out as graph rows (each attends over its own context through the paged
     kernel): prompts of several chunks, prefix-cache hits, adapters and the base model mixed, against
-    plain steps token for token; a step whose prompt rows would read too many keys stays eager."""
+    plain steps token for token, whatever the SMLM row tile of prefill-sized buckets; a step whose
+    prompt rows would read too many keys stays eager."""
+    if backend == "reference" and graph_tiling != "rows16":
+        pytest.skip("the torch reference walks host segments, not the row blocks")
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (3, 70, 130, 20, 64)]
     prompts.append(prompts[2][:100] + [5, 6, 7])  # shares 96 tokens (12 blocks) with prompt 2
@@ -202,6 +218,61 @@ def test_prefill_chunks_through_the_graph_layout_match_plain_steps(model_dir: Pa
         runner_mod.GRAPH_MAX_MEAN_CONTEXT = old
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert graphs.runner.num_graph_prefill_steps == before
+
+
+def test_graph_launches_walk_only_the_row_blocks_a_step_can_lay_out(model_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket of n rows in at most s adapter segments lays out at most n / tile + s row blocks: the
+    SMLM grids of its graph are that long, not one program row per row, and a layout with more
+    segments than the graphs were sized for is refused, not run with blocks left out."""
+    from loquetier.kernels import smlm
+
+    force_backend("reference")
+    try:
+        engine = make_engine(model_dir, cuda_graphs="eager")
+        graphs = DecodeGraphs(engine.model, engine.kv, 8, engine.max_model_len, engine.blocks.num_blocks,
+                              mode="eager", max_tokens=256, max_segments=3)
+        assert graphs.tiling(8) == (16, 4) and graphs.tiling(4) == (16, 4) and graphs.tiling(2) == (16, 2)
+        assert graphs.tiling(256) == (16, 16 + 3)
+        monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, graph_prefill_rows=64))
+        assert graphs.tiling(256) == (64, 4 + 3) and graphs.tiling(8) == (16, 4)  # decode buckets keep 16
+        monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, graph_bounded_blocks=0))
+        assert graphs.tiling(256) == (64, 256)
+        monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, graph_bounded_blocks=1,
+                                                                graph_prefill_rows=48))
+        with pytest.raises(ValueError, match="16, 32 or 64"):
+            graphs.tiling(256)
+        monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, graph_prefill_rows=16))
+        table = list(range(4))
+        rows = [DecodeRow(f"s{i}", 5, position=3, block_table=table, slot=i) for i in range(8)]
+        with pytest.raises(ValueError, match="8 adapter segments lay out 8 row blocks"):
+            graphs.run(rows)  # 8 slots in use, sized for 3: more blocks than the launches walk
+        graphs.run(rows[:3] + [DecodeRow("base", 5, position=3, block_table=table, slot=-1)])
+    finally:
+        force_backend(None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+@pytest.mark.parametrize("rows", [16, 64])
+def test_captured_prefill_graphs_match_plain_steps_on_cuda(model_dir: Path, rows: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, fp32: prompts laid out as rows of captured graphs, their SMLM launches tiling rows by
+    16 or 64, against plain steps token for token."""
+    from loquetier.kernels import smlm
+
+    force_backend(None)
+    monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, graph_prefill_rows=rows))
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (3, 70, 130, 20, 64, 90)]
+    adapters = ["a", "b", None, "b", "a", "a"]
+    sampling = SamplingParams(max_tokens=6, temperature=0.0)
+    plain = make_engine(model_dir, device="cuda", cuda_graphs="off")
+    graphs = make_engine(model_dir, device="cuda", cuda_graphs="on")
+    assert graphs.capture_graphs() > 0
+    want = plain.generate(prompts, adapter_ids=adapters, sampling=sampling)
+    got = graphs.generate(prompts, adapter_ids=adapters, sampling=sampling)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert graphs.runner.num_graph_prefill_steps >= 2
 
 
 def test_token_buckets_past_the_batch() -> None:
