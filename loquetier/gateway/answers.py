@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
@@ -218,6 +218,51 @@ async def first_records(waiters: Sequence[Waiter]) -> list[Any]:
     return await side_by_side([w.next() for w in waiters])
 
 
+@dataclass
+class _Streamed:
+    """What one choice of a stream has sent. Token records come at least once: a worker that
+    restarts computes the request again from its first token, so records repeat (same ``index``),
+    and an unseeded sampled request (or a near tie) may continue differently the second time."""
+
+    ids: list[int] = field(default_factory=list)  # token ids whose text went out, in order
+    text: str = ""
+    held: bool = False  # a record that starts past (or straddles) the end of what went out: the
+    # rest of the text comes with the final record
+    diverged: bool = False  # a record contradicts tokens already sent
+
+    def take(self, record: Any) -> bool:
+        """Whether ``record``'s text is the next text of this choice (and note it as sent)."""
+        start, ids = int(record.index), list(record.token_ids)
+        have = len(self.ids)
+        if start < have:
+            seen = self.ids[start : start + len(ids)]
+            if seen != ids[: len(seen)]:
+                self.diverged = True
+                return False
+            if start + len(ids) <= have:
+                return False  # a repeat
+            self.held = True  # part repeat, part new: its text cannot be cut at the boundary
+            return False
+        if start > have or self.held:
+            self.held = True
+            return False
+        self.ids += ids
+        self.text += record.text
+        return True
+
+    def tail(self, result: GenerateResult) -> str | None:
+        """The final text past what went out; None if the result contradicts it."""
+        ids = list(result.token_ids)
+        if ids[: len(self.ids)] != self.ids or not result.text.startswith(self.text):
+            return None
+        return result.text[len(self.text) :]
+
+
+def _diverged() -> APIError:
+    return APIError(502, "the worker computing this answer restarted, and its new run does not continue the "
+                    "text already streamed; send the request again", code="stream_restarted")
+
+
 async def stream(waiters: Sequence[Waiter], firsts: Sequence[Any], prompt_of: Sequence[int], chunks: Chunks,
                  tokens: TokenText) -> AsyncIterator[bytes]:
     """Token records as deltas, each final record as its choice's closing chunk, the usage chunk
@@ -240,7 +285,7 @@ async def stream(waiters: Sequence[Waiter], firsts: Sequence[Any], prompt_of: Se
         if first is not None:
             yield first
     pumps = [asyncio.ensure_future(pump(i, w, f)) for i, (w, f) in enumerate(zip(waiters, firsts, strict=True))]
-    sent = [""] * len(waiters)
+    choices = [_Streamed() for _ in waiters]
     results: list[GenerateResult | None] = [None] * len(waiters)
     try:
         while any(r is None for r in results):
@@ -248,14 +293,24 @@ async def stream(waiters: Sequence[Waiter], firsts: Sequence[Any], prompt_of: Se
             if isinstance(batch, APIError):  # headers are out: the error travels as an event, the stream ends
                 yield error_event(batch)
                 break
-            text = "".join(r.text for r in batch if r.type == "token")
+            choice = choices[index]
+            text = ""
+            for record in batch:
+                if record.type == "token" and not choice.diverged and choice.take(record):
+                    text += record.text
             if text:
-                sent[index] += text
                 yield chunks.delta(index, text)
+            if choice.diverged:
+                yield error_event(_diverged())
+                break
             result = next((r for r in batch if r.type == "result"), None)
             if result is not None:
-                if result.text.startswith(sent[index]) and len(result.text) > len(sent[index]):
-                    yield chunks.delta(index, result.text[len(sent[index]):])
+                tail = choice.tail(result)
+                if tail is None:
+                    yield error_event(_diverged())
+                    break
+                if tail:
+                    yield chunks.delta(index, tail)
                 results[index] = result
                 yield chunks.finish(index, result, tokens)
         else:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from loquetier.codec import DEFAULT_LIMITS
-from loquetier.gateway.errors import APIError
 from loquetier.gateway import completions, fine_tuning
+from loquetier.gateway.errors import APIError
 from loquetier.gateway.schemas import MAX_CHOICES, ChatRequest, CompletionRequest, FineTuneRequest, parse
 
 
