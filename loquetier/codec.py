@@ -8,7 +8,8 @@ The concrete records live in :mod:`loquetier.messages` (inputs, ``decode_record`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from itertools import chain
+from typing import Annotated, Any, Literal, cast
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -70,6 +71,10 @@ class Limits:
     # Keys of any one map: a record's models have a few dozen fields at most, and every unknown key
     # would be one more validation error to build
     max_map_keys: int = 256
+    # Maps and lists in one record: each costs the decoder an object (a 4 MiB record of one-byte empty
+    # maps holds four million). A real record spends at least a dozen bytes a container (a chat turn,
+    # an example), so 4 MiB of them stays well under this
+    max_containers: int = 500_000
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -117,6 +122,15 @@ def unpack_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         raise RecordError("undecodable", f"record value must be bytes, got {type(data).__name__}")
     if len(data) > limits.max_record_bytes:
         raise RecordError("too_large", f"record is {len(data)} bytes, the limit is {limits.max_record_bytes}")
+    left = limits.max_containers
+
+    def count(container: Any) -> Any:  # called by the C decoder for every map and list it builds
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise _TooManyContainers
+        return container
+
     try:
         obj = msgpack.unpackb(
             data,
@@ -125,30 +139,69 @@ def unpack_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
             use_list=True,
             max_array_len=limits.max_list_items,
             max_map_len=limits.max_list_items,
+            object_hook=count,
+            list_hook=count,
         )
+    except _TooManyContainers:
+        raise RecordError("too_large", f"record holds more than {limits.max_containers} maps and lists",
+                          *_top_ids(data)) from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise RecordError("undecodable", f"not a msgpack value: {exc}") from None
+        reason = str(exc) or type(exc).__name__
+        raise RecordError("undecodable", f"not a msgpack value: {reason}") from None
     if not isinstance(obj, dict):
         raise RecordError("not_a_map", f"record must be a msgpack map, got {type(obj).__name__}")
     check_map_widths(obj, limits.max_map_keys)
     return obj
 
 
+class _TooManyContainers(Exception):
+    pass
+
+
+def _top_ids(data: bytes) -> tuple[str | None, str | None]:
+    """(request_id, job_id) read from the top map of a record too costly to decode whole: the
+    other values are skipped by the decoder without building them."""
+    found: dict[str, str] = {}
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
+        unpacker.feed(data)
+        for _ in range(min(unpacker.read_map_header(), 64)):
+            key = unpacker.unpack()
+            if key in ("request_id", "job_id"):
+                value = unpacker.unpack()
+                if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
+                    found[key] = value
+            else:
+                unpacker.skip()
+    except Exception:  # best effort: the record is refused either way
+        pass
+    return found.get("request_id"), found.get("job_id")
+
+
 def check_map_widths(obj: object, max_keys: int) -> None:
     """RecordError ``too_large`` when a map anywhere in ``obj`` has more than ``max_keys`` keys. One
     pass over the containers, before validation: pydantic reports every unknown key of a map as an
-    error of its own, and a few MiB of them took seconds and gigabytes to report."""
-    stack: list[object] = [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if len(item) > max_keys:
-                raise RecordError("too_large", f"a map has {len(item)} keys, the limit is {max_keys}", *ids_of(obj))
-            stack.extend(v for v in item.values() if isinstance(v, dict | list))
-        elif isinstance(item, list):
-            kinds = set(map(type, item))  # one C-level pass: a long list of numbers costs no Python loop
-            if dict in kinds or list in kinds:
-                stack.extend(v for v in item if isinstance(v, dict | list))
+    error of its own, and a few MiB of them took seconds and gigabytes to report.
+
+    The pass goes level by level, each level's containers gathered and measured by C-level
+    builtins (``map``, ``chain``, ``max``) rather than one Python step per container: a record of
+    millions of empty maps costs about what reading it did."""
+    level: list[object] = [obj]
+    while level:
+        kinds = set(map(type, level))
+        if kinds == {dict}:  # a level of maps only (a list of examples, of empty maps): no sorting
+            dicts, lists = cast(list[dict[Any, Any]], level), []
+        elif kinds == {list}:
+            dicts, lists = [], cast(list[list[Any]], level)
+        else:
+            dicts = [v for v in level if v.__class__ is dict] if dict in kinds else []
+            lists = [v for v in level if v.__class__ is list] if list in kinds else []
+        if dicts:
+            widest = max(map(len, dicts))
+            if widest > max_keys:
+                raise RecordError("too_large", f"a map has {widest} keys, the limit is {max_keys}", *ids_of(obj))
+        level = list(chain.from_iterable(map(dict.values, dicts)))
+        level.extend(chain.from_iterable(lists))
 
 
 def check_key(key: bytes | None, limits: Limits = DEFAULT_LIMITS) -> None:

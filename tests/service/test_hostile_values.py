@@ -196,7 +196,8 @@ def test_record_keys_are_bounded() -> None:
 def _many_errors(kind: TopicKind) -> bytes:
     """A record within the size limit that would hold millions of validation errors."""
     n = _rng.randrange(900_000, 1_000_000)
-    if kind == "training":
+    if kind == "training":  # maps within max_containers (past it the record is too_large unbuilt)
+        n = _rng.randrange(400_000, Limits().max_containers * 98 // 100)
         examples = [{"messages": [{}] * 1024}] * (n // 1024)  # two missing fields a message
         return msgpack.packb({"schema": 1, "job_id": "j", "adapter_id": "a", "data": examples})
     # token ids within the count limit (past it the record is too_large before any id is validated)
@@ -241,6 +242,36 @@ def test_a_map_with_more_keys_than_any_record_has_is_too_large(where: str) -> No
     assert err.value.request_id == "r1"  # so that the client hears why
     narrow = {"schema": 1, "request_id": "r2", "prompt": "hi", "sampling": {"temperature": 0.5}}
     assert decode_record("requests", msgpack.packb(narrow)).sampling.temperature == 0.5
+
+
+@pytest.mark.parametrize("kind", ["maps", "lists", "mixed"])
+def test_a_record_of_millions_of_empty_containers_is_refused_before_it_is_built(kind: str) -> None:
+    """One-byte empty maps and lists: a 4 MiB record holds millions, each an object to build and to
+    walk (seconds of the worker's event loop each). The decoder stops at ``max_containers`` and the
+    refusal still names the request, read from the top map without decoding the rest."""
+    import time
+
+    n = Limits().max_containers + 1 + _rng.randrange(Limits().max_list_items - Limits().max_containers - 10)
+    empty = {"maps": [{}], "lists": [[]], "mixed": [{}, []]}[kind]
+    rid = f"wide-{_rng.randrange(10**6)}"
+    record = {"schema": 1, "prompt": "hi", "sampling": {"a": empty * (n // len(empty) + 1)}, "request_id": rid}
+    data = msgpack.packb(record)
+    assert len(data) <= Limits().max_record_bytes
+    t = time.perf_counter()
+    with pytest.raises(RecordError) as err:
+        decode_record("requests", data)
+    assert time.perf_counter() - t < 3  # 0.15 s here; building and walking them took over 5 s
+    assert err.value.code == "too_large" and "maps and lists" in err.value.message and err.value.request_id == rid
+    nested = {"schema": 1, "request_id": rid, "prompt": "hi", "sampling": {"temperature": 0.5},
+              "slo": {"ttft_ms": 100.0}}
+    assert decode_record("requests", msgpack.packb(nested)).slo is not None
+
+
+def test_a_record_nested_past_the_decoder_stack_says_so() -> None:
+    data = b"\x81\xa1a" + b"\x91" * _rng.randrange(100_000, 300_000) + b"\x80"
+    with pytest.raises(RecordError) as err:
+        decode_record("requests", data)
+    assert err.value.code == "undecodable" and not err.value.message.endswith(": ")
 
 
 def test_chat_examples_are_bounded_by_their_template_work() -> None:
