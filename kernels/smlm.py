@@ -143,10 +143,14 @@ class Tuning:
     split_max_rows: int = 16
     # CUDA graphs (``loquetier.engine.graphs``): the row tile (and longest row block) of the launches
     # in graphs of prefill-sized buckets (past the batch: prompt chunks laid out as rows; 16, 32 or
-    # 64). Decode buckets always take 16 (a row or two an adapter)
+    # 64). Decode buckets always take 16 (a row or two an adapter). 64 gave the same tokens/s as 16
+    # offline with 32 adapters on an H100 (-0.1 % at batch 32, -0.5 % at batch 128, two rounds:
+    # docs/benchmarks/offline.md)
     graph_prefill_rows: int = 16
     # 1: a graph's launches walk as many row blocks as a step of its bucket can lay out (its rows over
-    # the row tile, plus one per adapter slot); 0: one per row, most of them empty at prefill sizes
+    # the row tile, plus one per adapter slot); 0: one per row, most of them empty at prefill sizes.
+    # On an H100, 1 against 0: +1.4 % tokens/s offline with 32 adapters at batch 32, +4.9 % at batch
+    # 128, the steps with prompt tokens 9 % shorter (docs/benchmarks/offline.md)
     graph_bounded_blocks: int = 1
     # backward: 2 passes (``backward_g_kernel``: dv and grad_b from one read of g; ``backward_x_kernel``:
     # dx and grad_a from one read of x) or the 4 launches (shrink, expand and two grad_kernel launches)
