@@ -80,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not hasattr(args, "passthrough"):
         parser.parse_args(argv)  # argparse's own message, with the subcommand's usage line
-    if extra:
-        args.passthrough = [*extra, *args.passthrough]  # `loquetier sql -c ...`: psql's own options
+    if extra:  # `loquetier sql -c ... -t`: psql's own options, in the order given
+        args.passthrough = argv[argv.index(args.command) + 1 :]
     args.debug = is_debug
     func: Command | None = getattr(args, "func", None)
     if func is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     Discriminator,
     Field,
     SerializerFunctionWrapHandler,
@@ -95,6 +96,14 @@ def _finite(
     return Field(default=default, allow_inf_nan=False, gt=gt, ge=ge, lt=lt, le=le)
 
 
+def _without_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("holds a NUL character (\\u0000), which a job's record cannot store")
+    return text
+
+
+# Text a training job stores with its record (PostgreSQL text and JSON hold no NUL character)
+StoredText = Annotated[str, AfterValidator(_without_nul)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 StepCount = Annotated[int, Field(ge=0, le=MAX_STEPS)]
 
@@ -134,7 +143,8 @@ class ChatTrainingTurn(ChatMessage):
     (learned, the default), as in a data file. Unset ones are left out of the dump, so a turn without
     them reads and compares as before they existed."""
 
-    name: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    content: StoredText
+    name: StoredText | None = Field(default=None, max_length=MAX_ID_CHARS)
     weight: int | None = Field(default=None, ge=0, le=1)  # strict: true and false are not weights
 
     @model_validator(mode="after")
@@ -198,8 +208,8 @@ class LoRASpec(WireModel):
 class TextExample(WireModel):
     """Tokenized as prompt tokens + completion tokens + EOS; loss on the completion."""
 
-    prompt: str
-    completion: str = Field(min_length=1)
+    prompt: StoredText
+    completion: StoredText = Field(min_length=1)
 
 
 class TokenExample(WireModel):
@@ -248,7 +258,7 @@ Example = Annotated[
 # Inline examples, or a path (local path or URI the worker can read) to a JSONL file of them.
 DataSpec = Annotated[
     Annotated[list[Example], Field(fail_fast=True), Tag("inline")]
-    | Annotated[str, Tag("path"), Field(min_length=1, max_length=MAX_PATH_CHARS)],
+    | Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS), AfterValidator(_without_nul), Tag("path")],
     Discriminator(_data_form),
 ]
 

@@ -48,6 +48,8 @@ def _is_under(path: Path, roots: list[Path]) -> bool:
 def _under_roots(path: str, roots: list[Path]) -> list[Path]:
     """Where ``path`` may point, symlinks resolved, that lies under a root (an absolute path as it
     is, a relative one under each root in turn)."""
+    if "\x00" in path:  # no file name holds a NUL (os.path.realpath raises ValueError on it)
+        return []
     real_roots = [Path(os.path.realpath(root)) for root in roots]
     given = Path(path)
     candidates = [given] if given.is_absolute() else [root / given for root in real_roots]

@@ -288,3 +288,20 @@ def test_chat_examples_are_bounded_by_their_template_work() -> None:
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 5}
     ok = decode_record("training", msgpack.packb(job | {"data": [chat] * 10_000}))  # 10 x 5 a conversation
     assert len(ok.data) == 10_000
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ([{"prompt": "a\x00b", "completion": "c"}], "data.inline.0.text.prompt"),
+    ([{"prompt": "q", "completion": "ok"}, {"messages": [{"role": "user", "content": "x"},
+                                                       {"role": "assistant", "content": "y\x00"}]}],
+     "data.inline.1.chat.messages.1.content"),
+    ("examples/train\x00.jsonl", "data.path"),
+])
+def test_a_nul_in_stored_training_text_is_refused_by_its_field(data: Any, field: str) -> None:
+    """A job's record is stored in PostgreSQL, whose text holds no NUL: refused at the border with
+    the field that holds it, not by the database with a message that names none."""
+    job = {"schema": 1, "job_id": f"j{_rng.randrange(10**6)}", "adapter_id": "a", "data": data}
+    with pytest.raises(RecordError) as err:
+        decode_record("training", msgpack.packb(job))
+    assert err.value.code == "invalid_value" and err.value.message.startswith(field) and "NUL" in err.value.message
+    assert err.value.job_id == job["job_id"]

@@ -98,6 +98,11 @@ def test_sql_opens_psql_on_the_database(tmp_path: Path, database_url: str) -> No
                    LOQUETIER_DATABASE__URL=database_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"
+    # psql's options in the order given, each with its value: two commands, flags after them
+    done = run_cli(["sql", "-c", "SELECT 40 + 2", "-c", "SELECT 'x' || 'y'", "-t", "-A"], tmp_path,
+                   LOQUETIER_DATABASE__URL=database_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["42", "xy"], done.stdout
 
 
 def test_load_stages_a_directory_the_worker_may_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -235,7 +235,8 @@ async def test_load_paths_only_under_the_adapter_roots(topics: Any, tmp_path: Pa
         for name, path in {"absolute": str(secret), "traversal": str(root / ".." / "elsewhere" / "secret"),
                            "symlinked dir": str(root / "link-out"), "symlinked file": str(root / "sneaky"),
                            "missing outside": str(outside / "nothing-here"), "etc": "/etc",
-                           "relative traversal": "../elsewhere/secret", "huge linked out": str(huge)}.items():
+                           "relative traversal": "../elsewhere/secret", "huge linked out": str(huge),
+                           "nul byte": str(good) + "\x00/x"}.items():
             ack = await client.control("load", f"x-{len(refusals)}", path=path, wait=True)
             refusals[name] = (ack.ok, ack.code, ack.message)
         assert {ok for ok, _, _ in refusals.values()} == {False}
