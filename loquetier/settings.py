@@ -157,6 +157,9 @@ class WorkerSettings(BaseModel):
     # until one is: a job that checkpoints faster than the database stores (checkpoint_every 1 on a large
     # model) waits, instead of piling up checkpoints' bytes in the worker. 0: no bound.
     max_unstored_checkpoints: int = Field(default=2, ge=0, le=1000)
+    # A paused job running here is checkpointed as it stands before it stops (it resumes from there):
+    # the pause waits this long for that checkpoint to be stored, then stops the job either way
+    pause_checkpoint_s: PositiveFloat = 60.0
     # Versions of one adapter kept (the newest; older rows and their files are deleted as a new one is
     # registered): every load of a path or finished fine-tune with overwrite adds a version
     keep_adapter_versions: int = Field(default=5, ge=1, le=10_000)

@@ -238,6 +238,14 @@ class FakeEngine:
     def set_checkpoint_window(self, max_unstored: int) -> None:
         self.max_unstored_checkpoints = max_unstored
 
+    def checkpoint_job(self, job_id: str) -> bool:
+        """A checkpoint of the job as it stands, given out by the next step (as the engine's)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.step == 0:
+            return False
+        self._cancelled.append(JobCheckpoint(job_id, job.step, json.dumps({"step": job.step}).encode()))
+        return True
+
     def checkpoint_stored(self, job_id: str) -> bool:
         self.stored_checkpoints.append(job_id)
         return job_id in self.jobs

@@ -204,10 +204,16 @@ class Control:
     async def _pause(self, cmd: ControlCommand) -> Outcome:
         job = await self._job(cmd.target_id)
         paused = await self._store.tx(lambda s: repo.pause_job(s, cmd.target_id))
-        await self._jobs.stop_local(cmd.target_id)  # also when paused or ended already: not here either
+        # here: stopped once a checkpoint of it as it stands is stored (also when paused or ended
+        # already: then not running here either); elsewhere: its worker does the same when its lease
+        # renewal fails
+        step = await self._jobs.stop_paused(cmd.target_id) if paused else None
         if not paused:
+            await self._jobs.stop_local(cmd.target_id)
             raise ControlError("invalid_state", f"job {cmd.target_id!r} is {job.status}: only queued or running "
                                                 "jobs pause")
+        if step is not None:
+            return f"job {cmd.target_id!r} paused at step {step}: it resumes from there", None
         return f"job {cmd.target_id!r} paused", None
 
     async def _resume(self, cmd: ControlCommand) -> Outcome:

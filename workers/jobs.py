@@ -128,6 +128,9 @@ class LeasedJobs:
         # of that run are dropped, and the job starts here again only once it has (``_launch``)
         self._stopping: dict[str, _Stopping] = {}
         self._launching: set[str] = set()  # a claim's set-up in progress (data, checkpoint), by job id
+        # paused jobs running here whose last checkpoint is on its way: set once it is stored (its step)
+        self._pausing: dict[str, tuple[asyncio.Event, list[int]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -347,7 +350,39 @@ class LeasedJobs:
                 lambda s: repo.renew_lease(s, job_id, self._worker_id, lease_s=self._settings.lease_s)
             )
             if not ours:
-                await self._drop(job_id, "lease lost (cancelled, paused or taken over)")
+                await self._lost(job_id, "lease lost (cancelled, paused or taken over)")
+
+    async def _lost(self, job_id: str, why: str) -> None:
+        """A renewal failed: a job paused (elsewhere) keeps its progress in a last checkpoint before it
+        stops, in the background; one cancelled or taken over stops now."""
+        if job_id in self._pausing:
+            return  # the pause that asked for its checkpoint stops it
+        row = await self._store.tx(lambda s: repo.get_job(s, job_id))
+        if row is not None and row.status == "paused" and row.worker_id is None:
+            task = asyncio.create_task(self.stop_paused(job_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        await self._drop(job_id, why)
+
+    async def stop_paused(self, job_id: str) -> int | None:
+        """Stop a job whose row was paused, after a checkpoint of it as it stands is stored (at most
+        ``pause_checkpoint_s``): it resumes from there, not from its last periodic checkpoint or its
+        start. The step of that checkpoint; None when none was made (the job ran not here, had taken no
+        step, or its checkpoint did not come in time)."""
+        if job_id not in self.running or job_id in self._pausing:
+            await self._drop(job_id, "paused")
+            return None
+        stored, steps = self._pausing[job_id] = (asyncio.Event(), [])
+        try:
+            if await self._client.checkpoint_job(job_id):
+                await asyncio.wait_for(stored.wait(), self._settings.pause_checkpoint_s)
+        except (TimeoutError, EngineStopped) as exc:
+            log.warning("paused job stopped without a last checkpoint", extra={"job_id": job_id, "error": repr(exc)})
+        finally:
+            del self._pausing[job_id]
+            await self._drop(job_id, "paused")
+        return steps[-1] if steps else None
 
     async def _drop(self, job_id: str, why: str) -> None:
         rj = self.running.pop(job_id, None)
@@ -460,7 +495,7 @@ class LeasedJobs:
             )
         )
         if not ours:
-            await self._drop(job_id, "lease lost")
+            await self._lost(job_id, "lease lost")
 
     async def _store_blob(self, name: str, data: bytes) -> dict[str, Any]:
         return await store_blob(self._settings, name, data)
@@ -500,6 +535,10 @@ class LeasedJobs:
         if dropped:  # files of the checkpoints pruned above, once their rows are gone
             await asyncio.to_thread(remove_blobs, self._settings, dropped)
         log.info("checkpoint stored", extra={"job_id": ev.job_id, "step": ev.step, "bytes": row.size_bytes})
+        pausing = self._pausing.get(ev.job_id)
+        if pausing is not None:  # a paused job's last checkpoint: its pause may stop it now
+            pausing[1].append(ev.step)
+            pausing[0].set()
         await self._publisher.publish(
             CheckpointResult(
                 job_id=ev.job_id,

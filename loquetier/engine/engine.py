@@ -30,7 +30,7 @@ from loquetier.engine.admission import AdapterSlotGate, BlockAllocator
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.decode_window import DecodeWindow
 from loquetier.engine.errors import EngineError
-from loquetier.engine.events import EngineEvent, JobFinished, RequestFailed
+from loquetier.engine.events import EngineEvent, JobCheckpoint, JobFinished, RequestFailed
 from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs
 from loquetier.engine.isolation import StepIsolation
 from loquetier.engine.jobs import JobBook
@@ -444,6 +444,17 @@ class Engine:
 
     def pause_job(self, job_id: str) -> bool:
         return self.jobs.set_paused(job_id, True)
+
+    def checkpoint_job(self, job_id: str) -> bool:
+        """Ask for a ``JobCheckpoint`` of a training job as it stands, outside its ``checkpoint_every``
+        (a job about to be stopped keeps its progress): it comes with the next step's events, or
+        with the events of the step that ends the optimizer step in progress. False: the job is not
+        training here or has taken no step yet."""
+        event = self.jobs.checkpoint_now(job_id)
+        if isinstance(event, JobCheckpoint):
+            self._backlog.append(event)
+            return True
+        return event
 
     def resume_job(self, job_id: str) -> bool:
         return self.jobs.set_paused(job_id, False)

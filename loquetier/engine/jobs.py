@@ -49,6 +49,7 @@ class _Train:
     last_step: int
     child: JobFeed | None = None
     unstored: int = 0  # checkpoints sent and not yet said stored (``JobBook.checkpoint_stored``)
+    checkpoint_next: bool = False  # one asked for (``JobBook.checkpoint_now``): at the next boundary
     install: bool = True  # on success, the weights become the adapter (``JobBook.install``)
 
 
@@ -315,6 +316,23 @@ class JobBook:
         bound = self.max_unstored_checkpoints
         t.feed.held = bool(bound) and t.unstored >= bound
 
+    def checkpoint_now(self, job_id: str) -> JobCheckpoint | bool:
+        """A checkpoint of the training job as it stands (before it is stopped, so that it resumes
+        from here): the event itself when the job is between optimizer steps, True when one comes at
+        the end of the step in progress (gradients are accumulating), False when the job is unknown
+        or has taken no step (nothing to keep)."""
+        t = self._train.get(job_id)
+        if t is None or t.job.step == 0 or t.job.is_done:
+            return False
+        if t.feed.at_boundary and t.job.at_boundary:  # no micro-batch running, no gradient accumulated
+            t.checkpoint_next = False
+            if self.max_unstored_checkpoints:  # said stored like any other (``checkpoint_stored``)
+                t.unstored += 1
+                self._hold(t)
+            return JobCheckpoint(t.job.job_id, t.job.step, dump_checkpoint(t.job))
+        t.checkpoint_next = True
+        return True
+
     def set_paused(self, job_id: str, paused: bool) -> bool:
         t = self._train.get(job_id)
         if t is None:
@@ -422,7 +440,8 @@ class JobBook:
             t.child = JobFeed(ev, job.slot, parent=job.job_id)
             self._register(t.child)
             return events
-        if job.should_checkpoint:
+        if job.should_checkpoint or (t.checkpoint_next and job.at_boundary and not job.is_done):
+            t.checkpoint_next = False
             events.append(JobCheckpoint(job.job_id, job.step, dump_checkpoint(job)))
             if self.max_unstored_checkpoints:
                 t.unstored += 1

@@ -171,6 +171,46 @@ def test_checkpoint_resume_in_a_fresh_engine_matches_uninterrupted(model_dir: Pa
     assert again.metrics["loss"] == pytest.approx(final.metrics["loss"], rel=1e-5)
 
 
+def test_a_checkpoint_asked_for_mid_job_resumes_to_the_uninterrupted_weights(model_dir: Path) -> None:
+    """``checkpoint_job``: a job that checkpoints only at its end is checkpointed as it stands (a
+    pause): between optimizer steps at once, mid-accumulation at the end of the step in progress;
+    a fresh engine resumed from it ends with the weights of the run that was never stopped."""
+    params = TrainingParams(optimizer="adamw", lr=5e-3, max_steps=6, micro_batch_tokens=20, seed=4,
+                            grad_accum=2)
+    full = make_engine(model_dir)
+    full.add_training_job("t1", train_data(2), params, lora=LORA, job_id="j")
+    final = next(e for e in full.run_until_idle() if isinstance(e, JobFinished))
+
+    stopped = make_engine(model_dir)
+    assert not stopped.checkpoint_job("j")  # unknown
+    stopped.add_training_job("t1", train_data(2), params, lora=LORA, job_id="j")
+    events: list = []
+    while stopped.jobs.stats().get("j", {"step": 0})["step"] < 2:
+        events += stopped.step()
+    assert not any(isinstance(e, JobCheckpoint) for e in events)
+    while stopped.jobs._train["j"].job.at_boundary:  # into the next step's accumulation (2 micro-batches)
+        events += stopped.step()
+    step = stopped.jobs.stats()["j"]["step"]
+    assert stopped.checkpoint_job("j")
+    while not any(isinstance(e, JobCheckpoint) for e in events):
+        events += stopped.step()
+    checkpoint = next(e for e in events if isinstance(e, JobCheckpoint))
+    assert checkpoint.step == step + 1  # the step in progress, once its gradients were all in
+    assert stopped.jobs._train["j"].job.at_boundary  # between optimizer steps: one at once, as it stands
+    assert stopped.checkpoint_job("j")
+    now = [e for e in stopped.step() if isinstance(e, JobCheckpoint)]
+    assert [e.step for e in now] == [checkpoint.step] and now[0].data == checkpoint.data
+    assert stopped.cancel_job("j")
+
+    resumed = make_engine(model_dir)
+    resumed.add_training_job("t1", train_data(2), params, lora=LORA, job_id="j", checkpoint=checkpoint.data)
+    again = next(e for e in resumed.run_until_idle() if isinstance(e, JobFinished))
+    for key, (a, b) in LoRAAdapter.from_bytes(final.adapter).weights.items():
+        other = LoRAAdapter.from_bytes(again.adapter).weights[key]
+        torch.testing.assert_close(other[0], a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other[1], b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_job_waits_while_its_checkpoints_are_not_stored_and_trains_the_same(model_dir: Path) -> None:
     """With a checkpoint window of 1, a job that checkpoints every step stops after each checkpoint
     (no step, no work for the engine) until it is said stored; its steps, checkpoints and weights are

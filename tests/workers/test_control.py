@@ -96,6 +96,29 @@ async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_u
         await asyncio.wait_for(worker._stop.wait(), 20)
 
 
+async def test_a_paused_job_keeps_its_progress_and_resumes_from_where_it_stopped(
+        topics: Any, database_url: str) -> None:
+    """A job that checkpoints only at its end (``checkpoint_every`` past its steps, as the gateway's
+    jobs do) is checkpointed as it stands when paused: the ack names the step, the row is there, and
+    the resumed run starts from it, not from step 0."""
+    settings = await topics()
+    engine = FakeEngine()
+    async with running_worker(engine, settings) as worker, client_for(settings) as client:
+        job_id = await client.submit_training(long_job("pause-keeps"))
+        await until(lambda: _true(job_id in engine.jobs and engine.jobs[job_id].step >= 3))
+        ack = await client.control("pause", job_id, wait=True)
+        assert ack.ok and "paused at step" in ack.message, ack.message
+        step = int(ack.message.split("paused at step ")[1].split(":")[0])
+        assert step >= 3
+        latest = await query(database_url, lambda s: repo.latest_checkpoint(s, job_id))
+        assert latest is not None and latest.step == step
+        assert await job_status(database_url, job_id) == "paused" and job_id not in worker.jobs.running
+        assert (await client.control("resume", job_id, wait=True)).ok
+        await until(lambda: _true(job_id in engine.jobs))
+        assert engine.jobs[job_id].step >= step  # resumed from the checkpoint, not from the start
+        assert (await client.control("cancel", job_id, wait=True)).ok
+
+
 async def test_a_resume_waits_for_the_paused_run_to_end_and_its_late_events_change_nothing(
         topics: Any, database_url: str) -> None:
     """A pause, then a resume while the engine has not yet reported the paused run's end (its
