@@ -5,10 +5,14 @@ result when a request_id or job_id can be read from it; the worker keeps running
 training record is done once its job row exists (Postgres owns it from then on); a
 control record once it has been applied and acknowledged.
 
-Training and control records are handled one at a time per topic, in the order read, in a
-lane beside the request intake (a ``load`` reads a multi-GiB adapter; a training record can
-carry MiBs of examples, decoded off the event loop); a record whose partition went to another
-worker before its turn is left to that worker.
+Training records are handled one at a time, in the order read, in a lane beside the request
+intake (a training record can carry MiBs of examples, decoded off the event loop). Control
+records are handled in the order read per target (a job, a request, an adapter, a worker), and
+commands to different targets side by side, up to ``MAX_CONTROL_AT_ONCE``: a ``load`` reads a
+multi-GiB adapter, a ``pause`` waits for the job's checkpoint, and a storm of cancels (a client
+that calls and leaves) must not queue every other command, or one another, behind a step of the
+engine each. A record whose partition went to another worker before its turn is left to that
+worker.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from .sources import Source, record_ref, record_timestamp
 
 log = logging.getLogger(__name__)
 
+MAX_CONTROL_AT_ONCE = 64  # control commands to different targets applied side by side
+
 
 class Intake:
     def __init__(
@@ -72,7 +78,8 @@ class Intake:
         self._done = done  # (partition, offset, epoch) -> None: the record may be committed
         self.tasks: set[asyncio.Task[None]] = set()
         self._is_current = is_current  # (partition, epoch) -> whether this worker still owns that record
-        self._lanes = Lanes("record handling")  # one lane per topic kind: training, control
+        self._lanes = Lanes("record handling")  # training: one lane; control: one lane per target
+        self._control_slots = asyncio.Semaphore(MAX_CONTROL_AT_ONCE)
         # read and not yet handled, per lane: the consumer pauses a topic past a limit
         self.num_waiting: dict[TopicKind, int] = {"training": 0, "control": 0}
 
@@ -85,17 +92,30 @@ class Intake:
             await self._handle(kind, record, epoch)
             return
         part = _partition(record)
+        lane: Any = kind if kind == "training" else ("control", self._control_target(record))
 
         async def handle() -> None:
             if not self._is_current(part, epoch):  # the partition went to another worker meanwhile
                 log.info("record left to the partition's new owner", extra={"kind": kind, "offset": record.offset})
                 return
-            await self._handle(kind, record, epoch)
+            if kind == "training":
+                await self._handle(kind, record, epoch)
+                return
+            async with self._control_slots:
+                await self._handle(kind, record, epoch)
 
         self.num_waiting[kind] += 1
-        task = self._lanes.submit(kind, handle)
+        task = self._lanes.submit(lane, handle)
         self.tasks.add(task)
         task.add_done_callback(functools.partial(self._lane_ended, kind))
+
+    def _control_target(self, record: Any) -> str | None:
+        """The command's target (its lane), or None for a command that does not decode (those share a
+        lane; ``_handle`` refuses them)."""
+        try:
+            return str(decode_record("control", record.value, self._limits).target_id)
+        except Exception:  # noqa: BLE001  # refused with its reason in its turn
+            return None
 
     def _lane_ended(self, kind: TopicKind, task: asyncio.Task[None]) -> None:
         self.num_waiting[kind] -= 1

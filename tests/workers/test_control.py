@@ -365,11 +365,12 @@ def test_a_job_as_the_gateway_stores_and_publishes_it_is_the_same_job() -> None:
     assert not same_job(stored, convert.job_spec(decode_record("training", encode(other))))
 
 
-async def test_a_slow_command_holds_up_neither_requests_nor_the_worker(topics: Any,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Commands run one at a time beside the intake: while a load hangs (a multi-GiB adapter being
-    read), requests still stream and finish; commands read meanwhile wait their turn, the control
-    topic is paused once 64 wait, and every one is applied and acknowledged after the load."""
+async def test_a_slow_command_holds_up_only_the_commands_to_its_target(topics: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a load hangs (a multi-GiB adapter being read), requests still stream and finish and
+    commands to other targets are applied; the commands to its adapter read meanwhile wait their turn
+    in order, the control topic is paused once 64 wait, and every one is applied and acknowledged
+    after the load."""
     from loquetier.workers.control import Control
 
     entered, gate = asyncio.Event(), asyncio.Event()
@@ -395,12 +396,15 @@ async def test_a_slow_command_holds_up_neither_requests_nor_the_worker(topics: A
         rid = await client.submit_generate(prompt_token_ids=[5, 6, 7], max_tokens=4, stream=True)
         result = await client.wait_result(rid, timeout=20)
         assert result.type == "result" and result.token_ids == [6, 7, 8, 6]
-        later = [await client.control("resume", f"later-{i}") for i in range(150)]
+        for i in range(5):  # other targets: answered while the load hangs
+            ack = await client.control("resume", f"other-{i}", wait=True)
+            assert not ack.ok and ack.code == "unknown_job" and not gate.is_set()
+        later = [await client.control("unload", "slow-adapter") for _ in range(150)]
         await until(lambda: _true(worker.consumer._paused[control_topic]))
         assert 64 <= worker.intake.num_waiting["control"] < 150 and not gate.is_set()
         again = await client.submit_generate(prompt_token_ids=[9, 10], max_tokens=2)
         assert (await client.wait_result(again, timeout=20)).type == "result"
-        assert applied == [(load, False)]
+        assert [c for c, _ in applied][:1] == [load] and len(applied) == 6  # the load and the 5 others
         acks = client.results([load, *later])
         gate.set()
         got = {}
@@ -411,9 +415,46 @@ async def test_a_slow_command_holds_up_neither_requests_nor_the_worker(topics: A
         await until(lambda: _true(not worker.consumer._paused[control_topic]
                                   and not worker.intake.num_waiting["control"]))
     assert got[load].code == "unknown_adapter"  # no such adapter in the database: the load ran to its end
-    assert {got[c].code for c in later} == {"unknown_job"}
-    assert applied[0] == (load, False) and len(applied) == 1 + len(later)
-    assert {c for c, _ in applied} == {load, *later} and all(after_gate for _, after_gate in applied[1:])
+    assert {got[c].code for c in later} == {"unknown_adapter"}
+    same = [(c, after) for c, after in applied if c in set(later)]
+    assert [c for c, _ in same] == later and all(after for _, after in same)  # in order, after the load
+
+
+async def test_commands_to_different_targets_are_applied_side_by_side() -> None:
+    """Cancels of many requests (a client that calls and leaves, over and over) do not wait for one
+    another: each target's commands keep their order, different targets run together."""
+    from types import SimpleNamespace
+
+    from loquetier.codec import Limits
+    from loquetier.messages import ControlAck, ControlCommand, encode_record
+    from loquetier.workers.intake import Intake
+
+    started: list[str] = []
+    gate = asyncio.Event()
+
+    async def apply(cmd: Any, command_id: str) -> Any:
+        started.append(command_id)
+        await gate.wait()
+        return ControlAck(command_id=command_id, action=cmd.action, target_id=cmd.target_id, ok=True, message="ok")
+
+    async def publish(*_: Any, **__: Any) -> bool:
+        return True
+
+    publisher = SimpleNamespace(publish=publish, reply_prefix="loquetier.reply.")
+    done: list[int] = []
+    intake = Intake(SimpleNamespace(), publisher, SimpleNamespace(), SimpleNamespace(),  # type: ignore[arg-type]
+                    SimpleNamespace(apply=apply), limits=Limits(), done=lambda part, offset, epoch: done.append(offset))
+    targets = [f"req-{i}" for i in range(10)] + ["req-0", "req-1"]  # two targets twice
+    for offset, target in enumerate(targets):
+        cmd = ControlCommand(action="cancel", target_id=target, command_id=f"c{offset}")
+        await intake.handle("control", SimpleNamespace(topic="ctl", partition=0, offset=offset, key=b"k",
+                                                       value=encode_record(cmd), timestamp=0, headers=()), 0)
+    await until(lambda: _true(len(started) == 10))
+    await asyncio.sleep(0.1)
+    assert sorted(started) == sorted(f"c{i}" for i in range(10))  # c10, c11 wait for c0, c1
+    gate.set()
+    await intake.finish_lanes()
+    assert started[10:] == ["c10", "c11"] and sorted(done) == list(range(12))
 
 
 async def test_a_slow_training_record_holds_up_neither_requests_nor_commands(
@@ -476,7 +517,7 @@ async def test_a_record_whose_partition_moved_before_its_turn_is_left_alone() ->
                     is_current=lambda part, epoch: owned["yes"])
 
     def record(offset: int) -> Any:
-        cmd = ControlCommand(action="resume", target_id=f"job-{offset}", command_id=f"c{offset}")
+        cmd = ControlCommand(action="resume", target_id="job-1", command_id=f"c{offset}")  # one lane, in order
         return SimpleNamespace(topic="ctl", partition=0, offset=offset, key=b"k", value=encode_record(cmd),
                                timestamp=0, headers=())
 
