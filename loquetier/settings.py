@@ -210,6 +210,15 @@ class GatewaySettings(BaseModel):
     key_cache_s: float = Field(default=10.0, ge=0)  # a revoked key stops working within this
     model_cache_s: float = Field(default=2.0, ge=0)
     worker_alive_s: PositiveFloat = 15.0  # a worker whose heartbeat is older counts as gone (503)
+    # a connection whose request headers are not all in within this long is closed (slow clients that
+    # hold sockets open without ever asking anything)
+    header_timeout_s: PositiveFloat = 10.0
+    # open connections at most; past it a new request is answered 503 (the process also raises its
+    # open-file limit to the system's hard limit at start)
+    max_connections: PositiveInt = 4096
+    # the highest ``loquetier.priority`` a client may ask for (higher runs first); above it a 400.
+    # Lowering one's own priority is always allowed
+    max_priority: int = Field(default=0, ge=-(2**31), lt=2**31)
 
 
 class Settings(BaseSettings):

@@ -94,6 +94,7 @@ def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, field
             sampling: dict[str, Any]) -> GenerateRequest:
     """The request record, validated, or a 400 that says what is wrong."""
     options = body.loquetier
+    check_priority(gw, options.priority if options else 0)
     slo = {"ttft_ms": options.ttft_ms, "tpot_ms": options.tpot_ms} if options is not None else None
     try:
         record = GenerateRequest.model_validate(
@@ -112,6 +113,15 @@ def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, field
     if record.sampling.max_tokens > limits.max_new_tokens:
         raise bad_request(f"max_tokens is above {limits.max_new_tokens}", param="max_tokens")
     return record
+
+
+def check_priority(gw: Gateway, priority: int) -> None:
+    """A 400 for a ``loquetier.priority`` above the gateway's ``max_priority``: one tenant must not
+    put its work ahead of everyone's by asking."""
+    top = gw.config.max_priority
+    if priority > top:
+        raise bad_request(f"loquetier.priority {priority} is above this gateway's maximum, {top} "
+                          "(LOQUETIER_GATEWAY__MAX_PRIORITY)", param="loquetier.priority")
 
 
 def _body_field(body: Sampling, loc: tuple[int | str, ...]) -> str | None:

@@ -31,6 +31,7 @@ from loquetier.messages import ControlCommand, TrainingJobRecord
 from loquetier.training_files import file_id_of
 
 from .body import read_json
+from .completions import check_priority
 from .errors import APIError, bad_request, not_found
 from .schemas import FineTuneRequest, Hyperparameters, parse
 from .state import Gateway
@@ -163,6 +164,7 @@ async def create(request: Request) -> Response:
     base_adapter = await gw.resolve_model(owner, body.model)
     data = await _own_file(gw, owner, body.training_file, "training_file")
     eval_data = await _own_file(gw, owner, body.validation_file, "validation_file") if body.validation_file else None
+    check_priority(gw, body.loquetier.priority if body.loquetier else 0)
     job = job_record(body, base_adapter, data, eval_data)
     job_id, adapter_id = job.job_id, job.adapter_id
     spec = job.model_dump(mode="json", by_alias=True)

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from loquetier.engine.sequence import SamplingParams
@@ -20,7 +21,7 @@ async def test_text_completion_equals_engine_and_stream_equals_whole(
 ) -> None:
     prompt = f"the quick brown fox {uuid.uuid4().hex[:6]}"
     expected = make_engine().generate([prompt], sampling=SamplingParams(max_tokens=6, temperature=0.0))[0]
-    settings = await gateway_setup()
+    settings = await gateway_setup(max_priority=5)
     key = await new_key(database_url, f"tenant-{uuid.uuid4().hex[:6]}")
     async with running_worker(make_engine(), settings), running_gateway(settings) as url:
         api = client(url, key)
@@ -42,6 +43,10 @@ async def test_text_completion_equals_engine_and_stream_equals_whole(
         ours = await api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0, extra_body={
             "loquetier": {"top_k": 1, "priority": 3, "ttft_ms": 900.0, "tpot_ms": 200.0}})
         assert ours.choices[0].text == expected.text
+        with pytest.raises(openai.BadRequestError) as above:  # past the gateway's max_priority
+            await api.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                         extra_body={"loquetier": {"priority": 6}})
+        assert above.value.body["param"] == "loquetier.priority" and "maximum, 5" in above.value.body["message"]
         scored = await api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
         lp = scored.choices[0].logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == scored.usage.completion_tokens

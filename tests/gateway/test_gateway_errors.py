@@ -72,7 +72,8 @@ async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, m
                               ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                               ({"max_tokens": 0}, "max_tokens"),
                               ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
-                              ({"extra_body": {"top_k": 2**40}}, "top_k")]:
+                              ({"extra_body": {"top_k": 2**40}}, "top_k"),
+                              ({"extra_body": {"loquetier": {"priority": 1}}}, "loquetier.priority")]:
             with pytest.raises(openai.BadRequestError) as bad:
                 await api.chat.completions.create(model=MODEL, messages=msgs, **kwargs)
             assert assert_error(bad.value, 400)["param"] == param, kwargs
@@ -331,7 +332,7 @@ def test_a_call_is_bounded_in_bytes_before_its_copies_are_made() -> None:
     from loquetier.messages import decode_record
 
     gw = SimpleNamespace(settings=SimpleNamespace(kafka=SimpleNamespace(max_record_bytes=4 * 2**20)),
-                         bus=SimpleNamespace(topic="loquetier.reply.gw"))
+                         bus=SimpleNamespace(topic="loquetier.reply.gw"), config=SimpleNamespace(max_priority=0))
     huge = parse(CompletionRequest, {"model": MODEL, "prompt": "\U0001f600" * 999_000, "n": 64, "max_tokens": 1})
     started = time.monotonic()
     with pytest.raises(completions.APIError) as caught:
@@ -424,3 +425,47 @@ async def test_a_client_that_leaves_mid_body_is_a_499_not_a_gateway_error(gatewa
                 assert asyncio.get_running_loop().time() < deadline, (path, count(path, "499"), count(path, "500"))
                 await asyncio.sleep(0.05)
             assert count(path, "500") == before[0]
+
+
+async def test_a_client_that_never_finishes_its_headers_loses_the_socket(gateway_setup: Any) -> None:
+    """Slow headers (a byte now and then, or none at all) hold a socket only until
+    ``header_timeout_s``; a request that completes its headers is served, and a keep-alive
+    connection's next request gets its own deadline."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    settings = await gateway_setup(header_timeout_s=0.6)
+    async with running_gateway(settings) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+
+        async def closed_after(first: bytes, trickle: bytes = b"") -> float:
+            reader, writer = await asyncio.open_connection(host, port)
+            t0 = asyncio.get_running_loop().time()
+            writer.write(first)
+            try:
+                while True:
+                    try:
+                        data = await asyncio.wait_for(reader.read(4096), 0.2)
+                    except TimeoutError:
+                        if trickle:  # one more header byte: still not a request
+                            writer.write(trickle)
+                        assert asyncio.get_running_loop().time() - t0 < 10, "the socket was held"
+                        continue
+                    if not data:
+                        return asyncio.get_running_loop().time() - t0
+            finally:
+                writer.close()
+
+        assert 0.5 < await closed_after(b"") < 5  # opened, nothing sent
+        assert 0.5 < await closed_after(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", b"X") < 5
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert answer.startswith(b"HTTP/1.1 200")
+        writer.write(b"GET /health HTTP/1.1\r\nHo")  # the next request on the connection, never finished
+        t0 = asyncio.get_running_loop().time()
+        rest = b""
+        while chunk := await asyncio.wait_for(reader.read(4096), 10):
+            rest += chunk
+        assert 0.5 < asyncio.get_running_loop().time() - t0 < 5
+        writer.close()

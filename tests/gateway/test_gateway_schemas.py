@@ -88,7 +88,7 @@ def test_a_value_the_request_record_refuses_names_the_body_field(body: dict[str,
     """Values that pass the body's own checks and fail the request record's are named as the client
     sent them, not by the record's layout (``sampling.top_k``)."""
     request = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body})
-    gw: Any = SimpleNamespace(bus=SimpleNamespace(topic="replies"))
+    gw: Any = SimpleNamespace(bus=SimpleNamespace(topic="replies"), config=SimpleNamespace(max_priority=0))
     with pytest.raises(APIError) as caught:
         completions._record("r1", gw, request, None, {"messages": [{"role": "user", "content": "hi"}]},
                             completions._sampling(request, 16, None))
