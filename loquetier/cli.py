@@ -78,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     is_debug = "--debug" in argv  # anywhere on the line, also after the subcommand
     argv = [a for a in argv if a != "--debug"]
     args, extra = parser.parse_known_args(argv)
-    if extra and not hasattr(args, "passthrough"):
-        parser.parse_args(argv)  # argparse's own message, with the subcommand's usage line
+    if extra and not hasattr(args, "passthrough"):  # argparse's own message, with the subcommand's usage
+        (_subcommand_parser(parser, args) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # `loquetier sql -c ... -t`: psql's own options, in the order given
         args.passthrough = argv[argv.index(args.command) + 1 :]
     args.debug = is_debug
@@ -95,6 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_debug:
             raise
         return _report(exc)
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser | None:
+    """The parser of the subcommand ``args`` ran (nested ones too: ``jobs pause``), if any."""
+    found = None
+    current: argparse.ArgumentParser | None = parser
+    while current is not None:
+        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            break
+        chosen = getattr(args, actions[0].dest or "", None) if actions[0].dest else None
+        current = actions[0].choices.get(chosen) if isinstance(chosen, str) else None
+        found = current or found
+    return found
 
 
 def _report(exc: Exception) -> int:

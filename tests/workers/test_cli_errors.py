@@ -74,6 +74,16 @@ def test_mistakes_get_two_lines_and_no_traceback(tmp_path: Path) -> None:
         assert seconds < MAX_SECONDS, (name, seconds)
 
 
+def test_a_misspelt_option_shows_its_subcommand_usage(tmp_path: Path) -> None:
+    """`make demo ARGS="--stpes 20"`: argparse's message with the usage of the subcommand typed
+    (nested ones too), not the top-level usage."""
+    for args, usage in ((["demo", "--stpes", "20"], "usage: loquetier demo "),
+                        (["jobs", "pause", "j1", "--tiemout", "3"], "usage: loquetier jobs pause ")):
+        done = run_cli(args, tmp_path)
+        assert done.returncode == 2 and done.stderr.startswith(usage), done.stderr
+        assert f"unrecognized arguments: {' '.join(args[-2:])}" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     done = run_cli(["--debug", "submit", "train", "nope.yaml"], tmp_path)
     assert done.returncode != 0 and "Traceback" in done.stderr and "UserError" in done.stderr
