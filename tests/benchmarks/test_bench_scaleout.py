@@ -16,13 +16,16 @@ pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 
 def test_two_workers_share_the_work_and_survive_a_kill(tmp_path: Path) -> None:
-    assert bench_scaleout.main(["--seconds", "4", "--rate", "1", "--jobs", "4", "--max-jobs", "2",
+    assert bench_scaleout.main(["--seconds", "5", "--rate", "2.5", "--jobs", "4", "--max-jobs", "2",
                                 "--train-steps", "300", "--checkpoint-every", "10", "--out", str(tmp_path)]) == 0
     page = json.loads((tmp_path / "scaleout.json").read_text())
     r = page["results"]
     assert r["one_worker"]["once"] == r["one_worker"]["requests"] and r["one_worker"]["lost"] == 0
     assert r["two_workers"]["once"] == r["two_workers"]["requests"]
-    assert len(r["two_workers"]["by_worker"]) == 2  # both workers served
+    # both workers served: with the ~25 requests of the two-worker phase spread over the partitions by
+    # their random ids, one worker takes them all about once in 10^7 runs (at 1 request/s for 4 s,
+    # about 8 requests: once in 60)
+    assert len(r["two_workers"]["by_worker"]) == 2
     fo = r["failover"]
     assert all(n > 0 for n in fo["spread"].values())  # the leases spread the jobs
     assert fo["victims"] > 0 and fo["resumed_on_survivor"] == fo["victims"]
