@@ -420,14 +420,36 @@ async def test_a_slow_command_holds_up_only_the_commands_to_its_target(topics: A
     assert [c for c, _ in same] == later and all(after for _, after in same)  # in order, after the load
 
 
-async def test_commands_to_different_targets_are_applied_side_by_side() -> None:
-    """Cancels of many requests (a client that calls and leaves, over and over) do not wait for one
-    another: each target's commands keep their order, different targets run together."""
+def _fake_intake(apply: Any, done: list[int], is_current: Any = None) -> Any:
+    """An Intake whose commands go to ``apply`` (no broker, no database), each record's offset into
+    ``done`` once handled."""
     from types import SimpleNamespace
 
     from loquetier.codec import Limits
-    from loquetier.messages import ControlAck, ControlCommand, encode_record
     from loquetier.workers.intake import Intake
+
+    async def publish(*_: Any, **__: Any) -> bool:
+        return True
+
+    publisher = SimpleNamespace(publish=publish, reply_prefix="loquetier.reply.")
+    return Intake(SimpleNamespace(), publisher, SimpleNamespace(), SimpleNamespace(),  # type: ignore[arg-type]
+                  SimpleNamespace(apply=apply), limits=Limits(), done=lambda part, offset, epoch: done.append(offset),
+                  **({"is_current": is_current} if is_current else {}))
+
+
+def _command_record(offset: int, cmd: Any) -> Any:
+    from types import SimpleNamespace
+
+    from loquetier.messages import encode_record
+
+    return SimpleNamespace(topic="ctl", partition=0, offset=offset, key=b"k", value=encode_record(cmd),
+                           timestamp=0, headers=())
+
+
+async def test_commands_to_different_targets_are_applied_side_by_side() -> None:
+    """Cancels of many requests (a client that calls and leaves, over and over) do not wait for one
+    another: each target's commands keep their order, different targets run together."""
+    from loquetier.messages import ControlAck, ControlCommand
 
     started: list[str] = []
     gate = asyncio.Event()
@@ -437,18 +459,12 @@ async def test_commands_to_different_targets_are_applied_side_by_side() -> None:
         await gate.wait()
         return ControlAck(command_id=command_id, action=cmd.action, target_id=cmd.target_id, ok=True, message="ok")
 
-    async def publish(*_: Any, **__: Any) -> bool:
-        return True
-
-    publisher = SimpleNamespace(publish=publish, reply_prefix="loquetier.reply.")
     done: list[int] = []
-    intake = Intake(SimpleNamespace(), publisher, SimpleNamespace(), SimpleNamespace(),  # type: ignore[arg-type]
-                    SimpleNamespace(apply=apply), limits=Limits(), done=lambda part, offset, epoch: done.append(offset))
+    intake = _fake_intake(apply, done)
     targets = [f"req-{i}" for i in range(10)] + ["req-0", "req-1"]  # two targets twice
     for offset, target in enumerate(targets):
         cmd = ControlCommand(action="cancel", target_id=target, command_id=f"c{offset}")
-        await intake.handle("control", SimpleNamespace(topic="ctl", partition=0, offset=offset, key=b"k",
-                                                       value=encode_record(cmd), timestamp=0, headers=()), 0)
+        await intake.handle("control", _command_record(offset, cmd), 0)
     await until(lambda: _true(len(started) == 10))
     await asyncio.sleep(0.1)
     assert sorted(started) == sorted(f"c{i}" for i in range(10))  # c10, c11 wait for c0, c1
@@ -491,11 +507,7 @@ async def test_a_slow_training_record_holds_up_neither_requests_nor_commands(
 async def test_a_record_whose_partition_moved_before_its_turn_is_left_alone() -> None:
     """A command read before a rebalance and not applied by the time its partition went to another
     worker is not applied here (the new owner reads it again): no second application."""
-    from types import SimpleNamespace
-
-    from loquetier.codec import Limits
-    from loquetier.messages import ControlCommand, encode_record
-    from loquetier.workers.intake import Intake
+    from loquetier.messages import ControlAck, ControlCommand
 
     applied: list[str] = []
     owned = {"yes": True}
@@ -505,21 +517,13 @@ async def test_a_record_whose_partition_moved_before_its_turn_is_left_alone() ->
     async def apply(cmd: Any, command_id: str) -> Any:
         applied.append(command_id)
         await gate.wait()
-        from loquetier.messages import ControlAck
         return ControlAck(command_id=command_id, action=cmd.action, target_id=cmd.target_id, ok=True, message="ok")
 
-    async def publish(*_: Any, **__: Any) -> bool:
-        return True
-
-    publisher = SimpleNamespace(publish=publish, reply_prefix="loquetier.reply.")
-    intake = Intake(SimpleNamespace(), publisher, SimpleNamespace(), SimpleNamespace(),  # type: ignore[arg-type]
-                    SimpleNamespace(apply=apply), limits=Limits(), done=lambda part, offset, epoch: done.append(offset),
-                    is_current=lambda part, epoch: owned["yes"])
+    intake = _fake_intake(apply, done, is_current=lambda part, epoch: owned["yes"])
 
     def record(offset: int) -> Any:
         cmd = ControlCommand(action="resume", target_id="job-1", command_id=f"c{offset}")  # one lane, in order
-        return SimpleNamespace(topic="ctl", partition=0, offset=offset, key=b"k", value=encode_record(cmd),
-                               timestamp=0, headers=())
+        return _command_record(offset, cmd)
 
     for offset in range(3):
         await intake.handle("control", record(offset), 0)
