@@ -4,7 +4,8 @@ Keys are looked up by their sha256 (``loquetier.db.keys_repo``); a found key is 
 ``key_cache_s`` seconds so that a request costs no database round trip, which bounds how long a
 revoked key keeps working. Unknown keys are not cached (a typo must not stick). The rate limit
 is a token bucket per key and per gateway: ``max_requests_per_minute`` with a burst of the same
-size; behind N gateways a key gets up to N times its rate.
+size, each choice of a call (prompts x ``n``) one request; behind N gateways a key gets up to N
+times its rate.
 """
 
 from __future__ import annotations
@@ -68,15 +69,29 @@ class Auth:
         self._cache[digest] = (now + self._cache_s, owner)
         return owner
 
-    def _take(self, key_id: str, per_minute: int) -> None:
+    def charge(self, owner: KeyOwner, requests: int) -> None:
+        """Take ``requests`` more from the key's bucket (a call of several prompts or ``n`` choices:
+        each choice is a request for the workers, the call's first was taken by :meth:`owner`)."""
+        per_minute = owner.max_requests_per_minute
+        if per_minute is None or requests <= 0:
+            return
+        if requests + 1 > per_minute:  # never within the limit: no retry would help
+            raise APIError(
+                429, f"this call is {requests + 1} requests (prompts x n), more than the key's rate limit of "
+                f"{per_minute} requests per minute allows at once; send fewer choices a call",
+                code="rate_limit_exceeded",
+            )
+        self._take(owner.key_id, per_minute, requests)
+
+    def _take(self, key_id: str, per_minute: int, amount: int = 1) -> None:
         now = time.monotonic()
         bucket = self._buckets.setdefault(key_id, _Bucket(float(per_minute), now))
         bucket.tokens = min(float(per_minute), bucket.tokens + (now - bucket.stamp) * per_minute / 60.0)
         bucket.stamp = now
-        if bucket.tokens < 1.0:
-            wait_s = (1.0 - bucket.tokens) * 60.0 / per_minute
+        if bucket.tokens < amount:
+            wait_s = (amount - bucket.tokens) * 60.0 / per_minute
             raise APIError(
                 429, f"rate limit of {per_minute} requests per minute reached; retry in {wait_s:.1f} s",
                 code="rate_limit_exceeded", retry_after=wait_s,
             )
-        bucket.tokens -= 1.0
+        bucket.tokens -= amount

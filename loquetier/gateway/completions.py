@@ -50,6 +50,7 @@ async def chat_completions(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     body = parse(ChatRequest, await read_json(request))
     body.check_supported()
+    gw.auth.charge(owner, body.num_choices() - 1)  # each choice is a request for the workers
     adapter_id = await gw.resolve_model(owner, body.model)
     if "messages" not in GenerateRequest.model_fields:  # a wire format from before chat messages
         raise bad_request("chat completions need a Loquetier version whose requests carry 'messages'; "
@@ -66,6 +67,7 @@ async def completions(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     body = parse(CompletionRequest, await read_json(request))
     body.check_supported()
+    gw.auth.charge(owner, len(body.prompts()) * body.num_choices() - 1)
     adapter_id = await gw.resolve_model(owner, body.model)
     prompts: list[dict[str, Any]] = []
     for index, prompt in enumerate(body.prompts()):
