@@ -129,6 +129,20 @@ def set_deterministic(on: bool | None) -> None:
     smlm.set_deterministic(on)
 
 
+def graph_tiling() -> tuple[int, bool]:
+    """For CUDA graphs of inference steps: (the SMLM row tile of prefill-sized buckets, whether the
+    launches walk only the row blocks a step can lay out), from the Triton kernels' tuning
+    (``Tuning.graph_prefill_rows``, ``graph_bounded_blocks``); (16, True) without Triton."""
+    try:
+        from . import smlm
+    except ImportError:  # no Triton: the torch reference, which walks host segments
+        return 16, True
+    rows = smlm.TUNING.graph_prefill_rows
+    if rows not in (16, 32, 64):
+        raise ValueError(f"graph_prefill_rows must be 16, 32 or 64, got {rows}")
+    return rows, bool(smlm.TUNING.graph_bounded_blocks)
+
+
 def deterministic_enabled() -> bool:
     from . import smlm
 

@@ -45,7 +45,7 @@ import torch
 
 from loquetier.kernels import SMLMMeta
 from loquetier.kernels.meta import row_blocks, segments_of
-from loquetier.kernels.ops import backend_for, overlap_scope
+from loquetier.kernels.ops import backend_for, graph_tiling, overlap_scope
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
 from loquetier.models.kv_cache import KVCache
@@ -64,19 +64,6 @@ class _Group(NamedTuple):
 
 
 _SEG_ROWS = 16  # the SMLM kernels' row tile in captured decode graphs, and the longest row block they lay out
-
-
-def _graph_tiling() -> tuple[int, bool]:
-    """(row tile of prefill-sized buckets, whether launches walk only the row blocks a step can lay
-    out): ``graph_prefill_rows`` and ``graph_bounded_blocks`` of the SMLM kernels' tuning."""
-    try:
-        from loquetier.kernels import smlm
-    except ImportError:  # no Triton: the torch reference, which walks host segments
-        return _SEG_ROWS, True
-    rows = smlm.TUNING.graph_prefill_rows
-    if rows not in (16, 32, 64):
-        raise ValueError(f"graph_prefill_rows must be 16, 32 or 64, got {rows}")
-    return rows, bool(smlm.TUNING.graph_bounded_blocks)
 
 
 GRAPH_MAX_MEAN_CONTEXT = 256  # prompt rows of a graph step read at most this many keys each, on average
@@ -242,7 +229,7 @@ class DecodeGraphs:
         buckets by ``Tuning.graph_prefill_rows``. A step of ``bucket`` rows in at most ``max_segments``
         segments lays out at most ``bucket / tile + max_segments`` blocks (each segment's last block
         may be short); the launches walk that many (``graph_bounded_blocks``), or one per row."""
-        prefill_rows, bounded = _graph_tiling()
+        prefill_rows, bounded = graph_tiling()
         rows = prefill_rows if bucket > self.max_batch else _SEG_ROWS
         if not bounded or self.max_segments is None:
             return rows, bucket
