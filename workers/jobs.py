@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,8 +129,10 @@ class LeasedJobs:
         # of that run are dropped, and the job starts here again only once it has (``_launch``)
         self._stopping: dict[str, _Stopping] = {}
         self._launching: set[str] = set()  # a claim's set-up in progress (data, checkpoint), by job id
-        # paused jobs running here whose last checkpoint is on its way: set once it is stored (its step)
+        # paused jobs running here being stopped after a last checkpoint: (set once stopped, the step of
+        # that checkpoint once stored); and the event its storing sets
         self._pausing: dict[str, tuple[asyncio.Event, list[int]]] = {}
+        self._stored: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._background: set[asyncio.Task[Any]] = set()
 
     def wake(self) -> None:
@@ -370,18 +373,24 @@ class LeasedJobs:
         ``pause_checkpoint_s``): it resumes from there, not from its last periodic checkpoint or its
         start. The step of that checkpoint; None when none was made (the job ran not here, had taken no
         step, or its checkpoint did not come in time)."""
-        if job_id not in self.running or job_id in self._pausing:
+        pending = self._pausing.get(job_id)
+        if pending is not None:  # its lease renewal and the pause command both got here: one stop
+            await pending[0].wait()
+            return pending[1][-1] if pending[1] else None
+        if job_id not in self.running:
             await self._drop(job_id, "paused")
             return None
-        stored, steps = self._pausing[job_id] = (asyncio.Event(), [])
+        stopped, steps = self._pausing[job_id] = (asyncio.Event(), [])
         try:
             if await self._client.checkpoint_job(job_id):
-                await asyncio.wait_for(stored.wait(), self._settings.pause_checkpoint_s)
+                await asyncio.wait_for(self._stored[job_id].wait(), self._settings.pause_checkpoint_s)
         except (TimeoutError, EngineStopped) as exc:
             log.warning("paused job stopped without a last checkpoint", extra={"job_id": job_id, "error": repr(exc)})
         finally:
-            del self._pausing[job_id]
+            self._stored.pop(job_id, None)
             await self._drop(job_id, "paused")
+            del self._pausing[job_id]
+            stopped.set()
         return steps[-1] if steps else None
 
     async def _drop(self, job_id: str, why: str) -> None:
@@ -538,7 +547,7 @@ class LeasedJobs:
         pausing = self._pausing.get(ev.job_id)
         if pausing is not None:  # a paused job's last checkpoint: its pause may stop it now
             pausing[1].append(ev.step)
-            pausing[0].set()
+            self._stored[ev.job_id].set()
         await self._publisher.publish(
             CheckpointResult(
                 job_id=ev.job_id,
