@@ -75,13 +75,19 @@ class Auth:
         per_minute = owner.max_requests_per_minute
         if per_minute is None or requests <= 0:
             return
-        if requests + 1 > per_minute:  # never within the limit: no retry would help
-            raise APIError(
-                429, f"this call is {requests + 1} requests (prompts x n), more than the key's rate limit of "
-                f"{per_minute} requests per minute allows at once; send fewer choices a call",
-                code="rate_limit_exceeded",
-            )
-        self._take(owner.key_id, per_minute, requests)
+        try:
+            if requests + 1 > per_minute:  # never within the limit: no retry would help
+                raise APIError(
+                    429, f"this call is {requests + 1} requests (prompts x n), more than the key's rate limit of "
+                    f"{per_minute} requests per minute allows at once; send fewer choices a call",
+                    code="rate_limit_exceeded",
+                )
+            self._take(owner.key_id, per_minute, requests)
+        except APIError:  # a refused call costs the key nothing: the request owner() took goes back
+            bucket = self._buckets.get(owner.key_id)
+            if bucket is not None:
+                bucket.tokens = min(float(per_minute), bucket.tokens + 1.0)
+            raise
 
     def _take(self, key_id: str, per_minute: int, amount: int = 1) -> None:
         now = time.monotonic()
