@@ -1,10 +1,14 @@
-"""Where the time of an eager (not graph-replayed) engine step goes.
+"""Where the time of an engine step goes.
 
-    python -m benchmarks.profile_step --model 8b --device cuda [--out DIR] [--cprofile]
+    python -m benchmarks.profile_step --model 8b --device cuda [--out DIR] [--cprofile] [--graphs]
 
-Cases, all with CUDA graphs off (the steps that cannot replay a graph): decode-only steps at batch 64
+Cases, with CUDA graphs off (the steps that cannot replay a graph): decode-only steps at batch 64
 with no adapters and with 32 rank-16 adapters; 64 decode rows + a 512-token prompt chunk deep into
 its context; 4 training jobs (1,024-token micro-batches) alone; the same beside 64 decode rows.
+With ``--graphs``: graphs captured, decode windows off, so each step is one a served engine runs
+alone, and one more case: a fresh 512-token prompt beside the 64 decode rows. Which prompt steps
+replay a graph follows the attention tuning (``LOQUETIER_ATTN_TUNING=graph_tiles=0``: prompt rows
+attended one by one, so only those averaging up to 256 keys).
 For each case it prints the median wall time of a step and splits it:
 
 - host time per phase (scheduler, batch build, forward, backward, job bookkeeping and optimizer,
@@ -212,6 +216,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--graphs", action="store_true",
+                    help="captured graphs on, decode windows off: the steps a served engine runs one at a "
+                         "time (decode rows, fresh prompt chunks beside them, training beside them); the "
+                         "gap between a step's wall time and its GPU busy time is what the host adds")
     args = ap.parse_args()
     spec = SPECS[args.model]
     dtype = "bfloat16" if args.device == "cuda" else "float32"
@@ -220,7 +228,9 @@ def main() -> None:
     engine = Engine.from_pretrained(path, device=args.device, dtype=dtype, kv_memory_gb=8.0 if args.device == "cuda"
                                     else 0.2, max_num_seqs=128, max_num_batched_tokens=4096 + 128,
                                     max_prefill_chunk=512, max_adapter_slots=36, num_train_slots=4,
-                                    max_lora_rank=16, max_model_len=2048, cuda_graphs="off",
+                                    max_lora_rank=16, max_model_len=2048,
+                                    cuda_graphs="on" if args.graphs else "off",
+                                    decode_window=1 if args.graphs else 4,
                                     default_tpot_ms=100_000.0, default_ttft_ms=100_000.0,
                                     adapter_cache_bytes=16 << 30)  # 32 adapters of the 8B shape: 5.4 GB
     t0 = time.perf_counter()
@@ -232,6 +242,8 @@ def main() -> None:
             b.normal_(0, 0.01)
         engine.load_adapter(f"a{i}", a)
     adapters: list[str | None] = [f"a{i}" for i in range(32)]
+    if args.graphs:
+        print(f"[profile] {engine.capture_graphs()} graphs captured", flush=True)
     ph = _instrument(engine)
     report: list[dict[str, Any]] = []
     launch = _launch_costs(engine)
@@ -246,6 +258,12 @@ def main() -> None:
         _fill(engine, 64, ids, name)
         settle()
         report.append(_measure(engine, ph, name, args.steps, args.cprofile))
+        if ids is adapters and args.graphs:
+            def fresh_prompt(i: int) -> None:  # a fresh 512-token prompt: one chunk
+                _fill(engine, 1, adapters, f"fresh-{i}", prompt_len=512)
+
+            report.append(_measure(engine, ph, "64 decode + a fresh 512-token prompt",
+                                   args.steps, args.cprofile, fresh_prompt))
         if ids is adapters:
             def deep_prompt(i: int) -> None:  # a 1,536-token prompt: its last chunk reads ~1,300 keys/row
                 _fill(engine, 1, adapters, f"deep-{i}", prompt_len=1536)
@@ -275,7 +293,9 @@ def main() -> None:
         engine.cancel_job(j)
     _drain(engine)
     ph.restore()
-    lines = [f"# profile_step {args.model} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    title = f"# profile_step {args.model} on {where}" + (", captured graphs, no decode windows" if args.graphs else "")
+    lines = [title,
              "", "| case | step (median) | GPU busy | kernels | host ms by phase |", "|---|---|---|---|---|"]
     for r in report:
         phases = ", ".join(f"{k} {v}" for k, v in r["host_ms_per_phase"].items())
@@ -291,8 +311,9 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "profile_step.md").write_text(text)
-        Path(args.out, "profile_step.json").write_text(json.dumps({"launch_us": launch, "cases": report}, indent=1))
+        name = "profile_step_graphs" if args.graphs else "profile_step"
+        Path(args.out, f"{name}.md").write_text(text)
+        Path(args.out, f"{name}.json").write_text(json.dumps({"launch_us": launch, "cases": report}, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,16 @@ def fused_ops(device: torch.device) -> ModuleType | None:
     return mod if mod is not None and mod.enabled(device) else None
 
 
+def graph_attention_tiles(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    """For graph steps of prefill size: (rows of a ``paged_tiles`` tile, or 0: rows attended one by
+    one; the mean keys a prompt row may read in such a step), from ``AttnTuning.graph_tiles`` and
+    ``graph_tile_mean_context``; (0, 0) without Triton."""
+    mod = paged_decode_ops()
+    if mod is None or not mod.TUNING.graph_tiles:
+        return 0, 0
+    return mod.tile_rows(num_heads, num_kv_heads), mod.TUNING.graph_tile_mean_context
+
+
 @cache
 def paged_decode_ops() -> ModuleType | None:
     """``paged_attention.py`` (``paged_decode``, ``INTERPRET``), or None without Triton."""

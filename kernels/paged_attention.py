@@ -12,6 +12,14 @@ kernel combines them. Softmax is online in fp32 (base 2, the scale folded into t
 
 Nothing here reads the GPU from the host: sizes come from the caller's host ints, so a decode step
 can be captured in a CUDA graph.
+
+``paged_tiles`` attends rows laid out one token per row (as captured graph steps lay out prompt
+chunks) in tiles of consecutive rows of one sequence: program ``(tile, kv_head)`` holds the tile's
+rows times the GQA group's query heads in one ``tl.dot`` tile (about ``AttnTuning.tile_m`` rows), so
+each key a tile reads serves all its rows, causally masked by each row's own context length. A
+prompt chunk of ``L`` rows reads its context about ``L / tile_rows`` times, against ``L`` times row
+by row. The tile list is a device tensor and its unused entries exit at once, so a graph captures
+a fixed grid.
 """
 
 from __future__ import annotations
@@ -44,6 +52,15 @@ class AttnTuning:
     stages: int = 3
     waves: int = 2  # context partitions until about this many programs per SM ...
     min_split_tokens: int = 256  # ... but none shorter than this (each costs the combine a read)
+    # paged_tiles: rows x GQA group's heads per program (rounded to the group), warps, keys per loop step
+    tile_m: int = 64
+    tile_warps: int = 4
+    tile_block_n: int = 64
+    # graph steps of prefill size: 1 attends their rows in tiles (paged_tiles), 0 row by row as
+    # decode rows; with tiles, a step whose prompt rows read up to this many keys each on average
+    # replays a graph (row by row: GRAPH_MAX_MEAN_CONTEXT, 256)
+    graph_tiles: int = 1
+    graph_tile_mean_context: int = 2048
 
 
 TUNING_ENV = "LOQUETIER_ATTN_TUNING"
@@ -148,6 +165,72 @@ def paged_decode_combine_kernel(  # noqa: PLR0917
              mask=offs_d < HEAD_DIM)
 
 
+@triton.jit(do_not_specialize=["stride_bt", "window"])
+def paged_tiles_kernel(  # noqa: PLR0917
+    q_ptr, stride_qn, stride_qh,  # [N, Hq, D] one query token per row
+    k_ptr, v_ptr, stride_cb, stride_ct, stride_ch,  # [num_blocks, block_size, Hkv, D] (k and v alike)
+    bt_ptr, stride_bt,  # [N, max_blocks] int32: a tile reads the table of its first row
+    ctx_ptr,  # [N] int32 context length of each row (keys [0, ctx) incl. its own)
+    tiles_ptr,  # [T, 2] int32 (first row, rows); rows 0: an unused entry
+    o_ptr, stride_on, stride_oh,  # [N, Hq, D] out
+    qk_scale, window,  # scale * log2(e); window <= 0: none
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """For each row r of the tile and query head h of KV head kvh's group: out[r, h] =
+    softmax_t(q[r, h] . k[t, kvh] * scale) @ v[:, kvh] over keys t in [max(0, ctx[r] - window), ctx[r])."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    row0 = tl.load(tiles_ptr + tile * 2)
+    n = tl.load(tiles_ptr + tile * 2 + 1)
+    BLOCK_M: tl.constexpr = BLOCK_T * GROUP_P
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    j = offs_m // GROUP_P  # the row of the tile ...
+    g = offs_m % GROUP_P  # ... and the query head of the group, of each dot row
+    m_valid = (j < n) & (g < GROUP)
+    d_mask = offs_d < HEAD_DIM
+    rows = (row0 + tl.maximum(tl.minimum(j, n - 1), 0)).to(tl.int64)  # an unused entry reads row 0
+    ctx = tl.load(ctx_ptr + rows)  # [BLOCK_M]
+    hi = tl.where(n > 0, tl.max(ctx, axis=0), 0)  # an unused entry walks no key
+    lo = tl.where(window > 0, tl.maximum(tl.min(ctx, axis=0) - window, 0), 0)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + rows[:, None] * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=m_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    table = bt_ptr + row0.to(tl.int64) * stride_bt
+    head_off = kvh.to(tl.int64) * stride_ch
+
+    # -1e30, not -inf: a row may see no key of a loop step (causal or window), and exp2 of
+    # (-inf) - (-inf) would be NaN; its p is 0 there and its alpha 1
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_N):
+        toks = t0 + offs_n
+        t_mask = toks < hi
+        blk = tl.load(table + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + head_off  # [BLOCK_N]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
+        visible = toks[None, :] < ctx[:, None]
+        visible = visible & ((window <= 0) | (toks[None, :] >= ctx[:, None] - window))
+        s = tl.where(visible, s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+        m_i = m_new
+
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    o_rows = o_ptr + rows[:, None] * stride_on + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+
+
 @functools.lru_cache(maxsize=8)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -247,4 +330,64 @@ def paged_decode(  # noqa: PLR0917
             HEAD_DIM=head_dim, BLOCK_P=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
             num_warps=4,
         )  # fmt: skip
+    return out
+
+
+def tile_rows(num_heads: int, num_kv_heads: int, tuning: AttnTuning | None = None) -> int:
+    """Rows of one ``paged_tiles`` tile: ``tuning.tile_m`` dot rows over the GQA group's query heads
+    (padded to a power of two), at least 1."""
+    tuning = tuning or TUNING
+    group_p = triton.next_power_of_2(num_heads // num_kv_heads)
+    return max(1, tuning.tile_m // group_p)
+
+
+def paged_tiles(  # noqa: PLR0917
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    tiles: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    tuning: AttnTuning | None = None,
+) -> torch.Tensor:
+    """Attention of rows of one query token each over their paged K/V, in tiles.
+
+    Semantics: ``paged_decode`` over every row that a tile holds (row ``r`` reads ``context_lens[r]``
+    keys through ``block_tables[r]``), where ``tiles`` [T, 2] int32 lists (first row, rows) with
+    at most ``tile_rows(Hq, Hkv, tuning)`` rows each, every row of a tile of one sequence (the tile
+    reads the block table of its first row), and rows 0 for an unused entry. Rows that no tile
+    holds are left unwritten. Returns [N, Hq, D] in q's dtype.
+    """
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
+    assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the cache must share a dtype"
+    assert block_tables.dtype == context_lens.dtype == tiles.dtype == torch.int32
+    assert block_tables.shape[0] == num_rows == context_lens.shape[0] and block_tables.stride(1) == 1
+    assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
+    out = torch.empty_like(q)
+    if num_rows == 0 or tiles.shape[0] == 0:
+        return out
+    tuning = tuning or TUNING
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    block_t = tile_rows(num_heads, num_kv_heads, tuning)
+    launch(paged_tiles_kernel, (tiles.shape[0], num_kv_heads),
+        q, q.stride(0), q.stride(1),
+        k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables, block_tables.stride(0),
+        context_lens,
+        tiles,
+        out, out.stride(0), out.stride(1),
+        scale * _LOG2E, window or 0,
+        HEAD_DIM=head_dim, GROUP=group, GROUP_P=group_p, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=128 if INTERPRET else tuning.tile_block_n,
+        UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+        num_warps=tuning.tile_warps, num_stages=tuning.stages,
+    )  # fmt: skip
     return out

@@ -32,6 +32,9 @@
 #   dense             bench_lora_dense: a decode step's linear layers in CUDA graphs, the LoRA terms by
 #                     the SMLM path against dense cuBLAS GEMMs over every slot (pool ranks 16 and 64)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
+#   profile           profile_step: where an eager step's time goes (host phases, GPU busy, kernels)
+#   profile-graphs    profile_step --graphs: the same for graph steps run one at a time
+#   profile-graphs-ab profile_step --graphs with LOQUETIER_ATTN_TUNING=$ATTN_AB (profile-ab/)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #   unified           bench_unified at 20 requests/s (no PEFT baseline): SLO and training share
 #   finetune          bench_finetune: concurrent packed jobs against PEFT one after another
@@ -42,7 +45,7 @@
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
 # Results land in $OUT: gemm/, tune/ and tune64/ (tune_smlm.*), tune-attn/ (tune_attention.*), kernels/
-# and kernels-tuned/ (kernels.json), offline/, offline-ab2/ and offline-window16/ (offline.*), decode/, dense/ (lora_dense.*), unified/,
+# and kernels-tuned/ (kernels.json), profile/ (profile_step*), offline/, offline-ab2/ and offline-window16/ (offline.*), decode/, dense/ (lora_dense.*), unified/,
 # finetune/, finetune-ab/, and each step's log. A call brings back at most 8 files: pack $OUT into one
 # archive at the end of the command when more steps run.
 set -uo pipefail
@@ -117,6 +120,11 @@ for name in $STEPS; do
         dense) step dense 300 "$PY" -m benchmarks.bench_lora_dense --out "$OUT/dense" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
             --no-mixed-ranks --out "$OUT/serving" ;;
+        profile) step profile 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda --out "$OUT/profile" ;;
+        profile-graphs) step profile-graphs 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda --graphs \
+            --out "$OUT/profile" ;;
+        profile-graphs-ab) step profile-graphs-ab 200 env LOQUETIER_ATTN_TUNING="$ATTN_AB" "$PY" -m benchmarks.profile_step \
+            --model 8b --device cuda --graphs --out "$OUT/profile-ab" ;;
         offline-window16) step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda \
             --no-baselines --engine-arg decode_window=16 --out "$OUT/offline-window16" ;;
         *) echo "unknown step $name" >&2; exit 2 ;;

@@ -121,7 +121,8 @@ class Engine:
         self.scheduler = Scheduler(
             config.scheduler, BlockAllocator(self.blocks, self._lookup, self._adapter_version),
             self._gate, prior_cost=prior,
-            graphs=GraphPaths(decode=captured, max_rows=graph_rows, max_mean_context=GRAPH_MAX_MEAN_CONTEXT),
+            graphs=GraphPaths(decode=captured, max_rows=graph_rows,
+                              max_mean_context=graphs.max_mean_context if captured else GRAPH_MAX_MEAN_CONTEXT),
             eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.adapters, config, graphs=graphs)
         self.requests = RequestBook(tokenizer, self.eos_token_ids, config.seed, self.device)

@@ -26,9 +26,14 @@ prompt token is laid out as one more row with its own position and context lengt
 decode row, so the paged-decode kernel attends each one over the keys up to its position (the K/V of
 the whole step is written before attention in each layer). Buckets past ``max_batch`` grow by about
 1.5x up to ``max_tokens``; logits are taken only for rows that end a prompt or decode, through a
-static index buffer of ``max_batch`` rows. Per-row attention reads each token's whole context, so
-the runner keeps steps whose prompt rows average over ``GRAPH_MAX_MEAN_CONTEXT`` keys eager (long
-prompts are FlashAttention's job).
+static index buffer of ``max_batch`` rows. Attended row by row, each prompt row reads its whole
+context, so decode-sized buckets take prompt rows that average at most ``GRAPH_MAX_MEAN_CONTEXT``
+keys. Buckets past ``max_batch`` attend in tiles (``paged_tiles``): each chunk's rows in tiles of
+``tile_rows`` consecutive rows (a decode row, a tile of its own), every key read once per tile, from
+a static tile list whose unused entries exit at once; there prompt rows may average up to
+``AttnTuning.graph_tile_mean_context`` keys, and a step with deeper prompt rows than a decode-sized
+bucket takes is laid out in the smallest bucket past ``max_batch`` (its padding rows cost the GEMMs
+little: they read the same weights). Steps deeper still run eagerly (FlashAttention's job).
 
 Rows are sorted by adapter slot before they are laid out, so each adapter's rows form one
 segment. ``mode="eager"`` runs the same static, padded forward without capturing (CPU tests
@@ -43,8 +48,10 @@ from typing import NamedTuple
 
 import torch
 
+from loquetier.engine.sequence import prefill_kv_reads
 from loquetier.kernels import SMLMMeta
 from loquetier.kernels.meta import row_blocks, segments_of
+from loquetier.kernels.model_ops import graph_attention_tiles
 from loquetier.kernels.ops import backend_for, graph_tiling, overlap_scope
 from loquetier.models.attention import decode_uses_triton
 from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
@@ -61,6 +68,7 @@ class _Group(NamedTuple):
     block_table: Sequence[int]
     slot: int
     needs_logits: bool
+    prompt: bool  # a prefill chunk (else a decode row)
 
 
 _SEG_ROWS = 16  # the SMLM kernels' row tile in captured decode graphs, and the longest row block they lay out
@@ -193,8 +201,7 @@ class DecodeGraphs:
         self._empty_i32 = torch.zeros(0, dtype=i32, device=dev)
         self._empty_i64 = torch.zeros(0, dtype=i64, device=dev)
         self._no_rows = VarlenMeta(torch.zeros(1, dtype=i32, device=dev), 0, ())
-        # every input of a step in one pinned buffer: one asynchronous copy, no host synchronization
-        self._staging = HostStaging(n * (6 + self.max_blocks) + max_batch, dev)
+        self._set_tiles()  # the attention tiles of buckets past max_batch, and the staging buffer
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: object | None = None
         self._logits: torch.Tensor | None = None
@@ -204,20 +211,48 @@ class DecodeGraphs:
         self.num_replays = 0
         self.num_captures = 0
         self.num_layouts = 0  # rows laid out so far (run, capture): what advance() continues is the last
+        self.num_tiled_layouts = 0  # of those, layouts whose attention runs in tiles (tests read it)
 
     # -- public ------------------------------------------------------------------------------------
+    @property
+    def max_mean_context(self) -> int:
+        """The mean keys the prompt rows of a step may read for the step to replay a graph."""
+        return max(GRAPH_MAX_MEAN_CONTEXT, self._tile_mean_context) if self.tile_rows else GRAPH_MAX_MEAN_CONTEXT
+
+    def _set_tiles(self) -> None:
+        """Rows of an attention tile in buckets past ``max_batch`` (0: rows attended one by one) and
+        their key budget, from the kernels' tuning; the tile list and the staging buffer sized by them."""
+        cfg, dev, n = self.model.cfg, self.model.device, self.max_tokens
+        self.tile_rows, self._tile_mean_context = graph_attention_tiles(cfg.num_heads, cfg.num_kv_heads) \
+            if self._triton_decode and n > self.max_batch else (0, 0)
+        self.tiles = torch.zeros(self._num_tiles(n), 2, dtype=torch.int32, device=dev)  # (first row, rows)
+        # every input of a step in one pinned buffer: one asynchronous copy, no host synchronization
+        self._staging = HostStaging(n * (6 + self.max_blocks) + self.max_batch + 2 * self.tiles.shape[0], dev)
+
+    def _tiled(self, bucket: int) -> bool:
+        return bool(self.tile_rows) and bucket > self.max_batch
+
+    def _num_tiles(self, bucket: int) -> int:
+        """Entries of a bucket's tile list: its rows over the tile, plus one per group (sequence: at most
+        ``max_batch``) whose last tile is short, plus the padding rows' short tile; 0 untiled."""
+        if not self._tiled(bucket):
+            return 0
+        return bucket // self.tile_rows + self.max_batch + 1
+
     def decode_only(self) -> None:
         """Stop serving prefill steps (their buckets are dropped; decode buckets and graphs stay)."""
         self.max_tokens = self.max_batch
+        self._set_tiles()
         self.buckets = [b for b in self.buckets if b <= self.max_batch]
         self._graphs = {k: v for k, v in self._graphs.items() if k[0] <= self.max_batch}
 
     def drop(self) -> None:
         """Forget every captured graph and their memory pool; buckets are captured again on demand
         (or by ``capture_all``). For switches a graph keeps from its capture: the fused kernels, the
-        SMLM paths, the LoRA overlap."""
+        SMLM paths, the LoRA overlap, the attention tiles."""
         self._graphs.clear()
         self._pool = None
+        self._set_tiles()
 
     def _num_logits(self, bucket: int) -> int:
         """Logits rows of a bucket: every row of a decode bucket, ``max_batch`` (one per sequence at
@@ -249,6 +284,12 @@ class DecodeGraphs:
         bucket = self.bucket_for(num_rows)
         if bucket is None or not num_rows:
             raise ValueError(f"{num_rows} rows: graphs hold 1..{self.max_tokens}")
+        if self.tile_rows and bucket <= self.max_batch:
+            prompt = [g for g in groups if g.prompt]
+            prompt_rows = sum(len(g.tokens) for g in prompt)
+            reads = sum(prefill_kv_reads(g.start, len(g.tokens)) for g in prompt)
+            if reads > GRAPH_MAX_MEAN_CONTEXT * prompt_rows:  # too deep for rows one by one: tiles
+                bucket = next(b for b in self.buckets if b > self.max_batch)
         if lookahead and any(not isinstance(r, DecodeRow) for r in rows):
             raise ValueError("a lookahead needs decode rows only")
         groups.sort(key=lambda g: g.slot)  # one segment per adapter (stable: a chunk's rows stay in order)
@@ -341,7 +382,7 @@ class DecodeGraphs:
         logit_rows: list[int] = []
         seq_ids: list[Hashable] = []
         row = 0
-        for (seq_id, tokens, start, block_table, _, needs_logits), length in zip(groups, lens, strict=True):
+        for (seq_id, tokens, start, block_table, _, needs_logits, _), length in zip(groups, lens, strict=True):
             last = start + length - 1 + lookahead
             if last >= self.max_model_len:
                 raise ValueError(f"position {last} is past max_model_len {self.max_model_len}")
@@ -376,6 +417,17 @@ class DecodeGraphs:
             raise ValueError(f"{len(segments)} adapter segments lay out {len(blocks)} row blocks; the graphs "
                              f"of {bucket} rows walk {num_blocks} (max_segments {self.max_segments})")
         blocks += [(0, 0, 0)] * (num_blocks - len(blocks))
+        tiles: list[tuple[int, int]] = []
+        if self._tiled(bucket):
+            tile, row = self.tile_rows, 0
+            for length in [*lens, bucket - n]:  # each group, then the padding rows (one table: scratch)
+                tiles += [(row + t, min(tile, length - t)) for t in range(0, length, tile)]
+                row += length
+            if len(tiles) > self._num_tiles(bucket):
+                raise ValueError(f"{len(groups)} groups lay out {len(tiles)} attention tiles; the graphs of "
+                                 f"{bucket} rows hold {self._num_tiles(bucket)}")
+            tiles += [(0, 0)] * (self._num_tiles(bucket) - len(tiles))
+            self.num_tiled_layouts += 1
         rows_t = torch.tensor(logit_rows + [0] * (num_logits - len(logit_rows)), dtype=torch.int64)
         stage = self._staging
         stage.begin()
@@ -387,6 +439,8 @@ class DecodeGraphs:
         stage.put(row_tables, self.block_tables[:bucket, :cols])
         stage.put(torch.tensor(blocks, dtype=torch.int64), self.blocks[:num_blocks])
         stage.put(rows_t, self.logits_rows[:num_logits])
+        if tiles:
+            stage.put(torch.tensor(tiles, dtype=torch.int64), self.tiles[: len(tiles)])
         stage.flush()
         if self.mode == "eager":  # the reference attention reads host context lengths and tables
             self._host = (ctx.tolist(), row_tables.tolist())
@@ -421,6 +475,7 @@ class DecodeGraphs:
             host_q_lens=(1,) * bucket,
             host_context_lens=tuple(ctx),
             host_block_tables=tuple(tuple(t) for t in tables),
+            row_tiles=self.tiles[: self._num_tiles(bucket)] if self._tiled(bucket) else None,
         )
         return ForwardBatch(
             input_ids=self.input_ids[:bucket], positions=self.positions[:bucket], meta=meta,
@@ -464,7 +519,7 @@ class DecodeGraphs:
 
 def _group(row: DecodeRow | PrefillRows) -> _Group:
     if isinstance(row, DecodeRow):
-        return _Group(row.seq_id, (row.token_id,), row.position, row.block_table, row.slot, True)
+        return _Group(row.seq_id, (row.token_id,), row.position, row.block_table, row.slot, True, False)
     if not row.token_ids:
         raise ValueError(f"prefill chunk of {row.seq_id!r} has no tokens")
-    return _Group(row.seq_id, row.token_ids, row.start, row.block_table, row.slot, row.needs_logits)
+    return _Group(row.seq_id, row.token_ids, row.start, row.block_table, row.slot, row.needs_logits, True)

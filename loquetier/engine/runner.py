@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loquetier.engine.config import EngineConfig
-from loquetier.engine.graphs import GRAPH_MAX_MEAN_CONTEXT, DecodeGraphs, DecodeRow, PrefillRows
+from loquetier.engine.graphs import DecodeGraphs, DecodeRow, PrefillRows
 from loquetier.engine.job_feed import Piece, StepPieces
 from loquetier.engine.kv_cache import BlockManager
 from loquetier.engine.sampler import SamplingInputs, SamplingTensors, sample
@@ -106,7 +106,7 @@ class ModelRunner:
         rows = num_prefill + len(batch.decode_seqs)
         if not 0 < rows <= g.max_tokens or len(batch.decode_seqs) > g.max_batch:
             return False
-        return batch.num_prefill_row_reads <= GRAPH_MAX_MEAN_CONTEXT * num_prefill
+        return batch.num_prefill_row_reads <= g.max_mean_context * num_prefill
 
     def window_ready(self, batch: ScheduledBatch) -> bool:
         """Whether ``batch`` can start a decode window: decode rows only, replayed from a graph."""

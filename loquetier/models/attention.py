@@ -214,6 +214,11 @@ class Attention:
         rest = self.rows_impl(q.dtype)
         num_pre = meta.num_prefill_seqs
         kernels = self.decode_kernels() if num_pre < meta.num_seqs else None
+        if kernels is not None and meta.row_tiles is not None and num_pre == 0:
+            # graph rows: prompt tokens and decode rows alike, each a row, attended in tiles
+            tiled: torch.Tensor = kernels.paged_tiles(q.to(k_cache.dtype), k_cache, v_cache, meta.block_tables,
+                                                      meta.context_lens, meta.row_tiles, scale, window)
+            return tiled.to(q.dtype)
         if kernels is None:
             return self._paged(q, k_cache, v_cache, meta, scale, window, rest)
         pre_rows = sum(meta.host_q_lens[:num_pre])

@@ -63,6 +63,9 @@ class PagedMeta:
     # them as contiguous varlen keys (its paged mode does not take every page size). None: not built.
     prefill_key_slots: torch.Tensor | None = None  # [sum of the chunks' context_lens] int64
     prefill_cu_keys: torch.Tensor | None = None  # [num_prefill_seqs + 1] int32
+    # Rows of one token each (graph steps), attended in tiles of consecutive rows of one sequence:
+    # [T, 2] int32 (first row, rows), rows 0 for an unused entry (``paged_tiles``). None: row by row.
+    row_tiles: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -184,12 +184,13 @@ def _reloaded(engine: Engine):  # type: ignore[no-untyped-def]
     return random_adapter(engine, 99, 8, ("q_proj", "o_proj", "down_proj"))
 
 
-def test_prefill_chunks_through_the_graph_layout_match_plain_steps(model_dir: Path, backend: str,
-                                                                   graph_tiling: str) -> None:
+def test_prefill_chunks_through_the_graph_layout_match_plain_steps(  # noqa: PLR0917
+        model_dir: Path, backend: str, graph_tiling: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompt tokens laid out as graph rows (each attends over its own context through the paged
-    kernel): prompts of several chunks, prefix-cache hits, adapters and the base model mixed, against
-    plain steps token for token, whatever the SMLM row tile of prefill-sized buckets; a step whose
-    prompt rows would read too many keys stays eager."""
+    kernels: row by row, or in tiles in buckets past the batch): prompts of several chunks,
+    prefix-cache hits, adapters and the base model mixed, against plain steps token for token,
+    whatever the SMLM row tile of prefill-sized buckets; a step whose prompt rows would read too
+    many keys stays eager."""
     if backend == "reference" and graph_tiling != "rows16":
         pytest.skip("the torch reference walks host segments, not the row blocks")
     gen = torch.Generator().manual_seed(7)
@@ -203,19 +204,21 @@ def test_prefill_chunks_through_the_graph_layout_match_plain_steps(model_dir: Pa
     got = graphs.generate(prompts, adapter_ids=adapters, sampling=sampling)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert graphs.runner.num_graph_prefill_steps >= 2  # 64-token chunks of the longer prompts
+    g = graphs.runner.graphs
+    assert g is not None
+    if backend == "triton":  # buckets past max_batch attend in tiles (the Triton kernel's path)
+        assert g.tile_rows > 0 and g.num_tiled_layouts >= 1
     # one long prompt: 230 rows reading ~115 keys each on average is still a graph step; with the
     # budget lowered to 16 keys per row it runs eagerly, with the same tokens
     long = [torch.randint(3, 250, (230,), generator=gen).tolist()]
     want = plain.generate(long, sampling=sampling)
-    import loquetier.engine.runner as runner_mod
+    import loquetier.engine.graphs as graphs_mod
 
     before = graphs.runner.num_graph_prefill_steps
-    old = runner_mod.GRAPH_MAX_MEAN_CONTEXT
-    runner_mod.GRAPH_MAX_MEAN_CONTEXT = 16
-    try:
-        got = graphs.generate(long, sampling=sampling)
-    finally:
-        runner_mod.GRAPH_MAX_MEAN_CONTEXT = old
+    monkeypatch.setattr(graphs_mod, "GRAPH_MAX_MEAN_CONTEXT", 16)
+    monkeypatch.setattr(g, "_tile_mean_context", 16 if g.tile_rows else 0)
+    got = graphs.generate(long, sampling=sampling)
+    monkeypatch.undo()
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert graphs.runner.num_graph_prefill_steps == before
 
@@ -257,7 +260,8 @@ def test_graph_launches_walk_only_the_row_blocks_a_step_can_lay_out(model_dir: P
 def test_captured_prefill_graphs_match_plain_steps_on_cuda(model_dir: Path, rows: int,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU, fp32: prompts laid out as rows of captured graphs, their SMLM launches tiling rows by
-    16 or 64, against plain steps token for token."""
+    16 or 64, against plain steps token for token; then a 440-token prompt, whose later 64-token
+    chunks read ~300-400 keys a row: they replay graphs too, attended in tiles."""
     from loquetier.kernels import smlm
 
     force_backend(None)
@@ -273,6 +277,14 @@ def test_captured_prefill_graphs_match_plain_steps_on_cuda(model_dir: Path, rows
     got = graphs.generate(prompts, adapter_ids=adapters, sampling=sampling)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert graphs.runner.num_graph_prefill_steps >= 2
+    g = graphs.runner.graphs
+    assert g is not None and g.tile_rows > 0
+    long = [torch.randint(3, 250, (440,), generator=gen).tolist()]
+    tiled, steps = g.num_tiled_layouts, graphs.runner.num_graph_prefill_steps
+    want = plain.generate(long, adapter_ids=["b"], sampling=sampling)
+    got = graphs.generate(long, adapter_ids=["b"], sampling=sampling)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert graphs.runner.num_graph_prefill_steps - steps >= 6 and g.num_tiled_layouts - tiled >= 6
 
 
 def test_token_buckets_past_the_batch() -> None:
@@ -339,3 +351,44 @@ def test_staging_lands_every_input_in_its_buffer_with_its_dtype(device: str) -> 
         stage.put(torch.zeros(5, dtype=torch.int64), ids[:4])
     with pytest.raises(ValueError, match="staged"):
         stage.put(torch.zeros(201, dtype=torch.int64), torch.zeros(201, dtype=torch.int64, device=dev))
+
+
+def test_deep_prompt_rows_take_a_tiled_bucket_with_the_row_by_row_logits(model_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of two decode rows and a short prompt chunk deep in its context fits a decode-sized
+    bucket, but its prompt rows would read ~300 keys each there: it is laid out in the smallest bucket
+    past the batch, whose attention runs in tiles, with the logits of the row-by-row layout. Shallow
+    steps keep their decode-sized bucket."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton attention kernels run on CPU only under TRITON_INTERPRET=1")
+    from loquetier.engine.graphs import PrefillRows
+    from loquetier.kernels import paged_attention as pa
+
+    force_backend("reference")
+    try:
+        engine = make_engine(model_dir, cuda_graphs="off", num_kv_blocks=160, max_model_len=400)
+        engine.model.attn_impl = "triton"
+        gen = torch.Generator().manual_seed(11)
+        for cache in (*engine.kv.k, *engine.kv.v):  # every key and value random (the context is read)
+            cache.copy_(torch.randn(cache.shape, generator=gen).to(cache.dtype))
+        table = list(range(1, 41))  # 320 positions of 8
+        rows = [DecodeRow("d1", 7, 20, list(range(41, 44)), slot=-1),
+                DecodeRow("d2", 9, 33, list(range(44, 49)), slot=-1),
+                PrefillRows("p", [5, 6, 7, 8, 9, 10], 300, table, slot=-1, needs_logits=True)]
+        logits = {}
+        for tiles in (1, 0):
+            monkeypatch.setattr(pa, "TUNING", dataclasses.replace(pa.TUNING, graph_tiles=tiles))
+            g = DecodeGraphs(engine.model, engine.kv, 8, engine.max_model_len, engine.blocks.num_blocks,
+                             mode="eager", max_tokens=64, max_segments=6)
+            assert (g.tile_rows > 0) == bool(tiles) and g.max_mean_context == (2048 if tiles else 256)
+            out, ids = g.run(rows)
+            logits[tiles] = out.clone()
+            assert ids == ["d1", "d2", "p"]
+            assert g._current[0] == (g.buckets[g.buckets.index(8) + 1] if tiles else 8)  # past the batch
+            assert g.num_tiled_layouts == int(bool(tiles))
+            shallow = [rows[0], PrefillRows("q", [3, 4], 4, [49], slot=-1, needs_logits=True)]
+            g.run(shallow)
+            assert g._current[0] == 4 and g.num_tiled_layouts == int(bool(tiles))
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    finally:
+        force_backend(None)

@@ -183,3 +183,60 @@ def test_launch_parameters_from_the_environment_and_the_partition_rule(monkeypat
     ref = paged_attention(q, kc, vc, meta, 0.2, impl="reference")
     got = pa.paged_decode(q, kc, vc, meta.block_tables, meta.context_lens, 0.2, meta.max_context_len, tuning=many)
     _check(got, ref, torch.float32)
+
+
+def _rows_layout(meta: object, tile: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's groups (prompt chunks, then decode rows) laid out one token per row, as captured graph
+    steps lay them out: each row with its own context length and a copy of its sequence's block table;
+    and its tiles (every chunk cut into tiles of ``tile`` rows, a decode row one tile), shuffled, with
+    unused entries among them."""
+    tables, ctx, tiles, row = [], [], [], 0
+    for q_len, c, table in zip(meta.host_q_lens, meta.host_context_lens, meta.host_block_tables, strict=True):
+        for i in range(q_len):
+            ctx.append(c - q_len + i + 1)
+            tables.append(list(table))
+        tiles += [(row + t, min(tile, q_len - t)) for t in range(0, q_len, tile)]
+        row += q_len
+    width = max(map(len, tables))
+    tiles += [(0, 0)] * 3
+    random.Random(seed).shuffle(tiles)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return (bt.to(DEVICE), torch.tensor(ctx, dtype=torch.int32, device=DEVICE),
+            torch.tensor(tiles, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 4, 32), (8, 2, 32), (12, 3, 16), (16, 1, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("window", [None, 7, 40])
+def test_tiles_match_reference(dtype: torch.dtype, shape: tuple[int, int, int], window: int | None) -> None:
+    """Prompt chunks (first, middle and deep, shorter and longer than a tile, over scattered pages)
+    and decode rows, one token per row, attended in tiles: every row equals the reference's, with
+    the causal mask (and the window) taken per row inside a tile; poisoned slots past each row's
+    context stay unread."""
+    prefill = [(3, 10), (1, 1), (16, 16), (40, 300), (21, 37)]
+    q, kc, vc, meta = _case([5, 33, 1], *shape, dtype, prefill=prefill, seed=5)
+    ref = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.3, window=window, impl="reference")
+    tile = pa.tile_rows(shape[0], shape[1])
+    assert tile * triton_next_pow2(shape[0] // shape[1]) == pa.TUNING.tile_m
+    bt, ctx, tiles = _rows_layout(meta, tile, seed=6)
+    got = pa.paged_tiles(q, kc, vc, bt, ctx, tiles, 0.3, window)
+    _check(got, ref.to(dtype), dtype)
+
+
+def test_tiles_leave_rows_no_tile_holds_and_any_tile_size_agrees() -> None:
+    """Rows outside every tile are not written (a caller covers the rows it reads); tiles shorter than
+    ``tile_rows`` (a smaller ``tile_m``) give the same output."""
+    q, kc, vc, meta = _case([9], 8, 2, 32, torch.float32, prefill=[(30, 45)], seed=7)
+    ref = paged_attention(q, kc, vc, meta, 0.2, impl="reference")
+    small = pa.AttnTuning(tile_m=16)  # 4 rows a tile for a group of 4
+    assert pa.tile_rows(8, 2, small) == 4
+    bt, ctx, tiles = _rows_layout(meta, 4, seed=8)
+    _check(pa.paged_tiles(q, kc, vc, bt, ctx, tiles, 0.2, tuning=small), ref, torch.float32)
+    held = tiles[tiles[:, 0] != 0]  # drop the tile of rows 0..3 (and the unused entries)
+    got = pa.paged_tiles(q, kc, vc, bt, ctx, held.contiguous(), 0.2, tuning=small)
+    torch.testing.assert_close(got[4:], ref[4:], rtol=2e-5, atol=2e-5)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
