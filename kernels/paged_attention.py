@@ -165,13 +165,14 @@ def paged_decode_combine_kernel(  # noqa: PLR0917
              mask=offs_d < HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["stride_bt", "window"])
+@triton.jit(do_not_specialize=["stride_bt", "window", "num_rows"])
 def paged_tiles_kernel(  # noqa: PLR0917
     q_ptr, stride_qn, stride_qh,  # [N, Hq, D] one query token per row
     k_ptr, v_ptr, stride_cb, stride_ct, stride_ch,  # [num_blocks, block_size, Hkv, D] (k and v alike)
     bt_ptr, stride_bt,  # [N, max_blocks] int32: a tile reads the table of its first row
     ctx_ptr,  # [N] int32 context length of each row (keys [0, ctx) incl. its own)
     tiles_ptr,  # [T, 2] int32 (first row, rows); rows 0: an unused entry
+    num_rows,  # N: a tile's rows past it are not read or written
     o_ptr, stride_on, stride_oh,  # [N, Hq, D] out
     qk_scale, window,  # scale * log2(e); window <= 0: none
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -183,7 +184,8 @@ def paged_tiles_kernel(  # noqa: PLR0917
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     row0 = tl.load(tiles_ptr + tile * 2)
-    n = tl.load(tiles_ptr + tile * 2 + 1)
+    n = tl.minimum(tl.load(tiles_ptr + tile * 2 + 1), num_rows - row0)
+    row0 = tl.where(n > 0, row0, 0)  # an unused entry (or one past the rows) reads row 0 and writes none
     BLOCK_M: tl.constexpr = BLOCK_T * GROUP_P
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -192,7 +194,7 @@ def paged_tiles_kernel(  # noqa: PLR0917
     g = offs_m % GROUP_P  # ... and the query head of the group, of each dot row
     m_valid = (j < n) & (g < GROUP)
     d_mask = offs_d < HEAD_DIM
-    rows = (row0 + tl.maximum(tl.minimum(j, n - 1), 0)).to(tl.int64)  # an unused entry reads row 0
+    rows = (row0 + tl.maximum(tl.minimum(j, n - 1), 0)).to(tl.int64)
     ctx = tl.load(ctx_ptr + rows)  # [BLOCK_M]
     hi = tl.where(n > 0, tl.max(ctx, axis=0), 0)  # an unused entry walks no key
     lo = tl.where(window > 0, tl.maximum(tl.min(ctx, axis=0) - window, 0), 0)
@@ -358,7 +360,7 @@ def paged_tiles(  # noqa: PLR0917
     keys through ``block_tables[r]``), where ``tiles`` [T, 2] int32 lists (first row, rows) with
     at most ``tile_rows(Hq, Hkv, tuning)`` rows each, every row of a tile of one sequence (the tile
     reads the block table of its first row), and rows 0 for an unused entry. Rows that no tile
-    holds are left unwritten. Returns [N, Hq, D] in q's dtype.
+    holds are left unwritten, and so are a tile's rows past N. Returns [N, Hq, D] in q's dtype.
     """
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -382,6 +384,7 @@ def paged_tiles(  # noqa: PLR0917
         block_tables, block_tables.stride(0),
         context_lens,
         tiles,
+        num_rows,
         out, out.stride(0), out.stride(1),
         scale * _LOG2E, window or 0,
         HEAD_DIM=head_dim, GROUP=group, GROUP_P=group_p, BLOCK_SIZE=k_cache.shape[1],

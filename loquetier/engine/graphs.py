@@ -356,13 +356,13 @@ class DecodeGraphs:
         if self.mode != "capture":
             return 0
         before = self.num_captures
-        self._fill([], self.max_tokens)  # every row a padding row
-        self._current = (0, False, [], 0)
         variants = (True, False) if backend_for(self.model.device).name == "triton" else (False,)
         for bucket in reversed(self.buckets):
+            self._fill([], bucket)  # every row a padding row (and the attention tiles of this bucket)
             for with_lora in variants:
                 if (bucket, with_lora) not in self._graphs:
                     self._graphs[(bucket, with_lora)] = self._capture(bucket, with_lora)
+        self._current = (0, False, [], 0)
         return self.num_captures - before
 
     # -- layout ------------------------------------------------------------------------------------

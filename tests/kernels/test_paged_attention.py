@@ -224,9 +224,10 @@ def test_tiles_match_reference(dtype: torch.dtype, shape: tuple[int, int, int], 
     _check(got, ref.to(dtype), dtype)
 
 
-def test_tiles_leave_rows_no_tile_holds_and_any_tile_size_agrees() -> None:
-    """Rows outside every tile are not written (a caller covers the rows it reads); tiles shorter than
-    ``tile_rows`` (a smaller ``tile_m``) give the same output."""
+def test_tiles_of_any_size_agree_and_write_only_their_rows() -> None:
+    """Tiles shorter than ``tile_rows`` (a smaller ``tile_m``) give the same output; rows outside every
+    tile are not written (a caller covers the rows it reads), nor rows past the last, which a
+    tile may reach (a graph's tile list sized for a larger bucket)."""
     q, kc, vc, meta = _case([9], 8, 2, 32, torch.float32, prefill=[(30, 45)], seed=7)
     ref = paged_attention(q, kc, vc, meta, 0.2, impl="reference")
     small = pa.AttnTuning(tile_m=16)  # 4 rows a tile for a group of 4
@@ -234,8 +235,14 @@ def test_tiles_leave_rows_no_tile_holds_and_any_tile_size_agrees() -> None:
     bt, ctx, tiles = _rows_layout(meta, 4, seed=8)
     _check(pa.paged_tiles(q, kc, vc, bt, ctx, tiles, 0.2, tuning=small), ref, torch.float32)
     held = tiles[tiles[:, 0] != 0]  # drop the tile of rows 0..3 (and the unused entries)
-    got = pa.paged_tiles(q, kc, vc, bt, ctx, held.contiguous(), 0.2, tuning=small)
+    past = torch.tensor([[len(ctx) + 5, 4]], dtype=torch.int32, device=DEVICE)  # wholly past the rows
+    got = pa.paged_tiles(q, kc, vc, bt, ctx, torch.cat([held, past]).contiguous(), 0.2, tuning=small)
     torch.testing.assert_close(got[4:], ref[4:], rtol=2e-5, atol=2e-5)
+    # a tile reaching past the last row: its rows inside are attended, none past them written
+    last = torch.tensor([[0, 4], [4, 4], [8, 4], [12, 4], [16, 4], [20, 4], [24, 4], [28, 4], [30, 4]],
+                        dtype=torch.int32, device=DEVICE)
+    got = pa.paged_tiles(q[:32], kc, vc, bt[:32], ctx[:32], last, 0.2, tuning=small)
+    torch.testing.assert_close(got, ref[:32], rtol=2e-5, atol=2e-5)
 
 
 def triton_next_pow2(n: int) -> int:
