@@ -14,8 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loquetier.db import repo
@@ -74,6 +73,16 @@ class _Stopping:
 
 
 @dataclass
+class _Pausing:
+    """A paused job running here, being stopped after a last checkpoint: ``stored`` is set when that
+    checkpoint is stored (``steps``: its step), ``stopped`` once the job is stopped."""
+
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    stored: asyncio.Event = field(default_factory=asyncio.Event)
+    steps: list[int] = field(default_factory=list)
+
+
+@dataclass
 class RunningJob:
     job: TrainingJobRecord
     step: int = 0
@@ -129,10 +138,7 @@ class LeasedJobs:
         # of that run are dropped, and the job starts here again only once it has (``_launch``)
         self._stopping: dict[str, _Stopping] = {}
         self._launching: set[str] = set()  # a claim's set-up in progress (data, checkpoint), by job id
-        # paused jobs running here being stopped after a last checkpoint: (set once stopped, the step of
-        # that checkpoint once stored); and the event its storing sets
-        self._pausing: dict[str, tuple[asyncio.Event, list[int]]] = {}
-        self._stored: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._pausing: dict[str, _Pausing] = {}  # paused jobs running here, stopped after a last checkpoint
         self._background: set[asyncio.Task[Any]] = set()
 
     def wake(self) -> None:
@@ -375,23 +381,22 @@ class LeasedJobs:
         step, or its checkpoint did not come in time)."""
         pending = self._pausing.get(job_id)
         if pending is not None:  # its lease renewal and the pause command both got here: one stop
-            await pending[0].wait()
-            return pending[1][-1] if pending[1] else None
+            await pending.stopped.wait()
+            return pending.steps[-1] if pending.steps else None
         if job_id not in self.running:
             await self._drop(job_id, "paused")
             return None
-        stopped, steps = self._pausing[job_id] = (asyncio.Event(), [])
+        pausing = self._pausing[job_id] = _Pausing()
         try:
             if await self._client.checkpoint_job(job_id):
-                await asyncio.wait_for(self._stored[job_id].wait(), self._settings.pause_checkpoint_s)
+                await asyncio.wait_for(pausing.stored.wait(), self._settings.pause_checkpoint_s)
         except (TimeoutError, EngineStopped) as exc:
             log.warning("paused job stopped without a last checkpoint", extra={"job_id": job_id, "error": repr(exc)})
         finally:
-            self._stored.pop(job_id, None)
             await self._drop(job_id, "paused")
             del self._pausing[job_id]
-            stopped.set()
-        return steps[-1] if steps else None
+            pausing.stopped.set()
+        return pausing.steps[-1] if pausing.steps else None
 
     async def _drop(self, job_id: str, why: str) -> None:
         rj = self.running.pop(job_id, None)
@@ -535,6 +540,8 @@ class LeasedJobs:
                 return None, [], taken
             saved = await repo.save_checkpoint(
                 s, job_id=ev.job_id, step=ev.step, meta={"worker_id": self._worker_id, "loss": rj.loss}, **blob)
+            if ev.job_id in self._pausing:  # the row of a paused job shows the step it resumes from
+                await repo.raise_job_step(s, ev.job_id, ev.step)
             return saved, await repo.prune_checkpoints(s, ev.job_id, keep), None
 
         row, dropped, other = await self._store.tx(save)
@@ -546,8 +553,8 @@ class LeasedJobs:
         log.info("checkpoint stored", extra={"job_id": ev.job_id, "step": ev.step, "bytes": row.size_bytes})
         pausing = self._pausing.get(ev.job_id)
         if pausing is not None:  # a paused job's last checkpoint: its pause may stop it now
-            pausing[1].append(ev.step)
-            self._stored[ev.job_id].set()
+            pausing.steps.append(ev.step)
+            pausing.stored.set()
         await self._publisher.publish(
             CheckpointResult(
                 job_id=ev.job_id,

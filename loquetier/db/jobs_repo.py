@@ -206,6 +206,12 @@ async def renew_lease(session: AsyncSession, job_id: str, worker_id: str, *, lea
     return (await session.execute(stmt)).scalar_one_or_none() is not None
 
 
+async def raise_job_step(session: AsyncSession, job_id: str, step: int) -> None:
+    """The job's ``step`` becomes ``step`` where it shows less (a checkpoint stored past the last
+    progress report: the row then shows the step the job resumes from)."""
+    await session.execute(update(JobRow).where(JobRow.job_id == job_id, JobRow.step < step).values(step=step))
+
+
 async def update_job_progress(
     session: AsyncSession,
     job_id: str,

@@ -99,8 +99,8 @@ async def test_pause_resume_cancel_unload_load_and_drain(topics: Any, database_u
 async def test_a_paused_job_keeps_its_progress_and_resumes_from_where_it_stopped(
         topics: Any, database_url: str) -> None:
     """A job that checkpoints only at its end (``checkpoint_every`` past its steps, as the gateway's
-    jobs do) is checkpointed as it stands when paused: the ack names the step, the row is there, and
-    the resumed run starts from it, not from step 0."""
+    jobs do) is checkpointed as it stands when paused: the ack names the step, the checkpoint row is
+    there, the job's row shows that step, and the resumed run starts from it, not from step 0."""
     settings = await topics()
     engine = FakeEngine()
     async with running_worker(engine, settings) as worker, client_for(settings) as client:
@@ -112,6 +112,8 @@ async def test_a_paused_job_keeps_its_progress_and_resumes_from_where_it_stopped
         assert step >= 3
         latest = await query(database_url, lambda s: repo.latest_checkpoint(s, job_id))
         assert latest is not None and latest.step == step
+        row = await query(database_url, lambda s: repo.get_job(s, job_id))
+        assert row.step == step  # the row shows the step it resumes from, not the last report's
         assert await job_status(database_url, job_id) == "paused" and job_id not in worker.jobs.running
         assert (await client.control("resume", job_id, wait=True)).ok
         await until(lambda: _true(job_id in engine.jobs))
