@@ -165,9 +165,14 @@ class Control:
 
     async def _cancel(self, cmd: ControlCommand) -> Outcome:
         target = cmd.target_id
-        job = await self._store.tx(lambda s: repo.get_job(s, target))
+
+        async def rows(s: Any) -> tuple[Any, Any]:  # one transaction: a storm of unknown ids costs one each
+            job = await repo.get_job(s, target)
+            return job, None if job is not None else await repo.get_request(s, target)
+
+        job, request = await self._store.tx(rows)
         if job is None:
-            return await self._cancel_request(target)
+            return await self._cancel_request(target, request)
         cancelled = await self._store.tx(lambda s: repo.finish_job(s, target, status="cancelled", error="cancelled"))
         await self._jobs.stop_local(target)  # also when it ended meanwhile (e.g. cancelled by a gateway)
         if not cancelled:
@@ -177,11 +182,13 @@ class Control:
         )
         return f"job {target!r} cancelled", None
 
-    async def _cancel_request(self, rid: str) -> Outcome:
+    async def _cancel_request(self, rid: str, row: Any) -> Outcome:
+        """``row``: the request's row as read before the engine was asked (None: no row then)."""
         if await self._client.abort(rid):
             log.info("request aborted", extra={"request_id": rid})
             return f"request {rid!r} cancelled", None
-        row = await self._store.tx(lambda s: repo.get_request(s, rid))
+        if row is not None and row.finished_at is None:  # it may have finished since: read again
+            row = await self._store.tx(lambda s: repo.get_request(s, rid))
         if row is None or row.finished_at is None:  # not read yet, or on its way to the engine here
             self._inference.note_cancel(rid)
         if row is None:
