@@ -74,6 +74,31 @@ def tuning_from_env() -> AttnTuning:
 TUNING = tuning_from_env()
 
 
+@triton.jit
+def _load_kv(k_ptr, v_ptr, table, toks, t_mask, offs_d, d_mask, head_off, stride_cb, stride_ct,  # noqa: PLR0917
+             BLOCK_SIZE: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] of the keys at positions ``toks`` (``t_mask``: those to read) through
+    the block table ``table``; zeros elsewhere."""
+    blk = tl.load(table + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    kv_off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + head_off  # [BLOCK_N]
+    kv_mask = t_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax: scores ``s`` [M, BLOCK_N] (scaled for base 2, -inf where a
+    key is hidden) and values ``v``; returns the running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
+    return m_new, l_i, acc
+
+
 # The block-table width, the window, the split count and the first row's offset vary from step to step:
 # specialized (on 1 and on multiples of 16) each would compile variants of its own while a step is
 # served. The tables come in whole with an offset, not sliced: a slice's address is 16-byte aligned
@@ -120,19 +145,11 @@ def paged_decode_kernel(  # noqa: PLR0917
     for t0 in range(start, end, BLOCK_N):  # every tile holds >= 1 visible key: m_i stays finite
         toks = t0 + offs_n
         t_mask = toks < end
-        blk = tl.load(table + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        kv_off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + head_off  # [BLOCK_N]
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_ptr, v_ptr, table, toks, t_mask, offs_d, d_mask, head_off, stride_cb, stride_ct,
+                        BLOCK_SIZE)  # [BLOCK_N, BLOCK_D] each
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
         s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, IEEE)
 
     out = acc / tl.maximum(l_i, 1e-30)[:, None]  # an empty partition (l = 0) writes zeros
     o_rows = o_ptr + seq.to(tl.int64) * stride_os + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]
@@ -212,21 +229,13 @@ def paged_tiles_kernel(  # noqa: PLR0917
     for t0 in range(lo, hi, BLOCK_N):
         toks = t0 + offs_n
         t_mask = toks < hi
-        blk = tl.load(table + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        kv_off = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + head_off  # [BLOCK_N]
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_ptr, v_ptr, table, toks, t_mask, offs_d, d_mask, head_off, stride_cb, stride_ct,
+                        BLOCK_SIZE)  # [BLOCK_N, BLOCK_D] each
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE)
         visible = toks[None, :] < ctx[:, None]
         visible = visible & ((window <= 0) | (toks[None, :] >= ctx[:, None] - window))
         s = tl.where(visible, s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, IEEE)
 
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     o_rows = o_ptr + rows[:, None] * stride_on + heads[:, None] * stride_oh + offs_d[None, :]
