@@ -238,8 +238,9 @@ def test_tiles_of_any_size_agree_and_write_only_their_rows() -> None:
     past = torch.tensor([[len(ctx) + 5, 4]], dtype=torch.int32, device=DEVICE)  # wholly past the rows
     got = pa.paged_tiles(q, kc, vc, bt, ctx, torch.cat([held, past]).contiguous(), 0.2, tuning=small)
     torch.testing.assert_close(got[4:], ref[4:], rtol=2e-5, atol=2e-5)
-    # a tile reaching past the last row: its rows inside are attended, none past them written
-    last = torch.tensor([[0, 4], [4, 4], [8, 4], [12, 4], [16, 4], [20, 4], [24, 4], [28, 4], [30, 4]],
+    # a tile reaching past the last row (the decode row's): its rows inside are attended, none past
+    # them written; a tile never crosses from one sequence's rows into another's (rows 0-29 | 30)
+    last = torch.tensor([[0, 4], [4, 4], [8, 4], [12, 4], [16, 4], [20, 4], [24, 4], [28, 2], [30, 4]],
                         dtype=torch.int32, device=DEVICE)
     got = pa.paged_tiles(q[:32], kc, vc, bt[:32], ctx[:32], last, 0.2, tuning=small)
     torch.testing.assert_close(got, ref[:32], rtol=2e-5, atol=2e-5)
