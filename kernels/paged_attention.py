@@ -259,6 +259,18 @@ def num_splits_for(num_seqs: int, num_kv_heads: int, max_context_len: int, devic
     return max(1, min(want, triton.cdiv(max_context_len, max(tuning.min_split_tokens, 1)), _MAX_SPLITS))
 
 
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, query heads, head dim, KV heads) of q [N, Hq, D] over caches [blocks, block_size, Hkv,
+    D] of one dtype and layout, D contiguous."""
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
+    assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the cache must share a dtype"
+    return num_rows, num_heads, head_dim, num_kv_heads
+
+
 def paged_decode(  # noqa: PLR0917
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -293,12 +305,7 @@ def paged_decode(  # noqa: PLR0917
     prefill chunks of a step, without slicing the tables). ``tuning``: launch parameters (None:
     ``TUNING``, from ``LOQUETIER_ATTN_TUNING``).
     """
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
-    assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
-    assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the cache must share a dtype"
+    num_seqs, num_heads, head_dim, num_kv_heads = _check_cache(q, k_cache, v_cache)
     assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
     assert block_tables.shape[0] == seq_offset + num_seqs == context_lens.shape[0] and block_tables.stride(1) == 1
     assert block_tables.shape[1] * k_cache.shape[1] >= max_context_len >= 1
@@ -371,12 +378,7 @@ def paged_tiles(  # noqa: PLR0917
     reads the block table of its first row), and rows 0 for an unused entry. Rows that no tile
     holds are left unwritten, and so are a tile's rows past N. Returns [N, Hq, D] in q's dtype.
     """
-    num_rows, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
-    assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
-    assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the cache must share a dtype"
+    num_rows, num_heads, head_dim, num_kv_heads = _check_cache(q, k_cache, v_cache)
     assert block_tables.dtype == context_lens.dtype == tiles.dtype == torch.int32
     assert block_tables.shape[0] == num_rows == context_lens.shape[0] and block_tables.stride(1) == 1
     assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous()
