@@ -128,20 +128,23 @@ def test_no_template_and_refused_turns_are_engine_errors() -> None:
 
 
 def test_segments_put_loss_on_assistant_turns_only(tokenizer: Any) -> None:
-    rng = random.Random()
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
     turns = _chat(rng, rng.randint(2, 7))
     segments = chat_segments(tokenizer, turns)
     answers = [m["content"] for m in turns if m["role"] == "assistant"]
     targets = [tokenizer.decode(ids) for ids, is_target in segments if is_target]
-    assert targets == [f"{a}</s>\n" for a in answers]  # each answer and its closing EOS
-    for index, message in enumerate(turns):  # what precedes an answer is exactly its inference prompt
-        if message["role"] == "assistant":
-            prefix: list[int] = []
-            for ids, is_target in segments:
-                if is_target and tokenizer.decode(ids) == f"{message['content']}</s>\n":
-                    break
-                prefix += ids
-            assert prefix == chat_prompt_ids(tokenizer, turns[:index])
+    assert targets == [f"{a}</s>\n" for a in answers], seed  # each answer and its closing EOS
+    # what precedes the k-th answer is exactly its inference prompt (answers may repeat: found by
+    # position, not by text)
+    answer_turns = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+    prefix: list[int] = []
+    for ids, is_target in segments:
+        if is_target:
+            index = answer_turns.pop(0)
+            assert prefix == chat_prompt_ids(tokenizer, turns[:index]), seed
+        prefix += ids
+    assert not answer_turns, seed
 
 
 def test_a_template_that_is_not_incremental_is_refused() -> None:
