@@ -5,8 +5,11 @@
 Cases, with CUDA graphs off (the steps that cannot replay a graph): decode-only steps at batch 64
 with no adapters and with 32 rank-16 adapters; 64 decode rows + a 512-token prompt chunk deep into
 its context; 4 training jobs (1,024-token micro-batches) alone; the same beside 64 decode rows.
-With ``--graphs``: graphs captured, decode windows off, so each step is one a served engine runs
-alone, and one more case: a fresh 512-token prompt beside the 64 decode rows. Which prompt steps
+With ``--graphs``: graphs captured, decode windows and asynchronous steps off, so each step is one
+a served engine runs alone, and one more case: a fresh 512-token prompt beside the 64 decode rows;
+then the same graph steps back to back, one synchronization per run of steps, with asynchronous
+steps (``engine/async_step.py``) on and off, alternately, twice: how much of the host's time the
+GPU no longer waits for. Which prompt steps
 replay a graph follows the attention tuning (``LOQUETIER_ATTN_TUNING=graph_tiles=0``: prompt rows
 attended one by one, so only those averaging up to 256 keys).
 For each case it prints the median wall time of a step and splits it:
@@ -202,6 +205,41 @@ def _launch_costs(engine: Engine) -> dict[str, float]:
     return res
 
 
+def _pipelined_ab(engine: Engine, adapters: list[str | None], steps: int,
+                  settle: Callable[[], None]) -> list[dict[str, Any]]:
+    """ms per graph step when ``steps`` steps run back to back (one sync at the end), asynchronous
+    steps on and off, alternating, two rounds: 64 decode rows with 32 adapters and a prompt waiting
+    (no decode window forms), and the same rows with a fresh 512-token prompt added before each step."""
+    results = []
+    for case, per_step in (("decode b64, 32 adapters, a prompt waiting", False),
+                           ("64 decode + a fresh 512-token prompt each step", True)):
+        times: dict[bool, list[float]] = {True: [], False: []}
+        launched = engine.steps.num_launched
+        for on in (True, False, True, False):
+            engine.steps.enabled = on
+            _fill(engine, 64, adapters, f"pipe-{case[:6]}-{on}-{len(times[on])}")
+            settle()
+            if not per_step:  # the batch is full: one more request waits, so no window forms
+                engine.scheduler.queue.max_num_seqs = 64
+                _fill(engine, 1, adapters, f"wait-{on}-{len(times[on])}")
+            _sync()
+            t = time.perf_counter()
+            for i in range(steps):
+                if per_step:
+                    _fill(engine, 1, adapters, f"pipe-fresh-{on}-{len(times[on])}-{i}", prompt_len=512)
+                engine.step()
+            _sync()
+            times[on].append(round((time.perf_counter() - t) / steps * 1e3, 2))
+            engine.scheduler.queue.max_num_seqs = engine.config.scheduler.max_num_seqs
+            _drain(engine)
+        engine.steps.enabled = False
+        launched = engine.steps.num_launched - launched
+        results.append({"case": case, "on_ms": times[True], "off_ms": times[False], "async_steps": launched})
+        print(f"== pipelined {case}: on {times[True]} ms/step, off {times[False]} ms/step, "
+              f"{launched} asynchronous steps", flush=True)
+    return results
+
+
 def _drain(engine: Engine) -> None:
     for rid in list(engine.requests._requests):
         engine.abort(rid)
@@ -229,8 +267,9 @@ def main() -> None:
                                     else 0.2, max_num_seqs=128, max_num_batched_tokens=4096 + 128,
                                     max_prefill_chunk=512, max_adapter_slots=36, num_train_slots=4,
                                     max_lora_rank=16, max_model_len=2048,
-                                    cuda_graphs="on" if args.graphs else "off",
-                                    decode_window=1 if args.graphs else 4,
+                                    cuda_graphs=("on" if args.device == "cuda" else "eager") if args.graphs
+                                    else "off",
+                                    decode_window=1 if args.graphs else 4, async_steps=False,
                                     default_tpot_ms=100_000.0, default_ttft_ms=100_000.0,
                                     adapter_cache_bytes=16 << 30)  # 32 adapters of the 8B shape: 5.4 GB
     t0 = time.perf_counter()
@@ -293,6 +332,7 @@ def main() -> None:
         engine.cancel_job(j)
     _drain(engine)
     ph.restore()
+    pipelined = _pipelined_ab(engine, adapters, args.steps * 3, settle) if args.graphs else []
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     title = f"# profile_step {args.model} on {where}" + (", captured graphs, no decode windows" if args.graphs else "")
     lines = [title,
@@ -301,6 +341,15 @@ def main() -> None:
         phases = ", ".join(f"{k} {v}" for k, v in r["host_ms_per_phase"].items())
         lines.append(f"| {r['case']} | {r['median_ms']} ms | {r['gpu_busy_ms']:.2f} ms | {r['kernels']} | {phases} |")
     lines += ["", "launch costs (host, us): " + ", ".join(f"{k} {v:.1f}" for k, v in launch.items()), ""]
+    if pipelined:
+        lines += ["## Steps back to back, asynchronous steps on and off", "",
+                  "ms per step over runs of steps with one synchronization each (two rounds, alternating):", "",
+                  "| case | on | off | off / on |", "|---|---|---|---|"]
+        for r in pipelined:
+            on, off = r["on_ms"], r["off_ms"]
+            lines.append(f"| {r['case']} | {' / '.join(map(str, on))} ms | {' / '.join(map(str, off))} ms | "
+                         f"{min(off) / min(on):.3f} |")
+        lines.append("")
     for r in report:
         lines += [f"## {r['case']}", "top CUDA (name, count, ms):"]
         lines += [f"  {t}" for t in r["top_cuda"]]
@@ -313,7 +362,8 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = "profile_step_graphs" if args.graphs else "profile_step"
         Path(args.out, f"{name}.md").write_text(text)
-        Path(args.out, f"{name}.json").write_text(json.dumps({"launch_us": launch, "cases": report}, indent=1))
+        Path(args.out, f"{name}.json").write_text(json.dumps({"launch_us": launch, "cases": report,
+                                                               "pipelined": pipelined}, indent=1))
 
 
 if __name__ == "__main__":

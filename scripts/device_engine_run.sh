@@ -32,8 +32,10 @@
 #   dense             bench_lora_dense: a decode step's linear layers in CUDA graphs, the LoRA terms by
 #                     the SMLM path against dense cuBLAS GEMMs over every slot (pool ranks 16 and 64)
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
+#   serving-ab        the same, the 32-adapter trace replayed again with asynchronous steps off, then on
 #   profile           profile_step: where an eager step's time goes (host phases, GPU busy, kernels)
-#   profile-graphs    profile_step --graphs: the same for graph steps run one at a time
+#   profile-graphs    profile_step --graphs: the same for graph steps run one at a time, then back to
+#                     back with asynchronous steps on and off
 #   profile-graphs-ab profile_step --graphs with LOQUETIER_ATTN_TUNING=$ATTN_AB (profile-ab/)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #   unified           bench_unified at 20 requests/s (no PEFT baseline): SLO and training share
@@ -89,7 +91,7 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/kernels/test_fused.py -k "${GPU_TESTS_K:-cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv or fused_inference_rows}" ;;
+            tests/engine/test_graphs.py tests/engine/test_async_step.py tests/kernels/test_fused.py -k "${GPU_TESTS_K:-cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv or fused_inference_rows}" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
@@ -120,6 +122,8 @@ for name in $STEPS; do
         dense) step dense 300 "$PY" -m benchmarks.bench_lora_dense --out "$OUT/dense" ;;
         serving) step serving 200 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
             --no-mixed-ranks --out "$OUT/serving" ;;
+        serving-ab) step serving-ab 330 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
+            --no-mixed-ranks --async-ab --out "$OUT/serving-ab" ;;
         profile) step profile 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda --out "$OUT/profile" ;;
         profile-graphs) step profile-graphs 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda --graphs \
             --out "$OUT/profile" ;;

@@ -187,6 +187,8 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     )
     ap.add_argument("--no-baselines", action="store_true", help="skip the HF / PEFT baselines")
     ap.add_argument("--no-mixed-ranks", action="store_true", help="bench_serving: skip the mixed-rank replay")
+    ap.add_argument("--async-ab", action="store_true",
+                    help="bench_serving: replay the 32-adapter trace again with asynchronous steps off, then on")
     ap.add_argument("--lookahead", type=int, default=0, metavar="N",
                     help="bench_unified: one more unified replay with the scheduler's tpot_lookahead = N "
                          "(default 0: the comparison without borrowing; skipped when N is the engine's default)")

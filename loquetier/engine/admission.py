@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from loquetier.engine.kv_cache import BlockManager
+from loquetier.engine.kv_cache import PENDING_TOKEN, BlockManager
 from loquetier.engine.sequence import RequestState
 from loquetier.lora.config import AdapterCapacityError, AdapterError
 from loquetier.lora.manager import AdapterManager
@@ -30,7 +30,14 @@ class BlockAllocator:
         if seq is None:
             raise KeyError(f"unknown sequence {seq_id!r}")
         if self.blocks.has_seq(seq_id):
-            self.blocks.append(seq_id, seq.token_ids[-num_new_tokens:])
+            # the step feeds positions up to num_computed + n - 1; those the blocks do not hold yet are
+            # appended (none when a recomputed sequence was admitted with its tokens, its last one fed as
+            # a decode row); a pending token, an asynchronous step's still on the device, goes in as
+            # PENDING_TOKEN until it is read
+            known = seq.token_ids
+            end = seq.num_computed_tokens + num_new_tokens
+            self.blocks.append(seq_id, [known[p] if p < len(known) else PENDING_TOKEN
+                                        for p in range(self.blocks.num_tokens(seq_id), end)])
             return 0
         return self.blocks.allocate(seq_id, seq.token_ids, seq.adapter_id, self._version(seq.adapter_id))
 

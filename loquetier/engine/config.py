@@ -49,6 +49,10 @@ class EngineConfig:
     # A decode window whose successor is known (same rows, nothing waiting) queues that successor on
     # the device before the host applies its tokens: the GPU runs on while the host works.
     chain_windows: bool = True
+    # Other inference steps that replay graphs (a prompt chunk in them, a prompt waiting) are scheduled
+    # and queued while the GPU runs the step before, whose tokens the host applies meanwhile; stop
+    # checks run one step behind (engine/async_step.py).
+    async_steps: bool = True
     # The BLAS library of the GEMMs on CUDA (torch's ``preferred_blas_library``, a setting of the whole
     # process): "cublas", "cublaslt", or "torch" (leave torch's choice). On the H200 cuBLASLt took
     # offline decode 1.5-2 % faster but the unified benchmark's serving and training slower (TPOT p50

@@ -73,13 +73,16 @@ class DecodeWindow:
         self.num_dropped = 0  # windows queued behind another and then dropped
         self._chained: _Chained | None = None
 
+    def possible(self, batch: ScheduledBatch) -> bool:
+        """Whether ``batch`` could start a window: decode rows only, replayed from a graph, nothing
+        waiting and no job with work (``size`` then says how long, from the rows' tokens and KV)."""
+        return not (self.max_steps <= 1 or not batch.decode_seqs or batch.prefill_chunks or batch.train_chunks
+                    or batch.eval_chunks or self.scheduler.waiting or self.jobs.has_work()
+                    or not self.runner.window_ready(batch))
+
     def size(self, batch: ScheduledBatch) -> int:
         """How many steps ``batch`` can run as one window (1: a plain step)."""
-        seqs = batch.decode_seqs
-        if (self.max_steps <= 1 or not seqs or batch.prefill_chunks or batch.train_chunks or batch.eval_chunks
-                or self.scheduler.waiting or self.jobs.has_work() or not self.runner.window_ready(batch)):
-            return 1
-        return self._reserve(seqs, 0)
+        return self._reserve(batch.decode_seqs, 0) if self.possible(batch) else 1
 
     def _reserve(self, seqs: list[RequestState], ahead: int) -> int:
         """How many steps ``seqs`` can run once ``ahead`` more are done (up to ``max_steps``; none past

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from loquetier.engine.admission import AdapterSlotGate, BlockAllocator
+from loquetier.engine.async_step import AsyncSteps
 from loquetier.engine.config import EngineConfig
 from loquetier.engine.decode_window import DecodeWindow
 from loquetier.engine.errors import EngineError
@@ -132,6 +133,8 @@ class Engine:
         self.isolation = StepIsolation(self.runner, self.scheduler, self.requests, self.jobs)
         self.window = DecodeWindow(self.scheduler, self.runner, self.blocks, self.requests, self.jobs,
                                    config.decode_window, self.max_model_len, chain=config.chain_windows)
+        self.steps = AsyncSteps(self.scheduler, self.runner, self.blocks, self.requests, self.jobs, self.window,
+                                enabled=config.async_steps)
         self._backlog: list[EngineEvent] = []
         self._ids = itertools.count()
         self.num_steps = 0
@@ -231,7 +234,8 @@ class Engine:
         ``recapture``: drop the graphs captured so far first (a graph keeps the kernel paths and the
         LoRA overlap that were on when it was captured)."""
         graphs = self.runner.graphs
-        self.window.drop_chained()  # captures rewrite the graphs' inputs
+        self._backlog += self._land()  # captures rewrite the graphs' inputs
+        self.window.drop_chained()
         if graphs is not None and recapture:
             graphs.drop()
         captured = graphs.capture_all() if graphs is not None else 0
@@ -497,20 +501,43 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self._backlog) or self.scheduler.has_unfinished_requests or self.jobs.has_work()
+        return (bool(self._backlog) or self.steps.in_flight or self.scheduler.has_unfinished_requests
+                or self.jobs.has_work())
 
     def step(self) -> list[EngineEvent]:
         events, self._backlog = self._backlog, []
         return events + self._step()
 
+    def _land(self) -> list[EngineEvent]:
+        """Apply the oldest asynchronous step in flight (``async_step.py``), if any; its events."""
+        return self.steps.land(self._clock)
+
     def _step(self) -> list[EngineEvent]:
         self.adapters.new_step()
+        landed: list[EngineEvent] = []
+        if self.steps.in_flight and not self.steps.may_schedule_ahead():
+            landed = self._land()
         batch: ScheduledBatch = self.scheduler.schedule(self._clock())
         unreadable = self._fail_unreadable_adapters() if self._gate.unavailable else []
         if batch.is_empty:
             self.window.drop_chained()
-            return unreadable + self.jobs.collect_idle()
+            return unreadable + landed + self._land() + self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
+        if self.steps.takes(batch):
+            self.window.drop_chained()  # before this step's draws: dropping a window undoes its draws
+            if self.steps.launch(batch):
+                self.num_steps += 1
+                # the step before runs out on the device while the host applies it
+                return unreadable + landed + (self._land() if self.steps.need_landing() else [])
+        if self.steps.in_flight:  # scheduled ahead, but not an asynchronous step: apply the one in flight
+            landed += self._land()
+            batch = self.steps.running_only(batch)
+            if batch.is_empty:
+                return unreadable + landed
+        return unreadable + landed + self._plain_step(batch)
+
+    def _plain_step(self, batch: ScheduledBatch) -> list[EngineEvent]:
+        """A decode window, or one step whose tokens the host reads before it returns."""
         window = self.window.size(batch)
         if window > 1:
             try:
@@ -519,7 +546,7 @@ class Engine:
                 warnings.warn(f"decode window of {window} steps failed, running one step: {exc!r}", stacklevel=2)
             else:
                 self.num_steps += window
-                return unreadable + events
+                return events
         self.window.drop_chained()  # a plain step: not the window queued on the device
         t0 = time.perf_counter()
         run, failed = self.isolation.run(batch)  # a part that fails is failed alone (isolation.py)
@@ -536,7 +563,7 @@ class Engine:
                 self.blocks.mark_computed(seq.seq_id, seq.num_computed_tokens)
         events = failed + request_events(step_events, run.logprobs, self.requests, self.scheduler, self._clock)
         events += self.jobs.after_step(run)
-        return unreadable + events
+        return events
 
     def _fail_unreadable_adapters(self) -> list[EngineEvent]:
         """Adapters that admission could not read again (their directory was deleted or changed since
@@ -566,6 +593,7 @@ class Engine:
         m = self.scheduler.metrics
         return {
             "num_steps": self.num_steps,
+            "async_steps": self.steps.num_launched,  # queued while the step before ran
             "decode_windows": self.window.num_windows,
             "decode_windows_chained": self.window.num_chained,  # taken from the device as queued
             "decode_windows_dropped": self.window.num_dropped,  # queued, then not the next step

@@ -58,6 +58,8 @@ from loquetier.models.batch import ForwardBatch, PagedMeta, VarlenMeta
 from loquetier.models.kv_cache import KVCache
 from loquetier.models.llama import LlamaModel
 
+Feed = tuple[torch.Tensor, dict[Hashable, int]]  # tokens on the device, and the index of each seq's token
+
 
 class _Group(NamedTuple):
     """One decode row or prefill chunk: consecutive rows of one sequence."""
@@ -198,6 +200,7 @@ class DecodeGraphs:
         self.blocks = torch.zeros(n, 3, dtype=i32, device=dev)  # (row_start, row_end, slot); empty = (0, 0, 0)
         self.q_cu = torch.arange(n + 1, dtype=i32, device=dev)
         self.logits_rows = torch.zeros(max_batch, dtype=i64, device=dev)  # rows whose logits are taken
+        self.fed = torch.zeros(max_batch, 2, dtype=i64, device=dev)  # (row, index): decode rows fed on the device
         self._empty_i32 = torch.zeros(0, dtype=i32, device=dev)
         self._empty_i64 = torch.zeros(0, dtype=i64, device=dev)
         self._no_rows = VarlenMeta(torch.zeros(1, dtype=i32, device=dev), 0, ())
@@ -227,7 +230,7 @@ class DecodeGraphs:
             if self._triton_decode and n > self.max_batch else (0, 0)
         self.tiles = torch.zeros(self._num_tiles(n), 2, dtype=torch.int32, device=dev)  # (first row, rows)
         # every input of a step in one pinned buffer: one asynchronous copy, no host synchronization
-        self._staging = HostStaging(n * (6 + self.max_blocks) + self.max_batch + 2 * self.tiles.shape[0], dev)
+        self._staging = HostStaging(n * (6 + self.max_blocks) + 3 * self.max_batch + 2 * self.tiles.shape[0], dev)
 
     def _tiled(self, bucket: int) -> bool:
         return bool(self.tile_rows) and bucket > self.max_batch
@@ -273,12 +276,16 @@ class DecodeGraphs:
     def bucket_for(self, num_rows: int) -> int | None:
         return next((b for b in self.buckets if b >= num_rows), None)
 
-    def run(self, rows: Sequence[DecodeRow | PrefillRows], lookahead: int = 0) -> tuple[torch.Tensor, list[Hashable]]:
+    def run(self, rows: Sequence[DecodeRow | PrefillRows], lookahead: int = 0,
+            feed: Feed | None = None) -> tuple[torch.Tensor, list[Hashable]]:
         """Logits [k, V] fp32 of an inference step (decode rows and prefill chunks), one row per
         decode row and per chunk that ends its prompt, and the seq id of each logits row.
 
         ``lookahead`` > 0 (decode rows only): the block tables also hold the blocks of each row's next
-        ``lookahead`` positions, so :meth:`advance` can run that many more steps without the host."""
+        ``lookahead`` positions, so :meth:`advance` can run that many more steps without the host.
+        ``feed`` (tokens on the device, seq id -> index): the decode rows of those sequences feed
+        ``tokens[index]``, a token the previous step sampled that the host has not read, in place of
+        their ``token_id``."""
         groups = [_group(r) for r in rows]
         num_rows = sum(len(g.tokens) for g in groups)
         bucket = self.bucket_for(num_rows)
@@ -297,7 +304,7 @@ class DecodeGraphs:
                 backend_for(self.model.device).name != "triton":
             # the torch reference walks host segments, which a replayed graph would not update
             raise RuntimeError("decode graphs with adapters need the Triton SMLM kernels")
-        segments, seq_ids = self._fill(groups, bucket, lookahead)
+        segments, seq_ids = self._fill(groups, bucket, lookahead, feed)
         self._current = (bucket, bool(segments), segments, num_rows)
         return self._execute()[: len(seq_ids)], seq_ids
 
@@ -366,11 +373,12 @@ class DecodeGraphs:
         return self.num_captures - before
 
     # -- layout ------------------------------------------------------------------------------------
-    def _fill(self, groups: Sequence[_Group], bucket: int,
-              lookahead: int = 0) -> tuple[list[tuple[int, int, int]], list[Hashable]]:
+    def _fill(self, groups: Sequence[_Group], bucket: int, lookahead: int = 0,
+              feed: Feed | None = None) -> tuple[list[tuple[int, int, int]], list[Hashable]]:
         """Write the rows (then padding up to ``bucket``) into the static buffers; one host-to-device
         copy per buffer. Returns the adapter segments (start, length, slot) and the seq id of each
-        logits row, in the order of the logits. Block tables cover ``lookahead`` positions more."""
+        logits row, in the order of the logits. Block tables cover ``lookahead`` positions more; the
+        decode rows ``feed`` names take their token from its tensor (device-side copies)."""
         self.num_layouts += 1
         bs, width, scratch = self.block_size, self.max_blocks, self.scratch_block
         lens = [len(g.tokens) for g in groups]
@@ -381,8 +389,9 @@ class DecodeGraphs:
         tables: list[list[int]] = []
         logit_rows: list[int] = []
         seq_ids: list[Hashable] = []
+        fed: list[tuple[int, int]] = []  # (row, index into feed's tokens)
         row = 0
-        for (seq_id, tokens, start, block_table, _, needs_logits, _), length in zip(groups, lens, strict=True):
+        for (seq_id, tokens, start, block_table, _, needs_logits, prompt), length in zip(groups, lens, strict=True):
             last = start + length - 1 + lookahead
             if last >= self.max_model_len:
                 raise ValueError(f"position {last} is past max_model_len {self.max_model_len}")
@@ -390,6 +399,8 @@ class DecodeGraphs:
             if len(block_table) < used:
                 raise ValueError(f"block table of {len(block_table)} blocks cannot hold position {last}")
             tables.append(list(block_table[:used]))
+            if feed is not None and not prompt and seq_id in feed[1]:
+                fed.append((row, feed[1][seq_id]))
             row += length
             if needs_logits:
                 logit_rows.append(row - 1)
@@ -441,7 +452,13 @@ class DecodeGraphs:
         stage.put(rows_t, self.logits_rows[:num_logits])
         if tiles:
             stage.put(torch.tensor(tiles, dtype=torch.int64), self.tiles[: len(tiles)])
+        if fed:
+            stage.put(torch.tensor(fed, dtype=torch.int64), self.fed[: len(fed)])
         stage.flush()
+        if fed:
+            assert feed is not None
+            rows_fed = self.fed[: len(fed)]
+            self.input_ids.index_copy_(0, rows_fed[:, 0], feed[0].index_select(0, rows_fed[:, 1]).to(torch.int64))
         if self.mode == "eager":  # the reference attention reads host context lengths and tables
             self._host = (ctx.tolist(), row_tables.tolist())
         return segments, seq_ids

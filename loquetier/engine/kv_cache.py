@@ -25,6 +25,8 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+PENDING_TOKEN = -1  # a token an asynchronous step samples on the device, until ``set_token`` writes it in
+
 
 class NoFreeBlocksError(RuntimeError):
     pass
@@ -129,6 +131,16 @@ class BlockManager:
         state.token_ids.extend(int(t) for t in token_ids)
         state.blocks.extend(self._take_free() for _ in range(need))
 
+    def set_token(self, seq_id: Hashable, position: int, token_id: int) -> None:
+        """The token at ``position`` read from the device: written in where it was appended as
+        ``PENDING_TOKEN``; nothing to do where it is not appended yet."""
+        tokens = self._seqs[seq_id].token_ids
+        if position >= len(tokens) or tokens[position] == token_id:
+            return
+        if tokens[position] != PENDING_TOKEN:
+            raise ValueError(f"position {position} of {seq_id!r} holds token {tokens[position]}, not {token_id}")
+        tokens[position] = int(token_id)
+
     def reserve(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Blocks for the sequence's first ``num_tokens`` positions, tokens not yet known (a decode
         window writes K/V ahead of the host learning its tokens); later appends within them take no
@@ -148,6 +160,8 @@ class BlockManager:
         num_full = min(num_computed_tokens, len(state.token_ids)) // self.block_size
         while len(state.keys) < num_full:
             i = len(state.keys)
+            if PENDING_TOKEN in state.token_ids[i * self.block_size : (i + 1) * self.block_size]:
+                break  # a token not read yet: the block's key is not known
             key = self._key(state.keys[-1] if state.keys else b"", state, i)
             state.keys.append(key)
             block = self._blocks[state.blocks[i]]

@@ -148,7 +148,7 @@ class RequestBook:
         for seq in [c.seq for c in batch.prefill_chunks] + batch.decode_seqs:
             r = self._requests.get(seq.seq_id)
             if r is not None:
-                rows[seq.seq_id] = (r.seq.sampling, r.seq.num_output_tokens)
+                rows[seq.seq_id] = (r.seq.sampling, r.seq.num_output_tokens + r.seq.num_pending)
         return SamplingInputs(rows, self.generator)
 
     def mark_scheduled(self, batch: ScheduledBatch) -> None:

@@ -96,7 +96,7 @@ class ModelRunner:
             raise RuntimeError(f"adapter {adapter_id!r} is scheduled but holds no slot")
         return slot
 
-    def _graph_step(self, batch: ScheduledBatch) -> bool:
+    def graph_step(self, batch: ScheduledBatch) -> bool:
         """An inference step the graphs hold: no training or eval rows, at most ``max_tokens`` rows
         (decode rows at most ``max_batch``), prompt rows reading few enough keys each."""
         g = self.graphs
@@ -110,23 +110,16 @@ class ModelRunner:
 
     def window_ready(self, batch: ScheduledBatch) -> bool:
         """Whether ``batch`` can start a decode window: decode rows only, replayed from a graph."""
-        return not batch.prefill_chunks and self._graph_step(batch)
+        return not batch.prefill_chunks and self.graph_step(batch)
 
     def run(self, batch: ScheduledBatch, pieces: StepPieces, sampling: SamplingInputs) -> RunResult:
         """One forward over ``batch``: its train and eval rows are ``pieces``' sequences, its prompt
         and decode rows sample with ``sampling``."""
         res = RunResult(train_tokens=dict(pieces.train_tokens), eval_tokens=dict(pieces.eval_tokens))
-        if self._graph_step(batch):
+        if self.graph_step(batch):
             assert self.graphs is not None
-            rows: list[DecodeRow | PrefillRows] = [
-                PrefillRows(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.length], c.start,
-                            self.blocks.block_table(c.seq.seq_id), self._slot(c.seq.adapter_id), c.is_final)
-                for c in batch.prefill_chunks]
-            rows += [DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
-                               self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
-                     for seq in batch.decode_seqs]
             try:
-                logits, seq_ids = self.graphs.run(rows)
+                logits, seq_ids = self.graphs.run(self._graph_rows(batch))
             except RuntimeError as exc:  # a capture this torch / driver cannot do: plain steps from now on
                 if batch.prefill_chunks and self.graphs.max_tokens > self.graphs.max_batch:
                     warnings.warn(f"CUDA graphs for prefill steps disabled: {exc}", stacklevel=2)
@@ -171,6 +164,38 @@ class ModelRunner:
         if out.logits is not None:
             self._sample(res, out.logits, fb.logits_seq_ids, sampling)
         return res
+
+    def _graph_rows(self, batch: ScheduledBatch) -> list[DecodeRow | PrefillRows]:
+        """The graph rows of an inference step; a decode row whose token is pending (sampled by a step
+        still on the device) holds token 0, which its feed replaces (``launch``)."""
+        rows: list[DecodeRow | PrefillRows] = [
+            PrefillRows(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.length], c.start,
+                        self.blocks.block_table(c.seq.seq_id), self._slot(c.seq.adapter_id), c.is_final)
+            for c in batch.prefill_chunks]
+        rows += [DecodeRow(seq.seq_id, 0 if seq.num_pending else seq.token_ids[-1], seq.num_computed_tokens,
+                           self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
+                 for seq in batch.decode_seqs]
+        return rows
+
+    def launch(self, batch: ScheduledBatch, sampling: SamplingInputs, prev: WindowLaunch | None = None) -> WindowLaunch:
+        """An inference step the graphs hold (``graph_step``), queued on the device with its tokens on
+        their way to the host; ``collect`` waits for them. Its decode rows whose token is pending take
+        it from ``prev``, the step queued before it, on the device."""
+        assert self.graphs is not None and self.graph_step(batch)
+        feed = None
+        if prev is not None:
+            index = {sid: i for i, sid in enumerate(prev.seq_ids)}
+            feed = (prev.tokens[-1], {s.seq_id: index[s.seq_id] for s in batch.decode_seqs if s.num_pending})
+        logits, seq_ids = self.graphs.run(self._graph_rows(batch), feed=feed)
+        self.num_graph_prefill_steps += int(bool(batch.prefill_chunks))
+        if not seq_ids:  # prompt chunks that end no prompt: nothing to sample
+            empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
+            return WindowLaunch([], [], [], SamplingTensors.build([], [], logits.device, None), False, [empty], [],
+                                layout=self.graphs.num_layouts).send()
+        ids, params, st, want = self._sampling(logits, seq_ids, sampling)
+        out = sample(logits, st, want_logprobs=want)
+        return WindowLaunch(list(seq_ids), ids, params, st, want, [out.token_ids],
+                            [] if out.logprobs is None else [out.logprobs], layout=self.graphs.num_layouts).send()
 
     def run_window(self, batch: ScheduledBatch, num_steps: int, sampling: SamplingInputs) -> list[RunResult]:
         """``num_steps`` decode steps of ``batch``'s rows (decode rows only, graph-sized, KV reserved

@@ -16,6 +16,11 @@ cache. A sequence is *prefilling* while it has never sampled since its last (re)
 sampled one, at position ``num_computed_tokens``). Preemption by recompute resets
 ``num_computed_tokens`` to 0, so the prompt and the outputs so far are prefilled again.
 
+Asynchronous steps (``engine/async_step.py``): a step launched before the host has read the
+previous step's tokens advances ``num_computed_tokens`` at launch; each token it samples is
+*pending* (``num_pending``) until the host reads and applies it, and the next step feeds it from
+the device. A pending token counts as a token for ``is_prefilling`` and ``num_uncomputed_tokens``.
+
 Clocks: every ``now`` / ``*_time`` is in seconds on the caller's clock (the engine uses a monotonic
 clock, the simulator a virtual one); SLO targets are in milliseconds, as on the wire.
 """
@@ -106,6 +111,7 @@ class RequestState:
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     num_preemptions: int = 0
     num_tpot_misses: int = 0  # inter-token gaps longer than tpot_ms
+    num_pending: int = 0  # tokens sampled by steps on the device, not yet applied (async steps)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -135,11 +141,13 @@ class RequestState:
 
     @property
     def is_prefilling(self) -> bool:
-        return not self.output_token_ids or self.num_computed_tokens < self.num_tokens - 1
+        if not (self.output_token_ids or self.num_pending):
+            return True
+        return self.num_computed_tokens < self.num_tokens + self.num_pending - 1
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_tokens + self.num_pending - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

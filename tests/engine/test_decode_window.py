@@ -66,7 +66,7 @@ def _engine(model_dir: Path, window: int, **limits) -> Engine:
 
 
 def test_windows_give_the_tokens_of_one_step_at_a_time(model_dir: Path) -> None:
-    plain = _engine(model_dir, 1)
+    plain = _engine(model_dir, 1, async_steps=False)
     windowed = _engine(model_dir, 4)
     # a stop token the greedy request really meets: its third token in the plain run
     probe = plain.generate([PROMPTS[3]], ["a"], SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
@@ -191,7 +191,7 @@ def test_a_chained_window_is_dropped_when_the_next_step_is_another(model_dir: Pa
     next step differ from the chained window: it is dropped and its unseeded draws undone, so every
     token is the one of unchained windows (and, for greedy and seeded rows, of one step at a time;
     unseeded rows draw seeds for rows that end inside a window too, chained or not)."""
-    plain = _engine(model_dir, 1)
+    plain = _engine(model_dir, 1, async_steps=False)
     probe = plain.generate([PROMPTS[3]], ["a"], SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
     sampling = _sampled(15)
     sampling[3] = SamplingParams(max_tokens=15, temperature=0.0, stop_token_ids=(probe[2],))

@@ -23,6 +23,8 @@ def add_decode_rows(plan: StepPlan, queue: RequestQueue) -> None:
     for seq in sorted(queue.running, key=queue.importance, reverse=True):
         if seq.is_prefilling or seq.status is not SequenceStatus.RUNNING:
             continue
+        if seq.num_pending and seq.num_output_tokens + seq.num_pending >= seq.sampling.max_tokens:
+            continue  # its pending token is its last: it finishes when the token is applied
         if not queue.make_room(seq, plan.scheduled, batch):
             continue
         queue.kv.allocate(seq.seq_id, 1)

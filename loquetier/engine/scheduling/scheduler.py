@@ -11,7 +11,11 @@
 
 ``postprocess(batch, result)`` feeds the measured step time to the step model (``pricing.py``),
 advances sequences, records SLO events (``slo.py``), finishes sequences (EOS / stop ids /
-max_tokens) and runs the AIMD update of the training scale.
+max_tokens) and runs the AIMD update of the training scale. An asynchronous step (queued on the
+device before the previous step's tokens are read, ``engine/async_step.py``) is split in two:
+``launch(batch)`` advances its sequences when it is queued (each sampled token pending), and
+``postprocess(batch, result, launched)`` applies its tokens once they are read; a sequence that
+finished in between (a stop seen one step late, an abort) drops its token.
 
 Invariants: pure (no I/O, no clocks: ``now`` is passed in, seconds; no torch); the scheduler's
 picture of the runner (``graphs``: which steps replay CUDA graphs) changes only through
@@ -39,6 +43,15 @@ from loquetier.engine.scheduling.training import (
     serving_step_cap,
 )
 from loquetier.engine.sequence import RequestState, ScheduledBatch, SequenceStatus, StepResult, TrainWork
+
+
+@dataclass
+class Launched:
+    """An asynchronous step as ``Scheduler.launch`` advanced it: its features (taken before the
+    advance, as ``postprocess`` takes a plain step's) and the sequences whose token it samples."""
+
+    features: StepFeatures
+    sampled: list[RequestState]
 
 
 @dataclass
@@ -192,7 +205,29 @@ class Scheduler:
                 step.decode_seqs.append(seq)
         return step
 
-    def postprocess(self, batch: ScheduledBatch, result: StepResult) -> StepEvents:
+    def launch(self, batch: ScheduledBatch) -> Launched:
+        """``batch`` (inference rows only) is queued on the device and its tokens will be read later:
+        its sequences advance now, so that the next step can be scheduled while it runs. Each token it
+        samples is pending until ``postprocess(batch, result, launched)`` applies it."""
+        if batch.train_chunks or batch.eval_chunks:
+            raise ValueError("an asynchronous step holds inference rows only")
+        features = step_features(batch, self.graphs, 0, 0)
+        sampled: list[RequestState] = []
+        for chunk in batch.prefill_chunks:
+            seq = chunk.seq
+            final = chunk.is_final
+            seq.num_computed_tokens += chunk.length
+            if final:
+                seq.num_pending += 1
+                sampled.append(seq)
+        for seq in batch.decode_seqs:
+            seq.num_computed_tokens += 1
+            seq.num_pending += 1
+            sampled.append(seq)
+        return Launched(features, sampled)
+
+    def postprocess(self, batch: ScheduledBatch, result: StepResult, launched: Launched | None = None) -> StepEvents:
+        """Apply a step's outcome; ``launched``: the step was advanced by ``launch`` when it was queued."""
         now = result.now
         train_used = result.train_tokens
         if train_used is None:
@@ -200,19 +235,27 @@ class Scheduler:
         eval_used = result.eval_tokens
         if eval_used is None:
             eval_used = {c.job_id: c.num_tokens for c in batch.eval_chunks}
-        features = step_features(batch, self.graphs, sum(train_used.values()), sum(eval_used.values()))
+        if launched is None:
+            features = step_features(batch, self.graphs, sum(train_used.values()), sum(eval_used.values()))
+        else:
+            features = launched.features
         self.step_model.observe(features, result.step_time_s)
         events = StepEvents(step=self._record(batch, result, features))
         misses_before = self.slo.num_event_misses
 
-        for chunk in batch.prefill_chunks:
+        if launched is not None:
+            for seq in launched.sampled:
+                seq.num_pending -= 1
+                if seq.status is not SequenceStatus.FINISHED:  # finished since: a stop seen late, an abort
+                    self._append_token(seq, _sampled(result, seq), now, events)
+        for chunk in batch.prefill_chunks if launched is None else ():
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != chunk.start:
                 continue  # aborted or preempted after scheduling
             seq.num_computed_tokens += chunk.length
             if chunk.is_final:
                 self._append_token(seq, _sampled(result, seq), now, events)
-        for seq in batch.decode_seqs:
+        for seq in batch.decode_seqs if launched is None else ():
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += 1
