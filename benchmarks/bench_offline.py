@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     # LoRA overlap off (0) / on (1), timed after the cases, graphs captured again
     overlaps = [m for m in (_take(pre, "--lora-overlap") or "").split(",") if m]
     chain_rounds = int(_take(pre, "--chain-ab") or 0)  # rounds of (chained windows off, on)
+    async_rounds = int(_take(pre, "--async-ab") or 0)  # rounds of (asynchronous steps off, on), every case
     tuning_ab = (_take(pre, "--tuning-ab") or "").strip()  # Tuning overrides ("expand_tiles=4") vs the defaults
     attn_ab = (_take(pre, "--attn-ab") or "").strip()  # AttnTuning overrides ("block_n=64,warps=8") vs the defaults
     blas_ab = (_take(pre, "--blas-ab") or "").strip()  # a BLAS library ("cublaslt") vs the engine's, every case
@@ -368,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
                 [("ours_base_b32", small_batch, [None]), *lora_cases], recapture=False)
     finally:
         engine.window.chain = default_chain
+    # steps scheduled and queued while the GPU runs the one before (engine/async_step.py) or not
+    default_async = engine.steps.enabled
+    try:
+        compare("async", [("on" if on else "off", functools.partial(setattr, engine.steps, "enabled", on))
+                          for _ in range(async_rounds) for on in (False, True)], cases, recapture=False)
+    finally:
+        engine.steps.enabled = default_async
 
     for name, batch, adapters in (("base_b32", small_batch, [None]), ("lora_b32", small_batch, list(adapter_ids))):
         r = common.attempt(f"windows {name}", errors, log, compare_windows, engine, batch, adapters, gen, dev,
@@ -445,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
             ("chain", "Chained decode windows", "Each window's successor queued on the device before the host "
              "applies its tokens (`EngineConfig.chain_windows`), off and on in turn, in this order after the "
              "cases above (`--chain-ab`)", "chained windows"),
+            ("async", "Asynchronous steps", "Every case with steps scheduled and queued while the GPU runs the "
+             "one before (`EngineConfig.async_steps`) off and on in turn, in this order after the cases above "
+             "(`--async-ab`)", "asynchronous steps"),
             ("tuning", "SMLM launch parameters", "The adapter cases with `kernels.smlm.Tuning` overrides against "
              "its defaults, graphs captured again for each, in turn (`--tuning-ab`)", "SMLM tuning"),
             ("attention", "Paged decode attention launch parameters", "Batch 32 without adapters and the adapter "
@@ -468,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 [header, "case", "tokens/s", "of the floor", "ms per decode step"], rows)))
     if errors:
         sections.append(("Errors", "\n".join(f"- {k}: {v}" for k, v in errors.items())))
-    compared = [r for kind in ("overlap", "chain", "tuning", "attention", "blas", "carry", "halves")
+    compared = [r for kind in ("overlap", "chain", "async", "tuning", "attention", "blas", "carry", "halves")
                 for r in results.get(kind, [])]
     for r in [*results.values(), *compared]:
         if isinstance(r, dict):

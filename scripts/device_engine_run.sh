@@ -24,6 +24,7 @@
 #                     chained decode windows off, then on; BLAS_AB=LIB (cublaslt) times every case with
 #                     that BLAS library against the engine's, two rounds; CARRY_AB=N times every case N
 #                     rounds with each layer's MLP output carried into the next norm, then added per layer;
+#                     ASYNC_AB=N times every case N rounds with asynchronous steps off, then on;
 #                     HALVES=N times the adapter cases N rounds with the decode-sized LoRA forwards
 #                     launching both halves, the shrinks alone, the expands alone, neither (timing only)
 #   offline-ab2       bench_offline again, its adapter cases timed with TUNING_AB2 against the defaults
@@ -39,6 +40,8 @@
 #   profile-graphs-ab profile_step --graphs with LOQUETIER_ATTN_TUNING=$ATTN_AB (profile-ab/)
 #   offline-window16  bench_offline with decode windows of 16 steps instead of 4
 #   unified           bench_unified at 20 requests/s (no PEFT baseline): SLO and training share
+#   unified-ab        bench_unified twice, asynchronous steps on, then off (no tpot_lookahead replay;
+#                     UNIFIED_ARGS adds arguments, e.g. --set kv_memory_gb=16 on an 80 GB card)
 #   finetune          bench_finetune: concurrent packed jobs against PEFT one after another
 #   finetune-ab       bench_finetune, ours only, with LOQUETIER_SMLM_TUNING=$FINETUNE_AB (e.g.
 #                     backward_passes=4: the SMLM backward's four launches instead of its two passes)
@@ -105,6 +108,11 @@ for name in $STEPS; do
             use_pick tune-attn LOQUETIER_ATTN_TUNING ATTN_AB "attention tuning" ;;
         unified) step unified 300 "$PY" -m benchmarks.bench_unified --model 8b --device cuda --no-baselines \
             --set unified_rate=20 --out "$OUT/unified" ;;
+        unified-ab) for mode in on off; do  # UNIFIED_ARGS: e.g. --set kv_memory_gb=16 on an 80 GB card
+                step unified-$mode 270 "$PY" -m benchmarks.bench_unified --model 8b --device cuda --no-baselines \
+                    --set unified_rate=20 --lookahead 16 ${UNIFIED_ARGS:-} \
+                    --engine-arg async_steps=$([ $mode = on ] && echo true || echo false) --out "$OUT/unified-$mode"
+            done ;;
         finetune) step finetune 200 "$PY" -m benchmarks.bench_finetune --model 8b --device cuda --out "$OUT/finetune" ;;
         finetune-ab) step finetune-ab 150 env LOQUETIER_SMLM_TUNING="$FINETUNE_AB" "$PY" -m benchmarks.bench_finetune \
             --model 8b --device cuda --no-baselines --out "$OUT/finetune-ab" ;;
@@ -114,7 +122,7 @@ for name in $STEPS; do
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
             ${OVERLAPS:+--lora-overlap "$OVERLAPS"} ${CHAIN_AB:+--chain-ab "$CHAIN_AB"} \
             ${TUNING_AB:+--tuning-ab "$TUNING_AB"} ${ATTN_AB:+--attn-ab "$ATTN_AB"} ${BLAS_AB:+--blas-ab "$BLAS_AB"} \
-            ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${HALVES:+--lora-halves "$HALVES"} --out "$OUT/offline" ;;
+            ${CARRY_AB:+--carry-ab "$CARRY_AB"} ${ASYNC_AB:+--async-ab "$ASYNC_AB"} ${HALVES:+--lora-halves "$HALVES"} --out "$OUT/offline" ;;
         offline-ab2) step offline-ab2 "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda \
             --no-baselines --tuning-ab "$TUNING_AB2" --out "$OUT/offline-ab2" ;;
         decode) step decode 150 "$PY" -m benchmarks.bench_decode --model 8b --device cuda \
