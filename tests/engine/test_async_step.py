@@ -17,6 +17,7 @@ from loquetier import Engine, SamplingParams
 from loquetier.engine.events import RequestFinished, TokenEvent
 from loquetier.engine.kv_cache import PENDING_TOKEN
 from loquetier.kernels import force_backend
+from tests.engine.same_tokens import check_same, reference_kernels, sampling_mix, stream  # noqa: F401
 from tests.engine.test_engine import make_engine, train_data
 from tests.tiny import make_tiny_model
 
@@ -30,13 +31,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-async") / "llama")
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels():
-    force_backend("reference")
-    yield
-    force_backend(None)
-
-
 def _engine(model_dir: Path, on: bool, **limits) -> Engine:
     base = dict(cuda_graphs="eager", decode_window=1, seed=5, max_prefill_chunk=16, async_steps=on)
     base.update(limits)
@@ -44,45 +38,12 @@ def _engine(model_dir: Path, on: bool, **limits) -> Engine:
 
 
 def _sampling(stop_token: int) -> list[SamplingParams]:
-    """Greedy with logprobs, seeded sampling, unseeded sampling with a seed drawn by the engine, a stop
-    token, a stop string, a short length."""
-    return [SamplingParams(max_tokens=11, temperature=0.0, logprobs=True),
-            SamplingParams(max_tokens=9, temperature=0.9, top_p=0.8, seed=7),
-            SamplingParams(max_tokens=14, temperature=0.7, top_k=20),
-            SamplingParams(max_tokens=13, temperature=0.0, stop_token_ids=(stop_token,)),
-            SamplingParams(max_tokens=10, temperature=1.0, seed=11, stop=["e"]),
-            SamplingParams(max_tokens=3, temperature=0.0)]
+    return sampling_mix(stop_token, unseeded_tokens=14)
 
 
-def _run(engine: Engine, sampling: list[SamplingParams],
-         arrive_every: int = 2) -> tuple[dict[str, RequestFinished], dict[str, str]]:
-    """One request every ``arrive_every`` steps, so that prompt chunks share steps with decode rows."""
-    finished: dict[str, RequestFinished] = {}
-    streamed = {f"r{i}": "" for i in range(len(PROMPTS))}
-    todo = list(enumerate(zip(PROMPTS, ADAPTERS, sampling, strict=True)))
-    step = 0
-    while todo or engine.has_work():
-        if todo and step % arrive_every == 0:
-            i, (prompt, adapter, sp) = todo.pop(0)
-            engine.add_request(f"r{i}", prompt=prompt, adapter_id=adapter, sampling=sp, stream=True)
-        step += 1
-        for event in engine.step():
-            if isinstance(event, TokenEvent):
-                streamed[event.request_id] += event.text
-            elif isinstance(event, RequestFinished):
-                finished[event.request_id] = event
-    return finished, streamed
-
-
-def _check_same(want: dict[str, RequestFinished], got: dict[str, RequestFinished],
-                want_text: dict[str, str], got_text: dict[str, str]) -> None:
-    assert set(got) == set(want)
-    for rid, w in want.items():
-        g = got[rid]
-        assert (g.token_ids, g.finish_reason, g.text) == (w.token_ids, w.finish_reason, w.text), rid
-        assert got_text[rid] == want_text[rid] == w.text
-        if w.logprobs is not None:
-            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
+def _run(engine: Engine, sampling: list[SamplingParams]) -> tuple[dict[str, RequestFinished], dict[str, str]]:
+    """One request every two steps, so that prompt chunks share steps with decode rows."""
+    return stream(engine, PROMPTS, ADAPTERS, sampling, arrive_every=2)
 
 
 def _stop_token(model_dir: Path) -> int:
@@ -97,7 +58,7 @@ def test_async_steps_give_the_tokens_of_steps_read_one_by_one(model_dir: Path, w
     sync, ahead = _engine(model_dir, False, decode_window=window), _engine(model_dir, True, decode_window=window)
     want, want_text = _run(sync, _sampling(stop))
     got, got_text = _run(ahead, _sampling(stop))
-    _check_same(want, got, want_text, got_text)
+    check_same(want, got, want_text, got_text)
     assert want["r3"].finish_reason == "stop" and want["r3"].token_ids[-1] == stop
     assert want["r4"].finish_reason == "stop" and "e" not in want["r4"].text  # the stop string ended it
     assert sync.steps.num_launched == 0
@@ -196,7 +157,7 @@ def test_async_steps_on_captured_graphs_on_cuda(model_dir: Path, window: int) ->
         assert engine.capture_graphs() > 0
         runs.append((engine, *_run(engine, _sampling(stop))))
     (sync, want, want_text), (ahead, got, got_text) = runs
-    _check_same(want, got, want_text, got_text)
+    check_same(want, got, want_text, got_text)
     assert ahead.steps.num_launched > 0 and sync.steps.num_launched == 0
     assert ahead.runner.num_graph_prefill_steps > 0
     assert ahead.blocks.num_free_blocks == ahead.blocks.num_blocks

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from loquetier import Engine, SamplingParams
-from loquetier.engine.events import RequestFinished, TokenEvent
+from loquetier.engine.events import RequestFinished
 from loquetier.kernels import force_backend
+from tests.engine.same_tokens import check_same, reference_kernels, sampling_mix, stream  # noqa: F401
 from tests.engine.test_engine import make_engine
 from tests.tiny import make_tiny_model
 
@@ -28,36 +28,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-window") / "llama")
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels():
-    force_backend("reference")
-    yield
-    force_backend(None)
-
-
-def _sampling(stop_token: int) -> list[SamplingParams]:
-    """Greedy with logprobs, seeded sampling, unseeded sampling with a seed drawn by the engine,
-    a stop token, a stop string, lengths that end inside a window."""
-    return [SamplingParams(max_tokens=11, temperature=0.0, logprobs=True),
-            SamplingParams(max_tokens=9, temperature=0.9, top_p=0.8, seed=7),
-            SamplingParams(max_tokens=6, temperature=0.7, top_k=20),
-            SamplingParams(max_tokens=13, temperature=0.0, stop_token_ids=(stop_token,)),
-            SamplingParams(max_tokens=10, temperature=1.0, seed=11, stop=["e"]),
-            SamplingParams(max_tokens=3, temperature=0.0)]
-
-
 def _stream(engine: Engine, sampling: list[SamplingParams]) -> tuple[dict[str, RequestFinished], dict[str, str]]:
-    for i, (prompt, adapter, sp) in enumerate(zip(PROMPTS, ADAPTERS, sampling, strict=True)):
-        engine.add_request(f"r{i}", prompt=prompt, adapter_id=adapter, sampling=sp, stream=True)
-    finished: dict[str, RequestFinished] = {}
-    streamed: dict[str, str] = {f"r{i}": "" for i in range(len(PROMPTS))}
-    while engine.has_work():
-        for event in engine.step():
-            if isinstance(event, TokenEvent):
-                streamed[event.request_id] += event.text
-            elif isinstance(event, RequestFinished):
-                finished[event.request_id] = event
-    return finished, streamed
+    return stream(engine, PROMPTS, ADAPTERS, sampling)
 
 
 def _engine(model_dir: Path, window: int, **limits) -> Engine:
@@ -70,17 +42,12 @@ def test_windows_give_the_tokens_of_one_step_at_a_time(model_dir: Path) -> None:
     windowed = _engine(model_dir, 4)
     # a stop token the greedy request really meets: its third token in the plain run
     probe = plain.generate([PROMPTS[3]], ["a"], SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
-    sampling = _sampling(probe[2])
+    sampling = sampling_mix(probe[2])
     decoded_before = plain.scheduler.metrics.num_decode_tokens
     want, want_text = _stream(plain, sampling)
     got, got_text = _stream(windowed, sampling)
     assert windowed.window.num_windows > 0 and plain.window.num_windows == 0
-    for rid, w in want.items():
-        g = got[rid]
-        assert (g.token_ids, g.finish_reason, g.text) == (w.token_ids, w.finish_reason, w.text), rid
-        assert got_text[rid] == want_text[rid] == w.text
-        if w.logprobs is not None:
-            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
+    check_same(want, got, want_text, got_text)
     assert want["r3"].finish_reason == "stop" and want["r3"].token_ids[-1] == probe[2]
     assert want["r5"].finish_reason == "length" and len(want["r5"].token_ids) == 3
     # every block back, reserved ones included
