@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             "(scheduling, batch layout, sampling, detokenizing, events; the fastest of three blocks of steps), "
             "both step paths and both detokenizers in one run: eager (the batch built for the model's forward, "
             "stubbed) and graphs (the rows laid into the captured graphs' static buffers, the replay stubbed; "
-            "decode windows off).\n\n"
+            "decode windows off, asynchronous steps on as by default: the stubbed replay returns at once, so "
+            "nothing overlaps and each step's whole host work is counted).\n\n"
             + "\n".join(lines)
             + f"\n\nAt {args.lengths[-1]} output tokens the baseline takes {' / '.join(ratios)} "
             "(eager sampled / greedy, graphs sampled / greedy) "
