@@ -21,9 +21,11 @@ read ``N``'s tokens and apply them, so the GPU runs ``N + 1`` while the host app
 
 When ``N + 1`` may not be scheduled ahead (a job has work: training and evaluation steps run
 eagerly; the free KV blocks may not cover a block for every running sequence, so scheduling could
-preempt a sequence whose token is pending), ``N`` is applied first. When ``N + 1``, scheduled
-ahead, is not such a step (a decode window can take it, or it runs eagerly), ``N`` is applied and
-``N + 1``'s rows of sequences that stopped at ``N`` are dropped before it runs.
+preempt a sequence whose token is pending), the call applies ``N`` and returns its events at once,
+and the next call schedules. When ``N + 1``, scheduled ahead, is not such a step (a decode window
+can take it, or it runs eagerly), the call applies ``N`` and returns its events, and the next call
+runs ``N + 1`` without the rows of sequences that stopped at ``N``. A step's tokens never wait for
+a later step of the host's to finish (a training step takes a few hundred ms).
 
 Invariants: at most two steps are in flight, and only between ``launch`` and the oldest one's
 ``land``; a landed step is reported to the scheduler as an ordinary step, its time the span from

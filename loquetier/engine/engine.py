@@ -136,6 +136,7 @@ class Engine:
         self.steps = AsyncSteps(self.scheduler, self.runner, self.blocks, self.requests, self.jobs, self.window,
                                 enabled=config.async_steps)
         self._backlog: list[EngineEvent] = []
+        self._ready: ScheduledBatch | None = None  # scheduled while a step was in flight, run by the next call
         self._ids = itertools.count()
         self.num_steps = 0
 
@@ -501,8 +502,8 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return (bool(self._backlog) or self.steps.in_flight or self.scheduler.has_unfinished_requests
-                or self.jobs.has_work())
+        return (bool(self._backlog) or self.steps.in_flight or self._ready is not None
+                or self.scheduler.has_unfinished_requests or self.jobs.has_work())
 
     def step(self) -> list[EngineEvent]:
         events, self._backlog = self._backlog, []
@@ -514,27 +515,30 @@ class Engine:
 
     def _step(self) -> list[EngineEvent]:
         self.adapters.new_step()
-        landed: list[EngineEvent] = []
+        if self._ready is not None:  # scheduled ahead of the step applied by the last call: run it now
+            batch, self._ready = self.steps.running_only(self._ready), None
+            return [] if batch.is_empty else self._plain_step(batch)
         if self.steps.in_flight and not self.steps.may_schedule_ahead():
-            landed = self._land()
+            # its events go out now: the step this call would run next may be a long training step
+            return self._land()
         batch: ScheduledBatch = self.scheduler.schedule(self._clock())
         unreadable = self._fail_unreadable_adapters() if self._gate.unavailable else []
         if batch.is_empty:
             self.window.drop_chained()
-            return unreadable + landed + self._land() + self.jobs.collect_idle()
+            return unreadable + self._land() + self.jobs.collect_idle()
         self.requests.mark_scheduled(batch)
         if self.steps.takes(batch):
             self.window.drop_chained()  # before this step's draws: dropping a window undoes its draws
             if self.steps.launch(batch):
                 self.num_steps += 1
                 # the step before runs out on the device while the host applies it
-                return unreadable + landed + (self._land() if self.steps.need_landing() else [])
-        if self.steps.in_flight:  # scheduled ahead, but not an asynchronous step: apply the one in flight
-            landed += self._land()
-            batch = self.steps.running_only(batch)
-            if batch.is_empty:
-                return unreadable + landed
-        return unreadable + landed + self._plain_step(batch)
+                return unreadable + (self._land() if self.steps.need_landing() else [])
+        if self.steps.in_flight:
+            # scheduled ahead, but not an asynchronous step (a window, an eager step): the step in flight
+            # is applied and its events go out now; the next call runs this one
+            self._ready = batch
+            return unreadable + self._land()
+        return unreadable + self._plain_step(batch)
 
     def _plain_step(self, batch: ScheduledBatch) -> list[EngineEvent]:
         """A decode window, or one step whose tokens the host reads before it returns."""

@@ -161,3 +161,47 @@ def test_async_steps_on_captured_graphs_on_cuda(model_dir: Path, window: int) ->
     assert ahead.steps.num_launched > 0 and sync.steps.num_launched == 0
     assert ahead.runner.num_graph_prefill_steps > 0
     assert ahead.blocks.num_free_blocks == ahead.blocks.num_blocks
+
+
+def _tokens_of(events: list, rid: str) -> list[int]:
+    return [t for e in events if isinstance(e, TokenEvent) and e.request_id == rid for t in e.token_ids]
+
+
+def test_a_landed_step_s_tokens_go_out_before_a_training_step(model_dir: Path) -> None:
+    """The call that applies a step in flight returns its tokens at once: they never wait behind the
+    (long, eager) training step that a job brings, which the next call runs."""
+    engine = _engine(model_dir, True)
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine.add_request("r", prompt=PROMPTS[0], sampling=greedy, stream=True)
+    while not (engine.steps.in_flight and engine.scheduler.get("r").output_token_ids):
+        engine.step()
+    engine.add_training_job("a", train_data(0), {"micro_batch_tokens": 32, "max_steps": 2})
+    rows, steps = engine.runner.num_backward_rows, engine.num_steps
+    events = engine.step()
+    assert _tokens_of(events, "r") and not engine.steps.in_flight
+    assert (engine.runner.num_backward_rows, engine.num_steps) == (rows, steps)  # nothing else ran
+    for _ in range(3):
+        engine.step()
+    assert engine.runner.num_backward_rows > rows  # the calls after it train
+    engine.run_until_idle()
+
+
+def test_a_step_scheduled_ahead_for_a_window_runs_on_the_next_call(model_dir: Path) -> None:
+    """A step scheduled while one is in flight that a decode window takes (nothing waits any more):
+    the call returns the landed step's token, the next call runs the window."""
+    engine = _engine(model_dir, True, decode_window=4)
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine.add_request("r", prompt=PROMPTS[2], sampling=greedy, stream=True)
+    events = engine.step()  # the whole prompt in one asynchronous step
+    assert engine.steps.in_flight and not _tokens_of(events, "r")
+    windows = engine.window.num_windows
+    events = engine.step()
+    got = _tokens_of(events, "r")
+    assert len(got) == 1 and engine._ready is not None
+    assert engine.window.num_windows == windows
+    events = engine.step()
+    got += _tokens_of(events, "r")
+    assert len(got) == 5 and engine.window.num_windows == windows + 1 and engine._ready is None
+    got += _tokens_of(engine.run_until_idle(), "r")
+    want = _engine(model_dir, False, decode_window=4).generate([PROMPTS[2]], sampling=greedy)[0].token_ids
+    assert got == want and len(want) == 20

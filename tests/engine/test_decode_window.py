@@ -64,6 +64,8 @@ def test_a_window_waits_for_nothing_and_stops_for_arrivals(model_dir: Path) -> N
     engine.add_request("a", prompt=PROMPTS[0], sampling=greedy)
     while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
         engine.step()
+    while engine.steps.in_flight:  # the prompt's step, queued ahead, is applied (the window scheduled)
+        engine.step()
     before = engine.num_steps
     engine.step()  # decode only, nothing waits: one window of 8 steps
     assert engine.num_steps - before == 8 and engine.window.num_windows == 1
@@ -175,7 +177,8 @@ def test_a_chained_window_is_dropped_when_the_next_step_is_another(model_dir: Pa
         e.add_request("x", prompt=PROMPTS[0], sampling=late)
         while e.scheduler.waiting or any(s.is_prefilling for s in e.scheduler.running):
             e.step()
-        e.step()
+        e.step()  # the prompt's step, queued ahead, is applied; the window after it is scheduled
+        e.step()  # the window runs (and the chained one queues its successor)
     assert chained.window._chained is not None
     dropped = chained.window.num_dropped
     for e in (unchained, chained):
