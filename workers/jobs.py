@@ -246,8 +246,9 @@ class LeasedJobs:
             return
         step = ckpt.step if ckpt else 0
         self.running[job_id] = RunningJob(job, step=step, total_steps=row.total_steps)
-        if ckpt is not None:
-            await self._told(job_id, "restored", f"Goes on from the checkpoint of step {step}", {"step": step})
+        if ckpt is not None:  # not after a cancel or pause that came while the job was being restored
+            await self._told(job_id, "restored", f"Goes on from the checkpoint of step {step}", {"step": step},
+                             owned=True)
         log.info(
             "job started",
             extra={
@@ -514,10 +515,14 @@ class LeasedJobs:
     async def _store_blob(self, name: str, data: bytes) -> dict[str, Any]:
         return await store_blob(self._settings, name, data)
 
-    async def _told(self, job_id: str, kind: str, message: str, data: dict[str, Any]) -> None:
-        """An entry in the job's history that no row transition writes; the job goes on without it
-        when the database refuses it."""
+    async def _told(self, job_id: str, kind: str, message: str, data: dict[str, Any], owned: bool = False) -> None:
+        """An entry in the job's history that no row transition writes (``owned``: only while this
+        worker runs the job); the job goes on without it when the database refuses it."""
         try:
+            if owned:
+                await self._store.tx(lambda s: repo.record_owned_job_event(s, job_id, self._worker_id, kind, message,
+                                                                           data=data))
+                return
             await self._store.tx(lambda s: repo.record_job_event(s, job_id, kind, message, data=data,
                                                                  worker_id=self._worker_id))
         except Exception as exc:  # noqa: BLE001  # history only: never stops the job

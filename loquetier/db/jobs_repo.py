@@ -90,6 +90,18 @@ async def record_job_event(  # noqa: PLR0913
     await session.execute(stmt)
 
 
+async def record_owned_job_event(session: AsyncSession, job_id: str, worker_id: str, kind: str, message: str,
+                                 *, data: dict[str, Any] | None = None) -> bool:
+    """Add an entry to the history of a job that ``worker_id`` runs, checked under the job row's lock:
+    False, and nothing written, when the job was cancelled, paused or taken over meanwhile (its
+    history must not say that it goes on after it says that it stopped)."""
+    owned = await session.scalar(select(JobRow.job_id).where(_owned(job_id, worker_id)).with_for_update())
+    if owned is None:
+        return False
+    await record_job_event(session, job_id, kind, message, data=data, worker_id=worker_id)
+    return True
+
+
 def _job_noun(kind: str) -> str:
     return "evaluation" if kind == "evaluate" else "fine-tuning"
 

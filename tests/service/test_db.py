@@ -242,6 +242,22 @@ async def test_job_progress_release_and_finish(sessions: async_sessionmaker[Asyn
             await repo.finish_job(s, "j1", status="running")
 
 
+async def test_an_owned_job_event_is_written_only_while_the_worker_runs_the_job(
+        sessions: async_sessionmaker[AsyncSession]) -> None:
+    """A worker's "goes on from its checkpoint" must not follow the entry of a cancel that came while
+    it restored the job: the entry is written only under the row's lock, while the worker runs it."""
+    await _add_jobs(sessions, "j1")
+    async with sessions.begin() as s:
+        assert await repo.claim_job(s, "w1", lease_s=30, job_id="j1") is not None
+        assert await repo.record_owned_job_event(s, "j1", "w1", "restored", "goes on", data={"step": 2})
+        assert not await repo.record_owned_job_event(s, "j1", "w2", "restored", "not w2's")
+        assert await repo.finish_job(s, "j1", status="cancelled", worker_id="w1")
+        assert not await repo.record_owned_job_event(s, "j1", "w1", "restored", "after the cancel")
+    async with sessions() as s:
+        told = [e.message for e in await repo.job_events(s, "j1") if e.kind == "restored"]
+    assert told == ["goes on"]
+
+
 async def test_checkpoints(sessions: async_sessionmaker[AsyncSession]) -> None:
     await _add_jobs(sessions, "j1")
     async with sessions.begin() as s:
