@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loquetier.engine.config import EngineConfig
-from loquetier.engine.graphs import DecodeGraphs, DecodeRow, PrefillRows
+from loquetier.engine.graphs import DecodeGraphs, DecodeRow, Feed, PrefillRows
 from loquetier.engine.job_feed import Piece, StepPieces
 from loquetier.engine.kv_cache import BlockManager
 from loquetier.engine.sampler import SamplingInputs, SamplingTensors, sample
@@ -186,16 +186,24 @@ class ModelRunner:
         if prev is not None:
             index = {sid: i for i, sid in enumerate(prev.seq_ids)}
             feed = (prev.tokens[-1], {s.seq_id: index[s.seq_id] for s in batch.decode_seqs if s.num_pending})
-        logits, seq_ids = self.graphs.run(self._graph_rows(batch), feed=feed)
+        launch = self._queue(batch, sampling, feed=feed)
         self.num_graph_prefill_steps += int(bool(batch.prefill_chunks))
+        return launch.send()
+
+    def _queue(self, batch: ScheduledBatch, sampling: SamplingInputs, lookahead: int = 0,
+               feed: Feed | None = None) -> WindowLaunch:
+        """``batch``'s rows laid out and replayed from a graph (``DecodeGraphs.run``), its tokens sampled,
+        all on the device: the first step of a launch, not yet sent to the host."""
+        assert self.graphs is not None
+        logits, seq_ids = self.graphs.run(self._graph_rows(batch), lookahead=lookahead, feed=feed)
         if not seq_ids:  # prompt chunks that end no prompt: nothing to sample
             empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
             return WindowLaunch([], [], [], SamplingTensors.build([], [], logits.device, None), False, [empty], [],
-                                layout=self.graphs.num_layouts).send()
+                                layout=self.graphs.num_layouts)
         ids, params, st, want = self._sampling(logits, seq_ids, sampling)
         out = sample(logits, st, want_logprobs=want)
         return WindowLaunch(list(seq_ids), ids, params, st, want, [out.token_ids],
-                            [] if out.logprobs is None else [out.logprobs], layout=self.graphs.num_layouts).send()
+                            [] if out.logprobs is None else [out.logprobs], layout=self.graphs.num_layouts)
 
     def run_window(self, batch: ScheduledBatch, num_steps: int, sampling: SamplingInputs) -> list[RunResult]:
         """``num_steps`` decode steps of ``batch``'s rows (decode rows only, graph-sized, KV reserved
@@ -208,14 +216,7 @@ class ModelRunner:
         """``run_window`` up to its synchronization: the steps are queued on the device, their tokens
         on their way to the host; ``collect`` waits for them."""
         assert self.graphs is not None and self.window_ready(batch)
-        rows = [DecodeRow(seq.seq_id, seq.token_ids[-1], seq.num_computed_tokens,
-                          self.blocks.block_table(seq.seq_id), self._slot(seq.adapter_id))
-                for seq in batch.decode_seqs]
-        logits, seq_ids = self.graphs.run(rows, lookahead=num_steps - 1)
-        ids, params, st, want = self._sampling(logits, seq_ids, sampling)
-        out = sample(logits, st, want_logprobs=want)
-        launch = WindowLaunch(list(seq_ids), ids, params, st, want, [out.token_ids],
-                              [] if out.logprobs is None else [out.logprobs], layout=self.graphs.num_layouts)
+        launch = self._queue(batch, sampling, lookahead=num_steps - 1)
         self._steps(launch, num_steps - 1, sampling.generator)
         return launch.send()
 

@@ -243,23 +243,24 @@ class Scheduler:
         events = StepEvents(step=self._record(batch, result, features))
         misses_before = self.slo.num_event_misses
 
-        if launched is not None:
+        if launched is not None:  # advanced when it was queued: its tokens only
             for seq in launched.sampled:
                 seq.num_pending -= 1
                 if seq.status is not SequenceStatus.FINISHED:  # finished since: a stop seen late, an abort
                     self._append_token(seq, _sampled(result, seq), now, events)
-        for chunk in batch.prefill_chunks if launched is None else ():
-            seq = chunk.seq
-            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != chunk.start:
-                continue  # aborted or preempted after scheduling
-            seq.num_computed_tokens += chunk.length
-            if chunk.is_final:
+        else:
+            for chunk in batch.prefill_chunks:
+                seq = chunk.seq
+                if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != chunk.start:
+                    continue  # aborted or preempted after scheduling
+                seq.num_computed_tokens += chunk.length
+                if chunk.is_final:
+                    self._append_token(seq, _sampled(result, seq), now, events)
+            for seq in batch.decode_seqs:
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                seq.num_computed_tokens += 1
                 self._append_token(seq, _sampled(result, seq), now, events)
-        for seq in batch.decode_seqs if launched is None else ():
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            seq.num_computed_tokens += 1
-            self._append_token(seq, _sampled(result, seq), now, events)
 
         for used, by_job in (
             (train_used, self.metrics.train_tokens_by_job),
