@@ -1,8 +1,8 @@
 """Asynchronous steps: the next step scheduled and queued on the device while the GPU runs this one.
 
-Decode windows (``decode_window.py``) take the host off decode-only steps when nothing waits. Every
-other inference step that replays a graph (a prompt chunk in it, a prompt waiting, windows off) used
-to pay the host's whole per-step work between two GPU steps: scheduling, the rows' layout and
+Decode windows (``decode_window.py``) take the host off decode-only steps when nothing waits. Any
+other inference step that replays a graph (a prompt chunk in it, a prompt waiting, windows off),
+run alone, leaves the GPU idle for the host's whole per-step work: scheduling, the rows' layout and
 sampling inputs before the replay, then the token read, bookkeeping, detokenizing and events after
 it. Here a step ``N + 1`` is scheduled and queued while step ``N`` runs, and only then does the host
 read ``N``'s tokens and apply them, so the GPU runs ``N + 1`` while the host applies ``N``:
