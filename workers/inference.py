@@ -2,8 +2,10 @@
 
 1. Insert the ``inference_requests`` row idempotently (by request_id) before any work.
 2. A row that already finished: a record the row lists as answered (a redelivery: its worker
-   stopped after the answer, before the offset was committed) is only marked done; another record
-   (a client's retry) gets the stored result republished. No computation either way.
+   stopped after the answer, before the offset was committed) is only marked done; so is a record
+   that a final on the reply topic answered, stamped at or after it (its worker stopped between the
+   publish and the row's list: ``answer_log.py``); another record (a client's retry) gets the
+   stored result republished. No computation either way.
    A row running on another live worker: wait for it to finish, then the same.
    Otherwise (new, queued, or its worker is gone): start it in the engine.
 3. On the engine's finish: store result and timings in the row (first outcome wins),
@@ -11,8 +13,9 @@
 4. Once the broker has acknowledged a final record, list its Kafka record on the row as
    answered (topic, partition, offset and the record's timestamp, which tells a redelivery from
    a new record at an offset a restarted in-memory broker reused; the last eight). The write runs
-   in the background, after the publish: it delays no answer, and a crash before it ends in one
-   answer more on redelivery, never in none.
+   in the background, after the publish: it delays no answer. A crash before it ends is caught on
+   redelivery by the read of the reply topic in step 2; where that read fails, the record is
+   answered once more, never not at all.
 
 Records go to the request's ``reply_to`` topic when it names one (a gateway's), else to the
 shared results topic; duplicates that attach to a running request get the first one's topic.
@@ -44,6 +47,7 @@ from loquetier.messages import ErrorResult, GenerateRequest, TokenResult
 
 from . import convert
 from .adapters import AdapterSync
+from .answer_log import WINDOW_MS, AnswerLog
 from .engine_client import EngineClient, EngineStopped
 from .errors import INTERNAL, public_error
 from .metrics import INTAKE, QUEUE_DEPTH, REQUESTS
@@ -90,6 +94,7 @@ class Inference:
         owner_timeout_s: float = 15.0,
         poll_s: float = 0.25,
         max_attempts: int = 2,
+        answers: AnswerLog | None = None,
     ):
         self._client = client
         self._store = store
@@ -100,6 +105,7 @@ class Inference:
         self._owner_timeout_s = owner_timeout_s
         self._poll_s = poll_s
         self._max_attempts = max_attempts
+        self._answers = answers
         self.inflight: dict[str, Inflight] = {}
         self.num_computed = 0
         self._noting: set[asyncio.Task[None]] = set()  # answered records being written to rows
@@ -288,11 +294,33 @@ class Inference:
             record = convert.from_stored(row.result)
         else:
             record = ErrorResult(request_id=rid, code=row.status, message=row.error or "")
-        num = await self._deliver(rid, record, answered=row.answered_records)
+        answered = list(row.answered_records or ())
+        on_log = await self._answered_on_log(rid, row.finished_at, answered)
+        if on_log:
+            self._note_answered(rid, on_log)
+            answered += [source.key() for source in on_log]
+        num = await self._deliver(rid, record, answered=answered)
         log.info(
             "request republished" if num else "redelivered record answered already",
-            extra={"request_id": rid, "status": row.status, "num_published": num},
+            extra={"request_id": rid, "status": row.status, "num_published": num, "found_on_topic": len(on_log)},
         )
+
+    async def _answered_on_log(self, rid: str, finished_at: Any, answered: list[Any]) -> list[Source]:
+        """The records waiting on finished ``rid``, not listed as answered, that a final on the reply
+        topic answered already: its worker stopped after the publish, before the row listed them
+        (``workers/answer_log.py``)."""
+        flight = self.inflight.get(rid)
+        if flight is None or self._answers is None or finished_at is None:
+            return []
+        finished_ms = int(finished_at.timestamp() * 1000)
+        unsure = [source for source in flight.sources if source.key() not in answered
+                  and source.timestamp is not None and source.timestamp <= finished_ms + WINDOW_MS]
+        if not unsure:
+            return []
+        latest = await self._answers.latest_final(flight.request.reply_to, rid, finished_ms)
+        if latest is None:
+            return []
+        return [source for source in unsure if source.timestamp is not None and source.timestamp <= latest]
 
     # --- engine events ----------------------------------------------------------------------
 

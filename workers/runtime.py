@@ -32,6 +32,7 @@ from loquetier.settings import Settings
 
 from . import metrics
 from .adapters import AdapterSync
+from .answer_log import AnswerLog
 from .consumer import Consumer
 from .control import Control
 from .engine_client import EngineClient, EngineLike, StepFailed
@@ -83,6 +84,7 @@ class Worker:
             on_done=self._done,
             owner_timeout_s=max(3 * ws.heartbeat_s, 5.0),
             max_attempts=ws.max_attempts,
+            answers=AnswerLog(bootstrap, settings.kafka, worker_id=self.worker_id),
         )
         self.consumer = Consumer(
             bootstrap,

@@ -309,17 +309,18 @@ def test_a_failing_prefill_graph_falls_back_to_decode_graphs(model_dir: Path) ->
         engine.scheduler.graphs = dataclasses.replace(engine.scheduler.graphs, decode=True, max_rows=graphs.max_tokens)
         real_run = graphs.run
 
-        def failing(rows, lookahead=0):  # type: ignore[no-untyped-def]
+        def failing(rows, lookahead=0, **kwargs):  # type: ignore[no-untyped-def]
             if any(not hasattr(r, "token_id") for r in rows):
                 raise RuntimeError("capture failed (simulated)")
-            return real_run(rows, lookahead)
+            return real_run(rows, lookahead, **kwargs)
 
         graphs.run = failing  # type: ignore[method-assign]
         greedy = SamplingParams(max_tokens=5, temperature=0.0)
         want = make_engine(model_dir, cuda_graphs="off").generate(PROMPTS, adapter_ids=ADAPTERS, sampling=greedy)
-        with pytest.warns(UserWarning, match="prefill steps disabled"):
+        with pytest.warns(UserWarning, match="prefill steps disabled") as caught:
             got = engine.generate(PROMPTS, adapter_ids=ADAPTERS, sampling=greedy)
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert not [w for w in caught if "decode window" in str(w.message)]  # windows still run
         assert engine.runner.graphs is graphs and graphs.max_tokens == graphs.max_batch
         assert engine.runner.num_graph_steps > 0  # decode steps still replayed
         assert engine.scheduler.graphs.max_rows == 0 and engine.scheduler.graphs.decode

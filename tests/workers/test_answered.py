@@ -1,21 +1,25 @@
 """Answered records: a Kafka record whose answer went out is not answered again when it comes back
 (real PostgreSQL; the engine client and the publisher are stand-ins, so that a test chooses what a
-redelivery is and when a publish is acknowledged)."""
+redelivery is and when a publish is acknowledged; the last tests publish to a real broker and read
+it back for an answer the row does not list)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loquetier.db import repo
 from loquetier.db.store import Store
 from loquetier.engine.events import RequestFinished, Timings, Usage
-from loquetier.messages import GenerateRequest
+from loquetier.messages import GenerateRequest, TokenResult, decode_record
+from loquetier.workers import publisher as real_publisher
+from loquetier.workers.answer_log import AnswerLog
 from loquetier.workers.inference import Inference
 from loquetier.workers.publisher import PublishAborted
 from loquetier.workers.sources import Source
@@ -64,7 +68,7 @@ class Publisher:
 class Worker:
     """One worker's request path: an Inference with its own client, the shared publisher and store."""
 
-    def __init__(self, store: Store, publisher: Publisher) -> None:
+    def __init__(self, store: Store, publisher: Any, answers: AnswerLog | None = None) -> None:
         self.client = Client()
         self.done: list[Source] = []
         self.inference = Inference(
@@ -74,6 +78,7 @@ class Worker:
             None,
             worker_id=f"w-{uuid.uuid4().hex[:6]}",  # type: ignore[arg-type]
             on_done=self.done.append,
+            answers=answers,
         )
 
     async def deliver(self, req: GenerateRequest, source: Source) -> None:
@@ -214,3 +219,105 @@ async def test_a_crash_before_the_answered_write_ends_in_a_republish(
     assert await answered(store, rid) == [source(40).key()]  # the republish is noted
     await survivor.deliver(request(rid), source(40))
     assert len(publisher.finals(rid)) == 2
+
+
+# --- the reply topic read back: a real broker -------------------------------------------------------
+
+
+async def finals_on(bootstrap: str, topic: str, rid: str) -> list[Any]:
+    """Every final record of ``rid`` on ``topic``, read from the start."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        found = []
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                found += [decode_record("results", r.value) for r in records if r.key == rid.encode()]
+        return [r for r in found if r.type in ("result", "error")]
+    finally:
+        await consumer.stop()
+
+
+@pytest.fixture
+async def broker_publisher(topics: Any) -> AsyncIterator[tuple[Any, real_publisher.Publisher]]:
+    settings = await topics()
+    publisher = real_publisher.Publisher(settings.kafka.bootstrap, settings.kafka, worker_id="w")
+    await publisher.start()
+    yield settings.kafka, publisher
+    await publisher.stop()
+
+
+async def crash_after_publish(worker: Worker, rid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finish ``rid`` and lose the write that lists its record answered (the worker died there)."""
+
+    async def lost(*args: Any, **kwargs: Any) -> bool:
+        raise ConnectionResetError("the worker died here")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(repo, "add_answered_records", lost)
+        await worker.finish(rid)
+    assert await answered(worker.inference._store, rid) == []
+
+
+@pytest.mark.kafka
+async def test_an_answer_found_on_the_reply_topic_is_not_published_again(
+    store: Store, broker_publisher: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kafka, publisher = broker_publisher
+    rid, other = f"r-{uuid.uuid4().hex[:8]}", f"r-{uuid.uuid4().hex[:8]}"
+    sent_at = int(time.time() * 1000) - 500
+    original = source(50, timestamp=sent_at)
+    first = Worker(store, publisher)
+    await first.deliver(request(rid), original)
+    await first.deliver(request(other), source(51, timestamp=sent_at))
+    await first.finish(other)  # another request's final, and token records, share the topic
+    for index in range(5):
+        await publisher.stream(TokenResult(request_id=rid, index=index, token_ids=[index], text="x"), rid)
+    await crash_after_publish(first, rid, monkeypatch)
+    assert len(await finals_on(kafka.bootstrap, kafka.results_topic, rid)) == 1
+
+    answers = AnswerLog(kafka.bootstrap, kafka, worker_id="survivor")
+    survivor = Worker(store, publisher, answers)
+    await survivor.deliver(request(rid), original)  # redelivered: the final is on the topic
+    await survivor.inference.settle()
+    assert survivor.done == [original] and survivor.client.submitted == []
+    assert len(await finals_on(kafka.bootstrap, kafka.results_topic, rid)) == 1  # answered once
+    assert await answered(store, rid) == [original.key()] and answers.num_reads == 1
+    # a copy of the record that the first worker never saw, sent before its answer, read it too
+    sibling = source(52, timestamp=sent_at + 100)
+    await survivor.deliver(request(rid), sibling)
+    await survivor.inference.settle()
+    assert len(await finals_on(kafka.bootstrap, kafka.results_topic, rid)) == 1 and answers.num_reads == 1
+    # a client's retry sent after the answer was not answered by it: the stored result goes out again
+    retry = source(53, timestamp=int(time.time() * 1000) + 1000)
+    await survivor.deliver(request(rid), retry)
+    await survivor.inference.settle()
+    finals = await finals_on(kafka.bootstrap, kafka.results_topic, rid)
+    assert len(finals) == 2 and finals[0].model_dump() == finals[1].model_dump()
+    assert answers.num_reads == 1  # the window was read once for the request
+    assert await answered(store, rid) == [original.key(), sibling.key(), retry.key()]
+
+
+@pytest.mark.kafka
+async def test_a_reply_topic_that_cannot_be_read_leaves_the_record_answered_again(
+    store: Store, broker_publisher: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kafka, publisher = broker_publisher
+    rid = f"r-{uuid.uuid4().hex[:8]}"
+    original = source(60, timestamp=int(time.time() * 1000) - 500)
+    first = Worker(store, publisher)
+    await first.deliver(request(rid), original)
+    await crash_after_publish(first, rid, monkeypatch)
+    nowhere = AnswerLog("127.0.0.1:9", kafka, worker_id="survivor", timeout_s=1.0)  # nothing listens there
+    survivor = Worker(store, publisher, nowhere)
+    started = time.monotonic()
+    await survivor.deliver(request(rid), original)
+    await survivor.inference.settle()
+    assert time.monotonic() - started < 10
+    assert len(await finals_on(kafka.bootstrap, kafka.results_topic, rid)) == 2  # twice, never none
+    assert survivor.done == [original] and await answered(store, rid) == [original.key()]
