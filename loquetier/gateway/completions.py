@@ -35,7 +35,7 @@ from . import answers
 from .body import read_json
 from .errors import APIError, bad_request
 from .metrics import IN_FLIGHT, TOKENS
-from .schemas import ChatRequest, CompletionRequest, Sampling, parse
+from .schemas import ChatRequest, CompletionRequest, Sampling, error_text, parse
 from .state import Gateway
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ def _record(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, field
             strict=False,
         )
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
+        err = exc.errors(include_url=False)[0]
         param = _body_field(body, err["loc"])
-        raise bad_request(f"{param or 'request'}: {err['msg']}", param=param) from None
+        raise bad_request(f"{param or 'request'}: {error_text(err)}", param=param) from None
     limits = DEFAULT_LIMITS
     if record.prompt is not None and len(record.prompt) > limits.max_prompt_chars:
         raise bad_request(f"the prompt is longer than {limits.max_prompt_chars} characters", param="prompt")

@@ -33,7 +33,7 @@ from loquetier.training_files import file_id_of
 from .body import read_json
 from .completions import check_priority
 from .errors import APIError, bad_request, not_found
-from .schemas import FineTuneRequest, Hyperparameters, parse
+from .schemas import FineTuneRequest, Hyperparameters, error_text, parse
 from .state import Gateway
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,9 @@ def job_record(body: FineTuneRequest, base_adapter: str | None, data: Any, eval_
     try:
         return TrainingJobRecord.model_validate(fields, strict=False)
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
+        err = exc.errors(include_url=False)[0]
         param = _body_field(body, err["loc"])
-        raise bad_request(f"{param}: {err['msg']}", param=param) from None
+        raise bad_request(f"{param}: {error_text(err)}", param=param) from None
 
 
 async def create(request: Request) -> Response:

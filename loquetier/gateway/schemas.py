@@ -8,6 +8,7 @@ silently dropped. Any other unknown field is refused too (a misspelt option is a
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -34,6 +35,16 @@ _UNION_TAG = re.compile(r"(str|int|float|bool|bytes|none|list|dict)|[a-z]+(-[a-z
 def field_path(loc: tuple[int | str, ...]) -> str:
     """An error's location as the body's field path (``messages.2.content``), union tags left out."""
     return ".".join(str(p) for p in loc if isinstance(p, int) or not _UNION_TAG.fullmatch(p))
+
+
+def error_text(err: Any) -> str:
+    """A validation error's message. A JSON integer too large for 64 bits reaches the models as a
+    float (that is how the JSON parser reads it), which pydantic calls "not a valid integer": say
+    that the number is too large instead."""
+    value = err.get("input")
+    if err["type"] == "int_type" and isinstance(value, float) and (not math.isfinite(value) or abs(value) >= 2**63):
+        return f"the number {value:g} is out of range: integers here lie between -2**63 and 2**63 - 1"
+    return str(err["msg"])
 
 
 def _check_stop(value: Any) -> Any:
@@ -337,9 +348,9 @@ class FineTuneRequest(Body):
         try:
             return Hyperparameters.model_validate(hyper)
         except ValidationError as exc:
-            err = exc.errors(include_url=False, include_input=False)[0]
+            err = exc.errors(include_url=False)[0]
             param = ".".join(filter(None, ("method.supervised.hyperparameters", field_path(err["loc"]))))
-            raise bad_request(f"{param}: {err['msg']}", param=param) from None
+            raise bad_request(f"{param}: {error_text(err)}", param=param) from None
 
     def all_hyperparameters(self) -> Hyperparameters | None:
         return self.hyperparameters or self.method_hyperparameters()
@@ -354,9 +365,9 @@ def parse(model: type[B], data: dict[str, Any]) -> B:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
+        err = exc.errors(include_url=False)[0]
         loc = field_path(err["loc"])
         code = "unknown_parameter" if err["type"] == "extra_forbidden" else "invalid_type" if err["type"].endswith(
             "_type") else "invalid_value"
-        message = err["msg"] if err["type"] in NAMED else f"{loc or 'body'}: {err['msg']}"  # names its place
+        message = err["msg"] if err["type"] in NAMED else f"{loc or 'body'}: {error_text(err)}"  # names its place
         raise bad_request(message, param=loc or None, code=code) from None

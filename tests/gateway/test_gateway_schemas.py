@@ -6,6 +6,7 @@ import random
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 
 from loquetier.codec import DEFAULT_LIMITS
@@ -122,3 +123,24 @@ def test_hyperparameters_that_are_not_an_object_name_the_field_without_a_trailin
         request.all_hyperparameters()
     assert caught.value.param == "method.supervised.hyperparameters"
     assert caught.value.message.startswith("method.supervised.hyperparameters: ")
+
+
+@pytest.mark.parametrize(("model", "raw", "param"), [
+    (ChatRequest, b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": %s}', "max_tokens"),
+    (CompletionRequest, b'{"model": "m", "prompt": "p", "seed": %s}', "seed"),
+    (FineTuneRequest, b'{"model": "m", "training_file": "f", "hyperparameters": {"n_epochs": %s}}',
+     "hyperparameters.n_epochs"),
+    (FineTuneRequest, b'{"model": "m", "training_file": "f", "method": {"type": "supervised", "supervised": '
+                      b'{"hyperparameters": {"batch_size": %s}}}}', "method.supervised.hyperparameters.batch_size"),
+])
+def test_an_integer_beyond_64_bits_is_called_out_of_range(model: Any, raw: bytes, param: str) -> None:
+    """The JSON parser reads such an integer as a float: the 400 says the number is out of range,
+    not that it is no integer."""
+    digits = random.randint(20, 40)
+    number = random.choice(["", "-"]) + str(random.randint(10 ** (digits - 1), 10**digits - 1))
+    with pytest.raises(APIError) as caught:
+        parse(model, orjson.loads(raw % number.encode())).all_hyperparameters()  # type: ignore[attr-defined]
+    assert caught.value.status == 400 and caught.value.param == param
+    assert caught.value.message.startswith(f"{param}: the number ") and "out of range" in caught.value.message
+    small = raw % str(random.randint(1, 8)).encode()
+    assert parse(model, orjson.loads(small)) is not None
