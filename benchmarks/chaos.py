@@ -1,11 +1,11 @@
 """The chaos suite at a larger size, writing docs/reliability.md.
 
 The scenarios of tests/chaos (hostile bytes, an oversized record, duplicates, a flood, hostile
-control commands, kill -9 while serving and while training, a poison pill, a PostgreSQL outage,
-a broker restart, hostile values) run one after the other against a whole service: the real
-worker as a child process on a tiny model, its own tansu broker and PostgreSQL. Each row counts
-the records sent, answered once, answered more than once and never answered, and whether the
-worker served a fresh request afterwards.
+control commands, a cancel storm, kill -9 while serving and while training, a poison pill, a
+PostgreSQL outage, a broker restart, hostile values) run one after the other against a whole
+service: the real worker as a child process on a tiny model, its own tansu broker and
+PostgreSQL. Each row counts the records sent, answered once, answered more than once and never
+answered, and whether the worker served a fresh request afterwards.
 
     python -m benchmarks.chaos                      # the long sizes, writes docs/reliability.md
     python -m benchmarks.chaos --size ci --out -    # the CI sizes, the table on stdout
@@ -42,12 +42,30 @@ scenario, by the worker as the scenario left it.
 
 FOOTER = """
 How to read it:
-- Delivery is at least once. A request that finished in the moments before a `kill -9`,
-  before its offset was committed, is answered again after the restart (its stored result is
-  republished, not recomputed); requests in flight at the kill are answered once.
-- A poison pill is a record whose processing kills the worker process outright. Each start is
-  counted on its row in PostgreSQL; after `LOQUETIER_WORKER__MAX_ATTEMPTS` (2) starts that
-  ended with the process, the next worker answers it `poisoned` without starting it.
+- Copies of one request that meet while it runs (retries, redeliveries) share its one result:
+  their readers read it under the same id, so the "duplicates" row counts a copy answered when a
+  result for its id is out. A copy read after its request finished gets the stored result again.
+- Delivery is at least once, and each record is answered once. A request that finished before a
+  `kill -9` but whose offset was not committed yet (an earlier record of its partition still ran)
+  comes back after the restart. Its row lists the records it answered (`answered_records`: topic,
+  partition, offset and the record's timestamp, noted right after the broker acknowledged the
+  answer), so the redelivered record is only marked done. A kill in the milliseconds between that
+  acknowledgement and the note leaves the record unlisted: the worker that gets it back reads the
+  request's partition of the reply topic over the minute after the row finished, and a final
+  stamped at or after the record answered it (`workers/answer_log.py`). Only where that read fails
+  is the stored result published again (republished, not recomputed): twice, never none. A client's
+  retry sent after the answer (a new record with the same `request_id` and content) gets the stored
+  result; requests in flight at the kill are answered once.
+- The cancel storm sends cancels of made-up ids (a client that calls and leaves, over and over) and
+  then one real cancel of a running request. Commands to different targets run side by side (up to
+  64), the rows of the cancels waiting at one time are read in one transaction, and a paused control
+  topic is looked at again every 10 ms: its notes say how long the real cancel waited behind the storm.
+- A poison pill is a record whose processing kills the engine process outright (the worker's
+  engine runs in a child process; `crashy.py` makes the pill exit it, as a segfault would). The
+  worker then stops as if it had died itself: in-flight requests stay unanswered and their offsets
+  uncommitted. Each start is counted on its row in PostgreSQL; after
+  `LOQUETIER_WORKER__MAX_ATTEMPTS` (2) starts that ended with the engine, the next worker answers it
+  `poisoned` without starting it.
 - "hostile values" sends values that an engine cannot take (infinite SLOs, a 64-bit `top_k`,
   `lr` 1e300, 10^12 epochs, an adapter of NaN weights, one with `lora_alpha` 1e30) next to
   innocent requests; its notes list each answer: the border and the engine's guards refuse them.

@@ -130,7 +130,10 @@ class Consumer:
         """Fetch, dispatch and commit until :meth:`stop_consuming`."""
         while not self._stopping.is_set():
             try:
-                batches = await self.consumer.getmany(timeout_ms=100, max_records=self._max_inflight)
+                # a paused topic resumes only here: while one is, look again soon, or a storm of
+                # control records would wait a whole fetch timeout per half-limit handled
+                wait_ms = 10 if any(self._paused.values()) else 100
+                batches = await self.consumer.getmany(timeout_ms=wait_ms, max_records=self._max_inflight)
             except KafkaError as exc:
                 log.warning("fetch failed", extra={"error": repr(exc)})
                 await asyncio.sleep(0.5)

@@ -20,6 +20,7 @@ or a code and a reason (``unknown_adapter``, ``unknown_job``, ``forbidden``, ...
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import shutil
@@ -69,6 +70,7 @@ class Control:
         self._settings = settings
         self._worker_id = worker_id
         self._on_drain = on_drain
+        self._targets = CancelTargets(store)
 
     async def apply(self, cmd: ControlCommand, command_id: str) -> ControlAck:
         """Apply ``cmd``; the ack says what happened (never raises for a refused command)."""
@@ -166,11 +168,7 @@ class Control:
     async def _cancel(self, cmd: ControlCommand) -> Outcome:
         target = cmd.target_id
 
-        async def rows(s: Any) -> tuple[Any, Any]:  # one transaction: a storm of unknown ids costs one each
-            job = await repo.get_job(s, target)
-            return job, None if job is not None else await repo.get_request(s, target)
-
-        job, request = await self._store.tx(rows)
+        job, request = await self._targets.read(target)
         if job is None:
             return await self._cancel_request(target, request)
         cancelled = await self._store.tx(lambda s: repo.finish_job(s, target, status="cancelled", error="cancelled"))
@@ -184,7 +182,8 @@ class Control:
 
     async def _cancel_request(self, rid: str, row: Any) -> Outcome:
         """``row``: the request's row as read before the engine was asked (None: no row then)."""
-        if await self._client.abort(rid):
+        # only a request this worker took can be in its engine: a storm of made-up ids asks it nothing
+        if rid in self._inference.inflight and await self._client.abort(rid):
             log.info("request aborted", extra={"request_id": rid})
             return f"request {rid!r} cancelled", None
         if row is not None and row.finished_at is None:  # it may have finished since: read again
@@ -249,3 +248,64 @@ class Control:
         if is_me:
             self._on_drain()
         return f"draining {', '.join(sorted(set(drained) | ({self._worker_id} if is_me else set())))}", None
+
+
+class CancelTargets:
+    """The job and request rows of cancel targets, read for every cancel waiting in one transaction.
+
+    Commands to different targets run side by side (``intake.MAX_CONTROL_AT_ONCE``), so a storm of
+    cancels (a client that calls and leaves, or made-up ids) would take a pooled connection each,
+    one after another, and a real cancel read behind them would wait for all of them. The cancels
+    that wait together share one read instead."""
+
+    MAX_AT_ONCE = 1_000
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._waiting: dict[str, list[asyncio.Future[tuple[Any, Any]]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.num_reads = 0
+
+    async def read(self, target: str) -> tuple[Any, Any]:
+        """(job row, request row) of ``target``; the request row only where no job has that id."""
+        future: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(target, []).append(future)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_waiting(), name="cancel targets")
+        return await future
+
+    async def _read_waiting(self) -> None:
+        futures: dict[str, list[asyncio.Future[tuple[Any, Any]]]] = {}
+        try:
+            await asyncio.sleep(0)  # the cancels read with this one join it
+            while self._waiting:
+                ids = list(self._waiting)[: self.MAX_AT_ONCE]
+                futures = {target: self._waiting.pop(target) for target in ids}
+                try:
+                    self.num_reads += 1
+                    jobs, requests = await self._store.tx(functools.partial(_rows_of, ids))
+                except Exception as exc:  # each waiting command fails with the store's error, as alone
+                    _settle(futures, exc)
+                    continue
+                for target, waiting in futures.items():
+                    rows = (jobs.get(target), None if target in jobs else requests.get(target))
+                    for future in waiting:
+                        if not future.done():
+                            future.set_result(rows)
+        finally:  # stopped (the worker stops): no command waits on a read that will not come
+            stopped = RuntimeError("the worker stopped reading cancel targets")
+            _settle(futures, stopped)
+            _settle(self._waiting, stopped)
+            self._waiting.clear()
+
+
+def _settle(futures: dict[str, list[asyncio.Future[Any]]], exc: BaseException) -> None:
+    for waiting in futures.values():
+        for future in waiting:
+            if not future.done():
+                future.set_exception(exc)
+
+
+async def _rows_of(ids: list[str], session: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    jobs = await repo.get_jobs(session, ids)
+    return jobs, await repo.get_requests(session, [i for i in ids if i not in jobs])

@@ -13,6 +13,7 @@ apply (a replayed finish, a pause of a finished job) writes nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
@@ -427,3 +428,9 @@ async def job_events(session: AsyncSession, job_id: str, *, before_id: int | Non
 
 async def get_job(session: AsyncSession, job_id: str) -> JobRow | None:
     return await session.scalar(select(JobRow).where(JobRow.job_id == job_id))
+
+
+async def get_jobs(session: AsyncSession, job_ids: Collection[str]) -> dict[str, JobRow]:
+    """The rows of those of ``job_ids`` that exist, by id (one query for many)."""
+    rows = await session.scalars(select(JobRow).where(JobRow.job_id.in_(list(job_ids))))
+    return {row.job_id: row for row in rows}

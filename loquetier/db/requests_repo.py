@@ -6,6 +6,7 @@ and never commits: the caller decides the unit of work.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import func, literal, literal_column, or_, select, update
@@ -139,6 +140,12 @@ async def add_answered_records(session: AsyncSession, request_id: str, records: 
 
 async def get_request(session: AsyncSession, request_id: str) -> RequestRow | None:
     return await session.scalar(select(RequestRow).where(RequestRow.request_id == request_id))
+
+
+async def get_requests(session: AsyncSession, request_ids: Collection[str]) -> dict[str, RequestRow]:
+    """The rows of those of ``request_ids`` that exist, by id (one query for many)."""
+    rows = await session.scalars(select(RequestRow).where(RequestRow.request_id.in_(list(request_ids))))
+    return {row.request_id: row for row in rows}
 
 
 async def stale_requests(

@@ -42,11 +42,12 @@ class Sizes:
     train_steps: int = 150
     num_outage: int = 30
     outage_s: float = 3.0
+    num_cancels: int = 500
 
 
 CI = Sizes()
 LONG = Sizes(num_bad=2000, num_good=100, num_duplicated=50, num_flood=2000, num_in_flight=48, train_steps=300,
-             num_outage=200, outage_s=10.0)
+             num_outage=200, outage_s=10.0, num_cancels=5000)
 
 
 def pack(obj: Any) -> bytes:
@@ -388,6 +389,41 @@ async def control_commands(stack: Stack, sizes: Sizes) -> Tally:
     return tally
 
 
+async def cancel_storm(stack: Stack, sizes: Sizes) -> Tally:
+    """Cancels of made-up ids (a client that calls and leaves, over and over), then a real cancel
+    of a running request: every command acknowledged once, the request stopped."""
+    tally = Tally(f"storm of {sizes.num_cancels} cancels")
+    (rid,) = new_ids("victim", 1)
+    await send_all(stack, stack.cfg.kafka.requests_topic, [(rid.encode(), pack(good(rid, 4000)))])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (await rows(stack, [rid])).get(rid, None) is None:
+        await asyncio.sleep(0.05)
+    commands = new_ids("cmd", sizes.num_cancels)
+    storm = [(f"nobody-{cid}".encode(), pack({"schema": 1, "command_id": cid, "action": "cancel",
+                                              "target_id": f"nobody-{cid}"})) for cid in commands]
+    started = time.monotonic()
+    await send_all(stack, stack.cfg.kafka.control_topic, storm)
+    sent_s = time.monotonic() - started
+    async with stack.client() as client:
+        real = await client.control("cancel", rid, wait=True, timeout=120)
+    real_s = time.monotonic() - started
+    counts = await wait_answered(stack, [*commands, rid], timeout=120)
+    tally.add(counts, [*commands, rid])
+    found = await final_records(stack.cfg.kafka.bootstrap or "", stack.cfg.kafka.results_topic, [*commands, rid])
+    codes = collections.Counter(str(getattr(r, "code", None)) for c in commands for r in found.get(c, []))
+    result = next((r for r in found.get(rid, []) if r.type == "result"), None)
+    tally.sent += 1  # the real cancel's own ack
+    tally.once += 1 if real.ok else 0
+    tally.lost += 0 if real.ok else 1
+    tally.facts = {"codes": dict(codes), "real_ok": real.ok, "real_s": real_s,
+                   "finish_reason": getattr(result, "finish_reason", None),
+                   "num_tokens": len(getattr(result, "token_ids", []) or [])}
+    tally.notes.append(f"{sizes.num_cancels} sent in {sent_s:.1f} s; the real cancel acknowledged "
+                       f"{real_s:.1f} s after the storm began; its request ended "
+                       f"{tally.facts['finish_reason']} after {tally.facts['num_tokens']} of 4000 tokens")
+    return tally
+
+
 def hostile_adapters(root: Any) -> list[Any]:
     """PEFT adapters for the tiny model that must not load: NaN B weights; lora_alpha 1e30."""
     import json
@@ -450,7 +486,7 @@ async def hostile_values(stack: Stack, sizes: Sizes) -> Tally:
     return tally
 
 
-SCENARIOS = [hostile_bytes, oversized_record, duplicates, flood, control_commands, kill_while_serving,
+SCENARIOS = [hostile_bytes, oversized_record, duplicates, flood, control_commands, cancel_storm, kill_while_serving,
              kill_while_training, poison_pill, postgres_outage, broker_restart, hostile_values]
 
 

@@ -72,11 +72,21 @@ async def test_control_commands(stack: Stack) -> None:
     assert_clean(await run(stack, scenarios.control_commands))
 
 
+async def test_cancel_storm(stack: Stack) -> None:
+    tally = await run(stack, scenarios.cancel_storm)
+    assert_clean(tally)
+    facts = tally.facts
+    assert facts["codes"] == {"unknown_target": scenarios.CI.num_cancels} and facts["real_ok"], tally
+    assert facts["finish_reason"] == "cancelled" and facts["num_tokens"] < 4000, tally
+
+
 async def test_kill_while_serving(stack: Stack) -> None:
+    """Requests in flight at the kill are answered once after the restart; so are those answered
+    before it whose offsets were not committed (the restarted worker finds their answers on the
+    results topic)."""
     tally = await run(stack, scenarios.kill_while_serving)
-    assert tally.lost == 0 and tally.is_alive, tally
+    assert_clean(tally)
     assert tally.facts["in_flight"] > 0 and tally.facts["in_flight_once"], tally
-    assert tally.facts["again_before_kill"], tally  # only records already answered can be answered again
 
 
 async def test_kill_while_training(stack: Stack) -> None:
