@@ -74,11 +74,11 @@ fi
 # only the cycles the service tests leave; their output follows the service tests'.
 COMPUTE=(tests/kernels tests/engine tests/models tests/lora tests/architecture)
 compute_log=$(mktemp)
-nice -n 19 python -m pytest -q -p no:cacheprovider --timeout=900 -n 2 --dist loadfile "${COMPUTE[@]}" \
+nice -n 19 python -m pytest -q -p no:cacheprovider --timeout=900 --durations=10 -n 2 --dist loadfile "${COMPUTE[@]}" \
     >"$compute_log" 2>&1 &
 compute=$!
 rc=0
-pytest_run "${COMPUTE[@]/#/--ignore=}" || rc=$?
+pytest_run --durations=15 "${COMPUTE[@]/#/--ignore=}" || rc=$?  # the slowest tests named: CI's time is bounded
 compute_rc=0
 wait "$compute" || compute_rc=$?
 echo "== compute tests (${COMPUTE[*]})"

@@ -391,12 +391,18 @@ async def control_commands(stack: Stack, sizes: Sizes) -> Tally:
 
 async def cancel_storm(stack: Stack, sizes: Sizes) -> Tally:
     """Cancels of made-up ids (a client that calls and leaves, over and over), then a real cancel
-    of a running request: every command acknowledged once, the request stopped."""
+    of a running job that would train for a million steps: every command acknowledged once, the
+    job stopped."""
     tally = Tally(f"storm of {sizes.num_cancels} cancels")
-    (rid,) = new_ids("victim", 1)
-    await send_all(stack, stack.cfg.kafka.requests_topic, [(rid.encode(), pack(good(rid, 4000)))])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (await rows(stack, [rid])).get(rid, None) is None:
+    (job_id,) = new_ids("victim", 1)
+    data = [{"prompt_token_ids": [1, 10 + i, 11 + i], "completion_token_ids": [40 + i, 41, 42 + i]} for i in range(6)]
+    params = {"lr": 5e-3, "max_steps": 10**6, "micro_batch_tokens": 20, "seed": 7, "checkpoint_every": 10**6}
+    async with stack.client() as client:
+        await client.submit_training({"job_id": job_id, "adapter_id": f"chaos-{job_id}", "data": data,
+                                      "lora": TRAIN_LORA, "params": params})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not await stack.query(
+            lambda s: s.scalar(select(JobRow.step > 0).where(JobRow.job_id == job_id))):  # training
         await asyncio.sleep(0.05)
     commands = new_ids("cmd", sizes.num_cancels)
     storm = [(f"nobody-{cid}".encode(), pack({"schema": 1, "command_id": cid, "action": "cancel",
@@ -405,22 +411,21 @@ async def cancel_storm(stack: Stack, sizes: Sizes) -> Tally:
     await send_all(stack, stack.cfg.kafka.control_topic, storm)
     sent_s = time.monotonic() - started
     async with stack.client() as client:
-        real = await client.control("cancel", rid, wait=True, timeout=120)
+        real = await client.control("cancel", job_id, wait=True, timeout=120)
     real_s = time.monotonic() - started
-    counts = await wait_answered(stack, [*commands, rid], timeout=120)
-    tally.add(counts, [*commands, rid])
-    found = await final_records(stack.cfg.kafka.bootstrap or "", stack.cfg.kafka.results_topic, [*commands, rid])
+    counts = await wait_answered(stack, [*commands, job_id], timeout=120, job_ids={job_id})
+    tally.add(counts, [*commands, job_id])
+    found = await final_records(stack.cfg.kafka.bootstrap or "", stack.cfg.kafka.results_topic, commands)
     codes = collections.Counter(str(getattr(r, "code", None)) for c in commands for r in found.get(c, []))
-    result = next((r for r in found.get(rid, []) if r.type == "result"), None)
-    tally.sent += 1  # the real cancel's own ack
+    job = await stack.query(lambda s: s.scalar(select(JobRow).where(JobRow.job_id == job_id)))
+    tally.sent += 1  # the real cancel's own acknowledgement
     tally.once += 1 if real.ok else 0
     tally.lost += 0 if real.ok else 1
     tally.facts = {"codes": dict(codes), "real_ok": real.ok, "real_s": real_s,
-                   "finish_reason": getattr(result, "finish_reason", None),
-                   "num_tokens": len(getattr(result, "token_ids", []) or [])}
+                   "status": job.status if job else None, "step": job.step if job else None}
     tally.notes.append(f"{sizes.num_cancels} sent in {sent_s:.1f} s; the real cancel acknowledged "
-                       f"{real_s:.1f} s after the storm began; its request ended "
-                       f"{tally.facts['finish_reason']} after {tally.facts['num_tokens']} of 4000 tokens")
+                       f"{real_s:.1f} s after the storm began; the job it named {tally.facts['status']} at "
+                       f"step {tally.facts['step']}")
     return tally
 
 

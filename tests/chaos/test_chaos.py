@@ -77,7 +77,7 @@ async def test_cancel_storm(stack: Stack) -> None:
     assert_clean(tally)
     facts = tally.facts
     assert facts["codes"] == {"unknown_target": scenarios.CI.num_cancels} and facts["real_ok"], tally
-    assert facts["finish_reason"] == "cancelled" and facts["num_tokens"] < 4000, tally
+    assert facts["status"] == "cancelled" and facts["step"] < 10**6, tally
 
 
 async def test_kill_while_serving(stack: Stack) -> None:
