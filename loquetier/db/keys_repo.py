@@ -34,6 +34,7 @@ class KeyOwner:
     key_id: str
     tenant_id: str
     max_requests_per_minute: int | None
+    max_tokens_per_minute: int | None = None
 
 
 async def ensure_tenant(session: AsyncSession, tenant_id: str) -> None:
@@ -42,7 +43,8 @@ async def ensure_tenant(session: AsyncSession, tenant_id: str) -> None:
 
 
 async def create_key(
-    session: AsyncSession, *, name: str, tenant_id: str, max_requests_per_minute: int | None = None
+    session: AsyncSession, *, name: str, tenant_id: str, max_requests_per_minute: int | None = None,
+    max_tokens_per_minute: int | None = None,
 ) -> tuple[ApiKeyRow, str]:
     """A new key for ``tenant_id`` (created if new); returns the row and the key, shown only now."""
     await ensure_tenant(session, tenant_id)
@@ -53,6 +55,7 @@ async def create_key(
         name=name,
         key_sha256=hash_key(key),
         max_requests_per_minute=max_requests_per_minute,
+        max_tokens_per_minute=max_tokens_per_minute,
     )
     session.add(row)
     await session.flush()
@@ -66,7 +69,7 @@ async def find_key(session: AsyncSession, key: str) -> KeyOwner | None:
     )
     if row is None:
         return None
-    return KeyOwner(row.key_id, row.tenant_id, row.max_requests_per_minute)
+    return KeyOwner(row.key_id, row.tenant_id, row.max_requests_per_minute, row.max_tokens_per_minute)
 
 
 async def list_keys(session: AsyncSession, tenant_id: str | None = None) -> list[ApiKeyRow]:

@@ -260,13 +260,16 @@ class ApiKeyRow(Base):
 
     __tablename__ = "api_keys"
     __table_args__ = (CheckConstraint("max_requests_per_minute IS NULL OR max_requests_per_minute > 0",
-                                      name="rate_positive"),)
+                                      name="rate_positive"),
+                      CheckConstraint("max_tokens_per_minute IS NULL OR max_tokens_per_minute > 0",
+                                      name="token_rate_positive"))
 
     key_id: Mapped[str] = mapped_column(ID, primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ID, ForeignKey("tenants.tenant_id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(ID)
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     max_requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = _created()
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ class Waiter:
     deadline: float
     sent: tuple[str, int, int] | None = None  # where the request's record stands
     done: bool = False  # its final record (result or error) arrived
+    on_result: Callable[[GenerateResult], None] | None = None  # called once, with the result record
 
     async def next(self) -> Any:
         """The next record; 504 past the deadline; an ``error`` record as its APIError."""
@@ -58,6 +59,9 @@ class Waiter:
     def _checked(self, record: Any) -> Any:
         if record.type in ("result", "error"):
             self.done = True
+        if record.type == "result" and self.on_result is not None:
+            settle, self.on_result = self.on_result, None
+            settle(record)
         if record.type == "error":
             raise from_worker(record.code, record.message)
         return record

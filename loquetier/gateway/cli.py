@@ -29,6 +29,8 @@ def register(subparsers: Any) -> None:
     create.add_argument("name")
     create.add_argument("--tenant", default=None, help="the tenant that owns what the key creates (default: NAME)")
     create.add_argument("--rpm", type=int, default=None, help="requests per minute allowed to this key (per gateway)")
+    create.add_argument("--tpm", type=int, default=None,
+                        help="tokens per minute (prompt and completion) allowed to this key (per gateway)")
     create.set_defaults(func=_keys_create)
     listing = sub.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--tenant", default=None)
@@ -111,12 +113,13 @@ def _keys_create(args: argparse.Namespace) -> int:
     url = _database_url()
     if url is None:
         return 2
-    if args.rpm is not None and args.rpm <= 0:
-        print("--rpm must be > 0", file=sys.stderr)
-        return 2
+    for flag, value in (("--rpm", args.rpm), ("--tpm", args.tpm)):
+        if value is not None and not 0 < value < 2**31:
+            print(f"{flag} must be > 0 and below 2^31", file=sys.stderr)
+            return 2
     tenant = args.tenant or args.name
     row, key = asyncio.run(_tx(url, lambda s: keys_repo.create_key(
-        s, name=args.name, tenant_id=tenant, max_requests_per_minute=args.rpm)))
+        s, name=args.name, tenant_id=tenant, max_requests_per_minute=args.rpm, max_tokens_per_minute=args.tpm)))
     print(f"key_id {row.key_id} for tenant {tenant!r} (keep the key: it is not stored, only its hash)")
     print(key)
     return 0
@@ -129,10 +132,11 @@ def _keys_list(args: argparse.Namespace) -> int:
     if url is None:
         return 2
     rows = asyncio.run(_tx(url, lambda s: keys_repo.list_keys(s, args.tenant)))
-    print(f"{'key_id':<22} {'tenant':<20} {'name':<20} {'rpm':>6}  state")
+    print(f"{'key_id':<22} {'tenant':<20} {'name':<20} {'rpm':>6} {'tpm':>9}  state")
     for r in rows:
         state = "revoked" if r.revoked_at is not None else "active"
-        print(f"{r.key_id:<22} {r.tenant_id:<20} {r.name:<20} {r.max_requests_per_minute or '-':>6}  {state}")
+        print(f"{r.key_id:<22} {r.tenant_id:<20} {r.name:<20} {r.max_requests_per_minute or '-':>6} "
+              f"{r.max_tokens_per_minute or '-':>9}  {state}")
     return 0
 
 

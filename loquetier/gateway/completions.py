@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from loquetier.codec import DEFAULT_LIMITS
+from loquetier.db.keys_repo import KeyOwner
 from loquetier.messages import ControlCommand, GenerateRequest, GenerateResult, encode_record
 
 from . import answers
@@ -50,16 +52,16 @@ async def chat_completions(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     body = parse(ChatRequest, await read_json(request))
     body.check_supported()
-    gw.auth.charge(owner, body.num_choices() - 1)  # each choice is a request for the workers
     adapter_id = await gw.resolve_model(owner, body.model)
     if "messages" not in GenerateRequest.model_fields:  # a wire format from before chat messages
         raise bad_request("chat completions need a Loquetier version whose requests carry 'messages'; "
                           "use /v1/completions with a prompt", code="chat_unavailable")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     # no limit asked: up to the context, as OpenAI does (the worker caps it to the room the prompt leaves)
-    limit = body.token_limit() or gw.config.default_max_tokens or DEFAULT_LIMITS.max_new_tokens
-    sampling = _sampling(body, limit, 1 if body.logprobs else None)
-    return await _complete(request, gw, owner.key_id, "chat", body, adapter_id, [{"messages": messages}], sampling)
+    asked = body.token_limit() or gw.config.default_max_tokens
+    sampling = _sampling(body, asked or DEFAULT_LIMITS.max_new_tokens, 1 if body.logprobs else None)
+    return await _complete(request, gw, owner, "chat", body, adapter_id, [{"messages": messages}], sampling,
+                           asked or 0)
 
 
 async def completions(request: Request) -> Response:
@@ -67,7 +69,6 @@ async def completions(request: Request) -> Response:
     owner = await gw.auth.owner(request)
     body = parse(CompletionRequest, await read_json(request))
     body.check_supported()
-    gw.auth.charge(owner, len(body.prompts()) * body.num_choices() - 1)
     adapter_id = await gw.resolve_model(owner, body.model)
     prompts: list[dict[str, Any]] = []
     for index, prompt in enumerate(body.prompts()):
@@ -77,7 +78,7 @@ async def completions(request: Request) -> Response:
         prompts.append({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt})
     limit = body.max_tokens or LEGACY_DEFAULT_MAX_TOKENS
     sampling = _sampling(body, limit, 1 if body.logprobs is not None else None)
-    return await _complete(request, gw, owner.key_id, "text", body, adapter_id, prompts, sampling)
+    return await _complete(request, gw, owner, "text", body, adapter_id, prompts, sampling, limit)
 
 
 def _sampling(body: Sampling, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
@@ -191,16 +192,52 @@ def _choices(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, prom
     return out
 
 
+def prompt_tokens_estimate(fields: dict[str, Any]) -> int:
+    """A prompt's tokens before the worker counts them: exact for token ids, 4 bytes a token for
+    text, and 4 more a chat turn for its template's markers."""
+    if fields.get("prompt_token_ids") is not None:
+        return len(fields["prompt_token_ids"])
+    if fields.get("prompt") is not None:
+        return math.ceil(len(str(fields["prompt"]).encode()) / 4)
+    return sum(4 + math.ceil(len(str(turn.get("content") or "").encode()) / 4) for turn in fields.get("messages") or ())
+
+
+def _token_takes(choices: list[_Choice], prompts: list[dict[str, Any]], completion: int) -> list[int]:
+    """What each choice takes of its key's tokens per minute before it runs: its prompt's estimate
+    (counted once for the ``n`` choices of a prompt) and the ``max_tokens`` asked (0: none asked)."""
+    first: dict[int, int] = {}
+    for index, choice in enumerate(choices):
+        first.setdefault(choice.prompt, index)
+    return [completion + (prompt_tokens_estimate(prompts[c.prompt]) if first[c.prompt] == i else 0)
+            for i, c in enumerate(choices)]
+
+
 @dataclass
 class _Call:
     """One HTTP call's records in flight: what ``end`` releases, once."""
 
     gw: Gateway
-    key_id: str
+    owner: KeyOwner
     choices: list[_Choice]
+    takes: list[int]  # each choice's tokens taken of the key's minute, settled by its answer
     waiters: list[answers.Waiter] = field(default_factory=list)  # one per choice published so far
     ended: bool = False
     sending_since: float | None = None  # a stream's event waits on a client that does not read
+
+    @property
+    def key_id(self) -> str:
+        return self.owner.key_id
+
+    def settler(self, index: int) -> Callable[[GenerateResult], None]:
+        """What choice ``index``'s result settles: the tokens it took against those it used (its
+        prompt counted by the first choice of the prompt only, like its take)."""
+        counts_prompt = next(i for i, c in enumerate(self.choices) if c.prompt == self.choices[index].prompt) == index
+
+        def settle(result: GenerateResult) -> None:
+            used = result.usage.completion_tokens + (result.usage.prompt_tokens if counts_prompt else 0)
+            self.gw.auth.settle_tokens(self.owner, self.takes[index], used)
+
+        return settle
 
     def end(self) -> None:
         """Stop waiting and ask the workers to stop what still runs for the call. The places of its
@@ -218,6 +255,8 @@ class _Call:
                 running.append((choice.rid, waiter))
             else:
                 self.gw.bus.forget(choice.rid)
+                if waiter is None:  # never published: what it took goes back
+                    self.gw.auth.settle_tokens(self.owner, self.takes[index], 0)
         self.gw.release(self.key_id, len(self.choices) - len(running))
         if running:
             _in_background(_release_when_answered(self.gw, self.key_id, running))
@@ -237,8 +276,12 @@ async def _release_when_answered(gw: Gateway, key_id: str, running: list[tuple[s
             gw.release(key_id, 1)
 
 
-async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body: Sampling,
-                    adapter_id: str | None, prompts: list[dict[str, Any]], sampling: dict[str, Any]) -> Response:
+async def _complete(request: Request, gw: Gateway, owner: KeyOwner, kind: str, body: Sampling,
+                    adapter_id: str | None, prompts: list[dict[str, Any]], sampling: dict[str, Any],
+                    completion_take: int) -> Response:
+    """``completion_take``: the tokens each choice takes of the key's minute for its completion
+    before it runs (the ``max_tokens`` asked; 0: none asked, paid once known)."""
+    key_id = owner.key_id
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     count = len(prompts) * body.num_choices()
     gw.admit(count, key_id)  # before any work: a full gateway or key is refused at once
@@ -246,7 +289,9 @@ async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body:
     choices = await asyncio.to_thread(_choices, rid, gw, body, adapter_id, prompts, sampling)
     await gw.require_worker()
     gw.admit(count, key_id)
-    call = _Call(gw, key_id, choices)
+    takes = _token_takes(choices, prompts, completion_take)
+    gw.auth.charge(owner, count - 1, sum(takes))  # each choice is a request for the workers
+    call = _Call(gw, owner, choices, takes)
     gw.hold(key_id, count)
     IN_FLIGHT.inc()
     try:
@@ -265,11 +310,12 @@ async def _complete(request: Request, gw: Gateway, key_id: str, kind: str, body:
         chunks = answers.Chunks(kind, rid, body.model, include_usage)
         events = answers.stream(call.waiters, firsts, prompt_of, chunks, gw.tokens)
         return _CallStream(call, _streamed(call, events), media_type="text/event-stream",
-                           headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                           headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **gw.auth.headers(owner)})
     call.end()
     TOKENS.labels(request.url.path).inc(sum(r.usage.completion_tokens for r in results))
     answer = answers.whole(kind, rid, body.model, results, prompt_of, gw.tokens)
-    return Response(orjson.dumps(answer), media_type="application/json", headers={"X-Request-Id": rid})
+    return Response(orjson.dumps(answer), media_type="application/json",
+                    headers={"X-Request-Id": rid, **gw.auth.headers(owner)})
 
 
 async def _publish(call: _Call) -> None:
@@ -279,9 +325,9 @@ async def _publish(call: _Call) -> None:
     queues = [gw.bus.expect(c.rid) for c in choices]  # before publishing: no early record is missed
     deadline = time.monotonic() + gw.config.request_timeout_s
     try:
-        for choice, queue in zip(choices, queues, strict=True):
+        for index, (choice, queue) in enumerate(zip(choices, queues, strict=True)):
             sent = await gw.bus.publish(gw.settings.kafka.requests_topic, choice.value, choice.rid)
-            call.waiters.append(answers.Waiter(queue, deadline, sent))
+            call.waiters.append(answers.Waiter(queue, deadline, sent, on_result=call.settler(index)))
     except KafkaError as exc:
         log.warning("request not published", extra={"request_id": choices[0].rid, "error": repr(exc)})
         raise APIError(503, "the message broker is unavailable; retry later", code="broker_unavailable") from None

@@ -36,14 +36,15 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
         yield url
 
 
-async def new_key(database_url: str, tenant: str, *, rpm: int | None = None) -> str:
+async def new_key(database_url: str, tenant: str, *, rpm: int | None = None, tpm: int | None = None) -> str:
     from loquetier.db import keys_repo
     from loquetier.db.session import create_engine, session_factory
 
     engine = create_engine(database_url)
     try:
         async with session_factory(engine).begin() as s:
-            _, key = await keys_repo.create_key(s, name=f"{tenant}-key", tenant_id=tenant, max_requests_per_minute=rpm)
+            _, key = await keys_repo.create_key(s, name=f"{tenant}-key", tenant_id=tenant, max_requests_per_minute=rpm,
+                                                max_tokens_per_minute=tpm)
             return key
     finally:
         await engine.dispose()

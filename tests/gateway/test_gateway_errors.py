@@ -52,6 +52,37 @@ async def counts(database_url: str) -> tuple[int, int, int]:
     return await query(database_url, fn)
 
 
+async def test_a_keys_tokens_per_minute_through_the_openai_client(gateway_setup: Any, database_url: str,
+                                                                  make_engine: Any) -> None:
+    """A call is refused for the tokens it may use, settled by what it used, and the key's state
+    shows in OpenAI's x-ratelimit headers; a key without limits gets none."""
+    settings = await gateway_setup()
+    tpm = 80
+    limited = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}", tpm=tpm, rpm=1000)
+    free = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    msgs = [{"role": "user", "content": "hello there"}]
+    async with running_worker(make_engine(), settings), running_gateway(settings) as url:
+        api = client(url, limited)
+        with pytest.raises(openai.RateLimitError) as too_big:  # its prompt and max_tokens exceed a minute
+            await api.chat.completions.create(model=MODEL, messages=msgs, max_tokens=tpm)
+        assert "allows at once" in assert_error(too_big.value, 429, "rate_limit_exceeded")["message"]
+        raw = await api.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, max_tokens=6,
+                                                                   temperature=0.0)
+        used = raw.parse().usage.total_tokens
+        headers = raw.headers
+        assert headers["x-ratelimit-limit-tokens"] == str(tpm) and headers["x-ratelimit-limit-requests"] == "1000"
+        left = int(headers["x-ratelimit-remaining-tokens"])
+        assert tpm - used <= left <= tpm - used + 5  # settled by its usage (and refilled at tpm a minute)
+        assert headers["x-ratelimit-reset-tokens"].endswith("s")
+        with pytest.raises(openai.RateLimitError) as spent:  # what is left does not hold this call's take
+            await api.completions.create(model=MODEL, prompt=[7] * (left + 3 - 6), max_tokens=6)
+        assert spent.value.response.headers.get("retry-after") is not None
+        assert "tokens per minute reached" in assert_error(spent.value, 429, "rate_limit_exceeded")["message"]
+        plain = await client(url, free).chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
+                                                                                  max_tokens=2)
+        assert not [h for h in plain.headers if h.startswith("x-ratelimit")]
+
+
 async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, make_engine: Any) -> None:
     settings = await gateway_setup(max_inflight=1)
     key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
@@ -287,11 +318,12 @@ async def test_a_stream_whose_client_reads_nothing_lets_its_places_go() -> None:
 
     gw = SimpleNamespace(config=SimpleNamespace(stream_stall_s=0.3), settings=SimpleNamespace(
         kafka=SimpleNamespace(control_topic="ctl")), bus=SimpleNamespace(forget=forgotten.append, publish=publish),
-        release=lambda key_id, num: released.append((key_id, num)))
+        release=lambda key_id, num: released.append((key_id, num)),
+        auth=SimpleNamespace(settle_tokens=lambda *args: None))
     choices = [completions._Choice(f"cmpl-x-{i}", b"", 0) for i in range(3)]
     waiters = [Waiter(asyncio.Queue(), time.monotonic() + 60) for _ in choices]
     waiters[1].done = True  # answered already: nothing to cancel
-    call = completions._Call(gw, "key-1", choices, waiters)  # type: ignore[arg-type]
+    call = completions._Call(gw, keys_repo.KeyOwner("key-1", "t", None), choices, [0] * 3, waiters)  # type: ignore[arg-type]
     completions.IN_FLIGHT.inc()
 
     async def events() -> Any:

@@ -28,22 +28,24 @@ def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.postgres
 async def test_keys_create_list_revoke(database_url: str) -> None:
     name = f"ci-{uuid.uuid4().hex[:6]}"
-    made = cli(database_url, "keys", "create", name, "--rpm", "30")
+    made = cli(database_url, "keys", "create", name, "--rpm", "30", "--tpm", "40000")
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("lq-") and len(key) == 46
     owner = await query(database_url, lambda s: keys_repo.find_key(s, key))
     assert owner is not None and owner.tenant_id == name and owner.max_requests_per_minute == 30
+    assert owner.max_tokens_per_minute == 40000
     assert await query(database_url, lambda s: keys_repo.find_key(s, key[:-1] + "x")) is None
     stored = await query(database_url, lambda s: keys_repo.list_keys(s, name))
     assert [r.key_sha256 for r in stored] == [keys_repo.hash_key(key)]  # the hash, never the key
     listed = cli(database_url, "keys", "list", "--tenant", name)
-    assert owner.key_id in listed.stdout and key not in listed.stdout
+    assert owner.key_id in listed.stdout and key not in listed.stdout and "40000" in listed.stdout
     assert cli(database_url, "keys", "revoke", owner.key_id).returncode == 0
     assert await query(database_url, lambda s: keys_repo.find_key(s, key)) is None
     assert cli(database_url, "keys", "revoke", owner.key_id).returncode == 1
-    bad = cli(database_url, "keys", "create", name, "--rpm", "0")
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    for flag, value in (("--rpm", "0"), ("--tpm", "-5"), ("--tpm", str(2**31))):
+        bad = cli(database_url, "keys", "create", name, flag, value)
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_training_file_lines() -> None:

@@ -9,7 +9,9 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from loquetier.db.keys_repo import KeyOwner
 from loquetier.gateway import answers
+from loquetier.gateway.auth import Auth
 from loquetier.gateway.completions import _Call
 
 
@@ -30,9 +32,17 @@ class _Gateway:
         self.bus = _Bus()
         self.settings = SimpleNamespace(kafka=SimpleNamespace(control_topic="control"))
         self.held: dict[str, int] = {}
+        self.auth = Auth(_nobody, cache_s=1.0)
 
     def release(self, key_id: str, num: int) -> None:
         self.held[key_id] -= num
+
+
+OWNER = KeyOwner("k", "t", None)  # no rate limits: the places alone are under test
+
+
+async def _nobody(key: str) -> KeyOwner | None:
+    return None
 
 
 def _waiter(timeout_s: float = 30.0) -> answers.Waiter:
@@ -46,7 +56,7 @@ async def test_an_ended_call_holds_the_places_of_its_running_requests_until_they
     gw.held["k"] = 4
     answered, running, failing = _waiter(), _waiter(), _waiter()
     answered.done = True
-    call = _Call(gw, "k", [SimpleNamespace(rid=r) for r in rids], [answered, running, failing])  # type: ignore[arg-type]
+    call = _Call(gw, OWNER, [SimpleNamespace(rid=r) for r in rids], [0] * 4, [answered, running, failing])  # type: ignore[arg-type]
     call.end()  # r3 was never published
     await asyncio.sleep(0.05)
     assert gw.held["k"] == 2 and gw.bus.waiting == {"r1", "r2"}
@@ -69,7 +79,7 @@ async def test_a_request_whose_worker_never_answers_frees_its_place_at_its_deadl
     gw = _Gateway()
     gw.bus.waiting.add("r0")
     gw.held["k"] = 1
-    call = _Call(gw, "k", [SimpleNamespace(rid="r0")], [_waiter(timeout_s=0.3)])  # type: ignore[arg-type]
+    call = _Call(gw, OWNER, [SimpleNamespace(rid="r0")], [0], [_waiter(timeout_s=0.3)])  # type: ignore[arg-type]
     call.end()
     await asyncio.sleep(0.1)
     assert gw.held["k"] == 1
