@@ -569,6 +569,31 @@ async def test_archived_versions_lose_their_bytes_in_the_migration_and_keep_thei
         await engine.dispose()
 
 
+async def test_keys_gain_a_token_rate_in_the_migration_and_keep_their_rows(empty_database: str) -> None:
+    await migrate.upgrade_async(empty_database, "0007")
+    engine = create_engine(empty_database)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO tenants (tenant_id) VALUES ('t1')"))
+            await conn.execute(text("INSERT INTO api_keys (key_id, tenant_id, name, key_sha256, "
+                                    "max_requests_per_minute) VALUES ('k1', 't1', 'n', repeat('a', 64), 30)"))
+        await migrate.upgrade_async(empty_database, "0008")
+        async with engine.begin() as conn:
+            rows = (await conn.execute(text("SELECT key_id, max_requests_per_minute, max_tokens_per_minute "
+                                            "FROM api_keys"))).all()
+            assert [tuple(r) for r in rows] == [("k1", 30, None)]  # an old key keeps no token limit
+            with pytest.raises(IntegrityError):
+                async with conn.begin_nested():
+                    await conn.execute(text("UPDATE api_keys SET max_tokens_per_minute = 0"))
+            await conn.execute(text("UPDATE api_keys SET max_tokens_per_minute = 5000"))
+        await migrate.downgrade_async(empty_database, "0007")
+        async with engine.connect() as conn:
+            left = (await conn.execute(text("SELECT key_id, max_requests_per_minute FROM api_keys"))).all()
+        assert [tuple(r) for r in left] == [("k1", 30)]
+    finally:
+        await engine.dispose()
+
+
 async def test_non_finite_numbers_are_stored_as_null_not_refused(sessions: async_sessionmaker[AsyncSession]) -> None:
     await _add_jobs(sessions, "j1")
     async with sessions.begin() as s:  # an evaluation of nothing, a diverged run: no JSON for NaN or infinity
