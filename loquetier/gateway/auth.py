@@ -135,7 +135,7 @@ class Auth:
             left = self._refilled(buckets, owner.key_id, per_minute).tokens
             out[f"x-ratelimit-limit-{unit}"] = str(per_minute)
             out[f"x-ratelimit-remaining-{unit}"] = str(max(0, math.floor(left)))
-            out[f"x-ratelimit-reset-{unit}"] = f"{max(0.0, (per_minute - left) * 60.0 / per_minute):.3g}s"
+            out[f"x-ratelimit-reset-{unit}"] = _duration(max(0.0, (per_minute - left) * 60.0 / per_minute))
         return out
 
     def _refilled(self, buckets: dict[str, _Bucket], key_id: str, per_minute: int) -> _Bucket:
@@ -159,3 +159,11 @@ class Auth:
                 code="rate_limit_exceeded", retry_after=wait_s,
             )
         bucket.tokens -= amount
+
+
+def _duration(seconds: float) -> str:
+    """A wait as OpenAI's reset headers write it: ``1.5s``, ``6m0s``."""
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"

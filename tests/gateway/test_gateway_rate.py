@@ -6,6 +6,7 @@ and settled by each choice's usage."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from starlette.requests import Request
@@ -80,6 +81,9 @@ def test_a_calls_tokens_are_taken_before_it_runs_and_settled_by_its_usage() -> N
     with pytest.raises(APIError) as below_zero:
         auth.charge(owner, 0, 1)
     assert below_zero.value.retry_after is not None and below_zero.value.retry_after > 60  # refills at tpm/min
+    assert auth.headers(owner)["x-ratelimit-remaining-tokens"] == "0"
+    reset = re.fullmatch(r"(\d+)m(\d+)s", auth.headers(owner)["x-ratelimit-reset-tokens"])  # as OpenAI writes it
+    assert reset is not None and 3 <= int(reset.group(1)) <= 4 and int(reset.group(2)) < 60  # below zero
     with pytest.raises(APIError) as too_big:
         Auth(_lookup_none, cache_s=10).charge(owner, 0, tpm + 1)
     assert too_big.value.status == 429 and "allows at once" in too_big.value.message
