@@ -50,11 +50,12 @@ How to read it:
   comes back after the restart. Its row lists the records it answered (`answered_records`: topic,
   partition, offset and the record's timestamp, noted right after the broker acknowledged the
   answer), so the redelivered record is only marked done. A kill in the milliseconds between that
-  acknowledgement and the note leaves the record unlisted: the worker that gets it back reads the
-  request's partition of the reply topic over the minute after the row finished, and a final
-  stamped at or after the record answered it (`workers/answer_log.py`). Only where that read fails
-  is the stored result published again (republished, not recomputed): twice, never none. A client's
-  retry sent after the answer (a new record with the same `request_id` and content) gets the stored
+  acknowledgement and the note leaves the record listed only as pending (the transaction that
+  stored the outcome lists the records it is published for): the worker that gets it back reads the
+  request's partition of the reply topic over the minute after the row finished, and a final there
+  means the answer went out (`workers/answer_log.py`). Only where that read fails is the stored
+  result published again (republished, not recomputed): twice, never none. A client's
+  retry (a new record with the same `request_id` and content, whatever its timestamp) gets the stored
   result; requests in flight at the kill are answered once.
 - The cancel storm sends cancels of made-up ids (a client that calls and leaves, over and over) and
   then one real cancel of a running request. Commands to different targets run side by side (up to

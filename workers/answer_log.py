@@ -1,18 +1,20 @@
 """Whether a request's final record is on its reply topic already: the check before a stored
 outcome goes out again.
 
-A worker lists a request record as answered on its row right after the broker acknowledged the
-final record (``workers/inference.py``). A worker killed between the two leaves the record
-uncommitted and unlisted, so it comes back to another worker, which finds the row finished. Before
-that worker publishes the stored outcome again, it reads the reply topic's partition that holds the
-request's records (they are keyed by request_id) over the minute after the outcome was stored. A
-final of the request stamped at or after the record's own timestamp was there for the record's
-reader to read, so the record counts as answered and gets no second final. A read that fails or runs
-out of time finds nothing: the outcome goes out again, so a record can be answered twice, never left
-unanswered.
+A worker lists a request's records on its row twice: as pending, in the transaction that stores the
+outcome (the records the outcome is about to be published for), and as answered right after the
+broker acknowledged the final record (``workers/inference.py``). A worker killed between the publish
+and the second list leaves a record uncommitted and pending, so it comes back to another worker,
+which finds the row finished. Before that worker publishes the stored outcome again, it reads the
+reply topic's partition that holds the request's records (they are keyed by request_id) over the
+minute after the outcome was stored: a final of the request there means the publish happened, so
+the record gets no second final. A read that fails or runs out of time finds nothing: the outcome
+goes out again, so a record can be answered twice, never left unanswered. A record not listed at
+all is a new one (a client's retry) and gets the stored outcome without a read, whatever its
+client-set timestamp says.
 
-The read covers the row's window, not one the record's (client-set) timestamp chooses, and its
-answer is kept per request, so copies of one request, forged timestamps included, cost one read.
+The read covers the row's window, and its answer is kept per request, so the copies of one request
+cost one read.
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@
 1. Insert the ``inference_requests`` row idempotently (by request_id) before any work.
 2. A row that already finished: a record the row lists as answered (a redelivery: its worker
    stopped after the answer, before the offset was committed) is only marked done; so is a record
-   that a final on the reply topic answered, stamped at or after it (its worker stopped between the
-   publish and the row's list: ``answer_log.py``); another record (a client's retry) gets the
-   stored result republished. No computation either way.
+   it lists as pending (waiting when the outcome was stored) whose final is on the reply topic
+   (its worker stopped between the publish and step 4: ``answer_log.py``); another record (a
+   client's retry) gets the stored result republished. No computation either way.
    A row running on another live worker: wait for it to finish, then the same.
    Otherwise (new, queued, or its worker is gone): start it in the engine.
-3. On the engine's finish: store result and timings in the row (first outcome wins),
-   publish the "result" record, and only then mark the Kafka record done.
+3. On the engine's finish: store result and timings in the row (first outcome wins), with the
+   records it is published for listed pending, publish the "result" record, and only then mark
+   the Kafka record done.
 4. Once the broker has acknowledged a final record, list its Kafka record on the row as
    answered (topic, partition, offset and the record's timestamp, which tells a redelivery from
    a new record at an offset a restarted in-memory broker reused; the last eight). The write runs
@@ -47,7 +48,7 @@ from loquetier.messages import ErrorResult, GenerateRequest, TokenResult
 
 from . import convert
 from .adapters import AdapterSync
-from .answer_log import WINDOW_MS, AnswerLog
+from .answer_log import AnswerLog
 from .engine_client import EngineClient, EngineStopped
 from .errors import INTERNAL, public_error
 from .metrics import INTAKE, QUEUE_DEPTH, REQUESTS
@@ -305,22 +306,27 @@ class Inference:
             extra={"request_id": rid, "status": row.status, "num_published": num, "found_on_topic": len(on_log)},
         )
 
-    async def _answered_on_log(self, rid: str, finished_at: Any, answered: list[Any]) -> list[Source]:
-        """The records waiting on finished ``rid``, not listed as answered, that a final on the reply
-        topic answered already: its worker stopped after the publish, before the row listed them
-        (``workers/answer_log.py``)."""
+    async def _answered_on_log(self, rid: str, finished_at: Any, listed: list[Any]) -> list[Source]:
+        """The records waiting on finished ``rid`` that were waiting when its outcome was stored
+        (listed ``pending``) and that a final on the reply topic answered: their worker stopped after
+        the publish, before the row listed them answered (``workers/answer_log.py``). A record not
+        listed at all is a new one, a client's retry, whatever its timestamp says."""
         flight = self.inflight.get(rid)
         if flight is None or self._answers is None or finished_at is None:
             return []
-        finished_ms = int(finished_at.timestamp() * 1000)
-        unsure = [source for source in flight.sources if source.key() not in answered
-                  and source.timestamp is not None and source.timestamp <= finished_ms + WINDOW_MS]
+        unsure = [source for source in flight.sources
+                  if source.key() not in listed and {**source.key(), "pending": True} in listed]
         if not unsure:
             return []
-        latest = await self._answers.latest_final(flight.request.reply_to, rid, finished_ms)
-        if latest is None:
+        finished_ms = int(finished_at.timestamp() * 1000)
+        if await self._answers.latest_final(flight.request.reply_to, rid, finished_ms) is None:
             return []
-        return [source for source in unsure if source.timestamp is not None and source.timestamp <= latest]
+        return unsure
+
+    def _answering(self, rid: str) -> list[dict[str, Any]]:
+        """The records an outcome of ``rid`` is about to be published for (the row lists them pending)."""
+        flight = self.inflight.get(rid)
+        return [source.key() for source in flight.sources] if flight is not None else []
 
     # --- engine events ----------------------------------------------------------------------
 
@@ -332,10 +338,12 @@ class Inference:
             adapter_id = flight.request.adapter_id if flight else None
             result = convert.generate_result(ev, adapter_id)
             t = result.timings
+            answering = self._answering(ev.request_id)
             await self._record(
                 lambda s: repo.finish_request(
                     s,
                     ev.request_id,
+                    answering=answering,
                     status="cancelled" if result.finish_reason == "cancelled" else "succeeded",
                     result=convert.stored(result),
                     prompt_tokens=result.usage.prompt_tokens,
@@ -365,7 +373,8 @@ class Inference:
     async def _fail(self, rid: str, code: str, message: str, *, status: str = "failed") -> bool | None:
         """Record and deliver an error outcome; returns what :meth:`_record` returned."""
         error = ErrorResult(request_id=rid, code=code, message=message)
-        recorded = await self._record(lambda s: finish_failed(s, rid, error, status))
+        answering = self._answering(rid)
+        recorded = await self._record(lambda s: finish_failed(s, rid, error, status, answering))
         REQUESTS.labels("error").inc()
         await self._deliver(rid, error)
         return recorded
@@ -455,7 +464,9 @@ class Inference:
                 except Exception as exc:  # the engine is gone or stuck: the answer still goes out
                     log.warning("abort failed while stopping", extra={"request_id": rid, "error": repr(exc)})
             error = ErrorResult(request_id=rid, code=code, message=message)
-            if await self._record(lambda s, rid=rid, error=error: finish_failed(s, rid, error, "cancelled")):
+            answering = self._answering(rid)
+            if await self._record(lambda s, rid=rid, error=error, answering=answering: finish_failed(
+                    s, rid, error, "cancelled", answering)):
                 await self._deliver(rid, error)
                 answered.append(rid)
         return answered
@@ -493,9 +504,11 @@ def poisoned_message(what: str, attempts: int) -> str:
             "finished; it is not tried again")
 
 
-async def finish_failed(session: Any, rid: str, error: ErrorResult, status: str) -> bool:
+async def finish_failed(session: Any, rid: str, error: ErrorResult, status: str,
+                        answering: list[dict[str, Any]] | None = None) -> bool:
     text = f"{error.code}: {error.message}".replace("\x00", "\\0")
-    return await repo.finish_request(session, rid, status=status, result=convert.stored(error), error=text)
+    return await repo.finish_request(session, rid, status=status, result=convert.stored(error), error=text,
+                                     answering=answering or ())
 
 
 def _chat_ids_on(turns: list[dict[str, Any]], engine: Any) -> list[int]:

@@ -6,7 +6,7 @@ and never commits: the caller decides the unit of work.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import func, literal, literal_column, or_, select, update
@@ -97,28 +97,40 @@ async def finish_request(
     queued_ms: float | None = None,
     ttft_ms: float | None = None,
     tpot_ms: float | None = None,
+    answering: Sequence[dict[str, Any]] = (),
 ) -> bool:
     """Record the outcome (``result`` is the "result" record as a map, for republishing).
 
+    ``answering``: the Kafka records the outcome is about to be published for. They are listed in
+    ``answered_records`` marked ``"pending": true`` (not answered yet): one that comes back unlisted
+    as answered was waiting when the outcome was stored, so its answer may be out already
+    (``workers/answer_log.py``), where a record not listed at all is a new one (a client's retry).
+
     Returns ``False`` when the request was already finished (the first outcome wins).
     """
+    values: dict[str, Any] = {
+        "status": status, "result": result, "error": error,
+        "prompt_tokens": func.coalesce(prompt_tokens, RequestRow.prompt_tokens),
+        "completion_tokens": completion_tokens, "queued_ms": queued_ms, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
+        "finished_at": func.now(),
+    }
+    if answering:
+        values["answered_records"] = _appended([{**r, "pending": True} for r in answering])
     stmt = (
         update(RequestRow)
         .where(RequestRow.request_id == request_id, RequestRow.finished_at.is_(None))
-        .values(
-            status=status,
-            result=result,
-            error=error,
-            prompt_tokens=func.coalesce(prompt_tokens, RequestRow.prompt_tokens),
-            completion_tokens=completion_tokens,
-            queued_ms=queued_ms,
-            ttft_ms=ttft_ms,
-            tpot_ms=tpot_ms,
-            finished_at=func.now(),
-        )
+        .values(**values)
         .returning(RequestRow.request_id)
     )
     return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+def _appended(records: list[dict[str, Any]]) -> Any:
+    """``answered_records`` with ``records`` appended, its last :data:`MAX_ANSWERED_RECORDS` kept."""
+    appended = RequestRow.answered_records.op("||", return_type=JSONB)(literal(records, JSONB))
+    # the last N elements; lax mode takes a shorter list whole
+    last = literal_column(f"'$[last - {MAX_ANSWERED_RECORDS - 1} to last]'::jsonpath", JSONPATH)
+    return func.jsonb_path_query_array(appended, last)
 
 
 async def add_answered_records(session: AsyncSession, request_id: str, records: list[dict[str, Any]]) -> bool:
@@ -126,13 +138,10 @@ async def add_answered_records(session: AsyncSession, request_id: str, records: 
     ``request_id``, keeping the last :data:`MAX_ANSWERED_RECORDS`. Call it only once the broker has
     acknowledged their answers. ``updated_at`` stays: it tells the reconciler when the request
     itself last moved. Returns ``False`` when there is no such row."""
-    appended = RequestRow.answered_records.op("||", return_type=JSONB)(literal(records, JSONB))
-    # the last N elements; lax mode takes a shorter list whole
-    last = literal_column(f"'$[last - {MAX_ANSWERED_RECORDS - 1} to last]'::jsonpath", JSONPATH)
     stmt = (
         update(RequestRow)
         .where(RequestRow.request_id == request_id)
-        .values(answered_records=func.jsonb_path_query_array(appended, last), updated_at=RequestRow.updated_at)
+        .values(answered_records=_appended(records), updated_at=RequestRow.updated_at)
         .returning(RequestRow.request_id)
     )
     return (await session.execute(stmt)).scalar_one_or_none() is not None
