@@ -9,10 +9,11 @@ gateways a key gets up to N times its rates:
 - ``max_requests_per_minute``: each choice of a call (prompts x ``n``) is one request;
 - ``max_tokens_per_minute``: a call takes, before it runs, its prompts' tokens (counted where the
   prompt is token ids, estimated at 4 bytes a token for text) and its ``max_tokens`` for each
-  choice, as OpenAI counts a call against this limit. Each choice's answer then settles what it
-  took against the tokens it used (its ``usage``): the unused part goes back, and a call without
-  ``max_tokens`` pays for its completion once it is known, so the bucket can run below zero and the
-  key waits until it has refilled.
+  choice, as OpenAI counts a call against this limit; a chat that asks no ``max_tokens`` gets as
+  many as the key's minute holds past its prompts, shared among its choices. Each choice's answer
+  then settles what it took against the tokens it used (its ``usage``): the unused part goes back,
+  and where the prompt estimate fell short the bucket can run below zero, and the key waits until
+  it has refilled.
 A refused call costs the key nothing. Answers carry OpenAI's ``x-ratelimit-*`` headers for the
 limits the key has.
 """

@@ -280,10 +280,21 @@ async def _complete(request: Request, gw: Gateway, owner: KeyOwner, kind: str, b
                     adapter_id: str | None, prompts: list[dict[str, Any]], sampling: dict[str, Any],
                     completion_take: int) -> Response:
     """``completion_take``: the tokens each choice takes of the key's minute for its completion
-    before it runs (the ``max_tokens`` asked; 0: none asked, paid once known)."""
+    before it runs (the ``max_tokens`` asked; 0: none asked). A key limited in tokens that asks
+    none gets ``max_tokens`` = what its minute holds past the prompts, shared among the choices."""
     key_id = owner.key_id
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     count = len(prompts) * body.num_choices()
+    if owner.max_tokens_per_minute is not None and completion_take == 0:
+        # a key limited in tokens asks for no more than its minute holds: shared among the choices
+        room = owner.max_tokens_per_minute - sum(prompt_tokens_estimate(p) for p in prompts)
+        if room < count:
+            raise APIError(429, f"this call's prompts take about {owner.max_tokens_per_minute - room} tokens, "
+                           f"which leaves no room for {count} completions in the key's limit of "
+                           f"{owner.max_tokens_per_minute} tokens per minute; send shorter prompts or fewer choices",
+                           code="rate_limit_exceeded")
+        completion_take = min(int(sampling["max_tokens"]), room // count)
+        sampling = {**sampling, "max_tokens": completion_take}
     gw.admit(count, key_id)  # before any work: a full gateway or key is refused at once
     # validating and encoding a large call takes tens of ms: off the loop that serves every stream
     choices = await asyncio.to_thread(_choices, rid, gw, body, adapter_id, prompts, sampling)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -81,6 +82,19 @@ async def test_a_keys_tokens_per_minute_through_the_openai_client(gateway_setup:
         plain = await client(url, free).chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
                                                                                   max_tokens=2)
         assert not [h for h in plain.headers if h.startswith("x-ratelimit")]
+        # chats that ask no max_tokens, at once: each gets what the key's minute holds, not the context
+        small = client(url, await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}", tpm=50))
+        outcomes = await asyncio.gather(*(small.chat.completions.create(
+            model=MODEL, messages=msgs, temperature=0.0, extra_body={"ignore_eos": True}) for _ in range(6)),
+            return_exceptions=True)
+        answered = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert answered and all(isinstance(o, openai.RateLimitError) for o in outcomes if o not in answered)
+        assert all(a.choices[0].finish_reason == "length" for a in answered)
+        # the completions fit the minute (the prompts are estimated before and settled after: a chat
+        # template's own tokens make the bucket run below zero, and the next call waits)
+        assert sum(a.usage.completion_tokens for a in answered) <= 50
+        with pytest.raises(openai.RateLimitError):
+            await small.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)
 
 
 async def test_statuses_400_401_404_429(gateway_setup: Any, database_url: str, make_engine: Any) -> None:
