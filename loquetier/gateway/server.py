@@ -20,31 +20,98 @@ log = logging.getLogger(__name__)
 
 
 class _Http(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: a client that opens
-    sockets and sends its headers a byte at a time (or nothing) loses each socket after
-    ``header_timeout`` instead of holding it, and the process's file descriptors, for good."""
+    """uvicorn's HTTP/1.1 protocol with bounds on each request before the app sees it:
+    - its headers (request line included) must be all in within ``header_timeout``: a client that
+      opens sockets and sends its headers a byte at a time (or nothing) loses each socket instead of
+      holding it, and the process's file descriptors, for good;
+    - they may take ``max_header_bytes`` at most: past it a 431 and the connection closes (the
+      parser keeps what it has read of a request's headers, so a client that streamed header lines
+      without end grew the gateway by gigabytes in seconds);
+    - its body must keep coming: a body that stops for ``header_timeout`` closes the connection (a
+      client that promised 1,000 bytes and sent 10 held its socket until it let go)."""
 
     header_timeout = 10.0
+    max_header_bytes = 64 * 1024
     _header_deadline: asyncio.TimerHandle | None = None
+    _body_deadline: asyncio.TimerHandle | None = None
+    _header_bytes: int | None = 0  # bytes read while in a request's headers; None past them
+    _parsed = 0  # bytes of the request line and headers the parser gave so far
+    _refused = False  # answered 431: nothing more is read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._refused:  # after a 431: read and dropped until the client closes or the linger ends
+            return
+        if self._body_deadline is not None:
+            self._arm_body()  # it keeps coming
+        super().data_received(data)
+        # still in a request's headers after this chunk: the parser holds a header line that is not
+        # complete yet, which on_header cannot see (bounded loosely: a chunk can also carry the end
+        # of a pipelined request before the next one's headers)
+        if self._header_bytes is not None and not self.transport.is_closing():
+            self._header_bytes += len(data)
+            if self._header_bytes > 4 * self.max_header_bytes:
+                self._too_large()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm()  # a keep-alive connection's next request: its own deadline
 
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._add_parsed(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._add_parsed(len(name) + len(value))
+
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._header_bytes = None
         super().on_headers_complete()
+        if not self.transport.is_closing():
+            self._arm_body()
+
+    def on_message_complete(self) -> None:
+        self._disarm_body()
+        super().on_message_complete()
+        self._header_bytes = 0  # what comes next on a kept-alive connection is the next request's
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_body()
         super().connection_lost(exc)
+
+    def _add_parsed(self, num: int) -> None:
+        """The request line's and headers' bytes parsed so far."""
+        self._parsed += num
+        if self._parsed > self.max_header_bytes:
+            self._too_large()
+
+    def _too_large(self) -> None:
+        if self.transport.is_closing() or self._refused:
+            return
+        log.info("connection closed: request headers too large", extra={"client": str(self.client)})
+        self._refused = True
+        self._disarm()
+        self._disarm_body()
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
+        # close our side once the answer is out and drop what still comes for a moment: a socket
+        # closed with unread bytes resets the connection, and the client could lose the answer
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(2.0, self.transport.close)
+        else:
+            self.transport.close()
 
     def _arm(self) -> None:
         self._disarm()
+        self._header_bytes = 0 if self._header_bytes is None else self._header_bytes
+        self._parsed = 0
         self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
     def _disarm(self) -> None:
@@ -52,11 +119,30 @@ class _Http(HttpToolsProtocol):
             self._header_deadline.cancel()
             self._header_deadline = None
 
+    def _arm_body(self) -> None:
+        self._disarm_body()
+        self._body_deadline = self.loop.call_later(self.header_timeout, self._body_stalled)
+
+    def _disarm_body(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
         if not self.transport.is_closing():
             log.info("connection closed: no complete request headers in time", extra={"client": str(self.client)})
             self.transport.close()
+
+    def _body_stalled(self) -> None:
+        self._body_deadline = None
+        if not self.transport.is_closing():
+            log.info("connection closed: the request body stopped coming", extra={"client": str(self.client)})
+            self.transport.close()
+
+
+_TOO_LARGE = (b'{"error": {"message": "the request headers are larger than this gateway takes", '
+              b'"type": "invalid_request_error", "param": null, "code": "headers_too_large"}}')
 
 
 def _raise_open_file_limit() -> None:

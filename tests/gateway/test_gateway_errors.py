@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -515,3 +516,52 @@ async def test_a_client_that_never_finishes_its_headers_loses_the_socket(gateway
             rest += chunk
         assert 0.5 < asyncio.get_running_loop().time() - t0 < 5
         writer.close()
+        # a body that stops coming: the socket goes too (headers in time, 10 of 1,000 bytes sent)
+        body = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n")
+        assert 0.5 < await closed_after(body + b'{"model": ') < 5
+
+
+async def test_request_headers_past_the_size_limit_get_431_and_the_socket_closes(gateway_setup: Any) -> None:
+    """Header lines without end, or one header value streamed without end, are answered 431 once
+    past the limit, whatever the pace: they are not held in memory while the clock runs."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    settings = await gateway_setup()
+    async with running_gateway(settings) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+
+        async def answer_to(pieces: Any) -> bytes:
+            reader, writer = await asyncio.open_connection(host, port)
+            sent = 0
+
+            async def send() -> None:
+                nonlocal sent
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                for piece in pieces:
+                    writer.write(piece)
+                    sent += len(piece)
+                    await writer.drain()
+                    if sent > 16 * 2**20:
+                        return
+
+            sending = asyncio.ensure_future(send())
+            try:
+                answer = await asyncio.wait_for(reader.read(), 20)  # until the gateway closes its side
+                assert sent < 16 * 2**20, "16 MiB of headers taken without an answer"
+                return answer
+            finally:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await sending
+                writer.close()
+
+        lines = (b"X-Pad-%d: %s\r\n" % (i, b"a" * 8000) for i in range(10**6))
+        first = await answer_to(lines)
+        assert first.startswith(b"HTTP/1.1 431") and b"headers_too_large" in first
+        value = (b"X-Long: " if i == 0 else b"b" * 65536 for i in range(10**6))
+        assert (await answer_to(value)).startswith(b"HTTP/1.1 431")
+        async with httpx.AsyncClient() as raw:  # headers of a usual size still pass
+            ok = await raw.get(url.removesuffix("/v1") + "/health", headers={f"x-h{i}": "v" * 100 for i in range(50)})
+        assert ok.status_code == 200
