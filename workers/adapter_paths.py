@@ -19,6 +19,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 CONFIG_FILE = "adapter_config.json"  # the PEFT directory format (loquetier/lora/adapter.py)
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,10 +58,19 @@ def _under_roots(path: str, roots: list[Path]) -> list[Path]:
     return [real for real in reals if _is_under(real, real_roots)]
 
 
+def _is(path: Path, kind: Any) -> bool:
+    """Whether ``path`` is of ``kind`` (``stat.S_ISDIR``, ``stat.S_ISREG``); False where it cannot be
+    looked at (a name too long for the file system, a component that is not a directory)."""
+    try:
+        return bool(kind(path.stat().st_mode))
+    except (OSError, ValueError):
+        return False
+
+
 def resolve(path: str, roots: list[Path]) -> Path:
     """The directory ``path`` names, symlinks resolved, if it lies under a root; else :data:`OUTSIDE`."""
     for real in _under_roots(path, roots):
-        if real.is_dir():
+        if _is(real, stat.S_ISDIR):
             return real
     raise OUTSIDE
 
@@ -125,7 +135,7 @@ def read_data_file(path: str, roots: list[Path], *, max_bytes: int) -> bytes:
     one of ``roots`` (a relative path is tried under each root in turn), at most ``max_bytes``.
     Anything outside the roots, or missing, gets :data:`DATA_OUTSIDE` whatever exists there."""
     for real in _under_roots(path, roots):
-        if not real.is_file():
+        if not _is(real, stat.S_ISREG):
             continue
         try:
             fd = _open_checked(real, roots, max_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,9 @@ def test_the_refusal_is_the_same_whatever_exists_outside(tmp_path: Path) -> None
     root.mkdir()
     peft(tmp_path / "secret", b"w")
     messages = set()
+    too_long = "x" * random.randint(4096, 8192)  # past the file system's name and path limits
     for path in (str(tmp_path / "secret"), str(tmp_path / "missing"), "../secret", "../missing", "/",
-                 str(root / ".." / "secret")):
+                 str(root / ".." / "secret"), too_long, str(root / too_long), "a/" * 3000):
         with pytest.raises(ap.PathRefused) as refused:
             ap.resolve(path, [root])
         messages.add(str(refused.value))
@@ -78,7 +80,8 @@ def test_data_files_are_read_only_from_under_the_data_roots(tmp_path: Path) -> N
     for name, path in {"absolute outside": str(outside / "secret.jsonl"), "symlink out": str(root / "link-out.jsonl"),
                        "traversal": str(root / ".." / "elsewhere" / "secret.jsonl"), "relative traversal":
                        "../elsewhere/secret.jsonl", "missing": str(root / "nothing.jsonl"), "etc": "/etc/passwd",
-                       "directory": str(root), "fifo": str(root / "fifo.jsonl")}.items():
+                       "directory": str(root), "fifo": str(root / "fifo.jsonl"),
+                       "name too long": str(root / ("y" * random.randint(256, 8192)))}.items():
         with pytest.raises(ap.PathRefused) as exc:
             ap.read_data_file(path, [root], max_bytes=1 << 20)
         refused[name] = (exc.value.code, exc.value.message)
