@@ -50,8 +50,8 @@ def parse_jsonl(data: bytes, *, max_examples: int = 100_000) -> list[dict[str, A
             raise TrainingFileError(f"line {number}: invalid JSON ({exc.msg})") from None
         except RecursionError:
             raise TrainingFileError(f"line {number}: nested too deeply") from None
-        except ValueError as exc:  # an integer of more digits than Python converts
-            raise TrainingFileError(f"line {number}: {exc}") from None
+        except ValueError:  # an integer of more digits than Python converts (4,300)
+            raise TrainingFileError(f"line {number}: a number with more digits than any value here takes") from None
         problem = example_problem(value) or _text_problem(value)
         if problem:
             raise TrainingFileError(f"line {number}: {problem}")

@@ -75,10 +75,12 @@ def test_training_file_lines() -> None:
         b"\xff\xfe": "UTF-8",
         b"{nope": "invalid JSON",
         b"\n \n": "no examples",
+        b'{"prompt_token_ids": [1], "completion_token_ids": [' + b"7" * 5000 + b"]}": "line 1: a number with more",
     }
     for raw, words in bad.items():
-        with pytest.raises(TrainingFileError, match=words):
+        with pytest.raises(TrainingFileError, match=words) as refused:
             parse_jsonl(raw)
+        assert "sys." not in str(refused.value)  # no interpreter internals in an answer
     assert file_id_of("file:file-0a1b") == "file-0a1b"
     assert file_id_of("file:///tmp/data.jsonl") is None and file_id_of("/tmp/x.jsonl") is None
     assert file_id_of([{"prompt": "a"}]) is None
