@@ -45,6 +45,7 @@ T = TypeVar("T")
 
 LEGACY_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CALL_BYTES = 16 * 2**20  # a call's request records together (n copies of a long prompt add up)
+LARGE_ANSWER_TOKENS = 4096  # an answer of more tokens (or with logprobs) is built off the event loop
 
 
 async def chat_completions(request: Request) -> Response:
@@ -324,8 +325,13 @@ async def _complete(request: Request, gw: Gateway, owner: KeyOwner, kind: str, b
                            headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **gw.auth.headers(owner)})
     call.end()
     TOKENS.labels(request.url.path).inc(sum(r.usage.completion_tokens for r in results))
-    answer = answers.whole(kind, rid, body.model, results, prompt_of, gw.tokens)
-    return Response(orjson.dumps(answer), media_type="application/json",
+    def build() -> bytes:
+        return orjson.dumps(answers.whole(kind, rid, body.model, results, prompt_of, gw.tokens))
+
+    # an answer's log-probabilities and texts are decoded token by token: for n=64 long answers that
+    # is seconds of work, off the loop that serves every other call
+    large = any(r.logprobs for r in results) or sum(r.usage.completion_tokens for r in results) > LARGE_ANSWER_TOKENS
+    return Response(await asyncio.to_thread(build) if large else build(), media_type="application/json",
                     headers={"X-Request-Id": rid, **gw.auth.headers(owner)})
 
 
