@@ -176,6 +176,11 @@ class WorkerSettings(BaseModel):
     # A request or job started this many times without ending (its worker crashed or
     # stalled each time) is failed with code "poisoned" and never tried again.
     max_attempts: PositiveInt = 2
+    # a request's latency targets (``slo``) below these are raised to them: tighter ones no step can
+    # meet, and each miss would hold every job's training at its floor (one client's 0.001 ms targets
+    # cut a job's steps a second to a quarter); set them to what the hardware can serve
+    min_ttft_ms: float = Field(default=50.0, ge=0.0)
+    min_tpot_ms: float = Field(default=10.0, ge=0.0)
     drain_timeout_s: PositiveFloat = 10.0  # a stop waits this long for in-flight requests
     engine_stall_s: PositiveFloat = 120.0  # an engine thread silent this long stops the worker
     reconcile_every_s: PositiveFloat = 30.0  # look for unfinished rows nobody will finish

@@ -47,11 +47,12 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
     )
 
 
-def request_kwargs(req: GenerateRequest) -> dict[str, Any]:
+def request_kwargs(req: GenerateRequest, *, min_ttft_ms: float = 0.0, min_tpot_ms: float = 0.0) -> dict[str, Any]:
     """Keyword arguments of ``engine.add_request`` (the request_id goes separately).
 
     The engine weights priorities as ``1 + priority`` and needs them >= 0; the wire allows
-    any int32, so lower values mean "no boost".
+    any int32, so lower values mean "no boost". Latency targets below ``min_ttft_ms`` /
+    ``min_tpot_ms`` are raised to them (``WorkerSettings``).
     """
     return {
         "prompt": req.prompt,
@@ -59,10 +60,14 @@ def request_kwargs(req: GenerateRequest) -> dict[str, Any]:
         "adapter_id": req.adapter_id,
         "sampling": sampling_params(req.sampling),
         "priority": max(0, req.priority),
-        "ttft_ms": req.slo.ttft_ms if req.slo else None,
-        "tpot_ms": req.slo.tpot_ms if req.slo else None,
+        "ttft_ms": _at_least(req.slo.ttft_ms if req.slo else None, min_ttft_ms),
+        "tpot_ms": _at_least(req.slo.tpot_ms if req.slo else None, min_tpot_ms),
         "stream": req.stream,
     }
+
+
+def _at_least(value: float | None, floor: float) -> float | None:
+    return None if value is None else max(value, floor)
 
 
 def request_fingerprint(req: GenerateRequest) -> str:

@@ -96,6 +96,7 @@ class Inference:
         poll_s: float = 0.25,
         max_attempts: int = 2,
         answers: AnswerLog | None = None,
+        slo_floor: tuple[float, float] = (0.0, 0.0),
     ):
         self._client = client
         self._store = store
@@ -107,6 +108,7 @@ class Inference:
         self._poll_s = poll_s
         self._max_attempts = max_attempts
         self._answers = answers
+        self._slo_floor = slo_floor  # (min_ttft_ms, min_tpot_ms)
         self.inflight: dict[str, Inflight] = {}
         self.num_computed = 0
         self._noting: set[asyncio.Task[None]] = set()  # answered records being written to rows
@@ -212,7 +214,7 @@ class Inference:
                 await self._fail(rid, "unknown_adapter", f"adapter {req.adapter_id!r} is not registered")
                 return
             try:  # the engine's own checks of a value the border let through: a ValueError
-                kwargs = convert.request_kwargs(req)
+                kwargs = convert.request_kwargs(req, min_ttft_ms=self._slo_floor[0], min_tpot_ms=self._slo_floor[1])
             except ValueError as exc:
                 await self._fail(rid, "invalid_request", str(exc)[:500])
                 return

@@ -85,6 +85,7 @@ class Worker:
             owner_timeout_s=max(3 * ws.heartbeat_s, 5.0),
             max_attempts=ws.max_attempts,
             answers=AnswerLog(bootstrap, settings.kafka, worker_id=self.worker_id),
+            slo_floor=(ws.min_ttft_ms, ws.min_tpot_ms),
         )
         self.consumer = Consumer(
             bootstrap,

@@ -162,3 +162,25 @@ def test_a_request_fingerprint_counts_what_changes_the_answer_and_keeps_older_ro
     for changed in ({"sampling": sampling | {"ignore_eos": True}}, {"reply_to": "loquetier.reply.x"},
                     {"prompt_token_ids": [*base["prompt_token_ids"], 9]}):
         assert request_fingerprint(GenerateRequest.model_validate(base | changed, strict=False)) != stored_before
+
+
+def test_latency_targets_below_the_workers_floor_are_raised_to_it() -> None:
+    """A client's impossible targets (0.001 ms) would count every step a miss and hold every job's
+    training at its floor: the worker takes them as its floor; others pass as sent."""
+    import random
+
+    from loquetier.workers.convert import request_kwargs
+
+    floor_ttft, floor_tpot = random.uniform(20, 80), random.uniform(5, 20)
+    base = {"schema": 1, "request_id": "r", "prompt": "hi"}
+    tight = GenerateRequest.model_validate(base | {"slo": {"ttft_ms": 0.001, "tpot_ms": 5e-324}})
+    kwargs = request_kwargs(tight, min_ttft_ms=floor_ttft, min_tpot_ms=floor_tpot)
+    assert (kwargs["ttft_ms"], kwargs["tpot_ms"]) == (floor_ttft, floor_tpot)
+    loose = GenerateRequest.model_validate(base | {"slo": {"ttft_ms": floor_ttft + 1, "tpot_ms": floor_tpot * 3}})
+    kwargs = request_kwargs(loose, min_ttft_ms=floor_ttft, min_tpot_ms=floor_tpot)
+    assert (kwargs["ttft_ms"], kwargs["tpot_ms"]) == (floor_ttft + 1, floor_tpot * 3)
+    none = request_kwargs(GenerateRequest.model_validate(base), min_ttft_ms=floor_ttft, min_tpot_ms=floor_tpot)
+    assert none["ttft_ms"] is None and none["tpot_ms"] is None  # the engine's defaults apply
+    from loquetier.settings import WorkerSettings
+
+    assert WorkerSettings().min_ttft_ms > 0 and WorkerSettings().min_tpot_ms > 0  # on unless configured off
