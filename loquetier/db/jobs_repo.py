@@ -151,8 +151,9 @@ async def claim_job(
 ) -> JobRow | None:
     """Claim the best queued job, or a running one whose lease expired.
 
-    Highest ``priority`` first, then oldest. Rows locked by another transaction are
-    skipped, so concurrent workers get different jobs. Increments ``attempts``; rows that
+    Highest ``priority`` first, then the job of the tenant with the fewest jobs running (one
+    tenant's backlog does not hold another's first job behind it), then oldest. Rows locked by
+    another transaction are skipped, so concurrent workers get different jobs. Increments ``attempts``; rows that
     already have ``max_attempts`` are left to :func:`poison_jobs`. A finetune waits, queued,
     while another finetune of its adapter runs (``_adapter_in_training``); two claims of two
     finetunes of one adapter serialize on the adapter's lock, and the second finds the first.
@@ -166,8 +167,12 @@ async def claim_job(
         query = query.where(JobRow.job_id == job_id)
     if kinds is not None:
         query = query.where(JobRow.kind.in_(kinds))
+    mine = aliased(JobRow)  # jobs running for the same tenant (operators' jobs, tenant NULL, as one)
+    running_of_tenant = (select(func.count()).select_from(mine)
+                         .where(mine.status == "running", mine.tenant_id.is_not_distinct_from(JobRow.tenant_id))
+                         .scalar_subquery())
     query = (
-        query.order_by(JobRow.priority.desc(), JobRow.created_at, JobRow.job_id)
+        query.order_by(JobRow.priority.desc(), running_of_tenant, JobRow.created_at, JobRow.job_id)
         .limit(1)
         .with_for_update(skip_locked=True)
     )

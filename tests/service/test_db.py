@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from loquetier.db import migrate, repo, tenancy_repo
+from loquetier.db import keys_repo, migrate, repo, tenancy_repo
 from loquetier.db.models import Base
 from loquetier.db.session import async_url, create_engine, session_factory
 
@@ -148,6 +148,26 @@ async def _add_jobs(sessions: async_sessionmaker[AsyncSession], *ids: str, prior
             assert not await repo.insert_job_idempotent(
                 s, job_id=job_id, kind="finetune", adapter_id=adapter_id or job_id, spec={}
             )
+
+
+async def test_a_claim_takes_the_job_of_the_tenant_with_fewest_running(
+        sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Tenant A's backlog (older) does not hold tenant B's first job behind it; priority still comes
+    first, and age decides between tenants running as many."""
+    async with sessions.begin() as s:
+        for tenant in ("ta", "tb"):
+            await keys_repo.ensure_tenant(s, tenant)
+        for job_id, tenant in (("a1", "ta"), ("a2", "ta"), ("a3", "ta"), ("b1", "tb")):
+            assert await repo.insert_job_idempotent(s, job_id=job_id, kind="finetune", adapter_id=job_id,
+                                                    spec={}, tenant_id=tenant)
+    async with sessions.begin() as s:
+        first = await repo.claim_job(s, "w1", lease_s=30)
+    async with sessions.begin() as s:
+        second = await repo.claim_job(s, "w1", lease_s=30)
+    async with sessions.begin() as s:
+        third = await repo.claim_job(s, "w1", lease_s=30)
+    assert first is not None and second is not None and third is not None
+    assert [first.job_id, second.job_id, third.job_id] == ["a1", "b1", "a2"]
 
 
 async def test_concurrent_claims_get_different_jobs(sessions: async_sessionmaker[AsyncSession]) -> None:
