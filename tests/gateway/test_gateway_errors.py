@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import time
 import uuid
 from typing import Any
 
@@ -68,18 +70,21 @@ async def test_a_keys_tokens_per_minute_through_the_openai_client(gateway_setup:
         with pytest.raises(openai.RateLimitError) as too_big:  # its prompt and max_tokens exceed a minute
             await api.chat.completions.create(model=MODEL, messages=msgs, max_tokens=tpm)
         assert "allows at once" in assert_error(too_big.value, 429, "rate_limit_exceeded")["message"]
+        t0 = time.monotonic()
         raw = await api.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, max_tokens=6,
                                                                    temperature=0.0)
+        refill = math.ceil((time.monotonic() - t0) * tpm / 60) + 1  # the bucket refills at tpm a minute
         used = raw.parse().usage.total_tokens
         headers = raw.headers
         assert headers["x-ratelimit-limit-tokens"] == str(tpm) and headers["x-ratelimit-limit-requests"] == "1000"
         left = int(headers["x-ratelimit-remaining-tokens"])
-        assert tpm - used <= left <= tpm - used + 5  # settled by its usage (and refilled at tpm a minute)
+        assert tpm - used <= left <= tpm - used + refill  # settled by its usage
         assert headers["x-ratelimit-reset-tokens"].endswith("s")
         with pytest.raises(openai.RateLimitError) as spent:  # what is left does not hold this call's take
-            await api.completions.create(model=MODEL, prompt=[7] * (left + 3 - 6), max_tokens=6)
-        assert spent.value.response.headers.get("retry-after") is not None
-        assert "tokens per minute reached" in assert_error(spent.value, 429, "rate_limit_exceeded")["message"]
+            await api.completions.create(model=MODEL, prompt=[7] * (left + 3 - 6 + refill), max_tokens=6)
+        message = assert_error(spent.value, 429, "rate_limit_exceeded")["message"]
+        assert "tokens per minute" in message  # reached, or (a slow machine's refill) past a minute at once
+        assert "reached" not in message or spent.value.response.headers.get("retry-after") is not None
         plain = await client(url, free).chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
                                                                                   max_tokens=2)
         assert not [h for h in plain.headers if h.startswith("x-ratelimit")]

@@ -61,7 +61,13 @@ async def _lookup_none(key: str) -> KeyOwner | None:
     return None
 
 
-def test_a_calls_tokens_are_taken_before_it_runs_and_settled_by_its_usage() -> None:
+def test_a_calls_tokens_are_taken_before_it_runs_and_settled_by_its_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from loquetier.gateway import auth as auth_module
+
+    # the buckets refill with time: a still clock, so that a slow machine changes no count
+    monkeypatch.setattr(auth_module, "time", SimpleNamespace(monotonic=lambda: 1000.0))
     tpm = random.randint(1_000, 5_000)
     owner = KeyOwner("key-t", "tenant-t", None, tpm)
     auth = Auth(_lookup_none, cache_s=10)
