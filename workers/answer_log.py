@@ -50,51 +50,50 @@ class AnswerLog:
         self._client_id = f"{kafka.client_id}-{worker_id}-answers"
         self._timeout_s = timeout_s
         self._partitioner = DefaultPartitioner()  # the one the publisher's producer places keyed records with
-        self._latest: OrderedDict[tuple[str, str, int], int | None] = OrderedDict()
-        self._reads: dict[tuple[str, str, int], asyncio.Future[int | None]] = {}
+        self._found: OrderedDict[tuple[str, str, int], bool] = OrderedDict()
+        self._reads: dict[tuple[str, str, int], asyncio.Future[bool]] = {}
         self.num_reads = 0
 
-    async def latest_final(self, topic: str | None, request_id: str, finished_ms: int) -> int | None:
-        """The timestamp (ms) of the latest final record of ``request_id`` on ``topic`` (None: the
-        results topic) in the window after its row finished at ``finished_ms``; None when there is
-        none or the read failed."""
+    async def has_final(self, topic: str | None, request_id: str, finished_ms: int) -> bool:
+        """Whether ``topic`` (None: the results topic) holds a final record of ``request_id`` in the
+        window after its row finished at ``finished_ms``; False when the read failed."""
         topic = topic or self._kafka.results_topic
         key = (topic, request_id, finished_ms)
-        if key in self._latest:
-            self._latest.move_to_end(key)
-            return self._latest[key]
+        if key in self._found:
+            self._found.move_to_end(key)
+            return self._found[key]
         running = self._reads.get(key)
         if running is not None:  # copies of one request wait for one read
             return await asyncio.shield(running)
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._reads[key] = future
         try:
-            latest = await self._timed_read(topic, request_id, finished_ms)
-            future.set_result(latest)
-            return latest
+            found = await self._timed_read(topic, request_id, finished_ms)
+            future.set_result(found)
+            return found
         finally:
             del self._reads[key]
             if not future.done():
-                future.set_result(None)
+                future.set_result(False)
 
-    async def _timed_read(self, topic: str, request_id: str, finished_ms: int) -> int | None:
+    async def _timed_read(self, topic: str, request_id: str, finished_ms: int) -> bool:
         self.num_reads += 1
         started = time.monotonic()
         try:
-            latest = await asyncio.wait_for(self._read(topic, request_id, finished_ms), self._timeout_s)
+            found = await asyncio.wait_for(self._read(topic, request_id, finished_ms), self._timeout_s)
         except Exception as exc:  # the broker is away or slow: publish again rather than risk no answer
             log.warning("could not read the reply topic for an earlier answer",
                         extra={"request_id": request_id, "topic": topic[:256], "error": repr(exc)[:300]})
-            return None
-        self._latest[(topic, request_id, finished_ms)] = latest
-        while len(self._latest) > MAX_REMEMBERED:
-            self._latest.popitem(last=False)
+            return False
+        self._found[(topic, request_id, finished_ms)] = found
+        while len(self._found) > MAX_REMEMBERED:
+            self._found.popitem(last=False)
         log.info("reply topic read for an earlier answer",
-                 extra={"request_id": request_id, "topic": topic[:256], "found": latest is not None,
+                 extra={"request_id": request_id, "topic": topic[:256], "found": found,
                         "ms": round(1000 * (time.monotonic() - started), 1)})
-        return latest
+        return found
 
-    async def _read(self, topic: str, request_id: str, finished_ms: int) -> int | None:
+    async def _read(self, topic: str, request_id: str, finished_ms: int) -> bool:
         key = request_id.encode()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
@@ -114,23 +113,22 @@ class AnswerLog:
                 await consumer.topics()
                 await asyncio.sleep(0.05)
             if not parts:
-                return None  # no such topic: nothing was answered on it
+                return False  # no such topic: nothing was answered on it
             ordered = sorted(parts)
             tp = TopicPartition(topic, self._partitioner(key, ordered, ordered))
             consumer.assign([tp])
             first = await _offset_at(consumer, tp, finished_ms - CLOCK_SLACK_MS)
             if first is None:
-                return None  # nothing on the partition since then
+                return False  # nothing on the partition since then
             after = await _offset_at(consumer, tp, finished_ms + WINDOW_MS)
             end = after if after is not None else (await consumer.end_offsets([tp]))[tp]
             consumer.seek(tp, first)
-            latest: int | None = None
             while await consumer.position(tp) < end:
                 batch = await consumer.getmany(tp, timeout_ms=200)
                 for record in batch.get(tp, []):
                     if record.offset < end and record.key == key and _is_final(record.value, request_id):
-                        latest = record.timestamp if latest is None else max(latest, record.timestamp)
-            return latest
+                        return True
+            return False
         finally:
             await consumer.stop()
 

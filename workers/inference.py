@@ -321,9 +321,7 @@ class Inference:
         if not unsure:
             return []
         finished_ms = int(finished_at.timestamp() * 1000)
-        if await self._answers.latest_final(flight.request.reply_to, rid, finished_ms) is None:
-            return []
-        return unsure
+        return unsure if await self._answers.has_final(flight.request.reply_to, rid, finished_ms) else []
 
     def _answering(self, rid: str) -> list[dict[str, Any]]:
         """The records an outcome of ``rid`` is about to be published for (the row lists them pending)."""

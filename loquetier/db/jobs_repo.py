@@ -153,8 +153,8 @@ async def claim_job(
 
     Highest ``priority`` first, then the job of the tenant with the fewest jobs running (one
     tenant's backlog does not hold another's first job behind it), then oldest. Rows locked by
-    another transaction are skipped, so concurrent workers get different jobs. Increments ``attempts``; rows that
-    already have ``max_attempts`` are left to :func:`poison_jobs`. A finetune waits, queued,
+    another transaction are skipped, so concurrent workers get different jobs. Increments
+    ``attempts``; rows that already have ``max_attempts`` are left to :func:`poison_jobs`. A finetune waits, queued,
     while another finetune of its adapter runs (``_adapter_in_training``); two claims of two
     finetunes of one adapter serialize on the adapter's lock, and the second finds the first.
     """

@@ -112,13 +112,6 @@ class Auth:
                 self._give_back(self._buckets, owner.key_id, owner.max_requests_per_minute, taken + 1)
             raise
 
-    def give_back(self, owner: KeyOwner, requests: int, tokens: int) -> None:
-        """Return what a call took and did not use (a call refused after :meth:`charge`)."""
-        if owner.max_requests_per_minute is not None:
-            self._give_back(self._buckets, owner.key_id, owner.max_requests_per_minute, requests)
-        if owner.max_tokens_per_minute is not None:
-            self._give_back(self._token_buckets, owner.key_id, owner.max_tokens_per_minute, tokens)
-
     def settle_tokens(self, owner: KeyOwner, taken: int, used: int) -> None:
         """A choice took ``taken`` tokens before it ran and used ``used``: the difference goes back
         (or is taken, below zero if need be)."""

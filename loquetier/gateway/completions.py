@@ -163,6 +163,7 @@ class _Choice:
     rid: str  # the request record's id
     value: bytes  # the record, encoded
     prompt: int  # which prompt of the call it completes
+    first: bool = True  # the first of its prompt's n choices: the one that counts the prompt's tokens
 
 
 def _choices(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, prompts: list[dict[str, Any]],
@@ -189,7 +190,7 @@ def _choices(rid: str, gw: Gateway, body: Sampling, adapter_id: str | None, prom
                                f"{MAX_CALL_BYTES // 2**20} MiB: send fewer choices or shorter prompts",
                                code="request_too_large")
             total += len(value)
-            out.append(_Choice(sub, value, p))
+            out.append(_Choice(sub, value, p, first=j == 0))
     return out
 
 
@@ -206,11 +207,7 @@ def prompt_tokens_estimate(fields: dict[str, Any]) -> int:
 def _token_takes(choices: list[_Choice], prompts: list[dict[str, Any]], completion: int) -> list[int]:
     """What each choice takes of its key's tokens per minute before it runs: its prompt's estimate
     (counted once for the ``n`` choices of a prompt) and the ``max_tokens`` asked (0: none asked)."""
-    first: dict[int, int] = {}
-    for index, choice in enumerate(choices):
-        first.setdefault(choice.prompt, index)
-    return [completion + (prompt_tokens_estimate(prompts[c.prompt]) if first[c.prompt] == i else 0)
-            for i, c in enumerate(choices)]
+    return [completion + (prompt_tokens_estimate(prompts[c.prompt]) if c.first else 0) for c in choices]
 
 
 @dataclass
@@ -232,7 +229,7 @@ class _Call:
     def settler(self, index: int) -> Callable[[GenerateResult], None]:
         """What choice ``index``'s result settles: the tokens it took against those it used (its
         prompt counted by the first choice of the prompt only, like its take)."""
-        counts_prompt = next(i for i, c in enumerate(self.choices) if c.prompt == self.choices[index].prompt) == index
+        counts_prompt = self.choices[index].first
 
         def settle(result: GenerateResult) -> None:
             used = result.usage.completion_tokens + (result.usage.prompt_tokens if counts_prompt else 0)
@@ -324,13 +321,15 @@ async def _complete(request: Request, gw: Gateway, owner: KeyOwner, kind: str, b
         return _CallStream(call, _streamed(call, events), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Request-Id": rid, **gw.auth.headers(owner)})
     call.end()
-    TOKENS.labels(request.url.path).inc(sum(r.usage.completion_tokens for r in results))
+    completion_tokens = sum(r.usage.completion_tokens for r in results)
+    TOKENS.labels(request.url.path).inc(completion_tokens)
+
     def build() -> bytes:
         return orjson.dumps(answers.whole(kind, rid, body.model, results, prompt_of, gw.tokens))
 
     # an answer's log-probabilities and texts are decoded token by token: for n=64 long answers that
     # is seconds of work, off the loop that serves every other call
-    large = any(r.logprobs for r in results) or sum(r.usage.completion_tokens for r in results) > LARGE_ANSWER_TOKENS
+    large = any(r.logprobs for r in results) or completion_tokens > LARGE_ANSWER_TOKENS
     return Response(await asyncio.to_thread(build) if large else build(), media_type="application/json",
                     headers={"X-Request-Id": rid, **gw.auth.headers(owner)})
 

@@ -110,7 +110,6 @@ class _Http(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self._disarm()
-        self._header_bytes = 0 if self._header_bytes is None else self._header_bytes
         self._parsed = 0
         self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 

@@ -124,7 +124,7 @@ def test_each_prompt_is_taken_and_settled_once_for_its_choices() -> None:
     text = "x" * random.randint(1, 400)
     prompts = [{"prompt_token_ids": ids}, {"prompt": text}]
     n, asked = random.randint(1, 4), random.randint(1, 64)
-    choices = [_Choice(f"r-{p * n + j}", b"", p) for p in range(2) for j in range(n)]
+    choices = [_Choice(f"r-{p * n + j}", b"", p, first=j == 0) for p in range(2) for j in range(n)]
     takes = _token_takes(choices, prompts, asked)
     assert prompt_tokens_estimate(prompts[0]) == len(ids) and prompt_tokens_estimate(prompts[1]) == -(-len(text) // 4)
     assert takes == [asked + len(ids)] + [asked] * (n - 1) + [asked - (-len(text) // 4)] + [asked] * (n - 1)
