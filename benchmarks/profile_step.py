@@ -18,7 +18,10 @@ For each case it prints the median wall time of a step and splits it:
   sampling), measured without syncs, so it is the time the host spends issuing the work;
 - GPU kernel time of one step (torch.profiler), the number of kernels launched and the top CUDA
   and CPU ops;
-- with ``--cprofile``, the Python functions by own time.
+- with ``--cprofile``, the Python functions by own time;
+- with ``--syncs``, every operation of one more step that makes the host wait for the GPU
+  (``torch.cuda.set_sync_debug_mode``: a read of a device value, a copy to or from pageable host
+  memory), by the engine's line that called it.
 
 A step whose host time is well above its GPU kernel time is host-bound: the GPU idles between launches.
 Also times single launches (host only) of a Triton SMLM kernel and of a torch op.
@@ -34,6 +37,8 @@ import json
 import pstats
 import statistics
 import time
+import traceback
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -143,8 +148,35 @@ def _gpu_profile(engine: Engine) -> dict[str, Any]:
     }
 
 
+def _sync_sites(engine: Engine) -> dict[str, int]:
+    """One step with torch's sync debug mode on: each synchronizing operation by the innermost line
+    of Loquetier's own code (``loquetier/``, ``kernels/``) that led to it, with its count."""
+    sites: dict[str, int] = defaultdict(int)
+    root = Path(__file__).resolve().parents[1]
+
+    def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchronizing" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if f.filename.startswith(str(root)) and "/benchmarks/" not in f.filename]
+        where = f"{Path(ours[-1].filename).relative_to(root)}:{ours[-1].lineno} {ours[-1].name}" if ours else "?"
+        sites[where] += 1
+
+    _sync()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync()
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
 def _measure(engine: Engine, ph: Phases, name: str, steps: int, use_cprofile: bool,
-             before_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+             before_step: Callable[[int], None] | None = None, syncs: bool = False) -> dict[str, Any]:
     times = []
     ph.reset()
     for i in range(steps):
@@ -162,6 +194,11 @@ def _measure(engine: Engine, ph: Phases, name: str, steps: int, use_cprofile: bo
     out: dict[str, Any] = {"case": name, "median_ms": round(statistics.median(times) * 1e3, 2),
                            "host_ms_per_phase": phases}
     out.update(_gpu_profile(engine))
+    if syncs and torch.cuda.is_available():
+        if before_step is not None:
+            before_step(steps + 2)
+        out["syncs"] = _sync_sites(engine)
+        print(f"== {name}: {sum(out['syncs'].values())} synchronizations in a step: {out['syncs']}", flush=True)
     if use_cprofile:
         if before_step is not None:
             before_step(steps + 1)
@@ -253,6 +290,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--syncs", action="store_true", help="list one more step's synchronizing operations per case")
     ap.add_argument("--out", default=None)
     ap.add_argument("--graphs", action="store_true",
                     help="captured graphs on, decode windows off: the steps a served engine runs one at a "
@@ -296,13 +334,13 @@ def main() -> None:
     for name, ids in (("decode b64, no adapters", [None]), ("decode b64, 32 adapters", adapters)):
         _fill(engine, 64, ids, name)
         settle()
-        report.append(_measure(engine, ph, name, args.steps, args.cprofile))
+        report.append(_measure(engine, ph, name, args.steps, args.cprofile, syncs=args.syncs))
         if ids is adapters and args.graphs:
             def fresh_prompt(i: int) -> None:  # a fresh 512-token prompt: one chunk
                 _fill(engine, 1, adapters, f"fresh-{i}", prompt_len=512)
 
             report.append(_measure(engine, ph, "64 decode + a fresh 512-token prompt",
-                                   args.steps, args.cprofile, fresh_prompt))
+                                   args.steps, args.cprofile, fresh_prompt, syncs=args.syncs))
         if ids is adapters:
             def deep_prompt(i: int) -> None:  # a 1,536-token prompt: its last chunk reads ~1,300 keys/row
                 _fill(engine, 1, adapters, f"deep-{i}", prompt_len=1536)
@@ -310,7 +348,7 @@ def main() -> None:
                 engine.step()  # two chunks of 512 as their own steps; the timed step holds the third
 
             report.append(_measure(engine, ph, "64 decode + 512-token prompt chunk at context 1,536",
-                                   args.steps, args.cprofile, deep_prompt))
+                                   args.steps, args.cprofile, deep_prompt, syncs=args.syncs))
         _drain(engine)
 
     from benchmarks.harness.replay import add_training_jobs
@@ -324,10 +362,11 @@ def main() -> None:
                                 max_steps=1000)
     for _ in range(2):
         engine.step()
-    report.append(_measure(engine, ph, "training: 4 jobs x 1,024 tokens", args.steps, args.cprofile))
+    report.append(_measure(engine, ph, "training: 4 jobs x 1,024 tokens", args.steps, args.cprofile, syncs=args.syncs))
     _fill(engine, 64, adapters, "beside")
     settle()
-    report.append(_measure(engine, ph, "training 4 x 1,024 + 64 decode rows", args.steps, args.cprofile))
+    report.append(_measure(engine, ph, "training 4 x 1,024 + 64 decode rows", args.steps, args.cprofile,
+                           syncs=args.syncs))
     for j in job_ids:
         engine.cancel_job(j)
     _drain(engine)
@@ -354,6 +393,9 @@ def main() -> None:
         lines += [f"## {r['case']}", "top CUDA (name, count, ms):"]
         lines += [f"  {t}" for t in r["top_cuda"]]
         lines += ["top CPU self (name, count, ms):"] + [f"  {t}" for t in r["top_cpu"]]
+        if "syncs" in r:
+            lines += [f"synchronizations in one step ({sum(r['syncs'].values())}):"]
+            lines += [f"  {n} x {site}" for site, n in r["syncs"].items()]
         if "cprofile" in r:
             lines += ["```", r["cprofile"], "```"]
     text = "\n".join(lines)

@@ -35,6 +35,7 @@
 #   serving           bench_serving on the serving trace, ours with and without adapters (no HF baselines)
 #   serving-ab        the same, the 32-adapter trace replayed again with asynchronous steps off, then on
 #   profile           profile_step: where an eager step's time goes (host phases, GPU busy, kernels)
+#                     (PROFILE_ARGS adds arguments to both profile steps, e.g. --syncs)
 #   profile-graphs    profile_step --graphs: the same for graph steps run one at a time, then back to
 #                     back with asynchronous steps on and off
 #   profile-graphs-ab profile_step --graphs with LOQUETIER_ATTN_TUNING=$ATTN_AB (profile-ab/)
@@ -132,9 +133,10 @@ for name in $STEPS; do
             --no-mixed-ranks --out "$OUT/serving" ;;
         serving-ab) step serving-ab 330 "$PY" -m benchmarks.bench_serving --model 8b --device cuda --no-baselines \
             --no-mixed-ranks --async-ab --out "$OUT/serving-ab" ;;
-        profile) step profile 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda --out "$OUT/profile" ;;
-        profile-graphs) step profile-graphs 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda --graphs \
+        profile) step profile 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda ${PROFILE_ARGS:-} \
             --out "$OUT/profile" ;;
+        profile-graphs) step profile-graphs 200 "$PY" -m benchmarks.profile_step --model 8b --device cuda --graphs \
+            ${PROFILE_ARGS:-} --out "$OUT/profile" ;;
         profile-graphs-ab) step profile-graphs-ab 200 env LOQUETIER_ATTN_TUNING="$ATTN_AB" "$PY" -m benchmarks.profile_step \
             --model 8b --device cuda --graphs --out "$OUT/profile-ab" ;;
         offline-window16) step offline-window16 170 "$PY" -m benchmarks.bench_offline --model 8b --device cuda \
