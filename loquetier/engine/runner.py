@@ -159,7 +159,9 @@ class ModelRunner:
                 weighted_loss(out.loss_sum, torch.tensor(denoms, dtype=torch.float32)).backward()
                 self.num_backward_rows += fb.num_train
         if out.loss_sum is not None and out.token_count is not None and out.correct is not None:
-            sums, counts, correct = (t.detach().tolist() for t in (out.loss_sum, out.token_count, out.correct))
+            # one read for the three (float64 holds each count and float32 sum exactly)
+            sums, counts, correct = torch.stack([t.detach().double() for t in (
+                out.loss_sum, out.token_count, out.correct)]).tolist()
             res.pieces = [(p, sums[g], int(counts[g]), int(correct[g])) for g, p in enumerate(groups)]
         if out.logits is not None:
             self._sample(res, out.logits, fb.logits_seq_ids, sampling)

@@ -218,46 +218,78 @@ class BatchBuilder:
                 logits_seqs.append(seq_id)
         n_train = sum(len(t[0]) for t in self._train)
         width = max((len(t) for t in tables), default=0)
-        table_t = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        cu_q = torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32)
         num_pre = len(self._prefill)
-        key_slots = cu_keys = None
-        if num_pre:
-            pre = zip(tables[:num_pre], ctx_lens[:num_pre], strict=True)
-            keys_ = [slot for table, ctx in pre for slot in _cache_slots(table, 0, ctx, bs)]
-            key_slots = torch.tensor(keys_, dtype=torch.int64, device=dev)
-            cu_keys = torch.tensor([0, *_cumsum(ctx_lens[:num_pre])], dtype=torch.int32, device=dev)
+        pre = list(zip(tables[:num_pre], ctx_lens[:num_pre], strict=True))
+        train_lens, eval_lens = [len(t[0]) for t in self._train], [len(t[0]) for t in self._eval]
+        i64, i32 = torch.int64, torch.int32
+        (input_ids, positions, mapping, labels_t, groups_t, logits_t, key_slots, cu_q, ctx_t, table_t, cu_keys,
+         cu_train, cu_eval) = _upload([
+            (ids, i64), (pos, i64), (slot_mapping, i64), (labels, i64), (groups, i64), (logits_idx, i64),
+            ([slot for table, ctx in pre for slot in _cache_slots(table, 0, ctx, bs)], i64),
+            ([0, *_cumsum(q_lens)], i32), (ctx_lens, i32),
+            ([b for t in tables for b in (*t, *[0] * (width - len(t)))], i32),
+            ([0, *_cumsum(ctx_lens[:num_pre])], i32), ([0, *_cumsum(train_lens)], i32),
+            ([0, *_cumsum(eval_lens)], i32)], dev)
         return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            input_ids=input_ids,
+            positions=positions,
             meta=SMLMMeta.build(slots, n_train, dev),
             num_train=n_train,
             num_eval=n_eval,
             num_prefill=sum(len(p[1]) for p in self._prefill),
             num_decode=len(self._decode),
-            train=_varlen([len(t[0]) for t in self._train], dev),
-            eval=_varlen([len(t[0]) for t in self._eval], dev),
+            train=VarlenMeta(cu_seqlens=cu_train, max_seqlen=max(train_lens, default=0),
+                             host_seqlens=tuple(train_lens)),
+            eval=VarlenMeta(cu_seqlens=cu_eval, max_seqlen=max(eval_lens, default=0), host_seqlens=tuple(eval_lens)),
             paged=PagedMeta(
-                q_cu_seqlens=cu_q.to(dev),
-                context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-                block_tables=table_t.reshape(len(tables), width).to(dev),
-                slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=dev),
+                q_cu_seqlens=cu_q,
+                context_lens=ctx_t,
+                block_tables=table_t.view(len(tables), width),
+                slot_mapping=mapping,
                 max_q_len=max(q_lens, default=0),
                 max_context_len=max(ctx_lens, default=0),
                 num_prefill_seqs=len(self._prefill),
                 host_q_lens=tuple(q_lens),
                 host_context_lens=tuple(ctx_lens),
                 host_block_tables=tuple(tables),
-                prefill_key_slots=key_slots,
-                prefill_cu_keys=cu_keys,
+                prefill_key_slots=key_slots if num_pre else None,
+                prefill_cu_keys=cu_keys if num_pre else None,
             ),
-            labels=torch.tensor(labels, dtype=torch.int64, device=dev),
-            loss_groups=torch.tensor(groups, dtype=torch.int64, device=dev),
+            labels=labels_t,
+            loss_groups=groups_t,
             group_keys=tuple(keys),
-            logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),
+            logits_indices=logits_t,
             logits_seq_ids=tuple(logits_seqs),
             host_slots=tuple(slots),
         )
+
+
+def _upload(sections: Sequence[tuple[Sequence[int], torch.dtype]], dev: torch.device) -> list[torch.Tensor]:
+    """Host lists as tensors on ``dev``, views of one buffer per dtype. On CUDA each buffer goes over
+    in one asynchronous copy from pinned memory: ``torch.tensor(..., device="cuda")`` copies from
+    pageable memory and waits for the stream, i.e. for the step queued before. Each section starts on
+    a 16-byte boundary (Triton specializes pointer arguments on it)."""
+    out: list[torch.Tensor | None] = [None] * len(sections)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, (_, dtype) in enumerate(sections):
+        by_dtype.setdefault(dtype, []).append(i)
+    for dtype, members in by_dtype.items():
+        align = 16 // torch.empty(0, dtype=dtype).element_size()
+        starts, end = [], 0
+        for i in members:
+            starts.append(end)
+            end += -(-len(sections[i][0]) // align) * align
+        flat = [0] * max(end, align)
+        for a, i in zip(starts, members, strict=True):
+            flat[a : a + len(sections[i][0])] = sections[i][0]
+        host = torch.tensor(flat, dtype=dtype)
+        if dev.type == "cuda":
+            host = host.pin_memory().to(dev, non_blocking=True)
+        elif host.device != dev:
+            host = host.to(dev)
+        for a, i in zip(starts, members, strict=True):
+            out[i] = host[a : a + len(sections[i][0])]
+    return [t for t in out if t is not None]
 
 
 def _cache_slots(table: Sequence[int], lo: int, hi: int, block_size: int) -> list[int]:
@@ -271,8 +303,3 @@ def _cumsum(values: Sequence[int]) -> list[int]:
         total += v
         out.append(total)
     return out
-
-
-def _varlen(lens: list[int], dev: torch.device) -> VarlenMeta:
-    cu = torch.tensor([0, *_cumsum(lens)], dtype=torch.int32, device=dev)
-    return VarlenMeta(cu_seqlens=cu, max_seqlen=max(lens, default=0), host_seqlens=tuple(lens))

@@ -111,5 +111,8 @@ def chunked_cross_entropy(  # noqa: PLR0917
 
 def weighted_loss(loss_sum: torch.Tensor, denominators: torch.Tensor) -> torch.Tensor:
     """sum_g loss_sum[g] / denominators[g] (0 for a zero denominator): the scalar to backprop."""
-    denom = denominators.to(loss_sum.device, torch.float32)
+    denom = denominators.to(torch.float32)
+    if loss_sum.is_cuda and not denom.is_cuda:  # a pageable copy would wait for the forward to finish
+        denom = denom.pin_memory().to(loss_sum.device, non_blocking=True)
+    denom = denom.to(loss_sum.device)
     return torch.where(denom > 0, loss_sum / denom.clamp_min(1e-12), 0.0).sum()
