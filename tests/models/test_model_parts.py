@@ -121,6 +121,19 @@ def test_batch_layout_and_labels() -> None:
     assert batch.logits_indices.tolist() == [5, 6] and batch.logits_seq_ids == ("p", "d")
     assert batch.paged.slot_mapping.tolist() == [0, 1, 2, 4]
     assert batch.meta.num_train_tokens == 4 and batch.meta.host_segments[0] == (0, 4, 0)
+    paged = batch.paged
+    assert paged.q_cu_seqlens.tolist() == [0, 3, 4] and paged.context_lens.tolist() == [3, 5]
+    assert paged.block_tables.tolist() == [[0, 0], [3, 1]] and paged.prefill_cu_keys.tolist() == [0, 3]
+    assert paged.prefill_key_slots.tolist() == [0, 1, 2]
+    assert batch.train.cu_seqlens.tolist() == [0, 4] and batch.eval.cu_seqlens.tolist() == [0, 3]
+    int32 = (paged.q_cu_seqlens, paged.context_lens, paged.block_tables, paged.prefill_cu_keys,
+             batch.train.cu_seqlens, batch.eval.cu_seqlens)
+    int64 = (batch.input_ids, batch.positions, batch.labels, batch.loss_groups, batch.logits_indices,
+             paged.slot_mapping, paged.prefill_key_slots)
+    assert all(t.dtype == torch.int32 for t in int32) and all(t.dtype == torch.int64 for t in int64)
+    # views of one buffer per dtype, each on a 16-byte boundary (Triton specializes pointers on it)
+    assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in int32 + int64)
+    assert len({t.untyped_storage().data_ptr() for t in int32}) == 1
     with pytest.raises(ValueError, match="cannot hold"):
         BatchBuilder(4).add_decode("x", 1, 8, [0, 1])
 
