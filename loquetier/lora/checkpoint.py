@@ -45,8 +45,8 @@ def dump(job: TrainingJob) -> bytes:
     scalars: dict[str, dict[str, Any]] = {}
     for i, state in job.optimizer.state_dict()["state"].items():
         for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"opt.{i}.{name}"] = value
+            if isinstance(value, torch.Tensor):  # a job's step counts share one tensor: each gets a copy
+                tensors[f"opt.{i}.{name}"] = value.clone() if value.dim() == 0 else value
             elif value is not None:
                 scalars.setdefault(str(i), {})[name] = value
     m = job.metrics
@@ -91,7 +91,7 @@ def restore(data: bytes, manager: AdapterManager, train_data: Sequence[TrainSequ
     for i, extra in h["optimizer_scalars"].items():
         state.setdefault(int(i), {}).update(extra)
     sd["state"] = state
-    job.optimizer.load_state_dict(sd)
+    job.load_optimizer_state(sd)
     job.generator.set_state(tensors["rng"])
     job.step = job.checkpointed_step = h["step"]
     job.stream.cursor, job.stream.num_micro_batches = DataCursor(*h["cursor"]), h["num_micro_batches"]

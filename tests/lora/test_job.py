@@ -221,3 +221,30 @@ def test_job_rejects_dropout_and_a_second_trainer() -> None:
         TrainingJob("j", "a", manager, data, TrainingParams(), lora=LoRAConfig())
     job.abandon()
     assert train_key("j") not in manager and manager.pool.num_train_slots == 2
+
+
+def test_optimizer_step_is_torchs_clipping_and_fused_adamw() -> None:
+    """The job's own multi-tensor calls (lists built once) give torch's clip_grad_norm_ + AdamW(fused)
+    bit for bit, over steps that clip and steps that do not, and leave the state torch would."""
+    engine, manager = setup()
+    params = TrainingParams(optimizer="adamw", lr=0.01, weight_decay=0.1, max_grad_norm=0.5, lr_schedule="constant")
+    job = TrainingJob("j", "a", manager, token_data(1, 4), params, init=start_adapter(manager.pool.dims))
+    ref = [p.detach().clone().requires_grad_() for p in job._params]
+    ref_opt = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1, fused=True)
+    gen = torch.Generator().manual_seed(5)
+    for scale in (0.001, 10.0, 0.001):  # the second step's gradients are clipped
+        for mine, r in zip(job._grads, ref, strict=True):
+            r.grad = torch.randn(r.shape, generator=gen) * scale
+            mine.copy_(r.grad)
+        torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        ref_opt.step()
+        job._accum.append((1.0, 1))
+        job._optimizer_step()
+        assert all(torch.equal(p, r) for p, r in zip(job._params, ref, strict=True))
+    ours, theirs = job.optimizer.state_dict()["state"], ref_opt.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for i in ours:
+        assert all(torch.equal(ours[i][k], theirs[i][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    # the slot's pool weights follow the masters
+    lora = manager.pool.get(0, "q_proj")
+    torch.testing.assert_close(lora.a[job.slot, :4].float(), job.masters[(0, "q_proj")][0].detach())
