@@ -104,7 +104,9 @@ class StepIsolation:
         pieces = StepPieces()
         try:
             pieces = self.jobs.take_pieces(part)  # gives back what it took if taking fails
-            return self.runner.run(part, pieces, self.requests.sampling_inputs(part))
+            # a retry's results may be dropped (``_rewind_touched``): its jobs update when they
+            # account them, not on the device ahead of the read
+            return self.runner.run(part, pieces, self.requests.sampling_inputs(part), queue_updates=items is None)
         except Exception as exc:
             touched = self.runner.num_backward_rows != num_backward_rows or _raised_in_backward(exc)
             pieces.give_back()  # the same pieces run in the retries, so blame falls where it belongs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from loquetier.lora.data import MicroBatch, TrainSequence
 from loquetier.lora.evaluate import EvaluationJob
@@ -121,6 +122,12 @@ class JobFeed:
         self.job.rewind()
         self._mb, self._pending = None, deque()
         self.loss_sum, self.count, self.correct = 0.0, 0, 0
+
+    def queue_update(self, piece: Piece, loss_sum: Any) -> None:
+        """After the step's backward: a training job queues the optimizer step that ``piece``, the
+        last of its micro-batch, completes (``TrainingJob.queue_update``)."""
+        if piece.is_last and isinstance(self.job, TrainingJob):
+            self.job.queue_update(loss_sum)
 
     def complete(self, piece: Piece, loss_sum: float, count: int, correct: int) -> bool:
         """Account a finished piece; True when it closed its micro-batch (reported to the job)."""

@@ -15,7 +15,7 @@ from loquetier.engine.config import EngineConfig
 from loquetier.engine.graphs import DecodeGraphs, DecodeRow, Feed, PrefillRows
 from loquetier.engine.job_feed import Piece, StepPieces
 from loquetier.engine.kv_cache import BlockManager
-from loquetier.engine.sampler import SamplingInputs, SamplingTensors, sample
+from loquetier.engine.sampler import SamplerOutput, SamplingInputs, SamplingTensors, sample
 from loquetier.engine.sequence import SamplingParams, ScheduledBatch
 from loquetier.lora.manager import AdapterManager
 from loquetier.models.batch import BatchBuilder
@@ -112,9 +112,13 @@ class ModelRunner:
         """Whether ``batch`` can start a decode window: decode rows only, replayed from a graph."""
         return not batch.prefill_chunks and self.graph_step(batch)
 
-    def run(self, batch: ScheduledBatch, pieces: StepPieces, sampling: SamplingInputs) -> RunResult:
+    def run(self, batch: ScheduledBatch, pieces: StepPieces, sampling: SamplingInputs,
+            queue_updates: bool = True) -> RunResult:
         """One forward over ``batch``: its train and eval rows are ``pieces``' sequences, its prompt
-        and decode rows sample with ``sampling``."""
+        and decode rows sample with ``sampling``. With ``queue_updates`` the optimizer steps that the
+        step's micro-batches complete are queued on the device before the step's losses are read
+        (``TrainingJob.queue_update``); without (a retry of a part of a failed step, whose results
+        may be dropped), the jobs make them when they account the results."""
         res = RunResult(train_tokens=dict(pieces.train_tokens), eval_tokens=dict(pieces.eval_tokens))
         if self.graph_step(batch):
             assert self.graphs is not None
@@ -158,13 +162,19 @@ class ModelRunner:
                 denoms = [max(1, p.micro_batch.num_target_tokens) if not p.feed.is_eval else 1 for p in groups]
                 weighted_loss(out.loss_sum, torch.tensor(denoms, dtype=torch.float32)).backward()
                 self.num_backward_rows += fb.num_train
+        drawn = self._draw(out.logits, fb.logits_seq_ids, sampling) if out.logits is not None else None
+        if training and queue_updates and out.loss_sum is not None:
+            # the optimizer steps this step's micro-batches complete, queued before the reads below:
+            # the last launches of the step (nothing after them can fail but the device)
+            for g, p in enumerate(groups):
+                p.feed.queue_update(p, out.loss_sum[g].detach())
         if out.loss_sum is not None and out.token_count is not None and out.correct is not None:
             # one read for the three (float64 holds each count and float32 sum exactly)
             sums, counts, correct = torch.stack([t.detach().double() for t in (
                 out.loss_sum, out.token_count, out.correct)]).tolist()
             res.pieces = [(p, sums[g], int(counts[g]), int(correct[g])) for g, p in enumerate(groups)]
-        if out.logits is not None:
-            self._sample(res, out.logits, fb.logits_seq_ids, sampling)
+        if drawn is not None:
+            self._read(res, *drawn)
         return res
 
     def _graph_rows(self, batch: ScheduledBatch) -> list[DecodeRow | PrefillRows]:
@@ -272,8 +282,17 @@ class ModelRunner:
     @classmethod
     def _sample(cls, res: RunResult, logits: torch.Tensor, seq_ids: Sequence[Hashable],
                 sampling: SamplingInputs) -> None:
+        cls._read(res, *cls._draw(logits, seq_ids, sampling))
+
+    @classmethod
+    def _draw(cls, logits: torch.Tensor, seq_ids: Sequence[Hashable],
+              sampling: SamplingInputs) -> tuple[list[str], SamplerOutput]:
+        """The rows' tokens sampled on the device (``_read`` brings them to the host)."""
         ids, _, st, want = cls._sampling(logits, seq_ids, sampling)
-        sampled = sample(logits, st, want_logprobs=want)
+        return ids, sample(logits, st, want_logprobs=want)
+
+    @staticmethod
+    def _read(res: RunResult, ids: list[str], sampled: SamplerOutput) -> None:
         res.sampled = dict(zip(ids, sampled.token_ids.tolist(), strict=True))
         if sampled.logprobs is not None:
             res.logprobs = dict(zip(ids, sampled.logprobs.tolist(), strict=True))

@@ -83,6 +83,7 @@ class TrainingJob:
         self.generator = torch.Generator().manual_seed(params.seed)  # for stochastic ops (none yet)
         self.step, self.metrics = 0, JobMetrics()
         self._running: MicroBatch | None = None
+        self._queued: float | BaseException | None = None  # the lr of an update queued (queue_update)
         self._accum: list[tuple[float, int]] = []  # (loss_sum, num_target_tokens) since the last step
         self._eval: EvaluationJob | None = None
         self.checkpointed_step, self._last_eval = -1, -1  # step of the last checkpoint (checkpoint.py)
@@ -146,7 +147,7 @@ class TrainingJob:
         where the window began. For a step that failed after this job's rows entered it (their
         backward may have added part of a gradient); the window's micro-batches are run again."""
         self.zero_grad()
-        self._running = None
+        self._running, self._queued = None, None
         self._accum.clear()
         if self._window is not None:
             cursor, num_micro_batches, num_tokens, num_target_tokens = self._window
@@ -163,18 +164,46 @@ class TrainingJob:
         if mb is None:
             raise RuntimeError(f"{self._job_id}: no micro-batch is running")
         self._running = None
+        queued, self._queued = self._queued, None
+        if isinstance(queued, BaseException):
+            raise queued
         self._accum.append((float(loss_sum), int(num_target_tokens)))
         self.metrics.num_tokens += mb.num_tokens
         self.metrics.num_target_tokens += int(num_target_tokens)
-        boundary = len(self._accum) == self.params.grad_accum or self.stream.is_exhausted
+        boundary = self._closes_window(len(self._accum))
         if boundary:
-            self._optimizer_step()
+            self._account(queued if queued is not None else self._update(len(self._accum)))
         return boundary
 
+    def queue_update(self, loss_sum: torch.Tensor) -> bool:
+        """Queue on the device now the optimizer step that the running micro-batch's completion makes
+        (``on_micro_batch_done`` then only accounts it), skipped on the device if ``loss_sum``, the
+        micro-batch's last piece's loss still on the device, is not finite (that job then fails, as
+        its host check finds). The engine calls it after a step's backward, before it reads the
+        step's losses: the host's launches of the update run while the GPU ends the backward,
+        instead of between two steps. False when nothing was queued: not AdamW, or the micro-batch
+        does not end the accumulation window."""
+        if (self._running is None or self._queued is not None or not isinstance(self.optimizer, torch.optim.AdamW)
+                or not self._closes_window(len(self._accum) + 1)):
+            return False
+        try:
+            self._queued = self._update(len(self._accum) + 1, found_inf=(~torch.isfinite(loss_sum)).float())
+        except Exception as exc:  # raised where the host accounts it: this job fails, alone
+            self._queued = exc
+        return True
+
+    def _closes_window(self, num_micro_batches: int) -> bool:
+        return num_micro_batches == self.params.grad_accum or self.stream.is_exhausted
+
     def _optimizer_step(self) -> None:
-        n = len(self._accum)
-        if n > 1:
-            torch._foreach_div_(self._grads, n)  # one multi-tensor launch, not one per tensor
+        self._account(self._update(len(self._accum)))
+
+    def _update(self, num_micro_batches: int, found_inf: torch.Tensor | None = None) -> float:
+        """The optimizer step's device work over ``num_micro_batches`` accumulated micro-batches;
+        its lr. With ``found_inf`` (1.0 on the device: a non-finite loss) the weights and the
+        optimizer's state stay as they were, and the gradients are zeroed either way."""
+        if num_micro_batches > 1:
+            torch._foreach_div_(self._grads, num_micro_batches)  # one multi-tensor launch, not one per tensor
         if self.params.max_grad_norm is not None:
             self._clip(self.params.max_grad_norm)
         lr = lr_at(self.step, base_lr=self.params.lr, schedule=self.params.lr_schedule,
@@ -182,11 +211,16 @@ class TrainingJob:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if isinstance(self.optimizer, torch.optim.AdamW):
-            self._adamw_step(lr)
+            self._adamw_step(lr, found_inf)
         else:
             self.optimizer.step()
         self._sync_slot()
         self.zero_grad()
+        return lr
+
+    def _account(self, lr: float) -> None:
+        """The host's side of an optimizer step whose device work is queued."""
+        n = len(self._accum)
         self.metrics.losses.append(sum(s / max(1, c) for s, c in self._accum) / n)
         self.metrics.lrs.append(lr)
         self._accum.clear()
@@ -209,9 +243,10 @@ class TrainingJob:
         torch._foreach_mul_(self._grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
     @torch.no_grad()
-    def _adamw_step(self, lr: float) -> None:
+    def _adamw_step(self, lr: float, found_inf: torch.Tensor | None = None) -> None:
         """``AdamW(fused=True).step()``: the same fused kernel over the same state, which stays the
-        optimizer's own (checkpoints dump and load it as before); one step count for all tensors."""
+        optimizer's own (checkpoints dump and load it as before); one step count for all tensors.
+        ``found_inf`` as a grad scaler gives it: 1.0 skips the step on the device."""
         if self._adam is None:
             self._adam = self._adam_lists()
         avgs, sqs, step = self._adam
@@ -220,7 +255,9 @@ class TrainingJob:
         step.add_(1)
         torch._fused_adamw_(self._param_data, self._grads, avgs, sqs, [], [step] * len(avgs), amsgrad=False,
                             lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                            eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
+                            eps=group["eps"], maximize=False, grad_scale=None, found_inf=found_inf)
+        if found_inf is not None:
+            step.sub_(found_inf)
 
     def _adam_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """The optimizer's state as the fused kernel takes it, created as ``AdamW`` creates it on its

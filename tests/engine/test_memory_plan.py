@@ -139,10 +139,10 @@ def test_the_probe_runs_a_full_training_step_and_full_prefills(model_dir: Path, 
     prompted: list[int] = []
     step = probe.runner.run
 
-    def run(batch, pieces, sampling):  # noqa: ANN001, ANN202
+    def run(batch, pieces, sampling, **kwargs):  # noqa: ANN001, ANN003, ANN202
         trained.append(sum(pieces.train_tokens.values()))
         prompted.append(sum(c.length for c in batch.prefill_chunks))
-        return step(batch, pieces, sampling)
+        return step(batch, pieces, sampling, **kwargs)
 
     probe.runner.run = run  # type: ignore[method-assign]
     run_largest_steps(probe, probe.config, probe.max_model_len)

@@ -248,3 +248,41 @@ def test_optimizer_step_is_torchs_clipping_and_fused_adamw() -> None:
     # the slot's pool weights follow the masters
     lora = manager.pool.get(0, "q_proj")
     torch.testing.assert_close(lora.a[job.slot, :4].float(), job.masters[(0, "q_proj")][0].detach())
+
+
+def test_a_queued_update_is_the_update_and_a_non_finite_loss_skips_it() -> None:
+    """``queue_update`` (the engine's, before it reads a step's losses) makes the same optimizer step
+    as ``on_micro_batch_done`` alone; with a non-finite loss on the device it changes no weight and
+    no optimizer state, and the gradients are zeroed."""
+    engine, manager = setup()
+    params = TrainingParams(optimizer="adamw", lr=0.01, weight_decay=0.1, max_grad_norm=0.5, grad_accum=2,
+                            micro_batch_tokens=12)  # two sequences a micro-batch: 8 of them
+    init = start_adapter(manager.pool.dims)
+    queued = TrainingJob("q", "a", manager, token_data(1, 16), params, init=init.clone())
+    plain = TrainingJob("p", "b", manager, token_data(1, 16), params, init=init.clone())
+    gen = torch.Generator().manual_seed(7)
+    for micro_batch in range(4):
+        grads = [torch.randn(g.shape, generator=gen) for g in queued._grads]
+        for job in (queued, plain):
+            job.next_micro_batch()
+            for mine, g in zip(job._grads, grads, strict=True):
+                mine.add_(g)
+        # only the second micro-batch of each window closes it
+        assert queued.queue_update(torch.tensor(2.5)) is (micro_batch % 2 == 1)
+        queued.on_micro_batch_done(2.5, 10)
+        plain.on_micro_batch_done(2.5, 10)
+        assert all(torch.equal(a, b) for a, b in zip(queued._params, plain._params, strict=True))
+    assert queued.step == plain.step == 2 and queued.metrics.lrs == plain.metrics.lrs
+    before = [p.detach().clone() for p in queued._params]
+    state = {k: v.clone() for k, v in queued.optimizer.state[queued._params[0]].items()}
+    for micro_batch in range(2):
+        queued.next_micro_batch()
+        for g in queued._grads:
+            g.add_(torch.randn(g.shape, generator=gen))
+        if micro_batch == 0:
+            queued.on_micro_batch_done(2.5, 10)
+        else:
+            assert queued.queue_update(torch.tensor(float("nan")))
+    assert all(torch.equal(a, b) for a, b in zip(queued._params, before, strict=True))
+    assert all(torch.equal(v, queued.optimizer.state[queued._params[0]][k]) for k, v in state.items())
+    assert all(not g.any() for g in queued._grads)
