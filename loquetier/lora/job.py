@@ -8,6 +8,9 @@ accumulation, clipping, seed and data order. The engine drives it without knowin
     ...  backward of loss_sum[group] / mb.num_target_tokens   (possibly over several steps)
     job.on_micro_batch_done(loss_sum, mb.num_target_tokens)   # may run an optimizer step
 
+The engine calls ``job.queue_update(loss_sum_on_device)`` between the two, before it reads the step's
+losses: the optimizer step is then queued on the device there, and ``on_micro_batch_done`` accounts it.
+
 Gradients: backward accumulates fp32 LoRA gradients into ``ModuleLoRA.grad_a/grad_b[slot, :r]``.
 The masters' ``.grad`` ARE those slices (set once, zeroed in place), so the optimizer reads them
 directly. Masters are kept in slot layout: ``a`` = A [r, in], ``bt`` = B.T [r, out]; every update
