@@ -198,9 +198,6 @@ class TrainingJob:
     def _closes_window(self, num_micro_batches: int) -> bool:
         return num_micro_batches == self.params.grad_accum or self.stream.is_exhausted
 
-    def _optimizer_step(self) -> None:
-        self._account(self._update(len(self._accum)))
-
     def _update(self, num_micro_batches: int, found_inf: torch.Tensor | None = None) -> float:
         """The optimizer step's device work over ``num_micro_batches`` accumulated micro-batches;
         its lr. With ``found_inf`` (1.0 on the device: a non-finite loss) the weights and the
