@@ -46,23 +46,37 @@ def segments_of(slots: Sequence[int], num_train_tokens: int = 0) -> tuple[list[t
     return segments, num_train_segments
 
 
-_ALIGN = 4  # int32 elements: 16 bytes
+def upload(sections: Sequence[tuple[Sequence[int] | Sequence[float], torch.dtype]],
+           device: torch.device | str) -> list[torch.Tensor]:
+    """Host lists as tensors on ``device``: views of one buffer per dtype, in the order given.
 
-
-def _packed(sections: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """The int32 sections in one host tensor, each starting on a 16-byte boundary, and their starts.
-
-    Triton specializes every pointer argument on 16-byte alignment: a block table starting at an
-    odd offset of a shared buffer would compile a second variant of each kernel mid-serving,
-    depending only on how many rows and segments came before it."""
-    starts, end = [], 0
-    for t in sections:
-        starts.append(end)
-        end += -(-len(t) // _ALIGN) * _ALIGN
-    host = torch.zeros(max(end, _ALIGN), dtype=torch.int32)
-    for a, t in zip(starts, sections, strict=True):
-        host[a : a + len(t)] = t
-    return host, starts
+    On CUDA each buffer goes over in one asynchronous copy from pinned memory:
+    ``torch.tensor(..., device="cuda")`` copies from pageable memory and waits for the stream, i.e.
+    for the step queued before. Each section starts on a 16-byte boundary: Triton specializes every
+    pointer argument on it, so a table at an odd offset of a shared buffer would compile a second
+    variant of each kernel mid-serving, depending only on how many rows came before it."""
+    dev = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(sections)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, (_, dtype) in enumerate(sections):
+        by_dtype.setdefault(dtype, []).append(i)
+    for dtype, members in by_dtype.items():
+        align = 16 // torch.empty(0, dtype=dtype).element_size()
+        starts, end = [], 0
+        for i in members:
+            starts.append(end)
+            end += -(-len(sections[i][0]) // align) * align
+        flat: list[int | float] = [0] * max(end, align)
+        for a, i in zip(starts, members, strict=True):
+            flat[a : a + len(sections[i][0])] = sections[i][0]
+        host = torch.tensor(flat, dtype=dtype)
+        if dev.type == "cuda":
+            host = host.pin_memory().to(dev, non_blocking=True)
+        elif host.device != dev:
+            host = host.to(dev)
+        for a, i in zip(starts, members, strict=True):
+            out[i] = host[a : a + len(sections[i][0])]
+    return [t for t in out if t is not None]
 
 
 @dataclass(frozen=True)
@@ -112,14 +126,10 @@ class SMLMMeta:
         blocks = row_blocks(segments, FWD_BLOCK_ROWS)
         num_train_blocks = len(row_blocks(segments[:num_train_segments], FWD_BLOCK_ROWS))
         grad_blocks = row_blocks(segments[:num_train_segments], GRAD_BLOCK_ROWS)
-        seg_t = torch.tensor(segments, dtype=torch.int32).reshape(-1, 3)
-        sections = [torch.tensor(slots, dtype=torch.int32), seg_t[:, 0], seg_t[:, 1], seg_t[:, 2],
-                    torch.tensor(blocks, dtype=torch.int32).reshape(-1),
-                    torch.tensor(grad_blocks, dtype=torch.int32).reshape(-1)]
-        host, starts = _packed(sections)
-        host = host.pin_memory() if dev.type == "cuda" else host
-        host = host.to(dev, non_blocking=True)  # one transfer, no sync
-        views = [host[a : a + len(t)] for a, t in zip(starts, sections, strict=True)]
+        i32 = torch.int32
+        views = upload([(slots, i32), ([s for s, _, _ in segments], i32), ([n for _, n, _ in segments], i32),
+                        ([slot for _, _, slot in segments], i32), ([v for b in blocks for v in b], i32),
+                        ([v for b in grad_blocks for v in b], i32)], dev)  # one transfer, no sync
         n, nb, ngb = len(slots), len(blocks), len(grad_blocks)
         return cls(
             token_slots=views[0],

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from loquetier.engine.sequence import GREEDY_BELOW
+from loquetier.kernels.meta import upload
 
 if TYPE_CHECKING:
     from loquetier.engine.sequence import SamplingParams
@@ -83,20 +84,18 @@ class SamplingTensors:
             for i, seed in zip(unseeded, draws, strict=True):
                 seeds[i] = seed
         dev = torch.device(device)
-        # One host tensor, one copy (asynchronous from pinned memory): float64 holds every value
-        # exactly (seeds < 2**32, steps, top_k below 2**53; larger top_k keep every token either way).
+        # One buffer per dtype, one asynchronous copy each from pinned memory, no cast on the device.
         temps = [p.temperature if p.temperature >= GREEDY_BELOW else 0.0 for p in params]
-        packed = torch.tensor([temps, [p.top_p for p in params],
-                               [min(p.top_k, _MAX_TOP_K) for p in params], seeds, list(steps)],
-                              dtype=torch.float64)
-        if dev.type == "cuda":
-            packed = packed.pin_memory().to(dev, non_blocking=True)
+        f32, i64 = torch.float32, torch.int64
+        temperature, top_p, top_k, seed, step = upload(
+            [(temps, f32), ([p.top_p for p in params], f32), ([min(p.top_k, _MAX_TOP_K) for p in params], i64),
+             (seeds, i64), (list(steps), i64)], dev)
         return cls(
-            temperature=packed[0].float(),
-            top_k=packed[2].long(),
-            top_p=packed[1].float(),
-            seed=packed[3].long(),
-            step=packed[4].long(),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            step=step,
             any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params),
             all_greedy=not any(temps),

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loquetier.kernels import SMLMMeta
+from loquetier.kernels.meta import upload
 
 IGNORE_INDEX = -100
 
@@ -223,7 +224,7 @@ class BatchBuilder:
         train_lens, eval_lens = [len(t[0]) for t in self._train], [len(t[0]) for t in self._eval]
         i64, i32 = torch.int64, torch.int32
         (input_ids, positions, mapping, labels_t, groups_t, logits_t, key_slots, cu_q, ctx_t, table_t, cu_keys,
-         cu_train, cu_eval) = _upload([
+         cu_train, cu_eval) = upload([
             (ids, i64), (pos, i64), (slot_mapping, i64), (labels, i64), (groups, i64), (logits_idx, i64),
             ([slot for table, ctx in pre for slot in _cache_slots(table, 0, ctx, bs)], i64),
             ([0, *_cumsum(q_lens)], i32), (ctx_lens, i32),
@@ -262,34 +263,6 @@ class BatchBuilder:
             logits_seq_ids=tuple(logits_seqs),
             host_slots=tuple(slots),
         )
-
-
-def _upload(sections: Sequence[tuple[Sequence[int], torch.dtype]], dev: torch.device) -> list[torch.Tensor]:
-    """Host lists as tensors on ``dev``, views of one buffer per dtype. On CUDA each buffer goes over
-    in one asynchronous copy from pinned memory: ``torch.tensor(..., device="cuda")`` copies from
-    pageable memory and waits for the stream, i.e. for the step queued before. Each section starts on
-    a 16-byte boundary (Triton specializes pointer arguments on it)."""
-    out: list[torch.Tensor | None] = [None] * len(sections)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, (_, dtype) in enumerate(sections):
-        by_dtype.setdefault(dtype, []).append(i)
-    for dtype, members in by_dtype.items():
-        align = 16 // torch.empty(0, dtype=dtype).element_size()
-        starts, end = [], 0
-        for i in members:
-            starts.append(end)
-            end += -(-len(sections[i][0]) // align) * align
-        flat = [0] * max(end, align)
-        for a, i in zip(starts, members, strict=True):
-            flat[a : a + len(sections[i][0])] = sections[i][0]
-        host = torch.tensor(flat, dtype=dtype)
-        if dev.type == "cuda":
-            host = host.pin_memory().to(dev, non_blocking=True)
-        elif host.device != dev:
-            host = host.to(dev)
-        for a, i in zip(starts, members, strict=True):
-            out[i] = host[a : a + len(sections[i][0])]
-    return [t for t in out if t is not None]
 
 
 def _cache_slots(table: Sequence[int], lo: int, hi: int, block_size: int) -> list[int]:
