@@ -507,7 +507,6 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
     ``forward_split``; ``finish`` must run once, before the next ``split_shrink`` on the same stream
     reuses nothing of this one's (each call has its own buffer)."""
     loras = [lo for lo, _ in parts]
-    first = loras[0]
     _check_shrink_inputs(x, loras)
     if not meta.num_blocks:
         return _nothing
@@ -518,13 +517,36 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
             for f in finishes:
                 f(y)
         return finish_each
+    splits = shrink_splits(x, parts, meta)
+    v = splits[0]
+    if len(parts) == 1:
+        lora, offset = parts[0]
+
+        def finish_one(y: torch.Tensor) -> None:
+            _check_parts(y, x, parts)
+            _expand_into(y.narrow(1, offset, lora.out_features), v, lora.b, lora, blocks=meta.blocks,
+                         num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True, splits=splits)
+        return finish_one
+
+    def finish_parts(y: torch.Tensor) -> None:
+        _check_parts(y, x, parts)
+        expand_parts(y, v, parts, meta, splits=splits)
+    return finish_parts
+
+
+def shrink_splits(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta) -> torch.Tensor:
+    """The shrink half of ``split_shrink`` (one module, or parts that ``parts_fit``, over a step with
+    blocks): launches it and returns its K splits' partial sums, ``[S, T, P * R]`` fp32, written
+    wherever an expand reads (the rows of the blocks, each slot's rank columns) and nowhere else."""
+    loras = [lo for lo, _ in parts]
+    first = loras[0]
     num, r, k = len(parts), first.max_rank, x.shape[1]
     block_m, block_r, block_k, split_k, chunks = _shrink_sizes(meta.max_seg_len, r, k, meta.num_blocks * num,
                                                                x.device)
     splits = _split_buffer((split_k, x.shape[0], num * r), x.device)
     v = splits[0]
     if num == 1:
-        lora, offset = parts[0]
+        lora = first
         launch(shrink_kernel, (meta.num_blocks, split_k * chunks),
             x, x.stride(0), x.stride(1),
             lora.a, lora.a.stride(0), lora.a.stride(1), lora.a.stride(2),
@@ -535,12 +557,7 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
             num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(lora.a),
         )  # fmt: skip
-
-        def finish_one(y: torch.Tensor) -> None:
-            _check_parts(y, x, parts)
-            _expand_into(y.narrow(1, offset, lora.out_features), v, lora.b, lora, blocks=meta.blocks,
-                         num_blocks=meta.num_blocks, max_rows=meta.max_seg_len, with_scale=True, splits=splits)
-        return finish_one
+        return splits
     a0, a1, a2 = _padded([lo.a for lo in loras])
     r0, r1, r2 = _padded([lo.ranks for lo in loras])
     launch(shrink_parts_kernel, (meta.num_blocks, split_k * chunks, num),
@@ -553,11 +570,7 @@ def split_shrink(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]],
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, R_CHUNKS=chunks,
         num_warps=_shrink_warps(block_m), num_stages=TUNING.shrink_stages, **_dot_kwargs(a0),
     )  # fmt: skip
-
-    def finish_parts(y: torch.Tensor) -> None:
-        _check_parts(y, x, parts)
-        expand_parts(y, v, parts, meta, splits=splits)
-    return finish_parts
+    return splits
 
 
 def _nothing(y: torch.Tensor) -> None:

@@ -5,6 +5,7 @@
 #                     plain steps, the same bits on the side stream)
 #   attn-tests        the paged attention kernel's tests on the GPU
 #   gemm              bench_gemm: the 8B step's base GEMMs in CUDA graphs, cuBLAS against cuBLASLt
+#   gemm-lora         bench_gemm_lora: the decode linears with the LoRA expand in the GEMM's epilogue
 #   kernels           bench_kernels: each SMLM case against its floor (eager, in a graph), the targets
 #   kernels-tuned     bench_kernels again with LOQUETIER_SMLM_TUNING=$KERNELS_TUNING
 #   tune-attn         tune_attention: one 8B decode step's paged attention in a CUDA graph per launch
@@ -51,7 +52,7 @@
 # Device call:  run(command="bash scripts/device_engine_run.sh", carry=[".whl"], timeout_s=600)
 #
 # Results land in $OUT: gemm/, tune/ and tune64/ (tune_smlm.*), tune-attn/ (tune_attention.*), kernels/
-# and kernels-tuned/ (kernels.json), profile/ (profile_step*), offline/, offline-ab2/ and offline-window16/ (offline.*), decode/, dense/ (lora_dense.*), unified/,
+# and kernels-tuned/ (kernels.json), gemm-lora/ (gemm_lora.*), profile/ (profile_step*), offline/, offline-ab2/ and offline-window16/ (offline.*), decode/, dense/ (lora_dense.*), unified/,
 # finetune/, finetune-ab/, and each step's log. A call brings back at most 8 files: pack $OUT into one
 # archive at the end of the command when more steps run.
 set -uo pipefail
@@ -95,7 +96,8 @@ ATTN_AB=${ATTN_AB:-}
 for name in $STEPS; do
     case $name in
         gpu-tests) step gpu-tests 150 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider tests/kernels/test_smlm_fused.py \
-            tests/engine/test_graphs.py tests/engine/test_async_step.py tests/kernels/test_fused.py -k "${GPU_TESTS_K:-cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv or fused_inference_rows}" ;;
+            tests/engine/test_graphs.py tests/engine/test_async_step.py tests/kernels/test_fused.py tests/kernels/test_gemm_lora.py \
+            -k "${GPU_TESTS_K:-cuda or side_stream or split_shrink or rope or unrolled or backward_passes or gemv or fused_inference_rows or linear_lora}" ;;
         attn-tests) step attn-tests 120 "$PY" -m pytest --noconftest -q -x -p no:cacheprovider \
             tests/kernels/test_paged_attention.py ;;
         tune64) step tune64 150 "$PY" -m benchmarks.tune_smlm --pool-rank 64 --out "$OUT/tune64" \
@@ -118,6 +120,7 @@ for name in $STEPS; do
         finetune-ab) step finetune-ab 150 env LOQUETIER_SMLM_TUNING="$FINETUNE_AB" "$PY" -m benchmarks.bench_finetune \
             --model 8b --device cuda --no-baselines --out "$OUT/finetune-ab" ;;
         gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
+        gemm-lora) step gemm-lora 300 "$PY" -m benchmarks.bench_gemm_lora --out "$OUT/gemm-lora" ;;
         tune) step tune 150 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" --pick-env "$OUT/tune/pick.env"
             use_pick tune LOQUETIER_SMLM_TUNING TUNING_AB "SMLM tuning" ;;
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \
