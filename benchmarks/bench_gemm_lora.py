@@ -43,11 +43,12 @@ def _modules(hidden: int, q: int, kv: int, inter: int) -> dict[str, tuple[int, t
 
 FULL = {"modules": _modules(4096, 4096, 1024, 14336), "layers": LAYERS, "rows": (32, 64), "adapters": ADAPTERS,
         "slots": SLOTS,
-        # (block_n, block_k, num_warps, num_stages)
-        "configs": [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4),
-                    (64, 256, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3)]}
+        # (block_n, block_k, num_warps, num_stages, slots a step of the LoRA loop: 0 = 64 rank columns)
+        "configs": [(16, 256, 4, 4, 0), (32, 256, 4, 4, 0), (32, 128, 4, 5, 0), (64, 128, 4, 4, 0),
+                    (64, 128, 8, 4, 0), (128, 128, 8, 3, 0), (32, 256, 4, 4, 1), (32, 256, 4, 4, 8),
+                    (64, 128, 4, 4, 8)]}
 TINY = {"modules": _modules(64, 64, 32, 96), "layers": 2, "rows": (5, 16), "adapters": 4, "slots": 6,
-        "configs": [(16, 32, 4, 1), (32, 64, 4, 1)]}
+        "configs": [(16, 32, 4, 1, 0), (32, 64, 4, 1, 2)]}
 
 
 def _timed(do_bench: Any, captured: Any, fn: Any) -> float:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
     gen = torch.Generator(device=dev).manual_seed(0)
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                                "gpu": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
-                               "rows": {}}
+                               "pool_rank": args.pool_rank, "rows": {}}
     backend = ops.backend_for(torch.device(dev))
     n_layers, n_adapters, n_slots = d["layers"], d["adapters"], d["slots"]
     for name, (k, widths) in d["modules"].items():
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
         for _ in range(n_layers):
             parts, offset = [], 0
             for width in widths:
-                lo = ModuleLoRA.empty(n_slots, RANK, k, width, dtype=dtype, device=dev)
+                lo = ModuleLoRA.empty(n_slots, args.pool_rank, k, width, dtype=dtype, device=dev)
                 lo.a.normal_(0, k ** -0.5, generator=gen)
                 lo.b.normal_(0, 0.02, generator=gen)
                 lo.ranks[1:] = RANK
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
                 parts.append((lo, offset))
                 offset += width
             layers.append(parts)
-        for rows in d["rows"]:
+        for rows in args.rows or d["rows"]:
             slots = [1 + i * n_adapters // rows for i in range(rows)]
             meta = SMLMMeta.build(slots, 0, dev)
             x = torch.randn(rows, k, device=dev, dtype=dtype, generator=gen)
@@ -112,15 +113,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
             base = F.linear(x, weights[0])
             scale = float(want.float().abs().max())
             row["cublas_us"] = _timed(do_bench, captured, lambda: [F.linear(x, w) for w in weights]) * 1e3 / n_layers  # noqa: B023
-            row["served_us"] = _timed(do_bench, captured,
-                                      lambda: [served(w, p) for w, p in zip(weights, layers, strict=True)]) * 1e3 / n_layers
+            row["served_us"] = _timed(do_bench, captured, lambda: [  # noqa: B023
+                served(w, p) for w, p in zip(weights, layers, strict=True)]) * 1e3 / n_layers  # noqa: B023
             row["shrink_us"] = _timed(do_bench, captured,
                                       lambda: [smlm.shrink_splits(x, p, meta) for p in layers]) * 1e3 / n_layers  # noqa: B023
             done = [smlm.shrink_splits(x, p, meta) for p in layers]
             row["configs"] = {}
-            for bn, bk, warps, stages in d["configs"]:
-                cfg = Config(bn, bk, warps, stages)
-                key = f"N{bn} K{bk} w{warps} s{stages}"
+            for bn, bk, warps, stages, per_step in d["configs"]:
+                cfg = Config(bn, bk, warps, stages, per_step)
+                key = f"N{bn} K{bk} w{warps} s{stages}" + (f" {per_step} slots/step" if per_step else "")
                 entry: dict[str, Any] = {}
                 try:
                     if not parts_ok(layers[0], bn):
@@ -152,7 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
                 row[f"best_{metric}"] = (best, ok[best][metric]) if best else (None, None)
             print(name, rows, {key: v for key, v in row.items() if key != "configs"}, flush=True)
             results["rows"].setdefault(str(rows), {})[name] = row
-        del weights, layers
+        weights.clear()
+        layers.clear()
         if gpu:
             torch.cuda.empty_cache()
     return results
@@ -174,6 +176,7 @@ def page(results: dict[str, Any], command: str) -> tuple[str, list[dict[str, Any
     lines = ["# Decode linears with the LoRA expand in the GEMM's epilogue", "",
              f"- date: {results['date']}", f"- device: {results['gpu']}, torch {results['torch']}",
              f"- command: `{command}`", "",
+             f"Slot storage of rank {results.get('pool_rank', RANK)}, adapters of rank {RANK}. "
              "µs a layer (32 layers' own weights in one CUDA graph, median of three timings); the floor reads "
              "the base weight and the 32 adapters' A and B once at 4.27 TB/s. Configurations: N columns a "
              "program, K a step, warps, stages.", ""]
@@ -217,6 +220,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--from-json", type=Path, help="write the page from an earlier run's JSON (no GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: the checks, no meaningful timing")
+    ap.add_argument("--pool-rank", type=int, default=RANK,
+                    help="the slot storage's rank (max_lora_rank; the engine's default is 64), adapters of rank 16")
+    ap.add_argument("--rows", type=int, nargs="*", help="decode rows (default 32 and 64)")
     args = ap.parse_args()
     results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     text, targets = page(results, "python -m benchmarks.bench_gemm_lora --out $OUT")

@@ -39,10 +39,11 @@ MAX_ROWS = 64  # one row tile: the decode steps this kernel is for
 @triton.jit
 def gemm_lora_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, y_ptr, stride_ym, M, N, K,
-    v_ptr, stride_vm, stride_vs, num_splits, slots_ptr,
-    b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
+    v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
+    b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, NUM_PARTS: tl.constexpr, R: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLOTS_PER_STEP: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -51,6 +52,31 @@ def gemm_lora_kernel(  # noqa: PLR0917
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
+    if HAS_LORA:
+        # Each row's scaled shrink output, [BLOCK_M, R] (its splits summed), read before the GEMM's
+        # loop so that its latency hides behind it. The part whose columns hold this tile (a tile lies
+        # in one part; part starts past the last part are N).
+        n0 = pid * BLOCK_N
+        part = (n0 >= n1_start).to(tl.int32) + (n0 >= n2_start).to(tl.int32)
+        col0 = tl.where(part == 2, n2_start, tl.where(part == 1, n1_start, 0))
+        b_ptr, ranks_ptr, scales_ptr, stride_br = b0, r0, s0, br0
+        if NUM_PARTS >= 2:
+            if part == 1:
+                b_ptr, ranks_ptr, scales_ptr, stride_br = b1, r1, s1, br1
+        if NUM_PARTS == 3:
+            if part == 2:
+                b_ptr, ranks_ptr, scales_ptr, stride_br = b2, r2, s2, br2
+        slot = tl.load(slots_ptr + rm, mask=mask_m, other=-1)
+        on = slot >= 0
+        rank = tl.load(ranks_ptr + slot, mask=on, other=0)
+        scale = tl.load(scales_ptr + slot, mask=on, other=0.0)
+        rr = tl.arange(0, R)
+        live = on[:, None] & (rr[None, :] < rank[:, None])
+        v_tile = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        v_rows = v_ptr + rm[:, None] * stride_vm + part * R + rr[None, :]
+        for s in range(num_splits):
+            v_tile += tl.load(v_rows + s * stride_vs, mask=live, other=0.0)
+        v_tile = v_tile * scale[:, None]
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -65,35 +91,28 @@ def gemm_lora_kernel(  # noqa: PLR0917
         acc = _dot(a, b, acc, UPCAST, IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if HAS_LORA:
+        # The LoRA terms as more of the same GEMM: B of every slot is a [num_slots * R, N] matrix
+        # (rows slot * R + r), and row m's operand is its v in its own slot's R columns, zero in the
+        # others. SLOTS_PER_STEP slots a step; a slot no row of the tile uses, and B's rows at or past
+        # a slot's rank, are masked off (never read).
+        cols = tl.arange(0, SLOTS_PER_STEP * R)
+        col_slot = cols // R
+        col_r = cols % R
+        v_wide = tl.reshape(tl.broadcast_to(v_tile[:, None, :], (BLOCK_M, SLOTS_PER_STEP, R)),
+                            (BLOCK_M, SLOTS_PER_STEP * R))
+        b_ptrs = b_ptr + cols[:, None].to(tl.int64) * stride_br + (rn - col0)[None, :]
+        for j0 in range(0, num_slots, SLOTS_PER_STEP):
+            cslot = j0 + col_slot
+            mine = slot[:, None] == cslot[None, :]  # [BLOCK_M, SLOTS_PER_STEP * R]
+            used = tl.max(mine.to(tl.int32), axis=0) > 0
+            crank = tl.load(ranks_ptr + cslot, mask=used, other=0)
+            bt = tl.load(b_ptrs + j0 * R * stride_br, mask=(used & (col_r < crank))[:, None] & mask_n[None, :],
+                         other=0.0)
+            vt = tl.where(mine, v_wide, 0.0).to(bt.dtype)
+            acc = _dot(vt, bt, acc, UPCAST, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:
-        # the part whose output columns hold this tile (a tile lies in one part)
-        # (part starts past the last part are N)
-        n0 = pid * BLOCK_N
-        part = (n0 >= n1_start).to(tl.int32) + (n0 >= n2_start).to(tl.int32)
-        col0 = tl.where(part == 2, n2_start, tl.where(part == 1, n1_start, 0))
-        b_ptr, ranks_ptr, scales_ptr, stride_bs, stride_br = b0, r0, s0, bs0, br0
-        if NUM_PARTS >= 2:
-            if part == 1:
-                b_ptr, ranks_ptr, scales_ptr, stride_bs, stride_br = b1, r1, s1, bs1, br1
-        if NUM_PARTS == 3:
-            if part == 2:
-                b_ptr, ranks_ptr, scales_ptr, stride_bs, stride_br = b2, r2, s2, bs2, br2
-        slot = tl.load(slots_ptr + rm, mask=mask_m, other=-1)
-        on = slot >= 0
-        slot = tl.where(on, slot, 0)
-        rank = tl.load(ranks_ptr + slot, mask=on, other=0)
-        scale = tl.load(scales_ptr + slot, mask=on, other=0.0)
-        b_rows = b_ptr + slot.to(tl.int64)[:, None] * stride_bs + (rn - col0)[None, :]
-        v_rows = v_ptr + rm * stride_vm + part * R
-        for r in tl.static_range(R):
-            live = on & (r < rank)
-            vr = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for s in range(num_splits):
-                vr += tl.load(v_rows + s * stride_vs + r, mask=live, other=0.0)
-            br = tl.load(b_rows + r * stride_br, mask=live[:, None] & mask_n[None, :], other=0.0)
-            acc += (vr * scale)[:, None] * br.to(tl.float32)
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -104,6 +123,7 @@ class Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    slots_per_step: int = 0  # slots of the LoRA loop a step (0: as many as make 64 rank columns)
 
 
 def default_config(rows: int, n: int, k: int) -> Config:
@@ -112,8 +132,9 @@ def default_config(rows: int, n: int, k: int) -> Config:
     del rows
     if INTERPRET:
         return Config(32, 32, 4, 1)
-    block_n = 16 if n <= 4096 else 32 if n <= 8192 else 64
-    return Config(block_n, 256 if k % 256 == 0 else 128, 4, 4)
+    if n <= 8192:
+        return Config(32, 256 if k % 256 == 0 else 128, 4, 4)
+    return Config(64, 128, 4, 4)
 
 
 def _pow2_rows(rows: int) -> int:
@@ -121,15 +142,15 @@ def _pow2_rows(rows: int) -> int:
 
 
 def parts_ok(parts: Sequence[tuple[ModuleLoRA, int]], block_n: int) -> bool:
-    """Whether ``parts`` fit one launch: 1-3 parts of one rank capacity and dtype, laid out back to
-    back from column 0, each boundary on a column tile."""
-    if not 1 <= len(parts) <= MAX_PARTS:
+    """Whether ``parts`` fit one launch: 1-3 parts of one slot count, rank capacity (a power of 2) and
+    dtype, contiguous, laid out back to back from column 0, each boundary on a column tile."""
+    if not 1 <= len(parts) <= MAX_PARTS or parts[0][0].max_rank & (parts[0][0].max_rank - 1):
         return False
     first = parts[0][0]
     end = 0
     for lora, offset in parts:
         if (offset != end or offset % block_n or lora.max_rank != first.max_rank or lora.b.dtype != first.b.dtype
-                or lora.b.stride(2) != 1):
+                or lora.num_slots != first.num_slots or not lora.b.is_contiguous()):
             return False
         end = offset + lora.out_features
     return True
@@ -160,16 +181,17 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         rs = [*[lo.ranks for lo in loras], *[loras[0].ranks] * (MAX_PARTS - len(loras))]
         ss = [*[lo.scales for lo in loras], *[loras[0].scales] * (MAX_PARTS - len(loras))]
         starts = [off for _, off in parts[1:]] + [n] * (MAX_PARTS - len(parts))
-        lora_args = (splits, splits.stride(1), splits.stride(0), splits.shape[0], token_slots,
-                     *bs, *[b.stride(0) for b in bs], *[b.stride(1) for b in bs], *rs, *ss, starts[0], starts[1])
+        lora_args = (splits, splits.stride(1), splits.stride(0), splits.shape[0], token_slots, loras[0].num_slots,
+                     *bs, *[b.stride(1) for b in bs], *rs, *ss, starts[0], starts[1])
         num_parts = len(parts)
     else:
         r, num_parts = 16, 1
-        lora_args = (x, 0, 0, 0, x, x, x, x, 0, 0, 0, 0, 0, 0, x, x, x, x, x, x, 0, 0)
+        lora_args = (x, 0, 0, 0, x, 0, x, x, x, 0, 0, 0, x, x, x, x, x, x, 0, 0)
     launch(gemm_lora_kernel, (triton.cdiv(n, cfg.block_n),),
            x, x.stride(0), weight, weight.stride(0), bias if bias is not None else x, y, y.stride(0), t, n, k,
            *lora_args,
            HAS_BIAS=bias is not None, HAS_LORA=has_lora, NUM_PARTS=num_parts, R=r,
+           SLOTS_PER_STEP=cfg.slots_per_step or max(1, 64 // r),
            EVEN_K=k % cfg.block_k == 0, BLOCK_M=_pow2_rows(t), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
            UPCAST=INTERPRET, IEEE=weight.dtype == torch.float32,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)

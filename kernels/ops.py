@@ -252,6 +252,11 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  
     GEMM (``set_lora_overlap``); the sums are the same either way."""
     if meta is None or not meta.num_segments:
         return F.linear(x, weight, bias), []  # [T, out_total]
+    if not keep_v and backend.name == "triton" and _gemm_lora_applies(x, weight, loras):
+        from . import gemm_lora, smlm
+
+        splits = smlm.shrink_splits(x, loras, meta)  # [S, T, P * R]: the expand's v, in the GEMM's epilogue
+        return gemm_lora.linear_lora(x, weight, bias, loras, splits, meta.token_slots), []
     if not (_overlap and _overlap_depth and x.is_cuda and not keep_v):
         y = F.linear(x, weight, bias)
         finish, vs = _lora_terms(x, loras, meta, backend, keep_v)
@@ -266,6 +271,21 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  
     main.wait_stream(side)
     finish(y)
     return y, vs
+
+
+def _gemm_lora_applies(x: torch.Tensor, weight: torch.Tensor, loras: Sequence[LoRAPart]) -> bool:
+    """Whether an inference-only forward takes ``kernels.gemm_lora`` (``Tuning.gemm_lora_rows``)."""
+    from . import gemm_lora, smlm
+
+    rows = smlm.TUNING.gemm_lora_rows
+    if not 0 < x.shape[0] <= min(rows, gemm_lora.MAX_ROWS):
+        return False
+    if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype != weight.dtype:
+        return False
+    modules = [lo for lo, _ in loras]
+    block_n = gemm_lora.default_config(x.shape[0], weight.shape[0], weight.shape[1]).block_n
+    return ((len(modules) == 1 or smlm.parts_fit(modules)) and gemm_lora.parts_ok(loras, block_n)
+            and loras[-1][1] + modules[-1].out_features == weight.shape[0])
 
 
 class _LoRALinear(torch.autograd.Function):

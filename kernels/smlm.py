@@ -141,6 +141,10 @@ class Tuning:
     # costs what the atomic path does, at prefill sizes each expand column tile rereads every split's
     # partial sums (1.6x the atomic path at 1,024 rows, docs/benchmarks/tune_smlm.md)
     split_max_rows: int = 16
+    # inference-only forwards of at most this many rows (up to ``gemm_lora.MAX_ROWS``; 0: none) run
+    # the shrink, then the base GEMM with the expand in its epilogue (``kernels.gemm_lora``), instead
+    # of the cuBLAS GEMM beside the shrink and the expand after it
+    gemm_lora_rows: int = 0
     # CUDA graphs (``loquetier.engine.graphs``): the row tile (and longest row block) of the launches
     # in graphs of prefill-sized buckets (past the batch: prompt chunks laid out as rows; 16, 32 or
     # 64). Decode buckets always take 16 (a row or two an adapter). 64 gave the same tokens/s as 16

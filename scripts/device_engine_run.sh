@@ -121,6 +121,8 @@ for name in $STEPS; do
             --model 8b --device cuda --no-baselines --out "$OUT/finetune-ab" ;;
         gemm) step gemm 90 "$PY" -m benchmarks.bench_gemm --out "$OUT/gemm" ;;
         gemm-lora) step gemm-lora 300 "$PY" -m benchmarks.bench_gemm_lora --out "$OUT/gemm-lora" ;;
+        gemm-lora64) step gemm-lora64 200 "$PY" -m benchmarks.bench_gemm_lora --pool-rank 64 --rows 32 \
+            --out "$OUT/gemm-lora64" ;;
         tune) step tune 150 "$PY" -m benchmarks.tune_smlm --out "$OUT/tune" --pick-env "$OUT/tune/pick.env"
             use_pick tune LOQUETIER_SMLM_TUNING TUNING_AB "SMLM tuning" ;;
         offline) step offline "${OFFLINE_S:-260}" "$PY" -m benchmarks.bench_offline --model 8b --device cuda --no-baselines \

@@ -61,3 +61,37 @@ def test_parts_must_sit_on_column_tiles() -> None:
     assert gemm_lora.parts_ok([(a, 0), (b, 48)], 16) and not gemm_lora.parts_ok([(a, 16)], 16)
     with pytest.raises(ValueError, match="at most 64"):
         linear_lora(torch.zeros(65, 32), torch.zeros(48, 32), None, [], None, None)
+
+
+def test_inference_forwards_take_it_when_tuned_and_give_the_same_terms(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kernels.ops: an inference-only forward of at most Tuning.gemm_lora_rows rows runs the shrink and
+    # then linear_lora; the terms are those of the shrink beside the GEMM and the expand after it
+    import dataclasses
+
+    from loquetier.kernels import ops, smlm
+
+    gen = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    k, widths, rank, slots = 64, (64, 32, 32), 16, 6
+    parts, offset = [], 0
+    for width in widths:
+        parts.append((_module(slots, rank, k, width, dtype, gen), offset))
+        offset += width
+    w = (torch.randn(offset, k, generator=gen) * 0.1).to(DEVICE, dtype)
+    bias = torch.randn(offset, generator=gen).to(DEVICE, dtype)
+    rows = 12
+    x = torch.randn(rows, k, generator=gen).to(DEVICE, dtype)
+    meta = SMLMMeta.build([random.Random(i).choice([-1, 1, 2, 3, 5]) for i in range(rows)], 0, DEVICE)
+    calls = []
+    real = gemm_lora.linear_lora
+    monkeypatch.setattr(gemm_lora, "linear_lora", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    _, want = ops.lora_linear(x[:0], x, w, bias, parts, meta)
+    assert not calls  # off by default
+    monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, gemm_lora_rows=rows))
+    _, got = ops.lora_linear(x[:0], x, w, bias, parts, meta)
+    assert calls == [1]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+    monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, gemm_lora_rows=rows - 1))
+    ops.lora_linear(x[:0], x, w, bias, parts, meta)
+    assert calls == [1]  # more rows than tuned: the served path
