@@ -313,12 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         set_lora_overlap(default_overlap)
 
     def launch_ab(kind: str, module: Any, spec: str, flag: str, cases: list[tuple[str, int, list[Any]]]) -> None:
-        """``module.TUNING`` (a dataclass of launch parameters) with the overrides ``spec`` names
-        against its defaults, two rounds, graphs captured again for each; the module's setting after."""
+        """``module.TUNING`` (a dataclass of launch parameters) with the overrides ``spec`` names (several
+        sets: separated by ``;``) against its defaults, two rounds, graphs captured again for each; the
+        module's setting after."""
         if not spec:
             return
         default, cls = module.TUNING, type(module.TUNING)
-        tunings = {"defaults": cls(), spec: launch_tuning(cls, spec, flag)}
+        tunings = {"defaults": cls(), **{one.strip(): launch_tuning(cls, one.strip(), flag)
+                                         for one in spec.split(";") if one.strip()}}
         try:
             compare(kind, [(label, functools.partial(setattr, module, "TUNING", t))
                            for _ in range(2) for label, t in tunings.items()], cases, recapture=True)
