@@ -280,7 +280,7 @@ def _gemm_lora_applies(x: torch.Tensor, weight: torch.Tensor, loras: Sequence[Lo
     from . import gemm_lora, smlm
 
     rows = smlm.TUNING.gemm_lora_rows
-    if not 0 < x.shape[0] <= min(rows, gemm_lora.MAX_ROWS):
+    if _fused_decode or not 0 < x.shape[0] <= min(rows, gemm_lora.MAX_ROWS):  # the one-launch switch wins
         return False
     if x.stride(1) != 1 or not weight.is_contiguous() or x.dtype != weight.dtype:
         return False
