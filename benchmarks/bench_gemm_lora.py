@@ -45,9 +45,8 @@ def _modules(hidden: int, q: int, kv: int, inter: int) -> dict[str, tuple[int, t
 FULL = {"modules": _modules(4096, 4096, 1024, 14336), "layers": LAYERS, "rows": (32, 64), "adapters": ADAPTERS,
         "slots": SLOTS,
         # (block_n, block_k, num_warps, num_stages, slots a step of the LoRA loop: 0 = 64 rank columns)
-        "configs": [(16, 256, 4, 4, 0), (32, 256, 4, 4, 0), (32, 128, 4, 5, 0), (64, 128, 4, 4, 0),
-                    (64, 128, 8, 4, 0), (128, 128, 8, 3, 0), (32, 256, 4, 4, 1), (32, 256, 4, 4, 8),
-                    (64, 128, 4, 4, 8)]}
+        "configs": [(32, 256, 4, 4, 0), (32, 128, 4, 5, 0), (64, 128, 4, 4, 0), (128, 128, 8, 3, 0),
+                    (32, 256, 4, 4, 8)]}
 TINY = {"modules": _modules(64, 64, 32, 96), "layers": 2, "rows": (5, 16), "adapters": 4, "slots": 6,
         "configs": [(16, 32, 4, 1, 0), (32, 64, 4, 1, 2)]}
 
