@@ -36,6 +36,7 @@ from .weights import ModuleLoRA
 
 MAX_PARTS = 3
 MAX_ROWS = 64  # one row tile: the decode steps this kernel is for
+RANK_TILE = 16  # the LoRA loop's rank chunk
 
 
 @triton.jit
@@ -54,7 +55,7 @@ def gemm_lora_kernel(  # noqa: PLR0917
     b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
     a0, a1, a2, stride_as, stride_ar, blocks_ptr, num_blocks, num_shrink, sync_ptr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, NUM_PARTS: tl.constexpr, R: tl.constexpr,
-    SLOTS_PER_STEP: tl.constexpr, EVEN_K: tl.constexpr,
+    R_TILE: tl.constexpr, MAX_SLOTS: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SHRINK: tl.constexpr, S_BLOCK_M: tl.constexpr, S_BLOCK_R: tl.constexpr, S_BLOCK_K: tl.constexpr,
     S_R_CHUNKS: tl.constexpr,
@@ -75,14 +76,14 @@ def gemm_lora_kernel(  # noqa: PLR0917
             _gemm_program(pid - num_shrink, x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, y_ptr, stride_ym,
                           M, N, K, v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
                           b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
-                          num_shrink, sync_ptr, HAS_BIAS, HAS_LORA, NUM_PARTS, R, SLOTS_PER_STEP, EVEN_K,
-                          BLOCK_M, BLOCK_N, BLOCK_K, SHRINK, UPCAST, IEEE)
+                          num_shrink, sync_ptr, HAS_BIAS, HAS_LORA, NUM_PARTS, R, R_TILE, MAX_SLOTS,
+                          SLOTS_PER_STEP, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SHRINK, UPCAST, IEEE)
     else:
         _gemm_program(pid, x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, y_ptr, stride_ym,
                       M, N, K, v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
                       b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
-                      num_shrink, sync_ptr, HAS_BIAS, HAS_LORA, NUM_PARTS, R, SLOTS_PER_STEP, EVEN_K,
-                      BLOCK_M, BLOCK_N, BLOCK_K, SHRINK, UPCAST, IEEE)
+                      num_shrink, sync_ptr, HAS_BIAS, HAS_LORA, NUM_PARTS, R, R_TILE, MAX_SLOTS,
+                      SLOTS_PER_STEP, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SHRINK, UPCAST, IEEE)
 
 
 @triton.jit
@@ -117,7 +118,7 @@ def _gemm_program(  # noqa: PLR0917
     v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
     b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start, num_shrink, sync_ptr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, NUM_PARTS: tl.constexpr, R: tl.constexpr,
-    SLOTS_PER_STEP: tl.constexpr, EVEN_K: tl.constexpr,
+    R_TILE: tl.constexpr, MAX_SLOTS: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHRINK: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -169,24 +170,32 @@ def _gemm_program(  # noqa: PLR0917
                 pass
             v_tile = _v_tile(v_rows, stride_vs, num_splits, live, scale, BLOCK_M, R)
         # The LoRA terms as more of the same GEMM: B of every slot is a [num_slots * R, N] matrix
-        # (rows slot * R + r), and row m's operand is its v in its own slot's R columns, zero in the
-        # others. SLOTS_PER_STEP slots a step; a slot no row of the tile uses, and B's rows at or past
-        # a slot's rank, are masked off (never read).
-        cols = tl.arange(0, SLOTS_PER_STEP * R)
-        col_slot = cols // R
-        col_r = cols % R
-        v_wide = tl.reshape(tl.broadcast_to(v_tile[:, None, :], (BLOCK_M, SLOTS_PER_STEP, R)),
-                            (BLOCK_M, SLOTS_PER_STEP * R))
-        b_ptrs = b_ptr + cols[:, None].to(tl.int64) * stride_br + (rn - col0)[None, :]
-        for j0 in range(0, num_slots, SLOTS_PER_STEP):
-            cslot = j0 + col_slot
-            mine = slot[:, None] == cslot[None, :]  # [BLOCK_M, SLOTS_PER_STEP * R]
-            used = tl.max(mine.to(tl.int32), axis=0) > 0
-            crank = tl.load(ranks_ptr + cslot, mask=used, other=0)
-            bt = tl.load(b_ptrs + j0 * R * stride_br, mask=(used & (col_r < crank))[:, None] & mask_n[None, :],
-                         other=0.0)
-            vt = tl.where(mine, v_wide, 0.0).to(bt.dtype)
-            acc = _dot(vt, bt, acc, UPCAST, IEEE)
+        # (rows slot * R + r), and row m's operand is its v in its own slot's rank columns, zero in the
+        # others. The rank goes in chunks of R_TILE (up to the largest rank loaded: a rank-16 adapter in
+        # storage of rank 64 costs one chunk), SLOTS_PER_STEP slots a step; a slot no row of the tile
+        # uses, and B's rows at or past a slot's rank, are masked off (never read).
+        every_slot = tl.arange(0, MAX_SLOTS)
+        chunks = tl.cdiv(tl.max(tl.load(ranks_ptr + every_slot, mask=every_slot < num_slots, other=0)), R_TILE)
+        cols = tl.arange(0, SLOTS_PER_STEP * R_TILE)
+        col_slot = cols // R_TILE
+        col_r = cols % R_TILE
+        v_chunks = tl.reshape(v_tile, (BLOCK_M, R // R_TILE, R_TILE))
+        for c in range(0, chunks):
+            pick = tl.arange(0, R // R_TILE) == c
+            v_chunk = tl.sum(tl.where(pick[None, :, None], v_chunks, 0.0), axis=1)  # [BLOCK_M, R_TILE]
+            v_wide = tl.reshape(tl.broadcast_to(v_chunk[:, None, :], (BLOCK_M, SLOTS_PER_STEP, R_TILE)),
+                                (BLOCK_M, SLOTS_PER_STEP * R_TILE))
+            b_rows = (col_slot * R + c * R_TILE + col_r).to(tl.int64)
+            b_ptrs = b_ptr + b_rows[:, None] * stride_br + (rn - col0)[None, :]
+            for j0 in range(0, num_slots, SLOTS_PER_STEP):
+                cslot = j0 + col_slot
+                mine = slot[:, None] == cslot[None, :]  # [BLOCK_M, SLOTS_PER_STEP * R_TILE]
+                used = tl.max(mine.to(tl.int32), axis=0) > 0
+                crank = tl.load(ranks_ptr + cslot, mask=used, other=0)
+                keep = used & (c * R_TILE + col_r < crank)
+                bt = tl.load(b_ptrs + j0 * R * stride_br, mask=keep[:, None] & mask_n[None, :], other=0.0)
+                vt = tl.where(mine, v_wide, 0.0).to(bt.dtype)
+                acc = _dot(vt, bt, acc, UPCAST, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
@@ -203,7 +212,7 @@ class Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
-    slots_per_step: int = 0  # slots of the LoRA loop a step (0: as many as make 64 rank columns)
+    slots_per_step: int = 0  # slots of the LoRA loop a step (0: as many as make 64 rank columns of a chunk)
     shrink_splits: int = 0  # K splits of the in-launch shrink (0: as smlm's shrink splits)
 
 
@@ -279,15 +288,17 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         starts = [off for _, off in parts[1:]] + [n] * (MAX_PARTS - len(parts))
         lora_args = (splits, splits.stride(1), splits.stride(0), splits.shape[0], token_slots, loras[0].num_slots,
                      *bs, *[b.stride(1) for b in bs], *rs, *ss, starts[0], starts[1])
-        num_parts = len(parts)
+        num_parts, max_slots = len(parts), loras[0].num_slots
     else:
+        max_slots = 1
         r, num_parts = 16, 1
         lora_args = (x, 0, 0, 0, x, 0, x, x, x, 0, 0, 0, x, x, x, x, x, x, 0, 0)
     launch(gemm_lora_kernel, (num_shrink + triton.cdiv(n, cfg.block_n),),
            x, x.stride(0), weight, weight.stride(0), bias if bias is not None else x, y, y.stride(0), t, n, k,
            *lora_args, *shrink_args,
-           HAS_BIAS=bias is not None, HAS_LORA=has_lora, NUM_PARTS=num_parts, R=r,
-           SLOTS_PER_STEP=cfg.slots_per_step or max(1, 64 // r),
+           HAS_BIAS=bias is not None, HAS_LORA=has_lora, NUM_PARTS=num_parts, R=r, R_TILE=min(r, RANK_TILE),
+           MAX_SLOTS=triton.next_power_of_2(max_slots),
+           SLOTS_PER_STEP=cfg.slots_per_step or 64 // min(r, RANK_TILE),
            EVEN_K=k % cfg.block_k == 0, BLOCK_M=_pow2_rows(t), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
            SHRINK=num_shrink > 0, **shrink_meta,
            UPCAST=INTERPRET, IEEE=weight.dtype == torch.float32,

@@ -24,12 +24,14 @@ def _module(slots: int, rank: int, k: int, n: int, dtype: torch.dtype, gen: torc
     return lo
 
 
-@pytest.mark.parametrize(("rows", "widths", "bias", "splits"), [
-    (5, (64,), False, 0), (16, (64, 32, 32), True, 2), (33, (96, 96), False, 1), (1, (32,), True, 3)])
-def test_linear_lora_matches_the_torch_loop(rows: int, widths: tuple[int, ...], bias: bool, splits: int) -> None:
+@pytest.mark.parametrize(("rows", "widths", "bias", "splits", "rank"), [
+    (5, (64,), False, 0, 8), (16, (64, 32, 32), True, 2, 8), (33, (96, 96), False, 1, 8), (1, (32,), True, 3, 8),
+    (9, (32, 32), False, 2, 64)])  # storage of rank 64: adapters of rank 32 and 64 take 2 and 4 chunks
+def test_linear_lora_matches_the_torch_loop(rows: int, widths: tuple[int, ...], bias: bool, splits: int,
+                                            rank: int) -> None:
     gen = torch.Generator().manual_seed(rows)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    k, n, rank, slots = 80, sum(widths), 8, 5  # K not a multiple of the K tile: the masked loop
+    k, n, slots = 80, sum(widths), 5  # K not a multiple of the K tile: the masked loop
     x = torch.randn(rows, k, generator=gen).to(DEVICE, dtype)
     w = (torch.randn(n, k, generator=gen) * 0.1).to(DEVICE, dtype)
     b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
