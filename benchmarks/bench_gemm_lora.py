@@ -24,7 +24,6 @@ four linears over 32 layers into a decode step's linear time for each path.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import statistics
@@ -141,24 +140,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915
                     entry["fused_done_us"] = _timed(do_bench, captured, lambda c=cfg: [  # noqa: B023
                         linear_lora(x, w, None, p, d, meta.token_slots, c)  # noqa: B023
                         for w, p, d in zip(weights, layers, done, strict=True)]) * 1e3 / n_layers
-                    for label, splits in (("one_launch_us", 0), ("one_launch_1split_us", 1)):
-                        one = dataclasses.replace(cfg, shrink_splits=splits)
-                        got_one = linear_lora(x, weights[0], None, layers[0], None, None, one, shrink=meta)
-                        err = float((got_one.float() - want.float()).abs().max()) / scale
-                        entry[label.replace("_us", "_err")] = err
-                        entry[label] = _timed(do_bench, captured, lambda c=one: [  # noqa: B023
-                            linear_lora(x, w, None, p, None, None, c, shrink=meta)  # noqa: B023
-                            for w, p in zip(weights, layers, strict=True)]) * 1e3 / n_layers
                 except LookupError:
                     pass
                 except Exception as exc:  # noqa: BLE001 (a configuration a GPU cannot run is a result)
                     entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 row["configs"][key] = entry
                 print(name, rows, key, entry, flush=True)
-            errs = ("fused_err", "one_launch_err", "one_launch_1split_err")
-            ok = {key: e for key, e in row["configs"].items()
-                  if "one_launch_us" in e and max(e[name] for name in errs) < 0.02}
-            for metric in ("base_us", "fused_us", "fused_done_us", "one_launch_us", "one_launch_1split_us"):
+            ok = {key: e for key, e in row["configs"].items() if "fused_us" in e and e["fused_err"] < 0.02}
+            for metric in ("base_us", "fused_us", "fused_done_us"):
                 best = min(ok, key=lambda key, m=metric: ok[key][m]) if ok else None
                 row[f"best_{metric}"] = (best, ok[best][metric]) if best else (None, None)
             print(name, rows, {key: v for key, v in row.items() if key != "configs"}, flush=True)
@@ -179,8 +168,6 @@ def _step_sums(by_module: dict[str, Any]) -> dict[str, float]:
             "Triton base": total(lambda r: r["best_base_us"][1]),
             "shrink + fused": total(lambda r: r["best_fused_us"][1]),
             "fused, shrink done": total(lambda r: r["best_fused_done_us"][1]),
-            "one launch": total(lambda r: r["best_one_launch_us"][1]),
-            "one launch, 1 K split": total(lambda r: r["best_one_launch_1split_us"][1]),
             "shrink": total(lambda r: r["shrink_us"]), "weight-read floor": total(lambda r: r["floor_us"])}
 
 
@@ -196,35 +183,30 @@ def page(results: dict[str, Any], command: str) -> tuple[str, list[dict[str, Any
     for rows, by_module in results["rows"].items():
         lines += [f"## {rows} decode rows, 32 adapters", "",
                   "| linear | cuBLAS | served | Triton base (best) | shrink + fused (best) | fused, shrink done "
-                  "(best) | one launch (best) | one launch, 1 K split (best) | shrink | floor |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "(best) | shrink | floor |", "|---|---|---|---|---|---|---|---|"]
         for name, r in by_module.items():
             def cell(pair: Any) -> str:
                 return "n/a" if pair[0] is None else f"{pair[1]:.1f} ({pair[0]})"
             lines.append(f"| {name} | {r['cublas_us']:.1f} | {r['served_us']:.1f} | {cell(r['best_base_us'])} | "
                          f"{cell(r['best_fused_us'])} | {cell(r['best_fused_done_us'])} | "
-                         f"{cell(r['best_one_launch_us'])} | {cell(r['best_one_launch_1split_us'])} | "
                          f"{r['shrink_us']:.1f} | {r['floor_us']:.1f} |")
         sums = _step_sums(by_module)
         lines += ["", "A decode step's four linears, 32 layers (ms):", "", "| path | ms |", "|---|---|"]
         lines += [f"| {path} | {ms:.3f} |" for path, ms in sums.items()]
         lines.append("")
-        for path in ("shrink + fused", "one launch"):
-            ratio = sums[path] / sums["served"]
-            targets.append({"name": f"{path} / served, {rows} rows", "goal": "< 1.0x", "measured": ratio,
-                            "ok": ratio < 1.0})
+        ratio = sums["shrink + fused"] / sums["served"]  # the path the engine can take (Tuning.gemm_lora_rows)
+        targets.append({"name": f"shrink + fused / served, {rows} rows", "goal": "< 1.0x", "measured": ratio,
+                        "ok": ratio < 1.0})
         lines += ["Every configuration (µs a layer; relative error of the max against the served path):", "",
-                  "| linear | configuration | Triton base | shrink + fused | fused, shrink done | one launch | "
-                  "one launch, 1 K split | error |", "|---|---|---|---|---|---|---|---|"]
+                  "| linear | configuration | Triton base | shrink + fused | fused, shrink done | error |",
+                  "|---|---|---|---|---|---|"]
         for name, r in by_module.items():
             for key, e in r["configs"].items():
-                if "one_launch_us" in e:
-                    err = max(e["fused_err"], e["one_launch_err"], e["one_launch_1split_err"])
+                if "fused_us" in e:
                     lines.append(f"| {name} | {key} | {e['base_us']:.1f} | {e['fused_us']:.1f} | "
-                                 f"{e['fused_done_us']:.1f} | {e['one_launch_us']:.1f} | "
-                                 f"{e['one_launch_1split_us']:.1f} | {err:.1e} |")
+                                 f"{e['fused_done_us']:.1f} | {e['fused_err']:.1e} |")
                 else:
-                    lines.append(f"| {name} | {key} | {e.get('error', 'n/a')[:80]} | | | | | |")
+                    lines.append(f"| {name} | {key} | {e.get('error', 'n/a')[:80]} | | | |")
         lines.append("")
     lines += ["## Targets", "", "| target | goal | measured | status |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['goal']} | {t['measured']:.3f} | {'met' if t['ok'] else 'missed'} |"

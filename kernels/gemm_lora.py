@@ -30,8 +30,6 @@ import triton.language as tl
 
 from .jit_common import dot as _dot
 from .launch import INTERPRET, launch
-from .meta import SMLMMeta
-from .smlm_jit import _shrink_tile
 from .weights import ModuleLoRA
 
 MAX_PARTS = 3
@@ -53,76 +51,13 @@ def gemm_lora_kernel(  # noqa: PLR0917
     x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, y_ptr, stride_ym, M, N, K,
     v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
     b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
-    a0, a1, a2, stride_as, stride_ar, blocks_ptr, num_blocks, num_shrink, sync_ptr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, NUM_PARTS: tl.constexpr, R: tl.constexpr,
     R_TILE: tl.constexpr, MAX_SLOTS: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SHRINK: tl.constexpr, S_BLOCK_M: tl.constexpr, S_BLOCK_R: tl.constexpr, S_BLOCK_K: tl.constexpr,
-    S_R_CHUNKS: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    """With ``SHRINK``, the first ``num_shrink`` programs are the shrink (v's K splits, laid out as
-    ``smlm.shrink_splits`` lays them out) and the GEMM's programs come after them, so the hardware
-    dispatches the shrink first and the GEMM's loops run beside it. Each GEMM program waits for the
-    shrink only before its LoRA loop, on a counter that each shrink program bumps once its stores are
-    done; the GEMM's last program sets the counters back to zero for the next launch."""
-    pid = tl.program_id(0)
-    if SHRINK:
-        if pid < num_shrink:
-            _shrink_program(pid, x_ptr, stride_xm, K, v_ptr, stride_vm, stride_vs, num_splits,
-                            a0, a1, a2, stride_as, stride_ar, r0, r1, r2, blocks_ptr, num_blocks, sync_ptr,
-                            NUM_PARTS, R, S_BLOCK_M, S_BLOCK_R, S_BLOCK_K, S_R_CHUNKS, UPCAST, IEEE)
-        else:
-            _gemm_program(pid - num_shrink, x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, y_ptr, stride_ym,
-                          M, N, K, v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
-                          b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
-                          num_shrink, sync_ptr, HAS_BIAS, HAS_LORA, NUM_PARTS, R, R_TILE, MAX_SLOTS,
-                          SLOTS_PER_STEP, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SHRINK, UPCAST, IEEE)
-    else:
-        _gemm_program(pid, x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, y_ptr, stride_ym,
-                      M, N, K, v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
-                      b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start,
-                      num_shrink, sync_ptr, HAS_BIAS, HAS_LORA, NUM_PARTS, R, R_TILE, MAX_SLOTS,
-                      SLOTS_PER_STEP, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SHRINK, UPCAST, IEEE)
-
-
-@triton.jit
-def _shrink_program(  # noqa: PLR0917
-    pid, x_ptr, stride_xm, K, v_ptr, stride_vm, stride_vs, num_splits,
-    a0, a1, a2, stride_as, stride_ar, r0, r1, r2, blocks_ptr, num_blocks, sync_ptr,
-    NUM_PARTS: tl.constexpr, R: tl.constexpr, S_BLOCK_M: tl.constexpr, S_BLOCK_R: tl.constexpr,
-    S_BLOCK_K: tl.constexpr, S_R_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    """One shrink program (block, K split and rank chunk of one part), then the counter bumped."""
-    per_part = num_blocks * num_splits * S_R_CHUNKS
-    part = pid // per_part
-    rest = pid % per_part
-    a_ptr, ranks_ptr = a0, r0
-    if NUM_PARTS >= 2:
-        if part == 1:
-            a_ptr, ranks_ptr = a1, r1
-    if NUM_PARTS == 3:
-        if part == 2:
-            a_ptr, ranks_ptr = a2, r2
-    _shrink_tile(x_ptr, stride_xm, 1, a_ptr, stride_as, stride_ar, 1, v_ptr + part * R, stride_vm, stride_vs,
-                 ranks_ptr, ranks_ptr, blocks_ptr, rest // (num_splits * S_R_CHUNKS),
-                 rest % (num_splits * S_R_CHUNKS), K, num_splits,
-                 False, False, S_BLOCK_M, S_BLOCK_R, S_BLOCK_K, S_R_CHUNKS, UPCAST, IEEE)
-    tl.debug_barrier()  # every thread's stores before the one release
-    tl.atomic_add(sync_ptr, 1, sem="release")
-
-
-@triton.jit
-def _gemm_program(  # noqa: PLR0917
-    pid, x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, y_ptr, stride_ym, M, N, K,
-    v_ptr, stride_vm, stride_vs, num_splits, slots_ptr, num_slots,
-    b0, b1, b2, br0, br1, br2, r0, r1, r2, s0, s1, s2, n1_start, n2_start, num_shrink, sync_ptr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, NUM_PARTS: tl.constexpr, R: tl.constexpr,
-    R_TILE: tl.constexpr, MAX_SLOTS: tl.constexpr, SLOTS_PER_STEP: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHRINK: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Columns ``[pid * BLOCK_N, (pid + 1) * BLOCK_N)`` of every row."""
+    pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -148,8 +83,7 @@ def _gemm_program(  # noqa: PLR0917
         scale = tl.load(scales_ptr + slot, mask=on, other=0.0)
         live = on[:, None] & (rr[None, :] < rank[:, None])
         v_rows = v_ptr + rm[:, None] * stride_vm + part * R + rr[None, :]
-        if not SHRINK:
-            v_tile = _v_tile(v_rows, stride_vs, num_splits, live, scale, BLOCK_M, R)
+        v_tile = _v_tile(v_rows, stride_vs, num_splits, live, scale, BLOCK_M, R)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -165,10 +99,6 @@ def _gemm_program(  # noqa: PLR0917
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_LORA:
-        if SHRINK:
-            while tl.atomic_add(sync_ptr, 0, sem="acquire") < num_shrink:
-                pass
-            v_tile = _v_tile(v_rows, stride_vs, num_splits, live, scale, BLOCK_M, R)
         # The LoRA terms as more of the same GEMM: B of every slot is a [num_slots * R, N] matrix
         # (rows slot * R + r), and row m's operand is its v in its own slot's rank columns, zero in the
         # others. The rank goes in chunks of R_TILE (up to the largest rank loaded: a rank-16 adapter in
@@ -200,10 +130,6 @@ def _gemm_program(  # noqa: PLR0917
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    if SHRINK:
-        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed") == tl.num_programs(0) - num_shrink - 1:
-            tl.store(sync_ptr, 0)
-            tl.store(sync_ptr + 1, 0)
 
 
 @dataclass(frozen=True)
@@ -213,7 +139,6 @@ class Config:
     num_warps: int = 4
     num_stages: int = 4
     slots_per_step: int = 0  # slots of the LoRA loop a step (0: as many as make 64 rank columns of a chunk)
-    shrink_splits: int = 0  # K splits of the in-launch shrink (0: as smlm's shrink splits)
 
 
 def default_config(rows: int, n: int, k: int) -> Config:
@@ -249,12 +174,9 @@ def parts_ok(parts: Sequence[tuple[ModuleLoRA, int]], block_n: int) -> bool:
 def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0913, PLR0917
                 parts: Sequence[tuple[ModuleLoRA, int]], v: torch.Tensor | None,
                 token_slots: torch.Tensor | None, config: Config | None = None,
-                out: torch.Tensor | None = None, *, shrink: SMLMMeta | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ weight.T + bias`` plus the LoRA terms of ``parts`` (see the module doc); no LoRA when
-    ``v`` is None and no ``shrink``. ``x``: [T, K] with T <= 64 and unit column stride; ``weight``:
-    [N, K] contiguous. With ``shrink`` (a step's metadata, instead of ``v`` and ``token_slots``) the
-    launch computes v itself, in programs of its own beside the GEMM's (``smlm.parts_fit`` must hold
-    for more than one part)."""
+    ``v`` is None. ``x``: [T, K] with T <= 64 and unit column stride; ``weight``: [N, K] contiguous."""
     t, k = x.shape
     n = weight.shape[0]
     if t > MAX_ROWS:
@@ -262,23 +184,11 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k
     cfg = config or default_config(t, n, k)
     y = torch.empty(t, n, dtype=x.dtype, device=x.device) if out is None else out
-    has_lora = (v is not None or shrink is not None) and bool(parts)
-    shrink_args: tuple[object, ...] = (x, x, x, 0, 0, x, 0, 0, x)
-    shrink_meta: dict[str, int] = {"S_BLOCK_M": 16, "S_BLOCK_R": 16, "S_BLOCK_K": 16, "S_R_CHUNKS": 1}
-    num_shrink = 0
+    has_lora = v is not None and bool(parts)
     if has_lora:
-        assert parts_ok(parts, cfg.block_n) and parts[-1][1] + parts[-1][0].out_features == n
+        assert v is not None and token_slots is not None and parts_ok(parts, cfg.block_n)
+        assert parts[-1][1] + parts[-1][0].out_features == n
         r = parts[0][0].max_rank
-        if shrink is not None:
-            v, token_slots = _shrink_buffer(x, parts, shrink, cfg), shrink.token_slots
-            (block_m, block_r, block_k, split_k, chunks) = _shrink_sizes(x, parts, shrink, cfg)
-            loras = [lo for lo, _ in parts]
-            a_s = [*[lo.a for lo in loras], *[loras[0].a] * (MAX_PARTS - len(loras))]
-            num_shrink = shrink.num_blocks * split_k * chunks * len(parts)
-            shrink_args = (*a_s, a_s[0].stride(0), a_s[0].stride(1), shrink.blocks, shrink.num_blocks, num_shrink,
-                           _sync(x.device))
-            shrink_meta = {"S_BLOCK_M": block_m, "S_BLOCK_R": block_r, "S_BLOCK_K": block_k, "S_R_CHUNKS": chunks}
-        assert v is not None and token_slots is not None
         splits = v if v.dim() == 3 else v.unsqueeze(0)
         assert splits.dtype == torch.float32 and splits.shape[1:] == (t, len(parts) * r) and splits.stride(2) == 1
         loras = [lo for lo, _ in parts]
@@ -293,49 +203,16 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         max_slots = 1
         r, num_parts = 16, 1
         lora_args = (x, 0, 0, 0, x, 0, x, x, x, 0, 0, 0, x, x, x, x, x, x, 0, 0)
-    launch(gemm_lora_kernel, (num_shrink + triton.cdiv(n, cfg.block_n),),
+    launch(gemm_lora_kernel, (triton.cdiv(n, cfg.block_n),),
            x, x.stride(0), weight, weight.stride(0), bias if bias is not None else x, y, y.stride(0), t, n, k,
-           *lora_args, *shrink_args,
+           *lora_args,
            HAS_BIAS=bias is not None, HAS_LORA=has_lora, NUM_PARTS=num_parts, R=r, R_TILE=min(r, RANK_TILE),
            MAX_SLOTS=triton.next_power_of_2(max_slots),
            SLOTS_PER_STEP=cfg.slots_per_step or 64 // min(r, RANK_TILE),
            EVEN_K=k % cfg.block_k == 0, BLOCK_M=_pow2_rows(t), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-           SHRINK=num_shrink > 0, **shrink_meta,
            UPCAST=INTERPRET, IEEE=weight.dtype == torch.float32,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
-
-
-_syncs: dict[torch.device, torch.Tensor] = {}
-
-
-def _sync(device: torch.device) -> torch.Tensor:
-    """The in-launch shrink's two counters on ``device`` (shrink programs done, GEMM programs done):
-    zero between launches, each launch leaves them so. Launches that use them run one at a time (the
-    forward's stream)."""
-    sync = _syncs.get(device)
-    if sync is None:
-        sync = _syncs[device] = torch.zeros(2, dtype=torch.int32, device=device)
-    return sync
-
-
-def _shrink_sizes(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta,
-                  cfg: Config) -> tuple[int, int, int, int, int]:
-    """The in-launch shrink's (BLOCK_M, BLOCK_R, BLOCK_K, K splits, rank chunks): ``smlm``'s own
-    sizes, with ``cfg.shrink_splits`` K splits when set."""
-    from . import smlm
-
-    sizes = smlm._shrink_sizes(meta.max_seg_len, parts[0][0].max_rank, x.shape[1], meta.num_blocks * len(parts),
-                               x.device)
-    return (*sizes[:3], cfg.shrink_splits or sizes[3], sizes[4])
-
-
-def _shrink_buffer(x: torch.Tensor, parts: Sequence[tuple[ModuleLoRA, int]], meta: SMLMMeta,
-                   cfg: Config) -> torch.Tensor:
-    """The in-launch shrink's K splits, [S, T, P * R] fp32: written wherever the LoRA loop reads."""
-    splits = _shrink_sizes(x, parts, meta, cfg)[3]
-    return torch.empty(splits, x.shape[0], len(parts) * parts[0][0].max_rank, dtype=torch.float32,
-                       device=x.device)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -255,8 +255,6 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  
     if not keep_v and backend.name == "triton" and _gemm_lora_applies(x, weight, loras):
         from . import gemm_lora, smlm
 
-        if smlm.TUNING.gemm_lora_shrink:  # one launch: the shrink's programs first, the GEMM's beside them
-            return gemm_lora.linear_lora(x, weight, bias, loras, None, None, shrink=meta), []
         splits = smlm.shrink_splits(x, loras, meta)  # [S, T, P * R]: the v of the GEMM's LoRA loop
         return gemm_lora.linear_lora(x, weight, bias, loras, splits, meta.token_slots), []
     if not (_overlap and _overlap_depth and x.is_cuda and not keep_v):

@@ -145,7 +145,6 @@ class Tuning:
     # the shrink, then the base GEMM with the expand in its epilogue (``kernels.gemm_lora``), instead
     # of the cuBLAS GEMM beside the shrink and the expand after it
     gemm_lora_rows: int = 0
-    gemm_lora_shrink: int = 1  # 1: that shrink in the same launch, its programs first; 0: a launch of its own
     # CUDA graphs (``loquetier.engine.graphs``): the row tile (and longest row block) of the launches
     # in graphs of prefill-sized buckets (past the batch: prompt chunks laid out as rows; 16, 32 or
     # 64). Decode buckets always take 16 (a row or two an adapter). 64 gave the same tokens/s as 16

@@ -97,28 +97,3 @@ def test_inference_forwards_take_it_when_tuned_and_give_the_same_terms(monkeypat
     monkeypatch.setattr(smlm, "TUNING", dataclasses.replace(smlm.TUNING, gemm_lora_rows=rows - 1))
     ops.lora_linear(x[:0], x, w, bias, parts, meta)
     assert calls == [1]  # more rows than tuned: the served path
-
-
-@pytest.mark.parametrize(("rows", "widths", "splits"), [(7, (64,), 0), (16, (64, 32, 32), 2), (33, (96, 96), 3)])
-def test_the_shrink_inside_the_launch_gives_the_same_terms(rows: int, widths: tuple[int, ...], splits: int) -> None:
-    # shrink=meta: the launch's first programs compute v (its K splits) and the GEMM's programs wait
-    # for them before their LoRA loop; twice in a row, so the counters are back at zero after each
-    from loquetier.kernels import smlm
-
-    gen = torch.Generator().manual_seed(11 + rows)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    k, n, rank, slots = 96, sum(widths), 16, 5
-    x = torch.randn(rows, k, generator=gen).to(DEVICE, dtype)
-    w = (torch.randn(n, k, generator=gen) * 0.1).to(DEVICE, dtype)
-    parts, offset = [], 0
-    for width in widths:
-        parts.append((_module(slots, rank, k, width, dtype, gen), offset))
-        offset += width
-    meta = SMLMMeta.build([random.Random(rows + i).choice([-1, 0, 1, 3, 4]) for i in range(rows)], 0, DEVICE)
-    cfg = Config(32, 32, 4, 1, shrink_splits=splits)
-    want = linear_lora(x, w, None, parts, smlm.shrink_splits(x, parts, meta), meta.token_slots, cfg)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    for _ in range(2):
-        got = linear_lora(x, w, None, parts, None, None, cfg, shrink=meta)
-        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
-    assert gemm_lora._sync(x.device).tolist() == [0, 0]
