@@ -142,8 +142,10 @@ class Tuning:
     # partial sums (1.6x the atomic path at 1,024 rows, docs/benchmarks/tune_smlm.md)
     split_max_rows: int = 16
     # inference-only forwards of at most this many rows (up to ``gemm_lora.MAX_ROWS``; 0: none) run
-    # the shrink, then the base GEMM with the expand in its epilogue (``kernels.gemm_lora``), instead
-    # of the cuBLAS GEMM beside the shrink and the expand after it
+    # the shrink, then a Triton base GEMM whose loop adds the LoRA terms (``kernels.gemm_lora``),
+    # instead of the cuBLAS GEMM beside the shrink and the expand after it. On an H100 a decode step's
+    # four linears took 7.23 ms that way against 7.09 ms at 32 rows, 7.81 against 7.17 at 64 (the
+    # shrink on the critical path; docs/benchmarks/offline.md, gemm_lora.md): off
     gemm_lora_rows: int = 0
     # CUDA graphs (``loquetier.engine.graphs``): the row tile (and longest row block) of the launches
     # in graphs of prefill-sized buckets (past the batch: prompt chunks laid out as rows; 16, 32 or
