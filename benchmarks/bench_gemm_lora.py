@@ -1,4 +1,4 @@
-"""The decode linears with the LoRA expand in the base GEMM's epilogue, against the served path.
+"""The decode linears with the LoRA terms in a Triton base GEMM's loop, against the served path.
 
     python -m benchmarks.bench_gemm_lora --out DIR      # one GPU, ~3 min; DIR/gemm_lora.{json,md}
     TRITON_INTERPRET=1 python -m benchmarks.bench_gemm_lora --tiny --out DIR   # CPU: the checks only
@@ -12,8 +12,8 @@ them out), over all 32 layers' own weights in one CUDA graph, at 32 and 64 decod
 - ``served``: what a decode step runs now (``kernels.ops``: the shrink on a side stream beside the
   cuBLAS GEMM, then the expand);
 - ``Triton base``: ``kernels.gemm_lora`` without adapters, each tile configuration;
-- ``shrink + fused``: the shrink, then ``gemm_lora`` with the expand in its epilogue, one stream;
-- ``fused, shrink done``: ``gemm_lora`` with the expand over a shrink output computed before the
+- ``shrink + fused``: the shrink, then ``gemm_lora`` with the LoRA terms in its loop, one stream;
+- ``fused, shrink done``: ``gemm_lora`` with the LoRA terms of a shrink output computed before the
   graph: the linear's time if the shrink ran entirely beside it;
 - ``shrink``: the shrink alone.
 
@@ -172,7 +172,7 @@ def _step_sums(by_module: dict[str, Any]) -> dict[str, float]:
 
 
 def page(results: dict[str, Any], command: str) -> tuple[str, list[dict[str, Any]]]:
-    lines = ["# Decode linears with the LoRA expand in the GEMM's epilogue", "",
+    lines = ["# Decode linears with the LoRA terms in the GEMM's loop", "",
              f"- date: {results['date']}", f"- device: {results['gpu']}, torch {results['torch']}",
              f"- command: `{command}`", "",
              f"Slot storage of rank {results.get('pool_rank', RANK)}, adapters of rank {RANK}. "

@@ -1,5 +1,5 @@
-"""A decode-sized base GEMM whose epilogue adds the LoRA expand: ``y = x @ W.T (+ bias) + LoRA terms``
-in one launch, for steps of a few dozen rows.
+"""A decode-sized base GEMM whose loop goes on over the LoRA terms: ``y = x @ W.T (+ bias) + LoRA
+terms`` in one launch, for steps of a few dozen rows.
 
 Semantics (``reference``)::
 
@@ -9,14 +9,16 @@ Semantics (``reference``)::
             y[m, offset : offset + out_p] += lora.scales[s] * v[m, p*R : p*R + r] @ lora.b[s, :r]
 
 ``v`` is the shrink's output, ``[T, P * R]`` fp32 (``R`` the pool's ``max_rank``), or its K splits'
-partial sums ``[S, T, P * R]`` (``smlm.split_shrink``'s buffer), added here in split order. Rows with
+partial sums ``[S, T, P * R]`` (``smlm.shrink_splits``' buffer), added here in split order. Rows with
 slot -1 and rank columns at or past a slot's rank are never read, so ``v`` may hold anything there.
 
 Each program owns ``BLOCK_N`` output columns of every row (``BLOCK_M >= T`` rows in one tile): it
-streams its ``BLOCK_N x K`` slice of the weight once, then, per row, reads its adapter's
-``B[slot, :R, columns]`` (the bytes the separate expand reads) and adds the term to the fp32
-accumulator before the one store. The expand's own launch, its read and its write of ``y`` are gone;
-what it costs is this kernel's extra reads of B.
+streams its ``BLOCK_N x K`` slice of the weight once, then goes on in tensor-core tiles over B of every
+slot read as one ``[slots x R, N]`` matrix, each row's operand being its scaled v in its own slot's
+columns and zero in the others (rank chunks of 16 up to the largest rank loaded; slots no row uses,
+and rows of B past a slot's rank, masked off). The expand's own launch and its pass over ``y`` are
+gone; the shrink must have finished before the launch (``Tuning.gemm_lora_rows``; measured in
+``benchmarks/bench_gemm_lora.py``).
 """
 
 from __future__ import annotations
@@ -173,8 +175,7 @@ def parts_ok(parts: Sequence[tuple[ModuleLoRA, int]], block_n: int) -> bool:
 
 def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: PLR0913, PLR0917
                 parts: Sequence[tuple[ModuleLoRA, int]], v: torch.Tensor | None,
-                token_slots: torch.Tensor | None, config: Config | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                token_slots: torch.Tensor | None, config: Config | None = None) -> torch.Tensor:
     """``y = x @ weight.T + bias`` plus the LoRA terms of ``parts`` (see the module doc); no LoRA when
     ``v`` is None. ``x``: [T, K] with T <= 64 and unit column stride; ``weight``: [N, K] contiguous."""
     t, k = x.shape
@@ -183,7 +184,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"{t} rows: linear_lora serves decode steps of at most {MAX_ROWS}")
     assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k
     cfg = config or default_config(t, n, k)
-    y = torch.empty(t, n, dtype=x.dtype, device=x.device) if out is None else out
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     has_lora = v is not None and bool(parts)
     if has_lora:
         assert v is not None and token_slots is not None and parts_ok(parts, cfg.block_n)

@@ -5,7 +5,7 @@
 #                     plain steps, the same bits on the side stream)
 #   attn-tests        the paged attention kernel's tests on the GPU
 #   gemm              bench_gemm: the 8B step's base GEMMs in CUDA graphs, cuBLAS against cuBLASLt
-#   gemm-lora         bench_gemm_lora: the decode linears with the LoRA expand in the GEMM's epilogue
+#   gemm-lora         bench_gemm_lora: the decode linears with the LoRA terms in a Triton GEMM's loop
 #   kernels           bench_kernels: each SMLM case against its floor (eager, in a graph), the targets
 #   kernels-tuned     bench_kernels again with LOQUETIER_SMLM_TUNING=$KERNELS_TUNING
 #   tune-attn         tune_attention: one 8B decode step's paged attention in a CUDA graph per launch
