@@ -6,7 +6,7 @@ copied to the device in one transfer, and read by every LoRA-targeted linear of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,34 +116,51 @@ class SMLMMeta:
         num_train_tokens: int,
         device: torch.device | str = "cpu",
     ) -> SMLMMeta:
+        sections, finish = cls.prepare(token_slots, num_train_tokens)
+        return finish(upload(sections, device))  # one transfer, no sync
+
+    @classmethod
+    def prepare(
+        cls, token_slots: Sequence[int], num_train_tokens: int
+    ) -> tuple[list[tuple[Sequence[int], torch.dtype]], Callable[[Sequence[torch.Tensor]], SMLMMeta]]:
+        """``build``'s host half: the int32 sections to put on the device, and what makes the
+        metadata from their device views (in the same order). A caller with sections of its own
+        (``BatchBuilder.build``) uploads both in one ``upload``: one pinned buffer and one copy a
+        step instead of two."""
         slots = [int(s) for s in token_slots]
         if not 0 <= num_train_tokens <= len(slots):
             raise ValueError(f"num_train_tokens={num_train_tokens} outside [0, {len(slots)}]")
         if any(s < -1 for s in slots):
             raise ValueError("adapter slots must be >= -1")
         segments, num_train_segments = segments_of(slots, num_train_tokens)
-        dev = torch.device(device)
         blocks = row_blocks(segments, FWD_BLOCK_ROWS)
         num_train_blocks = len(row_blocks(segments[:num_train_segments], FWD_BLOCK_ROWS))
         grad_blocks = row_blocks(segments[:num_train_segments], GRAD_BLOCK_ROWS)
         i32 = torch.int32
-        views = upload([(slots, i32), ([s for s, _, _ in segments], i32), ([n for _, n, _ in segments], i32),
-                        ([slot for _, _, slot in segments], i32), ([v for b in blocks for v in b], i32),
-                        ([v for b in grad_blocks for v in b], i32)], dev)  # one transfer, no sync
+        sections: list[tuple[Sequence[int], torch.dtype]] = [
+            (slots, i32), ([s for s, _, _ in segments], i32), ([n for _, n, _ in segments], i32),
+            ([slot for _, _, slot in segments], i32), ([v for b in blocks for v in b], i32),
+            ([v for b in grad_blocks for v in b], i32)]
         n, nb, ngb = len(slots), len(blocks), len(grad_blocks)
-        return cls(
-            token_slots=views[0],
-            seg_starts=views[1],
-            seg_lens=views[2],
-            seg_slots=views[3],
-            blocks=views[4].view(nb, 3),
-            grad_blocks=views[5].view(ngb, 3),
-            num_tokens=n,
-            num_train_tokens=num_train_tokens,
-            num_train_segments=num_train_segments,
-            max_seg_len=max((length for _, length, _ in segments), default=0),
-            num_blocks=nb,
-            num_train_blocks=num_train_blocks,
-            num_grad_blocks=ngb,
-            host_segments=tuple(segments),
-        )
+
+        def finish(views: Sequence[torch.Tensor]) -> SMLMMeta:
+            if len(views) != len(sections):
+                raise ValueError(f"SMLMMeta takes {len(sections)} device views, got {len(views)}")
+            return cls(
+                token_slots=views[0],
+                seg_starts=views[1],
+                seg_lens=views[2],
+                seg_slots=views[3],
+                blocks=views[4].view(nb, 3),
+                grad_blocks=views[5].view(ngb, 3),
+                num_tokens=n,
+                num_train_tokens=num_train_tokens,
+                num_train_segments=num_train_segments,
+                max_seg_len=max((length for _, length, _ in segments), default=0),
+                num_blocks=nb,
+                num_train_blocks=num_train_blocks,
+                num_grad_blocks=ngb,
+                host_segments=tuple(segments),
+            )
+
+        return sections, finish

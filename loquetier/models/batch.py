@@ -223,18 +223,19 @@ class BatchBuilder:
         pre = list(zip(tables[:num_pre], ctx_lens[:num_pre], strict=True))
         train_lens, eval_lens = [len(t[0]) for t in self._train], [len(t[0]) for t in self._eval]
         i64, i32 = torch.int64, torch.int32
+        meta_sections, meta_of = SMLMMeta.prepare(slots, n_train)
         (input_ids, positions, mapping, labels_t, groups_t, logits_t, key_slots, cu_q, ctx_t, table_t, cu_keys,
-         cu_train, cu_eval) = upload([
+         cu_train, cu_eval, *meta_views) = upload([
             (ids, i64), (pos, i64), (slot_mapping, i64), (labels, i64), (groups, i64), (logits_idx, i64),
             ([slot for table, ctx in pre for slot in _cache_slots(table, 0, ctx, bs)], i64),
             ([0, *_cumsum(q_lens)], i32), (ctx_lens, i32),
             ([b for t in tables for b in (*t, *[0] * (width - len(t)))], i32),
             ([0, *_cumsum(ctx_lens[:num_pre])], i32), ([0, *_cumsum(train_lens)], i32),
-            ([0, *_cumsum(eval_lens)], i32)], dev)
+            ([0, *_cumsum(eval_lens)], i32), *meta_sections], dev)  # the metadata's int32 beside the batch's
         return ForwardBatch(
             input_ids=input_ids,
             positions=positions,
-            meta=SMLMMeta.build(slots, n_train, dev),
+            meta=meta_of(meta_views),
             num_train=n_train,
             num_eval=n_eval,
             num_prefill=sum(len(p[1]) for p in self._prefill),

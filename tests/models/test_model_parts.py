@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loquetier.kernels.meta import SMLMMeta
 from loquetier.models import BatchBuilder, ModelConfig, chunked_cross_entropy, weighted_loss
 from loquetier.models.attention import (
     _prefill_part,
@@ -134,6 +135,15 @@ def test_batch_layout_and_labels() -> None:
     # views of one buffer per dtype, each on a 16-byte boundary (Triton specializes pointers on it)
     assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in int32 + int64)
     assert len({t.untyped_storage().data_ptr() for t in int32}) == 1
+    # the SMLM metadata rides in the same int32 buffer, and equals the metadata built on its own
+    meta, alone = batch.meta, SMLMMeta.build([0] * 4 + [0] * 3 + [1] * 3 + [2], 4)
+    tables = ("token_slots", "seg_starts", "seg_lens", "seg_slots", "blocks", "grad_blocks")
+    for name in tables:
+        got, want = getattr(meta, name), getattr(alone, name)
+        assert got.dtype == torch.int32 and got.data_ptr() % 16 == 0 and got.tolist() == want.tolist()
+        assert got.untyped_storage().data_ptr() == paged.context_lens.untyped_storage().data_ptr()
+    assert meta.host_segments == alone.host_segments == ((0, 4, 0), (4, 3, 0), (7, 3, 1), (10, 1, 2))
+    assert (meta.num_blocks, meta.num_train_blocks, meta.num_grad_blocks, meta.max_seg_len) == (4, 1, 1, 4)
     with pytest.raises(ValueError, match="cannot hold"):
         BatchBuilder(4).add_decode("x", 1, 8, [0, 1])
 
