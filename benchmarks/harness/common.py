@@ -269,13 +269,27 @@ def job_data(args: argparse.Namespace) -> Jobs:
     ]
 
 
+# The profiles' KV memory is sized for the H200 (141 GB). A card of less memory keeps this fraction of it
+# for KV: on an H100 80GB, 40 GB of KV beside the 8B shape's 16 GB of weights left too little for
+# 4 jobs' training activations, and every training step ran out of memory.
+KV_FRACTION_OF_CARD = 0.2
+
+
+def kv_memory_gb(profile_gb: float, device: str) -> float:
+    """The profile's KV memory, at most ``KV_FRACTION_OF_CARD`` of the card's (on CUDA)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return profile_gb
+    card_gb = torch.cuda.get_device_properties(torch.device(device)).total_memory / (1 << 30)
+    return profile_gb if card_gb >= 120 else min(profile_gb, round(KV_FRACTION_OF_CARD * card_gb))
+
+
 def engine_limits(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     p: Profile = args.profile
     limits: dict[str, Any] = {
         "max_num_seqs": p.max_num_seqs,
         "max_num_batched_tokens": p.max_num_batched_tokens,
         "max_prefill_chunk": min(512, p.max_num_batched_tokens),
-        "kv_memory_gb": p.kv_memory_gb,
+        "kv_memory_gb": kv_memory_gb(p.kv_memory_gb, getattr(args, "device", "cpu")),
         "max_model_len": p.max_context,
         "adapter_cache_bytes": 64 << 30,
         "seed": args.seed,

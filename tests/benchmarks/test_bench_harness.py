@@ -114,6 +114,25 @@ def test_finetune_data_packing_and_padding() -> None:
 # ---- metrics -------------------------------------------------------------------------------------------
 
 
+def test_kv_memory_fits_the_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import torch
+
+    from benchmarks.harness import common
+
+    card = {"gib": 0.0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(total_memory=int(card["gib"] * (1 << 30))))
+    card["gib"] = 139.8  # an H200: the profile's figure
+    assert common.kv_memory_gb(40.0, "cuda") == 40.0
+    card["gib"] = 79.2  # an H100 80GB: a fifth of the card
+    assert common.kv_memory_gb(40.0, "cuda") == 16
+    assert common.kv_memory_gb(8.0, "cuda:0") == 8.0  # a smaller profile stays as it is
+    assert common.kv_memory_gb(40.0, "cpu") == 40.0
+
+
 def test_percentile_matches_numpy_and_handles_inf() -> None:
     rng = np.random.default_rng(5)
     xs = rng.exponential(size=101).tolist()
