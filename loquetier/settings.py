@@ -218,6 +218,9 @@ class GatewaySettings(BaseModel):
     # a connection whose request headers are not all in within this long is closed (slow clients that
     # hold sockets open without ever asking anything)
     header_timeout_s: PositiveFloat = 10.0
+    # a request body must come at this many bytes a second on average (after header_timeout_s of
+    # grace) or its connection is closed: a byte every few seconds does not hold a socket for good
+    min_body_bytes_per_s: PositiveInt = 16 * 1024
     # open connections at most; past it a new request is answered 503 (the process also raises its
     # open-file limit to the system's hard limit at start)
     max_connections: PositiveInt = 4096

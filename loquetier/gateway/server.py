@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -28,12 +29,20 @@ class _Http(HttpToolsProtocol):
       parser keeps what it has read of a request's headers, so a client that streamed header lines
       without end grew the gateway by gigabytes in seconds);
     - its body must keep coming: a body that stops for ``header_timeout`` closes the connection (a
-      client that promised 1,000 bytes and sent 10 held its socket until it let go)."""
+      client that promised 1,000 bytes and sent 10 held its socket until it let go);
+    - and at ``min_body_rate`` bytes a second on average, after a grace of ``header_timeout``: a
+      client that sent a byte every few seconds reset the stall timer each time, and enough such
+      sockets (without an API key: the 401 came before the body) filled ``max_connections`` and
+      got every other client a 503;
+    - past ``max_connections`` the 503 is an OpenAI-style JSON error, as every other answer."""
 
     header_timeout = 10.0
+    min_body_rate = 16 * 1024.0  # bytes a second
     max_header_bytes = 64 * 1024
     _header_deadline: asyncio.TimerHandle | None = None
     _body_deadline: asyncio.TimerHandle | None = None
+    _body_started = 0.0  # loop time the body's clock started (the headers' end)
+    _body_bytes = 0  # body bytes read since
     _header_bytes: int | None = 0  # bytes read while in a request's headers; None past them
     _parsed = 0  # bytes of the request line and headers the parser gave so far
     _refused = False  # answered 431: nothing more is read
@@ -46,6 +55,7 @@ class _Http(HttpToolsProtocol):
         if self._refused:  # after a 431: read and dropped until the client closes or the linger ends
             return
         if self._body_deadline is not None:
+            self._body_bytes += len(data)
             self._arm_body()  # it keeps coming
         super().data_received(data)
         # still in a request's headers after this chunk: the parser holds a header line that is not
@@ -71,8 +81,18 @@ class _Http(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._header_bytes = None
-        super().on_headers_complete()
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            # uvicorn's own answer past the limit is plain text: ours, for this request only
+            app, self.app, self.limit_concurrency = self.app, _busy, None
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app, self.limit_concurrency = app, limit
+        else:
+            super().on_headers_complete()
         if not self.transport.is_closing():
+            self._body_started, self._body_bytes = self.loop.time(), 0
             self._arm_body()
 
     def on_message_complete(self) -> None:
@@ -119,8 +139,12 @@ class _Http(HttpToolsProtocol):
             self._header_deadline = None
 
     def _arm_body(self) -> None:
+        """The body's deadline: ``header_timeout`` after its last bytes (a stall), and no later than
+        the grace plus what ``min_body_rate`` would have taken for the bytes read so far."""
         self._disarm_body()
-        self._body_deadline = self.loop.call_later(self.header_timeout, self._body_stalled)
+        at = min(self.loop.time() + self.header_timeout,
+                 self._body_started + self.header_timeout + self._body_bytes / self.min_body_rate)
+        self._body_deadline = self.loop.call_at(at, self._body_stalled)
 
     def _disarm_body(self) -> None:
         if self._body_deadline is not None:
@@ -136,10 +160,21 @@ class _Http(HttpToolsProtocol):
     def _body_stalled(self) -> None:
         self._body_deadline = None
         if not self.transport.is_closing():
-            log.info("connection closed: the request body stopped coming", extra={"client": str(self.client)})
+            log.info("connection closed: the request body stopped coming or came too slowly",
+                     extra={"client": str(self.client), "body_bytes": self._body_bytes})
             self.transport.close()
 
 
+async def _busy(scope: Any, receive: Any, send: Any) -> None:
+    """The answer past ``max_connections``: 503 and the connection closes."""
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(_BUSY)), (b"connection", b"close"),
+        (b"retry-after", b"1")]})
+    await send({"type": "http.response.body", "body": _BUSY, "more_body": False})
+
+
+_BUSY = (b'{"error": {"message": "the gateway has as many connections open as it takes; try again", '
+         b'"type": "server_error", "param": null, "code": "too_many_connections"}}')
 _TOO_LARGE = (b'{"error": {"message": "the request headers are larger than this gateway takes", '
               b'"type": "invalid_request_error", "param": null, "code": "headers_too_large"}}')
 
@@ -161,7 +196,8 @@ def uvicorn_config(settings: Settings, *, bootstrap: str, database_url: str, log
     app = create_app(settings, bootstrap=bootstrap, database_url=database_url)
     _raise_open_file_limit()
     gateway = settings.gateway
-    http = type("GatewayHttp", (_Http,), {"header_timeout": gateway.header_timeout_s})
+    http = type("GatewayHttp", (_Http,), {"header_timeout": gateway.header_timeout_s,
+                                          "min_body_rate": float(gateway.min_body_bytes_per_s)})
     return uvicorn.Config(
         app, host=gateway.host, port=gateway.port, log_level=log_level, access_log=False,
         lifespan="on", timeout_graceful_shutdown=10, server_header=False, http=http,

@@ -527,6 +527,80 @@ async def test_a_client_that_never_finishes_its_headers_loses_the_socket(gateway
         assert 0.5 < await closed_after(body + b'{"model": ') < 5
 
 
+async def test_a_body_that_trickles_in_loses_the_socket(gateway_setup: Any, database_url: str) -> None:
+    """A body that comes a byte now and then (never stalling for ``header_timeout_s``) is cut once
+    the grace is over and its average rate is under ``min_body_bytes_per_s``, with or without an
+    API key; a body at a usual pace that takes longer than the grace is read whole and answered."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    settings = await gateway_setup(header_timeout_s=0.6, min_body_bytes_per_s=2000)
+    key = await new_key(database_url, f"t-{uuid.uuid4().hex[:6]}")
+    async with running_gateway(settings) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+
+        async def trickled(auth: bytes) -> float:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"%sContent-Length: 1000000\r\n\r\n" % auth)
+            t0 = asyncio.get_running_loop().time()
+            try:
+                while True:
+                    try:
+                        data = await asyncio.wait_for(reader.read(4096), 0.2)
+                    except TimeoutError:
+                        writer.write(b" ")  # a byte every 0.2 s: never a stall of 0.6 s
+                        assert asyncio.get_running_loop().time() - t0 < 10, "the socket was held"
+                        continue
+                    if not data:
+                        return asyncio.get_running_loop().time() - t0
+            finally:
+                writer.close()
+
+        assert 0.5 < await trickled(b"") < 5  # answered 401 at once; the socket still goes
+        assert 0.5 < await trickled(b"Authorization: Bearer %s\r\n" % key.encode()) < 5
+
+        body = json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x" * 12_000}]}).encode()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n" % (key.encode(), len(body)))
+        t0 = asyncio.get_running_loop().time()
+        for i in range(0, len(body), 600):  # about 6,000 bytes a second for 2 s: past the 0.6 s grace
+            writer.write(body[i : i + 600])
+            await asyncio.sleep(0.1)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert asyncio.get_running_loop().time() - t0 > 1.5
+        assert answer.startswith(b"HTTP/1.1 404"), answer  # read whole: the model is looked up
+        writer.close()
+
+
+async def test_past_max_connections_a_json_503_until_sockets_close(gateway_setup: Any) -> None:
+    """Past ``max_connections`` a request gets an OpenAI-style JSON 503 (not uvicorn's plain
+    text) with Retry-After; once sockets close, requests are served again."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    settings = await gateway_setup(max_connections=3, header_timeout_s=30)
+    async with running_gateway(settings) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        health = url.removesuffix("/v1") + "/health"
+        idle = [await asyncio.open_connection(host, port) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient() as raw:
+            busy = await raw.get(health)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert busy.json()["error"]["code"] == "too_many_connections"
+        for _, writer in idle:
+            writer.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with httpx.AsyncClient() as raw:
+                if (await raw.get(health)).status_code == 200:
+                    break
+            assert asyncio.get_running_loop().time() < deadline, "still 503 after the sockets closed"
+            await asyncio.sleep(0.1)
+
+
 async def test_request_headers_past_the_size_limit_get_431_and_the_socket_closes(gateway_setup: Any) -> None:
     """Header lines without end, or one header value streamed without end, are answered 431 once
     past the limit, whatever the pace: they are not held in memory while the clock runs."""
