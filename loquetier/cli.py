@@ -111,12 +111,22 @@ def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace
     return found
 
 
+def _database_url() -> str:
+    """The configured database URL, or "" where the settings cannot be read."""
+    try:
+        from loquetier.settings import get_settings
+
+        return str(get_settings().database.url or "")
+    except Exception:  # noqa: BLE001 - only a better message depends on it
+        return ""
+
+
 def _report(exc: Exception) -> int:
     """One or two lines for the user; the traceback only with ``--debug``."""
     from loquetier.cli_errors import UserError, database_error
 
     if not isinstance(exc, UserError):
-        exc = database_error(exc, "")
+        exc = database_error(exc, _database_url())
     if isinstance(exc, UserError):
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

@@ -72,11 +72,15 @@ def require_database(url: str | None) -> str:
         raise UserError(f"LOQUETIER_DATABASE__URL is not a database URL: {url!r}",
                         "expected postgresql://USER@HOST:PORT/DATABASE") from None
     if not reachable(host, port):
-        raise UserError(
-            f"cannot reach the database at {host}:{port} (LOQUETIER_DATABASE__URL)",
-            f"is it running? After `loquetier down` the address is stale: {UP_HINT}",
-        )
+        raise _unreachable_database(host, port)
     return url
+
+
+def _unreachable_database(host: str, port: int) -> UserError:
+    return UserError(
+        f"cannot reach the database at {host}:{port} (LOQUETIER_DATABASE__URL)",
+        f"is it running? After `loquetier down` the address is stale: {UP_HINT}",
+    )
 
 
 async def database_call(awaitable: Awaitable[T], url: str, timeout_s: float = 15.0) -> T:
@@ -98,7 +102,15 @@ def database_error(exc: BaseException, url: str) -> Exception:
     if name in ("UndefinedTableError", "ProgrammingError") and "does not exist" in str(exc):
         return UserError("the database has no Loquetier tables yet", "run `loquetier migrate`")
     if isinstance(exc, OSError | ConnectionError):
-        return UserError(f"lost the database connection: {text}", UP_HINT)
+        from loquetier.db.session import server_address
+
+        try:
+            host, port = server_address(url)
+        except ValueError:
+            return UserError(f"lost the database connection: {text}", UP_HINT)
+        # refused at connect (a stack that is down): said as every other command says it
+        return _unreachable_database(host, port) if not reachable(host, port) else UserError(
+            f"lost the database connection: {text}", UP_HINT)
     return exc if isinstance(exc, Exception) else RuntimeError(text)
 
 

@@ -45,6 +45,9 @@ def load_job_file(path: Path) -> dict[str, Any]:
         raise UserError(f"no such job file: {path}", "see examples/job.yaml for one that works") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
+    if _looks_like_examples(text):
+        raise UserError(f"{path} holds training examples (one a line), not a job",
+                        "`submit train` takes a job file whose `data:` names this file; see examples/job.yaml")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -65,6 +68,19 @@ def load_job_file(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: expected a mapping of job fields at the top level, got {type(data).__name__}",
                         "see examples/job.yaml")
     return data
+
+
+_EXAMPLE_KEYS = frozenset({"messages", "prompt", "completion", "text"})
+
+
+def _looks_like_examples(text: str) -> bool:
+    """The file's first line is a training example (the JSONL data, passed where the job belongs)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and bool(_EXAMPLE_KEYS & row.keys()) and "adapter_id" not in row
 
 
 def build_job(raw: dict[str, Any], base_dir: Path, *, job_id: str) -> TrainingJobRecord:

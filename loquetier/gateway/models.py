@@ -61,9 +61,12 @@ async def delete_model(request: Request) -> Response:
     model_id = request.path_params["model"]
     rows = await gw.tx(lambda s: tenancy_repo.visible_adapters(s, owner.tenant_id))
     tenant = next((t for adapter_id, _, t in rows if adapter_id == model_id), "")
-    if model_id == gw.model_name or tenant is None:
-        raise APIError(403, f"the model {model_id!r} is shared: only an operator can unload it",
+    if model_id == gw.model_name:
+        raise APIError(403, f"the model {model_id!r} is the base model every adapter runs on: it cannot be deleted",
                        code="permission_denied", param="model")
+    if tenant is None:
+        raise APIError(403, f"the model {model_id!r} is a shared adapter: only an operator can unload it "
+                       "(`loquetier adapters unload`)", code="permission_denied", param="model")
     if tenant != owner.tenant_id:
         raise not_found(f"the model {model_id!r} does not exist or you do not have access to it",
                         code="model_not_found", param="model")

@@ -160,10 +160,12 @@ async def test_upload_fine_tune_serve_and_tenant_isolation(
 
         # deleting a fine-tuned model: the owner's only, never the base or a shared one
         denied = openai.PermissionDeniedError
-        for who, model, error in ((other, adapter_id, openai.NotFoundError), (api, shared, denied),
-                                  (api, MODEL, denied)):
-            with pytest.raises(error):
+        for who, model, error, says in ((other, adapter_id, openai.NotFoundError, "does not exist"),
+                                        (api, shared, denied, "a shared adapter"),
+                                        (api, MODEL, denied, "the base model")):
+            with pytest.raises(error) as refused:
                 await who.models.delete(model)
+            assert says in refused.value.body["message"]
         deleted = await api.models.delete(adapter_id)
         assert deleted.id == adapter_id and deleted.deleted
         assert adapter_id not in [m.id for m in (await api.models.list()).data]
