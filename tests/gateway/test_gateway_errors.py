@@ -479,6 +479,27 @@ async def test_a_client_that_leaves_mid_body_is_a_499_not_a_gateway_error(gatewa
             assert count(path, "500") == before[0]
 
 
+async def _closed_after(host: Any, port: Any, first: bytes, trickle: bytes = b"") -> float:
+    """Seconds until the gateway closes a connection that sent ``first``, then ``trickle`` every
+    0.2 s while no answer comes (at most 10 s: past it the socket was held)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    t0 = asyncio.get_running_loop().time()
+    writer.write(first)
+    try:
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(4096), 0.2)
+            except TimeoutError:
+                if trickle:
+                    writer.write(trickle)
+                assert asyncio.get_running_loop().time() - t0 < 10, "the socket was held"
+                continue
+            if not data:
+                return asyncio.get_running_loop().time() - t0
+    finally:
+        writer.close()
+
+
 async def test_a_client_that_never_finishes_its_headers_loses_the_socket(gateway_setup: Any) -> None:
     """Slow headers (a byte now and then, or none at all) hold a socket only until
     ``header_timeout_s``; a request that completes its headers is served, and a keep-alive
@@ -490,23 +511,8 @@ async def test_a_client_that_never_finishes_its_headers_loses_the_socket(gateway
     async with running_gateway(settings) as url:
         host, port = urlsplit(url).hostname, urlsplit(url).port
 
-        async def closed_after(first: bytes, trickle: bytes = b"") -> float:
-            reader, writer = await asyncio.open_connection(host, port)
-            t0 = asyncio.get_running_loop().time()
-            writer.write(first)
-            try:
-                while True:
-                    try:
-                        data = await asyncio.wait_for(reader.read(4096), 0.2)
-                    except TimeoutError:
-                        if trickle:  # one more header byte: still not a request
-                            writer.write(trickle)
-                        assert asyncio.get_running_loop().time() - t0 < 10, "the socket was held"
-                        continue
-                    if not data:
-                        return asyncio.get_running_loop().time() - t0
-            finally:
-                writer.close()
+        def closed_after(first: bytes, trickle: bytes = b"") -> Any:
+            return _closed_after(host, port, first, trickle)  # trickle: one more header byte, still not a request
 
         assert 0.5 < await closed_after(b"") < 5  # opened, nothing sent
         assert 0.5 < await closed_after(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", b"X") < 5
@@ -539,23 +545,9 @@ async def test_a_body_that_trickles_in_loses_the_socket(gateway_setup: Any, data
     async with running_gateway(settings) as url:
         host, port = urlsplit(url).hostname, urlsplit(url).port
 
-        async def trickled(auth: bytes) -> float:
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"%sContent-Length: 1000000\r\n\r\n" % auth)
-            t0 = asyncio.get_running_loop().time()
-            try:
-                while True:
-                    try:
-                        data = await asyncio.wait_for(reader.read(4096), 0.2)
-                    except TimeoutError:
-                        writer.write(b" ")  # a byte every 0.2 s: never a stall of 0.6 s
-                        assert asyncio.get_running_loop().time() - t0 < 10, "the socket was held"
-                        continue
-                    if not data:
-                        return asyncio.get_running_loop().time() - t0
-            finally:
-                writer.close()
+        def trickled(auth: bytes) -> Any:  # a body byte every 0.2 s: never a stall of 0.6 s
+            return _closed_after(host, port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Type: application/json\r\n%sContent-Length: 1000000\r\n\r\n" % auth, b" ")
 
         assert 0.5 < await trickled(b"") < 5  # answered 401 at once; the socket still goes
         assert 0.5 < await trickled(b"Authorization: Bearer %s\r\n" % key.encode()) < 5
