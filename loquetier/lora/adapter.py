@@ -154,9 +154,10 @@ class LoRAAdapter:
                 hint = " (adapter_model.bin / pickle is not supported)" if p is weights_path else ""
                 raise AdapterError(f"missing {p.name} in {path}{hint}")
         try:
-            raw = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AdapterError(f"{cfg_path}: unreadable JSON: {exc}") from exc
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            raise AdapterError(f"{cfg_path}: unreadable JSON: {what}") from exc
         if not isinstance(raw, dict):
             raise AdapterError(f"{cfg_path}: expected a JSON object")
         config = LoRAConfig.from_peft_dict(raw)

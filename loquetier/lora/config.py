@@ -10,6 +10,7 @@ from .pool import TARGET_MODULES
 # An adapter's output is scale * x @ A.T @ B.T: a larger scale or weight only serves garbage (a
 # lora_alpha of 1e30 turns every logit into inf and the model answers token 0 forever).
 MAX_LORA_SCALE = 1000.0
+MAX_RANK = 65536  # no model's hidden size comes near; past it a rank is a hostile value, not an adapter
 MAX_ABS_WEIGHT = 1e4
 
 
@@ -47,8 +48,8 @@ class LoRAConfig:
         if not modules:
             raise AdapterError("target_modules must name at least one module")
         object.__setattr__(self, "target_modules", tuple(m for m in TARGET_MODULES if m in set(modules)))
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise AdapterError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if not _is_int(self.rank) or not 1 <= self.rank <= MAX_RANK:
+            raise AdapterError(f"rank must be an integer in [1, {MAX_RANK}], got {self.rank!r:.40}")
         if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0):
             raise AdapterError(f"alpha must be a finite number > 0, got {self.alpha!r}")
         if not self.scale <= MAX_LORA_SCALE:
@@ -127,17 +128,31 @@ class LoRAConfig:
         if not isinstance(targets, list | tuple):
             raise AdapterError(f"target_modules must be a list, got {targets!r}")
         layers = cfg.get("layers_to_transform")
-        if isinstance(layers, int):
+        if _is_int(layers):
             layers = [layers]
+        if layers is not None and not (isinstance(layers, list | tuple) and all(_is_int(x) for x in layers)):
+            raise AdapterError(f"layers_to_transform must be a layer index or a list of them, got {layers!r:.80}")
         rank, alpha = cfg.get("r"), cfg.get("lora_alpha", 8)
-        if not isinstance(rank, int) or not isinstance(alpha, int | float):
-            raise AdapterError(f"r and lora_alpha must be numbers, got {rank!r} and {alpha!r}")
+        if not _is_int(rank) or not (_is_int(alpha) or isinstance(alpha, float)):
+            raise AdapterError(f"r and lora_alpha must be numbers, got {rank!r:.40} and {alpha!r:.40}")
+        assert isinstance(rank, int) and isinstance(alpha, int | float)
+        if rank > MAX_RANK or (isinstance(alpha, int) and abs(alpha) > 2**53):
+            raise AdapterError(f"r must be at most {MAX_RANK} and lora_alpha a float's range, got r={rank!r:.40}, "
+                               f"lora_alpha={alpha!r:.40}")
+        use_rslora = cfg.get("use_rslora", False)
+        if not isinstance(use_rslora, bool | None):  # "no" must not read as true
+            raise AdapterError(f"use_rslora must be true or false, got {use_rslora!r:.40}")
         dropout = cfg.get("lora_dropout", 0.0)
         return cls(
             rank=rank,
             alpha=float(alpha),
-            dropout=float(dropout) if isinstance(dropout, int | float) else -1.0,
+            dropout=float(dropout) if isinstance(dropout, int | float) and not isinstance(dropout, bool) else -1.0,
             target_modules=tuple(str(t) for t in targets),
-            use_rslora=bool(cfg.get("use_rslora", False)),
-            layers=None if layers is None else tuple(int(x) for x in layers),  # type: ignore[union-attr]
+            use_rslora=bool(use_rslora),
+            layers=None if layers is None else tuple(layers),
         )
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (JSON's true is not a rank)."""
+    return isinstance(value, int) and not isinstance(value, bool)

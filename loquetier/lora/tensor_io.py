@@ -27,8 +27,8 @@ def header(data: bytes) -> dict[str, Any]:
         (size,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
         value = json.loads(meta[_HEADER_KEY])
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"not a Loquetier safetensors blob: {exc}") from exc
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise AdapterError(f"not a Loquetier safetensors blob: {str(exc)[:200]}") from exc
     if not isinstance(value, dict):
         raise AdapterError("safetensors header is not a JSON object")
     return value
@@ -41,8 +41,8 @@ def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
         header = json.loads(meta[_HEADER_KEY])
         tensors = st_load(data)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"not a Loquetier safetensors blob: {exc}") from exc
+    except (struct.error, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise AdapterError(f"not a Loquetier safetensors blob: {str(exc)[:200]}") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise AdapterError(f"corrupt safetensors blob: {exc}") from exc
     if not isinstance(header, dict):

@@ -145,6 +145,15 @@ BAD_CONFIGS = [
     ({"bias": "all"}, "bias"),
     ({"r": 3}, "rank"),
     ({"lora_alpha": -1}, "alpha"),
+    # values a hostile producer sent: each once reached the worker's catch-all as "internal"
+    ({"r": 10**400}, "r must be at most"),
+    ({"lora_alpha": 10**400}, "lora_alpha a float's range"),
+    ({"r": True}, "must be numbers"),
+    ({"layers_to_transform": ["a"]}, "layers_to_transform"),
+    ({"layers_to_transform": "ab"}, "layers_to_transform"),
+    ({"layers_to_transform": {"a": 1}}, "layers_to_transform"),
+    ({"layers_to_transform": [None]}, "layers_to_transform"),
+    ({"use_rslora": "no"}, "use_rslora must be true or false"),
 ]
 
 
@@ -155,6 +164,17 @@ def test_rejects_bad_configs(tmp_path: Path, patch: dict, message: str) -> None:
     write_dir(tmp_path / "x", {**cfg, **patch}, tensors)
     with pytest.raises(AdapterError, match=message):
         LoRAAdapter.load(tmp_path / "x", dims)
+
+
+def test_rejects_unreadable_config_files(tmp_path: Path) -> None:
+    dims = dims_of(tiny_llama())
+    cfg, tensors = good(dims)
+    for name, content, message in (("latin", b'{"peft_type": "LORA", "r": 2, "x": "\xff"}', "unreadable JSON"),
+                                   ("deep", b"[" * 100_000 + b"]" * 100_000, "nested too deeply")):
+        write_dir(tmp_path / name, cfg, tensors)
+        (tmp_path / name / "adapter_config.json").write_bytes(content)
+        with pytest.raises(AdapterError, match=message):
+            LoRAAdapter.load(tmp_path / name, dims)
 
 
 def test_rejects_bad_weights(tmp_path: Path) -> None:
