@@ -14,13 +14,18 @@ shared state in Postgres and the worker that owns the target reacts to it:
   target worker(s) draining, each notices on its heartbeat.
 
 Every command is answered by one ``control_ack`` result keyed by its ``command_id``: ok,
-or a code and a reason (``unknown_adapter``, ``unknown_job``, ``forbidden``, ...).
+or a code and a reason (``unknown_adapter``, ``unknown_job``, ``forbidden``, ...). The ack of an
+applied command that carries its own ``command_id`` is kept in ``control_acks``: the same command
+delivered again (its offset not yet committed when a worker stopped) is answered with that ack,
+not applied again; another command under a kept ``command_id`` is refused
+(``duplicate_command_id``). A refused command changed nothing, so it is evaluated again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import logging
 import shutil
@@ -85,6 +90,18 @@ class Control:
         }
         ack: dict[str, Any] = {"command_id": command_id, "action": cmd.action, "target_id": cmd.target_id,
                                "worker_id": self._worker_id}
+        # only a command's own id is an idempotency key: one derived from the record's offset names
+        # another command once a broker's offsets start over (a memory-only broker restarted)
+        keyed = cmd.command_id is not None
+        digest = hashlib.sha256(cmd.model_dump_json(exclude={"command_id"}).encode()).hexdigest()
+        kept = await self._store.tx(lambda s: repo.kept_command_ack(s, command_id)) if keyed else None
+        if kept is not None:
+            if kept[0] == digest:
+                log.info("control command answered again", extra={"command_id": command_id})
+                return ControlAck.model_validate(kept[1])
+            return ControlAck(**ack, ok=False, code="duplicate_command_id",
+                              message=f"command_id {command_id[:100]!r} was used by another command; "
+                                      "give each command its own id")
         try:
             message, version = await handler[cmd.action](cmd)
         except (ControlError, adapter_paths.PathRefused) as exc:
@@ -95,7 +112,15 @@ class Control:
                 log.exception("control command failed", extra={"command_id": command_id})
                 code, reason = "internal", "the worker could not apply this command"
             return ControlAck(**ack, ok=False, code=code, message=reason[:2000])
-        return ControlAck(**ack, ok=True, message=message, adapter_version=version)
+        done = ControlAck(**ack, ok=True, message=message, adapter_version=version)
+        if not keyed:
+            return done
+        try:
+            kept_ack = done.model_dump(mode="json", exclude_none=True)
+            await self._store.tx(lambda s: repo.keep_command_ack(s, command_id, digest, kept_ack))
+        except Exception as exc:  # the command is applied: its ack goes out all the same
+            log.warning("control ack not kept", extra={"command_id": command_id, "error": repr(exc)})
+        return done
 
     # --- adapters -------------------------------------------------------------------------
 

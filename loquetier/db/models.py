@@ -225,6 +225,20 @@ class AdapterRow(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class ControlAckRow(Base):
+    """The answer to one control command, kept by its ``command_id`` so that a command delivered
+    again (a worker that stopped before committing its offset) is answered again, not applied
+    again. ``digest`` is the command's content: the same id with other content is refused."""
+
+    __tablename__ = "control_acks"
+    __table_args__ = (Index("ix_control_acks_created_at", "created_at"),)
+
+    command_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    ack: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _created()
+
+
 class WorkerRow(Base):
     """A worker process; ``heartbeat_at`` tells whether it is alive."""
 

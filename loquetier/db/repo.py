@@ -22,6 +22,7 @@ from loquetier.db.artifacts_repo import (
     register_adapter,
     save_checkpoint,
 )
+from loquetier.db.control_repo import keep_command_ack, kept_command_ack
 from loquetier.db.files_repo import file_data
 from loquetier.db.jobs_repo import (
     FINAL_JOB_STATUSES,
@@ -59,6 +60,8 @@ __all__ = [
     "add_answered_records",
     "archive_adapter",
     "drop_archived_payloads",
+    "keep_command_ack",
+    "kept_command_ack",
     "claim_job",
     "drain_workers",
     "expire_lease",

@@ -272,6 +272,42 @@ async def test_load_paths_only_under_the_adapter_roots(topics: Any, tmp_path: Pa
     assert sorted(engine.adapters) == ["by-path", "by-relative-path"]
 
 
+async def test_a_command_delivered_again_is_answered_again_not_applied_again(topics: Any, database_url: str,
+                                                                           tmp_path: Path) -> None:
+    """A command with its own command_id, sent again (as a redelivery after a worker stopped before
+    committing its offset), gets the first ack back and changes nothing: one adapter version for one
+    load, ok for an unload already done. Another command under a used id is refused, applied not."""
+    from sqlalchemy import func, select
+
+    from loquetier.db.models import AdapterRow
+
+    root = tmp_path / "adapters"
+    peft_dir(root / "good")
+    settings = await topics(adapter_dir=root, adapter_roots=[])
+    engine = FakeEngine()
+    adapter, cid = f"once-{os.urandom(3).hex()}", f"cmd-{os.urandom(4).hex()}"
+    async def control(action: str, command_id: str, **fields: Any) -> Any:  # a client per send: it reads
+        async with client_for(settings) as client:  # only the acks that come after it started
+            return await client.control(action, adapter, command_id=command_id, wait=True, **fields)
+
+    async with running_worker(engine, settings):
+        first = await control("load", cid, path="good")
+        again = await control("load", cid, path="good")
+        assert first.ok and again.ok and again.adapter_version == first.adapter_version == 1
+        assert again.message == first.message and again.worker_id == first.worker_id
+        other = await control("load", cid + "-2", path="good")
+        assert other.ok and other.adapter_version == 2  # another command: another version
+        clash = await control("unload", cid)
+        assert not clash.ok and clash.code == "duplicate_command_id" and engine.has_adapter(adapter)
+        unloaded = await control("unload", cid + "-u")
+        assert unloaded.ok and not engine.has_adapter(adapter)
+        # applied a second time, this unload would find nothing to unload (unknown_adapter)
+        replayed = await control("unload", cid + "-u")
+        assert replayed.ok and replayed.message == unloaded.message
+    count = select(func.count()).select_from(AdapterRow).where(AdapterRow.adapter_id == adapter)
+    assert await query(database_url, lambda s: s.scalar(count)) == 2
+
+
 async def test_a_served_adapter_id_is_not_trained_over_without_overwrite(topics: Any, database_url: str,
                                                                           tmp_path: Path) -> None:
     root = tmp_path / "adapters"
