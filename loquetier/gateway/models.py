@@ -10,6 +10,7 @@ published here makes the one that reads it drop it at once); its checkpoints sta
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import orjson
@@ -77,7 +78,9 @@ async def delete_model(request: Request) -> Response:
     await gw.tx(lambda s: repo.archive_adapter(s, model_id))
     gw.forget_adapters(owner.tenant_id)
     try:
-        command = ControlCommand(action="unload", target_id=model_id, command_id=f"delete-{model_id}")
+        # its own id each time: a command id is applied once, and a model id can be made and deleted again
+        command = ControlCommand(action="unload", target_id=model_id,
+                                 command_id=f"delete-{uuid.uuid4().hex[:16]}-{model_id}"[:256])
         await gw.bus.publish(gw.settings.kafka.control_topic, command, model_id)
     except KafkaError as exc:  # archived: workers drop it on their next sync anyway
         log.warning("unload record not published", extra={"adapter_id": model_id, "error": repr(exc)})
