@@ -273,7 +273,8 @@ async def test_load_paths_only_under_the_adapter_roots(topics: Any, tmp_path: Pa
 
 
 async def test_a_command_delivered_again_is_answered_again_not_applied_again(topics: Any, database_url: str,
-                                                                           tmp_path: Path) -> None:
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A command with its own command_id, sent again (as a redelivery after a worker stopped before
     committing its offset), gets the first ack back and changes nothing: one adapter version for one
     load, ok for an unload already done. Another command under a used id is refused, applied not."""
@@ -304,8 +305,14 @@ async def test_a_command_delivered_again_is_answered_again_not_applied_again(top
         # applied a second time, this unload would find nothing to unload (unknown_adapter)
         replayed = await control("unload", cid + "-u")
         assert replayed.ok and replayed.message == unloaded.message
+
+        async def unreadable(*args: Any) -> None:
+            raise RuntimeError("relation control_acks does not exist")  # not a retried connection error
+
+        monkeypatch.setattr(repo, "kept_command_ack", unreadable)  # kept acks unreadable: applied, acked
+        assert (await control("load", cid + "-3", path="good")).adapter_version == 3
     count = select(func.count()).select_from(AdapterRow).where(AdapterRow.adapter_id == adapter)
-    assert await query(database_url, lambda s: s.scalar(count)) == 2
+    assert await query(database_url, lambda s: s.scalar(count)) == 3
 
 
 async def test_a_served_adapter_id_is_not_trained_over_without_overwrite(topics: Any, database_url: str,
