@@ -10,7 +10,7 @@ from .pool import TARGET_MODULES
 # An adapter's output is scale * x @ A.T @ B.T: a larger scale or weight only serves garbage (a
 # lora_alpha of 1e30 turns every logit into inf and the model answers token 0 forever).
 MAX_LORA_SCALE = 1000.0
-MAX_RANK = 65536  # no model's hidden size comes near; past it a rank is a hostile value, not an adapter
+MAX_RANK = 2**31 - 1  # an int32; past it a rank is a hostile value (the engine's own max_lora_rank is far lower)
 MAX_ABS_WEIGHT = 1e4
 
 
