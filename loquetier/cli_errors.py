@@ -106,11 +106,11 @@ def database_error(exc: BaseException, url: str) -> Exception:
 
         try:
             host, port = server_address(url)
-        except ValueError:
-            return UserError(f"lost the database connection: {text}", UP_HINT)
-        # refused at connect (a stack that is down): said as every other command says it
-        return _unreachable_database(host, port) if not reachable(host, port) else UserError(
-            f"lost the database connection: {text}", UP_HINT)
+        except ValueError:  # no URL known: whether the server answers cannot be told
+            host, port = "", 0
+        if host and not reachable(host, port):  # refused at connect: said as every other command says it
+            return _unreachable_database(host, port)
+        return UserError(f"lost the database connection: {text}", UP_HINT)
     return exc if isinstance(exc, Exception) else RuntimeError(text)
 
 

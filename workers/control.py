@@ -93,12 +93,13 @@ class Control:
         # only a command's own id is an idempotency key: one derived from the record's offset names
         # another command once a broker's offsets start over (a memory-only broker restarted)
         keyed = cmd.command_id is not None
-        digest = hashlib.sha256(cmd.model_dump_json(exclude={"command_id"}).encode()).hexdigest()
+        digest = hashlib.sha256(cmd.model_dump_json(exclude={"command_id"}).encode()).hexdigest() if keyed else ""
         kept = None
-        try:
-            kept = await self._store.tx(lambda s: repo.kept_command_ack(s, command_id)) if keyed else None
-        except Exception as exc:  # the store's trouble: the command's own calls report it in its ack
-            log.warning("kept control acks not read", extra={"command_id": command_id, "error": repr(exc)})
+        if keyed:
+            try:
+                kept = await self._store.tx(lambda s: repo.kept_command_ack(s, command_id))
+            except Exception as exc:  # the store's trouble: the command's own calls report it in its ack
+                log.warning("kept control acks not read", extra={"command_id": command_id, "error": repr(exc)})
         if kept is not None:
             if kept[0] == digest:
                 log.info("control command answered again", extra={"command_id": command_id})
